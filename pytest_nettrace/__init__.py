@@ -1,0 +1,7 @@
+"""pytest-nettrace: test what the Linux kernel's network stack did."""
+from .errors import (EventsLost, NamespaceError, NetlinkOperationError,
+                     NettraceError, ProbeLoadError, UnsupportedKernel)
+
+__version__ = "0.1.0"
+__all__ = ["EventsLost", "NamespaceError", "NetlinkOperationError", "NettraceError",
+           "ProbeLoadError", "UnsupportedKernel"]

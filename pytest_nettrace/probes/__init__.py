@@ -1,0 +1,1 @@
+"""Probes: one module per probe, next to bpf/<probe>.bpf.c."""
