@@ -1,0 +1,115 @@
+"""Thin ctypes wrappers for the Linux syscalls the namespace layer needs.
+
+Only what the standard library lacks: unshare, setns, mount, umount2.
+Network namespaces are per *thread*, so everything that must happen inside a
+namespace runs in a short-lived thread that enters it (`run_in_thread`); the
+calling thread never changes namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from typing import Callable, TypeVar
+
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
+MNT_DETACH = 0x2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+T = TypeVar("T")
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def unshare_netns() -> None:
+    """Move the calling thread into a brand-new network namespace."""
+    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+
+
+def setns_net(fd: int) -> None:
+    """Move the calling thread into the network namespace open as `fd`."""
+    _check(_libc.setns(fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+
+
+def bind_mount(source: str, target: str) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), b"none", MS_BIND, None), f"bind mount {source} on {target}")
+
+
+def make_shared(path: str, *, bind_first: bool = False) -> None:
+    """Make `path` a shared mount (bind-mounting it onto itself first if asked)."""
+    if bind_first:
+        _check(_libc.mount(path.encode(), path.encode(), b"none", MS_BIND | MS_REC, None), f"bind mount {path}")
+    _check(_libc.mount(b"", path.encode(), b"none", MS_SHARED | MS_REC, None), f"make {path} shared")
+
+
+def umount_detach(target: str) -> None:
+    _check(_libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+
+def netns_inode_of(pid: int | str) -> int | None:
+    """Inode of the network namespace of process `pid`; None if it is gone or a zombie."""
+    try:
+        link = os.readlink(f"/proc/{pid}/ns/net")  # "net:[4026532177]"
+    except OSError:
+        return None
+    return int(link[5:-1])
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a live process; None if dead or zombie.
+
+    Together with the pid it identifies one process for the lifetime of the boot,
+    which is how stale namespaces detect that their owner died (even if the pid
+    was reused since).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name is in parentheses and may contain spaces: split after it.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def run_in_thread(fn: Callable[[], T], *, netns_fd: int | None = None, new_netns: bool = False) -> T:
+    """Run `fn` in a fresh thread that first enters a network namespace.
+
+    With `netns_fd` the thread setns()s into it; with `new_netns` it unshares a
+    new one. The thread ends afterwards, so no thread is ever left in a foreign
+    namespace. Returns fn's result or re-raises its exception.
+    """
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        try:
+            if new_netns:
+                unshare_netns()
+            elif netns_fd is not None:
+                setns_net(netns_fd)
+            box["result"] = fn()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=body, name="nettrace-netns", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]

@@ -1,0 +1,602 @@
+"""Network namespaces for tests: create, populate, run programs in, remove.
+
+Every namespace is a real kernel object pinned on /run/netns/<name> (so
+`ip netns exec <name> …` works), populated through rtnetlink messages
+built by pyroute2. All netlink traffic goes over a socket created *inside*
+the namespace (see `_rtnl` for why not a plain `IPRoute`), so no request can
+land in the host's namespace, whichever thread calls.
+
+Addresses returned by `Namespace.addresses()` are the kernel's full view:
+every address of the interface(s), loopback and IPv6 link-local included.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence, Union
+
+from pyroute2.netlink import NLM_F_CREATE, NLM_F_EXCL
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_GETADDR, RTM_GETLINK, RTM_NEWADDR, RTM_NEWLINK
+from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD, ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
+
+from . import _netns_registry as registry
+from ._linux import run_in_thread
+from ._procs import kill_all_in, stop_popen
+from ._rtnl import NLM_F_DUMP, KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
+from .errors import NamespaceError, NetlinkOperationError
+
+__all__ = [
+    "KIND_DUMMY",
+    "KIND_DUMMY_STANDIN",
+    "CommandFailed",
+    "Link",
+    "Namespace",
+    "NamespaceFactory",
+    "RunResult",
+    "cleanup_stale",
+    "dummy_supported",
+]
+
+KIND_DUMMY = "dummy"
+#: Kind of the link `add_dummy` makes when the kernel has no dummy driver:
+#: a veth whose peer sits, up, in a hidden namespace owned by the Namespace.
+KIND_DUMMY_STANDIN = "veth-standin"
+
+AddressLike = Union[str, ipaddress.IPv4Interface, ipaddress.IPv6Interface, ipaddress.IPv4Address, ipaddress.IPv6Address]
+_IFNAMSIZ = 16
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network interface in a `Namespace`."""
+
+    ifname: str
+    index: int
+    kind: str
+    netns: "Namespace" = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of `Namespace.run`."""
+
+    argv: Sequence[str]
+    pid: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class CommandFailed(subprocess.CalledProcessError):
+    """`Namespace.run(check=True)` saw a non-zero exit; the message carries stderr."""
+
+    def __init__(self, result: RunResult, netns_name: str) -> None:
+        super().__init__(result.returncode, list(result.argv), result.stdout, result.stderr)
+        self.netns_name = netns_name
+
+    def __str__(self) -> str:
+        err = (self.stderr or "").strip() or "(no stderr)"
+        return f"{self.cmd!r} exited {self.returncode} in {self.netns_name}: {err}"
+
+
+# --------------------------------------------------------------------------
+# Dummy driver detection
+
+
+_dummy_supported: bool | None = None
+_dummy_lock = threading.Lock()
+
+
+def dummy_supported() -> bool:
+    """Whether the kernel can create `dummy` links (checked once per process).
+
+    Tried for real, in a throwaway namespace that is never mounted.
+    """
+    global _dummy_supported
+    with _dummy_lock:
+        if _dummy_supported is None:
+            fd, rtnl = run_in_thread(_open_here, new_netns=True)
+            try:
+                msg = _linkmsg(attrs=[("IFLA_IFNAME", "probe0"), _linkinfo("dummy")])
+                rtnl.request(msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+                _dummy_supported = True
+            except KernelError:
+                _dummy_supported = False
+            finally:
+                rtnl.close()
+                os.close(fd)
+        return _dummy_supported
+
+
+def _open_here() -> tuple[int, RtnlSocket]:
+    """In the calling thread's namespace: an fd pinning it and a netlink socket."""
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return fd, RtnlSocket(open_rtnl_socket())
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --------------------------------------------------------------------------
+# Namespace
+
+
+class Namespace:
+    """A network namespace with its loopback up, pinned on /run/netns/<name>.
+
+    Create them with `NamespaceFactory.create()` (or the `netns` /
+    `make_netns` fixtures); `close()` removes everything.
+    """
+
+    def __init__(self, name: str, fd: int, rtnl: RtnlSocket) -> None:
+        self.name = name
+        self.path = registry.path_of(name)
+        self.inode: int = os.fstat(fd).st_ino
+        self._fd = fd
+        self._rtnl = rtnl
+        self._closed = False
+        self._procs: list[tuple[subprocess.Popen, int | None]] = []
+        self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        self._ipr: Any = None
+        self._standins: set[int] = set()  # ifindexes of dummy stand-ins
+        self._helper: tuple[int, RtnlSocket] | None = None  # hidden ns of stand-in peers
+        self._helper_links = 0
+
+    @classmethod
+    def _create(cls) -> "Namespace":
+        registry.ensure_run_dir()
+        while True:
+            name = registry.new_name()
+            path = registry.path_of(name)
+            try:
+                registry.reserve(path)
+                break
+            except FileExistsError:  # left by an earlier boot with the same pid/start time
+                continue
+
+        def inside_new_netns() -> tuple[int, RtnlSocket]:
+            registry.mount_current_thread_netns(path)
+            return _open_here()
+
+        try:
+            fd, rtnl = run_in_thread(inside_new_netns, new_netns=True)
+        except OSError as exc:
+            registry.remove_entry(path)
+            raise NamespaceError(f"cannot create network namespace {name}: {exc.strerror or exc}") from None
+        ns = cls(name, fd, rtnl)
+        try:
+            ns.set_up("lo")
+        except BaseException:
+            ns.close()
+            raise
+        return ns
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"inode={self.inode}"
+        return f"<Namespace {self.name} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NamespaceError(f"network namespace {self.name} is already removed")
+
+    # -- netlink plumbing ---------------------------------------------------
+
+    def _request(self, what: str, msg: Any, msg_type: int, flags: int = 0, rtnl: RtnlSocket | None = None) -> list[bytes]:
+        self._check_open()
+        try:
+            return (rtnl or self._rtnl).request(msg, msg_type, flags)
+        except KernelError as exc:
+            err = NetlinkOperationError(f"cannot {what} in {self.name}: {exc.reason}")
+            err.errno = exc.errno  # type: ignore[attr-defined]
+            raise err from None
+
+    def _index(self, ifname: str) -> int:
+        _check_ifname(ifname)
+        reply = self._request(f"find link {ifname}", _linkmsg(attrs=[("IFLA_IFNAME", ifname)]), RTM_GETLINK)
+        return ifindex_of_reply(reply[0])
+
+    def _set_flags(self, ifname: str, up: bool) -> None:
+        _check_ifname(ifname)
+        msg = _linkmsg(flags=IFF_UP if up else 0, change=IFF_UP, attrs=[("IFLA_IFNAME", ifname)])
+        self._request(f"set {ifname} {'up' if up else 'down'}", msg, RTM_NEWLINK)
+
+    def _address_request(self, msg_type: int, ifname: str, index: int, iface: Any, dad: bool) -> None:
+        msg = ifaddrmsg()
+        msg["family"] = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+        msg["prefixlen"] = iface.network.prefixlen
+        msg["index"] = index
+        msg["flags"] = 0 if (dad or iface.version == 4) else IFA_F_NODAD
+        addr = str(iface.ip)
+        msg["attrs"] = [("IFA_LOCAL", addr), ("IFA_ADDRESS", addr)]
+        verb = "add address {} to {}" if msg_type == RTM_NEWADDR else "delete address {} from {}"
+        flags = NLM_F_CREATE | NLM_F_EXCL if msg_type == RTM_NEWADDR else 0
+        self._request(verb.format(iface.with_prefixlen, ifname), msg, msg_type, flags)
+
+    def _add_addresses(self, ifname: str, index: int, ifaces: Iterable[Any], dad: bool) -> None:
+        for iface in ifaces:
+            self._address_request(RTM_NEWADDR, ifname, index, iface, dad)
+
+    # -- links --------------------------------------------------------------
+
+    def add_dummy(self, ifname: str, *addresses: AddressLike, dad: bool = False) -> Link:
+        """Add a dummy interface, up, with `addresses` (IPv6 without DAD unless `dad`).
+
+        Without a dummy driver the link is a veth whose peer stays up in a
+        hidden namespace owned by this one; its kind is KIND_DUMMY_STANDIN.
+        """
+        _check_ifname(ifname)
+        ifaces = [parse_address(a) for a in addresses]
+        self._check_open()
+        if dummy_supported():
+            msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", ifname), _linkinfo("dummy")])
+            self._request(f"add dummy {ifname}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+            index, kind = self._index(ifname), KIND_DUMMY
+        else:
+            helper_fd, helper_rtnl = self._helper_ns()
+            self._helper_links += 1
+            # Created from the hidden side so that side is up from birth; the
+            # visible end is born in this namespace and brought up below.
+            peer = _linkmsg(attrs=[("IFLA_IFNAME", ifname), ("IFLA_NET_NS_FD", self._fd)])
+            msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", f"sb{self._helper_links}"), _linkinfo("veth", peer)])
+            self._request(f"add dummy stand-in {ifname}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, rtnl=helper_rtnl)
+            self._set_flags(ifname, up=True)
+            index, kind = self._index(ifname), KIND_DUMMY_STANDIN
+            self._standins.add(index)
+        self._add_addresses(ifname, index, ifaces, dad)
+        return Link(ifname, index, kind, self)
+
+    def _helper_ns(self) -> tuple[int, RtnlSocket]:
+        # Held only by an fd: never visible in /run/netns, gone with the process.
+        if self._helper is None:
+            self._helper = run_in_thread(_open_here, new_netns=True)
+        return self._helper
+
+    def add_veth(
+        self,
+        ifname: str,
+        peer_ns: "Namespace",
+        peer_ifname: str,
+        addresses: Iterable[AddressLike] = (),
+        peer_addresses: Iterable[AddressLike] = (),
+        *,
+        dad: bool = False,
+    ) -> tuple[Link, Link]:
+        """Add a veth pair `ifname` (here) <-> `peer_ifname` (in `peer_ns`, may be self), both up."""
+        _check_ifname(ifname)
+        _check_ifname(peer_ifname)
+        ifaces = [parse_address(a) for a in addresses]
+        peer_ifaces = [parse_address(a) for a in peer_addresses]
+        if not isinstance(peer_ns, Namespace):
+            raise TypeError(f"peer_ns must be a Namespace, not {type(peer_ns).__name__}")
+        self._check_open()
+        peer_ns._check_open()
+        peer_attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", peer_ifname)]
+        if peer_ns is not self:
+            peer_attrs.append(("IFLA_NET_NS_FD", peer_ns._fd))
+        # The peer cannot be born up (the kernel refuses to open a veth end
+        # before its pair exists), so it is brought up by its own namespace.
+        msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", ifname), _linkinfo("veth", _linkmsg(attrs=peer_attrs))])
+        where = "" if peer_ns is self else f" (peer in {peer_ns.name})"
+        self._request(f"add veth {ifname}/{peer_ifname}{where}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+        peer_ns._set_flags(peer_ifname, up=True)
+        link = Link(ifname, self._index(ifname), "veth", self)
+        peer = Link(peer_ifname, peer_ns._index(peer_ifname), "veth", peer_ns)
+        self._add_addresses(ifname, link.index, ifaces, dad)
+        peer_ns._add_addresses(peer_ifname, peer.index, peer_ifaces, dad)
+        return link, peer
+
+    def add_bridge(self, ifname: str, ports: Iterable[str] = ()) -> Link:
+        """Add a bridge, up, STP off and no forward delay; enslave `ports` (ifnames here)."""
+        _check_ifname(ifname)
+        ports = list(ports)
+        for port in ports:
+            _check_ifname(port)
+        info = _linkinfo("bridge", data=[("IFLA_BR_FORWARD_DELAY", 0)])
+        msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", ifname), info])
+        self._request(f"add bridge {ifname}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
+        index = self._index(ifname)
+        for port in ports:
+            msg = _linkmsg(attrs=[("IFLA_IFNAME", port), ("IFLA_MASTER", index)])
+            self._request(f"enslave {port} to bridge {ifname}", msg, RTM_NEWLINK)
+        return Link(ifname, index, "bridge", self)
+
+    def link(self, ifname: str) -> Link:
+        """Look up an interface of this namespace by name."""
+        _check_ifname(ifname)
+        reply = self._request(f"find link {ifname}", _linkmsg(attrs=[("IFLA_IFNAME", ifname)]), RTM_GETLINK)
+        msg = decode_link(reply[0])
+        if msg["index"] in self._standins:
+            kind = KIND_DUMMY_STANDIN
+        else:
+            info = msg.get_attr("IFLA_LINKINFO")
+            kind = (info.get_attr("IFLA_INFO_KIND") if info else None) or ("loopback" if msg["index"] == 1 else "")
+        return Link(ifname, msg["index"], kind, self)
+
+    def set_up(self, ifname: str) -> None:
+        """Bring an interface up."""
+        self._set_flags(ifname, up=True)
+
+    def set_down(self, ifname: str) -> None:
+        """Bring an interface down."""
+        self._set_flags(ifname, up=False)
+
+    # -- addresses ----------------------------------------------------------
+
+    def add_address(self, ifname: str, address: AddressLike, *, dad: bool = False) -> None:
+        """Add an address ("10.0.0.1/24", "2001:db8::1/64"); IPv6 skips DAD unless `dad`."""
+        iface = parse_address(address)
+        self._address_request(RTM_NEWADDR, ifname, self._index(ifname), iface, dad)
+
+    def del_address(self, ifname: str, address: AddressLike) -> None:
+        """Remove an address from an interface."""
+        iface = parse_address(address)
+        self._address_request(RTM_DELADDR, ifname, self._index(ifname), iface, dad=True)
+
+    def addresses(self, ifname: str | None = None) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+        """All addresses of `ifname` (of every interface when None), as the kernel lists them.
+
+        Unfiltered: loopback and IPv6 link-local addresses are included.
+        """
+        index = self._index(ifname) if ifname is not None else None
+        msg = ifaddrmsg()
+        replies = self._request("list addresses", msg, RTM_GETADDR, NLM_F_DUMP)
+        found = []
+        for raw in replies:
+            addr = decode_addr(raw)
+            if index is not None and addr["index"] != index:
+                continue
+            ip = addr.get_attr("IFA_LOCAL") or addr.get_attr("IFA_ADDRESS")
+            found.append(ipaddress.ip_interface(f"{ip}/{addr['prefixlen']}"))
+        return found
+
+    # -- processes and sockets ----------------------------------------------
+
+    def popen(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+        """Start a program inside the namespace, for daemons; stopped at teardown.
+
+        It runs in a new session (unless `start_new_session=False`) so that
+        teardown can kill its whole process group: SIGTERM, then SIGKILL.
+        """
+        self._check_open()
+        popen_kwargs.setdefault("start_new_session", True)
+        own_group = popen_kwargs["start_new_session"] or popen_kwargs.get("process_group") == 0
+        proc = run_in_thread(lambda: subprocess.Popen(argv, **popen_kwargs), netns_fd=self._fd)
+        self._procs.append((proc, proc.pid if own_group else None))
+        return proc
+
+    def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None) -> RunResult:
+        """Run a program inside the namespace and wait for it (text output).
+
+        On timeout the program is killed and subprocess.TimeoutExpired raised;
+        with `check`, a non-zero exit raises CommandFailed (stderr included).
+        """
+        stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
+        proc = self.popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_popen([(proc, proc.pid)], grace=0)
+            raise
+        result = RunResult(list(argv), proc.pid, proc.returncode, stdout, stderr)
+        if check and result.returncode != 0:
+            raise CommandFailed(result, self.name)
+        return result
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> socket.socket:
+        """A socket that belongs to this namespace (closed at teardown if still open)."""
+        self._check_open()
+        sock = run_in_thread(lambda: socket.socket(family, type, proto), netns_fd=self._fd)
+        self._sockets.add(sock)
+        return sock
+
+    @property
+    def ipr(self) -> Any:
+        """A pyroute2 `IPRoute` whose socket lives in this namespace (created on first use).
+
+        pyroute2 0.9 limits: call it from the thread that first touched it
+        (others get RuntimeError, never the host), and not from inside a
+        running asyncio loop.
+        """
+        self._check_open()
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            sock = run_in_thread(
+                lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE), netns_fd=self._fd
+            )
+            self._ipr = IPRoute(use_socket=sock)
+        return self._ipr
+
+    # -- teardown -----------------------------------------------------------
+
+    def _inodes(self) -> set[int]:
+        inodes = {self.inode}
+        if self._helper is not None:
+            inodes.add(os.fstat(self._helper[0]).st_ino)
+        return inodes
+
+    def _stop_processes(self) -> None:
+        stop_popen(self._procs)
+        self._procs.clear()
+
+    def close(self) -> None:
+        """Remove the namespace: its processes, sockets, then the namespace itself.
+
+        Links go with the namespace: deleting them one by one would cost an
+        RCU grace period each (~20 ms), while the kernel frees a namespace's
+        links in the background. Idempotent; raises NamespaceError naming
+        whatever could not be removed.
+        """
+        if self._closed:
+            return
+        errors: list[str] = []
+        try:
+            self._stop_processes()
+            left = kill_all_in(self._inodes())
+            if left:
+                errors.append(f"processes {left} would not die")
+        except Exception as exc:  # keep going: the mount must go regardless
+            errors.append(f"stopping processes: {exc}")
+        self._release(errors)
+        if errors:
+            raise NamespaceError(f"could not fully remove {self.name}: " + "; ".join(errors))
+
+    def _release(self, errors: list[str]) -> None:
+        """Everything but processes: sockets, fds, the /run/netns entry."""
+        self._closed = True
+        for sock in list(self._sockets):
+            sock.close()
+        if self._ipr is not None:
+            try:
+                self._ipr.close()
+            except Exception as exc:
+                errors.append(f"closing IPRoute: {exc}")
+        self._rtnl.close()
+        try:
+            registry.remove_entry(self.path)
+        except OSError as exc:
+            errors.append(f"removing {self.path}: {exc.strerror or exc}")
+        os.close(self._fd)
+        if self._helper is not None:
+            self._helper[1].close()
+            os.close(self._helper[0])
+
+
+# --------------------------------------------------------------------------
+# Factory
+
+
+class NamespaceFactory:
+    """Creates namespaces and removes them all on `close()`.
+
+    Listeners (callables taking the new Namespace) are told about each one,
+    which is how tracing can watch every namespace a test makes.
+    """
+
+    def __init__(self, on_create: Callable[[Namespace], Any] | None = None) -> None:
+        self._listeners: list[Callable[[Namespace], Any]] = [on_create] if on_create else []
+        self.namespaces: list[Namespace] = []
+        self._closed = False
+
+    def add_listener(self, callback: Callable[[Namespace], Any]) -> None:
+        """Call `callback(ns)` for every namespace created from now on."""
+        self._listeners.append(callback)
+
+    def create(self) -> Namespace:
+        """A fresh namespace, loopback up."""
+        if self._closed:
+            raise NamespaceError("NamespaceFactory is closed")
+        ns = Namespace._create()
+        self.namespaces.append(ns)
+        for callback in self._listeners:
+            callback(ns)
+        return ns
+
+    def close(self) -> None:
+        """Remove every namespace (processes first, then the namespaces).
+
+        Tries everything, then raises one NamespaceError if anything is left.
+        """
+        self._closed = True
+        errors: list[str] = []
+        live = [ns for ns in self.namespaces if not ns.closed]
+        for ns in live:
+            try:
+                ns._stop_processes()
+            except Exception as exc:
+                errors.append(f"{ns.name}: stopping processes: {exc}")
+        # One /proc scan for all namespaces rather than one each.
+        inodes = set().union(*(ns._inodes() for ns in live)) if live else set()
+        left = kill_all_in(inodes)
+        if left:
+            errors.append(f"processes {left} would not die")
+        for ns in reversed(live):
+            ns_errors: list[str] = []
+            ns._release(ns_errors)
+            errors.extend(f"{ns.name}: {e}" for e in ns_errors)
+        if errors:
+            raise NamespaceError("could not remove everything: " + "; ".join(errors))
+
+    def __enter__(self) -> "NamespaceFactory":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Stale namespaces
+
+
+def cleanup_stale() -> list[str]:
+    """Remove /run/netns/nt-* entries whose owner process is dead.
+
+    Processes still living in them are killed first. Returns the names removed.
+    """
+    removed = []
+    nsfs_dev = os.stat("/proc/self/ns/net").st_dev
+    for name in registry.stale_names():
+        path = registry.path_of(name)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue  # another worker got there first
+        if st.st_dev == nsfs_dev:  # still mounted: a live namespace
+            kill_all_in({st.st_ino})
+        registry.remove_entry(path)
+        removed.append(name)
+    return removed
+
+
+# --------------------------------------------------------------------------
+# Validation and message building
+
+
+def parse_address(address: AddressLike) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    """"10.0.0.1/24" / "2001:db8::1/64" / ipaddress objects -> an interface (bare IP = host prefix)."""
+    if isinstance(address, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+        return address
+    if isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return ipaddress.ip_interface(address)
+    try:
+        return ipaddress.ip_interface(address)
+    except (ValueError, TypeError):
+        raise ValueError(f"malformed address {address!r}: expected e.g. '192.168.0.1/24' or '2001:db8::1/64'") from None
+
+
+def _check_ifname(ifname: object) -> None:
+    # The kernel's dev_valid_name(), checked here for a clearer message.
+    if not isinstance(ifname, str):
+        raise TypeError(f"interface name must be a str, not {type(ifname).__name__}")
+    encoded = ifname.encode()
+    if not 0 < len(encoded) < _IFNAMSIZ or ifname in (".", "..") or any(c in ifname for c in "/: \t\n\0"):
+        raise ValueError(f"invalid interface name {ifname!r}: 1-15 bytes, no '/', ':' or whitespace")
+
+
+def _linkmsg(flags: int = 0, change: int = 0, attrs: list | None = None) -> ifinfmsg:
+    msg = ifinfmsg()
+    msg["flags"] = flags
+    msg["change"] = change
+    msg["attrs"] = attrs or []
+    return msg
+
+
+def _linkinfo(kind: str, peer: ifinfmsg | None = None, data: list | None = None) -> tuple[str, dict]:
+    attrs: list = [("IFLA_INFO_KIND", kind)]
+    if peer is not None:
+        attrs.append(("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer["attrs"]})]}))
+    elif data:
+        attrs.append(("IFLA_INFO_DATA", {"attrs": data}))
+    return ("IFLA_LINKINFO", {"attrs": attrs})
