@@ -1,0 +1,121 @@
+/* Shared by every probe and by the Python decoder (pytest_nettrace/wire.py):
+ * the event header, the kinds, and, on the BPF side, the maps every probe
+ * shares (watched namespaces, ring buffer) and the helpers that fill a header.
+ */
+#ifndef NETTRACE_H
+#define NETTRACE_H
+
+#define NT_COMM_LEN 16
+#define NT_MAX_STACK 32   /* kernel frames kept per event */
+#define NT_MAX_KINDS 16   /* size of the per-namespace loss table */
+
+/* Event kinds: index into nt_scope.lost; the Python side mirrors these. */
+enum nt_kind {
+	NT_KIND_RST = 1,
+	NT_KIND_NLMSG = 2,   /* an rtnetlink notification: addr / link / route */
+	NT_KIND_DROP = 3,
+	NT_KIND_CONN = 4,
+	NT_KIND_RETRANS = 5,
+	NT_KIND_SYSCALL = 6,
+	NT_KIND_TRAFFIC = 7,
+};
+
+/* Header flags. Softirq context is told from the kernel stack in Python:
+ * the preempt counter is a per-cpu variable that BPF can only read as a typed
+ * ksym, which needs CONFIG_KALLSYMS_ALL (absent on some kernels). */
+#define NT_F_KTHREAD 0x8   /* current task is a kernel thread */
+
+struct nt_hdr {
+	__u64 ts;        /* bpf_ktime_get_ns: CLOCK_MONOTONIC */
+	__u32 netns;     /* inode of the network namespace the event happened in */
+	__u16 kind;      /* enum nt_kind */
+	__u16 flags;     /* NT_F_* */
+	__u32 pid;       /* tgid of current */
+	__u32 tid;
+	__u32 uid;
+	__u32 ppid;      /* tgid of current's real parent */
+	char comm[NT_COMM_LEN];
+	char pcomm[NT_COMM_LEN];
+	__s32 stack_len; /* bytes of kernel stack in the event's trailer, or -errno */
+	__u32 pad;
+};
+
+/* Per watched namespace: events lost because the ring buffer was full. */
+struct nt_scope {
+	__u64 lost[NT_MAX_KINDS];
+};
+
+#ifdef __BPF_PROGRAM__
+/* ---- BPF side ----
+ * Every probe is compiled alone, then all are linked into one object
+ * (bpftool gen object) so the kernel BTF is parsed once per load; the shared
+ * maps are __weak so the linker keeps one copy of each. */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);             /* netns inode */
+	__type(value, struct nt_scope);
+} nt_scopes SEC(".maps") __weak;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);   /* the engine sets the real size */
+} nt_events SEC(".maps") __weak;
+
+char LICENSE[] SEC("license") __weak = "GPL";
+
+#define PF_KTHREAD 0x00200000
+
+static __always_inline struct nt_scope *nt_watched(__u32 netns)
+{
+	return bpf_map_lookup_elem(&nt_scopes, &netns);
+}
+
+static __always_inline __u32 nt_netns_of_sk(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+static __always_inline __u32 nt_netns_of_dev(const struct net_device *dev)
+{
+	return BPF_CORE_READ(dev, nd_net.net, ns.inum);
+}
+
+/* Reserve room for an event; count the loss against the namespace if full. */
+#define nt_reserve(scope, kind, type)                                          \
+	({                                                                     \
+		type *__e = bpf_ringbuf_reserve(&nt_events, sizeof(type), 0);  \
+		if (!__e)                                                      \
+			__sync_fetch_and_add(&(scope)->lost[(kind)], 1);       \
+		__e;                                                           \
+	})
+
+static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netns)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 id = bpf_get_current_pid_tgid();
+
+	h->ts = bpf_ktime_get_ns();
+	h->netns = netns;
+	h->kind = kind;
+	h->flags = (BPF_CORE_READ(task, flags) & PF_KTHREAD) ? NT_F_KTHREAD : 0;
+	h->pid = id >> 32;
+	h->tid = (__u32)id;
+	h->uid = (__u32)bpf_get_current_uid_gid();
+	h->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+	bpf_probe_read_kernel_str(h->pcomm, sizeof(h->pcomm), &parent->comm);
+	h->pad = 0;
+}
+
+/* Kernel stack into the event's trailer. ctx is the program's context. */
+#define nt_fill_stack(ctx, h, stack)                                           \
+	do {                                                                   \
+		(h)->stack_len = bpf_get_stack((ctx), (stack),                 \
+					       sizeof(__u64) * NT_MAX_STACK, 0); \
+	} while (0)
+
+#endif /* __BPF_PROGRAM__ */
+#endif /* NETTRACE_H */

@@ -1,0 +1,154 @@
+"""What the running kernel and process allow, found by trying, once per process.
+
+Each feature is a bool plus, when False, the reason (the errno or the missing
+file), so the pytest header and every skip can say exactly why."""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from . import libbpf as lb
+from .errors import NettraceError, UnsupportedKernel
+
+DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
+OBJECT_DIR = os.path.join(os.path.dirname(__file__), "bpf")
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+
+
+def object_path(name: str) -> str:
+    return os.path.join(OBJECT_DIR, name)
+
+
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+@dataclass
+class KernelFeatures:
+    """Found features; `reasons[name]` says why one is missing."""
+
+    btf_path: str = DEFAULT_BTF
+    privileged: bool = False
+    btf: bool = False
+    ringbuf: bool = False
+    tracepoint: bool = False
+    tp_btf: bool = False
+    fentry: bool = False
+    kprobe: bool = False
+    dummy: Optional[bool] = None   # filled by the namespace layer when asked
+    reasons: Dict[str, str] = field(default_factory=dict)
+    _btf: Optional[lb.KernelBtf] = None
+    _enums: Dict[str, Dict[int, str]] = field(default_factory=dict)
+
+    def why(self, feature: str) -> str:
+        return self.reasons.get(feature, "available" if getattr(self, feature, False) else "unknown")
+
+    def enum(self, name: str) -> Dict[int, str]:
+        if name not in self._enums:
+            self._enums[name] = self._btf.enum(name) if self._btf else {}
+        return self._enums[name]
+
+    def tracepoint_args(self, tp: str) -> Optional[int]:
+        return self._btf.tracepoint_arg_count(tp) if self._btf else None
+
+    def has_function(self, name: str) -> bool:
+        return bool(self._btf and self._btf.has_function(name))
+
+    def require(self) -> None:
+        """Raise UnsupportedKernel with the first missing essential, in one line."""
+        for feat in ("privileged", "btf", "ringbuf", "tp_btf"):
+            if not getattr(self, feat):
+                raise UnsupportedKernel(self.reasons[feat])
+
+    def summary(self) -> str:
+        names = ["btf", "ringbuf", "tracepoint", "tp_btf", "fentry", "kprobe"]
+        parts = [f"{n} {'yes' if getattr(self, n) else 'no'}" for n in names]
+        if self.dummy is not None:
+            parts.append(f"dummy {'yes' if self.dummy else 'no'}")
+        if not self.privileged:
+            parts.insert(0, "NOT PRIVILEGED")
+        return ", ".join(parts)
+
+    def missing(self) -> List[str]:
+        names = ["privileged", "btf", "ringbuf", "tracepoint", "tp_btf", "fentry", "kprobe"]
+        return [f"{n}: {self.reasons[n]}" for n in names if not getattr(self, n) and n in self.reasons]
+
+
+def _try_program(prog: str, btf_path: str) -> Optional[str]:
+    """None if `prog` of caps.bpf.o loads and attaches, else the reason."""
+    try:
+        obj = lb.BpfObject(object_path("caps.bpf.o"), btf_path)
+    except NettraceError as e:
+        return str(e)
+    try:
+        obj.set_autoload({prog: True})
+        obj.load()
+        obj.attach(prog)
+        return None
+    except NettraceError as e:
+        return str(e)
+    finally:
+        obj.close()
+
+
+def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
+    k = KernelFeatures(btf_path=btf_path)
+    caps = _effective_caps()
+    k.privileged = os.geteuid() == 0 or bool(caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1) \
+        or bool(caps >> CAP_SYS_ADMIN & 1)
+    if not k.privileged:
+        k.reasons["privileged"] = (f"not root and no CAP_BPF+CAP_PERFMON (euid {os.geteuid()}): "
+                                   "run the tests as root (sudo) to attach BPF probes")
+    if not os.path.exists(btf_path):
+        k.reasons["btf"] = f"no kernel BTF at {btf_path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"
+    else:
+        try:
+            k._btf = lb.KernelBtf(btf_path)
+            k.btf = True
+        except NettraceError as e:
+            k.reasons["btf"] = str(e)
+    if not k.privileged or not k.btf:
+        blocker = k.reasons.get("privileged") or k.reasons.get("btf")
+        for feat in ("ringbuf", "tracepoint", "tp_btf", "fentry", "kprobe"):
+            k.reasons[feat] = f"not tried: {blocker}"
+        return k
+    try:
+        os.close(lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "nt_cap_rb", 0, 0, 4096))
+        k.ringbuf = True
+    except NettraceError as e:
+        k.reasons["ringbuf"] = f"BPF ring buffer unavailable (kernel >= 5.8 needed): {e}"
+    for feat, prog in (("tp_btf", "cap_tp_btf"), ("tracepoint", "cap_tracepoint"),
+                       ("fentry", "cap_fentry"), ("kprobe", "cap_kprobe")):
+        err = _try_program(prog, btf_path)
+        setattr(k, feat, err is None)
+        if err:
+            k.reasons[feat] = _short(err)
+    return k
+
+
+def _short(err: str) -> str:
+    # "cannot attach caps.bpf.o:cap_fentry (fentry/…): EPERM: Operation not permitted …" -> the errno part
+    for marker in (": E",):
+        i = err.find(marker)
+        if i >= 0:
+            return err[i + 2:].split(" | ")[0].split(";")[0].strip()
+    return err
+
+
+_cached: Dict[str, KernelFeatures] = {}
+_lock = threading.Lock()
+
+
+def features(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
+    """Detected once per process and BTF path."""
+    with _lock:
+        if btf_path not in _cached:
+            _cached[btf_path] = detect(btf_path)
+        return _cached[btf_path]

@@ -1,0 +1,242 @@
+"""The BPF engine: loads every probe once per process, keeps them attached,
+and routes their events to whoever watches the namespace they happened in.
+
+Per test, the only kernel work is adding and removing namespace inodes in the
+scope map; the probes drop every event from a namespace not in it."""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import struct
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+from . import libbpf as lb
+from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
+from .errors import NettraceError, ProbeLoadError
+from .events import HEADER, NT_MAX_KINDS, Event, Header
+from .probes.base import Plan, Probe
+from .ringbuf import RingBuffer
+
+log = logging.getLogger("pytest_nettrace")
+
+OBJECT = "nettrace.bpf.o"
+DEFAULT_RINGBUF = 8 << 20
+_SCOPE_VALUE = struct.Struct(f"<{NT_MAX_KINDS}Q")  # struct nt_scope
+_u32 = struct.Struct("<I")
+
+Sink = Callable[[Event], None]
+
+
+def default_probes() -> List[Probe]:
+    from .probes import registry
+    return registry.all_probes()
+
+
+class ProbeStatus:
+    """How one probe ended up attached (or why not)."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+        self.plans: List[Plan] = []
+        self.plan: Optional[Plan] = None
+        self.failures: List[str] = []   # why better plans were not used
+        self.unavailable: Optional[str] = None
+
+    @property
+    def mechanism(self) -> str:
+        return self.plan.mechanism if self.plan else "unavailable"
+
+
+class Engine:
+    """All probes of one process; see module docstring."""
+
+    def __init__(self, *, btf_path: str = DEFAULT_BTF, ringbuf_size: int = DEFAULT_RINGBUF,
+                 probes: Optional[Sequence[Probe]] = None, background: bool = True) -> None:
+        if ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1):
+            raise ValueError(f"ring buffer size {ringbuf_size} must be a power of two >= 4096")
+        self.kernel: KernelFeatures = features(btf_path)
+        self.kernel.require()
+        self.btf_path = btf_path
+        self.ringbuf_size = ringbuf_size
+        self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in (probes or default_probes())}
+        self._by_kind: Dict[int, Probe] = {}
+        self._sinks: Dict[int, Sink] = {}
+        self._lock = threading.RLock()
+        self._obj: Optional[lb.BpfObject] = None
+        self.decode_errors = 0
+        self.attach_seconds = 0.0
+        t0 = time.perf_counter()
+        self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
+        self._events_fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "nt_events", 0, 0, ringbuf_size)
+        try:
+            self._load()
+            self._ring = RingBuffer(self._events_fd, ringbuf_size)
+        except BaseException:
+            self.close()
+            raise
+        self.attach_seconds = time.perf_counter() - t0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        if background:
+            # Keep the ring buffer empty while tests run, so bursts don't overflow it.
+            self._thread = threading.Thread(target=self._drain_loop, name="nettrace-drain", daemon=True)
+            self._thread.start()
+
+    # -- loading -------------------------------------------------------------
+    def _load(self) -> None:
+        for st in self.status.values():
+            st.plans = list(st.probe.plans(self.kernel))
+            if not st.plans:
+                st.unavailable = st.probe.unavailable_reason(self.kernel)
+        # Try the best plan of every probe in one object; when a program fails,
+        # move only its probe to its next plan and try again.
+        while True:
+            active = [st for st in self.status.values() if st.plans and st.unavailable is None]
+            if not active:
+                break
+            obj = lb.BpfObject(object_path(OBJECT), self.btf_path)
+            try:
+                obj.reuse_map("nt_scopes", self._scopes_fd)
+                obj.reuse_map("nt_events", self._events_fd)
+                enabled: Dict[str, bool] = {}
+                for st in active:
+                    plan = st.plans[0]
+                    for prog in plan.programs:
+                        enabled[prog] = True
+                    for var, value in plan.config.items():
+                        obj.set_rodata(var, value)
+                obj.set_autoload(enabled)
+                obj.load()
+                for st in active:
+                    for prog in st.plans[0].programs:
+                        obj.attach(prog)
+            except ProbeLoadError as e:
+                obj.close()
+                culprit = self._culprit(str(e), active)
+                if culprit is None:
+                    raise
+                culprit.failures.append(f"{culprit.plans[0].mechanism}: {e}")
+                culprit.plans.pop(0)
+                if not culprit.plans:
+                    culprit.unavailable = "; ".join(culprit.failures)
+                continue
+            self._obj = obj
+            for st in active:
+                st.plan = st.plans[0]
+                self._by_kind[st.probe.kind_id] = st.probe
+            return
+
+    @staticmethod
+    def _culprit(message: str, active: List[ProbeStatus]) -> Optional[ProbeStatus]:
+        """The probe whose program a load/attach error names."""
+        names = set(re.findall(r"prog '([^']+)'", message)) | set(re.findall(r":(\w+) \(", message))
+        for st in active:
+            if names & set(st.plans[0].programs):
+                return st
+        return None
+
+    def mechanisms(self) -> Dict[str, str]:
+        return {name: st.mechanism for name, st in self.status.items()}
+
+    def describe(self) -> str:
+        """One line for the pytest header."""
+        parts = []
+        for name, st in self.status.items():
+            parts.append(f"{name}={st.mechanism}")
+        return ", ".join(parts)
+
+    def probe_available(self, name: str) -> Optional[str]:
+        """None if probe `name` is attached, else why it is not."""
+        st = self.status.get(name)
+        if st is None:
+            return f"unknown probe {name!r}"
+        return None if st.plan else (st.unavailable or "not attached")
+
+    # -- scope ---------------------------------------------------------------
+    def watch(self, netns: int, sink: Sink) -> None:
+        """Deliver events from namespace `netns` to `sink`; start counting its losses."""
+        with self._lock:
+            self._sinks[netns] = sink
+            lb.map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE_VALUE.size))
+
+    def unwatch(self, netns: int) -> None:
+        with self._lock:
+            lb.map_delete(self._scopes_fd, _u32.pack(netns))
+            self._sinks.pop(netns, None)
+
+    def lost(self, netns: int) -> Dict[int, int]:
+        """Events the kernel could not deliver for `netns`, by kind id."""
+        raw = lb.map_lookup(self._scopes_fd, _u32.pack(netns), _SCOPE_VALUE.size)
+        if raw is None:
+            return {}
+        return {k: n for k, n in enumerate(_SCOPE_VALUE.unpack(raw)) if n}
+
+    # -- events --------------------------------------------------------------
+    def drain(self) -> int:
+        """Decode and deliver every record committed so far; returns how many."""
+        with self._lock:
+            records = self._ring.read()
+            for rec in records:
+                self._deliver(rec)
+            return len(records)
+
+    def _deliver(self, rec: bytes) -> None:
+        if len(rec) < HEADER.size:
+            self.decode_errors += 1
+            return
+        hdr = Header(rec)
+        sink = self._sinks.get(hdr.netns)
+        if sink is None:
+            return  # namespace stopped being watched after the event
+        probe = self._by_kind.get(hdr.kind)
+        if probe is None:
+            self.decode_errors += 1
+            return
+        try:
+            event = probe.decode(rec, hdr)
+        except Exception:  # a decoder bug must not kill the drain loop
+            log.exception("cannot decode %s record", probe.name)
+            self.decode_errors += 1
+            return
+        sink(event)
+
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._ring.wait(0.2):
+                    self.drain()
+            except (OSError, ValueError):
+                if self._stop.is_set():
+                    return
+                raise
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until the kernel submits something or timeout passes."""
+        self._ring.wait(timeout)
+
+    # -- teardown ------------------------------------------------------------
+    def close(self) -> None:
+        """Detach everything (idempotent)."""
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.join(1.0)
+        with self._lock:
+            if self._obj is not None:
+                self._obj.close()
+                self._obj = None
+            ring = getattr(self, "_ring", None)
+            if ring is not None:
+                ring.close()
+                self._ring = None
+            for attr in ("_scopes_fd", "_events_fd"):
+                fd = getattr(self, attr, -1)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(self, attr, -1)

@@ -1,0 +1,205 @@
+"""The event model shared by every probe: the common header, filtering, and
+one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .symbols import symbolize
+
+# Mirrors bpf/nettrace.h
+NT_COMM_LEN = 16
+NT_MAX_STACK = 32
+NT_MAX_KINDS = 16
+NT_F_KTHREAD = 0x8
+# Frames that only appear when the probe fired while serving interrupts.
+_SOFTIRQ_FRAMES = ("handle_softirqs", "__do_softirq", "net_rx_action", "run_ksoftirqd", "do_softirq")
+_HARDIRQ_FRAMES = ("common_interrupt", "asm_common_interrupt", "__sysvec_apic_timer_interrupt")
+HEADER = struct.Struct("<QIHHIIII16s16siI")  # struct nt_hdr
+STACK_BYTES = NT_MAX_STACK * 8
+_STACK = struct.Struct(f"<{NT_MAX_STACK}Q")
+
+IPAddress = ipaddress.IPv4Address  # for type hints only; v6 is fine too
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+class Header:
+    """struct nt_hdr, decoded."""
+
+    __slots__ = ("ts", "netns", "kind", "flags", "pid", "tid", "uid", "ppid", "comm", "pcomm", "stack_len")
+
+    def __init__(self, buf: bytes) -> None:
+        (self.ts, self.netns, self.kind, self.flags, self.pid, self.tid, self.uid, self.ppid,
+         comm, pcomm, self.stack_len, _pad) = HEADER.unpack_from(buf, 0)
+        self.comm = _cstr(comm)
+        self.pcomm = _cstr(pcomm)
+
+    def context(self, frames: Sequence[str], guess: str = "process") -> str:
+        """Where the probe fired, told from the symbolised kernel stack;
+        `guess` when no stack was captured."""
+        if not frames:
+            return guess
+        names = {f.split("+", 1)[0] for f in frames}
+        if names.intersection(_HARDIRQ_FRAMES):
+            return "hardirq"
+        if names.intersection(_SOFTIRQ_FRAMES):
+            return "softirq"
+        return "process"
+
+    def stack_addrs(self, buf: bytes) -> Tuple[int, ...]:
+        """The kernel stack from the event's trailer (the last STACK_BYTES)."""
+        n = max(0, min(self.stack_len, STACK_BYTES)) // 8
+        if not n:
+            return ()
+        return _STACK.unpack_from(buf, len(buf) - STACK_BYTES)[:n]
+
+
+class Event:
+    """One thing the kernel did, in one watched network namespace.
+
+    Common fields: kind, timestamp (ns, CLOCK_MONOTONIC), netns (inode),
+    pid, tid, comm, uid, ppid, parent_comm, context ("process" / "softirq" /
+    "hardirq" / "nmi"), stack (list of "func+0xoff", may be empty).
+    In interrupt context the current task is unrelated to the event, so pid,
+    tid, comm and uid are None: nobody is blamed for what a softirq did.
+    """
+
+    kind: ClassVar[str] = "event"
+    FIELDS: ClassVar[Tuple[str, ...]] = (
+        "kind", "timestamp", "netns", "pid", "tid", "comm", "uid", "ppid", "parent_comm", "context", "stack")
+
+    def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
+                 context_guess: str = "process", **fields: Any) -> None:
+        self._stack_addrs = tuple(stack_addrs)
+        self._stack: Optional[List[str]] = None
+        context = hdr.context(self.stack, context_guess) if hdr is not None else context_guess
+        self.context = context
+        if hdr is not None:
+            self.timestamp = hdr.ts
+            self.netns = hdr.netns
+            task = context == "process"
+            self.pid = hdr.pid if task else None
+            self.tid = hdr.tid if task else None
+            self.comm = hdr.comm if task else None
+            self.uid = hdr.uid if task else None
+            self.ppid = hdr.ppid if task else None
+            self.parent_comm = hdr.pcomm if task else None
+            # what the softirq interrupted: kept for debugging, never reported as the actor
+            self.interrupted_task = None if task else f"{hdr.comm}({hdr.pid})"
+        for k, v in fields.items():
+            setattr(self, k, v)
+
+    @property
+    def stack(self) -> List[str]:
+        if self._stack is None:
+            self._stack = symbolize(self._stack_addrs)
+        return self._stack
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        return cls.FIELDS
+
+    def as_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict: addresses as strings, everything else as is."""
+        out: Dict[str, Any] = {}
+        for name in self.FIELDS:
+            v = getattr(self, name, None)
+            if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address,
+                              ipaddress.IPv4Interface, ipaddress.IPv6Interface,
+                              ipaddress.IPv4Network, ipaddress.IPv6Network)):
+                v = str(v)
+            out[name] = v
+        return out
+
+    # -- rendering ---------------------------------------------------
+    def actor(self) -> str:
+        """Who did it, in the seed's words: `ip(19838) uid 0 [parent bash(1200)]`."""
+        if self.pid is None:
+            return f"<{self.context}>"
+        s = f"{self.comm}({self.pid}) uid {self.uid}"
+        if self.ppid:
+            s += f" [parent {self.parent_comm}({self.ppid})]"
+        return s
+
+    def describe(self) -> str:
+        """What happened, without who/when; probes override."""
+        return self.kind
+
+    def summary(self) -> str:
+        return f"{self.kind:<6} {self.actor()} {self.describe()}"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.summary()}>"
+
+
+# -- filtering -------------------------------------------------------------
+
+_ADDR_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+_IFACE_TYPES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface)
+_NET_TYPES = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def parse_address(value: Any, what: str = "address") -> Any:
+    """An IP address, interface (addr/len) or network from str/int/ipaddress; ValueError names a bad one."""
+    if isinstance(value, _ADDR_TYPES + _IFACE_TYPES + _NET_TYPES):
+        return value
+    try:
+        if isinstance(value, str) and "/" in value:
+            return ipaddress.ip_interface(value)
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"invalid {what} {value!r}: not an IPv4 or IPv6 address") from None
+
+
+def _value_matches(actual: Any, wanted: Any, field: str) -> bool:
+    if callable(wanted) and not isinstance(wanted, type):
+        return bool(wanted(actual))
+    if isinstance(wanted, (list, tuple, set, frozenset)) and not isinstance(actual, (list, tuple)):
+        return any(_value_matches(actual, w, field) for w in wanted)
+    if isinstance(actual, _ADDR_TYPES + _IFACE_TYPES + _NET_TYPES) and not isinstance(wanted, bool) \
+            and wanted is not None:
+        want = parse_address(wanted, field)
+        if isinstance(actual, _IFACE_TYPES):
+            if isinstance(want, _IFACE_TYPES):
+                return actual == want
+            return actual.ip == want
+        if isinstance(actual, _NET_TYPES):
+            if isinstance(want, _IFACE_TYPES):
+                return actual == want.network and want.ip == want.network.network_address
+            return actual == ipaddress.ip_network(want)
+        if isinstance(want, _IFACE_TYPES):
+            return actual == want.ip
+        return actual == want
+    return actual == wanted
+
+
+def check_filters(cls: type, filters: Dict[str, Any]) -> None:
+    """Unknown filter names are a usage error that lists the valid ones."""
+    for name in filters:
+        if name not in cls.FIELDS:
+            raise ValueError(
+                f"unknown filter {name!r} for {cls.kind!r} events; valid: {', '.join(cls.FIELDS)}")
+
+
+def matches(event: Event, filters: Dict[str, Any]) -> bool:
+    for name, wanted in filters.items():
+        if not _value_matches(getattr(event, name, None), wanted, name):
+            return False
+    return True
+
+
+def select(events: Iterable[Event], filters: Dict[str, Any]) -> List[Event]:
+    return [e for e in events if matches(e, filters)]
+
+
+def describe_filters(filters: Dict[str, Any]) -> str:
+    if not filters:
+        return "(any)"
+    return ", ".join(f"{k}={v!r}" if not callable(v) else f"{k}=<predicate>" for k, v in filters.items())
+
+
+Decoder = Callable[[bytes, Header], Event]

@@ -1,0 +1,397 @@
+"""A thin, typed ctypes layer over the system's libbpf (libbpf.so.1 / .so.0).
+
+Only what the engine uses: open/load objects, share maps between objects,
+attach programs, create and update maps, read vmlinux BTF enums. Every failure
+becomes a ProbeLoadError naming the object, the program and the reason,
+with libbpf's own log lines (the verifier's complaint) attached.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno as _errno
+import os
+import threading
+from typing import Dict, Iterator, List, Optional, Tuple
+
+from .errors import ProbeLoadError, UnsupportedKernel
+
+# enum bpf_map_type values used here (uapi/linux/bpf.h)
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_RINGBUF = 27
+
+# BTF kinds (uapi/linux/btf.h)
+BTF_KIND_ENUM = 6
+BTF_KIND_FUNC_PROTO = 13
+BTF_KIND_TYPEDEF = 8
+BTF_KIND_PTR = 2
+BTF_KIND_ENUM64 = 19
+BTF_KIND_DATASEC = 15
+
+
+class _OpenOpts(ctypes.Structure):
+    """struct bpf_object_open_opts, as of libbpf 1.0 (sz tells libbpf our size)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("object_name", ctypes.c_char_p),
+        ("relaxed_maps", ctypes.c_bool),
+        ("pin_root_path", ctypes.c_char_p),
+        ("_stub_attach_prog_fd", ctypes.c_uint32),
+        ("kconfig", ctypes.c_char_p),
+        ("btf_custom_path", ctypes.c_char_p),
+    ]
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
+
+
+class _BtfEnum(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val", ctypes.c_int32)]
+
+
+class _BtfEnum64(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("val_lo32", ctypes.c_uint32), ("val_hi32", ctypes.c_uint32)]
+
+
+class _BtfVarSecinfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
+
+
+class _BtfParam(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32)]
+
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+
+
+class _LogCapture:
+    """libbpf prints through a callback; keep the lines so errors can quote them."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+        self.callback = _PRINT_FN(self._on_print)
+
+    def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
+        buf = ctypes.create_string_buffer(4096)
+        self._libc.vsnprintf(buf, len(buf), fmt, va_list)
+        lines = getattr(self._local, "lines", None)
+        if lines is not None:
+            lines.append(buf.value.decode(errors="replace").rstrip("\n"))
+        return 0
+
+    def start(self) -> None:
+        self._local.lines = []
+
+    def take(self) -> List[str]:
+        lines = getattr(self._local, "lines", None) or []
+        self._local.lines = None
+        return lines
+
+
+def _find_libbpf() -> ctypes.CDLL:
+    names = ["libbpf.so.1", "libbpf.so.0", ctypes.util.find_library("bpf")]
+    for name in names:
+        if not name:
+            continue
+        try:
+            return ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            continue
+    raise UnsupportedKernel(
+        "libbpf not found (tried libbpf.so.1, libbpf.so.0): install the libbpf1 package (Debian/Ubuntu) or libbpf (Fedora)")
+
+
+class LibBpf:
+    """The functions of libbpf the engine needs, with argument types declared."""
+
+    def __init__(self) -> None:
+        lib = _find_libbpf()
+        self.lib = lib
+        vp, cp, ci, cu32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32
+        sig = {
+            "bpf_object__open_file": (vp, [cp, vp]),
+            "bpf_object__load": (ci, [vp]),
+            "bpf_object__close": (None, [vp]),
+            "bpf_object__find_map_by_name": (vp, [vp, cp]),
+            "bpf_object__find_program_by_name": (vp, [vp, cp]),
+            "bpf_object__next_program": (vp, [vp, vp]),
+            "bpf_program__name": (cp, [vp]),
+            "bpf_program__section_name": (cp, [vp]),
+            "bpf_program__set_autoload": (ci, [vp, ctypes.c_bool]),
+            "bpf_program__autoload": (ctypes.c_bool, [vp]),
+            "bpf_program__attach": (vp, [vp]),
+            "bpf_link__destroy": (ci, [vp]),
+            "bpf_map__reuse_fd": (ci, [vp, ci]),
+            "bpf_map__fd": (ci, [vp]),
+            "bpf_map__set_max_entries": (ci, [vp, cu32]),
+            "bpf_map__initial_value": (vp, [vp, ctypes.POINTER(ctypes.c_size_t)]),
+            "bpf_map_create": (ci, [ci, cp, cu32, cu32, cu32, vp]),
+            "bpf_map_update_elem": (ci, [ci, vp, vp, ctypes.c_uint64]),
+            "bpf_map_lookup_elem": (ci, [ci, vp, vp]),
+            "bpf_map_delete_elem": (ci, [ci, vp]),
+            "btf__load_vmlinux_btf": (vp, []),
+            "bpf_object__btf": (vp, [vp]),
+            "btf__parse": (vp, [cp, vp]),
+            "btf__free": (None, [vp]),
+            "btf__find_by_name_kind": (ctypes.c_int32, [vp, cp, cu32]),
+            "btf__type_by_id": (vp, [vp, cu32]),
+            "btf__name_by_offset": (cp, [vp, cu32]),
+            "libbpf_set_print": (vp, [_PRINT_FN]),
+        }
+        for name, (res, args) in sig.items():
+            fn = getattr(lib, name)
+            fn.restype = res
+            fn.argtypes = args
+        self.log = _LogCapture()
+        lib.libbpf_set_print(self.log.callback)
+
+    def __getattr__(self, name: str):
+        return getattr(self.lib, name)
+
+
+_lib: Optional[LibBpf] = None
+_lib_lock = threading.Lock()
+
+
+def libbpf() -> LibBpf:
+    """The process-wide libbpf handle (loaded on first use)."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = LibBpf()
+        return _lib
+
+
+def _errtext(err: int) -> str:
+    err = abs(err)
+    return f"{_errno.errorcode.get(err, err)}: {os.strerror(err)}"
+
+
+def _reason_from_log(lines: List[str]) -> str:
+    """The most telling lines of a libbpf/verifier log, for a one-line error."""
+    keep = [ln for ln in lines if ln.strip() and not ln.startswith("libbpf: prog '") or "failed" in ln]
+    return " | ".join(keep[-3:])
+
+
+class BpfLink:
+    """An attached program; destroy() detaches it (idempotent)."""
+
+    def __init__(self, ptr: int, description: str) -> None:
+        self._ptr = ptr
+        self.description = description
+
+    def destroy(self) -> None:
+        if self._ptr:
+            libbpf().bpf_link__destroy(self._ptr)
+            self._ptr = None
+
+
+class BpfObject:
+    """One opened .bpf.o: choose programs, share maps, load, attach."""
+
+    def __init__(self, path: str, btf_path: Optional[str] = None) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        lib = libbpf()
+        opts = _OpenOpts()
+        opts.sz = ctypes.sizeof(_OpenOpts)
+        if btf_path and btf_path != "/sys/kernel/btf/vmlinux":
+            opts.btf_custom_path = btf_path.encode()
+        self._opts = opts  # libbpf keeps pointers into it until load
+        lib.log.start()
+        ptr = lib.bpf_object__open_file(path.encode(), ctypes.byref(opts))
+        lines = lib.log.take()
+        if not ptr:
+            err = ctypes.get_errno()
+            raise ProbeLoadError(f"cannot open BPF object {path}: {_errtext(err)} {_reason_from_log(lines)}".rstrip())
+        self._ptr = ptr
+        self.links: List[BpfLink] = []
+        self.loaded = False
+
+    # -- before load -------------------------------------------------
+    def programs(self) -> Iterator[Tuple[str, str, int]]:
+        """(name, section, handle) of each program in the object."""
+        lib = libbpf()
+        prog = lib.bpf_object__next_program(self._ptr, None)
+        while prog:
+            yield (lib.bpf_program__name(prog).decode(), lib.bpf_program__section_name(prog).decode(), prog)
+            prog = lib.bpf_object__next_program(self._ptr, prog)
+
+    def set_autoload(self, enabled: Dict[str, bool]) -> None:
+        """Load only the programs named True; every other is left out."""
+        for name, _sec, prog in self.programs():
+            libbpf().bpf_program__set_autoload(prog, bool(enabled.get(name, False)))
+
+    def _map(self, name: str) -> int:
+        m = libbpf().bpf_object__find_map_by_name(self._ptr, name.encode())
+        if not m:
+            raise ProbeLoadError(f"{self.name}: no map named {name!r}")
+        return m
+
+    def has_map(self, name: str) -> bool:
+        return bool(libbpf().bpf_object__find_map_by_name(self._ptr, name.encode()))
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Make this object's map `name` the already existing map `fd`."""
+        rc = libbpf().bpf_map__reuse_fd(self._map(name), fd)
+        if rc < 0:
+            raise ProbeLoadError(f"{self.name}: cannot share map {name!r}: {_errtext(rc)}")
+
+    def set_rodata(self, var: str, value: bytes) -> None:
+        """Set `const volatile` variable `var` before load (probe configuration).
+
+        The linked object's .rodata holds every probe's config; the object's
+        BTF says where each variable lives in it."""
+        lib = libbpf()
+        btf = lib.bpf_object__btf(self._ptr)
+        m = lib.bpf_object__find_map_by_name(self._ptr, b".rodata")
+        tid = lib.btf__find_by_name_kind(btf, b".rodata", BTF_KIND_DATASEC) if btf and m else -1
+        if tid <= 0:
+            raise ProbeLoadError(f"{self.name}: no .rodata to hold {var!r}")
+        sec = _BtfType.from_address(lib.btf__type_by_id(btf, tid))
+        base = ctypes.addressof(sec) + ctypes.sizeof(_BtfType)
+        for i in range(sec.info & 0xFFFF):
+            info = _BtfVarSecinfo.from_address(base + i * ctypes.sizeof(_BtfVarSecinfo))
+            vtype = _BtfType.from_address(lib.btf__type_by_id(btf, info.type))
+            if lib.btf__name_by_offset(btf, vtype.name_off).decode() != var:
+                continue
+            if len(value) != info.size:
+                raise ProbeLoadError(f"{self.name}: {var} is {info.size} bytes, got {len(value)}")
+            size = ctypes.c_size_t()
+            ptr = lib.bpf_map__initial_value(m, ctypes.byref(size))
+            ctypes.memmove(ptr + info.offset, value, len(value))
+            return
+        raise ProbeLoadError(f"{self.name}: no config variable {var!r} in .rodata")
+
+    # -- load / attach ----------------------------------------------
+    def load(self) -> None:
+        lib = libbpf()
+        lib.log.start()
+        rc = lib.bpf_object__load(self._ptr)
+        lines = lib.log.take()
+        if rc < 0:
+            raise ProbeLoadError(f"cannot load {self.name}: {_errtext(rc)}; {_reason_from_log(lines)}")
+        self.loaded = True
+
+    def attach(self, prog_name: str) -> BpfLink:
+        lib = libbpf()
+        prog = lib.bpf_object__find_program_by_name(self._ptr, prog_name.encode())
+        if not prog:
+            raise ProbeLoadError(f"{self.name}: no program named {prog_name!r}")
+        section = lib.bpf_program__section_name(prog).decode()
+        lib.log.start()
+        link = lib.bpf_program__attach(prog)
+        lines = lib.log.take()
+        if not link:
+            err = ctypes.get_errno()
+            raise ProbeLoadError(
+                f"cannot attach {self.name}:{prog_name} ({section}): {_errtext(err)} {_reason_from_log(lines)}".rstrip())
+        bl = BpfLink(link, f"{self.name}:{prog_name} ({section})")
+        self.links.append(bl)
+        return bl
+
+    def close(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.links.clear()
+        if self._ptr:
+            libbpf().bpf_object__close(self._ptr)
+            self._ptr = None
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """Create a BPF map owned by the caller; returns its fd."""
+    fd = libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None)
+    if fd < 0:
+        raise ProbeLoadError(f"cannot create BPF map {name} ({max_entries} entries): {_errtext(fd)}")
+    return fd
+
+
+def map_update(fd: int, key: bytes, value: bytes) -> None:
+    kb = ctypes.create_string_buffer(key, len(key))
+    vb = ctypes.create_string_buffer(value, len(value))
+    rc = libbpf().bpf_map_update_elem(fd, kb, vb, 0)
+    if rc < 0:
+        raise ProbeLoadError(f"BPF map update failed: {_errtext(rc)}")
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> Optional[bytes]:
+    kb = ctypes.create_string_buffer(key, len(key))
+    vb = ctypes.create_string_buffer(value_size)
+    rc = libbpf().bpf_map_lookup_elem(fd, kb, vb)
+    if rc < 0:
+        return None
+    return vb.raw
+
+
+def map_delete(fd: int, key: bytes) -> None:
+    kb = ctypes.create_string_buffer(key, len(key))
+    libbpf().bpf_map_delete_elem(fd, kb)
+
+
+class KernelBtf:
+    """Read-only questions about the running kernel's BTF (enums, tracepoint args)."""
+
+    def __init__(self, path: Optional[str] = None) -> None:
+        lib = libbpf()
+        self.path = path or "/sys/kernel/btf/vmlinux"
+        if not os.path.exists(self.path):
+            raise UnsupportedKernel(f"no kernel BTF at {self.path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y")
+        ptr = lib.btf__parse(self.path.encode(), None)
+        if not ptr:
+            raise UnsupportedKernel(f"cannot parse kernel BTF at {self.path}: {_errtext(ctypes.get_errno())}")
+        self._ptr = ptr
+
+    def close(self) -> None:
+        if self._ptr:
+            libbpf().btf__free(self._ptr)
+            self._ptr = None
+
+    def _find(self, name: str, kind: int) -> Optional[_BtfType]:
+        tid = libbpf().btf__find_by_name_kind(self._ptr, name.encode(), kind)
+        if tid <= 0:
+            return None
+        return _BtfType.from_address(libbpf().btf__type_by_id(self._ptr, tid))
+
+    def _name(self, off: int) -> str:
+        return libbpf().btf__name_by_offset(self._ptr, off).decode()
+
+    def enum(self, name: str) -> Dict[int, str]:
+        """Values → names of `enum name`; empty if the kernel has no such enum."""
+        out: Dict[int, str] = {}
+        for kind, member in ((BTF_KIND_ENUM, _BtfEnum), (BTF_KIND_ENUM64, _BtfEnum64)):
+            t = self._find(name, kind)
+            if t is None:
+                continue
+            vlen = t.info & 0xFFFF
+            base = ctypes.addressof(t) + ctypes.sizeof(_BtfType)
+            for i in range(vlen):
+                m = member.from_address(base + i * ctypes.sizeof(member))
+                val = m.val if member is _BtfEnum else (m.val_hi32 << 32 | m.val_lo32)
+                out[val] = self._name(m.name_off)
+            break
+        return out
+
+    def has_type(self, name: str, kind: int) -> bool:
+        return self._find(name, kind) is not None
+
+    def tracepoint_arg_count(self, tp: str) -> Optional[int]:
+        """Arguments of tracepoint `tp` (without the leading ctx), from btf_trace_<tp>."""
+        t = self._find(f"btf_trace_{tp}", BTF_KIND_TYPEDEF)
+        if t is None:
+            return None
+        ptr = _BtfType.from_address(libbpf().btf__type_by_id(self._ptr, t.size_or_type))
+        if (ptr.info >> 24) & 0x1F != BTF_KIND_PTR:
+            return None
+        proto = _BtfType.from_address(libbpf().btf__type_by_id(self._ptr, ptr.size_or_type))
+        if (proto.info >> 24) & 0x1F != BTF_KIND_FUNC_PROTO:
+            return None
+        return (proto.info & 0xFFFF) - 1
+
+    def has_function(self, name: str) -> bool:
+        return self.has_type(name, 12)  # BTF_KIND_FUNC

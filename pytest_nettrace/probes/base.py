@@ -1,0 +1,40 @@
+"""What every probe module provides: its BPF object, how it attaches on a
+given kernel (a Plan), and a decoder from ring-buffer records to events."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+
+from ..events import Event, Header
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+
+@dataclass
+class Plan:
+    """One way to attach a probe: the programs to load and what to call it."""
+
+    mechanism: str                         # e.g. "tp_btf", "tp_btf+fentry"
+    programs: List[str]
+    config: Dict[str, bytes] = field(default_factory=dict)  # const volatile var -> value
+    notes: List[str] = field(default_factory=list)
+
+
+class Probe:
+    """Base class: subclasses set the class attributes and implement plans/decode."""
+
+    name: ClassVar[str]                    # "rst"
+    object_file: ClassVar[str]             # "rst.bpf.o" in pytest_nettrace/bpf/
+    kind_id: ClassVar[int]                 # enum nt_kind value of its records
+    event_types: ClassVar[Dict[str, Type[Event]]]  # public kind name -> Event class
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        """Ways to attach on this kernel, best first; empty if none can work."""
+        raise NotImplementedError
+
+    def decode(self, buf: bytes, hdr: Header) -> Event:
+        raise NotImplementedError
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        return "no attach mechanism available on this kernel"

@@ -1,0 +1,94 @@
+"""TCP resets (bpf/rst.bpf.c, bpf/rst.h): `kind == "rst"`."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import TYPE_CHECKING, List, Optional
+
+from ..events import HEADER, Event, Header
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+NT_KIND_RST = 1
+_BODY = struct.Struct("<BBBBiHH16s16s")  # struct rst_event after the header
+ORIGINS = {0: "reply", 1: "active", 2: "received"}
+TCP_STATES = {
+    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
+    11: "CLOSING", 12: "NEW_SYN_RECV", 13: "BOUND_INACTIVE",
+}
+
+
+def ip_from(raw: bytes, family: int):
+    """An ipaddress object; IPv4-mapped IPv6 becomes the IPv4 address."""
+    if family == 4:
+        return ipaddress.IPv4Address(raw[:4])
+    addr = ipaddress.IPv6Address(raw[:16])
+    return addr.ipv4_mapped or addr
+
+
+class RstEvent(Event):
+    """A TCP reset. Addresses and ports are the reset segment's own: `saddr`
+    is whoever sent the RST (us when `direction == "sent"`)."""
+
+    kind = "rst"
+    FIELDS = Event.FIELDS + ("direction", "origin", "family", "saddr", "sport", "daddr", "dport", "state", "reason")
+
+    def describe(self) -> str:
+        why = f" reason {self.reason}" if self.reason else ""
+        return (f"RST {self.direction} ({self.origin}) {_ep(self.saddr, self.sport)} > {_ep(self.daddr, self.dport)}"
+                f" state {self.state}{why}")
+
+
+def _ep(addr, port) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+class RstProbe(Probe):
+    name = "rst"
+    object_file = "rst.bpf.o"
+    kind_id = NT_KIND_RST
+    event_types = {"rst": RstEvent}
+
+    def __init__(self) -> None:
+        self.reasons: dict = {}
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        self.reasons = {v: n.replace("SK_RST_REASON_", "") for v, n in kernel.enum("sk_rst_reason").items()}
+        plans: List[Plan] = []
+        recv = ["rst_recv_tp"]
+        # 6.10+: one tracepoint sees both replies and active resets, with a reason.
+        if kernel.tp_btf and kernel.tracepoint_args("tcp_send_reset") == 3:
+            plans.append(Plan("tp_btf", ["rst_send_tp"] + recv, config={"rst_cfg": struct.pack("<I", 0)}))
+        # Older: the tracepoint for active resets, function entry for replies.
+        active_only = struct.pack("<I", 1)
+        if kernel.tp_btf and kernel.fentry:
+            plans.append(Plan("tp_btf+fentry", ["rst_send_tp", "rst_v4_fentry", "rst_v6_fentry"] + recv,
+                              config={"rst_cfg": active_only}))
+        if kernel.tp_btf and kernel.kprobe:
+            plans.append(Plan("tp_btf+kprobe", ["rst_send_tp", "rst_v4_kprobe", "rst_v6_kprobe"] + recv,
+                              config={"rst_cfg": active_only}))
+        return plans
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if not kernel.tp_btf:
+            return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
+        return ("tcp_send_reset tracepoint lacks the reset reason (kernel < 6.10) and neither fentry "
+                f"({kernel.why('fentry')}) nor kprobes ({kernel.why('kprobe')}) are available")
+
+    def decode(self, buf: bytes, hdr: Header) -> Event:
+        origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, HEADER.size)
+        origin = ORIGINS.get(origin_id, str(origin_id))
+        # Without a stack: replies and received resets run in softirq.
+        ctx = "process" if origin == "active" else "softirq"
+        src, dst = ip_from(saddr, family), ip_from(daddr, family)
+        return RstEvent(
+            hdr, hdr.stack_addrs(buf), ctx,
+            direction="received" if origin == "received" else "sent",
+            origin=origin, family=src.version,  # a v4-mapped v6 socket reports IPv4
+            saddr=src, sport=sport, daddr=dst, dport=dport,
+            state=TCP_STATES.get(state, str(state)),
+            reason=self.reasons.get(reason, str(reason)) if has_reason else None,
+        )

@@ -1,0 +1,195 @@
+"""`Trace`: the object behind the `nettrace` fixture — one test's view of the
+kernel's events, limited to the namespaces it watches, with sound assertions."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+from .engine import Engine
+from .errors import EventsLost, NettraceError
+from .events import Event, check_filters, describe_filters, matches
+from .probes.registry import kind_info, kinds
+from .timeline import render_failure
+
+NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
+
+
+def netns_inode(ns: NamespaceLike) -> int:
+    """The netns inode of a Namespace, an inode, a /run/netns name or a path."""
+    if isinstance(ns, bool):
+        raise TypeError(f"not a network namespace: {ns!r}")
+    if isinstance(ns, int):
+        return ns
+    inode = getattr(ns, "inode", None)
+    if isinstance(inode, int):
+        return inode
+    if isinstance(ns, str):
+        path = ns if "/" in ns else f"/run/netns/{ns}"
+        try:
+            return os.stat(path).st_ino
+        except FileNotFoundError:
+            raise ValueError(f"no network namespace {ns!r} (looked at {path})") from None
+    raise TypeError(f"not a network namespace: {ns!r} (give a Namespace, an inode, a name or a path)")
+
+
+class Trace:
+    """Events seen in the watched namespaces since the test started.
+
+    Reading (`events`, `wait_for`, assertions) first drains the kernel's ring
+    buffer, so anything that happened before the call is included."""
+
+    def __init__(self, engine: Engine, name: str = "") -> None:
+        self.engine = engine
+        self.name = name
+        self.start_ns = time.monotonic_ns()
+        self._events: List[Event] = []
+        self._watched: Dict[int, str] = {}     # inode -> label
+        self._cond = threading.Condition()
+        self._closed = False
+        self.extra_lost: Dict[str, int] = {}  # losses outside the ring buffer, by kind
+
+    # -- scope -------------------------------------------------------------
+    def watch(self, ns: NamespaceLike, label: Optional[str] = None) -> int:
+        """Also record events from namespace `ns`; returns its inode."""
+        self._check_open()
+        inode = netns_inode(ns)
+        if inode not in self._watched:
+            self.engine.watch(inode, self._sink)
+            self._watched[inode] = (label or getattr(ns, "name", None)
+                                    or (ns if isinstance(ns, str) else f"netns:{inode}"))
+        return inode
+
+    def watch_host(self) -> int:
+        """Also record events from the namespace pytest itself runs in."""
+        return self.watch(os.stat("/proc/self/ns/net").st_ino, "host")
+
+    @property
+    def watched(self) -> Dict[int, str]:
+        return dict(self._watched)
+
+    def label(self, inode: int) -> str:
+        return self._watched.get(inode, f"netns:{inode}")
+
+    def _sink(self, event: Event) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+
+    # -- reading -----------------------------------------------------------
+    def _sync(self) -> None:
+        self._check_open()
+        self.engine.drain()
+
+    def all_events(self) -> List[Event]:
+        """Every event so far, in time order, without draining."""
+        with self._cond:
+            return sorted(self._events, key=lambda e: e.timestamp)
+
+    def events(self, kind: Optional[str] = None, **filters: Any) -> List[Event]:
+        """Events in time order; `kind` and attribute filters narrow them.
+
+        A filter value may be a value, a list of values, or a predicate."""
+        self._validate(kind, filters)
+        self._sync()
+        return [e for e in self.all_events() if (kind is None or e.kind == kind) and matches(e, filters)]
+
+    def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
+        """The first matching event, waiting up to `timeout` seconds for it."""
+        self._validate(kind, filters)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.events(kind, **filters)
+            if found:
+                return found[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(self._failure(
+                    f"timed out after {timeout:g}s waiting for a {kind} event matching {describe_filters(filters)}",
+                    kind, filters, []))
+            with self._cond:
+                self._cond.wait(min(left, 0.02))
+
+    def lost(self, kind: Optional[str] = None) -> int:
+        """Events of `kind` (or any kind) the kernel could not deliver to this test."""
+        self._sync()
+        total = 0
+        ids = {kind_info(kind).kind_id} if kind else None
+        for inode in self._watched:
+            for kid, n in self.engine.lost(inode).items():
+                if ids is None or kid in ids:
+                    total += n
+        for k, n in self.extra_lost.items():
+            if kind is None or k == kind:
+                total += n
+        return total
+
+    # -- generic assertions -----------------------------------------------
+    def assert_none(self, kind: str, **filters: Any) -> None:
+        """Fail if any `kind` event matching filters happened — or may have been lost."""
+        found = self.events(kind, **filters)
+        if found:
+            raise AssertionError(self._failure(
+                f"expected no {kind} events matching {describe_filters(filters)}, saw {len(found)}",
+                kind, filters, found))
+        self._assert_nothing_lost(kind, filters)
+
+    def assert_any(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
+        """The first `kind` event matching filters; fails with the timeline if none comes."""
+        return self.wait_for(kind, timeout=timeout, **filters)
+
+    def _assert_nothing_lost(self, kind: str, filters: Dict[str, Any]) -> None:
+        lost = self.lost(kind)
+        if lost:
+            raise EventsLost(self._failure(
+                f"cannot assert that no {kind} event matching {describe_filters(filters)} happened: "
+                f"{lost} {kind} events lost (ring buffer full); the assertion would not be sound",
+                kind, filters, []))
+
+    # -- RST ---------------------------------------------------------------
+    def rst(self, **filters: Any) -> List[Event]:
+        """TCP resets seen (sent and received)."""
+        return self.events("rst", **filters)
+
+    def assert_no_rst(self, **filters: Any) -> None:
+        """No TCP reset matching filters was sent or received (and none was lost)."""
+        self.assert_none("rst", **filters)
+
+    def assert_rst(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A TCP reset matching filters happened; returns it."""
+        return self.assert_any("rst", timeout=timeout, **filters)
+
+    # -- helpers -----------------------------------------------------------
+    def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> None:
+        if kind is None:
+            fields = set()
+            for info in kinds().values():
+                fields.update(info.event_type.FIELDS)
+            bad = [f for f in filters if f not in fields]
+            if bad:
+                raise ValueError(f"unknown filter {bad[0]!r}; valid: {', '.join(sorted(fields))}")
+            return
+        info = kind_info(kind)
+        check_filters(info.event_type, filters)
+        why = self.engine.probe_available(info.probe)
+        if why:
+            raise NettraceError(f"{kind} events are not available on this kernel: {why}")
+
+    def _failure(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
+                 offending: Iterable[Event]) -> str:
+        return render_failure(self, headline, kind, filters, list(offending))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NettraceError("this nettrace was closed at the end of its test; events are no longer recorded")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.engine.drain()
+        finally:
+            for inode in list(self._watched):
+                self.engine.unwatch(inode)
+            self._closed = True
