@@ -1,0 +1,297 @@
+"""Behaviour of Namespace / NamespaceFactory through the `netns` fixtures."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import subprocess
+import traceback
+
+import pytest
+from netns_helpers import ip_json
+
+from pytest_nettrace.errors import NamespaceError, NetlinkOperationError
+from pytest_nettrace.netns import (
+    KIND_DUMMY,
+    KIND_DUMMY_STANDIN,
+    CommandFailed,
+    Link,
+    Namespace,
+    NamespaceFactory,
+    dummy_supported,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+# -- identity ---------------------------------------------------------------
+
+
+def test_fresh_namespace_has_only_loopback_up(netns: Namespace) -> None:
+    links = ip_json(netns, "link")
+    assert [link["ifname"] for link in links] == ["lo"]
+    assert "UP" in links[0]["flags"]
+    assert netns.path == f"/run/netns/{netns.name}"
+    assert os.stat(netns.path).st_ino == netns.inode
+
+
+def test_name_identifies_owner_and_is_unique(make_netns) -> None:
+    names = {make_netns().name for _ in range(5)}
+    assert len(names) == 5
+    for name in names:
+        assert re.fullmatch(rf"nt-{os.getpid()}-\d+-\d+", name)
+
+
+def test_ip_netns_exec_enters_the_same_namespace(netns: Namespace) -> None:
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns.name, "readlink", "/proc/self/ns/net"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == f"net:[{netns.inode}]"
+    assert netns.name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_make_netns_returns_distinct_namespaces(netns: Namespace, make_netns) -> None:
+    other = make_netns()
+    assert other.inode != netns.inode
+
+
+def test_factory_calls_listeners_for_each_namespace() -> None:
+    seen: list[str] = []
+    later: list[str] = []
+    with NamespaceFactory(on_create=lambda ns: seen.append(ns.name)) as factory:
+        first = factory.create()
+        factory.add_listener(lambda ns: later.append(ns.name))
+        second = factory.create()
+        assert factory.namespaces == [first, second]
+    assert seen == [first.name, second.name]
+    assert later == [second.name]
+    assert first.closed and second.closed
+
+
+# -- links and addresses ----------------------------------------------------
+
+
+def test_veth_between_namespaces_carries_tcp_v4_and_v6(make_netns) -> None:
+    a, b = make_netns(), make_netns()
+    left, right = a.add_veth("veth0", b, "veth1", ["10.0.0.1/24", "2001:db8::1/64"], ["10.0.0.2/24", "2001:db8::2/64"])
+    assert left == Link("veth0", left.index, "veth", a)
+    assert (right.ifname, right.kind, right.netns) == ("veth1", "veth", b)
+    for family, server_ip, client_ip in ((socket.AF_INET, "10.0.0.2", "10.0.0.1"), (socket.AF_INET6, "2001:db8::2", "2001:db8::1")):
+        with b.socket(family) as server, a.socket(family) as client:
+            server.bind((server_ip, 0))
+            server.listen()
+            client.settimeout(5)
+            # IPv6 must work at once: no DAD wait.
+            client.connect((server_ip, server.getsockname()[1]))
+            conn, peer = server.accept()
+            conn.close()
+            assert peer[0] == client_ip
+
+
+def test_veth_within_one_namespace(netns: Namespace) -> None:
+    left, right = netns.add_veth("va", netns, "vb", ["10.1.0.1/24"], ["10.1.0.2/24"])
+    assert left.netns is right.netns is netns
+    links = {link["ifname"]: link for link in ip_json(netns, "link")}
+    assert "UP" in links["va"]["flags"] and "UP" in links["vb"]["flags"]
+
+
+def test_add_dummy_is_up_with_addresses_and_routes(netns: Namespace) -> None:
+    link = netns.add_dummy("dummy0", "192.168.0.1/24", "2001:db8::1/64")
+    assert link.kind == (KIND_DUMMY if dummy_supported() else KIND_DUMMY_STANDIN)
+    assert netns.link("dummy0") == link
+    (info,) = ip_json(netns, "link", "show", "dummy0")
+    assert {"UP", "LOWER_UP"} <= set(info["flags"])
+    assert {str(a) for a in netns.addresses("dummy0")} >= {"192.168.0.1/24", "2001:db8::1/64"}
+    # Routes through it behave as through a dummy.
+    netns.ipr.route("add", dst="10.9.0.0/16", gateway="192.168.0.2")
+    routes = {r["dst"]: r for r in ip_json(netns, "route")}
+    assert routes["192.168.0.0/24"]["dev"] == "dummy0"
+    assert routes["10.9.0.0/16"]["gateway"] == "192.168.0.2"
+    assert any(r["dst"] == "2001:db8::/64" and r["dev"] == "dummy0" for r in ip_json(netns, "-6", "route"))
+    # A bound socket can use the address straight away.
+    with netns.socket(socket.AF_INET6) as sock:
+        sock.bind(("2001:db8::1", 0))
+
+
+def test_dummy_standin_helper_namespace_is_hidden(netns: Namespace) -> None:
+    netns.add_dummy("d0")
+    netns.add_dummy("d1")
+    ours = {e for e in os.listdir("/run/netns") if e.startswith(f"nt-{os.getpid()}-")}
+    assert ours == {netns.name}
+    assert [link["ifname"] for link in ip_json(netns, "link")] == ["lo", "d0", "d1"]
+
+
+def test_bridge_joins_namespaces(make_netns) -> None:
+    hub, a, b = make_netns(), make_netns(), make_netns()
+    hub.add_veth("pa", a, "eth0", peer_addresses=["10.2.0.1/24"])
+    hub.add_veth("pb", b, "eth0", peer_addresses=["10.2.0.2/24"])
+    bridge = hub.add_bridge("br0", ports=["pa", "pb"])
+    assert bridge.kind == "bridge" and hub.link("br0") == bridge
+    masters = {link["ifname"]: link.get("master") for link in ip_json(hub, "link")}
+    assert masters["pa"] == masters["pb"] == "br0"
+    with b.socket() as server, a.socket() as client:
+        server.bind(("10.2.0.2", 0))
+        server.listen()
+        client.settimeout(5)
+        client.connect(("10.2.0.2", server.getsockname()[1]))
+
+
+def test_addresses_add_list_delete(netns: Namespace) -> None:
+    netns.add_dummy("d0")
+    netns.add_address("d0", "10.3.0.1/24")
+    netns.add_address("d0", ipaddress.ip_interface("2001:db8:3::1/64"))
+    assert netns.addresses("d0")[:2] == [ipaddress.ip_interface("10.3.0.1/24"), ipaddress.ip_interface("2001:db8:3::1/64")]
+    everything = netns.addresses()
+    assert ipaddress.ip_interface("127.0.0.1/8") in everything and ipaddress.ip_interface("::1/128") in everything
+    netns.del_address("d0", "10.3.0.1/24")
+    assert ipaddress.ip_interface("10.3.0.1/24") not in netns.addresses("d0")
+
+
+def test_ipv6_skips_dad_unless_asked(netns: Namespace) -> None:
+    netns.add_dummy("d0", "2001:db8::1/64")
+    netns.add_address("d0", "2001:db8::2/64", dad=True)
+    flags = {a["local"]: a for a in ip_json(netns, "-6", "addr", "show", "dev", "d0")[0]["addr_info"]}
+    assert not flags["2001:db8::1"].get("tentative")
+    assert flags["2001:db8::1"].get("nodad")
+    assert not flags["2001:db8::2"].get("nodad")
+
+
+def test_set_down_and_up(netns: Namespace) -> None:
+    netns.add_dummy("d0")
+    netns.set_down("d0")
+    assert "UP" not in ip_json(netns, "link", "show", "d0")[0]["flags"]
+    netns.set_up("d0")
+    assert "UP" in ip_json(netns, "link", "show", "d0")[0]["flags"]
+
+
+def test_ipr_is_bound_to_the_namespace(netns: Namespace) -> None:
+    netns.add_dummy("d0")
+    names = {link.get("ifname") for link in netns.ipr.link("dump")}
+    assert names == {"lo", "d0"}
+
+
+# -- processes and sockets --------------------------------------------------
+
+
+def test_run_inside_reports_pid_and_output(netns: Namespace) -> None:
+    result = netns.run(["sh", "-c", 'echo "$$ $(readlink /proc/self/ns/net)"; echo err >&2; exit 3'])
+    pid, ns_link = result.stdout.split()
+    assert int(pid) == result.pid
+    assert ns_link == f"net:[{netns.inode}]"
+    assert (result.returncode, result.stderr) == (3, "err\n")
+
+
+def test_run_input_and_check(netns: Namespace) -> None:
+    assert netns.run(["cat"], input="hello").stdout == "hello"
+    with pytest.raises(CommandFailed, match=r"exited 2 in nt-.*: boom"):
+        netns.run(["sh", "-c", "echo boom >&2; exit 2"], check=True)
+
+
+def test_run_timeout_kills_the_program(netns: Namespace) -> None:
+    with pytest.raises(subprocess.TimeoutExpired):
+        netns.run(["sleep", "30"], timeout=0.2)
+    assert not _pids_in(netns)
+
+
+def test_socket_lives_in_the_namespace(netns: Namespace) -> None:
+    netns.add_dummy("d0", "10.4.0.1/24")
+    with netns.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("10.4.0.1", 0))  # the address exists only in the namespace
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as host_sock, pytest.raises(OSError):
+        host_sock.bind(("10.4.0.1", 0))
+
+
+def test_close_stops_daemons_and_everything_in_the_namespace() -> None:
+    factory = NamespaceFactory()
+    ns = factory.create()
+    daemon = ns.popen(["sh", "-c", "sleep 300 & sleep 300 & wait"])
+    # Fully detached: own session, reparented to init; only the /proc scan finds it.
+    ns.run(["sh", "-c", "setsid -f sleep 300 >/dev/null 2>&1"], check=True)
+    external = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "300"])
+    sock = ns.socket()
+    _wait_until(lambda: len(_pids_in(ns)) >= 5)  # sh + 2 sleeps + setsid sleep + ip-exec'd sleep
+    factory.close()
+    assert daemon.poll() is not None
+    assert external.wait(timeout=5) is not None
+    assert _pids_in(ns) == []
+    assert sock.fileno() == -1
+    assert ns.name not in os.listdir("/run/netns")
+
+
+# -- errors -----------------------------------------------------------------
+
+
+def test_kernel_refusal_is_one_clear_error(netns: Namespace) -> None:
+    netns.add_dummy("d0", "10.5.0.1/24")
+    with pytest.raises(NetlinkOperationError) as info:
+        netns.add_address("d0", "10.5.0.1/24")
+    message = str(info.value)
+    assert message.startswith(f"cannot add address 10.5.0.1/24 to d0 in {netns.name}: ")
+    assert "\n" not in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "NetlinkError" not in "".join(traceback.format_exception(info.value))
+
+
+def test_missing_link_names_it(netns: Namespace) -> None:
+    with pytest.raises(NetlinkOperationError, match=rf"cannot set nosuch up in {netns.name}: no such device"):
+        netns.set_up("nosuch")
+    with pytest.raises(NetlinkOperationError, match="nosuch"):
+        netns.link("nosuch")
+
+
+def test_duplicate_link_names_it(netns: Namespace) -> None:
+    netns.add_dummy("d0")
+    with pytest.raises(NetlinkOperationError, match=rf"d0 in {netns.name}: file exists"):
+        netns.add_dummy("d0")
+
+
+@pytest.mark.parametrize("bad", ["300.1.1.1/24", "10.0.0.1/33", "2001:db8::g/64", "", "eth0"])
+def test_malformed_address_is_value_error_naming_it(netns: Namespace, bad: str) -> None:
+    netns.add_dummy("d0")
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        netns.add_address("d0", bad)
+    with pytest.raises(ValueError, match=re.escape(repr(bad))):
+        netns.add_dummy("d1", bad)
+    assert [link["ifname"] for link in ip_json(netns, "link")] == ["lo", "d0"]  # nothing half-made
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 16, "a/b", "a b", "a:b", ".."])
+def test_bad_ifname_is_value_error(netns: Namespace, bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid interface name"):
+        netns.add_dummy(bad)
+
+
+def test_use_after_close_is_namespace_error(make_netns) -> None:
+    ns = make_netns()
+    ns.close()
+    ns.close()  # idempotent
+    for use in (lambda: ns.add_dummy("d0"), lambda: ns.run(["true"]), lambda: ns.socket(), lambda: ns.ipr):
+        with pytest.raises(NamespaceError, match=f"{ns.name} is already removed"):
+            use()
+
+
+def test_veth_to_a_removed_namespace_is_namespace_error(make_netns) -> None:
+    a, b = make_netns(), make_netns()
+    b.close()
+    with pytest.raises(NamespaceError, match=b.name):
+        a.add_veth("v0", b, "v1")
+
+
+# -- helpers ----------------------------------------------------------------
+
+
+def _pids_in(ns: Namespace) -> list[int]:
+    from netns_helpers import pids_in_netns
+
+    return pids_in_netns(ns.inode)
+
+
+def _wait_until(condition, timeout: float = 5.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
