@@ -91,7 +91,7 @@ class RtnlSocket:
     def _collect(self, seq: int) -> list[bytes]:
         replies: list[bytes] = []
         while True:
-            data = self.sock.recv(1 << 20)
+            data = self.sock.recv(65536)  # > the kernel's 32 KiB dump chunks
             for raw, mtype, mflags, mseq in _split(data):
                 if mseq != seq:
                     continue  # stale answer to an earlier, interrupted request

@@ -137,6 +137,7 @@ class Namespace:
     """
 
     def __init__(self, name: str, fd: int, rtnl: RtnlSocket) -> None:
+        # Internal: takes ownership of `fd` (pinning the namespace) and `rtnl`.
         self.name = name
         self.path = registry.path_of(name)
         self.inode: int = os.fstat(fd).st_ino
@@ -146,21 +147,26 @@ class Namespace:
         self._procs: list[tuple[subprocess.Popen, int | None]] = []
         self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
         self._ipr: Any = None
+        self._ipr_socket: socket.socket | None = None  # closed again at teardown in case IPRoute.close() fails
         self._standins: set[int] = set()  # ifindexes of dummy stand-ins
         self._helper: tuple[int, RtnlSocket] | None = None  # hidden ns of stand-in peers
         self._helper_links = 0
+        self._lock = threading.Lock()  # guards the lazily made helper ns and ipr
 
     @classmethod
     def _create(cls) -> "Namespace":
-        registry.ensure_run_dir()
-        while True:
-            name = registry.new_name()
-            path = registry.path_of(name)
-            try:
-                registry.reserve(path)
-                break
-            except FileExistsError:  # left by an earlier boot with the same pid/start time
-                continue
+        try:
+            registry.ensure_run_dir()
+            while True:
+                name = registry.new_name()
+                path = registry.path_of(name)
+                try:
+                    registry.reserve(path)
+                    break
+                except FileExistsError:  # left by an earlier boot with the same pid/start time
+                    continue
+        except OSError as exc:
+            raise NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc} (root needed)") from None
 
         def inside_new_netns() -> tuple[int, RtnlSocket]:
             registry.mount_current_thread_netns(path)
@@ -244,12 +250,11 @@ class Namespace:
             self._request(f"add dummy {ifname}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
             index, kind = self._index(ifname), KIND_DUMMY
         else:
-            helper_fd, helper_rtnl = self._helper_ns()
-            self._helper_links += 1
+            helper_rtnl, hidden_name = self._helper_link_name()
             # Created from the hidden side so that side is up from birth; the
             # visible end is born in this namespace and brought up below.
             peer = _linkmsg(attrs=[("IFLA_IFNAME", ifname), ("IFLA_NET_NS_FD", self._fd)])
-            msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", f"sb{self._helper_links}"), _linkinfo("veth", peer)])
+            msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", hidden_name), _linkinfo("veth", peer)])
             self._request(f"add dummy stand-in {ifname}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, rtnl=helper_rtnl)
             self._set_flags(ifname, up=True)
             index, kind = self._index(ifname), KIND_DUMMY_STANDIN
@@ -257,11 +262,14 @@ class Namespace:
         self._add_addresses(ifname, index, ifaces, dad)
         return Link(ifname, index, kind, self)
 
-    def _helper_ns(self) -> tuple[int, RtnlSocket]:
-        # Held only by an fd: never visible in /run/netns, gone with the process.
-        if self._helper is None:
-            self._helper = run_in_thread(_open_here, new_netns=True)
-        return self._helper
+    def _helper_link_name(self) -> tuple[RtnlSocket, str]:
+        """The hidden namespace's netlink socket and a fresh name for a link there."""
+        with self._lock:
+            # Held only by an fd: never visible in /run/netns, gone with the process.
+            if self._helper is None:
+                self._helper = run_in_thread(_open_here, new_netns=True)
+            self._helper_links += 1
+            return self._helper[1], f"sb{self._helper_links}"
 
     def add_veth(
         self,
@@ -410,13 +418,14 @@ class Namespace:
         running asyncio loop.
         """
         self._check_open()
-        if self._ipr is None:
-            from pyroute2 import IPRoute
+        with self._lock:
+            if self._ipr is None:
+                from pyroute2 import IPRoute
 
-            sock = run_in_thread(
-                lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE), netns_fd=self._fd
-            )
-            self._ipr = IPRoute(use_socket=sock)
+                self._ipr_socket = run_in_thread(
+                    lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE), netns_fd=self._fd
+                )
+                self._ipr = IPRoute(use_socket=self._ipr_socket)
         return self._ipr
 
     # -- teardown -----------------------------------------------------------
@@ -463,6 +472,8 @@ class Namespace:
                 self._ipr.close()
             except Exception as exc:
                 errors.append(f"closing IPRoute: {exc}")
+        if self._ipr_socket is not None:
+            self._ipr_socket.close()
         self._rtnl.close()
         try:
             registry.remove_entry(self.path)
