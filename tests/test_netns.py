@@ -295,3 +295,48 @@ def _wait_until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_close_leaves_no_fd_pinning_the_namespace() -> None:
+    """After close nothing of ours keeps the namespace alive (sockets included)."""
+    factory = NamespaceFactory()
+    ns = factory.create()
+    ns.add_dummy("d0", "10.8.0.1/24")  # may make the hidden stand-in namespace
+    ns.ipr.link("dump")
+    ns.socket()
+    ns.run(["true"])
+    assert ns.inode in _netns_inodes_of_our_fds()
+    factory.close()
+    assert ns.inode not in _netns_inodes_of_our_fds()
+
+
+def test_close_after_external_ip_netns_del(netns: Namespace) -> None:
+    subprocess.run(["ip", "netns", "del", netns.name], check=True)
+    netns.close()
+    assert not os.path.exists(netns.path)
+
+
+def _netns_inodes_of_our_fds() -> set[int]:
+    """Namespaces our fds refer to: nsfs fds directly, sockets via SIOCGSKNS."""
+    import fcntl
+    import stat
+
+    siocgskns = 0x894C
+    nsfs_dev = os.stat("/proc/self/ns/net").st_dev
+    inodes = set()
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if st.st_dev == nsfs_dev:
+            inodes.add(st.st_ino)
+        elif stat.S_ISSOCK(st.st_mode):
+            try:
+                ns_fd = fcntl.ioctl(fd, siocgskns)
+            except OSError:
+                continue
+            inodes.add(os.fstat(ns_fd).st_ino)
+            os.close(ns_fd)
+    return inodes
