@@ -6,7 +6,7 @@
 #define NETTRACE_H
 
 #define NT_COMM_LEN 16
-#define NT_MAX_STACK 32   /* kernel frames kept per event */
+#define NT_MAX_STACK 48   /* kernel frames kept per event: deep enough for "link down -> addrconf -> notify" */
 #define NT_MAX_KINDS 16   /* size of the per-namespace loss table */
 
 /* Event kinds: index into nt_scope.lost; the Python side mirrors these. */

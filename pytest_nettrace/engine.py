@@ -128,6 +128,7 @@ class Engine:
             for st in active:
                 st.plan = st.plans[0]
                 self._by_kind[st.probe.kind_id] = st.probe
+                st.probe.attached(obj)
             return
 
     @staticmethod
@@ -157,14 +158,22 @@ class Engine:
         return None if st.plan else (st.unavailable or "not attached")
 
     # -- scope ---------------------------------------------------------------
-    def watch(self, netns: int, sink: Sink) -> None:
-        """Deliver events from namespace `netns` to `sink`; start counting its losses."""
+    def _attached_probes(self) -> List[Probe]:
+        return [st.probe for st in self.status.values() if st.plan]
+
+    def watch(self, netns: int, sink: Sink, path: Optional[str] = None) -> None:
+        """Deliver events from namespace `netns` to `sink`; start counting its losses.
+        `path` (e.g. /run/netns/NAME) lets probes open the namespace."""
         with self._lock:
             self._sinks[netns] = sink
             lb.map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE_VALUE.size))
+            for probe in self._attached_probes():
+                probe.watch(netns, path)
 
     def unwatch(self, netns: int) -> None:
         with self._lock:
+            for probe in self._attached_probes():
+                probe.unwatch(netns)
             lb.map_delete(self._scopes_fd, _u32.pack(netns))
             self._sinks.pop(netns, None)
 
@@ -175,10 +184,20 @@ class Engine:
             return {}
         return {k: n for k, n in enumerate(_SCOPE_VALUE.unpack(raw)) if n}
 
+    def lost_elsewhere(self, netns: int) -> Dict[str, int]:
+        """Events lost outside the ring buffer (e.g. a full monitor socket), by kind."""
+        out: Dict[str, int] = {}
+        for probe in self._attached_probes():
+            for kind, n in probe.lost(netns).items():
+                out[kind] = out.get(kind, 0) + n
+        return out
+
     # -- events --------------------------------------------------------------
     def drain(self) -> int:
         """Decode and deliver every record committed so far; returns how many."""
         with self._lock:
+            for probe in self._attached_probes():
+                probe.poll()
             records = self._ring.read()
             for rec in records:
                 self._deliver(rec)
@@ -202,7 +221,8 @@ class Engine:
             log.exception("cannot decode %s record", probe.name)
             self.decode_errors += 1
             return
-        sink(event)
+        if event is not None:  # None: a record that is bookkeeping, not an event
+            sink(event)
 
     def _drain_loop(self) -> None:
         while not self._stop.is_set():
@@ -228,6 +248,8 @@ class Engine:
         if thread is not None:
             thread.join(1.0)
         with self._lock:
+            for st in getattr(self, "status", {}).values():
+                st.probe.close()
             if self._obj is not None:
                 self._obj.close()
                 self._obj = None

@@ -10,7 +10,7 @@ from .symbols import symbolize
 
 # Mirrors bpf/nettrace.h
 NT_COMM_LEN = 16
-NT_MAX_STACK = 32
+NT_MAX_STACK = 48
 NT_MAX_KINDS = 16
 NT_F_KTHREAD = 0x8
 # Frames that only appear when the probe fired while serving interrupts.
@@ -119,7 +119,9 @@ class Event:
     def actor(self) -> str:
         """Who did it, in the seed's words: `ip(19838) uid 0 [parent bash(1200)]`."""
         if self.pid is None:
-            return f"<{self.context}>"
+            if self.context != "process":
+                return f"<{self.context}>"
+            return f"<kernel: {self.interrupted_task}>" if getattr(self, "interrupted_task", None) else "<kernel>"
         s = f"{self.comm}({self.pid}) uid {self.uid}"
         if self.ppid:
             s += f" [parent {self.parent_comm}({self.ppid})]"
@@ -129,8 +131,12 @@ class Event:
         """What happened, without who/when; probes override."""
         return self.kind
 
+    def how(self) -> str:
+        """How it was asked for (` via netlink: "ip addr del …"`); probes override."""
+        return ""
+
     def summary(self) -> str:
-        return f"{self.kind:<6} {self.actor()} {self.describe()}"
+        return f"{self.kind:<6} {self.actor()} {self.describe()}{self.how()}"
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.summary()}>"

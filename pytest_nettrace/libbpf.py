@@ -77,7 +77,9 @@ class _LogCapture:
         self.callback = _PRINT_FN(self._on_print)
 
     def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
-        buf = ctypes.create_string_buffer(4096)
+        if level >= 2:  # LIBBPF_DEBUG: relocation chatter, never shown
+            return 0
+        buf = ctypes.create_string_buffer(1 << 20)  # verifier logs are long
         self._libc.vsnprintf(buf, len(buf), fmt, va_list)
         lines = getattr(self._local, "lines", None)
         if lines is not None:
@@ -173,9 +175,20 @@ def _errtext(err: int) -> str:
 
 
 def _reason_from_log(lines: List[str]) -> str:
-    """The most telling lines of a libbpf/verifier log, for a one-line error."""
-    keep = [ln for ln in lines if ln.strip() and not ln.startswith("libbpf: prog '") or "failed" in ln]
-    return " | ".join(keep[-3:])
+    """The most telling lines of a libbpf/verifier log, for a one-line error:
+    the verifier's last words (its complaint) and libbpf's summary."""
+    out: List[str] = []
+    for entry in lines:
+        if "-- END PROG LOAD LOG --" in entry:
+            body = entry.split("-- BEGIN PROG LOAD LOG --")[-1].split("-- END PROG LOAD LOG --")[0]
+            verifier = [ln for ln in body.splitlines() if ln.strip() and not ln.startswith(("processed ", ";"))]
+            out.append("verifier: " + " / ".join(verifier[-2:]))
+            prog = entry.split("prog '", 1)[-1].split("'", 1)[0] if "prog '" in entry else ""
+            if prog:
+                out.append(f"prog '{prog}'")
+        elif entry.strip() and "failed to load object" not in entry:
+            out.append(entry.strip())
+    return " | ".join(out[-4:])
 
 
 class BpfLink:
@@ -232,6 +245,10 @@ class BpfObject:
         if not m:
             raise ProbeLoadError(f"{self.name}: no map named {name!r}")
         return m
+
+    def map_fd(self, name: str) -> int:
+        """fd of map `name` (after load)."""
+        return libbpf().bpf_map__fd(self._map(name))
 
     def has_map(self, name: str) -> bool:
         return bool(libbpf().bpf_object__find_map_by_name(self._ptr, name.encode()))

@@ -82,4 +82,4 @@ def render_failure(trace: "Trace", headline: str, kind: Optional[str], filters: 
 def seed_line(event: Event, trace: Optional["Trace"] = None) -> str:
     """The seed's one-liner: time, actor, what happened, where."""
     where = f" (netns {trace.label(event.netns)})" if trace else ""
-    return f"{seed_time(event.timestamp)} {event.actor()} {event.describe()}{where}"
+    return f"{seed_time(event.timestamp)} {event.actor()} {event.describe()}{where}{event.how()}"

@@ -5,33 +5,73 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .engine import Engine
 from .errors import EventsLost, NettraceError
-from .events import Event, check_filters, describe_filters, matches
+from .events import Event, check_filters, describe_filters, matches, parse_address
 from .probes.registry import kind_info, kinds
 from .timeline import render_failure
 
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
 
 
-def netns_inode(ns: NamespaceLike) -> int:
-    """The netns inode of a Namespace, an inode, a /run/netns name or a path."""
+def netns_ref(ns: NamespaceLike) -> Tuple[int, Optional[str]]:
+    """(inode, a path that opens it) of a Namespace, an inode, a /run/netns
+    name, a path, or a pid given as "pid:1234"."""
     if isinstance(ns, bool):
         raise TypeError(f"not a network namespace: {ns!r}")
     if isinstance(ns, int):
-        return ns
+        return ns, _path_of_inode(ns)
     inode = getattr(ns, "inode", None)
     if isinstance(inode, int):
-        return inode
+        return inode, getattr(ns, "path", None)
     if isinstance(ns, str):
-        path = ns if "/" in ns else f"/run/netns/{ns}"
+        if ns.startswith("pid:"):
+            path = f"/proc/{ns[4:]}/ns/net"
+        else:
+            path = ns if "/" in ns else f"/run/netns/{ns}"
         try:
-            return os.stat(path).st_ino
+            return os.stat(path).st_ino, path
         except FileNotFoundError:
             raise ValueError(f"no network namespace {ns!r} (looked at {path})") from None
     raise TypeError(f"not a network namespace: {ns!r} (give a Namespace, an inode, a name or a path)")
+
+
+def netns_inode(ns: NamespaceLike) -> int:
+    return netns_ref(ns)[0]
+
+
+def _path_of_inode(inode: int) -> Optional[str]:
+    """A path that opens the namespace with this inode, if one can be found."""
+    candidates = ["/proc/self/ns/net"]
+    try:
+        candidates += [f"/run/netns/{n}" for n in os.listdir("/run/netns")]
+    except OSError:
+        pass
+    for path in candidates:
+        try:
+            if os.stat(path).st_ino == inode:
+                return path
+        except OSError:
+            continue
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}/ns/net").st_ino == inode:
+                    return f"/proc/{pid}/ns/net"
+            except OSError:
+                continue
+    return None
+
+
+def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
+    filters: Dict[str, Any] = {}
+    if address is not None:
+        filters["address"] = parse_address(address)
+    if dev is not None:
+        filters["dev"] = dev
+    return filters
 
 
 class Trace:
@@ -48,15 +88,14 @@ class Trace:
         self._watched: Dict[int, str] = {}     # inode -> label
         self._cond = threading.Condition()
         self._closed = False
-        self.extra_lost: Dict[str, int] = {}  # losses outside the ring buffer, by kind
 
     # -- scope -------------------------------------------------------------
     def watch(self, ns: NamespaceLike, label: Optional[str] = None) -> int:
         """Also record events from namespace `ns`; returns its inode."""
         self._check_open()
-        inode = netns_inode(ns)
+        inode, path = netns_ref(ns)
         if inode not in self._watched:
-            self.engine.watch(inode, self._sink)
+            self.engine.watch(inode, self._sink, path)
             self._watched[inode] = (label or getattr(ns, "name", None)
                                     or (ns if isinstance(ns, str) else f"netns:{inode}"))
         return inode
@@ -120,9 +159,9 @@ class Trace:
             for kid, n in self.engine.lost(inode).items():
                 if ids is None or kid in ids:
                     total += n
-        for k, n in self.extra_lost.items():
-            if kind is None or k == kind:
-                total += n
+            for k, n in self.engine.lost_elsewhere(inode).items():
+                if kind is None or k == kind:
+                    total += n
         return total
 
     # -- generic assertions -----------------------------------------------
@@ -159,6 +198,34 @@ class Trace:
     def assert_rst(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A TCP reset matching filters happened; returns it."""
         return self.assert_any("rst", timeout=timeout, **filters)
+
+    # -- address / link / route changes -------------------------------------
+    def address_changes(self, **filters: Any) -> List[Event]:
+        """Addresses added or deleted (kind "addr"), with who did it."""
+        return self.events("addr", **filters)
+
+    def link_changes(self, **filters: Any) -> List[Event]:
+        """Links added, deleted, set up/down or changed (kind "link")."""
+        return self.events("link", **filters)
+
+    def route_changes(self, **filters: Any) -> List[Event]:
+        """Routes added or deleted (kind "route")."""
+        return self.events("route", **filters)
+
+    def assert_address_deleted(self, address: Any, *, dev: Optional[str] = None, by_pid: Optional[int] = None,
+                               by_comm: Optional[str] = None, timeout: float = 2.0) -> Event:
+        """`address` ("192.168.0.1", "192.168.0.1/24" or an ipaddress object) was
+        deleted (from `dev`, by `by_pid` / `by_comm` when given); returns the event."""
+        filters = _address_filters(address, dev)
+        if by_pid is not None:
+            filters["pid"] = by_pid
+        if by_comm is not None:
+            filters["comm"] = by_comm
+        return self.assert_any("addr", timeout=timeout, action="deleted", **filters)
+
+    def assert_address_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
+        """No address (or not `address`, on `dev` when given) was deleted — and none may have been lost."""
+        self.assert_none("addr", action="deleted", **_address_filters(address, dev))
 
     # -- helpers -----------------------------------------------------------
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> None:

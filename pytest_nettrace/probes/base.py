@@ -9,6 +9,7 @@ from ..events import Event, Header
 
 if TYPE_CHECKING:
     from ..capabilities import KernelFeatures
+    from ..libbpf import BpfObject
 
 
 @dataclass
@@ -38,3 +39,23 @@ class Probe:
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         return "no attach mechanism available on this kernel"
+
+    # Hooks for probes that keep state outside the kernel (sockets, maps).
+    def attached(self, obj: "BpfObject") -> None:
+        """Called once the object is loaded: look up the probe's own maps."""
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        """A namespace starts being watched; `path` opens it (may be None)."""
+
+    def unwatch(self, netns: int) -> None:
+        """A namespace stops being watched."""
+
+    def poll(self) -> None:
+        """Called before every drain of the ring buffer."""
+
+    def lost(self, netns: int) -> Dict[str, int]:
+        """Events lost outside the ring buffer, by public kind."""
+        return {}
+
+    def close(self) -> None:
+        """Release whatever the hooks above acquired."""

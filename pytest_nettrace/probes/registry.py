@@ -7,9 +7,10 @@ from typing import Dict, List, NamedTuple, Type
 
 from ..events import Event
 from .base import Probe
+from .netchange import NetChangeProbe
 from .rst import RstProbe
 
-PROBE_CLASSES: List[Type[Probe]] = [RstProbe]
+PROBE_CLASSES: List[Type[Probe]] = [RstProbe, NetChangeProbe]
 
 
 class KindInfo(NamedTuple):

@@ -1,0 +1,415 @@
+"""Address, link and route changes with the process that made them
+(bpf/netchange.bpf.c, bpf/netchange.h): kinds "addr", "link", "route".
+
+The plugin owns one rtnetlink monitor socket per watched namespace. The BPF
+program fires when the kernel queues a notification on it — in the context of
+the task that caused the change — and copies the task, its command line, the
+kernel stack and the message. This module decodes the message (what changed)
+and tells from the stack how it was asked for (netlink, ioctl or the kernel).
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import socket
+import struct
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from .._linux import run_in_thread
+from ..events import HEADER, Event, Header
+from ..libbpf import map_delete, map_update
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+    from ..libbpf import BpfObject
+
+NT_KIND_NLMSG = 2
+NC_MSG_MAX, NC_CMDLINE_MAX = 1024, 256
+_BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_MSG_MAX}s")  # struct netchange_event after the header
+_NLMSG = struct.Struct("<IHHII")
+_RTA = struct.Struct("<HH")
+_KEY = struct.Struct("<II")
+
+# rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
+RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 20, 21, 24, 25
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
+_GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+IFF_UP = 0x1
+RT_TABLES = {253: "default", 254: "main", 255: "local"}
+RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
+             7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+
+# Which rtnetlink / ioctl handlers ask for which kind of change.
+_NETLINK_HANDLERS = {
+    "addr": ("inet_rtm_newaddr", "inet_rtm_deladdr", "inet6_rtm_newaddr", "inet6_rtm_deladdr"),
+    "link": ("rtnl_newlink", "rtnl_dellink", "rtnl_setlink", "__rtnl_newlink"),
+    "route": ("inet_rtm_newroute", "inet_rtm_delroute", "inet6_rtm_newroute", "inet6_rtm_delroute"),
+}
+_IOCTL_HANDLERS = {
+    "addr": ("devinet_ioctl", "addrconf_add_ifaddr", "addrconf_del_ifaddr", "addrconf_set_dstaddr"),
+    "link": ("dev_ifsioc", "dev_ioctl"),
+    "route": ("ip_rt_ioctl", "ipv6_route_ioctl"),
+}
+_ANY_NETLINK = ("rtnetlink_rcv_msg", "netlink_rcv_skb", "netlink_sendmsg")
+_ANY_IOCTL = ("sock_ioctl", "inet_ioctl", "inet6_ioctl", "dev_ioctl")
+# Kernel-initiated changes: the first matching frame names why.
+_KERNEL_DETAILS = (
+    (("addrconf_dad_failure", "addrconf_dad_stop"), "duplicate address detected (DAD failure)"),
+    (("unregister_netdevice_many_notify", "unregister_netdevice_many", "unregister_netdevice_queue",
+      "inetdev_destroy", "default_device_exit_batch", "cleanup_net"), "device removed"),
+    (("addrconf_ifdown", "__dev_close_many", "dev_close_many", "__dev_change_flags", "inetdev_event"),
+     "link down"),
+    (("addrconf_verify_rtnl", "addrconf_verify_work", "check_lifetime"), "address lifetime expired"),
+    (("addrconf_prefix_rcv", "ndisc_router_discovery", "rt6_route_rcv"), "router advertisement"),
+    (("addrconf_dad_completed", "addrconf_dad_work", "addrconf_dad_begin"), "duplicate address detection"),
+    (("addrconf_add_linklocal", "addrconf_dev_config", "addrconf_addr_gen"), "IPv6 autoconfiguration"),
+    (("fib_add_ifaddr", "fib_del_ifaddr", "fib_netdev_event", "fib_inetaddr_event"),
+     "follows an address or link change"),
+    (("netdev_state_change", "linkwatch_event", "__linkwatch_run_queue", "linkwatch_do_dev"),
+     "carrier change"),
+)
+
+
+def _attrs(buf: bytes, off: int, end: int) -> Dict[int, bytes]:
+    """rtattrs in buf[off:end] (a truncated copy just ends early)."""
+    out: Dict[int, bytes] = {}
+    while off + 4 <= end:
+        length, kind = _RTA.unpack_from(buf, off)
+        if length < 4:
+            break
+        out.setdefault(kind & 0x3FFF, buf[off + 4: min(off + length, end)])
+        off += (length + 3) & ~3
+    return out
+
+
+def _cstr(raw: Optional[bytes]) -> Optional[str]:
+    return raw.split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
+
+
+def _ip(raw: Optional[bytes], family: int) -> Optional[Any]:
+    if raw is None:
+        return None
+    if family == socket.AF_INET and len(raw) >= 4:
+        return ipaddress.IPv4Address(raw[:4])
+    if family == socket.AF_INET6 and len(raw) >= 16:
+        return ipaddress.IPv6Address(raw[:16])
+    return None
+
+
+class NetChangeEvent(Event):
+    """Common to addr/link/route: how the change was asked for, by whom."""
+
+    FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user")
+
+    def how(self) -> str:
+        via = {"netlink": "via netlink", "ioctl": "via ioctl", "kernel": "by the kernel"}.get(self.cause, self.cause)
+        if self.detail:
+            via += f" ({self.detail})"
+        if self.cmdline:
+            via += f': "{self.cmdline}"'
+        return " " + via
+
+
+class AddrEvent(NetChangeEvent):
+    """An IPv4/IPv6 address added to or deleted from an interface."""
+
+    kind = "addr"
+    FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags")
+
+    def describe(self) -> str:
+        fam = "IPv4" if self.family == 4 else "IPv6"
+        prep = "from" if self.action == "deleted" else "to"
+        return f"{self.action} {fam} {self.address} {prep} {self.dev or f'ifindex {self.ifindex}'}"
+
+
+class LinkEvent(NetChangeEvent):
+    """A network interface added, deleted, set up/down, or otherwise changed."""
+
+    kind = "link"
+    FIELDS = NetChangeEvent.FIELDS + ("up", "flags", "link_kind", "mtu", "operstate")
+
+    def describe(self) -> str:
+        what = {"added": "added link", "deleted": "deleted link", "up": "set link up",
+                "down": "set link down"}.get(self.action, "changed link")
+        return f"{what} {self.dev or f'ifindex {self.ifindex}'}"
+
+
+class RouteEvent(NetChangeEvent):
+    """A route added or deleted."""
+
+    kind = "route"
+    FIELDS = NetChangeEvent.FIELDS + ("dst", "gateway", "table", "family", "type", "protocol",
+                                      "priority", "prefsrc")
+
+    def describe(self) -> str:
+        dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
+        via = f" via {self.gateway}" if self.gateway else ""
+        dev = f" dev {self.dev}" if self.dev else ""
+        table = f" table {self.table}" if self.table != "main" else ""
+        return f"{self.action} route {dst}{via}{dev}{table}"
+
+
+def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> Tuple[str, Optional[str]]:
+    """("netlink" | "ioctl" | "kernel", detail) from the kernel stack."""
+    # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
+    present = {f.split("+", 1)[0].split(".", 1)[0] for f in frames}
+    if present.intersection(_NETLINK_HANDLERS[kind]):
+        return "netlink", None
+    if present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
+        return "ioctl", None
+    detail = None
+    for frames_for, text in _KERNEL_DETAILS:
+        if present.intersection(frames_for):
+            detail = text
+            break
+    # A consequence of a request of another kind (e.g. `ip link set down`
+    # removing IPv6 addresses): the kernel did it, on that task's behalf.
+    if detail is None and present.intersection(_ANY_NETLINK):
+        detail = "consequence of a netlink request"
+    elif detail is None and present.intersection(_ANY_IOCTL):
+        detail = "consequence of an ioctl"
+    return "kernel", detail
+
+
+class _Monitor:
+    """The rtnetlink socket the plugin owns in one watched namespace."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.sock: socket.socket = run_in_thread(self._open, netns_fd=fd)
+        finally:
+            os.close(fd)
+        self.portid = self.sock.getsockname()[0]
+        self.lost = 0
+        self.names: Dict[int, str] = {}
+        self._dump_links()
+        self.sock.setblocking(False)
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        try:
+            # Room for bursts between drains; a full queue is counted as loss.
+            s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        s.bind((0, _GROUPS))
+        return s
+
+    def _dump_links(self) -> None:
+        """ifindex -> name of the links present now (IPv6 notifications carry only the index)."""
+        req = _NLMSG.pack(32, 18, 0x301, 1, 0) + bytes(16)  # RTM_GETLINK, NLM_F_REQUEST|NLM_F_DUMP
+        self.sock.send(req)
+        while True:
+            data = self.sock.recv(1 << 16)
+            for mtype, msg in _split(data):
+                if mtype == 3 or mtype == 2:  # NLMSG_DONE / NLMSG_ERROR
+                    return
+                if mtype == RTM_NEWLINK:
+                    self.learn(msg)
+
+    def learn(self, msg: bytes) -> None:
+        if len(msg) >= 32:
+            index = struct.unpack_from("<i", msg, 20)[0]
+            name = _cstr(_attrs(msg, 32, len(msg)).get(3))
+            if name:
+                self.names[index] = name
+
+    def drain(self) -> None:
+        """Read what the kernel queued so the socket never fills (we decode the BPF copy)."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == 105:  # ENOBUFS: the kernel dropped notifications for us
+                    self.lost += 1
+                    continue
+                raise
+            if not data:
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _split(data: bytes):
+    off = 0
+    while off + 16 <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
+        if length < 16:
+            return
+        yield mtype, data[off: off + length]
+        off += (length + 3) & ~3
+
+
+class NetChangeProbe(Probe):
+    name = "netchange"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_NLMSG
+    event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent}
+
+    def __init__(self) -> None:
+        self._monitors: Dict[int, _Monitor] = {}
+        self._socks_fd = -1
+        self._skbs: Dict[int, int] = {}   # netns -> last skb address seen (repeat = a missed message)
+        self._missed: Dict[int, int] = {}
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        plans = []
+        if kernel.tp_btf and kernel.tracepoint_args("sk_data_ready") is not None:
+            plans.append(Plan("tp_btf", ["netchange_tp"]))
+        if kernel.fentry:
+            plans.append(Plan("fentry", ["netchange_fentry"]))
+        if kernel.kprobe:
+            plans.append(Plan("kprobe", ["netchange_kprobe"]))
+        return plans
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        return ("no sock:sk_data_ready tracepoint (kernel < 6.4), and neither fentry "
+                f"({kernel.why('fentry')}) nor kprobes ({kernel.why('kprobe')}) to reach __netlink_sendskb")
+
+    def attached(self, obj: "BpfObject") -> None:
+        self._socks_fd = obj.map_fd("nc_socks")
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        if netns in self._monitors or path is None:
+            return
+        mon = _Monitor(path)
+        self._monitors[netns] = mon
+        map_update(self._socks_fd, _KEY.pack(netns, mon.portid), struct.pack("<I", 1))
+
+    def unwatch(self, netns: int) -> None:
+        mon = self._monitors.pop(netns, None)
+        if mon is not None:
+            map_delete(self._socks_fd, _KEY.pack(netns, mon.portid))
+            mon.close()
+        self._skbs.pop(netns, None)
+        self._missed.pop(netns, None)
+
+    def poll(self) -> None:
+        for mon in self._monitors.values():
+            mon.drain()
+
+    def lost(self, netns: int) -> Dict[str, int]:
+        mon = self._monitors.get(netns)
+        n = (mon.lost if mon else 0) + self._missed.get(netns, 0)
+        return {k: n for k in self.event_types} if n else {}
+
+    def close(self) -> None:
+        for netns in list(self._monitors):
+            self.unwatch(netns)
+
+    # -- decoding ------------------------------------------------------------
+    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+        skb, portid, msg_len, copied, cmd_len, cmdline, msg = _BODY.unpack_from(buf, HEADER.size)
+        if skb and self._skbs.get(hdr.netns) == skb:
+            # tail of the queue seen twice: another notification raced past us
+            self._missed[hdr.netns] = self._missed.get(hdr.netns, 0) + 1
+            return None
+        self._skbs[hdr.netns] = skb
+        msg = msg[:copied]
+        if len(msg) < 16:
+            return None
+        length, mtype, _flags, _seq, nl_pid = _NLMSG.unpack_from(msg, 0)
+        mon = self._monitors.get(hdr.netns)
+        if mon is not None and nl_pid == mon.portid:
+            return None  # a reply to our own request, not a change
+        stack = hdr.stack_addrs(buf)
+        argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
+        common = dict(cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
+        if mtype in (RTM_NEWADDR, RTM_DELADDR):
+            return self._addr(hdr, stack, msg, mtype, mon, common)
+        if mtype in (RTM_NEWLINK, RTM_DELLINK):
+            return self._link(hdr, stack, msg, mtype, mon, common)
+        if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+            return self._route(hdr, stack, msg, mtype, mon, common)
+        return None
+
+    def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
+        kthread = bool(hdr.flags & 0x8)
+        ev.cause, ev.detail = cause_of(ev.kind, ev.stack, kthread, ev.context)
+        if kthread or ev.context != "process":
+            # a kernel thread or an interrupt: no process asked for this
+            ev.interrupted_task = f"{hdr.comm}({hdr.pid})"
+            for f in ("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline"):
+                setattr(ev, f, None)
+            if ev.cause != "kernel":
+                ev.cause = "kernel"
+        ev.user = _user(ev.uid)
+        return ev
+
+    def _addr(self, hdr, stack, msg, mtype, mon, common) -> Event:
+        family, prefixlen, flags, scope, index = struct.unpack_from("<BBBBI", msg, 16)
+        attrs = _attrs(msg, 24, len(msg))
+        raw = attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)  # IFA_LOCAL / IFA_ADDRESS
+        ip = _ip(raw, family)
+        if 8 in attrs and len(attrs[8]) >= 4:  # IFA_FLAGS: the full 32-bit flags
+            flags = struct.unpack_from("<I", attrs[8])[0]
+        dev = _cstr(attrs.get(3)) or (mon.names.get(index) if mon else None)
+        ev = AddrEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWADDR else "deleted",
+                       address=ipaddress.ip_interface(f"{ip}/{prefixlen}") if ip is not None else None,
+                       family=4 if family == socket.AF_INET else 6, dev=dev, ifindex=index,
+                       scope=scope, flags=flags, **common)
+        return self._finish(ev, hdr)
+
+    def _link(self, hdr, stack, msg, mtype, mon, common) -> Event:
+        _fam, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
+        attrs = _attrs(msg, 32, len(msg))
+        name = _cstr(attrs.get(3))
+        if mon is not None and name:
+            if mtype == RTM_DELLINK:
+                mon.names.pop(index, None)
+            else:
+                mon.names[index] = name
+        if mtype == RTM_DELLINK:
+            action = "deleted"
+        elif change == 0xFFFFFFFF:
+            action = "added"
+        elif change & IFF_UP:
+            action = "up" if flags & IFF_UP else "down"
+        else:
+            action = "changed"
+        kind_attr = _attrs(attrs[18], 0, len(attrs[18])).get(1) if 18 in attrs else None  # IFLA_LINKINFO/KIND
+        mtu = struct.unpack("<I", attrs[4][:4])[0] if len(attrs.get(4, b"")) >= 4 else None
+        oper = attrs.get(16)
+        ev = LinkEvent(hdr, stack, "process", action=action, dev=name or (mon.names.get(index) if mon else None),
+                       ifindex=index, up=bool(flags & IFF_UP), flags=flags, link_kind=_cstr(kind_attr),
+                       mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
+        return self._finish(ev, hdr)
+
+    def _route(self, hdr, stack, msg, mtype, mon, common) -> Event:
+        family, dst_len, _src_len, _tos, table, proto, _scope, rtype, _flags = \
+            struct.unpack_from("<BBBBBBBBI", msg, 16)
+        attrs = _attrs(msg, 28, len(msg))
+        if 15 in attrs and len(attrs[15]) >= 4:  # RTA_TABLE: tables above 255
+            table = struct.unpack_from("<I", attrs[15])[0]
+        dst_ip = _ip(attrs.get(1), family)
+        if dst_ip is None:
+            dst_ip = ipaddress.ip_address(0) if family == socket.AF_INET else ipaddress.IPv6Address(0)
+        oif = struct.unpack_from("<I", attrs[4])[0] if len(attrs.get(4, b"")) >= 4 else None
+        prio = struct.unpack_from("<I", attrs[6])[0] if len(attrs.get(6, b"")) >= 4 else None
+        ev = RouteEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWROUTE else "deleted",
+                        dst=ipaddress.ip_network(f"{dst_ip}/{dst_len}", strict=False),
+                        gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
+                        ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
+                        type=RTN_TYPES.get(rtype, rtype), protocol=proto, priority=prio,
+                        prefsrc=_ip(attrs.get(7), family), **common)
+        return self._finish(ev, hdr)
+
+
+_OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
+
+
+def _user(uid: Optional[int]) -> Optional[str]:
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
