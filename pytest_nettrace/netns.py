@@ -166,7 +166,8 @@ class Namespace:
                 except FileExistsError:  # left by an earlier boot with the same pid/start time
                     continue
         except OSError as exc:
-            raise NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc} (root needed)") from None
+            hint = " (needs root)" if isinstance(exc, PermissionError) else ""
+            raise NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc}{hint}") from None
 
         def inside_new_netns() -> tuple[int, RtnlSocket]:
             registry.mount_current_thread_netns(path)
