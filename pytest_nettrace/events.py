@@ -71,6 +71,7 @@ class Event:
     kind: ClassVar[str] = "event"
     FIELDS: ClassVar[Tuple[str, ...]] = (
         "kind", "timestamp", "netns", "pid", "tid", "comm", "uid", "ppid", "parent_comm", "context", "stack")
+    ADDRESS_FIELDS: ClassVar[Tuple[str, ...]] = ()  # filters on these are parsed up front
 
     def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
                  context_guess: str = "process", **fields: Any) -> None:
@@ -184,11 +185,15 @@ def _value_matches(actual: Any, wanted: Any, field: str) -> bool:
 
 
 def check_filters(cls: type, filters: Dict[str, Any]) -> None:
-    """Unknown filter names are a usage error that lists the valid ones."""
-    for name in filters:
+    """Unknown filter names and malformed addresses are usage errors, raised
+    before looking at any event (a bad filter must not pass by matching nothing)."""
+    for name, value in filters.items():
         if name not in cls.FIELDS:
             raise ValueError(
                 f"unknown filter {name!r} for {cls.kind!r} events; valid: {', '.join(cls.FIELDS)}")
+        if name in cls.ADDRESS_FIELDS and value is not None and not callable(value):
+            for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
+                parse_address(v, name)
 
 
 def matches(event: Event, filters: Dict[str, Any]) -> bool:

@@ -59,9 +59,9 @@ def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence
 
 def render_failure(trace: "Trace", headline: str, kind: Optional[str], filters: Dict[str, Any],
                    offending: List[Event]) -> str:
-    out = [headline]
+    out = [_wrap(headline)]
     names = ", ".join(f"{label} ({inode})" for inode, label in trace.watched.items()) or "none"
-    out.append(f"watched namespaces: {names}")
+    out.append(_wrap(f"watched namespaces: {names}"))
     out.append("network events (time since test start):")
     out.append(render_timeline(trace, trace.all_events(), offending))
     lost = {k: trace.lost(k) for k in ([kind] if kind else [])}
@@ -70,13 +70,17 @@ def render_failure(trace: "Trace", headline: str, kind: Optional[str], filters: 
                                                if lost_total else ""))
     if offending:
         first = offending[0]
-        out.append(f"first offending event: {seed_line(first, trace)}")
+        out.append(_wrap(f"first offending event: {seed_line(first, trace)}"))
         if first.stack:
             out.append("kernel stack:")
             out.extend(f"    {frame}" for frame in first.stack)
         else:
             out.append("kernel stack: (not captured)")
     return "\n".join(out)
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, WIDTH, subsequent_indent="    ", break_on_hyphens=False)
 
 
 def seed_line(event: Event, trace: Optional["Trace"] = None) -> str:

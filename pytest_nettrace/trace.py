@@ -247,6 +247,10 @@ class Trace:
                  offending: Iterable[Event]) -> str:
         return render_failure(self, headline, kind, filters, list(offending))
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise NettraceError("this nettrace was closed at the end of its test; events are no longer recorded")

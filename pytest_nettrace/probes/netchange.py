@@ -118,6 +118,7 @@ class AddrEvent(NetChangeEvent):
 
     kind = "addr"
     FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags")
+    ADDRESS_FIELDS = ("address",)
 
     def describe(self) -> str:
         fam = "IPv4" if self.family == 4 else "IPv6"
@@ -143,6 +144,7 @@ class RouteEvent(NetChangeEvent):
     kind = "route"
     FIELDS = NetChangeEvent.FIELDS + ("dst", "gateway", "table", "family", "type", "protocol",
                                       "priority", "prefsrc")
+    ADDRESS_FIELDS = ("dst", "gateway", "prefsrc")
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)

@@ -35,6 +35,7 @@ class RstEvent(Event):
 
     kind = "rst"
     FIELDS = Event.FIELDS + ("direction", "origin", "family", "saddr", "sport", "daddr", "dport", "state", "reason")
+    ADDRESS_FIELDS = ("saddr", "daddr")
 
     def describe(self) -> str:
         why = f" reason {self.reason}" if self.reason else ""

@@ -1,0 +1,146 @@
+"""TCP resets (issue 3): real traffic in real namespaces, real probes."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from pytest_nettrace import EventsLost
+from pytest_nettrace.engine import Engine
+from pytest_nettrace.netns import NamespaceFactory
+from pytest_nettrace.trace import Trace
+
+from traffic import clean_exchange, connect_refused, echo_once, linger_abort
+
+FAMILIES = [pytest.param((socket.AF_INET, "10.0.0.1", "10.0.0.2", 24), id="ipv4"),
+            pytest.param((socket.AF_INET6, "fd00::1", "fd00::2", 64), id="ipv6")]
+
+
+@pytest.fixture(params=FAMILIES)
+def pair(request, make_netns):
+    """Two namespaces joined by a veth: (server ns, client ns, family, server addr, client addr)."""
+    fam, a, b, plen = request.param
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=[f"{a}/{plen}"], peer_addresses=[f"{b}/{plen}"])
+    return server, client, fam, a, b
+
+
+def test_connect_to_closed_port_rst_from_softirq(pair, nettrace):
+    server, client, fam, a, b = pair
+    r = client.run(connect_refused(a, 9), check=True)
+    assert r.stdout.strip() == "refused"
+    ev = nettrace.assert_rst(direction="sent", dport=lambda p: p > 1024, sport=9)
+    assert ev.family == (4 if fam == socket.AF_INET else 6)
+    assert str(ev.saddr) == a and str(ev.daddr) == b
+    assert ev.origin == "reply" and ev.state == "CLOSE"
+    assert ev.context == "softirq"
+    assert ev.pid is None and ev.comm is None, "a softirq RST must not blame the interrupted task"
+    assert ev.netns == server.inode
+    assert ev.reason in (None, "NO_SOCKET")
+    assert any(f.startswith(("tcp_v4_send_reset", "tcp_v6_send_reset")) for f in ev.stack), ev.stack
+    # the client saw it arrive
+    got = nettrace.assert_rst(direction="received", netns=client.inode)
+    assert got.saddr == ev.saddr and got.sport == 9
+
+
+def test_linger_zero_close_is_active_rst_by_that_process(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst = server.socket(fam)
+    lst.bind((a, 0))
+    lst.listen()
+    port = lst.getsockname()[1]
+    r = client.run(linger_abort(a, port), check=True)
+    local_port = int(r.stdout)
+    ev = nettrace.assert_rst(direction="sent", origin="active", sport=local_port)
+    assert ev.pid == r.pid and ev.tid == r.pid
+    assert ev.comm == os.path.basename(r.argv[0])[:15]
+    assert ev.context == "process" and ev.uid == os.geteuid()
+    assert str(ev.saddr) == b and ev.dport == port
+    assert ev.reason is None or ev.reason.isupper()  # the kernel's name, e.g. TCP_STATE
+    assert ev.ppid == os.getpid()
+    lst.close()
+
+
+def test_clean_close_sends_no_rst(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst = server.socket(fam)
+    lst.bind((a, 0))
+    lst.listen()
+    t = threading.Thread(target=echo_once, args=(lst,))
+    t.start()
+    client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
+    t.join(5)
+    lst.close()
+    nettrace.assert_no_rst()
+    assert nettrace.rst() == []
+
+
+def test_rst_in_unwatched_namespace_is_not_seen(netns, nettrace):
+    with NamespaceFactory() as other_factory:  # not the test's own: not watched
+        other = other_factory.create()
+        other.run(connect_refused("127.0.0.1", 9), check=True)
+        netns.run(connect_refused("127.0.0.1", 9), check=True)
+        seen = nettrace.rst(direction="sent")
+        assert len(seen) == 1 and seen[0].netns == netns.inode
+        assert nettrace.rst(netns=other.inode) == []
+
+
+def test_watch_adds_a_namespace(nettrace):
+    with NamespaceFactory() as f:
+        other = f.create()
+        nettrace.watch(other)
+        other.run(connect_refused("127.0.0.1", 9), check=True)
+        assert nettrace.assert_rst(netns=other.inode).sport == 9
+
+
+def test_failed_assert_no_rst_shows_timeline_and_stack(netns, nettrace):
+    netns.run(connect_refused("127.0.0.1", 9), check=True)
+    with pytest.raises(AssertionError) as info:
+        nettrace.assert_no_rst(direction="sent")
+    text = str(info.value)
+    assert "expected no rst events matching direction='sent', saw 1" in text
+    assert ">>" in text and "RST sent (reply) 127.0.0.1:9 >" in text
+    assert "kernel stack:" in text and "tcp_v4_send_reset+0x" in text
+    assert netns.name in text
+    assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_assert_rst_times_out_with_a_clear_failure(netns, nettrace):
+    with pytest.raises(AssertionError, match="timed out after 0.1s waiting for a rst event matching dport=1"):
+        nettrace.assert_rst(timeout=0.1, dport=1)
+
+
+def test_unknown_filter_and_kind_are_usage_errors(nettrace):
+    with pytest.raises(ValueError, match="unknown filter 'dprot' for 'rst' events; valid: .*dport"):
+        nettrace.rst(dprot=80)
+    with pytest.raises(ValueError, match="unknown event kind 'rest'; valid kinds: .*rst"):
+        nettrace.events("rest")
+    with pytest.raises(ValueError, match="invalid daddr '10.0.0.300'"):
+        nettrace.rst(daddr="10.0.0.300")
+
+
+def test_forced_loss_makes_assert_no_rst_fail(make_netns):
+    """A one-page ring buffer, not drained while a flood happens: loss is counted
+    in the kernel and the negative assertion refuses to pass."""
+    ns = make_netns()
+    engine = Engine(ringbuf_size=4096, background=False)
+    try:
+        trace = Trace(engine, "tiny")
+        trace.watch(ns)
+        ns.run(connect_refused("127.0.0.1", 9)[:-1] + [
+            "import socket\nfor _ in range(200):\n    s = socket.socket()\n"
+            "    try: s.connect(('127.0.0.1', 9))\n    except OSError: pass\n    s.close()"], check=True)
+        assert trace.lost("rst") > 0
+        with pytest.raises(EventsLost, match=r"\d+ rst events lost"):
+            trace.assert_no_rst(dport=4242)  # matches nothing that was delivered
+        trace.close()
+    finally:
+        engine.close()
+
+
+def test_closed_trace_is_a_clear_error(netns, nettrace):
+    nettrace.close()
+    with pytest.raises(Exception, match="closed at the end of its test"):
+        nettrace.rst()
