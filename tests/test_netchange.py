@@ -1,0 +1,142 @@
+"""Who changed the network (issue 4, seed 000): address, link and route
+changes attributed to the process that made them — real `ip`, `ifconfig` and
+pyroute2 processes in real namespaces."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import shutil
+
+import pytest
+
+from traffic import PYTHON, script
+
+needs_ifconfig = pytest.mark.skipif(shutil.which("ifconfig") is None,
+                                    reason="ifconfig (Debian package net-tools) is not installed")
+
+
+@pytest.fixture
+def dummy0(netns):
+    """The seed's reproducer: dummy0 with 192.168.0.1/24 and 2001::1/128."""
+    netns.add_dummy("dummy0", "192.168.0.1/24", "2001::1/128")
+    return netns
+
+
+def test_ip_addr_del_ipv4_attributed_to_ip(dummy0, nettrace):
+    r = dummy0.run(["ip", "addr", "del", "192.168.0.1/24", "dev", "dummy0"], check=True)
+    ev = nettrace.assert_address_deleted("192.168.0.1/24", dev="dummy0", by_pid=r.pid, by_comm="ip")
+    assert ev.kind == "addr" and ev.action == "deleted" and ev.family == 4
+    assert ev.address == ipaddress.ip_interface("192.168.0.1/24")
+    assert ev.cmdline == "ip addr del 192.168.0.1/24 dev dummy0"
+    assert ev.cause == "netlink" and ev.context == "process"
+    assert ev.uid == os.geteuid() and ev.user == "root" and ev.tid == r.pid
+    assert ev.ppid == os.getpid() and ev.parent_comm
+    assert ev.netns == dummy0.inode and ev.ifindex == dummy0.link("dummy0").index
+    assert any(f.startswith("inet_rtm_deladdr") for f in ev.stack), ev.stack
+
+
+def test_ip_addr_del_ipv6_attributed_to_ip(dummy0, nettrace):
+    r = dummy0.run(["ip", "-6", "addr", "del", "2001::1/128", "dev", "dummy0"], check=True)
+    ev = nettrace.assert_address_deleted("2001::1", by_pid=r.pid)
+    assert ev.family == 6 and ev.dev == "dummy0" and ev.comm == "ip"
+    assert ev.cmdline == "ip -6 addr del 2001::1/128 dev dummy0" and ev.cause == "netlink"
+    assert any(f.startswith("inet6_rtm_deladdr") for f in ev.stack), ev.stack
+
+
+def test_address_forms_accepted_and_bad_one_named(dummy0, nettrace):
+    dummy0.run(["ip", "addr", "del", "192.168.0.1/24", "dev", "dummy0"], check=True)
+    for form in ("192.168.0.1", "192.168.0.1/24", ipaddress.ip_address("192.168.0.1"),
+                 ipaddress.ip_interface("192.168.0.1/24")):
+        assert nettrace.assert_address_deleted(form).comm == "ip"
+    with pytest.raises(ValueError, match="invalid address '192.168.0.300'"):
+        nettrace.assert_address_deleted("192.168.0.300")
+    with pytest.raises(ValueError, match="invalid address 'eth0'"):
+        nettrace.assert_address_not_deleted("eth0")
+
+
+def test_python_child_deleting_through_pyroute2(dummy0, nettrace):
+    r = dummy0.run(script("""
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname="dummy0")[0]
+            ipr.addr("del", index=idx, address="192.168.0.1", prefixlen=24)
+    """), check=True)
+    ev = nettrace.assert_address_deleted("192.168.0.1/24", by_pid=r.pid)
+    assert ev.comm == os.path.basename(PYTHON)[:15] and ev.cause == "netlink"
+    assert ev.cmdline.startswith(PYTHON)
+
+
+@needs_ifconfig
+def test_ioctl_deletion_ipv4_ifconfig(dummy0, nettrace):
+    r = dummy0.run(["ifconfig", "dummy0", "0.0.0.0"], check=True)  # SIOCSIFADDR 0 removes it
+    ev = nettrace.assert_address_deleted("192.168.0.1", by_pid=r.pid, by_comm="ifconfig")
+    assert ev.cause == "ioctl", ev.stack
+    assert ev.cmdline.startswith("ifconfig dummy0")  # ifconfig rewrites its own argv
+
+
+@needs_ifconfig
+def test_ioctl_deletion_ipv6_siocdifaddr(dummy0, nettrace):
+    r = dummy0.run(["ifconfig", "dummy0", "del", "2001::1/128"], check=True)
+    ev = nettrace.assert_address_deleted("2001::1/128", by_pid=r.pid)
+    assert ev.cause == "ioctl" and ev.comm == "ifconfig", ev.stack
+
+
+def test_link_down_removes_ipv6_cause_kernel_pid_of_ip(dummy0, nettrace):
+    r = dummy0.run(["ip", "link", "set", "dummy0", "down"], check=True)
+    ev = nettrace.assert_address_deleted("2001::1/128", dev="dummy0")
+    assert ev.cause == "kernel" and ev.detail == "link down"
+    assert ev.pid == r.pid and ev.comm == "ip", "the task that triggered it"
+    link = nettrace.assert_any("link", action="down", dev="dummy0")
+    assert link.pid == r.pid and link.cause == "netlink" and link.up is False
+    assert link.cmdline == "ip link set dummy0 down"
+    nettrace.assert_address_not_deleted("192.168.0.1")  # IPv4 survives a link down
+
+
+def test_device_deleted_with_addresses_on_it(dummy0, nettrace):
+    r = dummy0.run(["ip", "link", "del", "dummy0"], check=True)
+    v4 = nettrace.assert_address_deleted("192.168.0.1/24")
+    v6 = nettrace.assert_address_deleted("2001::1/128")
+    for ev in (v4, v6):
+        assert ev.cause == "kernel" and ev.detail == "device removed", (ev.detail, ev.stack)
+        assert ev.pid == r.pid and ev.dev == "dummy0"
+    gone = nettrace.assert_any("link", action="deleted", dev="dummy0")
+    assert gone.pid == r.pid and gone.cause == "netlink"
+
+
+def test_assert_address_not_deleted_passes_when_nothing_happened(dummy0, nettrace):
+    dummy0.run(["ip", "addr", "add", "192.168.0.2/24", "dev", "dummy0"], check=True)
+    nettrace.assert_address_not_deleted()
+    nettrace.assert_address_not_deleted("192.168.0.1", dev="dummy0")
+    added = nettrace.address_changes(action="added", address="192.168.0.2")
+    assert len(added) == 1 and added[0].comm == "ip"
+
+
+def test_assert_address_not_deleted_fails_with_the_seed_line(dummy0, nettrace):
+    r = dummy0.run(["ip", "addr", "del", "192.168.0.1/24", "dev", "dummy0"], check=True)
+    with pytest.raises(AssertionError) as info:
+        nettrace.assert_address_not_deleted("192.168.0.1")
+    text = re.sub(r"\s*\n\s+", " ", str(info.value))  # undo the wrapping at 100 columns
+    assert f"ip({r.pid}) uid 0 [parent " in text
+    assert "deleted IPv4 192.168.0.1/24 from dummy0" in text
+    assert f"(netns {dummy0.name})" in text
+    assert 'via netlink: "ip addr del 192.168.0.1/24 dev dummy0"' in text
+    assert "kernel stack:" in text and "inet_rtm_deladdr+0x" in text
+
+
+def test_default_route_deletion_attributed(netns, nettrace):
+    netns.add_dummy("eth0", "10.1.0.2/24")
+    netns.run(["ip", "route", "add", "default", "via", "10.1.0.1"], check=True)
+    r = netns.run(["ip", "route", "del", "default"], check=True)
+    ev = nettrace.assert_any("route", action="deleted", dst="0.0.0.0/0")
+    assert ev.pid == r.pid and ev.comm == "ip" and ev.cause == "netlink"
+    assert str(ev.gateway) == "10.1.0.1" and ev.dev == "eth0" and ev.table == "main"
+    assert "deleted route default via 10.1.0.1 dev eth0" in ev.summary()
+    nettrace.assert_none("route", action="deleted", table="main", dst="10.1.0.0/24")
+
+
+def test_unknown_kind_and_filter_named(nettrace):
+    with pytest.raises(ValueError, match="unknown event kind 'address'; valid kinds: addr, link, route, rst"):
+        nettrace.assert_none("address")
+    with pytest.raises(ValueError, match="unknown filter 'ifname' for 'addr' events; valid: .*dev"):
+        nettrace.address_changes(ifname="eth0")
