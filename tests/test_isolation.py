@@ -1,0 +1,44 @@
+"""Two xdist workers generating events at the same time: each test sees
+exactly its own (issues 3 and 4). Runs a generated suite under `-n 2`."""
+from __future__ import annotations
+
+import textwrap
+
+WORKER_SUITE = textwrap.dedent('''
+    import socket, time
+    import pytest
+
+    @pytest.mark.parametrize("i", range(4))
+    def test_own_events_only(i, make_netns, nettrace):
+        ns = make_netns()
+        ns.add_dummy("eth0", f"10.9.{i}.1/24")
+        own_ports = set()
+        deadline = time.monotonic() + 1.0   # overlap with the other worker's tests
+        n = 0
+        while time.monotonic() < deadline:
+            s = ns.socket()
+            s.bind(("127.0.0.1", 0))
+            own_ports.add(s.getsockname()[1])
+            try:
+                s.connect(("127.0.0.1", 9))
+            except ConnectionRefusedError:
+                n += 1
+            s.close()
+            addr = f"10.9.{i}.{2 + n % 200}/24"
+            ns.add_address("eth0", addr)
+            ns.del_address("eth0", addr)
+        sent = nettrace.rst(direction="sent")
+        assert len(sent) == n, (len(sent), n)
+        assert {e.dport for e in sent} <= own_ports
+        assert {e.netns for e in nettrace.events()} == {ns.inode}
+        deleted = nettrace.address_changes(action="deleted")
+        assert len(deleted) == n
+        assert all(str(e.address).startswith(f"10.9.{i}.") for e in deleted)
+        assert nettrace.lost() == 0
+''')
+
+
+def test_parallel_workers_see_only_their_own_events(pytester):
+    pytester.makepyfile(test_workers=WORKER_SUITE)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=4)
