@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian/Ubuntu machine for pytest-nettrace: the apt packages
+# in ci/apt-packages.txt (only the missing ones), a virtualenv in .venv with the
+# package installed editable, and the BPF objects built from the current sources.
+# Idempotent; run as root (probes and namespaces need it anyway).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "ci/setup.sh: run as root (sudo): installing packages, BPF and network namespaces need it" >&2
+    exit 1
+fi
+
+# --- apt: install only what is missing (a second run costs nothing) --------
+mapfile -t wanted < <(grep -v '^\s*#' ci/apt-packages.txt | grep -v '^\s*$')
+missing=()
+for pkg in "${wanted[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# python3-venv is only needed when this python3 cannot make a venv with pip
+if printf '%s\n' "${missing[@]}" | grep -qx python3-venv && python3 -m venv --help >/dev/null 2>&1 \
+        && python3 -c 'import ensurepip' 2>/dev/null; then
+    missing=("${missing[@]/python3-venv}")
+fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # Ubuntu ships bpftool in linux-tools; fall back to it when there is no bpftool package
+    if printf '%s\n' "${missing[@]}" | grep -qx bpftool && ! apt-cache show bpftool >/dev/null 2>&1; then
+        missing=("${missing[@]/bpftool/linux-tools-common}" "linux-tools-$(uname -r)")
+    fi
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Python: .venv with the package and the test tools ----------------------
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
+
+# --- BPF objects from the current sources (never test stale objects) --------
+make -s -C bpf
+echo "setup: ok ($(.venv/bin/python --version), $(clang --version | head -1))"
