@@ -69,7 +69,8 @@ class KernelFeatures:
 
     def summary(self) -> str:
         names = ["btf", "ringbuf", "tracepoint", "tp_btf", "fentry", "kprobe"]
-        parts = [f"{n} {'yes' if getattr(self, n) else 'no'}" for n in names]
+        parts = [f"{n} yes" if getattr(self, n) else f"{n} no ({_brief(self.reasons.get(n, '?'))})"
+                 for n in names]
         if self.dummy is not None:
             parts.append(f"dummy {'yes' if self.dummy else 'no'}")
         if not self.privileged:
@@ -81,7 +82,12 @@ class KernelFeatures:
         return [f"{n}: {self.reasons[n]}" for n in names if not getattr(self, n) and n in self.reasons]
 
 
-def _try_program(prog: str, btf_path: str) -> Optional[str]:
+def _brief(reason: str) -> str:
+    """First clause of a reason: "EPERM", "ENOENT", "not root"."""
+    return reason.split(":")[0].strip()[:40]
+
+
+def _try_program(prog: str, btf_path: str, attach: bool = True) -> Optional[str]:
     """None if `prog` of caps.bpf.o loads and attaches, else the reason."""
     try:
         obj = lb.BpfObject(object_path("caps.bpf.o"), btf_path)
@@ -90,7 +96,8 @@ def _try_program(prog: str, btf_path: str) -> Optional[str]:
     try:
         obj.set_autoload({prog: True})
         obj.load()
-        obj.attach(prog)
+        if attach:
+            obj.attach(prog)
         return None
     except NettraceError as e:
         return str(e)
@@ -126,7 +133,8 @@ def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
         k.reasons["ringbuf"] = f"BPF ring buffer unavailable (kernel >= 5.8 needed): {e}"
     for feat, prog in (("tp_btf", "cap_tp_btf"), ("tracepoint", "cap_tracepoint"),
                        ("fentry", "cap_fentry"), ("kprobe", "cap_kprobe")):
-        err = _try_program(prog, btf_path)
+        # a classic tracepoint attach costs ~70 ms (perf event setup and teardown): load it only
+        err = _try_program(prog, btf_path, attach=feat != "tracepoint")
         setattr(k, feat, err is None)
         if err:
             k.reasons[feat] = _short(err)

@@ -9,8 +9,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .engine import Engine
 from .errors import EventsLost, NettraceError
-from .events import Event, check_filters, describe_filters, matches, parse_address
-from .probes.registry import kind_info, kinds
+from .events import Event, check_filters, describe_filters, matches
+from .probes.registry import API_MIXINS, kind_info, kinds
 from .timeline import render_failure
 
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
@@ -65,16 +65,7 @@ def _path_of_inode(inode: int) -> Optional[str]:
     return None
 
 
-def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
-    filters: Dict[str, Any] = {}
-    if address is not None:
-        filters["address"] = parse_address(address)
-    if dev is not None:
-        filters["dev"] = dev
-    return filters
-
-
-class Trace:
+class TraceCore:
     """Events seen in the watched namespaces since the test started.
 
     Reading (`events`, `wait_for`, assertions) first drains the kernel's ring
@@ -186,47 +177,6 @@ class Trace:
                 f"{lost} {kind} events lost (ring buffer full); the assertion would not be sound",
                 kind, filters, []))
 
-    # -- RST ---------------------------------------------------------------
-    def rst(self, **filters: Any) -> List[Event]:
-        """TCP resets seen (sent and received)."""
-        return self.events("rst", **filters)
-
-    def assert_no_rst(self, **filters: Any) -> None:
-        """No TCP reset matching filters was sent or received (and none was lost)."""
-        self.assert_none("rst", **filters)
-
-    def assert_rst(self, timeout: float = 2.0, **filters: Any) -> Event:
-        """A TCP reset matching filters happened; returns it."""
-        return self.assert_any("rst", timeout=timeout, **filters)
-
-    # -- address / link / route changes -------------------------------------
-    def address_changes(self, **filters: Any) -> List[Event]:
-        """Addresses added or deleted (kind "addr"), with who did it."""
-        return self.events("addr", **filters)
-
-    def link_changes(self, **filters: Any) -> List[Event]:
-        """Links added, deleted, set up/down or changed (kind "link")."""
-        return self.events("link", **filters)
-
-    def route_changes(self, **filters: Any) -> List[Event]:
-        """Routes added or deleted (kind "route")."""
-        return self.events("route", **filters)
-
-    def assert_address_deleted(self, address: Any, *, dev: Optional[str] = None, by_pid: Optional[int] = None,
-                               by_comm: Optional[str] = None, timeout: float = 2.0) -> Event:
-        """`address` ("192.168.0.1", "192.168.0.1/24" or an ipaddress object) was
-        deleted (from `dev`, by `by_pid` / `by_comm` when given); returns the event."""
-        filters = _address_filters(address, dev)
-        if by_pid is not None:
-            filters["pid"] = by_pid
-        if by_comm is not None:
-            filters["comm"] = by_comm
-        return self.assert_any("addr", timeout=timeout, action="deleted", **filters)
-
-    def assert_address_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
-        """No address (or not `address`, on `dev` when given) was deleted — and none may have been lost."""
-        self.assert_none("addr", action="deleted", **_address_filters(address, dev))
-
     # -- helpers -----------------------------------------------------------
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> None:
         if kind is None:
@@ -264,3 +214,9 @@ class Trace:
             for inode in list(self._watched):
                 self.engine.unwatch(inode)
             self._closed = True
+
+
+class Trace(*API_MIXINS, TraceCore):  # type: ignore[misc]
+    """The `nettrace` fixture: TraceCore plus each probe's own listings and
+    assertions (`rst()`, `assert_no_rst()`, `assert_address_deleted()`, …),
+    defined next to the probe's decoder in pytest_nettrace/probes/."""

@@ -17,7 +17,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from .._linux import run_in_thread
-from ..events import HEADER, Event, Header
+from ..events import HEADER, Event, Header, parse_address
 from ..libbpf import map_delete, map_update
 from .base import Plan, Probe
 
@@ -411,3 +411,47 @@ def _user(uid: Optional[int]) -> Optional[str]:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
+    filters: Dict[str, Any] = {}
+    if address is not None:
+        filters["address"] = parse_address(address)
+    if dev is not None:
+        filters["dev"] = dev
+    return filters
+
+
+class NetChangeApi:
+    """`nettrace` methods for address, link and route changes (mixed into Trace)."""
+
+    def address_changes(self, **filters: Any) -> List[Event]:
+        """Addresses added or deleted (kind "addr"), with who did it."""
+        return self.events("addr", **filters)
+
+    def link_changes(self, **filters: Any) -> List[Event]:
+        """Links added, deleted, set up/down or changed (kind "link")."""
+        return self.events("link", **filters)
+
+    def route_changes(self, **filters: Any) -> List[Event]:
+        """Routes added or deleted (kind "route")."""
+        return self.events("route", **filters)
+
+    def assert_address_deleted(self, address: Any, *, dev: Optional[str] = None, by_pid: Optional[int] = None,
+                               by_comm: Optional[str] = None, timeout: float = 2.0) -> Event:
+        """`address` ("192.168.0.1", "192.168.0.1/24" or an ipaddress object) was
+        deleted (from `dev`, by `by_pid` / `by_comm` when given); returns the event."""
+        filters = _address_filters(address, dev)
+        if by_pid is not None:
+            filters["pid"] = by_pid
+        if by_comm is not None:
+            filters["comm"] = by_comm
+        return self.assert_any("addr", timeout=timeout, action="deleted", **filters)
+
+    def assert_address_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
+        """No address (or not `address`, on `dev` when given) was deleted — and none may have been lost."""
+        self.assert_none("addr", action="deleted", **_address_filters(address, dev))
+
+
+PROBE = NetChangeProbe
+API = NetChangeApi

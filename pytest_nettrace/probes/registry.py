@@ -1,16 +1,35 @@
 """Every probe the engine loads, and the public event kinds they produce.
-Adding a probe: bpf/<probe>.bpf.c + bpf/<probe>.h + probes/<probe>.py, and one line here."""
+
+Probes are found, not listed: each module in this package that defines
+`PROBE` (its Probe class) and optionally `API` (a mixin of `nettrace` methods)
+is one. Adding a probe is bpf/<probe>.bpf.c + bpf/<probe>.h + probes/<probe>.py.
+"""
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from typing import Dict, List, NamedTuple, Type
 
 from ..events import Event
 from .base import Probe
-from .netchange import NetChangeProbe
-from .rst import RstProbe
 
-PROBE_CLASSES: List[Type[Probe]] = [RstProbe, NetChangeProbe]
+
+def _modules() -> list:
+    pkg = importlib.import_module(__package__)
+    mods = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if info.name in ("base", "registry") or info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{__package__}.{info.name}")
+        if hasattr(mod, "PROBE"):
+            mods.append(mod)
+    return mods
+
+
+_MODULES = _modules()
+PROBE_CLASSES: List[Type[Probe]] = [m.PROBE for m in _MODULES]
+API_MIXINS: tuple = tuple(m.API for m in _MODULES if hasattr(m, "API"))
 
 
 class KindInfo(NamedTuple):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..events import HEADER, Event, Header
 from .base import Plan, Probe
@@ -93,3 +93,23 @@ class RstProbe(Probe):
             state=TCP_STATES.get(state, str(state)),
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
         )
+
+
+class RstApi:
+    """`nettrace` methods for TCP resets (mixed into Trace)."""
+
+    def rst(self, **filters: Any) -> List[Event]:
+        """TCP resets seen (sent and received)."""
+        return self.events("rst", **filters)
+
+    def assert_no_rst(self, **filters: Any) -> None:
+        """No TCP reset matching filters was sent or received (and none was lost)."""
+        self.assert_none("rst", **filters)
+
+    def assert_rst(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A TCP reset matching filters happened; returns it."""
+        return self.assert_any("rst", timeout=timeout, **filters)
+
+
+PROBE = RstProbe
+API = RstApi
