@@ -55,13 +55,18 @@ class Engine:
     """All probes of one process; see module docstring."""
 
     def __init__(self, *, btf_path: str = DEFAULT_BTF, ringbuf_size: int = DEFAULT_RINGBUF,
-                 probes: Optional[Sequence[Probe]] = None, background: bool = True) -> None:
+                 probes: Optional[Sequence[Probe]] = None, background: bool = True,
+                 mechanisms: Optional[Dict[str, str]] = None) -> None:
+        """`mechanisms` forces a probe's mechanism, e.g. {"rst": "tp_btf+kprobe"}
+        (used to exercise fallback paths on kernels that have them); a forced
+        mechanism the kernel lacks makes that probe unavailable, with the reason."""
         if ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1):
             raise ValueError(f"ring buffer size {ringbuf_size} must be a power of two >= 4096")
         self.kernel: KernelFeatures = features(btf_path)
         self.kernel.require()
         self.btf_path = btf_path
         self.ringbuf_size = ringbuf_size
+        self.forced = dict(mechanisms or {})
         self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in (probes or default_probes())}
         self._by_kind: Dict[int, Probe] = {}
         self._sinks: Dict[int, Sink] = {}
@@ -88,8 +93,20 @@ class Engine:
 
     # -- loading -------------------------------------------------------------
     def _load(self) -> None:
+        unknown = set(self.forced) - set(self.status)
+        if unknown:
+            raise ValueError(f"unknown probe {sorted(unknown)[0]!r} in mechanisms; probes: {', '.join(self.status)}")
         for st in self.status.values():
             st.plans = list(st.probe.plans(self.kernel))
+            want = self.forced.get(st.probe.name)
+            if want is not None:
+                offered = [p.mechanism for p in st.plans]
+                st.plans = [p for p in st.plans if p.mechanism == want]
+                if not st.plans:
+                    st.unavailable = (f"mechanism {want!r} forced but not possible on this kernel "
+                                      f"(possible: {', '.join(offered) or 'none'}; "
+                                      f"fentry: {self.kernel.why('fentry')}, kprobe: {self.kernel.why('kprobe')})")
+                    continue
             if not st.plans:
                 st.unavailable = st.probe.unavailable_reason(self.kernel)
         # Try the best plan of every probe in one object; when a program fails,
