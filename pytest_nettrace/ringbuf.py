@@ -37,11 +37,18 @@ class RingBuffer:
         prod = _u64.unpack_from(self._prod, 0)[0]
         out: List[bytes] = []
         data, base, mask = self._prod, self._data_off, self._mask
+        spins = 0
         while cons < prod and len(out) < limit:
             off = base + (cons & mask)
             length = _u32.unpack_from(data, off)[0]
             if length & _BUSY:
-                break  # reserved but not yet submitted: stop here, keep order
+                # reserved, not yet submitted: a probe is filling it on another
+                # CPU right now (well under a microsecond); wait briefly so a
+                # read after an action sees that action's events, then stop
+                spins += 1
+                if spins > 1000:
+                    break
+                continue
             size = length & ~(_BUSY | _DISCARD)
             if not length & _DISCARD:
                 out.append(data[off + _HDR: off + _HDR + size])
