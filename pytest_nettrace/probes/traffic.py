@@ -1,0 +1,232 @@
+"""Traffic per process and device, nettop-style (bpf/traffic.bpf.c,
+bpf/traffic.h): a table, not events — `nettrace.traffic()`.
+
+The kernel counts packets per (namespace, device, protocol, local port);
+the owner of each port (the process that last sent, received, listened or
+connected on it) is recorded from process context. Rows are the join of the
+two, made when the test reads them: received packets, accounted in softirq,
+and packets sent before their owner was known (a SYN) still go to the
+process. Packets with no owning process (ARP, neighbour discovery, ICMP
+errors, forwarded traffic) form rows with pid/uid/comm None — the seed's
+"swapper" rows.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+from ..errors import EventsLost
+from ..events import describe_filters, matches
+from ..libbpf import libbpf, map_delete, map_lookup
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+    from ..libbpf import BpfObject
+
+NT_KIND_TRAFFIC = 7
+_KEY = struct.Struct("<IIHBx")          # struct traffic_key
+_COUNTERS = struct.Struct("<QQQQ16s")   # struct traffic_counters
+_OWNER_KEY = struct.Struct("<IHBx")     # struct traffic_owner_key
+_OWNER = struct.Struct("<II16s")        # struct traffic_owner
+
+
+# -- walking a BPF hash map (the core layer only reads single keys) ---------
+_next_key: Optional[Callable[..., int]] = None
+
+
+def _map_keys(fd: int, key_size: int) -> Iterator[bytes]:
+    """Every key of the map (keys added or deleted meanwhile may be missed)."""
+    global _next_key
+    if _next_key is None:  # own prototype: never changes argtypes others see
+        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, use_errno=True)
+        _next_key = proto(("bpf_map_get_next_key", libbpf().lib))
+    cur: Optional[ctypes.Array] = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while _next_key(fd, cur, nxt) == 0:
+        yield nxt.raw
+        cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def _items(fd: int, key_size: int, value_size: int) -> List[Tuple[bytes, bytes]]:
+    out = []
+    for key in list(_map_keys(fd, key_size)):
+        value = map_lookup(fd, key, value_size)
+        if value is not None:
+            out.append((key, value))
+    return out
+
+
+def _purge(fd: int, key_size: int, netns: int) -> None:
+    """Delete the entries of one namespace (netns is every key's first field)."""
+    for key in [k for k in _map_keys(fd, key_size) if struct.unpack_from("<I", k)[0] == netns]:
+        map_delete(fd, key)
+
+
+@dataclass
+class TrafficRow:
+    """One line of the nettop table: a process (or nobody) on one device.
+    Bytes are link-layer bytes; GSO/GRO aggregates count their segments."""
+
+    netns: int
+    pid: Optional[int]
+    uid: Optional[int]
+    dev: str
+    comm: Optional[str]
+    tx_packets: int = 0
+    rx_packets: int = 0
+    tx_bytes: int = 0
+    rx_bytes: int = 0
+
+    kind = "traffic"  # for check_filters' messages
+    FIELDS = ("netns", "pid", "uid", "dev", "comm", "tx_packets", "rx_packets", "tx_bytes", "rx_bytes")
+    ADDRESS_FIELDS = ()
+
+    @property
+    def packets(self) -> int:
+        return self.tx_packets + self.rx_packets
+
+    @property
+    def bytes(self) -> int:
+        return self.tx_bytes + self.rx_bytes
+
+
+_HEADER = "%5s %5s %-7s %7s %7s %7s %7s %-15s %s" % (
+    "PID", "UID", "DEV", "XMIT_PK", "RECV_PK", "XMIT_KB", "RECV_KB", "COMMAND", "NETNS")
+
+
+def render_table(rows: List[TrafficRow], label: Callable[[int], str] = str) -> str:
+    """nettop.stp's columns (unowned traffic shows as pid 0, "-")."""
+    lines = [_HEADER]
+    for r in sorted(rows, key=lambda r: -(r.packets)):
+        lines.append("%5d %5d %-7s %7d %7d %7d %7d %-15s %s" % (
+            r.pid or 0, r.uid or 0, r.dev, r.tx_packets, r.rx_packets,
+            r.tx_bytes // 1024, r.rx_bytes // 1024, r.comm or "-", label(r.netns)))
+    return "\n".join(lines)
+
+
+class TrafficProbe(Probe):
+    name = "traffic"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_TRAFFIC
+    event_types: Dict[str, Any] = {}   # a table, read from maps: no events
+
+    def __init__(self) -> None:
+        self._counters_fd = -1
+        self._owners_fd = -1
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        needed = ("net_dev_start_xmit", "netif_receive_skb", "sock_send_length", "sock_recv_length")
+        if kernel.tp_btf and all(kernel.tracepoint_args(tp) is not None for tp in needed):
+            return [Plan("tp_btf", ["traffic_tx", "traffic_rx", "traffic_send", "traffic_recv", "traffic_state"])]
+        return []
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if not kernel.tp_btf:
+            return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
+        return "no sock_send_length/sock_recv_length tracepoints (kernel < 6.3)"
+
+    def attached(self, obj: "BpfObject") -> None:
+        self._counters_fd = obj.map_fd("tf_counters")
+        self._owners_fd = obj.map_fd("tf_owners")
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        # an inode can be reused by a new namespace: start from zero
+        self.unwatch(netns)
+
+    def unwatch(self, netns: int) -> None:
+        _purge(self._counters_fd, _KEY.size, netns)
+        _purge(self._owners_fd, _OWNER_KEY.size, netns)
+
+    def rows(self, namespaces: List[int]) -> List[TrafficRow]:
+        """The table for these namespaces, joined with the port owners now."""
+        wanted = set(namespaces)
+        owners: Dict[Tuple[int, int, int], Tuple[int, int, str]] = {}
+        for key, value in _items(self._owners_fd, _OWNER_KEY.size, _OWNER.size):
+            netns, port, proto = _OWNER_KEY.unpack(key)
+            if netns in wanted:
+                pid, uid, comm = _OWNER.unpack(value)
+                owners[(netns, proto, port)] = (pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"))
+        table: Dict[tuple, TrafficRow] = {}
+        for key, value in _items(self._counters_fd, _KEY.size, _COUNTERS.size):
+            netns, _ifindex, port, proto = _KEY.unpack(key)
+            if netns not in wanted:
+                continue
+            txp, rxp, txb, rxb, dev = _COUNTERS.unpack(value)
+            pid, uid, comm = owners.get((netns, proto, port), (None, None, None)) if port else (None, None, None)
+            devname = dev.split(b"\0", 1)[0].decode(errors="replace")
+            row = table.get((netns, pid, uid, devname, comm))
+            if row is None:
+                row = table[(netns, pid, uid, devname, comm)] = TrafficRow(netns, pid, uid, devname, comm)
+            row.tx_packets += txp
+            row.rx_packets += rxp
+            row.tx_bytes += txb
+            row.rx_bytes += rxb
+        return list(table.values())
+
+
+def _check_row_filters(filters: Dict[str, Any]) -> None:
+    for name in filters:
+        if name not in TrafficRow.FIELDS:
+            raise ValueError(f"unknown filter {name!r} for traffic rows; valid: {', '.join(TrafficRow.FIELDS)}")
+
+
+class TrafficApi:
+    """`nettrace` methods for per-process traffic (mixed into Trace)."""
+
+    def _traffic_probe(self) -> TrafficProbe:
+        why = self.engine.probe_available("traffic")
+        if why:
+            from ..errors import NettraceError
+            raise NettraceError(f"traffic accounting is not available on this kernel: {why}")
+        return self.engine.status["traffic"].probe
+
+    def traffic(self, **filters: Any) -> List[TrafficRow]:
+        """nettop rows for the watched namespaces: objects with netns, pid, uid,
+        dev, comm, tx_packets, rx_packets, tx_bytes, rx_bytes (pid/uid/comm
+        None: no process owns that traffic). Filters as for events."""
+        _check_row_filters(filters)
+        probe = self._traffic_probe()
+        self._check_open()
+        rows = probe.rows(list(self._watched))
+        return sorted((r for r in rows if matches(r, filters)), key=lambda r: (r.netns, r.dev, r.pid or 0))
+
+    def traffic_table(self, **filters: Any) -> str:
+        """The rows as nettop.stp prints them: PID UID DEV XMIT_PK RECV_PK XMIT_KB RECV_KB COMMAND (+ NETNS)."""
+        return render_table(self.traffic(**filters), self.label)
+
+    def assert_traffic(self, *, min_bytes: Optional[int] = None, max_bytes: Optional[int] = None,
+                       min_packets: Optional[int] = None, max_packets: Optional[int] = None,
+                       direction: str = "both", **filters: Any) -> List[TrafficRow]:
+        """The traffic of the rows matching filters (e.g. comm="curl", dev="eth0")
+        is within bounds; `direction` "tx", "rx" or "both". Returns the rows.
+        An upper bound fails loudly if the kernel could not count everything."""
+        if direction not in ("tx", "rx", "both"):
+            raise ValueError(f"direction must be 'tx', 'rx' or 'both', not {direction!r}")
+        rows = self.traffic(**filters)
+        pick = {"tx": ("tx_",), "rx": ("rx_",), "both": ("tx_", "rx_")}[direction]
+        nbytes = sum(getattr(r, p + "bytes") for r in rows for p in pick)
+        npackets = sum(getattr(r, p + "packets") for r in rows for p in pick)
+        what = f"{direction} traffic matching {describe_filters(filters)}"
+        problems = []
+        for name, value, lo, hi in (("bytes", nbytes, min_bytes, max_bytes),
+                                    ("packets", npackets, min_packets, max_packets)):
+            if lo is not None and value < lo:
+                problems.append(f"{value} {name} < min {lo}")
+            if hi is not None and value > hi:
+                problems.append(f"{value} {name} > max {hi}")
+        table = render_table(self.traffic(), self.label)
+        if problems:
+            raise AssertionError(f"{what}: {', '.join(problems)}\n{table}")
+        if max_bytes is not None or max_packets is not None:
+            lost = sum(self.engine.lost(ns).get(NT_KIND_TRAFFIC, 0) for ns in self._watched)
+            if lost:
+                raise EventsLost(f"cannot assert an upper bound on {what}: {lost} packets were not counted "
+                                 f"(counter map full); the assertion would not be sound\n{table}")
+        return rows
+
+
+PROBE = TrafficProbe
+API = TrafficApi

@@ -1,0 +1,117 @@
+"""Per-process traffic (issue 5, nettop): real datagrams between namespaces,
+counted in the kernel and attributed to the processes that own the ports."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from pytest_nettrace.netns import NamespaceFactory
+from traffic import script
+
+N, PAYLOAD = 7, 300
+FRAME = PAYLOAD + 8 + 20 + 14   # UDP + IPv4 + Ethernet headers
+
+
+def udp_receiver(host: str, port: int, count: int) -> list:
+    """argv: bind, say "ready", receive `count` datagrams, print their sizes."""
+    return script(f"""
+        import socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(({host!r}, {port}))
+        print("ready", flush=True)
+        print(sum(len(s.recv(65536)) for _ in range({count})), flush=True)
+    """)
+
+
+def udp_poke(host: str, port: int = 9) -> list:
+    """argv: one datagram to a (closed) port; the kernel answers with ICMP."""
+    return udp_sender(host, port, 1, 1)
+
+
+def udp_sender(host: str, port: int, count: int, size: int) -> list:
+    return script(f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range({count}):
+            s.sendto(b"x" * {size}, ({host!r}, {port}))
+    """)
+
+
+@pytest.fixture
+def pair(make_netns):
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    # resolve the neighbour first so the counted exchange is only the datagrams
+    a.run(udp_poke("10.0.0.2"), check=True)
+    return a, b
+
+
+def exchange(a, b, count=N, size=PAYLOAD):
+    rx = b.popen(udp_receiver("10.0.0.2", 5005, count), stdout=-1, text=True)
+    assert rx.stdout.readline().strip() == "ready"
+    tx = a.run(udp_sender("10.0.0.2", 5005, count, size), check=True)
+    assert int(rx.stdout.readline()) == count * size
+    rx.wait(5)
+    return tx.pid, rx.pid
+
+
+def test_datagrams_attributed_to_sender_and_receiver(pair, nettrace):
+    a, b = pair
+    tx_pid, rx_pid = exchange(a, b)
+    comm = os.path.basename(udp_sender("", 0, 0, 0)[0])[:15]
+    sent = nettrace.traffic(pid=tx_pid)
+    assert [(r.dev, r.netns, r.comm) for r in sent] == [("eth0", a.inode, comm)]
+    assert (sent[0].tx_packets, sent[0].tx_bytes, sent[0].rx_packets) == (N, N * FRAME, 0)
+    assert sent[0].uid == os.geteuid()
+    got = nettrace.traffic(pid=rx_pid)   # received in softirq, still the receiver's
+    assert [(r.dev, r.netns) for r in got] == [("eth0", b.inode)]
+    assert (got[0].rx_packets, got[0].rx_bytes, got[0].tx_packets) == (N, N * FRAME, 0)
+    nettrace.assert_traffic(pid=tx_pid, direction="tx", min_packets=N, max_packets=N, max_bytes=N * FRAME)
+    nettrace.assert_traffic(pid=rx_pid, direction="rx", min_bytes=N * FRAME, max_bytes=N * FRAME)
+
+
+def test_table_has_the_seed_columns(pair, nettrace):
+    a, b = pair
+    tx_pid, rx_pid = exchange(a, b, count=4, size=1000)
+    text = nettrace.traffic_table()
+    lines = text.splitlines()
+    assert lines[0].split()[:8] == ["PID", "UID", "DEV", "XMIT_PK", "RECV_PK", "XMIT_KB", "RECV_KB", "COMMAND"]
+    mine = [ln.split() for ln in lines[1:] if ln.split()[0] == str(tx_pid)]
+    assert mine and mine[0][2:7] == ["eth0", "4", "0", "4", "0"], text  # 4 x 1042 B = 4 KB
+
+
+def test_unowned_traffic_is_nobodys(pair, nettrace):
+    a, b = pair
+    a.run(udp_poke("10.0.0.2"), check=True)   # port unreachable: the kernel answers, in softirq
+    rows = nettrace.traffic(netns=b.inode)
+    assert rows and all(r.pid is None and r.comm is None for r in rows), rows
+    assert sum(r.rx_packets for r in rows) >= 1 and sum(r.tx_packets for r in rows) >= 1
+
+
+def test_bounds_fail_with_the_table(pair, nettrace):
+    a, b = pair
+    tx_pid, _ = exchange(a, b)
+    with pytest.raises(AssertionError, match=rf"\d+ bytes > max 100\n\s+PID\s+UID\s+DEV"):
+        nettrace.assert_traffic(pid=tx_pid, max_bytes=100)
+    with pytest.raises(AssertionError, match=r"0 bytes < min 1"):
+        nettrace.assert_traffic(comm="no-such-command", min_bytes=1)
+    with pytest.raises(ValueError, match="unknown filter 'command' for traffic rows"):
+        nettrace.traffic(command="x")
+
+
+def test_other_namespaces_are_not_counted(nettrace, netns):
+    with NamespaceFactory() as f:
+        other = f.create()
+        for ns in (other, netns):
+            ns.run(udp_poke("127.0.0.1"), check=True)
+        assert {r.netns for r in nettrace.traffic()} == {netns.inode}
+        lo = nettrace.traffic(dev="lo")   # the datagram and the ICMP error, each sent and received
+        assert sum(r.tx_packets for r in lo) == 2 and sum(r.rx_packets for r in lo) == 2, lo
+
+
+def test_counters_start_at_zero_for_each_test(nettrace, netns):
+    assert nettrace.traffic() == []
+    netns.run(udp_poke("127.0.0.1"), check=True)
+    assert nettrace.traffic() != []
