@@ -28,7 +28,7 @@ DEFAULT_RINGBUF = 8 << 20
 _SCOPE_VALUE = struct.Struct(f"<{NT_MAX_KINDS}Q")  # struct nt_scope
 _u32 = struct.Struct("<I")
 
-Sink = Callable[[Event], None]
+Sink = Callable[[bytes], None]  # receives raw records of one namespace
 
 
 def default_probes() -> List[Probe]:
@@ -221,25 +221,28 @@ class Engine:
             return len(records)
 
     def _deliver(self, rec: bytes) -> None:
+        # Only route the raw record here (the drain thread must keep up with
+        # bursts); decoding happens when the test reads (decode()).
         if len(rec) < HEADER.size:
             self.decode_errors += 1
             return
+        sink = self._sinks.get(_u32.unpack_from(rec, 8)[0])  # nt_hdr.netns
+        if sink is not None:  # else: the namespace stopped being watched since
+            sink(rec)
+
+    def decode(self, rec: bytes) -> Optional[Event]:
+        """The Event a raw record stands for; None for bookkeeping records."""
         hdr = Header(rec)
-        sink = self._sinks.get(hdr.netns)
-        if sink is None:
-            return  # namespace stopped being watched after the event
         probe = self._by_kind.get(hdr.kind)
         if probe is None:
             self.decode_errors += 1
-            return
+            return None
         try:
-            event = probe.decode(rec, hdr)
-        except Exception:  # a decoder bug must not kill the drain loop
+            return probe.decode(rec, hdr)
+        except Exception:  # a decoder bug must not take the test down with it
             log.exception("cannot decode %s record", probe.name)
             self.decode_errors += 1
-            return
-        if event is not None:  # None: a record that is bookkeeping, not an event
-            sink(event)
+            return None
 
     def _drain_loop(self) -> None:
         while not self._stop.is_set():

@@ -76,9 +76,13 @@ class TraceCore:
         self.name = name
         self.start_ns = time.monotonic_ns()
         self._events: List[Event] = []
+        self._raw: List[bytes] = []            # records not decoded yet, in ring order
         self._watched: Dict[int, str] = {}     # inode -> label
         self._cond = threading.Condition()
         self._closed = False
+        # kinds the test read or asserted on ("*": all); the session summary
+        # lists tests that saw e.g. RSTs without ever looking at them
+        self.queried: set = set()
 
     # -- scope -------------------------------------------------------------
     def watch(self, ns: NamespaceLike, label: Optional[str] = None) -> int:
@@ -102,10 +106,20 @@ class TraceCore:
     def label(self, inode: int) -> str:
         return self._watched.get(inode, f"netns:{inode}")
 
-    def _sink(self, event: Event) -> None:
+    def _sink(self, record: bytes) -> None:
         with self._cond:
-            self._events.append(event)
+            self._raw.append(record)
             self._cond.notify_all()
+
+    def _decode_pending(self) -> None:
+        """Decode records in arrival order (probes keep per-namespace state,
+        e.g. interface names, that follows the order of events)."""
+        with self._cond:
+            raw, self._raw = self._raw, []
+            for rec in raw:
+                event = self.engine.decode(rec)
+                if event is not None:
+                    self._events.append(event)
 
     # -- reading -----------------------------------------------------------
     def _sync(self) -> None:
@@ -114,6 +128,7 @@ class TraceCore:
 
     def all_events(self) -> List[Event]:
         """Every event so far, in time order, without draining."""
+        self._decode_pending()
         with self._cond:
             return sorted(self._events, key=lambda e: e.timestamp)
 
@@ -179,6 +194,7 @@ class TraceCore:
 
     # -- helpers -----------------------------------------------------------
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> None:
+        self.queried.add(kind if kind is not None else "*")
         if kind is None:
             fields = set()
             for info in kinds().values():
@@ -210,6 +226,7 @@ class TraceCore:
             return
         try:
             self.engine.drain()
+            self._decode_pending()  # while the probes still know the namespaces
         finally:
             for inode in list(self._watched):
                 self.engine.unwatch(inode)

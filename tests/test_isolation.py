@@ -34,7 +34,7 @@ WORKER_SUITE = textwrap.dedent('''
         deleted = nettrace.address_changes(action="deleted")
         assert len(deleted) == n
         assert all(str(e.address).startswith(f"10.9.{i}.") for e in deleted)
-        assert nettrace.lost() == 0
+        assert nettrace.lost("rst") == 0 and nettrace.lost("addr") == 0
 ''')
 
 

@@ -136,7 +136,7 @@ def test_default_route_deletion_attributed(netns, nettrace):
 
 
 def test_unknown_kind_and_filter_named(nettrace):
-    with pytest.raises(ValueError, match="unknown event kind 'address'; valid kinds: addr, link, route, rst"):
+    with pytest.raises(ValueError, match="unknown event kind 'address'; valid kinds: addr, .*link, .*route, .*rst"):
         nettrace.assert_none("address")
     with pytest.raises(ValueError, match="unknown filter 'ifname' for 'addr' events; valid: .*dev"):
         nettrace.address_changes(ifname="eth0")
