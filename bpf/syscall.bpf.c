@@ -1,0 +1,209 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Network system calls (seed 002: strace -e trace=network) of the tasks in
+ * a watched namespace — what the test started there, and their children.
+ *
+ * tp_btf/sys_enter + sys_exit: one program on every syscall machine-wide,
+ * which returns after one array lookup unless the number is a network call
+ * (per-syscall tracepoints cost ~70 ms each to attach, 38 of them, and save
+ * nothing measurable: see probes/syscall.py). Entry keeps the arguments and
+ * input sockaddrs per thread; exit emits one event with the result and the
+ * duration. */
+#define __BPF_PROGRAM__
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "nettrace.h"
+#include "syscall.h"
+
+/* libbpf 1.1 stops at the fifth syscall argument */
+#if defined(__TARGET_ARCH_x86)
+#define SC_PARM6(regs) BPF_CORE_READ(regs, r9)
+#elif defined(__TARGET_ARCH_arm64)
+#define SC_PARM6(regs) BPF_CORE_READ((struct user_pt_regs *)(regs), regs[5])
+#else
+#define SC_PARM6(regs) 0
+#endif
+
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+const volatile struct {
+	__u32 self_tgid;  /* the pytest process: its helper threads are not the test's processes */
+} sc_cfg = {};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, SC_MAX_NR);
+	__type(key, __u32);
+	__type(value, __u8);     /* enum sc_code, 0: not traced; filled by Python */
+} sc_wanted SEC(".maps");
+
+struct sc_pending {
+	struct syscall_event e;  /* filled at entry, completed at exit */
+	__u32 netns;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);      /* tid */
+	__type(value, struct sc_pending);
+} sc_inflight SEC(".maps");
+
+/* scratch for building the entry record (too big for the stack) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sc_pending);
+} sc_scratch SEC(".maps");
+
+static __always_inline void copy_addr(struct syscall_event *e, __u64 uaddr, __u64 len)
+{
+	if (!uaddr || (__s64)len <= 0)
+		return;
+	if (len > SC_ADDR_MAX)
+		len = SC_ADDR_MAX;
+	if (!bpf_probe_read_user(e->addr, len & 0xff, (void *)uaddr))
+		e->addr_len = len;
+}
+
+/* sockaddr behind a user_msghdr (msg_name, msg_namelen) */
+static __always_inline void copy_msg_addr(struct syscall_event *e, __u64 umsg)
+{
+	struct { __u64 name; __s32 namelen; } hdr = {};
+	if (umsg && !bpf_probe_read_user(&hdr, sizeof(hdr), (void *)umsg))
+		copy_addr(e, hdr.name, hdr.namelen);
+}
+
+static __always_inline bool fd_is_socket(struct task_struct *task, __u64 fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return false;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFSOCK;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
+{
+	__u32 nr = id, zero = 0;
+	__u8 *code = bpf_map_lookup_elem(&sc_wanted, &nr);
+	if (!code || !*code)
+		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	if ((pid_tgid >> 32) == sc_cfg.self_tgid)
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+	if (!nt_watched(netns))
+		return 0;
+
+	struct sc_pending *p = bpf_map_lookup_elem(&sc_scratch, &zero);
+	if (!p)
+		return 0;
+	struct syscall_event *e = &p->e;
+	e->code = *code;
+	e->args[0] = PT_REGS_PARM1_CORE_SYSCALL(regs);
+	e->args[1] = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	e->args[2] = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	e->args[3] = PT_REGS_PARM4_CORE_SYSCALL(regs);
+	e->args[4] = PT_REGS_PARM5_CORE_SYSCALL(regs);
+	e->args[5] = SC_PARM6(regs);
+	e->addr_len = 0;
+	e->has_value = 0;
+	e->value = e->value2 = 0;
+	if (e->code == SC_CLOSE && !fd_is_socket(task, e->args[0]))
+		return 0;  /* close of a file, a pipe...: not network */
+
+	switch (e->code) {
+	case SC_CONNECT:
+	case SC_BIND:
+		copy_addr(e, e->args[1], e->args[2]);
+		break;
+	case SC_SENDTO:
+		copy_addr(e, e->args[4], e->args[5]);
+		break;
+	case SC_SENDMSG:
+		copy_msg_addr(e, e->args[1]);
+		break;
+	case SC_SETSOCKOPT:
+		if ((__s64)e->args[4] >= 4 &&
+		    !bpf_probe_read_user(&e->value, sizeof(e->value), (void *)e->args[3]))
+			e->has_value = 1;
+		break;
+	}
+	p->netns = netns;
+	e->h.ts = bpf_ktime_get_ns();
+	__u32 tid = (__u32)pid_tgid;
+	if (bpf_map_update_elem(&sc_inflight, &tid, p, BPF_ANY)) {
+		struct nt_scope *scope = nt_watched(netns);
+		if (scope)
+			__sync_fetch_and_add(&scope->lost[NT_KIND_SYSCALL], 1);
+	}
+	return 0;
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct sc_pending *p = bpf_map_lookup_elem(&sc_inflight, &tid);
+	if (!p)
+		return 0;
+	struct nt_scope *scope = nt_watched(p->netns);
+	if (!scope)
+		goto done;
+	struct syscall_event *e = nt_reserve(scope, NT_KIND_SYSCALL, struct syscall_event);
+	if (!e)
+		goto done;
+	__u64 start = p->e.h.ts;
+	__builtin_memcpy(e, &p->e, sizeof(*e));
+	nt_fill_hdr(&e->h, NT_KIND_SYSCALL, p->netns);
+	e->h.stack_len = 0;
+	e->ret = ret;
+	e->duration = e->h.ts - start;
+	if (ret >= 0) {
+		__u64 lenp = 0;
+		__s32 len = 0;
+		switch (e->code) {
+		case SC_ACCEPT:
+		case SC_ACCEPT4:
+		case SC_GETSOCKNAME:
+		case SC_GETPEERNAME:
+			lenp = e->args[2];
+			break;
+		case SC_RECVFROM:
+			lenp = e->args[5];
+			break;
+		case SC_RECVMSG:
+			copy_msg_addr(e, e->args[1]);
+			break;
+		case SC_GETSOCKOPT:
+			if (e->args[4] && !bpf_probe_read_user(&len, sizeof(len), (void *)e->args[4]) && len >= 4 &&
+			    !bpf_probe_read_user(&e->value, sizeof(e->value), (void *)e->args[3]))
+				e->has_value = 1;
+			break;
+		case SC_SOCKETPAIR: {
+			__s32 sv[2] = {};
+			if (!bpf_probe_read_user(sv, sizeof(sv), (void *)e->args[3])) {
+				e->value = sv[0];
+				e->value2 = sv[1];
+				e->has_value = 1;
+			}
+			break;
+		}
+		}
+		if (lenp && !bpf_probe_read_user(&len, sizeof(len), (void *)lenp))
+			copy_addr(e, e->code == SC_RECVFROM ? e->args[4] : e->args[1], len);
+	}
+	bpf_ringbuf_submit(e, 0);
+done:
+	bpf_map_delete_elem(&sc_inflight, &tid);
+	return 0;
+}

@@ -1,0 +1,255 @@
+"""Network system calls of the test's processes, strace-style
+(bpf/syscall.bpf.c, bpf/syscall.h): kind "syscall".
+
+Traced: the tasks whose network namespace is watched — the processes a test
+starts with `Namespace.run`/`popen` and their children — except pytest's own
+process (its helper threads enter namespaces to set them up). Arguments are
+decoded here: sockaddrs as address:port, socket options by name, errors by
+errno name.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import ipaddress
+import os
+import platform
+import socket
+import struct
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from ..events import HEADER, Event, Header
+from ..libbpf import map_update
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+    from ..libbpf import BpfObject
+
+NT_KIND_SYSCALL = 6
+_BODY = struct.Struct("<6QqQHHiiB3x112s")  # struct syscall_event after the header
+
+# enum sc_code (bpf/syscall.h), in order
+CALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+         "sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg",
+         "setsockopt", "getsockopt", "shutdown", "getsockname", "getpeername", "close")
+CODE = {name: i + 1 for i, name in enumerate(CALLS)}
+
+# syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h)
+SYSCALL_NR = {
+    "x86_64": dict(socket=41, connect=42, accept=43, sendto=44, recvfrom=45, sendmsg=46, recvmsg=47,
+                   shutdown=48, bind=49, listen=50, getsockname=51, getpeername=52, socketpair=53,
+                   setsockopt=54, getsockopt=55, accept4=288, recvmmsg=299, sendmmsg=307, close=3),
+    "aarch64": dict(socket=198, socketpair=199, bind=200, listen=201, accept=202, connect=203,
+                    getsockname=204, getpeername=205, sendto=206, recvfrom=207, setsockopt=208,
+                    getsockopt=209, shutdown=210, sendmsg=211, recvmsg=212, accept4=242, recvmmsg=243,
+                    sendmmsg=269, close=57),
+}
+
+FAMILIES = {0: "AF_UNSPEC", 1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK", 17: "AF_PACKET"}
+SOCK_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 4: "SOCK_RDM", 5: "SOCK_SEQPACKET", 10: "SOCK_PACKET"}
+SOCK_FLAGS = {0o4000: "SOCK_NONBLOCK", 0o2000000: "SOCK_CLOEXEC"}
+PROTOCOLS = {0: "IPPROTO_IP", 1: "IPPROTO_ICMP", 6: "IPPROTO_TCP", 17: "IPPROTO_UDP", 58: "IPPROTO_ICMPV6",
+             132: "IPPROTO_SCTP", 136: "IPPROTO_UDPLITE", 255: "IPPROTO_RAW", 262: "IPPROTO_MPTCP"}
+LEVELS = {0: "SOL_IP", 1: "SOL_SOCKET", 6: "SOL_TCP", 17: "SOL_UDP", 41: "SOL_IPV6", 58: "SOL_ICMPV6",
+          263: "SOL_PACKET", 270: "SOL_NETLINK"}
+OPTIONS = {
+    "SOL_SOCKET": {1: "SO_DEBUG", 2: "SO_REUSEADDR", 3: "SO_TYPE", 4: "SO_ERROR", 5: "SO_DONTROUTE",
+                   6: "SO_BROADCAST", 7: "SO_SNDBUF", 8: "SO_RCVBUF", 9: "SO_KEEPALIVE", 10: "SO_OOBINLINE",
+                   12: "SO_PRIORITY", 13: "SO_LINGER", 15: "SO_REUSEPORT", 16: "SO_PASSCRED",
+                   17: "SO_PEERCRED", 18: "SO_RCVLOWAT", 19: "SO_SNDLOWAT", 20: "SO_RCVTIMEO_OLD",
+                   21: "SO_SNDTIMEO_OLD", 25: "SO_BINDTODEVICE", 26: "SO_ATTACH_FILTER", 29: "SO_TIMESTAMP_OLD",
+                   30: "SO_ACCEPTCONN", 32: "SO_SNDBUFFORCE", 33: "SO_RCVBUFFORCE", 35: "SO_TIMESTAMPNS_OLD",
+                   36: "SO_MARK", 38: "SO_PROTOCOL", 39: "SO_DOMAIN", 46: "SO_BUSY_POLL",
+                   49: "SO_INCOMING_CPU", 60: "SO_ZEROCOPY", 66: "SO_RCVTIMEO_NEW", 67: "SO_SNDTIMEO_NEW"},
+    "SOL_TCP": {1: "TCP_NODELAY", 2: "TCP_MAXSEG", 3: "TCP_CORK", 4: "TCP_KEEPIDLE", 5: "TCP_KEEPINTVL",
+                6: "TCP_KEEPCNT", 7: "TCP_SYNCNT", 8: "TCP_LINGER2", 9: "TCP_DEFER_ACCEPT",
+                10: "TCP_WINDOW_CLAMP", 11: "TCP_INFO", 12: "TCP_QUICKACK", 13: "TCP_CONGESTION",
+                18: "TCP_USER_TIMEOUT", 23: "TCP_FASTOPEN", 25: "TCP_NOTSENT_LOWAT"},
+    "SOL_IP": {1: "IP_TOS", 2: "IP_TTL", 3: "IP_HDRINCL", 4: "IP_OPTIONS", 8: "IP_PKTINFO",
+               10: "IP_MTU_DISCOVER", 11: "IP_RECVERR", 15: "IP_FREEBIND", 19: "IP_TRANSPARENT",
+               24: "IP_BIND_ADDRESS_NO_PORT", 32: "IP_MULTICAST_IF", 33: "IP_MULTICAST_TTL",
+               34: "IP_MULTICAST_LOOP", 35: "IP_ADD_MEMBERSHIP", 36: "IP_DROP_MEMBERSHIP"},
+    "SOL_IPV6": {16: "IPV6_UNICAST_HOPS", 17: "IPV6_MULTICAST_IF", 18: "IPV6_MULTICAST_HOPS",
+                 19: "IPV6_MULTICAST_LOOP", 20: "IPV6_ADD_MEMBERSHIP", 25: "IPV6_RECVERR", 26: "IPV6_V6ONLY",
+                 49: "IPV6_RECVPKTINFO", 67: "IPV6_TCLASS"},
+}
+MSG_FLAGS = {0x1: "MSG_OOB", 0x2: "MSG_PEEK", 0x4: "MSG_DONTROUTE", 0x20: "MSG_TRUNC", 0x40: "MSG_DONTWAIT",
+             0x80: "MSG_EOR", 0x100: "MSG_WAITALL", 0x800: "MSG_CONFIRM", 0x2000: "MSG_ERRQUEUE",
+             0x4000: "MSG_NOSIGNAL", 0x8000: "MSG_MORE", 0x4000000: "MSG_ZEROCOPY",
+             0x20000000: "MSG_FASTOPEN", 0x40000000: "MSG_CMSG_CLOEXEC"}
+SHUT = {0: "SHUT_RD", 1: "SHUT_WR", 2: "SHUT_RDWR"}
+# calls whose first argument is not a socket fd
+_NO_FD = ("socket", "socketpair")
+
+
+def _flags(value: int, names: Dict[int, str], zero: str = "0") -> str:
+    parts = [n for bit, n in names.items() if value & bit]
+    rest = value & ~sum(b for b in names if value & b)
+    if rest:
+        parts.append(hex(rest))
+    return "|".join(parts) or zero
+
+
+def decode_sockaddr(raw: bytes) -> Tuple[str, Dict[str, Any]]:
+    """("{AF_INET, 10.0.0.1:80}", fields) of a struct sockaddr."""
+    if len(raw) < 2:
+        return "{}", {}
+    fam = struct.unpack_from("<H", raw)[0]
+    name = FAMILIES.get(fam, str(fam))
+    out: Dict[str, Any] = {"family": name}
+    if fam == socket.AF_INET and len(raw) >= 8:
+        out["port"] = struct.unpack_from(">H", raw, 2)[0]
+        out["address"] = ipaddress.IPv4Address(raw[4:8])
+        return f"{{{name}, {out['address']}:{out['port']}}}", out
+    if fam == socket.AF_INET6 and len(raw) >= 24:
+        out["port"] = struct.unpack_from(">H", raw, 2)[0]
+        addr = ipaddress.IPv6Address(raw[8:24])
+        out["address"] = addr.ipv4_mapped or addr
+        return f"{{{name}, [{addr}]:{out['port']}}}", out
+    if fam == socket.AF_UNIX:
+        path = raw[2:]
+        text = "@" + path[1:].split(b"\0", 1)[0].decode(errors="replace") if path[:1] == b"\0" \
+            else path.split(b"\0", 1)[0].decode(errors="replace")
+        out["path"] = text
+        return f'{{{name}, "{text}"}}', out
+    if fam == socket.AF_NETLINK and len(raw) >= 12:
+        pid, groups = struct.unpack_from("<II", raw, 4)
+        return f"{{{name}, pid={pid}, groups={groups:08x}}}", out
+    return f"{{{name}}}", out
+
+
+class SyscallEvent(Event):
+    """One network system call, entry to exit. `duration` in seconds; `ret`
+    the raw result (negative errno on failure, then `errno` names it)."""
+
+    kind = "syscall"
+    FIELDS = Event.FIELDS + ("name", "fd", "args", "ret", "errno", "duration", "family", "address", "port",
+                             "path", "level", "option", "value")
+    ADDRESS_FIELDS = ("address",)
+
+    def result(self) -> str:
+        if self.ret < 0 and self.errno:
+            return f"-1 {self.errno} ({os.strerror(-self.ret)})"
+        return str(self.ret)
+
+    def strace(self, with_pid: bool = False) -> str:
+        """`connect(3, {AF_INET, 10.0.0.1:80}, 16) = -1 ECONNREFUSED (Connection refused) <0.000123>`."""
+        head = f"[pid {self.pid}] " if with_pid else ""
+        return f"{head}{self.name}({self.args}) = {self.result()} <{self.duration:.6f}>"
+
+    def describe(self) -> str:
+        return self.strace()
+
+
+def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, value: Optional[int],
+                 value2: Optional[int]) -> str:
+    i32 = [struct.unpack("<i", struct.pack("<I", x & 0xFFFFFFFF))[0] for x in a]
+    fd = i32[0]
+    addr_out = addr if addr else ("NULL" if not a[1] else f"{a[1]:#x}")
+    if name in ("socket", "socketpair"):
+        fam = FAMILIES.get(i32[0], str(i32[0]))
+        typ = SOCK_TYPES.get(i32[1] & 0xF, str(i32[1] & 0xF))
+        flags = _flags(i32[1] & ~0xF, SOCK_FLAGS, "")
+        proto = PROTOCOLS.get(i32[2], str(i32[2])) if fam in ("AF_INET", "AF_INET6") else str(i32[2])
+        text = f"{fam}, {typ + ('|' + flags if flags else '')}, {proto}"
+        if name == "socketpair":
+            text += f", [{value}, {value2}]" if value is not None else f", {a[3]:#x}"
+        return text
+    if name in ("connect", "bind"):
+        return f"{fd}, {addr_out}, {i32[2]}"
+    if name == "listen":
+        return f"{fd}, {i32[1]}"
+    if name in ("accept", "accept4", "getsockname", "getpeername"):
+        out = addr if addr else ("NULL" if not a[1] else "...")
+        text = f"{fd}, {out}, {'[' + str(alen) + ']' if addr else ('NULL' if not a[2] else '...')}"
+        if name == "accept4":
+            text += f", {_flags(i32[3], SOCK_FLAGS)}"
+        return text
+    if name in ("sendto", "recvfrom"):
+        to = addr if addr else "NULL"
+        tolen = (f"[{alen}]" if addr else "NULL") if name == "recvfrom" else str(i32[5])
+        return f"{fd}, ..., {a[2]}, {_flags(i32[3], MSG_FLAGS)}, {to}, {tolen}"
+    if name in ("sendmsg", "recvmsg"):
+        msg = f"{{msg_name={addr}, ...}}" if addr else "{...}"
+        return f"{fd}, {msg}, {_flags(i32[2], MSG_FLAGS)}"
+    if name in ("sendmmsg", "recvmmsg"):
+        return f"{fd}, ..., {a[2]}, {_flags(i32[3], MSG_FLAGS)}, ..."
+    if name in ("setsockopt", "getsockopt"):
+        level = LEVELS.get(i32[1], str(i32[1]))
+        opt = OPTIONS.get(level, {}).get(i32[2], str(i32[2]))
+        val = f"[{value}]" if value is not None else "..."
+        optlen = str(i32[4]) if name == "setsockopt" else "[...]"
+        return f"{fd}, {level}, {opt}, {val}, {optlen}"
+    if name == "shutdown":
+        return f"{fd}, {SHUT.get(i32[1], str(i32[1]))}"
+    return str(fd)  # close
+
+
+class SyscallProbe(Probe):
+    name = "syscall"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_SYSCALL
+    event_types = {"syscall": SyscallEvent}
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        if not kernel.tp_btf or platform.machine() not in SYSCALL_NR:
+            return []
+        return [Plan("tp_btf", ["sc_enter", "sc_exit"], config={"sc_cfg": struct.pack("<I", os.getpid())})]
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if not kernel.tp_btf:
+            return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
+        return f"no syscall table for {platform.machine()}"
+
+    def attached(self, obj: "BpfObject") -> None:
+        fd = obj.map_fd("sc_wanted")
+        for name, nr in SYSCALL_NR[platform.machine()].items():
+            map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))
+
+    def decode(self, buf: bytes, hdr: Header) -> Event:
+        *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, HEADER.size)
+        name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
+        addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
+        fields.setdefault("family", None)
+        ok_value = value if has_value else None
+        ok_value2 = value2 if has_value else None
+        level = option = None
+        if name in ("setsockopt", "getsockopt"):
+            lv = struct.unpack("<i", struct.pack("<I", args[1] & 0xFFFFFFFF))[0]
+            level = LEVELS.get(lv, str(lv))
+            option = OPTIONS.get(level, {}).get(args[2] & 0xFFFFFFFF, str(args[2] & 0xFFFFFFFF))
+        fd = None if name in _NO_FD else struct.unpack("<i", struct.pack("<I", args[0] & 0xFFFFFFFF))[0]
+        return SyscallEvent(
+            hdr, (), "process", name=name, fd=fd,
+            args=_render_args(name, tuple(args), addr_text, addr_len, ret, ok_value, ok_value2),
+            ret=ret, errno=_errno.errorcode.get(-ret) if ret < 0 else None, duration=duration / 1e9,
+            address=fields.get("address"), port=fields.get("port"), path=fields.get("path"),
+            family=fields["family"], level=level, option=option, value=ok_value)
+
+
+class SyscallApi:
+    """`nettrace` methods for network system calls (mixed into Trace)."""
+
+    def syscalls(self, **filters: Any) -> List[Event]:
+        """Network system calls of the test's processes, e.g.
+        `syscalls(name="connect", errno="ECONNREFUSED")`."""
+        return self.events("syscall", **filters)
+
+    def strace(self, pid: Optional[int] = None, **filters: Any) -> str:
+        """The calls as `strace -f -e trace=network` prints them (of one pid, or
+        all with a `[pid N]` prefix)."""
+        if pid is not None:
+            filters["pid"] = pid
+        return "\n".join(e.strace(with_pid=pid is None) for e in self.syscalls(**filters))
+
+    def assert_no_syscall(self, **filters: Any) -> None:
+        """No network system call matching filters (and none lost)."""
+        self.assert_none("syscall", **filters)
+
+    def assert_syscall(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A network system call matching filters happened; returns it."""
+        return self.assert_any("syscall", timeout=timeout, **filters)
+
+
+PROBE = SyscallProbe
+API = SyscallApi

@@ -1,0 +1,141 @@
+"""Network system calls of the test's processes (issue 5, strace -e trace=network):
+real programs in real namespaces, traced by tp_btf sys_enter/sys_exit."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from traffic import connect_refused, script
+
+
+@pytest.fixture
+def pair(make_netns):
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    return server, client
+
+
+def serve_once(port: int) -> list:
+    """argv: a TCP server answering one connection, with SO_REUSEADDR."""
+    return script(f"""
+        import socket
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("10.0.0.1", {port}))
+        s.listen(5)
+        print("ready", flush=True)
+        c, peer = s.accept()
+        c.sendall(c.recv(100).upper())
+        c.shutdown(socket.SHUT_WR)
+        c.close()
+        s.close()
+    """)
+
+
+def talk(port: int) -> list:
+    return script(f"""
+        import socket
+        s = socket.create_connection(("10.0.0.1", {port}))
+        s.sendall(b"hello")
+        assert s.recv(100) == b"HELLO"
+        s.close()
+    """)
+
+
+def test_refused_connect_shows_errno_and_address(pair, nettrace):
+    server, client = pair
+    r = client.run(connect_refused("10.0.0.1", 9), check=True)
+    (ev,) = nettrace.syscalls(name="connect", pid=r.pid)
+    assert ev.errno == "ECONNREFUSED" and ev.ret == -111
+    assert str(ev.address) == "10.0.0.1" and ev.port == 9 and ev.family == "AF_INET"
+    assert ev.comm == os.path.basename(r.argv[0])[:15] and ev.tid == r.pid and ev.netns == client.inode
+    assert 0 < ev.duration < 5
+    line = nettrace.strace(pid=r.pid).splitlines()
+    assert re.fullmatch(r"socket\(AF_INET, SOCK_STREAM\|SOCK_CLOEXEC, IPPROTO_IP\) = (\d+) <\d\.\d{6}>",
+                        line[0]), line
+    fd = re.search(r"= (\d+)", line[0]).group(1)
+    assert re.fullmatch(rf"connect\({fd}, \{{AF_INET, 10\.0\.0\.1:9\}}, 16\) = -1 ECONNREFUSED "
+                        r"\(Connection refused\) <\d\.\d{6}>", line[1]), line
+    nettrace.assert_syscall(name="connect", errno="ECONNREFUSED", address="10.0.0.1")
+
+
+def test_server_and_client_calls_are_decoded(pair, nettrace):
+    server, client = pair
+    srv = server.popen(serve_once(8080), stdout=subprocess.PIPE, text=True)
+    assert srv.stdout.readline().strip() == "ready"
+    cli = client.run(talk(8080), check=True)
+    srv.wait(5)
+    names = [e.name for e in nettrace.syscalls(pid=srv.pid)]
+    for expected in ("socket", "setsockopt", "bind", "listen", "accept4", "recvfrom", "sendto",
+                     "shutdown", "close"):
+        assert expected in names, (expected, names)
+    (opt,) = nettrace.syscalls(pid=srv.pid, name="setsockopt")
+    assert (opt.level, opt.option, opt.value, opt.ret) == ("SOL_SOCKET", "SO_REUSEADDR", 1, 0)
+    assert re.match(r"setsockopt\(\d+, SOL_SOCKET, SO_REUSEADDR, \[1\], 4\) = 0", opt.strace())
+    (acc,) = nettrace.syscalls(pid=srv.pid, name="accept4")
+    assert str(acc.address) == "10.0.0.2" and acc.ret > 2
+    (bind,) = nettrace.syscalls(pid=srv.pid, name="bind")
+    assert (str(bind.address), bind.port) == ("10.0.0.1", 8080)
+    (shut,) = nettrace.syscalls(pid=srv.pid, name="shutdown")
+    assert "SHUT_WR" in shut.args
+    sent = nettrace.syscalls(pid=cli.pid, name="sendto")
+    assert [e.ret for e in sent] == [5]
+    text = nettrace.strace()
+    assert f"[pid {srv.pid}] listen(" in text and f"[pid {cli.pid}] connect(" in text
+
+
+def test_only_sockets_are_closed(netns, nettrace):
+    r = netns.run(script("""
+        import os, socket
+        os.close(os.open("/dev/null", os.O_RDONLY))
+        r, w = os.pipe(); os.close(r); os.close(w)
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        print(s.fileno()); s.close()
+    """), check=True)
+    closes = nettrace.syscalls(pid=r.pid, name="close")
+    assert [(e.fd, e.ret) for e in closes] == [(int(r.stdout), 0)]
+
+
+def test_children_are_traced_outsiders_are_not(netns, nettrace):
+    # a child of the test's process, and a process in the host's namespace
+    r = netns.run(script(f"""
+        import subprocess
+        subprocess.run({connect_refused("127.0.0.1", 9)!r}, check=True)
+    """), check=True)
+    outside = subprocess.run(connect_refused("127.0.0.1", 9), capture_output=True, text=True, check=True)
+    assert outside.stdout.strip() == "refused"
+    (ev,) = nettrace.syscalls(name="connect")
+    assert ev.ppid == r.pid and ev.pid != r.pid and ev.parent_comm
+    sock = netns.socket()     # pytest's own helper thread in the namespace: not the test's process
+    sock.close()
+    assert nettrace.syscalls(pid=os.getpid()) == []
+
+
+def test_no_network_calls_is_assertable(netns, nettrace):
+    netns.run(script("print(1)"), check=True)
+    nettrace.assert_no_syscall(name="connect")
+    netns.run(connect_refused("127.0.0.1", 9), check=True)
+    with pytest.raises(AssertionError, match="expected no syscall events matching name='connect', saw 1"):
+        nettrace.assert_no_syscall(name="connect")
+    with pytest.raises(ValueError, match="unknown filter 'syscall' for 'syscall' events"):
+        nettrace.syscalls(syscall="connect")
+    with pytest.raises(ValueError, match="invalid address"):
+        nettrace.syscalls(address="not-an-ip")
+
+
+def test_ipv6_and_unix_addresses(netns, nettrace):
+    r = netns.run(script("""
+        import socket
+        s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        s.sendto(b"x", ("::1", 9))
+        u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        u.bind("\\0nettrace-test")
+    """), check=True)
+    (send,) = nettrace.syscalls(pid=r.pid, name="sendto")
+    assert (str(send.address), send.port, send.family) == ("::1", 9, "AF_INET6")
+    assert "{AF_INET6, [::1]:9}, 28) = 1" in send.strace()
+    (bind,) = nettrace.syscalls(pid=r.pid, name="bind")
+    assert bind.path == "@nettrace-test" and bind.family == "AF_UNIX"
