@@ -23,6 +23,7 @@ def dummy0(netns):
     return netns
 
 
+@pytest.mark.smoke
 def test_ip_addr_del_ipv4_attributed_to_ip(dummy0, nettrace):
     r = dummy0.run(["ip", "addr", "del", "192.168.0.1/24", "dev", "dummy0"], check=True)
     ev = nettrace.assert_address_deleted("192.168.0.1/24", dev="dummy0", by_pid=r.pid, by_comm="ip")
@@ -36,6 +37,7 @@ def test_ip_addr_del_ipv4_attributed_to_ip(dummy0, nettrace):
     assert any(f.startswith("inet_rtm_deladdr") for f in ev.stack), ev.stack
 
 
+@pytest.mark.smoke
 def test_ip_addr_del_ipv6_attributed_to_ip(dummy0, nettrace):
     r = dummy0.run(["ip", "-6", "addr", "del", "2001::1/128", "dev", "dummy0"], check=True)
     ev = nettrace.assert_address_deleted("2001::1", by_pid=r.pid)
@@ -67,6 +69,7 @@ def test_python_child_deleting_through_pyroute2(dummy0, nettrace):
     assert ev.cmdline.startswith(PYTHON)
 
 
+@pytest.mark.smoke
 @needs_ifconfig
 def test_ioctl_deletion_ipv4_ifconfig(dummy0, nettrace):
     r = dummy0.run(["ifconfig", "dummy0", "0.0.0.0"], check=True)  # SIOCSIFADDR 0 removes it
@@ -82,6 +85,7 @@ def test_ioctl_deletion_ipv6_siocdifaddr(dummy0, nettrace):
     assert ev.cause == "ioctl" and ev.comm == "ifconfig", ev.stack
 
 
+@pytest.mark.smoke
 def test_link_down_removes_ipv6_cause_kernel_pid_of_ip(dummy0, nettrace):
     r = dummy0.run(["ip", "link", "set", "dummy0", "down"], check=True)
     ev = nettrace.assert_address_deleted("2001::1/128", dev="dummy0")
@@ -93,6 +97,7 @@ def test_link_down_removes_ipv6_cause_kernel_pid_of_ip(dummy0, nettrace):
     nettrace.assert_address_not_deleted("192.168.0.1")  # IPv4 survives a link down
 
 
+@pytest.mark.smoke
 def test_device_deleted_with_addresses_on_it(dummy0, nettrace):
     r = dummy0.run(["ip", "link", "del", "dummy0"], check=True)
     v4 = nettrace.assert_address_deleted("192.168.0.1/24")

@@ -27,6 +27,7 @@ def pair(request, make_netns):
     return server, client, fam, a, b
 
 
+@pytest.mark.smoke
 def test_connect_to_closed_port_rst_from_softirq(pair, nettrace):
     server, client, fam, a, b = pair
     r = client.run(connect_refused(a, 9), check=True)
@@ -45,6 +46,7 @@ def test_connect_to_closed_port_rst_from_softirq(pair, nettrace):
     assert got.saddr == ev.saddr and got.sport == 9
 
 
+@pytest.mark.smoke
 def test_linger_zero_close_is_active_rst_by_that_process(pair, nettrace):
     server, client, fam, a, b = pair
     lst = server.socket(fam)
@@ -63,6 +65,7 @@ def test_linger_zero_close_is_active_rst_by_that_process(pair, nettrace):
     lst.close()
 
 
+@pytest.mark.smoke
 def test_clean_close_sends_no_rst(pair, nettrace):
     server, client, fam, a, b = pair
     lst = server.socket(fam)
