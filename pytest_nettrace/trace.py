@@ -22,9 +22,14 @@ def netns_ref(ns: NamespaceLike) -> Tuple[int, Optional[str]]:
     if isinstance(ns, bool):
         raise TypeError(f"not a network namespace: {ns!r}")
     if isinstance(ns, int):
-        return ns, _path_of_inode(ns)
+        path = _path_of_inode(ns)
+        if path is None:  # else every assertion on it would pass, seeing nothing
+            raise ValueError(f"no network namespace has inode {ns} (none in /run/netns or /proc/*/ns/net)")
+        return ns, path
     inode = getattr(ns, "inode", None)
     if isinstance(inode, int):
+        if getattr(ns, "closed", False) is True:
+            raise ValueError(f"network namespace {getattr(ns, 'name', inode)} is already removed")
         return inode, getattr(ns, "path", None)
     if isinstance(ns, str):
         if ns.startswith("pid:"):
