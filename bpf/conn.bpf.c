@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: GPL-2.0
+/* TCP connections opened and closed (seeds: tcp_connections.stp, tcplife).
+ *
+ * tp_btf/inet_sock_set_state sees every TCP state change:
+ *  - CLOSE -> SYN_SENT runs in connect(), so the connector is current: we
+ *    remember it (and the time) by socket address, and report it when the
+ *    connection reaches ESTABLISHED (usually in softirq);
+ *  - SYN_RECV -> ESTABLISHED is the server side, in softirq, before any
+ *    process accepted it. The accepting process is found where accept()
+ *    returns: the syscall exit tracepoints (fd -> file -> socket) or a
+ *    kretprobe on inet_csk_accept (also sees io_uring and in-kernel
+ *    accepts). Python joins the two records by socket address;
+ *  - * -> CLOSE reports duration and bytes, like tcplife.
+ */
+#define __BPF_PROGRAM__
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_endian.h>
+#include "nettrace.h"
+#include "conn.h"
+
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_SENT 2
+#define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
+#define TCP_LISTEN 10
+#define RCV_SHUTDOWN 1
+#define SEND_SHUTDOWN 2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);   /* struct sock * */
+	__type(value, struct conn_owner);
+} conn_socks SEC(".maps");
+
+static __always_inline bool is_tcp(const struct sock *sk)
+{
+	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == IPPROTO_TCP;
+}
+
+static __always_inline void fill_addrs(struct conn_event *e, const struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	__builtin_memset(e->saddr, 0, 16);
+	__builtin_memset(e->daddr, 0, 16);
+	/* inet_sport survives the unhash on the way to CLOSE; skc_num does not */
+	e->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET6) {
+		e->family = 6;
+		bpf_probe_read_kernel(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_probe_read_kernel(e->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+	} else {
+		e->family = 4;
+		bpf_probe_read_kernel(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_probe_read_kernel(e->daddr, 4, &sk->__sk_common.skc_daddr);
+	}
+}
+
+static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, struct nt_scope *scope,
+				__u8 action, int oldstate, int newstate, const struct conn_owner *owner)
+{
+	struct conn_event *e = nt_reserve(scope, NT_KIND_CONN, struct conn_event);
+	if (!e)
+		return 0;
+	nt_fill_hdr(&e->h, NT_KIND_CONN, netns);
+	e->sk = (__u64)sk;
+	e->action = action;
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	e->pad = 0;
+	e->duration_ns = 0;
+	e->bytes_acked = 0;
+	e->bytes_received = 0;
+	e->has_birth = owner != NULL;
+	e->has_owner = owner && owner->has_owner;
+	e->owner_pid = e->has_owner ? owner->pid : 0;
+	e->owner_tid = e->has_owner ? owner->tid : 0;
+	e->owner_uid = e->has_owner ? owner->uid : 0;
+	__builtin_memset(e->owner_comm, 0, NT_COMM_LEN);
+	if (e->has_owner)
+		__builtin_memcpy(e->owner_comm, owner->comm, NT_COMM_LEN);
+	if (action == CONN_CLOSE) {
+		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+		__u8 shut = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+		__u64 acked = BPF_CORE_READ(tp, bytes_acked);
+		__u64 rcvd = BPF_CORE_READ(tp, bytes_received);
+
+		if (owner)
+			e->duration_ns = e->h.ts - owner->birth_ns;
+		/* both count sequence space: take out our SYN (active open), our FIN
+		 * once acknowledged, and the peer's FIN, to leave payload bytes */
+		if (owner && owner->active && acked)
+			acked--;
+		if ((shut & SEND_SHUTDOWN) && acked &&
+		    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
+			acked--;
+		if ((shut & RCV_SHUTDOWN) && rcvd)
+			rcvd--;
+		e->bytes_acked = acked;
+		e->bytes_received = rcvd;
+	}
+	fill_addrs(e, sk);
+	nt_fill_stack(ctx, &e->h, e->stack);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+static __always_inline void remember(__u64 key, bool with_task)
+{
+	struct conn_owner o = {};
+
+	o.birth_ns = bpf_ktime_get_ns();
+	if (with_task) {
+		__u64 id = bpf_get_current_pid_tgid();
+		o.pid = id >> 32;
+		o.tid = (__u32)id;
+		o.uid = (__u32)bpf_get_current_uid_gid();
+		o.has_owner = 1;
+		o.active = 1;
+		bpf_get_current_comm(o.comm, sizeof(o.comm));
+	}
+	bpf_map_update_elem(&conn_socks, &key, &o, BPF_ANY);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
+{
+	if (!is_tcp(sk))
+		return 0;
+	__u32 netns = nt_netns_of_sk(sk);
+	struct nt_scope *scope = nt_watched(netns);
+	if (!scope)
+		return 0;
+	__u64 key = (__u64)sk;
+
+	if (newstate == TCP_SYN_SENT) {
+		remember(key, true);   /* connect(): the connector is current */
+		return 0;
+	}
+	if (newstate == TCP_SYN_RECV) {
+		remember(key, false);  /* a child socket of a listener, in softirq */
+		return 0;
+	}
+	struct conn_owner *owner = bpf_map_lookup_elem(&conn_socks, &key);
+	if (newstate == TCP_ESTABLISHED) {
+		if (oldstate == TCP_SYN_SENT)
+			return emit(ctx, sk, netns, scope, CONN_CONNECT, oldstate, newstate, owner);
+		if (oldstate == TCP_SYN_RECV)
+			return emit(ctx, sk, netns, scope, CONN_ESTABLISHED, oldstate, newstate, owner);
+		return 0;
+	}
+	if (newstate == TCP_CLOSE && oldstate != TCP_LISTEN && oldstate != TCP_CLOSE) {
+		emit(ctx, sk, netns, scope, CONN_CLOSE, oldstate, newstate, owner);
+		bpf_map_delete_elem(&conn_socks, &key);
+	}
+	return 0;
+}
+
+/* accept() returned sk to the current process. */
+static __always_inline int on_accepted(void *ctx, const struct sock *sk)
+{
+	if (!sk || !is_tcp(sk))
+		return 0;
+	__u32 netns = nt_netns_of_sk(sk);
+	struct nt_scope *scope = nt_watched(netns);
+	if (!scope)
+		return 0;
+	__u64 key = (__u64)sk;
+	struct conn_owner *owner = bpf_map_lookup_elem(&conn_socks, &key);
+	if (owner && !owner->has_owner) {
+		/* the close event names the acceptor as the owner (tcplife) */
+		__u64 id = bpf_get_current_pid_tgid();
+		owner->pid = id >> 32;
+		owner->tid = (__u32)id;
+		owner->uid = (__u32)bpf_get_current_uid_gid();
+		bpf_get_current_comm(owner->comm, sizeof(owner->comm));
+		owner->has_owner = 1;
+	}
+	return emit(ctx, sk, netns, scope, CONN_ACCEPTED, TCP_ESTABLISHED, BPF_CORE_READ(sk, __sk_common.skc_state),
+		    owner);
+}
+
+/* syscalls:sys_exit_accept{,4}: ret is the new fd; its file's socket is the connection. */
+struct syscall_exit_ctx {
+	__u64 common;
+	long nr;
+	long ret;
+};
+
+static __always_inline int accept_exit(struct syscall_exit_ctx *ctx)
+{
+	long fd = ctx->ret;
+	if (fd < 0)
+		return 0;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return 0;
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+	if (!sock)
+		return 0;
+	return on_accepted(ctx, BPF_CORE_READ(sock, sk));
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int conn_accept4_exit(struct syscall_exit_ctx *ctx)
+{
+	return accept_exit(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int conn_accept_exit(struct syscall_exit_ctx *ctx)
+{
+	return accept_exit(ctx);
+}
+
+SEC("kretprobe/inet_csk_accept")
+int BPF_KRETPROBE(conn_accept_kretprobe, struct sock *sk)
+{
+	return on_accepted(ctx, sk);
+}

@@ -1,0 +1,218 @@
+"""TCP connections (bpf/conn.bpf.c, bpf/conn.h): `kind == "conn"`.
+
+Seeds: tcp_connections.stp (who accepted what: UID CMD PID PORT IP_SOURCE)
+and tcplife (duration and bytes at close). One event per connect, per accept
+and per close of a TCP socket in a watched namespace.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+
+from ..events import HEADER, Event, Header, describe_filters
+from .base import Plan, Probe
+from .rst import TCP_STATES, ip_from
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+NT_KIND_CONN = 4
+_BODY = struct.Struct("<QQQQIII16sBBBBBBHHH16s16s")  # struct conn_event after the header
+CONNECT, ESTABLISHED, ACCEPTED, CLOSE = 0, 1, 2, 3
+_OWNER_FIELDS = ("pid", "tid", "uid", "comm", "ppid", "parent_comm")
+
+
+class ConnEvent(Event):
+    """A TCP connection connected, accepted or closed.
+
+    `action`: "connect" (an active open reached ESTABLISHED), "accept" (a
+    passive open reached ESTABLISHED; `pid`/`comm` are the process whose
+    accept() returned it, None until one did), "close" (reached CLOSE from
+    any state but LISTEN: a refused connect closes from SYN_SENT).
+    `saddr`/`sport` are the local end, `daddr`/`dport` the remote one.
+    pid, tid, uid and comm name the connection's owner — the process that
+    called connect() or accept() — on every action, as tcplife does; `context`
+    says where the state change itself ran. `state` is the state it reached,
+    `old_state` the one it left. On close: `duration_ms` since SYN_SENT /
+    SYN_RECV, `bytes_sent` (acknowledged by the peer) and `bytes_received`."""
+
+    kind = "conn"
+    FIELDS = Event.FIELDS + ("action", "family", "saddr", "sport", "daddr", "dport", "state", "old_state",
+                             "duration_ms", "bytes_sent", "bytes_received")
+    ADDRESS_FIELDS = ("saddr", "daddr")
+
+    def describe(self) -> str:
+        local, remote = _ep(self.saddr, self.sport), _ep(self.daddr, self.dport)
+        if self.action == "close":
+            life = f" after {self.duration_ms:.3f}ms" if self.duration_ms is not None else ""
+            return (f"close {local} <> {remote} from {self.old_state}{life}, "
+                    f"sent {self.bytes_sent} B, received {self.bytes_received} B")
+        arrow = "from" if self.action == "accept" else "to"
+        return f"{self.action} {local} {arrow} {remote}"
+
+    def seed_row(self) -> str:
+        """tcp_connections.stp's row: UID CMD PID PORT IP_SOURCE."""
+        uid = "-" if self.uid is None else self.uid
+        pid = "-" if self.pid is None else self.pid
+        return f"{uid!s:>6} {(self.comm or '-')[:15]:<15} {pid!s:>7} {self.sport:>5} {self.daddr}"
+
+
+SEED_HEADER = f"{'UID':>6} {'CMD':<15} {'PID':>7} {'PORT':>5} IP_SOURCE"
+
+
+def _ep(addr: Any, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+class ConnProbe(Probe):
+    name = "conn"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_CONN
+    event_types = {"conn": ConnEvent}
+
+    def __init__(self) -> None:
+        # passive opens waiting for their other half (ESTABLISHED <-> ACCEPTED),
+        # by (netns, socket address); the two records can come in either order
+        self._pending: Dict[Tuple[int, int], ConnEvent] = {}
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        if not kernel.tp_btf or kernel.tracepoint_args("inet_sock_set_state") is None:
+            return []
+        state = ["conn_state_tp"]
+        plans = []
+        # kretprobe first: it also sees io_uring and in-kernel accepts
+        if kernel.kprobe:
+            plans.append(Plan("tp_btf+kretprobe", state + ["conn_accept_kretprobe"]))
+        if kernel.tracepoint:
+            plans.append(Plan("tp_btf+syscalls", state + ["conn_accept4_exit", "conn_accept_exit"]))
+        plans.append(Plan("tp_btf (accepting process unknown)", state,
+                          notes=[f"no kprobes ({kernel.why('kprobe')}) nor tracepoints "
+                                 f"({kernel.why('tracepoint')}): accept events have no pid"]))
+        return plans
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if not kernel.tp_btf:
+            return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
+        return "no sock:inet_sock_set_state tracepoint in the kernel BTF (kernel < 4.16)"
+
+    def unwatch(self, netns: int) -> None:
+        for key in [k for k in self._pending if k[0] == netns]:
+            del self._pending[key]
+
+    def close(self) -> None:
+        self._pending.clear()
+
+    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+        (sk, duration, acked, received, owner_pid, owner_tid, owner_uid, owner_comm, action, family,
+         oldstate, newstate, has_owner, has_birth, sport, dport, _pad, saddr, daddr) = \
+            _BODY.unpack_from(buf, HEADER.size)
+        key = (hdr.netns, sk)
+        if action == ACCEPTED:
+            ev = self._pending.pop(key, None)
+            if ev is not None:  # established first: now we know who accepted it
+                _set_owner_from_task(ev, hdr)
+                return None
+        elif action == ESTABLISHED:
+            if self._pending.pop(key, None) is not None:  # accept() was reported first
+                return None
+        elif action == CLOSE:
+            self._pending.pop(key, None)
+        src, dst = ip_from(saddr, family), ip_from(daddr, family)
+        ev = ConnEvent(
+            hdr, hdr.stack_addrs(buf), "softirq",
+            action={CONNECT: "connect", CLOSE: "close"}.get(action, "accept"),
+            family=src.version, saddr=src, sport=sport, daddr=dst, dport=dport,
+            state=TCP_STATES.get(newstate, str(newstate)), old_state=TCP_STATES.get(oldstate, str(oldstate)),
+            duration_ms=duration / 1e6 if action == CLOSE and has_birth else None,
+            bytes_sent=acked if action == CLOSE else None,
+            bytes_received=received if action == CLOSE else None,
+        )
+        if action == ACCEPTED:
+            _set_owner_from_task(ev, hdr)
+            ev.state = "ESTABLISHED"
+            self._pending[key] = ev
+        else:
+            owner = None
+            if has_owner:
+                owner = (owner_pid, owner_tid, owner_uid, owner_comm.split(b"\0", 1)[0].decode(errors="replace"))
+            _set_owner(ev, hdr, owner)
+            if action == ESTABLISHED:
+                self._pending[key] = ev
+        return ev
+
+
+def _set_owner_from_task(ev: ConnEvent, hdr: Header) -> None:
+    """The owner is the task the record was taken in (accept() returning)."""
+    ev.pid, ev.tid, ev.uid, ev.comm = hdr.pid, hdr.tid, hdr.uid, hdr.comm
+    ev.ppid, ev.parent_comm = hdr.ppid, hdr.pcomm
+
+
+def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[tuple]) -> None:
+    """Owner fields from the socket's birth record; the parent only when the
+    event ran in the owner's own context (it is not stored per socket)."""
+    if owner is None:
+        for f in _OWNER_FIELDS:
+            setattr(ev, f, None)
+        return
+    ev.pid, ev.tid, ev.uid, ev.comm = owner
+    same = ev.context == "process" and hdr.pid == ev.pid
+    ev.ppid, ev.parent_comm = (hdr.ppid, hdr.pcomm) if same else (None, None)
+
+
+class ConnApi:
+    """`nettrace` methods for TCP connections (mixed into Trace)."""
+
+    def connections(self, **filters: Any) -> List[Event]:
+        """TCP connects, accepts and closes (kind "conn"); filter e.g. `action="accept"`."""
+        return self.events("conn", **filters)
+
+    def assert_accepted(self, timeout: float = 2.0, count: Optional[int] = None,
+                        **filters: Any) -> Union[Event, List[Event]]:
+        """A connection matching filters was accepted; returns the event.
+
+        With `count=N`: waits (up to `timeout`) for N accepted connections,
+        fails if more than N matched by then, and returns the N events.
+        Filtering on pid/comm waits for the accept() to be attributed."""
+        return self._assert_conn("accept", timeout, count, filters)
+
+    def assert_connected(self, timeout: float = 2.0, count: Optional[int] = None,
+                         **filters: Any) -> Union[Event, List[Event]]:
+        """A connection matching filters was established by connect(); returns
+        the event (or, with `count=N`, exactly N events as assert_accepted)."""
+        return self._assert_conn("connect", timeout, count, filters)
+
+    def assert_closed(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A connection matching filters closed; returns the event (duration, bytes)."""
+        return self.assert_any("conn", timeout=timeout, action="close", **filters)
+
+    def connection_table(self, action: str = "accept", **filters: Any) -> str:
+        """tcp_connections.stp's report: UID CMD PID PORT IP_SOURCE, one row
+        per connection (`action="connect"` for the client side)."""
+        rows = [e.seed_row() for e in self.events("conn", action=action, **filters)]
+        return "\n".join([SEED_HEADER] + rows)
+
+    def _assert_conn(self, action: str, timeout: float, count: Optional[int],
+                     filters: Dict[str, Any]) -> Union[Event, List[Event]]:
+        if count is None:
+            return self.assert_any("conn", timeout=timeout, action=action, **filters)
+        if count < 0:
+            raise ValueError(f"count must be >= 0, not {count}")
+        filters = dict(filters, action=action)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.events("conn", **filters)
+            if len(found) >= count or time.monotonic() >= deadline:
+                break
+            self.engine.wait(min(0.02, max(0.0, deadline - time.monotonic())))
+        if len(found) != count:
+            if len(found) < count:
+                self._assert_nothing_lost("conn", filters)
+            raise AssertionError(self._failure(
+                f"expected {count} conn events matching {describe_filters(filters)}, saw {len(found)}"
+                + (f" within {timeout:g}s" if len(found) < count else ""), "conn", filters, found))
+        return found
+
+
+PROBE = ConnProbe
+API = ConnApi

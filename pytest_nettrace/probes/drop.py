@@ -1,0 +1,290 @@
+"""Packet drops (bpf/drop.bpf.c, bpf/drop.h): `kind == "drop"`.
+
+Seed: dropwatch ("N drops at location") and `perf record -e skb:kfree_skb`.
+Drops can come at line rate, so the kernel counts every drop of a watched
+namespace by (reason, location) and sends only the first DETAIL_BUDGET of
+each namespace as detailed events; `drop_summary()` reads the counts, and
+`assert_no_drops()` checks them for matching drops that were only counted.
+"""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional
+
+from ..errors import EventsLost
+from ..events import HEADER, Event, Header, describe_filters, matches
+from ..libbpf import map_delete, map_lookup, map_update
+from ..symbols import kallsyms
+from ._bpfmap import map_delete_where, map_items
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+    from ..libbpf import BpfObject
+
+NT_KIND_DROP = 3
+DETAIL_BUDGET = 256  # detailed drop events per watched namespace (per test)
+_BODY = struct.Struct("<QIIIHBBHHBB2x16s16s16s")  # struct drop_event after the header
+_KEY = struct.Struct("<IIQ")       # struct drop_key
+_COUNT = struct.Struct("<QQ")      # struct drop_count
+_SCOPE = struct.Struct("<QQQ")     # struct drop_scope
+_u32 = struct.Struct("<I")
+ETHERTYPES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x8100: "802.1Q", 0x0004: "802.2"}
+IP_PROTOS = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
+
+
+class DropEvent(Event):
+    """A packet the kernel dropped (kfree_skb), in a watched namespace.
+
+    `reason` is the kernel's `enum skb_drop_reason` name without the
+    SKB_DROP_REASON_ prefix (e.g. "NO_SOCKET", "NETFILTER_DROP"), read from
+    the running kernel's BTF; None on kernels before 5.17. `location` is the
+    freeing code as `func+0xoff`. Addresses, ports and `ip_proto` are the
+    dropped packet's own (None when it is not IP / not TCP or UDP)."""
+
+    kind = "drop"
+    FIELDS = Event.FIELDS + ("reason", "location", "dev", "ifindex", "protocol", "family", "saddr", "daddr",
+                             "sport", "dport", "ip_proto", "length")
+    ADDRESS_FIELDS = ("saddr", "daddr")
+
+    def describe(self) -> str:
+        why = self.reason or "drop"
+        what = ""
+        if self.family:
+            proto = self.ip_proto if isinstance(self.ip_proto, str) else f"proto {self.ip_proto}"
+            what = f" {proto} {_ep(self.saddr, self.sport)} > {_ep(self.daddr, self.dport)}"
+        elif self.protocol:
+            what = f" {self.protocol}"
+        dev = f" dev {self.dev}" if self.dev else ""
+        return f"{why} at {self.location}{what}{dev} len {self.length}"
+
+
+def _ep(addr: Any, port: Optional[int]) -> str:
+    if port is None:
+        return str(addr)
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+class DropCount(NamedTuple):
+    """One row of the in-kernel drop counts (all drops, delivered or not)."""
+
+    netns: int
+    namespace: str      # the trace's label of netns
+    location: str       # func+0xoff
+    reason: Optional[str]
+    count: int
+    undelivered: int    # of count: not delivered as detailed events
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{self.count} drops at {self.location}{why} [{self.namespace}]"
+
+
+class DropSummary(List[DropCount]):
+    """Rows sorted by count, most first; str() is dropwatch's report."""
+
+    def text(self) -> str:
+        if not self:
+            return "0 drops"
+        return "\n".join(str(r) for r in self)
+
+    def total(self) -> int:
+        return sum(r.count for r in self)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+class DropProbe(Probe):
+    name = "drop"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_DROP
+    event_types = {"drop": DropEvent}
+
+    def __init__(self) -> None:
+        self.reasons: Dict[int, str] = {}
+        self.has_reason = False
+        self._counts_fd = -1
+        self._scopes_fd = -1
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        self.reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
+        config = {"drop_cfg": _u32.pack(DETAIL_BUDGET)}
+        args = kernel.tracepoint_args("kfree_skb")
+        if not kernel.tp_btf or args is None:
+            return []
+        if args >= 3 and self.reasons:
+            self.has_reason = True
+            return [Plan("tp_btf", ["drop_tp"], config=config)]
+        return [Plan("tp_btf (no drop reasons: kernel < 5.17)", ["drop_tp_noreason"], config=config)]
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if not kernel.tp_btf:
+            return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
+        return "the kernel BTF has no skb:kfree_skb tracepoint (btf_trace_kfree_skb)"
+
+    def attached(self, obj: "BpfObject") -> None:
+        self._counts_fd = obj.map_fd("drop_counts")
+        self._scopes_fd = obj.map_fd("drop_scopes")
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        # an inode can be reused by a later namespace: start from zero
+        self._forget(netns)
+        map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE.size))
+
+    def unwatch(self, netns: int) -> None:
+        map_delete(self._scopes_fd, _u32.pack(netns))
+        self._forget(netns)
+
+    def _forget(self, netns: int) -> None:
+        map_delete_where(self._counts_fd, _KEY.size, lambda k: _KEY.unpack(k)[0] == netns)
+
+    def lost(self, netns: int) -> Dict[str, int]:
+        """Drops not delivered in detail (budget spent or counts map full).
+        Ring-buffer losses are counted by the core; these come on top."""
+        scope = self.scope(netns)
+        n = scope[1] + scope[2]
+        return {"drop": n} if n else {}
+
+    def scope(self, netns: int) -> tuple:
+        """(detailed, summarized, unaccounted) of a watched namespace."""
+        raw = map_lookup(self._scopes_fd, _u32.pack(netns), _SCOPE.size)
+        return _SCOPE.unpack(raw) if raw else (0, 0, 0)
+
+    def counts(self, netns: int) -> List[tuple]:
+        """(location address, reason name, total, undelivered) for one namespace."""
+        out = []
+        for key, value in map_items(self._counts_fd, _KEY.size, _COUNT.size):
+            ns, reason, location = _KEY.unpack(key)
+            if ns == netns:
+                total, undelivered = _COUNT.unpack(value)
+                out.append((location, self.reason_name(reason), total, undelivered))
+        return out
+
+    def reason_name(self, value: int) -> Optional[str]:
+        if not self.has_reason:
+            return None
+        return self.reasons.get(value, str(value))
+
+    def decode(self, buf: bytes, hdr: Header) -> Event:
+        (location, reason, length, ifindex, protocol, family, ip_proto, sport, dport, has_reason, has_ports,
+         dev, saddr, daddr) = _BODY.unpack_from(buf, HEADER.size)
+        src = dst = None
+        if family == 4:
+            src, dst = ipaddress.IPv4Address(saddr[:4]), ipaddress.IPv4Address(daddr[:4])
+        elif family == 6:
+            src, dst = ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr)
+        return DropEvent(
+            hdr, hdr.stack_addrs(buf), "softirq",
+            reason=self.reasons.get(reason, str(reason)) if has_reason else None,
+            location=kallsyms().resolve(location), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
+            ifindex=ifindex or None, protocol=ETHERTYPES.get(protocol, f"0x{protocol:04x}"),
+            family=family or None, saddr=src, daddr=dst,
+            sport=sport if has_ports else None, dport=dport if has_ports else None,
+            ip_proto=IP_PROTOS.get(ip_proto, ip_proto) if family else None, length=length,
+        )
+
+
+def _specified(reason: Optional[str]) -> bool:
+    return reason != "NOT_SPECIFIED"
+
+
+def _describe(filters: Dict[str, Any]) -> str:
+    text = describe_filters({k: v for k, v in filters.items() if v is not _specified})
+    if filters.get("reason") is _specified:
+        text = "reason!='NOT_SPECIFIED'" + ("" if text == "(any)" else ", " + text)
+    return text
+
+
+class _Counted:
+    """Stands in for the drops of one (reason, location) count when matching filters."""
+
+    def __init__(self, netns: int, reason: Optional[str], location: str) -> None:
+        self.kind, self.netns, self.reason, self.location = "drop", netns, reason, location
+
+
+# Filters a count can be judged on; any other filter could match a counted drop.
+_COUNT_FIELDS = ("kind", "netns", "reason", "location")
+
+
+class DropApi:
+    """`nettrace` methods for packet drops (mixed into Trace)."""
+
+    def drops(self, **filters: Any) -> List[Event]:
+        """Dropped packets delivered in detail (at most the first
+        DETAIL_BUDGET per namespace; `drop_summary()` counts them all)."""
+        return self.events("drop", **filters)
+
+    def assert_drop(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A packet matching filters was dropped; returns the event."""
+        return self.assert_any("drop", timeout=timeout, **filters)
+
+    def assert_no_drops(self, reason: Any = None, *, include_unspecified: bool = False, **filters: Any) -> None:
+        """No packet matching filters was dropped in the watched namespaces.
+
+        By default (`reason=None`) any reason counts EXCEPT "NOT_SPECIFIED":
+        the kernel reports that for frees that are not failures (e.g. IPv6
+        multicast a host did not join, seen on every fresh veth), so it would
+        make the default useless. `include_unspecified=True` counts those too;
+        an explicit `reason` ("NETFILTER_DROP", a list, or a predicate) is used
+        as given. On kernels without drop reasons (< 5.17) every drop counts.
+
+        Sound: drops that were only counted (past the per-namespace detail
+        budget, or with the ring buffer full) fail the assertion when their
+        reason and location could match, since their other fields are unknown."""
+        if reason is not None:
+            filters = dict(filters, reason=reason)
+        elif not include_unspecified:
+            filters = dict(filters, reason=_specified)
+        found = self.events("drop", **filters)
+        if found:
+            raise AssertionError(self._failure(
+                f"expected no drop events matching {_describe(filters)}, saw {len(found)}",
+                "drop", filters, found))
+        hidden = self._hidden_drops(filters)
+        if hidden:
+            lines = "; ".join(str(r) for r in hidden[:5])
+            raise EventsLost(self._failure(
+                f"cannot assert that no drop matching {_describe(filters)} happened: "
+                f"{sum(r.undelivered for r in hidden)} drops were counted but not delivered in detail "
+                f"(per-namespace budget {DETAIL_BUDGET} spent, or ring buffer full) and may match: {lines}",
+                "drop", filters, []))
+
+    def drop_summary(self, **filters: Any) -> DropSummary:
+        """Every drop in the watched namespaces, counted in the kernel by
+        (namespace, location, reason) — including those past the detail
+        budget. Filters: netns, reason, location. str() gives dropwatch's
+        "N drops at location (REASON)" lines."""
+        bad = [f for f in filters if f not in _COUNT_FIELDS]
+        if bad:
+            raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
+        self._validate("drop", filters)
+        self._sync()
+        probe = self.engine.status["drop"].probe
+        table = kallsyms()
+        rows = []
+        for netns in self.watched:
+            for location, reason, total, undelivered in probe.counts(netns):
+                row = DropCount(netns, self.label(netns), table.resolve(location), reason, total, undelivered)
+                if matches(_Counted(netns, reason, row.location), filters):
+                    rows.append(row)
+        rows.sort(key=lambda r: (-r.count, r.location))
+        return DropSummary(rows)
+
+    def _hidden_drops(self, filters: Dict[str, Any]) -> List[DropCount]:
+        """Counted-only drops that could match filters (an unaccounted one always could)."""
+        probe = self.engine.status["drop"].probe
+        judged = {k: v for k, v in filters.items() if k in _COUNT_FIELDS}
+        hidden = [r for r in self.drop_summary() if r.undelivered
+                  and matches(_Counted(r.netns, r.reason, r.location), judged)]
+        for netns in self.watched:
+            unaccounted = probe.scope(netns)[2]
+            if unaccounted:
+                hidden.append(DropCount(netns, self.label(netns), "<unknown: drop counts map full>", None,
+                                        unaccounted, unaccounted))
+        return hidden
+
+
+PROBE = DropProbe
+API = DropApi

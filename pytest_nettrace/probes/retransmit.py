@@ -1,0 +1,119 @@
+"""TCP retransmissions (bpf/retransmit.bpf.c, bpf/retransmit.h): `kind == "retransmit"`.
+
+Seed: tcpretrans (TIME PID IP LADDR:LPORT T> RADDR:RPORT STATE)."""
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+
+from ..events import HEADER, Event, Header
+from .base import Plan, Probe
+from .rst import TCP_STATES, ip_from
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+NT_KIND_RETRANS = 5
+_BODY = struct.Struct("<QIIBBBBHH16s16s")  # struct retrans_event after the header
+RETRANS_SYNACK = 1
+_LOSS_PROBE_FRAMES = ("tcp_send_loss_probe",)
+
+
+class RetransmitEvent(Event):
+    """A TCP segment sent again. `saddr`/`sport` are the local end (the
+    sender of the retransmission), `daddr`/`dport` the remote one.
+
+    `type`: "syn" (a connect() SYN, state SYN_SENT), "synack" (a listener's
+    SYN/ACK), "loss_probe" (a tail loss probe) or "retransmit" (RTO or fast
+    retransmit of data/FIN). `count`: how many times this segment (same
+    socket, same sequence number) was retransmitted so far, this one included.
+    `total_retrans`: the socket's retransmitted segments so far, this one
+    included, as the kernel counts them (tcp_sock.total_retrans; for SYN/ACKs
+    the request's)."""
+
+    kind = "retransmit"
+    FIELDS = Event.FIELDS + ("type", "family", "saddr", "sport", "daddr", "dport", "state", "seq", "count",
+                             "total_retrans")
+    ADDRESS_FIELDS = ("saddr", "daddr")
+
+    def describe(self) -> str:
+        # tcpretrans: LADDR:LPORT T> RADDR:RPORT STATE, T = R(etransmit) / L(oss probe)
+        t = "L>" if self.type == "loss_probe" else "R>"
+        return (f"{self.type} {_ep(self.saddr, self.sport)} {t} {_ep(self.daddr, self.dport)} {self.state}"
+                f" seq {self.seq} (#{self.count})")
+
+
+def _ep(addr: Any, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+class RetransmitProbe(Probe):
+    name = "retransmit"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_RETRANS
+    event_types = {"retransmit": RetransmitEvent}
+
+    def __init__(self) -> None:
+        self._seen: Dict[Tuple[int, int, int, int], int] = {}  # (netns, sk, type, seq) -> count
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        args = kernel.tracepoint_args("tcp_retransmit_skb")
+        if not kernel.tp_btf or args is None:
+            return []
+        synack = ["retrans_synack_tp"] if kernel.tracepoint_args("tcp_retransmit_synack") is not None else []
+        notes = [] if synack else ["no tcp_retransmit_synack tracepoint: SYN/ACK retransmits are not seen"]
+        # 6.14+ adds `err` (failed attempts fire too): that program skips them
+        prog = "retrans_tp" if args >= 3 else "retrans_tp_noerr"
+        return [Plan("tp_btf", [prog] + synack, notes=notes)]
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if not kernel.tp_btf:
+            return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
+        return "no tcp:tcp_retransmit_skb tracepoint in the kernel BTF"
+
+    def unwatch(self, netns: int) -> None:
+        for key in [k for k in self._seen if k[0] == netns]:
+            del self._seen[key]
+
+    def close(self) -> None:
+        self._seen.clear()
+
+    def decode(self, buf: bytes, hdr: Header) -> Event:
+        sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = _BODY.unpack_from(buf, HEADER.size)
+        key = (hdr.netns, sk, rtype, seq)
+        self._seen[key] = count = self._seen.get(key, 0) + 1
+        src, dst = ip_from(saddr, family), ip_from(daddr, family)
+        state_name = TCP_STATES.get(state, str(state))
+        ev = RetransmitEvent(hdr, hdr.stack_addrs(buf), "softirq", family=src.version, saddr=src, sport=sport,
+                             daddr=dst, dport=dport, state=state_name, seq=seq, count=count, total_retrans=total)
+        if rtype == RETRANS_SYNACK:
+            ev.type = "synack"
+            ev.total_retrans = total + 1  # request_sock.num_retrans grows after the tracepoint
+        elif state_name == "SYN_SENT":
+            ev.type = "syn"
+        elif any(f.split("+", 1)[0] in _LOSS_PROBE_FRAMES for f in ev.stack):
+            ev.type = "loss_probe"
+        else:
+            ev.type = "retransmit"
+        return ev
+
+
+class RetransmitApi:
+    """`nettrace` methods for TCP retransmissions (mixed into Trace)."""
+
+    def retransmits(self, **filters: Any) -> List[Event]:
+        """TCP segments retransmitted (kind "retransmit"); filter e.g. `type="syn"`."""
+        return self.events("retransmit", **filters)
+
+    def assert_retransmit(self, timeout: float = 5.0, **filters: Any) -> Event:
+        """A retransmission matching filters happened (waits up to `timeout`:
+        the first RTO is 200 ms for data, 1 s for a SYN); returns it."""
+        return self.assert_any("retransmit", timeout=timeout, **filters)
+
+    def assert_no_retransmits(self, **filters: Any) -> None:
+        """No TCP segment matching filters was retransmitted (and none may have been lost)."""
+        self.assert_none("retransmit", **filters)
+
+
+PROBE = RetransmitProbe
+API = RetransmitApi

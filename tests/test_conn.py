@@ -1,0 +1,119 @@
+"""TCP connections (issue 5): connect / accept / close with real processes."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from traffic import clean_exchange, connect_refused, echo_once, script
+
+FAMILIES = [pytest.param((socket.AF_INET, "10.0.0.1", "10.0.0.2", 24), id="ipv4"),
+            pytest.param((socket.AF_INET6, "fd00::1", "fd00::2", 64), id="ipv6")]
+
+
+@pytest.fixture(params=FAMILIES)
+def pair(request, make_netns):
+    """Two namespaces joined by a veth: (server ns, client ns, family, server addr, client addr)."""
+    fam, a, b, plen = request.param
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=[f"{a}/{plen}"], peer_addresses=[f"{b}/{plen}"])
+    return server, client, fam, a, b
+
+
+def serve(ns, host: str, port: int, n: int) -> subprocess.Popen:
+    """A server process in ns: accept n connections, echo each until EOF, exit."""
+    fam = "AF_INET6" if ":" in host else "AF_INET"
+    proc = ns.popen(script(f"""
+        import socket
+        l = socket.socket(socket.{fam})
+        l.bind(({host!r}, {port}))
+        l.listen()
+        print("ready", flush=True)
+        for _ in range({n}):
+            c, _ = l.accept()
+            while True:
+                data = c.recv(4096)
+                if not data:
+                    break
+                c.sendall(data)
+            c.close()
+    """), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_daemon_accepts_three_connections(pair, nettrace):
+    server, client, fam, a, b = pair
+    srv = serve(server, a, 8080, 3)
+    clients = [client.run(clean_exchange(a, 8080), check=True) for _ in range(3)]
+    assert srv.wait(10) == 0
+    accepted = nettrace.assert_accepted(count=3, pid=srv.pid, dport=lambda p: p > 1024)
+    assert all(e.comm == "python3"[:15] or e.comm.startswith("python") for e in accepted)
+    assert all(str(e.saddr) == a and e.sport == 8080 and str(e.daddr) == b for e in accepted)
+    assert all(e.netns == server.inode and e.state == "ESTABLISHED" for e in accepted)
+    assert all(e.uid == os.geteuid() for e in accepted)
+    connected = nettrace.assert_connected(count=3, dport=8080)
+    assert sorted(e.pid for e in connected) == sorted(r.pid for r in clients)
+    assert {e.sport for e in connected} == {e.dport for e in accepted}
+    # tcp_connections.stp's columns
+    table = nettrace.connection_table()
+    lines = table.splitlines()
+    assert lines[0].split() == ["UID", "CMD", "PID", "PORT", "IP_SOURCE"]
+    assert len(lines) == 4 and all(f" {srv.pid} " in ln and " 8080 " in ln and ln.endswith(b) for ln in lines[1:])
+
+
+def test_close_reports_duration_and_payload_bytes(pair, nettrace):
+    server, client, fam, a, b = pair
+    srv = serve(server, a, 8080, 1)
+    r = client.run(clean_exchange(a, 8080), check=True)  # sends "ping", reads the echo
+    srv.wait(10)
+    mine = nettrace.assert_closed(pid=r.pid)
+    assert mine.bytes_sent == 4 and mine.bytes_received == 4
+    assert mine.duration_ms is not None and 0 < mine.duration_ms < 10_000
+    theirs = nettrace.assert_closed(pid=srv.pid)
+    assert theirs.bytes_sent == 4 and theirs.bytes_received == 4
+    assert theirs.netns == server.inode and theirs.sport == 8080
+
+
+def test_refused_connect_is_no_connection(pair, nettrace):
+    server, client, fam, a, b = pair
+    r = client.run(connect_refused(a, 9), check=True)
+    closed = nettrace.assert_closed(dport=9)
+    assert closed.old_state == "SYN_SENT" and closed.pid == r.pid
+    assert nettrace.connections(action="connect") == []
+    with pytest.raises(AssertionError, match="timed out after 0.2s waiting for a conn event"):
+        nettrace.assert_accepted(timeout=0.2)
+
+
+def test_accept_in_this_process_names_this_process(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst = server.socket(fam)
+    lst.bind((a, 0))
+    lst.listen()
+    t = threading.Thread(target=echo_once, args=(lst,))
+    t.start()
+    client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
+    t.join(5)
+    lst.close()
+    ev = nettrace.assert_accepted(pid=os.getpid())
+    assert ev.tid == t.native_id
+
+
+def test_count_mismatch_fails_with_the_connections(pair, nettrace):
+    server, client, fam, a, b = pair
+    srv = serve(server, a, 8080, 2)
+    for _ in range(2):
+        client.run(clean_exchange(a, 8080), check=True)
+    srv.wait(10)
+    with pytest.raises(AssertionError, match="expected 1 conn events matching .*action='accept', saw 2"):
+        nettrace.assert_accepted(count=1)
+    with pytest.raises(AssertionError, match="expected 3 conn events .* saw 2 within 0.3s"):
+        nettrace.assert_accepted(count=3, timeout=0.3)
+
+
+def test_unknown_filter_is_a_usage_error(nettrace):
+    with pytest.raises(ValueError, match="unknown filter 'acton' for 'conn' events; valid: .*action"):
+        nettrace.connections(acton="accept")

@@ -1,0 +1,109 @@
+"""TCP retransmissions (issue 5): loss made with nftables rules (no netem here)."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import threading
+
+import pytest
+
+from traffic import clean_exchange, echo_once
+
+FAMILIES = [pytest.param((socket.AF_INET, "10.0.0.1", "10.0.0.2", 24), id="ipv4"),
+            pytest.param((socket.AF_INET6, "fd00::1", "fd00::2", 64), id="ipv6")]
+
+
+@pytest.fixture(params=FAMILIES)
+def pair(request, make_netns):
+    """Two namespaces joined by a veth: (server ns, client ns, family, server addr, client addr)."""
+    fam, a, b, plen = request.param
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=[f"{a}/{plen}"], peer_addresses=[f"{b}/{plen}"])
+    return server, client, fam, a, b
+
+
+def lose_incoming(ns, match: str, first: int = 1) -> None:
+    """Drop the first `first` packets matching `match` on arrival in ns.
+    (On arrival: a local output drop is reported to TCP, which just sends
+    again later instead of retransmitting.)"""
+    ns.run(["nft", "-f", "-"], check=True, input=f"""
+        table inet lossy {{
+            chain in {{
+                type filter hook input priority 0;
+                {match} numgen inc mod {first + 1000} < {first} drop
+            }}
+        }}
+    """)
+
+
+def echo_server(ns, fam: int, host: str):
+    lst = ns.socket(fam)
+    lst.bind((host, 0))
+    lst.listen()
+    t = threading.Thread(target=echo_once, args=(lst,), daemon=True)
+    t.start()
+    return lst, t
+
+
+def test_lost_data_segment_is_retransmitted(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst, t = echo_server(server, fam, a)
+    port = lst.getsockname()[1]
+    lose_incoming(server, f"tcp dport {port} tcp flags & psh == psh", first=2)
+    r = client.run(clean_exchange(a, port), check=True)
+    t.join(10)
+    lst.close()
+    first = nettrace.assert_retransmit(dport=port, state="ESTABLISHED")
+    assert first.type in ("retransmit", "loss_probe") and first.count == 1
+    assert str(first.saddr) == b and str(first.daddr) == a and first.netns == client.inode
+    second = nettrace.assert_retransmit(dport=port, seq=first.seq, count=2)
+    assert second.total_retrans > first.total_retrans
+    assert second.pid is None, "timer retransmits run in softirq: nobody to blame"
+    assert nettrace.assert_drop(reason="NETFILTER_DROP", dport=port).netns == server.inode
+    nettrace.assert_no_retransmits(dport=port, type="syn")
+    with pytest.raises(AssertionError, match="expected no retransmit events"):
+        nettrace.assert_no_retransmits()
+    assert r.returncode == 0
+
+
+def test_lost_syn_is_a_syn_retransmit(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst, t = echo_server(server, fam, a)
+    port = lst.getsockname()[1]
+    lose_incoming(server, f"tcp dport {port} tcp flags & (syn|ack) == syn")
+    client.run(clean_exchange(a, port), check=True)
+    t.join(10)
+    lst.close()
+    ev = nettrace.assert_retransmit(type="syn", dport=port)
+    assert ev.state == "SYN_SENT" and ev.count == 1 and ev.netns == client.inode
+    assert any(f.startswith("tcp_retransmit_timer") for f in ev.stack), ev.stack
+
+
+def test_lost_synack_is_a_synack_retransmit(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst, t = echo_server(server, fam, a)
+    port = lst.getsockname()[1]
+    lose_incoming(client, f"tcp sport {port} tcp flags & (syn|ack) == syn|ack")
+    client.run(clean_exchange(a, port), check=True)
+    t.join(10)
+    lst.close()
+    ev = nettrace.assert_retransmit(type="synack")
+    assert ev.netns == server.inode and ev.sport == port and str(ev.saddr) == a and str(ev.daddr) == b
+    assert ev.total_retrans == 1
+
+
+def test_clean_exchange_retransmits_nothing(pair, nettrace):
+    server, client, fam, a, b = pair
+    lst, t = echo_server(server, fam, a)
+    client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
+    t.join(10)
+    lst.close()
+    nettrace.assert_accepted()
+    nettrace.assert_no_retransmits()
+    nettrace.assert_no_drops()
+    assert nettrace.retransmits() == []
+
+
+def test_unknown_filter_is_a_usage_error(nettrace):
+    with pytest.raises(ValueError, match="unknown filter 'cnt' for 'retransmit' events; valid: .*count"):
+        nettrace.retransmits(cnt=1)
