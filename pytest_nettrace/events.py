@@ -132,8 +132,9 @@ class Event:
         """What happened, without who/when; probes override."""
         return self.kind
 
-    def how(self) -> str:
-        """How it was asked for (` via netlink: "ip addr del …"`); probes override."""
+    def how(self, full: bool = False) -> str:
+        """How it was asked for (` via netlink`; with `full`, the command line
+        too: ` via netlink: "ip addr del …"`); probes override."""
         return ""
 
     def summary(self) -> str:

@@ -57,13 +57,44 @@ def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence
     return "\n".join(lines)
 
 
+# High-volume views that would bury the story unless they are what was asserted on.
+_BACKGROUND_KINDS = ("packet", "syscall")
+
+
+def _is_background(event: Event, kind: Optional[str]) -> bool:
+    if event.kind == kind:
+        return False
+    if event.kind in _BACKGROUND_KINDS:
+        return True
+    # frees the kernel does not name: mostly multicast nobody joined, not a loss
+    return event.kind == "drop" and getattr(event, "reason", None) == "NOT_SPECIFIED"
+
+
+def _focus(events: List[Event], kind: Optional[str], offending: Sequence[Event]):
+    """(events to show, {kind: count} left out) for a failure's timeline."""
+    marked = {id(e) for e in offending}
+    shown: List[Event] = []
+    hidden: Dict[str, int] = {}
+    for e in events:
+        if id(e) in marked or not _is_background(e, kind):
+            shown.append(e)
+        else:
+            key = "unspecified drop" if e.kind == "drop" else e.kind
+            hidden[key] = hidden.get(key, 0) + 1
+    return shown, hidden
+
+
 def render_failure(trace: "Trace", headline: str, kind: Optional[str], filters: Dict[str, Any],
                    offending: List[Event]) -> str:
     out = [_wrap(headline)]
     names = ", ".join(f"{label} ({inode})" for inode, label in trace.watched.items()) or "none"
     out.append(_wrap(f"watched namespaces: {names}"))
+    shown, hidden = _focus(trace.all_events(), kind, offending)
     out.append("network events (time since test start):")
-    out.append(render_timeline(trace, trace.all_events(), offending))
+    out.append(render_timeline(trace, shown, offending))
+    if hidden:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(hidden.items()))
+        out.append(f"   (not shown: {counts}; nettrace.events() lists them)")
     lost = {k: trace.lost(k) for k in ([kind] if kind else [])}
     lost_total = trace.lost()
     out.append(f"lost events: {lost_total}" + (f" ({', '.join(f'{k}: {n}' for k, n in lost.items())})"
@@ -86,4 +117,4 @@ def _wrap(text: str) -> str:
 def seed_line(event: Event, trace: Optional["Trace"] = None) -> str:
     """The seed's one-liner: time, actor, what happened, where."""
     where = f" (netns {trace.label(event.netns)})" if trace else ""
-    return f"{seed_time(event.timestamp)} {event.actor()} {event.describe()}{where}{event.how()}"
+    return f"{seed_time(event.timestamp)} {event.actor()} {event.describe()}{where}{event.how(full=True)}"

@@ -111,7 +111,7 @@ class TraceCore:
     def label(self, inode: int) -> str:
         return self._watched.get(inode, f"netns:{inode}")
 
-    def _sink(self, record: bytes) -> None:
+    def _sink(self, record: "bytes | Event") -> None:
         with self._cond:
             self._raw.append(record)
             self._cond.notify_all()
@@ -122,7 +122,8 @@ class TraceCore:
         with self._cond:
             raw, self._raw = self._raw, []
             for rec in raw:
-                event = self.engine.decode(rec)
+                # probes without BPF records (packet capture) hand over Events
+                event = rec if isinstance(rec, Event) else self.engine.decode(rec)
                 if event is not None:
                     self._events.append(event)
 

@@ -105,11 +105,11 @@ class NetChangeEvent(Event):
 
     FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user")
 
-    def how(self) -> str:
+    def how(self, full: bool = False) -> str:
         via = {"netlink": "via netlink", "ioctl": "via ioctl", "kernel": "by the kernel"}.get(self.cause, self.cause)
         if self.detail:
             via += f" ({self.detail})"
-        if self.cmdline:
+        if full and self.cmdline:
             via += f': "{self.cmdline}"'
         return " " + via
 

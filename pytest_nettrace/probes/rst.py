@@ -39,7 +39,8 @@ class RstEvent(Event):
 
     def describe(self) -> str:
         why = f" reason {self.reason}" if self.reason else ""
-        return (f"RST {self.direction} ({self.origin}) {_ep(self.saddr, self.sport)} > {_ep(self.daddr, self.dport)}"
+        origin = "" if self.origin == "received" else f" ({self.origin})"
+        return (f"RST {self.direction}{origin} {_ep(self.saddr, self.sport)} > {_ep(self.daddr, self.dport)}"
                 f" state {self.state}{why}")
 
 
