@@ -1,0 +1,445 @@
+"""Packets on the test's interfaces, tcpdump-style: kind "packet", and a
+pcapng file per test (`nettrace.pcap_path`).
+
+No BPF: one AF_PACKET socket per watched namespace, opened by a thread that
+enters the namespace (instant, so capture runs before the test body), not
+bound to a device, so it sees every interface, present and future, in
+both directions. The kernel queues copies on the socket; they are read
+when the engine drains and whenever the test reads, decoded for a few
+header fields (addresses, ports, TCP flags) and written to the test's
+pcapng. Whatever the kernel could not queue (PACKET_STATISTICS drops) or the
+per-test cap left out is counted as lost, so negative assertions stay sound.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import struct
+import tempfile
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
+
+from .._linux import run_in_thread
+from ..events import Event, Header
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+NT_KIND_PACKET = 8
+SNAPLEN = 262144                 # bytes kept per packet, as tcpdump
+MAX_PENDING_BYTES = 256 << 20    # per namespace between two reads; beyond: counted lost
+MAX_PACKETS = 200_000            # per namespace per test; beyond: counted lost
+RCVBUF = 32 << 20
+
+ETH_P_ALL = 0x0003
+SOL_PACKET, PACKET_STATISTICS, PACKET_AUXDATA = 263, 6, 8
+SO_RCVBUFFORCE, SO_TIMESTAMPNS = 33, 35
+PACKET_OUTGOING = 4
+ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
+PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
+_AUXDATA = struct.Struct("IIIHHHH")   # struct tpacket_auxdata (native)
+_TIMESPEC = struct.Struct("qq")
+
+
+class Frame(NamedTuple):
+    """One captured packet, as read from the socket."""
+
+    ts_real: int        # CLOCK_REALTIME ns (SO_TIMESTAMPNS)
+    ifname: str
+    direction: str      # "in" / "out"
+    ethernet: bytes     # the frame; non-Ethernet devices get a zero Ethernet header
+    length: int         # original length on the wire
+
+
+class _Capture:
+    """The packet socket of one watched namespace."""
+
+    def __init__(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self.sock: socket.socket = run_in_thread(self._open, netns_fd=fd)
+        finally:
+            os.close(fd)
+        self.pending: List[Frame] = []
+        self.pending_bytes = 0
+        self.taken = 0
+        self.kernel_drops = 0
+        self.capped = 0
+
+    @staticmethod
+    def _open() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
+                          socket.htons(ETH_P_ALL))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        return s
+
+    def read(self) -> None:
+        """Move what the kernel queued into `pending` (never blocks)."""
+        cmsg_space = socket.CMSG_SPACE(_AUXDATA.size) + socket.CMSG_SPACE(_TIMESPEC.size)
+        while True:
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(SNAPLEN, cmsg_space)
+            except (BlockingIOError, InterruptedError):
+                break
+            ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
+            if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
+                continue  # loopback shows each packet twice; keep the incoming copy, as libpcap does
+            length, ts = len(data), 0
+            for level, kind, value in anc:
+                if level == SOL_PACKET and kind == PACKET_AUXDATA and len(value) >= _AUXDATA.size:
+                    length = _AUXDATA.unpack_from(value)[1]
+                elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(value)
+                    ts = sec * 1_000_000_000 + nsec
+            if self.taken + len(self.pending) >= MAX_PACKETS or self.pending_bytes > MAX_PENDING_BYTES:
+                self.capped += 1
+                continue
+            if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # e.g. tun: the frame is L3
+                data = bytes(12) + struct.pack(">H", proto) + data
+                length += 14
+            # (the name is resolved in the socket's namespace; "?" once the device is gone)
+            self.pending.append(Frame(ts or time.time_ns(), ifname or "?", PKTTYPES.get(pkttype, "in"),
+                                      data, length))
+            self.pending_bytes += len(data)
+
+    def stats(self) -> None:
+        """Accumulate the kernel's drop counter (reading resets it)."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        self.kernel_drops += struct.unpack("II", raw)[1]
+
+    def take(self) -> List[Frame]:
+        self.read()
+        frames, self.pending, self.pending_bytes = self.pending, [], 0
+        self.taken += len(frames)
+        return frames
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- header summaries -------------------------------------------------------
+
+TCP_LETTERS = "UAPRSF"   # tcpdumplike.stp's flag columns
+_TCPDUMP_FLAGS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x20, "U"), (0x40, "E"), (0x80, "W"),
+                  (0x10, "."))
+_LETTER_BITS = {"U": 0x20, "A": 0x10, "P": 0x08, "R": 0x04, "S": 0x02, "F": 0x01}
+
+
+class TcpFlags(str):
+    """TCP flags as letters of U A P R S F; compares equal to any order
+    ("SA" == "AS" for a SYN-ACK)."""
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, str):
+            return set(str(self)) == set(other.upper())
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    def __hash__(self) -> int:
+        return hash(frozenset(str(self)))
+
+
+def tcp_flag_strings(bits: int) -> Tuple[str, TcpFlags]:
+    """(tcpdump's "S." notation, TcpFlags letters) of the flags byte."""
+    dump = "".join(ch for bit, ch in _TCPDUMP_FLAGS if bits & bit) or "none"
+    return dump, TcpFlags("".join(ch for ch in TCP_LETTERS if bits & _LETTER_BITS[ch]))
+
+
+_IP_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
+
+
+def summarize(frame: bytes) -> Dict[str, Any]:
+    """Header fields of an Ethernet frame: ethertype, addresses, ports, flags."""
+    out: Dict[str, Any] = dict(proto=None, family=None, saddr=None, daddr=None, sport=None, dport=None,
+                               flags=None, tcp_flags=None, seq=None, ack=None, icmp_type=None, payload=None)
+    if len(frame) < 14:
+        return out
+    etype, off = struct.unpack_from(">H", frame, 12)[0], 14
+    while etype in (0x8100, 0x88A8) and len(frame) >= off + 4:  # VLAN tags
+        etype, off = struct.unpack_from(">H", frame, off + 2)[0], off + 4
+    out["ethertype"] = etype
+    l4, proto, l4_end = None, None, len(frame)
+    if etype == 0x0800 and len(frame) >= off + 20:
+        ihl = (frame[off] & 0xF) * 4
+        total, frag, proto = struct.unpack_from(">H", frame, off + 2)[0], struct.unpack_from(">H", frame, off + 6)[0], \
+            frame[off + 9]
+        out.update(family=4, saddr=ipaddress.IPv4Address(frame[off + 12:off + 16]),
+                   daddr=ipaddress.IPv4Address(frame[off + 16:off + 20]), proto=_IP_PROTOS.get(proto, f"ip-{proto}"))
+        l4_end = off + total
+        if not frag & 0x1FFF:
+            l4 = off + ihl
+    elif etype == 0x86DD and len(frame) >= off + 40:
+        plen, proto = struct.unpack_from(">HB", frame, off + 4)
+        out.update(family=6, saddr=ipaddress.IPv6Address(frame[off + 8:off + 24]),
+                   daddr=ipaddress.IPv6Address(frame[off + 24:off + 40]))
+        l4, l4_end = off + 40, off + 40 + plen
+        while proto in (0, 43, 60) and len(frame) >= l4 + 2:  # hop-by-hop, routing, destination options
+            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        out["proto"] = _IP_PROTOS.get(proto, f"ip6-{proto}")
+    elif etype == 0x0806 and len(frame) >= off + 28:
+        out.update(proto="arp", family=4, icmp_type=struct.unpack_from(">H", frame, off + 6)[0],
+                   saddr=ipaddress.IPv4Address(frame[off + 14:off + 18]),
+                   daddr=ipaddress.IPv4Address(frame[off + 24:off + 28]))
+        return out
+    else:
+        out["proto"] = f"ethertype-{etype:#06x}"
+        return out
+    if l4 is None:
+        return out
+    if proto == 6 and len(frame) >= l4 + 20:
+        sport, dport, seq, ack, doff, bits = struct.unpack_from(">HHIIBB", frame, l4)
+        out.update(sport=sport, dport=dport, seq=seq, ack=ack, payload=max(0, l4_end - l4 - (doff >> 4) * 4))
+        out["flags"], out["tcp_flags"] = tcp_flag_strings(bits)
+    elif proto == 17 and len(frame) >= l4 + 8:
+        sport, dport, ulen = struct.unpack_from(">HHH", frame, l4)
+        out.update(sport=sport, dport=dport, payload=max(0, ulen - 8))
+    elif proto in (1, 58) and len(frame) >= l4 + 2:
+        out["icmp_type"] = frame[l4]
+    return out
+
+
+class PacketEvent(Event):
+    """A packet seen on an interface of a watched namespace. `direction`
+    "in"/"out"; `flags` in tcpdump notation ("S", "S.", "P.", "R."),
+    `tcp_flags` as letters of UAPRSF in any order ("SA"); `length` on the wire."""
+
+    kind = "packet"
+    FIELDS = ("kind", "timestamp", "netns", "dev", "direction", "length", "proto", "family", "saddr", "sport",
+              "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "icmp_type", "ethertype")
+    ADDRESS_FIELDS = ("saddr", "daddr")
+
+    def actor(self) -> str:
+        return f"{self.dev} {self.direction}"
+
+    def describe(self) -> str:
+        def ep(addr: Any, port: Optional[int]) -> str:
+            return f"{addr}.{port}" if port is not None else str(addr)
+        if self.proto == "arp":
+            if self.icmp_type == 1:
+                return f"ARP request who-has {self.daddr} tell {self.saddr}"
+            return f"ARP reply {self.saddr} to {self.daddr}"
+        if self.family is None:
+            return f"{self.proto}, length {self.length}"
+        ip = "IP" if self.family == 4 else "IP6"
+        text = f"{ip} {ep(self.saddr, self.sport)} > {ep(self.daddr, self.dport)}: "
+        if self.proto == "tcp":
+            text += f"Flags [{self.flags}], seq {self.seq}"
+            if self.tcp_flags and "A" in self.tcp_flags:
+                text += f", ack {self.ack}"
+            return text + f", length {self.payload}"
+        if self.proto == "udp":
+            return text + f"UDP, length {self.payload}"
+        if self.proto in ("icmp", "icmp6"):
+            return text + f"{self.proto.upper()} type {self.icmp_type}, length {self.length}"
+        return text + f"{self.proto}, length {self.length}"
+
+    def summary(self) -> str:
+        return f"{self.kind:<6} {self.actor()} {self.describe()}"
+
+
+# -- pcapng -----------------------------------------------------------------
+
+class PcapngWriter:
+    """Enough pcapng for tcpdump and Wireshark: one interface per
+    (namespace, device), named "<namespace>:<device>", nanosecond
+    timestamps, the direction in each packet's flags."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._f = open(path, "wb")
+        self._ifaces: Dict[Tuple[int, str], int] = {}
+        # section header: byte-order magic, version 1.0, unknown section length
+        self._block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+
+    def _block(self, btype: int, body: bytes) -> None:
+        body += bytes(-len(body) % 4)
+        total = len(body) + 12
+        self._f.write(struct.pack("<II", btype, total) + body + struct.pack("<I", total))
+
+    @staticmethod
+    def _option(code: int, value: bytes) -> bytes:
+        return struct.pack("<HH", code, len(value)) + value + bytes(-len(value) % 4)
+
+    def _iface(self, netns: int, name: str) -> int:
+        key = (netns, name)
+        if key not in self._ifaces:
+            opts = self._option(2, name.encode()) + self._option(9, b"\x09") + bytes(4)  # if_name, if_tsresol=ns
+            self._block(1, struct.pack("<HHI", 1, 0, SNAPLEN) + opts)  # LINKTYPE_ETHERNET
+            self._ifaces[key] = len(self._ifaces)
+        return self._ifaces[key]
+
+    def write(self, netns: int, iface_name: str, frame: Frame) -> None:
+        iid = self._iface(netns, iface_name)
+        data = frame.ethernet
+        flags = 1 if frame.direction == "in" else 2  # epb_flags: inbound / outbound
+        body = struct.pack("<IIIII", iid, frame.ts_real >> 32, frame.ts_real & 0xFFFFFFFF, len(data), frame.length)
+        body += data + bytes(-len(data) % 4) + self._option(2, struct.pack("<I", flags)) + bytes(4)
+        self._block(6, body)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class PacketProbe(Probe):
+    name = "packet"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_PACKET
+    event_types = {"packet": PacketEvent}
+
+    def __init__(self) -> None:
+        self._captures: Dict[int, _Capture] = {}
+        self._unopened: Dict[int, int] = {}   # netns -> 1 when no path could open it
+        self._lock = threading.Lock()
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        return [Plan("af_packet", [])]
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        with self._lock:
+            if netns in self._captures:
+                return
+            if path is None:
+                self._unopened[netns] = 1  # nothing captured: say so in lost()
+                return
+            self._captures[netns] = _Capture(path)
+
+    def unwatch(self, netns: int) -> None:
+        with self._lock:
+            self._unopened.pop(netns, None)
+            cap = self._captures.pop(netns, None)
+        if cap is not None:
+            cap.close()
+
+    def poll(self) -> None:
+        with self._lock:
+            for cap in self._captures.values():
+                cap.read()
+
+    def take(self, netns: int) -> List[Frame]:
+        """Frames captured in `netns` since the last take."""
+        with self._lock:
+            cap = self._captures.get(netns)
+            return cap.take() if cap is not None else []
+
+    def lost(self, netns: int) -> Dict[str, int]:
+        with self._lock:
+            if netns in self._unopened:
+                return {"packet": 1}
+            cap = self._captures.get(netns)
+            if cap is None:
+                return {}
+            cap.stats()
+            n = cap.kernel_drops + cap.capped
+        return {"packet": n} if n else {}
+
+    def close(self) -> None:
+        for netns in list(self._captures):
+            self.unwatch(netns)
+
+    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+        return None  # nothing comes through the ring buffer
+
+
+# a packet has no process: the common task fields exist, empty
+_NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-120:] or "trace"
+
+
+class PacketApi:
+    """`nettrace` methods for captured packets (mixed into Trace). The frames
+    reach the test's events and pcapng whenever the test reads anything."""
+
+    def _packet_probe(self) -> Optional[PacketProbe]:
+        st = self.engine.status.get("packet")
+        return st.probe if st is not None and st.plan is not None else None
+
+    def _pull_packets(self) -> None:
+        probe = self._packet_probe()
+        if probe is None:
+            return
+        offset = time.time_ns() - time.monotonic_ns()
+        frames = [(fr, netns) for netns in list(self._watched) for fr in probe.take(netns)]
+        if not frames:
+            return
+        frames.sort(key=lambda f: f[0].ts_real)  # one file for all namespaces, in time order
+        writer = self._pcap_writer()
+        for fr, netns in frames:
+            writer.write(netns, f"{self.label(netns)}:{fr.ifname}", fr)
+            self._sink(PacketEvent(None, (), "capture", timestamp=fr.ts_real - offset, netns=netns, dev=fr.ifname,
+                                   direction=fr.direction, length=fr.length, **_NOBODY, **summarize(fr.ethernet)))
+        writer.flush()
+
+    def _pcap_writer(self) -> PcapngWriter:
+        writer = self.__dict__.get("_pcap")
+        if writer is None:
+            directory = tempfile.mkdtemp(prefix="nettrace-")
+            writer = self.__dict__["_pcap"] = PcapngWriter(os.path.join(directory, _safe_name(self.name) + ".pcapng"))
+        return writer
+
+    def _sync(self) -> None:
+        super()._sync()  # type: ignore[misc]
+        self._pull_packets()
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self.engine.drain()
+                self._pull_packets()
+            finally:
+                super().close()  # type: ignore[misc]
+                writer = self.__dict__.get("_pcap")
+                if writer is not None:
+                    writer.close()
+        else:
+            super().close()  # type: ignore[misc]
+
+    @property
+    def pcap_path(self) -> Optional[str]:
+        """The test's pcapng (every packet on its interfaces so far; `tcpdump -r`
+        reads it); None once the test ended without a packet."""
+        if not self.closed:
+            self._sync()
+            return self._pcap_writer().path
+        writer = self.__dict__.get("_pcap")
+        return writer.path if writer is not None else None
+
+    def packets(self, **filters: Any) -> List[Event]:
+        """Packets seen, e.g. `packets(proto="tcp", flags="S.", dport=80)`."""
+        return self.events("packet", **filters)
+
+    def tcpdump(self, **filters: Any) -> str:
+        """The packets as `tcpdump -i any` prints them, one line each, with
+        "<namespace>:<device> In/Out"."""
+        from ..timeline import wall_clock
+        return "\n".join(f"{wall_clock(e.timestamp):%H:%M:%S.%f} {self.label(e.netns)}:{e.dev} "
+                         f"{e.direction.capitalize()} {e.describe()}" for e in self.packets(**filters))
+
+    def assert_packet(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A packet matching filters was seen; returns it."""
+        return self.assert_any("packet", timeout=timeout, **filters)
+
+    def assert_no_packet(self, **filters: Any) -> None:
+        """No packet matching filters was seen — and none could have been missed."""
+        self.assert_none("packet", **filters)
+
+
+PROBE = PacketProbe
+API = PacketApi

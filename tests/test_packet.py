@@ -1,0 +1,120 @@
+"""Packet capture per test (issue 5, tcpdump): AF_PACKET in each watched
+namespace, header summaries as events, a pcapng that tcpdump reads back."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+
+import pytest
+
+from pytest_nettrace import EventsLost
+from pytest_nettrace.netns import NamespaceFactory
+from traffic import clean_exchange, connect_refused, echo_once, script
+
+
+@pytest.fixture
+def pair(make_netns):
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    return server, client
+
+
+def tcp_exchange(server, port=8080):
+    lst = server.socket()
+    lst.bind(("10.0.0.1", port))
+    lst.listen()
+    t = threading.Thread(target=echo_once, args=(lst,))
+    t.start()
+    return lst, t
+
+
+def test_handshake_flags_on_both_sides(pair, nettrace):
+    server, client = pair
+    lst, t = tcp_exchange(server)
+    client.run(clean_exchange("10.0.0.1", 8080), check=True)
+    t.join(5)
+    lst.close()
+    syn = nettrace.assert_packet(flags="S", dport=8080, netns=client.inode, direction="out")
+    assert str(syn.saddr) == "10.0.0.2" and syn.dev == "eth0" and syn.proto == "tcp"
+    seen = nettrace.packets(flags="S", dport=8080, netns=server.inode, direction="in")
+    assert [e.seq for e in seen] == [syn.seq]
+    synack = nettrace.assert_packet(tcp_flags="SA", sport=8080, netns=server.inode, direction="out")
+    assert synack.flags == "S." and synack.ack == syn.seq + 1 and synack.tcp_flags == "AS"
+    data = nettrace.packets(flags="P.", dport=8080, netns=client.inode)
+    assert [e.payload for e in data] == [4]   # "ping"
+    assert nettrace.packets(flags=["F.", "FP."], netns=client.inode, direction="out")
+    nettrace.assert_no_packet(tcp_flags=lambda f: f is not None and "R" in f)
+    assert "Flags [S.], seq" in nettrace.tcpdump(flags="S.")
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump")
+def test_pcap_reads_back_with_tcpdump(pair, nettrace):
+    server, client = pair
+    client.run(connect_refused("10.0.0.1", 9), check=True)
+    path = nettrace.pcap_path
+    assert path.endswith(".pcapng")
+    out = subprocess.run(["tcpdump", "-nn", "-r", path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("10.0.0.2." in ln and "> 10.0.0.1.9: Flags [S]" in ln for ln in lines), lines
+    assert any("10.0.0.1.9 > 10.0.0.2." in ln and "Flags [R.]" in ln for ln in lines), lines
+    # one pcap, both namespaces: the SYN leaves the client and reaches the server
+    assert sum("> 10.0.0.1.9: Flags [S]" in ln for ln in lines) == 2
+    assert len(lines) == len(nettrace.packets())
+
+
+def test_capture_is_ready_before_the_body(netns, nettrace):
+    # the very first packet of the test, sent at once
+    netns.run(connect_refused("127.0.0.1", 9), check=True)
+    (syn,) = nettrace.packets(flags="S", dport=9)
+    assert syn.dev == "lo" and syn.direction == "in"  # loopback: counted once, as tcpdump does
+    nettrace.assert_packet(flags="R.", sport=9)
+
+
+def test_other_namespaces_are_not_captured(netns, nettrace):
+    with NamespaceFactory() as f:
+        other = f.create()
+        other.run(connect_refused("127.0.0.1", 9), check=True)
+        assert nettrace.packets() == []
+        nettrace.assert_no_packet()
+
+
+def test_udp_and_arp_summaries(pair, nettrace):
+    server, client = pair
+    client.run(script("""
+        import socket
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"hello", ("10.0.0.1", 5353))
+    """), check=True)
+    udp = nettrace.assert_packet(proto="udp", dport=5353, netns=server.inode)
+    assert udp.payload == 5 and udp.length == 14 + 20 + 8 + 5 and udp.family == 4
+    arp = nettrace.assert_packet(proto="arp", netns=client.inode, direction="out")
+    assert str(arp.daddr) == "10.0.0.1"
+    icmp = nettrace.assert_packet(proto="icmp", netns=client.inode, direction="in")   # port unreachable
+    assert icmp.icmp_type == 3
+
+
+def test_unknown_filters_and_bad_addresses(nettrace):
+    with pytest.raises(ValueError, match="unknown filter 'port' for 'packet' events"):
+        nettrace.packets(port=80)
+    with pytest.raises(ValueError, match="invalid saddr"):
+        nettrace.packets(saddr="10.0.0.999")
+
+
+def test_drops_make_negative_assertions_fail(netns, nettrace, monkeypatch):
+    """A tiny socket buffer, flooded before anything reads it: the kernel's drop
+    counter reaches the assertion."""
+    import pytest_nettrace.probes.packet as packet
+    with NamespaceFactory() as f:
+        other = f.create()
+        monkeypatch.setattr(packet, "RCVBUF", 4096)
+        nettrace.watch(other)
+        other.run(script("""
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for _ in range(2000):
+                s.sendto(b"x" * 1000, ("127.0.0.1", 9))
+        """), check=True)
+        assert nettrace.lost("packet") > 0
+        with pytest.raises(EventsLost, match=r"\d+ packet events lost"):
+            nettrace.assert_no_packet(dport=4242)
