@@ -18,6 +18,7 @@ enum nt_kind {
 	NT_KIND_RETRANS = 5,
 	NT_KIND_SYSCALL = 6,
 	NT_KIND_TRAFFIC = 7,
+	NT_KIND_PACKET = 8,   /* AF_PACKET capture (no BPF program): loss counted in Python */
 };
 
 /* Header flags. Softirq context is told from the kernel stack in Python:
