@@ -31,7 +31,27 @@ if [ ${#missing[@]} -gt 0 ]; then
     if printf '%s\n' "${missing[@]}" | grep -qx bpftool && ! apt-cache show bpftool >/dev/null 2>&1; then
         missing=("${missing[@]/bpftool/linux-tools-common}" "linux-tools-$(uname -r)")
     fi
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # Daemons the examples start inside namespaces (keepalived, NetworkManager)
+    # must not start on the host: block service starts while installing, and
+    # keep the ones installed now from starting at boot. Packages that were
+    # already installed are left exactly as they were.
+    blocker=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        blocker=/usr/sbin/policy-rc.d
+    fi
+    rc=0
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
+    [ -n "$blocker" ] && rm -f "$blocker"
+    [ $rc -eq 0 ] || exit $rc
+    if [ -d /run/systemd/system ]; then
+        for unit in keepalived.service NetworkManager.service; do
+            pkg=$(case $unit in keepalived*) echo keepalived;; *) echo network-manager;; esac)
+            if printf '%s\n' "${missing[@]}" | grep -qx "$pkg"; then
+                systemctl disable --now "$unit" >/dev/null 2>&1 || true
+            fi
+        done
+    fi
 fi
 
 # --- Python: .venv with the package and the test tools ----------------------

@@ -385,14 +385,17 @@ class Namespace:
         self._procs.append((proc, proc.pid if own_group else None))
         return proc
 
-    def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None) -> RunResult:
+    def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None,
+            env: dict | None = None, cwd: str | None = None) -> RunResult:
         """Run a program inside the namespace and wait for it (text output).
 
         On timeout the program is killed and subprocess.TimeoutExpired raised;
         with `check`, a non-zero exit raises CommandFailed (stderr included).
+        `env` and `cwd` are passed to subprocess as they are.
         """
         stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
-        proc = self.popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = self.popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=cwd)
         try:
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
