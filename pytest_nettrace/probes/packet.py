@@ -359,8 +359,10 @@ class PacketProbe(Probe):
 _NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")[-120:] or "trace"
+def _file_name(test: str) -> str:
+    """`test_handshake.pcapng` for "tests/test_x.py::test_handshake" (the directory is the test's own)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test.rsplit("::", 1)[-1]).strip("_")[:40]
+    return (name or "capture") + ".pcapng"
 
 
 class PacketApi:
@@ -391,7 +393,7 @@ class PacketApi:
         writer = self.__dict__.get("_pcap")
         if writer is None:
             directory = tempfile.mkdtemp(prefix="nettrace-")
-            writer = self.__dict__["_pcap"] = PcapngWriter(os.path.join(directory, _safe_name(self.name) + ".pcapng"))
+            writer = self.__dict__["_pcap"] = PcapngWriter(os.path.join(directory, _file_name(self.name)))
         return writer
 
     def _sync(self) -> None:
