@@ -48,6 +48,18 @@ def _ep(addr, port) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
+# tcp_receive_reset fires in tcp_reset(), which the kernel also calls on its
+# own when data arrives after close (TCP_ABORT_ON_DATA in
+# tcp_rcv_state_process) — no RST came in then (the kernel answers with one,
+# reported as sent). A real incoming RST passes one of these first:
+_RST_CHECKERS = ("tcp_validate_incoming", "tcp_rcv_synsent_state_process")
+
+
+def _local_abort(frames: List[str]) -> bool:
+    names = [f.split("+", 1)[0].split(".", 1)[0] for f in frames]
+    return bool(names) and "tcp_rcv_state_process" in names and not any(n in names for n in _RST_CHECKERS)
+
+
 class RstProbe(Probe):
     name = "rst"
     object_file = "rst.bpf.o"
@@ -86,7 +98,7 @@ class RstProbe(Probe):
         # Without a stack: replies and received resets run in softirq.
         ctx = "process" if origin == "active" else "softirq"
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
-        return RstEvent(
+        event = RstEvent(
             hdr, hdr.stack_addrs(buf), ctx,
             direction="received" if origin == "received" else "sent",
             origin=origin, family=src.version,  # a v4-mapped v6 socket reports IPv4
@@ -94,6 +106,9 @@ class RstProbe(Probe):
             state=TCP_STATES.get(state, str(state)),
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
         )
+        if origin == "received" and _local_abort(event.stack):
+            return None
+        return event
 
 
 class RstApi:
