@@ -49,15 +49,15 @@ def _ep(addr, port) -> str:
 
 
 # tcp_receive_reset fires in tcp_reset(), which the kernel also calls on its
-# own when data arrives after close (TCP_ABORT_ON_DATA in
+# own when data arrives after close (TCP_ABORT_ON_DATA, in FIN_WAIT1/2, from
 # tcp_rcv_state_process) — no RST came in then (the kernel answers with one,
-# reported as sent). A real incoming RST passes one of these first:
-_RST_CHECKERS = ("tcp_validate_incoming", "tcp_rcv_synsent_state_process")
-
-
-def _local_abort(frames: List[str]) -> bool:
+# reported as sent). In those states a real incoming RST goes through
+# tcp_validate_incoming first.
+def _local_abort(state: str, frames: List[str]) -> bool:
+    if state not in ("FIN_WAIT1", "FIN_WAIT2") or not frames:
+        return False
     names = [f.split("+", 1)[0].split(".", 1)[0] for f in frames]
-    return bool(names) and "tcp_rcv_state_process" in names and not any(n in names for n in _RST_CHECKERS)
+    return "tcp_rcv_state_process" in names and "tcp_validate_incoming" not in names
 
 
 class RstProbe(Probe):
@@ -106,7 +106,7 @@ class RstProbe(Probe):
             state=TCP_STATES.get(state, str(state)),
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
         )
-        if origin == "received" and _local_abort(event.stack):
+        if origin == "received" and _local_abort(event.state, event.stack):
             return None
         return event
 
