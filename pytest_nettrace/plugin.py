@@ -1,17 +1,22 @@
-"""pytest plugin entry point (`pytest11: nettrace`): options, header, fixtures."""
+"""pytest plugin entry point (`pytest11: nettrace`): options, header, fixtures,
+report sections, forbidden-event gates and the session summary."""
 
 from __future__ import annotations
 
 import os
 import platform
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
+from . import gates
 from .capabilities import DEFAULT_BTF, features
 from .engine import DEFAULT_RINGBUF, Engine
 from .errors import NettraceError
+from .gates import GateSpec, GateSpecError
 from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
+from .report import SECTION, SessionSummary, TraceRecord, events_path, write_files
 from .trace import Trace
 
 
@@ -19,7 +24,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("nettrace", "network namespaces and kernel probes")
     group.addoption("--nettrace-btf", default=None, metavar="PATH",
                     help=f"kernel BTF used for CO-RE relocation (default {DEFAULT_BTF})")
+    group.addoption("--nettrace-report", default=None, metavar="DIR",
+                    help="write each traced test's events (JSON lines) and pcap into DIR")
+    group.addoption("--nettrace-show", default=None, choices=SHOW_CHOICES,
+                    help="which tests get a 'network events' report section: failed (default; "
+                    "all with -v), all, none")
+    group.addoption("--nettrace-forbid", action="append", default=None, metavar="KINDS",
+                    help="fail every test in which one of these events happened, e.g. "
+                    "'rst,addr:deleted' (every test is traced; overrides ini nettrace_forbid)")
     parser.addini("nettrace_btf", "kernel BTF used for CO-RE relocation", default=DEFAULT_BTF)
+    parser.addini("nettrace_forbid", "events no test may cause, e.g. 'rst, addr:deleted' "
+                  "(every test is traced)", default="")
     parser.addini("nettrace_unavailable", "when probes cannot run (no root, no BTF): 'skip' the tests "
                   "that use the nettrace fixture, or 'error'", default="skip")
     parser.addini("nettrace_ringbuf_size", "bytes of the kernel->user event ring (power of two)",
@@ -32,10 +47,17 @@ def pytest_configure(config: pytest.Config) -> None:
     mode = config.getini("nettrace_unavailable")
     if mode not in ("skip", "error"):
         raise pytest.UsageError(f"nettrace_unavailable = {mode!r}: use 'skip' or 'error'")
+    config.addinivalue_line("markers", "nettrace(forbid=[], watch_host=False): trace this test "
+                            "(even without the nettrace fixture); fail it at teardown if a forbidden "
+                            "event ('rst', 'addr:deleted', ...) happened; watch_host also watches "
+                            "the namespace pytest runs in")
     config.stash[_ENGINE] = EngineHolder(
         btf_path=config.getoption("nettrace_btf") or config.getini("nettrace_btf"),
         ringbuf_size=_ringbuf_size(config.getini("nettrace_ringbuf_size")),
         on_unavailable=mode)
+    settings = ReportSettings.from_config(config)
+    config.stash[_SETTINGS] = settings
+    config.pluginmanager.register(SessionReporter(settings), "nettrace-session-reporter")
 
 
 def _ringbuf_size(raw: str) -> int:
@@ -105,11 +127,14 @@ class EngineHolder:
         """The engine, or skip/fail the test with the one-line reason."""
         engine, why = self.try_get()
         if engine is None:
-            msg = f"nettrace probes unavailable: {why}"
-            if self.on_unavailable == "error":
-                pytest.fail(msg, pytrace=False)
-            pytest.skip(msg)
+            self.refuse(f"nettrace probes unavailable: {why}")
         return engine
+
+    def refuse(self, msg: str) -> None:
+        """Skip or fail the test (ini nettrace_unavailable) because probes cannot do their job."""
+        if self.on_unavailable == "error":
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -146,16 +171,190 @@ def make_netns(netns_factory: NamespaceFactory) -> Callable[[], Namespace]:
 def nettrace(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) -> Iterator[Trace]:
     """Kernel events of this test: every namespace it creates through `netns` /
     `make_netns` is watched from its creation on; `nettrace.watch()` adds more."""
-    engine = request.config.stash[_ENGINE].get()
-    trace = Trace(engine, request.node.nodeid)
-    for ns in netns_factory.namespaces:
-        trace.watch(ns)
+    holder = request.config.stash[_ENGINE]
+    engine = holder.get()
+    item = request.node
+    gate = item.stash.get(_GATE, GateSpec())
+    trace = Trace(engine, item.nodeid)
+    item.stash[TRACE_KEY] = trace
+    try:
+        if gate.watch_host:
+            trace.watch_host()
+        for ns in netns_factory.namespaces:
+            trace.watch(ns)
+        missing = gates.unavailable(trace, gate.forbid)
+        if missing:
+            holder.refuse(f"nettrace gate cannot be enforced on this kernel: {'; '.join(missing)}")
+    except BaseException:
+        trace.close()
+        raise
     netns_factory.add_listener(lambda ns: None if trace.closed else trace.watch(ns))
-    request.node.stash[TRACE_KEY] = trace
     try:
         yield trace
     finally:
+        _finish_trace(item, trace, gate, request.config.stash[_SETTINGS])
+
+
+def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "ReportSettings") -> None:
+    """End of a test's trace: check its gate, keep what reports need, write its files."""
+    violation: Optional[gates.Violation] = None
+    try:
+        queried = set(getattr(trace, "queried", ()))  # before the gate's own queries
+        if gate.forbid:
+            if trace.closed:
+                violation = gates.Violation(
+                    f"nettrace gate (forbid={', '.join(map(str, gate.forbid))}) cannot be checked: "
+                    "the test closed its trace, so lost events are unknown", [])
+            else:
+                violation = gates.check(trace, gate.forbid)
+        record = TraceRecord.capture(trace, item.nodeid)  # loss counters vanish on close
+        record.queried = queried
+    finally:
         trace.close()
+    record.events = trace.all_events()  # close drained the last ones
+    record.pcap_path = getattr(trace, "pcap_path", None)  # final once capture stopped
+    if violation is not None:
+        record.highlight = violation.offending
+    if settings.report_dir:
+        write_files(record, settings.report_dir)
+    item.user_properties.extend(record.properties())
+    item.stash[_RECORD] = record
+    if violation is not None:
+        pytest.fail(violation.message, pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _nettrace_gated(request: pytest.FixtureRequest) -> None:
+    """Marked tests, and every test under a suite-wide gate, are traced even
+    without asking for `nettrace`; autouse so the trace starts before their
+    other fixtures."""
+    if request.node.stash.get(_GATE, None) is not None:
+        request.getfixturevalue("nettrace")
 
 
 TRACE_KEY = pytest.StashKey[Trace]()
+
+
+# -- gates: parsed at collection, so a bad word stops the run before any test -----
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """Give each collected test its gate (marker + suite rules); a bad marker
+    makes its module a collection error naming the bad word (a UsageError
+    raised in an xdist worker would crash it instead)."""
+    outcome = yield
+    rep: pytest.CollectReport = outcome.get_result()
+    if not rep.passed:
+        return
+    suite = collector.config.stash[_SETTINGS].suite_gate
+    errors = []
+    for item in rep.result:
+        if not isinstance(item, pytest.Item):
+            continue
+        marks = list(item.iter_markers("nettrace"))
+        if not marks and not suite.forbid:
+            continue
+        gate = GateSpec(list(suite.forbid))
+        try:
+            for mark in marks:
+                gate = gate.merged(gates.parse_marker(mark.args, mark.kwargs, item.nodeid))
+        except GateSpecError as e:
+            errors.append(str(e))
+            continue
+        item.stash[_GATE] = gate
+    if errors:
+        rep.outcome = "failed"
+        rep.longrepr = "\n".join(errors)
+        rep.result = []
+
+
+# -- reports --------------------------------------------------------------------
+
+SHOW_CHOICES = ("failed", "all", "none")
+
+
+@dataclass
+class ReportSettings:
+    """What the options ask of reports and gates, read once per process."""
+
+    report_dir: Optional[str]
+    show: str                        # "failed" | "all" | "none"
+    suite_gate: GateSpec
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "ReportSettings":
+        show = config.getoption("nettrace_show") or ("all" if config.getoption("verbose") > 0 else "failed")
+        forbid_opt = config.getoption("nettrace_forbid")
+        try:
+            if forbid_opt is not None:  # the command line overrides the ini file
+                rules = gates.parse_rules(forbid_opt, "--nettrace-forbid")
+            else:
+                rules = gates.parse_rules(config.getini("nettrace_forbid"), "ini nettrace_forbid")
+        except GateSpecError as e:
+            raise pytest.UsageError(str(e)) from None
+        report_dir = config.getoption("nettrace_report")
+        if report_dir:
+            report_dir = os.path.join(str(config.invocation_params.dir), report_dir)
+            os.makedirs(report_dir, exist_ok=True)
+        return cls(report_dir, show, GateSpec(rules))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    rep: pytest.TestReport = outcome.get_result()
+    trace = item.stash.get(TRACE_KEY, None)
+    if trace is None:
+        return
+    settings = item.config.stash[_SETTINGS]
+    show = settings.show
+    if rep.when == "teardown":
+        # the fixture finished: the record is complete and the trace closed
+        record = item.stash.get(_RECORD, None)
+        if record is None:
+            return
+        rep.nettrace = record.summary()  # type: ignore[attr-defined]  # xdist carries report attributes
+        if rep.failed and show != "none":
+            rep.sections.append((SECTION, record.section()))
+        return
+    # setup / call: before fixture teardown, the trace is still open (drained here)
+    if (rep.failed and show != "none") or (rep.when == "call" and show == "all"):
+        record = TraceRecord.capture(trace, item.nodeid)
+        if settings.report_dir:  # written at teardown, with the events still to come
+            record.events_file = events_path(settings.report_dir, item.nodeid)
+        rep.sections.append((SECTION, record.section()))
+
+
+class SessionReporter:
+    """Collects every traced test's tally (from reports, so xdist workers' too)
+    and writes the end-of-session summary."""
+
+    def __init__(self, settings: ReportSettings) -> None:
+        self.settings = settings
+        self.summary = SessionSummary()
+        self.passed_sections: List[Tuple[str, str]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = getattr(report, "nettrace", None)
+        if report.when == "teardown" and data:
+            self.summary.add(report.nodeid, data)
+        elif report.when == "call" and report.passed and self.settings.show == "all":
+            self.passed_sections += [(report.nodeid, text) for name, text in report.sections if name == SECTION]
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        tr = terminalreporter
+        if self.passed_sections:
+            tr.write_sep("-", "nettrace: network events of passed tests")
+            for nodeid, text in self.passed_sections:
+                tr.write_line(nodeid)
+                tr.write_line(text)
+        lines = self.summary.lines()
+        if lines:
+            tr.write_sep("-", "nettrace summary")
+            for line in lines:
+                tr.write_line(line)
+
+
+_SETTINGS = pytest.StashKey[ReportSettings]()
+_GATE = pytest.StashKey[GateSpec]()          # per item: marker + suite-wide rules
+_RECORD = pytest.StashKey[TraceRecord]()     # per item: its trace, kept after close

@@ -1,0 +1,6 @@
+"""`python -m pytest_nettrace` = the `nettrace` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

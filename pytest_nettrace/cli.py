@@ -1,0 +1,208 @@
+"""`nettrace`: the probes outside pytest.
+
+    nettrace watch [--netns NAME|PATH|PID]... [--host] [--json] [KIND[:ACTION]...]
+    nettrace capabilities
+
+`watch` prints events as they happen, in the words of the SystemTap script
+this project grew from, until Ctrl-C or SIGTERM; every BPF link is detached
+on the way out."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from typing import Callable, List, Optional, Sequence, TextIO
+
+from .capabilities import DEFAULT_BTF, features
+from .engine import DEFAULT_RINGBUF, Engine
+from .errors import NettraceError
+from .events import Event
+from .gates import ForbidRule, GateSpecError, parse_rules
+from .jsonl import event_json
+from .probes.base import Probe
+from .probes.registry import all_probes, kinds
+from .timeline import _BACKGROUND_KINDS as BACKGROUND_KINDS, seed_line
+from .trace import Trace
+
+PROG = "nettrace"
+
+
+class UsageProblem(Exception):
+    """Something the user can fix; printed as one line, exit status 2."""
+
+
+class LiveTrace(Trace):
+    """A Trace that forgets what it has handed out: a watch may run for days."""
+
+    def take(self) -> List[Event]:
+        """Events that arrived since the last take, in time order."""
+        events = self.all_events()
+        with self._cond:
+            # nothing arrives in between: the engine drains only in our thread
+            self._events.clear()
+        return events
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Kernel network events, live (root needed).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    w = sub.add_parser("watch", help="print events as they happen until Ctrl-C",
+                       description="Print network events in the given namespaces as they happen, until "
+                       "Ctrl-C. With no --netns, watches the namespace nettrace runs in.")
+    w.add_argument("--netns", action="append", default=[], metavar="NAME|PATH|PID",
+                   help="a namespace to watch: a name in /run/netns, a path (/proc/PID/ns/net), "
+                   "or a process id; repeatable")
+    w.add_argument("--host", action="store_true", help="also watch the namespace nettrace runs in")
+    w.add_argument("--json", action="store_true", help="one JSON object per line (Event.as_dict fields)")
+    w.add_argument("--btf", default=DEFAULT_BTF, help=f"kernel BTF for CO-RE (default {DEFAULT_BTF})")
+    w.add_argument("kinds", nargs="*", metavar="KIND",
+                   help="only these kinds, optionally with an action: rst addr:deleted ... "
+                   f"(kinds: {', '.join(sorted(kinds()))}; default: all but "
+                   f"{', '.join(k for k in BACKGROUND_KINDS if k in kinds())})")
+    c = sub.add_parser("capabilities", help="what this kernel offers and which mechanism each probe uses")
+    c.add_argument("--btf", default=DEFAULT_BTF, help=f"kernel BTF for CO-RE (default {DEFAULT_BTF})")
+    return p
+
+
+def _namespace_arg(value: str) -> str:
+    """A PID becomes "pid:N" (what trace.netns_ref takes); names and paths stay."""
+    return f"pid:{value}" if value.isdigit() else value
+
+
+def _selector(rules: Sequence[ForbidRule]) -> Callable[[Event], bool]:
+    if not rules:
+        return lambda e: True
+    return lambda e: any(e.kind == r.kind and (r.action is None or getattr(e, "action", None) == r.action)
+                         for r in rules)
+
+
+def _require_privileges(btf: str, command: str) -> None:
+    k = features(btf)
+    if not k.privileged:
+        raise NettraceError(f"{command} needs root (or CAP_BPF and CAP_PERFMON) to attach BPF probes; "
+                            f"try: sudo {PROG} {command}")
+    k.require()
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the loop polls it (handlers only flip a flag)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: Optional[int] = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signum
+        self.event.set()
+
+
+def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        rules = parse_rules(args.kinds, "nettrace watch")
+    except GateSpecError as e:
+        raise UsageProblem(str(e).replace("nettrace watch: ", "")) from None
+    stop = _Stop()
+    stop.install()  # before attaching: a Ctrl-C during setup still detaches
+    _require_privileges(args.btf, "watch")
+    wanted = _selector(rules)
+
+    def show(events: List[Event]) -> None:
+        for event in events:
+            if wanted(event):
+                out.write((event_json(event) if args.json else seed_line(event, trace)) + "\n")
+        out.flush()
+
+    engine = Engine(btf_path=args.btf, ringbuf_size=DEFAULT_RINGBUF, background=False,
+                    probes=_probes_for(rules))
+    try:
+        trace = LiveTrace(engine, "watch")
+        for ns in args.netns:
+            try:
+                trace.watch(_namespace_arg(ns), label=ns)
+            except (ValueError, TypeError) as e:
+                raise UsageProblem(str(e)) from None
+        if args.host or not args.netns:
+            trace.watch_host()
+        for rule in rules:
+            why = engine.probe_available(kinds()[rule.kind].probe)
+            if why:
+                raise UsageProblem(f"{rule.kind} events are not available on this kernel: {why}")
+        where = ", ".join(f"{label} ({inode})" for inode, label in trace.watched.items())
+        what = ", ".join(map(str, rules)) or "all kinds"
+        err.write(f"{PROG}: watching {where} for {what} ({engine.describe()}); Ctrl-C to stop\n")
+        err.flush()
+        reported_lost = 0
+        while not stop.event.is_set():
+            engine.wait(0.2)
+            lost = trace.lost()  # drains the ring (and whatever probes queue elsewhere)
+            show(trace.take())
+            if lost > reported_lost:
+                err.write(f"{PROG}: {lost - reported_lost} events lost (ring buffer full)\n")
+                err.flush()
+                reported_lost = lost
+        trace.close()  # drains what is left
+        show(trace.take())
+        pcap = getattr(trace, "pcap_path", None)
+    finally:
+        engine.close()  # detaches every BPF link
+    if pcap:
+        err.write(f"{PROG}: packets written to {pcap}\n")
+    err.write(f"{PROG}: stopped ({signal.Signals(stop.signal).name if stop.signal else 'done'})\n")
+    return 0
+
+
+def _probes_for(rules: Sequence[ForbidRule]) -> List[Probe]:
+    """The probes producing the asked-for kinds; without kinds, every probe
+    but the high-volume views (packets, syscalls), which must be asked for."""
+    wanted = {r.kind for r in rules} or {k for k in kinds() if k not in BACKGROUND_KINDS}
+    names = {kinds()[k].probe for k in wanted}
+    return [p for p in all_probes() if p.name in names]
+
+
+def capabilities(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import platform
+    _require_privileges(args.btf, "capabilities")
+    k = features(args.btf)
+    out.write(f"kernel {platform.release()}: {k.summary()}\n")
+    for line in k.missing():
+        out.write(f"  missing {line}\n")
+    engine = Engine(btf_path=args.btf, background=False)
+    try:
+        out.write(f"probes: {engine.describe()} (attached in {engine.attach_seconds * 1e3:.0f} ms)\n")
+        for name, st in engine.status.items():
+            kinds_of = ", ".join(sorted(st.probe.event_types)) or "(no events)"
+            out.write(f"  {name}: {st.mechanism}; kinds: {kinds_of}\n")
+            for failure in st.failures:
+                out.write(f"    fell back from {failure}\n")
+            if st.unavailable:
+                out.write(f"    unavailable: {st.unavailable}\n")
+    finally:
+        engine.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Console entry point (`nettrace`, `python -m pytest_nettrace`); returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "watch":
+            return watch(args, out, err)
+        return capabilities(args, out, err)
+    except UsageProblem as e:
+        err.write(f"{PROG}: {e}\n")
+        return 2
+    except NettraceError as e:
+        err.write(f"{PROG}: {e}\n")
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C before the handlers were installed
+        return 130
+    except BrokenPipeError:  # `nettrace watch | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

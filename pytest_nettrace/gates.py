@@ -1,0 +1,189 @@
+"""Forbidden-event gates: `@pytest.mark.nettrace(forbid=[...])`,
+`--nettrace-forbid` and ini `nettrace_forbid`.
+
+A rule is `kind` (every event of that kind) or `kind:action` (only events
+whose `action` field has that value, e.g. `addr:deleted`). Rules are parsed
+and validated before any test runs, so a typo is a usage error rather than a
+gate that silently never matches."""
+from __future__ import annotations
+
+import re
+import textwrap
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .events import Event
+from .probes.registry import kinds
+from .timeline import WIDTH, seed_line
+
+if TYPE_CHECKING:
+    from .trace import Trace
+
+# Actions of the kinds whose event classes do not declare `ACTIONS` themselves.
+_KNOWN_ACTIONS: Dict[str, Tuple[str, ...]] = {
+    "addr": ("added", "deleted"),
+    "link": ("added", "deleted", "up", "down", "changed"),
+    "route": ("added", "deleted"),
+}
+MARKER_ARGS = ("forbid", "watch_host")
+
+
+class GateSpecError(ValueError):
+    """A forbid rule or marker argument that cannot be right; the message names it."""
+
+
+@dataclass(frozen=True)
+class ForbidRule:
+    """Events of `kind` (with `action`, when given) must not happen."""
+
+    kind: str
+    action: Optional[str] = None
+
+    def filters(self) -> Dict[str, Any]:
+        return {"action": self.action} if self.action else {}
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.action}" if self.action else self.kind
+
+
+@dataclass
+class GateSpec:
+    """What one test's gate checks: forbidden events, and whether to watch the host."""
+
+    forbid: List[ForbidRule] = field(default_factory=list)
+    watch_host: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.forbid) or self.watch_host
+
+    def merged(self, other: "GateSpec") -> "GateSpec":
+        rules = list(self.forbid) + [r for r in other.forbid if r not in self.forbid]
+        return GateSpec(rules, self.watch_host or other.watch_host)
+
+
+def actions_of(kind: str) -> Optional[Tuple[str, ...]]:
+    """Valid `action` values of `kind`; None if its events have no action field
+    or do not say which values it takes."""
+    ev = kinds()[kind].event_type
+    declared = getattr(ev, "ACTIONS", None)
+    if declared:
+        return tuple(declared)
+    if "action" not in ev.FIELDS:
+        return None
+    return _KNOWN_ACTIONS.get(kind)
+
+
+def parse_rule(word: str, where: str) -> ForbidRule:
+    """`rst` or `addr:deleted` → ForbidRule; GateSpecError naming the bad word otherwise."""
+    kind, sep, action = word.strip().partition(":")
+    known = kinds()
+    if kind not in known:
+        inside = f" in {word!r}" if word.strip() != kind else ""
+        raise GateSpecError(f"{where}: unknown event kind {kind!r}{inside}; "
+                            f"valid kinds: {', '.join(sorted(known))}")
+    if not sep:
+        return ForbidRule(kind)
+    ev = known[kind].event_type
+    if "action" not in ev.FIELDS:
+        raise GateSpecError(f"{where}: {kind!r} events have no action, so {word!r} cannot match; "
+                            f"use plain {kind!r}")
+    valid = actions_of(kind)
+    if not action or (valid is not None and action not in valid):
+        listed = ", ".join(valid) if valid else "any non-empty word"
+        raise GateSpecError(f"{where}: unknown action {action!r} for {kind!r} in {word!r}; "
+                            f"valid actions: {listed}")
+    return ForbidRule(kind, action)
+
+
+def split_words(value: Any, where: str) -> List[str]:
+    """Rules from "rst,addr:deleted", "rst addr:deleted" or a list of strings."""
+    if isinstance(value, str):
+        return [w for w in re.split(r"[,\s]+", value) if w]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        words: List[str] = []
+        for v in value:
+            if not isinstance(v, str):
+                raise GateSpecError(f"{where}: forbid entries must be strings like 'rst' or "
+                                    f"'addr:deleted', got {v!r}")
+            words.extend(split_words(v, where))
+        return words
+    raise GateSpecError(f"{where}: forbid must be a list of kinds like ['rst', 'addr:deleted'], got {value!r}")
+
+
+def parse_rules(value: Any, where: str) -> List[ForbidRule]:
+    rules: List[ForbidRule] = []
+    for word in split_words(value, where):
+        rule = parse_rule(word, where)
+        if rule not in rules:
+            rules.append(rule)
+    return rules
+
+
+def parse_marker(args: Sequence[Any], kwargs: Dict[str, Any], where: str) -> GateSpec:
+    """The GateSpec of one `@pytest.mark.nettrace(...)`."""
+    if args:
+        raise GateSpecError(f"{where}: @pytest.mark.nettrace takes keyword arguments only "
+                            f"({', '.join(MARKER_ARGS)}), got positional {args!r}")
+    bad = [k for k in kwargs if k not in MARKER_ARGS]
+    if bad:
+        raise GateSpecError(f"{where}: unknown @pytest.mark.nettrace argument {bad[0]!r}; "
+                            f"valid: {', '.join(MARKER_ARGS)}")
+    watch_host = kwargs.get("watch_host", False)
+    if not isinstance(watch_host, bool):
+        raise GateSpecError(f"{where}: watch_host must be True or False, got {watch_host!r}")
+    return GateSpec(parse_rules(kwargs.get("forbid", []), where), watch_host)
+
+
+def unavailable(trace: "Trace", rules: Iterable[ForbidRule]) -> List[str]:
+    """Why rules cannot be checked on this kernel (their probe is not attached)."""
+    out = []
+    for rule in rules:
+        why = trace.engine.probe_available(kinds()[rule.kind].probe)
+        if why:
+            out.append(f"{rule}: {why}")
+    return out
+
+
+@dataclass
+class Violation:
+    """Why a gate failed: the message, and the events to mark in the timeline."""
+
+    message: str
+    offending: List[Event]
+
+
+def check(trace: "Trace", rules: Sequence[ForbidRule]) -> Optional[Violation]:
+    """None when no forbidden event happened and none can have been lost.
+
+    Sound like `assert_none`: a rule whose kind lost events fails with the count."""
+    lines: List[str] = []
+    offending: List[Event] = []
+    for rule in rules:
+        found = trace.events(rule.kind, **rule.filters())
+        if found:
+            lines.append(f"  {rule}: {len(found)} event{'s' if len(found) != 1 else ''}")
+            offending.extend(found)
+            continue
+        lost = trace.lost(rule.kind)
+        if lost:
+            lines.append(f"  {rule}: cannot be ruled out: {lost} {rule.kind} events lost "
+                         f"(ring buffer full)")
+    if not lines:
+        return None
+    offending.sort(key=lambda e: e.timestamp)
+    out = ["nettrace gate: forbidden events in this test "
+           f"(forbid={', '.join(str(r) for r in rules)}):"] + lines
+    for ev in offending[:10]:
+        out.append(_wrap(f"  {seed_line(ev, trace)}"))
+    if len(offending) > 10:
+        out.append(f"  ... and {len(offending) - 10} more")
+    if offending:
+        stack = offending[0].stack
+        out.append("kernel stack of the first:" if stack else "kernel stack of the first: (not captured)")
+        out.extend(f"    {frame}" for frame in stack)
+    out.append("the timeline is in the 'network events' section")
+    return Violation("\n".join(out), offending)
+
+
+def _wrap(line: str) -> str:
+    return textwrap.fill(line, WIDTH, subsequent_indent="      ", break_on_hyphens=False)

@@ -1,0 +1,219 @@
+"""Forbidden-event gates (issue 6): `@pytest.mark.nettrace(forbid=...)`,
+`--nettrace-forbid`, ini `nettrace_forbid`; bad words are collection/usage
+errors; a gate whose kind lost events fails with the count."""
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+from pytest_nettrace.engine import Engine
+from pytest_nettrace.gates import ForbidRule, GateSpecError, check, parse_marker, parse_rules
+from pytest_nettrace.probes.registry import kinds
+from pytest_nettrace.trace import Trace
+
+MARKED = textwrap.dedent('''
+    import socket, sys
+    import pytest
+
+    REFUSED = [sys.executable, "-c", "import socket\\ntry: socket.create_connection(('127.0.0.1', 9))\\n"
+               "except OSError: pass"]
+
+    @pytest.mark.nettrace(forbid=["addr:deleted"])
+    def test_deletes_without_fixture(netns):
+        netns.add_dummy("d0", "10.2.0.1/24")
+        netns.run(["ip", "addr", "del", "10.2.0.1/24", "dev", "d0"], check=True)
+
+    @pytest.mark.nettrace(forbid=["addr:deleted", "link:deleted"])
+    def test_only_adds(netns):
+        netns.add_dummy("d0", "10.2.0.1/24")
+
+    @pytest.mark.nettrace(forbid="route:deleted, link:deleted")
+    def test_action_filter_lets_other_actions_pass(netns):
+        netns.add_dummy("d0", "10.2.0.1/24")   # routes and links are only added
+
+    @pytest.mark.nettrace(forbid=["rst"])
+    def test_rst_forbidden(netns, nettrace):
+        netns.run(REFUSED, check=True)
+
+    @pytest.mark.nettrace(forbid=["rst"])
+    def test_no_rst(netns, nettrace):
+        netns.add_dummy("d0", "10.2.0.1/24")
+        assert nettrace.rst() == []
+
+    @pytest.mark.nettrace(watch_host=True, forbid=["rst"])
+    def test_host_rst(nettrace):
+        import os
+        assert os.stat("/proc/self/ns/net").st_ino in nettrace.watched
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        c = socket.socket()
+        try:
+            c.connect(("127.0.0.1", port))   # nobody listens: the host answers with a RST
+        except ConnectionRefusedError:
+            pass
+        c.close()
+
+    @pytest.mark.nettrace(forbid=["rst"])
+    class TestClassMarker:
+        def test_in_class(self, netns):
+            netns.run(REFUSED, check=True)
+''')
+
+
+def test_marker_gates_fail_the_right_tests_under_xdist(pytester):
+    pytester.makepyfile(test_marked=MARKED)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "-rE")
+    result.assert_outcomes(passed=7, errors=4)
+    out = result.stdout.str()
+    errored = set(re.findall(r"^ERROR (test_marked.py::\S+)", out, re.M))
+    assert errored == {"test_marked.py::test_deletes_without_fixture", "test_marked.py::test_rst_forbidden",
+                       "test_marked.py::test_host_rst", "test_marked.py::TestClassMarker::test_in_class"}
+    block = out.split("ERROR at teardown of test_deletes_without_fixture", 1)[1].split("ERROR at teardown", 1)[0]
+    flat = " ".join(block.split())
+    assert "nettrace gate: forbidden events in this test (forbid=addr:deleted, link:deleted)" not in flat
+    assert "nettrace gate: forbidden events in this test (forbid=addr:deleted):" in flat
+    assert "addr:deleted: 1 event" in flat
+    assert 'ip(' in flat and 'deleted IPv4 10.2.0.1/24 from d0' in flat and "inet_rtm_deladdr" in flat
+    # the timeline, with the offending event marked
+    assert " network events " in block and re.search(r"^>> .*addr .*deleted IPv4 10.2.0.1/24", block, re.M)
+    rst = out.split("ERROR at teardown of test_rst_forbidden", 1)[1]
+    assert re.search(r"rst: [12] events?", rst) and "RST sent (reply) 127.0.0.1:9" in " ".join(rst.split())
+
+
+SUITE = textwrap.dedent('''
+    import sys
+
+    def test_resets(netns):
+        netns.run([sys.executable, "-c", "import socket\\ntry: socket.create_connection(('127.0.0.1', 9))\\n"
+                   "except OSError: pass"], check=True)
+
+    def test_deletes(netns):
+        netns.add_dummy("d0", "10.3.0.1/24")
+        netns.del_address("d0", "10.3.0.1/24")
+
+    def test_plain():
+        pass
+''')
+
+
+def test_suite_wide_gate_from_option_and_ini(pytester):
+    pytester.makepyfile(test_suite=SUITE)
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "--nettrace-forbid=rst")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(["*3 traced tests*", "ERROR test_suite.py::test_resets*"])
+
+    pytester.makeini("[pytest]\nnettrace_forbid = addr:deleted\n    link:deleted\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(["ERROR test_suite.py::test_deletes*"])
+    # the command line overrides the ini file; an empty value turns the gate off
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nettrace-forbid=")
+    result.assert_outcomes(passed=3)
+
+
+BAD_MARKERS = textwrap.dedent('''
+    import pytest
+
+    @pytest.mark.nettrace(forbid=["rts"])
+    def test_unknown_kind(): pass
+
+    @pytest.mark.nettrace(forbid=["addr:removed"])
+    def test_unknown_action(): pass
+
+    @pytest.mark.nettrace(forbid=["rst:sent"])
+    def test_action_on_kind_without_actions(): pass
+
+    @pytest.mark.nettrace("rst")
+    def test_positional(): pass
+
+    @pytest.mark.nettrace(forbidd=["rst"])
+    def test_unknown_argument(): pass
+
+    @pytest.mark.nettrace(watch_host="yes")
+    def test_bad_watch_host(): pass
+
+    @pytest.mark.nettrace(forbid=[1])
+    def test_not_a_string(): pass
+
+    def test_fine(): pass
+''')
+
+
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["no-xdist", "xdist"])
+def test_bad_markers_are_collection_errors_naming_the_word(pytester, xdist):
+    pytester.makepyfile(test_bad=BAD_MARKERS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *xdist)
+    assert result.ret == pytest.ExitCode.INTERRUPTED if not xdist else result.ret != 0
+    out = result.stdout.str()
+    assert "INTERNALERROR" not in out and "passed" not in out.splitlines()[-1]
+    valid = ", ".join(sorted(kinds()))
+    for expected in (
+            f"test_bad.py::test_unknown_kind: unknown event kind 'rts'; valid kinds: {valid}",
+            "test_bad.py::test_unknown_action: unknown action 'removed' for 'addr' in 'addr:removed'; "
+            "valid actions: added, deleted",
+            "test_bad.py::test_action_on_kind_without_actions: 'rst' events have no action",
+            "test_bad.py::test_positional: @pytest.mark.nettrace takes keyword arguments only",
+            "test_bad.py::test_unknown_argument: unknown @pytest.mark.nettrace argument 'forbidd'; "
+            "valid: forbid, watch_host",
+            "test_bad.py::test_bad_watch_host: watch_host must be True or False, got 'yes'",
+            "test_bad.py::test_not_a_string: forbid entries must be strings"):
+        assert expected in out, expected
+
+
+@pytest.mark.parametrize("args,ini,message", [
+    (["--nettrace-forbid=rst,rts"], "", "--nettrace-forbid: unknown event kind 'rts'; valid kinds: "),
+    (["--nettrace-forbid=link:flapped"], "", "--nettrace-forbid: unknown action 'flapped' for 'link'"),
+    ([], "nettrace_forbid = addr:deleted bogus", "ini nettrace_forbid: unknown event kind 'bogus'"),
+])
+def test_bad_forbid_option_is_a_usage_error(pytester, args, ini, message):
+    pytester.makepyfile(test_x="def test_x(): pass")
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_rule_parsing():
+    assert parse_rules("rst, addr:deleted rst", "t") == [ForbidRule("rst"), ForbidRule("addr", "deleted")]
+    assert parse_rules(["link:down", "route"], "t") == [ForbidRule("link", "down"), ForbidRule("route")]
+    assert str(ForbidRule("addr", "deleted")) == "addr:deleted"
+    spec = parse_marker((), {"forbid": ["rst"], "watch_host": True}, "t")
+    assert spec.forbid == [ForbidRule("rst")] and spec.watch_host
+    with pytest.raises(GateSpecError, match="unknown action '' for 'addr'"):
+        parse_rules("addr:", "t")
+    with pytest.raises(GateSpecError, match="forbid must be a list"):
+        parse_rules(3, "t")
+
+
+def test_gate_is_sound_when_events_were_lost(make_netns):
+    """Nothing forbidden was delivered, but the ring overflowed: the gate fails with the count."""
+    ns = make_netns()
+    ns.add_dummy("d0", "10.6.0.1/24")
+    engine = Engine(ringbuf_size=4096, background=False)  # one page, never drained meanwhile
+    try:
+        trace = Trace(engine, "tiny")
+        trace.watch(ns)
+        ns.run(["ip", "-batch", "-"], input="".join(f"addr add 10.6.1.{i}/24 dev d0\n" for i in range(1, 40)),
+               check=True)
+        violation = check(trace, [ForbidRule("addr", "deleted")])
+        assert violation is not None
+        assert re.search(r"addr:deleted: cannot be ruled out: \d+ addr events lost", violation.message)
+        assert violation.offending == []
+        trace.close()
+    finally:
+        engine.close()
+
+
+def test_gate_passes_when_nothing_forbidden_happened(netns, nettrace):
+    netns.add_dummy("d0", "10.6.0.1/24")
+    assert check(nettrace, [ForbidRule("addr", "deleted"), ForbidRule("rst")]) is None
+    netns.del_address("d0", "10.6.0.1/24")
+    violation = check(nettrace, [ForbidRule("addr", "deleted"), ForbidRule("rst")])
+    assert violation is not None and [e.kind for e in violation.offending] == ["addr"]
+    assert all(len(line) <= 100 for line in violation.message.splitlines())
