@@ -94,6 +94,20 @@ def test_udp_and_arp_summaries(pair, nettrace):
     assert icmp.icmp_type == 3
 
 
+def test_capture_stops_at_the_cap_and_says_so(netns, nettrace, monkeypatch):
+    import pytest_nettrace.probes.packet as packet
+    monkeypatch.setattr(packet, "MAX_PACKETS", 3)
+    netns.run(script("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(10):
+            s.sendto(b"x", ("127.0.0.1", 9))
+    """), check=True)
+    assert len(nettrace.packets()) == 3
+    with pytest.raises(EventsLost, match=r"packet events lost"):
+        nettrace.assert_no_packet(proto="tcp")
+
+
 def test_unknown_filters_and_bad_addresses(nettrace):
     with pytest.raises(ValueError, match="unknown filter 'port' for 'packet' events"):
         nettrace.packets(port=80)
@@ -102,12 +116,12 @@ def test_unknown_filters_and_bad_addresses(nettrace):
 
 
 def test_drops_make_negative_assertions_fail(netns, nettrace, monkeypatch):
-    """A tiny socket buffer, flooded before anything reads it: the kernel's drop
+    """A tiny ring, flooded faster than anything reads it: the kernel's drop
     counter reaches the assertion."""
     import pytest_nettrace.probes.packet as packet
     with NamespaceFactory() as f:
         other = f.create()
-        monkeypatch.setattr(packet, "RCVBUF", 4096)
+        monkeypatch.setattr(packet, "RING_FRAMES", 16)
         nettrace.watch(other)
         other.run(script("""
             import socket

@@ -1,18 +1,21 @@
 """Packets on the test's interfaces, tcpdump-style: kind "packet", and a
 pcapng file per test (`nettrace.pcap_path`).
 
-No BPF: one AF_PACKET socket per watched namespace, opened by a thread that
-enters the namespace (instant, so capture runs before the test body), not
-bound to a device, so it sees every interface, present and future, in
-both directions. The kernel queues copies on the socket; they are read
-when the engine drains and whenever the test reads, decoded for a few
-header fields (addresses, ports, TCP flags) and written to the test's
-pcapng. Whatever the kernel could not queue (PACKET_STATISTICS drops) or the
-per-test cap left out is counted as lost, so negative assertions stay sound.
+No BPF: one AF_PACKET socket with a TPACKET_V2 ring per watched namespace,
+opened by a thread that enters the namespace (instant, so capture runs
+before the test body), not bound to a device, so it sees every interface,
+present and future, in both directions. Frames are read when the engine
+drains and whenever the test reads, decoded for a few header fields
+(addresses, ports, TCP flags) and written to the test's pcapng. What the
+kernel could not keep (ring full, PACKET_STATISTICS drops — including
+everything past the per-test cap) is counted as lost, so negative
+assertions stay sound.
 """
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import mmap
 import os
 import re
 import socket
@@ -30,33 +33,41 @@ if TYPE_CHECKING:
     from ..capabilities import KernelFeatures
 
 NT_KIND_PACKET = 8
-SNAPLEN = 262144                 # bytes kept per packet, as tcpdump
-MAX_PENDING_BYTES = 256 << 20    # per namespace between two reads; beyond: counted lost
-MAX_PACKETS = 200_000            # per namespace per test; beyond: counted lost
-RCVBUF = 32 << 20
+# The ring: the kernel copies each packet (up to SNAPLEN) into the next free
+# frame — no skb clone, no socket queue — and when the ring is full it drops
+# the packet cheaply and counts it (PACKET_STATISTICS). Frames are read when
+# the engine drains and when the test reads, until the per-test cap; after
+# that the ring fills and the kernel only counts what it could not keep.
+FRAME_SIZE = 4096                # one frame per packet: header + sockaddr_ll + data
+RING_FRAMES = 2048               # 8 MiB per watched namespace
+SNAPLEN = FRAME_SIZE - 64 - 16   # bytes kept per packet: full frames at MTU 1500, headers of GSO ones
+MAX_PACKETS = 50_000             # per namespace per test; beyond: left to the kernel, counted lost
 
 ETH_P_ALL = 0x0003
-SOL_PACKET, PACKET_STATISTICS, PACKET_AUXDATA = 263, 6, 8
-SO_RCVBUFFORCE, SO_TIMESTAMPNS = 33, 35
+SOL_PACKET = 263
+PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
+TP_STATUS_USER = 1
+SIOCGIFNAME = 0x8910
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
-_AUXDATA = struct.Struct("IIIHHHH")   # struct tpacket_auxdata (native)
-_TIMESPEC = struct.Struct("qq")
+_TPACKET2_HDR = struct.Struct("IIIHHII")   # tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_sec, tp_nsec
+_SOCKADDR_LL = struct.Struct("HHiHBB")     # family, protocol (be), ifindex, hatype, pkttype, halen
+_SLL_OFFSET = 32                           # TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
 
 
 class Frame(NamedTuple):
-    """One captured packet, as read from the socket."""
+    """One captured packet, as read from the ring."""
 
-    ts_real: int        # CLOCK_REALTIME ns (SO_TIMESTAMPNS)
+    ts_real: int        # CLOCK_REALTIME ns
     ifname: str
     direction: str      # "in" / "out"
     ethernet: bytes     # the frame; non-Ethernet devices get a zero Ethernet header
-    length: int         # original length on the wire
+    length: int         # original length
 
 
 class _Capture:
-    """The packet socket of one watched namespace."""
+    """The packet socket and ring of one watched namespace."""
 
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -64,67 +75,84 @@ class _Capture:
             self.sock: socket.socket = run_in_thread(self._open, netns_fd=fd)
         finally:
             os.close(fd)
+        try:
+            self.ring = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.head = 0
         self.pending: List[Frame] = []
-        self.pending_bytes = 0
         self.taken = 0
         self.kernel_drops = 0
-        self.capped = 0
+        self._names: Dict[int, str] = {}
 
     @staticmethod
     def _open() -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
-                          socket.htons(ETH_P_ALL))
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL))
         try:
-            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            block = FRAME_SIZE * 16
+            s.setsockopt(SOL_PACKET, PACKET_RX_RING,
+                         struct.pack("IIII", block, RING_FRAMES // 16, FRAME_SIZE, RING_FRAMES))
+        except BaseException:
+            s.close()
+            raise
         return s
 
-    def read(self) -> None:
-        """Move what the kernel queued into `pending` (never blocks)."""
-        cmsg_space = socket.CMSG_SPACE(_AUXDATA.size) + socket.CMSG_SPACE(_TIMESPEC.size)
-        while True:
+    def _ifname(self, index: int) -> str:
+        """Device name in the socket's namespace ("?" once the device is gone)."""
+        name = self._names.get(index)
+        if name is None:
             try:
-                data, anc, _flags, addr = self.sock.recvmsg(SNAPLEN, cmsg_space)
-            except (BlockingIOError, InterruptedError):
-                break
-            ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
+                raw = fcntl.ioctl(self.sock.fileno(), SIOCGIFNAME, struct.pack("16si20x", b"", index))
+                name = raw[:16].split(b"\0", 1)[0].decode(errors="replace")
+            except OSError:
+                return "?"
+            self._names[index] = name
+        return name
+
+    def read(self) -> None:
+        """Move the frames the kernel filled into `pending`, up to the cap."""
+        ring = self.ring
+        while self.taken + len(self.pending) < MAX_PACKETS:
+            off = self.head * FRAME_SIZE
+            status, length, snaplen, mac, _net, sec, nsec = _TPACKET2_HDR.unpack_from(ring, off)
+            if not status & TP_STATUS_USER:
+                return
+            _fam, _proto, ifindex, hatype, pkttype, _halen = _SOCKADDR_LL.unpack_from(ring, off + _SLL_OFFSET)
+            data = ring[off + mac: off + mac + snaplen]
+            ring[off: off + 4] = b"\0\0\0\0"   # TP_STATUS_KERNEL: the frame is the kernel's again
+            self.head = (self.head + 1) % RING_FRAMES
             if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
                 continue  # loopback shows each packet twice; keep the incoming copy, as libpcap does
-            length, ts = len(data), 0
-            for level, kind, value in anc:
-                if level == SOL_PACKET and kind == PACKET_AUXDATA and len(value) >= _AUXDATA.size:
-                    length = _AUXDATA.unpack_from(value)[1]
-                elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
-                    sec, nsec = _TIMESPEC.unpack_from(value)
-                    ts = sec * 1_000_000_000 + nsec
-            if self.taken + len(self.pending) >= MAX_PACKETS or self.pending_bytes > MAX_PENDING_BYTES:
-                self.capped += 1
-                continue
             if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # e.g. tun: the frame is L3
-                data = bytes(12) + struct.pack(">H", proto) + data
+                ethertype = ring[off + _SLL_OFFSET + 2: off + _SLL_OFFSET + 4]  # sll_protocol, big-endian
+                data = bytes(12) + ethertype + data
                 length += 14
-            # (the name is resolved in the socket's namespace; "?" once the device is gone)
-            self.pending.append(Frame(ts or time.time_ns(), ifname or "?", PKTTYPES.get(pkttype, "in"),
-                                      data, length))
-            self.pending_bytes += len(data)
+            self.pending.append(Frame(sec * 1_000_000_000 + nsec, self._ifname(ifindex),
+                                      PKTTYPES.get(pkttype, "in"), data, length))
 
     def stats(self) -> None:
         """Accumulate the kernel's drop counter (reading resets it)."""
         raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
         self.kernel_drops += struct.unpack("II", raw)[1]
 
+    def left_in_ring(self) -> int:
+        """Frames past the cap, never read (0 below the cap: they will be)."""
+        if self.taken + len(self.pending) < MAX_PACKETS:
+            return 0
+        return sum(1 for i in range(RING_FRAMES) if self.ring[i * FRAME_SIZE] & TP_STATUS_USER)
+
     def take(self) -> List[Frame]:
         self.read()
-        frames, self.pending, self.pending_bytes = self.pending, [], 0
+        frames, self.pending = self.pending, []
         self.taken += len(frames)
         return frames
 
     def close(self) -> None:
+        self.ring.close()
         self.sock.close()
-
 
 # -- header summaries -------------------------------------------------------
 
@@ -344,7 +372,7 @@ class PacketProbe(Probe):
             if cap is None:
                 return {}
             cap.stats()
-            n = cap.kernel_drops + cap.capped
+            n = cap.kernel_drops + cap.left_in_ring()
         return {"packet": n} if n else {}
 
     def close(self) -> None:
