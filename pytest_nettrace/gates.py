@@ -24,6 +24,7 @@ _KNOWN_ACTIONS: Dict[str, Tuple[str, ...]] = {
     "addr": ("added", "deleted"),
     "link": ("added", "deleted", "up", "down", "changed"),
     "route": ("added", "deleted"),
+    "conn": ("connect", "accept", "close"),
 }
 MARKER_ARGS = ("forbid", "watch_host")
 
@@ -62,8 +63,8 @@ class GateSpec:
 
 
 def actions_of(kind: str) -> Optional[Tuple[str, ...]]:
-    """Valid `action` values of `kind`; None if its events have no action field
-    or do not say which values it takes."""
+    """Valid `action` values of `kind` (an event class may declare them as
+    `ACTIONS`); None if its events have no action field or do not say."""
     ev = kinds()[kind].event_type
     declared = getattr(ev, "ACTIONS", None)
     if declared:
@@ -88,10 +89,13 @@ def parse_rule(word: str, where: str) -> ForbidRule:
         raise GateSpecError(f"{where}: {kind!r} events have no action, so {word!r} cannot match; "
                             f"use plain {kind!r}")
     valid = actions_of(kind)
-    if not action or (valid is not None and action not in valid):
-        listed = ", ".join(valid) if valid else "any non-empty word"
+    if valid is None:
+        # a typo would make a gate that never fires: only known actions are accepted
+        raise GateSpecError(f"{where}: {kind!r} events do not declare their actions (an `ACTIONS` tuple "
+                            f"on {ev.__name__}), so {word!r} cannot be checked; use plain {kind!r}")
+    if action not in valid:
         raise GateSpecError(f"{where}: unknown action {action!r} for {kind!r} in {word!r}; "
-                            f"valid actions: {listed}")
+                            f"valid actions: {', '.join(valid)}")
     return ForbidRule(kind, action)
 
 

@@ -182,6 +182,7 @@ def test_bad_forbid_option_is_a_usage_error(pytester, args, ini, message):
 def test_rule_parsing():
     assert parse_rules("rst, addr:deleted rst", "t") == [ForbidRule("rst"), ForbidRule("addr", "deleted")]
     assert parse_rules(["link:down", "route"], "t") == [ForbidRule("link", "down"), ForbidRule("route")]
+    assert parse_rules("conn:close", "t") == [ForbidRule("conn", "close")]
     assert str(ForbidRule("addr", "deleted")) == "addr:deleted"
     spec = parse_marker((), {"forbid": ["rst"], "watch_host": True}, "t")
     assert spec.forbid == [ForbidRule("rst")] and spec.watch_host
