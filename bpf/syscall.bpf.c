@@ -25,6 +25,16 @@
 #define SC_PARM6(regs) 0
 #endif
 
+/* The syscall number at exit, so that exits of untraced calls skip the
+ * per-thread map (every syscall of the machine passes here). */
+#if defined(__TARGET_ARCH_x86)
+#define SC_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define SC_NR(regs) BPF_CORE_READ(regs, syscallno)
+#else
+#define SC_NR(regs) -1
+#endif
+
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 
@@ -152,6 +162,13 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 {
+	long nr = SC_NR(regs);
+	if (nr >= 0) {
+		__u32 key = nr;
+		__u8 *code = bpf_map_lookup_elem(&sc_wanted, &key);
+		if (!code || !*code)
+			return 0;
+	}
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct sc_pending *p = bpf_map_lookup_elem(&sc_inflight, &tid);
 	if (!p)

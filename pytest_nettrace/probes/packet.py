@@ -41,7 +41,7 @@ NT_KIND_PACKET = 8
 FRAME_SIZE = 4096                # one frame per packet: header + sockaddr_ll + data
 RING_FRAMES = 2048               # 8 MiB per watched namespace
 SNAPLEN = FRAME_SIZE - 64 - 16   # bytes kept per packet: full frames at MTU 1500, headers of GSO ones
-MAX_PACKETS = 50_000             # per namespace per test; beyond: left to the kernel, counted lost
+MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
