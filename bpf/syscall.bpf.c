@@ -28,9 +28,9 @@
 /* The syscall number at exit, so that exits of untraced calls skip the
  * per-thread map (every syscall of the machine passes here). */
 #if defined(__TARGET_ARCH_x86)
-#define SC_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#define SC_NR(regs) ((long)(regs)->orig_ax)   /* direct load: a BTF-typed pointer */
 #elif defined(__TARGET_ARCH_arm64)
-#define SC_NR(regs) BPF_CORE_READ(regs, syscallno)
+#define SC_NR(regs) ((long)(regs)->syscallno)
 #else
 #define SC_NR(regs) -1
 #endif

@@ -35,72 +35,79 @@ struct {
 	__type(value, struct traffic_owner);
 } tf_owners SEC(".maps");
 
-/* (proto, local port) of the packet whose L3 header starts at l3. */
+/* (proto, local port) of the packet whose L3 header starts at l3: one read
+ * of the IP and L4 headers in the common case. */
 static __always_inline void flow_of(const unsigned char *l3, __u16 eth_proto, bool rx,
 				    __u8 *proto, __u16 *port)
 {
-	__u8 l4proto = 0;
-	const unsigned char *l4;
+	union {
+		struct { struct iphdr ip; __u8 l4[8]; } v4;
+		struct { struct ipv6hdr ip; __u8 l4[8]; } v6;
+	} h;
+	__u8 *l4;
+	__u8 l4proto;
 
 	if (eth_proto == ETH_P_IP) {
-		struct iphdr ip;
-		if (bpf_probe_read_kernel(&ip, sizeof(ip), l3))
+		if (bpf_probe_read_kernel(&h.v4, sizeof(h.v4), l3))
 			return;
-		l4proto = ip.protocol;
+		l4proto = h.v4.ip.protocol;
 		*proto = l4proto;
-		if (ip.frag_off & bpf_htons(0x1FFF))  /* a later fragment: no L4 header */
+		if (h.v4.ip.frag_off & bpf_htons(0x1FFF))  /* a later fragment: no L4 header */
 			return;
-		l4 = l3 + ip.ihl * 4;
+		l4 = h.v4.l4;
+		if (h.v4.ip.ihl != 5 && bpf_probe_read_kernel(l4, sizeof(h.v4.l4), l3 + h.v4.ip.ihl * 4))
+			return;  /* IP options: the L4 header is further */
 	} else if (eth_proto == ETH_P_IPV6) {
-		struct ipv6hdr ip6;
-		if (bpf_probe_read_kernel(&ip6, sizeof(ip6), l3))
+		if (bpf_probe_read_kernel(&h.v6, sizeof(h.v6), l3))
 			return;
-		l4proto = ip6.nexthdr;  /* extension headers: counted without a port */
+		l4proto = h.v6.ip.nexthdr;  /* extension headers: counted without a port */
 		*proto = l4proto;
-		l4 = l3 + sizeof(ip6);
+		l4 = h.v6.l4;
 	} else {
 		return;
 	}
 	if (l4proto == IPPROTO_TCP || l4proto == IPPROTO_UDP) {
-		__be16 ports[2];
-		if (!bpf_probe_read_kernel(ports, sizeof(ports), l4))
-			*port = bpf_ntohs(rx ? ports[1] : ports[0]);
+		__u16 p = rx ? (l4[2] << 8 | l4[3]) : (l4[0] << 8 | l4[1]);
+		*port = p;
 	} else if (l4proto == IPPROTO_ICMP || l4proto == IPPROTO_ICMPV6) {
-		__u8 icmp[6];
-		if (bpf_probe_read_kernel(icmp, sizeof(icmp), l4))
-			return;
 		/* echo request/reply: the id is the ping socket's port */
-		if (icmp[0] == 0 || icmp[0] == 8 || icmp[0] == 128 || icmp[0] == 129)
-			*port = (icmp[4] << 8) | icmp[5];
+		if (l4[0] == 0 || l4[0] == 8 || l4[0] == 128 || l4[0] == 129)
+			*port = l4[4] << 8 | l4[5];
 	}
 }
 
+/* Fields are read directly through the tracepoints' BTF-typed pointers
+ * (plain loads, no helper call): this runs for every packet of the machine. */
 static __always_inline void count(const struct sk_buff *skb, const struct net_device *dev, bool rx)
 {
-	__u32 netns = nt_netns_of_dev(dev);
+	__u32 netns = dev->nd_net.net->ns.inum;
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
 		return;
 
-	unsigned char *head = BPF_CORE_READ(skb, head);
-	__u16 eth_proto = bpf_ntohs(BPF_CORE_READ(skb, protocol));
-	__u64 bytes = BPF_CORE_READ(skb, len);
+	unsigned char *head = skb->head;
+	__u16 eth_proto = bpf_ntohs(skb->protocol);
+	__u64 bytes = skb->len;
 	const unsigned char *l3;
 	if (rx) {
 		/* eth_type_trans pulled the link header: data is L3; count it back */
-		l3 = BPF_CORE_READ(skb, data);
-		__u16 mac = BPF_CORE_READ(skb, mac_header);
+		l3 = skb->data;
+		__u16 mac = skb->mac_header;
 		if (mac != (__u16)~0U && head + mac < l3)
 			bytes += l3 - (head + mac);
 	} else {
-		l3 = head + BPF_CORE_READ(skb, network_header);
+		l3 = head + skb->network_header;
 	}
-	struct skb_shared_info *shinfo = (void *)(head + BPF_CORE_READ(skb, end));
-	__u64 segs = BPF_CORE_READ(shinfo, gso_segs);
-	if (!segs)
-		segs = 1;
+	__u64 segs = 1;
+	if (skb->data_len) {  /* only paged skbs can be GSO/GRO aggregates */
+		struct skb_shared_info *shinfo = (void *)(head + skb->end);
+		__u16 gso_segs = 0;
+		bpf_probe_read_kernel(&gso_segs, sizeof(gso_segs), &shinfo->gso_segs);
+		if (gso_segs)
+			segs = gso_segs;
+	}
 
-	struct traffic_key key = { .netns = netns, .ifindex = BPF_CORE_READ(dev, ifindex) };
+	struct traffic_key key = { .netns = netns, .ifindex = dev->ifindex };
 	flow_of(l3, eth_proto, rx, &key.proto, &key.port);
 
 	struct traffic_counters *c = bpf_map_lookup_elem(&tf_counters, &key);
@@ -136,7 +143,7 @@ int BPF_PROG(traffic_tx, const struct sk_buff *skb, const struct net_device *dev
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(traffic_rx, struct sk_buff *skb)
 {
-	count(skb, BPF_CORE_READ(skb, dev), true);
+	count(skb, skb->dev, true);
 	return 0;
 }
 
@@ -144,20 +151,20 @@ int BPF_PROG(traffic_rx, struct sk_buff *skb)
  * it (these tracepoints fire in the calling task). */
 static __always_inline void own(const struct sock *sk)
 {
-	__u32 netns = nt_netns_of_sk(sk);
+	__u32 netns = sk->__sk_common.skc_net.net->ns.inum;
 	if (!nt_watched(netns))
 		return;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	if (BPF_CORE_READ(task, flags) & PF_KTHREAD)
+	struct task_struct *task = bpf_get_current_task_btf();
+	if (task->flags & PF_KTHREAD)
 		return;
 	struct traffic_owner_key key = {
 		.netns = netns,
-		.port = BPF_CORE_READ(sk, __sk_common.skc_num),
-		.proto = (__u8)BPF_CORE_READ(sk, sk_protocol),
+		.port = sk->__sk_common.skc_num,
+		.proto = (__u8)sk->sk_protocol,
 	};
-	if (!key.port || BPF_CORE_READ(sk, sk_type) == 3 /* SOCK_RAW: its "port" is a protocol */)
+	if (!key.port || sk->sk_type == 3 /* SOCK_RAW: its "port" is a protocol */)
 		return;
-	__u32 pid = bpf_get_current_pid_tgid() >> 32;
+	__u32 pid = task->tgid;
 	struct traffic_owner *cur = bpf_map_lookup_elem(&tf_owners, &key);
 	if (cur && cur->pid == pid)
 		return;
