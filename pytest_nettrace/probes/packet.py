@@ -13,9 +13,11 @@ assertions stay sound.
 """
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import ipaddress
 import mmap
+import queue
 import os
 import re
 import socket
@@ -48,6 +50,7 @@ SOL_PACKET = 263
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
 TP_STATUS_USER = 1
 SIOCGIFNAME = 0x8910
+SO_TIMESTAMPNS, SO_RCVBUFFORCE = 35, 33
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
@@ -66,8 +69,24 @@ class Frame(NamedTuple):
     length: int         # original length
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setsockopt(fd: int, level: int, name: int, value: bytes) -> None:
+    buf = ctypes.create_string_buffer(value, len(value))
+    if _libc.setsockopt(fd, level, name, buf, len(value)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class _Capture:
-    """The packet socket and ring of one watched namespace."""
+    """The packet socket and ring of one watched namespace.
+
+    The socket captures from the moment it exists (packets queue on it);
+    setting up the ring costs an RCU grace period (~8 ms, synchronize_net in
+    packet_set_ring), so that happens in the background: frames that arrive
+    before the ring is ready are read from the socket's queue first, so the
+    capture starts at once and stays in order."""
 
     def __init__(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY)
@@ -75,30 +94,73 @@ class _Capture:
             self.sock: socket.socket = run_in_thread(self._open, netns_fd=fd)
         finally:
             os.close(fd)
-        try:
-            self.ring = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
-                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            self.sock.close()
-            raise
+        self.ring: Optional[mmap.mmap] = None
+        self.ring_error: Optional[str] = None
+        self._ring_done = threading.Event()
+        self._lock = threading.RLock()
         self.head = 0
         self.pending: List[Frame] = []
         self.taken = 0
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
+        self._buf = bytearray(SNAPLEN)
+        threading.Thread(target=self._setup_ring, name="nettrace-pcap-ring", daemon=True).start()
 
     @staticmethod
     def _open() -> socket.socket:
         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL))
         try:
-            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-            block = FRAME_SIZE * 16
-            s.setsockopt(SOL_PACKET, PACKET_RX_RING,
-                         struct.pack("IIII", block, RING_FRAMES // 16, FRAME_SIZE, RING_FRAMES))
+            s.setblocking(False)
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            try:  # room for what arrives before the ring is ready
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+            except OSError:
+                pass
         except BaseException:
             s.close()
             raise
         return s
+
+    def _setup_ring(self) -> None:
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            block = FRAME_SIZE * 16
+            # through ctypes: it releases the GIL, socket.setsockopt does not,
+            # and this call waits out an RCU grace period
+            _setsockopt(self.sock.fileno(), SOL_PACKET, PACKET_RX_RING,
+                        struct.pack("IIII", block, RING_FRAMES // 16, FRAME_SIZE, RING_FRAMES))
+            ring = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+            with self._lock:
+                self.ring = ring
+        except (OSError, ValueError) as e:  # closed meanwhile, or no memory: keep reading the queue
+            self.ring_error = str(e)
+        finally:
+            self._ring_done.set()
+
+    def _read_queue(self) -> None:
+        """Frames queued on the socket before the ring took over."""
+        while self.taken + len(self.pending) < MAX_PACKETS:
+            try:
+                n, anc, _flags, addr = self.sock.recvmsg_into([self._buf], 64, socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
+            ts = time.time_ns()
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                    sec, nsec = struct.unpack_from("qq", data)
+                    ts = sec * 1_000_000_000 + nsec
+            data = bytes(self._buf[:min(n, SNAPLEN)])
+            length = n
+            if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
+                continue
+            if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # L3 frame: give it an Ethernet header
+                data = bytes(12) + struct.pack("!H", proto) + data
+                length += 14
+            self.pending.append(Frame(ts, ifname, PKTTYPES.get(pkttype, "in"), data, length))
 
     def _ifname(self, index: int) -> str:
         """Device name in the socket's namespace ("?" once the device is gone)."""
@@ -114,7 +176,12 @@ class _Capture:
 
     def read(self) -> None:
         """Move the frames the kernel filled into `pending`, up to the cap."""
-        ring = self.ring
+        with self._lock:
+            self._read_queue()
+            if self.ring is not None:
+                self._read_ring(self.ring)
+
+    def _read_ring(self, ring: mmap.mmap) -> None:
         while self.taken + len(self.pending) < MAX_PACKETS:
             off = self.head * FRAME_SIZE
             status, length, snaplen, mac, _net, sec, nsec = _TPACKET2_HDR.unpack_from(ring, off)
@@ -140,7 +207,7 @@ class _Capture:
 
     def left_in_ring(self) -> int:
         """Frames past the cap, never read (0 below the cap: they will be)."""
-        if self.taken + len(self.pending) < MAX_PACKETS:
+        if self.taken + len(self.pending) < MAX_PACKETS or self.ring is None:
             return 0
         return sum(1 for i in range(RING_FRAMES) if self.ring[i * FRAME_SIZE] & TP_STATUS_USER)
 
@@ -151,8 +218,41 @@ class _Capture:
         return frames
 
     def close(self) -> None:
-        self.ring.close()
-        self.sock.close()
+        # Closing a packet socket waits for an RCU grace period
+        # (synchronize_net in packet_release, ~20 ms), and the ring may still
+        # be in the making: both off the test's path.
+        _closer.put(self)
+
+    def finish_close(self) -> None:
+        self._ring_done.wait(5.0)
+        with self._lock:
+            if self.ring is not None:
+                self.ring.close()
+                self.ring = None
+            self.sock.close()
+
+
+class _Closer:
+    """Closes packet captures in the background, in order."""
+
+    def __init__(self) -> None:
+        self._queue: "queue.Queue[_Capture]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def put(self, capture: "_Capture") -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="nettrace-pcap-close", daemon=True)
+                self._thread.start()
+        self._queue.put(capture)
+
+    def _run(self) -> None:
+        while True:
+            self._queue.get().finish_close()
+
+
+_closer = _Closer()
 
 # -- header summaries -------------------------------------------------------
 
