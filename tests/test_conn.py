@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 
@@ -10,17 +9,6 @@ import pytest
 
 from traffic import clean_exchange, connect_refused, echo_once, script
 
-FAMILIES = [pytest.param((socket.AF_INET, "10.0.0.1", "10.0.0.2", 24), id="ipv4"),
-            pytest.param((socket.AF_INET6, "fd00::1", "fd00::2", 64), id="ipv6")]
-
-
-@pytest.fixture(params=FAMILIES)
-def pair(request, make_netns):
-    """Two namespaces joined by a veth: (server ns, client ns, family, server addr, client addr)."""
-    fam, a, b, plen = request.param
-    server, client = make_netns(), make_netns()
-    server.add_veth("eth0", client, "eth0", addresses=[f"{a}/{plen}"], peer_addresses=[f"{b}/{plen}"])
-    return server, client, fam, a, b
 
 
 def serve(ns, host: str, port: int, n: int) -> subprocess.Popen:

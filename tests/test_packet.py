@@ -61,7 +61,9 @@ def test_pcap_reads_back_with_tcpdump(pair, nettrace):
     assert any("10.0.0.1.9 > 10.0.0.2." in ln and "Flags [R.]" in ln for ln in lines), lines
     # one pcap, both namespaces: the SYN leaves the client and reaches the server
     assert sum("> 10.0.0.1.9: Flags [S]" in ln for ln in lines) == 2
-    assert len(lines) == len(nettrace.packets())
+    # the pcap holds what was captured when it was written; IPv6 multicast
+    # (MLD, DAD) may arrive any time after
+    assert 0 < len(lines) <= len(nettrace.packets())
 
 
 def test_capture_is_ready_before_the_body(netns, nettrace):

@@ -1,25 +1,12 @@
 """TCP retransmissions (issue 5): loss made with nftables rules (no netem here)."""
 from __future__ import annotations
 
-import socket
-import subprocess
 import threading
 
 import pytest
 
 from traffic import clean_exchange, echo_once
 
-FAMILIES = [pytest.param((socket.AF_INET, "10.0.0.1", "10.0.0.2", 24), id="ipv4"),
-            pytest.param((socket.AF_INET6, "fd00::1", "fd00::2", 64), id="ipv6")]
-
-
-@pytest.fixture(params=FAMILIES)
-def pair(request, make_netns):
-    """Two namespaces joined by a veth: (server ns, client ns, family, server addr, client addr)."""
-    fam, a, b, plen = request.param
-    server, client = make_netns(), make_netns()
-    server.add_veth("eth0", client, "eth0", addresses=[f"{a}/{plen}"], peer_addresses=[f"{b}/{plen}"])
-    return server, client, fam, a, b
 
 
 def lose_incoming(ns, match: str, first: int = 1) -> None:

@@ -14,17 +14,6 @@ from pytest_nettrace.trace import Trace
 
 from traffic import clean_exchange, connect_refused, echo_once, linger_abort
 
-FAMILIES = [pytest.param((socket.AF_INET, "10.0.0.1", "10.0.0.2", 24), id="ipv4"),
-            pytest.param((socket.AF_INET6, "fd00::1", "fd00::2", 64), id="ipv6")]
-
-
-@pytest.fixture(params=FAMILIES)
-def pair(request, make_netns):
-    """Two namespaces joined by a veth: (server ns, client ns, family, server addr, client addr)."""
-    fam, a, b, plen = request.param
-    server, client = make_netns(), make_netns()
-    server.add_veth("eth0", client, "eth0", addresses=[f"{a}/{plen}"], peer_addresses=[f"{b}/{plen}"])
-    return server, client, fam, a, b
 
 
 @pytest.mark.smoke

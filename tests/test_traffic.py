@@ -3,7 +3,6 @@ counted in the kernel and attributed to the processes that own the ports."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 

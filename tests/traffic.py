@@ -43,7 +43,6 @@ def linger_abort(host: str, port: int) -> list:
 
 def clean_exchange(host: str, port: int) -> list:
     """argv: connect, send, read the echo, shut down cleanly."""
-    fam = "AF_INET6" if ":" in host else "AF_INET"
     return script(f"""
         import socket
         s = socket.create_connection(({host!r}, {port}))
