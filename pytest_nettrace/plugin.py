@@ -4,6 +4,7 @@ report sections, forbidden-event gates and the session summary."""
 from __future__ import annotations
 
 import os
+import threading
 import platform
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -55,6 +56,8 @@ def pytest_configure(config: pytest.Config) -> None:
         btf_path=config.getoption("nettrace_btf") or config.getini("nettrace_btf"),
         ringbuf_size=_ringbuf_size(config.getini("nettrace_ringbuf_size")),
         on_unavailable=mode)
+    if hasattr(config, "workerinput"):  # an xdist worker: it will need the probes
+        config.stash[_ENGINE].preload()
     settings = ReportSettings.from_config(config)
     config.stash[_SETTINGS] = settings
     config.pluginmanager.register(SessionReporter(settings), "nettrace-session-reporter")
@@ -106,7 +109,8 @@ def pytest_report_header(config: pytest.Config) -> list:
 
 
 class EngineHolder:
-    """The process's one Engine: loaded on first use, kept for the session."""
+    """The process's one Engine: loaded on first use (or in the background
+    from configure on, so loading overlaps collection), kept for the session."""
 
     def __init__(self, btf_path: str, ringbuf_size: int, on_unavailable: str) -> None:
         self.btf_path = btf_path
@@ -114,14 +118,24 @@ class EngineHolder:
         self.on_unavailable = on_unavailable
         self._engine: Optional[Engine] = None
         self._error: Optional[str] = None
+        self._lock = threading.Lock()
+        self._loader: Optional[threading.Thread] = None
+
+    def preload(self) -> None:
+        """Start loading the probes now, in a thread (ctypes releases the GIL)."""
+        if os.geteuid() != 0 or self._loader is not None:
+            return
+        self._loader = threading.Thread(target=self.try_get, name="nettrace-load", daemon=True)
+        self._loader.start()
 
     def try_get(self) -> "tuple[Optional[Engine], Optional[str]]":
-        if self._engine is None and self._error is None:
-            try:
-                self._engine = Engine(btf_path=self.btf_path, ringbuf_size=self.ringbuf_size)
-            except NettraceError as e:
-                self._error = str(e)
-        return self._engine, self._error
+        with self._lock:
+            if self._engine is None and self._error is None:
+                try:
+                    self._engine = Engine(btf_path=self.btf_path, ringbuf_size=self.ringbuf_size)
+                except NettraceError as e:
+                    self._error = str(e)
+            return self._engine, self._error
 
     def get(self) -> Engine:
         """The engine, or skip/fail the test with the one-line reason."""
@@ -137,6 +151,8 @@ class EngineHolder:
         pytest.skip(msg)
 
     def close(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
         if self._engine is not None:
             self._engine.close()
             self._engine = None
