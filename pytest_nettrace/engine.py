@@ -5,7 +5,6 @@ Per test, the only kernel work is adding and removing namespace inodes in the
 scope map; the probes drop every event from a namespace not in it."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import re
@@ -16,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
-from .errors import NettraceError, ProbeLoadError
+from .errors import ProbeLoadError
 from .events import HEADER, NT_MAX_KINDS, Event, Header
 from .probes.base import Plan, Probe
 from .ringbuf import RingBuffer
@@ -211,13 +210,15 @@ class Engine:
 
     # -- events --------------------------------------------------------------
     def drain(self) -> int:
-        """Decode and deliver every record committed so far; returns how many."""
+        """Route every record committed so far to its trace; returns how many.
+        The shared ring comes first: it is what overflows under a burst; the
+        probes' own sources (sockets, captures) have buffers of their own."""
         with self._lock:
-            for probe in self._attached_probes():
-                probe.poll()
             records = self._ring.read()
             for rec in records:
                 self._deliver(rec)
+            for probe in self._attached_probes():
+                probe.poll()
             return len(records)
 
     def _deliver(self, rec: bytes) -> None:
