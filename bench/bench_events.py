@@ -64,11 +64,15 @@ def generate(ns, procs: int, rate: float, seconds: float) -> tuple:
 
 def end_to_end(quick: bool) -> None:
     from pytest_nettrace.engine import Engine
+    from pytest_nettrace.probes.rst import RstProbe
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
     seconds = 1.0 if quick else 2.0
-    engine = Engine()  # as the plugin: drain thread, default ring
+    # The RST pipeline alone (as the plugin: drain thread, default ring): the
+    # generator's other work (syscalls, conn closes, drops, packets) would
+    # otherwise share the ring and be counted against it.
+    engine = Engine(probes=[RstProbe()])
     try:
         with NamespaceFactory() as factory:
             ns = factory.create()
@@ -102,10 +106,11 @@ def end_to_end(quick: bool) -> None:
 
 def consumer(quick: bool) -> None:
     from pytest_nettrace.engine import Engine
+    from pytest_nettrace.probes.rst import RstProbe
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
-    engine = Engine(background=False, ringbuf_size=64 << 20)
+    engine = Engine(background=False, ringbuf_size=64 << 20, probes=[RstProbe()])
     reads, drains, decodes, counts = [], [], [], []
     try:
         with NamespaceFactory() as factory:

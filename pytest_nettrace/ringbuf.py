@@ -4,7 +4,6 @@ tops out near 150k events/s; this loop is bounded by decoding instead)."""
 from __future__ import annotations
 
 import mmap
-import os
 import select
 import struct
 from typing import List
@@ -32,28 +31,38 @@ class RingBuffer:
         self._epoll.register(map_fd, select.EPOLLIN)
 
     def read(self, limit: int = 1 << 30) -> List[bytes]:
-        """Every committed record, in order, up to `limit`; advances the consumer."""
-        cons = _u64.unpack_from(self._cons, 0)[0]
-        prod = _u64.unpack_from(self._prod, 0)[0]
+        """Every committed record, in order, up to `limit`; advances the consumer.
+
+        Loops until the producer position stops moving: the kernel wakes the
+        consumer only when it had caught up, so records submitted while we
+        were reading would otherwise wait for the next timeout."""
         out: List[bytes] = []
         data, base, mask = self._prod, self._data_off, self._mask
-        spins = 0
-        while cons < prod and len(out) < limit:
-            off = base + (cons & mask)
-            length = _u32.unpack_from(data, off)[0]
-            if length & _BUSY:
-                # reserved, not yet submitted: a probe is filling it on another
-                # CPU right now (well under a microsecond); wait briefly so a
-                # read after an action sees that action's events, then stop
-                spins += 1
-                if spins > 1000:
-                    break
-                continue
-            size = length & ~(_BUSY | _DISCARD)
-            if not length & _DISCARD:
-                out.append(data[off + _HDR: off + _HDR + size])
-            cons += (size + _HDR + 7) & ~7
-        _u64.pack_into(self._cons, 0, cons)
+        cons = _u64.unpack_from(self._cons, 0)[0]
+        while len(out) < limit:
+            prod = _u64.unpack_from(self._prod, 0)[0]
+            if cons >= prod:
+                break
+            spins = 0
+            while cons < prod and len(out) < limit:
+                off = base + (cons & mask)
+                length = _u32.unpack_from(data, off)[0]
+                if length & _BUSY:
+                    # reserved, not yet submitted: a probe is filling it on another
+                    # CPU right now (well under a microsecond); wait briefly so a
+                    # read after an action sees that action's events, then stop
+                    spins += 1
+                    if spins > 1000:
+                        break
+                    continue
+                size = length & ~(_BUSY | _DISCARD)
+                if not length & _DISCARD:
+                    out.append(data[off + _HDR: off + _HDR + size])
+                cons += (size + _HDR + 7) & ~7
+            # hand the space back as we go, so producers can reuse it
+            _u64.pack_into(self._cons, 0, cons)
+            if cons < prod:
+                break  # stopped at a record still being written
         return out
 
     def pending(self) -> int:

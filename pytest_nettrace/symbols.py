@@ -50,9 +50,26 @@ _MACHINERY = ("bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_", "tra
               "kprobe_", "perf_trace_", "bpf_trampoline_", "__bpf_prog_enter", "__bpf_prog_exit")
 
 
+_cache: dict = {}
+
+
 def symbolize(addrs: Sequence[int]) -> List[str]:
+    """Frames of a kernel stack, probe machinery dropped. Stacks repeat a lot
+    (every RST of a flood has the same one): cached by their addresses."""
     if not addrs:
         return []
+    key = tuple(addrs)
+    hit = _cache.get(key)
+    if hit is not None:
+        return list(hit)
+    if len(_cache) > 4096:
+        _cache.clear()
+    frames = _symbolize(key)
+    _cache[key] = tuple(frames)
+    return frames
+
+
+def _symbolize(addrs: Sequence[int]) -> List[str]:
     table = kallsyms()
     frames = [table.resolve(a) for a in addrs]
     i = 0

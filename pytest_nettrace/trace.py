@@ -111,9 +111,13 @@ class TraceCore:
     def label(self, inode: int) -> str:
         return self._watched.get(inode, f"netns:{inode}")
 
-    def _sink(self, record: "bytes | Event") -> None:
+    def _sink(self, records: "List[bytes] | Event") -> None:
+        """Raw records of one watched namespace (a batch), or one ready Event."""
         with self._cond:
-            self._raw.append(record)
+            if isinstance(records, list):
+                self._raw.extend(records)
+            else:
+                self._raw.append(records)
             self._cond.notify_all()
 
     def _decode_pending(self) -> None:
