@@ -12,7 +12,7 @@ import ctypes.util
 import errno as _errno
 import os
 import threading
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .errors import ProbeLoadError, UnsupportedKernel
 
@@ -136,6 +136,7 @@ class LibBpf:
             "bpf_map_update_elem": (ci, [ci, vp, vp, ctypes.c_uint64]),
             "bpf_map_lookup_elem": (ci, [ci, vp, vp]),
             "bpf_map_delete_elem": (ci, [ci, vp]),
+            "bpf_map_get_next_key": (ci, [ci, vp, vp]),
             "btf__load_vmlinux_btf": (vp, []),
             "bpf_object__btf": (vp, [vp]),
             "btf__parse": (vp, [cp, vp]),
@@ -349,6 +350,34 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> Optional[bytes]:
 def map_delete(fd: int, key: bytes) -> None:
     kb = ctypes.create_string_buffer(key, len(key))
     libbpf().bpf_map_delete_elem(fd, kb)
+
+
+def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
+    """Every key of the map (keys added or deleted meanwhile may be missed)."""
+    lib = libbpf()
+    cur: Optional[ctypes.Array] = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while lib.bpf_map_get_next_key(fd, cur, nxt) == 0:
+        yield nxt.raw
+        cur = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def map_items(fd: int, key_size: int, value_size: int) -> List[Tuple[bytes, bytes]]:
+    """(key, value) of every entry; for the probes that aggregate in the kernel."""
+    out = []
+    for key in list(map_keys(fd, key_size)):
+        value = map_lookup(fd, key, value_size)
+        if value is not None:
+            out.append((key, value))
+    return out
+
+
+def map_delete_where(fd: int, key_size: int, pred: Callable[[bytes], bool]) -> int:
+    """Delete the keys for which pred(key) is true; returns how many."""
+    doomed = [k for k in map_keys(fd, key_size) if pred(k)]
+    for key in doomed:
+        map_delete(fd, key)
+    return len(doomed)
 
 
 class KernelBtf:

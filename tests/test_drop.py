@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
@@ -10,7 +9,7 @@ from pytest_nettrace import EventsLost
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.probes.drop import DETAIL_BUDGET
 
-from traffic import clean_exchange, echo_once, script
+from traffic import clean_exchange_over, script
 
 
 
@@ -66,14 +65,7 @@ def test_nft_drop_rule_is_a_netfilter_drop(pair, nettrace):
 
 def test_clean_exchange_drops_nothing(pair, nettrace):
     server, client, fam, a, b = pair
-    lst = server.socket(fam)
-    lst.bind((a, 0))
-    lst.listen()
-    t = threading.Thread(target=echo_once, args=(lst,))
-    t.start()
-    client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
-    t.join(5)
-    lst.close()
+    clean_exchange_over(server, client, fam, a)
     nettrace.assert_no_drops()
     nettrace.assert_no_drops(ip_proto="tcp", include_unspecified=True)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 
 import pytest
 
@@ -12,7 +11,7 @@ from pytest_nettrace.engine import Engine
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.trace import Trace
 
-from traffic import clean_exchange, connect_refused, echo_once, linger_abort
+from traffic import clean_exchange_over, connect_refused, linger_abort
 
 
 
@@ -57,14 +56,7 @@ def test_linger_zero_close_is_active_rst_by_that_process(pair, nettrace):
 @pytest.mark.smoke
 def test_clean_close_sends_no_rst(pair, nettrace):
     server, client, fam, a, b = pair
-    lst = server.socket(fam)
-    lst.bind((a, 0))
-    lst.listen()
-    t = threading.Thread(target=echo_once, args=(lst,))
-    t.start()
-    client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
-    t.join(5)
-    lst.close()
+    clean_exchange_over(server, client, fam, a)
     nettrace.assert_no_rst()
     assert nettrace.rst() == []
 

@@ -6,6 +6,7 @@ import socket
 import struct
 import sys
 import textwrap
+import threading
 
 PYTHON = sys.executable
 
@@ -67,3 +68,18 @@ def echo_once(listener: socket.socket) -> None:
 
 def linger_zero(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def clean_exchange_over(server, client, fam: int, addr: str) -> int:
+    """A listener in `server` and one clean echo exchange from a process in
+    `client`; returns the server port."""
+    lst = server.socket(fam)
+    lst.bind((addr, 0))
+    lst.listen()
+    port = lst.getsockname()[1]
+    t = threading.Thread(target=echo_once, args=(lst,))
+    t.start()
+    client.run(clean_exchange(addr, port), check=True)
+    t.join(5)
+    lst.close()
+    return port

@@ -16,7 +16,7 @@ from ..errors import EventsLost
 from ..events import HEADER, Event, Header, describe_filters, matches
 from ..libbpf import map_delete, map_lookup, map_update
 from ..symbols import kallsyms
-from ._bpfmap import map_delete_where, map_items
+from ..libbpf import map_delete_where, map_items
 from .base import Plan, Probe
 
 if TYPE_CHECKING:

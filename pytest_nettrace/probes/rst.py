@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, List
 
 from ..events import HEADER, Event, Header
 from .base import Plan, Probe

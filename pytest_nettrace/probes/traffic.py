@@ -12,14 +12,13 @@ errors, forwarded traffic) form rows with pid/uid/comm None — the seed's
 """
 from __future__ import annotations
 
-import ctypes
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import EventsLost
 from ..events import describe_filters, matches
-from ..libbpf import libbpf, map_delete, map_lookup
+from ..libbpf import map_delete_where, map_items
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -33,36 +32,9 @@ _OWNER_KEY = struct.Struct("<IHBx")     # struct traffic_owner_key
 _OWNER = struct.Struct("<II16s")        # struct traffic_owner
 
 
-# -- walking a BPF hash map (the core layer only reads single keys) ---------
-_next_key: Optional[Callable[..., int]] = None
-
-
-def _map_keys(fd: int, key_size: int) -> Iterator[bytes]:
-    """Every key of the map (keys added or deleted meanwhile may be missed)."""
-    global _next_key
-    if _next_key is None:  # own prototype: never changes argtypes others see
-        proto = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, use_errno=True)
-        _next_key = proto(("bpf_map_get_next_key", libbpf().lib))
-    cur: Optional[ctypes.Array] = None
-    nxt = ctypes.create_string_buffer(key_size)
-    while _next_key(fd, cur, nxt) == 0:
-        yield nxt.raw
-        cur = ctypes.create_string_buffer(nxt.raw, key_size)
-
-
-def _items(fd: int, key_size: int, value_size: int) -> List[Tuple[bytes, bytes]]:
-    out = []
-    for key in list(_map_keys(fd, key_size)):
-        value = map_lookup(fd, key, value_size)
-        if value is not None:
-            out.append((key, value))
-    return out
-
-
 def _purge(fd: int, key_size: int, netns: int) -> None:
     """Delete the entries of one namespace (netns is every key's first field)."""
-    for key in [k for k in _map_keys(fd, key_size) if struct.unpack_from("<I", k)[0] == netns]:
-        map_delete(fd, key)
+    map_delete_where(fd, key_size, lambda k: struct.unpack_from("<I", k)[0] == netns)
 
 
 @dataclass
@@ -144,13 +116,13 @@ class TrafficProbe(Probe):
         """The table for these namespaces, joined with the port owners now."""
         wanted = set(namespaces)
         owners: Dict[Tuple[int, int, int], Tuple[int, int, str]] = {}
-        for key, value in _items(self._owners_fd, _OWNER_KEY.size, _OWNER.size):
+        for key, value in map_items(self._owners_fd, _OWNER_KEY.size, _OWNER.size):
             netns, port, proto = _OWNER_KEY.unpack(key)
             if netns in wanted:
                 pid, uid, comm = _OWNER.unpack(value)
                 owners[(netns, proto, port)] = (pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"))
         table: Dict[tuple, TrafficRow] = {}
-        for key, value in _items(self._counters_fd, _KEY.size, _COUNTERS.size):
+        for key, value in map_items(self._counters_fd, _KEY.size, _COUNTERS.size):
             netns, _ifindex, port, proto = _KEY.unpack(key)
             if netns not in wanted:
                 continue
