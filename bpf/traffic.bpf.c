@@ -187,6 +187,24 @@ int BPF_PROG(traffic_recv, struct sock *sk, int ret, int flags)
 	return 0;
 }
 
+/* Kernels before 6.3 have no sock_{send,recv}_length tracepoints: the same
+ * owners from the entry of the inet protocols' sendmsg/recvmsg, reached
+ * through proto_ops pointers, so never inlined (sock_sendmsg can be). */
+#define OWN_FROM_SOCKET(name, fn)                                              \
+	SEC("fentry/" #fn)                                                     \
+	int BPF_PROG(name, struct socket *sock)                                \
+	{                                                                      \
+		struct sock *sk = sock->sk;                                    \
+		if (sk)                                                        \
+			own(sk);                                               \
+		return 0;                                                      \
+	}
+
+OWN_FROM_SOCKET(traffic_send4_fentry, inet_sendmsg)
+OWN_FROM_SOCKET(traffic_send6_fentry, inet6_sendmsg)
+OWN_FROM_SOCKET(traffic_recv4_fentry, inet_recvmsg)
+OWN_FROM_SOCKET(traffic_recv6_fentry, inet6_recvmsg)
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(traffic_state, const struct sock *sk, const int oldstate, const int newstate)
 {

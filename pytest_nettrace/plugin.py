@@ -105,6 +105,8 @@ def pytest_report_header(config: pytest.Config) -> list:
         for name, st in engine.status.items():
             for failure in st.failures:
                 lines.append(f"nettrace:   {name}: fell back from {failure[:160]}")
+            if st.plan is None and st.unavailable:
+                lines.append(f"nettrace:   {name} unavailable: {st.unavailable[:200]}")
     return lines
 
 

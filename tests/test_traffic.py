@@ -114,3 +114,32 @@ def test_counters_start_at_zero_for_each_test(nettrace, netns):
     assert nettrace.traffic() == []
     netns.run(udp_poke("127.0.0.1"), check=True)
     assert nettrace.traffic() != []
+
+
+@pytest.mark.stock_kernel
+def test_owners_from_fentry_on_kernels_without_sock_length_tracepoints(make_netns):
+    """The fallback for kernels < 6.3; here it needs fentry, so ci/vm-test runs it."""
+    from pytest_nettrace.capabilities import features
+    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.trace import Trace
+
+    if not features().fentry:
+        pytest.skip(f"NOT EXERCISED on this kernel: traffic via tp_btf+fentry needs fentry "
+                    f"({features().why('fentry')}); ci/vm-test runs it on a stock kernel")
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    a.run(udp_poke("10.0.0.2"), check=True)
+    engine = Engine(mechanisms={"traffic": "tp_btf+fentry"}, background=False)
+    try:
+        assert engine.status["traffic"].mechanism == "tp_btf+fentry", engine.status["traffic"].failures
+        trace = Trace(engine, "fallback")
+        trace.watch(a)
+        trace.watch(b)
+        tx_pid, rx_pid = exchange(a, b)
+        sent = trace.traffic(pid=tx_pid)
+        assert (sent[0].tx_packets, sent[0].tx_bytes) == (N, N * FRAME)
+        got = trace.traffic(pid=rx_pid)
+        assert (got[0].rx_packets, got[0].rx_bytes) == (N, N * FRAME)
+        trace.close()
+    finally:
+        engine.close()

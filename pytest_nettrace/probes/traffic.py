@@ -90,15 +90,24 @@ class TrafficProbe(Probe):
         self._owners_fd = -1
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
-        needed = ("net_dev_start_xmit", "netif_receive_skb", "sock_send_length", "sock_recv_length")
-        if kernel.tp_btf and all(kernel.tracepoint_args(tp) is not None for tp in needed):
-            return [Plan("tp_btf", ["traffic_tx", "traffic_rx", "traffic_send", "traffic_recv", "traffic_state"])]
-        return []
+        plans = []
+        counting = ("net_dev_start_xmit", "netif_receive_skb")
+        if not (kernel.tp_btf and all(kernel.tracepoint_args(tp) is not None for tp in counting)):
+            return plans
+        if all(kernel.tracepoint_args(tp) is not None for tp in ("sock_send_length", "sock_recv_length")):
+            plans.append(Plan("tp_btf", ["traffic_tx", "traffic_rx", "traffic_send", "traffic_recv",
+                                         "traffic_state"]))
+        if kernel.fentry:  # before 6.3: owners from inet{,6}_{send,recv}msg entry
+            plans.append(Plan("tp_btf+fentry", ["traffic_tx", "traffic_rx", "traffic_send4_fentry",
+                                                "traffic_send6_fentry", "traffic_recv4_fentry",
+                                                "traffic_recv6_fentry", "traffic_state"]))
+        return plans
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         if not kernel.tp_btf:
             return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
-        return "no sock_send_length/sock_recv_length tracepoints (kernel < 6.3)"
+        return ("no sock_send_length/sock_recv_length tracepoints (kernel < 6.3) and no fentry "
+                f"({kernel.why('fentry')}) on inet_sendmsg/inet_recvmsg to learn port owners")
 
     def attached(self, obj: "BpfObject") -> None:
         self._counters_fd = obj.map_fd("tf_counters")
