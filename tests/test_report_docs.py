@@ -32,6 +32,7 @@ def test_doc_examples_pass_and_write_readable_files(pytester):
     namespace: dict = {}
     exec(helper, namespace)
     out = pytester.path / "nettrace-out"
-    path = next(out / f for f in os.listdir(out) if f.startswith("test_deletes.py__test_deletes"))
+    path = next(out / f for f in os.listdir(out)
+                if f.startswith("test_deletes.py__test_deletes") and f.endswith(".jsonl"))
     assert namespace["deleted_addresses"](path) == [
         ("192.0.2.10/24", "ip", "ip addr del 192.0.2.10/24 dev eth0")]

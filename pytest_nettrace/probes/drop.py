@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
 
 from ..errors import EventsLost
 from ..events import HEADER, Event, Header, describe_filters, matches
-from ..libbpf import map_delete, map_lookup, map_update
-from ..symbols import kallsyms
-from ..libbpf import map_delete_where, map_items
+from ..libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
+from ..symbols import kallsyms, symbolize
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -175,10 +174,11 @@ class DropProbe(Probe):
             src, dst = ipaddress.IPv4Address(saddr[:4]), ipaddress.IPv4Address(daddr[:4])
         elif family == 6:
             src, dst = ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr)
+        stack = hdr.stack_addrs(buf)
         return DropEvent(
-            hdr, hdr.stack_addrs(buf), "softirq",
+            hdr, stack, "softirq",
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
-            location=kallsyms().resolve(location), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
+            location=_location(location, stack), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
             ifindex=ifindex or None, protocol=ETHERTYPES.get(protocol, f"0x{protocol:04x}"),
             family=family or None, saddr=src, daddr=dst,
             sport=sport if has_ports else None, dport=dport if has_ports else None,
@@ -186,12 +186,38 @@ class DropProbe(Probe):
         )
 
 
+def _location(address: int, stack: Sequence[int]) -> str:
+    """Where the packet was freed. When the return address lands in a BPF
+    trampoline (a function traced with fentry frees it: seen on 6.1), the
+    first real frame of the stack above the free itself says it instead."""
+    loc = kallsyms().resolve(address)
+    if "[bpf]" not in loc and not loc.startswith("bpf_trampoline"):
+        return loc
+    for frame in symbolize(stack):
+        if not frame.startswith(_FREE_FRAMES) and "[bpf]" not in frame and not frame.startswith("bpf_trampoline"):
+            return frame
+    return loc
+
+
+_FREE_FRAMES = ("kfree_skb", "__kfree_skb", "sk_skb_reason_drop", "kfree_skb_reason", "kfree_skb_list")
+
+
 def _specified(reason: Optional[str]) -> bool:
     return reason != "NOT_SPECIFIED"
 
 
+def _not_link_multicast(daddr: Any) -> bool:
+    """IPv6 link-scope multicast (MLD reports, neighbour solicitations to
+    ff02::…) is dropped by every fresh interface before it joins or routes
+    anything: background, not a failure."""
+    return not (isinstance(daddr, ipaddress.IPv6Address) and daddr in _LINK_MULTICAST)
+
+
+_LINK_MULTICAST = ipaddress.ip_network("ff02::/16")
+
+
 def _describe(filters: Dict[str, Any]) -> str:
-    text = describe_filters({k: v for k, v in filters.items() if v is not _specified})
+    text = describe_filters({k: v for k, v in filters.items() if v is not _specified and v is not _not_link_multicast})
     if filters.get("reason") is _specified:
         text = "reason!='NOT_SPECIFIED'" + ("" if text == "(any)" else ", " + text)
     return text
@@ -223,10 +249,12 @@ class DropApi:
     def assert_no_drops(self, reason: Any = None, *, include_unspecified: bool = False, **filters: Any) -> None:
         """No packet matching filters was dropped in the watched namespaces.
 
-        By default (`reason=None`) any reason counts EXCEPT "NOT_SPECIFIED":
-        the kernel reports that for frees that are not failures (e.g. IPv6
-        multicast a host did not join, seen on every fresh veth), so it would
-        make the default useless. `include_unspecified=True` counts those too;
+        By default (`reason=None`) background drops don't count: reason
+        "NOT_SPECIFIED" (the kernel reports that for frees that are not
+        failures, e.g. IPv6 multicast a host did not join, seen on every fresh
+        veth) and packets to IPv6 link-scope multicast (ff02::/16: MLD and
+        neighbour discovery before the interface is fully up; older kernels
+        call those IP_INNOROUTES). `include_unspecified=True` counts those too;
         an explicit `reason` ("NETFILTER_DROP", a list, or a predicate) is used
         as given. On kernels without drop reasons (< 5.17) every drop counts.
 
@@ -237,6 +265,8 @@ class DropApi:
             filters = dict(filters, reason=reason)
         elif not include_unspecified:
             filters = dict(filters, reason=_specified)
+        if not include_unspecified and "daddr" not in filters:
+            filters["daddr"] = _not_link_multicast
         found = self.events("drop", **filters)
         if found:
             raise AssertionError(self._failure(
