@@ -106,6 +106,7 @@ class DropProbe(Probe):
         self.has_reason = False
         self._counts_fd = -1
         self._scopes_fd = -1
+        self.locations: Dict[int, str] = {}  # free address -> where, as decoded from a stack
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         self.reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
@@ -161,6 +162,16 @@ class DropProbe(Probe):
                 out.append((location, self.reason_name(reason), total, undelivered))
         return out
 
+    def where(self, address: int, stack: Sequence[int] = ()) -> str:
+        """The free's location; what a stack once said about an address is
+        remembered for the kernel's counts, which have no stack."""
+        if address in self.locations:
+            return self.locations[address]
+        loc = _location(address, stack)
+        if stack:
+            self.locations[address] = loc
+        return loc
+
     def reason_name(self, value: int) -> Optional[str]:
         if not self.has_reason:
             return None
@@ -178,7 +189,7 @@ class DropProbe(Probe):
         return DropEvent(
             hdr, stack, "softirq",
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
-            location=_location(location, stack), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
+            location=self.where(location, stack), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
             ifindex=ifindex or None, protocol=ETHERTYPES.get(protocol, f"0x{protocol:04x}"),
             family=family or None, saddr=src, daddr=dst,
             sport=sport if has_ports else None, dport=dport if has_ports else None,
@@ -191,12 +202,21 @@ def _location(address: int, stack: Sequence[int]) -> str:
     trampoline (a function traced with fentry frees it: seen on 6.1), the
     first real frame of the stack above the free itself says it instead."""
     loc = kallsyms().resolve(address)
-    if "[bpf]" not in loc and not loc.startswith("bpf_trampoline"):
+    if not _unreliable(loc):
         return loc
     for frame in symbolize(stack):
-        if not frame.startswith(_FREE_FRAMES) and "[bpf]" not in frame and not frame.startswith("bpf_trampoline"):
+        if not frame.startswith(_FREE_FRAMES) and not _unreliable(frame):
             return frame
     return loc
+
+
+def _unreliable(frame: str) -> bool:
+    """A trampoline, or an address kallsyms can only place far past some
+    symbol (trampolines live between modules: "ext4_exit_fs [ext4]+0x7bbc7")."""
+    if "[bpf]" in frame or frame.startswith("bpf_trampoline"):
+        return True
+    off = frame.rsplit("+0x", 1)
+    return len(off) == 2 and int(off[1], 16) > 0x20000
 
 
 _FREE_FRAMES = ("kfree_skb", "__kfree_skb", "sk_skb_reason_drop", "kfree_skb_reason", "kfree_skb_list")
@@ -291,12 +311,12 @@ class DropApi:
             raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
         self._validate("drop", filters)
         self._sync()
+        self._decode_pending()  # decoded events teach the probe where trampolined frees were
         probe = self.engine.status["drop"].probe
-        table = kallsyms()
         rows = []
         for netns in self.watched:
             for location, reason, total, undelivered in probe.counts(netns):
-                row = DropCount(netns, self.label(netns), table.resolve(location), reason, total, undelivered)
+                row = DropCount(netns, self.label(netns), probe.where(location), reason, total, undelivered)
                 if matches(_Counted(netns, reason, row.location), filters):
                     rows.append(row)
         rows.sort(key=lambda r: (-r.count, r.location))
