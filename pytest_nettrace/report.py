@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set
 from . import jsonl
 from .events import Event
 from .probes.registry import kinds
-from .timeline import WIDTH, _focus as focus, _is_background as is_background, render_timeline
+from .timeline import WIDTH, focus, is_background, render_timeline
 
 if TYPE_CHECKING:
     from .trace import Trace

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
@@ -61,25 +62,34 @@ def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence
 _BACKGROUND_KINDS = ("packet", "syscall")
 
 
-def _is_background(event: Event, kind: Optional[str]) -> bool:
+_LINK_MULTICAST = ipaddress.ip_network("ff02::/16")
+
+
+def is_background(event: Event, kind: Optional[str]) -> bool:
+    """Events that would bury the story unless they are what was asserted on:
+    packets, syscalls, and drops that are not failures (frees the kernel does
+    not name; IPv6 link-scope multicast an interface drops while coming up)."""
     if event.kind == kind:
         return False
     if event.kind in _BACKGROUND_KINDS:
         return True
-    # frees the kernel does not name: mostly multicast nobody joined, not a loss
-    return event.kind == "drop" and getattr(event, "reason", None) == "NOT_SPECIFIED"
+    if event.kind != "drop":
+        return False
+    daddr = getattr(event, "daddr", None)
+    return getattr(event, "reason", None) == "NOT_SPECIFIED" or (
+        isinstance(daddr, ipaddress.IPv6Address) and daddr in _LINK_MULTICAST)
 
 
-def _focus(events: List[Event], kind: Optional[str], offending: Sequence[Event]):
+def focus(events: List[Event], kind: Optional[str], offending: Sequence[Event]):
     """(events to show, {kind: count} left out) for a failure's timeline."""
     marked = {id(e) for e in offending}
     shown: List[Event] = []
     hidden: Dict[str, int] = {}
     for e in events:
-        if id(e) in marked or not _is_background(e, kind):
+        if id(e) in marked or not is_background(e, kind):
             shown.append(e)
         else:
-            key = "unspecified drop" if e.kind == "drop" else e.kind
+            key = "background drop" if e.kind == "drop" else e.kind
             hidden[key] = hidden.get(key, 0) + 1
     return shown, hidden
 
@@ -89,7 +99,7 @@ def render_failure(trace: "Trace", headline: str, kind: Optional[str], filters: 
     out = [_wrap(headline)]
     names = ", ".join(f"{label} ({inode})" for inode, label in trace.watched.items()) or "none"
     out.append(_wrap(f"watched namespaces: {names}"))
-    shown, hidden = _focus(trace.all_events(), kind, offending)
+    shown, hidden = focus(trace.all_events(), kind, offending)
     out.append("network events (time since test start):")
     out.append(render_timeline(trace, shown, offending))
     if hidden:
