@@ -169,6 +169,7 @@ class TraceCore:
     def lost(self, kind: Optional[str] = None) -> int:
         """Events of `kind` (or any kind) the kernel could not deliver to this test."""
         self._sync()
+        self._decode_pending()  # some losses show only when records are decoded
         total = 0
         ids = {kind_info(kind).kind_id} if kind else None
         for inode in self._watched:
