@@ -113,3 +113,14 @@ def run_in_thread(fn: Callable[[], T], *, netns_fd: int | None = None, new_netns
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["result"]  # type: ignore[return-value]
+
+
+def in_netns_at(path: str, fn: Callable[[], T]) -> T:
+    """Run `fn` in a thread inside the network namespace at `path`
+    (/run/netns/NAME, /proc/PID/ns/net): e.g. to open a socket that belongs
+    to that namespace."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return run_in_thread(fn, netns_fd=fd)
+    finally:
+        os.close(fd)

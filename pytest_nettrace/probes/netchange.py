@@ -10,13 +10,12 @@ and tells from the stack how it was asked for (netlink, ioctl or the kernel).
 from __future__ import annotations
 
 import ipaddress
-import os
 import pwd
 import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from .._linux import run_in_thread
+from .._linux import in_netns_at
 from ..events import HEADER, Event, Header, parse_address
 from ..libbpf import map_delete, map_update
 from .base import Plan, Probe
@@ -184,11 +183,7 @@ class _Monitor:
     """The rtnetlink socket the plugin owns in one watched namespace."""
 
     def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self.sock: socket.socket = run_in_thread(self._open, netns_fd=fd)
-        finally:
-            os.close(fd)
+        self.sock: socket.socket = in_netns_at(path, self._open)
         self.portid = self.sock.getsockname()[0]
         self.lost = 0
         self.names: Dict[int, str] = {}

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
-from .._linux import run_in_thread
+from .._linux import in_netns_at
 from ..events import Event, Header
 from .base import Plan, Probe
 
@@ -89,11 +89,7 @@ class _Capture:
     capture starts at once and stays in order."""
 
     def __init__(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self.sock: socket.socket = run_in_thread(self._open, netns_fd=fd)
-        finally:
-            os.close(fd)
+        self.sock: socket.socket = in_netns_at(path, self._open)
         self.ring: Optional[mmap.mmap] = None
         self.ring_error: Optional[str] = None
         self._ring_done = threading.Event()
