@@ -72,6 +72,7 @@ class Engine:
         self._lock = threading.RLock()
         self._obj: Optional[lb.BpfObject] = None
         self.decode_errors = 0
+        self._undecodable: Dict[int, Dict[int, int]] = {}  # netns -> kind id -> records a decoder failed on
         self.attach_seconds = 0.0
         t0 = time.perf_counter()
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
@@ -192,13 +193,15 @@ class Engine:
                 probe.unwatch(netns)
             lb.map_delete(self._scopes_fd, _u32.pack(netns))
             self._sinks.pop(netns, None)
+            self._undecodable.pop(netns, None)
 
     def lost(self, netns: int) -> Dict[int, int]:
         """Events the kernel could not deliver for `netns`, by kind id."""
         raw = lb.map_lookup(self._scopes_fd, _u32.pack(netns), _SCOPE_VALUE.size)
-        if raw is None:
-            return {}
-        return {k: n for k, n in enumerate(_SCOPE_VALUE.unpack(raw)) if n}
+        out = {k: n for k, n in enumerate(_SCOPE_VALUE.unpack(raw)) if n} if raw is not None else {}
+        for kind_id, n in self._undecodable.get(netns, {}).items():
+            out[kind_id] = out.get(kind_id, 0) + n
+        return out
 
     def lost_elsewhere(self, netns: int) -> Dict[str, int]:
         """Events lost outside the ring buffer (e.g. a full monitor socket), by kind."""
@@ -251,9 +254,12 @@ class Engine:
             return None
         try:
             return probe.decode(rec, hdr)
-        except Exception:  # a decoder bug must not take the test down with it
+        except Exception:  # a decoder bug must not take the test down with it...
             log.exception("cannot decode %s record", probe.name)
             self.decode_errors += 1
+            # ...nor let a negative assertion pass: the record counts as lost
+            per_kind = self._undecodable.setdefault(hdr.netns, {})
+            per_kind[hdr.kind] = per_kind.get(hdr.kind, 0) + 1
             return None
 
     def _drain_loop(self) -> None:
