@@ -171,7 +171,7 @@ def check(trace: "Trace", rules: Sequence[ForbidRule]) -> Optional[Violation]:
         lost = trace.lost(rule.kind)
         if lost:
             lines.append(f"  {rule}: cannot be ruled out: {lost} {rule.kind} events lost "
-                         f"(ring buffer full)")
+                         f"(a full ring buffer or socket, a race, or an undecodable record)")
     if not lines:
         return None
     offending.sort(key=lambda e: e.timestamp)

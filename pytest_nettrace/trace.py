@@ -200,7 +200,8 @@ class TraceCore:
         if lost:
             raise EventsLost(self._failure(
                 f"cannot assert that no {kind} event matching {describe_filters(filters)} happened: "
-                f"{lost} {kind} events lost (ring buffer full); the assertion would not be sound",
+                f"{lost} {kind} events lost (a full ring buffer or socket, a race, or an undecodable "
+                f"record); the assertion would not be sound",
                 kind, filters, []))
 
     # -- helpers -----------------------------------------------------------
