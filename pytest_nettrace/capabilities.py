@@ -138,6 +138,10 @@ def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
         setattr(k, feat, err is None)
         if err:
             k.reasons[feat] = _short(err)
+    if not k.kprobe and not os.path.exists("/sys/bus/event_source/devices/kprobe") \
+            and not any(os.path.exists(f"{d}/kprobe_events") for d in ("/sys/kernel/tracing",
+                                                                        "/sys/kernel/debug/tracing")):
+        k.reasons["kprobe"] = "ENOENT: no kprobe support in this kernel (no kprobe PMU, no kprobe_events)"
     return k
 
 
