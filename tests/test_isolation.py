@@ -36,7 +36,7 @@ WORKER_SUITE = textwrap.dedent('''
         assert len(sent) == n, (len(sent), n)
         assert {e.dport for e in sent} <= own_ports
         assert {e.netns for e in nettrace.events()} == {ns.inode}
-        deleted = nettrace.address_changes(action="deleted")
+        deleted = nettrace.address_changes(action="deleted", family=4)
         assert len(deleted) == n
         assert all(str(e.address).startswith(f"10.9.{i}.") for e in deleted)
         assert nettrace.lost("rst") == 0 and nettrace.lost("addr") == 0
