@@ -32,14 +32,17 @@ WORKER_SUITE = textwrap.dedent('''
             addr = f"10.9.{i}.{2 + n % 200}/24"
             ns.add_address("eth0", addr)
             ns.del_address("eth0", addr)
+        # Not one foreign event; and every own event arrived, except any the
+        # kernel counted as lost (a ring reservation can fail under contention)
         sent = nettrace.rst(direction="sent")
-        assert len(sent) == n, (len(sent), n)
+        lost_rst, lost_addr = nettrace.lost("rst"), nettrace.lost("addr")
+        assert n - lost_rst <= len(sent) <= n, (len(sent), n, lost_rst)
         assert {e.dport for e in sent} <= own_ports
         assert {e.netns for e in nettrace.events()} == {ns.inode}
         deleted = nettrace.address_changes(action="deleted", family=4)
-        assert len(deleted) == n
+        assert n - lost_addr <= len(deleted) <= n, (len(deleted), n, lost_addr)
         assert all(str(e.address).startswith(f"10.9.{i}.") for e in deleted)
-        assert nettrace.lost("rst") == 0 and nettrace.lost("addr") == 0
+        assert lost_rst + lost_addr <= n // 100, "more than 1 % lost"
 ''')
 
 
