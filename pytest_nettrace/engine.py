@@ -18,6 +18,7 @@ from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from .errors import ProbeLoadError
 from .events import HEADER, NT_MAX_KINDS, Event, Header
 from .probes.base import Plan, Probe
+from . import symbols
 from .ringbuf import RingBuffer
 
 log = logging.getLogger("pytest_nettrace")
@@ -84,6 +85,7 @@ class Engine:
             self.close()
             raise
         self.attach_seconds = time.perf_counter() - t0
+        symbols.invalidate()  # our programs' trampolines are new symbols
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         if background:

@@ -36,6 +36,15 @@ class Kallsyms:
         return f"{self._names[i]}+0x{addr - self._addrs[i]:x}"
 
 
+def invalidate() -> None:
+    """Forget the table: attaching fentry/kprobe programs adds trampolines,
+    which an older table would misplace into a neighbouring module."""
+    global _table
+    with _lock:
+        _table = None
+        _cache.clear()
+
+
 def kallsyms() -> Kallsyms:
     global _table
     with _lock:

@@ -211,12 +211,16 @@ def _location(address: int, stack: Sequence[int]) -> str:
 
 
 def _unreliable(frame: str) -> bool:
-    """A trampoline, or an address kallsyms can only place far past some
-    symbol (trampolines live between modules: "ext4_exit_fs [ext4]+0x7bbc7")."""
+    """A BPF trampoline, or what kallsyms makes of one it did not list yet:
+    trampolines live in module memory, often where a module's freed init or
+    exit code was ("veth_init [veth]+0x54f", "ext4_exit_fs [ext4]+0x7bbc7"),
+    or far past any symbol."""
     if "[bpf]" in frame or frame.startswith("bpf_trampoline"):
         return True
-    off = frame.rsplit("+0x", 1)
-    return len(off) == 2 and int(off[1], 16) > 0x20000
+    name, _, off = frame.partition("+0x")
+    if " [" in name and name.split(" [", 1)[0].endswith(("_init", "_exit")):
+        return True
+    return bool(off) and int(off, 16) > 0x20000
 
 
 _FREE_FRAMES = ("kfree_skb", "__kfree_skb", "sk_skb_reason_drop", "kfree_skb_reason", "kfree_skb_list")
