@@ -36,21 +36,30 @@ static __always_inline void fill_addrs(struct retrans_event *e, const struct soc
 	}
 }
 
+/* An event for `owner` (a socket or a request) in a watched namespace, header
+ * filled; NULL when the namespace is not watched or the ring is full. */
+static __always_inline struct retrans_event *begin(__u32 netns, const void *owner, __u8 type)
+{
+	struct nt_scope *scope = nt_watched(netns);
+	if (!scope)
+		return NULL;
+	struct retrans_event *e = nt_reserve(scope, NT_KIND_RETRANS, struct retrans_event);
+	if (!e)
+		return NULL;
+	nt_fill_hdr(&e->h, NT_KIND_RETRANS, netns);
+	e->sk = (__u64)owner;
+	e->type = type;
+	e->pad = 0;
+	return e;
+}
+
 static __always_inline int on_segment(void *ctx, const struct sock *sk, const struct sk_buff *skb)
 {
 	if (!sk)
 		return 0;
-	__u32 netns = nt_netns_of_sk(sk);
-	struct nt_scope *scope = nt_watched(netns);
-	if (!scope)
-		return 0;
-	struct retrans_event *e = nt_reserve(scope, NT_KIND_RETRANS, struct retrans_event);
+	struct retrans_event *e = begin(nt_netns_of_sk(sk), sk, RETRANS_SEGMENT);
 	if (!e)
 		return 0;
-	nt_fill_hdr(&e->h, NT_KIND_RETRANS, netns);
-	e->sk = (__u64)sk;
-	e->type = RETRANS_SEGMENT;
-	e->pad = 0;
 	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	e->total_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
 	e->seq = 0;
@@ -86,17 +95,9 @@ int BPF_PROG(retrans_synack_tp, const struct sock *sk, const struct request_sock
 	if (!req)
 		return 0;
 	const struct sock_common *c = &req->__req_common;
-	__u32 netns = BPF_CORE_READ(c, skc_net.net, ns.inum);
-	struct nt_scope *scope = nt_watched(netns);
-	if (!scope)
-		return 0;
-	struct retrans_event *e = nt_reserve(scope, NT_KIND_RETRANS, struct retrans_event);
+	struct retrans_event *e = begin(BPF_CORE_READ(c, skc_net.net, ns.inum), req, RETRANS_SYNACK);
 	if (!e)
 		return 0;
-	nt_fill_hdr(&e->h, NT_KIND_RETRANS, netns);
-	e->sk = (__u64)req;
-	e->type = RETRANS_SYNACK;
-	e->pad = 0;
 	e->state = BPF_CORE_READ(c, skc_state);
 	e->total_retrans = BPF_CORE_READ(req, num_retrans);
 	e->seq = 0;
