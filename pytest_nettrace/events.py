@@ -95,6 +95,12 @@ class Event:
             setattr(self, k, v)
 
     @property
+    def background(self) -> bool:
+        """Noise rather than news (probes override): left out of failure
+        timelines unless its kind is the one asserted on."""
+        return False
+
+    @property
     def stack(self) -> List[str]:
         if self._stack is None:
             self._stack = symbolize(self._stack_addrs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
@@ -62,22 +61,13 @@ def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence
 _BACKGROUND_KINDS = ("packet", "syscall")
 
 
-_LINK_MULTICAST = ipaddress.ip_network("ff02::/16")
-
-
 def is_background(event: Event, kind: Optional[str]) -> bool:
     """Events that would bury the story unless they are what was asserted on:
-    packets, syscalls, and drops that are not failures (frees the kernel does
-    not name; IPv6 link-scope multicast an interface drops while coming up)."""
+    packets, syscalls, and what a probe calls background (Event.background,
+    e.g. drops that are not failures)."""
     if event.kind == kind:
         return False
-    if event.kind in _BACKGROUND_KINDS:
-        return True
-    if event.kind != "drop":
-        return False
-    daddr = getattr(event, "daddr", None)
-    return getattr(event, "reason", None) == "NOT_SPECIFIED" or (
-        isinstance(daddr, ipaddress.IPv6Address) and daddr in _LINK_MULTICAST)
+    return event.kind in _BACKGROUND_KINDS or event.background
 
 
 def focus(events: List[Event], kind: Optional[str], offending: Sequence[Event]):

@@ -47,6 +47,12 @@ class DropEvent(Event):
                              "sport", "dport", "ip_proto", "length")
     ADDRESS_FIELDS = ("saddr", "daddr")
 
+    @property
+    def background(self) -> bool:
+        """Not a failure: a free the kernel does not name, or IPv6 link-scope
+        multicast (what assert_no_drops ignores by default)."""
+        return not (_specified(self.reason) and _not_link_multicast(self.daddr))
+
     def describe(self) -> str:
         why = self.reason or "drop"
         what = ""
