@@ -8,6 +8,11 @@
  * Mechanisms: tp_btf/sk_data_ready (6.4+) fires right after the message is
  * queued, so the message is the queue's tail; fentry/kprobe on
  * __netlink_sendskb (older kernels) see the skb directly.
+ *
+ * IPv6 addresses are announced (and removed after a DAD failure) by the
+ * kernel's DAD worker, addrconf_dad_work, not by the task that added them.
+ * The workqueue/timer tracepoints below remember who queued each DAD work;
+ * what the worker then announces carries that task (NC_F_QUEUED_BY).
  */
 #define __BPF_PROGRAM__
 #include "vmlinux.h"
@@ -25,6 +30,176 @@ struct {
 	__type(key, struct nc_sock_key);
 	__type(value, __u32);
 } nc_socks SEC(".maps");
+
+/* Set by the loader from /proc/kallsyms; zero turns DAD tracking off. */
+const volatile struct {
+	__u64 dad_work_fn;    /* addrconf_dad_work */
+	__u64 timer_fn;       /* delayed_work_timer_fn */
+	__u64 expiry_lo;      /* call_timer_fn ... */
+	__u64 expiry_hi;      /* ... up to the next symbol */
+	__u64 softirq_lo;     /* handle_softirqs (__do_softirq before 6.9) ... */
+	__u64 softirq_hi;     /* ... up to the next symbol */
+} nc_cfg = {};
+
+/* DAD work (its address) -> who queued it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct nc_origin);
+} nc_work_origin SEC(".maps");
+
+/* Worker thread (tid) -> the DAD work it is running. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u64);
+} nc_running SEC(".maps");
+
+/* An nc_origin is too big for the BPF stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nc_origin);
+} nc_scratch SEC(".maps");
+
+/* The current task's command line, read now: a short-lived `ip` is gone by
+ * the time anyone looks at /proc. Kernel threads have no mm. */
+static __always_inline __u32 nc_read_cmdline(char *buf, __u16 hdr_flags)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+
+	if (!mm || (hdr_flags & NT_F_KTHREAD))
+		return 0;
+	unsigned long start = BPF_CORE_READ(mm, arg_start);
+	unsigned long end = BPF_CORE_READ(mm, arg_end);
+	__u64 n = end > start ? end - start : 0;
+	if (n > NC_CMDLINE_MAX - 1)
+		n = NC_CMDLINE_MAX - 1;
+	n &= NC_CMDLINE_MAX - 1;
+	if (n && bpf_probe_read_user(buf, n, (void *)start) == 0)
+		return n;
+	return 0;
+}
+
+/* Whether a stack runs through [lo, hi). */
+static __always_inline bool nc_through(const __u64 *stack, __s32 len, __u64 lo, __u64 hi)
+{
+	for (int i = 0; i < NT_MAX_STACK; i++) {
+		if (i * 8 >= len)
+			break;
+		if (stack[i] >= lo && stack[i] < hi)
+			return true;
+	}
+	return false;
+}
+
+/* `work` is being queued (or its timer armed): if it is a DAD work of a
+ * watched namespace, remember who did it. The stack goes along: Python tells
+ * from it whether a process or an interrupt (a DAD failure seen in a
+ * received packet) queued it. */
+static __always_inline void nc_remember(void *ctx, struct work_struct *work)
+{
+	if (!nc_cfg.dad_work_fn || (__u64)BPF_CORE_READ(work, func) != nc_cfg.dad_work_fn)
+		return;
+	struct inet6_ifaddr *ifp = (void *)work - bpf_core_field_offset(struct inet6_ifaddr, dad_work)
+				   - bpf_core_field_offset(struct delayed_work, work);
+	__u32 netns = BPF_CORE_READ(ifp, idev, dev, nd_net.net, ns.inum);
+	if (!nt_watched(netns))
+		return;
+	__u64 key = (__u64)work;
+	__u32 zero = 0;
+	struct nc_origin *o = bpf_map_lookup_elem(&nc_scratch, &zero);
+	if (!o)
+		return;
+	o->h.stack_len = bpf_get_stack(ctx, o->stack, sizeof(o->stack), 0);
+	/* A delayed work's timer fired and queues it (the stack runs through
+	 * call_timer_fn; delayed_work_timer_fn tail-calls __queue_work): the
+	 * one who armed the timer stays. */
+	if (nc_through(o->stack, o->h.stack_len, nc_cfg.expiry_lo, nc_cfg.expiry_hi))
+		return;
+	/* The worker re-arming its own work keeps the origin, unless a softirq
+	 * running on top of the worker did it (a DAD failure: the probe the
+	 * worker sent was answered at once); that softirq becomes the origin. */
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *running = bpf_map_lookup_elem(&nc_running, &tid);
+	if (running && *running == key &&
+	    !nc_through(o->stack, o->h.stack_len, nc_cfg.softirq_lo, nc_cfg.softirq_hi))
+		return;
+	nt_fill_hdr(&o->h, NT_KIND_NLMSG, netns);
+	o->cmdline_len = nc_read_cmdline(o->cmdline, o->h.flags);
+	o->pad = 0;
+	bpf_map_update_elem(&nc_work_origin, &key, o, BPF_ANY);
+}
+
+SEC("tp_btf/workqueue_queue_work")
+int BPF_PROG(nc_queue_work, int req_cpu, struct pool_workqueue *pwq, struct work_struct *work)
+{
+	nc_remember(ctx, work);
+	return 0;
+}
+
+SEC("tp_btf/timer_start")
+int BPF_PROG(nc_timer_start, struct timer_list *timer)
+{
+	/* every timer of the machine passes here: one compare for the rest */
+	if (!nc_cfg.timer_fn || (__u64)BPF_CORE_READ(timer, function) != nc_cfg.timer_fn)
+		return 0;
+	struct delayed_work *dwork = (void *)timer - bpf_core_field_offset(struct delayed_work, timer);
+	nc_remember(ctx, (void *)dwork + bpf_core_field_offset(struct delayed_work, work));
+	return 0;
+}
+
+SEC("tp_btf/workqueue_execute_start")
+int BPF_PROG(nc_work_start, struct work_struct *work)
+{
+	if (!nc_cfg.dad_work_fn || (__u64)BPF_CORE_READ(work, func) != nc_cfg.dad_work_fn)
+		return 0;
+	__u64 key = (__u64)work;
+	if (!bpf_map_lookup_elem(&nc_work_origin, &key))
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&nc_running, &tid, &key, BPF_ANY);
+	return 0;
+}
+
+SEC("tp_btf/workqueue_execute_end")
+int BPF_PROG(nc_work_end, struct work_struct *work)
+{
+	/* (the function argument is not readable from tp_btf; the work may be
+	 * freed by now, so only its address is compared) */
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *running = bpf_map_lookup_elem(&nc_running, &tid);
+	if (running && *running == (__u64)work)
+		bpf_map_delete_elem(&nc_running, &tid);
+	return 0;
+}
+
+/* The event is announced by a DAD worker: make it carry who queued the work. */
+static __always_inline bool nc_queued_by(struct netchange_event *e)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *work = bpf_map_lookup_elem(&nc_running, &tid);
+	if (!work)
+		return false;
+	struct nc_origin *o = bpf_map_lookup_elem(&nc_work_origin, work);
+	if (!o)
+		return false;
+	__u64 ts = e->h.ts;
+	__u32 netns = e->h.netns;
+	bpf_probe_read_kernel(&e->h, sizeof(e->h), &o->h);
+	e->h.ts = ts;
+	e->h.netns = netns;
+	e->h.kind = NT_KIND_NLMSG;
+	e->h.flags |= NC_F_QUEUED_BY;
+	bpf_probe_read_kernel(e->cmdline, sizeof(e->cmdline), o->cmdline);
+	e->cmdline_len = o->cmdline_len;
+	bpf_probe_read_kernel(e->stack, sizeof(e->stack), o->stack);
+	return true;
+}
 
 static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struct sk_buff *skb)
 {
@@ -58,22 +233,10 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 			e->copied = n;
 	}
 
-	/* The command line, read now: a short-lived `ip` is gone by the time
-	 * anyone looks at /proc. Kernel threads have no mm. */
-	e->cmdline_len = 0;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct mm_struct *mm = BPF_CORE_READ(task, mm);
-	if (mm && !(e->h.flags & NT_F_KTHREAD)) {
-		unsigned long start = BPF_CORE_READ(mm, arg_start);
-		unsigned long end = BPF_CORE_READ(mm, arg_end);
-		__u64 n = end > start ? end - start : 0;
-		if (n > NC_CMDLINE_MAX - 1)
-			n = NC_CMDLINE_MAX - 1;
-		n &= NC_CMDLINE_MAX - 1;
-		if (n && bpf_probe_read_user(e->cmdline, n, (void *)start) == 0)
-			e->cmdline_len = n;
+	if (!nc_queued_by(e)) {
+		e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
+		nt_fill_stack(ctx, &e->h, e->stack);
 	}
-	nt_fill_stack(ctx, &e->h, e->stack);
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

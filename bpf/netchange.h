@@ -13,6 +13,20 @@ struct nc_sock_key {
 	__u32 portid;
 };
 
+/* Who queued the kernel work that announces an IPv6 address (the DAD
+ * worker): the task, its command line and the stack where it queued it. */
+struct nc_origin {
+	struct nt_hdr h;    /* h.stack_len: bytes in stack[] */
+	__u32 cmdline_len;
+	__u32 pad;
+	char cmdline[NC_CMDLINE_MAX];
+	__u64 stack[NT_MAX_STACK];
+};
+
+/* In an event's header flags: the task fields, command line and stack are
+ * those of the task that queued the DAD work which made this change. */
+#define NC_F_QUEUED_BY 0x10
+
 struct netchange_event {
 	struct nt_hdr h;
 	__u64 skb;          /* the queued message's skb: a repeat means one was missed */

@@ -107,6 +107,8 @@ def pytest_report_header(config: pytest.Config) -> list:
                 lines.append(f"nettrace:   {name}: fell back from {failure[:160]}")
             if st.plan is None and st.unavailable:
                 lines.append(f"nettrace:   {name} unavailable: {st.unavailable[:200]}")
+            for note in st.plan.notes if st.plan is not None else ():
+                lines.append(f"nettrace:   {name}: {note[:200]}")
     return lines
 
 

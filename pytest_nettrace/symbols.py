@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import bisect
+import json
+import os
 import threading
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 _lock = threading.Lock()
 _table: Optional["Kallsyms"] = None
@@ -34,6 +36,66 @@ class Kallsyms:
         if i < 0:
             return f"0x{addr:x}"
         return f"{self._names[i]}+0x{addr - self._addrs[i]:x}"
+
+
+# Where function addresses looked up for probe configuration are kept for the
+# rest of the boot: reading /proc/kallsyms costs ~50 ms, every process.
+KSYM_CACHE_DIR = "/run/pytest-nettrace"
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[str, Tuple[int, int]]:
+    """name -> (start, end) of core-kernel functions, end being the next
+    symbol; names not found (or addresses hidden) are left out. Cached per
+    boot in KSYM_CACHE_DIR: addresses change only when the machine reboots."""
+    boot = _boot_id()
+    cache = os.path.join(KSYM_CACHE_DIR, f"ksyms-{boot}.json") if boot and path == "/proc/kallsyms" else None
+    known: Dict[str, List[int]] = {}
+    if cache:
+        try:
+            with open(cache) as f:
+                known = json.load(f)
+        except (OSError, ValueError):
+            known = {}
+    if all(n in known for n in names):
+        return {n: (known[n][0], known[n][1]) for n in names if known[n]}
+    found = _scan(path, set(names) | set(known))
+    if cache:
+        try:
+            os.makedirs(KSYM_CACHE_DIR, exist_ok=True)
+            tmp = f"{cache}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({n: list(found[n]) if n in found else [] for n in set(names) | set(known)}, f)
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return {n: found[n] for n in names if n in found}
+
+
+def _scan(path: str, names: set) -> Dict[str, Tuple[int, int]]:
+    with open(path, "rb") as f:
+        data = f.read()
+    found: Dict[str, Tuple[int, int]] = {}
+    for name in names:
+        i = data.find(b" " + name.encode() + b"\n")
+        while i >= 0 and data[i - 2: i] not in (b" t", b" T"):
+            i = data.find(b" " + name.encode() + b"\n", i + 1)
+        if i < 0:
+            continue
+        start_line = data.rfind(b"\n", 0, i) + 1
+        addr = int(data[start_line: data.index(b" ", start_line)], 16)
+        nxt = data.find(b"\n", i) + 1
+        end = int(data[nxt: data.index(b" ", nxt)], 16) if nxt < len(data) else 0
+        if addr:
+            found[name] = (addr, end if end > addr else addr + 1)
+    return found
 
 
 def invalidate() -> None:

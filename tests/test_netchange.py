@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import shutil
+import time
 
 import pytest
 
@@ -145,3 +146,63 @@ def test_unknown_kind_and_filter_named(nettrace):
         nettrace.assert_none("address")
     with pytest.raises(ValueError, match="unknown filter 'ifname' for 'addr' events; valid: .*dev"):
         nettrace.address_changes(ifname="eth0")
+
+
+# -- IPv6 additions: announced by the kernel's DAD worker, attributed to the
+#    task that queued it (issue 4: who added this address?)
+
+@pytest.mark.smoke
+def test_ipv6_nodad_addition_attributed_to_ip(netns, nettrace):
+    netns.add_dummy("d0")
+    r = netns.run(["ip", "addr", "add", "2001:db8::7/64", "dev", "d0", "nodad"], check=True)
+    ev = nettrace.assert_any("addr", action="added", address="2001:db8::7/64")
+    assert ev.announced_by == "addrconf_dad_work", "nodad: only the DAD worker announces it"
+    assert (ev.pid, ev.comm, ev.cause) == (r.pid, "ip", "netlink")
+    assert ev.cmdline == "ip addr add 2001:db8::7/64 dev d0 nodad" and ev.ppid == os.getpid()
+    assert ev.detail == "announced after duplicate address detection"
+    assert any(f.startswith("inet6_rtm_newaddr") for f in ev.stack), ev.stack
+
+
+def test_ipv6_addition_after_real_dad_attributed_to_ip(netns, nettrace):
+    # DAD on: a tentative announcement now, the final one by the worker after
+    # one probe (the worker re-arms its own timer: the origin must survive)
+    netns.add_dummy("d0")
+    netns.run(["sysctl", "-qw", "net.ipv6.conf.d0.accept_dad=1", "net.ipv6.conf.d0.dad_transmits=1",
+               "net.ipv6.neigh.d0.retrans_time_ms=100"], check=True)
+    r = netns.run(["ip", "addr", "add", "2001:db8::8/64", "dev", "d0"], check=True)
+    final = nettrace.wait_for("addr", timeout=5, action="added", address="2001:db8::8/64",
+                              announced_by="addrconf_dad_work")
+    assert (final.pid, final.comm, final.cause) == (r.pid, "ip", "netlink"), final.stack
+    assert not final.flags & 0x40, "no longer tentative"  # IFA_F_TENTATIVE
+    first = nettrace.address_changes(action="added", address="2001:db8::8")[0]
+    assert first.pid == r.pid and first.flags & 0x40 and first.announced_by is None
+
+
+def test_ipv6_dad_failure_blames_nobody(make_netns, nettrace):
+    # b's DAD meets a's answer: the failure comes from a received packet
+    # (softirq), so no process is named — not the ip that added it, not
+    # whichever task the packet interrupted
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["2001:db8::9/64"])
+    b.run(["sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=1", "net.ipv6.conf.eth0.dad_transmits=1",
+           "net.ipv6.neigh.eth0.retrans_time_ms=100"], check=True)
+    b.run(["ip", "addr", "add", "2001:db8::9/64", "dev", "eth0"], check=True)
+    ev = nettrace.wait_for("addr", timeout=5, netns=b.inode, address="2001:db8::9/64",
+                           flags=lambda f: f & 0x08)  # IFA_F_DADFAILED
+    assert ev.announced_by == "addrconf_dad_work" and ev.context == "softirq", ev.stack
+    assert ev.pid is None and ev.comm is None and ev.cmdline is None
+    assert ev.cause == "kernel" and ev.detail == "duplicate address detected (DAD failure)", ev.stack
+
+
+def test_ipv6_link_local_on_link_up_is_autoconfiguration(netns, nettrace):
+    netns.add_dummy("d0")
+    netns.run(["ip", "link", "set", "d0", "down"], check=True)
+    since = time.monotonic_ns()  # (the fixture's own link up made one before)
+    netns.run(["ip", "link", "set", "d0", "up"], check=True)
+    ev = nettrace.wait_for("addr", timeout=5, action="added", address=lambda a: a.is_link_local,
+                           timestamp=lambda t: t > since)
+    assert ev.announced_by == "addrconf_dad_work" and ev.cause == "kernel"
+    assert ev.detail == "IPv6 autoconfiguration", ev.stack
+    # queued by whoever configured the link when its carrier came up: the ip
+    # itself, or the kernel's linkwatch worker (then nobody is named)
+    assert ev.pid is None or ev.comm == "ip", (ev.pid, ev.comm)

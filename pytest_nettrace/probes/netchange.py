@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from .._linux import in_netns_at
 from ..events import HEADER, Event, Header, parse_address
 from ..libbpf import map_delete, map_update
+from ..symbols import function_ranges
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ _BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_MSG_MAX}s")  # struct netchan
 _NLMSG = struct.Struct("<IHHII")
 _RTA = struct.Struct("<HH")
 _KEY = struct.Struct("<II")
+NC_F_QUEUED_BY = 0x10  # task and stack are those of who queued the DAD work (bpf/netchange.h)
+_DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_end")
 
 # rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 20, 21, 24, 25
@@ -103,9 +106,16 @@ def _ip(raw: Optional[bytes], family: int) -> Optional[Any]:
 
 
 class NetChangeEvent(Event):
-    """Common to addr/link/route: how the change was asked for, by whom."""
+    """Common to addr/link/route: how the change was asked for, by whom.
 
-    FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user")
+    `announced_by` names the kernel worker that announced the change when that
+    was not the task that asked for it (IPv6 addresses: "addrconf_dad_work");
+    pid, cmdline, stack and cause are then those of the task that queued it.
+    """
+
+    announced_by: Optional[str] = None
+
+    FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user", "announced_by")
 
     def how(self, full: bool = False) -> str:
         via = {"netlink": "via netlink", "ioctl": "via ioctl", "kernel": "by the kernel"}.get(self.cause, self.cause)
@@ -259,7 +269,35 @@ class NetChangeProbe(Probe):
             plans.append(Plan("fentry", ["netchange_fentry"]))
         if kernel.kprobe:
             plans.append(Plan("kprobe", ["netchange_kprobe"]))
+        dad = self._dad_tracking(kernel)
+        for plan in plans:
+            if dad is not None:
+                plan.programs += list(_DAD_PROGRAMS)
+                plan.config["nc_cfg"] = dad
+            else:
+                plan.notes.append("IPv6 additions not attributed: " + self._dad_missing)
         return plans
+
+    _dad_missing = ""
+
+    def _dad_tracking(self, kernel: "KernelFeatures") -> Optional[bytes]:
+        """nc_cfg for the DAD-worker programs, or None (with the reason kept)
+        when the kernel cannot have them."""
+        if not kernel.tp_btf:
+            self._dad_missing = "no tp_btf for the workqueue tracepoints"
+            return None
+        ranges = function_ranges(("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn",
+                                  "handle_softirqs", "__do_softirq"))
+        softirq = ranges.get("handle_softirqs") or ranges.get("__do_softirq")
+        missing = [n for n in ("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn") if n not in ranges]
+        if softirq is None:
+            missing.append("handle_softirqs/__do_softirq")
+        if missing:
+            self._dad_missing = f"{', '.join(missing)} not in /proc/kallsyms"
+            return None
+        expiry = ranges["call_timer_fn"]
+        return struct.pack("<QQQQQQ", ranges["addrconf_dad_work"][0], ranges["delayed_work_timer_fn"][0],
+                           expiry[0], expiry[1], softirq[0], softirq[1])
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         return ("no sock:sk_data_ready tracepoint (kernel < 6.4), and neither fentry "
@@ -358,6 +396,12 @@ class NetChangeProbe(Probe):
     def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
         kthread = bool(hdr.flags & 0x8)
         ev.cause, ev.detail = cause_of(ev.kind, ev.stack, kthread, ev.context)
+        if hdr.flags & NC_F_QUEUED_BY:
+            # announced by the kernel's DAD worker; task, stack and cause are
+            # those of whoever queued that work (an interrupt: nobody)
+            ev.announced_by = "addrconf_dad_work"
+            if ev.cause != "kernel":
+                ev.detail = "announced after duplicate address detection"
         if kthread or ev.context != "process":
             # a kernel thread or an interrupt: no process asked for this
             ev.interrupted_task = f"{hdr.comm}({hdr.pid})"
