@@ -169,7 +169,13 @@ def parse_address(value: Any, what: str = "address") -> Any:
         raise ValueError(f"invalid {what} {value!r}: not an IPv4 or IPv6 address") from None
 
 
+# `dst="default"`, as `ip route` says it: 0.0.0.0/0 or ::/0
+DEFAULT_ROUTE = "default"
+
+
 def _value_matches(actual: Any, wanted: Any, field: str) -> bool:
+    if wanted == DEFAULT_ROUTE and isinstance(actual, _NET_TYPES):
+        return actual.prefixlen == 0
     if callable(wanted) and not isinstance(wanted, type):
         return bool(wanted(actual))
     if isinstance(wanted, (list, tuple, set, frozenset)) and not isinstance(actual, (list, tuple)):
@@ -198,9 +204,15 @@ def check_filters(cls: type, filters: Dict[str, Any]) -> None:
         if name not in cls.FIELDS:
             raise ValueError(
                 f"unknown filter {name!r} for {cls.kind!r} events; valid: {', '.join(cls.FIELDS)}")
+        actions = getattr(cls, "ACTIONS", None)
+        if name == "action" and actions and value is not None and not callable(value):
+            for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
+                if v not in actions:
+                    raise ValueError(f"unknown action {v!r} for {cls.kind!r} events; valid: {', '.join(actions)}")
         if name in cls.ADDRESS_FIELDS and value is not None and not callable(value):
             for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
-                parse_address(v, name)
+                if not (v == DEFAULT_ROUTE and name == "dst"):
+                    parse_address(v, name)
 
 
 def matches(event: Event, filters: Dict[str, Any]) -> bool:

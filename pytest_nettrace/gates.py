@@ -19,13 +19,6 @@ from .timeline import WIDTH, seed_line
 if TYPE_CHECKING:
     from .trace import Trace
 
-# Actions of the kinds whose event classes do not declare `ACTIONS` themselves.
-_KNOWN_ACTIONS: Dict[str, Tuple[str, ...]] = {
-    "addr": ("added", "deleted"),
-    "link": ("added", "deleted", "up", "down", "changed"),
-    "route": ("added", "deleted"),
-    "conn": ("connect", "accept", "close"),
-}
 MARKER_ARGS = ("forbid", "watch_host")
 
 
@@ -67,11 +60,9 @@ def actions_of(kind: str) -> Optional[Tuple[str, ...]]:
     `ACTIONS`); None if its events have no action field or do not say."""
     ev = kinds()[kind].event_type
     declared = getattr(ev, "ACTIONS", None)
-    if declared:
+    if declared and "action" in ev.FIELDS:
         return tuple(declared)
-    if "action" not in ev.FIELDS:
-        return None
-    return _KNOWN_ACTIONS.get(kind)
+    return None
 
 
 def parse_rule(word: str, where: str) -> ForbidRule:

@@ -206,3 +206,20 @@ def test_ipv6_link_local_on_link_up_is_autoconfiguration(netns, nettrace):
     # queued by whoever configured the link when its carrier came up: the ip
     # itself, or the kernel's linkwatch worker (then nobody is named)
     assert ev.pid is None or ev.comm == "ip", (ev.pid, ev.comm)
+
+
+def test_route_replace_is_its_own_action_and_default_is_a_dst(netns, nettrace):
+    # `ip route replace` silently drops the old route: not an "added" like any other
+    netns.add_dummy("eth0", "10.1.0.2/24", "2001:db8:1::2/64")
+    netns.run(["ip", "route", "add", "default", "via", "10.1.0.1"], check=True)
+    netns.run(["ip", "-6", "route", "add", "default", "via", "2001:db8:1::1"], check=True)
+    r = netns.run(["ip", "route", "replace", "default", "via", "10.1.0.3"], check=True)
+    r6 = netns.run(["ip", "-6", "route", "replace", "default", "via", "2001:db8:1::3"], check=True)
+    ev = nettrace.assert_any("route", action="replaced", dst="default", family=4)
+    assert (ev.pid, str(ev.gateway), ev.cause) == (r.pid, "10.1.0.3", "netlink")
+    assert nettrace.assert_any("route", action="replaced", dst="::/0").pid == r6.pid
+    assert [e.action for e in nettrace.route_changes(dst="default")] == ["added", "added", "replaced", "replaced"]
+    with pytest.raises(ValueError, match="unknown action 'delted' for 'route' events; valid: added, replaced, deleted"):
+        nettrace.assert_none("route", action="delted")
+    with pytest.raises(ValueError, match="invalid dst 'deflt'"):
+        nettrace.route_changes(dst="deflt")

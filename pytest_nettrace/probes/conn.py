@@ -38,6 +38,7 @@ class ConnEvent(Event):
     SYN_RECV, `bytes_sent` (acknowledged by the peer) and `bytes_received`."""
 
     kind = "conn"
+    ACTIONS = ("connect", "accept", "close")
     FIELDS = Event.FIELDS + ("action", "family", "saddr", "sport", "daddr", "dport", "state", "old_state",
                              "duration_ms", "bytes_sent", "bytes_received")
     ADDRESS_FIELDS = ("saddr", "daddr")

@@ -43,6 +43,7 @@ RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
 IFF_UP = 0x1
+NLM_F_REPLACE = 0x100
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
 RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
@@ -130,6 +131,7 @@ class AddrEvent(NetChangeEvent):
     """An IPv4/IPv6 address added to or deleted from an interface."""
 
     kind = "addr"
+    ACTIONS = ("added", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags")
     ADDRESS_FIELDS = ("address",)
 
@@ -143,6 +145,7 @@ class LinkEvent(NetChangeEvent):
     """A network interface added, deleted, set up/down, or otherwise changed."""
 
     kind = "link"
+    ACTIONS = ("added", "deleted", "up", "down", "changed")
     FIELDS = NetChangeEvent.FIELDS + ("up", "flags", "link_kind", "mtu", "operstate")
 
     def describe(self) -> str:
@@ -152,9 +155,11 @@ class LinkEvent(NetChangeEvent):
 
 
 class RouteEvent(NetChangeEvent):
-    """A route added or deleted."""
+    """A route added, replaced (`ip route replace` of an existing one: the old
+    route is gone, the kernel does not say what it was) or deleted."""
 
     kind = "route"
+    ACTIONS = ("added", "replaced", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("dst", "gateway", "table", "family", "type", "protocol",
                                       "priority", "prefsrc")
     ADDRESS_FIELDS = ("dst", "gateway", "prefsrc")
@@ -379,7 +384,7 @@ class NetChangeProbe(Probe):
                 mon: Optional[_Monitor]) -> Optional[Event]:
         if len(msg) < 16:
             return None
-        length, mtype, _flags, _seq, nl_pid = _NLMSG.unpack_from(msg, 0)
+        length, mtype, nl_flags, _seq, nl_pid = _NLMSG.unpack_from(msg, 0)
         if mon is not None and nl_pid == mon.portid:
             return None  # a reply to our own request, not a change
         stack = hdr.stack_addrs(buf)
@@ -390,7 +395,7 @@ class NetChangeProbe(Probe):
         if mtype in (RTM_NEWLINK, RTM_DELLINK):
             return self._link(hdr, stack, msg, mtype, mon, common)
         if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-            return self._route(hdr, stack, msg, mtype, mon, common)
+            return self._route(hdr, stack, msg, mtype, nl_flags, mon, common)
         return None
 
     def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
@@ -451,7 +456,7 @@ class NetChangeProbe(Probe):
                        mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
         return self._finish(ev, hdr)
 
-    def _route(self, hdr, stack, msg, mtype, mon, common) -> Event:
+    def _route(self, hdr, stack, msg, mtype, nl_flags, mon, common) -> Event:
         family, dst_len, _src_len, _tos, table, proto, _scope, rtype, _flags = \
             struct.unpack_from("<BBBBBBBBI", msg, 16)
         attrs = _attrs(msg, 28, len(msg))
@@ -462,7 +467,11 @@ class NetChangeProbe(Probe):
             dst_ip = ipaddress.ip_address(0) if family == socket.AF_INET else ipaddress.IPv6Address(0)
         oif = struct.unpack_from("<I", attrs[4])[0] if len(attrs.get(4, b"")) >= 4 else None
         prio = struct.unpack_from("<I", attrs[6])[0] if len(attrs.get(6, b"")) >= 4 else None
-        ev = RouteEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWROUTE else "deleted",
+        if mtype == RTM_DELROUTE:
+            action = "deleted"
+        else:  # `ip route replace` of an existing route: the kernel says NLM_F_REPLACE
+            action = "replaced" if nl_flags & NLM_F_REPLACE else "added"
+        ev = RouteEvent(hdr, stack, "process", action=action,
                         dst=ipaddress.ip_network(f"{dst_ip}/{dst_len}", strict=False),
                         gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
                         ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
