@@ -46,6 +46,7 @@ SNAPLEN = FRAME_SIZE - 64 - 16   # bytes kept per packet: full frames at MTU 150
 MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
 
 ETH_P_ALL = 0x0003
+UNUSED_ETHERTYPE = 0x88B6        # IEEE 802 "local experimental 2": where a capture past its cap listens
 SOL_PACKET = 263
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
 TP_STATUS_USER = 1
@@ -97,6 +98,7 @@ class _Capture:
         self.head = 0
         self.pending: List[Frame] = []
         self.taken = 0
+        self.tap_stopped = False
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
         self._buf = bytearray(SNAPLEN)
@@ -176,6 +178,21 @@ class _Capture:
             self._read_queue()
             if self.ring is not None:
                 self._read_ring(self.ring)
+                if (not self.tap_stopped and self.taken + len(self.pending) >= MAX_PACKETS
+                        and self.ring[self.head * FRAME_SIZE] & TP_STATUS_USER):
+                    self._stop_tap()
+
+    def _stop_tap(self) -> None:
+        """Past the cap, with a frame already waiting (so already counted as
+        lost): stop tapping the devices. A tap makes the kernel clone every
+        packet it sends (dev_queue_xmit_nit), kept or not — the capture's
+        largest cost under load. Re-binding to an EtherType nobody sends takes
+        the socket off the all-packets list; what was counted stays counted,
+        so the loss count from here on is a lower bound."""
+        addr = struct.pack("HHiHBB8s", socket.AF_PACKET, socket.htons(UNUSED_ETHERTYPE), 0, 0, 0, 0, b"")
+        buf = ctypes.create_string_buffer(addr, len(addr))
+        if _libc.bind(self.sock.fileno(), buf, len(addr)) == 0:  # ctypes: releases the GIL for the RCU wait
+            self.tap_stopped = True
 
     def _read_ring(self, ring: mmap.mmap) -> None:
         while self.taken + len(self.pending) < MAX_PACKETS:
