@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 
 import pytest
 
@@ -69,6 +70,39 @@ def test_clean_exchange_drops_nothing(pair, nettrace):
     clean_exchange_over(server, client, fam, a)
     nettrace.assert_no_drops()
     nettrace.assert_no_drops(ip_proto="tcp", include_unspecified=True)
+
+
+def test_close_without_reading_eof_drops_nothing(pair, nettrace):
+    # The server answers and closes; the client reads the answer, sees the
+    # FIN arrive and closes without reading EOF: the kernel purges that empty
+    # buffer (QUEUE_PURGE on 6.x). No data was lost: not a drop to fail on.
+    server, client, fam, a, b = pair
+    lst = server.socket(fam)
+    lst.bind((a, 0))
+    lst.listen()
+
+    def answer_and_close():
+        conn, _ = lst.accept()
+        conn.sendall(conn.recv(4))
+        conn.close()
+
+    t = threading.Thread(target=answer_and_close)
+    t.start()
+    client.run(script(f"""
+        import select, socket
+        s = socket.create_connection(({a!r}, {lst.getsockname()[1]}))
+        s.sendall(b"ping")
+        assert s.recv(4) == b"ping"
+        assert select.select([s], [], [], 5)[0]   # the FIN is queued, unread
+        s.close()
+    """), check=True)
+    t.join(5)
+    lst.close()
+    nettrace.assert_no_drops()
+    purged = nettrace.drops(length=0, ip_proto="tcp")  # in whichever socket held an unread FIN
+    assert purged and all(e.background for e in purged), purged
+    with pytest.raises(AssertionError, match="expected no drop events"):
+        nettrace.assert_no_drops(reason="QUEUE_PURGE")
 
 
 def test_detail_budget_caps_events_and_keeps_assertions_sound(netns, nettrace):

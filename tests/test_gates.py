@@ -13,6 +13,8 @@ from pytest_nettrace.gates import ForbidRule, GateSpecError, check, parse_marker
 from pytest_nettrace.probes.registry import kinds
 from pytest_nettrace.trace import Trace
 
+from traffic import script
+
 MARKED = textwrap.dedent('''
     import socket, sys
     import pytest
@@ -218,3 +220,20 @@ def test_gate_passes_when_nothing_forbidden_happened(netns, nettrace):
     violation = check(nettrace, [ForbidRule("addr", "deleted"), ForbidRule("rst")])
     assert violation is not None and [e.kind for e in violation.offending] == ["addr"]
     assert all(len(line) <= 100 for line in violation.message.splitlines())
+
+
+def test_drop_gate_ignores_background_drops_and_trips_on_real_ones(make_netns, nettrace):
+    # a fresh veth pair with IPv6 makes background drops (multicast nobody
+    # joined): a `drop` gate must not trip on those, as assert_no_drops doesn't
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.7.0.1/24", "fd07::1/64"],
+               peer_addresses=["10.7.0.2/24", "fd07::2/64"])
+    nettrace.wait_for("drop", timeout=5)  # the kernel's own background drops
+    assert all(e.background for e in nettrace.drops())
+    assert check(nettrace, [ForbidRule("drop")]) is None
+    b.run(script("""
+        import socket
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("10.7.0.1", 9))
+    """), check=True)
+    violation = check(nettrace, [ForbidRule("drop")])
+    assert violation is not None and [e.reason for e in violation.offending] == ["NO_SOCKET"]

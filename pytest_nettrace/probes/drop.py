@@ -49,8 +49,12 @@ class DropEvent(Event):
 
     @property
     def background(self) -> bool:
-        """Not a failure: a free the kernel does not name, or IPv6 link-scope
-        multicast (what assert_no_drops ignores by default)."""
+        """Not a failure (what assert_no_drops ignores by default): a free the
+        kernel does not name, IPv6 link-scope multicast, or an empty buffer
+        purged from a socket being destroyed (the peer's FIN, never read by
+        an application that closed without waiting for EOF: no data lost)."""
+        if self.reason == "QUEUE_PURGE" and self.length == 0:
+            return True
         return not (_specified(self.reason) and _not_link_multicast(self.daddr))
 
     def describe(self) -> str:
@@ -284,7 +288,10 @@ class DropApi:
         failures, e.g. IPv6 multicast a host did not join, seen on every fresh
         veth) and packets to IPv6 link-scope multicast (ff02::/16: MLD and
         neighbour discovery before the interface is fully up; older kernels
-        call those IP_INNOROUTES). `include_unspecified=True` counts those too;
+        call those IP_INNOROUTES), and empty buffers purged from a socket
+        being destroyed (QUEUE_PURGE, length 0: the peer's FIN that an
+        application closing without reading EOF never read; a purge with data
+        counts). `include_unspecified=True` counts those too;
         an explicit `reason` ("NETFILTER_DROP", a list, or a predicate) is used
         as given. On kernels without drop reasons (< 5.17) every drop counts.
 
@@ -298,6 +305,8 @@ class DropApi:
         if not include_unspecified and "daddr" not in filters:
             filters["daddr"] = _not_link_multicast
         found = self.events("drop", **filters)
+        if reason is None and not include_unspecified:
+            found = [e for e in found if not e.background]
         if found:
             raise AssertionError(self._failure(
                 f"expected no drop events matching {_describe(filters)}, saw {len(found)}",
