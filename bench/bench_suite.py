@@ -22,6 +22,10 @@ def run(workers: int, extra: list) -> tuple:
                         "-n", str(workers), *extra], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     lines = [ln for ln in r.stdout.splitlines() if re.search(r"\b(passed|failed|error)", ln)]
+    # a failure in a timing run is news too: name it
+    failed = [ln for ln in r.stdout.splitlines() if ln.startswith(("FAILED ", "ERROR "))]
+    for ln in failed:
+        print(f"suite:   -n {workers}: {ln}")
     return wall, (lines[-1].strip("= ") if lines else f"exit {r.returncode}")
 
 

@@ -85,16 +85,34 @@ static __always_inline __u32 nc_read_cmdline(char *buf, __u16 hdr_flags)
 	return 0;
 }
 
-/* Whether a stack runs through [lo, hi). */
-static __always_inline bool nc_through(const __u64 *stack, __s32 len, __u64 lo, __u64 hi)
+/* What a stack in nc_scratch runs through, found by bpf_loop (5.17+): its
+ * callback is verified once, where an open-coded loop over the frames cost
+ * milliseconds of verification in each program that has it. */
+#define NC_THROUGH_EXPIRY 0x1   /* call_timer_fn: a timer fired */
+#define NC_THROUGH_SOFTIRQ 0x2  /* handle_softirqs: interrupt context */
+
+struct nc_scan {
+	__u32 frames;
+	__u32 found;
+};
+
+static long nc_scan_frame(__u32 i, struct nc_scan *s)
 {
-	for (int i = 0; i < NT_MAX_STACK; i++) {
-		if (i * 8 >= len)
-			break;
-		if (stack[i] >= lo && stack[i] < hi)
-			return true;
-	}
-	return false;
+	__u32 zero = 0;
+	struct nc_origin *o = bpf_map_lookup_elem(&nc_scratch, &zero);
+
+	__u64 a = 0;
+
+	if (!o || i >= s->frames || i >= NT_MAX_STACK)
+		return 1;
+	/* (a helper read: clang merges the two bounds into one the verifier
+	 * cannot follow) */
+	bpf_probe_read_kernel(&a, sizeof(a), &o->stack[i]);
+	if (a >= nc_cfg.expiry_lo && a < nc_cfg.expiry_hi)
+		s->found |= NC_THROUGH_EXPIRY;
+	if (a >= nc_cfg.softirq_lo && a < nc_cfg.softirq_hi)
+		s->found |= NC_THROUGH_SOFTIRQ;
+	return 0;
 }
 
 /* `work` is being queued (or its timer armed): if it is a DAD work of a
@@ -116,18 +134,19 @@ static __always_inline void nc_remember(void *ctx, struct work_struct *work)
 	if (!o)
 		return;
 	o->h.stack_len = bpf_get_stack(ctx, o->stack, sizeof(o->stack), 0);
+	struct nc_scan scan = { .frames = o->h.stack_len > 0 ? (__u32)o->h.stack_len / 8 : 0, .found = 0 };
+	bpf_loop(NT_MAX_STACK, nc_scan_frame, &scan, 0);
 	/* A delayed work's timer fired and queues it (the stack runs through
 	 * call_timer_fn; delayed_work_timer_fn tail-calls __queue_work): the
 	 * one who armed the timer stays. */
-	if (nc_through(o->stack, o->h.stack_len, nc_cfg.expiry_lo, nc_cfg.expiry_hi))
+	if (scan.found & NC_THROUGH_EXPIRY)
 		return;
 	/* The worker re-arming its own work keeps the origin, unless a softirq
 	 * running on top of the worker did it (a DAD failure: the probe the
 	 * worker sent was answered at once); that softirq becomes the origin. */
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u64 *running = bpf_map_lookup_elem(&nc_running, &tid);
-	if (running && *running == key &&
-	    !nc_through(o->stack, o->h.stack_len, nc_cfg.softirq_lo, nc_cfg.softirq_hi))
+	if (running && *running == key && !(scan.found & NC_THROUGH_SOFTIRQ))
 		return;
 	nt_fill_hdr(&o->h, NT_KIND_NLMSG, netns);
 	o->cmdline_len = nc_read_cmdline(o->cmdline, o->h.flags);

@@ -108,7 +108,8 @@ def pytest_report_header(config: pytest.Config) -> list:
             if st.plan is None and st.unavailable:
                 lines.append(f"nettrace:   {name} unavailable: {st.unavailable[:200]}")
             for note in st.plan.notes if st.plan is not None else ():
-                lines.append(f"nettrace:   {name}: {note[:200]}")
+                why = f" ({st.failures[0]})" if st.failures else ""
+                lines.append(f"nettrace:   {name}: {(note + why)[:200]}")
     return lines
 
 

@@ -275,13 +275,17 @@ class NetChangeProbe(Probe):
         if kernel.kprobe:
             plans.append(Plan("kprobe", ["netchange_kprobe"]))
         dad = self._dad_tracking(kernel)
-        for plan in plans:
-            if dad is not None:
-                plan.programs += list(_DAD_PROGRAMS)
-                plan.config["nc_cfg"] = dad
-            else:
+        if dad is None:
+            for plan in plans:
                 plan.notes.append("IPv6 additions not attributed: " + self._dad_missing)
-        return plans
+            return plans
+        # each mechanism with the DAD-worker programs first; the same without
+        # them last, so they can never cost the probe itself
+        with_dad = [Plan(p.mechanism, p.programs + list(_DAD_PROGRAMS), dict(p.config, nc_cfg=dad))
+                    for p in plans]
+        for plan in plans:
+            plan.notes.append("IPv6 additions not attributed: the DAD-worker programs did not load")
+        return with_dad + plans
 
     _dad_missing = ""
 
@@ -290,6 +294,9 @@ class NetChangeProbe(Probe):
         when the kernel cannot have them."""
         if not kernel.tp_btf:
             self._dad_missing = "no tp_btf for the workqueue tracepoints"
+            return None
+        if "BPF_FUNC_loop" not in kernel.enum("bpf_func_id").values():
+            self._dad_missing = "no bpf_loop helper (kernel < 5.17)"
             return None
         ranges = function_ranges(("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn",
                                   "handle_softirqs", "__do_softirq"))
