@@ -56,10 +56,12 @@ class Engine:
 
     def __init__(self, *, btf_path: str = DEFAULT_BTF, ringbuf_size: int = DEFAULT_RINGBUF,
                  probes: Optional[Sequence[Probe]] = None, background: bool = True,
-                 mechanisms: Optional[Dict[str, str]] = None) -> None:
+                 mechanisms: Optional[Dict[str, str]] = None, left_out: Optional[Dict[str, str]] = None) -> None:
         """`mechanisms` forces a probe's mechanism, e.g. {"rst": "tp_btf+kprobe"}
         (used to exercise fallback paths on kernels that have them); a forced
-        mechanism the kernel lacks makes that probe unavailable, with the reason."""
+        mechanism the kernel lacks makes that probe unavailable, with the reason.
+        `left_out` says why probes not in `probes` were not loaded (e.g. the
+        session's nettrace_probes), for the errors of tests that ask for them."""
         if ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1):
             raise ValueError(f"ring buffer size {ringbuf_size} must be a power of two >= 4096")
         self.kernel: KernelFeatures = features(btf_path)
@@ -68,6 +70,7 @@ class Engine:
         self.ringbuf_size = ringbuf_size
         self.forced = dict(mechanisms or {})
         self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in (probes or default_probes())}
+        self.left_out: Dict[str, str] = dict(left_out or {})  # probe name -> why it was not loaded
         self._by_kind: Dict[int, Probe] = {}
         self._sinks: Dict[int, Sink] = {}
         self._lock = threading.RLock()
@@ -173,7 +176,7 @@ class Engine:
         """None if probe `name` is attached, else why it is not."""
         st = self.status.get(name)
         if st is None:
-            return f"unknown probe {name!r}"
+            return self.left_out.get(name, f"unknown probe {name!r}")
         return None if st.plan else (st.unavailable or "not attached")
 
     # -- scope ---------------------------------------------------------------

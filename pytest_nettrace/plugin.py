@@ -7,17 +7,18 @@ import os
 import threading
 import platform
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 from . import gates
 from .capabilities import DEFAULT_BTF, features
-from .engine import DEFAULT_RINGBUF, Engine
+from .engine import DEFAULT_RINGBUF, Engine, default_probes
 from .errors import NettraceError
 from .gates import GateSpec, GateSpecError
 from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
 from .report import SECTION, SessionSummary, TraceRecord, events_path, write_files
+from .selection import select as select_probes
 from .trace import Trace
 
 
@@ -33,7 +34,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--nettrace-forbid", action="append", default=None, metavar="KINDS",
                     help="fail every test in which one of these events happened, e.g. "
                     "'rst,addr:deleted' (every test is traced; overrides ini nettrace_forbid)")
+    group.addoption("--nettrace-probes", default=None, metavar="PROBES",
+                    help="which probes to load: 'all' (default), names ('rst,netchange') or "
+                    "exclusions ('-packet,-syscall'); overrides ini nettrace_probes")
     parser.addini("nettrace_btf", "kernel BTF used for CO-RE relocation", default=DEFAULT_BTF)
+    parser.addini("nettrace_probes", "which probes to load: 'all', names ('rst, netchange') or "
+                  "exclusions ('-packet, -syscall')", default="all")
     parser.addini("nettrace_forbid", "events no test may cause, e.g. 'rst, addr:deleted' "
                   "(every test is traced)", default="")
     parser.addini("nettrace_unavailable", "when probes cannot run (no root, no BTF): 'skip' the tests "
@@ -52,10 +58,16 @@ def pytest_configure(config: pytest.Config) -> None:
                             "(even without the nettrace fixture); fail it at teardown if a forbidden "
                             "event ('rst', 'addr:deleted', ...) happened; watch_host also watches "
                             "the namespace pytest runs in")
+    spec = config.getoption("nettrace_probes") or config.getini("nettrace_probes")
+    try:
+        loaded, left_out = select_probes(spec)
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
     config.stash[_ENGINE] = EngineHolder(
         btf_path=config.getoption("nettrace_btf") or config.getini("nettrace_btf"),
         ringbuf_size=_ringbuf_size(config.getini("nettrace_ringbuf_size")),
-        on_unavailable=mode)
+        on_unavailable=mode, probes=loaded,
+        left_out={n: f"probe {n!r} not loaded in this session (nettrace_probes = {spec!r})" for n in left_out})
     if hasattr(config, "workerinput"):  # an xdist worker: it will need the probes
         config.stash[_ENGINE].preload()
     settings = ReportSettings.from_config(config)
@@ -108,8 +120,9 @@ def pytest_report_header(config: pytest.Config) -> list:
             if st.plan is None and st.unavailable:
                 lines.append(f"nettrace:   {name} unavailable: {st.unavailable[:200]}")
             for note in st.plan.notes if st.plan is not None else ():
-                why = f" ({st.failures[0]})" if st.failures else ""
-                lines.append(f"nettrace:   {name}: {(note + why)[:200]}")
+                lines.append(f"nettrace:   {name}: {note[:200]}")
+        if engine.left_out:
+            lines.append(f"nettrace:   not loaded (nettrace_probes): {', '.join(engine.left_out)}")
     return lines
 
 
@@ -117,10 +130,13 @@ class EngineHolder:
     """The process's one Engine: loaded on first use (or in the background
     from configure on, so loading overlaps collection), kept for the session."""
 
-    def __init__(self, btf_path: str, ringbuf_size: int, on_unavailable: str) -> None:
+    def __init__(self, btf_path: str, ringbuf_size: int, on_unavailable: str,
+                 probes: Optional[List[str]] = None, left_out: Optional[Dict[str, str]] = None) -> None:
         self.btf_path = btf_path
         self.ringbuf_size = ringbuf_size
         self.on_unavailable = on_unavailable
+        self.probes = probes
+        self.left_out = left_out or {}
         self._engine: Optional[Engine] = None
         self._error: Optional[str] = None
         self._lock = threading.Lock()
@@ -137,7 +153,11 @@ class EngineHolder:
         with self._lock:
             if self._engine is None and self._error is None:
                 try:
-                    self._engine = Engine(btf_path=self.btf_path, ringbuf_size=self.ringbuf_size)
+                    chosen = None
+                    if self.probes is not None:
+                        chosen = [p for p in default_probes() if p.name in self.probes]
+                    self._engine = Engine(btf_path=self.btf_path, ringbuf_size=self.ringbuf_size,
+                                          probes=chosen, left_out=self.left_out)
                 except NettraceError as e:
                     self._error = str(e)
             return self._engine, self._error

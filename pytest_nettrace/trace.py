@@ -219,7 +219,8 @@ class TraceCore:
         check_filters(info.event_type, filters)
         why = self.engine.probe_available(info.probe)
         if why:
-            raise NettraceError(f"{kind} events are not available on this kernel: {why}")
+            where = "" if info.probe in self.engine.left_out else " on this kernel"
+            raise NettraceError(f"{kind} events are not available{where}: {why}")
 
     def _failure(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
                  offending: Iterable[Event]) -> str:

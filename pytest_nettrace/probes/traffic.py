@@ -161,7 +161,7 @@ class TrafficApi:
         why = self.engine.probe_available("traffic")
         if why:
             from ..errors import NettraceError
-            raise NettraceError(f"traffic accounting is not available on this kernel: {why}")
+            raise NettraceError(f"traffic accounting is not available: {why}")
         return self.engine.status["traffic"].probe
 
     def traffic(self, **filters: Any) -> List[TrafficRow]:
