@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
+from .corebtf import minimal_btf
 from .errors import ProbeLoadError
 from .events import HEADER, NT_MAX_KINDS, Event, Header
 from .probes.base import Plan, Probe
@@ -114,13 +115,16 @@ class Engine:
                     continue
             if not st.plans:
                 st.unavailable = st.probe.unavailable_reason(self.kernel)
+        # CO-RE against a checked minimal BTF when one can be had (about half
+        # the load time goes into relocating against the full one)
+        core_btf = minimal_btf(object_path(OBJECT), self.btf_path)
         # Try the best plan of every probe in one object; when a program fails,
         # move only its probe to its next plan and try again.
         while True:
             active = [st for st in self.status.values() if st.plans and st.unavailable is None]
             if not active:
                 break
-            obj = lb.BpfObject(object_path(OBJECT), self.btf_path)
+            obj = lb.BpfObject(object_path(OBJECT), core_btf or self.btf_path)
             try:
                 obj.reuse_map("nt_scopes", self._scopes_fd)
                 obj.reuse_map("nt_events", self._events_fd)

@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import errno as _errno
 import os
+import re
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -77,7 +78,7 @@ class _LogCapture:
         self.callback = _PRINT_FN(self._on_print)
 
     def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
-        if level >= 2:  # LIBBPF_DEBUG: relocation chatter, never shown
+        if level >= 2 and not getattr(self._local, "debug", False):  # LIBBPF_DEBUG: relocation chatter
             return 0
         buf = ctypes.create_string_buffer(1 << 20)  # verifier logs are long
         self._libc.vsnprintf(buf, len(buf), fmt, va_list)
@@ -86,12 +87,14 @@ class _LogCapture:
             lines.append(buf.value.decode(errors="replace").rstrip("\n"))
         return 0
 
-    def start(self) -> None:
+    def start(self, debug: bool = False) -> None:
         self._local.lines = []
+        self._local.debug = debug
 
     def take(self) -> List[str]:
         lines = getattr(self._local, "lines", None) or []
         self._local.lines = None
+        self._local.debug = False
         return lines
 
 
@@ -295,6 +298,21 @@ class BpfObject:
         if rc < 0:
             raise ProbeLoadError(f"cannot load {self.name}: {_errtext(rc)}; {_reason_from_log(lines)}")
         self.loaded = True
+
+    def core_relocations(self) -> List[str]:
+        """What CO-RE relocation did to every program's instructions, as
+        libbpf's debug log says it (type ids removed), from one load attempt:
+        libbpf relocates all programs before loading any, so a program the
+        kernel then refuses does not shorten the list."""
+        lib = libbpf()
+        lib.log.start(debug=True)
+        lib.bpf_object__load(self._ptr)
+        lines = lib.log.take()
+        out = []
+        for line in lines:
+            if "relo #" in line and ("patched" in line or "substituting" in line or "poison" in line):
+                out.append(re.sub(r"\[\d+\]", "[]", line.strip()))
+        return out
 
     def attach(self, prog_name: str) -> BpfLink:
         lib = libbpf()

@@ -38,12 +38,12 @@ class Kallsyms:
         return f"{self._names[i]}+0x{addr - self._addrs[i]:x}"
 
 
-# Where function addresses looked up for probe configuration are kept for the
-# rest of the boot: reading /proc/kallsyms costs ~50 ms, every process.
-KSYM_CACHE_DIR = "/run/pytest-nettrace"
+# What is worth computing once per boot (function addresses: reading
+# /proc/kallsyms costs ~50 ms; the minimal CO-RE BTF): tmpfs, gone at reboot.
+RUN_DIR = "/run/pytest-nettrace"
 
 
-def _boot_id() -> str:
+def boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -54,9 +54,9 @@ def _boot_id() -> str:
 def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[str, Tuple[int, int]]:
     """name -> (start, end) of core-kernel functions, end being the next
     symbol; names not found (or addresses hidden) are left out. Cached per
-    boot in KSYM_CACHE_DIR: addresses change only when the machine reboots."""
-    boot = _boot_id()
-    cache = os.path.join(KSYM_CACHE_DIR, f"ksyms-{boot}.json") if boot and path == "/proc/kallsyms" else None
+    boot in RUN_DIR: addresses change only when the machine reboots."""
+    boot = boot_id()
+    cache = os.path.join(RUN_DIR, f"ksyms-{boot}.json") if boot and path == "/proc/kallsyms" else None
     known: Dict[str, List[int]] = {}
     if cache:
         try:
@@ -69,7 +69,7 @@ def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[
     found = _scan(path, set(names) | set(known))
     if cache:
         try:
-            os.makedirs(KSYM_CACHE_DIR, exist_ok=True)
+            os.makedirs(RUN_DIR, exist_ok=True)
             tmp = f"{cache}.{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump({n: list(found[n]) if n in found else [] for n in set(names) | set(known)}, f)

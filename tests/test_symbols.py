@@ -17,7 +17,7 @@ def test_function_ranges_match_kallsyms_and_are_cached_per_boot():
     assert symbols.kallsyms().resolve(start) == "call_timer_fn+0x0"
     assert symbols.kallsyms().resolve(end - 1).startswith("call_timer_fn+")
     with open("/proc/sys/kernel/random/boot_id") as f:
-        cache = os.path.join(symbols.KSYM_CACHE_DIR, f"ksyms-{f.read().strip()}.json")
+        cache = os.path.join(symbols.RUN_DIR, f"ksyms-{f.read().strip()}.json")
     with open(cache) as f:
         cached = json.load(f)
     assert cached["call_timer_fn"] == [start, end] and cached["no_such_function_xyz"] == []

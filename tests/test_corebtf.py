@@ -1,0 +1,49 @@
+"""The minimal CO-RE BTF (pytest_nettrace/corebtf.py): made once per boot,
+used only when relocating against it changes no instruction."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from pytest_nettrace import corebtf
+from pytest_nettrace.capabilities import object_path
+
+needs_bpftool = pytest.mark.skipif(shutil.which("bpftool") is None,
+                                   reason="bpftool (Debian package bpftool) is not installed")
+
+
+@needs_bpftool
+def test_made_checked_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
+    obj = object_path("nettrace.bpf.o")
+    path = corebtf.minimal_btf(obj)
+    assert path and path.startswith(str(tmp_path)) and os.path.getsize(path) < 100_000
+    assert os.path.getsize(path) < os.path.getsize(corebtf.KERNEL_BTF) / 50
+    assert corebtf.check(obj, path) is None
+    t0 = time.perf_counter()
+    assert corebtf.minimal_btf(obj) == path  # reused: no bpftool, no check
+    assert time.perf_counter() - t0 < 0.05
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]
+
+
+@needs_bpftool
+def test_a_btf_missing_types_is_refused(tmp_path):
+    # a minimal BTF made for the small capability probe lacks most types the
+    # probes relocate against: relocations differ, so it must not be used
+    other = tmp_path / "caps.btf"
+    subprocess.run(["bpftool", "gen", "min_core_btf", corebtf.KERNEL_BTF, str(other), object_path("caps.bpf.o")],
+                   check=True, capture_output=True)
+    why = corebtf.check(object_path("nettrace.bpf.o"), str(other))
+    assert why == "relocations against it differ from those against the full BTF"
+
+
+def test_no_bpftool_or_another_btf_means_the_full_btf(tmp_path, monkeypatch):
+    monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert corebtf.minimal_btf(object_path("nettrace.bpf.o")) is None
+    assert corebtf.minimal_btf(object_path("nettrace.bpf.o"), btf_path="/tmp/some-other.btf") is None
+    assert list(tmp_path.iterdir()) == []
