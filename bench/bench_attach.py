@@ -52,7 +52,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:  # the once-per-boot cost, apart
         real_dir, corebtf.RUN_DIR = corebtf.RUN_DIR, scratch
         t = time.perf_counter()
-        made = corebtf.minimal_btf(object_path("nettrace.bpf.o"))
+        made = corebtf.prepare(object_path("nettrace.bpf.o"))
         core_ms = (time.perf_counter() - t) * 1e3
         corebtf.RUN_DIR = real_dir
 

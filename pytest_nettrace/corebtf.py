@@ -8,17 +8,21 @@ and members the object relocates against; libbpf takes it as
 
 It is used only once proven: the object is relocated against both BTFs and
 every patched instruction must come out the same, else it is never used.
-Kept in /run (cleared at reboot) under the boot id and the object's digest,
-so a rebuilt object or another boot gets a new one. Without bpftool, or with
-a BTF other than the running kernel's, the full BTF is used as before.
+The first session of a boot makes it in the background after its own load
+(which used the full BTF), for the sessions after it: no session waits for
+it. Kept in /run (cleared at reboot) under the boot id and the object's
+digest, so a rebuilt object or another boot gets a new one. Without bpftool,
+or with a BTF other than the running kernel's, the full BTF is used.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from typing import Optional
 
 from . import libbpf as lb
@@ -27,8 +31,9 @@ from .symbols import RUN_DIR, boot_id
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
 
-def minimal_btf(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
-    """Path of a checked minimal BTF for `object_file` on this boot, or None."""
+def _cache_path(object_file: str, btf_path: str) -> Optional[str]:
+    """Where the minimal BTF for `object_file` lives on this boot; None when
+    it does not apply (another BTF than the running kernel's, or turned off)."""
     boot = boot_id()
     if btf_path != KERNEL_BTF or not boot or os.environ.get("NETTRACE_FULL_BTF"):
         return None
@@ -37,21 +42,51 @@ def minimal_btf(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
     except OSError:
         return None
-    path = os.path.join(RUN_DIR, f"core-{boot}-{digest}.btf")
+    return os.path.join(RUN_DIR, f"core-{boot}-{digest}.btf")
+
+
+def minimal_btf(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
+    """Path of the checked minimal BTF for `object_file` on this boot, if
+    one was made already (see prepare()), else None: use the full BTF."""
+    path = _cache_path(object_file, btf_path)
+    return path if path is not None and os.path.exists(path) else None
+
+
+def prepare_in_background(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[threading.Thread]:
+    """Make the minimal BTF for the sessions that come after this one, off
+    this one's path (it costs two relocations and program loads, ~0.2 s, once
+    per boot); None when there is nothing to make."""
+    path = _cache_path(object_file, btf_path)
+    if path is None or os.path.exists(path) or os.path.exists(path + ".unusable") or not shutil.which("bpftool"):
+        return None
+    t = threading.Thread(target=prepare, args=(object_file, btf_path), name="nettrace-core-btf", daemon=True)
+    t.start()
+    return t
+
+
+def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
+    """Make and check the minimal BTF now (one process at a time: the others
+    leave it to the one holding the lock); its path, or None."""
+    path = _cache_path(object_file, btf_path)
+    bpftool = shutil.which("bpftool")
+    if path is None or bpftool is None:
+        return None
     if os.path.exists(path):
         return path
-    if os.path.exists(path + ".unusable"):
-        return None
-    bpftool = shutil.which("bpftool")
-    if bpftool is None:
-        return None
     try:
         os.makedirs(RUN_DIR, exist_ok=True)
-        _forget_other_boots(boot)
+        _forget_other_boots(os.path.basename(path).split("-", 1)[1].rsplit("-", 1)[0])
+        lock = open(path + ".lock", "w")
     except OSError:
         return None
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return None  # another process is making it
+        if os.path.exists(path) or os.path.exists(path + ".unusable"):
+            return path if os.path.exists(path) else None
         made = subprocess.run([bpftool, "gen", "min_core_btf", btf_path, tmp, object_file],
                               capture_output=True, text=True, timeout=60)
         if made.returncode != 0 or not os.path.exists(tmp):
@@ -67,6 +102,7 @@ def minimal_btf(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
     except (OSError, subprocess.SubprocessError, lb.ProbeLoadError):
         return None
     finally:
+        lock.close()
         if os.path.exists(tmp):
             os.unlink(tmp)
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
-from .corebtf import minimal_btf
+from . import corebtf
 from .errors import ProbeLoadError
 from .events import HEADER, NT_MAX_KINDS, Event, Header
 from .probes.base import Plan, Probe
@@ -117,7 +117,7 @@ class Engine:
                 st.unavailable = st.probe.unavailable_reason(self.kernel)
         # CO-RE against a checked minimal BTF when one can be had (about half
         # the load time goes into relocating against the full one)
-        core_btf = minimal_btf(object_path(OBJECT), self.btf_path)
+        core_btf = corebtf.minimal_btf(object_path(OBJECT), self.btf_path)
         # Try the best plan of every probe in one object; when a program fails,
         # move only its probe to its next plan and try again.
         while True:
@@ -155,6 +155,8 @@ class Engine:
                 st.plan = st.plans[0]
                 self._by_kind[st.probe.kind_id] = st.probe
                 st.probe.attached(obj)
+            if core_btf is None:  # for the sessions after this one
+                corebtf.prepare_in_background(object_path(OBJECT), self.btf_path)
             return
 
     @staticmethod

@@ -20,14 +20,15 @@ needs_bpftool = pytest.mark.skipif(shutil.which("bpftool") is None,
 def test_made_checked_and_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
     obj = object_path("nettrace.bpf.o")
-    path = corebtf.minimal_btf(obj)
+    assert corebtf.minimal_btf(obj) is None, "not made yet: the full BTF is used"
+    path = corebtf.prepare(obj)
     assert path and path.startswith(str(tmp_path)) and os.path.getsize(path) < 100_000
     assert os.path.getsize(path) < os.path.getsize(corebtf.KERNEL_BTF) / 50
     assert corebtf.check(obj, path) is None
     t0 = time.perf_counter()
     assert corebtf.minimal_btf(obj) == path  # reused: no bpftool, no check
     assert time.perf_counter() - t0 < 0.05
-    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(path), os.path.basename(path) + ".lock"]
 
 
 @needs_bpftool
@@ -44,6 +45,24 @@ def test_a_btf_missing_types_is_refused(tmp_path):
 def test_no_bpftool_or_another_btf_means_the_full_btf(tmp_path, monkeypatch):
     monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert corebtf.minimal_btf(object_path("nettrace.bpf.o")) is None
-    assert corebtf.minimal_btf(object_path("nettrace.bpf.o"), btf_path="/tmp/some-other.btf") is None
+    assert corebtf.prepare(object_path("nettrace.bpf.o")) is None
+    assert corebtf.prepare_in_background(object_path("nettrace.bpf.o")) is None
+    assert corebtf.prepare(object_path("nettrace.bpf.o"), btf_path="/tmp/some-other.btf") is None
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_bpftool
+def test_first_engine_of_a_boot_makes_it_for_the_next(tmp_path, monkeypatch):
+    from pytest_nettrace.engine import Engine
+    monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
+    obj = object_path("nettrace.bpf.o")
+    engine = Engine(background=False)  # full BTF: nothing made yet
+    engine.close()
+    for _ in range(100):  # made in the background
+        if corebtf.minimal_btf(obj):
+            break
+        time.sleep(0.05)
+    assert corebtf.minimal_btf(obj)
+    engine = Engine(background=False)  # this one relocates against it
+    assert engine.describe() and all(st.plan for st in engine.status.values())
+    engine.close()
