@@ -15,10 +15,14 @@ import itertools
 import os
 import re
 import threading
+import time
 
 from ._linux import bind_mount, make_shared, process_start_time, umount_detach
 
 NETNS_RUN_DIR = "/run/netns"
+# Held shared while stale entries are removed; a test that needs a stale entry
+# to survive a moment (to show the next session removes it) holds it exclusively.
+STALE_LOCK = "/run/pytest-nettrace/stale.lock"
 NAME_PREFIX = "nt-"
 _NAME_RE = re.compile(r"^nt-(\d+)-(\d+)-\d+$")
 
@@ -107,3 +111,34 @@ def stale_names() -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(e for e in entries if _NAME_RE.match(e) and not owner_alive(e))
+
+
+class stale_cleanup_lock:
+    """Shared hold of STALE_LOCK for a stale cleanup: waits up to `wait`
+    seconds while someone holds it exclusively, then goes on regardless (a
+    cleanup that never ran would leak more than one that ran early)."""
+
+    def __init__(self, wait: float = 30.0) -> None:
+        self.wait = wait
+        self._file = None
+
+    def __enter__(self) -> "stale_cleanup_lock":
+
+        try:
+            os.makedirs(os.path.dirname(STALE_LOCK), exist_ok=True)
+            self._file = open(STALE_LOCK, "a")
+        except OSError:
+            return self
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self._file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return self
+            except OSError:
+                if time.monotonic() >= deadline:
+                    return self
+                time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()

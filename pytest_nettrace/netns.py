@@ -559,7 +559,17 @@ def cleanup_stale() -> list[str]:
     """Remove /run/netns/nt-* entries whose owner process is dead.
 
     Processes still living in them are killed first. Returns the names removed.
+    Waits while a test holds the stale lock (registry.STALE_LOCK) exclusively;
+    NETTRACE_KEEP_STALE=1 skips it (a session such a test starts meanwhile).
     """
+    if os.environ.get("NETTRACE_KEEP_STALE"):
+        return []
+    with registry.stale_cleanup_lock():
+        return remove_stale()
+
+
+def remove_stale() -> list[str]:
+    """cleanup_stale() without the lock."""
     removed = []
     nsfs_dev = os.stat("/proc/self/ns/net").st_dev
     for name in registry.stale_names():

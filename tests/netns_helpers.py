@@ -35,6 +35,20 @@ def pids_in_netns(inode: int) -> list[int]:
     return found
 
 
+def pids_left_in(name: str, inode: int) -> list[int]:
+    """Processes still in the namespace that was `name` (inode `inode`) —
+    unless the kernel has since given that inode to a namespace another test
+    made (it reuses them; xdist workers run side by side): then none of them
+    are that namespace's."""
+    for other in netns_entries() - {name}:
+        try:
+            if os.stat(f"/run/netns/{other}").st_ino == inode:
+                return []
+        except OSError:
+            pass
+    return pids_in_netns(inode)
+
+
 def ip_json(ns, *argv: str) -> list:
     """`ip -j <argv>` run inside `ns`."""
     return json.loads(ns.run(["ip", "-j", *argv], check=True).stdout)

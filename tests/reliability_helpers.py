@@ -12,14 +12,15 @@ from typing import Iterator, List, Optional, Set
 
 from netns_helpers import host_network_state
 
-# Sessions starting remove stale namespaces (cleanup_stale); tests that need a
-# stale namespace to survive a moment hold this lock (tests/test_netns_leaks.py).
-STALE_LOCK = "/tmp/pytest-nettrace-stale.lock"
-
+from pytest_nettrace._netns_registry import STALE_LOCK
 
 @contextmanager
 def stale_lock() -> Iterator[None]:
-    with open(STALE_LOCK, "w") as lock:
+    """Sessions starting remove stale namespaces (cleanup_stale), waiting while
+    this is held: for a test that needs a stale namespace to survive a moment.
+    A session started while holding it must set NETTRACE_KEEP_STALE=1."""
+    os.makedirs(os.path.dirname(STALE_LOCK), exist_ok=True)
+    with open(STALE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
@@ -11,9 +10,10 @@ import textwrap
 import time
 
 import pytest
-from netns_helpers import netns_entries, pids_in_netns
+from netns_helpers import netns_entries, pids_left_in
 
-from pytest_nettrace.netns import cleanup_stale
+from pytest_nettrace.netns import cleanup_stale, remove_stale
+from reliability_helpers import stale_lock
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -48,7 +48,7 @@ def _assert_all_gone(records) -> None:
     left = netns_entries()
     for name, inode, daemon in records:
         assert name not in left
-        assert pids_in_netns(inode) == []
+        assert pids_left_in(name, inode) == []
         assert not _alive(daemon)
 
 
@@ -61,16 +61,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def stale_lock():
-    """Serialise the tests that start sessions (whose start removes stale
-    namespaces) with those that need a stale namespace to survive a moment."""
-    with open("/tmp/pytest-nettrace-stale.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-@pytest.fixture
-def inner(pytester: pytest.Pytester, tmp_path, monkeypatch, stale_lock):
+def inner(pytester: pytest.Pytester, tmp_path, monkeypatch):
     record = tmp_path / "record.txt"
     record.touch()
     monkeypatch.setenv("NT_RECORD", str(record))
@@ -108,7 +99,7 @@ def test_nothing_leaks_after_pass_fail_and_setup_error(inner) -> None:
     _assert_all_gone(records)
 
 
-def test_sigkilled_session_is_cleaned_by_the_next_session(inner) -> None:
+def test_sigkilled_session_is_cleaned_by_the_next_session(inner, monkeypatch) -> None:
     pytester, record = inner
     pytester.makepyfile(
         test_dies="""
@@ -118,18 +109,23 @@ def test_sigkilled_session_is_cleaned_by_the_next_session(inner) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    records = _records(record)
-    assert len(records) == 2
-    left = netns_entries()
-    assert all(name in left for name, _, _ in records), "expected the killed session's namespaces to survive it"
+    # other tests' sessions starting meanwhile would remove the stale entries
+    # before we look: they wait while we hold the lock (this session must not)
+    with stale_lock():
+        monkeypatch.setenv("NETTRACE_KEEP_STALE", "1")
+        pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        monkeypatch.delenv("NETTRACE_KEEP_STALE")
+        records = _records(record)
+        assert len(records) == 2
+        left = netns_entries()
+        assert all(name in left for name, _, _ in records), "expected the killed session's namespaces to survive it"
 
     pytester.makepyfile(test_dies="def test_nothing():\n    pass\n")
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
     _assert_all_gone(records)
 
 
-def test_cleanup_stale_removes_namespaces_of_a_sigkilled_process(stale_lock) -> None:
+def test_cleanup_stale_removes_namespaces_of_a_sigkilled_process() -> None:
     script = textwrap.dedent(
         """
         import sys, time
@@ -142,14 +138,14 @@ def test_cleanup_stale_removes_namespaces_of_a_sigkilled_process(stale_lock) -> 
         time.sleep(300)
         """
     )
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    name, inode, daemon = child.stdout.readline().split()
-    child.send_signal(signal.SIGKILL)
-    child.wait()
-    assert name in netns_entries() and _alive(int(daemon))
-
-    removed = cleanup_stale()
-    assert name in removed
+    with stale_lock():  # no other session removes it before we do
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        name, inode, daemon = child.stdout.readline().split()
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        assert name in netns_entries() and _alive(int(daemon))
+        removed = remove_stale()
+        assert name in removed
     _wait_for(lambda: not _alive(int(daemon)))
     _assert_all_gone([(name, int(inode), int(daemon))])
 
@@ -159,7 +155,7 @@ def test_cleanup_stale_spares_live_owners(netns) -> None:
     assert netns.name in netns_entries()
 
 
-def test_report_header_names_the_dummy_strategy(pytester: pytest.Pytester, stale_lock) -> None:
+def test_report_header_names_the_dummy_strategy(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.stdout.re_match_lines([r"nettrace: (dummy driver available|no dummy driver, add_dummy\(\) uses a veth stand-in.*)"])

@@ -12,9 +12,8 @@ import re
 import sys
 
 import pytest
-from netns_helpers import netns_entries, pids_in_netns
-from reliability_helpers import (alive, bpf_link_ids, outcome_counts, run_session, stable_host_state,
-                                 stale_lock)
+from netns_helpers import netns_entries, pids_left_in
+from reliability_helpers import alive, bpf_link_ids, outcome_counts, run_session, stable_host_state
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -167,11 +166,11 @@ def test_no_leak_and_host_untouched_after_failures_setup_errors_and_a_sigkilled_
 
     host_before = stable_host_state()
     links_before = bpf_link_ids()
-    with stale_lock():
-        first = run_session(suite, "-n", "2", "-q", env=env)
-        # the next session removes what the killed worker left
-        (suite / "test_leaks.py").write_text("def test_nothing():\n    pass\n")
-        second = run_session(suite, "-q", env=env)
+    first = run_session(suite, "-n", "2", "-q", env=env)
+    # the next session removes what the killed worker left (or another
+    # test's session starting meanwhile does: all must be gone either way)
+    (suite / "test_leaks.py").write_text("def test_nothing():\n    pass\n")
+    second = run_session(suite, "-q", env=env)
     out = first.stdout + first.stderr
 
     expected = {
@@ -189,7 +188,7 @@ def test_no_leak_and_host_untouched_after_failures_setup_errors_and_a_sigkilled_
     left = netns_entries()
     leaked = [name for name, _, _ in namespaces if name in left]
     assert not leaked, f"{len(leaked)} namespaces left in /run/netns: {leaked[:5]}"
-    in_ns = _settled(lambda: {inode: pids for _, inode, _ in namespaces if (pids := pids_in_netns(inode))})
+    in_ns = _settled(lambda: {inode: pids for name, inode, _ in namespaces if (pids := pids_left_in(name, inode))})
     assert not in_ns, f"processes left in our namespaces: {_describe(in_ns, namespaces)}"
     daemons = _settled(lambda: [d for _, _, d in namespaces if alive(d)])
     assert not daemons, f"daemons still running: {daemons[:5]}"
@@ -293,8 +292,7 @@ def test_four_workers_each_see_exactly_their_own_events(tmp_path, long_run):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     env = {"NT_BARRIER": str(barrier), "NT_WORKERS": str(workers), "NT_SECONDS": "3.0" if long_run else "0.8"}
-    with stale_lock():
-        result = run_session(suite, "-n", str(workers), "-q", env=env)
+    result = run_session(suite, "-n", str(workers), "-q", env=env)
     out = result.stdout + result.stderr
     assert outcome_counts(out) == {"passed": 2 * workers}, out[-4000:]
     # the generation phases really overlapped: each worker's first test ran
@@ -463,8 +461,7 @@ def test_tiny_ring_from_ini_fails_the_negative_assertion(tmp_path):
     suite.mkdir()
     (suite / "pytest.ini").write_text("[pytest]\nnettrace_ringbuf_size = 4096\n")
     (suite / "test_tiny.py").write_text(INI_SUITE)
-    with stale_lock():
-        result = run_session(suite, "-q", "-p", "no:xdist")
+    result = run_session(suite, "-q", "-p", "no:xdist")
     out = result.stdout + result.stderr
     assert outcome_counts(out) == {"passed": 1, "failed": 1}, out[-3000:]
     assert "test_flood_then_assert_no_rst" in out and "rst events lost" in out, out[-3000:]
