@@ -57,10 +57,11 @@ struct {
 	__type(value, __u64);
 } nc_running SEC(".maps");
 
-/* An nc_origin is too big for the BPF stack. */
+/* An nc_origin is too big for the BPF stack: slot 0 for a queued work's
+ * origin, slot 1 for the stack of a notification sent from a worker. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, struct nc_origin);
 } nc_scratch SEC(".maps");
@@ -92,14 +93,15 @@ static __always_inline __u32 nc_read_cmdline(char *buf, __u16 hdr_flags)
 #define NC_THROUGH_SOFTIRQ 0x2  /* handle_softirqs: interrupt context */
 
 struct nc_scan {
+	__u32 slot;     /* which nc_scratch holds the stack */
 	__u32 frames;
 	__u32 found;
 };
 
 static long nc_scan_frame(__u32 i, struct nc_scan *s)
 {
-	__u32 zero = 0;
-	struct nc_origin *o = bpf_map_lookup_elem(&nc_scratch, &zero);
+	__u32 slot = s->slot;
+	struct nc_origin *o = bpf_map_lookup_elem(&nc_scratch, &slot);
 
 	__u64 a = 0;
 
@@ -134,7 +136,7 @@ static __always_inline void nc_remember(void *ctx, struct work_struct *work)
 	if (!o)
 		return;
 	o->h.stack_len = bpf_get_stack(ctx, o->stack, sizeof(o->stack), 0);
-	struct nc_scan scan = { .frames = o->h.stack_len > 0 ? (__u32)o->h.stack_len / 8 : 0, .found = 0 };
+	struct nc_scan scan = { .slot = 0, .frames = o->h.stack_len > 0 ? (__u32)o->h.stack_len / 8 : 0 };
 	bpf_loop(NT_MAX_STACK, nc_scan_frame, &scan, 0);
 	/* A delayed work's timer fired and queues it (the stack runs through
 	 * call_timer_fn; delayed_work_timer_fn tail-calls __queue_work): the
@@ -197,7 +199,10 @@ int BPF_PROG(nc_work_end, struct work_struct *work)
 	return 0;
 }
 
-/* The event is announced by a DAD worker: make it carry who queued the work. */
+/* The event is announced by a DAD worker: make it carry who queued the work.
+ * Not when a softirq running on top of the worker sent it (a router
+ * advertisement received meanwhile): that is not the work's doing. Called
+ * with the event's own stack in place. */
 static __always_inline bool nc_queued_by(struct netchange_event *e)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
@@ -205,7 +210,15 @@ static __always_inline bool nc_queued_by(struct netchange_event *e)
 	if (!work)
 		return false;
 	struct nc_origin *o = bpf_map_lookup_elem(&nc_work_origin, work);
-	if (!o)
+	__u32 one = 1;
+	struct nc_origin *own = bpf_map_lookup_elem(&nc_scratch, &one);
+	if (!o || !own)
+		return false;
+	own->h.stack_len = e->h.stack_len;
+	bpf_probe_read_kernel(own->stack, sizeof(own->stack), e->stack);
+	struct nc_scan scan = { .slot = 1, .frames = e->h.stack_len > 0 ? (__u32)e->h.stack_len / 8 : 0 };
+	bpf_loop(NT_MAX_STACK, nc_scan_frame, &scan, 0);
+	if (scan.found & NC_THROUGH_SOFTIRQ)
 		return false;
 	__u64 ts = e->h.ts;
 	__u32 netns = e->h.netns;
@@ -252,10 +265,9 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 			e->copied = n;
 	}
 
-	if (!nc_queued_by(e)) {
+	nt_fill_stack(ctx, &e->h, e->stack);
+	if (!nc_queued_by(e))
 		e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
-		nt_fill_stack(ctx, &e->h, e->stack);
-	}
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }
