@@ -105,6 +105,22 @@ def test_close_without_reading_eof_drops_nothing(pair, nettrace):
         nettrace.assert_no_drops(reason=purged[0].reason)  # QUEUE_PURGE; NOT_SPECIFIED before 6.x
 
 
+def test_unix_socket_messages_are_not_packet_drops(netns, nettrace):
+    # a daemon's D-Bus peer closing with messages unread: AF_UNIX data the
+    # kernel frees as SOCKET_CLOSE, visible, but not a network packet drop
+    netns.run(script("""
+        import socket
+        a, b = socket.socketpair()
+        a.sendall(b"x" * 100)
+        b.close()
+    """), check=True)
+    (ev,) = nettrace.drops()
+    assert ev.background and ev.location.startswith("unix_") and ev.family is None and ev.length == 100
+    nettrace.assert_no_drops()
+    with pytest.raises(AssertionError, match="expected no drop events"):
+        nettrace.assert_no_drops(include_unspecified=True)
+
+
 def test_detail_budget_caps_events_and_keeps_assertions_sound(netns, nettrace):
     n = DETAIL_BUDGET + 150
     netns.run(udp_send("127.0.0.1", 9, n=n), check=True)

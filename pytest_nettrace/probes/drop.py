@@ -50,11 +50,14 @@ class DropEvent(Event):
     @property
     def background(self) -> bool:
         """Not a failure (what assert_no_drops ignores by default): a free the
-        kernel does not name, IPv6 link-scope multicast, or an empty buffer
+        kernel does not name, IPv6 link-scope multicast, an empty buffer
         purged from a socket being destroyed (the peer's FIN, never read by
-        an application that closed without waiting for EOF: no data lost)."""
+        an application that closed without waiting for EOF: no data lost), or
+        an AF_UNIX message discarded when its socket closed (not a packet)."""
         if self.reason == "QUEUE_PURGE" and self.length == 0:
             return True
+        if self.family is None and (self.location or "").startswith("unix_"):
+            return True  # an AF_UNIX message (D-Bus...) discarded at close: not a network packet
         return not (_specified(self.reason) and _not_link_multicast(self.daddr))
 
     def describe(self) -> str:
@@ -291,7 +294,8 @@ class DropApi:
         call those IP_INNOROUTES), and empty buffers purged from a socket
         being destroyed (QUEUE_PURGE, length 0: the peer's FIN that an
         application closing without reading EOF never read; a purge with data
-        counts). `include_unspecified=True` counts those too;
+        counts), and AF_UNIX messages discarded at close (D-Bus clients: not
+        network packets). `include_unspecified=True` counts those too;
         an explicit `reason` ("NETFILTER_DROP", a list, or a predicate) is used
         as given. On kernels without drop reasons (< 5.17) every drop counts.
 
