@@ -183,6 +183,10 @@ def capabilities(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 out.write(f"    fell back from {failure}\n")
             if st.unavailable:
                 out.write(f"    unavailable: {st.unavailable}\n")
+            for note in st.plan.notes if st.plan is not None else ():
+                out.write(f"    {note}\n")
+        out.write(f"CO-RE relocation against: {engine.core_btf or args.btf}"
+                  f"{' (minimal BTF, made once per boot)' if engine.core_btf else ''}\n")
     finally:
         engine.close()
     return 0

@@ -72,6 +72,7 @@ class Engine:
         self.forced = dict(mechanisms or {})
         self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in (probes or default_probes())}
         self.left_out: Dict[str, str] = dict(left_out or {})  # probe name -> why it was not loaded
+        self.core_btf: Optional[str] = None  # the minimal BTF CO-RE used, if any
         self._by_kind: Dict[int, Probe] = {}
         self._sinks: Dict[int, Sink] = {}
         self._lock = threading.RLock()
@@ -117,7 +118,7 @@ class Engine:
                 st.unavailable = st.probe.unavailable_reason(self.kernel)
         # CO-RE against a checked minimal BTF when one can be had (about half
         # the load time goes into relocating against the full one)
-        core_btf = corebtf.minimal_btf(object_path(OBJECT), self.btf_path)
+        core_btf = self.core_btf = corebtf.minimal_btf(object_path(OBJECT), self.btf_path)
         # Try the best plan of every probe in one object; when a program fails,
         # move only its probe to its next plan and try again.
         while True:
