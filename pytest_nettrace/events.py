@@ -173,9 +173,17 @@ def parse_address(value: Any, what: str = "address") -> Any:
 DEFAULT_ROUTE = "default"
 
 
+# The kernel keeps 15 bytes of a task's name: "systemd-networkd" is
+# "systemd-network" in every event; a filter says it in full.
+COMM_FIELDS = ("comm", "parent_comm")
+TASK_COMM_LEN = 16
+
+
 def _value_matches(actual: Any, wanted: Any, field: str) -> bool:
     if wanted == DEFAULT_ROUTE and isinstance(actual, _NET_TYPES):
         return actual.prefixlen == 0
+    if field in COMM_FIELDS and isinstance(wanted, str) and isinstance(actual, str):
+        return actual == wanted.encode()[:TASK_COMM_LEN - 1].decode(errors="ignore")
     if callable(wanted) and not isinstance(wanted, type):
         return bool(wanted(actual))
     if isinstance(wanted, (list, tuple, set, frozenset)) and not isinstance(actual, (list, tuple)):

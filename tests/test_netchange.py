@@ -223,3 +223,15 @@ def test_route_replace_is_its_own_action_and_default_is_a_dst(netns, nettrace):
         nettrace.assert_none("route", action="delted")
     with pytest.raises(ValueError, match="invalid dst 'deflt'"):
         nettrace.route_changes(dst="deflt")
+
+
+def test_by_comm_takes_a_name_longer_than_the_kernel_keeps(netns, nettrace, tmp_path):
+    # the kernel keeps 15 bytes of a task's name: "systemd-networkd" runs as
+    # "systemd-network"; the filter may say it in full
+    netns.add_dummy("d0", "10.9.0.1/24")
+    prog = tmp_path / "systemd-networkd"
+    prog.symlink_to(shutil.which("ip"))
+    r = netns.run([str(prog), "addr", "del", "10.9.0.1/24", "dev", "d0"], check=True)
+    ev = nettrace.assert_address_deleted("10.9.0.1", by_comm="systemd-networkd")
+    assert ev.pid == r.pid and ev.comm == "systemd-network"
+    assert nettrace.address_changes(comm="systemd-resolved") == []
