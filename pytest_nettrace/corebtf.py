@@ -75,7 +75,7 @@ def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
         return path
     try:
         os.makedirs(RUN_DIR, exist_ok=True)
-        _forget_other_boots(os.path.basename(path).split("-", 1)[1].rsplit("-", 1)[0])
+        _forget_other_boots(boot_id())
         lock = open(path + ".lock", "w")
     except OSError:
         return None
