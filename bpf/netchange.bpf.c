@@ -117,14 +117,12 @@ static long nc_scan_frame(__u32 i, struct nc_scan *s)
 	return 0;
 }
 
-/* `work` is being queued (or its timer armed): if it is a DAD work of a
+/* DAD work `work` is being queued (or its timer armed): if it belongs to a
  * watched namespace, remember who did it. The stack goes along: Python tells
  * from it whether a process or an interrupt (a DAD failure seen in a
  * received packet) queued it. */
 static __always_inline void nc_remember(void *ctx, struct work_struct *work)
 {
-	if (!nc_cfg.dad_work_fn || (__u64)BPF_CORE_READ(work, func) != nc_cfg.dad_work_fn)
-		return;
 	struct inet6_ifaddr *ifp = (void *)work - bpf_core_field_offset(struct inet6_ifaddr, dad_work)
 				   - bpf_core_field_offset(struct delayed_work, work);
 	__u32 netns = BPF_CORE_READ(ifp, idev, dev, nd_net.net, ns.inum);
@@ -159,25 +157,29 @@ static __always_inline void nc_remember(void *ctx, struct work_struct *work)
 SEC("tp_btf/workqueue_queue_work")
 int BPF_PROG(nc_queue_work, int req_cpu, struct pool_workqueue *pwq, struct work_struct *work)
 {
-	nc_remember(ctx, work);
+	/* every work queued on the machine passes here: a plain load, no helper */
+	if (nc_cfg.dad_work_fn && (__u64)work->func == nc_cfg.dad_work_fn)
+		nc_remember(ctx, work);
 	return 0;
 }
 
 SEC("tp_btf/timer_start")
 int BPF_PROG(nc_timer_start, struct timer_list *timer)
 {
-	/* every timer of the machine passes here: one compare for the rest */
-	if (!nc_cfg.timer_fn || (__u64)BPF_CORE_READ(timer, function) != nc_cfg.timer_fn)
+	/* every timer of the machine passes here: a plain load and one compare */
+	if (!nc_cfg.timer_fn || (__u64)timer->function != nc_cfg.timer_fn)
 		return 0;
 	struct delayed_work *dwork = (void *)timer - bpf_core_field_offset(struct delayed_work, timer);
-	nc_remember(ctx, (void *)dwork + bpf_core_field_offset(struct delayed_work, work));
+	struct work_struct *work = (void *)dwork + bpf_core_field_offset(struct delayed_work, work);
+	if ((__u64)BPF_CORE_READ(work, func) == nc_cfg.dad_work_fn)
+		nc_remember(ctx, work);
 	return 0;
 }
 
 SEC("tp_btf/workqueue_execute_start")
 int BPF_PROG(nc_work_start, struct work_struct *work)
 {
-	if (!nc_cfg.dad_work_fn || (__u64)BPF_CORE_READ(work, func) != nc_cfg.dad_work_fn)
+	if (!nc_cfg.dad_work_fn || (__u64)work->func != nc_cfg.dad_work_fn)
 		return 0;
 	__u64 key = (__u64)work;
 	if (!bpf_map_lookup_elem(&nc_work_origin, &key))

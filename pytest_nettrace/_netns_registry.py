@@ -17,12 +17,13 @@ import re
 import threading
 import time
 
+from ._boot import RUN_DIR
 from ._linux import bind_mount, make_shared, process_start_time, umount_detach
 
 NETNS_RUN_DIR = "/run/netns"
 # Held shared while stale entries are removed; a test that needs a stale entry
 # to survive a moment (to show the next session removes it) holds it exclusively.
-STALE_LOCK = "/run/pytest-nettrace/stale.lock"
+STALE_LOCK = os.path.join(RUN_DIR, "stale.lock")
 NAME_PREFIX = "nt-"
 _NAME_RE = re.compile(r"^nt-(\d+)-(\d+)-\d+$")
 

@@ -17,6 +17,7 @@ or with a BTF other than the running kernel's, the full BTF is used.
 from __future__ import annotations
 
 import fcntl
+import functools
 import glob
 import hashlib
 import os
@@ -26,7 +27,7 @@ import threading
 from typing import Optional
 
 from . import libbpf as lb
-from .symbols import RUN_DIR, boot_id
+from ._boot import RUN_DIR, boot_id
 
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
@@ -38,11 +39,19 @@ def _cache_path(object_file: str, btf_path: str) -> Optional[str]:
     if btf_path != KERNEL_BTF or not boot or os.environ.get("NETTRACE_FULL_BTF"):
         return None
     try:
-        with open(object_file, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        st = os.stat(object_file)
+        digest = _digest(object_file, st.st_mtime_ns, st.st_size)
     except OSError:
         return None
     return os.path.join(RUN_DIR, f"core-{boot}-{digest}.btf")
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(object_file: str, _mtime_ns: int, _size: int) -> str:
+    """The object's digest, hashed once per version of the file (an engine
+    load asks for it twice: is the BTF made, and if not, make it)."""
+    with open(object_file, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def minimal_btf(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:

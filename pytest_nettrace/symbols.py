@@ -7,6 +7,8 @@ import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ._boot import RUN_DIR, boot_id
+
 _lock = threading.Lock()
 _table: Optional["Kallsyms"] = None
 
@@ -36,19 +38,6 @@ class Kallsyms:
         if i < 0:
             return f"0x{addr:x}"
         return f"{self._names[i]}+0x{addr - self._addrs[i]:x}"
-
-
-# What is worth computing once per boot (function addresses: reading
-# /proc/kallsyms costs ~50 ms; the minimal CO-RE BTF): tmpfs, gone at reboot.
-RUN_DIR = "/run/pytest-nettrace"
-
-
-def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[str, Tuple[int, int]]:

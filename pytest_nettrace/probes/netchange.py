@@ -194,6 +194,26 @@ def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> T
     return "kernel", detail
 
 
+def _dad_tracking(kernel: "KernelFeatures") -> Tuple[Optional[bytes], str]:
+    """(nc_cfg for the DAD-worker programs, "") or (None, why the kernel
+    cannot have them)."""
+    if not kernel.tp_btf:
+        return None, "no tp_btf for the workqueue tracepoints"
+    if "BPF_FUNC_loop" not in kernel.enum("bpf_func_id").values():
+        return None, "no bpf_loop helper (kernel < 5.17)"
+    ranges = function_ranges(("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn",
+                              "handle_softirqs", "__do_softirq"))
+    softirq = ranges.get("handle_softirqs") or ranges.get("__do_softirq")
+    missing = [n for n in ("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn") if n not in ranges]
+    if softirq is None:
+        missing.append("handle_softirqs/__do_softirq")
+    if missing:
+        return None, f"{', '.join(missing)} not in /proc/kallsyms"
+    expiry = ranges["call_timer_fn"]
+    return struct.pack("<QQQQQQ", ranges["addrconf_dad_work"][0], ranges["delayed_work_timer_fn"][0],
+                       expiry[0], expiry[1], softirq[0], softirq[1]), ""
+
+
 class _Monitor:
     """The rtnetlink socket the plugin owns in one watched namespace."""
 
@@ -274,10 +294,10 @@ class NetChangeProbe(Probe):
             plans.append(Plan("fentry", ["netchange_fentry"]))
         if kernel.kprobe:
             plans.append(Plan("kprobe", ["netchange_kprobe"]))
-        dad = self._dad_tracking(kernel)
+        dad, why_not = _dad_tracking(kernel)
         if dad is None:
             for plan in plans:
-                plan.notes.append("IPv6 additions not attributed: " + self._dad_missing)
+                plan.notes.append("IPv6 additions not attributed: " + why_not)
             return plans
         # each mechanism with the DAD-worker programs first; the same without
         # them last, so they can never cost the probe itself
@@ -286,30 +306,6 @@ class NetChangeProbe(Probe):
         for plan in plans:
             plan.notes.append("IPv6 additions not attributed: the DAD-worker programs did not load")
         return with_dad + plans
-
-    _dad_missing = ""
-
-    def _dad_tracking(self, kernel: "KernelFeatures") -> Optional[bytes]:
-        """nc_cfg for the DAD-worker programs, or None (with the reason kept)
-        when the kernel cannot have them."""
-        if not kernel.tp_btf:
-            self._dad_missing = "no tp_btf for the workqueue tracepoints"
-            return None
-        if "BPF_FUNC_loop" not in kernel.enum("bpf_func_id").values():
-            self._dad_missing = "no bpf_loop helper (kernel < 5.17)"
-            return None
-        ranges = function_ranges(("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn",
-                                  "handle_softirqs", "__do_softirq"))
-        softirq = ranges.get("handle_softirqs") or ranges.get("__do_softirq")
-        missing = [n for n in ("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn") if n not in ranges]
-        if softirq is None:
-            missing.append("handle_softirqs/__do_softirq")
-        if missing:
-            self._dad_missing = f"{', '.join(missing)} not in /proc/kallsyms"
-            return None
-        expiry = ranges["call_timer_fn"]
-        return struct.pack("<QQQQQQ", ranges["addrconf_dad_work"][0], ranges["delayed_work_timer_fn"][0],
-                           expiry[0], expiry[1], softirq[0], softirq[1])
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         return ("no sock:sk_data_ready tracepoint (kernel < 6.4), and neither fentry "
