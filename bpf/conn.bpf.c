@@ -7,7 +7,7 @@
  *    connection reaches ESTABLISHED (usually in softirq);
  *  - SYN_RECV -> ESTABLISHED is the server side, in softirq, before any
  *    process accepted it. The accepting process is found where accept()
- *    returns: the syscall exit tracepoints (fd -> file -> socket) or a
+ *    returns: tp_btf/sys_exit of accept/accept4 (fd -> file -> socket) or a
  *    kretprobe on inet_csk_accept (also sees io_uring and in-kernel
  *    accepts). Python joins the two records by socket address;
  *  - * -> CLOSE reports duration and bytes, like tcplife.
@@ -187,42 +187,34 @@ static __always_inline int on_accepted(void *ctx, const struct sock *sk)
 		    owner);
 }
 
-/* syscalls:sys_exit_accept{,4}: ret is the new fd; its file's socket is the connection. */
-struct syscall_exit_ctx {
-	__u64 common;
-	long nr;
-	long ret;
-};
+/* The syscall numbers of accept and accept4 on this machine, set by Python
+ * (they differ between architectures). */
+const volatile struct {
+	__s32 nr_accept;
+	__s32 nr_accept4;
+} conn_cfg = {};
 
-static __always_inline int accept_exit(struct syscall_exit_ctx *ctx)
+/* tp_btf/sys_exit (no tracefs needed, unlike the syscalls:sys_exit_accept*
+ * tracepoints; detaches without waiting for a grace period): ret is the new
+ * fd of an accept; its file's socket is the connection. */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(conn_accept_sysexit, struct pt_regs *regs, long ret)
 {
-	long fd = ctx->ret;
-	if (fd < 0)
+	long nr = NT_SYSCALL_NR(regs);
+	if ((nr != conn_cfg.nr_accept && nr != conn_cfg.nr_accept4) || ret < 0)
 		return 0;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+	if (!fdt || ret >= BPF_CORE_READ(fdt, max_fds))
 		return 0;
 	struct file **fds = BPF_CORE_READ(fdt, fd);
 	struct file *file = NULL;
-	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+	if (bpf_probe_read_kernel(&file, sizeof(file), &fds[ret]) || !file)
 		return 0;
 	struct socket *sock = BPF_CORE_READ(file, private_data);
 	if (!sock)
 		return 0;
 	return on_accepted(ctx, BPF_CORE_READ(sock, sk));
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept4")
-int conn_accept4_exit(struct syscall_exit_ctx *ctx)
-{
-	return accept_exit(ctx);
-}
-
-SEC("tracepoint/syscalls/sys_exit_accept")
-int conn_accept_exit(struct syscall_exit_ctx *ctx)
-{
-	return accept_exit(ctx);
 }
 
 SEC("kretprobe/inet_csk_accept")

@@ -118,5 +118,16 @@ static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netn
 					       sizeof(__u64) * NT_MAX_STACK, 0); \
 	} while (0)
 
+/* The syscall number in tp_btf/sys_enter and sys_exit (a BTF-typed pt_regs,
+ * so a direct load): lets a program on every syscall of the machine return
+ * at once for the calls it does not want. */
+#if defined(__TARGET_ARCH_x86)
+#define NT_SYSCALL_NR(regs) ((long)(regs)->orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define NT_SYSCALL_NR(regs) ((long)(regs)->syscallno)
+#else
+#define NT_SYSCALL_NR(regs) -1
+#endif
+
 #endif /* __BPF_PROGRAM__ */
 #endif /* NETTRACE_H */

@@ -25,16 +25,6 @@
 #define SC_PARM6(regs) 0
 #endif
 
-/* The syscall number at exit, so that exits of untraced calls skip the
- * per-thread map (every syscall of the machine passes here). */
-#if defined(__TARGET_ARCH_x86)
-#define SC_NR(regs) ((long)(regs)->orig_ax)   /* direct load: a BTF-typed pointer */
-#elif defined(__TARGET_ARCH_arm64)
-#define SC_NR(regs) ((long)(regs)->syscallno)
-#else
-#define SC_NR(regs) -1
-#endif
-
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 
@@ -162,7 +152,7 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 {
-	long nr = SC_NR(regs);
+	long nr = NT_SYSCALL_NR(regs);
 	if (nr >= 0) {
 		__u32 key = nr;
 		__u8 *code = bpf_map_lookup_elem(&sc_wanted, &key);

@@ -6,6 +6,7 @@ and per close of a TCP socket in a watched namespace.
 """
 from __future__ import annotations
 
+import platform
 import struct
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 from ..events import HEADER, Event, Header, describe_filters
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
+from .syscall import SYSCALL_NR
 
 if TYPE_CHECKING:
     from ..capabilities import KernelFeatures
@@ -85,11 +87,13 @@ class ConnProbe(Probe):
         # kretprobe first: it also sees io_uring and in-kernel accepts
         if kernel.kprobe:
             plans.append(Plan("tp_btf+kretprobe", state + ["conn_accept_kretprobe"]))
-        if kernel.tracepoint:
-            plans.append(Plan("tp_btf+syscalls", state + ["conn_accept4_exit", "conn_accept_exit"]))
+        nrs = SYSCALL_NR.get(platform.machine())
+        if nrs:
+            cfg = {"conn_cfg": struct.pack("<ii", nrs["accept"], nrs["accept4"])}
+            plans.append(Plan("tp_btf+sys_exit", state + ["conn_accept_sysexit"], config=cfg))
         plans.append(Plan("tp_btf (accepting process unknown)", state,
-                          notes=[f"no kprobes ({kernel.why('kprobe')}) nor tracepoints "
-                                 f"({kernel.why('tracepoint')}): accept events have no pid"]))
+                          notes=[f"no kprobes ({kernel.why('kprobe')}) and no syscall table for "
+                                 f"{platform.machine()}: accept events have no pid"]))
         return plans
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
