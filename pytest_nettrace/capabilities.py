@@ -5,6 +5,7 @@ file), so the pytest header and every skip can say exactly why."""
 from __future__ import annotations
 
 import os
+import platform
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -14,12 +15,26 @@ from .errors import NettraceError, UnsupportedKernel
 
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
 OBJECT_DIR = os.path.join(os.path.dirname(__file__), "bpf")
+# platform.machine() -> the directory of the objects built for it (bpf/Makefile's ARCHES)
+OBJECT_ARCHES = {"x86_64": "x86", "aarch64": "arm64"}
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 
 
+def unsupported_architecture() -> Optional[str]:
+    """None when the package carries BPF objects for this machine, else why not."""
+    if platform.machine() in OBJECT_ARCHES:
+        return None
+    return (f"no BPF objects for architecture {platform.machine()!r}: pytest-nettrace is built for "
+            f"{', '.join(OBJECT_ARCHES)}")
+
+
 def object_path(name: str) -> str:
-    return os.path.join(OBJECT_DIR, name)
+    """The object `name` built for the running machine's architecture."""
+    why = unsupported_architecture()
+    if why:
+        raise UnsupportedKernel(why)
+    return os.path.join(OBJECT_DIR, OBJECT_ARCHES[platform.machine()], name)
 
 
 def _effective_caps() -> int:
@@ -113,7 +128,10 @@ def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
     if not k.privileged:
         k.reasons["privileged"] = (f"not root and no CAP_BPF+CAP_PERFMON (euid {os.geteuid()}): "
                                    "run the tests as root (sudo) to attach BPF probes")
-    if not os.path.exists(btf_path):
+    arch = unsupported_architecture()
+    if arch:
+        k.reasons["btf"] = arch
+    elif not os.path.exists(btf_path):
         k.reasons["btf"] = f"no kernel BTF at {btf_path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"
     else:
         try:
