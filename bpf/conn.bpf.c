@@ -118,9 +118,10 @@ static __always_inline void remember(__u64 key, bool with_task)
 
 	o.birth_ns = bpf_ktime_get_ns();
 	if (with_task) {
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 		__u64 id = bpf_get_current_pid_tgid();
-		o.pid = id >> 32;
-		o.tid = (__u32)id;
+		o.pid = nt_ns_pid(task, id >> 32, true);
+		o.tid = nt_ns_pid(task, (__u32)id, false);
 		o.uid = (__u32)bpf_get_current_uid_gid();
 		o.has_owner = 1;
 		o.active = 1;
@@ -176,9 +177,10 @@ static __always_inline int on_accepted(void *ctx, const struct sock *sk)
 	struct conn_owner *owner = bpf_map_lookup_elem(&conn_socks, &key);
 	if (owner && !owner->has_owner) {
 		/* the close event names the acceptor as the owner (tcplife) */
+		struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 		__u64 id = bpf_get_current_pid_tgid();
-		owner->pid = id >> 32;
-		owner->tid = (__u32)id;
+		owner->pid = nt_ns_pid(task, id >> 32, true);
+		owner->tid = nt_ns_pid(task, (__u32)id, false);
 		owner->uid = (__u32)bpf_get_current_uid_gid();
 		bpf_get_current_comm(owner->comm, sizeof(owner->comm));
 		owner->has_owner = 1;

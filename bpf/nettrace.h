@@ -41,6 +41,13 @@ struct nt_hdr {
 	__u32 pad;
 };
 
+/* nt_pidns value: the observer's pid namespace (see nt_ns_pid). */
+struct nt_pidns {
+	__u32 inum;      /* its inode (/proc/self/ns/pid); 0: the initial namespace */
+	__u32 pad;
+};
+#define NT_MAX_PIDNS_LEVEL 8   /* nesting searched for it (containers nest 1 or 2 deep) */
+
 /* Per watched namespace: events lost because the ring buffer was full. */
 struct nt_scope {
 	__u64 lost[NT_MAX_KINDS];
@@ -92,6 +99,45 @@ static __always_inline __u32 nt_netns_of_dev(const struct net_device *dev)
 		__e;                                                           \
 	})
 
+/* Process ids are reported as the observer (the pytest process) sees them:
+ * inside a container, in the container's pid namespace. The engine writes
+ * that namespace's inode here (its level cannot be learnt from inside it);
+ * 0, the initial namespace, uses the kernel's own numbers at no cost. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct nt_pidns);
+} nt_pidns SEC(".maps") __weak;
+
+/* `global` (task's tgid or pid in the initial namespace) as numbered in the
+ * observer's pid namespace; 0 when the task is not visible there. */
+static __always_inline __u32 nt_ns_pid(struct task_struct *task, __u32 global, bool group)
+{
+	__u32 zero = 0;
+	struct nt_pidns *ns = bpf_map_lookup_elem(&nt_pidns, &zero);
+	if (!ns || !ns->inum || !global || !task)
+		return global;
+	struct pid *p = group ? BPF_CORE_READ(task, group_leader, thread_pid) : BPF_CORE_READ(task, thread_pid);
+	if (!p)
+		return 0;
+	unsigned int level = BPF_CORE_READ(p, level);
+	__u64 base = bpf_core_field_offset(struct pid, numbers), size = bpf_core_type_size(struct upid);
+	for (unsigned int i = 1; i <= NT_MAX_PIDNS_LEVEL && i <= level; i++) {
+		struct upid up = {};
+		if (bpf_probe_read_kernel(&up, sizeof(up), (void *)p + base + i * size))
+			return 0;
+		if (BPF_CORE_READ(up.ns, ns.inum) == ns->inum)
+			return up.nr;
+	}
+	return 0;
+}
+
+static __always_inline __u32 nt_current_ns_tgid(void)
+{
+	return nt_ns_pid((struct task_struct *)bpf_get_current_task(), bpf_get_current_pid_tgid() >> 32, true);
+}
+
 static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netns)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -101,12 +147,12 @@ static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netn
 	h->netns = netns;
 	h->kind = kind;
 	h->flags = (BPF_CORE_READ(task, flags) & PF_KTHREAD) ? NT_F_KTHREAD : 0;
-	h->pid = id >> 32;
-	h->tid = (__u32)id;
+	h->pid = nt_ns_pid(task, id >> 32, true);
+	h->tid = nt_ns_pid(task, (__u32)id, false);
 	h->uid = (__u32)bpf_get_current_uid_gid();
-	h->ppid = BPF_CORE_READ(task, real_parent, tgid);
-	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+	h->ppid = nt_ns_pid(parent, BPF_CORE_READ(parent, tgid), true);
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	bpf_probe_read_kernel_str(h->pcomm, sizeof(h->pcomm), &parent->comm);
 	h->pad = 0;
 }

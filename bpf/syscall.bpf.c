@@ -97,7 +97,7 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 	if (!code || !*code)
 		return 0;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	if ((pid_tgid >> 32) == sc_cfg.self_tgid)
+	if (nt_current_ns_tgid() == sc_cfg.self_tgid)  /* as os.getpid() sees it */
 		return 0;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u32 netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);

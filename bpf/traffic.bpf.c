@@ -164,7 +164,7 @@ static __always_inline void own(const struct sock *sk)
 	};
 	if (!key.port || sk->sk_type == 3 /* SOCK_RAW: its "port" is a protocol */)
 		return;
-	__u32 pid = task->tgid;
+	__u32 pid = nt_ns_pid(task, task->tgid, true);
 	struct traffic_owner *cur = bpf_map_lookup_elem(&tf_owners, &key);
 	if (cur && cur->pid == pid)
 		return;

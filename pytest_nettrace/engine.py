@@ -32,6 +32,17 @@ _u32 = struct.Struct("<I")
 Sink = Callable[[List[bytes]], None]  # receives raw records of one namespace, in order
 
 
+_INITIAL_PID_NS = 0xEFFFFFFC  # PROC_PID_INIT_INO: the initial pid namespace's fixed inode
+
+
+def _own_pid_namespace() -> int:
+    """The inode of this process's pid namespace, 0 for the initial one:
+    events name processes by the pids this process sees (a container's own,
+    not the host's)."""
+    inode = os.stat("/proc/self/ns/pid").st_ino
+    return 0 if inode == _INITIAL_PID_NS else inode
+
+
 def default_probes() -> List[Probe]:
     from .probes import registry
     return registry.all_probes()
@@ -83,6 +94,8 @@ class Engine:
         t0 = time.perf_counter()
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
         self._events_fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "nt_events", 0, 0, ringbuf_size)
+        self._pidns_fd = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "nt_pidns", 4, 8, 1)
+        lb.map_update(self._pidns_fd, struct.pack("<I", 0), struct.pack("<II", _own_pid_namespace(), 0))
         try:
             self._load()
             self._ring = RingBuffer(self._events_fd, ringbuf_size)
@@ -129,6 +142,7 @@ class Engine:
             try:
                 obj.reuse_map("nt_scopes", self._scopes_fd)
                 obj.reuse_map("nt_events", self._events_fd)
+                obj.reuse_map("nt_pidns", self._pidns_fd)
                 enabled: Dict[str, bool] = {}
                 for st in active:
                     plan = st.plans[0]
@@ -307,7 +321,7 @@ class Engine:
             if ring is not None:
                 ring.close()
                 self._ring = None
-            for attr in ("_scopes_fd", "_events_fd"):
+            for attr in ("_scopes_fd", "_events_fd", "_pidns_fd"):
                 fd = getattr(self, attr, -1)
                 if fd >= 0:
                     os.close(fd)

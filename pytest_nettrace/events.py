@@ -83,8 +83,9 @@ class Event:
             self.timestamp = hdr.ts
             self.netns = hdr.netns
             task = context == "process"
-            self.pid = hdr.pid if task else None
-            self.tid = hdr.tid if task else None
+            # 0: a process outside this pid namespace (the host's, seen from a container)
+            self.pid = (hdr.pid or None) if task else None
+            self.tid = (hdr.tid or None) if task else None
             self.comm = hdr.comm if task else None
             self.uid = hdr.uid if task else None
             self.ppid = hdr.ppid if task else None
