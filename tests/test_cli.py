@@ -35,7 +35,7 @@ class Lines:
         for line in stream:
             self._q.put(line)
 
-    def wait_for(self, text: str, timeout: float = 10.0) -> str:
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout
         for line in self.lines:
             if text in line:
@@ -76,7 +76,8 @@ def start_watch(*args: str):
                             text=True)
     out, err = Lines(proc.stdout), Lines(proc.stderr)
     try:
-        err.wait_for("Ctrl-C to stop", timeout=20)
+        # a bound, not a timing: attaching under emulation (ci/vm-test, TCG) takes tens of seconds
+        err.wait_for("Ctrl-C to stop", timeout=180)
     except AssertionError:
         proc.kill()
         raise
@@ -85,7 +86,7 @@ def start_watch(*args: str):
 
 def stop(proc, err: Lines, sig: int = signal.SIGINT) -> str:
     proc.send_signal(sig)
-    assert proc.wait(timeout=10) == 0
+    assert proc.wait(timeout=60) == 0
     text = err.rest()
     assert "Traceback" not in text
     return text

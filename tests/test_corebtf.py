@@ -18,6 +18,7 @@ needs_bpftool = pytest.mark.skipif(shutil.which("bpftool") is None,
 
 @needs_bpftool
 def test_made_checked_and_reused(tmp_path, monkeypatch):
+    monkeypatch.delenv("NETTRACE_FULL_BTF", raising=False)  # ci/vm-test's guest sets it for its own sessions
     monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
     obj = object_path("nettrace.bpf.o")
     assert corebtf.minimal_btf(obj) is None, "not made yet: the full BTF is used"
@@ -54,6 +55,7 @@ def test_no_bpftool_or_another_btf_means_the_full_btf(tmp_path, monkeypatch):
 @needs_bpftool
 def test_first_engine_of_a_boot_makes_it_for_the_next(tmp_path, monkeypatch):
     from pytest_nettrace.engine import Engine
+    monkeypatch.delenv("NETTRACE_FULL_BTF", raising=False)
     monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
     obj = object_path("nettrace.bpf.o")
     engine = Engine(background=False)  # full BTF: nothing made yet
