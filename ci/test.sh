@@ -3,7 +3,8 @@
 #   1. set up (ci/setup.sh)
 #   2. offline checks: the shipped objects match the sources and relocate on
 #      stock kernels of both architectures (no root, no kernel needed)
-#   3. the suite on this kernel, under pytest-xdist
+#   3. the suite on this kernel, under pytest-xdist; then the README's
+#      "use it in your own project" recipe (ci/recipe-test)
 #   4. the suite again inside a container-like sandbox (ci/container-run: no
 #      tracefs/debugfs, empty /run, own pid and network namespaces)
 #   5. the kernel matrix: the whole suite on Debian's 6.1 and 6.12 kernels in
@@ -33,6 +34,10 @@ check $? "offline checks"
 stage "the suite on this kernel ($(uname -r))"
 "${PYTEST[@]}" -n 2 tests/ "$@"
 check $? "host suite"
+
+stage "the README's recipe: wheel and sdist into a fresh venv with no compiler (ci/recipe-test)"
+ci/recipe-test
+check $? "recipe"
 
 stage "the suite in a container-like sandbox (ci/container-run)"
 ci/container-run "${PYTEST[@]}" -n 2 tests/ "$@"
