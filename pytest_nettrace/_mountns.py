@@ -126,6 +126,9 @@ def _private_dir(path: str, covered: set) -> None:
         if os.path.lexists(parent):
             raise NamespaceError(f"private directory {path}: {parent} is not a directory")
         parent = os.path.dirname(parent)
+    if parent == "/":
+        raise NamespaceError(f"private directory {path}: nothing below / leads to it (a tmpfs over / "
+                             f"is not laid); make it under an existing directory such as /run")
     # `covered`: directories of our own tmpfs mounts (an entry bound back into
     # one is the host's, and gets covered in turn)
     if parent not in covered:

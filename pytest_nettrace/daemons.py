@@ -18,22 +18,26 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TypeVar
+from typing import Dict, Optional, Sequence
 
 from ._procs import stop_popen
 from .errors import NettraceError
 from .netns import Namespace, RunResult
 
-__all__ = ["DaemonError", "SystemBus", "NetworkManager", "Networkd", "find_program",
+__all__ = ["DaemonError", "DaemonNotInstalled", "SystemBus", "NetworkManager", "Networkd", "find_program",
            "start_system_bus", "start_networkmanager", "start_networkd"]
 
-T = TypeVar("T")
-_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Where daemons are looked for (sbin included, which a user's PATH may lack).
+SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _counter = itertools.count(1)
 
 
 class DaemonError(NettraceError):
-    """A daemon is not installed, or did not start; the message says which and why."""
+    """A daemon did not start; the message says which and why (with its log's end)."""
+
+
+class DaemonNotInstalled(DaemonError):
+    """A program is missing; the message names the package to install."""
 
 
 def find_program(program: str, package: str, candidates: Sequence[str] = ()) -> str:
@@ -42,9 +46,9 @@ def find_program(program: str, package: str, candidates: Sequence[str] = ()) -> 
     for c in candidates:
         if os.access(c, os.X_OK):
             return c
-    path = shutil.which(program, path=_PATH)
+    path = shutil.which(program, path=SEARCH_PATH)
     if path is None:
-        raise DaemonError(f"{program} not found: install package {package}")
+        raise DaemonNotInstalled(f"{program} not found: install package {package}")
     return path
 
 
@@ -58,7 +62,7 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 def _env(extra: Dict[str, str]) -> Dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("PATH", _PATH)
+    env.setdefault("PATH", SEARCH_PATH)
     env.update(extra)
     return env
 

@@ -7,7 +7,7 @@ import os
 import threading
 import platform
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import pytest
 
@@ -210,14 +210,15 @@ def make_netns(netns_factory: NamespaceFactory) -> Callable[[], Namespace]:
 
 # -- daemons in one line -----------------------------------------------------
 
-def _daemon(request: pytest.FixtureRequest, start: Callable[[], "daemons.T"]) -> "daemons.T":
+_D = TypeVar("_D")
+
+
+def _daemon(request: pytest.FixtureRequest, start: Callable[[], _D]) -> _D:
     """start(); a daemon that is not installed skips the test (or fails it,
     with ini nettrace_unavailable = error) naming the package to install."""
     try:
         return start()
-    except daemons.DaemonError as exc:
-        if "not found" not in str(exc):
-            raise
+    except daemons.DaemonNotInstalled as exc:
         if request.config.getini("nettrace_unavailable") == "error":
             pytest.fail(str(exc), pytrace=False)
         pytest.skip(str(exc))

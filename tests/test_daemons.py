@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from pytest_nettrace.daemons import DaemonNotInstalled, find_program
 from pytest_nettrace.errors import NamespaceError
 
 
@@ -126,9 +127,30 @@ def test_a_private_dir_over_a_file_is_an_error(netns, tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(NamespaceError, match="exists and is not a directory"):
         netns.run(["true"], private_dirs=[tmp_path / "f"])
+    with pytest.raises(NamespaceError, match="nothing below / leads to it"):
+        netns.run(["true"], private_dirs=[f"/nettrace-no-such-{uuid.uuid4().hex[:8]}/state"])
 
 
 # -- daemons -----------------------------------------------------------------
+
+def test_a_missing_daemon_names_its_package():
+    with pytest.raises(DaemonNotInstalled, match="^no-such-daemon not found: install package no-such-pkg$"):
+        find_program("no-such-daemon", "no-such-pkg")
+
+
+def test_a_missing_daemon_skips_or_errors(pytester):
+    pytester.makepyfile(test_x="""
+from pytest_nettrace import daemons
+def test_x(monkeypatch, networkmanager):
+    monkeypatch.setattr(daemons, "SEARCH_PATH", "/nonexistent")
+    networkmanager()
+""")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*NetworkManager not found: install package network-manager*"])
+    pytester.makeini("[pytest]\nnettrace_unavailable = error\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
 
 def test_dbus_system_bus_is_private_to_its_namespace(dbus_system_bus, make_netns):
     r = dbus_system_bus.run(["busctl", "--system", "--no-pager", "list"], check=True)
