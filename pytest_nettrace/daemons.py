@@ -248,10 +248,11 @@ def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike", *, profile
 # -- systemd-networkd ----------------------------------------------------------
 
 NETWORKD_CANDIDATES = ("/lib/systemd/systemd-networkd", "/usr/lib/systemd/systemd-networkd")
-# Configuration only from the test: the host's and the distribution's
-# .network files are hidden, and its state is private.
-NETWORKD_PRIVATE_DIRS = ("/run/systemd/network", "/run/systemd/netif", "/usr/lib/systemd/network",
-                         "/usr/local/lib/systemd/network")
+# Configuration only from the test: the host's runtime state and .network
+# files (/run/systemd: networkd makes netif/ there itself, owned by the user
+# it drops to) and the distribution's are hidden.
+NETWORKD_PRIVATE_DIRS = ("/run/systemd",)
+NETWORKD_HIDDEN_IF_PRESENT = ("/usr/lib/systemd/network", "/usr/local/lib/systemd/network")
 
 
 class Networkd:
@@ -335,8 +336,9 @@ def start_networkd(ns: Namespace, workdir: "str | os.PathLike", *, config: "str 
         with log.open("w") as out:
             proc = ns.popen([networkd], env=_env({**bus.env, "NOTIFY_SOCKET": "@" + notify_name,
                                                   "SYSTEMD_LOG_TARGET": "console", "SYSTEMD_LOG_LEVEL": "info"}),
-                            stdout=out, stderr=subprocess.STDOUT, etc=etc, private_dirs=NETWORKD_PRIVATE_DIRS,
-                            readonly_sys=True)
+                            stdout=out, stderr=subprocess.STDOUT, etc=etc, readonly_sys=True,
+                            private_dirs=NETWORKD_PRIVATE_DIRS + tuple(
+                                d for d in NETWORKD_HIDDEN_IF_PRESENT if os.path.isdir(d)))
         if not _wait_ready(notify, proc, timeout):
             _stop(proc)
             raise DaemonError(f"systemd-networkd did not report ready in {ns.name} within {timeout:g}s "
