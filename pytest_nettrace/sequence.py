@@ -21,7 +21,7 @@ from .events import Event, check_filters, describe_filters, matches
 from .probes.registry import kind_info
 
 __all__ = ["Ref", "Step", "Forbid", "Expectation", "SequenceMatch", "Outcome", "ref", "step", "forbid",
-           "build", "match"]
+           "build", "match", "explain"]
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,8 @@ def match(seq: Expectation, events: Sequence[Event], since: Optional[int] = None
     """The earliest assignment of events (in time order, each step after the
     previous one) that meets every step and breaks no forbid; else the
     furthest attempt. `since`: only events with a later timestamp count."""
-    evs = [e for e in events if since is None or e.timestamp > since]
+    wanted = set(seq.kinds)  # the others cannot meet a step nor break a forbid
+    evs = [e for e in events if e.kind in wanted and (since is None or e.timestamp > since)]
     n = len(seq.steps)
     chosen: List[int] = []
     best: Dict[str, Any] = {"depth": -1, "events": (), "bound": {}, "violation": None}
