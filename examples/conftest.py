@@ -2,6 +2,8 @@
 
 A missing daemon is a setup ERROR, not a skip: a test of your daemon that
 silently skips when the daemon is not installed is a test that never runs.
+(The plugin's own daemon fixtures — `networkmanager`, `systemd_networkd`,
+`dbus_system_bus` — do the same here: pytest.ini says nettrace_unavailable = error.)
 """
 from __future__ import annotations
 
@@ -49,10 +51,3 @@ def curl() -> str:
 def nft() -> str:
     return require("nft", "nftables")
 
-
-@pytest.fixture
-def networkmanager() -> str:
-    require("dbus-daemon", "dbus-daemon")
-    require("nmcli", "network-manager")
-    require("unshare", "util-linux")
-    return require("NetworkManager", "network-manager")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_nettrace import forbid, ref, step
+
 HOOK = Path(__file__).parent / "udhcpc-hook.sh"
 
 POOL = ipaddress.ip_network("10.9.0.0/24")
@@ -43,20 +45,23 @@ def test_lease_kept_while_valid_and_removed_on_release(lan, busybox, nettrace):
     # The lease is applied: the hook's `ip` adds an address from the pool.
     bound = nettrace.wait_for("addr", timeout=15, action="added", netns=client.inode, dev="eth0",
                               address=lambda a: a.ip in POOL)
-    lease = bound.address
-    assert bound.comm == "ip" and "udhcpc-hook" in bound.parent_comm
-
     # Renew (what udhcpc does by itself at half the lease time): the hook
     # refreshes the address; it must never be removed and re-added.
     udhcpc.send_signal(signal.SIGUSR1)
-    nettrace.wait_for("addr", timeout=10, action="added", address=lease,
+    nettrace.wait_for("addr", timeout=10, action="added", address=bound.address,
                       timestamp=lambda t: t > bound.timestamp)
-    nettrace.assert_address_not_deleted(lease)
-    assert lease in client.addresses("eth0")
-
+    assert bound.address in client.addresses("eth0")
     # Stopping the client releases the lease (-R): the hook's `ip` removes it.
     udhcpc.terminate()
     udhcpc.wait(timeout=10)
-    gone = nettrace.assert_address_deleted(lease, dev="eth0", by_comm="ip")
-    assert "udhcpc-hook" in gone.parent_comm
-    assert lease not in client.addresses("eth0")
+
+    # The lifecycle, in order, about the one leased address.
+    life = nettrace.expect_sequence(
+        step("addr", action="added", netns=client.inode, dev="eth0", address=lambda a: a.ip in POOL,
+             comm="ip", bind={"lease": "address"}, as_="bound"),
+        step("addr", action="added", address=ref("lease"), comm="ip", as_="renewed"),
+        step("addr", action="deleted", address=ref("lease"), comm="ip", as_="released"),
+        forbid("addr", action="deleted", address=ref("lease"), between=("bound", "released")),
+    )
+    assert all("udhcpc-hook" in ev.parent_comm for ev in life)
+    assert life.bound["lease"] not in client.addresses("eth0")

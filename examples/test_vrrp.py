@@ -11,6 +11,7 @@ import subprocess
 
 import pytest
 
+from pytest_nettrace import forbid, ref, step
 from readiness import wait_for_log, wait_for_listener
 
 VIP = "10.7.0.100"
@@ -82,17 +83,24 @@ def test_failover_moves_vip_and_resets_connections(lan, keepalived, socat, tmp_p
     conn.sendall(b"hello\n")
     assert conn.recv(100) == b"hello\n"
 
-    master.terminate()  # the master's keepalived stops: it gives the VIP up...
-    gone = nettrace.assert_address_deleted(VIP, dev="eth0", by_comm="keepalived", timeout=10)
-    assert gone.netns == r1.inode
-    # ...and the backup's keepalived takes it over.
-    taken = nettrace.assert_any("addr", timeout=10, action="added", address=VIP, netns=r2.inode)
-    assert taken.comm == "keepalived"
-    nettrace.assert_no_rst()  # so far, nothing was reset
+    master.terminate()  # the master's keepalived stops: it gives the VIP up, the backup takes it over
+    nettrace.wait_for("addr", timeout=10, action="added", address=VIP, netns=r2.inode)
+    conn.sendall(b"still there?\n")  # the open connection now reaches r2, which never heard of it
 
-    # The open connection now reaches r2, which never heard of it: RST.
-    conn.sendall(b"still there?\n")
-    rst = nettrace.assert_rst(timeout=10, netns=r2.inode, direction="sent", saddr=VIP, daddr=CLIENT)
-    assert rst.dport == conn.getsockname()[1] and rst.pid is None  # r2's kernel, not a process
+    # The whole failover, in order: the connection, the VIP leaving r1 and
+    # arriving on r2 (both keepalived's doing, nothing reset in between),
+    # then r2's kernel resetting that very connection.
+    story = nettrace.expect_sequence(
+        step("conn", action="connect", daddr=VIP, dport=PORT, netns=client.inode, bind={"port": "sport"}),
+        step("addr", action="deleted", address=VIP, dev="eth0", netns=r1.inode, comm="keepalived",
+             as_="vip_gone"),
+        step("addr", action="added", address=VIP, dev="eth0", netns=r2.inode, comm="keepalived",
+             as_="vip_back"),
+        forbid("rst", between=("vip_gone", "vip_back")),
+        step("rst", netns=r2.inode, direction="sent", saddr=VIP, daddr=CLIENT, dport=ref("port"), as_="reset"),
+        timeout=10,
+    )
+    assert story.bound["port"] == conn.getsockname()[1]
+    assert story["reset"].pid is None  # r2's kernel, not a process
     with pytest.raises(ConnectionResetError):
         conn.recv(100)

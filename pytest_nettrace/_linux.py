@@ -15,8 +15,12 @@ import threading
 from typing import Callable, TypeVar
 
 CLONE_NEWNET = 0x40000000
+CLONE_NEWNS = 0x00020000
+CLONE_FS = 0x00000200
+MS_RDONLY = 0x1
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 
@@ -43,6 +47,32 @@ def unshare_netns() -> None:
 def setns_net(fd: int) -> None:
     """Move the calling thread into the network namespace open as `fd`."""
     _check(_libc.setns(fd, CLONE_NEWNET), "setns(CLONE_NEWNET)")
+
+
+def unshare_mountns() -> None:
+    """Give the calling thread a mount namespace of its own (a copy of the
+    current one; threads may, as it also unshares only their fs_struct)."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+
+
+def join_mountns(pid: int) -> None:
+    """Move the calling thread into the mount namespace of process `pid`
+    (after giving it an fs_struct of its own, without which setns refuses)."""
+    fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(_libc.unshare(CLONE_FS), "unshare(CLONE_FS)")
+        _check(_libc.setns(fd, CLONE_NEWNS), f"setns(CLONE_NEWNS) of pid {pid}")
+    finally:
+        os.close(fd)
+
+
+def mount(source: str, target: str, fstype: "str | None", flags: int, data: "str | None" = None) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None, flags,
+                       data.encode() if data else None), f"mount {source} on {target}")
+
+
+def umount2(target: str, flags: int) -> None:
+    _check(_libc.umount2(target.encode(), flags), f"umount {target}")
 
 
 def bind_mount(source: str, target: str) -> None:

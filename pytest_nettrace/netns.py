@@ -26,6 +26,7 @@ from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_GETADDR, RTM_GETLINK, RTM_NEW
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD, ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 
+from . import _mountns
 from . import _netns_registry as registry
 from ._linux import run_in_thread
 from ._procs import kill_all_in, stop_popen
@@ -372,30 +373,74 @@ class Namespace:
 
     # -- processes and sockets ----------------------------------------------
 
-    def popen(self, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen:
+    def popen(self, argv: Sequence[str], *, host_view: bool = False, etc: "str | os.PathLike | bool | None" = None,
+              private_dirs: Sequence["str | os.PathLike"] = (), readonly_sys: bool = False,
+              mounts_of: "subprocess.Popen | int | None" = None, **popen_kwargs: Any) -> subprocess.Popen:
         """Start a program inside the namespace, for daemons; stopped at teardown.
+
+        As with `ip netns exec`, it gets a mount namespace of its own where
+        /sys shows this namespace's devices (read-only with `readonly_sys`,
+        or when the host's is) and each entry of /etc/netns/<name>/ is bound
+        over the same name in /etc; `etc=DIR` binds DIR's entries instead,
+        `etc=False` none. `private_dirs` ("/run/NetworkManager", ...) become
+        empty writable tmpfs directories, made if the host has none (the
+        host's filesystem is never touched). `host_view=True`: none of this,
+        the program sees the host's mounts. `mounts_of=proc` (a Popen or a
+        pid): the mount namespace of that running program instead, to see
+        a daemon's private directories (`networkctl` reading networkd's state).
 
         It runs in a new session (unless `start_new_session=False`) so that
         teardown can kill its whole process group: SIGTERM, then SIGKILL.
         """
         self._check_open()
+        setup = self._mount_setup(host_view, etc, private_dirs, readonly_sys, mounts_of)
         popen_kwargs.setdefault("start_new_session", True)
         own_group = popen_kwargs["start_new_session"] or popen_kwargs.get("process_group") == 0
-        proc = run_in_thread(lambda: subprocess.Popen(argv, **popen_kwargs), netns_fd=self._fd)
+
+        def start() -> subprocess.Popen:
+            if setup is not None:
+                _mountns.enter(setup)
+            return subprocess.Popen(argv, **popen_kwargs)
+
+        proc = run_in_thread(start, netns_fd=self._fd)
         self._procs.append((proc, proc.pid if own_group else None))
         return proc
 
+    def _mount_setup(self, host_view: bool, etc: Any, private_dirs: Sequence[Any],
+                     readonly_sys: bool, mounts_of: Any) -> "_mountns.MountSetup | None":
+        dirs = _mountns.check_private_dirs(private_dirs)
+        if host_view or mounts_of is not None:
+            if dirs or etc not in (None, False) or readonly_sys or (host_view and mounts_of is not None):
+                what = "host_view=True runs with the host's mounts" if host_view else \
+                    "mounts_of= runs with that program's mounts"
+                raise ValueError(f"{what}: no etc, private_dirs, readonly_sys" +
+                                 (" or mounts_of" if host_view else ""))
+            if host_view:
+                return None
+            pid = mounts_of if isinstance(mounts_of, int) else getattr(mounts_of, "pid", None)
+            if not isinstance(pid, int) or isinstance(pid, bool):
+                raise TypeError(f"mounts_of takes a Popen or a pid, not {mounts_of!r}")
+            if getattr(mounts_of, "returncode", None) is not None or not os.path.exists(f"/proc/{pid}/ns/mnt"):
+                raise ValueError(f"mounts_of: process {pid} is not running")
+            return _mountns.MountSetup(self.name, None, (), False, join_pid=pid)
+        return _mountns.MountSetup(self.name, _mountns.etc_dir_for(self.name, etc), dirs, readonly_sys)
+
     def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None,
-            env: dict | None = None, cwd: str | None = None) -> RunResult:
+            env: dict | None = None, cwd: str | None = None, host_view: bool = False,
+            etc: "str | os.PathLike | bool | None" = None, private_dirs: Sequence["str | os.PathLike"] = (),
+            readonly_sys: bool = False, mounts_of: "subprocess.Popen | int | None" = None) -> RunResult:
         """Run a program inside the namespace and wait for it (text output).
 
-        On timeout the program is killed and subprocess.TimeoutExpired raised;
-        with `check`, a non-zero exit raises CommandFailed (stderr included).
-        `env` and `cwd` are passed to subprocess as they are.
+        Mounts as for `popen` (`ip netns exec` semantics; `host_view`, `etc`,
+        `private_dirs`, `readonly_sys`, `mounts_of` likewise). On timeout the program is
+        killed and subprocess.TimeoutExpired raised; with `check`, a non-zero
+        exit raises CommandFailed (stderr included). `env` and `cwd` are
+        passed to subprocess as they are.
         """
         stdin = subprocess.PIPE if input is not None else subprocess.DEVNULL
         proc = self.popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env, cwd=cwd)
+                          env=env, cwd=cwd, host_view=host_view, etc=etc, private_dirs=private_dirs,
+                          readonly_sys=readonly_sys, mounts_of=mounts_of)
         try:
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:

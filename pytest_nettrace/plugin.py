@@ -7,11 +7,11 @@ import os
 import threading
 import platform
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import pytest
 
-from . import gates
+from . import daemons, gates
 from .capabilities import DEFAULT_BTF, features
 from .engine import DEFAULT_RINGBUF, Engine, default_probes
 from .errors import NettraceError
@@ -206,6 +206,141 @@ def netns(netns_factory: NamespaceFactory) -> Namespace:
 def make_netns(netns_factory: NamespaceFactory) -> Callable[[], Namespace]:
     """`make_netns()` returns another fresh namespace; all are removed after the test."""
     return netns_factory.create
+
+
+# -- daemons in one line -----------------------------------------------------
+
+_D = TypeVar("_D")
+
+
+def _daemon(request: pytest.FixtureRequest, start: Callable[[], _D]) -> _D:
+    """start(); a daemon that is not installed skips the test (or fails it,
+    with ini nettrace_unavailable = error) naming the package to install."""
+    try:
+        return start()
+    except daemons.DaemonNotInstalled as exc:
+        if request.config.getini("nettrace_unavailable") == "error":
+            pytest.fail(str(exc), pytrace=False)
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def dbus_system_bus(request: pytest.FixtureRequest, netns: Namespace,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[daemons.SystemBus]:
+    """A private D-Bus system bus in the `netns` namespace.
+
+    Name: dbus_system_bus
+    Scope: function
+    Depends: netns, tmp_path_factory
+    Gives: a `SystemBus`: `.address`, `.env` ({"DBUS_SYSTEM_BUS_ADDRESS": ...}
+    for clients), `.run(argv, ...)` (Namespace.run with the bus set),
+    `.process`, `.log`. dbus-daemon listens on an abstract socket of the
+    namespace, so only its programs reach it; it allows everything. Stopped
+    after the test. For a bus in another namespace:
+    `pytest_nettrace.daemons.start_system_bus(ns, workdir)`.
+
+    Example::
+
+        def test_bus(dbus_system_bus):
+            r = dbus_system_bus.run(["busctl", "--system", "list"], check=True)
+            assert "org.freedesktop.DBus" in r.stdout
+    """
+    bus = _daemon(request, lambda: daemons.start_system_bus(netns, tmp_path_factory.mktemp("dbus")))
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
+@pytest.fixture
+def networkmanager(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Callable[..., daemons.NetworkManager]]:
+    """Start NetworkManager in a namespace: `nm = networkmanager(ns, profiles=DIR)`.
+
+    Name: networkmanager
+    Scope: function
+    Depends: tmp_path_factory (and netns, when no namespace is given)
+    Gives: a function `networkmanager(ns=None, *, profiles=None, config="",
+    bus=None, log_level="INFO")` that starts NetworkManager in `ns` (default:
+    the `netns` namespace) with the keyfile profiles of directory `profiles`
+    (copied, made root's 0600), on `bus` (default: a new private system bus
+    in `ns`), and returns once it has started. The `NetworkManager` it
+    returns has `.nmcli(*args, check=True)` bound to it, `.profiles`, `.log`,
+    `.bus`, `.process`. Its state (/run/NetworkManager,
+    /var/lib/NetworkManager, /etc/NetworkManager) is private; /sys shows
+    the namespace's devices (read-only: no udev needed); no DNS, hostname
+    or polkit handling. Everything started is stopped after the test. Not
+    installed: the test is skipped (error with nettrace_unavailable = error).
+
+    Example::
+
+        def test_profile_applies(netns, networkmanager, nettrace, tmp_path):
+            netns.add_dummy("eth1")
+            (tmp_path / "lab.nmconnection").write_text(LAB_PROFILE)
+            nm = networkmanager(netns, profiles=tmp_path)
+            nm.nmcli("connection", "up", "lab")
+            nettrace.assert_any("addr", action="added", address="10.2.0.1/24", comm="NetworkManager")
+    """
+    started: List[daemons.NetworkManager] = []
+
+    def start(ns: Optional[Namespace] = None, *, profiles=None, config: str = "",
+              bus: Optional[daemons.SystemBus] = None, log_level: str = "INFO") -> daemons.NetworkManager:
+        where = ns if ns is not None else request.getfixturevalue("netns")
+        nm = _daemon(request, lambda: daemons.start_networkmanager(
+            where, tmp_path_factory.mktemp("networkmanager"), profiles=profiles, bus=bus, config=config,
+            log_level=log_level))
+        started.append(nm)
+        return nm
+
+    try:
+        yield start
+    finally:
+        for nm in reversed(started):
+            nm.stop()
+
+
+@pytest.fixture
+def systemd_networkd(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[Callable[..., daemons.Networkd]]:
+    """Start systemd-networkd in a namespace: `networkd = systemd_networkd(ns, config=DIR)`.
+
+    Name: systemd_networkd
+    Scope: function
+    Depends: tmp_path_factory (and netns, when no namespace is given)
+    Gives: a function `systemd_networkd(ns=None, *, config=None, bus=None)`
+    that starts systemd-networkd in `ns` (default: the `netns` namespace)
+    with the .network/.netdev files of directory `config` (copied) as its
+    only configuration, on `bus` (default: a new private system bus), and
+    returns once it reported ready. No systemd as PID 1 is needed. The
+    `Networkd` it returns has `.networkctl(*args)`, `.reload()`,
+    `.wait_configured(ifname)`, `.config` (the copy: edit, then `reload()`),
+    `.log`, `.process`. Stopped after the test. Not installed: skipped
+    (error with nettrace_unavailable = error).
+
+    Example::
+
+        def test_network_file(netns, systemd_networkd, nettrace, tmp_path):
+            netns.add_dummy("eth1")
+            (tmp_path / "10-eth1.network").write_text("[Match]\nName=eth1\n[Network]\nAddress=10.3.0.1/24\n")
+            networkd = systemd_networkd(netns, config=tmp_path)
+            networkd.wait_configured("eth1")
+            nettrace.assert_any("addr", action="added", address="10.3.0.1/24", comm="systemd-networkd")
+    """
+    started: List[daemons.Networkd] = []
+
+    def start(ns: Optional[Namespace] = None, *, config=None,
+              bus: Optional[daemons.SystemBus] = None) -> daemons.Networkd:
+        where = ns if ns is not None else request.getfixturevalue("netns")
+        nd = _daemon(request, lambda: daemons.start_networkd(
+            where, tmp_path_factory.mktemp("networkd"), config=config, bus=bus))
+        started.append(nd)
+        return nd
+
+    try:
+        yield start
+    finally:
+        for nd in reversed(started):
+            nd.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import textwrap
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .events import Event
 
@@ -61,16 +61,23 @@ def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence
 _BACKGROUND_KINDS = ("packet", "syscall")
 
 
-def is_background(event: Event, kind: Optional[str]) -> bool:
-    """Events that would bury the story unless they are what was asserted on:
-    packets, syscalls, and what a probe calls background (Event.background,
-    e.g. drops that are not failures)."""
-    if event.kind == kind:
+Kinds = Union[None, str, Tuple[str, ...]]
+
+
+def _kinds(kind: Kinds) -> Tuple[str, ...]:
+    return (kind,) if isinstance(kind, str) else tuple(kind or ())
+
+
+def is_background(event: Event, kind: Kinds) -> bool:
+    """Events that would bury the story unless they are what was asserted on
+    (`kind`: one kind or several): packets, syscalls, and what a probe calls
+    background (Event.background, e.g. drops that are not failures)."""
+    if event.kind in _kinds(kind):
         return False
     return event.kind in _BACKGROUND_KINDS or event.background
 
 
-def focus(events: List[Event], kind: Optional[str], offending: Sequence[Event]):
+def focus(events: List[Event], kind: Kinds, offending: Sequence[Event]):
     """(events to show, {kind: count} left out) for a failure's timeline."""
     marked = {id(e) for e in offending}
     shown: List[Event] = []
@@ -84,18 +91,23 @@ def focus(events: List[Event], kind: Optional[str], offending: Sequence[Event]):
     return shown, hidden
 
 
-def render_failure(trace: "Trace", headline: str, kind: Optional[str], filters: Dict[str, Any],
-                   offending: List[Event]) -> str:
-    out = [_wrap(headline)]
+def render_failure(trace: "Trace", headline: str, kind: Kinds, filters: Dict[str, Any],
+                   offending: List[Event], details: Sequence[str] = (),
+                   highlight: Optional[Sequence[Event]] = None) -> str:
+    """The headline, `details` (lines kept as they are), the timeline with
+    `highlight` (default: the offending events) marked, losses, and the first
+    offending event with its stack."""
+    marked = list(offending if highlight is None else highlight)
+    out = [_wrap(headline), *details]
     names = ", ".join(f"{label} ({inode})" for inode, label in trace.watched.items()) or "none"
     out.append(_wrap(f"watched namespaces: {names}"))
-    shown, hidden = focus(trace.all_events(), kind, offending)
+    shown, hidden = focus(trace.all_events(), kind, marked)
     out.append("network events (time since test start):")
-    out.append(render_timeline(trace, shown, offending))
+    out.append(render_timeline(trace, shown, marked))
     if hidden:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(hidden.items()))
         out.append(f"   (not shown: {counts}; nettrace.events() lists them)")
-    lost = {k: trace.lost(k) for k in ([kind] if kind else [])}
+    lost = {k: trace.lost(k) for k in _kinds(kind)}
     lost_total = trace.lost()
     out.append(f"lost events: {lost_total}" + (f" ({', '.join(f'{k}: {n}' for k, n in lost.items())})"
                                                if lost_total else ""))

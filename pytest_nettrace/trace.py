@@ -9,9 +9,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from .engine import Engine
 from .errors import EventsLost, NettraceError
+from . import sequence
 from .events import Event, check_filters, describe_filters, matches
 from .probes.registry import API_MIXINS, kind_info, kinds
-from .timeline import render_failure
+from .timeline import render_failure, seed_line
 
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
 
@@ -194,6 +195,57 @@ class TraceCore:
     def assert_any(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
         """The first `kind` event matching filters; fails with the timeline if none comes."""
         return self.wait_for(kind, timeout=timeout, **filters)
+
+    def expect_sequence(self, *items: "sequence.Step | sequence.Forbid", timeout: float = 2.0,
+                        since: "Event | int | None" = None) -> "sequence.SequenceMatch":
+        """Events meeting `step(...)`s in this order (others may come between),
+        bindings carried forward, no `forbid(...)` broken, within `timeout`
+        seconds for the whole; returns the steps' events. With `since` (an
+        event or a CLOCK_MONOTONIC ns timestamp) only later events count.
+
+        A forbid is sound: if events of its kind may have been lost, it fails
+        with EventsLost."""
+        seq = sequence.build(items)
+        for kind in seq.kinds:
+            self._validate(kind, {})  # filters were checked by step()/forbid()
+        after = since.timestamp if isinstance(since, Event) else since
+        deadline = time.monotonic() + timeout
+        while True:
+            self._sync()
+            outcome = sequence.match(seq, self.all_events(), after)
+            if outcome.matched is not None:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(self._sequence_failure(seq, outcome, timeout))
+            with self._cond:
+                self._cond.wait(min(left, 0.02))
+        for f, _, _ in seq.forbids:
+            lost = self.lost(f.kind)
+            if lost:
+                raise EventsLost(self._sequence_failure(
+                    seq, outcome, timeout,
+                    f"cannot assert {f.describe()}: {lost} {f.kind} events lost (a full ring buffer or socket, "
+                    f"a race, or an undecodable record); the expectation would not be sound"))
+        return outcome.matched
+
+    def _sequence_failure(self, seq: "sequence.Expectation", outcome: "sequence.Outcome", timeout: float,
+                          headline: Optional[str] = None) -> str:
+        offending: List[Event] = []
+        if headline is None:
+            i = outcome.failed_step or 0
+            if outcome.violation:
+                f, bad, _ = outcome.violation
+                offending = [bad]
+                headline = (f"sequence not met within {timeout:g}s: a forbidden {f.kind} event came between "
+                            f"{f.between[0]!r} and {f.between[1]!r}")
+            else:
+                headline = (f"sequence not met within {timeout:g}s: {seq.label(i)} of {len(seq.steps)} "
+                            f"({seq.steps[i].kind}) did not happen")
+        details = ["steps:"] + sequence.explain(seq, outcome, lambda e: seed_line(e, self))
+        return render_failure(self, headline, seq.kinds, {}, offending, details,
+                              highlight=list(outcome.partial) + offending
+                              + ([outcome.violation[2]] if outcome.violation else []))
 
     def _assert_nothing_lost(self, kind: str, filters: Dict[str, Any]) -> None:
         lost = self.lost(kind)

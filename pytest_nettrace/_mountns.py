@@ -1,0 +1,181 @@
+"""`ip netns exec` semantics for programs started in a namespace: a mount
+namespace of their own where /sys shows the network namespace's devices,
+/etc/netns/<name>/* is bound over /etc, and private writable directories
+(a daemon's /run/<daemon>, /var/lib/<daemon>) are tmpfs mounts.
+
+Everything happens in the short-lived thread that starts the program (see
+`_linux.run_in_thread`): it unshares its mount namespace (a thread may; the
+kernel gives it its own fs_struct), makes every mount a slave so nothing
+propagates back to the host, mounts, then forks the program, which inherits
+that namespace. The host's filesystem and mount table are never changed: a
+private directory that does not exist on the host (/run/NetworkManager of a
+daemon that never ran) is made inside a tmpfs laid over its nearest existing
+parent, into which the parent's entries are bound back.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+from ._linux import (MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_SLAVE, join_mountns, mount, umount2,
+                     unshare_mountns)
+from .errors import NamespaceError
+
+NETNS_ETC_DIR = "/etc/netns"
+
+
+@dataclass(frozen=True)
+class MountSetup:
+    """What a program's mount namespace gets."""
+
+    netns_name: str
+    etc: Optional[str]               # directory whose entries are bound over /etc (None: none)
+    private_dirs: Tuple[str, ...]    # absolute, normalised
+    readonly_sys: bool = False
+    join_pid: Optional[int] = None   # instead: the mount namespace of this process
+
+
+def check_private_dirs(dirs: Sequence[str]) -> Tuple[str, ...]:
+    """Absolute, normalised paths; a ValueError names a bad one."""
+    out = []
+    for d in dirs:
+        if not isinstance(d, (str, os.PathLike)):
+            raise TypeError(f"private_dirs takes paths, not {d!r}")
+        p = os.path.normpath(os.fspath(d))
+        if not os.path.isabs(p) or p == "/":
+            raise ValueError(f"private directory {os.fspath(d)!r} must be an absolute path below /")
+        if p == "/proc" or p.startswith("/proc/") or p == "/sys" or p.startswith("/sys/"):
+            raise ValueError(f"private directory {p!r}: /proc and /sys are the kernel's")
+        out.append(p)
+    return tuple(out)
+
+
+def etc_dir_for(netns_name: str, etc: "str | os.PathLike | bool | None") -> Optional[str]:
+    """The directory bound over /etc: /etc/netns/<name> by default (if it exists),
+    a directory the caller gives, or none (`etc=False`)."""
+    if etc is False:
+        return None
+    if etc is None or etc is True:
+        path = os.path.join(NETNS_ETC_DIR, netns_name)
+        return path if os.path.isdir(path) else None
+    path = os.fspath(etc)
+    if not os.path.isdir(path):
+        raise ValueError(f"etc={path!r} is not a directory")
+    return path
+
+
+def enter(setup: MountSetup) -> None:
+    """In the calling thread: a new mount namespace set up as `setup` says
+    (or the one of process `setup.join_pid`)."""
+    if setup.join_pid is not None:
+        join_mountns(setup.join_pid)
+        return
+    unshare_mountns()
+    # Nothing mounted from here on may propagate to the host (as ip netns exec does).
+    mount("", "/", None, MS_SLAVE | MS_REC)
+    _mount_sysfs(setup)
+    if setup.etc:
+        _bind_etc(setup.etc)
+    covered: set = set()
+    for path in setup.private_dirs:
+        _private_dir(path, covered)
+
+
+def _mount_sysfs(setup: MountSetup) -> None:
+    flags = MS_RDONLY if setup.readonly_sys else 0
+    try:
+        umount2("/sys", MNT_DETACH)
+    except OSError:
+        # not a mount point, or not ours to unmount: shadow it; a read-only one
+        # cannot be shadowed by a writable one
+        try:
+            if os.statvfs("/sys").f_flag & os.ST_RDONLY:
+                flags |= MS_RDONLY
+        except OSError:
+            pass
+    try:
+        mount(setup.netns_name, "/sys", "sysfs", flags)
+    except OSError as exc:
+        raise NamespaceError(f"cannot mount a sysfs of {setup.netns_name} on /sys: {exc.strerror}") from None
+
+
+def _bind_etc(etc: str) -> None:
+    for entry in sorted(os.listdir(etc)):
+        source, target = os.path.join(etc, entry), os.path.join("/etc", entry)
+        if not os.path.lexists(target):
+            raise NamespaceError(f"cannot bind {source} over {target}: {target} does not exist "
+                                 f"(ip netns exec cannot either)")
+        try:
+            mount(source, target, None, MS_BIND)
+        except OSError as exc:
+            raise NamespaceError(f"cannot bind {source} over {target}: {exc.strerror}") from None
+
+
+def _private_dir(path: str, covered: set) -> None:
+    """A fresh tmpfs at `path` in this mount namespace."""
+    if os.path.isdir(path):
+        _tmpfs(path, os.stat(path))
+        return
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise NamespaceError(f"private directory {path}: exists and is not a directory")
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        if os.path.lexists(parent):
+            raise NamespaceError(f"private directory {path}: {parent} is not a directory")
+        parent = os.path.dirname(parent)
+    if parent == "/":
+        raise NamespaceError(f"private directory {path}: nothing below / leads to it (a tmpfs over / "
+                             f"is not laid); make it under an existing directory such as /run")
+    # `covered`: directories of our own tmpfs mounts (an entry bound back into
+    # one is the host's, and gets covered in turn)
+    if parent not in covered:
+        _cover(parent)
+        covered.add(parent)
+    os.makedirs(path, mode=0o755, exist_ok=True)  # in the tmpfs that now covers `parent`
+    while path != parent:
+        covered.add(path)
+        path = os.path.dirname(path)
+
+
+def _tmpfs(path: str, like: os.stat_result) -> None:
+    mode = stat.S_IMODE(like.st_mode)
+    try:
+        mount("tmpfs", path, "tmpfs", 0, f"mode={mode:o},uid={like.st_uid},gid={like.st_gid}")
+    except OSError as exc:
+        raise NamespaceError(f"cannot mount a private tmpfs on {path}: {exc.strerror}") from None
+
+
+def _cover(parent: str) -> None:
+    """Lay a tmpfs over `parent` that shows what `parent` held: every entry is
+    bound back (with the mounts below it), symlinks are copied. New
+    directories can then be made in it without touching the host."""
+    old = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        entries = os.listdir(old)
+        _tmpfs(parent, os.fstat(old))
+        for name in entries:
+            src = f"/proc/thread-self/fd/{old}/{name}"
+            dst = os.path.join(parent, name)
+            try:
+                st = os.lstat(src)
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), dst)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(dst, stat.S_IMODE(st.st_mode))
+            else:
+                os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            try:
+                mount(src, dst, None, MS_BIND | MS_REC)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT,):
+                    continue
+                raise NamespaceError(f"cannot show {parent}/{name} under the private tmpfs on {parent}: "
+                                     f"{exc.strerror}") from None
+    finally:
+        os.close(old)
