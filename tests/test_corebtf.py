@@ -26,9 +26,7 @@ def test_made_checked_and_reused(tmp_path, monkeypatch):
     assert path and path.startswith(str(tmp_path)) and os.path.getsize(path) < 100_000
     assert os.path.getsize(path) < os.path.getsize(corebtf.KERNEL_BTF) / 50
     assert corebtf.check(obj, path) is None
-    t0 = time.perf_counter()
-    assert corebtf.minimal_btf(obj) == path  # reused: no bpftool, no check
-    assert time.perf_counter() - t0 < 0.05
+    assert corebtf.minimal_btf(obj) == path  # reused: no bpftool, no check (its cost: bench/bench_attach.py)
     assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(path), os.path.basename(path) + ".lock"]
 
 
@@ -60,9 +58,8 @@ def test_first_engine_of_a_boot_makes_it_for_the_next(tmp_path, monkeypatch):
     obj = object_path("nettrace.bpf.o")
     engine = Engine(background=False)  # full BTF: nothing made yet
     engine.close()
-    for _ in range(100):  # made in the background
-        if corebtf.minimal_btf(obj):
-            break
+    deadline = time.monotonic() + 120  # made in the background: seconds, minutes under emulation (ci/vm-test)
+    while not corebtf.minimal_btf(obj) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert corebtf.minimal_btf(obj)
     engine = Engine(background=False)  # this one relocates against it
