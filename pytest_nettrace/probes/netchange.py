@@ -42,6 +42,9 @@ RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE =
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+# neighbours and policy-routing rules (issue 15): RTNLGRP_NEIGH, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE
+RTMGRP_NEIGH, RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x4, 0x80, 1 << (19 - 1)
+_GROUPS |= RTMGRP_NEIGH | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 IFF_UP = 0x1
 NLM_F_REPLACE = 0x100
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
@@ -172,6 +175,121 @@ class RouteEvent(NetChangeEvent):
         return f"{self.action} route {dst}{via}{dev}{table}"
 
 
+# -- neighbours and policy-routing rules (issue 15) ---------------------------
+# Same monitor socket, more groups; uapi/linux/neighbour.h, uapi/linux/fib_rules.h.
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH, RTM_NEWRULE, RTM_DELRULE = 28, 29, 30, 32, 33
+NUD_STATES = {0x01: "INCOMPLETE", 0x02: "REACHABLE", 0x04: "STALE", 0x08: "DELAY", 0x10: "PROBE",
+              0x20: "FAILED", 0x40: "NOARP", 0x80: "PERMANENT", 0x00: "NONE"}
+FR_ACTIONS = {1: "lookup", 2: "goto", 3: "nop", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
+_NETLINK_HANDLERS["neigh"] = ("neigh_add", "neigh_delete")
+_NETLINK_HANDLERS["rule"] = ("fib_nl_newrule", "fib_nl_delrule", "fib_newrule", "fib_delrule")
+_IOCTL_HANDLERS["neigh"] = ("arp_ioctl",)  # SIOCSARP / SIOCDARP (`arp -s`, `arp -d`)
+_IOCTL_HANDLERS["rule"] = ()
+# Searched before the common _KERNEL_DETAILS.
+_KIND_DETAILS = {
+    "neigh": (
+        (("unregister_netdevice_many_notify", "unregister_netdevice_many", "unregister_netdevice_queue"),
+         "device removed"),
+        (("neigh_carrier_down",), "carrier lost"),
+        (("neigh_ifdown", "__neigh_ifdown", "neigh_flush_dev"), "link down"),
+        (("neigh_periodic_work", "neigh_forced_gc"), "neighbour garbage collection"),
+        (("neigh_timer_handler",), "neighbour state timer"),
+        (("arp_process", "ndisc_recv_na", "ndisc_recv_ns", "ndisc_router_discovery", "neigh_event_ns",
+          "ndisc_rcv"), "learned from a received packet"),
+        (("__neigh_event_send", "neigh_resolve_output", "neigh_direct_output"),
+         "resolving the neighbour of an outgoing packet"),
+    ),
+}
+
+
+def neigh_key(msg: bytes) -> Optional[Tuple[int, int, bytes]]:
+    """(family, ifindex, destination) of an IPv4/IPv6 RTM_*NEIGH message; None
+    for others (bridge forwarding entries share the group)."""
+    if len(msg) < 28:
+        return None
+    family, index = msg[16], struct.unpack_from("<i", msg, 20)[0]
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    dst = _attrs(msg, 28, len(msg)).get(1)  # NDA_DST
+    return (family, index, dst) if dst else None
+
+
+def nud_state(state: int) -> str:
+    """`REACHABLE`, or several joined by `|` (`ip neigh` prints them the same way)."""
+    if state in NUD_STATES:
+        return NUD_STATES[state]
+    return "|".join(name for bit, name in NUD_STATES.items() if bit and state & bit)
+
+
+class NeighEvent(NetChangeEvent):
+    """An ARP (IPv4) or NDP (IPv6) neighbour entry added, changed (its state or
+    link-layer address) or deleted — `ip neigh flush`, `arp -d`, the kernel's
+    garbage collection. Bridge forwarding entries are not neighbour entries."""
+
+    kind = "neigh"
+    ACTIONS = ("added", "changed", "deleted")
+    FIELDS = NetChangeEvent.FIELDS + ("address", "lladdr", "state", "old_state", "family", "flags", "router",
+                                      "proxy")
+    ADDRESS_FIELDS = ("address",)
+
+    @property
+    def background(self) -> bool:
+        # the kernel resolving and ageing entries as traffic flows is noise;
+        # an entry a process touched, or one that went away, is news
+        return self.cause == "kernel" and self.action != "deleted"
+
+    def describe(self) -> str:
+        lladdr = f" lladdr {self.lladdr}" if self.lladdr else ""
+        dev = self.dev or f"ifindex {self.ifindex}"
+        if self.action == "changed" and self.old_state is not None:
+            return f"changed neigh {self.address} dev {dev}{lladdr} {self.old_state} -> {self.state}"
+        return f"{self.action} neigh {self.address} dev {dev}{lladdr} {self.state}"
+
+
+class RuleEvent(NetChangeEvent):
+    """A policy-routing rule (`ip rule`) added or deleted."""
+
+    kind = "rule"
+    ACTIONS = ("added", "deleted")
+    FIELDS = NetChangeEvent.FIELDS + ("family", "priority", "src", "dst", "iif", "oif", "fwmark", "fwmask",
+                                      "table", "rule_action", "goto", "invert", "protocol")
+    ADDRESS_FIELDS = ("src", "dst")
+
+    def describe(self) -> str:
+        # as `ip rule` prints it: "100: from 10.0.0.0/8 lookup 100"
+        parts = [f"{self.priority}:" if self.priority is not None else ""]
+        if self.invert:
+            parts.append("not")
+        parts.append(f"from {self.src if self.src is not None else 'all'}")
+        if self.dst is not None:
+            parts.append(f"to {self.dst}")
+        if self.fwmark is not None:
+            mask = f"/{self.fwmask:#x}" if self.fwmask not in (None, 0xFFFFFFFF) else ""
+            parts.append(f"fwmark {self.fwmark:#x}{mask}")
+        if self.iif:
+            parts.append(f"iif {self.iif}")
+        if self.oif:
+            parts.append(f"oif {self.oif}")
+        if self.rule_action == "lookup":
+            parts.append(f"lookup {self.table}")
+        elif self.rule_action == "goto":
+            parts.append(f"goto {self.goto}")
+        else:
+            parts.append(str(self.rule_action))
+        fam = "" if self.family == 4 else " (IPv6)"
+        return f"{self.action} rule{fam} " + " ".join(p for p in parts if p)
+
+
+def _prefix(raw: Optional[bytes], family: int, plen: int) -> Optional[Any]:
+    ip = _ip(raw, family)
+    return ipaddress.ip_network(f"{ip}/{plen}", strict=False) if ip is not None else None
+
+
+def _u32(attrs: Dict[int, bytes], key: int) -> Optional[int]:
+    raw = attrs.get(key, b"")
+    return struct.unpack_from("<I", raw)[0] if len(raw) >= 4 else None
+
+
 def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> Tuple[str, Optional[str]]:
     """("netlink" | "ioctl" | "kernel", detail) from the kernel stack."""
     # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
@@ -181,7 +299,7 @@ def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> T
     if present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
         return "ioctl", None
     detail = None
-    for frames_for, text in _KERNEL_DETAILS:
+    for frames_for, text in _KIND_DETAILS.get(kind, ()) + _KERNEL_DETAILS:
         if present.intersection(frames_for):
             detail = text
             break
@@ -223,6 +341,9 @@ class _Monitor:
         self.lost = 0
         self.names: Dict[int, str] = {}
         self._dump_links()
+        # (family, ifindex, dst) -> (NUD state, lladdr) of the entries known now
+        self.neighbours: Dict[Tuple[int, int, bytes], Tuple[int, Optional[bytes]]] = {}
+        self._dump_neighbours()
         self.sock.setblocking(False)
 
     @staticmethod
@@ -247,6 +368,18 @@ class _Monitor:
                     return
                 if mtype == RTM_NEWLINK:
                     self.learn(msg)
+
+    def _dump_neighbours(self) -> None:
+        """The neighbour entries present now: a later RTM_NEWNEIGH for one of
+        them is a change, not an addition (the kernel's message does not say)."""
+        self.sock.send(_NLMSG.pack(28, RTM_GETNEIGH, 0x301, 2, 0) + bytes(12))
+        while True:
+            for mtype, msg in _split(self.sock.recv(1 << 16)):
+                if mtype in (2, 3):  # NLMSG_ERROR / NLMSG_DONE
+                    return
+                key = neigh_key(msg)
+                if mtype == RTM_NEWNEIGH and key is not None:
+                    self.neighbours[key] = (struct.unpack_from("<H", msg, 24)[0], _attrs(msg, 28, len(msg)).get(2))
 
     def learn(self, msg: bytes) -> None:
         if len(msg) >= 32:
@@ -278,7 +411,8 @@ class NetChangeProbe(Probe):
     name = "netchange"
     object_file = "nettrace.bpf.o"
     kind_id = NT_KIND_NLMSG
-    event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent}
+    event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent,
+                   "neigh": NeighEvent, "rule": RuleEvent}
 
     def __init__(self) -> None:
         self._monitors: Dict[int, _Monitor] = {}
@@ -399,6 +533,10 @@ class NetChangeProbe(Probe):
             return self._link(hdr, stack, msg, mtype, mon, common)
         if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
             return self._route(hdr, stack, msg, mtype, nl_flags, mon, common)
+        if mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            return self._neigh(hdr, stack, msg, mtype, mon, common)
+        if mtype in (RTM_NEWRULE, RTM_DELRULE):
+            return self._rule(hdr, stack, msg, mtype, mon, common)
         return None
 
     def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
@@ -482,6 +620,50 @@ class NetChangeProbe(Probe):
                         prefsrc=_ip(attrs.get(7), family), **common)
         return self._finish(ev, hdr)
 
+    def _neigh(self, hdr, stack, msg, mtype, mon, common) -> Optional[Event]:
+        key = neigh_key(msg)
+        if key is None:
+            return None
+        family, index, dst = key
+        state, flags = struct.unpack_from("<HB", msg, 24)
+        attrs = _attrs(msg, 28, len(msg))
+        lladdr = attrs.get(2)  # NDA_LLADDR
+        old = mon.neighbours.get(key) if mon else None
+        if mtype == RTM_DELNEIGH:
+            action = "deleted"
+            if mon:
+                mon.neighbours.pop(key, None)
+            if lladdr is None and old is not None:  # the kernel marks it FAILED first, without it
+                lladdr = old[1]
+        else:
+            action = "added" if old is None else "changed"
+            if mon:
+                mon.neighbours[key] = (state, lladdr or (old[1] if old else None))
+        ev = NeighEvent(hdr, stack, "process", action=action, address=_ip(dst, family),
+                        lladdr=":".join(f"{b:02x}" for b in lladdr) if lladdr else None,
+                        state=nud_state(state), old_state=nud_state(old[0]) if old is not None else None,
+                        family=4 if family == socket.AF_INET else 6, flags=flags,
+                        router=bool(flags & 0x80), proxy=bool(flags & 0x08),  # NTF_ROUTER, NTF_PROXY
+                        dev=mon.names.get(index) if mon else None, ifindex=index, **common)
+        return self._finish(ev, hdr)
+
+    def _rule(self, hdr, stack, msg, mtype, mon, common) -> Optional[Event]:
+        if len(msg) < 28:
+            return None
+        family, dst_len, src_len, _tos, table, _r1, _r2, action, flags = struct.unpack_from("<8BI", msg, 16)
+        attrs = _attrs(msg, 28, len(msg))
+        table = _u32(attrs, 15) or table  # FRA_TABLE: tables above 255
+        proto = attrs.get(21)  # FRA_PROTOCOL
+        ev = RuleEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWRULE else "deleted",
+                       family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6),
+                       src=_prefix(attrs.get(2), family, src_len), dst=_prefix(attrs.get(1), family, dst_len),
+                       iif=_cstr(attrs.get(3)), oif=_cstr(attrs.get(17)), fwmark=_u32(attrs, 10),
+                       fwmask=_u32(attrs, 16), table=RT_TABLES.get(table, table),
+                       rule_action=FR_ACTIONS.get(action, action), goto=_u32(attrs, 4),
+                       invert=bool(flags & 0x2),  # FIB_RULE_INVERT
+                       protocol=proto[0] if proto else None, dev=None, ifindex=None, **common)
+        return self._finish(ev, hdr)
+
 
 _OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
 
@@ -533,6 +715,19 @@ class NetChangeApi:
     def assert_address_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
         """No address (or not `address`, on `dev` when given) was deleted — and none may have been lost."""
         self.assert_none("addr", action="deleted", **_address_filters(address, dev))
+
+    def neighbour_changes(self, **filters: Any) -> List[Event]:
+        """ARP/NDP neighbour entries added, changed or deleted (kind "neigh")."""
+        return self.events("neigh", **filters)
+
+    def assert_neighbour_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
+        """No neighbour entry (or not `address`, on `dev` when given) was
+        deleted — `ip neigh flush`, `arp -d` — and none may have been lost."""
+        self.assert_none("neigh", action="deleted", **_address_filters(address, dev))
+
+    def rule_changes(self, **filters: Any) -> List[Event]:
+        """Policy-routing rules (`ip rule`) added or deleted (kind "rule")."""
+        return self.events("rule", **filters)
 
 
 PROBE = NetChangeProbe

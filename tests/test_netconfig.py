@@ -1,0 +1,191 @@
+"""Who changed the rest of the network configuration (issue 15, part 2):
+neighbour entries and policy-routing rules, attributed to real `ip`
+processes, with `ip monitor` as the independent observer."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import select
+import subprocess
+import time
+
+import pytest
+
+from traffic import script
+
+
+class IpMonitor:
+    """`ip monitor OBJECTS` running in a namespace; lines as it printed them."""
+
+    def __init__(self, ns, *objects: str) -> None:
+        self.proc = ns.popen(["ip", "monitor", *objects], stdout=subprocess.PIPE)
+        self.fd = self.proc.stdout.fileno()
+        self.lines: list = []
+        self._partial = b""
+
+    def readable(self, timeout: float) -> bool:
+        return bool(select.select([self.fd], [], [], timeout)[0])
+
+    def read(self, until, timeout: float = 5.0) -> list:
+        """Lines until one matches `until` (a regex)."""
+        deadline = time.monotonic() + timeout
+        while not any(re.search(until, line) for line in self.lines):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"ip monitor never printed {until!r}; it printed {self.lines}")
+            if self.readable(left):
+                *done, self._partial = (self._partial + os.read(self.fd, 1 << 16)).split(b"\n")
+                self.lines.extend(line.decode() for line in done)
+        return self.lines
+
+
+def monitor_ready(ns, *objects: str) -> IpMonitor:
+    """An `ip monitor` known to be subscribed: it saw a marker rule come and go
+    (re-made until it does: there is nothing else to wait on)."""
+    mon = IpMonitor(ns, *objects, "rule")
+    for _ in range(100):
+        ns.run(["ip", "rule", "add", "pref", "31999", "lookup", "199"], check=True)
+        ns.run(["ip", "rule", "del", "pref", "31999"], check=True)
+        if mon.readable(0.05):
+            mon.read(r"^Deleted 31999:")
+            mon.lines.clear()
+            return mon
+    raise AssertionError("ip monitor never saw the marker rule")
+
+
+@pytest.fixture
+def pair(make_netns):
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24", "fd00::1/64"],
+               peer_addresses=["10.0.0.2/24", "fd00::2/64"])
+    return a, b
+
+
+def resolve(ns, *hosts: str) -> None:
+    """Send a datagram to each host, so the kernel resolves its neighbour entry."""
+    ns.run(script(f"""
+        import socket
+        for host in {list(hosts)!r}:
+            fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+            socket.socket(fam, socket.SOCK_DGRAM).sendto(b"x", (host, 9))
+    """), check=True)
+
+
+# -- neighbours ---------------------------------------------------------------
+
+@pytest.mark.smoke
+def test_ip_neigh_add_and_del_attributed(pair, nettrace):
+    a, _ = pair
+    mon = monitor_ready(a, "neigh")
+    add = a.run(["ip", "neigh", "add", "10.0.0.9", "lladdr", "02:00:00:00:00:09", "dev", "eth0"], check=True)
+    rm = a.run(["ip", "neigh", "del", "10.0.0.9", "dev", "eth0"], check=True)
+    added = nettrace.assert_any("neigh", action="added", address="10.0.0.9")
+    assert (added.pid, added.comm, added.cause) == (add.pid, "ip", "netlink")
+    # as the kernel saw it when the entry was added: ip had parsed the
+    # lladdr in place by then (its argv shows "02 00 00 ...")
+    assert added.cmdline.startswith("ip neigh add 10.0.0.9 lladdr 02")
+    assert (added.dev, added.lladdr, added.state, added.family) == ("eth0", "02:00:00:00:00:09", "PERMANENT", 4)
+    assert added.ifindex == a.link("eth0").index and added.netns == a.inode
+    assert any(f.startswith("neigh_add") for f in added.stack), added.stack
+    gone = nettrace.assert_any("neigh", action="deleted", address="10.0.0.9")
+    assert (gone.pid, gone.cause, gone.user) == (rm.pid, "netlink", "root")
+    assert "deleted neigh 10.0.0.9 dev eth0 lladdr 02:00:00:00:00:09" in gone.summary()
+    # ip monitor saw the same two changes
+    lines = mon.read(r"^Deleted 10\.0\.0\.9 ")
+    assert any(line.startswith("10.0.0.9 dev eth0 lladdr 02:00:00:00:00:09 PERMANENT") for line in lines), lines
+    with pytest.raises(AssertionError, match="neigh.*10.0.0.9"):
+        nettrace.assert_neighbour_not_deleted("10.0.0.9")
+    nettrace.assert_neighbour_not_deleted("10.0.0.2")
+
+
+def test_who_flushed_the_arp_cache(pair, nettrace):
+    a, _ = pair
+    resolve(a, "10.0.0.2", "fd00::2")
+    learned = nettrace.wait_for("neigh", address="10.0.0.2", state="REACHABLE")
+    assert learned.cause == "kernel" and learned.background, (learned.detail, learned.stack)
+    nettrace.wait_for("neigh", address="fd00::2", state="REACHABLE")
+    mon = monitor_ready(a, "neigh")
+    r = a.run(["ip", "neigh", "flush", "dev", "eth0"], check=True)  # both families
+    v4 = nettrace.assert_any("neigh", action="deleted", address="10.0.0.2", dev="eth0")
+    v6 = nettrace.assert_any("neigh", action="deleted", address="fd00::2", dev="eth0")
+    assert (v4.pid, v4.comm, v4.cmdline, v4.cause) == (r.pid, "ip", "ip neigh flush dev eth0", "netlink")
+    assert (v6.pid, v6.family, v6.cause) == (r.pid, 6, "netlink")
+    assert not v4.background
+    lines = mon.read(r"^Deleted fd00::2 ")
+    assert any(line.startswith("Deleted 10.0.0.2 dev eth0") for line in lines), lines
+
+
+def test_link_down_flushes_neighbours_cause_kernel(pair, nettrace):
+    a, _ = pair
+    resolve(a, "10.0.0.2")
+    nettrace.wait_for("neigh", address="10.0.0.2", state="REACHABLE")
+    r = a.run(["ip", "link", "set", "eth0", "down"], check=True)
+    ev = nettrace.assert_any("neigh", action="deleted", address="10.0.0.2")
+    assert (ev.cause, ev.detail) == ("kernel", "link down"), ev.stack
+    assert ev.pid == r.pid, "the task that triggered it"
+
+
+def test_neigh_change_keeps_the_old_state(pair, nettrace):
+    a, _ = pair
+    a.run(["ip", "neigh", "add", "10.0.0.7", "lladdr", "02:00:00:00:00:07", "dev", "eth0"], check=True)
+    r = a.run(["ip", "neigh", "replace", "10.0.0.7", "lladdr", "02:00:00:00:00:08", "dev", "eth0",
+               "nud", "stale"], check=True)
+    ev = nettrace.assert_any("neigh", action="changed", address="10.0.0.7")
+    assert (ev.pid, ev.old_state, ev.state, ev.lladdr) == (r.pid, "PERMANENT", "STALE", "02:00:00:00:00:08")
+    assert "PERMANENT -> STALE" in ev.describe()
+    with pytest.raises(ValueError, match="unknown action 'flushed' for 'neigh' events; valid: added, changed"):
+        nettrace.assert_none("neigh", action="flushed")
+
+
+# -- policy-routing rules -----------------------------------------------------
+
+@pytest.mark.smoke
+def test_ip_rule_add_and_del_attributed(netns, nettrace):
+    mon = monitor_ready(netns)
+    add = netns.run(["ip", "rule", "add", "from", "10.1.0.0/16", "fwmark", "0x10/0xff", "lookup", "100",
+                     "pref", "100"], check=True)
+    add6 = netns.run(["ip", "-6", "rule", "add", "to", "2001:db8::/32", "iif", "lo", "table", "300",
+                      "pref", "200"], check=True)
+    rm = netns.run(["ip", "rule", "del", "pref", "100"], check=True)
+    ev = nettrace.assert_any("rule", action="added", priority=100)
+    assert (ev.pid, ev.comm, ev.cause) == (add.pid, "ip", "netlink")
+    assert ev.src == ipaddress.ip_network("10.1.0.0/16") and ev.dst is None
+    assert (ev.table, ev.fwmark, ev.fwmask, ev.rule_action, ev.family) == (100, 0x10, 0xFF, "lookup", 4)
+    assert ev.describe() == "added rule 100: from 10.1.0.0/16 fwmark 0x10/0xff lookup 100"
+    assert any(f.startswith(("fib_nl_newrule", "fib_newrule")) for f in ev.stack), ev.stack
+    v6 = nettrace.assert_any("rule", family=6, dst="2001:db8::/32")
+    assert (v6.pid, v6.iif, v6.table, v6.priority) == (add6.pid, "lo", 300, 200)
+    gone = nettrace.assert_any("rule", action="deleted", src="10.1.0.0/16")
+    assert (gone.pid, gone.cmdline, gone.cause) == (rm.pid, "ip rule del pref 100", "netlink")
+    lines = mon.read(r"^Deleted 100:")
+    assert any(re.match(r"100:\s+from 10\.1\.0\.0/16 fwmark 0x10/0xff lookup 100", line) for line in lines), lines
+    assert any(re.match(r"200:\s+from all to 2001:db8::/32 iif lo lookup 300", line) for line in lines), lines
+
+
+def test_main_table_rule_deleted_is_caught(netns, nettrace):
+    # the classic: a script deletes the rule that sends everything to main
+    r = netns.run(["ip", "rule", "del", "pref", "32766"], check=True)
+    ev = nettrace.assert_any("rule", action="deleted", table="main")
+    assert ev.pid == r.pid and ev.describe() == "deleted rule 32766: from all lookup main"
+    with pytest.raises(AssertionError, match="expected no rule events"):
+        nettrace.assert_none("rule", action="deleted")
+
+
+@pytest.mark.nettrace(forbid=["neigh:deleted", "rule:deleted"])
+def test_gate_words_for_the_new_kinds_pass_when_nothing_is_deleted(pair, nettrace):
+    a, _ = pair
+    a.run(["ip", "rule", "add", "pref", "10", "lookup", "10"], check=True)
+    a.run(["ip", "neigh", "add", "10.0.0.8", "lladdr", "02:00:00:00:00:08", "dev", "eth0"], check=True)
+    assert [e.comm for e in nettrace.rule_changes()] == ["ip"]
+    assert nettrace.neighbour_changes(action="added", address="10.0.0.8")[0].pid is not None
+
+
+def test_json_fields_of_the_new_kinds(netns, nettrace):
+    netns.add_dummy("d0", "10.3.0.1/24")
+    netns.run(["ip", "neigh", "add", "10.3.0.5", "lladdr", "02:00:00:00:00:05", "dev", "d0"], check=True)
+    netns.run(["ip", "rule", "add", "to", "10.9.0.0/16", "prohibit", "pref", "5"], check=True)
+    n = nettrace.neighbour_changes(address="10.3.0.5")[0].as_dict()
+    assert n["address"] == "10.3.0.5" and n["state"] == "PERMANENT" and n["cause"] == "netlink"
+    r = nettrace.rule_changes()[0].as_dict()
+    assert r["dst"] == "10.9.0.0/16" and r["rule_action"] == "prohibit" and r["comm"] == "ip"
