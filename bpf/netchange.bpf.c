@@ -270,6 +270,14 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 	nt_fill_stack(ctx, &e->h, e->stack);
 	if (!nc_queued_by(e))
 		e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
+	/* a change a sysctl write made (disable_ipv6=1 removing addresses):
+	 * which setting, from sysctl.bpf.c */
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct sysctl_write *w = bpf_map_lookup_elem(&nt_sysctl_writing, &tid);
+	if (w)
+		bpf_probe_read_kernel(&e->sysctl, sizeof(e->sysctl), w);
+	else
+		e->sysctl.name[0] = 0;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

@@ -3,6 +3,7 @@
 #ifndef NETTRACE_NETCHANGE_H
 #define NETTRACE_NETCHANGE_H
 #include "nettrace.h"
+#include "sysctl.h"
 
 #define NC_MSG_MAX 1024     /* bytes of the netlink message kept */
 #define NC_CMDLINE_MAX 256  /* bytes of the acting process's command line */
@@ -36,6 +37,7 @@ struct netchange_event {
 	__u32 cmdline_len;  /* bytes in cmdline[] (NUL-separated argv) */
 	char cmdline[NC_CMDLINE_MAX];
 	__u8 msg[NC_MSG_MAX];
+	struct sysctl_write sysctl; /* the acting thread's last sysctl write (name[0] == 0: none) */
 	__u64 stack[NT_MAX_STACK];
 };
 #endif

@@ -19,6 +19,7 @@ enum nt_kind {
 	NT_KIND_SYSCALL = 6,
 	NT_KIND_TRAFFIC = 7,
 	NT_KIND_PACKET = 8,   /* AF_PACKET capture (no BPF program): loss counted in Python */
+	NT_KIND_SYSCTL = 9,  /* a network sysctl written */
 };
 
 /* Header flags. Softirq context is told from the kernel stack in Python:

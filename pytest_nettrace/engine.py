@@ -154,7 +154,7 @@ class Engine:
                 obj.load()
                 for st in active:
                     for prog in st.plans[0].programs:
-                        obj.attach(prog)
+                        obj.attach(prog, cgroup=st.plans[0].cgroups.get(prog))
             except ProbeLoadError as e:
                 obj.close()
                 culprit = self._culprit(str(e), active)

@@ -130,6 +130,7 @@ class LibBpf:
             "bpf_program__set_autoload": (ci, [vp, ctypes.c_bool]),
             "bpf_program__autoload": (ctypes.c_bool, [vp]),
             "bpf_program__attach": (vp, [vp]),
+            "bpf_program__attach_cgroup": (vp, [vp, ci]),
             "bpf_link__destroy": (ci, [vp]),
             "bpf_map__reuse_fd": (ci, [vp, ci]),
             "bpf_map__fd": (ci, [vp]),
@@ -314,14 +315,31 @@ class BpfObject:
                 out.append(re.sub(r"\[\d+\]", "[]", line.strip()))
         return out
 
-    def attach(self, prog_name: str) -> BpfLink:
+    def attach(self, prog_name: str, cgroup: Optional[str] = None) -> BpfLink:
+        """Attach `prog_name` where its section says; a cgroup program (section
+        cgroup/...) to the cgroup v2 directory `cgroup`, as a link: closing
+        it (or the process dying) detaches it."""
         lib = libbpf()
         prog = lib.bpf_object__find_program_by_name(self._ptr, prog_name.encode())
         if not prog:
             raise ProbeLoadError(f"{self.name}: no program named {prog_name!r}")
         section = lib.bpf_program__section_name(prog).decode()
         lib.log.start()
-        link = lib.bpf_program__attach(prog)
+        if cgroup is not None:
+            try:
+                fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                lib.log.take()
+                raise ProbeLoadError(f"cannot attach {self.name}:{prog_name} ({section}): "
+                                     f"cannot open cgroup {cgroup}: {e.strerror}") from None
+            try:
+                link = lib.bpf_program__attach_cgroup(prog, fd)  # the link holds the cgroup
+                err = ctypes.get_errno()
+            finally:
+                os.close(fd)
+            ctypes.set_errno(err)
+        else:
+            link = lib.bpf_program__attach(prog)
         lines = lib.log.take()
         if not link:
             err = ctypes.get_errno()

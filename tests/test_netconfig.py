@@ -189,3 +189,84 @@ def test_json_fields_of_the_new_kinds(netns, nettrace):
     assert n["address"] == "10.3.0.5" and n["state"] == "PERMANENT" and n["cause"] == "netlink"
     r = nettrace.rule_changes()[0].as_dict()
     assert r["dst"] == "10.9.0.0/16" and r["rule_action"] == "prohibit" and r["comm"] == "ip"
+
+
+# -- sysctl writes ------------------------------------------------------------
+
+def needs_sysctl_probe(nettrace):
+    why = nettrace.engine.probe_available("sysctl")
+    if why:
+        pytest.skip(f"sysctl probe unavailable: {why}")
+
+
+@pytest.mark.smoke
+def test_disable_ipv6_write_attributed_and_is_the_cause_of_the_deletion(netns, nettrace):
+    needs_sysctl_probe(nettrace)
+    netns.add_dummy("v0", "2001:db8::5/64")
+    r = netns.run(["sysctl", "-w", "net.ipv6.conf.v0.disable_ipv6=1"], check=True)
+    assert r.stdout.strip() == "net.ipv6.conf.v0.disable_ipv6 = 1"  # sysctl's own account
+    w = nettrace.assert_any("sysctl", name="net.ipv6.conf.v0.disable_ipv6")
+    assert (w.pid, w.comm, w.user, w.old, w.new, w.dev, w.changed) == (r.pid, "sysctl", "root", "0", "1", "v0", True)
+    assert w.cmdline.startswith("sysctl -w net.ipv6.conf.v0.disable_ipv6")  # (sysctl splits its argv at "=")
+    assert w.netns == netns.inode and w.describe() == "wrote net.ipv6.conf.v0.disable_ipv6=1 (was 0)"
+    ev = nettrace.assert_address_deleted("2001:db8::5/64", dev="v0")
+    assert (ev.pid, ev.comm, ev.cause) == (r.pid, "sysctl", "sysctl"), (ev.cause, ev.detail, ev.stack)
+    assert ev.detail == "net.ipv6.conf.v0.disable_ipv6=1", "the link never went down"
+    assert "by a sysctl write (net.ipv6.conf.v0.disable_ipv6=1)" in ev.summary()
+    assert nettrace.link_changes(action="down") == []
+
+
+def test_shell_write_to_proc_sys_net_attributed(netns, nettrace):
+    needs_sysctl_probe(nettrace)
+    netns.add_dummy("eth0")
+    path = "/proc/sys/net/ipv4/conf/eth0/rp_filter"
+    r = netns.run(["sh", "-c", f"echo 2 > {path}; echo 2 > {path}; cat {path}"], check=True)
+    assert r.stdout.strip() == "2"  # read back: the value the kernel kept
+    first, again = nettrace.sysctl_writes(name="net.ipv4.conf.eth0.rp_filter")
+    assert (first.pid, first.comm, first.old, first.new, first.changed) == (r.pid, "sh", "0", "2", True)
+    assert (again.old, again.new, again.changed) == ("2", "2", False)
+    assert first.cmdline == f"sh -c echo 2 > {path}; echo 2 > {path}; cat {path}"
+    assert first.stack == [] and first.context == "process"
+    nettrace.assert_none("sysctl", name="net.ipv4.conf.eth0.forwarding")
+
+
+def test_sysctl_writes_are_scoped_to_the_writers_namespace(make_netns, nettrace):
+    needs_sysctl_probe(nettrace)
+    a = make_netns()
+    outside = subprocess.run(["ip", "netns", "add", f"{a.name}-unwatched"], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", f"{a.name}-unwatched", "sysctl", "-qw",
+                        "net.ipv4.ip_forward=1"], check=True)
+        r = a.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    finally:
+        subprocess.run(["ip", "netns", "del", f"{a.name}-unwatched"], check=True)
+    assert outside.returncode == 0
+    (w,) = nettrace.sysctl_writes()
+    assert (w.pid, w.name, w.new, w.dev) == (r.pid, "net.ipv4.ip_forward", "1", None)
+
+
+@pytest.mark.nettrace(forbid=["sysctl"])
+def test_gate_word_sysctl_passes_without_writes(netns, nettrace):
+    needs_sysctl_probe(nettrace)
+    netns.run(["sysctl", "-n", "net.ipv4.ip_forward"], check=True)  # a read is not a write
+    assert nettrace.sysctl_writes() == []
+
+
+def test_disable_ipv6_cause_without_the_sysctl_probe(pytester):
+    # a kernel or host without the cgroup sysctl hook: the deletion is still a
+    # sysctl write's doing (told from the stack), only the value is unknown
+    pytester.makepyfile("""
+        def test_it(netns, nettrace):
+            netns.add_dummy("v0", "2001:db8::5/64")
+            r = netns.run(["sysctl", "-qw", "net.ipv6.conf.v0.disable_ipv6=1"], check=True)
+            ev = nettrace.assert_address_deleted("2001:db8::5/64")
+            assert (ev.pid, ev.cause, ev.detail) == (r.pid, "sysctl", "a write to disable_ipv6"), ev.stack
+            try:
+                nettrace.sysctl_writes()
+            except Exception as e:
+                assert "sysctl" in str(e) and "nettrace_probes" in str(e), e
+            else:
+                raise AssertionError("asking for a left-out kind must fail")
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--nettrace-probes=-sysctl")
+    result.assert_outcomes(passed=1)

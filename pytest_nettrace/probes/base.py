@@ -20,6 +20,7 @@ class Plan:
     programs: List[str]
     config: Dict[str, bytes] = field(default_factory=dict)  # const volatile var -> value
     notes: List[str] = field(default_factory=list)
+    cgroups: Dict[str, str] = field(default_factory=dict)  # cgroup program -> the cgroup v2 directory it attaches to
 
 
 class Probe:

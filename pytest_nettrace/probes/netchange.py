@@ -30,7 +30,8 @@ NC_MSG_MAX, NC_CMDLINE_MAX = 1024, 256
 # Notifications queue on the monitor socket for the whole test (see poll()):
 # 256 MiB of receive buffer is several hundred thousand small messages.
 MONITOR_RCVBUF = 128 << 20
-_BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_MSG_MAX}s")  # struct netchange_event after the header
+SY_NAME_MAX, SY_VALUE_MAX = 128, 64  # struct sysctl_write (bpf/sysctl.h)
+_BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_MSG_MAX}s{SY_NAME_MAX}s{SY_VALUE_MAX}s")  # struct netchange_event after the header
 _NLMSG = struct.Struct("<IHHII")
 _RTA = struct.Struct("<HH")
 _KEY = struct.Struct("<II")
@@ -122,7 +123,8 @@ class NetChangeEvent(Event):
     FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user", "announced_by")
 
     def how(self, full: bool = False) -> str:
-        via = {"netlink": "via netlink", "ioctl": "via ioctl", "kernel": "by the kernel"}.get(self.cause, self.cause)
+        via = {"netlink": "via netlink", "ioctl": "via ioctl", "kernel": "by the kernel",
+               "sysctl": "by a sysctl write"}.get(self.cause, self.cause)
         if self.detail:
             via += f" ({self.detail})"
         if full and self.cmdline:
@@ -288,6 +290,33 @@ def _prefix(raw: Optional[bytes], family: int, plen: int) -> Optional[Any]:
 def _u32(attrs: Dict[int, bytes], key: int) -> Optional[int]:
     raw = attrs.get(key, b"")
     return struct.unpack_from("<I", raw)[0] if len(raw) >= 4 else None
+
+
+# -- changes a sysctl write made (issue 15) -------------------------------------
+_SYSCTL_WRITE_FRAMES = ("proc_sys_call_handler", "proc_sys_write")
+# where the sysctl probe could not say which setting: the handler's name does
+_SYSCTL_HANDLERS = (("addrconf_sysctl_disable", "disable_ipv6"), ("addrconf_sysctl_forward", "forwarding"),
+                    ("devinet_sysctl_forward", "forwarding"), ("addrconf_sysctl_addr_gen_mode", "addr_gen_mode"),
+                    ("addrconf_sysctl_stable_secret", "stable_secret"))
+
+
+def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> None:
+    """A change the kernel made while a process wrote a sysctl (IPv6
+    addresses removed by net.ipv6.conf.<dev>.disable_ipv6=1): cause "sysctl",
+    the setting and the value written in `detail`. `name`/`value` are the
+    thread's last sysctl write as bpf/sysctl.bpf.c recorded it (it is this
+    write: the stack runs through the sysctl write handler)."""
+    present = [f.split("+", 1)[0].split(".", 1)[0] for f in ev.stack]
+    if ev.cause != "kernel" or ev.pid is None or not set(present).intersection(_SYSCTL_WRITE_FRAMES):
+        return
+    setting = _cstr(name)
+    ev.cause = "sysctl"
+    if setting:
+        parts = setting.split("/")
+        ev.detail = ".".join(p.replace(".", "/") for p in parts) + "=" + (_cstr(value) or "").strip()
+        return
+    handler = next((what for frame, what in _SYSCTL_HANDLERS if frame in present), None)
+    ev.detail = f"a write to {handler}" if handler else "a write to /proc/sys/net"
 
 
 def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> Tuple[str, Optional[str]]:
@@ -484,7 +513,7 @@ class NetChangeProbe(Probe):
 
     # -- decoding ------------------------------------------------------------
     def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
-        skb, portid, msg_len, copied, cmd_len, cmdline, msg = _BODY.unpack_from(buf, HEADER.size)
+        skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = _BODY.unpack_from(buf, HEADER.size)
         mon = self._monitors.get(hdr.netns)
         if not copied:
             # the queue was already empty (our reader took the message first) or
@@ -494,6 +523,8 @@ class NetChangeProbe(Probe):
         if self._raced(hdr.netns, skb):
             return None
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
+        if event is not None:
+            sysctl_cause(event, sy_name, sy_value)
         self._last[hdr.netns] = (skb, event)
         return event
 

@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Who wrote a network sysctl (`sysctl -w net.ipv6.conf.eth0.disable_ipv6=1`,
+ * `echo 1 > /proc/sys/net/...`): a BPF_PROG_TYPE_CGROUP_SYSCTL program on the
+ * cgroup v2 root runs for every sysctl read and write of every process below
+ * it, before the write, in the writer's context, and sees the name, the
+ * current value and the new one. Only writes under net/ by a task in a
+ * watched namespace are recorded. It always allows the write. */
+#define __BPF_PROGRAM__
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "nettrace.h"
+#include "sysctl.h"
+
+
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sysctl_write);
+} sy_scratch SEC(".maps");
+
+SEC("cgroup/sysctl")
+int sysctl_write(struct bpf_sysctl *ctx)
+{
+	if (!ctx->write)
+		return 1;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+	struct nt_scope *scope = nt_watched(netns);
+	if (!scope)
+		return 1;
+	__u32 zero = 0;
+	struct sysctl_write *w = bpf_map_lookup_elem(&sy_scratch, &zero);
+	if (!w)
+		return 1;
+	long n = bpf_sysctl_get_name(ctx, w->name, sizeof(w->name), 0);
+	if (n < 4 || w->name[0] != 'n' || w->name[1] != 'e' || w->name[2] != 't' || w->name[3] != '/')
+		return 1;
+	long v = bpf_sysctl_get_new_value(ctx, w->value, sizeof(w->value));
+	if (v < 0 && v != -7)  /* -E2BIG: truncated, still worth naming */
+		w->value[0] = 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&nt_sysctl_writing, &tid, w, BPF_ANY);
+
+	struct sysctl_event *e = nt_reserve(scope, NT_KIND_SYSCTL, struct sysctl_event);
+	if (!e)
+		return 1;
+	nt_fill_hdr(&e->h, NT_KIND_SYSCTL, netns);
+	e->h.stack_len = 0;
+	e->name_len = n;
+	bpf_probe_read_kernel(e->name, sizeof(e->name), w->name);
+	e->old_len = bpf_sysctl_get_current_value(ctx, e->old, sizeof(e->old));
+	e->new_len = bpf_sysctl_get_new_value(ctx, e->new, sizeof(e->new));
+	e->file_pos = ctx->file_pos;
+	e->pad = 0;
+	e->cmdline_len = 0;
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+	if (mm) {
+		unsigned long start = BPF_CORE_READ(mm, arg_start);
+		unsigned long end = BPF_CORE_READ(mm, arg_end);
+		__u64 len = end > start ? end - start : 0;
+		if (len > SY_CMDLINE_MAX - 1)
+			len = SY_CMDLINE_MAX - 1;
+		len &= SY_CMDLINE_MAX - 1;
+		if (len && bpf_probe_read_user(e->cmdline, len, (void *)start) == 0)
+			e->cmdline_len = len;
+	}
+	bpf_ringbuf_submit(e, 0);
+	return 1;
+}

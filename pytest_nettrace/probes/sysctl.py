@@ -1,0 +1,138 @@
+"""Network sysctl writes with the process that made them (bpf/sysctl.bpf.c,
+bpf/sysctl.h): kind "sysctl".
+
+A BPF_PROG_TYPE_CGROUP_SYSCTL program on the cgroup v2 root runs before every
+sysctl write of every process below it, in the writer's context, and sees the
+setting's name, its current value and the value written: `sysctl -w`, a shell's
+`echo 1 > /proc/sys/net/...`, a daemon's own writes. Only writes under
+/proc/sys/net by a task whose network namespace is watched are recorded (the
+setting written is the one of that namespace). It needs a cgroup v2 hierarchy
+(the unified one, or the hybrid layout's /sys/fs/cgroup/unified); a cgroup v1
+only host has none, and the pytest header says so.
+"""
+from __future__ import annotations
+
+import pwd
+import struct
+from typing import TYPE_CHECKING, Any, List, Optional
+
+from ..events import HEADER, Event, Header
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+NT_KIND_SYSCTL = 9
+SY_NAME_MAX, SY_VALUE_MAX, SY_CMDLINE_MAX = 128, 64, 256
+_BODY = struct.Struct(f"<iiiIII{SY_NAME_MAX}s{SY_VALUE_MAX}s{SY_VALUE_MAX}s{SY_CMDLINE_MAX}s")
+E2BIG = 7
+
+
+def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
+    """Where this process sees the cgroup v2 hierarchy, if mounted."""
+    try:
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if fields[sep + 1] == "cgroup2":
+                    return fields[4].replace("\\040", " ")
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _value(raw: bytes, length: int) -> Optional[str]:
+    """The value as written or read (without the trailing newline); None when
+    the kernel could not give it; a truncated one ends with '...'."""
+    if length < 0 and length != -E2BIG:
+        return None
+    text = raw.split(b"\0", 1)[0].decode(errors="replace")
+    text = text.rstrip("\n")
+    return text + "..." if length == -E2BIG else text
+
+
+class SysctlEvent(Event):
+    """A network sysctl written: `name` as `sysctl` spells it
+    ("net.ipv6.conf.eth0.disable_ipv6"), `old` (the value before the write)
+    and `new` (what was written, whitespace as the writer gave it, without the
+    trailing newline); `dev` is the interface of a per-interface setting
+    (net.ipv4.conf.<dev>.*, net.ipv6.conf.<dev>.*, net.ipv4.neigh.<dev>.*,
+    "all" and "default" included), else None. The kernel may still refuse
+    the value (the write then fails): the event is the attempt. No stack:
+    cgroup programs cannot take one."""
+
+    kind = "sysctl"
+    FIELDS = Event.FIELDS + ("name", "old", "new", "dev", "changed", "cmdline", "user")
+
+    @property
+    def changed(self) -> Optional[bool]:
+        """Whether the value written differs from the one before (None if unknown)."""
+        if self.old is None or self.new is None:
+            return None
+        return self.old.split() != self.new.split()
+
+    def describe(self) -> str:
+        old = f" (was {self.old})" if self.old is not None else ""
+        return f"wrote {self.name}={self.new}{old}"
+
+    def how(self, full: bool = False) -> str:
+        return f': "{self.cmdline}"' if full and self.cmdline else ""
+
+
+def dev_of(parts: List[str]) -> Optional[str]:
+    """The interface of a per-interface setting's path components."""
+    if len(parts) == 5 and parts[0] == "net" and parts[1] in ("ipv4", "ipv6") and parts[2] in ("conf", "neigh"):
+        return parts[3]
+    return None
+
+
+class SysctlProbe(Probe):
+    name = "sysctl"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_SYSCTL
+    event_types = {"sysctl": SysctlEvent}
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        root = cgroup2_mount()
+        if root is None or "BPF_CGROUP_SYSCTL" not in kernel.enum("bpf_attach_type").values():
+            return []
+        return [Plan("cgroup_sysctl", ["sysctl_write"], cgroups={"sysctl_write": root})]
+
+    def unavailable_reason(self, kernel: "KernelFeatures") -> str:
+        if "BPF_CGROUP_SYSCTL" not in kernel.enum("bpf_attach_type").values():
+            return "no cgroup sysctl hook (BPF_CGROUP_SYSCTL, kernel < 5.2)"
+        return "no cgroup v2 hierarchy mounted (the sysctl hook attaches to one; cgroup v1 only host)"
+
+    def decode(self, buf: bytes, hdr: Header) -> Event:
+        name_len, old_len, new_len, cmd_len, _pos, _pad, name, old, new, cmdline = _BODY.unpack_from(buf, HEADER.size)
+        # "net/ipv4/conf/eth0.100/rp_filter" -> "net.ipv4.conf.eth0/100.rp_filter", as sysctl(8) spells it
+        parts = name.split(b"\0", 1)[0].decode(errors="replace").split("/")
+        setting = ".".join(p.replace(".", "/") for p in parts)
+        argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
+        ev = SysctlEvent(hdr, (), "process", name=setting, old=_value(old, old_len), new=_value(new, new_len),
+                         dev=dev_of(parts),
+                         cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
+        ev.user = _user(ev.uid)
+        return ev
+
+
+def _user(uid: Optional[int]) -> Optional[str]:
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+class SysctlApi:
+    """`nettrace` methods for sysctl writes (mixed into Trace)."""
+
+    def sysctl_writes(self, **filters: Any) -> List[Event]:
+        """Network sysctls written (kind "sysctl"), with who wrote them."""
+        return self.events("sysctl", **filters)
+
+
+PROBE = SysctlProbe
+API = SysctlApi
