@@ -235,6 +235,34 @@ static __always_inline bool nc_queued_by(struct netchange_event *e)
 	return true;
 }
 
+/* A notification on the nftables monitor socket: the task, its command line,
+ * the stack and the whole batch of messages (no DAD worker, no sysctl). */
+static __noinline int nc_emit_nft(void *ctx, struct nt_scope *scope, __u32 netns, __u32 portid,
+				  const struct sk_buff *skb)
+{
+	struct nftchange_event *e = nt_reserve(scope, NT_KIND_NLMSG, struct nftchange_event);
+	if (!e)
+		return 0;
+	nt_fill_hdr(&e->h, NT_KIND_NLMSG, netns);
+	e->h.flags |= NC_F_NFT;
+	e->portid = portid;
+	e->skb = (__u64)skb;
+	e->msg_len = 0;
+	e->copied = 0;
+	if (skb) {
+		__u32 len = BPF_CORE_READ(skb, len);
+		__u64 n = len > NC_NFT_MSG_MAX - 1 ? NC_NFT_MSG_MAX - 1 : len;
+		n &= NC_NFT_MSG_MAX - 1;
+		e->msg_len = len;
+		if (n && bpf_probe_read_kernel(e->msg, n, BPF_CORE_READ(skb, data)) == 0)
+			e->copied = n;
+	}
+	nt_fill_stack(ctx, &e->h, e->stack);
+	e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
 static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struct sk_buff *skb)
 {
 	struct nc_sock_key key = {};
@@ -243,11 +271,14 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 		return 0;
 	key.netns = nt_netns_of_sk(sk);
 	key.portid = BPF_CORE_READ((struct netlink_sock *)sk, portid);
-	if (!bpf_map_lookup_elem(&nc_socks, &key))
+	__u32 *which = bpf_map_lookup_elem(&nc_socks, &key);
+	if (!which)
 		return 0;
 	struct nt_scope *scope = nt_watched(key.netns);
 	if (!scope)
 		return 0;
+	if (*which == NC_SOCK_NFT)
+		return nc_emit_nft(ctx, scope, key.netns, key.portid, skb);
 	struct netchange_event *e = nt_reserve(scope, NT_KIND_NLMSG, struct netchange_event);
 	if (!e)
 		return 0;

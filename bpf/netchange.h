@@ -40,4 +40,24 @@ struct netchange_event {
 	struct sysctl_write sysctl; /* the acting thread's last sysctl write (name[0] == 0: none) */
 	__u64 stack[NT_MAX_STACK];
 };
+
+/* nftables (issue 15): a NETLINK_NETFILTER monitor socket in the same map,
+ * value NC_SOCK_NFT. The kernel batches a commit's notifications into one
+ * message of up to a page (nft_commit_notify), so more of it is kept. */
+#define NC_SOCK_RTNL 1
+#define NC_SOCK_NFT 2
+#define NC_NFT_MSG_MAX 4096
+#define NC_F_NFT 0x20       /* in the header flags: a struct nftchange_event */
+
+struct nftchange_event {
+	struct nt_hdr h;
+	__u64 skb;
+	__u32 portid;
+	__u32 msg_len;
+	__u32 copied;
+	__u32 cmdline_len;
+	char cmdline[NC_CMDLINE_MAX];
+	__u8 msg[NC_NFT_MSG_MAX];
+	__u64 stack[NT_MAX_STACK];
+};
 #endif

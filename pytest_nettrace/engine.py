@@ -271,8 +271,9 @@ class Engine:
             if sink is not None:  # else: the namespace stopped being watched since
                 sink(batch)
 
-    def decode(self, rec: bytes) -> Optional[Event]:
-        """The Event a raw record stands for; None for bookkeeping records."""
+    def decode(self, rec: bytes) -> "Optional[Event] | List[Event]":
+        """The Event a raw record stands for (a list when it holds several);
+        None for bookkeeping records."""
         hdr = Header(rec)
         probe = self._by_kind.get(hdr.kind)
         if probe is None:

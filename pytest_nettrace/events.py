@@ -218,6 +218,11 @@ def check_filters(cls: type, filters: Dict[str, Any]) -> None:
             for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
                 if v not in actions:
                     raise ValueError(f"unknown action {v!r} for {cls.kind!r} events; valid: {', '.join(actions)}")
+        choices = getattr(cls, "CHOICES", {}).get(name)
+        if choices and value is not None and not callable(value):
+            for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
+                if v not in choices:
+                    raise ValueError(f"unknown {name} {v!r} for {cls.kind!r} events; valid: {', '.join(choices)}")
         if name in cls.ADDRESS_FIELDS and value is not None and not callable(value):
             for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
                 if not (v == DEFAULT_ROUTE and name == "dst"):

@@ -129,7 +129,9 @@ class TraceCore:
             for rec in raw:
                 # probes without BPF records (packet capture) hand over Events
                 event = rec if isinstance(rec, Event) else self.engine.decode(rec)
-                if event is not None:
+                if isinstance(event, list):  # a record holding several changes (an nftables batch)
+                    self._events.extend(event)
+                elif event is not None:
                     self._events.append(event)
 
     # -- reading -----------------------------------------------------------

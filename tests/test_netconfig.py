@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import select
+import shutil
 import subprocess
 import time
 
@@ -270,3 +271,109 @@ def test_disable_ipv6_cause_without_the_sysctl_probe(pytester):
     """)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "--nettrace-probes=-sysctl")
     result.assert_outcomes(passed=1)
+
+
+# -- nftables rulesets ----------------------------------------------------------
+
+needs_nft = pytest.mark.skipif(shutil.which("nft") is None, reason="nft (Debian package nftables) is not installed")
+
+
+class NftMonitor(IpMonitor):
+    """`nft -a monitor` in a namespace, known to be subscribed (it saw a
+    marker table come and go)."""
+
+    def __init__(self, ns) -> None:
+        self.proc = ns.popen(["nft", "-a", "monitor"], stdout=subprocess.PIPE)
+        self.fd = self.proc.stdout.fileno()
+        self.lines = []
+        self._partial = b""
+        for _ in range(100):
+            ns.run(["nft", "add table ip nt_marker; delete table ip nt_marker"], check=True)
+            if self.readable(0.05):
+                self.read(r"^delete table ip nt_marker")
+                self.read(r"^# new generation")
+                self.lines.clear()
+                return
+        raise AssertionError("nft monitor never saw the marker table")
+
+
+@pytest.mark.smoke
+@needs_nft
+def test_nft_ruleset_changes_attributed_with_handle_and_text(netns, nettrace):
+    mon = NftMonitor(netns)
+    since = time.monotonic_ns()
+    t = netns.run(["nft", "add table inet filter"], check=True)
+    c = netns.run(["nft", "add chain inet filter input { type filter hook input priority 0; policy accept; }"],
+                  check=True)
+    r = netns.run(["nft", "add rule inet filter input ip saddr 10.0.0.2 tcp dport 22 counter drop"], check=True)
+    table = nettrace.assert_any("nft", object="table", action="added", timestamp=lambda ts: ts > since)
+    assert (table.pid, table.comm, table.cause, table.family, table.table) == (t.pid, "nft", "netlink", "inet",
+                                                                                "filter")
+    chain = nettrace.assert_any("nft", object="chain", chain="input", timestamp=lambda ts: ts > since)
+    assert chain.pid == c.pid and chain.text == "type filter hook input priority 0; policy accept;"
+    rule = nettrace.assert_any("nft", object="rule", action="added", table="filter", chain="input")
+    assert (rule.pid, rule.handle, rule.user) == (r.pid, 2, "root")
+    assert rule.text == "ip saddr 10.0.0.2 tcp dport 22 counter packets 0 bytes 0 drop"
+    assert rule.cmdline == "nft add rule inet filter input ip saddr 10.0.0.2 tcp dport 22 counter drop"
+    assert any(f.startswith("nf_tables_commit") or f.startswith("nfnetlink_rcv_batch") for f in rule.stack)
+    # nft monitor printed the same rule, and the pid of the process that committed it
+    lines = mon.read(rf"^# new generation \d+ by process {r.pid} ")
+    assert f"add rule inet filter input {rule.text} # handle 2" in lines, lines
+    assert rule.describe() == f"add rule inet filter input {rule.text} # handle 2"
+    assert any(f"by process {t.pid} (nft)" in line for line in lines), lines
+
+
+@needs_nft
+def test_nft_flush_ruleset_in_a_post_install_script_attributed(netns, nettrace, tmp_path):
+    netns.run(["nft", "add table inet filter; add chain inet filter input { type filter hook input priority 0; }; "
+                      "add rule inet filter input tcp dport 22 accept; "
+                      "add set inet filter blocked { type ipv4_addr; elements = { 10.0.0.7 } }"], check=True)
+    mon = NftMonitor(netns)
+    postinst = tmp_path / "postinst"
+    postinst.write_text("#!/bin/sh\nnft flush ruleset\n")
+    postinst.chmod(0o755)
+    since = time.monotonic_ns()  # (after the monitor's marker)
+    r = netns.run([str(postinst)], check=True)
+    gone = nettrace.events("nft", action="deleted", timestamp=lambda ts: ts > since)
+    assert [(e.object, e.name or e.handle) for e in gone] == [
+        ("rule", 2), ("set", "blocked"), ("chain", "input"), ("table", "filter")], [e.summary() for e in gone]
+    nft_pid = gone[0].pid
+    assert all(e.pid == nft_pid and e.comm == "nft" and e.cmdline == "nft flush ruleset" for e in gone)
+    assert gone[0].ppid == r.pid and gone[0].parent_comm == "postinst"
+    assert gone[0].text == "tcp dport 22 accept"
+    lines = mon.read(rf"^# new generation \d+ by process {nft_pid} \(nft\)")
+    assert "delete table inet filter # handle 1" in lines and "delete rule inet filter input handle 2" in lines
+    added = nettrace.assert_any("nft", object="element", action="added")
+    assert (added.set, added.text) == ("blocked", "10.0.0.7")
+    with pytest.raises(AssertionError, match="expected no nft events"):
+        nettrace.assert_none("nft", action="deleted", object="table", table="filter")
+    with pytest.raises(ValueError, match="unknown action 'flushed' for 'nft' events; valid: added, replaced, deleted"):
+        nettrace.assert_none("nft", action="flushed")
+    with pytest.raises(ValueError, match="unknown object 'tabel' for 'nft' events; valid: table, chain, rule"):
+        nettrace.assert_none("nft", object="tabel")
+
+
+@needs_nft
+def test_gate_nft_deleted_names_who_flushed(pytester):
+    pytester.makepyfile("""
+        import pytest
+
+        @pytest.mark.nettrace(forbid=["nft:deleted"])
+        def test_it(netns, nettrace):
+            netns.run(["nft", "add table ip t; add chain ip t c"], check=True)
+            netns.run(["nft", "flush ruleset"], check=True)
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=1, errors=1)  # a gate fails the test's teardown
+    out = result.stdout.str()
+    assert "forbidden events in this test (forbid=nft:deleted)" in out and "nft:deleted: 2 events" in out, out
+    assert re.search(r"nft\(\d+\) uid 0 \[parent python\S*\(\d+\)\] delete chain ip t c # handle 1", out), out
+
+
+@needs_nft
+def test_nft_json_fields(netns, nettrace):
+    netns.run(["nft", "add table ip t; add chain ip t c; add rule ip t c oifname \"eth0\" meta nftrace set 1"],
+              check=True)
+    d = nettrace.assert_any("nft", object="rule").as_dict()
+    assert (d["object"], d["family"], d["table"], d["chain"], d["handle"]) == ("rule", "ip", "t", "c", 2)
+    assert d["text"] == 'oifname "eth0" meta nftrace set 1' and d["comm"] == "nft" and d["cause"] == "netlink"

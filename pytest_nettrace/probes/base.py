@@ -35,7 +35,8 @@ class Probe:
         """Ways to attach on this kernel, best first; empty if none can work."""
         raise NotImplementedError
 
-    def decode(self, buf: bytes, hdr: Header) -> Event:
+    def decode(self, buf: bytes, hdr: Header) -> "Optional[Event] | List[Event]":
+        """The event of a record; a list when one record holds several changes."""
         raise NotImplementedError
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:

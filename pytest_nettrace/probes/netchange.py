@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import pwd
+import random
 import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
@@ -19,6 +20,7 @@ from .._linux import in_netns_at
 from ..events import HEADER, Event, Header, parse_address
 from ..libbpf import map_delete, map_update
 from ..symbols import function_ranges
+from . import _nft
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ _NLMSG = struct.Struct("<IHHII")
 _RTA = struct.Struct("<HH")
 _KEY = struct.Struct("<II")
 NC_F_QUEUED_BY = 0x10  # task and stack are those of who queued the DAD work (bpf/netchange.h)
+NC_SOCK_RTNL, NC_SOCK_NFT, NC_F_NFT, NC_NFT_MSG_MAX = 1, 2, 0x20, 4096  # the nftables monitor (bpf/netchange.h)
+_NFT_BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_NFT_MSG_MAX}s")  # struct nftchange_event after the header
 _DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_end")
 
 # rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
@@ -202,6 +206,35 @@ _KIND_DETAILS = {
          "resolving the neighbour of an outgoing packet"),
     ),
 }
+
+
+_NETLINK_HANDLERS["nft"] = ("nfnetlink_rcv_batch", "nf_tables_commit")
+_IOCTL_HANDLERS["nft"] = ()
+
+
+class NftEvent(NetChangeEvent):
+    """An nftables table, chain, rule, set or set element added, replaced
+    (a rule, `nft replace rule`) or deleted — `nft flush ruleset` deletes
+    every rule, set, chain and table, each its own event."""
+
+    kind = "nft"
+    ACTIONS = ("added", "replaced", "deleted")
+    CHOICES = {"object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
+               "family": ("ip", "ip6", "inet", "arp", "bridge", "netdev")}
+    FIELDS = NetChangeEvent.FIELDS + ("object", "family", "table", "chain", "set", "handle", "name", "text")
+
+    def describe(self) -> str:
+        # as `nft monitor` says it: "add rule inet filter input ip saddr 10.0.0.2 drop # handle 2"
+        verb = {"added": "add", "replaced": "replace", "deleted": "delete"}[self.action]
+        where = {"table": f"{self.family} {self.table}",
+                 "chain": f"{self.family} {self.table} {self.chain}",
+                 "rule": f"{self.family} {self.table} {self.chain}",
+                 "set": f"{self.family} {self.table} {self.set}",
+                 "element": f"{self.family} {self.table} {self.set}"}.get(self.object, f"{self.family}")
+        text = f" {{ {self.text} }}" if self.text and self.object in ("chain", "element") else \
+            f" {self.text}" if self.text else ""
+        handle = f" # handle {self.handle}" if self.handle is not None else ""
+        return f"{verb} {self.object} {where}{text}{handle}"
 
 
 def neigh_key(msg: bytes) -> Optional[Tuple[int, int, bytes]]:
@@ -373,6 +406,14 @@ class _Monitor:
         # (family, ifindex, dst) -> (NUD state, lladdr) of the entries known now
         self.neighbours: Dict[Tuple[int, int, bytes], Tuple[int, Optional[bytes]]] = {}
         self._dump_neighbours()
+        self.nft: Optional[socket.socket] = None  # the nftables monitor, where nf_tables exists
+        self.nft_portid = 0
+        self.nft_error: Optional[str] = None
+        try:
+            self.nft = in_netns_at(path, lambda: _open_nft(self.portid))
+            self.nft_portid = self.nft.getsockname()[0]
+        except OSError as e:
+            self.nft_error = e.strerror or str(e)
         self.sock.setblocking(False)
 
     @staticmethod
@@ -421,9 +462,39 @@ class _Monitor:
         """The kernel drops notifications for a full socket and sets ENOBUFS."""
         if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 105:  # ENOBUFS
             self.lost += 1
+        if self.nft is not None and self.nft.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 105:
+            self.lost += 1
 
     def close(self) -> None:
         self.sock.close()
+        if self.nft is not None:
+            self.nft.close()
+
+
+def _open_nft(avoid: int) -> socket.socket:
+    """The nftables monitor (NETLINK_NETFILTER, group NFNLGRP_NFTABLES). Its
+    port id is chosen, not the kernel's: the BPF map tells the two monitors
+    apart by (netns, port id), and each protocol numbers its ports alone."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 12)  # NETLINK_NETFILTER
+    try:
+        try:
+            s.setsockopt(socket.SOL_SOCKET, 33, MONITOR_RCVBUF)  # SO_RCVBUFFORCE
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_RCVBUF)
+        for _ in range(64):
+            portid = random.randrange(1 << 30, 1 << 31)
+            if portid == avoid:
+                continue
+            try:
+                s.bind((portid, 1 << (_nft.NFNLGRP_NFTABLES - 1)))
+                return s
+            except OSError as e:
+                if e.errno != 98:  # EADDRINUSE: another port id
+                    raise
+        raise OSError(98, "no free netlink port id")
+    except BaseException:
+        s.close()
+        raise
 
 
 def _split(data: bytes):
@@ -441,7 +512,7 @@ class NetChangeProbe(Probe):
     object_file = "nettrace.bpf.o"
     kind_id = NT_KIND_NLMSG
     event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent,
-                   "neigh": NeighEvent, "rule": RuleEvent}
+                   "neigh": NeighEvent, "rule": RuleEvent, "nft": NftEvent}
 
     def __init__(self) -> None:
         self._monitors: Dict[int, _Monitor] = {}
@@ -482,12 +553,16 @@ class NetChangeProbe(Probe):
             return
         mon = _Monitor(path)
         self._monitors[netns] = mon
-        map_update(self._socks_fd, _KEY.pack(netns, mon.portid), struct.pack("<I", 1))
+        map_update(self._socks_fd, _KEY.pack(netns, mon.portid), struct.pack("<I", NC_SOCK_RTNL))
+        if mon.nft is not None:
+            map_update(self._socks_fd, _KEY.pack(netns, mon.nft_portid), struct.pack("<I", NC_SOCK_NFT))
 
     def unwatch(self, netns: int) -> None:
         mon = self._monitors.pop(netns, None)
         if mon is not None:
             map_delete(self._socks_fd, _KEY.pack(netns, mon.portid))
+            if mon.nft is not None:
+                map_delete(self._socks_fd, _KEY.pack(netns, mon.nft_portid))
             mon.close()
         self._last.pop(netns, None)
         self._raced_count.pop(netns, None)
@@ -512,7 +587,9 @@ class NetChangeProbe(Probe):
             self.unwatch(netns)
 
     # -- decoding ------------------------------------------------------------
-    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+    def decode(self, buf: bytes, hdr: Header) -> Any:
+        if hdr.flags & NC_F_NFT:
+            return self._nft(buf, hdr)
         skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = _BODY.unpack_from(buf, HEADER.size)
         mon = self._monitors.get(hdr.netns)
         if not copied:
@@ -696,6 +773,29 @@ class NetChangeProbe(Probe):
         return self._finish(ev, hdr)
 
 
+    def _nft(self, buf: bytes, hdr: Header) -> List[Event]:
+        """Every change of one nftables notification batch, each attributed to
+        the committing task."""
+        skb, _portid, msg_len, copied, cmd_len, cmdline, msg = _NFT_BODY.unpack_from(buf, HEADER.size)
+        if not copied or self._raced(hdr.netns, skb):
+            if not copied:
+                self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
+            return []
+        msg = msg[:copied]
+        if copied < msg_len and not _nft.complete(msg, msg_len):
+            # a batch longer than the copy: the changes past it are lost
+            self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
+        stack = hdr.stack_addrs(buf)
+        argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
+        line = " ".join(a.decode(errors="replace") for a in argv) or None
+        events: List[Event] = []
+        for change in _nft.changes(msg):
+            ev = NftEvent(hdr, stack, "process", cmdline=line, dev=None, ifindex=None, **change)
+            events.append(self._finish(ev, hdr))
+        self._last[hdr.netns] = (skb, events[-1] if events else None)
+        return events
+
+
 _OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
 
 
@@ -755,6 +855,11 @@ class NetChangeApi:
         """No neighbour entry (or not `address`, on `dev` when given) was
         deleted — `ip neigh flush`, `arp -d` — and none may have been lost."""
         self.assert_none("neigh", action="deleted", **_address_filters(address, dev))
+
+    def nft_changes(self, **filters: Any) -> List[Event]:
+        """nftables tables, chains, rules, sets and elements added, replaced or
+        deleted (kind "nft")."""
+        return self.events("nft", **filters)
 
     def rule_changes(self, **filters: Any) -> List[Event]:
         """Policy-routing rules (`ip rule`) added or deleted (kind "rule")."""

@@ -1,0 +1,312 @@
+"""nftables notifications, decoded with pyroute2's message classes: what a
+commit changed (tables, chains, rules, sets, elements), and rules rendered as
+text close to what `nft list ruleset` prints.
+
+Pure functions on message bytes (no kernel needed): netchange.py turns their
+results into events with who did it."""
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from pyroute2.netlink.nfnetlink.nftsocket import (nft_chain_msg, nft_rule_msg, nft_set_elem_list_msg, nft_set_msg,
+                                                  nft_table_msg)
+
+NFNL_SUBSYS_NFTABLES = 10
+NFNLGRP_NFTABLES = 7
+NLM_F_REPLACE = 0x100
+FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+# NFT_MSG_* -> (object, action, message class)
+MESSAGES = {
+    0: ("table", "added", nft_table_msg), 2: ("table", "deleted", nft_table_msg),
+    3: ("chain", "added", nft_chain_msg), 5: ("chain", "deleted", nft_chain_msg),
+    6: ("rule", "added", nft_rule_msg), 8: ("rule", "deleted", nft_rule_msg),
+    9: ("set", "added", nft_set_msg), 11: ("set", "deleted", nft_set_msg),
+    12: ("element", "added", nft_set_elem_list_msg), 14: ("element", "deleted", nft_set_elem_list_msg),
+}
+NFT_MSG_NEWGEN = 15
+OTHER_OBJECTS = {18: ("object", "added"), 20: ("object", "deleted"),
+                 22: ("flowtable", "added"), 24: ("flowtable", "deleted")}
+HOOKS = {"ip": ("prerouting", "input", "forward", "output", "postrouting"),
+         "netdev": ("ingress", "egress"),
+         "arp": ("input", "output", "forward")}
+VERDICTS = {"NF_DROP": "drop", "NF_ACCEPT": "accept", "NFT_RETURN": "return", "NFT_CONTINUE": "continue",
+            "NFT_JUMP": "jump", "NFT_GOTO": "goto", "NFT_BREAK": "break", "NF_QUEUE": "queue"}
+L4 = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite", 33: "dccp"}
+_NET_FIELDS = {"ip": {12: "saddr", 16: "daddr", 9: "protocol", 8: "ttl"},
+               "ip6": {8: "saddr", 24: "daddr", 6: "nexthdr", 7: "hoplimit"}}
+_TRANSPORT_FIELDS = {0: "sport", 2: "dport"}
+_META = {"NFT_META_IIFNAME": "iifname", "NFT_META_OIFNAME": "oifname", "NFT_META_IIF": "iif",
+         "NFT_META_OIF": "oif", "NFT_META_MARK": "mark", "NFT_META_NFPROTO": "nfproto",
+         "NFT_META_L4PROTO": "l4proto", "NFT_META_NFTRACE": "nftrace", "NFT_META_PROTOCOL": "protocol",
+         "NFT_META_SKUID": "skuid", "NFT_META_SKGID": "skgid", "NFT_META_PKTTYPE": "pkttype"}
+_CT_STATES = ((1, "invalid"), (2, "established"), (4, "related"), (8, "new"), (64, "untracked"))
+_CMP = {"NFT_CMP_EQ": "", "NFT_CMP_NEQ": "!= ", "NFT_CMP_LT": "< ", "NFT_CMP_LTE": "<= ",
+        "NFT_CMP_GT": "> ", "NFT_CMP_GTE": ">= "}
+
+
+def split(buf: bytes) -> Iterator[Tuple[int, int, bytes]]:
+    """(type, flags, message) of each netlink message in a batch."""
+    off = 0
+    while off + 16 <= len(buf):
+        length, mtype, flags = struct.unpack_from("<IHH", buf, off)
+        if length < 16 or off + length > len(buf):
+            return
+        yield mtype, flags, buf[off: off + length]
+        off += (length + 3) & ~3
+
+
+def complete(buf: bytes, total: int) -> bool:
+    """Whether the batch's messages all fit in the copy."""
+    off = 0
+    while off + 16 <= total:
+        if off + 16 > len(buf):
+            return False
+        length = struct.unpack_from("<I", buf, off)[0]
+        if length < 16:
+            return True
+        if off + length > len(buf):
+            return False
+        off += (length + 3) & ~3
+    return True
+
+
+def changes(buf: bytes) -> List[Dict[str, Any]]:
+    """One dict per table/chain/rule/set/element change in a notification
+    batch (fields of NftEvent)."""
+    out: List[Dict[str, Any]] = []
+    for mtype, flags, raw in split(buf):
+        if mtype >> 8 != NFNL_SUBSYS_NFTABLES:
+            continue
+        kind = mtype & 0xFF
+        if kind == NFT_MSG_NEWGEN:
+            continue  # the commit's end: who made it is known already
+        if kind in OTHER_OBJECTS:
+            obj, action = OTHER_OBJECTS[kind]
+            out.append(dict(object=obj, action=action, family=FAMILIES.get(raw[16], raw[16])))
+            continue
+        if kind not in MESSAGES:
+            continue
+        obj, action, cls = MESSAGES[kind]
+        msg = cls(raw)
+        msg.decode()
+        family = FAMILIES.get(msg["nfgen_family"], msg["nfgen_family"])
+        if obj == "rule" and action == "added" and flags & NLM_F_REPLACE:
+            action = "replaced"
+        out.append(_describe(obj, action, family, msg))
+    return out
+
+
+def _describe(obj: str, action: str, family: Any, msg: Any) -> Dict[str, Any]:
+    get = msg.get_attr
+    d: Dict[str, Any] = dict(object=obj, action=action, family=family, table=None, chain=None, set=None,
+                             handle=None, name=None, text=None)
+    if obj == "table":
+        d.update(table=get("NFTA_TABLE_NAME"), name=get("NFTA_TABLE_NAME"), handle=get("NFTA_TABLE_HANDLE"))
+    elif obj == "chain":
+        d.update(table=get("NFTA_CHAIN_TABLE"), chain=get("NFTA_CHAIN_NAME"), name=get("NFTA_CHAIN_NAME"),
+                 handle=get("NFTA_CHAIN_HANDLE"), text=_chain_text(family, msg))
+    elif obj == "rule":
+        exprs = get("NFTA_RULE_EXPRESSIONS")
+        d.update(table=get("NFTA_RULE_TABLE"), chain=get("NFTA_RULE_CHAIN"), handle=get("NFTA_RULE_HANDLE"),
+                 text=render_rule(family, exprs) if exprs is not None else None)
+    elif obj == "set":
+        d.update(table=get("NFTA_SET_TABLE"), set=get("NFTA_SET_NAME"), name=get("NFTA_SET_NAME"),
+                 handle=get("NFTA_SET_HANDLE"))
+    elif obj == "element":
+        d.update(table=get("NFTA_SET_ELEM_LIST_TABLE"), set=get("NFTA_SET_ELEM_LIST_SET"),
+                 name=get("NFTA_SET_ELEM_LIST_SET"), text=_elements(msg))
+    return d
+
+
+def _chain_text(family: Any, msg: Any) -> Optional[str]:
+    """`type filter hook input priority 0; policy accept;` for a base chain."""
+    hook = msg.get_attr("NFTA_CHAIN_HOOK")
+    if not hook:
+        return None
+    num = hook.get_attr("NFTA_HOOK_HOOKNUM")
+    names = HOOKS.get("netdev" if family == "netdev" else "arp" if family == "arp" else "ip", ())
+    hook_name = names[num] if isinstance(num, int) and num < len(names) else str(num)
+    text = f"type {msg.get_attr('NFTA_CHAIN_TYPE')} hook {hook_name} priority {hook.get_attr('NFTA_HOOK_PRIORITY')};"
+    policy = msg.get_attr("NFTA_CHAIN_POLICY")
+    if policy is not None:
+        text += f" policy {'accept' if policy == 1 else 'drop'};"
+    return text
+
+
+def _elements(msg: Any) -> Optional[str]:
+    keys = []
+    for elem in msg.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or []:
+        key = elem.get_attr("NFTA_SET_ELEM_KEY") if hasattr(elem, "get_attr") else None
+        value = key.get_attr("NFTA_DATA_VALUE") if key is not None and hasattr(key, "get_attr") else None
+        if isinstance(value, (bytes, bytearray)):
+            keys.append(_value_text(bytes(value)))
+    return ", ".join(keys) if keys else None
+
+
+def _value_text(raw: bytes) -> str:
+    if len(raw) == 4:
+        return str(ipaddress.IPv4Address(raw))
+    if len(raw) == 16:
+        return str(ipaddress.IPv6Address(raw))
+    return "0x" + raw.hex()
+
+
+def _data(expr: Any) -> Dict[str, Any]:
+    data = expr.get_attr("NFTA_EXPR_DATA")
+    return dict(data["attrs"]) if data is not None else {}
+
+
+def render_rule(family: Any, exprs: List[Any]) -> str:
+    """A rule's expressions as nft prints them, for the common ones (payload
+    and meta matches, ct state, counters, sets, verdicts, log, nat); any
+    other expression shows as `<name>`. The dependencies nft adds on its own
+    (`meta nfproto ipv4` before `ip saddr` in an inet table, `meta l4proto
+    tcp` before `tcp dport`) are left out, as nft leaves them out."""
+    out: List[str] = []
+    st = _State(family if family in ("ip", "ip6") else None)
+    for expr in exprs:
+        name = expr.get_attr("NFTA_EXPR_NAME")
+        a = _data(expr)
+        if name == "meta" and "NFTA_META_DREG" in a:
+            st.load(("meta", _META.get(a.get("NFTA_META_KEY"), str(a.get("NFTA_META_KEY")).lower())), out)
+        elif name == "meta" and "NFTA_META_SREG" in a:
+            key = _META.get(a.get("NFTA_META_KEY"), a.get("NFTA_META_KEY"))
+            value = int.from_bytes(st.immediate, "little") if st.immediate is not None else "<register>"
+            out.append(f"meta {key} set {value}")
+        elif name == "payload" and "NFTA_PAYLOAD_DREG" in a:
+            st.load(("payload", (a.get("NFTA_PAYLOAD_BASE"), a.get("NFTA_PAYLOAD_OFFSET"),
+                                 a.get("NFTA_PAYLOAD_LEN"))), out)
+        elif name == "ct" and "NFTA_CT_DREG" in a:
+            st.load(("ct", str(a.get("NFTA_CT_KEY", "")).replace("NFT_CT_", "").lower()), out)
+        elif name == "bitwise":
+            mask = dict(a["NFTA_BITWISE_MASK"]["attrs"]).get("NFTA_DATA_VALUE") if "NFTA_BITWISE_MASK" in a else None
+            st.mask = bytes(mask) if isinstance(mask, (bytes, bytearray)) else None
+        elif name == "cmp" and st.reg is not None:
+            st.compare(_cmp_value(a), _CMP.get(a.get("NFTA_CMP_OP"), "? "), out)
+        elif name == "lookup" and st.reg is not None:
+            out.append(f"{_load_text(st.reg, st.net, st.l4)} @{a.get('NFTA_LOOKUP_SET')}")
+            st.reg = None
+        elif name == "counter":
+            out.append(f"counter packets {a.get('NFTA_COUNTER_PACKETS', 0)} bytes {a.get('NFTA_COUNTER_BYTES', 0)}")
+        elif name == "immediate":
+            verdict = _verdict(a)
+            if verdict:
+                out.append(verdict)
+            else:
+                st.immediate = _immediate_value(a)
+        elif name == "log":
+            prefix = a.get("NFTA_LOG_PREFIX")
+            out.append(f'log prefix "{prefix}"' if prefix else "log")
+        elif name in ("reject", "notrack", "limit", "quota", "queue", "dup", "fwd"):
+            out.append(name)
+        elif name == "masq":
+            out.append("masquerade")
+        elif name == "nat":
+            out.append(str(a.get("NFTA_NAT_TYPE", "nat")).replace("NFT_NAT_", "").lower() + "nat")
+        else:
+            out.append(f"<{name}>")
+    return " ".join(t for t in out if t is not None)
+
+
+class _State:
+    """What the expressions so far loaded and matched."""
+
+    def __init__(self, net: Optional[str]) -> None:
+        self.net = net
+        self.l4: Optional[str] = None
+        self.reg: Optional[Tuple[str, Any]] = None  # what the last load put in the register
+        self.mask: Optional[bytes] = None
+        self.immediate: Optional[bytes] = None
+        self.dependency: Dict[str, int] = {}  # "net" / "l4" -> index in out of a match that may be implicit
+
+    def load(self, reg: Tuple[str, Any], out: List[Optional[str]]) -> None:
+        self.reg, self.mask = reg, None
+        if reg[0] == "payload":
+            # a header load makes the match that selected its protocol implicit
+            layer = {"NFT_PAYLOAD_NETWORK_HEADER": "net", "NFT_PAYLOAD_TRANSPORT_HEADER": "l4"}.get(reg[1][0])
+            if layer in self.dependency:
+                out[self.dependency.pop(layer)] = None
+
+    def compare(self, value: bytes, op: str, out: List[Optional[str]]) -> None:
+        kind, what = self.reg
+        self.reg = None
+        num = int.from_bytes(value, "little") if value else 0
+        if kind == "meta" and what == "nfproto" and not op:
+            self.net = {2: "ip", 10: "ip6"}.get(num, self.net)
+            self.dependency["net"] = len(out)
+            out.append(f"meta nfproto {'ipv4' if num == 2 else 'ipv6' if num == 10 else num}")
+            return
+        if (kind == "meta" and what == "l4proto" and not op) or (
+                kind == "payload" and what[0] == "NFT_PAYLOAD_NETWORK_HEADER" and not op
+                and (self.net, what[1]) in (("ip", 9), ("ip6", 6))):
+            self.l4 = L4.get(num, str(num))
+            self.dependency["l4"] = len(out)
+            field = "meta l4proto" if kind == "meta" else f"{self.net} {_NET_FIELDS[self.net][what[1]]}"
+            out.append(f"{field} {self.l4}")
+            return
+        if kind == "meta" and what in ("iifname", "oifname"):
+            ifname = value.split(b"\0", 1)[0].decode(errors="replace")
+            out.append(f'{what} {op}"{ifname}"')
+        elif kind == "meta" and what == "mark":
+            out.append(f"meta mark {op}0x{num:08x}")
+        elif kind == "meta":
+            out.append(f"{_load_text((kind, what), self.net, self.l4)} {op}{num}")
+        elif kind == "ct" and what == "state":
+            bits = int.from_bytes(self.mask, "little") if self.mask and op == "!= " and not num else num
+            names = [n for bit, n in _CT_STATES if bits & bit]
+            out.append(f"ct state {'' if bits != num else op}{','.join(names) or num}")
+        elif kind == "ct":
+            out.append(f"ct {what} {op}0x{value.hex()}")
+        else:
+            base, _offset, length = what
+            if base == "NFT_PAYLOAD_NETWORK_HEADER" and length in (4, 16) and len(value) == length:
+                shown = str(ipaddress.ip_address(value))
+            else:
+                shown = str(int.from_bytes(value, "big"))
+            out.append(f"{_load_text((kind, what), self.net, self.l4)} {op}{shown}")
+
+
+def _immediate_value(a: Dict[str, Any]) -> Optional[bytes]:
+    data = a.get("NFTA_IMMEDIATE_DATA")
+    value = data.get_attr("NFTA_DATA_VALUE") if data is not None and hasattr(data, "get_attr") else None
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
+
+
+def _cmp_value(a: Dict[str, Any]) -> bytes:
+    data = a.get("NFTA_CMP_DATA")
+    if data is None:
+        return b""
+    attrs = dict(data["attrs"]) if hasattr(data, "__getitem__") and "attrs" in data else {}
+    value = attrs.get("NFTA_DATA_VALUE", b"")
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else b""
+
+
+def _load_text(reg: Tuple[str, Any], net: Optional[str], l4: Optional[str]) -> str:
+    kind, what = reg
+    if kind == "meta":
+        return f"meta {what}" if what in ("l4proto", "nfproto", "protocol", "mark", "nftrace", "pkttype") else str(what)
+    if kind == "ct":
+        return f"ct {what}"
+    base, offset, length = what
+    if base == "NFT_PAYLOAD_NETWORK_HEADER" and net in _NET_FIELDS and offset in _NET_FIELDS[net]:
+        return f"{net} {_NET_FIELDS[net][offset]}"
+    if base == "NFT_PAYLOAD_TRANSPORT_HEADER" and offset in _TRANSPORT_FIELDS and l4 in ("tcp", "udp", "sctp",
+                                                                                          "udplite", "dccp"):
+        return f"{l4} {_TRANSPORT_FIELDS[offset]}"
+    short = {"NFT_PAYLOAD_LL_HEADER": "ll", "NFT_PAYLOAD_NETWORK_HEADER": "nh",
+             "NFT_PAYLOAD_TRANSPORT_HEADER": "th"}.get(base, base)
+    return f"@{short},{offset * 8},{length * 8}"
+
+
+def _verdict(a: Dict[str, Any]) -> Optional[str]:
+    data = a.get("NFTA_IMMEDIATE_DATA")
+    if data is None or not hasattr(data, "get_attr"):
+        return None
+    verdict = data.get_attr("NFTA_DATA_VERDICT")
+    if verdict is None:
+        return None
+    code = VERDICTS.get(verdict.get_attr("NFTA_VERDICT_CODE"), str(verdict.get_attr("NFTA_VERDICT_CODE")))
+    chain = verdict.get_attr("NFTA_VERDICT_CHAIN")
+    return f"{code} {chain}" if chain else code
