@@ -19,7 +19,7 @@ from .timeline import WIDTH, seed_line
 if TYPE_CHECKING:
     from .trace import Trace
 
-MARKER_ARGS = ("forbid", "watch_host")
+MARKER_ARGS = ("forbid", "watch_host", "nft_trace")
 
 
 class GateSpecError(ValueError):
@@ -42,17 +42,19 @@ class ForbidRule:
 
 @dataclass
 class GateSpec:
-    """What one test's gate checks: forbidden events, and whether to watch the host."""
+    """What one test's gate checks: forbidden events, whether to watch the
+    host, and whether to trace nftables' verdicts in its namespaces."""
 
     forbid: List[ForbidRule] = field(default_factory=list)
     watch_host: bool = False
+    nft_trace: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.forbid) or self.watch_host
+        return bool(self.forbid) or self.watch_host or self.nft_trace
 
     def merged(self, other: "GateSpec") -> "GateSpec":
         rules = list(self.forbid) + [r for r in other.forbid if r not in self.forbid]
-        return GateSpec(rules, self.watch_host or other.watch_host)
+        return GateSpec(rules, self.watch_host or other.watch_host, self.nft_trace or other.nft_trace)
 
 
 def actions_of(kind: str) -> Optional[Tuple[str, ...]]:
@@ -123,10 +125,11 @@ def parse_marker(args: Sequence[Any], kwargs: Dict[str, Any], where: str) -> Gat
     if bad:
         raise GateSpecError(f"{where}: unknown @pytest.mark.nettrace argument {bad[0]!r}; "
                             f"valid: {', '.join(MARKER_ARGS)}")
-    watch_host = kwargs.get("watch_host", False)
-    if not isinstance(watch_host, bool):
-        raise GateSpecError(f"{where}: watch_host must be True or False, got {watch_host!r}")
-    return GateSpec(parse_rules(kwargs.get("forbid", []), where), watch_host)
+    for flag in ("watch_host", "nft_trace"):
+        if not isinstance(kwargs.get(flag, False), bool):
+            raise GateSpecError(f"{where}: {flag} must be True or False, got {kwargs[flag]!r}")
+    return GateSpec(parse_rules(kwargs.get("forbid", []), where), kwargs.get("watch_host", False),
+                    kwargs.get("nft_trace", False))
 
 
 def unavailable(trace: "Trace", rules: Iterable[ForbidRule]) -> List[str]:

@@ -54,10 +54,11 @@ def pytest_configure(config: pytest.Config) -> None:
     mode = config.getini("nettrace_unavailable")
     if mode not in ("skip", "error"):
         raise pytest.UsageError(f"nettrace_unavailable = {mode!r}: use 'skip' or 'error'")
-    config.addinivalue_line("markers", "nettrace(forbid=[], watch_host=False): trace this test "
-                            "(even without the nettrace fixture); fail it at teardown if a forbidden "
+    config.addinivalue_line("markers", "nettrace(forbid=[], watch_host=False, nft_trace=False): trace this "
+                            "test (even without the nettrace fixture); fail it at teardown if a forbidden "
                             "event ('rst', 'addr:deleted', ...) happened; watch_host also watches "
-                            "the namespace pytest runs in")
+                            "the namespace pytest runs in; nft_trace says which nftables rule dropped "
+                            "each packet in the test's namespaces")
     spec = config.getoption("nettrace_probes") or config.getini("nettrace_probes")
     try:
         loaded, left_out = select_probes(spec)
@@ -357,18 +358,24 @@ def nettrace(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) ->
         if gate.watch_host:
             trace.watch_host()
         for ns in netns_factory.namespaces:
-            trace.watch(ns)
+            _watch(trace, ns, gate)
         missing = gates.unavailable(trace, gate.forbid)
         if missing:
             holder.refuse(f"nettrace gate cannot be enforced on this kernel: {'; '.join(missing)}")
     except BaseException:
         trace.close()
         raise
-    netns_factory.add_listener(lambda ns: None if trace.closed else trace.watch(ns))
+    netns_factory.add_listener(lambda ns: None if trace.closed else _watch(trace, ns, gate))
     try:
         yield trace
     finally:
         _finish_trace(item, trace, gate, request.config.stash[_SETTINGS])
+
+
+def _watch(trace: Trace, ns: Namespace, gate: GateSpec) -> None:
+    trace.watch(ns)
+    if gate.nft_trace:
+        trace.trace_nft(ns)
 
 
 def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "ReportSettings") -> None:

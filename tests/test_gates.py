@@ -160,7 +160,7 @@ def test_bad_markers_are_collection_errors_naming_the_word(pytester, xdist):
             "test_bad.py::test_action_on_kind_without_actions: 'rst' events have no action",
             "test_bad.py::test_positional: @pytest.mark.nettrace takes keyword arguments only",
             "test_bad.py::test_unknown_argument: unknown @pytest.mark.nettrace argument 'forbidd'; "
-            "valid: forbid, watch_host",
+            "valid: forbid, watch_host, nft_trace",
             "test_bad.py::test_bad_watch_host: watch_host must be True or False, got 'yes'",
             "test_bad.py::test_not_a_string: forbid entries must be strings"):
         assert expected in out, expected

@@ -9,6 +9,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -377,3 +378,94 @@ def test_nft_json_fields(netns, nettrace):
     d = nettrace.assert_any("nft", object="rule").as_dict()
     assert (d["object"], d["family"], d["table"], d["chain"], d["handle"]) == ("rule", "ip", "t", "c", 2)
     assert d["text"] == 'oifname "eth0" meta nftrace set 1' and d["comm"] == "nft" and d["cause"] == "netlink"
+
+
+# -- which nftables rule dropped a packet ----------------------------------------
+
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 4242))
+s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def counters(ns) -> dict:
+    """handle -> packets of each rule with a counter, as `nft -a list ruleset` shows them."""
+    out = ns.run(["nft", "-a", "list", "ruleset"], check=True).stdout
+    return {int(h): int(p) for p, h in re.findall(r"counter packets (\d+) bytes \d+ .*# handle (\d+)", out)}
+
+
+@pytest.mark.smoke
+@needs_nft
+@pytest.mark.nettrace(nft_trace=True)
+def test_drop_joined_to_the_rule_that_decided_it(pair, nettrace):
+    a, b = pair
+    b.run(["nft", "add table inet filter; add chain inet filter input { type filter hook input priority 0; }; "
+                  "add rule inet filter input udp dport 53 counter accept; "
+                  "add rule inet filter input ip saddr 10.0.0.1 udp dport 9 counter drop"], check=True)
+    a.run([sys.executable, "-c", SEND_UDP, "10.0.0.2", "9"], check=True)
+    drop = nettrace.wait_for("drop", netns=b.inode, reason="NETFILTER_DROP", dport=9)
+    verdict = nettrace.dropped_by(drop)
+    assert verdict is not None, nettrace.events("nftrace")
+    assert (verdict.table, verdict.chain, verdict.handle, verdict.family, verdict.policy) == (
+        "filter", "input", 3, "inet", False)
+    assert verdict.rule == "ip saddr 10.0.0.1 udp dport 9 counter packets 1 bytes 29 drop"
+    assert (str(verdict.saddr), verdict.sport, verdict.dport, verdict.ip_proto) == ("10.0.0.1", 4242, 9, "udp")
+    assert verdict.timestamp == drop.timestamp and verdict.netns == b.inode
+    assert "dropped by rule inet filter input handle 3: ip saddr 10.0.0.1" in verdict.summary()
+    # nft's own counters agree: that rule, not the other, matched one packet
+    assert counters(b) == {2: 0, 3: 1}
+    assert nettrace.assert_any("nftrace", handle=3) is verdict
+    d = verdict.as_dict()
+    assert d["drop"] == drop.location and d["rule"] == verdict.rule and d["saddr"] == "10.0.0.1"
+    # the plugin's own tracing table is in the ruleset while the test runs, in the background
+    ours = nettrace.nft_changes(table="nettrace_trace")
+    assert ours and all(e.background and e.pid == os.getpid() for e in ours)
+
+
+@needs_nft
+def test_policy_drop_and_the_tracing_table_removed_afterwards(pytester):
+    name = f"nt-nftrace-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "nft",
+                        "add table ip t; add chain ip t out { type filter hook output priority 0; policy drop; }"],
+                       check=True)
+        pytester.makepyfile(f"""
+            import subprocess
+
+            def test_it(nettrace):
+                nettrace.trace_nft("{name}")
+                out = subprocess.run(["ip", "netns", "exec", "{name}", "nft", "list", "tables"],
+                                     capture_output=True, text=True, check=True).stdout
+                assert "table inet nettrace_trace" in out
+                subprocess.run(["ip", "netns", "exec", "{name}", "ip", "link", "set", "lo", "up"], check=True)
+                subprocess.run(["ip", "netns", "exec", "{name}", "python3", "-c",
+                                "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                                ".sendto(b'x', ('127.0.0.1', 7))"])
+                v = nettrace.wait_for("nftrace", dport=7)
+                assert v.policy and v.handle is None and (v.table, v.chain, v.family) == ("t", "out", "ip")
+                assert v.describe().startswith("dropped by policy of ip t out")
+                assert v.drop is not None and v.comm == "python3", "sent by python3, dropped in its context"
+        """)
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+        result.assert_outcomes(passed=1)
+        out = subprocess.run(["ip", "netns", "exec", name, "nft", "list", "tables"], capture_output=True,
+                             text=True, check=True).stdout
+        assert out.split("\n")[:1] == ["table ip t"] and "nettrace_trace" not in out, out
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+@needs_nft
+@pytest.mark.nettrace(nft_trace=True)
+def test_ruleset_flushed_while_tracing_makes_negative_assertions_fail(netns, nettrace):
+    netns.run(["nft", "flush ruleset"], check=True)  # takes the tracing table with it
+    with pytest.raises(AssertionError, match="nftrace events lost"):
+        nettrace.assert_none("nftrace")
+
+
+def test_trace_nft_refuses_the_host_ruleset(nettrace):
+    with pytest.raises(Exception, match="does not add rules to the host's own ruleset"):
+        nettrace.trace_nft("/proc/self/ns/net")

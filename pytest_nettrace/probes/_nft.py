@@ -310,3 +310,173 @@ def _verdict(a: Dict[str, Any]) -> Optional[str]:
     code = VERDICTS.get(verdict.get_attr("NFTA_VERDICT_CODE"), str(verdict.get_attr("NFTA_VERDICT_CODE")))
     chain = verdict.get_attr("NFTA_VERDICT_CHAIN")
     return f"{code} {chain}" if chain else code
+
+
+# -- tracing (nft monitor trace) -------------------------------------------------
+NFNLGRP_NFTRACE = 9
+NFT_MSG_TRACE = 17
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x8, 0x200, 0x400
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFPROTO_INET = 1
+NFT_META_NFTRACE, NFT_REG_1 = 12, 1
+NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT = 0, 3
+# The chains that mark packets for tracing run before everything else
+# (conntrack is -200, raw -300): every chain after them is traced.
+TRACE_PRIORITY = -500
+_TRACE_TYPES = {1: "policy", 2: "return", 3: "rule"}
+_VERDICT_CODES = {0: "drop", 1: "accept", 2: "stolen", 3: "queue", 4: "repeat", 5: "stop",
+                  0xFFFFFFFF: "continue", 0xFFFFFFFE: "break", 0xFFFFFFFD: "jump", 0xFFFFFFFC: "goto",
+                  0xFFFFFFFB: "return"}
+
+
+def _encode(cls: Any, mtype: int, flags: int, seq: int, family: int, attrs: list, res_id: int = 0) -> bytes:
+    msg = cls()
+    msg["header"]["type"] = mtype
+    msg["header"]["flags"] = flags
+    msg["header"]["sequence_number"] = seq
+    msg["nfgen_family"] = family
+    msg["res_id"] = res_id
+    msg["attrs"] = attrs
+    msg.encode()
+    return bytes(msg.data[: msg["header"]["length"]])
+
+
+def batch(items: List[Tuple[Any, int, int, list]], family: int = NFPROTO_INET) -> bytes:
+    """An nftables transaction: (message class, NFT_MSG_*, extra flags,
+    attributes) each; sequence numbers from 1 (begin) on, every message acked."""
+    from pyroute2.netlink.nfnetlink import nfgen_msg
+    out = _encode(nfgen_msg, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, 0, [], res_id=NFNL_SUBSYS_NFTABLES)
+    for i, (cls, kind, flags, attrs) in enumerate(items):
+        out += _encode(cls, (NFNL_SUBSYS_NFTABLES << 8) | kind, NLM_F_REQUEST | NLM_F_ACK | flags, 2 + i,
+                       family, attrs)
+    out += _encode(nfgen_msg, NFNL_MSG_BATCH_END, NLM_F_REQUEST, 2 + len(items), 0, [],
+                   res_id=NFNL_SUBSYS_NFTABLES)
+    return out
+
+
+def tracing_table(table: str) -> bytes:
+    """`table inet <table> { chain pre { type filter hook prerouting priority
+    -500; meta nftrace set 1 } chain out { type filter hook output priority
+    -500; meta nftrace set 1 } }`, created exclusively (an existing table of
+    that name is an error, never reused); the table comes back echoed, with
+    its handle."""
+    items: List[Tuple[Any, int, int, list]] = [
+        (nft_table_msg, 0, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, [("NFTA_TABLE_NAME", table)])]
+    for chain, hook in (("pre", NF_INET_PRE_ROUTING), ("out", NF_INET_LOCAL_OUT)):
+        items.append((nft_chain_msg, 3, NLM_F_CREATE, [
+            ("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", chain),
+            ("NFTA_CHAIN_HOOK", {"attrs": [("NFTA_HOOK_HOOKNUM", hook), ("NFTA_HOOK_PRIORITY", TRACE_PRIORITY)]}),
+            ("NFTA_CHAIN_TYPE", "filter")]))
+        items.append((nft_rule_msg, 6, NLM_F_CREATE, [
+            ("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain),
+            ("NFTA_RULE_EXPRESSIONS", [
+                {"attrs": [("NFTA_EXPR_NAME", "immediate"), ("NFTA_EXPR_DATA", {"attrs": [
+                    ("NFTA_IMMEDIATE_DREG", NFT_REG_1),
+                    ("NFTA_IMMEDIATE_DATA", {"attrs": [("NFTA_DATA_VALUE", b"\x01\x00\x00\x00")]})]})]},
+                {"attrs": [("NFTA_EXPR_NAME", "meta"), ("NFTA_EXPR_DATA", {"attrs": [
+                    ("NFTA_META_KEY", NFT_META_NFTRACE), ("NFTA_META_SREG", NFT_REG_1)]})]}])]))
+    return batch(items)
+
+
+def delete_table(table: str, handle: int) -> bytes:
+    """Delete table `table` only if it still has `handle` (the one we made)."""
+    return batch([(nft_table_msg, 2, 0, [("NFTA_TABLE_NAME", table), ("NFTA_TABLE_HANDLE", handle)])])
+
+
+def get_rule(family: int, table: str, chain: str, handle: int) -> bytes:
+    return _encode(nft_rule_msg, (NFNL_SUBSYS_NFTABLES << 8) | 7, NLM_F_REQUEST | NLM_F_ACK, 1, family,
+                   [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain), ("NFTA_RULE_HANDLE", handle)])
+
+
+def get_table(table: str) -> bytes:
+    return _encode(nft_table_msg, (NFNL_SUBSYS_NFTABLES << 8) | 1, NLM_F_REQUEST | NLM_F_ACK, 1, NFPROTO_INET,
+                   [("NFTA_TABLE_NAME", table)])
+
+
+def errors(buf: bytes) -> List[int]:
+    """The errno of every NLMSG_ERROR in a reply (0: an ack)."""
+    return [-struct.unpack_from("<i", raw, 16)[0] for mtype, _f, raw in split(buf) if mtype == 2 and len(raw) >= 20]
+
+
+def table_handle(buf: bytes) -> Optional[int]:
+    for mtype, _f, raw in split(buf):
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8):
+            msg = nft_table_msg(raw)
+            msg.decode()
+            return msg.get_attr("NFTA_TABLE_HANDLE")
+    return None
+
+
+def rule_text(buf: bytes) -> Optional[str]:
+    for mtype, _f, raw in split(buf):
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | 6:
+            msg = nft_rule_msg(raw)
+            msg.decode()
+            exprs = msg.get_attr("NFTA_RULE_EXPRESSIONS")
+            return render_rule(FAMILIES.get(msg["nfgen_family"]), exprs) if exprs is not None else None
+    return None
+
+
+def _be(raw: bytes) -> int:
+    return int.from_bytes(raw, "big")
+
+
+def trace_verdict(raw: bytes, packets: Optional[Dict[int, Dict[str, Any]]] = None) -> Optional[Dict[str, Any]]:
+    """A trace message that ends a packet's journey with a drop (a rule's
+    verdict, or a base chain's policy): table, chain, handle, the packet's
+    addresses and ports; None for any other trace message. The kernel sends
+    the packet's headers with the first message of each chain only:
+    `packets` (trace id -> addresses and ports) remembers them across calls."""
+    if len(raw) < 20:
+        return None
+    attrs: Dict[int, bytes] = {}
+    off = 20
+    while off + 4 <= len(raw):
+        length, kind = struct.unpack_from("<HH", raw, off)
+        if length < 4:
+            break
+        attrs.setdefault(kind & 0x3FFF, raw[off + 4: off + length])
+        off += (length + 3) & ~3
+    trace_id = _be(attrs.get(6, b"")) or None
+    if packets is not None and 8 in attrs and trace_id is not None:
+        if len(packets) > 4096:
+            packets.pop(next(iter(packets)))
+        packets[trace_id] = _packet(attrs.get(8), attrs.get(9))
+    ttype = _TRACE_TYPES.get(_be(attrs.get(4, b"\0\0\0\0")))
+    if ttype == "rule" and 5 in attrs:
+        inner = attrs[5]  # NFTA_TRACE_VERDICT { NFTA_VERDICT_CODE, ... }
+        code = _be(inner[4:8]) if len(inner) >= 8 else None
+    elif ttype == "policy" and 16 in attrs:
+        code = _be(attrs[16])
+    else:
+        return None
+    if code != 0:  # NF_DROP
+        return None
+    family = raw[16]
+    out: Dict[str, Any] = dict(
+        table=attrs.get(1, b"").split(b"\0", 1)[0].decode(errors="replace"),
+        chain=attrs.get(2, b"").split(b"\0", 1)[0].decode(errors="replace"),
+        handle=_be(attrs[3]) if ttype == "rule" and 3 in attrs else None, policy=ttype == "policy",
+        family_name=FAMILIES.get(family, str(family)), family_id=family, trace_id=trace_id,
+        iif=_be(attrs[10]) if 10 in attrs else None, oif=_be(attrs[12]) if 12 in attrs else None,
+        saddr=None, daddr=None, ip_proto=None, sport=None, dport=None)
+    out.update(_packet(attrs.get(8), attrs.get(9)) if 8 in attrs else (packets or {}).get(trace_id, {}))
+    return out
+
+
+def _packet(net: Optional[bytes], transport: Optional[bytes]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    if not net:
+        return out
+    proto = None
+    if net[0] >> 4 == 4 and len(net) >= 20:
+        out.update(saddr=ipaddress.IPv4Address(net[12:16]), daddr=ipaddress.IPv4Address(net[16:20]))
+        proto = net[9]
+    elif net[0] >> 4 == 6 and len(net) >= 40:
+        out.update(saddr=ipaddress.IPv6Address(net[8:24]), daddr=ipaddress.IPv6Address(net[24:40]))
+        proto = net[6]
+    if proto is not None:
+        out["ip_proto"] = L4.get(proto, str(proto))
+        if proto in (6, 17, 132, 136) and transport and len(transport) >= 4:
+            out.update(sport=_be(transport[0:2]), dport=_be(transport[2:4]))
+    return out

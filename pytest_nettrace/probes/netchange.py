@@ -10,6 +10,7 @@ and tells from the stack how it was asked for (netlink, ioctl or the kernel).
 from __future__ import annotations
 
 import ipaddress
+import os
 import pwd
 import random
 import socket
@@ -21,6 +22,7 @@ from ..events import HEADER, Event, Header, parse_address
 from ..libbpf import map_delete, map_update
 from ..symbols import function_ranges
 from . import _nft
+from .nftrace import TABLE as NFTRACE_TABLE
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -222,6 +224,11 @@ class NftEvent(NetChangeEvent):
     CHOICES = {"object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
                "family": ("ip", "ip6", "inet", "arp", "bridge", "netdev")}
     FIELDS = NetChangeEvent.FIELDS + ("object", "family", "table", "chain", "set", "handle", "name", "text")
+
+    @property
+    def background(self) -> bool:
+        # the tracing table the plugin itself adds on request (probes/nftrace.py)
+        return self.table == NFTRACE_TABLE and self.pid == os.getpid()
 
     def describe(self) -> str:
         # as `nft monitor` says it: "add rule inet filter input ip saddr 10.0.0.2 drop # handle 2"

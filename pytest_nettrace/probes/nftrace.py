@@ -1,0 +1,345 @@
+"""Which nftables rule dropped a packet (kind "nftrace"), on request:
+`nettrace.trace_nft()` or `@pytest.mark.nettrace(nft_trace=True)`.
+
+nftables traces a packet whose `nftrace` bit is set: every rule it meets
+sends a message to the trace netlink group (what `nft monitor trace`
+prints). On request the plugin adds to a watched namespace's ruleset one
+table of its own,
+
+    table inet nettrace_trace {
+        chain pre { type filter hook prerouting priority -500; meta nftrace set 1; }
+        chain out { type filter hook output priority -500; meta nftrace set 1; }
+    }
+
+so that every IPv4/IPv6 packet entering or leaving is traced through all
+the chains after it, listens on NFNLGRP_NFTRACE in that namespace, and keeps
+the messages that end a packet with a drop (a rule's `drop`/`reject`, or a
+base chain's `policy drop`). The table is deleted at the end of the test
+(by name and handle: only the one the plugin made). No BPF program: the
+verdicts are read from the socket when the test reads events, and each is
+joined to the kernel's drop event of the same packet (reason NETFILTER_DROP).
+"""
+from __future__ import annotations
+
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from .._linux import in_netns_at
+from ..errors import NettraceError
+from ..events import Event, Header
+from . import _nft
+from .base import Plan, Probe
+
+if TYPE_CHECKING:
+    from ..capabilities import KernelFeatures
+
+NT_KIND_NFTRACE = 10  # no BPF records: losses are counted here
+TABLE = "nettrace_trace"
+_RCVBUF = 16 << 20
+_NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
+_TASK = ("pid", "tid", "comm", "uid", "ppid", "parent_comm", "context")
+
+
+class NftVerdictEvent(Event):
+    """A packet dropped by nftables, with what decided it: `table`, `chain`,
+    `handle` (the rule's, as `nft -a` shows it; None when the chain's
+    `policy drop` did), `policy`, `rule` (its text, as nft prints it),
+    `family` (the table's: "ip", "ip6", "inet", ...), the packet's `saddr`,
+    `daddr`, `ip_proto`, `sport`, `dport`, `iif`/`oif` (interface indexes),
+    `trace_id`. `drop` is the kernel's drop event of that packet (reason
+    NETFILTER_DROP) when it was seen; the task fields and timestamp are then
+    its, else the time the verdict was read and nobody."""
+
+    kind = "nftrace"
+    FIELDS = Event.FIELDS + ("verdict", "table", "chain", "handle", "policy", "rule", "family", "saddr", "daddr",
+                             "ip_proto", "sport", "dport", "iif", "oif", "trace_id", "drop")
+    ADDRESS_FIELDS = ("saddr", "daddr")
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = super().as_dict()
+        out["drop"] = self.drop.location if self.drop is not None else None
+        return out
+
+    def describe(self) -> str:
+        by = f"policy of {self.family} {self.table} {self.chain}" if self.policy else \
+            f"rule {self.family} {self.table} {self.chain} handle {self.handle}"
+        rule = f": {self.rule}" if self.rule else ""
+        ports = (lambda a, p: f"[{a}]:{p}" if ":" in str(a) else f"{a}:{p}")
+        pkt = ""
+        if self.saddr is not None:
+            src = ports(self.saddr, self.sport) if self.sport is not None else str(self.saddr)
+            dst = ports(self.daddr, self.dport) if self.dport is not None else str(self.daddr)
+            pkt = f" ({self.ip_proto} {src} > {dst})"
+        return f"dropped by {by}{rule}{pkt}"
+
+
+class _Tracer:
+    """The trace listener and the tracing table in one namespace."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lost = 0
+        self.gone = False          # someone deleted our table: packets since are not traced
+        self.verdicts: List[Dict[str, Any]] = []
+        self._packets: Dict[int, Dict[str, Any]] = {}  # trace id -> the packet's addresses and ports
+        self.listener = in_netns_at(path, self._listen)
+        try:
+            self.handle = self._install()
+        except BaseException:
+            self.listener.close()
+            raise
+        self._rules: Dict[Tuple[int, str, str, int], Optional[str]] = {}
+
+    @staticmethod
+    def _socket(groups: int) -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 12)  # NETLINK_NETFILTER
+        s.bind((0, groups))
+        return s
+
+    def _listen(self) -> socket.socket:
+        s = self._socket(1 << (_nft.NFNLGRP_NFTRACE - 1))
+        try:
+            s.setsockopt(socket.SOL_SOCKET, 33, _RCVBUF)  # SO_RCVBUFFORCE
+        except OSError:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        s.setblocking(False)
+        return s
+
+    def _request(self, data: bytes) -> bytes:
+        """Send to nftables in the namespace, return the whole reply."""
+        def go() -> bytes:
+            with self._socket(0) as s:
+                s.settimeout(5)
+                s.send(data)
+                out = b""
+                # every message is acked (NLM_F_ACK); the last ack (or an error) ends it
+                while True:
+                    chunk = s.recv(1 << 16)
+                    out += chunk
+                    if any(_nft.errors(chunk)) or _last_seq(chunk) >= _max_seq(data):
+                        return out
+        return in_netns_at(self.path, go)
+
+    def _install(self) -> int:
+        reply = self._request(_nft.tracing_table(TABLE))
+        bad = [e for e in _nft.errors(reply) if e]
+        if bad:
+            raise NettraceError(f"cannot add the tracing table inet {TABLE} in {self.path}: "
+                                f"{_strerror(bad[0])}" + (" (it exists: traced already?)" if bad[0] == 17 else ""))
+        handle = _nft.table_handle(reply)
+        if handle is None:
+            raise NettraceError(f"nftables did not say the handle of table inet {TABLE} in {self.path}")
+        return handle
+
+    def read(self) -> None:
+        while True:
+            try:
+                data = self.listener.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == 105:  # ENOBUFS: the kernel dropped trace messages
+                    self.lost += 1
+                    continue
+                raise
+            for mtype, _flags, raw in _nft.split(data):
+                if mtype == (_nft.NFNL_SUBSYS_NFTABLES << 8) | _nft.NFT_MSG_TRACE:
+                    v = _nft.trace_verdict(raw, self._packets)
+                    if v is not None and v["table"] != TABLE:
+                        v["rule"] = self._rule(v)
+                        self.verdicts.append(v)
+
+    def _rule(self, v: Dict[str, Any]) -> Optional[str]:
+        if v["handle"] is None:
+            return None
+        key = (v["family_id"], v["table"], v["chain"], v["handle"])
+        if key not in self._rules:
+            try:
+                self._rules[key] = _nft.rule_text(self._request(_nft.get_rule(*key)))
+            except OSError:
+                self._rules[key] = None  # gone since: the nft events may still have its text
+        return self._rules[key]
+
+    def check_table(self) -> None:
+        """Our table still there? (`nft flush ruleset` removes it, and the
+        tracing with it: what follows cannot be ruled out.)"""
+        if not self.gone and any(_nft.errors(self._request(_nft.get_table(TABLE)))):
+            self.gone = True
+            self.lost += 1
+
+    def close(self) -> None:
+        try:
+            if not self.gone:
+                self._request(_nft.delete_table(TABLE, self.handle))
+        except (OSError, NettraceError):
+            pass  # the namespace is gone, and the table with it
+        finally:
+            self.listener.close()
+
+
+def _strerror(errno: int) -> str:
+    import os
+    return os.strerror(errno)
+
+
+def _max_seq(batch: bytes) -> int:
+    seqs = [int.from_bytes(raw[8:12], "little") for mtype, _f, raw in _nft.split(batch)
+            if mtype not in (_nft.NFNL_MSG_BATCH_BEGIN, _nft.NFNL_MSG_BATCH_END)]
+    return max(seqs) if seqs else 1
+
+
+def _last_seq(reply: bytes) -> int:
+    seqs = [int.from_bytes(raw[8:12], "little") for mtype, _f, raw in _nft.split(reply) if mtype == 2]
+    return max(seqs) if seqs else 0
+
+
+class NftTraceProbe(Probe):
+    name = "nftrace"
+    object_file = "nettrace.bpf.o"
+    kind_id = NT_KIND_NFTRACE
+    event_types = {"nftrace": NftVerdictEvent}
+
+    def __init__(self) -> None:
+        self._tracers: Dict[int, _Tracer] = {}
+        self._paths: Dict[int, str] = {}
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        return [Plan("nftables_trace", [])]
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        if path is not None:
+            self._paths[netns] = path  # tracing starts only on request (start)
+
+    def start(self, netns: int) -> None:
+        """Trace nftables' verdicts in `netns` (a watched namespace)."""
+        if netns in self._tracers:
+            return
+        path = self._paths.get(netns)
+        if path is None:
+            raise NettraceError(f"cannot trace nftables in netns {netns}: it is not watched, or cannot be opened")
+        self._tracers[netns] = _Tracer(path)
+
+    def tracing(self, netns: int) -> bool:
+        return netns in self._tracers
+
+    def unwatch(self, netns: int) -> None:
+        self._paths.pop(netns, None)
+        tracer = self._tracers.pop(netns, None)
+        if tracer is not None:
+            tracer.close()
+
+    def poll(self) -> None:
+        for tracer in list(self._tracers.values()):
+            tracer.read()
+
+    def take(self, netns: int) -> List[Dict[str, Any]]:
+        tracer = self._tracers.get(netns)
+        if tracer is None:
+            return []
+        tracer.read()
+        tracer.check_table()
+        out, tracer.verdicts = tracer.verdicts, []
+        return out
+
+    def lost(self, netns: int) -> Dict[str, int]:
+        tracer = self._tracers.get(netns)
+        return {"nftrace": tracer.lost} if tracer is not None and tracer.lost else {}
+
+    def close(self) -> None:
+        for netns in list(self._tracers):
+            self.unwatch(netns)
+
+    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+        return None  # nothing comes through the ring buffer
+
+
+def _same_packet(drop: Event, v: Dict[str, Any]) -> bool:
+    return (drop.saddr == v["saddr"] and drop.daddr == v["daddr"] and drop.ip_proto == v["ip_proto"]
+            and drop.sport == v["sport"] and drop.dport == v["dport"])
+
+
+class NftTraceApi:
+    """`nettrace` methods for nftables verdicts (mixed into Trace)."""
+
+    def _nftrace_probe(self) -> Optional[NftTraceProbe]:
+        st = self.engine.status.get("nftrace")
+        return st.probe if st is not None and st.plan is not None else None
+
+    def trace_nft(self, ns: Any = None) -> None:
+        """Trace nftables in `ns` (default: every namespace this test watches
+        but the host's): add the tracing table (see the module docstring),
+        listen to the trace group, and report each drop a rule or policy
+        decided as an "nftrace" event. Removed at the end of the test."""
+        probe = self._nftrace_probe()
+        if probe is None:
+            self._validate("nftrace", {})  # type: ignore[attr-defined]  (raises: why it is not available)
+            return
+        host = _host_inode()
+        if ns is None:
+            targets = [inode for inode in self.watched if inode != host]
+        else:
+            targets = [self.watch(ns)]
+            if targets[0] == host:
+                raise NettraceError("trace_nft() does not add rules to the host's own ruleset; "
+                                    "trace a namespace the test made")
+        for inode in targets:
+            probe.start(inode)
+
+    def _pull_verdicts(self) -> None:
+        probe = self._nftrace_probe()
+        if probe is None:
+            return
+        taken = [(netns, v) for netns in list(self.watched) for v in probe.take(netns)]
+        if not taken:
+            return
+        # the drop is recorded just after its verdict was sent: drain again, so
+        # a verdict read a moment before its drop still finds it
+        self.engine.drain()  # type: ignore[attr-defined]
+        seen = self.all_events()  # type: ignore[attr-defined]
+        drops = [e for e in seen if e.kind == "drop" and e.reason == "NETFILTER_DROP"]
+        used = {id(e.drop) for e in seen if e.kind == "nftrace" and e.drop is not None}
+        now = time.monotonic_ns()
+        for netns, v in taken:
+            drop = next((d for d in drops if d.netns == netns and id(d) not in used and _same_packet(d, v)), None)
+            if drop is not None:
+                used.add(id(drop))
+                task = {f: getattr(drop, f) for f in _TASK}
+                ts = drop.timestamp
+            else:
+                task, ts = dict(_NOBODY, context="trace"), now
+            fields = {k: v[k] for k in ("table", "chain", "handle", "policy", "rule", "saddr", "daddr", "ip_proto",
+                                        "sport", "dport", "iif", "oif", "trace_id")}
+            ev = NftVerdictEvent(None, (), task.pop("context"), timestamp=ts, netns=netns, verdict="drop",
+                                 family=v["family_name"], drop=drop, **task, **fields)
+            self._sink(ev)  # type: ignore[attr-defined]
+
+    def dropped_by(self, drop: Event) -> Optional[Event]:
+        """The "nftrace" event (table, chain, rule) of a netfilter drop event,
+        or None when nftables was not traced there or did not decide it."""
+        if drop.kind != "drop":
+            raise ValueError(f"dropped_by() takes a drop event, got a {drop.kind!r} event")
+        return next((e for e in self.events("nftrace") if e.drop is drop), None)  # type: ignore[attr-defined]
+
+    def _sync(self) -> None:
+        super()._sync()  # type: ignore[misc]
+        self._pull_verdicts()
+
+    def close(self) -> None:
+        if not self.closed:  # type: ignore[attr-defined]
+            try:
+                self.engine.drain()  # type: ignore[attr-defined]
+                self._pull_verdicts()
+            finally:
+                super().close()  # type: ignore[misc]
+        else:
+            super().close()  # type: ignore[misc]
+
+
+def _host_inode() -> int:
+    import os
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+PROBE = NftTraceProbe
+API = NftTraceApi
