@@ -32,7 +32,7 @@ def test_select_names_exclusions_and_errors():
     assert select("rst, netchange") == (["netchange", "rst"], [n for n in every if n not in ("netchange", "rst")])
     loaded, left = select("-packet -syscall")
     assert "packet" not in loaded and set(left) == {"packet", "syscall"}
-    assert set(kinds_of(["netchange"])) == {"addr", "link", "route"}
+    assert set(kinds_of(["netchange"])) == {"addr", "link", "route", "neigh", "rule", "nft"}
     with pytest.raises(ValueError, match="unknown probe 'pakcet' in nettrace_probes; probes: conn, "):
         select("-pakcet")
     with pytest.raises(ValueError, match="leaves no probe"):
@@ -46,11 +46,12 @@ def test_session_with_some_probes(pytester, how):
     if how == "option":
         args.append("--nettrace-probes=rst,netchange")   # (with '=': a value may start with '-')
     else:
-        pytester.makeini("[pytest]\nnettrace_probes = -conn -drop -packet -retransmit -syscall -traffic\n")
+        pytester.makeini("[pytest]\nnettrace_probes = -conn -drop -nftrace -packet -retransmit -syscall -sysctl "
+                         "-traffic\n")
     result = pytester.runpytest_subprocess(*args)
     out = result.stdout.str()
     assert "nettrace: probes: netchange=" in out and ", rst=" in out and "drop=" not in out
-    assert "not loaded (nettrace_probes): conn, drop, packet, retransmit, syscall, traffic" in out
+    assert "not loaded (nettrace_probes): conn, drop, nftrace, packet, retransmit, syscall, sysctl, traffic" in out
     result.assert_outcomes(passed=2, skipped=1)  # (ini nettrace_unavailable = error makes it an error)
     assert "drop: probe 'drop' not loaded in this session" in out
 
