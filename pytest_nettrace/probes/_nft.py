@@ -354,14 +354,21 @@ def batch(items: List[Tuple[Any, int, int, list]], family: int = NFPROTO_INET) -
     return out
 
 
-def tracing_table(table: str) -> bytes:
+NFT_TABLE_F_OWNER = 0x2  # 5.12+: the table lives as long as the socket that made it
+
+
+def tracing_table(table: str, owned: bool = True) -> bytes:
     """`table inet <table> { chain pre { type filter hook prerouting priority
     -500; meta nftrace set 1 } chain out { type filter hook output priority
     -500; meta nftrace set 1 } }`, created exclusively (an existing table of
     that name is an error, never reused); the table comes back echoed, with
-    its handle."""
+    its handle. `owned`: the kernel removes it when the socket that sent this
+    closes (whatever kills the process), and `nft flush ruleset` leaves it."""
+    attrs: list = [("NFTA_TABLE_NAME", table)]
+    if owned:
+        attrs.append(("NFTA_TABLE_FLAGS", NFT_TABLE_F_OWNER))
     items: List[Tuple[Any, int, int, list]] = [
-        (nft_table_msg, 0, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, [("NFTA_TABLE_NAME", table)])]
+        (nft_table_msg, 0, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, attrs)]
     for chain, hook in (("pre", NF_INET_PRE_ROUTING), ("out", NF_INET_LOCAL_OUT)):
         items.append((nft_chain_msg, 3, NLM_F_CREATE, [
             ("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", chain),

@@ -14,8 +14,11 @@ table of its own,
 so that every IPv4/IPv6 packet entering or leaving is traced through all
 the chains after it, listens on NFNLGRP_NFTRACE in that namespace, and keeps
 the messages that end a packet with a drop (a rule's `drop`/`reject`, or a
-base chain's `policy drop`). The table is deleted at the end of the test
-(by name and handle: only the one the plugin made). No BPF program: the
+base chain's `policy drop`). The table is owned by a socket the plugin keeps
+open while tracing (NFT_TABLE_F_OWNER, 5.12+): the kernel removes it when
+that socket closes — at the end of the test, or when the process dies — and
+`nft flush ruleset` leaves it alone. Older kernels get a plain table,
+deleted at the end by name and handle (only the one the plugin made). No BPF program: the
 verdicts are read from the socket when the test reads events, and each is
 joined to the kernel's drop event of the same packet (reason NETFILTER_DROP).
 """
@@ -84,10 +87,13 @@ class _Tracer:
         self.verdicts: List[Dict[str, Any]] = []
         self._packets: Dict[int, Dict[str, Any]] = {}  # trace id -> the packet's addresses and ports
         self.listener = in_netns_at(path, self._listen)
+        self.owner: Optional[socket.socket] = None
         try:
             self.handle = self._install()
         except BaseException:
             self.listener.close()
+            if self.owner is not None:
+                self.owner.close()
             raise
         self._rules: Dict[Tuple[int, str, str, int], Optional[str]] = {}
 
@@ -106,23 +112,37 @@ class _Tracer:
         s.setblocking(False)
         return s
 
-    def _request(self, data: bytes) -> bytes:
-        """Send to nftables in the namespace, return the whole reply."""
+    def _request(self, data: bytes, sock: Optional[socket.socket] = None) -> bytes:
+        """Send to nftables in the namespace (on `sock`, else a socket of its
+        own), return the whole reply."""
+        def exchange(s: socket.socket) -> bytes:
+            s.settimeout(5)
+            s.send(data)
+            out = b""
+            # every message is acked (NLM_F_ACK); the last ack (or an error) ends it
+            while True:
+                chunk = s.recv(1 << 16)
+                out += chunk
+                if any(_nft.errors(chunk)) or _last_seq(chunk) >= _max_seq(data):
+                    return out
+        if sock is not None:
+            return exchange(sock)
+
         def go() -> bytes:
             with self._socket(0) as s:
-                s.settimeout(5)
-                s.send(data)
-                out = b""
-                # every message is acked (NLM_F_ACK); the last ack (or an error) ends it
-                while True:
-                    chunk = s.recv(1 << 16)
-                    out += chunk
-                    if any(_nft.errors(chunk)) or _last_seq(chunk) >= _max_seq(data):
-                        return out
+                return exchange(s)
         return in_netns_at(self.path, go)
 
     def _install(self) -> int:
-        reply = self._request(_nft.tracing_table(TABLE))
+        # Owned by a socket kept open while tracing (5.12+): the kernel removes
+        # the table when it closes, even if this process is killed. Older
+        # kernels refuse the flag: a plain table, deleted by handle at the end.
+        self.owner = in_netns_at(self.path, lambda: self._socket(0))
+        reply = self._request(_nft.tracing_table(TABLE), self.owner)
+        if any(e in (95, 22) for e in _nft.errors(reply)):  # EOPNOTSUPP / EINVAL: no owner flag
+            self.owner.close()
+            self.owner = None
+            reply = self._request(_nft.tracing_table(TABLE, owned=False))
         bad = [e for e in _nft.errors(reply) if e]
         if bad:
             raise NettraceError(f"cannot add the tracing table inet {TABLE} in {self.path}: "
@@ -170,7 +190,9 @@ class _Tracer:
 
     def close(self) -> None:
         try:
-            if not self.gone:
+            if self.owner is not None:
+                self.owner.close()  # the kernel removes the table it owns
+            elif not self.gone:
                 self._request(_nft.delete_table(TABLE, self.handle))
         except (OSError, NettraceError):
             pass  # the namespace is gone, and the table with it
