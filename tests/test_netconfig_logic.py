@@ -1,5 +1,6 @@
-"""Pure logic of the nftables decoding (pytest_nettrace/probes/_nft.py), on
-a real notification batch recorded once from `nft flush ruleset` (root-free)."""
+"""Pure logic of issue 15's kinds, root-free: the nftables decoding
+(pytest_nettrace/probes/_nft.py) on a real notification batch recorded once
+from `nft flush ruleset`, event lines, sysctl names, the cgroup v2 lookup."""
 from __future__ import annotations
 
 from pytest_nettrace.probes import _nft
@@ -57,3 +58,44 @@ def test_a_truncated_batch_is_told_and_decodes_what_fits():
     cut = FLUSH[:700]
     assert _nft.complete(FLUSH, len(FLUSH)) and not _nft.complete(cut, len(FLUSH))
     assert [c["handle"] for c in _nft.changes(cut)] == [2]  # the second rule is cut: left out, not garbled
+
+
+# -- more pure logic of issue 15's kinds (root-free) ------------------------------
+
+from pytest_nettrace.probes.netchange import NeighEvent, RuleEvent, nud_state  # noqa: E402
+from pytest_nettrace.probes.sysctl import cgroup2_mount, dev_of  # noqa: E402
+
+
+def test_nud_states_named_as_ip_neigh_names_them():
+    assert nud_state(0x02) == "REACHABLE" and nud_state(0x80) == "PERMANENT" and nud_state(0) == "NONE"
+    assert nud_state(0x02 | 0x40) == "REACHABLE|NOARP"
+
+
+def test_rule_and_neigh_lines():
+    rule = RuleEvent(None, (), "process", action="added", family=6, priority=5, src=None, dst=None, iif="eth0",
+                     oif=None, fwmark=None, fwmask=None, table=None, rule_action="unreachable", goto=None,
+                     invert=True)
+    assert rule.describe() == "added rule (IPv6) 5: not from all iif eth0 unreachable"
+    neigh = NeighEvent(None, (), "process", action="changed", address="10.0.0.2", dev="eth0",
+                       lladdr="02:00:00:00:00:02", state="STALE", old_state="REACHABLE", cause="kernel")
+    assert neigh.describe() == "changed neigh 10.0.0.2 dev eth0 lladdr 02:00:00:00:00:02 REACHABLE -> STALE"
+    assert neigh.background, "the kernel ageing an entry is noise"
+
+
+def test_cgroup2_found_in_unified_and_hybrid_layouts_and_missing_on_v1_only(tmp_path):
+    unified = tmp_path / "unified"
+    unified.write_text("30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n")
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text("31 30 0:27 / /sys/fs/cgroup/cpu rw shared:10 - cgroup cgroup rw,cpu\n"
+                      "40 30 0:35 / /sys/fs/cgroup/unified rw shared:11 - cgroup2 cgroup2 rw\n")
+    v1 = tmp_path / "v1"
+    v1.write_text("31 30 0:27 / /sys/fs/cgroup/cpu rw shared:10 - cgroup cgroup rw,cpu\n")
+    assert cgroup2_mount(str(unified)) == "/sys/fs/cgroup"
+    assert cgroup2_mount(str(hybrid)) == "/sys/fs/cgroup/unified"
+    assert cgroup2_mount(str(v1)) is None and cgroup2_mount(str(tmp_path / "absent")) is None
+
+
+def test_sysctl_dev_only_for_per_interface_settings():
+    assert dev_of("net/ipv6/conf/eth0.100/disable_ipv6".split("/")) == "eth0.100"
+    assert dev_of("net/ipv4/neigh/all/gc_stale_time".split("/")) == "all"
+    assert dev_of("net/ipv4/ip_forward".split("/")) is None
