@@ -24,6 +24,7 @@ joined to the kernel's drop event of the same packet (reason NETFILTER_DROP).
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -146,7 +147,7 @@ class _Tracer:
         bad = [e for e in _nft.errors(reply) if e]
         if bad:
             raise NettraceError(f"cannot add the tracing table inet {TABLE} in {self.path}: "
-                                f"{_strerror(bad[0])}" + (" (it exists: traced already?)" if bad[0] == 17 else ""))
+                                f"{os.strerror(bad[0])}" + (" (it exists: traced already?)" if bad[0] == 17 else ""))
         handle = _nft.table_handle(reply)
         if handle is None:
             raise NettraceError(f"nftables did not say the handle of table inet {TABLE} in {self.path}")
@@ -198,11 +199,6 @@ class _Tracer:
             pass  # the namespace is gone, and the table with it
         finally:
             self.listener.close()
-
-
-def _strerror(errno: int) -> str:
-    import os
-    return os.strerror(errno)
 
 
 def _max_seq(batch: bytes) -> int:
@@ -359,7 +355,6 @@ class NftTraceApi:
 
 
 def _host_inode() -> int:
-    import os
     return os.stat("/proc/self/ns/net").st_ino
 
 
