@@ -272,6 +272,13 @@ class NftTraceProbe(Probe):
         return None  # nothing comes through the ring buffer
 
 
+def _netfilter_drop(drop: Event) -> bool:
+    # before 5.17 drops have no reason: where it was freed says netfilter
+    if drop.reason is None:
+        return (drop.location or "").startswith(("nf_hook_slow", "nft_do_chain"))
+    return drop.reason == "NETFILTER_DROP"
+
+
 def _same_packet(drop: Event, v: Dict[str, Any]) -> bool:
     return (drop.saddr == v["saddr"] and drop.daddr == v["daddr"] and drop.ip_proto == v["ip_proto"]
             and drop.sport == v["sport"] and drop.dport == v["dport"])
@@ -315,7 +322,7 @@ class NftTraceApi:
         # a verdict read a moment before its drop still finds it
         self.engine.drain()  # type: ignore[attr-defined]
         seen = self.all_events()  # type: ignore[attr-defined]
-        drops = [e for e in seen if e.kind == "drop" and e.reason == "NETFILTER_DROP"]
+        drops = [e for e in seen if e.kind == "drop" and _netfilter_drop(e)]
         used = {id(e.drop) for e in seen if e.kind == "nftrace" and e.drop is not None}
         now = time.monotonic_ns()
         for netns, v in taken:
