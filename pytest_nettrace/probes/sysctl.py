@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pwd
 import struct
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
 from .base import Plan, Probe
@@ -59,7 +59,9 @@ class SysctlEvent(Event):
     trailing newline); `dev` is the interface of a per-interface setting
     (net.ipv4.conf.<dev>.*, net.ipv6.conf.<dev>.*, net.ipv4.neigh.<dev>.*,
     "all" and "default" included), else None. The kernel may still refuse
-    the value (the write then fails): the event is the attempt. No stack:
+    the value (the write then fails): the event is the attempt. A write the
+    kernel restarts (waiting for the RTNL lock) is one event, and so are two
+    identical writes in a row by one thread that changed nothing. No stack:
     cgroup programs cannot take one."""
 
     kind = "sysctl"
@@ -104,8 +106,23 @@ class SysctlProbe(Probe):
             return "no cgroup sysctl hook (BPF_CGROUP_SYSCTL, kernel < 5.2)"
         return "no cgroup v2 hierarchy mounted (the sysctl hook attaches to one; cgroup v1 only host)"
 
-    def decode(self, buf: bytes, hdr: Header) -> Event:
+    def __init__(self) -> None:
+        self._last: Dict[int, Tuple[int, bytes, bytes, bytes]] = {}  # netns -> the last write seen
+
+    def unwatch(self, netns: int) -> None:
+        self._last.pop(netns, None)
+
+    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
         name_len, old_len, new_len, cmd_len, _pos, _pad, name, old, new, cmdline = _BODY.unpack_from(buf, HEADER.size)
+        # Some handlers restart the write syscall instead of waiting for the
+        # RTNL lock (net.ipv4.ip_forward, conf.*.forwarding: rtnl_trylock,
+        # restart_syscall), and the hook runs again each time, before anything
+        # changed: the same thread, setting, old and new value once more is
+        # that same write, not another one.
+        key = (hdr.tid, name, old, new)
+        if self._last.get(hdr.netns) == key:
+            return None
+        self._last[hdr.netns] = key
         # "net/ipv4/conf/eth0.100/rp_filter" -> "net.ipv4.conf.eth0/100.rp_filter", as sysctl(8) spells it
         parts = name.split(b"\0", 1)[0].decode(errors="replace").split("/")
         setting = ".".join(p.replace(".", "/") for p in parts)
