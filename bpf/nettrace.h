@@ -12,7 +12,7 @@
 /* Event kinds: index into nt_scope.lost; the Python side mirrors these. */
 enum nt_kind {
 	NT_KIND_RST = 1,
-	NT_KIND_NLMSG = 2,   /* an rtnetlink notification: addr / link / route */
+	NT_KIND_NLMSG = 2,   /* a monitor socket notification: addr / link / route / neigh / rule / nft */
 	NT_KIND_DROP = 3,
 	NT_KIND_CONN = 4,
 	NT_KIND_RETRANS = 5,
@@ -20,6 +20,7 @@ enum nt_kind {
 	NT_KIND_TRAFFIC = 7,
 	NT_KIND_PACKET = 8,   /* AF_PACKET capture (no BPF program): loss counted in Python */
 	NT_KIND_SYSCTL = 9,  /* a network sysctl written */
+	NT_KIND_NFTRACE = 10, /* nftables verdicts (no BPF program): loss counted in Python */
 };
 
 /* Header flags. Softirq context is told from the kernel stack in Python:
