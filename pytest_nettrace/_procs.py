@@ -1,82 +1,229 @@
-"""Finding and killing the processes that live in given network namespaces.
+"""Stopping the processes a session started, and only those.
 
-A namespace stays alive as long as one process is in it, so teardown must
-kill stragglers (daemons that forked away, `ip netns exec` children, …).
-They are found by comparing /proc/<pid>/ns/net with the namespace's inode.
+A namespace stays alive as long as one process is in it, so teardown stops
+what the tests started there: the processes `Namespace.popen` made (held by a
+pidfd, so a reused pid is never signalled) and their descendants (daemons that
+forked away), recognised by the session token in their environment or by a
+started process among their ancestors. Anyone else in the namespace (another
+tool's `ip netns exec`) is left alone and reported.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
-from ._linux import netns_inode_of
+from ._linux import netns_inode_of, process_start_time
 
 
-def pids_in(inodes: Iterable[int]) -> list[int]:
-    """Pids (other than ours) whose network namespace is one of `inodes`."""
-    wanted = set(inodes)
-    if not wanted:
+@dataclass
+class Found:
+    """The processes living in some namespaces, sorted by whose they are."""
+
+    ours: list[int]
+    foreign: list[int]
+
+
+def open_pidfd(pid: int, start: int | None) -> int | None:
+    """A pidfd for `pid` if it still is the process that started at `start`."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    # Checked after opening: the fd pins the process, so the check holds.
+    if start is None or process_start_time(pid) != start:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _environ_has(pid: int, marker: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return marker in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _stat_fields(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return []
-    me = os.getpid()
-    found = []
+    return stat[stat.rindex(b")") + 2:].split()  # state, ppid, pgrp, ...
+
+
+def _parent(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else 0
+
+
+def stop_popen(proc: "subprocess.Popen", grace: float) -> list[int]:
+    """Stop a child and what belongs to it (its process group, its
+    descendants): SIGTERM, SIGKILL after `grace` seconds, reap. Only while it
+    is unreaped: then its pid, and the group id it leads, are still its own;
+    once reaped, they may be anyone's, and nothing is signalled. Returns the
+    pids still running."""
+    if proc.poll() is not None:
+        return []
+    leader = proc.pid
+    fds = {leader: os.pidfd_open(leader)}
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me and netns_inode_of(entry) in wanted:
-            found.append(int(entry))
+        if not entry.isdigit() or int(entry) in (leader, os.getpid()):
+            continue
+        pid = int(entry)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        fields = _stat_fields(pid)  # read once the pidfd pins the process
+        ancestor, hops = pid, 0
+        while ancestor > 1 and ancestor != leader and hops < 64:
+            ancestor, hops = _parent(ancestor), hops + 1
+        if fields and (int(fields[2]) == leader or ancestor == leader):
+            fds[pid] = pidfd
+        else:
+            os.close(pidfd)
+    left = terminate(fds, grace)
+    proc.wait()
+    return left
+
+
+def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> Found:
+    """Processes (other than us) in one of the namespaces `inodes`: ours when
+    they carry `token` in their environment or descend from a `started` pid."""
+    wanted = set(inodes)
+    found = Found([], [])
+    if not wanted:
+        return found
+    marker = f"NETTRACE_SESSION={token}".encode()
+    started = set(started)
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me or netns_inode_of(entry) not in wanted:
+            continue
+        pid = int(entry)
+        ancestor, hops = pid, 0
+        while ancestor > 1 and ancestor not in started and hops < 64:
+            ancestor, hops = _parent(ancestor), hops + 1
+        ours = ancestor in started or _environ_has(pid, marker)
+        (found.ours if ours else found.foreign).append(pid)
     return found
 
 
-def stop_popen(procs: Iterable[tuple[subprocess.Popen, int | None]], grace: float = 1.0) -> None:
-    """Stop (Popen, process group) pairs: SIGTERM, SIGKILL after `grace` seconds, reap.
-
-    With a group id the whole group is signalled, so children a daemon forked
-    stay no longer than their parent.
-    """
-    procs = list(procs)
-    for proc, pgid in procs:
-        if proc.poll() is None:
-            _signal(proc, pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc, _ in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for proc, pgid in procs:
-        # Kill the group even if the leader exited: its children may linger.
-        _signal(proc, pgid, signal.SIGKILL)
-        proc.wait()
+def pidfds_of(pids: Iterable[int]) -> dict[int, int]:
+    """pid -> pidfd for processes still alive (zombies and the gone are left out)."""
+    fds = {}
+    for pid in pids:
+        fd = open_pidfd(pid, process_start_time(pid))
+        if fd is not None:
+            fds[pid] = fd
+    return fds
 
 
-def kill_all_in(inodes: Iterable[int], wait: float = 2.0) -> list[int]:
-    """SIGKILL every process living in one of the namespaces; wait until they are gone.
+def send(pidfd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass
 
-    Returns the pids that were still alive after `wait` seconds.
-    """
-    inodes = set(inodes)
-    pids = pids_in(inodes)
+
+def wait_exited(pidfds: Iterable[int], timeout: float) -> list[int]:
+    """Wait until the processes have exited (a pidfd polls readable then);
+    returns the pidfds still running after `timeout` seconds."""
+    left = set(pidfds)
+    poller = select.poll()
+    for fd in left:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        for fd, _ in poller.poll(remaining * 1000):
+            left.discard(fd)
+            poller.unregister(fd)
+    return sorted(left)
+
+
+def terminate(pidfds: dict[int, int], grace: float) -> list[int]:
+    """SIGTERM, SIGKILL after `grace` seconds (at once if 0), wait for the
+    exit; closes the pidfds. Returns the pids still running after all that."""
+    try:
+        by_fd = {fd: pid for pid, fd in pidfds.items()}
+        left = list(by_fd)
+        if grace > 0:
+            for fd in by_fd:
+                send(fd, signal.SIGTERM)
+            left = wait_exited(by_fd, grace)
+        for fd in left:
+            send(fd, signal.SIGKILL)
+        return [by_fd[fd] for fd in wait_exited(left, 5.0)]
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
+def describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f"{pid} ({f.read().strip()})"
+    except OSError:
+        return str(pid)
+
+
+def holders(inodes: Iterable[int], paths: Iterable[str] = ()) -> list[str]:
+    """Who else keeps one of the namespaces `inodes` alive: nsfs mounts in any
+    mount namespace, and open fds (an fd opened through a mount reads as that
+    mount's path, e.g. one of `paths`, or "/" once unmounted). One line each."""
+    wanted = {f"net:[{ino}]" for ino in inodes}
+    if not wanted:
+        return []
+    found: list[str] = []
+    me = str(os.getpid())
+    mount_namespaces: dict[str, str] = {os.readlink("/proc/self/ns/mnt"): me}
+    pids = [e for e in os.listdir("/proc") if e.isdigit()]
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + wait
-    while pids and time.monotonic() < deadline:
-        # A killed process leaves the namespace when it exits (zombies no longer count).
-        pids = [pid for pid in pids if netns_inode_of(pid) in inodes]
-        if pids:
-            time.sleep(0.005)
-    return pids
-
-
-def _signal(proc: subprocess.Popen, pgid: int | None, sig: int) -> None:
-    try:
-        if pgid is not None:
-            os.killpg(pgid, sig)
-        elif proc.poll() is None:
-            proc.send_signal(sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+            mount_namespaces.setdefault(os.readlink(f"/proc/{pid}/ns/mnt"), pid)
+        except OSError:
+            continue
+    names = set(paths)
+    for pid in mount_namespaces.values():
+        try:
+            with open(f"/proc/{pid}/mountinfo") as f:
+                for line in f:
+                    fields = line.split()
+                    if fields[3] in wanted:
+                        names.add(fields[4])
+                        found.append(f"{fields[3]} mounted on {fields[4]} (mount namespace of process {pid})")
+        except OSError:
+            continue
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target not in wanted and (target == "/" or target in names):
+                # opened through a mount: reads as its path, "/" once unmounted
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                target = f"net:[{st.st_ino}]"
+            if target in wanted:
+                found.append(f"{target} held open by process {describe(int(pid))}")
+    return found

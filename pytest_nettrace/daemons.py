@@ -68,8 +68,7 @@ def _env(extra: Dict[str, str]) -> Dict[str, str]:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        stop_popen([(proc, proc.pid)], grace=5.0)
+    stop_popen(proc, grace=5.0)
 
 
 # -- D-Bus -------------------------------------------------------------------

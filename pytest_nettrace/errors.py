@@ -23,3 +23,10 @@ class ProbeLoadError(NettraceError):
 
 class EventsLost(AssertionError):
     """A negative assertion cannot be trusted because the kernel dropped events."""
+
+
+class LeftAlone(UserWarning):
+    """Teardown or stale cleanup left something alone because it cannot prove
+    the plugin made it (a process that joined a test namespace from outside,
+    an fd or mount keeping one alive, an entry that changed); or could not
+    remove something. One line naming it."""

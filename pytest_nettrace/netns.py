@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import subprocess
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, Union
@@ -28,10 +30,10 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 
 from . import _mountns
 from . import _netns_registry as registry
-from ._linux import run_in_thread
-from ._procs import kill_all_in, stop_popen
+from . import _procs as procs
+from ._linux import netns_inode_of, process_start_time, run_in_thread
 from ._rtnl import NLM_F_DUMP, KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
-from .errors import NamespaceError, NetlinkOperationError
+from .errors import LeftAlone, NamespaceError, NetlinkOperationError
 
 __all__ = [
     "KIND_DUMMY",
@@ -145,7 +147,7 @@ class Namespace:
         self._fd = fd
         self._rtnl = rtnl
         self._closed = False
-        self._procs: list[tuple[subprocess.Popen, int | None]] = []
+        self._procs: list[tuple[subprocess.Popen, int]] = []  # started here, with their pidfd
         self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
         self._ipr: Any = None
         self._ipr_socket: socket.socket | None = None  # closed again at teardown in case IPRoute.close() fails
@@ -157,6 +159,7 @@ class Namespace:
     @classmethod
     def _create(cls) -> "Namespace":
         try:
+            record = registry.record()
             registry.ensure_run_dir()
             while True:
                 name = registry.new_name()
@@ -164,20 +167,33 @@ class Namespace:
                 try:
                     registry.reserve(path)
                     break
-                except FileExistsError:  # left by an earlier boot with the same pid/start time
+                except FileExistsError:  # someone else's (or an earlier boot's): not ours
                     continue
+            record.netns(name, None, None)  # the placeholder file is ours
         except OSError as exc:
             hint = " (needs root)" if isinstance(exc, PermissionError) else ""
             raise NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc}{hint}") from None
+        dev = registry.nsfs_dev()
 
         def inside_new_netns() -> tuple[int, RtnlSocket]:
-            registry.mount_current_thread_netns(path)
-            return _open_here()
+            fd, rtnl = _open_here()
+            try:
+                record.netns(name, os.fstat(fd).st_ino, dev)  # recorded before it is pinned
+                registry.mount_current_thread_netns(path)
+            except BaseException:
+                rtnl.close()
+                os.close(fd)
+                raise
+            return fd, rtnl
 
         try:
             fd, rtnl = run_in_thread(inside_new_netns, new_netns=True)
         except OSError as exc:
-            registry.remove_entry(path)
+            try:
+                registry.remove_entry(path, None)
+                record.netns_gone(name)
+            except (OSError, registry.NotOurs):
+                pass  # still recorded: stale cleanup will look again
             raise NamespaceError(f"cannot create network namespace {name}: {exc.strerror or exc}") from None
         ns = cls(name, fd, rtnl)
         try:
@@ -389,13 +405,18 @@ class Namespace:
         pid): the mount namespace of that running program instead, to see
         a daemon's private directories (`networkctl` reading networkd's state).
 
-        It runs in a new session (unless `start_new_session=False`) so that
-        teardown can kill its whole process group: SIGTERM, then SIGKILL.
+        Stopped at teardown with the processes it started (SIGTERM, SIGKILL
+        after a second). It runs in a new session unless
+        `start_new_session=False`. Its environment gets
+        NETTRACE_SESSION=<secret>: that marks its descendants (even daemons
+        that forked away) as the test's.
         """
         self._check_open()
         setup = self._mount_setup(host_view, etc, private_dirs, readonly_sys, mounts_of)
         popen_kwargs.setdefault("start_new_session", True)
-        own_group = popen_kwargs["start_new_session"] or popen_kwargs.get("process_group") == 0
+        record = registry.record()
+        env = popen_kwargs.get("env")
+        popen_kwargs["env"] = dict(os.environ if env is None else env, **{registry.TOKEN_ENV: record.token})
 
         def start() -> subprocess.Popen:
             if setup is not None:
@@ -403,7 +424,10 @@ class Namespace:
             return subprocess.Popen(argv, **popen_kwargs)
 
         proc = run_in_thread(start, netns_fd=self._fd)
-        self._procs.append((proc, proc.pid if own_group else None))
+        # Not reaped yet, so the pid is still this child's when the pidfd is opened.
+        pidfd = os.pidfd_open(proc.pid)
+        record.process(proc.pid, process_start_time(proc.pid), self.name)
+        self._procs.append((proc, pidfd))
         return proc
 
     def _mount_setup(self, host_view: bool, etc: Any, private_dirs: Sequence[Any],
@@ -444,7 +468,8 @@ class Namespace:
         try:
             stdout, stderr = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            stop_popen([(proc, proc.pid)], grace=0)
+            procs.send(next(fd for p, fd in self._procs if p is proc), signal.SIGKILL)
+            proc.wait()
             raise
         result = RunResult(list(argv), proc.pid, proc.returncode, stdout, stderr)
         if check and result.returncode != 0:
@@ -485,31 +510,17 @@ class Namespace:
             inodes.add(os.fstat(self._helper[0]).st_ino)
         return inodes
 
-    def _stop_processes(self) -> None:
-        stop_popen(self._procs)
-        self._procs.clear()
-
     def close(self) -> None:
         """Remove the namespace: its processes, sockets, then the namespace itself.
 
         Links go with the namespace: deleting them one by one would cost an
         RCU grace period each (~20 ms), while the kernel frees a namespace's
         links in the background. Idempotent; raises NamespaceError naming
-        whatever could not be removed.
+        whatever could not be removed, warns (LeftAlone) about what it left
+        because it is not the test's.
         """
-        if self._closed:
-            return
-        errors: list[str] = []
-        try:
-            self._stop_processes()
-            left = kill_all_in(self._inodes())
-            if left:
-                errors.append(f"processes {left} would not die")
-        except Exception as exc:  # keep going: the mount must go regardless
-            errors.append(f"stopping processes: {exc}")
-        self._release(errors)
-        if errors:
-            raise NamespaceError(f"could not fully remove {self.name}: " + "; ".join(errors))
+        if not self._closed:
+            _remove([self])
 
     def _release(self, errors: list[str]) -> None:
         """Everything but processes: sockets, fds, the /run/netns entry."""
@@ -525,13 +536,68 @@ class Namespace:
             self._ipr_socket.close()
         self._rtnl.close()
         try:
-            registry.remove_entry(self.path)
+            registry.remove_entry(self.path, self.inode)
+            registry.record().netns_gone(self.name)
+        except registry.NotOurs as exc:
+            registry.record().netns_gone(self.name)
+            warnings.warn(LeftAlone(f"{exc}: left alone"), stacklevel=4)
         except OSError as exc:
             errors.append(f"removing {self.path}: {exc.strerror or exc}")
         os.close(self._fd)
         if self._helper is not None:
             self._helper[1].close()
             os.close(self._helper[0])
+
+
+def _remove(namespaces: list[Namespace]) -> None:
+    """Stop the processes the tests started in `namespaces` (and only those),
+    then remove the namespaces; raise NamespaceError naming what could not be
+    removed and warn (LeftAlone) about what was left because it is not ours:
+    processes that joined from outside, fds and mounts keeping one alive."""
+    errors: list[str] = []
+    notes: list[str] = []
+    inodes = set().union(*(ns._inodes() for ns in namespaces)) if namespaces else set()
+    started = [(ns, proc, fd) for ns in namespaces for proc, fd in ns._procs]
+    try:
+        token = registry.record().token
+        for _, proc, fd in started:
+            if proc.returncode is None:
+                procs.send(fd, signal.SIGTERM)
+        # Children of the started ones (daemons that forked) get their turn
+        # too; a second look catches what they forked meanwhile.
+        for round_ in range(3):
+            found = procs.classify(inodes, token, [p.pid for _, p, _ in started if p.returncode is None])
+            ours = procs.pidfds_of(pid for pid in found.ours)
+            if round_ == 0:
+                for _, proc, fd in started:
+                    if proc.returncode is None and proc.pid not in ours:
+                        ours[proc.pid] = os.dup(fd)
+            if not ours:
+                break
+            left = procs.terminate(ours, grace=1.0 if round_ == 0 else 0)
+            if left:
+                errors.append(f"processes {', '.join(map(procs.describe, left))} would not die")
+                break
+        for _, proc, fd in started:
+            proc.poll()  # reap: they are dead by now
+            os.close(fd)
+        if found.foreign:
+            where = {pid: ns.name for pid in found.foreign for ns in namespaces if netns_inode_of(pid) in ns._inodes()}
+            notes += [f"process {procs.describe(pid)} joined {where.get(pid, 'a test namespace')} from outside: "
+                      "left running (it keeps the namespace alive)" for pid in found.foreign]
+    except Exception as exc:  # keep going: the mounts must go regardless
+        errors.append(f"stopping processes: {exc}")
+    for ns in namespaces:
+        ns._procs.clear()
+    for ns in reversed(namespaces):
+        ns_errors: list[str] = []
+        ns._release(ns_errors)
+        errors.extend(f"{ns.name}: {e}" for e in ns_errors)
+    notes += [f"a test namespace stays alive: {h}" for h in procs.holders(inodes, [ns.path for ns in namespaces])]
+    for note in notes:
+        warnings.warn(LeftAlone(note), stacklevel=3)
+    if errors:
+        raise NamespaceError("could not remove everything: " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------
@@ -570,24 +636,7 @@ class NamespaceFactory:
         Tries everything, then raises one NamespaceError if anything is left.
         """
         self._closed = True
-        errors: list[str] = []
-        live = [ns for ns in self.namespaces if not ns.closed]
-        for ns in live:
-            try:
-                ns._stop_processes()
-            except Exception as exc:
-                errors.append(f"{ns.name}: stopping processes: {exc}")
-        # One /proc scan for all namespaces rather than one each.
-        inodes = set().union(*(ns._inodes() for ns in live)) if live else set()
-        left = kill_all_in(inodes)
-        if left:
-            errors.append(f"processes {left} would not die")
-        for ns in reversed(live):
-            ns_errors: list[str] = []
-            ns._release(ns_errors)
-            errors.extend(f"{ns.name}: {e}" for e in ns_errors)
-        if errors:
-            raise NamespaceError("could not remove everything: " + "; ".join(errors))
+        _remove([ns for ns in self.namespaces if not ns.closed])
 
     def __enter__(self) -> "NamespaceFactory":
         return self
@@ -601,11 +650,12 @@ class NamespaceFactory:
 
 
 def cleanup_stale() -> list[str]:
-    """Remove /run/netns/nt-* entries whose owner process is dead.
-
-    Processes still living in them are killed first. Returns the names removed.
-    Waits while a test holds the stale lock (registry.STALE_LOCK) exclusively;
-    NETTRACE_KEEP_STALE=1 skips it (a session such a test starts meanwhile).
+    """Remove what processes that died left: the namespaces their records
+    name (if the entry still is the recorded namespace) and the processes
+    they started in them. Returns one line per thing removed or left (for the
+    report). Waits while a test holds the stale lock (registry.STALE_LOCK)
+    exclusively; NETTRACE_KEEP_STALE=1 skips it (a session such a test
+    starts meanwhile).
     """
     if os.environ.get("NETTRACE_KEEP_STALE"):
         return []
@@ -614,19 +664,39 @@ def cleanup_stale() -> list[str]:
 
 
 def remove_stale() -> list[str]:
-    """cleanup_stale() without the lock."""
-    removed = []
-    nsfs_dev = os.stat("/proc/self/ns/net").st_dev
-    for name in registry.stale_names():
-        path = registry.path_of(name)
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            continue  # another worker got there first
-        if st.st_dev == nsfs_dev:  # still mounted: a live namespace
-            kill_all_in({st.st_ino})
-        registry.remove_entry(path)
-        removed.append(name)
+    """cleanup_stale() without the stale lock: the names removed; what could
+    not be removed or is not provably ours is warned about (LeftAlone)."""
+    removed: list[str] = []
+    for rec in registry.dead_records():
+        same_pidns = rec.pidns == os.stat("/proc/self/ns/pid").st_ino
+        inodes = {ino for ino, _ in rec.namespaces.values() if ino is not None}
+        # Only what the record proves ours: the started processes (same pid
+        # and start time; pids mean something only in the owner's PID
+        # namespace) and the processes carrying its token.
+        pids = {pid: start for pid, start, _ in rec.processes} if same_pidns else {}
+        pidfds = {pid: fd for pid, start in pids.items() if (fd := procs.open_pidfd(pid, start)) is not None}
+        found = procs.classify(inodes, rec.token)
+        for pid, fd in procs.pidfds_of(p for p in found.ours if p not in pidfds).items():
+            pidfds[pid] = fd
+        left = procs.terminate(pidfds, grace=0)
+        problems = [f"process {procs.describe(pid)} of a dead session would not die" for pid in left]
+        problems += [f"process {procs.describe(pid)} is in a namespace of a dead session but not its: left running"
+                     for pid in found.foreign]
+        kept = False
+        for name, (ino, dev) in rec.namespaces.items():
+            path = registry.path_of(name)
+            try:
+                registry.remove_entry(path, ino, dev)
+                removed.append(name)
+            except registry.NotOurs as exc:
+                problems.append(f"{exc}: left alone")
+            except OSError as exc:
+                problems.append(f"cannot remove {path}: {exc.strerror or exc}")
+                kept = True  # another session will try again
+        for problem in problems:
+            warnings.warn(LeftAlone(problem), stacklevel=2)
+        if not kept:
+            rec.forget()
     return removed
 
 
