@@ -4,8 +4,10 @@ report sections, forbidden-event gates and the session summary."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import platform
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
@@ -49,6 +51,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _sigterm_interrupts()
     config.addinivalue_line("markers", "stock_kernel: needs what only stock distro kernels have "
                             "(kprobes, fentry, the dummy driver); run in the VM stage (ci/vm-test)")
     mode = config.getini("nettrace_unavailable")
@@ -84,6 +87,59 @@ def _ringbuf_size(raw: str) -> int:
     if size < 4096 or size & (size - 1):
         raise pytest.UsageError(f"nettrace_ringbuf_size = {size}: must be a power of two >= 4096")
     return size
+
+
+# -- SIGINT and SIGTERM: teardown always finishes ---------------------------------
+
+def _sigterm_interrupts() -> None:
+    """SIGTERM (CI cancelling a job) ends the run like Ctrl-C: pytest's
+    interrupted path runs the fixtures' teardown, which removes what the tests
+    made. The default action would kill the process on the spot."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM wait until the block is done, then act: an interrupt in
+    the middle of a teardown would drop the fixtures' remaining finalizers
+    (pytest forgets them), leaving namespaces and daemons behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) -> Iterator[None]:
+    with _signals_deferred():
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    # after an interrupt, the interrupted test's fixtures are torn down here
+    with _signals_deferred():
+        return (yield)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

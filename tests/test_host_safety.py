@@ -1,0 +1,312 @@
+"""The plugin runs as root on machines shared with other work: it touches only
+what it can prove it made, removes all of it even when interrupted, and says
+so when it leaves something. Bystanders are real processes in hand-made
+namespaces (and in a sandboxed PID namespace where a wrong kill would reach
+every process in sight); interruptions are real signals to real sessions.
+
+Run as its own CI stage (ci/test.sh) after the main suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from netns_helpers import netns_entries
+from reliability_helpers import alive, run_session, stale_lock
+
+from pytest_nettrace import LeftAlone
+from pytest_nettrace.netns import NamespaceFactory, remove_stale
+
+pytestmark = [pytest.mark.host_safety, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+def _wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not met in {timeout} s"
+        time.sleep(0.02)
+
+
+def _start_session(directory, *args: str, env: dict | None = None, prefix: list | None = None) -> subprocess.Popen:
+    argv = [*(prefix or []), sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args]
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("PYTEST_XDIST_WORKER", None)
+    full_env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.Popen(argv, cwd=str(directory), env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+# -- SIGINT / SIGTERM: teardown finishes, daemons ignoring SIGTERM included -------
+
+HANGING_TEST = """
+import json, os, time
+import pytest
+
+@pytest.fixture
+def says_teardown(make_netns):
+    yield
+    # torn down before make_netns: the namespaces go right after this
+    with open(os.environ["NT_RECORD"], "a") as f:
+        f.write(json.dumps({{"teardown": 1}}) + "\\n")
+
+def test_hangs_{i}(make_netns, says_teardown):
+    ns = make_netns()
+    # both ignore SIGTERM (SIG_IGN is inherited across fork and exec)
+    daemon = ns.popen(["sh", "-c", "trap '' TERM; sleep 300 & exec sleep 301"])
+    while len([p for p in os.listdir("/proc") if p.isdigit() and _in(p, ns.inode)]) < 2:
+        time.sleep(0.01)
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _in(p, ns.inode)]
+    with open(os.environ["NT_RECORD"], "a") as f:
+        f.write(json.dumps({{"ns": ns.name, "pids": pids}}) + "\\n")
+    if os.environ["NT_WHEN"] == "call":
+        time.sleep(300)
+
+def _in(pid, inode):
+    try:
+        return os.readlink(f"/proc/{{pid}}/ns/net") == f"net:[{{inode}}]"
+    except OSError:
+        return False
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("workers", [0, 2], ids=["no-xdist", "xdist-2"])
+@pytest.mark.parametrize("when", ["call", "teardown"])
+def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigterm(tmp_path, sig, workers, when):
+    """The signal comes while the tests run, or while their namespaces are
+    being removed (the daemons ignore SIGTERM, so that takes a second)."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    tests = max(workers, 1)
+    for i in range(tests):
+        (suite / f"test_hang_{i}.py").write_text(HANGING_TEST.format(i=i))
+    record = tmp_path / "record.jsonl"
+    record.touch()
+    args = ["-n", str(workers)] if workers else ["-p", "no:xdist"]
+    session = _start_session(suite, *args, env={"NT_RECORD": str(record), "NT_WHEN": when})
+    try:
+        lines = tests if when == "call" else 2 * tests
+        _wait_for(lambda: len(record.read_text().splitlines()) >= lines, 60, f"every test reached its {when}")
+        made = [m for m in map(json.loads, record.read_text().splitlines()) if "ns" in m]
+        assert all(len(m["pids"]) == 2 for m in made)
+        session.send_signal(sig)  # the controller only
+        out, _ = session.communicate(timeout=60)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.communicate()
+    assert session.returncode != 0, out
+    # Everything was removed before the session exited: nothing to wait for.
+    left_entries = [m["ns"] for m in made if m["ns"] in netns_entries()]
+    left_pids = [p for m in made for p in m["pids"] if alive(p)]
+    for p in left_pids:
+        os.kill(p, signal.SIGKILL)
+    assert left_entries == [] and left_pids == [], out[-3000:]
+
+
+# -- ownership: a name proves nothing; only the session's record does ------------
+
+SANDBOX = ["unshare", "--pid", "--fork", "--mount-proc"]
+
+
+def _in_netns_of(pid: int, path: str) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(path).st_ino}]"
+    except OSError:
+        return False
+
+
+def test_stale_cleanup_leaves_hand_made_nt_entries_and_what_runs_in_them():
+    # names older versions made, with an owner pid that is dead or not the
+    # owner: still not ours, as no record of ours names them
+    names = ["nt-999999-12345-1", "nt-1-999-1"]
+    bystanders: list = []
+    try:
+        # held: sessions of older versions on this host must not kill them first
+        with stale_lock():
+            for name in names:
+                subprocess.run(["ip", "netns", "add", name], check=True)
+                bystanders.append(subprocess.Popen(["ip", "netns", "exec", name, "sleep", "300"]))
+            for name, proc in zip(names, bystanders):
+                _wait_for(lambda: _in_netns_of(proc.pid, f"/run/netns/{name}"), what="bystander in its namespace")
+            assert not set(names) & set(remove_stale())
+            assert [p.poll() for p in bystanders] == [None, None]
+            assert set(names) <= netns_entries()
+    finally:
+        for proc in bystanders:
+            proc.kill()
+            proc.wait()
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_an_entry_bound_to_the_sandboxs_own_namespace_does_not_get_its_processes_killed(tmp_path):
+    # In a PID namespace, so that a wrong kill reaches only the sandbox: there
+    # an nt-* entry bound to the namespace everyone runs in would mean every
+    # process in sight.
+    script = textwrap.dedent("""
+        import os, subprocess, sys
+        from pytest_nettrace.netns import remove_stale
+        path = "/run/netns/" + sys.argv[1]
+        bystander = subprocess.Popen(["sleep", "300"])
+        open(path, "w").close()
+        subprocess.run(["mount", "--bind", "/proc/self/ns/net", path], check=True)
+        try:
+            remove_stale()
+            print("bystander", "alive" if bystander.poll() is None else "killed", flush=True)
+        finally:
+            subprocess.run(["umount", path])
+            os.unlink(path)
+            bystander.kill()
+        """)
+    with stale_lock():  # older versions on this host would remove the entry
+        result = subprocess.run([*SANDBOX, sys.executable, "-c", script, f"nt-1-{os.getpid()}-7"],
+                                cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
+    assert "bystander alive" in result.stdout, result.stdout + result.stderr
+
+
+HOLDING_TEST = """
+import os, time
+
+def test_holds(netns):
+    with open(os.environ["NT_READY"], "w") as f:
+        f.write(netns.name)
+    while not os.path.exists(os.environ["NT_GO"]):
+        time.sleep(0.02)
+    assert os.stat(netns.path).st_ino == netns.inode, "our namespace was taken away"
+"""
+
+
+def test_sessions_in_different_pid_namespaces_keep_each_others_namespaces(tmp_path):
+    """Containers sharing /run/netns: each sees the other's owner pid as dead
+    (or as some unrelated process) and must not conclude its entries are stale."""
+    go = tmp_path / "go"
+    sessions = []
+    try:
+        for where in ("host", "sandbox"):
+            suite = tmp_path / where
+            suite.mkdir()
+            (suite / "test_hold.py").write_text(HOLDING_TEST)
+            ready = tmp_path / f"{where}.ready"
+            env = {"NT_READY": str(ready), "NT_GO": str(go)}
+            sessions.append(_start_session(suite, "-p", "no:xdist", env=env,
+                                           prefix=SANDBOX if where == "sandbox" else None))
+            # the second session's start cleans "stale" entries: the first one's is live
+            _wait_for(ready.exists, 60, f"{where} session holds a namespace")
+        # and a host session starting now must leave the sandbox's alone
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "test_ok.py").write_text("def test_ok(netns):\n    pass\n")
+        assert run_session(other).returncode == 0
+        go.touch()
+        outs = [s.communicate(timeout=60)[0] for s in sessions]
+        assert [s.returncode for s in sessions] == [0, 0], "\n".join(outs)
+    finally:
+        go.touch()
+        for s in sessions:
+            if s.poll() is None:
+                s.kill()
+                s.communicate()
+
+
+def test_teardown_never_signals_a_pid_reused_after_the_program_exited(tmp_path):
+    # In a PID namespace, where ns_last_pid makes the next process get the
+    # pid `run()`'s program had: a bystander leading its own process group.
+    script = textwrap.dedent("""
+        import subprocess
+        from pytest_nettrace.netns import NamespaceFactory
+        factory = NamespaceFactory()
+        ns = factory.create()
+        pid = ns.run(["true"]).pid
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)
+        assert bystander.pid == pid, (bystander.pid, pid)
+        factory.close()
+        print("bystander", "alive" if bystander.poll() is None else "killed", flush=True)
+        bystander.kill()
+        """)
+    result = subprocess.run([*SANDBOX, sys.executable, "-c", script], cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=60)
+    assert "bystander alive" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_namespace_kept_alive_by_an_fd_or_a_mount_is_reported(tmp_path):
+    factory = NamespaceFactory()
+    ns = factory.create()
+    pin = tmp_path / "pin"
+    pin.touch()
+    subprocess.run(["mount", "--bind", ns.path, str(pin)], check=True)
+    holder = subprocess.Popen(["bash", "-c", f"exec 3<{ns.path}; exec sleep 300"])
+    try:
+        _wait_for(lambda: _fd_inode(holder.pid, 3) == ns.inode, what="holder has its fd")
+        with pytest.warns(LeftAlone) as caught:
+            factory.close()
+        notes = [str(w.message) for w in caught]
+        assert f"a test namespace stays alive: net:[{ns.inode}] held open by process {holder.pid} (sleep)" in notes
+        assert any(n.startswith(f"a test namespace stays alive: net:[{ns.inode}] mounted on {pin} ") for n in notes), notes
+        assert ns.name not in netns_entries()
+    finally:
+        holder.kill()
+        holder.wait()
+        subprocess.run(["umount", str(pin)])
+
+
+def _fd_inode(pid: int, fd: int):
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except OSError:
+        return None
+
+
+STALE_MAKER = """
+import time
+from pytest_nettrace.netns import NamespaceFactory
+factory = NamespaceFactory()
+names = [factory.create().name for _ in range(3)]
+print(*names, flush=True)
+time.sleep(300)
+"""
+
+
+def test_unremovable_or_replaced_entries_are_reported_one_by_one_and_the_session_goes_on(tmp_path):
+    hand_made = "/run/netns/nt-1-2-3"  # a directory: nobody's namespace
+    os.makedirs(hand_made, exist_ok=True)
+    other_ns = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    try:
+        with stale_lock():  # other sessions starting meanwhile must not clean first
+            child = subprocess.Popen([sys.executable, "-c", STALE_MAKER], stdout=subprocess.PIPE, text=True)
+            replaced, turned_dir, plain = child.stdout.readline().split()
+            child.kill()
+            child.wait()
+            # one entry gets another namespace mounted over it, one becomes a directory
+            _wait_for(lambda: os.readlink(f"/proc/{other_ns.pid}/ns/net") != os.readlink("/proc/self/ns/net"))
+            subprocess.run(["mount", "--bind", f"/proc/{other_ns.pid}/ns/net", f"/run/netns/{replaced}"], check=True)
+            subprocess.run(["umount", f"/run/netns/{turned_dir}"], check=True)
+            os.unlink(f"/run/netns/{turned_dir}")
+            os.mkdir(f"/run/netns/{turned_dir}")
+            with pytest.warns(LeftAlone) as caught:
+                removed = remove_stale()
+        notes = [str(w.message) for w in caught]
+        assert removed == [plain]
+        assert any(n.startswith(f"/run/netns/{replaced} is now another namespace") for n in notes), notes
+        assert any(n.startswith(f"/run/netns/{turned_dir} is not a namespace mount") for n in notes), notes
+        assert other_ns.poll() is None
+        (tmp_path / "test_ok.py").write_text("def test_ok(netns):\n    pass\n")
+        result = run_session(tmp_path)
+        assert result.returncode == 0 and "INTERNALERROR" not in result.stdout, result.stdout
+    finally:
+        other_ns.kill()
+        other_ns.wait()
+        os.rmdir(hand_made)
+        for name in locals().get("replaced", None), locals().get("turned_dir", None):
+            if name:
+                while subprocess.run(["umount", f"/run/netns/{name}"], capture_output=True).returncode == 0:
+                    pass
+                subprocess.run(["rm", "-rf", f"/run/netns/{name}"], capture_output=True)
