@@ -39,7 +39,7 @@ def _start_session(directory, *args: str, env: dict | None = None, prefix: list 
     full_env.pop("PYTEST_XDIST_WORKER", None)
     full_env.pop("PYTEST_ADDOPTS", None)
     return subprocess.Popen(argv, cwd=str(directory), env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 # -- SIGINT / SIGTERM: teardown finishes, daemons ignoring SIGTERM included -------
@@ -76,11 +76,15 @@ def _in(pid, inode):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("workers", [0, 2], ids=["no-xdist", "xdist-2"])
+@pytest.mark.parametrize("workers, to_group", [(0, False), (2, False), (2, True)],
+                         ids=["no-xdist", "xdist-2-controller", "xdist-2-process-group"])
 @pytest.mark.parametrize("when", ["call", "teardown"])
-def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigterm(tmp_path, sig, workers, when):
+def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigterm(tmp_path, sig, workers, to_group,
+                                                                                   when):
     """The signal comes while the tests run, or while their namespaces are
-    being removed (the daemons ignore SIGTERM, so that takes a second)."""
+    being removed (the daemons ignore SIGTERM, so that takes a second); to the
+    pytest process (the xdist controller) or to its whole process group, as a
+    terminal's Ctrl-C or a CI runner would."""
     suite = tmp_path / "suite"
     suite.mkdir()
     tests = max(workers, 1)
@@ -95,7 +99,10 @@ def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigter
         _wait_for(lambda: len(record.read_text().splitlines()) >= lines, 60, f"every test reached its {when}")
         made = [m for m in map(json.loads, record.read_text().splitlines()) if "ns" in m]
         assert all(len(m["pids"]) == 2 for m in made)
-        session.send_signal(sig)  # the controller only
+        if to_group:
+            os.killpg(session.pid, sig)
+        else:
+            session.send_signal(sig)
         out, _ = session.communicate(timeout=60)
     finally:
         if session.poll() is None:
