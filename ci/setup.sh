@@ -35,14 +35,21 @@ if [ ${#missing[@]} -gt 0 ]; then
     # must not start on the host: block service starts while installing, and
     # keep the ones installed now from starting at boot. Packages that were
     # already installed are left exactly as they were.
+    # The blocker goes whatever happens (error, Ctrl-C, SIGTERM): left behind,
+    # it would block every service start on the host.
     blocker=""
+    trap '[ -n "$blocker" ] && rm -f "$blocker"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    trap 'exit 129' HUP
     if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
         blocker=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' > "$blocker" && chmod +x "$blocker"
     fi
     rc=0
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || rc=$?
     [ -n "$blocker" ] && rm -f "$blocker"
+    blocker=""
     [ $rc -eq 0 ] || exit $rc
     if [ -d /run/systemd/system ]; then
         for unit in keepalived.service NetworkManager.service; do

@@ -317,3 +317,39 @@ def test_unremovable_or_replaced_entries_are_reported_one_by_one_and_the_session
                 while subprocess.run(["umount", f"/run/netns/{name}"], capture_output=True).returncode == 0:
                     pass
                 subprocess.run(["rm", "-rf", f"/run/netns/{name}"], capture_output=True)
+
+
+# -- ci/setup.sh: the service blocker never outlives it ---------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
+def test_setup_sh_interrupted_during_apt_install_removes_policy_rc_d(tmp_path, sig):
+    # A copy of ci/setup.sh wanting a package that is not installed, a fake
+    # apt-get that hangs in `install`, and a private mount namespace whose
+    # /usr/sbin is a scratch directory: the host's never sees the blocker.
+    (tmp_path / "ci").mkdir()
+    (tmp_path / "ci" / "setup.sh").write_text(open(os.path.join(REPO, "ci", "setup.sh")).read())
+    (tmp_path / "ci" / "apt-packages.txt").write_text("nettrace-no-such-package\n")
+    fake_bin, sbin = tmp_path / "bin", tmp_path / "sbin"
+    fake_bin.mkdir()
+    sbin.mkdir()
+    started = tmp_path / "install-started"
+    (fake_bin / "apt-get").write_text(f"#!/bin/sh\n[ \"$1\" = update ] && exit 0\ntouch {started}\nexec sleep 300\n")
+    (fake_bin / "apt-get").chmod(0o755)
+    script = f'mount --bind {sbin} /usr/sbin && exec bash {tmp_path}/ci/setup.sh'
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for(started.exists, 30, "apt-get install started")
+        assert (sbin / "policy-rc.d").exists()  # the blocker is in place meanwhile
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C or a CI runner does
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    assert not (sbin / "policy-rc.d").exists(), out
