@@ -19,7 +19,8 @@ from .engine import DEFAULT_RINGBUF, Engine, default_probes
 from .errors import NettraceError
 from .gates import GateSpec, GateSpecError
 from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
-from .report import SECTION, SessionSummary, TraceRecord, events_path, write_files
+from .report import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
+                     prepare_dir, write_files)
 from .selection import select as select_probes
 from .trace import Trace
 
@@ -29,7 +30,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--nettrace-btf", default=None, metavar="PATH",
                     help=f"kernel BTF used for CO-RE relocation (default {DEFAULT_BTF})")
     group.addoption("--nettrace-report", default=None, metavar="DIR",
-                    help="write each traced test's events (JSON lines) and pcap into DIR")
+                    help="write each traced test's events (JSON lines) and pcap into DIR "
+                    "(created 0700 if missing; files 0600: they hold payloads and command lines)")
+    group.addoption("--nettrace-report-mode", default=None, metavar="OCTAL",
+                    help="mode of the --nettrace-report files, e.g. 0644 (default 0600); a directory "
+                    "it creates gets search permission where the mode grants reading")
     group.addoption("--nettrace-show", default=None, choices=SHOW_CHOICES,
                     help="which tests get a 'network events' report section: failed (default; "
                     "all with -v), all, none")
@@ -455,7 +460,7 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
     if violation is not None:
         record.highlight = violation.offending
     if settings.report_dir:
-        write_files(record, settings.report_dir)
+        write_files(record, settings.report_dir, settings.report_mode)
     item.user_properties.extend(record.properties())
     item.stash[_RECORD] = record
     if violation is not None:
@@ -519,6 +524,7 @@ class ReportSettings:
     report_dir: Optional[str]
     show: str                        # "failed" | "all" | "none"
     suite_gate: GateSpec
+    report_mode: int = DEFAULT_FILE_MODE
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "ReportSettings":
@@ -531,11 +537,22 @@ class ReportSettings:
                 rules = gates.parse_rules(config.getini("nettrace_forbid"), "ini nettrace_forbid")
         except GateSpecError as e:
             raise pytest.UsageError(str(e)) from None
+        raw_mode = config.getoption("nettrace_report_mode")
+        mode = DEFAULT_FILE_MODE
+        if raw_mode is not None:
+            try:
+                mode = int(raw_mode, 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o777:
+                raise pytest.UsageError(f"--nettrace-report-mode={raw_mode}: not a file mode (octal, e.g. 0644)")
         report_dir = config.getoption("nettrace_report")
         if report_dir:
-            report_dir = os.path.join(str(config.invocation_params.dir), report_dir)
-            os.makedirs(report_dir, exist_ok=True)
-        return cls(report_dir, show, GateSpec(rules))
+            try:
+                report_dir = prepare_dir(os.path.join(str(config.invocation_params.dir), report_dir), mode)
+            except ReportDirError as e:
+                raise pytest.UsageError(str(e)) from None
+        return cls(report_dir, show, GateSpec(rules), mode)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -4,9 +4,11 @@ per-test files, and the session-wide tally (`SessionSummary`)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
+import tempfile
 import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
@@ -130,19 +132,72 @@ def events_path(directory: str, nodeid: str) -> str:
     return os.path.join(directory, file_stem(nodeid) + ".jsonl")
 
 
-def write_files(record: TraceRecord, directory: str) -> None:
-    """`<stem>.jsonl` with every event, and a copy of the pcap, in `directory`;
-    sets record.events_file / record.pcap_path to the written paths."""
-    path = events_path(directory, record.nodeid)
-    stem = path[:-len(".jsonl")]
-    with open(path, "w", encoding="utf-8") as f:
-        jsonl.write_events(f, record.events)
-    record.events_file = path
+#: Mode of the files --nettrace-report writes (they hold packet payloads and
+#: command lines); --nettrace-report-mode changes it.
+DEFAULT_FILE_MODE = 0o600
+
+
+class ReportDirError(ValueError):
+    """--nettrace-report names something that cannot be the report directory."""
+
+
+def prepare_dir(path: str, file_mode: int = DEFAULT_FILE_MODE) -> str:
+    """Create the report directory if needed (mode: `file_mode` plus search
+    permission wherever it grants reading, so 0700 by default); return its
+    real path. An existing non-directory is a ReportDirError."""
+    dir_mode = file_mode | ((file_mode & 0o444) >> 2)
+    try:
+        os.makedirs(path, mode=dir_mode)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ReportDirError(f"--nettrace-report={path}: cannot create it: {exc.strerror or exc}") from None
+    if not os.path.isdir(path):
+        raise ReportDirError(f"--nettrace-report={path}: exists and is not a directory")
+    return os.path.realpath(path)
+
+
+def _write_file(directory: str, name: str, write: Any, mode: int) -> str:
+    """Write `name` in `directory` as a new file (made with O_EXCL under a
+    random name, then renamed over `name`): whatever someone planted at
+    `name` (a symlink, a hard link) is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nettrace-", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        final = os.path.join(directory, name)
+        os.replace(tmp, final)
+        return final
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_files(record: TraceRecord, directory: str, mode: int = DEFAULT_FILE_MODE) -> None:
+    """`<stem>.jsonl` with every event, and a copy of the pcap, in `directory`
+    (files of `mode`); sets record.events_file / record.pcap_path to the
+    written paths."""
+    stem = file_stem(record.nodeid)
+
+    def events(f: Any) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8")
+        jsonl.write_events(text, record.events)
+        text.flush()
+        text.detach()  # f is closed by its owner
+
+    record.events_file = _write_file(directory, stem + ".jsonl", events, mode)
     pcap = record.pcap_path
     if pcap and os.path.isfile(pcap) and os.path.dirname(os.path.abspath(pcap)) != os.path.abspath(directory):
-        copy = stem + (os.path.splitext(pcap)[1] or ".pcap")  # .pcapng stays .pcapng
-        shutil.copyfile(pcap, copy)
-        record.pcap_path = copy
+        def copy(f: Any) -> None:
+            with open(pcap, "rb") as src:
+                shutil.copyfileobj(src, f)
+
+        # .pcapng stays .pcapng
+        record.pcap_path = _write_file(directory, stem + (os.path.splitext(pcap)[1] or ".pcap"), copy, mode)
 
 
 # -- the whole run -------------------------------------------------------------
