@@ -5,6 +5,7 @@ Per test, the only kernel work is adding and removing namespace inodes in the
 scope map; the probes drop every event from a namespace not in it."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from . import corebtf
-from .errors import ProbeLoadError
+from .errors import ProbeLoadError, UnsupportedKernel
 from .events import HEADER, NT_MAX_KINDS, Event, Header
 from .probes.base import Plan, Probe
 from . import symbols
@@ -61,6 +62,23 @@ class ProbeStatus:
     @property
     def mechanism(self) -> str:
         return self.plan.mechanism if self.plan else "unavailable"
+
+
+def ring_size_refused(size: int) -> Optional[str]:
+    """Why the kernel refuses an event ring of `size` bytes (a power of two),
+    found by making one and closing it at once; None if it takes it or if
+    this process cannot make maps at all (then the probes are unavailable
+    anyway, with their own reason)."""
+    if size >= 1 << 32:
+        return "more than the kernel's 32-bit map size allows"
+    try:
+        fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "nt_ring_probe", 0, 0, size)
+    except (ProbeLoadError, UnsupportedKernel) as e:
+        err = getattr(e, "errno", None)
+        return f"the kernel refuses a ring of that size ({e})" if err in (errno.EINVAL, errno.E2BIG,
+                                                                         errno.ENOMEM) else None
+    os.close(fd)
+    return None
 
 
 class Engine:

@@ -10,7 +10,10 @@ class NetlinkOperationError(NettraceError):
 
 
 class NamespaceError(NettraceError):
-    """A namespace could not be created, entered or removed."""
+    """A namespace could not be created, entered or removed (`unprivileged`:
+    because this process lacks the privilege, e.g. is not root)."""
+
+    unprivileged = False
 
 
 class UnsupportedKernel(NettraceError):

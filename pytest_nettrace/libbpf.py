@@ -149,6 +149,7 @@ class LibBpf:
             "btf__type_by_id": (vp, [vp, cu32]),
             "btf__name_by_offset": (cp, [vp, cu32]),
             "libbpf_set_print": (vp, [_PRINT_FN]),
+            "libbpf_strerror": (ci, [ci, cp, ctypes.c_size_t]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(lib, name)
@@ -174,8 +175,25 @@ def libbpf() -> LibBpf:
         return _lib
 
 
+# libbpf's own error codes (enum libbpf_errno, from 4000 on), which
+# os.strerror calls "Unknown error 4001": named here, worded by libbpf.
+_LIBBPF_ERRNO_START = 4000
+_LIBBPF_ERRNO_NAMES = ("LIBELF", "FORMAT", "KVERSION", "ENDIAN", "INTERNAL", "RELOC", "LOAD", "VERIFY",
+                       "PROG2BIG", "KVER", "PROGTYPE", "WRNGPID", "INVSEQ", "NLPARSE")
+
+
 def _errtext(err: int) -> str:
     err = abs(err)
+    index = err - _LIBBPF_ERRNO_START
+    if 0 <= index < len(_LIBBPF_ERRNO_NAMES):
+        buf = ctypes.create_string_buffer(128)
+        words = "libbpf error"
+        try:
+            if libbpf().lib.libbpf_strerror(err, buf, len(buf)) == 0:
+                words = buf.value.decode(errors="replace")
+        except (AttributeError, UnsupportedKernel):
+            pass
+        return f"LIBBPF_ERRNO__{_LIBBPF_ERRNO_NAMES[index]}: {words}"
     return f"{_errno.errorcode.get(err, err)}: {os.strerror(err)}"
 
 
@@ -364,7 +382,9 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     """Create a BPF map owned by the caller; returns its fd."""
     fd = libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None)
     if fd < 0:
-        raise ProbeLoadError(f"cannot create BPF map {name} ({max_entries} entries): {_errtext(fd)}")
+        err = ProbeLoadError(f"cannot create BPF map {name} ({max_entries} entries): {_errtext(fd)}")
+        err.errno = -fd  # type: ignore[attr-defined]
+        raise err
     return fd
 
 

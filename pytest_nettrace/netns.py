@@ -172,7 +172,9 @@ class Namespace:
             record.netns(name, None, None)  # the placeholder file is ours
         except OSError as exc:
             hint = " (needs root)" if isinstance(exc, PermissionError) else ""
-            raise NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc}{hint}") from None
+            err = NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc}{hint}")
+            err.unprivileged = isinstance(exc, PermissionError)
+            raise err from None
         dev = registry.nsfs_dev()
 
         def inside_new_netns() -> tuple[int, RtnlSocket]:
@@ -194,7 +196,9 @@ class Namespace:
                 record.netns_gone(name)
             except (OSError, registry.NotOurs):
                 pass  # still recorded: stale cleanup will look again
-            raise NamespaceError(f"cannot create network namespace {name}: {exc.strerror or exc}") from None
+            err = NamespaceError(f"cannot create network namespace {name}: {exc.strerror or exc}")
+            err.unprivileged = isinstance(exc, PermissionError)
+            raise err from None
         ns = cls(name, fd, rtnl)
         try:
             ns.set_up("lo")
@@ -302,8 +306,8 @@ class Namespace:
         """Add a veth pair `ifname` (here) <-> `peer_ifname` (in `peer_ns`, may be self), both up."""
         _check_ifname(ifname)
         _check_ifname(peer_ifname)
-        ifaces = [parse_address(a) for a in addresses]
-        peer_ifaces = [parse_address(a) for a in peer_addresses]
+        ifaces = _parse_addresses(addresses, "addresses")
+        peer_ifaces = _parse_addresses(peer_addresses, "peer_addresses")
         if not isinstance(peer_ns, Namespace):
             raise TypeError(f"peer_ns must be a Namespace, not {type(peer_ns).__name__}")
         self._check_open()
@@ -554,9 +558,11 @@ def _remove(namespaces: list[Namespace]) -> None:
     then remove the namespaces; raise NamespaceError naming what could not be
     removed and warn (LeftAlone) about what was left because it is not ours:
     processes that joined from outside, fds and mounts keeping one alive."""
+    if not namespaces:
+        return
     errors: list[str] = []
     notes: list[str] = []
-    inodes = set().union(*(ns._inodes() for ns in namespaces)) if namespaces else set()
+    inodes = set().union(*(ns._inodes() for ns in namespaces))
     started = [(ns, proc, fd) for ns in namespaces for proc, fd in ns._procs]
     try:
         token = registry.record().token
@@ -710,10 +716,22 @@ def parse_address(address: AddressLike) -> ipaddress.IPv4Interface | ipaddress.I
         return address
     if isinstance(address, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return ipaddress.ip_interface(address)
+    if not isinstance(address, str):
+        # ipaddress would take 5 for 0.0.0.5 and b"\n\0\0\1" for 10.0.0.1: a slip, not an address
+        raise TypeError(f"an address is a str like '192.168.0.1/24' or an ipaddress object, "
+                        f"not {type(address).__name__} {address!r}")
     try:
         return ipaddress.ip_interface(address)
     except (ValueError, TypeError):
         raise ValueError(f"malformed address {address!r}: expected e.g. '192.168.0.1/24' or '2001:db8::1/64'") from None
+
+
+def _parse_addresses(addresses: Iterable[AddressLike], what: str) -> list:
+    if isinstance(addresses, (str, bytes, ipaddress.IPv4Interface, ipaddress.IPv6Interface,
+                              ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        raise TypeError(f"{what} must be a list of addresses, not one {type(addresses).__name__}: "
+                        f"write {what}=[{str(addresses)!r}]")
+    return [parse_address(a) for a in addresses]
 
 
 def _check_ifname(ifname: object) -> None:

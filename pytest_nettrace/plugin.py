@@ -15,8 +15,8 @@ import pytest
 
 from . import daemons, gates
 from .capabilities import DEFAULT_BTF, features
-from .engine import DEFAULT_RINGBUF, Engine, default_probes
-from .errors import NettraceError
+from .engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_refused
+from .errors import NamespaceError, NettraceError
 from .gates import GateSpec, GateSpecError
 from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
 from .report import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
@@ -91,6 +91,9 @@ def _ringbuf_size(raw: str) -> int:
         raise pytest.UsageError(f"nettrace_ringbuf_size = {raw!r} is not a number") from None
     if size < 4096 or size & (size - 1):
         raise pytest.UsageError(f"nettrace_ringbuf_size = {size}: must be a power of two >= 4096")
+    refused = ring_size_refused(size)
+    if refused:
+        raise pytest.UsageError(f"nettrace_ringbuf_size = {size}: {refused}")
     return size
 
 
@@ -178,11 +181,11 @@ def pytest_report_header(config: pytest.Config) -> list:
         lines.append(f"nettrace: probes: {engine.describe()} (attached in {engine.attach_seconds * 1e3:.0f} ms)")
         for name, st in engine.status.items():
             for failure in st.failures:
-                lines.append(f"nettrace:   {name}: fell back from {failure[:160]}")
+                lines.append(f"nettrace:   {name}: fell back from {failure}")
             if st.plan is None and st.unavailable:
-                lines.append(f"nettrace:   {name} unavailable: {st.unavailable[:200]}")
+                lines.append(f"nettrace:   {name} unavailable: {st.unavailable}")
             for note in st.plan.notes if st.plan is not None else ():
-                lines.append(f"nettrace:   {name}: {note[:200]}")
+                lines.append(f"nettrace:   {name}: {note}")
         if engine.left_out:
             lines.append(f"nettrace:   not loaded (nettrace_probes): {', '.join(engine.left_out)}")
     return lines
@@ -259,15 +262,28 @@ def netns_factory() -> Iterator[NamespaceFactory]:
 
 
 @pytest.fixture
-def netns(netns_factory: NamespaceFactory) -> Namespace:
+def netns(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) -> Namespace:
     """A fresh network namespace, loopback up, removed after the test."""
-    return netns_factory.create()
+    return _create_or_refuse(request.config, netns_factory)
 
 
 @pytest.fixture
-def make_netns(netns_factory: NamespaceFactory) -> Callable[[], Namespace]:
+def make_netns(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) -> Callable[[], Namespace]:
     """`make_netns()` returns another fresh namespace; all are removed after the test."""
-    return netns_factory.create
+    return lambda: _create_or_refuse(request.config, netns_factory)
+
+
+def _create_or_refuse(config: pytest.Config, factory: NamespaceFactory) -> Namespace:
+    """A namespace; where this process may not make one (no root), the test is
+    skipped (or failed: ini nettrace_unavailable) with one line, as for probes."""
+    try:
+        return factory.create()
+    except NamespaceError as e:
+        if not e.unprivileged:
+            raise
+        why = str(e)
+    config.stash[_ENGINE].refuse(f"network namespaces unavailable: {why}")  # outside: no chained traceback
+    raise AssertionError("refuse() returns only by raising")
 
 
 # -- daemons in one line -----------------------------------------------------

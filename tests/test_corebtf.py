@@ -26,7 +26,13 @@ def test_made_checked_and_reused(tmp_path, monkeypatch):
     assert path and path.startswith(str(tmp_path)) and os.path.getsize(path) < 100_000
     assert os.path.getsize(path) < os.path.getsize(corebtf.KERNEL_BTF) / 50
     assert corebtf.check(obj, path) is None
-    assert corebtf.minimal_btf(obj) == path  # reused: no bpftool, no check (its cost: bench/bench_attach.py)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a made BTF is reused as it is: no bpftool, no check")
+
+    monkeypatch.setattr(corebtf, "check", must_not_run)
+    monkeypatch.setattr(corebtf.subprocess, "run", must_not_run)
+    assert corebtf.minimal_btf(obj) == path  # its cost: bench/bench_attach.py
     assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(path), os.path.basename(path) + ".lock"]
 
 

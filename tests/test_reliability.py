@@ -467,6 +467,51 @@ def test_tiny_ring_from_ini_fails_the_negative_assertion(tmp_path):
     assert "test_flood_then_assert_no_rst" in out and "rst events lost" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("size", ["4294967296", "8589934592"])
+def test_a_ring_size_the_kernel_refuses_is_a_usage_error_before_any_test(tmp_path, size):
+    # a power of two, so only the kernel can say no; with a gate, every test
+    # skipping (the old outcome) would have checked nothing and exited 0
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "pytest.ini").write_text(f"[pytest]\nnettrace_ringbuf_size = {size}\nnettrace_forbid = addr:deleted\n")
+    (suite / "test_x.py").write_text("def test_x(nettrace):\n    pass\n")
+    result = run_session(suite, "-q", "-p", "no:xdist")
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("ERROR")]
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"ERROR: nettrace_ringbuf_size = {size}: "), result.stderr
+    assert "INTERNALERROR" not in result.stderr and "test_x" not in result.stdout
+
+
+def test_ring_size_probe_takes_what_the_kernel_takes():
+    from pytest_nettrace.engine import ring_size_refused
+    assert ring_size_refused(4096) is None and ring_size_refused(8 << 20) is None
+
+
+def test_garbage_btf_is_named_in_libbpf_words(tmp_path):
+    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.errors import UnsupportedKernel
+    garbage = tmp_path / "vmlinux"
+    garbage.write_bytes(b"neither BTF nor ELF" * 100)
+    with pytest.raises(UnsupportedKernel) as info:
+        Engine(btf_path=str(garbage), background=False)
+    text = str(info.value)
+    assert "Unknown error" not in text and "LIBBPF_ERRNO__FORMAT: BPF object format invalid" in text, text
+    assert str(garbage) in text and "\n" not in text
+
+
+def test_header_fallback_reasons_are_whole(pytestconfig):
+    from pytest_nettrace import plugin
+    engine, _ = pytestconfig.stash[plugin._ENGINE].try_get()
+    if engine is None:
+        pytest.skip("probes unavailable here")
+    failures = [f for st in engine.status.values() for f in st.failures]
+    if not failures:
+        pytest.skip("no probe fell back on this kernel")
+    header = "\n".join(plugin.pytest_report_header(pytestconfig))
+    for failure in failures:
+        assert failure in header, failure
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one clear line naming the problem, never a ctypes / netlink
 # traceback, never a silent pass.
@@ -508,6 +553,12 @@ BAD_INPUT = [
     ("namespace-after-close", lambda t, ns: (ns.close(), ns.add_address("lo", "10.0.0.1/8")), Exception,
      r"already removed"),
     ("bad-address-to-add", lambda t, ns: ns.add_address("lo", "10.0.0.300/24"), ValueError, r"10\.0\.0\.300"),
+    ("int-address", lambda t, ns: ns.add_address("lo", 5), TypeError, r"an address is a str .* not int 5"),
+    ("bytes-address", lambda t, ns: ns.add_address("lo", b"\n\0\0\1"), TypeError, r"not bytes"),
+    ("peer-addresses-str", lambda t, ns: ns.add_veth("v0", ns, "v1", peer_addresses="10.0.0.1/24"), TypeError,
+     r"peer_addresses must be a list of addresses, not one str: write peer_addresses=\['10\.0\.0\.1/24'\]"),
+    ("addresses-str", lambda t, ns: ns.add_veth("v0", ns, "v1", "10.0.0.1/24"), TypeError,
+     r"^addresses must be a list"),
     ("missing-link", lambda t, ns: ns.add_address("nosuch0", "10.0.0.1/24"), Exception, r"nosuch0"),
     ("ifname-too-long", lambda t, ns: ns.add_dummy("a" * 20), ValueError, r"a{20}"),
 ]
@@ -585,6 +636,34 @@ def test_unprivileged_session_skips_with_a_one_line_reason(tmp_path):
     reason = [ln for ln in out.splitlines() if ln.startswith("SKIPPED")]
     assert len(reason) == 1 and "not root" in reason[0], out[-3000:]
     assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.mark.parametrize("mode, outcomes", [("skip", {"skipped": 3}), ("error", {"errors": 2, "failed": 1})])
+def test_unprivileged_netns_fixtures_skip_with_one_line_like_nettrace(tmp_path, mode, outcomes):
+    if not _unprivileged_python_works():
+        pytest.skip("cannot run this Python as uid 65534 (setpriv missing or interpreter unreadable)")
+    import shutil
+    import tempfile
+    suite = tempfile.mkdtemp(prefix="nettrace-unpriv-")  # pytest's tmp_path is root-only
+    try:
+        os.chmod(suite, 0o777)
+        with open(os.path.join(suite, "pytest.ini"), "w") as f:
+            f.write(f"[pytest]\nnettrace_unavailable = {mode}\n")
+        with open(os.path.join(suite, "test_ns.py"), "w") as f:
+            f.write("def test_netns_and_probes(netns, nettrace):\n    pass\n\n"
+                    "def test_netns(netns):\n    pass\n\n"
+                    "def test_make_netns(make_netns):\n    make_netns()\n")
+        result = run_session(suite, "-p", "no:xdist", user=UNPRIVILEGED)
+    finally:
+        shutil.rmtree(suite, ignore_errors=True)
+    out = result.stdout + result.stderr
+    assert outcome_counts(out) == outcomes, out[-3000:]
+    reasons = [ln for ln in out.splitlines() if ln.startswith(("SKIPPED", "ERROR", "FAILED"))]
+    assert len(reasons) == 3, out[-3000:]
+    # (the short summary cuts its lines at the terminal's width: the sections hold them whole)
+    assert out.count("network namespaces unavailable: cannot register a network namespace") >= 3, out[-3000:]
+    assert "(needs root)" in out, out[-3000:]
+    assert "Traceback" not in out and "NamespaceError" not in out and "During handling" not in out, out[-3000:]
 
 
 def test_missing_btf_skips_with_a_one_line_reason_naming_the_path(tmp_path):
