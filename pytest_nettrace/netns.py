@@ -675,7 +675,10 @@ def remove_stale() -> list[str]:
     removed: list[str] = []
     for rec in registry.dead_records():
         same_pidns = rec.pidns == os.stat("/proc/self/ns/pid").st_ino
-        inodes = {ino for ino, _ in rec.namespaces.values() if ino is not None}
+        # Only namespaces still pinned where recorded: a freed one's inode may
+        # be some other namespace's by now.
+        inodes = {ino for name, (ino, dev) in rec.namespaces.items() if ino is not None
+                  and _entry_is(registry.path_of(name), ino, dev)}
         # Only what the record proves ours: the started processes (same pid
         # and start time; pids mean something only in the owner's PID
         # namespace) and the processes carrying its token.
@@ -704,6 +707,14 @@ def remove_stale() -> list[str]:
         if not kept:
             rec.forget()
     return removed
+
+
+def _entry_is(path: str, inode: int, dev: int | None) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return st.st_ino == inode and st.st_dev == (dev if dev is not None else registry.nsfs_dev())
 
 
 # --------------------------------------------------------------------------

@@ -108,6 +108,12 @@ def _sigterm_interrupts() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+def _sigterm_restored() -> None:
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is _raise_interrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
@@ -151,6 +157,7 @@ def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _sigterm_restored()
     holder = config.stash.get(_ENGINE, None)
     if holder is not None:
         holder.close()
