@@ -3,8 +3,9 @@
 #   1. set up (ci/setup.sh)
 #   2. offline checks: the shipped objects match the sources and relocate on
 #      stock kernels of both architectures (no root, no kernel needed)
-#   3. the suite on this kernel, under pytest-xdist; then the README's
-#      "use it in your own project" recipe (ci/recipe-test)
+#   3. the suite on this kernel, under pytest-xdist; then the host-safety
+#      stage (kills, signals, bystanders: tests/test_host_safety.py); then the
+#      README's "use it in your own project" recipe (ci/recipe-test)
 #   4. the suite again inside a container-like sandbox (ci/container-run: no
 #      tracefs/debugfs, empty /run, own pid and network namespaces)
 #   5. the kernel matrix: the whole suite on Debian's 6.1 and 6.12 kernels in
@@ -32,22 +33,27 @@ stage "offline checks of the shipped probes"
 check $? "offline checks"
 
 stage "the suite on this kernel ($(uname -r))"
-"${PYTEST[@]}" -n 2 tests/ "$@"
+"${PYTEST[@]}" -n 2 -m "not host_safety" tests/ "$@"
 check $? "host suite"
+
+stage "host safety: kills, signals, bystanders (tests/test_host_safety.py)"
+# On its own, after the suite: these sessions signal and sandbox whole pytest runs.
+timeout 300 "${PYTEST[@]}" -n 2 -m host_safety tests/test_host_safety.py
+check $? "host-safety stage"
 
 stage "the README's recipe: wheel and sdist into a fresh venv with no compiler (ci/recipe-test)"
 ci/recipe-test
 check $? "recipe"
 
 stage "the suite in a container-like sandbox (ci/container-run)"
-ci/container-run "${PYTEST[@]}" -n 2 tests/ "$@"
+ci/container-run "${PYTEST[@]}" -n 2 -m "not host_safety" tests/ "$@"
 check $? "container stage"
 
 if [ "${NETTRACE_VM:-1}" != 0 ] && [ -x ci/vm-test ]; then
     for kernel in ${NETTRACE_VM_KERNELS:-6.1 6.12}; do
         stage "the whole suite on Debian's $kernel kernel (ci/vm-test)"
         # the VM's own timeout bounds the boot and the run; timeout(1) is a backstop
-        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -rs -p no:cacheprovider tests/
+        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -rs -p no:cacheprovider -m "not host_safety" tests/
         check $? "VM stage ($kernel)"
     done
 fi
