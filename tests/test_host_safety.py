@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 from netns_helpers import netns_entries
@@ -282,9 +283,28 @@ time.sleep(300)
 """
 
 
-def test_unremovable_or_replaced_entries_are_reported_one_by_one_and_the_session_goes_on(tmp_path):
-    hand_made = "/run/netns/nt-1-2-3"  # a directory: nobody's namespace
-    os.makedirs(hand_made, exist_ok=True)
+def test_unremovable_hand_made_entries_never_stop_the_cleanup():
+    # A directory and a doubly mounted entry at names older versions took for
+    # theirs (they crashed on them: IsADirectoryError, EBUSY). Made only while
+    # the stale lock is held: sessions of older versions on this host wait.
+    directory, doubled = "/run/netns/nt-1-2-3", "/run/netns/nt-1-2-4"
+    with stale_lock():
+        os.mkdir(directory)
+        try:
+            subprocess.run(["ip", "netns", "add", os.path.basename(doubled)], check=True)
+            subprocess.run(["mount", "--bind", doubled, doubled], check=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # nothing to say either: they are not ours
+                remove_stale()
+            assert os.path.isdir(directory) and os.path.ismount(doubled)
+        finally:
+            os.rmdir(directory)
+            while subprocess.run(["umount", doubled], capture_output=True).returncode == 0:
+                pass
+            subprocess.run(["ip", "netns", "del", os.path.basename(doubled)], capture_output=True)
+
+
+def test_recorded_entries_replaced_since_are_reported_one_by_one_and_the_session_goes_on(tmp_path):
     other_ns = subprocess.Popen(["unshare", "--net", "sleep", "300"])
     try:
         with stale_lock():  # other sessions starting meanwhile must not clean first
@@ -311,7 +331,6 @@ def test_unremovable_or_replaced_entries_are_reported_one_by_one_and_the_session
     finally:
         other_ns.kill()
         other_ns.wait()
-        os.rmdir(hand_made)
         for name in locals().get("replaced", None), locals().get("turned_dir", None):
             if name:
                 while subprocess.run(["umount", f"/run/netns/{name}"], capture_output=True).returncode == 0:
