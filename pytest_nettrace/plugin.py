@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+import warnings
 import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import pytest
 from . import daemons, gates
 from .capabilities import DEFAULT_BTF, features
 from .engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_refused
-from .errors import NamespaceError, NettraceError
+from .errors import LeftAlone, NamespaceError, NettraceError
 from .gates import GateSpec, GateSpecError
 from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
 from .report import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
@@ -165,8 +167,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     # Namespaces of runs that died (SIGKILLed worker, crash) are removed here.
-    if os.geteuid() == 0:
+    if os.geteuid() != 0:
+        return
+    # What it leaves alone is said in one line each, on the terminal: as
+    # warnings here they would turn into an INTERNALERROR under -W error.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LeftAlone)
         cleanup_stale()
+    notes = [f"nettrace: stale cleanup: {w.message}" for w in caught if issubclass(w.category, LeftAlone)]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for note in notes:
+        if reporter is not None:
+            reporter.write_line(note, yellow=True)
+        else:
+            print(note, file=sys.stderr)
 
 
 def pytest_report_header(config: pytest.Config) -> list:

@@ -338,6 +338,33 @@ def test_recorded_entries_replaced_since_are_reported_one_by_one_and_the_session
                 subprocess.run(["rm", "-rf", f"/run/netns/{name}"], capture_output=True)
 
 
+def test_a_session_says_what_its_stale_cleanup_left_in_one_line_even_under_w_error(tmp_path):
+    other_ns = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    name = None
+    try:
+        with stale_lock():
+            child = subprocess.Popen([sys.executable, "-c", STALE_MAKER], stdout=subprocess.PIPE, text=True)
+            name = child.stdout.readline().split()[0]
+            child.kill()
+            child.wait()
+            _wait_for(lambda: os.readlink(f"/proc/{other_ns.pid}/ns/net") != os.readlink("/proc/self/ns/net"))
+            subprocess.run(["mount", "--bind", f"/proc/{other_ns.pid}/ns/net", f"/run/netns/{name}"], check=True)
+        (tmp_path / "test_ok.py").write_text("def test_ok(netns):\n    pass\n")
+        result = run_session(tmp_path, "-W", "error", "-p", "no:xdist")
+        assert result.returncode == 0, result.stdout + result.stderr
+        notes = [ln for ln in result.stdout.splitlines() if ln.startswith("nettrace: stale cleanup: ")]
+        assert f"nettrace: stale cleanup: /run/netns/{name} is now another namespace" in "\n".join(notes), \
+            result.stdout
+        assert other_ns.poll() is None
+    finally:
+        other_ns.kill()
+        other_ns.wait()
+        if name:
+            while subprocess.run(["umount", f"/run/netns/{name}"], capture_output=True).returncode == 0:
+                pass
+            subprocess.run(["rm", "-f", f"/run/netns/{name}"], capture_output=True)
+
+
 # -- ci/setup.sh: the service blocker never outlives it ---------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
