@@ -42,12 +42,26 @@ def open_pidfd(pid: int, start: int | None) -> int | None:
     return fd
 
 
-def _environ_has(pid: int, marker: bytes) -> bool:
+def _environ(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
-            return marker in f.read().split(b"\0")
+            return f.read()
     except OSError:
-        return False
+        return b""
+
+
+def _settled_environ(pid: int, inodes: set, timeout: float = 1.0) -> bytes:
+    """The environment of `pid`, waiting while it reads empty: it does for
+    the ~10-20 ms of an exec (the new image's memory is not set up yet; seen
+    for a third of the processes Popen had just returned) and while it exits.
+    No event tells either end, so this polls; it gives up when the process
+    leaves the namespaces or after `timeout`."""
+    env = _environ(pid)
+    deadline = time.monotonic() + timeout
+    while not env and netns_inode_of(pid) in inodes and time.monotonic() < deadline:
+        time.sleep(0.002)
+        env = _environ(pid)
+    return env
 
 
 def _stat_fields(pid: int) -> list:
@@ -112,8 +126,9 @@ def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> 
         ancestor, hops = pid, 0
         while ancestor > 1 and ancestor not in started and hops < 64:
             ancestor, hops = _parent(ancestor), hops + 1
-        ours = ancestor in started or _environ_has(pid, marker)
-        (found.ours if ours else found.foreign).append(pid)
+        ours = ancestor in started or marker in _settled_environ(pid, wanted).split(b"\0")
+        if ours or netns_inode_of(pid) in wanted:  # not one that exited meanwhile
+            (found.ours if ours else found.foreign).append(pid)
     return found
 
 

@@ -690,7 +690,7 @@ def remove_stale() -> list[str]:
         left = procs.terminate(pidfds, grace=0)
         problems = [f"process {procs.describe(pid)} of a dead session would not die" for pid in left]
         problems += [f"process {procs.describe(pid)} is in a namespace of a dead session but not its: left running"
-                     for pid in found.foreign]
+                     for pid in found.foreign if pid not in pidfds]
         kept = False
         for name, (ino, dev) in rec.namespaces.items():
             path = registry.path_of(name)

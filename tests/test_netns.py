@@ -213,7 +213,8 @@ def test_close_stops_the_daemons_it_started_and_leaves_a_process_that_joined_fro
     external = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "300"])
     try:
         sock = ns.socket()
-        _wait_until(lambda: len(_pids_in(ns)) >= 5)  # sh + 2 sleeps + setsid sleep + ip-exec'd sleep
+        # sh + 2 sleeps + setsid sleep + ip-exec'd sleep (ip enters the namespace before it execs sleep)
+        _wait_until(lambda: len(_pids_in(ns)) >= 5 and _comm(external.pid) == "sleep")
         with pytest.warns(LeftAlone, match=rf"process {external.pid} \(sleep\) joined {ns.name} from outside"):
             factory.close()
         assert daemon.poll() is not None
@@ -224,6 +225,14 @@ def test_close_stops_the_daemons_it_started_and_leaves_a_process_that_joined_fro
     finally:
         external.kill()
         external.wait()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 # -- errors -----------------------------------------------------------------
