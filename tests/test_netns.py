@@ -227,6 +227,21 @@ def test_close_stops_the_daemons_it_started_and_leaves_a_process_that_joined_fro
         external.wait()
 
 
+def test_a_process_in_the_middle_of_its_exec_is_still_known_by_its_token(netns: Namespace) -> None:
+    # Right after Popen returns, a third of the children still read an empty
+    # environment (their exec is not done): a daemon that detached (no
+    # ancestry to go by) caught at that moment must not pass for a stranger.
+    from pytest_nettrace import _netns_registry, _procs
+
+    token = _netns_registry.record().token
+    for _ in range(30):
+        proc = netns.popen(["sleep", "300"])
+        found = _procs.classify({netns.inode}, token)  # no started pids: only the token tells
+        proc.kill()
+        proc.wait()
+        assert (found.ours, found.foreign) == ([proc.pid], [])
+
+
 def _comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
