@@ -658,13 +658,16 @@ class NamespaceFactory:
 def cleanup_stale() -> list[str]:
     """Remove what processes that died left: the namespaces their records
     name (if the entry still is the recorded namespace) and the processes
-    they started in them. Returns one line per thing removed or left (for the
-    report). Waits while a test holds the stale lock (registry.STALE_LOCK)
-    exclusively; NETTRACE_KEEP_STALE=1 skips it (a session such a test
-    starts meanwhile).
+    they started in them. Returns the names removed; what it leaves is
+    warned about (LeftAlone). Waits while a test holds the stale lock
+    (registry.STALE_LOCK) exclusively; a session such a test starts meanwhile
+    skips the cleanup with NETTRACE_KEEP_STALE=1, or is the one that cleans
+    with NETTRACE_STALE_LOCK_HELD=1 (the test holds the lock for it).
     """
     if os.environ.get("NETTRACE_KEEP_STALE"):
         return []
+    if os.environ.get("NETTRACE_STALE_LOCK_HELD"):
+        return remove_stale()
     with registry.stale_cleanup_lock():
         return remove_stale()
 

@@ -18,7 +18,8 @@ from pytest_nettrace._netns_registry import STALE_LOCK
 def stale_lock() -> Iterator[None]:
     """Sessions starting remove stale namespaces (cleanup_stale), waiting while
     this is held: for a test that needs a stale namespace to survive a moment.
-    A session started while holding it must set NETTRACE_KEEP_STALE=1."""
+    A session started while holding it must set NETTRACE_KEEP_STALE=1 (no
+    cleanup) or NETTRACE_STALE_LOCK_HELD=1 (it cleans, others wait)."""
     os.makedirs(os.path.dirname(STALE_LOCK), exist_ok=True)
     with open(STALE_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -118,6 +118,60 @@ def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigter
     assert left_entries == [] and left_pids == [], out[-3000:]
 
 
+def test_sigkill_of_the_whole_session_is_cleaned_by_the_next_one_sparing_a_process_that_joined(tmp_path):
+    """SIGKILL to the process group of an xdist run (controller and workers):
+    nothing runs its teardown. The next session removes the namespaces and
+    kills the daemons the record names (they ignore SIGTERM), and leaves a
+    process another tool put into one of those namespaces, saying so."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for i in range(2):
+        (suite / f"test_hang_{i}.py").write_text(HANGING_TEST.format(i=i))
+    record = tmp_path / "record.jsonl"
+    record.touch()
+    session = _start_session(suite, "-n", "2", env={"NT_RECORD": str(record), "NT_WHEN": "call"})
+    joined = None
+    try:
+        _wait_for(lambda: len(record.read_text().splitlines()) >= 2, 60, "every test started its daemons")
+        made = [m for m in map(json.loads, record.read_text().splitlines()) if "ns" in m]
+        joined = subprocess.Popen(["ip", "netns", "exec", made[0]["ns"], "sleep", "300"])
+        _wait_for(lambda: _in_netns_of(joined.pid, f"/run/netns/{made[0]['ns']}") and _comm(joined.pid) == "sleep")
+        (tmp_path / "next").mkdir()
+        (tmp_path / "next" / "test_ok.py").write_text("def test_ok():\n    pass\n")
+        with stale_lock():  # the next session is the one that cleans: others starting meanwhile wait
+            os.killpg(session.pid, signal.SIGKILL)
+            session.communicate(timeout=30)
+            assert all(alive(p) for m in made for p in m["pids"]), "the daemons outlive a SIGKILLed session"
+            result = run_session(tmp_path / "next", "-p", "no:xdist", env=_cleans_under_our_lock())
+        assert result.returncode == 0, result.stdout
+        assert [m["ns"] for m in made if m["ns"] in netns_entries()] == []
+        assert [p for m in made for p in m["pids"] if alive(p)] == []
+        assert joined.poll() is None
+        assert (f"nettrace: stale cleanup: process {joined.pid} (sleep) is in a namespace of a dead session "
+                "but not its: left running") in result.stdout, result.stdout
+    finally:
+        if session.poll() is None:
+            os.killpg(session.pid, signal.SIGKILL)
+            session.communicate()
+        if joined is not None:
+            joined.kill()
+            joined.wait()
+
+
+def _cleans_under_our_lock() -> dict:
+    """For a session started while the test holds the stale lock: it does the
+    cleanup (sessions of other tests wait), so its output tells what it did."""
+    return {"NETTRACE_STALE_LOCK_HELD": "1"}
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 # -- ownership: a name proves nothing; only the session's record does ------------
 
 SANDBOX = ["unshare", "--pid", "--fork", "--mount-proc"]
@@ -349,8 +403,8 @@ def test_a_session_says_what_its_stale_cleanup_left_in_one_line_even_under_w_err
             child.wait()
             _wait_for(lambda: os.readlink(f"/proc/{other_ns.pid}/ns/net") != os.readlink("/proc/self/ns/net"))
             subprocess.run(["mount", "--bind", f"/proc/{other_ns.pid}/ns/net", f"/run/netns/{name}"], check=True)
-        (tmp_path / "test_ok.py").write_text("def test_ok(netns):\n    pass\n")
-        result = run_session(tmp_path, "-W", "error", "-p", "no:xdist")
+            (tmp_path / "test_ok.py").write_text("def test_ok(netns):\n    pass\n")
+            result = run_session(tmp_path, "-W", "error", "-p", "no:xdist", env=_cleans_under_our_lock())
         assert result.returncode == 0, result.stdout + result.stderr
         notes = [ln for ln in result.stdout.splitlines() if ln.startswith("nettrace: stale cleanup: ")]
         assert f"nettrace: stale cleanup: /run/netns/{name} is now another namespace" in "\n".join(notes), \
