@@ -23,9 +23,11 @@ from ._linux import netns_inode_of, process_start_time
 
 @dataclass
 class Found:
-    """The processes living in some namespaces, sorted by whose they are."""
+    """The processes living in some namespaces, sorted by whose they are:
+    ours as pid -> pidfd (taken before looking, so what was checked is the
+    process that gets signalled), foreign as pids."""
 
-    ours: list[int]
+    ours: dict[int, int]
     foreign: list[int]
 
 
@@ -111,9 +113,10 @@ def stop_popen(proc: "subprocess.Popen", grace: float) -> list[int]:
 
 def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> Found:
     """Processes (other than us) in one of the namespaces `inodes`: ours when
-    they carry `token` in their environment or descend from a `started` pid."""
+    they carry `token` in their environment or descend from a `started` pid.
+    The caller owns the returned pidfds."""
     wanted = set(inodes)
-    found = Found([], [])
+    found = Found({}, [])
     if not wanted:
         return found
     marker = f"NETTRACE_SESSION={token}".encode()
@@ -123,23 +126,23 @@ def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> 
         if not entry.isdigit() or int(entry) == me or netns_inode_of(entry) not in wanted:
             continue
         pid = int(entry)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone meanwhile
+            continue
+        # From here on `pid` is this process (or its zombie), whatever exits.
         ancestor, hops = pid, 0
         while ancestor > 1 and ancestor not in started and hops < 64:
             ancestor, hops = _parent(ancestor), hops + 1
-        ours = ancestor in started or marker in _settled_environ(pid, wanted).split(b"\0")
-        if ours or netns_inode_of(pid) in wanted:  # not one that exited meanwhile
-            (found.ours if ours else found.foreign).append(pid)
+        ours = netns_inode_of(pid) in wanted and (
+            ancestor in started or marker in _settled_environ(pid, wanted).split(b"\0"))
+        if ours:
+            found.ours[pid] = pidfd
+            continue
+        os.close(pidfd)
+        if netns_inode_of(pid) in wanted:  # not one that exited meanwhile
+            found.foreign.append(pid)
     return found
-
-
-def pidfds_of(pids: Iterable[int]) -> dict[int, int]:
-    """pid -> pidfd for processes still alive (zombies and the gone are left out)."""
-    fds = {}
-    for pid in pids:
-        fd = open_pidfd(pid, process_start_time(pid))
-        if fd is not None:
-            fds[pid] = fd
-    return fds
 
 
 def send(pidfd: int, sig: int) -> None:

@@ -573,7 +573,7 @@ def _remove(namespaces: list[Namespace]) -> None:
         # too; a second look catches what they forked meanwhile.
         for round_ in range(3):
             found = procs.classify(inodes, token, [p.pid for _, p, _ in started if p.returncode is None])
-            ours = procs.pidfds_of(pid for pid in found.ours)
+            ours = found.ours
             if round_ == 0:
                 for _, proc, fd in started:
                     if proc.returncode is None and proc.pid not in ours:
@@ -688,8 +688,11 @@ def remove_stale() -> list[str]:
         pids = {pid: start for pid, start, _ in rec.processes} if same_pidns else {}
         pidfds = {pid: fd for pid, start in pids.items() if (fd := procs.open_pidfd(pid, start)) is not None}
         found = procs.classify(inodes, rec.token)
-        for pid, fd in procs.pidfds_of(p for p in found.ours if p not in pidfds).items():
-            pidfds[pid] = fd
+        for pid, fd in found.ours.items():
+            if pid in pidfds:
+                os.close(fd)
+            else:
+                pidfds[pid] = fd
         left = procs.terminate(pidfds, grace=0)
         problems = [f"process {procs.describe(pid)} of a dead session would not die" for pid in left]
         problems += [f"process {procs.describe(pid)} is in a namespace of a dead session but not its: left running"

@@ -237,9 +237,11 @@ def test_a_process_in_the_middle_of_its_exec_is_still_known_by_its_token(netns: 
     for _ in range(30):
         proc = netns.popen(["sleep", "300"])
         found = _procs.classify({netns.inode}, token)  # no started pids: only the token tells
+        for fd in found.ours.values():
+            os.close(fd)
         proc.kill()
         proc.wait()
-        assert (found.ours, found.foreign) == ([proc.pid], [])
+        assert (list(found.ours), found.foreign) == ([proc.pid], [])
 
 
 def _comm(pid: int) -> str:
