@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import socket
+import struct
 import threading
 from typing import Callable, TypeVar
 
@@ -154,3 +156,23 @@ def in_netns_at(path: str, fn: Callable[[], T]) -> T:
         return run_in_thread(fn, netns_fd=fd)
     finally:
         os.close(fd)
+
+
+SO_NETNS_COOKIE = 71  # Linux 5.14
+
+
+def netns_cookie_at(path: str) -> int | None:
+    """The cookie of the network namespace at `path` (an nsfs file: a
+    /run/netns entry, /proc/PID/ns/net, /proc/PID/fd/N): unlike its inode,
+    never reused during the boot. None where the kernel has no cookies or
+    the path is no namespace."""
+    def here() -> int | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+            except OSError:
+                return None
+    try:
+        return in_netns_at(path, here)
+    except OSError:
+        return None

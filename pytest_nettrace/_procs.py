@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from ._linux import netns_inode_of, process_start_time
+from ._linux import netns_cookie_at, netns_inode_of, process_start_time
 
 
 @dataclass
@@ -196,13 +196,20 @@ def describe(pid: int) -> str:
         return str(pid)
 
 
-def holders(inodes: Iterable[int], paths: Iterable[str] = ()) -> list[str]:
-    """Who else keeps one of the namespaces `inodes` alive: nsfs mounts in any
-    mount namespace, and open fds (an fd opened through a mount reads as that
-    mount's path, e.g. one of `paths`, or "/" once unmounted). One line each."""
-    wanted = {f"net:[{ino}]" for ino in inodes}
+def holders(namespaces: dict[int, int | None], paths: Iterable[str] = ()) -> list[str]:
+    """Who else keeps one of `namespaces` (inode -> cookie) alive: nsfs mounts
+    in any mount namespace, and open fds (an fd opened through a mount reads
+    as that mount's path, e.g. one of `paths`, or "/" once unmounted). One
+    line each. A match by inode is confirmed by the cookie, as a freed
+    namespace's inode may already be another's."""
+    wanted = {f"net:[{ino}]": cookie for ino, cookie in namespaces.items()}
     if not wanted:
         return []
+
+    def confirmed(target: str, path: str) -> bool:
+        cookie = wanted[target]
+        return cookie is None or netns_cookie_at(path) == cookie
+
     found: list[str] = []
     me = str(os.getpid())
     mount_namespaces: dict[str, str] = {os.readlink("/proc/self/ns/mnt"): me}
@@ -216,13 +223,13 @@ def holders(inodes: Iterable[int], paths: Iterable[str] = ()) -> list[str]:
     for pid in mount_namespaces.values():
         try:
             with open(f"/proc/{pid}/mountinfo") as f:
-                for line in f:
-                    fields = line.split()
-                    if fields[3] in wanted:
-                        names.add(fields[4])
-                        found.append(f"{fields[3]} mounted on {fields[4]} (mount namespace of process {pid})")
+                lines = [line.split() for line in f]
         except OSError:
             continue
+        for fields in lines:
+            if fields[3] in wanted and confirmed(fields[3], f"/proc/{pid}/root{fields[4]}"):
+                names.add(fields[4])
+                found.append(f"{fields[3]} mounted on {fields[4]} (mount namespace of process {pid})")
     for pid in pids:
         if pid == me:
             continue
@@ -231,17 +238,17 @@ def holders(inodes: Iterable[int], paths: Iterable[str] = ()) -> list[str]:
         except OSError:
             continue
         for fd in fds:
+            path = f"/proc/{pid}/fd/{fd}"
             try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                target = os.readlink(path)
             except OSError:
                 continue
             if target not in wanted and (target == "/" or target in names):
                 # opened through a mount: reads as its path, "/" once unmounted
                 try:
-                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                    target = f"net:[{os.stat(path).st_ino}]"
                 except OSError:
                     continue
-                target = f"net:[{st.st_ino}]"
-            if target in wanted:
+            if target in wanted and confirmed(target, path):
                 found.append(f"{target} held open by process {describe(int(pid))}")
     return found

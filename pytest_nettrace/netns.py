@@ -31,7 +31,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 from . import _mountns
 from . import _netns_registry as registry
 from . import _procs as procs
-from ._linux import netns_inode_of, process_start_time, run_in_thread
+from ._linux import netns_cookie_at, netns_inode_of, process_start_time, run_in_thread
 from ._rtnl import NLM_F_DUMP, KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
 from .errors import LeftAlone, NamespaceError, NetlinkOperationError
 
@@ -144,6 +144,7 @@ class Namespace:
         self.name = name
         self.path = registry.path_of(name)
         self.inode: int = os.fstat(fd).st_ino
+        self._cookie = netns_cookie_at(f"/proc/self/fd/{fd}")  # identifies it even once its inode is reused
         self._fd = fd
         self._rtnl = rtnl
         self._closed = False
@@ -599,7 +600,8 @@ def _remove(namespaces: list[Namespace]) -> None:
         ns_errors: list[str] = []
         ns._release(ns_errors)
         errors.extend(f"{ns.name}: {e}" for e in ns_errors)
-    notes += [f"a test namespace stays alive: {h}" for h in procs.holders(inodes, [ns.path for ns in namespaces])]
+    cookies = {ns.inode: ns._cookie for ns in namespaces}
+    notes += [f"a test namespace stays alive: {h}" for h in procs.holders(cookies, [ns.path for ns in namespaces])]
     for note in notes:
         warnings.warn(LeftAlone(note), stacklevel=3)
     if errors:

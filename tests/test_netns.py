@@ -244,6 +244,34 @@ def test_a_process_in_the_middle_of_its_exec_is_still_known_by_its_token(netns: 
         assert (list(found.ours), found.foreign) == ([proc.pid], [])
 
 
+def test_a_holder_is_reported_only_for_the_very_namespace_not_one_that_got_its_inode() -> None:
+    # The kernel reuses a freed namespace's inode; its cookie is never reused.
+    from pytest_nettrace import _linux, _procs
+
+    holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
+    try:
+        _wait_until(lambda: os.readlink(f"/proc/{holder.pid}/ns/net") != os.readlink("/proc/self/ns/net"))
+        inode = os.stat(f"/proc/{holder.pid}/ns/net").st_ino
+        cookie = _linux.netns_cookie_at(f"/proc/{holder.pid}/ns/net")
+        assert cookie is not None
+        assert _procs.holders({inode: cookie}) == []  # a process in it is no fd or mount
+        fd = os.open(f"/proc/{holder.pid}/ns/net", os.O_RDONLY)  # a holder: another process of ours would do
+        try:
+            pinning = subprocess.Popen(["sleep", "300"], pass_fds=[fd])
+            try:
+                _wait_until(lambda: os.path.exists(f"/proc/{pinning.pid}/fd/{fd}"))
+                assert f"net:[{inode}] held open by process {pinning.pid} (sleep)" in _procs.holders({inode: cookie})
+                assert _procs.holders({inode: cookie + 1}) == []  # same inode, another namespace
+            finally:
+                pinning.kill()
+                pinning.wait()
+        finally:
+            os.close(fd)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def _comm(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/comm") as f:
