@@ -58,7 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _sigterm_interrupts()
+    config.stash[_SIGTERM_OURS] = _sigterm_interrupts()
     config.addinivalue_line("markers", "stock_kernel: needs what only stock distro kernels have "
                             "(kprobes, fentry, the dummy driver); run in the VM stage (ci/vm-test)")
     mode = config.getini("nettrace_unavailable")
@@ -101,13 +101,16 @@ def _ringbuf_size(raw: str) -> int:
 
 # -- SIGINT and SIGTERM: teardown always finishes ---------------------------------
 
-def _sigterm_interrupts() -> None:
+def _sigterm_interrupts() -> bool:
     """SIGTERM (CI cancelling a job) ends the run like Ctrl-C: pytest's
     interrupted path runs the fixtures' teardown, which removes what the tests
-    made. The default action would kill the process on the spot."""
+    made. The default action would kill the process on the spot. Whether it
+    was installed (not if someone else handles SIGTERM)."""
     if threading.current_thread() is threading.main_thread() and \
             signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        return True
+    return False
 
 
 def _sigterm_restored() -> None:
@@ -159,7 +162,8 @@ def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    _sigterm_restored()
+    if config.stash.get(_SIGTERM_OURS, False):  # an inline pytester run leaves the outer one's
+        _sigterm_restored()
     holder = config.stash.get(_ENGINE, None)
     if holder is not None:
         holder.close()
@@ -649,5 +653,6 @@ class SessionReporter:
 
 
 _SETTINGS = pytest.StashKey[ReportSettings]()
+_SIGTERM_OURS = pytest.StashKey[bool]()       # this config installed the SIGTERM handler
 _GATE = pytest.StashKey[GateSpec]()          # per item: marker + suite-wide rules
 _RECORD = pytest.StashKey[TraceRecord]()     # per item: its trace, kept after close

@@ -172,6 +172,14 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def test_sigterm_interrupts_the_session_and_an_inline_run_leaves_that_in_place(pytester):
+    from pytest_nettrace import plugin
+    assert signal.getsignal(signal.SIGTERM) is plugin._raise_interrupt
+    pytester.makepyfile("def test_ok():\n    pass\n")
+    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert signal.getsignal(signal.SIGTERM) is plugin._raise_interrupt
+
+
 # -- ownership: a name proves nothing; only the session's record does ------------
 
 SANDBOX = ["unshare", "--pid", "--fork", "--mount-proc"]
