@@ -127,14 +127,21 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def _signals_deferred() -> Iterator[None]:
     """SIGINT/SIGTERM wait until the block is done, then act: an interrupt in
     the middle of a teardown would drop the fixtures' remaining finalizers
-    (pytest forgets them), leaving namespaces and daemons behind."""
+    (pytest forgets them), leaving namespaces and daemons behind. A second
+    one interrupts at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: List[int] = []
+
+    def defer(signum: int, frame: object) -> None:
+        if pending:  # asked twice: a teardown that hangs must stay interruptible
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name} (again, during teardown)")
+        pending.append(signum)
+
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
-        signal.signal(sig, lambda signum, frame: pending.append(signum))
+        signal.signal(sig, defer)
     try:
         yield
     finally:

@@ -118,6 +118,39 @@ def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigter
     assert left_entries == [] and left_pids == [], out[-3000:]
 
 
+HANGING_TEARDOWN = """
+import os, time
+import pytest
+
+@pytest.fixture
+def hangs():
+    yield
+    open(os.environ["NT_MARK"], "w").close()
+    time.sleep(300)
+
+def test_x(hangs):
+    pass
+"""
+
+
+def test_a_second_sigint_interrupts_a_teardown_that_hangs(tmp_path):
+    mark = tmp_path / "in-teardown"
+    (tmp_path / "test_x.py").write_text(HANGING_TEARDOWN)
+    session = _start_session(tmp_path, "-p", "no:xdist", env={"NT_MARK": str(mark)})
+    try:
+        _wait_for(mark.exists, 60, "the teardown started")
+        session.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):  # the first waits for the teardown
+            session.wait(timeout=0.5)
+        session.send_signal(signal.SIGINT)
+        out, _ = session.communicate(timeout=30)
+        assert "KeyboardInterrupt" in out, out
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.communicate()
+
+
 def test_sigkill_of_the_whole_session_is_cleaned_by_the_next_one_sparing_a_process_that_joined(tmp_path):
     """SIGKILL to the process group of an xdist run (controller and workers):
     nothing runs its teardown. The next session removes the namespaces and
