@@ -42,7 +42,7 @@ def test_handshake_flags_on_both_sides(pair, nettrace):
     synack = nettrace.assert_packet(tcp_flags="SA", sport=8080, netns=server.inode, direction="out")
     assert synack.flags == "S." and synack.ack == syn.seq + 1 and synack.tcp_flags == "AS"
     data = nettrace.packets(flags="P.", dport=8080, netns=client.inode)
-    assert [e.payload for e in data] == [4]   # "ping"
+    assert [(e.payload, e.payload_len) for e in data] == [(b"ping", 4)]
     assert nettrace.packets(flags=["F.", "FP."], netns=client.inode, direction="out")
     nettrace.assert_no_packet(tcp_flags=lambda f: f is not None and "R" in f)
     assert "Flags [S.], seq" in nettrace.tcpdump(flags="S.")
@@ -89,7 +89,8 @@ def test_udp_and_arp_summaries(pair, nettrace):
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"hello", ("10.0.0.1", 5353))
     """), check=True)
     udp = nettrace.assert_packet(proto="udp", dport=5353, netns=server.inode)
-    assert udp.payload == 5 and udp.length == 14 + 20 + 8 + 5 and udp.family == 4
+    assert udp.payload == b"hello" and udp.payload_len == 5 and udp.length == 14 + 20 + 8 + 5
+    assert udp.family == 4
     arp = nettrace.assert_packet(proto="arp", netns=client.inode, direction="out")
     assert str(arp.daddr) == "10.0.0.1"
     icmp = nettrace.assert_packet(proto="icmp", netns=client.inode, direction="in")   # port unreachable

@@ -42,7 +42,11 @@ NT_KIND_PACKET = 8
 # that the ring fills and the kernel only counts what it could not keep.
 FRAME_SIZE = 4096                # one frame per packet: header + sockaddr_ll + data
 RING_FRAMES = 2048               # 8 MiB per watched namespace
-SNAPLEN = FRAME_SIZE - 64 - 16   # bytes kept per packet: full frames at MTU 1500, headers of GSO ones
+# Bytes kept per packet: the frame minus the kernel's header (~4000: full
+# frames at MTU 1500, the start of GSO aggregates). The pcapng's interfaces
+# declare the slot size: no capture can be longer, and a reader (tcpdump)
+# refuses a packet longer than its interface's snaplen.
+SNAPLEN = FRAME_SIZE
 MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
 
 ETH_P_ALL = 0x0003
@@ -51,7 +55,6 @@ SOL_PACKET = 263
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
 TP_STATUS_USER = 1
 SIOCGIFNAME = 0x8910
-SO_TIMESTAMPNS, SO_RCVBUFFORCE = 35, 33
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
@@ -80,20 +83,29 @@ def _setsockopt(fd: int, level: int, name: int, value: bytes) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _bind(fd: int, ethertype: int) -> None:
+    """Bind a packet socket to `ethertype` on every device (ctypes: rebinding
+    a hooked socket waits for an RCU grace period, without holding the GIL)."""
+    addr = struct.pack("HHiHBB8s", socket.AF_PACKET, socket.htons(ethertype), 0, 0, 0, 0, b"")
+    buf = ctypes.create_string_buffer(addr, len(addr))
+    if _libc.bind(fd, buf, len(addr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 class _Capture:
     """The packet socket and ring of one watched namespace.
 
-    The socket captures from the moment it exists (packets queue on it);
-    setting up the ring costs an RCU grace period (~8 ms, synchronize_net in
-    packet_set_ring), so that happens in the background: frames that arrive
-    before the ring is ready are read from the socket's queue first, so the
-    capture starts at once and stays in order."""
+    The socket is made listening to no protocol, given its ring, and only
+    then bound to every protocol: setting up a ring on a bound socket
+    unhooks it for an RCU grace period and purges what it had queued, so
+    packets sent right after `watch` returned were missed, uncounted. Done
+    in this order, the capture holds everything from the moment the
+    constructor returns. The ring setup waits out that grace period
+    (synchronize_net in packet_set_ring, ~8 ms here); the bind does not."""
 
     def __init__(self, path: str) -> None:
         self.sock: socket.socket = in_netns_at(path, self._open)
-        self.ring: Optional[mmap.mmap] = None
-        self.ring_error: Optional[str] = None
-        self._ring_done = threading.Event()
         self._lock = threading.RLock()
         self.head = 0
         self.pending: List[Frame] = []
@@ -101,64 +113,24 @@ class _Capture:
         self.tap_stopped = False
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
-        self._buf = bytearray(SNAPLEN)
-        threading.Thread(target=self._setup_ring, name="nettrace-pcap-ring", daemon=True).start()
-
-    @staticmethod
-    def _open() -> socket.socket:
-        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.htons(ETH_P_ALL))
-        try:
-            s.setblocking(False)
-            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            try:  # room for what arrives before the ring is ready
-                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-            except OSError:
-                pass
-        except BaseException:
-            s.close()
-            raise
-        return s
-
-    def _setup_ring(self) -> None:
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             block = FRAME_SIZE * 16
-            # through ctypes: it releases the GIL, socket.setsockopt does not,
-            # and this call waits out an RCU grace period
+            # through ctypes: it releases the GIL (socket.setsockopt does not)
+            # while the kernel waits out the grace period
             _setsockopt(self.sock.fileno(), SOL_PACKET, PACKET_RX_RING,
                         struct.pack("IIII", block, RING_FRAMES // 16, FRAME_SIZE, RING_FRAMES))
-            ring = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
-                             mmap.PROT_READ | mmap.PROT_WRITE)
-            with self._lock:
-                self.ring = ring
-        except (OSError, ValueError) as e:  # closed meanwhile, or no memory: keep reading the queue
-            self.ring_error = str(e)
-        finally:
-            self._ring_done.set()
+            self.ring: Optional[mmap.mmap] = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES,
+                                                       mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            _bind(self.sock.fileno(), ETH_P_ALL)
+        except BaseException:
+            self.sock.close()
+            raise
 
-    def _read_queue(self) -> None:
-        """Frames queued on the socket before the ring took over."""
-        while self.taken + len(self.pending) < MAX_PACKETS:
-            try:
-                n, anc, _flags, addr = self.sock.recvmsg_into([self._buf], 64, socket.MSG_TRUNC)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
-            ts = time.time_ns()
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
-                    sec, nsec = struct.unpack_from("qq", data)
-                    ts = sec * 1_000_000_000 + nsec
-            data = bytes(self._buf[:min(n, SNAPLEN)])
-            length = n
-            if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
-                continue
-            if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # L3 frame: give it an Ethernet header
-                data = bytes(12) + struct.pack("!H", proto) + data
-                length += 14
-            self.pending.append(Frame(ts, ifname, PKTTYPES.get(pkttype, "in"), data, length))
+    @staticmethod
+    def _open() -> socket.socket:
+        # protocol 0: hooked to nothing until bound, so nothing is purged
+        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, 0)
 
     def _ifname(self, index: int) -> str:
         """Device name in the socket's namespace ("?" once the device is gone)."""
@@ -175,7 +147,6 @@ class _Capture:
     def read(self) -> None:
         """Move the frames the kernel filled into `pending`, up to the cap."""
         with self._lock:
-            self._read_queue()
             if self.ring is not None:
                 self._read_ring(self.ring)
                 if (not self.tap_stopped and self.taken + len(self.pending) >= MAX_PACKETS
@@ -189,10 +160,11 @@ class _Capture:
         largest cost under load. Re-binding to an EtherType nobody sends takes
         the socket off the all-packets list; what was counted stays counted,
         so the loss count from here on is a lower bound."""
-        addr = struct.pack("HHiHBB8s", socket.AF_PACKET, socket.htons(UNUSED_ETHERTYPE), 0, 0, 0, 0, b"")
-        buf = ctypes.create_string_buffer(addr, len(addr))
-        if _libc.bind(self.sock.fileno(), buf, len(addr)) == 0:  # ctypes: releases the GIL for the RCU wait
-            self.tap_stopped = True
+        try:
+            _bind(self.sock.fileno(), UNUSED_ETHERTYPE)
+        except OSError:
+            return
+        self.tap_stopped = True
 
     def _read_ring(self, ring: mmap.mmap) -> None:
         while self.taken + len(self.pending) < MAX_PACKETS:
@@ -232,12 +204,10 @@ class _Capture:
 
     def close(self) -> None:
         # Closing a packet socket waits for an RCU grace period
-        # (synchronize_net in packet_release, ~20 ms), and the ring may still
-        # be in the making: both off the test's path.
+        # (synchronize_net in packet_release, ~20 ms): off the test's path.
         _closer.put(self)
 
     def finish_close(self) -> None:
-        self._ring_done.wait(5.0)
         with self._lock:
             if self.ring is not None:
                 self.ring.close()
@@ -304,7 +274,8 @@ _IP_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
 def summarize(frame: bytes) -> Dict[str, Any]:
     """Header fields of an Ethernet frame: ethertype, addresses, ports, flags."""
     out: Dict[str, Any] = dict(proto=None, family=None, saddr=None, daddr=None, sport=None, dport=None,
-                               flags=None, tcp_flags=None, seq=None, ack=None, icmp_type=None, payload=None)
+                               flags=None, tcp_flags=None, seq=None, ack=None, icmp_type=None, payload=None,
+                               payload_len=None)
     if len(frame) < 14:
         return out
     etype, off = struct.unpack_from(">H", frame, 12)[0], 14
@@ -341,11 +312,14 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         return out
     if proto == 6 and len(frame) >= l4 + 20:
         sport, dport, seq, ack, doff, bits = struct.unpack_from(">HHIIBB", frame, l4)
-        out.update(sport=sport, dport=dport, seq=seq, ack=ack, payload=max(0, l4_end - l4 - (doff >> 4) * 4))
+        start = l4 + (doff >> 4) * 4
+        out.update(sport=sport, dport=dport, seq=seq, ack=ack, payload=bytes(frame[start:l4_end]),
+                   payload_len=max(0, l4_end - start))
         out["flags"], out["tcp_flags"] = tcp_flag_strings(bits)
     elif proto == 17 and len(frame) >= l4 + 8:
         sport, dport, ulen = struct.unpack_from(">HHH", frame, l4)
-        out.update(sport=sport, dport=dport, payload=max(0, ulen - 8))
+        out.update(sport=sport, dport=dport, payload=bytes(frame[l4 + 8:l4 + max(8, ulen)]),
+                   payload_len=max(0, ulen - 8))
     elif proto in (1, 58) and len(frame) >= l4 + 2:
         out["icmp_type"] = frame[l4]
     return out
@@ -354,11 +328,15 @@ def summarize(frame: bytes) -> Dict[str, Any]:
 class PacketEvent(Event):
     """A packet seen on an interface of a watched namespace. `direction`
     "in"/"out"; `flags` in tcpdump notation ("S", "S.", "P.", "R."),
-    `tcp_flags` as letters of UAPRSF in any order ("SA"); `length` on the wire."""
+    `tcp_flags` as letters of UAPRSF in any order ("SA"); `length` on the wire.
+    `payload` is the TCP/UDP payload's bytes as captured (the start of it
+    for a GSO aggregate longer than the capture), `payload_len` its length
+    on the wire."""
 
     kind = "packet"
     FIELDS = ("kind", "timestamp", "netns", "dev", "direction", "length", "proto", "family", "saddr", "sport",
-              "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "icmp_type", "ethertype")
+              "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "payload_len", "icmp_type",
+              "ethertype")
     ADDRESS_FIELDS = ("saddr", "daddr")
 
     def actor(self) -> str:
@@ -379,9 +357,9 @@ class PacketEvent(Event):
             text += f"Flags [{self.flags}], seq {self.seq}"
             if self.tcp_flags and "A" in self.tcp_flags:
                 text += f", ack {self.ack}"
-            return text + f", length {self.payload}"
+            return text + f", length {self.payload_len}"
         if self.proto == "udp":
-            return text + f"UDP, length {self.payload}"
+            return text + f"UDP, length {self.payload_len}"
         if self.proto in ("icmp", "icmp6"):
             return text + f"{self.proto.upper()} type {self.icmp_type}, length {self.length}"
         return text + f"{self.proto}, length {self.length}"
