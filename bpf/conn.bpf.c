@@ -28,7 +28,6 @@
 #define TCP_SYN_RECV 3
 #define TCP_CLOSE 7
 #define TCP_LISTEN 10
-#define RCV_SHUTDOWN 1
 #define SEND_SHUTDOWN 2
 
 struct {
@@ -89,19 +88,23 @@ static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, s
 	if (action == CONN_CLOSE) {
 		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 		__u8 shut = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+		unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
 		__u64 acked = BPF_CORE_READ(tp, bytes_acked);
 		__u64 rcvd = BPF_CORE_READ(tp, bytes_received);
 
 		if (owner)
 			e->duration_ns = e->h.ts - owner->birth_ns;
 		/* both count sequence space: take out our SYN (active open), our FIN
-		 * once acknowledged, and the peer's FIN, to leave payload bytes */
+		 * once acknowledged, and the peer's FIN, to leave payload bytes.
+		 * The peer's FIN was taken in only if tcp_fin() ran: it sets
+		 * SOCK_DONE. A read shutdown says nothing about it: close() sets
+		 * one, and an orphan closes from FIN_WAIT2 before any FIN came. */
 		if (owner && owner->active && acked)
 			acked--;
 		if ((shut & SEND_SHUTDOWN) && acked &&
 		    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
 			acked--;
-		if ((shut & RCV_SHUTDOWN) && rcvd)
+		if ((flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))) && rcvd)
 			rcvd--;
 		e->bytes_acked = acked;
 		e->bytes_received = rcvd;

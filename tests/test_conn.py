@@ -105,3 +105,56 @@ def test_count_mismatch_fails_with_the_connections(pair, nettrace):
 def test_unknown_filter_is_a_usage_error(nettrace):
     with pytest.raises(ValueError, match="unknown filter 'acton' for 'conn' events; valid: .*action"):
         nettrace.connections(acton="accept")
+
+
+def test_close_bytes_match_the_workload_when_the_server_closes_first(pair, nettrace):
+    """Item 3: the side that closed first, closing from FIN_WAIT2 before the
+    peer's FIN came, reported bytes_received one short (the FIN correction
+    took any read shutdown for a received FIN). The workload's own counts
+    are the independent observer."""
+    server, client, fam, a, b = pair
+    lst = server.socket(fam)
+    lst.bind((a, 0))
+    lst.listen()
+    port = lst.getsockname()[1]
+    log = []
+
+    def serve():
+        for _ in range(8):
+            c, peer = lst.accept()
+            got = 0
+            while got < 3000:
+                got += len(c.recv(65536))
+            c.sendall(b"y" * 5000)
+            c.close()                      # first: the client has not closed yet
+            log.append((peer[1], got, 5000))
+
+    t = threading.Thread(target=serve)
+    t.start()
+    r = client.run(script(f"""
+        import socket, time
+        for i in range(8):
+            s = socket.create_connection(({a!r}, {port}))
+            s.sendall(b"x" * 3000)
+            n = 0
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                n += len(d)
+            assert n == 5000, n
+            if i % 2:
+                # the workload's own pace, not a wait for anything: the delayed
+                # ACK of the server's FIN leaves alone, so the orphaned server
+                # socket closes from FIN_WAIT2 before this FIN is sent
+                time.sleep(0.1)
+            s.close()
+    """), check=True)
+    t.join(10)
+    lst.close()
+    assert len(log) == 8
+    for cport, received, sent in log:
+        ev = nettrace.assert_closed(netns=server.inode, sport=port, dport=cport)
+        assert (ev.bytes_received, ev.bytes_sent) == (received, sent), ev
+        mine = nettrace.assert_closed(pid=r.pid, sport=cport)
+        assert (mine.bytes_received, mine.bytes_sent) == (sent, received), mine
