@@ -235,3 +235,44 @@ def test_by_comm_takes_a_name_longer_than_the_kernel_keeps(netns, nettrace, tmp_
     ev = nettrace.assert_address_deleted("10.9.0.1", by_comm="systemd-networkd")
     assert ev.pid == r.pid and ev.comm == "systemd-network"
     assert nettrace.address_changes(comm="systemd-resolved") == []
+
+
+def test_alias_address_dev_is_the_device_label_its_own_field(dummy0, nettrace):
+    """Item 4: `dev` of an alias address was its label ('dummy0:1')."""
+    dummy0.run(["ip", "addr", "add", "192.168.0.247/24", "dev", "dummy0", "label", "dummy0:1"], check=True)
+    dummy0.run(["ip", "addr", "del", "192.168.0.247/24", "dev", "dummy0"], check=True)
+    ev = nettrace.assert_address_deleted("192.168.0.247/24", dev="dummy0")
+    assert ev.label == "dummy0:1" and ev.ifindex == dummy0.link("dummy0").index
+    added = nettrace.assert_any("addr", action="added", label="dummy0:1")
+    assert added.dev == "dummy0"
+    v6 = nettrace.address_changes(address="2001::1/128")
+    assert all(e.label is None for e in v6)
+
+
+@needs_ifconfig
+def test_ifconfig_alias_dev_is_the_device(dummy0, nettrace):
+    dummy0.run(["ifconfig", "dummy0:1", "192.168.0.248", "netmask", "255.255.255.0"], check=True)
+    dummy0.run(["ifconfig", "dummy0:1", "down"], check=True)   # removes the alias's address
+    ev = nettrace.assert_address_deleted("192.168.0.248/24", dev="dummy0", by_comm="ifconfig")
+    assert ev.label == "dummy0:1" and ev.cause == "ioctl"
+
+
+BUSYBOX = shutil.which("busybox")
+
+
+@pytest.mark.skipif(BUSYBOX is None, reason="busybox (ci/apt-packages.txt) is not installed")
+def test_link_down_cause_is_the_same_through_ioctl_and_netlink(make_netns, nettrace):
+    """Item 6: the IPv6 addresses a link down removes are a consequence — no
+    program asked for *those* — whether the down came over netlink (`ip`) or
+    SIOCSIFFLAGS (busybox `ip`, ifconfig): cause "kernel", detail "link down",
+    the task that set the link down. The link event itself is how it was asked."""
+    seen = {}
+    for tool in (["ip"], [BUSYBOX, "ip"]):
+        ns = make_netns()
+        ns.add_dummy("d1", "192.168.0.1/24", "2001::1/128")
+        r = ns.run(tool + ["link", "set", "d1", "down"], check=True)
+        ev = nettrace.assert_address_deleted("2001::1/128", dev="d1", by_pid=r.pid)
+        link = nettrace.assert_any("link", action="down", dev="d1", netns=ns.inode)
+        seen[tool[0]] = (ev.cause, ev.detail, link.cause, link.pid == r.pid)
+    assert seen["ip"] == ("kernel", "link down", "netlink", True)
+    assert seen[BUSYBOX] == ("kernel", "link down", "ioctl", True)

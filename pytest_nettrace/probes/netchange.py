@@ -66,9 +66,16 @@ _NETLINK_HANDLERS = {
 }
 _IOCTL_HANDLERS = {
     "addr": ("devinet_ioctl", "addrconf_add_ifaddr", "addrconf_del_ifaddr", "addrconf_set_dstaddr"),
-    "link": ("dev_ifsioc", "dev_ioctl"),
+    # SIOCSIFFLAGS on an AF_INET socket (busybox ip, ifconfig) reaches
+    # dev_change_flags through devinet_ioctl
+    "link": ("dev_ifsioc", "dev_ioctl", "devinet_ioctl"),
     "route": ("ip_rt_ioctl", "ipv6_route_ioctl"),
 }
+# An address or route announced from a notifier chain follows from a change
+# of something else (a link set down or removed, an address deleted): no
+# program asked for it, however that other change was asked for.
+_NOTIFIER_FRAMES = ("notifier_call_chain", "raw_notifier_call_chain", "blocking_notifier_call_chain",
+                    "call_netdevice_notifiers_info", "call_netdevice_notifiers")
 _ANY_NETLINK = ("rtnetlink_rcv_msg", "netlink_rcv_skb", "netlink_sendmsg")
 _ANY_IOCTL = ("sock_ioctl", "sock_do_ioctl", "inet_ioctl", "inet6_ioctl", "dev_ioctl", "__x64_sys_ioctl",
               "__arm64_sys_ioctl", "__se_sys_ioctl")
@@ -139,11 +146,14 @@ class NetChangeEvent(Event):
 
 
 class AddrEvent(NetChangeEvent):
-    """An IPv4/IPv6 address added to or deleted from an interface."""
+    """An IPv4/IPv6 address added to or deleted from an interface. `dev` is
+    the interface; `label` the IPv4 address's label (`"eth0:1"` for an alias
+    made with `ifconfig eth0:1` or `ip addr add … label eth0:1`, else the
+    device's name; None for IPv6)."""
 
     kind = "addr"
     ACTIONS = ("added", "deleted")
-    FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags")
+    FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags", "label")
     ADDRESS_FIELDS = ("address",)
 
     def describe(self) -> str:
@@ -360,12 +370,15 @@ def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> None:
 
 
 def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> Tuple[str, Optional[str]]:
-    """("netlink" | "ioctl" | "kernel", detail) from the kernel stack."""
+    """("netlink" | "ioctl" | "kernel", detail) from the kernel stack: how
+    *this* change was asked for. The IPv6 addresses a link down removes are
+    "kernel"/"link down" whether the down came over netlink or SIOCSIFFLAGS."""
     # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
     present = {f.split("+", 1)[0].split(".", 1)[0] for f in frames}
-    if present.intersection(_NETLINK_HANDLERS[kind]):
+    follows = kind != "link" and present.intersection(_NOTIFIER_FRAMES)
+    if not follows and present.intersection(_NETLINK_HANDLERS[kind]):
         return "netlink", None
-    if present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
+    if not follows and present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
         return "ioctl", None
     detail = None
     for frames_for, text in _KIND_DETAILS.get(kind, ()) + _KERNEL_DETAILS:
@@ -680,10 +693,13 @@ class NetChangeProbe(Probe):
         ip = _ip(raw, family)
         if 8 in attrs and len(attrs[8]) >= 4:  # IFA_FLAGS: the full 32-bit flags
             flags = struct.unpack_from("<I", attrs[8])[0]
-        dev = _cstr(attrs.get(3)) or (mon.names.get(index) if mon else None)
+        # IFA_LABEL is the address's label ("eth0:1" for an alias), which
+        # starts with the device's name; the device is the one of ifindex
+        label = _cstr(attrs.get(3))
+        dev = (mon.names.get(index) if mon else None) or (label.split(":", 1)[0] if label else None)
         ev = AddrEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWADDR else "deleted",
                        address=ipaddress.ip_interface(f"{ip}/{prefixlen}") if ip is not None else None,
-                       family=4 if family == socket.AF_INET else 6, dev=dev, ifindex=index,
+                       family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
                        scope=scope, flags=flags, **common)
         return self._finish(ev, hdr)
 
