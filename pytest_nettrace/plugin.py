@@ -284,13 +284,24 @@ _ENGINE = pytest.StashKey[EngineHolder]()
 
 
 @pytest.fixture
-def netns_factory() -> Iterator[NamespaceFactory]:
-    """The factory behind `netns` and `make_netns`; removes all its namespaces after the test."""
+def netns_factory(request: pytest.FixtureRequest) -> Iterator[NamespaceFactory]:
+    """The factory behind `netns` and `make_netns`; removes all its namespaces after the test.
+
+    In a test that uses `nettrace`, the trace starts here, before the first
+    namespace exists: a fixture that builds its topology with `make_netns`
+    before `nettrace` is set up is still watched from the start."""
     factory = NamespaceFactory()
     try:
+        if "nettrace" in request.fixturenames:
+            _start_trace(request, factory)
         yield factory
     finally:
-        factory.close()
+        try:
+            trace = request.node.stash.get(TRACE_KEY, None)
+            if trace is not None and not trace.closed and request.node.stash.get(_RECORD, None) is None:
+                trace.close()  # the `nettrace` fixture itself never ran (its setup failed or skipped)
+        finally:
+            factory.close()
 
 
 @pytest.fixture
@@ -453,10 +464,8 @@ def systemd_networkd(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
             nd.stop()
 
 
-@pytest.fixture
-def nettrace(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) -> Iterator[Trace]:
-    """Kernel events of this test: every namespace it creates through `netns` /
-    `make_netns` is watched from its creation on; `nettrace.watch()` adds more."""
+def _start_trace(request: pytest.FixtureRequest, factory: NamespaceFactory) -> Trace:
+    """The test's trace, watching every namespace of `factory` from now on."""
     holder = request.config.stash[_ENGINE]
     engine = holder.get()
     item = request.node
@@ -466,23 +475,35 @@ def nettrace(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) ->
     try:
         if gate.watch_host:
             trace.watch_host()
-        for ns in netns_factory.namespaces:
-            _watch(trace, ns, gate)
+        for ns in factory.namespaces:  # made before the trace (nettrace asked for late): say so
+            _watch(trace, ns, gate, late=True)
         missing = gates.unavailable(trace, gate.forbid)
         if missing:
             holder.refuse(f"nettrace gate cannot be enforced on this kernel: {'; '.join(missing)}")
     except BaseException:
         trace.close()
         raise
-    netns_factory.add_listener(lambda ns: None if trace.closed else _watch(trace, ns, gate))
+    factory.add_listener(lambda ns: None if trace.closed else _watch(trace, ns, gate))
+    return trace
+
+
+@pytest.fixture
+def nettrace(request: pytest.FixtureRequest, netns_factory: NamespaceFactory) -> Iterator[Trace]:
+    """Kernel events of this test: every namespace it creates through `netns` /
+    `make_netns` is watched from its creation on, whatever the fixture order;
+    `nettrace.watch()` adds more."""
+    trace = request.node.stash.get(TRACE_KEY, None)
+    if trace is None or trace.closed:
+        trace = _start_trace(request, netns_factory)
+    item = request.node
     try:
         yield trace
     finally:
-        _finish_trace(item, trace, gate, request.config.stash[_SETTINGS])
+        _finish_trace(item, trace, item.stash.get(_GATE, GateSpec()), request.config.stash[_SETTINGS])
 
 
-def _watch(trace: Trace, ns: Namespace, gate: GateSpec) -> None:
-    trace.watch(ns)
+def _watch(trace: Trace, ns: Namespace, gate: GateSpec, late: bool = False) -> None:
+    trace.watch(ns, late=late)
     if gate.nft_trace:
         trace.trace_nft(ns)
 

@@ -84,6 +84,9 @@ class TraceCore:
         self._events: List[Event] = []
         self._raw: List[bytes] = []            # records not decoded yet, in ring order
         self._watched: Dict[int, str] = {}     # inode -> label
+        # namespaces this trace began watching after their creation, which
+        # it was meant to see whole: what happened before is unknown
+        self.watched_late: Dict[int, str] = {}
         self._cond = threading.Condition()
         self._closed = False
         # kinds the test read or asserted on ("*": all); the session summary
@@ -91,14 +94,18 @@ class TraceCore:
         self.queried: set = set()
 
     # -- scope -------------------------------------------------------------
-    def watch(self, ns: NamespaceLike, label: Optional[str] = None) -> int:
-        """Also record events from namespace `ns`; returns its inode."""
+    def watch(self, ns: NamespaceLike, label: Optional[str] = None, *, late: bool = False) -> int:
+        """Also record events from namespace `ns`; returns its inode. `late`:
+        the namespace should have been watched from its creation; its earlier
+        events count as lost (one per kind), so negative assertions fail."""
         self._check_open()
         inode, path = netns_ref(ns)
         if inode not in self._watched:
             self.engine.watch(inode, self._sink, path)
             self._watched[inode] = (label or getattr(ns, "name", None)
                                     or (ns if isinstance(ns, str) else f"netns:{inode}"))
+            if late:
+                self.watched_late[inode] = self._watched[inode]
         return inode
 
     def watch_host(self) -> int:
@@ -182,6 +189,8 @@ class TraceCore:
             for k, n in self.engine.lost_elsewhere(inode).items():
                 if kind is None or k == kind:
                     total += n
+            if inode in self.watched_late:
+                total += 1 if kind is not None else len(kinds())
         return total
 
     # -- generic assertions -----------------------------------------------
@@ -255,10 +264,16 @@ class TraceCore:
             raise EventsLost(self._failure(
                 f"cannot assert that no {kind} event matching {describe_filters(filters)} happened: "
                 f"{lost} {kind} events lost (a full ring buffer or socket, a race, or an undecodable "
-                f"record); the assertion would not be sound",
+                f"record{self._late_note()}); the assertion would not be sound",
                 kind, filters, []))
 
     # -- helpers -----------------------------------------------------------
+    def _late_note(self) -> str:
+        if not self.watched_late:
+            return ""
+        return (f"; watched only after their creation, so their first events are unknown: "
+                f"{', '.join(self.watched_late.values())}")
+
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> None:
         self.queried.add(kind if kind is not None else "*")
         if kind is None:
