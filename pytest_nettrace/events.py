@@ -3,8 +3,9 @@ one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
-from typing import Any, Callable, ClassVar, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .symbols import symbolize
 
@@ -21,6 +22,9 @@ STACK_BYTES = NT_MAX_STACK * 8
 _STACK = struct.Struct(f"<{NT_MAX_STACK}Q")
 
 IPAddress = ipaddress.IPv4Address  # for type hints only; v6 is fine too
+# `family` of every kind that has an IP family (nftables' kinds name the
+# table's family instead: "ip", "ip6", "inet", …)
+IP_FAMILIES = (4, 6)
 
 
 def _cstr(raw: bytes) -> str:
@@ -72,6 +76,36 @@ class Event:
     FIELDS: ClassVar[Tuple[str, ...]] = (
         "kind", "timestamp", "netns", "pid", "tid", "comm", "uid", "ppid", "parent_comm", "context", "stack")
     ADDRESS_FIELDS: ClassVar[Tuple[str, ...]] = ()  # filters on these are parsed up front
+    # The values a field can take, where they are a known set: a filter with
+    # any other value is a usage error listing these (a typo must not make a
+    # negative assertion pass). A callable gives them when asked (values the
+    # running kernel defines). None is always accepted: "the field is absent".
+    VALUES: ClassVar[Dict[str, Union[Collection[Any], Callable[[], Collection[Any]]]]] = {
+        "context": ("process", "softirq", "hardirq", "nmi"),
+        "family": IP_FAMILIES,
+    }
+
+    @classmethod
+    def valid_values(cls, field: str) -> Optional[Collection[Any]]:
+        """The values `field` can take, or None when it is not a known set
+        (`action`: the class's ACTIONS)."""
+        values = cls.VALUES.get(field)
+        if values is None and field == "action":
+            return getattr(cls, "ACTIONS", None)
+        return values() if callable(values) else values
+
+    @classmethod
+    def filter_value(cls, field: str, value: Any) -> Any:
+        """`value` as a filter on `field` compares it: spelled-out forms in the
+        stored form (`family="AF_INET6"` -> 6); ValueError naming a value the
+        field cannot take."""
+        if field == "family" and cls.VALUES.get("family") is IP_FAMILIES:
+            value = parse_family(value)
+        valid = cls.valid_values(field)
+        if valid is not None and value not in valid:
+            shown = ", ".join(repr(v) if not isinstance(v, str) else v for v in valid) or "(none on this kernel)"
+            raise ValueError(f"unknown {field} {value!r} for {cls.kind!r} events; valid: {shown}")
+        return value
 
     def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
                  context_guess: str = "process", **fields: Any) -> None:
@@ -206,27 +240,54 @@ def _value_matches(actual: Any, wanted: Any, field: str) -> bool:
     return actual == wanted
 
 
-def check_filters(cls: type, filters: Dict[str, Any]) -> None:
-    """Unknown filter names and malformed addresses are usage errors, raised
-    before looking at any event (a bad filter must not pass by matching nothing)."""
+_FAMILIES = {4: 4, 6: 6, "4": 4, "6": 6, "ipv4": 4, "ipv6": 6, "ip": 4, "ip6": 6, "inet": 4, "inet6": 6,
+             "af_inet": 4, "af_inet6": 6}
+
+
+def parse_family(value: Any) -> Any:
+    """4 or 6 from 4/6, "ipv4"/"IPv6", "inet6", "AF_INET6" or socket.AF_INET6
+    (every kind stores 4/6); None stays None; ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, socket.AddressFamily):
+        value = value.name
+    key = value.lower() if isinstance(value, str) else value
+    if isinstance(key, bool) or key not in _FAMILIES:
+        raise ValueError(f"unknown family {value!r}: events store 4 or 6; give 4, 6, 'ipv4', 'ipv6', "
+                         f"'AF_INET', 'AF_INET6' or socket.AF_INET/AF_INET6")
+    return _FAMILIES[key]
+
+
+def _is_predicate(value: Any) -> bool:
+    return callable(value) and not isinstance(value, type)
+
+
+def check_filters(cls: type, filters: Dict[str, Any]) -> Dict[str, Any]:
+    """The filters as events are compared with them (`Event.filter_value`).
+    Unknown filter names, malformed addresses and values a field cannot take
+    are usage errors, raised before looking at any event (a bad filter must
+    not pass by matching nothing)."""
+    out: Dict[str, Any] = {}
     for name, value in filters.items():
         if name not in cls.FIELDS:
             raise ValueError(
                 f"unknown filter {name!r} for {cls.kind!r} events; valid: {', '.join(cls.FIELDS)}")
-        actions = getattr(cls, "ACTIONS", None)
-        if name == "action" and actions and value is not None and not callable(value):
-            for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
-                if v not in actions:
-                    raise ValueError(f"unknown action {v!r} for {cls.kind!r} events; valid: {', '.join(actions)}")
-        choices = getattr(cls, "CHOICES", {}).get(name)
-        if choices and value is not None and not callable(value):
-            for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
-                if v not in choices:
-                    raise ValueError(f"unknown {name} {v!r} for {cls.kind!r} events; valid: {', '.join(choices)}")
-        if name in cls.ADDRESS_FIELDS and value is not None and not callable(value):
-            for v in (value if isinstance(value, (list, tuple, set, frozenset)) else [value]):
+        if value is None or _is_predicate(value) or name == "stack":
+            out[name] = value
+            continue
+        many = isinstance(value, (list, tuple, set, frozenset))
+        checked = []
+        for v in (value if many else [value]):
+            if v is None or _is_predicate(v):
+                checked.append(v)
+            elif name in cls.ADDRESS_FIELDS:
                 if not (v == DEFAULT_ROUTE and name == "dst"):
                     parse_address(v, name)
+                checked.append(v)
+            else:
+                checked.append(cls.filter_value(name, v))
+        out[name] = checked if many else checked[0]
+    return out
 
 
 def matches(event: Event, filters: Dict[str, Any]) -> bool:

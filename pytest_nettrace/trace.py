@@ -71,6 +71,28 @@ def _path_of_inode(inode: int) -> Optional[str]:
     return None
 
 
+def _check_filters_any_kind(filters: Dict[str, Any]) -> Dict[str, Any]:
+    """Filters of `events()` without a kind: a value is good if some kind
+    with that field accepts it (and compared as that kind stores it)."""
+    types = [info.event_type for info in kinds().values()]
+    out: Dict[str, Any] = {}
+    for name, value in filters.items():
+        having = [t for t in types if name in t.FIELDS]
+        if not having:
+            fields = sorted({f for t in types for f in t.FIELDS})
+            raise ValueError(f"unknown filter {name!r}; valid: {', '.join(fields)}")
+        errors = []
+        for t in having:
+            try:
+                out[name] = check_filters(t, {name: value})[name]
+                break
+            except ValueError as e:
+                errors.append(str(e))
+        else:
+            raise ValueError(errors[0])
+    return out
+
+
 class TraceCore:
     """Events seen in the watched namespaces since the test started.
 
@@ -156,7 +178,7 @@ class TraceCore:
         """Events in time order; `kind` and attribute filters narrow them.
 
         A filter value may be a value, a list of values, or a predicate."""
-        self._validate(kind, filters)
+        filters = self._validate(kind, filters)
         self._sync()
         return [e for e in self.all_events() if (kind is None or e.kind == kind) and matches(e, filters)]
 
@@ -274,22 +296,18 @@ class TraceCore:
         return (f"; watched only after their creation, so their first events are unknown: "
                 f"{', '.join(self.watched_late.values())}")
 
-    def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> None:
+    def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> Dict[str, Any]:
+        """The filters as events compare with them; usage errors for bad ones."""
         self.queried.add(kind if kind is not None else "*")
         if kind is None:
-            fields = set()
-            for info in kinds().values():
-                fields.update(info.event_type.FIELDS)
-            bad = [f for f in filters if f not in fields]
-            if bad:
-                raise ValueError(f"unknown filter {bad[0]!r}; valid: {', '.join(sorted(fields))}")
-            return
+            return _check_filters_any_kind(filters)
         info = kind_info(kind)
-        check_filters(info.event_type, filters)
+        filters = check_filters(info.event_type, filters)
         why = self.engine.probe_available(info.probe)
         if why:
             where = "" if info.probe in self.engine.left_out else " on this kernel"
             raise NettraceError(f"{kind} events are not available{where}: {why}")
+        return filters
 
     def _failure(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
                  offending: Iterable[Event]) -> str:

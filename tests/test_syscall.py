@@ -50,7 +50,7 @@ def test_refused_connect_shows_errno_and_address(pair, nettrace):
     r = client.run(connect_refused("10.0.0.1", 9), check=True)
     (ev,) = nettrace.syscalls(name="connect", pid=r.pid)
     assert ev.errno == "ECONNREFUSED" and ev.ret == -111
-    assert str(ev.address) == "10.0.0.1" and ev.port == 9 and ev.family == "AF_INET"
+    assert str(ev.address) == "10.0.0.1" and ev.port == 9 and ev.family == 4 and ev.sockaddr_family == "AF_INET"
     assert ev.comm == os.path.basename(r.argv[0])[:15] and ev.tid == r.pid and ev.netns == client.inode
     assert 0 < ev.duration < 5
     line = nettrace.strace(pid=r.pid).splitlines()
@@ -135,7 +135,7 @@ def test_ipv6_and_unix_addresses(netns, nettrace):
         u.bind("\\0nettrace-test")
     """), check=True)
     (send,) = nettrace.syscalls(pid=r.pid, name="sendto")
-    assert (str(send.address), send.port, send.family) == ("::1", 9, "AF_INET6")
+    assert (str(send.address), send.port, send.family, send.sockaddr_family) == ("::1", 9, 6, "AF_INET6")
     assert "{AF_INET6, [::1]:9}, 28) = 1" in send.strace()
     (bind,) = nettrace.syscalls(pid=r.pid, name="bind")
-    assert bind.path == "@nettrace-test" and bind.family == "AF_UNIX"
+    assert bind.path == "@nettrace-test" and bind.family is None and bind.sockaddr_family == "AF_UNIX"

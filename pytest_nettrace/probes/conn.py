@@ -44,6 +44,8 @@ class ConnEvent(Event):
     FIELDS = Event.FIELDS + ("action", "family", "saddr", "sport", "daddr", "dport", "state", "old_state",
                              "duration_ms", "bytes_sent", "bytes_received")
     ADDRESS_FIELDS = ("saddr", "daddr")
+    VALUES = {**Event.VALUES, "action": ACTIONS, "state": tuple(TCP_STATES.values()),
+              "old_state": tuple(TCP_STATES.values())}
 
     def describe(self) -> str:
         local, remote = _ep(self.saddr, self.sport), _ep(self.daddr, self.dport)

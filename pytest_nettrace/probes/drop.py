@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import EventsLost
 from ..events import HEADER, Event, Header, describe_filters, matches
@@ -46,6 +46,10 @@ class DropEvent(Event):
     FIELDS = Event.FIELDS + ("reason", "location", "dev", "ifindex", "protocol", "family", "saddr", "daddr",
                              "sport", "dport", "ip_proto", "length")
     ADDRESS_FIELDS = ("saddr", "daddr")
+    # the running kernel's enum skb_drop_reason, set when the probe loads
+    # (empty on kernels without drop reasons)
+    REASONS: ClassVar[Optional[Tuple[str, ...]]] = None
+    VALUES = {**Event.VALUES, "reason": lambda: DropEvent.REASONS}
 
     @property
     def background(self) -> bool:
@@ -123,6 +127,7 @@ class DropProbe(Probe):
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         self.reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
+        DropEvent.REASONS = tuple(n for n in self.reasons.values() if n != "MAX")
         config = {"drop_cfg": _u32.pack(DETAIL_BUDGET)}
         args = kernel.tracepoint_args("kfree_skb")
         if not kernel.tp_btf or args is None:
@@ -332,7 +337,7 @@ class DropApi:
         bad = [f for f in filters if f not in _COUNT_FIELDS]
         if bad:
             raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
-        self._validate("drop", filters)
+        filters = self._validate("drop", filters)
         self._sync()
         self._decode_pending()  # decoded events teach the probe where trampolined frees were
         probe = self.engine.status["drop"].probe

@@ -57,6 +57,7 @@ NLM_F_REPLACE = 0x100
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
 RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
+_OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
 
 # Which rtnetlink / ioctl handlers ask for which kind of change.
 _NETLINK_HANDLERS = {
@@ -134,6 +135,8 @@ class NetChangeEvent(Event):
     announced_by: Optional[str] = None
 
     FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user", "announced_by")
+    VALUES = {**Event.VALUES, "cause": ("netlink", "ioctl", "sysctl", "kernel", "unknown"),
+              "announced_by": ("addrconf_dad_work",)}
 
     def how(self, full: bool = False) -> str:
         via = {"netlink": "via netlink", "ioctl": "via ioctl", "kernel": "by the kernel",
@@ -154,6 +157,7 @@ class AddrEvent(NetChangeEvent):
     kind = "addr"
     ACTIONS = ("added", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags", "label")
+    VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS}
     ADDRESS_FIELDS = ("address",)
 
     def describe(self) -> str:
@@ -168,6 +172,8 @@ class LinkEvent(NetChangeEvent):
     kind = "link"
     ACTIONS = ("added", "deleted", "up", "down", "changed")
     FIELDS = NetChangeEvent.FIELDS + ("up", "flags", "link_kind", "mtu", "operstate")
+    VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
+              "operstate": tuple(_OPERSTATES.values())}
 
     def describe(self) -> str:
         what = {"added": "added link", "deleted": "deleted link", "up": "set link up",
@@ -183,6 +189,8 @@ class RouteEvent(NetChangeEvent):
     ACTIONS = ("added", "replaced", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("dst", "gateway", "table", "family", "type", "protocol",
                                       "priority", "prefsrc")
+    VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
+              "type": tuple(RTN_TYPES.values())}
     ADDRESS_FIELDS = ("dst", "gateway", "prefsrc")
 
     def describe(self) -> str:
@@ -231,8 +239,9 @@ class NftEvent(NetChangeEvent):
 
     kind = "nft"
     ACTIONS = ("added", "replaced", "deleted")
-    CHOICES = {"object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
-               "family": ("ip", "ip6", "inet", "arp", "bridge", "netdev")}
+    # `family` is the table's nftables family, not 4/6
+    VALUES = {**NetChangeEvent.VALUES, "object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
+              "family": tuple(_nft.FAMILIES.values())}
     FIELDS = NetChangeEvent.FIELDS + ("object", "family", "table", "chain", "set", "handle", "name", "text")
 
     @property
@@ -284,6 +293,15 @@ class NeighEvent(NetChangeEvent):
                                       "proxy")
     ADDRESS_FIELDS = ("address",)
 
+    @classmethod
+    def filter_value(cls, field: str, value: Any) -> Any:
+        # a state is one of ip neigh's names, or several joined by "|"
+        if field in ("state", "old_state") and not (
+                isinstance(value, str) and set(value.split("|")) <= set(NUD_STATES.values())):
+            raise ValueError(f"unknown {field} {value!r} for 'neigh' events; valid: "
+                             f"{', '.join(NUD_STATES.values())} (several joined by '|')")
+        return super().filter_value(field, value)
+
     @property
     def background(self) -> bool:
         # the kernel resolving and ageing entries as traffic flows is noise;
@@ -306,6 +324,7 @@ class RuleEvent(NetChangeEvent):
     FIELDS = NetChangeEvent.FIELDS + ("family", "priority", "src", "dst", "iif", "oif", "fwmark", "fwmask",
                                       "table", "rule_action", "goto", "invert", "protocol")
     ADDRESS_FIELDS = ("src", "dst")
+    VALUES = {**NetChangeEvent.VALUES, "rule_action": tuple(FR_ACTIONS.values())}
 
     def describe(self) -> str:
         # as `ip rule` prints it: "100: from 10.0.0.0/8 lookup 100"
@@ -818,8 +837,6 @@ class NetChangeProbe(Probe):
         self._last[hdr.netns] = (skb, events[-1] if events else None)
         return events
 
-
-_OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
 
 
 def _user(uid: Optional[int]) -> Optional[str]:

@@ -59,6 +59,7 @@ class NftVerdictEvent(Event):
     FIELDS = Event.FIELDS + ("verdict", "table", "chain", "handle", "policy", "rule", "family", "saddr", "daddr",
                              "ip_proto", "sport", "dport", "iif", "oif", "trace_id", "drop")
     ADDRESS_FIELDS = ("saddr", "daddr")
+    VALUES = {**Event.VALUES, "family": tuple(_nft.FAMILIES.values())}   # the table's, not 4/6
 
     def as_dict(self) -> Dict[str, Any]:
         out = super().as_dict()

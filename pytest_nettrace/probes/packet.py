@@ -242,6 +242,7 @@ _closer = _Closer()
 TCP_LETTERS = "UAPRSF"   # tcpdumplike.stp's flag columns
 _TCPDUMP_FLAGS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x20, "U"), (0x40, "E"), (0x80, "W"),
                   (0x10, "."))
+_TCPDUMP_LETTERS = "".join(ch for _bit, ch in _TCPDUMP_FLAGS)
 _LETTER_BITS = {"U": 0x20, "A": 0x10, "P": 0x08, "R": 0x04, "S": 0x02, "F": 0x01}
 
 
@@ -338,6 +339,19 @@ class PacketEvent(Event):
               "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "payload_len", "icmp_type",
               "ethertype")
     ADDRESS_FIELDS = ("saddr", "daddr")
+    VALUES = {**Event.VALUES, "direction": ("in", "out")}
+
+    @classmethod
+    def filter_value(cls, field: str, value: Any) -> Any:
+        # flags are any combination of letters: checked letter by letter
+        if field == "tcp_flags" and not (isinstance(value, str) and value and set(value.upper()) <= set(TCP_LETTERS)):
+            raise ValueError(f"unknown tcp_flags {value!r} for 'packet' events: letters of {TCP_LETTERS} "
+                             f"in any order, e.g. 'SA'")
+        if field == "flags" and not (isinstance(value, str) and (value == "none" or value and set(value) <= set(
+                _TCPDUMP_LETTERS))):
+            raise ValueError(f"unknown flags {value!r} for 'packet' events: tcpdump's notation, letters of "
+                             f"{_TCPDUMP_LETTERS} ('S', 'S.', 'P.', 'F.', 'R.') or 'none'")
+        return super().filter_value(field, value)
 
     def actor(self) -> str:
         return f"{self.dev} {self.direction}"

@@ -35,6 +35,8 @@ class RetransmitEvent(Event):
     FIELDS = Event.FIELDS + ("type", "family", "saddr", "sport", "daddr", "dport", "state", "seq", "count",
                              "total_retrans")
     ADDRESS_FIELDS = ("saddr", "daddr")
+    VALUES = {**Event.VALUES, "type": ("syn", "synack", "loss_probe", "retransmit"),
+              "state": tuple(TCP_STATES.values())}
 
     def describe(self) -> str:
         # tcpretrans: LADDR:LPORT T> RADDR:RPORT STATE, T = R(etransmit) / L(oss probe)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
 from .base import Plan, Probe
@@ -36,6 +36,10 @@ class RstEvent(Event):
     kind = "rst"
     FIELDS = Event.FIELDS + ("direction", "origin", "family", "saddr", "sport", "daddr", "dport", "state", "reason")
     ADDRESS_FIELDS = ("saddr", "daddr")
+    # the running kernel's enum sk_rst_reason (6.10+), set when the probe loads
+    REASONS: ClassVar[Optional[Tuple[str, ...]]] = None
+    VALUES = {**Event.VALUES, "direction": ("sent", "received"), "origin": ("reply", "active", "received"),
+              "state": tuple(TCP_STATES.values()), "reason": lambda: RstEvent.REASONS}
 
     def describe(self) -> str:
         why = f" reason {self.reason}" if self.reason else ""
@@ -71,6 +75,7 @@ class RstProbe(Probe):
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         self.reasons = {v: n.replace("SK_RST_REASON_", "") for v, n in kernel.enum("sk_rst_reason").items()}
+        RstEvent.REASONS = tuple(n for n in self.reasons.values() if n != "MAX")
         plans: List[Plan] = []
         recv = ["rst_recv_tp"]
         # 6.10+: one tracepoint sees both replies and active resets, with a reason.

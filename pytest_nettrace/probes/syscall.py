@@ -78,6 +78,7 @@ MSG_FLAGS = {0x1: "MSG_OOB", 0x2: "MSG_PEEK", 0x4: "MSG_DONTROUTE", 0x20: "MSG_T
              0x4000: "MSG_NOSIGNAL", 0x8000: "MSG_MORE", 0x4000000: "MSG_ZEROCOPY",
              0x20000000: "MSG_FASTOPEN", 0x40000000: "MSG_CMSG_CLOEXEC"}
 SHUT = {0: "SHUT_RD", 1: "SHUT_WR", 2: "SHUT_RDWR"}
+_IP_FAMILY = {"AF_INET": 4, "AF_INET6": 6}   # `family` is 4/6 on every kind
 # calls whose first argument is not a socket fd
 _NO_FD = ("socket", "socketpair")
 
@@ -120,12 +121,18 @@ def decode_sockaddr(raw: bytes) -> Tuple[str, Dict[str, Any]]:
 
 class SyscallEvent(Event):
     """One network system call, entry to exit. `duration` in seconds; `ret`
-    the raw result (negative errno on failure, then `errno` names it)."""
+    the kernel's raw result: a negative errno on failure (-111), which
+    `errno` names ("ECONNREFUSED") and `strace()` prints as strace does
+    (`-1 ECONNREFUSED (Connection refused)`). `family` is 4 or 6 for an
+    IP sockaddr (as on every kind), None otherwise; `sockaddr_family` the
+    sockaddr's own family as strace names it ("AF_INET6", "AF_UNIX", …)."""
 
     kind = "syscall"
-    FIELDS = Event.FIELDS + ("name", "fd", "args", "ret", "errno", "duration", "family", "address", "port",
-                             "path", "level", "option", "value")
+    FIELDS = Event.FIELDS + ("name", "fd", "args", "ret", "errno", "duration", "family", "sockaddr_family",
+                             "address", "port", "path", "level", "option", "value")
     ADDRESS_FIELDS = ("address",)
+    VALUES = {**Event.VALUES, "name": CALLS, "errno": tuple(sorted(_errno.errorcode.values())),
+              "sockaddr_family": tuple(FAMILIES.values())}
 
     def result(self) -> str:
         if self.ret < 0 and self.errno:
@@ -210,7 +217,7 @@ class SyscallProbe(Probe):
         *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, HEADER.size)
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
         addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
-        fields.setdefault("family", None)
+        sockaddr_family = fields.get("family")
         ok_value = value if has_value else None
         ok_value2 = value2 if has_value else None
         level = option = None
@@ -224,7 +231,8 @@ class SyscallProbe(Probe):
             args=_render_args(name, tuple(args), addr_text, addr_len, ret, ok_value, ok_value2),
             ret=ret, errno=_errno.errorcode.get(-ret) if ret < 0 else None, duration=duration / 1e9,
             address=fields.get("address"), port=fields.get("port"), path=fields.get("path"),
-            family=fields["family"], level=level, option=option, value=ok_value)
+            family=_IP_FAMILY.get(sockaddr_family), sockaddr_family=sockaddr_family,
+            level=level, option=option, value=ok_value)
 
 
 class SyscallApi:
