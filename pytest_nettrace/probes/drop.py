@@ -256,13 +256,13 @@ def _not_link_multicast(daddr: Any) -> bool:
 
 
 _LINK_MULTICAST = ipaddress.ip_network("ff02::/16")
+# Filters that name a drop's own reason or address: a drop they match counts
+# even when it is background (README: "a reason … or a daddr filter").
+_LIFTING_FILTERS = frozenset(("reason", "daddr", "saddr"))
 
 
-def _describe(filters: Dict[str, Any]) -> str:
-    text = describe_filters({k: v for k, v in filters.items() if v is not _specified and v is not _not_link_multicast})
-    if filters.get("reason") is _specified:
-        text = "reason!='NOT_SPECIFIED'" + ("" if text == "(any)" else ", " + text)
-    return text
+def _describe(filters: Dict[str, Any], lifted: bool) -> str:
+    return describe_filters(filters) + ("" if lifted else " (background drops left out)")
 
 
 class _Counted:
@@ -300,31 +300,31 @@ class DropApi:
         being destroyed (QUEUE_PURGE, length 0: the peer's FIN that an
         application closing without reading EOF never read; a purge with data
         counts), and AF_UNIX messages discarded at close (D-Bus clients: not
-        network packets). `include_unspecified=True` counts those too;
-        an explicit `reason` ("NETFILTER_DROP", a list, or a predicate) is used
-        as given. On kernels without drop reasons (< 5.17) every drop counts.
+        network packets). `include_unspecified=True` counts those too, and so
+        does a filter naming a drop's own reason or address: an explicit
+        `reason` ("NOT_SPECIFIED", a list, or a predicate), `daddr` or `saddr`
+        counts every drop it matches, background or not. On kernels without
+        drop reasons (< 5.17) every drop counts.
 
         Sound: drops that were only counted (past the per-namespace detail
         budget, or with the ring buffer full) fail the assertion when their
         reason and location could match, since their other fields are unknown."""
         if reason is not None:
             filters = dict(filters, reason=reason)
-        elif not include_unspecified:
-            filters = dict(filters, reason=_specified)
-        if not include_unspecified and "daddr" not in filters:
-            filters["daddr"] = _not_link_multicast
+        # naming a drop's own reason or address counts it, background or not
+        lifted = include_unspecified or bool(set(filters) & _LIFTING_FILTERS)
         found = self.events("drop", **filters)
-        if reason is None and not include_unspecified:
+        if not lifted:
             found = [e for e in found if not e.background]
+        what = _describe(filters, lifted)
         if found:
             raise AssertionError(self._failure(
-                f"expected no drop events matching {_describe(filters)}, saw {len(found)}",
-                "drop", filters, found))
-        hidden = self._hidden_drops(filters)
+                f"expected no drop events matching {what}, saw {len(found)}", "drop", filters, found))
+        hidden = self._hidden_drops(filters if lifted else dict(filters, reason=_specified))
         if hidden:
             lines = "; ".join(str(r) for r in hidden[:5])
             raise EventsLost(self._failure(
-                f"cannot assert that no drop matching {_describe(filters)} happened: "
+                f"cannot assert that no drop matching {what} happened: "
                 f"{sum(r.undelivered for r in hidden)} drops were counted but not delivered in detail "
                 f"(per-namespace budget {DETAIL_BUDGET} spent, or ring buffer full) and may match: {lines}",
                 "drop", filters, []))
