@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import threading
 from typing import Callable, List, Optional, Sequence, TextIO
 
@@ -43,6 +44,10 @@ class LiveTrace(Trace):
             # nothing arrives in between: the engine drains only in our thread
             self._events.clear()
         return events
+
+    def new_capture_path(self) -> str:
+        """The capture outlives the command (it names the file when it stops)."""
+        return os.path.join(tempfile.mkdtemp(prefix="nettrace-watch-"), "watch.pcapng")
 
 
 def _parser() -> argparse.ArgumentParser:

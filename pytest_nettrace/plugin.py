@@ -15,14 +15,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import pytest
 
-from . import daemons, gates
+from . import captures, daemons, gates
 from .capabilities import DEFAULT_BTF, features
 from .engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_refused
 from .errors import LeftAlone, NamespaceError, NettraceError
 from .gates import GateSpec, GateSpecError
 from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
 from .report import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
-                     prepare_dir, write_files)
+                     pcap_copy_path, prepare_dir, write_files)
 from .selection import select as select_probes
 from .trace import Trace
 
@@ -174,10 +174,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     holder = config.stash.get(_ENGINE, None)
     if holder is not None:
         holder.close()
+    captures.finish_session()  # an empty capture directory goes
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    # Namespaces of runs that died (SIGKILLed worker, crash) are removed here.
+    # Captures that failed tests of ended runs left go; namespaces of runs
+    # that died (SIGKILLed worker, crash) are removed here.
+    captures.remove_stale()
     if os.geteuid() != 0:
         return
     # What it leaves alone is said in one line each, on the terminal: as
@@ -525,11 +528,18 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
     finally:
         trace.close()
     record.events = trace.all_events()  # close drained the last ones
-    record.pcap_path = getattr(trace, "pcap_path", None)  # final once capture stopped
+    capture = record.pcap_path = getattr(trace, "pcap_path", None)  # final once capture stopped
     if violation is not None:
         record.highlight = violation.offending
     if settings.report_dir:
         write_files(record, settings.report_dir, settings.report_mode)
+    # a failed test's capture stays where its report says; a passing test's
+    # goes (kept by --nettrace-report, which has copied it)
+    failed = violation is not None or item.stash.get(_FAILED, False)
+    if settings.report_dir or not failed:
+        captures.discard(capture)
+        if record.pcap_path == capture:
+            record.pcap_path = None
     item.user_properties.extend(record.properties())
     item.stash[_RECORD] = record
     if violation is not None:
@@ -631,6 +641,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     trace = item.stash.get(TRACE_KEY, None)
     if trace is None:
         return
+    if rep.failed:
+        item.stash[_FAILED] = True  # its capture is kept
     settings = item.config.stash[_SETTINGS]
     show = settings.show
     if rep.when == "teardown":
@@ -647,6 +659,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         record = TraceRecord.capture(trace, item.nodeid)
         if settings.report_dir:  # written at teardown, with the events still to come
             record.events_file = events_path(settings.report_dir, item.nodeid)
+            if record.pcap_path:
+                record.pcap_path = pcap_copy_path(settings.report_dir, item.nodeid, record.pcap_path)
+        elif rep.passed:
+            record.pcap_path = None  # removed at teardown
         rep.sections.append((SECTION, record.section()))
 
 
@@ -684,3 +700,4 @@ _SETTINGS = pytest.StashKey[ReportSettings]()
 _SIGTERM_OURS = pytest.StashKey[bool]()       # this config installed the SIGTERM handler
 _GATE = pytest.StashKey[GateSpec]()          # per item: marker + suite-wide rules
 _RECORD = pytest.StashKey[TraceRecord]()     # per item: its trace, kept after close
+_FAILED = pytest.StashKey[bool]()            # per item: setup or call failed

@@ -3,10 +3,8 @@ trace closes (`TraceRecord`), its "network events" report section, its
 per-test files, and the session-wide tally (`SessionSummary`)."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import re
 import shutil
 import tempfile
 import textwrap
@@ -15,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set
 
 from . import jsonl
+from .captures import file_stem
 from .events import Event
 from .probes.registry import kinds
 from .timeline import WIDTH, focus, is_background, render_timeline
@@ -120,13 +119,6 @@ class TraceRecord:
 
 # -- per-test files -----------------------------------------------------------
 
-def file_stem(nodeid: str) -> str:
-    """A file name for a test: readable, safe, unique (a hash of the full node id)."""
-    readable = re.sub(r"[^A-Za-z0-9_.\[\]-]+", "_", nodeid.replace("::", "__")).strip("_")[:120]
-    digest = hashlib.sha1(nodeid.encode()).hexdigest()[:8]
-    return f"{readable}-{digest}"
-
-
 def events_path(directory: str, nodeid: str) -> str:
     """Where `--nettrace-report=directory` puts the events of test `nodeid`."""
     return os.path.join(directory, file_stem(nodeid) + ".jsonl")
@@ -196,8 +188,13 @@ def write_files(record: TraceRecord, directory: str, mode: int = DEFAULT_FILE_MO
             with open(pcap, "rb") as src:
                 shutil.copyfileobj(src, f)
 
-        # .pcapng stays .pcapng
-        record.pcap_path = _write_file(directory, stem + (os.path.splitext(pcap)[1] or ".pcap"), copy, mode)
+        name = os.path.basename(pcap_copy_path(directory, record.nodeid, pcap))
+        record.pcap_path = _write_file(directory, name, copy, mode)
+
+
+def pcap_copy_path(directory: str, nodeid: str, pcap: str) -> str:
+    """Where `--nettrace-report=directory` copies the capture of test `nodeid`."""
+    return events_path(directory, nodeid)[:-len(".jsonl")] + (os.path.splitext(pcap)[1] or ".pcap")
 
 
 # -- the whole run -------------------------------------------------------------

@@ -19,15 +19,14 @@ import ipaddress
 import mmap
 import queue
 import os
-import re
 import socket
 import struct
-import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
 from .._linux import in_netns_at
+from ..captures import capture_path
 from ..events import Event, Header
 from .base import Plan, Probe
 
@@ -492,12 +491,6 @@ class PacketProbe(Probe):
 _NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
 
 
-def _file_name(test: str) -> str:
-    """`test_handshake.pcapng` for "tests/test_x.py::test_handshake" (the directory is the test's own)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test.rsplit("::", 1)[-1]).strip("_")[:40]
-    return (name or "capture") + ".pcapng"
-
-
 class PacketApi:
     """`nettrace` methods for captured packets (mixed into Trace). The frames
     reach the test's events and pcapng whenever the test reads anything."""
@@ -525,9 +518,14 @@ class PacketApi:
     def _pcap_writer(self) -> PcapngWriter:
         writer = self.__dict__.get("_pcap")
         if writer is None:
-            directory = tempfile.mkdtemp(prefix="nettrace-")
-            writer = self.__dict__["_pcap"] = PcapngWriter(os.path.join(directory, _file_name(self.name)))
+            writer = self.__dict__["_pcap"] = PcapngWriter(self.new_capture_path())
         return writer
+
+    def new_capture_path(self) -> str:
+        """Where this trace's pcapng is written: the process's capture
+        directory, whose passing tests' files the plugin removes at teardown
+        (pytest_nettrace.captures); `nettrace watch` chooses its own."""
+        return capture_path(self.name or "capture")
 
     def _sync(self) -> None:
         super()._sync()  # type: ignore[misc]

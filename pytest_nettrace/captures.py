@@ -1,0 +1,95 @@
+"""Where packet captures are written while tests run, and what is left after.
+
+One directory per pytest process, `$TMPDIR/nettrace-<pid>-<start time>/`,
+made with the first capture. A passing test's capture is removed at its
+teardown; a failed test's stays, so the path its report prints can be opened
+after the run, until a later session removes the directories of processes
+that have ended (`--nettrace-report=DIR` copies them there for good). An empty
+directory is removed when its process ends: a run whose tests pass leaves
+nothing in /tmp. The pid and the start time identify the owner process even
+after its pid is reused, so no session removes another live one's captures.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from typing import List, Optional
+
+from ._linux import process_start_time
+
+PREFIX = "nettrace-"
+_NAME_RE = re.compile(r"^nettrace-(\d+)-(\d+)$")
+_made: Optional[tuple] = None   # (pid, directory) once made by this process
+
+
+def file_stem(nodeid: str) -> str:
+    """A file name for a test: readable, safe, unique (a hash of the full node id)."""
+    readable = re.sub(r"[^A-Za-z0-9_.\[\]-]+", "_", nodeid.replace("::", "__")).strip("_")[:120]
+    digest = hashlib.sha1(nodeid.encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+def session_dir() -> str:
+    """This process's capture directory (made on first use)."""
+    global _made
+    pid = os.getpid()
+    if _made is None or _made[0] != pid:   # recomputed after a fork
+        path = os.path.join(tempfile.gettempdir(), f"{PREFIX}{pid}-{process_start_time(pid)}")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        _made = (pid, path)
+    return _made[1]
+
+
+def capture_path(nodeid: str) -> str:
+    """Where the capture of test `nodeid` is written."""
+    return os.path.join(session_dir(), file_stem(nodeid) + ".pcapng")
+
+
+def discard(path: Optional[str]) -> None:
+    """Remove a capture nobody needs (a passing test's, or one copied away)."""
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def finish_session() -> Optional[str]:
+    """At the end of the process: remove its directory if empty; returns it
+    if captures of failed tests remain in it."""
+    if _made is None or _made[0] != os.getpid():
+        return None
+    try:
+        os.rmdir(_made[1])
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return _made[1]
+
+
+def remove_stale() -> List[str]:
+    """Remove capture directories of pytest processes that have ended (and
+    belong to this user); returns their paths."""
+    base = tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        m = _NAME_RE.match(name)
+        if not m or process_start_time(int(m.group(1))) == int(m.group(2)):
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.lstat(path).st_uid != os.geteuid() or os.path.islink(path):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
