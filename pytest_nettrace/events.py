@@ -146,7 +146,7 @@ class Event:
         return cls.FIELDS
 
     def as_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict: addresses as strings, everything else as is."""
+        """JSON-ready dict: addresses as strings, bytes as hex, everything else as is."""
         out: Dict[str, Any] = {}
         for name in self.FIELDS:
             v = getattr(self, name, None)
@@ -154,8 +154,30 @@ class Event:
                               ipaddress.IPv4Interface, ipaddress.IPv6Interface,
                               ipaddress.IPv4Network, ipaddress.IPv6Network)):
                 v = str(v)
+            elif isinstance(v, bytes):
+                v = v.hex()
             out[name] = v
         return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Event":
+        """The event `as_dict()` (read back from JSON) stands for: addresses
+        as ipaddress objects again, so attributes and filters work as on the
+        events of a live trace."""
+        fields = {name: cls.from_json(name, data[name]) for name in cls.FIELDS
+                  if name in data and name not in ("kind", "context", "stack")}
+        event = cls(None, (), data.get("context") or "process", **fields)
+        event._stack = [str(frame) for frame in data.get("stack") or ()]
+        return event
+
+    @classmethod
+    def from_json(cls, field: str, value: Any) -> Any:
+        """A field's value as `as_dict()` wrote it, in the event's own type."""
+        if isinstance(value, str) and field in cls.ADDRESS_FIELDS:
+            if field == "dst":
+                return ipaddress.ip_network(value, strict=False)
+            return parse_address(value, field)
+        return value
 
     # -- rendering ---------------------------------------------------
     def actor(self) -> str:

@@ -11,7 +11,7 @@ from .engine import Engine
 from .errors import EventsLost, NettraceError
 from . import sequence
 from .events import Event, check_filters, describe_filters, matches
-from .probes.registry import API_MIXINS, kind_info, kinds
+from .probes.registry import API_MIXINS, check_filters_any_kind, kind_info, kinds
 from .timeline import render_failure, seed_line
 
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
@@ -69,28 +69,6 @@ def _path_of_inode(inode: int) -> Optional[str]:
             except OSError:
                 continue
     return None
-
-
-def _check_filters_any_kind(filters: Dict[str, Any]) -> Dict[str, Any]:
-    """Filters of `events()` without a kind: a value is good if some kind
-    with that field accepts it (and compared as that kind stores it)."""
-    types = [info.event_type for info in kinds().values()]
-    out: Dict[str, Any] = {}
-    for name, value in filters.items():
-        having = [t for t in types if name in t.FIELDS]
-        if not having:
-            fields = sorted({f for t in types for f in t.FIELDS})
-            raise ValueError(f"unknown filter {name!r}; valid: {', '.join(fields)}")
-        errors = []
-        for t in having:
-            try:
-                out[name] = check_filters(t, {name: value})[name]
-                break
-            except ValueError as e:
-                errors.append(str(e))
-        else:
-            raise ValueError(errors[0])
-    return out
 
 
 class TraceCore:
@@ -300,7 +278,7 @@ class TraceCore:
         """The filters as events compare with them; usage errors for bad ones."""
         self.queried.add(kind if kind is not None else "*")
         if kind is None:
-            return _check_filters_any_kind(filters)
+            return check_filters_any_kind(filters)
         info = kind_info(kind)
         filters = check_filters(info.event_type, filters)
         why = self.engine.probe_available(info.probe)

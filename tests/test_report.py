@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pytest_nettrace.jsonl import event_json, jsonable, read_events, write_events
+from pytest_nettrace.jsonl import event_json, jsonable, read_events, select_events, write_events
 from pytest_nettrace.report import TraceRecord, file_stem
 
 from traffic import connect_refused
@@ -91,10 +91,10 @@ def test_failing_tests_get_the_timeline_files_and_properties_under_xdist(pyteste
     assert len(files) == 5, files
     stem = file_stem("test_sample.py::test_assert_fails")
     rows = read_events(str(out_dir / f"{stem}.jsonl"))
-    deleted = [r for r in rows if r["kind"] == "addr" and r["action"] == "deleted"]
-    assert len(deleted) == 1 and deleted[0]["address"] == "10.1.1.1/24"
-    assert deleted[0]["comm"] == "ip" and deleted[0]["cmdline"] == "ip addr del 10.1.1.1/24 dev d0"
-    assert [r["timestamp"] for r in rows] == sorted(r["timestamp"] for r in rows)
+    deleted = select_events(rows, "addr", action="deleted")
+    assert len(deleted) == 1 and deleted[0].address == ipaddress.ip_interface("10.1.1.1/24")
+    assert deleted[0].comm == "ip" and deleted[0].cmdline == "ip addr del 10.1.1.1/24 dev d0"
+    assert [r.timestamp for r in rows] == sorted(r.timestamp for r in rows)
 
     # JUnit XML (written by the controller): paths and counts as properties
     cases = {c.get("name"): c for c in ET.parse(pytester.path / "junit.xml").iter("testcase")}
@@ -102,7 +102,7 @@ def test_failing_tests_get_the_timeline_files_and_properties_under_xdist(pyteste
     p = props["test_assert_fails"]
     assert p["nettrace_events_file"] == str(out_dir / f"{stem}.jsonl")
     assert int(p["nettrace_events"]) == len(rows) and p["nettrace_lost"] == "0"
-    assert int(p["nettrace_events.addr"]) == sum(r["kind"] == "addr" for r in rows)
+    assert int(p["nettrace_events.addr"]) == sum(r.kind == "addr" for r in rows)
     assert int(props["test_rst_never_looked_at"]["nettrace_events.rst"]) >= 1
     assert not any(k.startswith("nettrace") for k in props["test_not_traced"])
     if "nettrace_pcap" in p:  # where the packet probe wrote a capture, it is copied next to the events
@@ -138,17 +138,28 @@ def test_jsonl_round_trip(dummy_with_events, nettrace, tmp_path):
     path = tmp_path / "events.jsonl"
     with open(path, "w") as f:
         assert write_events(f, events) == len(events)
-    back = read_events(str(path))
-    assert back == [jsonable(e) for e in events]
-    for ev, row in zip(events, back):
-        assert list(row) == list(type(ev).FIELDS)  # stable names: Event.as_dict()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows == [jsonable(e) for e in events]
+    for ev, row in zip(events, rows):
+        extra = ["background"] if ev.kind == "drop" else []   # JSON consumers tell background drops apart
+        assert list(row) == list(type(ev).FIELDS) + extra  # stable names: Event.as_dict()
         assert row == json.loads(json.dumps(ev.as_dict(), default=str))
         assert "\n" not in event_json(ev)
-    addr = next(r for r in back if r["kind"] == "addr" and r["action"] == "deleted")
-    assert ipaddress.ip_interface(addr["address"]) == ipaddress.ip_interface("10.5.0.1/24")
-    rst = next(r for r in back if r["kind"] == "rst")
-    assert rst["sport"] == 9 and ipaddress.ip_address(rst["saddr"]) == ipaddress.ip_address("127.0.0.1")
-    assert all(isinstance(frame, str) for frame in rst["stack"])
+    # read back: events of their kind, with attributes and filters, as the test saw them
+    back = read_events(str(path))
+    assert [type(e) for e in back] == [type(e) for e in events]
+    assert [jsonable(e) for e in back] == rows
+    (addr,) = select_events(back, "addr", action="deleted", address="10.5.0.1")
+    assert addr.address == ipaddress.ip_interface("10.5.0.1/24") and addr.dev == "d0"
+    rst = select_events(back, "rst", sport=9)[0]
+    assert rst.saddr == ipaddress.ip_address("127.0.0.1") and rst.stack and rst.stack == rst.stack[:]
+    assert all(isinstance(frame, str) for frame in rst.stack)
+    syn = select_events(back, "packet", tcp_flags="S", dport=9)[0]
+    assert syn.tcp_flags == "S" and isinstance(syn.payload, bytes)
+    with pytest.raises(ValueError, match="unknown action 'delted'"):
+        select_events(back, "addr", action="delted")
+    with pytest.raises(ValueError, match="unknown filter 'acton'"):
+        select_events(back, acton="x")
 
 
 def test_record_section_fits_100_columns_and_marks(dummy_with_events, nettrace):

@@ -64,6 +64,10 @@ class DropEvent(Event):
             return True  # an AF_UNIX message (D-Bus...) discarded at close: not a network packet
         return not (_specified(self.reason) and _not_link_multicast(self.daddr))
 
+    def as_dict(self) -> Dict[str, Any]:
+        """With `background`: JSON consumers tell background drops from real ones."""
+        return dict(super().as_dict(), background=self.background)
+
     def describe(self) -> str:
         why = self.reason or "drop"
         what = ""

@@ -341,6 +341,14 @@ class PacketEvent(Event):
     VALUES = {**Event.VALUES, "direction": ("in", "out")}
 
     @classmethod
+    def from_json(cls, field: str, value: Any) -> Any:
+        if field == "payload" and isinstance(value, str):
+            return bytes.fromhex(value)
+        if field == "tcp_flags" and isinstance(value, str):
+            return TcpFlags(value)
+        return super().from_json(field, value)
+
+    @classmethod
     def filter_value(cls, field: str, value: Any) -> Any:
         # flags are any combination of letters: checked letter by letter
         if field == "tcp_flags" and not (isinstance(value, str) and value and set(value.upper()) <= set(TCP_LETTERS)):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from typing import Dict, List, NamedTuple, Type
+from typing import Any, Dict, List, NamedTuple, Type
 
-from ..events import Event
+from ..events import Event, check_filters
 from .base import Probe
 
 
@@ -58,3 +58,25 @@ def kind_info(kind: str) -> KindInfo:
         return kinds()[kind]
     except KeyError:
         raise ValueError(f"unknown event kind {kind!r}; valid kinds: {', '.join(sorted(kinds()))}") from None
+
+
+def check_filters_any_kind(filters: Dict[str, Any]) -> Dict[str, Any]:
+    """Filters of `events()` without a kind: a value is good if some kind
+    with that field accepts it (and compared as that kind stores it)."""
+    types = [info.event_type for info in kinds().values()]
+    out: Dict[str, Any] = {}
+    for name, value in filters.items():
+        having = [t for t in types if name in t.FIELDS]
+        if not having:
+            fields = sorted({f for t in types for f in t.FIELDS})
+            raise ValueError(f"unknown filter {name!r}; valid: {', '.join(fields)}")
+        errors = []
+        for t in having:
+            try:
+                out[name] = check_filters(t, {name: value})[name]
+                break
+            except ValueError as e:
+                errors.append(str(e))
+        else:
+            raise ValueError(errors[0])
+    return out
