@@ -87,6 +87,9 @@ def test_unowned_traffic_is_nobodys(pair, nettrace):
     rows = nettrace.traffic(netns=b.inode)
     assert rows and all(r.pid is None and r.comm is None for r in rows), rows
     assert sum(r.rx_packets for r in rows) >= 1 and sum(r.tx_packets for r in rows) >= 1
+    # in the table too: "-", not "0 0" (which reads as root)
+    table = nettrace.traffic_table(netns=b.inode).splitlines()[1:]
+    assert table and all(ln.split()[:2] == ["-", "-"] and ln.split()[7] == "-" for ln in table), table
 
 
 def test_bounds_fail_with_the_table(pair, nettrace):

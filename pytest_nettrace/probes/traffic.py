@@ -70,11 +70,12 @@ _HEADER = "%5s %5s %-7s %7s %7s %7s %7s %-15s %s" % (
 
 
 def render_table(rows: List[TrafficRow], label: Callable[[int], str] = str) -> str:
-    """nettop.stp's columns (unowned traffic shows as pid 0, "-")."""
+    """nettop.stp's columns; traffic no process owns shows "-" for PID, UID
+    and COMMAND (a 0 would read as root's, or the idle task's)."""
     lines = [_HEADER]
     for r in sorted(rows, key=lambda r: -(r.packets)):
-        lines.append("%5d %5d %-7s %7d %7d %7d %7d %-15s %s" % (
-            r.pid or 0, r.uid or 0, r.dev, r.tx_packets, r.rx_packets,
+        lines.append("%5s %5s %-7s %7d %7d %7d %7d %-15s %s" % (
+            "-" if r.pid is None else r.pid, "-" if r.uid is None else r.uid, r.dev, r.tx_packets, r.rx_packets,
             r.tx_bytes // 1024, r.rx_bytes // 1024, r.comm or "-", label(r.netns)))
     return "\n".join(lines)
 
