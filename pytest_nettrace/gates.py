@@ -133,12 +133,15 @@ def parse_marker(args: Sequence[Any], kwargs: Dict[str, Any], where: str) -> Gat
 
 
 def unavailable(trace: "Trace", rules: Iterable[ForbidRule]) -> List[str]:
-    """Why rules cannot be checked on this kernel (their probe is not attached)."""
+    """Why rules cannot be checked: their probe was left out of the session
+    (nettrace_probes) or cannot run on this kernel."""
     out = []
     for rule in rules:
-        why = trace.engine.probe_available(kinds()[rule.kind].probe)
+        probe = kinds()[rule.kind].probe
+        why = trace.engine.probe_available(probe)
         if why:
-            out.append(f"{rule}: {why}")
+            where = "" if probe in trace.engine.left_out else "not possible on this kernel: "
+            out.append(f"{rule}: {where}{why}")
     return out
 
 
@@ -150,8 +153,10 @@ class Violation:
     offending: List[Event]
 
 
-def check(trace: "Trace", rules: Sequence[ForbidRule]) -> Optional[Violation]:
+def check(trace: "Trace", rules: Sequence[ForbidRule], timeline_shown: bool = True) -> Optional[Violation]:
     """None when no forbidden event happened and none can have been lost.
+    `timeline_shown`: the report gets a 'network events' section (not under
+    --nettrace-show=none), which the message then points to.
 
     Sound like `assert_none`: a rule whose kind lost events fails with the count."""
     lines: List[str] = []
@@ -181,7 +186,8 @@ def check(trace: "Trace", rules: Sequence[ForbidRule]) -> Optional[Violation]:
         stack = offending[0].stack
         out.append("kernel stack of the first:" if stack else "kernel stack of the first: (not captured)")
         out.extend(f"    {frame}" for frame in stack)
-    out.append("the timeline is in the 'network events' section")
+    if timeline_shown:
+        out.append("the timeline is in the 'network events' section")
     return Violation("\n".join(out), offending)
 
 

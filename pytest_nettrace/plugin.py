@@ -482,7 +482,7 @@ def _start_trace(request: pytest.FixtureRequest, factory: NamespaceFactory) -> T
             _watch(trace, ns, gate, late=True)
         missing = gates.unavailable(trace, gate.forbid)
         if missing:
-            holder.refuse(f"nettrace gate cannot be enforced on this kernel: {'; '.join(missing)}")
+            holder.refuse(f"nettrace gate cannot be enforced: {'; '.join(missing)}")
     except BaseException:
         trace.close()
         raise
@@ -522,7 +522,7 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
                     f"nettrace gate (forbid={', '.join(map(str, gate.forbid))}) cannot be checked: "
                     "the test closed its trace, so lost events are unknown", [])
             else:
-                violation = gates.check(trace, gate.forbid)
+                violation = gates.check(trace, gate.forbid, timeline_shown=settings.show != "none")
         record = TraceRecord.capture(trace, item.nodeid)  # loss counters vanish on close
         record.queried = queried
     finally:

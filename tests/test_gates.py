@@ -84,6 +84,17 @@ def test_marker_gates_fail_the_right_tests_under_xdist(pytester):
     assert " network events " in block and re.search(r"^>> .*addr .*deleted IPv4 10.2.0.1/24", block, re.M)
     rst = out.split("ERROR at teardown of test_rst_forbidden", 1)[1]
     assert re.search(r"rst: [12] events?", rst) and "RST sent (reply) 127.0.0.1:9" in " ".join(rst.split())
+    assert "the timeline is in the 'network events' section" in block
+
+
+def test_gate_message_does_not_point_to_a_hidden_timeline(pytester):
+    pytester.makepyfile(test_marked=MARKED)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nettrace-show=none",
+                                           "-k", "deletes_without_fixture")
+    result.assert_outcomes(passed=1, errors=1)
+    out = result.stdout.str()
+    assert "nettrace gate: forbidden events in this test (forbid=addr:deleted):" in out
+    assert " network events " not in out and "'network events' section" not in out
 
 
 SUITE = textwrap.dedent('''
