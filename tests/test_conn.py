@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from pytest_nettrace.probes.conn import ConnEvent
 from traffic import clean_exchange, connect_refused, echo_once, script
 
 
@@ -38,12 +39,12 @@ def test_daemon_accepts_three_connections(pair, nettrace):
     srv = serve(server, a, 8080, 3)
     clients = [client.run(clean_exchange(a, 8080), check=True) for _ in range(3)]
     assert srv.wait(10) == 0
-    accepted = nettrace.assert_accepted(count=3, pid=srv.pid, dport=lambda p: p > 1024)
+    accepted = nettrace.assert_accepted_count(3, pid=srv.pid, dport=lambda p: p > 1024)
     assert all(e.comm == "python3"[:15] or e.comm.startswith("python") for e in accepted)
     assert all(str(e.saddr) == a and e.sport == 8080 and str(e.daddr) == b for e in accepted)
     assert all(e.netns == server.inode and e.state == "ESTABLISHED" for e in accepted)
     assert all(e.uid == os.geteuid() for e in accepted)
-    connected = nettrace.assert_connected(count=3, dport=8080)
+    connected = nettrace.assert_connected_count(3, dport=8080)
     assert sorted(e.pid for e in connected) == sorted(r.pid for r in clients)
     assert {e.sport for e in connected} == {e.dport for e in accepted}
     # tcp_connections.stp's columns
@@ -97,9 +98,14 @@ def test_count_mismatch_fails_with_the_connections(pair, nettrace):
         client.run(clean_exchange(a, 8080), check=True)
     srv.wait(10)
     with pytest.raises(AssertionError, match="expected 1 conn events matching .*action='accept', saw 2"):
-        nettrace.assert_accepted(count=1)
+        nettrace.assert_accepted_count(1)
     with pytest.raises(AssertionError, match="expected 3 conn events .* saw 2 within 0.3s"):
-        nettrace.assert_accepted(count=3, timeout=0.3)
+        nettrace.assert_accepted_count(3, timeout=0.3)
+    # one return type per method: an Event, or (with a count) a list
+    assert isinstance(nettrace.assert_accepted(), ConnEvent)
+    assert isinstance(nettrace.assert_accepted_count(2), list)
+    with pytest.raises(TypeError, match=r"use assert_accepted_count\(N, ...\)"):
+        nettrace.assert_accepted(count=2)
 
 
 def test_unknown_filter_is_a_usage_error(nettrace):

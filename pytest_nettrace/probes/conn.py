@@ -9,7 +9,7 @@ from __future__ import annotations
 import platform
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header, describe_filters
 from .base import Plan, Probe
@@ -167,6 +167,11 @@ def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[tuple]) -> None:
     ev.ppid, ev.parent_comm = (hdr.ppid, hdr.pcomm) if same else (None, None)
 
 
+def _no_count(filters: Dict[str, Any], method: str) -> None:
+    if "count" in filters:  # one return type per method: a count has its own
+        raise TypeError(f"{method}() returns one event; for exactly N connections use {method}_count(N, ...)")
+
+
 class ConnApi:
     """`nettrace` methods for TCP connections (mixed into Trace)."""
 
@@ -174,20 +179,27 @@ class ConnApi:
         """TCP connects, accepts and closes (kind "conn"); filter e.g. `action="accept"`."""
         return self.events("conn", **filters)
 
-    def assert_accepted(self, timeout: float = 2.0, count: Optional[int] = None,
-                        **filters: Any) -> Union[Event, List[Event]]:
-        """A connection matching filters was accepted; returns the event.
+    def assert_accepted(self, timeout: float = 2.0, **filters: Any) -> Event:
+        """A connection matching filters was accepted; returns the first such
+        event. Filtering on pid/comm waits for the accept() to be attributed."""
+        _no_count(filters, "assert_accepted")
+        return self.assert_any("conn", timeout=timeout, action="accept", **filters)
 
-        With `count=N`: waits (up to `timeout`) for N accepted connections,
-        fails if more than N matched by then, and returns the N events.
-        Filtering on pid/comm waits for the accept() to be attributed."""
-        return self._assert_conn("accept", timeout, count, filters)
-
-    def assert_connected(self, timeout: float = 2.0, count: Optional[int] = None,
-                         **filters: Any) -> Union[Event, List[Event]]:
+    def assert_connected(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A connection matching filters was established by connect(); returns
-        the event (or, with `count=N`, exactly N events as assert_accepted)."""
-        return self._assert_conn("connect", timeout, count, filters)
+        the first such event."""
+        _no_count(filters, "assert_connected")
+        return self.assert_any("conn", timeout=timeout, action="connect", **filters)
+
+    def assert_accepted_count(self, count: int, timeout: float = 2.0, **filters: Any) -> List[Event]:
+        """Exactly `count` connections matching filters were accepted: waits
+        (up to `timeout`) for them, fails if more matched by then; returns them."""
+        return self._assert_conn_count("accept", timeout, count, filters)
+
+    def assert_connected_count(self, count: int, timeout: float = 2.0, **filters: Any) -> List[Event]:
+        """Exactly `count` connections matching filters were established by
+        connect(), as assert_accepted_count; returns them."""
+        return self._assert_conn_count("connect", timeout, count, filters)
 
     def assert_closed(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A connection matching filters closed; returns the event (duration, bytes)."""
@@ -199,10 +211,8 @@ class ConnApi:
         rows = [e.seed_row() for e in self.events("conn", action=action, **filters)]
         return "\n".join([SEED_HEADER] + rows)
 
-    def _assert_conn(self, action: str, timeout: float, count: Optional[int],
-                     filters: Dict[str, Any]) -> Union[Event, List[Event]]:
-        if count is None:
-            return self.assert_any("conn", timeout=timeout, action=action, **filters)
+    def _assert_conn_count(self, action: str, timeout: float, count: int,
+                           filters: Dict[str, Any]) -> List[Event]:
         if count < 0:
             raise ValueError(f"count must be >= 0, not {count}")
         filters = dict(filters, action=action)
