@@ -13,6 +13,7 @@ assertions stay sound.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import fcntl
 import ipaddress
@@ -54,6 +55,8 @@ SOL_PACKET = 263
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
 TP_STATUS_USER = 1
 SIOCGIFNAME = 0x8910
+SO_TIMESTAMPNS, SO_RCVBUFFORCE = 35, 33
+HANDOVER_MARGIN_NS = 100_000_000  # how long a frame may wait in a backlog queue between stamp and delivery
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
@@ -93,18 +96,21 @@ def _bind(fd: int, ethertype: int) -> None:
 
 
 class _Capture:
-    """The packet socket and ring of one watched namespace.
+    """The packet sockets and ring of one watched namespace.
 
-    The socket is made listening to no protocol, given its ring, and only
-    then bound to every protocol: setting up a ring on a bound socket
-    unhooks it for an RCU grace period and purges what it had queued, so
-    packets sent right after `watch` returned were missed, uncounted. Done
-    in this order, the capture holds everything from the moment the
-    constructor returns. The ring setup waits out that grace period
-    (synchronize_net in packet_set_ring, ~8 ms here); the bind does not."""
+    A ring must be set up on a socket hooked to nothing: on a bound one the
+    kernel unhooks it for an RCU grace period and purges what it had queued
+    (packets sent right after `watch` were missed, uncounted). Setting it up
+    waits out that grace period (synchronize_net in packet_set_ring, 8-30 ms),
+    so it happens in the background, on a second socket, while a first one,
+    bound at once, queues every packet from the moment the constructor
+    returns. Once the ring is ready its socket is bound too, the first one
+    unbound, its queue read to the end, and the frames both sockets saw in
+    between are taken once (`_handover`)."""
 
     def __init__(self, path: str) -> None:
-        self.sock: socket.socket = in_netns_at(path, self._open)
+        self.queue_sock, self.sock = in_netns_at(path, self._open)
+        self.ring: Optional[mmap.mmap] = None
         self._lock = threading.RLock()
         self.head = 0
         self.pending: List[Frame] = []
@@ -112,6 +118,29 @@ class _Capture:
         self.tap_stopped = False
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
+        self._buf = bytearray(SNAPLEN)
+        self._seen_twice: "collections.Counter[tuple]" = collections.Counter()
+        self._twice_until = 0
+        self._ready = threading.Event()
+        self._switching = threading.Event()
+        threading.Thread(target=self._setup_ring, name="nettrace-pcap-ring", daemon=True).start()
+
+    @staticmethod
+    def _open() -> Tuple[socket.socket, socket.socket]:
+        flags = socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        queue = socket.socket(socket.AF_PACKET, flags, socket.htons(ETH_P_ALL))  # hooked at once
+        try:
+            queue.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            try:  # room for what arrives before the ring is ready
+                queue.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+            except OSError:
+                pass
+            return queue, socket.socket(socket.AF_PACKET, flags, 0)   # protocol 0: hooked to nothing
+        except BaseException:
+            queue.close()
+            raise
+
+    def _setup_ring(self) -> None:
         try:
             self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             block = FRAME_SIZE * 16
@@ -119,17 +148,61 @@ class _Capture:
             # while the kernel waits out the grace period
             _setsockopt(self.sock.fileno(), SOL_PACKET, PACKET_RX_RING,
                         struct.pack("IIII", block, RING_FRAMES // 16, FRAME_SIZE, RING_FRAMES))
-            self.ring: Optional[mmap.mmap] = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES,
-                                                       mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            _bind(self.sock.fileno(), ETH_P_ALL)
-        except BaseException:
-            self.sock.close()
-            raise
+            ring = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+            self._handover(ring)
+        except (OSError, ValueError):
+            pass  # closed meanwhile, or no memory: the queue socket goes on capturing
+        finally:
+            self._ready.set()
 
-    @staticmethod
-    def _open() -> socket.socket:
-        # protocol 0: hooked to nothing until bound, so nothing is purged
-        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, 0)
+    def _handover(self, ring: mmap.mmap) -> None:
+        """Bind the ring's socket, unbind the queue's, read its queue to the
+        end. A frame delivered between the two binds is in both: the queue's
+        frames stamped since shortly before the first bind are counted by
+        content, and the ring's frames stamped before the unbind returned
+        that match one are skipped, once per copy."""
+        start = time.time_ns()
+        self._switching.set()   # from here until the ring is ours, frames may be in it only
+        _bind(self.sock.fileno(), ETH_P_ALL)
+        # off the all-packets list (protocol 0 would mean "keep the current
+        # one"), and nothing in flight to it once this returns
+        _bind(self.queue_sock.fileno(), UNUSED_ETHERTYPE)
+        end = time.time_ns()
+        with self._lock:
+            last = len(self.pending)
+            self._read_queue()
+            self.kernel_drops += _discard_queue(self.queue_sock)   # past the cap: lost
+            self._stats_of(self.queue_sock)
+            self.queue_sock.close()
+            self.queue_sock = None
+            # a frame's stamp can precede its delivery (loopback and veth stamp
+            # it when queued to the backlog): a margin, not a ms-exact bound
+            self._seen_twice = collections.Counter(_key(f) for f in self.pending[last:]
+                                                   if f.ts_real >= start - HANDOVER_MARGIN_NS)
+            self._twice_until = end
+            self.ring = ring
+
+    def _read_queue(self) -> None:
+        """Frames queued on the first socket, until the ring takes over."""
+        while self.queue_sock is not None and self.taken + len(self.pending) < MAX_PACKETS:
+            try:
+                n, anc, _flags, addr = self.queue_sock.recvmsg_into([self._buf], 64, socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                return
+            ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
+            ts = time.time_ns()
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                    sec, nsec = struct.unpack_from("qq", data)
+                    ts = sec * 1_000_000_000 + nsec
+            if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
+                continue  # loopback shows each packet twice; keep the incoming copy, as libpcap does
+            data, length = bytes(self._buf[:min(n, SNAPLEN)]), n
+            if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # L3 frame: give it an Ethernet header
+                data = bytes(12) + struct.pack("!H", proto) + data
+                length += 14
+            self.pending.append(Frame(ts, ifname, PKTTYPES.get(pkttype, "in"), data, length))
 
     def _ifname(self, index: int) -> str:
         """Device name in the socket's namespace ("?" once the device is gone)."""
@@ -145,7 +218,10 @@ class _Capture:
 
     def read(self) -> None:
         """Move the frames the kernel filled into `pending`, up to the cap."""
+        if self._switching.is_set():
+            self._ready.wait(10.0)   # mid-handover: the newest frames are in a ring not read yet
         with self._lock:
+            self._read_queue()
             if self.ring is not None:
                 self._read_ring(self.ring)
                 if (not self.tap_stopped and self.taken + len(self.pending) >= MAX_PACKETS
@@ -181,12 +257,24 @@ class _Capture:
                 ethertype = ring[off + _SLL_OFFSET + 2: off + _SLL_OFFSET + 4]  # sll_protocol, big-endian
                 data = bytes(12) + ethertype + data
                 length += 14
-            self.pending.append(Frame(sec * 1_000_000_000 + nsec, self._ifname(ifindex),
-                                      PKTTYPES.get(pkttype, "in"), data, length))
+            frame = Frame(sec * 1_000_000_000 + nsec, self._ifname(ifindex), PKTTYPES.get(pkttype, "in"),
+                          data, length)
+            if self._seen_twice and frame.ts_real <= self._twice_until:
+                key = _key(frame)
+                if self._seen_twice[key]:
+                    self._seen_twice[key] -= 1   # the queue had it: delivered to both sockets
+                    continue
+            self.pending.append(frame)
 
     def stats(self) -> None:
-        """Accumulate the kernel's drop counter (reading resets it)."""
-        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+        """Accumulate the kernel's drop counters (reading resets them)."""
+        with self._lock:
+            self._stats_of(self.sock)
+            if self.queue_sock is not None:
+                self._stats_of(self.queue_sock)
+
+    def _stats_of(self, sock: socket.socket) -> None:
+        raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
         self.kernel_drops += struct.unpack("II", raw)[1]
 
     def left_in_ring(self) -> int:
@@ -207,11 +295,32 @@ class _Capture:
         _closer.put(self)
 
     def finish_close(self) -> None:
+        self._ready.wait(10.0)   # a ring setup under way still uses the socket
         with self._lock:
             if self.ring is not None:
                 self.ring.close()
                 self.ring = None
+            if self.queue_sock is not None:
+                self.queue_sock.close()
             self.sock.close()
+
+
+def _discard_queue(sock: socket.socket) -> int:
+    """Empty a socket's queue; returns how many frames it held."""
+    n = 0
+    while True:
+        try:
+            sock.recv(1, socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            return n
+        n += 1
+
+
+def _key(frame: Frame) -> tuple:
+    """What tells a frame from another in the few milliseconds of a handover:
+    device, direction, length and the start of the bytes (the two sockets
+    may keep different lengths of a long one)."""
+    return frame.ifname, frame.direction, frame.length, frame.ethernet[:256]
 
 
 class _Closer:
