@@ -1,9 +1,10 @@
 """Packets on the test's interfaces, tcpdump-style: kind "packet", and a
 pcapng file per test (`nettrace.pcap_path`).
 
-No BPF: one AF_PACKET socket with a TPACKET_V2 ring per watched namespace,
-opened by a thread that enters the namespace (instant, so capture runs
-before the test body), not bound to a device, so it sees every interface,
+No BPF: an AF_PACKET socket with a TPACKET_V2 ring per watched namespace
+(a plain socket queue until the ring is ready: `_Capture`), opened by a
+thread that enters the namespace (instant, so capture runs before the test
+body), not bound to a device, so it sees every interface,
 present and future, in both directions. Frames are read when the engine
 drains and whenever the test reads, decoded for a few header fields
 (addresses, ports, TCP flags) and written to the test's pcapng. What the
