@@ -2,11 +2,12 @@
 
 One directory per pytest process, `$TMPDIR/nettrace-<pid>-<start time>/`,
 made with the first capture. A passing test's capture is removed at its
-teardown; a failed test's stays, so the path its report prints can be opened
-after the run, until a later session removes the directories of processes
-that have ended (`--nettrace-report=DIR` copies them there for good). An empty
-directory is removed when its process ends: a run whose tests pass leaves
-nothing in /tmp. The pid and the start time identify the owner process even
+teardown; a failed test's is kept (`keep`), so the path its report prints
+can be opened after the run, until a later session removes the directories
+of processes that have ended (`--nettrace-report=DIR` copies them there for
+good). When the session ends, whatever else is in the directory (captures of
+traces made without the plugin's fixtures) goes, and the directory too if
+nothing was kept: a run whose tests pass leaves nothing in /tmp. The pid and the start time identify the owner process even
 after its pid is reused, so no session removes another live one's captures.
 """
 from __future__ import annotations
@@ -16,13 +17,15 @@ import os
 import re
 import shutil
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Set
 
 from ._linux import process_start_time
 
 PREFIX = "nettrace-"
 _NAME_RE = re.compile(r"^nettrace-(\d+)-(\d+)$")
 _made: Optional[tuple] = None   # (pid, directory) once made by this process
+_kept: Set[str] = set()         # captures of failed tests
+_sessions = 0                   # pytest sessions running in this process (pytester runs nest)
 
 
 def file_stem(nodeid: str) -> str:
@@ -57,18 +60,39 @@ def discard(path: Optional[str]) -> None:
             pass
 
 
+def keep(path: Optional[str]) -> None:
+    """A failed test's capture: it stays when the session ends."""
+    if path:
+        _kept.add(path)
+
+
+def start_session() -> None:
+    global _sessions
+    _sessions += 1
+
+
 def finish_session() -> Optional[str]:
-    """At the end of the process: remove its directory if empty; returns it
+    """At the end of the (outermost) session: remove every capture but the
+    kept ones, and the directory if nothing is left; returns the directory
     if captures of failed tests remain in it."""
-    if _made is None or _made[0] != os.getpid():
+    global _sessions
+    _sessions = max(0, _sessions - 1)
+    if _sessions or _made is None or _made[0] != os.getpid():
         return None
+    directory = _made[1]
     try:
-        os.rmdir(_made[1])
-        return None
+        names = os.listdir(directory)
     except FileNotFoundError:
         return None
+    for name in names:
+        path = os.path.join(directory, name)
+        if path not in _kept:
+            discard(path)
+    try:
+        os.rmdir(directory)
+        return None
     except OSError:
-        return _made[1]
+        return directory
 
 
 def remove_stale() -> List[str]:

@@ -79,6 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
         ringbuf_size=_ringbuf_size(config.getini("nettrace_ringbuf_size")),
         on_unavailable=mode, probes=loaded,
         left_out={n: f"probe {n!r} not loaded in this session (nettrace_probes = {spec!r})" for n in left_out})
+    captures.start_session()
     if hasattr(config, "workerinput"):  # an xdist worker: it will need the probes
         config.stash[_ENGINE].preload()
     settings = ReportSettings.from_config(config)
@@ -540,6 +541,8 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
         captures.discard(capture)
         if record.pcap_path == capture:
             record.pcap_path = None
+    else:
+        captures.keep(capture)
     item.user_properties.extend(record.properties())
     item.stash[_RECORD] = record
     if violation is not None:
