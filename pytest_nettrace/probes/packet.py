@@ -57,7 +57,9 @@ PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
 TP_STATUS_USER = 1
 SIOCGIFNAME = 0x8910
 SO_TIMESTAMPNS, SO_RCVBUFFORCE = 35, 33
-HANDOVER_MARGIN_NS = 100_000_000  # how long a frame may wait in a backlog queue between stamp and delivery
+# A frame's stamp can precede its delivery to the sockets (loopback and veth
+# stamp it when queued to the backlog): how far, at most, in a handover
+BACKLOG_NS = 20_000_000
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
@@ -159,17 +161,20 @@ class _Capture:
 
     def _handover(self, ring: mmap.mmap) -> None:
         """Bind the ring's socket, unbind the queue's, read its queue to the
-        end. A frame delivered between the two binds is in both: the queue's
-        frames stamped since shortly before the first bind are counted by
-        content, and the ring's frames stamped before the unbind returned
-        that match one are skipped, once per copy."""
+        end. A frame delivered between the two binds (microseconds apart) is
+        in both: the queue's frames stamped since shortly before the first
+        bind are counted by content, and the ring's first frames, delivered
+        before the unbind began, that match one are skipped, once per copy —
+        up to the first that does not (the ring holds the frames both saw
+        first, in delivery order). Byte-identical frames sent within those
+        microseconds cannot be told apart: one may be kept where there were two."""
         start = time.time_ns()
         self._switching.set()   # from here until the ring is ours, frames may be in it only
         _bind(self.sock.fileno(), ETH_P_ALL)
+        mid = time.time_ns()
         # off the all-packets list (protocol 0 would mean "keep the current
         # one"), and nothing in flight to it once this returns
         _bind(self.queue_sock.fileno(), UNUSED_ETHERTYPE)
-        end = time.time_ns()
         with self._lock:
             last = len(self.pending)
             self._read_queue()
@@ -177,11 +182,9 @@ class _Capture:
             self._stats_of(self.queue_sock)
             self.queue_sock.close()
             self.queue_sock = None
-            # a frame's stamp can precede its delivery (loopback and veth stamp
-            # it when queued to the backlog): a margin, not a ms-exact bound
             self._seen_twice = collections.Counter(_key(f) for f in self.pending[last:]
-                                                   if f.ts_real >= start - HANDOVER_MARGIN_NS)
-            self._twice_until = end
+                                                   if f.ts_real >= start - BACKLOG_NS)
+            self._twice_until = mid + 1_000_000   # delivered to the ring before the unbind began
             self.ring = ring
 
     def _read_queue(self) -> None:
@@ -260,11 +263,12 @@ class _Capture:
                 length += 14
             frame = Frame(sec * 1_000_000_000 + nsec, self._ifname(ifindex), PKTTYPES.get(pkttype, "in"),
                           data, length)
-            if self._seen_twice and frame.ts_real <= self._twice_until:
+            if self._seen_twice:
                 key = _key(frame)
-                if self._seen_twice[key]:
+                if frame.ts_real <= self._twice_until and self._seen_twice[key]:
                     self._seen_twice[key] -= 1   # the queue had it: delivered to both sockets
                     continue
+                self._seen_twice.clear()   # past the frames both saw
             self.pending.append(frame)
 
     def stats(self) -> None:
