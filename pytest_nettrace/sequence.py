@@ -44,9 +44,9 @@ def ref(name: str) -> Ref:
 def _split_filters(kind: str, filters: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Ref]]:
     """Validate filters for `kind` (as assert_any does); return (plain, refs)."""
     info = kind_info(kind)  # ValueError naming an unknown kind
-    plain = {k: v for k, v in filters.items() if not isinstance(v, Ref)}
     refs = {k: v for k, v in filters.items() if isinstance(v, Ref)}
-    check_filters(info.event_type, plain)
+    # as the events store them (`family="AF_INET6"` -> 6)
+    plain = check_filters(info.event_type, {k: v for k, v in filters.items() if not isinstance(v, Ref)})
     for name in refs:
         if name not in info.event_type.FIELDS:
             raise ValueError(f"unknown filter {name!r} for {kind!r} events; valid: "

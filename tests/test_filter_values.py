@@ -97,3 +97,10 @@ def test_kernel_enums_from_btf_and_family_across_kinds(make_netns, nettrace):
     kinds = {e.kind for e in nettrace.events(family=6)}
     assert {"syscall", "rst", "packet"} <= kinds
     assert all(getattr(e, "family", None) in (4, 6, None) for e in nettrace.events())
+
+
+def test_sequence_steps_take_the_same_values():
+    from pytest_nettrace import step
+    assert step("rst", family="AF_INET6").filters == {"family": 6}
+    with pytest.raises(ValueError, match="unknown origin 'replied'"):
+        step("rst", origin="replied")
