@@ -131,7 +131,7 @@ class DropProbe(Probe):
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         self.reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
-        DropEvent.REASONS = tuple(n for n in self.reasons.values() if n != "MAX")
+        DropEvent.REASONS = tuple(n for n in self.reasons.values() if n not in ("MAX", "SUBSYS_MASK"))  # not reasons
         config = {"drop_cfg": _u32.pack(DETAIL_BUDGET)}
         args = kernel.tracepoint_args("kfree_skb")
         if not kernel.tp_btf or args is None:

@@ -75,7 +75,7 @@ class RstProbe(Probe):
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         self.reasons = {v: n.replace("SK_RST_REASON_", "") for v, n in kernel.enum("sk_rst_reason").items()}
-        RstEvent.REASONS = tuple(n for n in self.reasons.values() if n != "MAX")
+        RstEvent.REASONS = tuple(n for n in self.reasons.values() if n != "MAX")  # not a reason
         plans: List[Plan] = []
         recv = ["rst_recv_tp"]
         # 6.10+: one tracepoint sees both replies and active resets, with a reason.
