@@ -28,7 +28,7 @@ from traffic import connect_refused
     (RetransmitEvent, "type", "sin", "syn, synack, loss_probe, retransmit"),
     (SyscallEvent, "name", "conect", "connect"),
     (SyscallEvent, "errno", "ECONREFUSED", "ECONNREFUSED"),
-    (AddrEvent, "cause", "netlnk", "netlink, ioctl, kernel, unknown"),
+    (AddrEvent, "cause", "netlnk", "netlink, ioctl, sysctl, kernel, unknown"),
     (AddrEvent, "action", "delted", "added, deleted"),
     (LinkEvent, "operstate", "up", "UP"),
     (RouteEvent, "type", "unicst", "unicast"),
@@ -104,3 +104,21 @@ def test_sequence_steps_take_the_same_values():
     assert step("rst", family="AF_INET6").filters == {"family": 6}
     with pytest.raises(ValueError, match="unknown origin 'replied'"):
         step("rst", origin="replied")
+
+
+def test_nftables_kinds_name_the_table_family():
+    """nft/nftrace events' `family` is the nftables table's ("inet", "ip6", …),
+    not an IP family: its own values, no 4/6 spellings."""
+    from pytest_nettrace.probes.netchange import NeighEvent, NftEvent, RuleEvent
+    assert check_filters(NftEvent, {"family": "inet"}) == {"family": "inet"}
+    with pytest.raises(ValueError, match="unknown family 'inet4' for 'nft' events; valid: .*inet"):
+        check_filters(NftEvent, {"family": "inet4"})
+    assert check_filters(RuleEvent, {"family": "ipv6", "rule_action": "lookup"}) == {"family": 6,
+                                                                                    "rule_action": "lookup"}
+    with pytest.raises(ValueError, match="unknown rule_action 'lookpu'"):
+        check_filters(RuleEvent, {"rule_action": "lookpu"})
+    assert check_filters(NeighEvent, {"state": "REACHABLE|STALE"})
+    with pytest.raises(ValueError, match="unknown state 'REACHBLE' for 'neigh' events"):
+        check_filters(NeighEvent, {"state": "REACHBLE"})
+    with pytest.raises(ValueError, match="unknown action 'flushed' for 'neigh' events"):
+        check_filters(NeighEvent, {"action": "flushed"})
