@@ -7,11 +7,15 @@ can be opened after the run, until a later session removes the directories
 of processes that have ended (`--nettrace-report=DIR` copies them there for
 good). When the session ends, whatever else is in the directory (captures of
 traces made without the plugin's fixtures) goes, and the directory too if
-nothing was kept: a run whose tests pass leaves nothing in /tmp. The pid and the start time identify the owner process even
-after its pid is reused, so no session removes another live one's captures.
+nothing was kept: a run whose tests pass leaves nothing in /tmp. The owner
+holds a lock on `.owner` in its directory while it lives (flock: seen from
+any PID namespace, released however the process ends), so no session
+removes another live one's captures — not even one run under `unshare --pid`,
+which sees other pids than the owner's.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
@@ -23,7 +27,8 @@ from ._linux import process_start_time
 
 PREFIX = "nettrace-"
 _NAME_RE = re.compile(r"^nettrace-(\d+)-(\d+)$")
-_made: Optional[tuple] = None   # (pid, directory) once made by this process
+_made: Optional[tuple] = None   # (pid, directory, fd of its locked .owner) once made by this process
+OWNER = ".owner"
 _kept: Set[str] = set()         # captures of failed tests
 _sessions = 0                   # pytest sessions running in this process (pytester runs nest)
 
@@ -36,13 +41,24 @@ def file_stem(nodeid: str) -> str:
 
 
 def session_dir() -> str:
-    """This process's capture directory (made on first use)."""
+    """This process's capture directory (made on first use, with its owner lock)."""
     global _made
     pid = os.getpid()
     if _made is None or _made[0] != pid:   # recomputed after a fork
         path = os.path.join(tempfile.gettempdir(), f"{PREFIX}{pid}-{process_start_time(pid)}")
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        _made = (pid, path)
+        # made under a temporary name with the lock already held, then
+        # renamed: no other session ever sees it without its lock
+        tmp = tempfile.mkdtemp(prefix=".nettrace-new-", dir=tempfile.gettempdir())
+        fd = os.open(os.path.join(tmp, OWNER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.rename(tmp, path)
+        except OSError:   # already there (made before a fork's exec?): use it as it is
+            os.close(fd)
+            shutil.rmtree(tmp, ignore_errors=True)
+            fd = os.open(os.path.join(path, OWNER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _made = (pid, path, fd)
     return _made[1]
 
 
@@ -86,13 +102,16 @@ def finish_session() -> Optional[str]:
         return None
     for name in names:
         path = os.path.join(directory, name)
-        if path not in _kept:
+        if path not in _kept and name != OWNER:
             discard(path)
+    if any(os.path.join(directory, n) in _kept for n in names):
+        return directory   # its lock goes with this process: a later session removes it
+    discard(os.path.join(directory, OWNER))
     try:
         os.rmdir(directory)
-        return None
     except OSError:
         return directory
+    return None
 
 
 def remove_stale() -> List[str]:
@@ -105,15 +124,21 @@ def remove_stale() -> List[str]:
     except OSError:
         return removed
     for name in names:
-        m = _NAME_RE.match(name)
-        if not m or process_start_time(int(m.group(1))) == int(m.group(2)):
+        if not _NAME_RE.match(name):
             continue
         path = os.path.join(base, name)
         try:
             if os.lstat(path).st_uid != os.geteuid() or os.path.islink(path):
                 continue
+            fd = os.open(os.path.join(path, OWNER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            continue
+            continue   # not one of ours (no lock file): left alone
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue   # its owner lives
+        finally:
+            os.close(fd)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed

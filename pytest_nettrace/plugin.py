@@ -80,6 +80,7 @@ def pytest_configure(config: pytest.Config) -> None:
         on_unavailable=mode, probes=loaded,
         left_out={n: f"probe {n!r} not loaded in this session (nettrace_probes = {spec!r})" for n in left_out})
     captures.start_session()
+    config.stash[_CAPTURING] = True   # balanced at unconfigure, which runs even if configure failed before
     if hasattr(config, "workerinput"):  # an xdist worker: it will need the probes
         config.stash[_ENGINE].preload()
     settings = ReportSettings.from_config(config)
@@ -175,7 +176,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     holder = config.stash.get(_ENGINE, None)
     if holder is not None:
         holder.close()
-    captures.finish_session()  # an empty capture directory goes
+    if config.stash.get(_CAPTURING, False):
+        captures.finish_session()  # what no failed test keeps goes, then the directory if empty
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -704,3 +706,4 @@ _SIGTERM_OURS = pytest.StashKey[bool]()       # this config installed the SIGTER
 _GATE = pytest.StashKey[GateSpec]()          # per item: marker + suite-wide rules
 _RECORD = pytest.StashKey[TraceRecord]()     # per item: its trace, kept after close
 _FAILED = pytest.StashKey[bool]()            # per item: setup or call failed
+_CAPTURING = pytest.StashKey[bool]()         # per config: counted in captures' sessions

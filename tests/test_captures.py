@@ -56,7 +56,7 @@ def test_failed_test_capture_kept_and_printed_passing_removed(pytester, tmpdir_e
     assert os.path.isfile(path) and os.path.getsize(path) > 0
     (session,) = os.listdir(tmpdir_env)
     assert os.path.dirname(path) == str(tmpdir_env / session)
-    assert os.listdir(tmpdir_env / session) == [os.path.basename(path)], "only the failed test's"
+    assert sorted(os.listdir(tmpdir_env / session)) == [".owner", os.path.basename(path)], "only the failed test's"
     assert "test_fails" in path
     if subprocess.run(["which", "tcpdump"], capture_output=True).returncode == 0:
         assert "> 127.0.0.1.9: UDP" in subprocess.run(["tcpdump", "-nn", "-r", path], capture_output=True,
@@ -79,14 +79,42 @@ def test_report_dir_keeps_them_and_tmp_stays_empty(pytester, tmpdir_env):
 
 
 def test_stale_directories_of_live_sessions_are_left_alone(tmpdir_env, monkeypatch):
+    """A directory goes only when no process holds its owner lock (a pid check
+    would remove a live session's seen from another PID namespace)."""
+    import fcntl
     from pytest_nettrace import captures
-    from pytest_nettrace._linux import process_start_time
     monkeypatch.setattr(captures.tempfile, "tempdir", str(tmpdir_env))
-    live = tmpdir_env / f"nettrace-{os.getpid()}-{process_start_time(os.getpid())}"
+    live = tmpdir_env / "nettrace-1-1"          # its owner's pid as seen from elsewhere means nothing
     dead = tmpdir_env / "nettrace-999999999-1"
+    unknown = tmpdir_env / "nettrace-2-2"       # no lock file: not provably ours
     other = tmpdir_env / "nettrace-keepme"
-    for d in (live, dead, other):
+    for d in (live, dead, unknown, other):
         d.mkdir()
         (d / "x.pcapng").write_bytes(b"")
-    assert captures.remove_stale() == [str(dead)]
-    assert sorted(os.listdir(tmpdir_env)) == sorted([live.name, other.name])
+    (dead / captures.OWNER).write_bytes(b"")
+    fd = os.open(live / captures.OWNER, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert captures.remove_stale() == [str(dead)]
+        assert sorted(os.listdir(tmpdir_env)) == sorted([live.name, unknown.name, other.name])
+    finally:
+        os.close(fd)
+    assert captures.remove_stale() == [str(live)]   # its owner has gone
+
+
+def test_a_session_in_another_pid_namespace_leaves_ours_alone(pytester, tmpdir_env):
+    """`unshare --pid` sees other pids: the owner lock, not the pid, says this
+    session's directory is in use."""
+    if subprocess.run(["which", "unshare"], capture_output=True).returncode:
+        pytest.skip("unshare (util-linux) not installed")
+    from pytest_nettrace import captures
+    held = captures.capture_path("tests/x.py::test_held")  # this process's directory, locked
+    with open(held, "wb"):
+        pass
+    pytester.makepyfile(test_sample="def test_x():\n    pass\n")
+    env = dict(os.environ, TMPDIR=os.path.dirname(os.path.dirname(held)))
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "pytest", "-q",
+                        "-p", "no:cacheprovider", str(pytester.path)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert os.path.exists(held), "a session in another PID namespace removed a live one's captures"
+    captures.discard(held)
