@@ -298,7 +298,8 @@ def netns_factory(request: pytest.FixtureRequest) -> Iterator[NamespaceFactory]:
     before `nettrace` is set up is still watched from the start."""
     factory = NamespaceFactory()
     try:
-        if "nettrace" in request.fixturenames:
+        # (without probes, the `nettrace` fixture itself says why, in its turn)
+        if "nettrace" in request.fixturenames and request.config.stash[_ENGINE].try_get()[0] is not None:
             _start_trace(request, factory)
         yield factory
     finally:
