@@ -3,6 +3,7 @@ one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import socket
 import struct
 from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -330,3 +331,13 @@ def describe_filters(filters: Dict[str, Any]) -> str:
 
 
 Decoder = Callable[[bytes, Header], Event]
+
+
+def user_name(uid: Optional[int]) -> Optional[str]:
+    """The account name of `uid` (the number as text when it has none)."""
+    if uid is None:
+        return None
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import pwd
 import random
 import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from .._linux import in_netns_at
-from ..events import HEADER, Event, Header, parse_address
+from ..events import HEADER, Event, Header, parse_address, user_name
 from ..libbpf import map_delete, map_update
 from ..symbols import function_ranges
 from . import _nft
@@ -702,7 +701,7 @@ class NetChangeProbe(Probe):
                 setattr(ev, f, None)
             if ev.cause != "kernel":
                 ev.cause = "kernel"
-        ev.user = _user(ev.uid)
+        ev.user = user_name(ev.uid)
         return ev
 
     def _addr(self, hdr, stack, msg, mtype, mon, common) -> Event:
@@ -836,16 +835,6 @@ class NetChangeProbe(Probe):
             events.append(self._finish(ev, hdr))
         self._last[hdr.netns] = (skb, events[-1] if events else None)
         return events
-
-
-
-def _user(uid: Optional[int]) -> Optional[str]:
-    if uid is None:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:

@@ -12,11 +12,10 @@ only host has none, and the pytest header says so.
 """
 from __future__ import annotations
 
-import pwd
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..events import HEADER, Event, Header
+from ..events import HEADER, Event, Header, user_name
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -130,17 +129,8 @@ class SysctlProbe(Probe):
         ev = SysctlEvent(hdr, (), "process", name=setting, old=_value(old, old_len), new=_value(new, new_len),
                          dev=dev_of(parts),
                          cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
-        ev.user = _user(ev.uid)
+        ev.user = user_name(ev.uid)
         return ev
-
-
-def _user(uid: Optional[int]) -> Optional[str]:
-    if uid is None:
-        return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 class SysctlApi:
