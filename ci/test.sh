@@ -53,7 +53,7 @@ if [ "${NETTRACE_VM:-1}" != 0 ] && [ -x ci/vm-test ]; then
     for kernel in ${NETTRACE_VM_KERNELS:-6.1 6.12}; do
         stage "the whole suite on Debian's $kernel kernel (ci/vm-test)"
         # the VM's own timeout bounds the boot and the run; timeout(1) is a backstop
-        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -rs -p no:cacheprovider -m "not host_safety" tests/
+        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -v -rs -p no:cacheprovider -m "not host_safety" tests/
         check $? "VM stage ($kernel)"
     done
 fi
