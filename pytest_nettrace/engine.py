@@ -327,6 +327,8 @@ class Engine:
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()
+            if self._ring is not None:
+                self._ring.wake()
         thread = getattr(self, "_thread", None)
         if thread is not None:
             thread.join(1.0)

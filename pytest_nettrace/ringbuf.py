@@ -4,6 +4,7 @@ tops out near 150k events/s; this loop is bounded by decoding instead)."""
 from __future__ import annotations
 
 import mmap
+import os
 import select
 import struct
 from typing import List
@@ -29,6 +30,10 @@ class RingBuffer:
         self._data_off = page
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
+        # lets close() wake a reader blocked in wait() at once instead of at
+        # its timeout (which was most of Engine.close())
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._epoll.register(self._wake, select.EPOLLIN)
 
     def read(self, limit: int = 1 << 30) -> List[bytes]:
         """Every committed record, in order, up to `limit`; advances the consumer.
@@ -70,8 +75,12 @@ class RingBuffer:
         return _u64.unpack_from(self._prod, 0)[0] - _u64.unpack_from(self._cons, 0)[0]
 
     def wait(self, timeout: float) -> bool:
-        """Block until the kernel signals new data or timeout (seconds)."""
+        """Block until the kernel signals new data, wake() or timeout (seconds)."""
         return bool(self._epoll.poll(timeout))
+
+    def wake(self) -> None:
+        """Make a wait() in another thread return now."""
+        os.eventfd_write(self._wake, 1)
 
     def close(self) -> None:
         for m in (self._cons, self._prod):
@@ -80,3 +89,4 @@ class RingBuffer:
             except (BufferError, ValueError):
                 pass
         self._epoll.close()
+        os.close(self._wake)

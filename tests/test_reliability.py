@@ -590,6 +590,34 @@ def test_engine_rejects_a_bad_ring_size():
         Engine(ringbuf_size=1000, background=False)
 
 
+def test_ring_wait_returns_on_wake_long_before_its_timeout():
+    """Engine.close() wakes the drain thread instead of waiting out its poll
+    timeout (which was most of close())."""
+    import threading
+    from pytest_nettrace import libbpf as lb
+    from pytest_nettrace.ringbuf import RingBuffer
+    fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "t_ring", 0, 0, 4096)
+    ring = RingBuffer(fd, 4096)
+    try:
+        waiter = threading.Thread(target=ring.wait, args=(60.0,))
+        waiter.start()
+        ring.wake()
+        waiter.join(30.0)
+        assert not waiter.is_alive(), "wait() ignored wake()"
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+def test_engine_close_stops_the_drain_thread():
+    from pytest_nettrace.engine import Engine
+    engine = Engine()
+    thread = engine._thread
+    engine.close()
+    assert thread is not None and not thread.is_alive()
+    engine.close()  # idempotent
+
+
 UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
 
 
