@@ -50,3 +50,10 @@ def machine() -> str:
 
 def verdict(ok: bool) -> str:
     return "MET" if ok else "MISSED"
+
+
+def result(goal: str, figure: str, baseline: str, ok: "bool | None") -> None:
+    """One row of run_all.py's table (ok None: no verdict, a figure only)."""
+    import json
+    print("RESULT " + json.dumps({"goal": goal, "figure": figure, "baseline": baseline,
+                                  "verdict": "-" if ok is None else verdict(ok)}), flush=True)

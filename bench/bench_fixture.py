@@ -1,29 +1,32 @@
 """Fixture cost: the reference topology (bench_topology.py: 2 namespaces +
 veth, IPv4+IPv6, up, torn down), and what the `nettrace` fixture adds to a
-test that uses it but does nothing.
+test that makes two namespaces joined by a veth and asserts no RST.
 
     sudo .venv/bin/python bench/bench_fixture.py [--quick]
 
 Per-test overhead is measured two ways:
   * in-process: a Trace created, watching 0 or 2 namespaces, closed (what the
     fixture does around a test, the engine being attached once per session);
-  * whole pytest runs: 200 empty tests using `nettrace` against 200 empty
-    tests without it, in subprocesses (median of 3 each; the difference
-    includes the one-time engine attach, also shown amortised-out).
-Targets: topology <= 15 ms; per-test overhead <= 2 ms.
+  * whole pytest runs: 200 such tests with `nettrace` (every default probe)
+    against the same 200 with `netns` only, in subprocesses, interleaved
+    (median of 3 each): the test loop's time and CPU, RSS a quarter of the
+    way and at the end (flat: no growth with the test count), and the time
+    from the last test to the process's exit (no stall).
+Targets: topology <= 15 ms; per test <= 3 ms, RSS flat, no exit stall.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
-from _common import ROOT, median, need_root, p90, verdict
+from _common import ROOT, median, need_root, p90, result, verdict
 from bench_topology import build_and_tear_down
 
-TOPOLOGY_MS, PER_TEST_MS = 15.0, 2.0
+TOPOLOGY_MS, PER_TEST_MS = 15.0, 3.0
 
 
 def topology(runs: int) -> float:
@@ -33,6 +36,8 @@ def topology(runs: int) -> float:
     m = median(times)
     print(f"fixture: topology (2 netns + veth, v4+v6, up, torn down): median {m:.2f} ms, p90 {p90(times):.2f} ms "
           f"over {runs} runs; target <= {TOPOLOGY_MS:.0f} ms: {verdict(m <= TOPOLOGY_MS)}")
+    result("topology: 2 netns + veth, v4+v6, up, torn down (<= 15 ms)", f"{m:.1f} ms (p90 {p90(times):.1f})",
+           "-", m <= TOPOLOGY_MS)
     return m
 
 
@@ -67,64 +72,107 @@ def trace_cycle(runs: int) -> float:
 
 
 LOOP_TIMER = """
-import time, pytest
+import json, os, resource, time, pytest
+
+def _rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+
+_seen = {"n": 0, "rss_quarter": None}
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    yield
+    _seen["n"] += 1
+    if _seen["n"] == max(1, item.session.testscollected // 4):
+        _seen["rss_quarter"] = _rss_mib()
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtestloop(session):
     t0 = time.perf_counter()
+    c0 = time.process_time()
     yield
-    with open("loop_seconds", "w") as f:
-        f.write(repr(time.perf_counter() - t0))
+    with open("loop.json", "w") as f:
+        json.dump({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0,
+                   "rss_quarter": _seen["rss_quarter"], "rss_end": _rss_mib(), "end": time.time()}, f)
 """
 
+# the README's pattern: two namespaces joined by a veth; "with" adds the
+# nettrace fixture (every default probe) and one negative assertion
+TEST = """import pytest
 
-def pytest_runs(n: int, reps: int) -> float:
-    """ms per test that `nettrace` adds, from the test loop's own timing
-    (pytest startup, identical on both sides, is left out: it is noise here)."""
+@pytest.mark.parametrize('i', range({n}))
+def test_{name}(i, make_netns{arg}):
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+{body}"""
+
+
+def pytest_runs(n: int, reps: int) -> dict:
+    """What `nettrace` adds to a test with two namespaces and a veth, from the
+    test loop's own timing (pytest startup, identical on both sides, is left
+    out), with the process's CPU, its RSS a quarter of the way and at the end,
+    and the time from the loop's end to the process's exit."""
     with tempfile.TemporaryDirectory(prefix="nettrace-bench-") as d:
         with open(os.path.join(d, "pytest.ini"), "w") as f:
             f.write("[pytest]\n")
         with open(os.path.join(d, "conftest.py"), "w") as f:
             f.write(LOOP_TIMER)
-        for name, arg in (("with", ", nettrace"), ("without", "")):
+        for name, arg, body in (("with", ", nettrace", "    nettrace.assert_no_rst()\n"),
+                                ("without", "", "")):
             with open(os.path.join(d, f"test_{name}.py"), "w") as f:
-                f.write(f"import pytest\n\n@pytest.mark.parametrize('i', range({n}))\n"
-                        f"def test_{name}(i{arg}):\n    pass\n")
+                f.write(TEST.format(n=n, name=name, arg=arg, body=body))
 
-        def run(target: str) -> tuple:
+        def run(target: str) -> dict:
             t0 = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                                 target], cwd=d, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
+            wall, exited = time.perf_counter() - t0, time.time()
             if r.returncode != 0:
                 raise RuntimeError(f"pytest {target} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-            with open(os.path.join(d, "loop_seconds")) as f:
-                return wall, float(f.read())
+            with open(os.path.join(d, "loop.json")) as f:
+                out = json.load(f)
+            out["wall"], out["after_loop"] = wall, exited - out["end"]
+            return out
 
-        with_, without = [], []
+        runs: dict = {"with": [], "without": []}
         for _ in range(reps):  # interleaved against load drift
-            with_.append(run("test_with.py"))
-            without.append(run("test_without.py"))
-    loop_w, loop_wo = median(x[1] for x in with_), median(x[1] for x in without)
-    wall_w, wall_wo = median(x[0] for x in with_), median(x[0] for x in without)
-    per_test = (loop_w - loop_wo) / n * 1e3
-    print(f"fixture: pytest, {n} empty tests, {reps} runs each: test loop with `nettrace` median {loop_w:.3f} s, "
-          f"without {loop_wo:.3f} s (whole runs {wall_w:.2f} s vs {wall_wo:.2f} s; the engine attaches at "
-          f"startup on both sides, for the header)")
-    print(f"fixture: per-test overhead of `nettrace` (no namespace, nothing done): {per_test:.3f} ms")
-    return per_test
+            runs["with"].append(run("test_with.py"))
+            runs["without"].append(run("test_without.py"))
+    m = {side: {k: median(r[k] for r in rs) for k in ("seconds", "cpu", "rss_quarter", "rss_end", "after_loop",
+                                                       "wall")}
+         for side, rs in runs.items()}
+    w, wo = m["with"], m["without"]
+    per_test = (w["seconds"] - wo["seconds"]) / n * 1e3
+    cpu_per_test = (w["cpu"] - wo["cpu"]) / n * 1e3
+    whole = (w["wall"] - wo["wall"]) / n * 1e3
+    for side in ("with", "without"):
+        x = m[side]
+        print(f"fixture: {n} tests (2 netns + veth) {side:7s} nettrace: loop {x['seconds']:.2f} s "
+              f"(CPU {x['cpu']:.2f} s), RSS {x['rss_quarter']:.0f} MiB at 1/4 -> {x['rss_end']:.0f} MiB at the end, "
+              f"loop end to exit {x['after_loop'] * 1e3:.0f} ms, whole run {x['wall']:.2f} s")
+    print(f"fixture: per test, nettrace over netns only: {per_test:.2f} ms in the loop (CPU {cpu_per_test:.2f} ms), "
+          f"{whole:.2f} ms over the whole run (startup and exit included)")
+    growth = w["rss_end"] - w["rss_quarter"]
+    result("per test: 2 netns + veth + all probes vs netns only (<= 3 ms)",
+           f"+{per_test:.1f} ms (CPU +{cpu_per_test:.1f}); whole run +{whole:.1f} ms",
+           f"netns only {wo['seconds'] / n * 1e3:.1f} ms/test", per_test <= PER_TEST_MS)
+    result(f"RSS flat over {n} tests, no exit stall",
+           f"+{growth:.0f} MiB (1/4 -> end), exit {w['after_loop'] * 1e3:.0f} ms",
+           f"netns only: +{wo['rss_end'] - wo['rss_quarter']:.0f} MiB, exit {wo['after_loop'] * 1e3:.0f} ms",
+           growth <= 0.1 * w["rss_end"] + 5 and w["after_loop"] - wo["after_loop"] <= 0.1)
+    return m
 
 
 def main() -> None:
     need_root()
     quick = "--quick" in sys.argv
     sys.path.insert(0, ROOT)
-    topology(50 if quick else 200)
     cycle = trace_cycle(50 if quick else 200)
-    per_test = pytest_runs(200, 3 if quick else 5)
-    ok = per_test <= PER_TEST_MS
-    print(f"fixture: per-test overhead target <= {PER_TEST_MS:.0f} ms: {verdict(ok)} "
-          f"(pytest runs {per_test:.2f} ms/test; in-process Trace cycle {cycle:.2f} ms with 2 namespaces)")
+    topology(50 if quick else 200)
+    pytest_runs(100 if quick else 200, 2 if quick else 3)
 
 
 if __name__ == "__main__":

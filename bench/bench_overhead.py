@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 
-from _common import median, need_root, verdict
+from _common import median, need_root, result, verdict
 
 TARGET = 0.97
 
@@ -76,6 +76,8 @@ def main() -> None:
     print(f"overhead: without probes median {wo:.2f} Gbit/s ({', '.join(f'{x:.2f}' for x in without)})")
     print(f"overhead: with all probes + both namespaces watched median {w:.2f} Gbit/s "
           f"({', '.join(f'{x:.2f}' for x in with_probes)}); {events} events recorded")
+    result(f"bulk TCP throughput, all probes vs none (>= 0.97x, {pairs} pairs)", f"{ratio:.2f}x",
+           f"none {wo:.1f} Gbit/s (runs {min(without):.1f}-{max(without):.1f})", ratio >= TARGET)
     print(f"overhead: with/without = {ratio * 100:.1f} %; target >= {TARGET * 100:.0f} %: {verdict(ratio >= TARGET)}")
 
 

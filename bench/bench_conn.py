@@ -1,0 +1,136 @@
+"""Connection-heavy workload: short TCP connections over loopback inside a
+namespace, with every default probe attached and the namespace watched, with
+nothing attached, and with bpftrace's *empty* programs on the same
+tracepoints (bench/_bpftrace.py), and with tcpdump capturing the namespace's
+loopback to /dev/null. Runs interleave (none, probes, bpftrace, tcpdump, ...)
+so the machine's drifting load hits all three alike; medians are compared.
+
+    sudo .venv/bin/python bench/bench_conn.py [rounds] [seconds]
+
+Each connection: connect, accept, client close, server close (one process,
+the server in a thread). CPU per connection is the workload's CPU plus the
+tracer's own (the drain thread here; bpftrace's process there).
+Target: probes >= 0.9 x the no-probe rate, and above bpftrace's empty programs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import _bpftrace
+from _common import median, need_root, result
+
+TARGET = 0.9
+
+WORKLOAD = r"""
+import json, resource, socket, sys, threading, time
+seconds = float(sys.argv[1])
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0)); srv.listen(512)
+addr = srv.getsockname()
+def serve():
+    while True:
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
+        c.close()
+threading.Thread(target=serve, daemon=True).start()
+n, end = 0, time.monotonic() + seconds
+t0 = time.monotonic()
+while time.monotonic() < end:
+    for _ in range(50):
+        s = socket.socket()
+        s.connect(addr)
+        s.close()
+    n += 50
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"n": n, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime}))
+"""
+
+
+def one(ns, seconds: float) -> dict:
+    r = ns.run([sys.executable, "-c", WORKLOAD, str(seconds)], check=True, timeout=seconds + 60)
+    return json.loads(r.stdout)
+
+
+def main() -> None:
+    need_root()
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
+    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.netns import NamespaceFactory
+    from pytest_nettrace.trace import Trace
+
+    why_not = _bpftrace.available()
+    tps = _bpftrace.engine_tracepoints() if why_not is None else []
+    modes = ["none", "probes"] + (["bpftrace"] if tps else []) + (["tcpdump"] if shutil.which("tcpdump") else [])
+    rate = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}  # CPU seconds per connection
+    with NamespaceFactory() as factory:
+        ns = factory.create()
+        one(ns, 0.3)  # warm up
+        for i in range(rounds):
+            order = modes[i % len(modes):] + modes[:i % len(modes)]
+            for mode in order:
+                tracer_cpu = 0.0
+                if mode == "probes":
+                    engine = Engine()
+                    trace = Trace(engine, "conn")
+                    trace.watch(ns)
+                    c0 = resource.getrusage(resource.RUSAGE_SELF)
+                    try:
+                        r = one(ns, seconds)
+                        c1 = resource.getrusage(resource.RUSAGE_SELF)
+                        tracer_cpu = (c1.ru_utime + c1.ru_stime) - (c0.ru_utime + c0.ru_stime)
+                    finally:
+                        trace.close()
+                        engine.close()
+                elif mode == "tcpdump":
+                    p = ns.popen(["tcpdump", "-i", "lo", "-n", "-w", "/dev/null"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+                    p.stderr.readline()  # "listening on lo": capturing
+                    try:
+                        r = one(ns, seconds)
+                    finally:
+                        p.terminate()
+                        _, _, ru = os.wait4(p.pid, 0)
+                        p.returncode = 0
+                        p.stderr.close()
+                        tracer_cpu = ru.ru_utime + ru.ru_stime
+                elif mode == "bpftrace":
+                    p, _ = _bpftrace.start(_bpftrace.empty_program(tps))
+                    try:
+                        r = one(ns, seconds)
+                    finally:
+                        _, tracer_cpu = _bpftrace.stop(p)
+                else:
+                    r = one(ns, seconds)
+                rate[mode].append(r["n"] / r["wall"])
+                cpu[mode].append((r["cpu"] + tracer_cpu) / r["n"])
+    base = median(rate["none"])
+    print(f"conn: short TCP connections over loopback in a namespace, {rounds} rounds of {seconds:g} s, interleaved")
+    for m in modes:
+        print(f"conn: {m:9s} median {median(rate[m]):8.0f} conn/s ({median(rate[m]) / base:.2f}x), "
+              f"CPU {median(cpu[m]) * 1e6:6.1f} us/conn  (rates: {', '.join(f'{x:.0f}' for x in rate[m])})")
+    ratio = median(rate["probes"]) / base
+    if tps:
+        bt = median(rate["bpftrace"]) / base
+        baseline = f"bpftrace empty {len(tps)} tps: {bt:.2f}x; none: {base:.0f}/s"
+    else:
+        bt, baseline = 0.0, f"bpftrace: {why_not}"
+    if "tcpdump" in rate:
+        baseline += f"; tcpdump: {median(rate['tcpdump']) / base:.2f}x"
+    cpu_ratio = median(cpu["probes"]) / median(cpu["none"])
+    result("connections/s, all probes vs none (>= 0.9x, > bpftrace)",
+           f"{ratio:.2f}x, CPU/conn {cpu_ratio:.2f}x", baseline, ratio >= TARGET and ratio > bt)
+
+
+if __name__ == "__main__":
+    main()
