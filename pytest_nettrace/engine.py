@@ -307,6 +307,11 @@ class Engine:
             per_kind[hdr.kind] = per_kind.get(hdr.kind, 0) + 1
             return None
 
+    def decode_needs_watch(self, kind_id: int) -> bool:
+        """Whether records of `kind_id` must be decoded while their namespace is watched."""
+        probe = self._by_kind.get(kind_id)
+        return probe is None or probe.decode_needs_watch
+
     def _drain_loop(self) -> None:
         while not self._stop.is_set():
             try:

@@ -2,12 +2,14 @@
 one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import pwd
 import socket
 import struct
 from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from . import symbols
 from .symbols import symbolize
 
 # Mirrors bpf/nettrace.h
@@ -28,6 +30,7 @@ IPAddress = ipaddress.IPv4Address  # for type hints only; v6 is fine too
 IP_FAMILIES = (4, 6)
 
 
+@functools.lru_cache(maxsize=1024)  # task names repeat
 def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
@@ -61,6 +64,23 @@ class Header:
         if not n:
             return ()
         return _STACK.unpack_from(buf, len(buf) - STACK_BYTES)[:n]
+
+
+# (stack addresses, guess, symbols generation) -> context: a flood repeats a
+# handful of stacks, and deciding needs the whole stack symbolised
+_contexts: Dict[Tuple[Tuple[int, ...], str, int], str] = {}
+
+
+def _context(hdr: Header, addrs: Tuple[int, ...], guess: str) -> str:
+    if not addrs:
+        return guess
+    key = (addrs, guess, symbols.generation())
+    ctx = _contexts.get(key)
+    if ctx is None:
+        if len(_contexts) > 4096:
+            _contexts.clear()
+        ctx = _contexts[key] = hdr.context(symbolize(addrs), guess)
+    return ctx
 
 
 class Event:
@@ -112,7 +132,7 @@ class Event:
                  context_guess: str = "process", **fields: Any) -> None:
         self._stack_addrs = tuple(stack_addrs)
         self._stack: Optional[List[str]] = None
-        context = hdr.context(self.stack, context_guess) if hdr is not None else context_guess
+        context = _context(hdr, self._stack_addrs, context_guess) if hdr is not None else context_guess
         self.context = context
         if hdr is not None:
             self.timestamp = hdr.ts

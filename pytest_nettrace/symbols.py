@@ -11,6 +11,7 @@ from ._boot import RUN_DIR, boot_id
 
 _lock = threading.Lock()
 _table: Optional["Kallsyms"] = None
+_generation = 0  # bumped by invalidate(): what callers derived from names is stale
 
 
 class Kallsyms:
@@ -90,10 +91,16 @@ def _scan(path: str, names: set) -> Dict[str, Tuple[int, int]]:
 def invalidate() -> None:
     """Forget the table: attaching fentry/kprobe programs adds trampolines,
     which an older table would misplace into a neighbouring module."""
-    global _table
+    global _table, _generation
     with _lock:
         _table = None
         _cache.clear()
+        _generation += 1
+
+
+def generation() -> int:
+    """Changes whenever symbolised stacks may have changed (see invalidate)."""
+    return _generation
 
 
 def kallsyms() -> Kallsyms:

@@ -3,6 +3,7 @@ kernel's events, limited to the namespaces it watches, with sound assertions."""
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
@@ -14,6 +15,7 @@ from .events import Event, check_filters, describe_filters, matches
 from .probes.registry import API_MIXINS, check_filters_any_kind, kind_info, kinds
 from .timeline import render_failure, seed_line
 
+_kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
 
 
@@ -82,7 +84,9 @@ class TraceCore:
         self.name = name
         self.start_ns = time.monotonic_ns()
         self._events: List[Event] = []
-        self._raw: List[bytes] = []            # records not decoded yet, in ring order
+        # records not decoded yet, in ring order, by kind id: reading one
+        # kind decodes only its own
+        self._raw: Dict[int, List[Any]] = {}
         self._watched: Dict[int, str] = {}     # inode -> label
         # namespaces this trace began watching after their creation, which
         # it was meant to see whole: what happened before is unknown
@@ -123,23 +127,34 @@ class TraceCore:
         """Raw records of one watched namespace (a batch), or one ready Event."""
         with self._cond:
             if isinstance(records, list):
-                self._raw.extend(records)
+                raw = self._raw
+                for rec in records:
+                    kid = _kind_of(rec, 12)[0]  # nt_hdr.kind
+                    queue = raw.get(kid)
+                    if queue is None:
+                        raw[kid] = [rec]
+                    else:
+                        queue.append(rec)
             else:
-                self._raw.append(records)
+                self._raw.setdefault(kind_info(records.kind).kind_id, []).append(records)
             self._cond.notify_all()
 
-    def _decode_pending(self) -> None:
-        """Decode records in arrival order (probes keep per-namespace state,
-        e.g. interface names, that follows the order of events)."""
+    def _decode_pending(self, kind_ids: "Optional[Iterable[int]]" = None) -> None:
+        """Decode the records of these kind ids (all: None) in arrival order
+        (probes keep per-namespace state, e.g. interface names, that follows
+        the order of their own events; each probe has one kind id)."""
         with self._cond:
-            raw, self._raw = self._raw, []
-            for rec in raw:
-                # probes without BPF records (packet capture) hand over Events
-                event = rec if isinstance(rec, Event) else self.engine.decode(rec)
-                if isinstance(event, list):  # a record holding several changes (an nftables batch)
-                    self._events.extend(event)
-                elif event is not None:
-                    self._events.append(event)
+            for kid in (list(self._raw) if kind_ids is None else kind_ids):
+                raw = self._raw.pop(kid, None)
+                if not raw:
+                    continue
+                for rec in raw:
+                    # probes without BPF records (packet capture) hand over Events
+                    event = rec if isinstance(rec, Event) else self.engine.decode(rec)
+                    if isinstance(event, list):  # a record holding several changes (an nftables batch)
+                        self._events.extend(event)
+                    elif event is not None:
+                        self._events.append(event)
 
     # -- reading -----------------------------------------------------------
     def _sync(self) -> None:
@@ -158,7 +173,12 @@ class TraceCore:
         A filter value may be a value, a list of values, or a predicate."""
         filters = self._validate(kind, filters)
         self._sync()
-        return [e for e in self.all_events() if (kind is None or e.kind == kind) and matches(e, filters)]
+        if kind is None:
+            return [e for e in self.all_events() if matches(e, filters)]
+        self._decode_pending((kind_info(kind).kind_id,))
+        with self._cond:
+            found = [e for e in self._events if e.kind == kind]
+        return [e for e in sorted(found, key=lambda e: e.timestamp) if matches(e, filters)]
 
     def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
         """The first matching event, waiting up to `timeout` seconds for it."""
@@ -179,9 +199,9 @@ class TraceCore:
     def lost(self, kind: Optional[str] = None) -> int:
         """Events of `kind` (or any kind) the kernel could not deliver to this test."""
         self._sync()
-        self._decode_pending()  # some losses show only when records are decoded
-        total = 0
         ids = {kind_info(kind).kind_id} if kind else None
+        self._decode_pending(ids)  # some losses show only when records are decoded
+        total = 0
         for inode in self._watched:
             for kid, n in self.engine.lost(inode).items():
                 if ids is None or kid in ids:
@@ -304,7 +324,11 @@ class TraceCore:
             return
         try:
             self.engine.drain()
-            self._decode_pending()  # while the probes still know the namespaces
+            # while the probes still know the namespaces; the others may wait
+            # until (if ever) they are read
+            with self._cond:
+                stateful = [kid for kid in self._raw if self.engine.decode_needs_watch(kid)]
+            self._decode_pending(stateful)
         finally:
             for inode in list(self._watched):
                 self.engine.unwatch(inode)

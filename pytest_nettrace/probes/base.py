@@ -30,6 +30,10 @@ class Probe:
     object_file: ClassVar[str]             # "rst.bpf.o" in pytest_nettrace/bpf/
     kind_id: ClassVar[int]                 # enum nt_kind value of its records
     event_types: ClassVar[Dict[str, Type[Event]]]  # public kind name -> Event class
+    # Its decoder needs what watch() set up and unwatch() drops (sockets,
+    # per-namespace state): a trace decodes its records before unwatching.
+    # False: they may stay raw until read, even after the test.
+    decode_needs_watch: ClassVar[bool] = True
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         """Ways to attach on this kernel, best first; empty if none can work."""

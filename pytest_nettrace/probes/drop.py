@@ -199,6 +199,8 @@ class DropProbe(Probe):
             return None
         return self.reasons.get(value, str(value))
 
+    decode_needs_watch = False  # each record says all its event needs
+
     def decode(self, buf: bytes, hdr: Header) -> Event:
         (location, reason, length, ifindex, protocol, family, ip_proto, sport, dport, has_reason, has_ports,
          dev, saddr, daddr) = _BODY.unpack_from(buf, HEADER.size)
@@ -343,8 +345,8 @@ class DropApi:
             raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
         filters = self._validate("drop", filters)
         self._sync()
-        self._decode_pending()  # decoded events teach the probe where trampolined frees were
         probe = self.engine.status["drop"].probe
+        self._decode_pending((probe.kind_id,))  # decoded events teach the probe where trampolined frees were
         rows = []
         for netns in self.watched:
             for location, reason, total, undelivered in probe.counts(netns):

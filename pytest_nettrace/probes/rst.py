@@ -1,6 +1,7 @@
 """TCP resets (bpf/rst.bpf.c, bpf/rst.h): `kind == "rst"`."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
@@ -21,6 +22,7 @@ TCP_STATES = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; the objects are immutable
 def ip_from(raw: bytes, family: int):
     """An ipaddress object; IPv4-mapped IPv6 becomes the IPv4 address."""
     if family == 4:
@@ -96,6 +98,8 @@ class RstProbe(Probe):
             return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
         return ("tcp_send_reset tracepoint lacks the reset reason (kernel < 6.10) and neither fentry "
                 f"({kernel.why('fentry')}) nor kprobes ({kernel.why('kprobe')}) are available")
+
+    decode_needs_watch = False  # each record says all its event needs
 
     def decode(self, buf: bytes, hdr: Header) -> Event:
         origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, HEADER.size)

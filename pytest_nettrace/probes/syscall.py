@@ -213,6 +213,8 @@ class SyscallProbe(Probe):
         for name, nr in SYSCALL_NR[platform.machine()].items():
             map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))
 
+    decode_needs_watch = False  # each record says all its event needs
+
     def decode(self, buf: bytes, hdr: Header) -> Event:
         *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, HEADER.size)
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
