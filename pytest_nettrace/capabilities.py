@@ -4,13 +4,17 @@ Each feature is a bool plus, when False, the reason (the errno or the missing
 file), so the pytest header and every skip can say exactly why."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import libbpf as lb
+from ._boot import RUN_DIR, boot_id
 from .errors import NettraceError, UnsupportedKernel
 
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
@@ -149,18 +153,86 @@ def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
         k.ringbuf = True
     except NettraceError as e:
         k.reasons["ringbuf"] = f"BPF ring buffer unavailable (kernel >= 5.8 needed): {e}"
-    for feat, prog in (("tp_btf", "cap_tp_btf"), ("tracepoint", "cap_tracepoint"),
-                       ("fentry", "cap_fentry"), ("kprobe", "cap_kprobe")):
-        # a classic tracepoint attach costs ~70 ms (perf event setup and teardown): load it only
-        err = _try_program(prog, btf_path, attach=feat != "tracepoint")
-        setattr(k, feat, err is None)
-        if err:
-            k.reasons[feat] = _short(err)
+    cache = _probe_cache_path(btf_path, caps)
+    probed = _read_probe_cache(cache)
+    if probed is None:
+        probed = {}
+        for feat, prog in _PROBED:
+            # a classic tracepoint attach costs ~70 ms (perf event setup and teardown): load it only
+            err = _try_program(prog, btf_path, attach=feat != "tracepoint")
+            probed[feat] = None if err is None else _short(err)
+        _write_probe_cache(cache, probed)
+    for feat, why in probed.items():
+        setattr(k, feat, why is None)
+        if why is not None:
+            k.reasons[feat] = why
     if not k.kprobe and not os.path.exists("/sys/bus/event_source/devices/kprobe") \
             and not any(os.path.exists(f"{d}/kprobe_events") for d in ("/sys/kernel/tracing",
                                                                         "/sys/kernel/debug/tracing")):
         k.reasons["kprobe"] = "ENOENT: no kprobe support in this kernel (no kprobe PMU, no kprobe_events)"
     return k
+
+
+_PROBED = (("tp_btf", "cap_tp_btf"), ("tracepoint", "cap_tracepoint"),
+           ("fentry", "cap_fentry"), ("kprobe", "cap_kprobe"))
+
+
+def _probe_cache_path(btf_path: str, caps: int) -> Optional[str]:
+    """Where the probing's outcome is kept for this boot, or None (not root).
+    Loading the probe programs is what takes time, and their outcome changes
+    only with the boot, the programs, the credentials and the BTF: all in the name."""
+    boot = boot_id()
+    if os.geteuid() != 0 or not boot:
+        return None
+    try:
+        with open(object_path("caps.bpf.o"), "rb") as f:
+            digest = hashlib.sha256(f.read())
+    except (OSError, UnsupportedKernel):
+        return None
+    digest.update(f"{boot}\0{os.geteuid()}\0{caps:x}\0{os.path.realpath(btf_path)}".encode())
+    return os.path.join(RUN_DIR, f"features-{digest.hexdigest()[:32]}.json")
+
+
+def _read_probe_cache(path: Optional[str]) -> Optional[Dict[str, Optional[str]]]:
+    """The cached outcome; None for no file, or one that is not root's own,
+    writable by others, or not exactly what _write_probe_cache writes."""
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != 0 or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
+            return None
+        with os.fdopen(os.dup(fd)) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if not isinstance(data, dict) or set(data) != {f for f, _ in _PROBED} or \
+            not all(v is None or isinstance(v, str) for v in data.values()):
+        return None
+    return data
+
+
+def _write_probe_cache(path: Optional[str], probed: Dict[str, Optional[str]]) -> None:
+    if path is None:
+        return
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(probed, f)
+        os.replace(tmp, path)
+    except OSError:  # a read-only /run: probe again next time
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
 
 
 def _short(err: str) -> str:
