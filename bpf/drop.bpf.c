@@ -108,7 +108,7 @@ static __always_inline struct drop_count *count_of(struct drop_key *key)
 static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *location,
 				   bool has_reason, __u32 reason)
 {
-	if (!skb)
+	if (!skb || nt_idle())
 		return 0;
 	struct net_device *dev = BPF_CORE_READ(skb, dev);
 	struct sock *sk = BPF_CORE_READ(skb, sk);

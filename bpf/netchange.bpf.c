@@ -318,6 +318,8 @@ int BPF_PROG(netchange_tp, const struct sock *sk)
 {
 	/* Only netlink sockets in our map get past the first checks; the
 	 * message just queued is the tail of the receive queue. */
+	if (nt_idle())
+		return 0;
 	if (BPF_CORE_READ(sk, __sk_common.skc_family) != AF_NETLINK)
 		return 0;
 	struct sk_buff *tail = BPF_CORE_READ(sk, sk_receive_queue.prev);

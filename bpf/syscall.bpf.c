@@ -92,6 +92,8 @@ static __always_inline bool fd_is_socket(struct task_struct *task, __u64 fd)
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 {
+	if (nt_idle())
+		return 0;
 	__u32 nr = id, zero = 0;
 	__u8 *code = bpf_map_lookup_elem(&sc_wanted, &nr);
 	if (!code || !*code)
@@ -152,6 +154,9 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 {
+	/* entries of a namespace no longer watched are purged by the engine */
+	if (nt_idle())
+		return 0;
 	long nr = NT_SYSCALL_NR(regs);
 	if (nr >= 0) {
 		__u32 key = nr;

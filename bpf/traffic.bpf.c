@@ -80,6 +80,8 @@ static __always_inline void flow_of(const unsigned char *l3, __u16 eth_proto, bo
  * (plain loads, no helper call): this runs for every packet of the machine. */
 static __always_inline void count(const struct sk_buff *skb, const struct net_device *dev, bool rx)
 {
+	if (nt_idle())
+		return;
 	__u32 netns = dev->nd_net.net->ns.inum;
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
@@ -151,6 +153,8 @@ int BPF_PROG(traffic_rx, struct sk_buff *skb)
  * it (these tracepoints fire in the calling task). */
 static __always_inline void own(const struct sock *sk)
 {
+	if (nt_idle())
+		return;
 	__u32 netns = sk->__sk_common.skc_net.net->ns.inum;
 	if (!nt_watched(netns))
 		return;

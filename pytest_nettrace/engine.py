@@ -113,6 +113,7 @@ class Engine:
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
         self._events_fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "nt_events", 0, 0, ringbuf_size)
         self._pidns_fd = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "nt_pidns", 4, 8, 1)
+        self._watching_fd = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "nt_watching", 4, 4, 1)
         lb.map_update(self._pidns_fd, struct.pack("<I", 0), struct.pack("<II", _own_pid_namespace(), 0))
         try:
             self._load()
@@ -161,6 +162,7 @@ class Engine:
                 obj.reuse_map("nt_scopes", self._scopes_fd)
                 obj.reuse_map("nt_events", self._events_fd)
                 obj.reuse_map("nt_pidns", self._pidns_fd)
+                obj.reuse_map("nt_watching", self._watching_fd)
                 enabled: Dict[str, bool] = {}
                 for st in active:
                     plan = st.plans[0]
@@ -228,6 +230,7 @@ class Engine:
         with self._lock:
             self._sinks[netns] = sink
             lb.map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE_VALUE.size))
+            lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
             for probe in self._attached_probes():
                 probe.watch(netns, path)
 
@@ -237,6 +240,7 @@ class Engine:
                 probe.unwatch(netns)
             lb.map_delete(self._scopes_fd, _u32.pack(netns))
             self._sinks.pop(netns, None)
+            lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
             self._undecodable.pop(netns, None)
 
     def lost(self, netns: int) -> Dict[int, int]:
@@ -347,7 +351,7 @@ class Engine:
             if ring is not None:
                 ring.close()
                 self._ring = None
-            for attr in ("_scopes_fd", "_events_fd", "_pidns_fd"):
+            for attr in ("_scopes_fd", "_events_fd", "_pidns_fd", "_watching_fd"):
                 fd = getattr(self, attr, -1)
                 if fd >= 0:
                     os.close(fd)

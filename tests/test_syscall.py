@@ -139,3 +139,25 @@ def test_ipv6_and_unix_addresses(netns, nettrace):
     assert "{AF_INET6, [::1]:9}, 28) = 1" in send.strace()
     (bind,) = nettrace.syscalls(pid=r.pid, name="bind")
     assert bind.path == "@nettrace-test" and bind.family is None and bind.sockaddr_family == "AF_UNIX"
+
+
+def test_recorded_again_after_the_engine_had_nothing_to_watch(netns_factory):
+    """The host-wide programs return at once while nothing is watched (a
+    count the engine keeps in the kernel): watching again must bring them
+    back, and a call made while idle must not show up later."""
+    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.trace import Trace
+    from pytest_nettrace.probes.syscall import SyscallProbe
+    engine = Engine(background=False, probes=[SyscallProbe()])
+    try:
+        ns = netns_factory.create()
+        idle = ns.run(connect_refused("127.0.0.1", 9), check=True)
+        for _ in range(2):  # watched, unwatched (idle), watched again
+            trace = Trace(engine, "t")
+            trace.watch(ns)
+            r = ns.run(connect_refused("127.0.0.1", 9), check=True)
+            assert [e.pid for e in trace.syscalls(name="connect")] == [r.pid]
+            assert not trace.syscalls(pid=idle.pid)
+            trace.close()
+    finally:
+        engine.close()

@@ -18,7 +18,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
-from ..libbpf import map_update
+from ..libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 NT_KIND_SYSCALL = 6
 _BODY = struct.Struct("<6QqQHHiiB3x112s")  # struct syscall_event after the header
+_PENDING_NETNS = HEADER.size + _BODY.size    # struct sc_pending: the event, then the namespace
+_PENDING_SIZE = _PENDING_NETNS + 8
+_u32 = struct.Struct("<I")
 
 # enum sc_code (bpf/syscall.h), in order
 CALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
@@ -212,6 +215,14 @@ class SyscallProbe(Probe):
         fd = obj.map_fd("sc_wanted")
         for name, nr in SYSCALL_NR[platform.machine()].items():
             map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))
+        self._inflight_fd = obj.map_fd("sc_inflight")
+
+    def unwatch(self, netns: int) -> None:
+        # sc_exit returns at once while nothing is watched: a call entered in
+        # this namespace and returning after that would stay in the map
+        for key, value in map_items(self._inflight_fd, 4, _PENDING_SIZE):
+            if _u32.unpack_from(value, _PENDING_NETNS)[0] == netns:
+                map_delete(self._inflight_fd, key)
 
     decode_needs_watch = False  # each record says all its event needs
 
