@@ -24,13 +24,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {
     "fixture": ["bench_fixture.py"],
     "conn": ["bench_conn.py"],
+    "host": ["bench_host.py"],
     "overhead": ["bench_overhead.py"],
     "events": ["bench_events.py"],
     "attach": ["bench_attach.py"],
     "suite": ["bench_suite.py"],
 }
 QUICK = {"attach": ["10"], "events": ["--quick"], "overhead": ["4", "2"], "fixture": ["--quick"],
-         "conn": ["3", "1.5"]}
+         "conn": ["3", "1.5"], "host": ["3"]}
 
 
 def table(rows: list) -> str:
