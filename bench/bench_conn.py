@@ -10,7 +10,9 @@ so the machine's drifting load hits all three alike; medians are compared.
 Each connection: connect, accept, client close, server close (one process,
 the server in a thread). CPU per connection is the workload's CPU plus the
 tracer's own (the drain thread here; bpftrace's process there).
-Target: probes >= 0.9 x the no-probe rate, and above bpftrace's empty programs.
+Target: probes >= 0.9 x the no-probe rate, and above bpftrace's empty
+programs; decided on connections per CPU-second (the wall rate on a shared
+machine swings by 2-5x between runs; it is printed too).
 """
 from __future__ import annotations
 
@@ -119,18 +121,25 @@ def main() -> None:
     for m in modes:
         print(f"conn: {m:9s} median {median(rate[m]):8.0f} conn/s ({median(rate[m]) / base:.2f}x), "
               f"CPU {median(cpu[m]) * 1e6:6.1f} us/conn  (rates: {', '.join(f'{x:.0f}' for x in rate[m])})")
-    ratio = median(rate["probes"]) / base
-    if tps:
-        bt = median(rate["bpftrace"]) / base
-        baseline = f"bpftrace empty {len(tps)} tps: {bt:.2f}x; none: {base:.0f}/s"
-    else:
-        bt, baseline = 0.0, f"bpftrace: {why_not}"
-    if "tcpdump" in rate:
-        baseline += f"; tcpdump: {median(rate['tcpdump']) / base:.2f}x"
-    cpu_ratio = median(cpu["probes"]) / median(cpu["none"])
-    result("connections/s, all probes vs none (>= 0.9x, > bpftrace)",
-           f"{ratio:.2f}x, CPU/conn {cpu_ratio:.2f}x", baseline, ratio >= TARGET and ratio > bt)
+    # On a shared machine the wall-clock rate swings with other people's load
+    # (see the spread above); CPU per connection does not: connections per
+    # CPU-second decide, the wall ratio is shown next to it.
+    def per_cpu(mode: str) -> float:
+        return median(cpu["none"]) / median(cpu[mode])
 
+    ratio, wall = per_cpu("probes"), median(rate["probes"]) / base
+    parts = []
+    if tps:
+        parts.append(f"bpftrace empty ({len(tps)} tps) {per_cpu('bpftrace'):.2f}x")
+    else:
+        parts.append(f"bpftrace: {why_not}")
+    if "tcpdump" in rate:
+        parts.append(f"tcpdump {per_cpu('tcpdump'):.2f}x")
+    parts.append(f"none {median(cpu['none']) * 1e6:.0f} us")
+    bt = per_cpu("bpftrace") if tps else 0.0
+    result("connections per CPU-second, all probes vs none (>= 0.9x, > bpftrace)",
+           f"{ratio:.2f}x ({median(cpu['probes']) * 1e6:.0f} us/conn; wall rate {wall:.2f}x)",
+           "; ".join(parts), ratio >= TARGET and ratio > bt)
 
 if __name__ == "__main__":
     main()

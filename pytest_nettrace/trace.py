@@ -84,8 +84,9 @@ class TraceCore:
         self.name = name
         self.start_ns = time.monotonic_ns()
         self._events: List[Event] = []
-        # records not decoded yet, in ring order, by kind id: reading one
-        # kind decodes only its own
+        # records not decoded yet, in ring order: as they arrived, then by
+        # kind id (reading one kind decodes only its own)
+        self._arrived: List[Any] = []
         self._raw: Dict[int, List[Any]] = {}
         self._watched: Dict[int, str] = {}     # inode -> label
         # namespaces this trace began watching after their creation, which
@@ -124,19 +125,14 @@ class TraceCore:
         return self._watched.get(inode, f"netns:{inode}")
 
     def _sink(self, records: "List[bytes] | Event") -> None:
-        """Raw records of one watched namespace (a batch), or one ready Event."""
+        """Raw records of one watched namespace (a batch), or one ready Event.
+        Runs in the drain thread, which must keep up with bursts: records are
+        only queued here, sorted by kind when the test reads."""
         with self._cond:
             if isinstance(records, list):
-                raw = self._raw
-                for rec in records:
-                    kid = _kind_of(rec, 12)[0]  # nt_hdr.kind
-                    queue = raw.get(kid)
-                    if queue is None:
-                        raw[kid] = [rec]
-                    else:
-                        queue.append(rec)
+                self._arrived.extend(records)
             else:
-                self._raw.setdefault(kind_info(records.kind).kind_id, []).append(records)
+                self._arrived.append(records)
             self._cond.notify_all()
 
     def _decode_pending(self, kind_ids: "Optional[Iterable[int]]" = None) -> None:
@@ -144,17 +140,32 @@ class TraceCore:
         (probes keep per-namespace state, e.g. interface names, that follows
         the order of their own events; each probe has one kind id)."""
         with self._cond:
-            for kid in (list(self._raw) if kind_ids is None else kind_ids):
-                raw = self._raw.pop(kid, None)
-                if not raw:
+            arrived, self._arrived = self._arrived, []
+            raw = self._raw
+            for rec in arrived:
+                # probes without BPF records (packet capture) hand over Events
+                kid = kind_info(rec.kind).kind_id if isinstance(rec, Event) else _kind_of(rec, 12)[0]  # nt_hdr.kind
+                queue = raw.get(kid)
+                if queue is None:
+                    raw[kid] = [rec]
+                else:
+                    queue.append(rec)
+            for kid in (list(raw) if kind_ids is None else kind_ids):
+                queue = raw.pop(kid, None)
+                if not queue:
                     continue
-                for rec in raw:
-                    # probes without BPF records (packet capture) hand over Events
+                for rec in queue:
                     event = rec if isinstance(rec, Event) else self.engine.decode(rec)
                     if isinstance(event, list):  # a record holding several changes (an nftables batch)
                         self._events.extend(event)
                     elif event is not None:
                         self._events.append(event)
+
+    def _pending_kinds(self) -> List[int]:
+        """Kind ids with records not decoded yet."""
+        self._decode_pending(())  # sort what arrived, decode nothing
+        with self._cond:
+            return list(self._raw)
 
     # -- reading -----------------------------------------------------------
     def _sync(self) -> None:
@@ -326,9 +337,7 @@ class TraceCore:
             self.engine.drain()
             # while the probes still know the namespaces; the others may wait
             # until (if ever) they are read
-            with self._cond:
-                stateful = [kid for kid in self._raw if self.engine.decode_needs_watch(kid)]
-            self._decode_pending(stateful)
+            self._decode_pending([kid for kid in self._pending_kinds() if self.engine.decode_needs_watch(kid)])
         finally:
             for inode in list(self._watched):
                 self.engine.unwatch(inode)
