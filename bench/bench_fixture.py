@@ -36,9 +36,37 @@ def topology(runs: int) -> float:
     m = median(times)
     print(f"fixture: topology (2 netns + veth, v4+v6, up, torn down): median {m:.2f} ms, p90 {p90(times):.2f} ms "
           f"over {runs} runs; target <= {TOPOLOGY_MS:.0f} ms: {verdict(m <= TOPOLOGY_MS)}")
+    ip = ip_commands(max(5, runs // 5))
+    print(f"fixture: the same with `ip` commands (kernel-selftests style): median {ip:.2f} ms")
     result("topology: 2 netns + veth, v4+v6, up, torn down (<= 15 ms)", f"{m:.1f} ms (p90 {p90(times):.1f})",
-           "-", m <= TOPOLOGY_MS)
+           f"`ip` commands {ip:.1f} ms", m <= TOPOLOGY_MS)
     return m
+
+
+def ip_commands(runs: int) -> float:
+    """The reference topology built and removed with `ip`, one command a step."""
+    a, b = f"nt-bench-{os.getpid()}-a", f"nt-bench-{os.getpid()}-b"
+    steps = [["netns", "add", a], ["netns", "add", b],
+             ["link", "add", "veth0", "netns", a, "type", "veth", "peer", "name", "veth1", "netns", b],
+             ["-n", a, "addr", "add", "10.0.0.1/24", "dev", "veth0"],
+             ["-n", a, "addr", "add", "2001:db8::1/64", "dev", "veth0", "nodad"],
+             ["-n", b, "addr", "add", "10.0.0.2/24", "dev", "veth1"],
+             ["-n", b, "addr", "add", "2001:db8::2/64", "dev", "veth1", "nodad"],
+             ["-n", a, "link", "set", "lo", "up"], ["-n", b, "link", "set", "lo", "up"],
+             ["-n", a, "link", "set", "veth0", "up"], ["-n", b, "link", "set", "veth1", "up"],
+             ["netns", "del", a], ["netns", "del", b]]
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        try:
+            for step in steps:
+                subprocess.run(["ip", *step], check=True, capture_output=True)
+        finally:  # ours only, by name, whatever failed
+            for ns in (a, b):
+                if os.path.exists(f"/run/netns/{ns}"):
+                    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
 
 
 def trace_cycle(runs: int) -> float:

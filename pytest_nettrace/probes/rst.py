@@ -22,12 +22,17 @@ TCP_STATES = {
 }
 
 
-@functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; the objects are immutable
 def ip_from(raw: bytes, family: int):
     """An ipaddress object; IPv4-mapped IPv6 becomes the IPv4 address."""
+    # only the address's own bytes key the cache: the rest of an IPv4 field is not zeroed
+    return _ip(raw[:4] if family == 4 else raw[:16], family)
+
+
+@functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; the objects are immutable
+def _ip(raw: bytes, family: int):
     if family == 4:
-        return ipaddress.IPv4Address(raw[:4])
-    addr = ipaddress.IPv6Address(raw[:16])
+        return ipaddress.IPv4Address(raw)
+    addr = ipaddress.IPv6Address(raw)
     return addr.ipv4_mapped or addr
 
 
