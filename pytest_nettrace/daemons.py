@@ -114,7 +114,7 @@ class SystemBus:
         return f"<SystemBus {self.address} in {self.ns.name}>"
 
 
-def start_system_bus(ns: Namespace, workdir: "str | os.PathLike", timeout: float = 10.0) -> SystemBus:
+def start_system_bus(ns: Namespace, workdir: "str | os.PathLike", timeout: float = 60.0) -> SystemBus:
     """dbus-daemon with a private system bus in `ns`; returns once it listens."""
     dbus = find_program("dbus-daemon", "dbus-daemon")
     workdir = Path(workdir)
@@ -210,7 +210,7 @@ def copy_profiles(source: "str | os.PathLike | None", target: Path) -> None:
 
 def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike", *, profiles: "str | os.PathLike | None" = None,
                          bus: Optional[SystemBus] = None, config: str = "", log_level: str = "INFO",
-                         timeout: float = 30.0) -> NetworkManager:
+                         timeout: float = 60.0) -> NetworkManager:
     """NetworkManager in `ns` with the keyfile profiles of directory `profiles`
     (copied), on `bus` (a new private one if None); returns once it has started
     (`nm-online --wait-for-startup`). `config`: more lines for its
@@ -279,7 +279,7 @@ class Networkd:
         """Read the configuration again and apply it (`networkctl reload`)."""
         self.networkctl("reload")
 
-    def wait_configured(self, ifname: str, timeout: float = 10.0) -> None:
+    def wait_configured(self, ifname: str, timeout: float = 60.0) -> None:
         """Until networkd says `ifname` is configured (or failed: an error).
         A link whose .network accepts router advertisements (the default)
         stays "configuring" until one comes: say `IPv6AcceptRA=no` if none will."""
@@ -304,7 +304,7 @@ class Networkd:
 
 
 def start_networkd(ns: Namespace, workdir: "str | os.PathLike", *, config: "str | os.PathLike | None" = None,
-                   bus: Optional[SystemBus] = None, timeout: float = 10.0) -> Networkd:
+                   bus: Optional[SystemBus] = None, timeout: float = 60.0) -> Networkd:
     """systemd-networkd in `ns` with the files of directory `config` as its
     /etc/systemd/network (copied; other configuration hidden), on `bus` (a new
     private one if None); returns once it reported ready (sd_notify READY=1)."""

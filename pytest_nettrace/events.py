@@ -10,7 +10,7 @@ import struct
 from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import symbols
-from .symbols import symbolize
+from .symbols import frame_function, symbolize
 
 # Mirrors bpf/nettrace.h
 NT_COMM_LEN = 16
@@ -51,7 +51,7 @@ class Header:
         `guess` when no stack was captured."""
         if not frames:
             return guess
-        names = {f.split("+", 1)[0] for f in frames}
+        names = {frame_function(f) for f in frames}
         if names.intersection(_HARDIRQ_FRAMES):
             return "hardirq"
         if names.intersection(_SOFTIRQ_FRAMES):

@@ -143,3 +143,10 @@ def _symbolize(addrs: Sequence[int]) -> List[str]:
     while i < len(frames) and (frames[i].startswith(_MACHINERY) or "[bpf]" in frames[i]):
         i += 1
     return frames[i:]
+
+
+def frame_function(frame: str) -> str:
+    """The bare function name of a symbolised frame: "nf_tables_newrule" of
+    "nf_tables_newrule [nf_tables]+0x1a" (a module's symbol; nf_tables is a
+    module on distribution kernels) or of "tcp_v4_rcv.cold+0x2"."""
+    return frame.split("+", 1)[0].split(" ", 1)[0].split(".", 1)[0]

@@ -26,7 +26,7 @@ def stale_lock() -> Iterator[None]:
         yield
 
 
-def run_session(directory, *args: str, timeout: float = 300, env: Optional[dict] = None,
+def run_session(directory, *args: str, timeout: float = 1800, env: Optional[dict] = None,
                 user: Optional[List[str]] = None) -> subprocess.CompletedProcess:
     """`pytest <args>` in `directory` (its own rootdir), output captured."""
     argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args]

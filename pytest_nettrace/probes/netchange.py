@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from .._linux import in_netns_at
 from ..events import HEADER, Event, Header, parse_address, user_name
 from ..libbpf import map_delete, map_update
-from ..symbols import function_ranges
+from ..symbols import frame_function, function_ranges
 from . import _nft
 from .nftrace import TABLE as NFTRACE_TABLE
 from .base import Plan, Probe
@@ -374,7 +374,7 @@ def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> None:
     the setting and the value written in `detail`. `name`/`value` are the
     thread's last sysctl write as bpf/sysctl.bpf.c recorded it (it is this
     write: the stack runs through the sysctl write handler)."""
-    present = [f.split("+", 1)[0].split(".", 1)[0] for f in ev.stack]
+    present = [frame_function(f) for f in ev.stack]
     if ev.cause != "kernel" or ev.pid is None or not set(present).intersection(_SYSCTL_WRITE_FRAMES):
         return
     setting = _cstr(name)
@@ -392,7 +392,7 @@ def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> T
     *this* change was asked for. The IPv6 addresses a link down removes are
     "kernel"/"link down" whether the down came over netlink or SIOCSIFFLAGS."""
     # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
-    present = {f.split("+", 1)[0].split(".", 1)[0] for f in frames}
+    present = {frame_function(f) for f in frames}
     follows = kind != "link" and present.intersection(_NOTIFIER_FRAMES)
     if not follows and present.intersection(_NETLINK_HANDLERS[kind]):
         return "netlink", None

@@ -7,6 +7,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from ..events import HEADER, Event, Header
+from ..symbols import frame_function
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
 
@@ -93,7 +94,7 @@ class RetransmitProbe(Probe):
             ev.total_retrans = total + 1  # request_sock.num_retrans grows after the tracepoint
         elif state_name == "SYN_SENT":
             ev.type = "syn"
-        elif any(f.split("+", 1)[0] in _LOSS_PROBE_FRAMES for f in ev.stack):
+        elif any(frame_function(f) in _LOSS_PROBE_FRAMES for f in ev.stack):
             ev.type = "loss_probe"
         else:
             ev.type = "retransmit"

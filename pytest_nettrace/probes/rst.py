@@ -7,6 +7,7 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
+from ..symbols import frame_function
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def _ep(addr, port) -> str:
 def _local_abort(state: str, frames: List[str]) -> bool:
     if state not in ("FIN_WAIT1", "FIN_WAIT2") or not frames:
         return False
-    names = [f.split("+", 1)[0].split(".", 1)[0] for f in frames]
+    names = [frame_function(f) for f in frames]
     return "tcp_rcv_state_process" in names and "tcp_validate_incoming" not in names
 
 
