@@ -33,6 +33,8 @@ def run_session(directory, *args: str, timeout: float = 1800, env: Optional[dict
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("PYTEST_XDIST_WORKER", None)
     full_env.pop("PYTEST_ADDOPTS", None)
+    # the captures an inner session keeps for its failing tests stay in the test's own directory
+    full_env.setdefault("TMPDIR", str(directory))
     return subprocess.run((user or []) + argv, cwd=str(directory), capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 
