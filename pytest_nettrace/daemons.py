@@ -160,27 +160,16 @@ level={log_level}
 NM_PRIVATE_DIRS = ("/run/NetworkManager", "/var/lib/NetworkManager", "/etc/NetworkManager")
 
 
-class NetworkManager:
-    """NetworkManager running in a namespace, on a private system bus.
+class _BusDaemon:
+    """A daemon the plugin started in a namespace, on a system bus (its own
+    when `own_bus`: stopped with it)."""
 
-    `profiles`: its keyfile directory (a copy of the test's profiles; what
-    `nmcli connection add` writes lands here too); `log`: its log;
-    `nmcli(...)`: nmcli bound to this instance."""
-
-    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, profiles: Path, log: Path,
-                 nmcli_path: str, own_bus: bool) -> None:
+    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, log: Path, own_bus: bool) -> None:
         self.ns = ns
         self.bus = bus
         self._own_bus = own_bus
         self.process = process
-        self.profiles = profiles
         self.log = log
-        self._nmcli = nmcli_path
-
-    def nmcli(self, *args: str, check: bool = True, wait: float = 20, timeout: float = 60) -> RunResult:
-        """`nmcli --wait <wait> ARGS` against this NetworkManager; with `check`,
-        a failure raises CommandFailed with nmcli's stderr."""
-        return self.bus.run([self._nmcli, "--wait", f"{wait:g}", *args], check=check, timeout=timeout)
 
     def stop(self) -> None:
         """Stop it (and the bus it started for itself)."""
@@ -189,7 +178,26 @@ class NetworkManager:
             self.bus.stop()
 
     def __repr__(self) -> str:
-        return f"<NetworkManager pid {self.process.pid} in {self.ns.name}>"
+        return f"<{type(self).__name__} pid {self.process.pid} in {self.ns.name}>"
+
+
+class NetworkManager(_BusDaemon):
+    """NetworkManager running in a namespace, on a private system bus.
+
+    `profiles`: its keyfile directory (a copy of the test's profiles; what
+    `nmcli connection add` writes lands here too); `log`: its log;
+    `nmcli(...)`: nmcli bound to this instance."""
+
+    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, profiles: Path, log: Path,
+                 nmcli_path: str, own_bus: bool) -> None:
+        super().__init__(ns, bus, process, log, own_bus)
+        self.profiles = profiles
+        self._nmcli = nmcli_path
+
+    def nmcli(self, *args: str, check: bool = True, wait: float = 20, timeout: float = 60) -> RunResult:
+        """`nmcli --wait <wait> ARGS` against this NetworkManager; with `check`,
+        a failure raises CommandFailed with nmcli's stderr."""
+        return self.bus.run([self._nmcli, "--wait", f"{wait:g}", *args], check=check, timeout=timeout)
 
 
 def copy_profiles(source: "str | os.PathLike | None", target: Path) -> None:
@@ -254,19 +262,15 @@ NETWORKD_PRIVATE_DIRS = ("/run/systemd",)
 NETWORKD_HIDDEN_IF_PRESENT = ("/usr/lib/systemd/network", "/usr/local/lib/systemd/network")
 
 
-class Networkd:
+class Networkd(_BusDaemon):
     """systemd-networkd running in a namespace (no systemd as PID 1 needed),
     on a private system bus, configured from the test's .network/.netdev
     files (`config`, a copy: change them there, then `reload()`)."""
 
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, config: Path, log: Path,
                  networkctl_path: str, own_bus: bool) -> None:
-        self.ns = ns
-        self.bus = bus
-        self._own_bus = own_bus
-        self.process = process
+        super().__init__(ns, bus, process, log, own_bus)
         self.config = config
-        self.log = log
         self._networkctl = networkctl_path
 
     def networkctl(self, *args: str, check: bool = True, timeout: float = 30) -> RunResult:
@@ -292,15 +296,6 @@ class Networkd:
             if setup == "failed" or time.monotonic() > deadline:
                 raise DaemonError(f"systemd-networkd: {ifname} is {setup!r}, not configured: {_tail(self.log)}")
             time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Stop it (and the bus it started for itself)."""
-        _stop(self.process)
-        if self._own_bus:
-            self.bus.stop()
-
-    def __repr__(self) -> str:
-        return f"<Networkd pid {self.process.pid} in {self.ns.name}>"
 
 
 def start_networkd(ns: Namespace, workdir: "str | os.PathLike", *, config: "str | os.PathLike | None" = None,
