@@ -60,9 +60,9 @@ def wrapper_ms(runs: int = 5) -> float:
 def engine_tracepoints() -> List[str]:
     """category:name of every tracepoint the default engine attaches (tp_btf
     programs), found in tracefs inside the same kind of private mount."""
-    from pytest_nettrace import libbpf as lb
-    from pytest_nettrace.capabilities import object_path
-    from pytest_nettrace.engine import OBJECT, Engine
+    from pytest_nettrace.kernel import libbpf as lb
+    from pytest_nettrace.kernel.capabilities import object_path
+    from pytest_nettrace.kernel.engine import OBJECT, Engine
     engine = Engine(background=False)
     try:
         wanted = {p for st in engine.status.values() if st.plan for p in st.plan.programs}

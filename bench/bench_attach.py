@@ -11,7 +11,7 @@ is what a user waits for.
 Kernel feature detection (`capabilities.features()`) runs once per process
 and is cached, so it is timed on its own (first call), apart from attaching.
 Target: attach median <= 30 ms. CO-RE relocation runs against the minimal
-BTF made once per boot (pytest_nettrace/corebtf.py); that one-time cost and
+BTF made once per boot (pytest_nettrace/kernel/corebtf.py); that one-time cost and
 the attach time against the full kernel BTF are printed apart.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from _common import median, need_root, p90, result, verdict
 
 TARGET_MS, CLOSE_MS = 30.0, 10.0
 
-ATTACH = ("from pytest_nettrace.engine import Engine; e = Engine(background=False); "
+ATTACH = ("from pytest_nettrace.kernel.engine import Engine; e = Engine(background=False); "
           "print('attached', flush=True); e.close()")
 
 
@@ -59,8 +59,8 @@ def main() -> None:
     need_root()
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     t0 = time.perf_counter()
-    from pytest_nettrace import capabilities
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel import capabilities
+    from pytest_nettrace.kernel.engine import Engine
     t1 = time.perf_counter()
     capabilities.features()
     detect_ms = (time.perf_counter() - t1) * 1e3
@@ -68,8 +68,8 @@ def main() -> None:
 
     import os
     import tempfile
-    from pytest_nettrace import corebtf
-    from pytest_nettrace.capabilities import object_path
+    from pytest_nettrace.kernel import corebtf
+    from pytest_nettrace.kernel.capabilities import object_path
     with tempfile.TemporaryDirectory() as scratch:  # the once-per-boot cost, apart
         real_dir, corebtf.RUN_DIR = corebtf.RUN_DIR, scratch
         t = time.perf_counter()

@@ -66,7 +66,7 @@ def main() -> None:
     need_root()
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 

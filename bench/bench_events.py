@@ -66,7 +66,7 @@ def generate(ns, procs: int, rate: float, seconds: float) -> tuple:
 
 
 def end_to_end(quick: bool) -> None:
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.probes.rst import RstProbe
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
@@ -108,7 +108,7 @@ def end_to_end(quick: bool) -> None:
 
 
 def consumer(quick: bool) -> None:
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.probes.rst import RstProbe
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace

@@ -70,7 +70,7 @@ def ip_commands(runs: int) -> float:
 
 
 def trace_cycle(runs: int) -> float:
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 

@@ -43,7 +43,7 @@ def workloads() -> dict:
 def main() -> None:
     need_root()
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 

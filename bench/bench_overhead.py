@@ -45,7 +45,7 @@ def main() -> None:
         sys.exit("bench_overhead: iperf3 not installed")
     pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 

@@ -16,15 +16,15 @@ import tempfile
 import threading
 from typing import Callable, List, Optional, Sequence, TextIO
 
-from .capabilities import DEFAULT_BTF, features
-from .engine import DEFAULT_RINGBUF, Engine
+from .kernel.capabilities import DEFAULT_BTF, features
+from .kernel.engine import DEFAULT_RINGBUF, Engine
 from .errors import NettraceError
 from .events import Event
-from .gates import ForbidRule, GateSpecError, parse_rules
-from .jsonl import event_json
+from .report.gates import ForbidRule, GateSpecError, parse_rules
+from .report.jsonl import event_json
 from .probes.base import Probe
 from .probes.registry import all_probes, kinds
-from .timeline import _BACKGROUND_KINDS as BACKGROUND_KINDS, seed_line
+from .report.timeline import _BACKGROUND_KINDS as BACKGROUND_KINDS, seed_line
 from .trace import Trace
 
 PROG = "nettrace"

@@ -9,8 +9,8 @@ import socket
 import struct
 from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from . import symbols
-from .symbols import frame_function, symbolize
+from .kernel import symbols
+from .kernel.symbols import frame_function, symbolize
 
 # Mirrors bpf/nettrace.h
 NT_COMM_LEN = 16

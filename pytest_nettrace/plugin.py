@@ -15,13 +15,14 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 import pytest
 
-from . import captures, daemons, gates
-from .capabilities import DEFAULT_BTF, features
-from .engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_refused
+from .report import captures, gates
+from .netns import daemons
+from .kernel.capabilities import DEFAULT_BTF, features
+from .kernel.engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_refused
 from .errors import LeftAlone, NamespaceError, NettraceError
-from .gates import GateSpec, GateSpecError
-from .netns import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
-from .report import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
+from .report.gates import GateSpec, GateSpecError
+from .netns.namespace import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
+from .report.section import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
                      pcap_copy_path, prepare_dir, write_files)
 from .selection import select as select_probes
 from .trace import Trace
@@ -365,7 +366,7 @@ def dbus_system_bus(request: pytest.FixtureRequest, netns: Namespace,
     `.process`, `.log`. dbus-daemon listens on an abstract socket of the
     namespace, so only its programs reach it; it allows everything. Stopped
     after the test. For a bus in another namespace:
-    `pytest_nettrace.daemons.start_system_bus(ns, workdir)`.
+    `pytest_nettrace.netns.daemons.start_system_bus(ns, workdir)`.
 
     Example::
 

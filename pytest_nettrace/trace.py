@@ -9,12 +9,12 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
-from .engine import Engine
+from .kernel.engine import Engine
 from .errors import EventsLost, NettraceError
 from . import sequence
 from .events import Event, check_filters, describe_filters, matches
 from .probes.registry import API_MIXINS, check_filters_any_kind, kind_info, kinds
-from .timeline import render_failure, seed_line
+from .report.timeline import render_failure, seed_line
 
 _kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode

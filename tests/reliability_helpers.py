@@ -12,7 +12,7 @@ from typing import Iterator, List, Optional, Set
 
 from netns_helpers import host_network_state
 
-from pytest_nettrace._netns_registry import STALE_LOCK
+from pytest_nettrace.netns.ownership import STALE_LOCK
 
 @contextmanager
 def stale_lock() -> Iterator[None]:

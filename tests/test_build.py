@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_nettrace import capabilities
+from pytest_nettrace.kernel import capabilities
 
 REPO = Path(__file__).resolve().parent.parent
 BPF = REPO / "bpf"

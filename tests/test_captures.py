@@ -82,7 +82,7 @@ def test_stale_directories_of_live_sessions_are_left_alone(tmpdir_env, monkeypat
     """A directory goes only when no process holds its owner lock (a pid check
     would remove a live session's seen from another PID namespace)."""
     import fcntl
-    from pytest_nettrace import captures
+    from pytest_nettrace.report import captures
     monkeypatch.setattr(captures.tempfile, "tempdir", str(tmpdir_env))
     live = tmpdir_env / "nettrace-1-1"          # its owner's pid as seen from elsewhere means nothing
     dead = tmpdir_env / "nettrace-999999999-1"
@@ -107,7 +107,7 @@ def test_a_session_in_another_pid_namespace_leaves_ours_alone(pytester, tmpdir_e
     session's directory is in use."""
     if subprocess.run(["which", "unshare"], capture_output=True).returncode:
         pytest.skip("unshare (util-linux) not installed")
-    from pytest_nettrace import captures
+    from pytest_nettrace.report import captures
     held = captures.capture_path("tests/x.py::test_held")  # this process's directory, locked
     with open(held, "wb"):
         pass

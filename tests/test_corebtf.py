@@ -1,4 +1,4 @@
-"""The minimal CO-RE BTF (pytest_nettrace/corebtf.py): made once per boot,
+"""The minimal CO-RE BTF (pytest_nettrace/kernel/corebtf.py): made once per boot,
 used only when relocating against it changes no instruction."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from pytest_nettrace import corebtf
-from pytest_nettrace.capabilities import object_path
+from pytest_nettrace.kernel import corebtf
+from pytest_nettrace.kernel.capabilities import object_path
 
 needs_bpftool = pytest.mark.skipif(shutil.which("bpftool") is None,
                                    reason="bpftool (Debian package bpftool) is not installed")
@@ -58,7 +58,7 @@ def test_no_bpftool_or_another_btf_means_the_full_btf(tmp_path, monkeypatch):
 
 @needs_bpftool
 def test_first_engine_of_a_boot_makes_it_for_the_next(tmp_path, monkeypatch):
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     monkeypatch.delenv("NETTRACE_FULL_BTF", raising=False)
     monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
     obj = object_path("nettrace.bpf.o")

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from pytest_nettrace.daemons import DaemonNotInstalled, find_program
+from pytest_nettrace.netns.daemons import DaemonNotInstalled, find_program
 from pytest_nettrace.errors import NamespaceError
 
 
@@ -143,7 +143,7 @@ def test_a_missing_daemon_names_its_package():
 
 def test_a_missing_daemon_skips_or_errors(pytester):
     pytester.makepyfile(test_x="""
-from pytest_nettrace import daemons
+from pytest_nettrace.netns import daemons
 def test_x(monkeypatch, networkmanager):
     monkeypatch.setattr(daemons, "SEARCH_PATH", "/nonexistent")
     networkmanager()

@@ -122,7 +122,7 @@ def test_a_repeated_stack_is_symbolised_and_judged_once(trace, monkeypatch):
 
 
 def test_a_changed_symbol_table_makes_contexts_judged_again(monkeypatch):
-    from pytest_nettrace import symbols
+    from pytest_nettrace.kernel import symbols
     monkeypatch.setattr(events_mod, "_contexts", {})
     rec = rst_record(1)
     probe = RstProbe()

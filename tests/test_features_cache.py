@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pytest_nettrace import capabilities
+from pytest_nettrace.kernel import capabilities
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loads BPF programs)")
 

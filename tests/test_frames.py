@@ -2,7 +2,7 @@
 on distribution kernels): every decision made on function names must see
 through it. Root-free."""
 from pytest_nettrace.events import HEADER, Header
-from pytest_nettrace.symbols import frame_function
+from pytest_nettrace.kernel.symbols import frame_function
 
 
 def test_frame_function_strips_offset_module_and_suffix():

@@ -8,8 +8,8 @@ import textwrap
 
 import pytest
 
-from pytest_nettrace.engine import Engine
-from pytest_nettrace.gates import ForbidRule, GateSpecError, check, parse_marker, parse_rules
+from pytest_nettrace.kernel.engine import Engine
+from pytest_nettrace.report.gates import ForbidRule, GateSpecError, check, parse_marker, parse_rules
 from pytest_nettrace.probes.registry import kinds
 from pytest_nettrace.trace import Trace
 

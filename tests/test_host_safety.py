@@ -534,7 +534,7 @@ def test_report_files_replace_a_link_planted_by_an_unprivileged_user_and_are_own
 
 
 def _planted_links_are_replaced(tmp_path, shared):
-    from pytest_nettrace.report import file_stem
+    from pytest_nettrace.report.section import file_stem
 
     victim = shared / "victim.conf"
     victim.write_text("precious\n")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_nettrace.capabilities import features
-from pytest_nettrace.engine import Engine
+from pytest_nettrace.kernel.capabilities import features
+from pytest_nettrace.kernel.engine import Engine
 from pytest_nettrace.netns import KIND_DUMMY, NamespaceFactory, dummy_supported
 from pytest_nettrace.trace import Trace
 

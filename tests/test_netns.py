@@ -13,7 +13,7 @@ import pytest
 from netns_helpers import ip_json
 
 from pytest_nettrace.errors import LeftAlone, NamespaceError, NetlinkOperationError
-from pytest_nettrace.netns import (
+from pytest_nettrace.netns.namespace import (
     KIND_DUMMY,
     KIND_DUMMY_STANDIN,
     CommandFailed,
@@ -231,7 +231,7 @@ def test_a_process_in_the_middle_of_its_exec_is_still_known_by_its_token(netns: 
     # Right after Popen returns, a third of the children still read an empty
     # environment (their exec is not done): a daemon that detached (no
     # ancestry to go by) caught at that moment must not pass for a stranger.
-    from pytest_nettrace import _netns_registry, _procs
+    from pytest_nettrace.netns import ownership as _netns_registry, procs as _procs
 
     token = _netns_registry.record().token
     for _ in range(30):
@@ -246,7 +246,7 @@ def test_a_process_in_the_middle_of_its_exec_is_still_known_by_its_token(netns: 
 
 def test_a_holder_is_reported_only_for_the_very_namespace_not_one_that_got_its_inode() -> None:
     # The kernel reuses a freed namespace's inode; its cookie is never reused.
-    from pytest_nettrace import _linux, _procs
+    from pytest_nettrace.netns import linux as _linux, procs as _procs
 
     holder = subprocess.Popen(["unshare", "--net", "sleep", "300"])
     try:

@@ -374,7 +374,7 @@ def test_tiny_ring_flood_makes_every_negative_assertion_fail_with_the_loss_count
     import time
 
     from pytest_nettrace import EventsLost
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.probes.registry import kinds
     from pytest_nettrace.trace import Trace
 
@@ -483,12 +483,12 @@ def test_a_ring_size_the_kernel_refuses_is_a_usage_error_before_any_test(tmp_pat
 
 
 def test_ring_size_probe_takes_what_the_kernel_takes():
-    from pytest_nettrace.engine import ring_size_refused
+    from pytest_nettrace.kernel.engine import ring_size_refused
     assert ring_size_refused(4096) is None and ring_size_refused(8 << 20) is None
 
 
 def test_garbage_btf_is_named_in_libbpf_words(tmp_path):
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.errors import UnsupportedKernel
     garbage = tmp_path / "vmlinux"
     garbage.write_bytes(b"neither BTF nor ELF" * 100)
@@ -585,7 +585,7 @@ def test_watching_an_inode_no_namespace_has_is_an_error(nettrace):
 
 
 def test_engine_rejects_a_bad_ring_size():
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     with pytest.raises(ValueError, match=r"ring buffer size 1000 must be a power of two >= 4096"):
         Engine(ringbuf_size=1000, background=False)
 
@@ -594,8 +594,8 @@ def test_ring_wait_returns_on_wake_long_before_its_timeout():
     """Engine.close() wakes the drain thread instead of waiting out its poll
     timeout (which was most of close())."""
     import threading
-    from pytest_nettrace import libbpf as lb
-    from pytest_nettrace.ringbuf import RingBuffer
+    from pytest_nettrace.kernel import libbpf as lb
+    from pytest_nettrace.kernel.ringbuf import RingBuffer
     fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "t_ring", 0, 0, 4096)
     ring = RingBuffer(fd, 4096)
     try:
@@ -610,7 +610,7 @@ def test_ring_wait_returns_on_wake_long_before_its_timeout():
 
 
 def test_engine_close_stops_the_drain_thread():
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     engine = Engine()
     thread = engine._thread
     engine.close()
@@ -635,7 +635,7 @@ def test_unprivileged_engine_raises_unsupported_kernel_naming_not_root(tmp_path)
     import subprocess
     if not _unprivileged_python_works():
         pytest.skip("cannot run this Python as uid 65534 (setpriv missing or interpreter unreadable)")
-    code = ("from pytest_nettrace.engine import Engine\n"
+    code = ("from pytest_nettrace.kernel.engine import Engine\n"
             "from pytest_nettrace.errors import UnsupportedKernel\n"
             "try:\n    Engine(background=False)\n"
             "except UnsupportedKernel as e:\n    print('UnsupportedKernel:', e)\n"

@@ -12,8 +12,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from pytest_nettrace.jsonl import event_json, jsonable, read_events, select_events, write_events
-from pytest_nettrace.report import TraceRecord, file_stem
+from pytest_nettrace.report.jsonl import event_json, jsonable, read_events, select_events, write_events
+from pytest_nettrace.report.section import TraceRecord, file_stem
 
 from traffic import connect_refused
 

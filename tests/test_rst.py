@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from pytest_nettrace import EventsLost
-from pytest_nettrace.engine import Engine
+from pytest_nettrace.kernel.engine import Engine
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.trace import Trace
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pytest_nettrace import EventsLost, forbid, ref, step
-from pytest_nettrace.engine import Engine
+from pytest_nettrace.kernel.engine import Engine
 from pytest_nettrace.probes.conn import ConnEvent
 from pytest_nettrace.probes.netchange import AddrEvent
 from pytest_nettrace.probes.registry import all_probes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from pytest_nettrace import symbols
+from pytest_nettrace.kernel import symbols
 
 
 def test_function_ranges_match_kallsyms_and_are_cached_per_boot():

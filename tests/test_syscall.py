@@ -145,7 +145,7 @@ def test_recorded_again_after_the_engine_had_nothing_to_watch(netns_factory):
     """The host-wide programs return at once while nothing is watched (a
     count the engine keeps in the kernel): watching again must bring them
     back, and a call made while idle must not show up later."""
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.trace import Trace
     from pytest_nettrace.probes.syscall import SyscallProbe
     engine = Engine(background=False, probes=[SyscallProbe()])

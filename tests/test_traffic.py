@@ -122,8 +122,8 @@ def test_counters_start_at_zero_for_each_test(nettrace, netns):
 @pytest.mark.stock_kernel
 def test_owners_from_fentry_on_kernels_without_sock_length_tracepoints(make_netns):
     """The fallback for kernels < 6.3; here it needs fentry, so ci/vm-test runs it."""
-    from pytest_nettrace.capabilities import features
-    from pytest_nettrace.engine import Engine
+    from pytest_nettrace.kernel.capabilities import features
+    from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.trace import Trace
 
     if not features().fentry:

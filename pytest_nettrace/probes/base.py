@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
 from ..events import Event, Header
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
-    from ..libbpf import BpfObject
+    from ..kernel.capabilities import KernelFeatures
+    from ..kernel.libbpf import BpfObject
 
 
 @dataclass

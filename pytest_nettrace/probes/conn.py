@@ -17,7 +17,7 @@ from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
+    from ..kernel.capabilities import KernelFeatures
 
 NT_KIND_CONN = 4
 _BODY = struct.Struct("<QQQQIII16sBBBBBBHHH16s16s")  # struct conn_event after the header

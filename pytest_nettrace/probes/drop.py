@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optiona
 
 from ..errors import EventsLost
 from ..events import HEADER, Event, Header, describe_filters, matches
-from ..libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
-from ..symbols import kallsyms, symbolize
+from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
+from ..kernel.symbols import kallsyms, symbolize
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
-    from ..libbpf import BpfObject
+    from ..kernel.capabilities import KernelFeatures
+    from ..kernel.libbpf import BpfObject
 
 NT_KIND_DROP = 3
 DETAIL_BUDGET = 256  # detailed drop events per watched namespace (per test)

@@ -16,17 +16,17 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
-from .._linux import in_netns_at
+from ..netns.linux import in_netns_at
 from ..events import HEADER, Event, Header, parse_address, user_name
-from ..libbpf import map_delete, map_update
-from ..symbols import frame_function, function_ranges
+from ..kernel.libbpf import map_delete, map_update
+from ..kernel.symbols import frame_function, function_ranges
 from . import _nft
 from .nftrace import TABLE as NFTRACE_TABLE
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
-    from ..libbpf import BpfObject
+    from ..kernel.capabilities import KernelFeatures
+    from ..kernel.libbpf import BpfObject
 
 NT_KIND_NLMSG = 2
 NC_MSG_MAX, NC_CMDLINE_MAX = 1024, 256

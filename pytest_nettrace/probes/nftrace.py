@@ -29,14 +29,14 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from .._linux import in_netns_at
+from ..netns.linux import in_netns_at
 from ..errors import NettraceError
 from ..events import Event, Header
 from . import _nft
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
+    from ..kernel.capabilities import KernelFeatures
 
 NT_KIND_NFTRACE = 10  # no BPF records: losses are counted here
 TABLE = "nettrace_trace"

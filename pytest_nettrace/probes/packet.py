@@ -27,13 +27,13 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
-from .._linux import in_netns_at
-from ..captures import capture_path
+from ..netns.linux import in_netns_at
+from ..report.captures import capture_path
 from ..events import Event, Header
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
+    from ..kernel.capabilities import KernelFeatures
 
 NT_KIND_PACKET = 8
 # The ring: the kernel copies each packet (up to SNAPLEN) into the next free
@@ -646,7 +646,7 @@ class PacketApi:
     def new_capture_path(self) -> str:
         """Where this trace's pcapng is written: the process's capture
         directory, whose passing tests' files the plugin removes at teardown
-        (pytest_nettrace.captures); `nettrace watch` chooses its own."""
+        (pytest_nettrace.report.captures); `nettrace watch` chooses its own."""
         return capture_path(self.name or "capture")
 
     def _sync(self) -> None:
@@ -683,7 +683,7 @@ class PacketApi:
     def tcpdump(self, **filters: Any) -> str:
         """The packets as `tcpdump -i any` prints them, one line each, with
         "<namespace>:<device> In/Out"."""
-        from ..timeline import wall_clock
+        from ..report.timeline import wall_clock
         return "\n".join(f"{wall_clock(e.timestamp):%H:%M:%S.%f} {self.label(e.netns)}:{e.dev} "
                          f"{e.direction.capitalize()} {e.describe()}" for e in self.packets(**filters))
 

@@ -7,12 +7,12 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from ..events import HEADER, Event, Header
-from ..symbols import frame_function
+from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
+    from ..kernel.capabilities import KernelFeatures
 
 NT_KIND_RETRANS = 5
 _BODY = struct.Struct("<QIIBBBBHH16s16s")  # struct retrans_event after the header

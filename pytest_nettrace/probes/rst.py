@@ -7,11 +7,11 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
-from ..symbols import frame_function
+from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
+    from ..kernel.capabilities import KernelFeatures
 
 NT_KIND_RST = 1
 _BODY = struct.Struct("<BBBBiHH16s16s")  # struct rst_event after the header

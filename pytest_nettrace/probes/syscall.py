@@ -18,12 +18,12 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
-from ..libbpf import map_delete, map_items, map_update
+from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
-    from ..libbpf import BpfObject
+    from ..kernel.capabilities import KernelFeatures
+    from ..kernel.libbpf import BpfObject
 
 NT_KIND_SYSCALL = 6
 _BODY = struct.Struct("<6QqQHHiiB3x112s")  # struct syscall_event after the header

@@ -19,7 +19,7 @@ from ..events import HEADER, Event, Header, user_name
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
+    from ..kernel.capabilities import KernelFeatures
 
 NT_KIND_SYSCTL = 9
 SY_NAME_MAX, SY_VALUE_MAX, SY_CMDLINE_MAX = 128, 64, 256

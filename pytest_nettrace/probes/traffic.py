@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import EventsLost
 from ..events import describe_filters, matches
-from ..libbpf import map_delete_where, map_items
+from ..kernel.libbpf import map_delete_where, map_items
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
-    from ..capabilities import KernelFeatures
-    from ..libbpf import BpfObject
+    from ..kernel.capabilities import KernelFeatures
+    from ..kernel.libbpf import BpfObject
 
 NT_KIND_TRAFFIC = 7
 _KEY = struct.Struct("<IIHBx")          # struct traffic_key

@@ -7,7 +7,7 @@ import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._boot import RUN_DIR, boot_id
+from ..runtime import RUN_DIR, boot_id
 
 _lock = threading.Lock()
 _table: Optional["Kallsyms"] = None

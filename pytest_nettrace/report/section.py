@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Set
 
 from . import jsonl
 from .captures import file_stem
-from .events import Event
-from .probes.registry import kinds
+from ..events import Event
+from ..probes.registry import kinds
 from .timeline import WIDTH, focus, is_background, render_timeline
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    from ..trace import Trace
 
 SECTION = "network events"
 # Kinds that usually mean trouble: a test that saw them without looking is listed.

@@ -7,10 +7,10 @@ import textwrap
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .events import Event
+from ..events import Event
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    from ..trace import Trace
 
 WIDTH = 100
 MAX_ROWS = 40

@@ -15,7 +15,7 @@ import re
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from .errors import ProbeLoadError, UnsupportedKernel
+from ..errors import ProbeLoadError, UnsupportedKernel
 
 # enum bpf_map_type values used here (uapi/linux/bpf.h)
 BPF_MAP_TYPE_HASH = 1

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from typing import List, Optional, Set
 
-from ._linux import process_start_time
+from ..netns.linux import process_start_time
 
 PREFIX = "nettrace-"
 _NAME_RE = re.compile(r"^nettrace-(\d+)-(\d+)$")

@@ -28,8 +28,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from ._boot import RUN_DIR
-from ._linux import bind_mount, make_shared, process_start_time, umount_detach
+from ..runtime import RUN_DIR
+from .linux import bind_mount, make_shared, process_start_time, umount_detach
 
 NETNS_RUN_DIR = "/run/netns"
 SESSIONS_DIR = os.path.join(RUN_DIR, "sessions")

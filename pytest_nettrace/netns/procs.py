@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from ._linux import netns_cookie_at, netns_inode_of, process_start_time
+from .linux import netns_cookie_at, netns_inode_of, process_start_time
 
 
 @dataclass

@@ -27,7 +27,7 @@ import threading
 from typing import Optional
 
 from . import libbpf as lb
-from ._boot import RUN_DIR, boot_id
+from ..runtime import RUN_DIR, boot_id
 
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 

@@ -17,9 +17,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from . import corebtf
-from .errors import ProbeLoadError, UnsupportedKernel
-from .events import HEADER, NT_MAX_KINDS, Event, Header
-from .probes.base import Plan, Probe
+from ..errors import ProbeLoadError, UnsupportedKernel
+from ..events import HEADER, NT_MAX_KINDS, Event, Header
+from ..probes.base import Plan, Probe
 from . import symbols
 from .ringbuf import RingBuffer
 
@@ -45,7 +45,7 @@ def _own_pid_namespace() -> int:
 
 
 def default_probes() -> List[Probe]:
-    from .probes import registry
+    from ..probes import registry
     return registry.all_probes()
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import libbpf as lb
-from ._boot import RUN_DIR, boot_id
-from .errors import NettraceError, UnsupportedKernel
+from ..runtime import RUN_DIR, boot_id
+from ..errors import NettraceError, UnsupportedKernel
 
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
-OBJECT_DIR = os.path.join(os.path.dirname(__file__), "bpf")
+OBJECT_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "bpf")
 # platform.machine() -> the directory of the objects built for it (bpf/Makefile's ARCHES)
 OBJECT_ARCHES = {"x86_64": "x86", "aarch64": "arm64"}
 

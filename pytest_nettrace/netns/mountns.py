@@ -20,9 +20,9 @@ import stat
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from ._linux import (MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_SLAVE, join_mountns, mount, umount2,
+from .linux import (MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_SLAVE, join_mountns, mount, umount2,
                      unshare_mountns)
-from .errors import NamespaceError
+from ..errors import NamespaceError
 
 NETNS_ETC_DIR = "/etc/netns"
 

@@ -12,12 +12,12 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .events import Event
-from .probes.registry import kinds
+from ..events import Event
+from ..probes.registry import kinds
 from .timeline import WIDTH, seed_line
 
 if TYPE_CHECKING:
-    from .trace import Trace
+    from ..trace import Trace
 
 MARKER_ARGS = ("forbid", "watch_host", "nft_trace")
 

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from ._procs import stop_popen
-from .errors import NettraceError
-from .netns import Namespace, RunResult
+from .procs import stop_popen
+from ..errors import NettraceError
+from .namespace import Namespace, RunResult
 
 __all__ = ["DaemonError", "DaemonNotInstalled", "SystemBus", "NetworkManager", "Networkd", "find_program",
            "start_system_bus", "start_networkmanager", "start_networkd"]

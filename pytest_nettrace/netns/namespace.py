@@ -28,12 +28,12 @@ from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_GETADDR, RTM_GETLINK, RTM_NEW
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD, ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import IFF_UP, ifinfmsg
 
-from . import _mountns
-from . import _netns_registry as registry
-from . import _procs as procs
-from ._linux import netns_cookie_at, netns_inode_of, process_start_time, run_in_thread
-from ._rtnl import NLM_F_DUMP, KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
-from .errors import LeftAlone, NamespaceError, NetlinkOperationError
+from . import mountns as _mountns
+from . import ownership as registry
+from . import procs as procs
+from .linux import netns_cookie_at, netns_inode_of, process_start_time, run_in_thread
+from .rtnl import NLM_F_DUMP, KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
+from ..errors import LeftAlone, NamespaceError, NetlinkOperationError
 
 __all__ = [
     "KIND_DUMMY",

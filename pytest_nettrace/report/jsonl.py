@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import IO, Any, Dict, Iterable, List, Optional
 
-from .events import Event, check_filters, matches
-from .probes.registry import check_filters_any_kind, kind_info
+from ..events import Event, check_filters, matches
+from ..probes.registry import check_filters_any_kind, kind_info
 
 
 def event_json(event: Event) -> str:
