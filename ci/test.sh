@@ -26,7 +26,7 @@ check() {
     if [ "$rc" -eq 5 ]; then echo "test.sh: $what: no test ran" >&2; rc=1; fi
     if [ "$rc" -ne 0 ]; then echo "test.sh: $what failed ($rc)" >&2; exit "$rc"; fi
 }
-PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -rs)
+PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -rfEs)
 
 stage "offline checks of the shipped probes"
 "${PYTEST[@]}" -q tests/test_build.py
@@ -59,7 +59,7 @@ if [ "${NETTRACE_VM:-1}" != 0 ] && [ -x ci/vm-test ]; then
     for kernel in ${NETTRACE_VM_KERNELS:-6.1 6.12}; do
         stage "the whole suite on Debian's $kernel kernel (ci/vm-test)"
         # the VM's own timeout bounds the boot and the run; timeout(1) is a backstop
-        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -v -rs -p no:cacheprovider -m "not host_safety" "${VM_KNOWN[@]}" tests/
+        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -v -rfEs -p no:cacheprovider -m "not host_safety" "${VM_KNOWN[@]}" tests/
         check $? "VM stage ($kernel)"
     done
 fi
