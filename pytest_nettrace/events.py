@@ -83,6 +83,146 @@ def _context(hdr: Header, addrs: Tuple[int, ...], guess: str) -> str:
     return ctx
 
 
+# -- field types: how a field is filtered, matched and written as JSON ---------
+
+_ADDR_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+_IFACE_TYPES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface)
+_NET_TYPES = (ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+class FieldType:
+    """What a field holds, declared on its Event class (`TYPES`): how a
+    filter's value is checked (`check`: a usage error names a value the field
+    cannot take), how an event's value is compared with it (`matches`) and
+    how it is written to and read from JSON. This plain type takes values as
+    they are."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        """`value` as a filter compares it; ValueError when `field` of `owner`
+        (an Event class) cannot hold it."""
+        return value
+
+    def matches(self, actual: Any, wanted: Any) -> bool:
+        return bool(actual == wanted)
+
+    def to_json(self, value: Any) -> Any:
+        return value
+
+    def from_json(self, value: Any) -> Any:
+        return value
+
+
+class Choice(FieldType):
+    """One of a known set: the class's VALUES for the field (`action`: its ACTIONS)."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        valid = owner.valid_values(field)
+        if valid is not None and value not in valid:
+            shown = ", ".join(repr(v) if not isinstance(v, str) else v for v in valid) or "(none on this kernel)"
+            raise ValueError(f"unknown {field} {value!r} for {owner.kind!r} events; valid: {shown}")
+        return value
+
+
+class Family(Choice):
+    """4 or 6, however a filter spells it ("ipv6", "AF_INET6", socket.AF_INET6)."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        return super().check(owner, field, parse_family(value))
+
+
+class Address(FieldType):
+    """An IP address or interface (address/len); a filter gives any form
+    `ipaddress` parses, compared as addresses (an interface filter needs the
+    length too)."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        parse_address(value, field)
+        return value
+
+    def matches(self, actual: Any, wanted: Any) -> bool:
+        if not isinstance(actual, _ADDR_TYPES + _IFACE_TYPES + _NET_TYPES) or isinstance(wanted, bool):
+            return bool(actual == wanted)
+        want = parse_address(wanted, "address")
+        if isinstance(actual, _IFACE_TYPES):
+            if isinstance(want, _IFACE_TYPES):
+                return bool(actual == want)
+            return bool(actual.ip == want)
+        if isinstance(actual, _NET_TYPES):
+            if isinstance(want, _IFACE_TYPES):
+                return actual == want.network and want.ip == want.network.network_address
+            return bool(actual == ipaddress.ip_network(want))
+        if isinstance(want, _IFACE_TYPES):
+            return bool(actual == want.ip)
+        return bool(actual == want)
+
+    def to_json(self, value: Any) -> Any:
+        return None if value is None else str(value)
+
+    def from_json(self, value: Any) -> Any:
+        return parse_address(value) if isinstance(value, str) else value
+
+
+class Network(Address):
+    """A prefix (a route's or a rule's destination); `"default"`, as `ip
+    route` says it, is 0.0.0.0/0 or ::/0."""
+
+    DEFAULT = "default"
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        return value if value == self.DEFAULT else super().check(owner, field, value)
+
+    def matches(self, actual: Any, wanted: Any) -> bool:
+        if wanted == self.DEFAULT and isinstance(actual, _NET_TYPES):
+            return actual.prefixlen == 0
+        return super().matches(actual, wanted)
+
+    def from_json(self, value: Any) -> Any:
+        return ipaddress.ip_network(value, strict=False) if isinstance(value, str) else value
+
+
+class Comm(FieldType):
+    """A task's name: the kernel keeps 15 bytes of it ("systemd-networkd" is
+    "systemd-network" in every event), and a filter says it in full."""
+
+    LEN = 16  # TASK_COMM_LEN, with the NUL
+
+    def matches(self, actual: Any, wanted: Any) -> bool:
+        if isinstance(wanted, str) and isinstance(actual, str):
+            return actual == wanted.encode()[:self.LEN - 1].decode(errors="ignore")
+        return bool(actual == wanted)
+
+
+class Hex(FieldType):
+    """Bytes (a packet's payload), as hex in JSON."""
+
+    def to_json(self, value: Any) -> Any:
+        return value.hex() if isinstance(value, (bytes, bytearray)) else value
+
+    def from_json(self, value: Any) -> Any:
+        return bytes.fromhex(value) if isinstance(value, str) else value
+
+
+PLAIN = FieldType()
+CHOICE = Choice()
+FAMILY = Family()
+ADDRESS = Address()
+NETWORK = Network()
+COMM = Comm()
+HEX = Hex()
+
+
+def field_type(owner: Any, field: str) -> FieldType:
+    """The declared type of `field` on `owner` (an Event class, or any class
+    with FIELDS): its TYPES entry; a Choice where it has known values; plain
+    otherwise."""
+    declared = getattr(owner, "TYPES", {}).get(field)
+    if declared is not None:
+        return declared
+    if field in getattr(owner, "VALUES", {}) or (field == "action" and getattr(owner, "ACTIONS", None)):
+        return CHOICE
+    return PLAIN
+
+
 class Event:
     """One thing the kernel did, in one watched network namespace.
 
@@ -96,7 +236,10 @@ class Event:
     kind: ClassVar[str] = "event"
     FIELDS: ClassVar[Tuple[str, ...]] = (
         "kind", "timestamp", "netns", "pid", "tid", "comm", "uid", "ppid", "parent_comm", "context", "stack")
-    ADDRESS_FIELDS: ClassVar[Tuple[str, ...]] = ()  # filters on these are parsed up front
+    # Each field's type where it is not plain (`FieldType`): how filters on
+    # it are checked and compared, and how JSON holds it. A class declares its
+    # own; those of its bases are merged in (`__init_subclass__`).
+    TYPES: ClassVar[Dict[str, "FieldType"]] = {"comm": COMM, "parent_comm": COMM, "family": FAMILY}
     # The values a field can take, where they are a known set: a filter with
     # any other value is a usage error listing these (a typo must not make a
     # negative assertion pass). A callable gives them when asked (values the
@@ -106,6 +249,22 @@ class Event:
         "family": IP_FAMILIES,
     }
 
+    # -- the kind's policy, read by the generic layers (reports, the CLI) --
+    # A high-volume view (packets, syscalls): `nettrace watch` leaves it out
+    # unless asked for, and timelines count its events instead of listing
+    # them unless its kind is the one asserted on.
+    HIGH_VOLUME: ClassVar[bool] = False
+    # Usually means trouble: a test that saw such an event (not background)
+    # without reading or asserting on its kind is named in the session summary.
+    ALARM: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        merged: Dict[str, FieldType] = {}
+        for base in reversed(cls.__mro__[1:]):
+            merged.update(getattr(base, "TYPES", {}))
+        cls.TYPES = {**merged, **cls.__dict__.get("TYPES", {})}
+
     @classmethod
     def valid_values(cls, field: str) -> Optional[Collection[Any]]:
         """The values `field` can take, or None when it is not a known set
@@ -114,19 +273,6 @@ class Event:
         if values is None and field == "action":
             return getattr(cls, "ACTIONS", None)
         return values() if callable(values) else values
-
-    @classmethod
-    def filter_value(cls, field: str, value: Any) -> Any:
-        """`value` as a filter on `field` compares it: spelled-out forms in the
-        stored form (`family="AF_INET6"` -> 6); ValueError naming a value the
-        field cannot take."""
-        if field == "family" and cls.VALUES.get("family") is IP_FAMILIES:
-            value = parse_family(value)
-        valid = cls.valid_values(field)
-        if valid is not None and value not in valid:
-            shown = ", ".join(repr(v) if not isinstance(v, str) else v for v in valid) or "(none on this kernel)"
-            raise ValueError(f"unknown {field} {value!r} for {cls.kind!r} events; valid: {shown}")
-        return value
 
     def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
                  context_guess: str = "process", **fields: Any) -> None:
@@ -167,38 +313,21 @@ class Event:
         return cls.FIELDS
 
     def as_dict(self) -> Dict[str, Any]:
-        """JSON-ready dict: addresses as strings, bytes as hex, everything else as is."""
-        out: Dict[str, Any] = {}
-        for name in self.FIELDS:
-            v = getattr(self, name, None)
-            if isinstance(v, (ipaddress.IPv4Address, ipaddress.IPv6Address,
-                              ipaddress.IPv4Interface, ipaddress.IPv6Interface,
-                              ipaddress.IPv4Network, ipaddress.IPv6Network)):
-                v = str(v)
-            elif isinstance(v, bytes):
-                v = v.hex()
-            out[name] = v
-        return out
+        """JSON-ready dict of FIELDS, each as its declared type writes it
+        (addresses as strings, bytes as hex, everything else as is)."""
+        types = type(self).TYPES
+        return {name: types.get(name, PLAIN).to_json(getattr(self, name, None)) for name in self.FIELDS}
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Event":
-        """The event `as_dict()` (read back from JSON) stands for: addresses
-        as ipaddress objects again, so attributes and filters work as on the
-        events of a live trace."""
-        fields = {name: cls.from_json(name, data[name]) for name in cls.FIELDS
+        """The event `as_dict()` (read back from JSON) stands for: each field
+        in its declared type again (addresses as ipaddress objects), so
+        attributes and filters work as on the events of a live trace."""
+        fields = {name: field_type(cls, name).from_json(data[name]) for name in cls.FIELDS
                   if name in data and name not in ("kind", "context", "stack")}
         event = cls(None, (), data.get("context") or "process", **fields)
         event._stack = [str(frame) for frame in data.get("stack") or ()]
         return event
-
-    @classmethod
-    def from_json(cls, field: str, value: Any) -> Any:
-        """A field's value as `as_dict()` wrote it, in the event's own type."""
-        if isinstance(value, str) and field in cls.ADDRESS_FIELDS:
-            if field == "dst":
-                return ipaddress.ip_network(value, strict=False)
-            return parse_address(value, field)
-        return value
 
     # -- rendering ---------------------------------------------------
     def actor(self) -> str:
@@ -228,13 +357,6 @@ class Event:
         return f"<{type(self).__name__} {self.summary()}>"
 
 
-# -- filtering -------------------------------------------------------------
-
-_ADDR_TYPES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
-_IFACE_TYPES = (ipaddress.IPv4Interface, ipaddress.IPv6Interface)
-_NET_TYPES = (ipaddress.IPv4Network, ipaddress.IPv6Network)
-
-
 def parse_address(value: Any, what: str = "address") -> Any:
     """An IP address, interface (addr/len) or network from str/int/ipaddress; ValueError names a bad one."""
     if isinstance(value, _ADDR_TYPES + _IFACE_TYPES + _NET_TYPES):
@@ -247,40 +369,12 @@ def parse_address(value: Any, what: str = "address") -> Any:
         raise ValueError(f"invalid {what} {value!r}: not an IPv4 or IPv6 address") from None
 
 
-# `dst="default"`, as `ip route` says it: 0.0.0.0/0 or ::/0
-DEFAULT_ROUTE = "default"
-
-
-# The kernel keeps 15 bytes of a task's name: "systemd-networkd" is
-# "systemd-network" in every event; a filter says it in full.
-COMM_FIELDS = ("comm", "parent_comm")
-TASK_COMM_LEN = 16
-
-
-def _value_matches(actual: Any, wanted: Any, field: str) -> bool:
-    if wanted == DEFAULT_ROUTE and isinstance(actual, _NET_TYPES):
-        return actual.prefixlen == 0
-    if field in COMM_FIELDS and isinstance(wanted, str) and isinstance(actual, str):
-        return actual == wanted.encode()[:TASK_COMM_LEN - 1].decode(errors="ignore")
-    if callable(wanted) and not isinstance(wanted, type):
+def _value_matches(ftype: FieldType, actual: Any, wanted: Any) -> bool:
+    if _is_predicate(wanted):
         return bool(wanted(actual))
     if isinstance(wanted, (list, tuple, set, frozenset)) and not isinstance(actual, (list, tuple)):
-        return any(_value_matches(actual, w, field) for w in wanted)
-    if isinstance(actual, _ADDR_TYPES + _IFACE_TYPES + _NET_TYPES) and not isinstance(wanted, bool) \
-            and wanted is not None:
-        want = parse_address(wanted, field)
-        if isinstance(actual, _IFACE_TYPES):
-            if isinstance(want, _IFACE_TYPES):
-                return actual == want
-            return actual.ip == want
-        if isinstance(actual, _NET_TYPES):
-            if isinstance(want, _IFACE_TYPES):
-                return actual == want.network and want.ip == want.network.network_address
-            return actual == ipaddress.ip_network(want)
-        if isinstance(want, _IFACE_TYPES):
-            return actual == want.ip
-        return actual == want
-    return actual == wanted
+        return any(_value_matches(ftype, actual, w) for w in wanted)
+    return ftype.matches(actual, wanted)
 
 
 _FAMILIES = {4: 4, 6: 6, "4": 4, "6": 6, "ipv4": 4, "ipv6": 6, "ip": 4, "ip6": 6, "inet": 4, "inet6": 6,
@@ -319,23 +413,22 @@ def check_filters(cls: type, filters: Dict[str, Any]) -> Dict[str, Any]:
             out[name] = value
             continue
         many = isinstance(value, (list, tuple, set, frozenset))
+        ftype = field_type(cls, name)
         checked = []
         for v in (value if many else [value]):
             if v is None or _is_predicate(v):
                 checked.append(v)
-            elif name in cls.ADDRESS_FIELDS:
-                if not (v == DEFAULT_ROUTE and name == "dst"):
-                    parse_address(v, name)
-                checked.append(v)
             else:
-                checked.append(cls.filter_value(name, v))
+                checked.append(ftype.check(cls, name, v))
         out[name] = checked if many else checked[0]
     return out
 
 
-def matches(event: Event, filters: Dict[str, Any]) -> bool:
+def matches(event: Any, filters: Dict[str, Any]) -> bool:
+    """Whether `event` (an Event, or a row with FIELDS) meets the checked filters."""
+    owner = type(event)
     for name, wanted in filters.items():
-        if not _value_matches(getattr(event, name, None), wanted, name):
+        if not _value_matches(field_type(owner, name), getattr(event, name, None), wanted):
             return False
     return True
 

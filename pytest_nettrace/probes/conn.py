@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header, describe_filters
+from ..events import ADDRESS
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
@@ -43,7 +44,7 @@ class ConnEvent(Event):
     ACTIONS = ("connect", "accept", "close")
     FIELDS = Event.FIELDS + ("action", "family", "saddr", "sport", "daddr", "dport", "state", "old_state",
                              "duration_ms", "bytes_sent", "bytes_received")
-    ADDRESS_FIELDS = ("saddr", "daddr")
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
     VALUES = {**Event.VALUES, "action": ACTIONS, "state": tuple(TCP_STATES.values()),
               "old_state": tuple(TCP_STATES.values())}
 

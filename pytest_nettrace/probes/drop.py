@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optiona
 
 from ..errors import EventsLost
 from ..events import HEADER, Event, Header, describe_filters, matches
+from ..events import ADDRESS
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import kallsyms, symbolize
 from .base import Plan, Probe
@@ -45,7 +46,8 @@ class DropEvent(Event):
     kind = "drop"
     FIELDS = Event.FIELDS + ("reason", "location", "dev", "ifindex", "protocol", "family", "saddr", "daddr",
                              "sport", "dport", "ip_proto", "length")
-    ADDRESS_FIELDS = ("saddr", "daddr")
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
+    ALARM = True  # but not its background drops (`background`)
     # the running kernel's enum skb_drop_reason, set when the probe loads
     # (empty on kernels without drop reasons)
     REASONS: ClassVar[Optional[Tuple[str, ...]]] = None

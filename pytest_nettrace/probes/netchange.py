@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..netns.linux import in_netns_at
 from ..events import HEADER, Event, Header, parse_address, user_name
+from ..events import ADDRESS, CHOICE, NETWORK, FieldType
 from ..kernel.libbpf import map_delete, map_update
 from ..kernel.symbols import frame_function, function_ranges
 from . import _nft
@@ -157,7 +158,7 @@ class AddrEvent(NetChangeEvent):
     ACTIONS = ("added", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags", "label")
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS}
-    ADDRESS_FIELDS = ("address",)
+    TYPES = {"address": ADDRESS}
 
     def describe(self) -> str:
         fam = "IPv4" if self.family == 4 else "IPv6"
@@ -190,7 +191,7 @@ class RouteEvent(NetChangeEvent):
                                       "priority", "prefsrc")
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "type": tuple(RTN_TYPES.values())}
-    ADDRESS_FIELDS = ("dst", "gateway", "prefsrc")
+    TYPES = {"dst": NETWORK, "gateway": ADDRESS, "prefsrc": ADDRESS}
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
@@ -242,6 +243,7 @@ class NftEvent(NetChangeEvent):
     VALUES = {**NetChangeEvent.VALUES, "object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
               "family": tuple(_nft.FAMILIES.values())}
     FIELDS = NetChangeEvent.FIELDS + ("object", "family", "table", "chain", "set", "handle", "name", "text")
+    TYPES = {"family": CHOICE}
 
     @property
     def background(self) -> bool:
@@ -281,6 +283,19 @@ def nud_state(state: int) -> str:
     return "|".join(name for bit, name in NUD_STATES.items() if bit and state & bit)
 
 
+class _NudState(FieldType):
+    """A neighbour state: one of ip neigh's names, or several joined by "|"."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if not (isinstance(value, str) and set(value.split("|")) <= set(NUD_STATES.values())):
+            raise ValueError(f"unknown {field} {value!r} for 'neigh' events; valid: "
+                             f"{', '.join(NUD_STATES.values())} (several joined by '|')")
+        return value
+
+
+NUD_STATE = _NudState()
+
+
 class NeighEvent(NetChangeEvent):
     """An ARP (IPv4) or NDP (IPv6) neighbour entry added, changed (its state or
     link-layer address) or deleted — `ip neigh flush`, `arp -d`, the kernel's
@@ -290,16 +305,7 @@ class NeighEvent(NetChangeEvent):
     ACTIONS = ("added", "changed", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("address", "lladdr", "state", "old_state", "family", "flags", "router",
                                       "proxy")
-    ADDRESS_FIELDS = ("address",)
-
-    @classmethod
-    def filter_value(cls, field: str, value: Any) -> Any:
-        # a state is one of ip neigh's names, or several joined by "|"
-        if field in ("state", "old_state") and not (
-                isinstance(value, str) and set(value.split("|")) <= set(NUD_STATES.values())):
-            raise ValueError(f"unknown {field} {value!r} for 'neigh' events; valid: "
-                             f"{', '.join(NUD_STATES.values())} (several joined by '|')")
-        return super().filter_value(field, value)
+    TYPES = {"address": ADDRESS, "state": NUD_STATE, "old_state": NUD_STATE}
 
     @property
     def background(self) -> bool:
@@ -322,7 +328,7 @@ class RuleEvent(NetChangeEvent):
     ACTIONS = ("added", "deleted")
     FIELDS = NetChangeEvent.FIELDS + ("family", "priority", "src", "dst", "iif", "oif", "fwmark", "fwmask",
                                       "table", "rule_action", "goto", "invert", "protocol")
-    ADDRESS_FIELDS = ("src", "dst")
+    TYPES = {"src": NETWORK, "dst": NETWORK}
     VALUES = {**NetChangeEvent.VALUES, "rule_action": tuple(FR_ACTIONS.values())}
 
     def describe(self) -> str:

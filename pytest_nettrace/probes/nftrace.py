@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
 from ..events import Event, Header
+from ..events import ADDRESS, CHOICE
 from . import _nft
 from .base import Plan, Probe
 
@@ -58,7 +59,7 @@ class NftVerdictEvent(Event):
     kind = "nftrace"
     FIELDS = Event.FIELDS + ("verdict", "table", "chain", "handle", "policy", "rule", "family", "saddr", "daddr",
                              "ip_proto", "sport", "dport", "iif", "oif", "trace_id", "drop")
-    ADDRESS_FIELDS = ("saddr", "daddr")
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "family": CHOICE}  # the table's family, not 4/6
     VALUES = {**Event.VALUES, "family": tuple(_nft.FAMILIES.values())}   # the table's, not 4/6
 
     def as_dict(self) -> Dict[str, Any]:

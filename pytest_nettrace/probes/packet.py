@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 from ..netns.linux import in_netns_at
 from ..report.captures import capture_path
 from ..events import Event, Header
+from ..events import ADDRESS, HEX, FieldType
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
@@ -439,6 +440,33 @@ def summarize(frame: bytes) -> Dict[str, Any]:
     return out
 
 
+class _TcpFlagsType(FieldType):
+    """TcpFlags: any combination of letters, checked letter by letter."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if not (isinstance(value, str) and value and set(value.upper()) <= set(TCP_LETTERS)):
+            raise ValueError(f"unknown tcp_flags {value!r} for 'packet' events: letters of {TCP_LETTERS} "
+                             f"in any order, e.g. 'SA'")
+        return value
+
+    def from_json(self, value: Any) -> Any:
+        return TcpFlags(value) if isinstance(value, str) else value
+
+
+class _TcpdumpFlagsType(FieldType):
+    """tcpdump's notation ("S.", "P.") or "none"."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if not (isinstance(value, str) and (value == "none" or value and set(value) <= set(_TCPDUMP_LETTERS))):
+            raise ValueError(f"unknown flags {value!r} for 'packet' events: tcpdump's notation, letters of "
+                             f"{_TCPDUMP_LETTERS} ('S', 'S.', 'P.', 'F.', 'R.') or 'none'")
+        return value
+
+
+TCP_FLAGS = _TcpFlagsType()
+TCPDUMP_FLAGS = _TcpdumpFlagsType()
+
+
 class PacketEvent(Event):
     """A packet seen on an interface of a watched namespace. `direction`
     "in"/"out"; `flags` in tcpdump notation ("S", "S.", "P.", "R."),
@@ -451,28 +479,9 @@ class PacketEvent(Event):
     FIELDS = ("kind", "timestamp", "netns", "dev", "direction", "length", "proto", "family", "saddr", "sport",
               "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "payload_len", "icmp_type",
               "ethertype")
-    ADDRESS_FIELDS = ("saddr", "daddr")
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS}
     VALUES = {**Event.VALUES, "direction": ("in", "out")}
-
-    @classmethod
-    def from_json(cls, field: str, value: Any) -> Any:
-        if field == "payload" and isinstance(value, str):
-            return bytes.fromhex(value)
-        if field == "tcp_flags" and isinstance(value, str):
-            return TcpFlags(value)
-        return super().from_json(field, value)
-
-    @classmethod
-    def filter_value(cls, field: str, value: Any) -> Any:
-        # flags are any combination of letters: checked letter by letter
-        if field == "tcp_flags" and not (isinstance(value, str) and value and set(value.upper()) <= set(TCP_LETTERS)):
-            raise ValueError(f"unknown tcp_flags {value!r} for 'packet' events: letters of {TCP_LETTERS} "
-                             f"in any order, e.g. 'SA'")
-        if field == "flags" and not (isinstance(value, str) and (value == "none" or value and set(value) <= set(
-                _TCPDUMP_LETTERS))):
-            raise ValueError(f"unknown flags {value!r} for 'packet' events: tcpdump's notation, letters of "
-                             f"{_TCPDUMP_LETTERS} ('S', 'S.', 'P.', 'F.', 'R.') or 'none'")
-        return super().filter_value(field, value)
+    HIGH_VOLUME = True
 
     def actor(self) -> str:
         return f"{self.dev} {self.direction}"

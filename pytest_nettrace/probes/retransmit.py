@@ -7,6 +7,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from ..events import HEADER, Event, Header
+from ..events import ADDRESS
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
@@ -35,7 +36,7 @@ class RetransmitEvent(Event):
     kind = "retransmit"
     FIELDS = Event.FIELDS + ("type", "family", "saddr", "sport", "daddr", "dport", "state", "seq", "count",
                              "total_retrans")
-    ADDRESS_FIELDS = ("saddr", "daddr")
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
     VALUES = {**Event.VALUES, "type": ("syn", "synack", "loss_probe", "retransmit"),
               "state": tuple(TCP_STATES.values())}
 

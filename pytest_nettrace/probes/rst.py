@@ -7,6 +7,7 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
+from ..events import ADDRESS
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 
@@ -43,7 +44,8 @@ class RstEvent(Event):
 
     kind = "rst"
     FIELDS = Event.FIELDS + ("direction", "origin", "family", "saddr", "sport", "daddr", "dport", "state", "reason")
-    ADDRESS_FIELDS = ("saddr", "daddr")
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
+    ALARM = True
     # the running kernel's enum sk_rst_reason (6.10+), set when the probe loads
     REASONS: ClassVar[Optional[Tuple[str, ...]]] = None
     VALUES = {**Event.VALUES, "direction": ("sent", "received"), "origin": ("reply", "active", "received"),

@@ -18,6 +18,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import HEADER, Event, Header
+from ..events import ADDRESS
 from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
 
@@ -133,7 +134,8 @@ class SyscallEvent(Event):
     kind = "syscall"
     FIELDS = Event.FIELDS + ("name", "fd", "args", "ret", "errno", "duration", "family", "sockaddr_family",
                              "address", "port", "path", "level", "option", "value")
-    ADDRESS_FIELDS = ("address",)
+    TYPES = {"address": ADDRESS}
+    HIGH_VOLUME = True
     VALUES = {**Event.VALUES, "name": CALLS, "errno": tuple(sorted(_errno.errorcode.values())),
               "sockaddr_family": tuple(FAMILIES.values())}
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import EventsLost
 from ..events import describe_filters, matches
+from ..events import COMM
 from ..kernel.libbpf import map_delete_where, map_items
 from .base import Plan, Probe
 
@@ -54,7 +55,7 @@ class TrafficRow:
 
     kind = "traffic"  # for check_filters' messages
     FIELDS = ("netns", "pid", "uid", "dev", "comm", "tx_packets", "rx_packets", "tx_bytes", "rx_bytes")
-    ADDRESS_FIELDS = ()
+    TYPES = {"comm": COMM}
 
     @property
     def packets(self) -> int:
