@@ -21,10 +21,10 @@ from .kernel.engine import DEFAULT_RINGBUF, Engine
 from .errors import NettraceError
 from .events import Event
 from .report.gates import ForbidRule, GateSpecError, parse_rules
-from .report.jsonl import event_json
 from .probes.base import Probe
 from .probes.registry import all_probes, kinds
-from .report.timeline import _BACKGROUND_KINDS as BACKGROUND_KINDS, seed_line
+from .report import reporters
+from .report.view import TraceView
 from .trace import Trace
 
 PROG = "nettrace"
@@ -66,10 +66,15 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("kinds", nargs="*", metavar="KIND",
                    help="only these kinds, optionally with an action: rst addr:deleted ... "
                    f"(kinds: {', '.join(sorted(kinds()))}; default: all but "
-                   f"{', '.join(k for k in BACKGROUND_KINDS if k in kinds())})")
+                   f"{', '.join(_high_volume())})")
     c = sub.add_parser("capabilities", help="what this kernel offers and which mechanism each probe uses")
     c.add_argument("--btf", default=DEFAULT_BTF, help=f"kernel BTF for CO-RE (default {DEFAULT_BTF})")
     return p
+
+
+def _high_volume() -> List[str]:
+    """Kinds watched only when asked for (Event.HIGH_VOLUME: packets, syscalls)."""
+    return sorted(k for k, info in kinds().items() if info.event_type.HIGH_VOLUME)
 
 
 def _namespace_arg(value: str) -> str:
@@ -118,10 +123,12 @@ def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     _require_privileges(args.btf, "watch")
     wanted = _selector(rules)
 
+    reporter = reporters.by_name("json" if args.json else "text")
+
     def show(events: List[Event]) -> None:
-        for event in events:
-            if wanted(event):
-                out.write((event_json(event) if args.json else seed_line(event, trace)) + "\n")
+        view = TraceView(start_ns=trace.start_ns, events=[e for e in events if wanted(e)], watched=trace.watched)
+        for line in reporter.live(view):
+            out.write(line + "\n")
         out.flush()
 
     engine = Engine(btf_path=args.btf, ringbuf_size=DEFAULT_RINGBUF, background=False,
@@ -166,7 +173,7 @@ def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _probes_for(rules: Sequence[ForbidRule]) -> List[Probe]:
     """The probes producing the asked-for kinds; without kinds, every probe
     but the high-volume views (packets, syscalls), which must be asked for."""
-    wanted = {r.kind for r in rules} or {k for k in kinds() if k not in BACKGROUND_KINDS}
+    wanted = {r.kind for r in rules} or set(kinds()) - set(_high_volume())
     names = {kinds()[k].probe for k in wanted}
     return [p for p in all_probes() if p.name in names]
 

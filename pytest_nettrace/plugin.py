@@ -22,8 +22,9 @@ from .kernel.engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_re
 from .errors import LeftAlone, NamespaceError, NettraceError
 from .report.gates import GateSpec, GateSpecError
 from .netns.namespace import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
-from .report.section import (DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, TraceRecord, events_path,
-                     pcap_copy_path, prepare_dir, write_files)
+from .report import reporters
+from .report.section import DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, prepare_dir, summary
+from .report.view import TraceView
 from .selection import select as select_probes
 from .trace import Trace
 
@@ -306,7 +307,7 @@ def netns_factory(request: pytest.FixtureRequest) -> Iterator[NamespaceFactory]:
     finally:
         try:
             trace = request.node.stash.get(TRACE_KEY, None)
-            if trace is not None and not trace.closed and request.node.stash.get(_RECORD, None) is None:
+            if trace is not None and not trace.closed and request.node.stash.get(_VIEW, None) is None:
                 trace.close()  # the `nettrace` fixture itself never ran (its setup failed or skipped)
         finally:
             factory.close()
@@ -528,27 +529,26 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
                     "the test closed its trace, so lost events are unknown", [])
             else:
                 violation = gates.check(trace, gate.forbid, timeline_shown=settings.show != "none")
-        record = TraceRecord.capture(trace, item.nodeid)  # loss counters vanish on close
-        record.queried = queried
+        view = trace.snapshot(item.nodeid).replace(queried=queried)  # loss counters vanish on close
     finally:
         trace.close()
-    record.events = trace.all_events()  # close drained the last ones
-    capture = record.pcap_path = getattr(trace, "pcap_path", None)  # final once capture stopped
-    if violation is not None:
-        record.highlight = violation.offending
+    capture = getattr(trace, "pcap_path", None)  # final once capture stopped
+    view = view.replace(events=trace.all_events(),  # close drained the last ones
+                        files={**view.files, "pcap": capture} if capture else view.files,
+                        highlight=violation.offending if violation is not None else ())
     if settings.report_dir:
-        write_files(record, settings.report_dir, settings.report_mode)
+        view = reporters.write_files(view, settings.report_dir, settings.report_mode)
     # a failed test's capture stays where its report says; a passing test's
     # goes (kept by --nettrace-report, which has copied it)
     failed = violation is not None or item.stash.get(_FAILED, False)
     if settings.report_dir or not failed:
         captures.discard(capture)
-        if record.pcap_path == capture:
-            record.pcap_path = None
+        if view.files.get("pcap") == capture:
+            view = view.replace(files={k: v for k, v in view.files.items() if k != "pcap"})
     else:
         captures.keep(capture)
-    item.user_properties.extend(record.properties())
-    item.stash[_RECORD] = record
+    item.user_properties.extend(reporters.properties(view))
+    item.stash[_VIEW] = view
     if violation is not None:
         pytest.fail(violation.message, pytrace=False)
 
@@ -654,23 +654,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     show = settings.show
     if rep.when == "teardown":
         # the fixture finished: the record is complete and the trace closed
-        record = item.stash.get(_RECORD, None)
-        if record is None:
+        view = item.stash.get(_VIEW, None)
+        if view is None:
             return
-        rep.nettrace = record.summary()  # type: ignore[attr-defined]  # xdist carries report attributes
+        rep.nettrace = summary(view)  # type: ignore[attr-defined]  # xdist carries report attributes
         if rep.failed and show != "none":
-            rep.sections.append((SECTION, record.section()))
+            rep.sections.extend(reporters.sections(view))
         return
     # setup / call: before fixture teardown, the trace is still open (drained here)
     if (rep.failed and show != "none") or (rep.when == "call" and show == "all"):
-        record = TraceRecord.capture(trace, item.nodeid)
+        view = trace.snapshot(item.nodeid)
         if settings.report_dir:  # written at teardown, with the events still to come
-            record.events_file = events_path(settings.report_dir, item.nodeid)
-            if record.pcap_path:
-                record.pcap_path = pcap_copy_path(settings.report_dir, item.nodeid, record.pcap_path)
+            view = reporters.planned(view, settings.report_dir)
         elif rep.passed:
-            record.pcap_path = None  # removed at teardown
-        rep.sections.append((SECTION, record.section()))
+            view = view.replace(files={k: v for k, v in view.files.items() if k != "pcap"})  # removed at teardown
+        rep.sections.extend(reporters.sections(view))
 
 
 class SessionReporter:
@@ -706,6 +704,6 @@ class SessionReporter:
 _SETTINGS = pytest.StashKey[ReportSettings]()
 _SIGTERM_OURS = pytest.StashKey[bool]()       # this config installed the SIGTERM handler
 _GATE = pytest.StashKey[GateSpec]()          # per item: marker + suite-wide rules
-_RECORD = pytest.StashKey[TraceRecord]()     # per item: its trace, kept after close
+_VIEW = pytest.StashKey[TraceView]()         # per item: its trace's last view, kept after close
 _FAILED = pytest.StashKey[bool]()            # per item: setup or call failed
 _CAPTURING = pytest.StashKey[bool]()         # per config: counted in captures' sessions

@@ -15,6 +15,7 @@ from . import sequence
 from .events import Event, check_filters, describe_filters, matches
 from .probes.registry import API_MIXINS, check_filters_any_kind, kind_info, kinds
 from .report.timeline import render_failure, seed_line
+from .report.view import TraceView
 
 _kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
@@ -295,8 +296,9 @@ class TraceCore:
             else:
                 headline = (f"sequence not met within {timeout:g}s: {seq.label(i)} of {len(seq.steps)} "
                             f"({seq.steps[i].kind}) did not happen")
-        details = ["steps:"] + sequence.explain(seq, outcome, lambda e: seed_line(e, self))
-        return render_failure(self, headline, seq.kinds, {}, offending, details,
+        view = self.snapshot()
+        details = ["steps:"] + sequence.explain(seq, outcome, lambda e: seed_line(e, view))
+        return render_failure(view, headline, seq.kinds, offending, details,
                               highlight=list(outcome.partial) + offending
                               + ([outcome.violation[2]] if outcome.violation else []))
 
@@ -331,7 +333,12 @@ class TraceCore:
 
     def _failure(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
                  offending: Iterable[Event]) -> str:
-        return render_failure(self, headline, kind, filters, list(offending))
+        return render_failure(self.snapshot(), headline, kind, list(offending))
+
+    def snapshot(self, nodeid: str = "") -> TraceView:
+        """A frozen view of this trace for reports: its losses (read first,
+        which drains), events and namespaces as they are now."""
+        return TraceView.of(self, nodeid, kinds())
 
     @property
     def closed(self) -> bool:

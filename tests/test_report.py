@@ -13,7 +13,8 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from pytest_nettrace.report.jsonl import event_json, jsonable, read_events, select_events, write_events
-from pytest_nettrace.report.section import TraceRecord, file_stem
+from pytest_nettrace.report.captures import file_stem
+from pytest_nettrace.report.section import section_text, summary
 
 from traffic import connect_refused
 
@@ -163,14 +164,14 @@ def test_jsonl_round_trip(dummy_with_events, nettrace, tmp_path):
 
 
 def test_record_section_fits_100_columns_and_marks(dummy_with_events, nettrace):
-    record = TraceRecord.capture(nettrace, "t")
-    deleted = [e for e in record.events if e.kind == "addr" and getattr(e, "action", "") == "deleted"]
-    record.highlight = deleted
-    text = record.section()
+    view = nettrace.snapshot("t")
+    deleted = [e for e in view.events if e.kind == "addr" and getattr(e, "action", "") == "deleted"]
+    view = view.replace(highlight=deleted)
+    text = section_text(view)
     assert all(len(line) <= 100 for line in text.splitlines() if " " in line.strip()), text
     assert re.search(r"^>> .*deleted IPv4 10.5.0.1/24", text, re.M)
-    assert record.lost_line() == "lost events: 0"
-    assert record.counts()["addr"] >= 2 and record.summary()["lost"] == 0
+    assert view.lost_line() == "lost events: 0"
+    assert view.counts()["addr"] >= 2 and summary(view)["lost"] == 0
 
 
 def test_file_stems_are_safe_and_unique():

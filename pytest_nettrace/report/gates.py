@@ -8,13 +8,12 @@ gate that silently never matches."""
 from __future__ import annotations
 
 import re
-import textwrap
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..events import Event
 from ..probes.registry import kinds
-from .timeline import WIDTH, seed_line
+from .timeline import seed_line, wrap
 
 if TYPE_CHECKING:
     from ..trace import Trace
@@ -179,7 +178,7 @@ def check(trace: "Trace", rules: Sequence[ForbidRule], timeline_shown: bool = Tr
     out = ["nettrace gate: forbidden events in this test "
            f"(forbid={', '.join(str(r) for r in rules)}):"] + lines
     for ev in offending[:10]:
-        out.append(_wrap(f"  {seed_line(ev, trace)}"))
+        out.append(wrap(f"  {seed_line(ev, trace)}", indent=6))
     if len(offending) > 10:
         out.append(f"  ... and {len(offending) - 10} more")
     if offending:
@@ -189,7 +188,3 @@ def check(trace: "Trace", rules: Sequence[ForbidRule], timeline_shown: bool = Tr
     if timeline_shown:
         out.append("the timeline is in the 'network events' section")
     return Violation("\n".join(out), offending)
-
-
-def _wrap(line: str) -> str:
-    return textwrap.fill(line, WIDTH, subsequent_indent="      ", break_on_hyphens=False)

@@ -1,16 +1,15 @@
-"""Text renderings of a test's events: the timeline, and assertion failures
-(headline, timeline with the offending events marked, losses, the stack)."""
+"""Text renderings of a test's events, over a frozen TraceView: the one line
+wrapper, the timeline, and assertion failures (headline, timeline with the
+offending events marked, losses, the stack)."""
 from __future__ import annotations
 
 import datetime
 import textwrap
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from ..events import Event
-
-if TYPE_CHECKING:
-    from ..trace import Trace
+from .view import TraceView
 
 WIDTH = 100
 MAX_ROWS = 40
@@ -28,6 +27,12 @@ def seed_time(ts_ns: int) -> str:
     return dt.strftime("%a %H:%M:%S.") + f"{dt.microsecond // 1000:03d}"
 
 
+def wrap(text: str, indent: int = 4) -> str:
+    """`text` in lines of at most WIDTH columns (a path or other long word
+    stays whole), continuation lines indented by `indent`."""
+    return textwrap.fill(text, WIDTH, subsequent_indent=" " * indent, break_on_hyphens=False)
+
+
 def row(event: Event, start_ns: int, ns_label: str, mark: bool = False) -> str:
     offset = (event.timestamp - start_ns) / 1e6
     head = f"{'>>' if mark else '  '} {offset:+10.3f}ms "
@@ -35,7 +40,7 @@ def row(event: Event, start_ns: int, ns_label: str, mark: bool = False) -> str:
     return textwrap.fill(text, WIDTH, initial_indent=head, subsequent_indent=" " * len(head))
 
 
-def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence[Event] = ()) -> str:
+def render_timeline(view: TraceView, events: Sequence[Event], highlight: Sequence[Event] = ()) -> str:
     if not events:
         return "   (no events in the watched namespaces)"
     marked = {id(e) for e in highlight}
@@ -51,33 +56,36 @@ def render_timeline(trace: "Trace", events: Sequence[Event], highlight: Sequence
             keep.update(range(len(rows) - (MAX_ROWS - len(keep)), len(rows)))
         skipped = len(rows) - len(keep)
         rows = [e for i, e in enumerate(rows) if i in keep]
-    lines = [row(e, trace.start_ns, trace.label(e.netns), id(e) in marked) for e in rows]
+    lines = [row(e, view.start_ns, view.label(e.netns), id(e) in marked) for e in rows]
     if skipped:
         lines.append(f"   ... {skipped} more events not shown")
     return "\n".join(lines)
 
 
-# High-volume views that would bury the story unless they are what was asserted on.
-_BACKGROUND_KINDS = ("packet", "syscall")
-
-
 Kinds = Union[None, str, Tuple[str, ...]]
 
 
-def _kinds(kind: Kinds) -> Tuple[str, ...]:
+def kinds_of(kind: Kinds) -> Tuple[str, ...]:
     return (kind,) if isinstance(kind, str) else tuple(kind or ())
 
 
 def is_background(event: Event, kind: Kinds) -> bool:
     """Events that would bury the story unless they are what was asserted on
-    (`kind`: one kind or several): packets, syscalls, and what a probe calls
+    (`kind`: one kind or several): those of high-volume kinds
+    (Event.HIGH_VOLUME: packets, syscalls), and those their kind calls
     background (Event.background, e.g. drops that are not failures)."""
-    if event.kind in _kinds(kind):
+    if event.kind in kinds_of(kind):
         return False
-    return event.kind in _BACKGROUND_KINDS or event.background
+    return type(event).HIGH_VOLUME or event.background
 
 
-def focus(events: List[Event], kind: Kinds, offending: Sequence[Event]):
+def hidden_name(event: Event) -> str:
+    """How a left-out event is counted: by kind for a high-volume kind,
+    else as a background one of its kind ("background drop")."""
+    return event.kind if type(event).HIGH_VOLUME else f"background {event.kind}"
+
+
+def focus(events: Sequence[Event], kind: Kinds, offending: Sequence[Event]) -> Tuple[List[Event], Dict[str, int]]:
     """(events to show, {kind: count} left out) for a failure's timeline."""
     marked = {id(e) for e in offending}
     shown: List[Event] = []
@@ -86,34 +94,35 @@ def focus(events: List[Event], kind: Kinds, offending: Sequence[Event]):
         if id(e) in marked or not is_background(e, kind):
             shown.append(e)
         else:
-            key = "background drop" if e.kind == "drop" else e.kind
+            key = hidden_name(e)
             hidden[key] = hidden.get(key, 0) + 1
     return shown, hidden
 
 
-def render_failure(trace: "Trace", headline: str, kind: Kinds, filters: Dict[str, Any],
-                   offending: List[Event], details: Sequence[str] = (),
-                   highlight: Optional[Sequence[Event]] = None) -> str:
+def not_shown(hidden: Dict[str, int], where: str) -> str:
+    """The line counting what a timeline left out, and `where` to find it."""
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(hidden.items()))
+    return wrap(f"   (not shown: {counts}; {where})")
+
+
+def render_failure(view: TraceView, headline: str, kind: Kinds, offending: Sequence[Event],
+                   details: Sequence[str] = (), highlight: Optional[Sequence[Event]] = None) -> str:
     """The headline, `details` (lines kept as they are), the timeline with
     `highlight` (default: the offending events) marked, losses, and the first
-    offending event with its stack."""
+    offending event with its stack. Reads only `view`: it never drains."""
     marked = list(offending if highlight is None else highlight)
-    out = [_wrap(headline), *details]
-    names = ", ".join(f"{label} ({inode})" for inode, label in trace.watched.items()) or "none"
-    out.append(_wrap(f"watched namespaces: {names}"))
-    shown, hidden = focus(trace.all_events(), kind, marked)
+    out = [wrap(headline), *details]
+    names = ", ".join(f"{label} ({inode})" for inode, label in view.watched.items()) or "none"
+    out.append(wrap(f"watched namespaces: {names}"))
+    shown, hidden = focus(view.events, kind, marked)
     out.append("network events (time since test start):")
-    out.append(render_timeline(trace, shown, marked))
+    out.append(render_timeline(view, shown, marked))
     if hidden:
-        counts = ", ".join(f"{n} {k}" for k, n in sorted(hidden.items()))
-        out.append(f"   (not shown: {counts}; nettrace.events() lists them)")
-    lost = {k: trace.lost(k) for k in _kinds(kind)}
-    lost_total = trace.lost()
-    out.append(f"lost events: {lost_total}" + (f" ({', '.join(f'{k}: {n}' for k, n in lost.items())})"
-                                               if lost_total else ""))
+        out.append(not_shown(hidden, "nettrace.events() lists them"))
+    out.append(view.lost_line(kinds_of(kind)))
     if offending:
         first = offending[0]
-        out.append(_wrap(f"first offending event: {seed_line(first, trace)}"))
+        out.append(wrap(f"first offending event: {seed_line(first, view)}"))
         if first.stack:
             out.append("kernel stack:")
             out.extend(f"    {frame}" for frame in first.stack)
@@ -122,11 +131,13 @@ def render_failure(trace: "Trace", headline: str, kind: Kinds, filters: Dict[str
     return "\n".join(out)
 
 
-def _wrap(text: str) -> str:
-    return textwrap.fill(text, WIDTH, subsequent_indent="    ", break_on_hyphens=False)
+class Labels(Protocol):
+    """Anything naming namespaces: a TraceView (or a Trace)."""
+
+    def label(self, inode: int) -> str: ...
 
 
-def seed_line(event: Event, trace: Optional["Trace"] = None) -> str:
+def seed_line(event: Event, where: Optional[Labels] = None) -> str:
     """The seed's one-liner: time, actor, what happened, where."""
-    where = f" (netns {trace.label(event.netns)})" if trace else ""
-    return f"{seed_time(event.timestamp)} {event.actor()} {event.describe()}{where}{event.how(full=True)}"
+    ns = f" (netns {where.label(event.netns)})" if where is not None else ""
+    return f"{seed_time(event.timestamp)} {event.actor()} {event.describe()}{ns}{event.how(full=True)}"
