@@ -323,8 +323,10 @@ class Event:
         """The event `as_dict()` (read back from JSON) stands for: each field
         in its declared type again (addresses as ipaddress objects), so
         attributes and filters work as on the events of a live trace."""
+        # derived fields (properties, e.g. sysctl's `changed`) follow from the others
         fields = {name: field_type(cls, name).from_json(data[name]) for name in cls.FIELDS
-                  if name in data and name not in ("kind", "context", "stack")}
+                  if name in data and name not in ("kind", "context", "stack")
+                  and not isinstance(getattr(cls, name, None), property)}
         event = cls(None, (), data.get("context") or "process", **fields)
         event._stack = [str(frame) for frame in data.get("stack") or ()]
         return event

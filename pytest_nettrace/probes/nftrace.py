@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
 from ..events import Event, Header
-from ..events import ADDRESS, CHOICE
+from ..events import ADDRESS, CHOICE, FieldType
 from . import _nft
 from .base import Plan, Probe
 
@@ -44,6 +44,17 @@ TABLE = "nettrace_trace"
 _RCVBUF = 16 << 20
 _NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
 _TASK = ("pid", "tid", "comm", "uid", "ppid", "parent_comm", "context")
+
+
+class _DropLink(FieldType):
+    """The drop event of the packet a verdict dropped: in JSON, its location
+    (the drop itself is a line of its own)."""
+
+    def to_json(self, value: Any) -> Any:
+        return getattr(value, "location", value)
+
+
+DROP_LINK = _DropLink()
 
 
 class NftVerdictEvent(Event):
@@ -59,13 +70,8 @@ class NftVerdictEvent(Event):
     kind = "nftrace"
     FIELDS = Event.FIELDS + ("verdict", "table", "chain", "handle", "policy", "rule", "family", "saddr", "daddr",
                              "ip_proto", "sport", "dport", "iif", "oif", "trace_id", "drop")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "family": CHOICE}  # the table's family, not 4/6
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "family": CHOICE, "drop": DROP_LINK}
     VALUES = {**Event.VALUES, "family": tuple(_nft.FAMILIES.values())}   # the table's, not 4/6
-
-    def as_dict(self) -> Dict[str, Any]:
-        out = super().as_dict()
-        out["drop"] = self.drop.location if self.drop is not None else None
-        return out
 
     def describe(self) -> str:
         by = f"policy of {self.family} {self.table} {self.chain}" if self.policy else \
