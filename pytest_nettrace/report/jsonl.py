@@ -1,9 +1,10 @@
 """Events as JSON lines: one object per event, the fields of `Event.as_dict()`.
 
 Used by `--nettrace-report=DIR` (one file per test) and `nettrace watch --json`.
-Addresses are strings, bytes (a packet's payload) hex, the stack a list of
+Each field is written as its declared type says (`Event.TYPES`: addresses
+as strings, bytes — a packet's payload — as hex), the stack a list of
 "func+0xoff" strings; drops add `background`; anything else a future probe
-puts in a field that JSON cannot hold becomes its str(). `read_events` reads
+puts in an undeclared field that JSON cannot hold becomes its str(). `read_events` reads
 a file back into events, with their attributes; `select_events` filters them
 as `nettrace.events()` does."""
 from __future__ import annotations
