@@ -2,6 +2,7 @@
 one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
+import copy
 import functools
 import ipaddress
 import pwd
@@ -273,6 +274,19 @@ class Event:
         if values is None and field == "action":
             return getattr(cls, "ACTIONS", None)
         return values() if callable(values) else values
+
+    # set on an event correcting an earlier, already published one (`corrected`)
+    supersedes: Optional["Event"] = None
+
+    def corrected(self, **changes: Any) -> "Event":
+        """A new event: this one with `changes`, superseding it. A published
+        event never changes (a test may hold it); a decoder that learns more
+        later (who accepted a connection, that a record raced) says so with
+        a new fact, which takes the earlier one's place in the trace."""
+        new = copy.copy(self)
+        new.__dict__.update(changes)
+        new.supersedes = self
+        return new
 
     def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
                  context_guess: str = "process", **fields: Any) -> None:

@@ -167,11 +167,24 @@ class TraceCore:
                         event = rec if isinstance(rec, Event) else self.engine.decode(rec)
                         if isinstance(event, list):  # a record holding several changes (an nftables batch)
                             self._events.extend(event)
+                        elif event is not None and event.supersedes is not None:
+                            self._correct(event)
                         elif event is not None:
                             self._events.append(event)
             finally:
                 if paused:
                     gc.enable()
+
+    def _correct(self, event: Event) -> None:
+        """`event` takes the place of the one it supersedes (a published event
+        never changes: whoever holds the earlier keeps what it saw); kept as
+        a new fact when the earlier one is no longer here."""
+        old = event.supersedes
+        for i in range(len(self._events) - 1, -1, -1):  # corrections follow closely
+            if self._events[i] is old:
+                self._events[i] = event
+                return
+        self._events.append(event)
 
     def _pending_kinds(self) -> List[int]:
         """Kind ids with records not decoded yet."""

@@ -119,8 +119,7 @@ class ConnProbe(Probe):
         if action == ACCEPTED:
             ev = self._pending.pop(key, None)
             if ev is not None:  # established first: now we know who accepted it
-                _set_owner_from_task(ev, hdr)
-                return None
+                return ev.corrected(**_owner_from_task(hdr))
         elif action == ESTABLISHED:
             if self._pending.pop(key, None) is not None:  # accept() was reported first
                 return None
@@ -135,9 +134,9 @@ class ConnProbe(Probe):
             duration_ms=duration / 1e6 if action == CLOSE and has_birth else None,
             bytes_sent=acked if action == CLOSE else None,
             bytes_received=received if action == CLOSE else None,
+            **(_owner_from_task(hdr) if action == ACCEPTED else {}),
         )
         if action == ACCEPTED:
-            _set_owner_from_task(ev, hdr)
             ev.state = "ESTABLISHED"
             self._pending[key] = ev
         else:
@@ -150,10 +149,9 @@ class ConnProbe(Probe):
         return ev
 
 
-def _set_owner_from_task(ev: ConnEvent, hdr: Header) -> None:
+def _owner_from_task(hdr: Header) -> Dict[str, Any]:
     """The owner is the task the record was taken in (accept() returning)."""
-    ev.pid, ev.tid, ev.uid, ev.comm = hdr.pid, hdr.tid, hdr.uid, hdr.comm
-    ev.ppid, ev.parent_comm = hdr.ppid, hdr.pcomm
+    return dict(pid=hdr.pid, tid=hdr.tid, uid=hdr.uid, comm=hdr.comm, ppid=hdr.ppid, parent_comm=hdr.pcomm)
 
 
 def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[tuple]) -> None:

@@ -642,7 +642,7 @@ class NetChangeProbe(Probe):
             self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
             return None
         if self._raced(hdr.netns, skb):
-            return None
+            return self._blame_nobody(hdr.netns)
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
         if event is not None:
             sysctl_cause(event, sy_name, sy_value)
@@ -661,13 +661,20 @@ class NetChangeProbe(Probe):
         if not skb or last is None or last[0] != skb:
             return False
         self._raced_count[netns] = self._raced_count.get(netns, 0) + 1
-        earlier = last[1]
-        if earlier is not None and earlier.cause != "unknown":
-            for f in ("pid", "tid", "comm", "uid", "user", "ppid", "parent_comm", "cmdline"):
-                setattr(earlier, f, None)
-            earlier.cause = "unknown"
-            earlier.detail = "two changes raced onto the monitor socket: who made this one is unknown"
         return True
+
+    def _blame_nobody(self, netns: int) -> Optional[Event]:
+        """After a race, the earlier record's event (already published) as a
+        new fact naming nobody, or None when it already does."""
+        skb, earlier = self._last[netns]
+        if earlier is None or earlier.cause == "unknown":
+            return None
+        nobody = dict.fromkeys(("pid", "tid", "comm", "uid", "user", "ppid", "parent_comm", "cmdline"))
+        corrected = earlier.corrected(
+            **nobody, cause="unknown",
+            detail="two changes raced onto the monitor socket: who made this one is unknown")
+        self._last[netns] = (skb, corrected)
+        return corrected
 
     def _decode(self, buf: bytes, hdr: Header, msg: bytes, cmd_len: int, cmdline: bytes,
                 mon: Optional[_Monitor]) -> Optional[Event]:

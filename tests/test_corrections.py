@@ -1,0 +1,42 @@
+"""Root-free: a published event never changes. A decoder that learns more
+later (who accepted a connection; that two netlink records raced) hands out
+a new event superseding the earlier one, which stays as it was."""
+from __future__ import annotations
+
+import ipaddress
+
+from pytest_nettrace.events import HEADER, STACK_BYTES
+from pytest_nettrace.probes.conn import _BODY, ACCEPTED, ESTABLISHED, NT_KIND_CONN, ConnEvent, ConnProbe
+from pytest_nettrace.probes.netchange import AddrEvent
+
+NS = 4026532000
+
+
+def _conn_record(action: int, pid: int, comm: bytes) -> bytes:
+    hdr = HEADER.pack(1_000_000 + action, NS, NT_KIND_CONN, 0, pid, pid, 0, 1, comm, b"bash", 0, 0)
+    body = _BODY.pack(0xffff8880dead0000, 0, 0, 0, 0, 0, 0, b"", action, 4, 3, 1, 0, 1, 9, 40000, 0,
+                      bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12))
+    return hdr + body + bytes(STACK_BYTES)
+
+
+def test_corrected_is_a_new_event_and_the_earlier_stays():
+    ev = AddrEvent(None, (), "process", action="deleted", pid=5, comm="ip", cause="netlink",
+                   address=ipaddress.ip_interface("10.0.0.1/24"), timestamp=1, netns=NS)
+    new = ev.corrected(pid=None, comm=None, cause="unknown")
+    assert (ev.pid, ev.comm, ev.cause, ev.supersedes) == (5, "ip", "netlink", None)
+    assert (new.pid, new.comm, new.cause, new.supersedes) == (None, None, "unknown", ev)
+    assert type(new) is AddrEvent and new.address == ev.address and new.timestamp == ev.timestamp
+    assert "supersedes" not in new.as_dict()
+
+
+def test_accept_learned_after_establishment_is_a_correction():
+    from pytest_nettrace.events import Header
+    probe = ConnProbe()
+    first = _conn_record(ESTABLISHED, 0, b"swapper/0")
+    established = probe.decode(first, Header(first))
+    assert isinstance(established, ConnEvent) and established.action == "accept" and established.pid is None
+    second = _conn_record(ACCEPTED, 4242, b"server")
+    accepted = probe.decode(second, Header(second))
+    assert accepted.supersedes is established and (accepted.pid, accepted.comm) == (4242, "server")
+    assert established.pid is None and established.comm is None   # what a test already holds is unchanged
+    assert (accepted.action, accepted.state, accepted.sport) == ("accept", "ESTABLISHED", 9)
