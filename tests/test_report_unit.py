@@ -14,11 +14,10 @@ import pytest
 from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType,
                                     check_filters, field_type, matches)
 from pytest_nettrace.probes.drop import DropEvent
-from pytest_nettrace.probes.netchange import AddrEvent, NeighEvent, RouteEvent, RuleEvent
+from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, RuleEvent
 from pytest_nettrace.probes.packet import PacketEvent
 from pytest_nettrace.probes.registry import kinds
 from pytest_nettrace.probes.rst import RstEvent
-from pytest_nettrace.probes.syscall import SyscallEvent
 from pytest_nettrace.report import jsonl, reporters
 from pytest_nettrace.report.reporters import Reporter
 from pytest_nettrace.report.section import SECTION, section_text, summary
