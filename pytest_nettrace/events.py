@@ -212,6 +212,7 @@ COMM = Comm()
 HEX = Hex()
 
 
+@functools.lru_cache(maxsize=None)  # asked per event and filter: classes and their declarations are fixed
 def field_type(owner: Any, field: str) -> FieldType:
     """The declared type of `field` on `owner` (an Event class, or any class
     with FIELDS): its TYPES entry; a Choice where it has known values; plain
