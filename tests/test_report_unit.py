@@ -62,7 +62,7 @@ def addr_deleted(at_ms: float = 1.0, dev: str = "eth0") -> Event:
 
 
 def view_of(events: List[Event], **kw: Any) -> TraceView:
-    kw.setdefault("watched", {NS: "server"})
+    kw.setdefault("labels", {NS: "server"})
     return TraceView(start_ns=START, events=events, **kw)
 
 
@@ -170,7 +170,7 @@ def test_timeline_fits_100_columns_and_marks_the_offending():
     long_dev = "veth-with-a-long-name"
     events = [packet(), addr_deleted(1.0, long_dev), rst(), drop()] + [
         addr_deleted(5.0 + i, f"eth{i}") for i in range(50)]
-    view = view_of(events, watched={NS: "a-namespace-with-a-rather-long-label-for-wrapping"})
+    view = view_of(events, labels={NS: "a-namespace-with-a-rather-long-label-for-wrapping"})
     text = render_timeline(view, events, highlight=[events[1]])
     assert all(len(line) <= WIDTH for line in text.splitlines()), text
     assert re.search(r"^>>\s+\+1\.000ms addr\s+ip\(4242\).*deleted IPv4 10\.0\.0\.1/24", text, re.M)

@@ -17,7 +17,7 @@ MAX_LISTED = 20  # tests named per line of the session summary
 
 def section_text(view: TraceView) -> str:
     """The "network events" report section (lines ≤ 100 columns, but for long paths)."""
-    where = ", ".join(f"{label} ({inode})" for inode, label in view.watched.items()) or "none"
+    where = ", ".join(f"{label} ({inode})" for inode, label in view.labels.items()) or "none"
     n = len(view.events)
     # as in assertion failures: high-volume kinds and background events are counted, not listed
     shown, hidden = focus(view.events, None, view.highlight)

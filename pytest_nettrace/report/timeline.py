@@ -112,7 +112,7 @@ def render_failure(view: TraceView, headline: str, kind: Kinds, offending: Seque
     offending event with its stack. Reads only `view`: it never drains."""
     marked = list(offending if highlight is None else highlight)
     out = [wrap(headline), *details]
-    names = ", ".join(f"{label} ({inode})" for inode, label in view.watched.items()) or "none"
+    names = ", ".join(f"{label} ({inode})" for inode, label in view.labels.items()) or "none"
     out.append(wrap(f"watched namespaces: {names}"))
     shown, hidden = focus(view.events, kind, marked)
     out.append("network events (time since test start):")

@@ -38,17 +38,18 @@ class TraceView:
 
     start_ns: int
     events: Tuple[Event, ...] = ()
-    watched: Mapping[int, str] = dataclasses.field(default_factory=dict)   # inode -> label
+    labels: Mapping[int, str] = dataclasses.field(default_factory=dict)   # watched namespace inode -> label
     lost_total: Optional[int] = 0        # None: unknown (the test closed the trace itself)
     lost_by_kind: Mapping[str, int] = dataclasses.field(default_factory=dict)   # the kinds that lost events
     queried: FrozenSet[str] = frozenset()    # kinds the test read or asserted on ("*": all)
     nodeid: str = ""
     files: Mapping[str, str] = dataclasses.field(default_factory=dict)   # what -> path: "pcap", "events file", …
     highlight: Tuple[Event, ...] = ()    # events to mark (a gate's offending events)
+    late: Mapping[int, str] = dataclasses.field(default_factory=dict)   # watched only after their creation
 
     def __post_init__(self) -> None:
         # read-only copies: a view handed to a reporter cannot be changed under another
-        for name in ("watched", "lost_by_kind", "files"):
+        for name in ("labels", "lost_by_kind", "late", "files"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         for name in ("events", "highlight"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -69,22 +70,25 @@ class TraceView:
                     if n:
                         lost_by_kind[kind] = n
         pcap = getattr(trace, "pcap_path", None)
-        return cls(start_ns=trace.start_ns, events=tuple(trace.all_events()), watched=trace.watched,
+        return cls(start_ns=trace.start_ns, events=tuple(trace.all_events()), labels=trace.watched,
                    lost_total=lost_total, lost_by_kind=lost_by_kind,
                    queried=frozenset(getattr(trace, "queried", ())), nodeid=nodeid,
-                   files={"pcap": pcap} if pcap else {})
+                   files={"pcap": pcap} if pcap else {}, late=getattr(trace, "watched_late", {}))
 
     def replace(self, **changes: Any) -> "TraceView":
         return dataclasses.replace(self, **changes)
 
     # -- derived -------------------------------------------------------------
     def label(self, inode: int) -> str:
-        return self.watched.get(inode, f"netns:{inode}")
+        return self.labels.get(inode, f"netns:{inode}")
 
     def counts(self) -> Dict[str, int]:
         return dict(sorted(Counter(e.kind for e in self.events).items()))
 
-    def lost(self, kind: str) -> int:
+    def lost(self, kind: Optional[str] = None) -> int:
+        """Events of `kind` (any: None) the test may have missed (0 when unknown)."""
+        if kind is None:
+            return self.lost_total or 0
         return self.lost_by_kind.get(kind, 0)
 
     def unasserted(self) -> List[str]:
