@@ -417,7 +417,7 @@ def _is_predicate(value: Any) -> bool:
 
 
 def check_filters(cls: type, filters: Dict[str, Any]) -> Dict[str, Any]:
-    """The filters as events are compared with them (`Event.filter_value`).
+    """The filters as events are compared with them (each field type's `check`).
     Unknown filter names, malformed addresses and values a field cannot take
     are usage errors, raised before looking at any event (a bad filter must
     not pass by matching nothing)."""
