@@ -21,6 +21,8 @@
 #include "nettrace.h"
 #include "conn.h"
 
+NT_WIRE(conn_event);
+
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define TCP_ESTABLISHED 1

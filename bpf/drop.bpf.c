@@ -21,6 +21,8 @@
 #include "nettrace.h"
 #include "drop.h"
 
+NT_WIRE(drop_event);
+
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define IPPROTO_TCP 6

@@ -22,6 +22,9 @@
 #include "nettrace.h"
 #include "netchange.h"
 
+NT_WIRE(netchange_event);
+NT_WIRE(nftchange_event);
+
 #define AF_NETLINK 16
 
 struct {

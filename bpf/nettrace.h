@@ -1,4 +1,4 @@
-/* Shared by every probe and by the Python decoder (pytest_nettrace/wire.py):
+/* Shared by every probe and by the Python decoder (pytest_nettrace/kernel/wire.py):
  * the event header, the kinds, and, on the BPF side, the maps every probe
  * shares (watched namespaces, ring buffer) and the helpers that fill a header.
  */
@@ -74,6 +74,11 @@ struct {
 } nt_events SEC(".maps") __weak;
 
 char LICENSE[] SEC("license") __weak = "GPL";
+
+/* Keeps a record's struct in the object's BTF (BTF has no local variables,
+ * and a ring record is only ever a pointer into the ring): the root-free
+ * tests compare it with its Python layout in pytest_nettrace/kernel/wire.py. */
+#define NT_WIRE(tag) const struct tag *const nt_wire_##tag __attribute__((unused)) = 0
 
 #define PF_KTHREAD 0x00200000
 

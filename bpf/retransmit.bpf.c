@@ -16,6 +16,8 @@
 #include "nettrace.h"
 #include "retransmit.h"
 
+NT_WIRE(retrans_event);
+
 #define AF_INET6 10
 
 /* Local and remote ends from a sock_common (a socket's or a request's). */

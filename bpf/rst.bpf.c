@@ -17,6 +17,8 @@
 #include "nettrace.h"
 #include "rst.h"
 
+NT_WIRE(rst_event);
+
 #define AF_INET 2
 #define AF_INET6 10
 #define TCP_CLOSE 7

@@ -13,6 +13,8 @@
 #include "nettrace.h"
 #include "sysctl.h"
 
+NT_WIRE(sysctl_event);
+
 
 
 struct {

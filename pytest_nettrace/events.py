@@ -12,20 +12,13 @@ from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Op
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
+from .kernel.wire import HEADER, NT_MAX_STACK, STACK_BYTES
 
-# Mirrors bpf/nettrace.h
-NT_COMM_LEN = 16
-NT_MAX_STACK = 48
-NT_MAX_KINDS = 16
-NT_F_KTHREAD = 0x8
 # Frames that only appear when the probe fired while serving interrupts.
 _SOFTIRQ_FRAMES = ("handle_softirqs", "__do_softirq", "net_rx_action", "run_ksoftirqd", "do_softirq")
 _HARDIRQ_FRAMES = ("common_interrupt", "asm_common_interrupt", "__sysvec_apic_timer_interrupt")
-HEADER = struct.Struct("<QIHHIIII16s16siI")  # struct nt_hdr
-STACK_BYTES = NT_MAX_STACK * 8
 _STACK = struct.Struct(f"<{NT_MAX_STACK}Q")
 
-IPAddress = ipaddress.IPv4Address  # for type hints only; v6 is fine too
 # `family` of every kind that has an IP family (nftables' kinds name the
 # table's family instead: "ip", "ip6", "inet", …)
 IP_FAMILIES = (4, 6)

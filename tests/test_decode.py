@@ -10,13 +10,15 @@ import time
 import pytest
 
 from pytest_nettrace import events as events_mod
-from pytest_nettrace.events import HEADER, NT_MAX_STACK, STACK_BYTES, Header
+from pytest_nettrace.events import Header
+from pytest_nettrace.kernel.wire import HEADER, NT_MAX_STACK, RST_EVENT, STACK_BYTES, Kind
 from pytest_nettrace.probes.conn import ConnProbe
-from pytest_nettrace.probes.rst import NT_KIND_RST, RstProbe
+from pytest_nettrace.probes.rst import RstProbe
 from pytest_nettrace.trace import Trace
 
 NETNS = 4026530000
-_RST_BODY = struct.Struct("<BBBBiHH16s16s")
+NT_KIND_RST = Kind.RST
+_RST_BODY = RST_EVENT.body
 STACK = (0xffffffff81000100, 0xffffffff81000200, 0xffffffff81000300)
 
 

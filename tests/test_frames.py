@@ -1,7 +1,8 @@
 """Frames of a module's functions carry the module's name (nf_tables is a module
 on distribution kernels): every decision made on function names must see
 through it. Root-free."""
-from pytest_nettrace.events import HEADER, Header
+from pytest_nettrace.events import Header
+from pytest_nettrace.kernel.wire import HEADER
 from pytest_nettrace.kernel.symbols import frame_function
 
 

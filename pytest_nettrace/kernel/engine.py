@@ -18,7 +18,8 @@ from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from . import corebtf
 from ..errors import ProbeLoadError, UnsupportedKernel
-from ..events import HEADER, NT_MAX_KINDS, Event, Header
+from ..events import Event, Header
+from .wire import HEADER, NT_SCOPE
 from ..probes.base import Plan, Probe
 from . import symbols
 from .ringbuf import RingBuffer
@@ -27,7 +28,7 @@ log = logging.getLogger("pytest_nettrace")
 
 OBJECT = "nettrace.bpf.o"
 DEFAULT_RINGBUF = 8 << 20
-_SCOPE_VALUE = struct.Struct(f"<{NT_MAX_KINDS}Q")  # struct nt_scope
+_SCOPE_VALUE = NT_SCOPE.struct
 _u32 = struct.Struct("<I")
 
 Sink = Callable[[List[bytes]], None]  # receives raw records of one namespace, in order
@@ -108,6 +109,7 @@ class Engine:
         self._obj: Optional[lb.BpfObject] = None
         self.decode_errors = 0
         self._undecodable: Dict[int, Dict[int, int]] = {}  # netns -> kind id -> records a decoder failed on
+        self._layout_errors: set = set()
         self.attach_seconds = 0.0
         t0 = time.perf_counter()
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
@@ -301,15 +303,29 @@ class Engine:
         if probe is None:
             self.decode_errors += 1
             return None
+        layout = probe.record_layout(hdr)
+        if layout is None or len(rec) != layout.size:
+            # C and Python disagree on the layout (a stale object, a record of
+            # a kind that has none): decoding would read garbage
+            self._undecodable_record(hdr, f"{len(rec)}-byte {probe.name} record, expected "
+                                          f"{layout.size if layout else 'no'} ({layout.cname if layout else 'no ring records'})")
+            return None
         try:
             return probe.decode(rec, hdr)
         except Exception:  # a decoder bug must not take the test down with it...
             log.exception("cannot decode %s record", probe.name)
-            self.decode_errors += 1
-            # ...nor let a negative assertion pass: the record counts as lost
-            per_kind = self._undecodable.setdefault(hdr.netns, {})
-            per_kind[hdr.kind] = per_kind.get(hdr.kind, 0) + 1
+            self._undecodable_record(hdr, None)
             return None
+
+    def _undecodable_record(self, hdr: Header, why: Optional[str]) -> None:
+        """Count a record no event came of as lost, so that a negative
+        assertion on its kind fails instead of passing."""
+        if why is not None and why not in self._layout_errors:  # once: a stale object repeats it per record
+            self._layout_errors.add(why)
+            log.error("cannot decode record: %s", why)
+        self.decode_errors += 1
+        per_kind = self._undecodable.setdefault(hdr.netns, {})
+        per_kind[hdr.kind] = per_kind.get(hdr.kind, 0) + 1
 
     def decode_needs_watch(self, kind_id: int) -> bool:
         """Whether records of `kind_id` must be decoded while their namespace is watched."""

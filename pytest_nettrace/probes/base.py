@@ -3,9 +3,10 @@ given kernel (a Plan), and a decoder from ring-buffer records to events."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Tuple, Type
 
 from ..events import Event, Header
+from ..kernel.wire import Record
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -27,8 +28,10 @@ class Probe:
     """Base class: subclasses set the class attributes and implement plans/decode."""
 
     name: ClassVar[str]                    # "rst"
-    object_file: ClassVar[str]             # "rst.bpf.o" in pytest_nettrace/bpf/
-    kind_id: ClassVar[int]                 # enum nt_kind value of its records
+    kind_id: ClassVar[int]                 # enum nt_kind value of its records (wire.Kind)
+    # the layouts of its ring records (kernel/wire.py); none: it has no
+    # ring records, and any record of its kind is rejected as undecodable
+    records: ClassVar[Tuple[Record, ...]] = ()
     event_types: ClassVar[Dict[str, Type[Event]]]  # public kind name -> Event class
     # Its decoder needs what watch() set up and unwatch() drops (sockets,
     # per-namespace state): a trace decodes its records before unwatching.
@@ -42,6 +45,11 @@ class Probe:
     def decode(self, buf: bytes, hdr: Header) -> "Optional[Event] | List[Event]":
         """The event of a record; a list when one record holds several changes."""
         raise NotImplementedError
+
+    def record_layout(self, hdr: Header) -> Optional[Record]:
+        """The layout of the record `hdr` heads (one probe may write several,
+        told apart by header flags)."""
+        return self.records[0] if self.records else None
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         return "no attach mechanism available on this kernel"

@@ -11,8 +11,9 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..events import HEADER, Event, Header, describe_filters
+from ..events import Event, Header, describe_filters
 from ..events import ADDRESS
+from ..kernel import wire
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
@@ -20,8 +21,8 @@ from .syscall import SYSCALL_NR
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
 
-NT_KIND_CONN = 4
-_BODY = struct.Struct("<QQQQIII16sBBBBBBHHH16s16s")  # struct conn_event after the header
+RECORD = wire.CONN_EVENT
+_BODY = RECORD.body
 CONNECT, ESTABLISHED, ACCEPTED, CLOSE = 0, 1, 2, 3
 _OWNER_FIELDS = ("pid", "tid", "uid", "comm", "ppid", "parent_comm")
 
@@ -73,8 +74,8 @@ def _ep(addr: Any, port: int) -> str:
 
 class ConnProbe(Probe):
     name = "conn"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_CONN
+    kind_id = wire.Kind.CONN
+    records = (RECORD,)
     event_types = {"conn": ConnEvent}
 
     def __init__(self) -> None:
@@ -114,7 +115,7 @@ class ConnProbe(Probe):
     def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
         (sk, duration, acked, received, owner_pid, owner_tid, owner_uid, owner_comm, action, family,
          oldstate, newstate, has_owner, has_birth, sport, dport, _pad, saddr, daddr) = \
-            _BODY.unpack_from(buf, HEADER.size)
+            _BODY.unpack_from(buf, RECORD.body_offset)
         key = (hdr.netns, sk)
         if action == ACCEPTED:
             ev = self._pending.pop(key, None)

@@ -13,8 +13,9 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import EventsLost
-from ..events import HEADER, Event, Header, describe_filters, matches
+from ..events import Event, Header, describe_filters, matches
 from ..events import ADDRESS
+from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import kallsyms, symbolize
 from .base import Plan, Probe
@@ -23,12 +24,12 @@ if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
-NT_KIND_DROP = 3
 DETAIL_BUDGET = 256  # detailed drop events per watched namespace (per test)
-_BODY = struct.Struct("<QIIIHBBHHBB2x16s16s16s")  # struct drop_event after the header
-_KEY = struct.Struct("<IIQ")       # struct drop_key
-_COUNT = struct.Struct("<QQ")      # struct drop_count
-_SCOPE = struct.Struct("<QQQ")     # struct drop_scope
+RECORD = wire.DROP_EVENT
+_BODY = RECORD.body
+_KEY = wire.DROP_KEY.struct
+_COUNT = wire.DROP_COUNT.struct
+_SCOPE = wire.DROP_SCOPE.struct
 _u32 = struct.Struct("<I")
 ETHERTYPES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x8100: "802.1Q", 0x0004: "802.2"}
 IP_PROTOS = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
@@ -120,8 +121,8 @@ class DropSummary(List[DropCount]):
 
 class DropProbe(Probe):
     name = "drop"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_DROP
+    kind_id = wire.Kind.DROP
+    records = (RECORD,)
     event_types = {"drop": DropEvent}
 
     def __init__(self) -> None:
@@ -205,7 +206,7 @@ class DropProbe(Probe):
 
     def decode(self, buf: bytes, hdr: Header) -> Event:
         (location, reason, length, ifindex, protocol, family, ip_proto, sport, dport, has_reason, has_ports,
-         dev, saddr, daddr) = _BODY.unpack_from(buf, HEADER.size)
+         dev, saddr, daddr) = _BODY.unpack_from(buf, RECORD.body_offset)
         src = dst = None
         if family == 4:
             src, dst = ipaddress.IPv4Address(saddr[:4]), ipaddress.IPv4Address(daddr[:4])

@@ -17,8 +17,10 @@ import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ..netns.linux import in_netns_at
-from ..events import HEADER, Event, Header, parse_address, user_name
+from ..events import Event, Header, parse_address, user_name
 from ..events import ADDRESS, CHOICE, NETWORK, FieldType
+from ..kernel import wire
+from ..kernel.wire import NC_F_NFT, NC_F_QUEUED_BY, NC_SOCK_NFT, NC_SOCK_RTNL, NT_F_KTHREAD
 from ..kernel.libbpf import map_delete, map_update
 from ..kernel.symbols import frame_function, function_ranges
 from . import _nft
@@ -29,19 +31,14 @@ if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
-NT_KIND_NLMSG = 2
-NC_MSG_MAX, NC_CMDLINE_MAX = 1024, 256
 # Notifications queue on the monitor socket for the whole test (see poll()):
 # 256 MiB of receive buffer is several hundred thousand small messages.
 MONITOR_RCVBUF = 128 << 20
-SY_NAME_MAX, SY_VALUE_MAX = 128, 64  # struct sysctl_write (bpf/sysctl.h)
-_BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_MSG_MAX}s{SY_NAME_MAX}s{SY_VALUE_MAX}s")  # struct netchange_event after the header
+RECORD, NFT_RECORD = wire.NETCHANGE_EVENT, wire.NFTCHANGE_EVENT
+_BODY, _NFT_BODY = RECORD.body, NFT_RECORD.body
 _NLMSG = struct.Struct("<IHHII")
 _RTA = struct.Struct("<HH")
-_KEY = struct.Struct("<II")
-NC_F_QUEUED_BY = 0x10  # task and stack are those of who queued the DAD work (bpf/netchange.h)
-NC_SOCK_RTNL, NC_SOCK_NFT, NC_F_NFT, NC_NFT_MSG_MAX = 1, 2, 0x20, 4096  # the nftables monitor (bpf/netchange.h)
-_NFT_BODY = struct.Struct(f"<QIIII{NC_CMDLINE_MAX}s{NC_NFT_MSG_MAX}s")  # struct nftchange_event after the header
+_KEY = wire.NC_SOCK_KEY.struct
 _DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_end")
 
 # rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
@@ -553,8 +550,8 @@ def _split(data: bytes):
 
 class NetChangeProbe(Probe):
     name = "netchange"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_NLMSG
+    kind_id = wire.Kind.NLMSG
+    records = (RECORD, NFT_RECORD)
     event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent,
                    "neigh": NeighEvent, "rule": RuleEvent, "nft": NftEvent}
 
@@ -631,10 +628,13 @@ class NetChangeProbe(Probe):
             self.unwatch(netns)
 
     # -- decoding ------------------------------------------------------------
+    def record_layout(self, hdr: Header) -> wire.Record:
+        return NFT_RECORD if hdr.flags & NC_F_NFT else RECORD
+
     def decode(self, buf: bytes, hdr: Header) -> Any:
         if hdr.flags & NC_F_NFT:
             return self._nft(buf, hdr)
-        skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = _BODY.unpack_from(buf, HEADER.size)
+        skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = _BODY.unpack_from(buf, RECORD.body_offset)
         mon = self._monitors.get(hdr.netns)
         if not copied:
             # the queue was already empty (our reader took the message first) or
@@ -699,7 +699,7 @@ class NetChangeProbe(Probe):
         return None
 
     def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
-        kthread = bool(hdr.flags & 0x8)
+        kthread = bool(hdr.flags & NT_F_KTHREAD)
         ev.cause, ev.detail = cause_of(ev.kind, ev.stack, kthread, ev.context)
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
@@ -830,7 +830,7 @@ class NetChangeProbe(Probe):
     def _nft(self, buf: bytes, hdr: Header) -> List[Event]:
         """Every change of one nftables notification batch, each attributed to
         the committing task."""
-        skb, _portid, msg_len, copied, cmd_len, cmdline, msg = _NFT_BODY.unpack_from(buf, HEADER.size)
+        skb, _portid, msg_len, copied, cmd_len, cmdline, msg = _NFT_BODY.unpack_from(buf, NFT_RECORD.body_offset)
         if not copied or self._raced(hdr.netns, skb):
             if not copied:
                 self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1

@@ -33,13 +33,13 @@ from ..netns.linux import in_netns_at
 from ..errors import NettraceError
 from ..events import Event, Header
 from ..events import ADDRESS, CHOICE, FieldType
+from ..kernel import wire
 from . import _nft
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
 
-NT_KIND_NFTRACE = 10  # no BPF records: losses are counted here
 TABLE = "nettrace_trace"
 _RCVBUF = 16 << 20
 _NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
@@ -222,8 +222,7 @@ def _last_seq(reply: bytes) -> int:
 
 class NftTraceProbe(Probe):
     name = "nftrace"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_NFTRACE
+    kind_id = wire.Kind.NFTRACE  # no ring records: losses are counted here
     event_types = {"nftrace": NftVerdictEvent}
 
     def __init__(self) -> None:

@@ -31,12 +31,12 @@ from ..netns.linux import in_netns_at
 from ..report.captures import capture_path
 from ..events import Event, Header
 from ..events import ADDRESS, HEX, FieldType
+from ..kernel import wire
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
 
-NT_KIND_PACKET = 8
 # The ring: the kernel copies each packet (up to SNAPLEN) into the next free
 # frame — no skb clone, no socket queue — and when the ring is full it drops
 # the packet cheaply and counts it (PACKET_STATISTICS). Frames are read when
@@ -560,8 +560,7 @@ class PcapngWriter:
 
 class PacketProbe(Probe):
     name = "packet"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_PACKET
+    kind_id = wire.Kind.PACKET
     event_types = {"packet": PacketEvent}
 
     def __init__(self) -> None:

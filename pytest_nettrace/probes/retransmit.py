@@ -6,8 +6,9 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
-from ..events import HEADER, Event, Header
+from ..events import Event, Header
 from ..events import ADDRESS
+from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 from .rst import TCP_STATES, ip_from
@@ -15,8 +16,8 @@ from .rst import TCP_STATES, ip_from
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
 
-NT_KIND_RETRANS = 5
-_BODY = struct.Struct("<QIIBBBBHH16s16s")  # struct retrans_event after the header
+RECORD = wire.RETRANS_EVENT
+_BODY = RECORD.body
 RETRANS_SYNACK = 1
 _LOSS_PROBE_FRAMES = ("tcp_send_loss_probe",)
 
@@ -53,8 +54,8 @@ def _ep(addr: Any, port: int) -> str:
 
 class RetransmitProbe(Probe):
     name = "retransmit"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_RETRANS
+    kind_id = wire.Kind.RETRANS
+    records = (RECORD,)
     event_types = {"retransmit": RetransmitEvent}
 
     def __init__(self) -> None:
@@ -83,7 +84,7 @@ class RetransmitProbe(Probe):
         self._seen.clear()
 
     def decode(self, buf: bytes, hdr: Header) -> Event:
-        sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = _BODY.unpack_from(buf, HEADER.size)
+        sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
         key = (hdr.netns, sk, rtype, seq)
         self._seen[key] = count = self._seen.get(key, 0) + 1
         src, dst = ip_from(saddr, family), ip_from(daddr, family)

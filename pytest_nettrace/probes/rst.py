@@ -6,16 +6,17 @@ import ipaddress
 import struct
 from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
 
-from ..events import HEADER, Event, Header
+from ..events import Event, Header
 from ..events import ADDRESS
+from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
 
-NT_KIND_RST = 1
-_BODY = struct.Struct("<BBBBiHH16s16s")  # struct rst_event after the header
+RECORD = wire.RST_EVENT
+_BODY = RECORD.body
 ORIGINS = {0: "reply", 1: "active", 2: "received"}
 TCP_STATES = {
     1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
@@ -76,8 +77,8 @@ def _local_abort(state: str, frames: List[str]) -> bool:
 
 class RstProbe(Probe):
     name = "rst"
-    object_file = "rst.bpf.o"
-    kind_id = NT_KIND_RST
+    kind_id = wire.Kind.RST
+    records = (RECORD,)
     event_types = {"rst": RstEvent}
 
     def __init__(self) -> None:
@@ -110,7 +111,7 @@ class RstProbe(Probe):
     decode_needs_watch = False  # each record says all its event needs
 
     def decode(self, buf: bytes, hdr: Header) -> Event:
-        origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, HEADER.size)
+        origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
         origin = ORIGINS.get(origin_id, str(origin_id))
         # Without a stack: replies and received resets run in softirq.
         ctx = "process" if origin == "active" else "softirq"

@@ -17,8 +17,9 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..events import HEADER, Event, Header
+from ..events import Event, Header
 from ..events import ADDRESS
+from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
 
@@ -26,10 +27,10 @@ if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
-NT_KIND_SYSCALL = 6
-_BODY = struct.Struct("<6QqQHHiiB3x112s")  # struct syscall_event after the header
-_PENDING_NETNS = HEADER.size + _BODY.size    # struct sc_pending: the event, then the namespace
-_PENDING_SIZE = _PENDING_NETNS + 8
+RECORD = wire.SYSCALL_EVENT
+_BODY = RECORD.body
+_PENDING_NETNS = wire.SC_PENDING.offsets["netns"]  # struct sc_pending: the event, then the namespace
+_PENDING_SIZE = wire.SC_PENDING.size
 _u32 = struct.Struct("<I")
 
 # enum sc_code (bpf/syscall.h), in order
@@ -199,8 +200,8 @@ def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, 
 
 class SyscallProbe(Probe):
     name = "syscall"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_SYSCALL
+    kind_id = wire.Kind.SYSCALL
+    records = (RECORD,)
     event_types = {"syscall": SyscallEvent}
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
@@ -229,7 +230,7 @@ class SyscallProbe(Probe):
     decode_needs_watch = False  # each record says all its event needs
 
     def decode(self, buf: bytes, hdr: Header) -> Event:
-        *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, HEADER.size)
+        *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, RECORD.body_offset)
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
         addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
         sockaddr_family = fields.get("family")

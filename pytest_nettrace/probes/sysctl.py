@@ -15,15 +15,15 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..events import HEADER, Event, Header, user_name
+from ..events import Event, Header, user_name
+from ..kernel import wire
 from .base import Plan, Probe
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
 
-NT_KIND_SYSCTL = 9
-SY_NAME_MAX, SY_VALUE_MAX, SY_CMDLINE_MAX = 128, 64, 256
-_BODY = struct.Struct(f"<iiiIII{SY_NAME_MAX}s{SY_VALUE_MAX}s{SY_VALUE_MAX}s{SY_CMDLINE_MAX}s")
+RECORD = wire.SYSCTL_EVENT
+_BODY = RECORD.body
 E2BIG = 7
 
 
@@ -90,8 +90,8 @@ def dev_of(parts: List[str]) -> Optional[str]:
 
 class SysctlProbe(Probe):
     name = "sysctl"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_SYSCTL
+    kind_id = wire.Kind.SYSCTL
+    records = (RECORD,)
     event_types = {"sysctl": SysctlEvent}
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
@@ -112,7 +112,7 @@ class SysctlProbe(Probe):
         self._last.pop(netns, None)
 
     def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
-        name_len, old_len, new_len, cmd_len, _pos, _pad, name, old, new, cmdline = _BODY.unpack_from(buf, HEADER.size)
+        name_len, old_len, new_len, cmd_len, _pos, _pad, name, old, new, cmdline = _BODY.unpack_from(buf, RECORD.body_offset)
         # Some handlers restart the write syscall instead of waiting for the
         # RTNL lock (net.ipv4.ip_forward, conf.*.forwarding: rtnl_trylock,
         # restart_syscall), and the hook runs again each time, before anything

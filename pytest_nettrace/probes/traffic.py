@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from ..errors import EventsLost
 from ..events import describe_filters, matches
 from ..events import COMM
+from ..kernel import wire
 from ..kernel.libbpf import map_delete_where, map_items
 from .base import Plan, Probe
 
@@ -26,11 +27,10 @@ if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
-NT_KIND_TRAFFIC = 7
-_KEY = struct.Struct("<IIHBx")          # struct traffic_key
-_COUNTERS = struct.Struct("<QQQQ16s")   # struct traffic_counters
-_OWNER_KEY = struct.Struct("<IHBx")     # struct traffic_owner_key
-_OWNER = struct.Struct("<II16s")        # struct traffic_owner
+_KEY = wire.TRAFFIC_KEY.struct
+_COUNTERS = wire.TRAFFIC_COUNTERS.struct
+_OWNER_KEY = wire.TRAFFIC_OWNER_KEY.struct
+_OWNER = wire.TRAFFIC_OWNER.struct
 
 
 def _purge(fd: int, key_size: int, netns: int) -> None:
@@ -83,8 +83,7 @@ def render_table(rows: List[TrafficRow], label: Callable[[int], str] = str) -> s
 
 class TrafficProbe(Probe):
     name = "traffic"
-    object_file = "nettrace.bpf.o"
-    kind_id = NT_KIND_TRAFFIC
+    kind_id = wire.Kind.TRAFFIC
     event_types: Dict[str, Any] = {}   # a table, read from maps: no events
 
     def __init__(self) -> None:
@@ -204,7 +203,7 @@ class TrafficApi:
         if problems:
             raise AssertionError(f"{what}: {', '.join(problems)}\n{table}")
         if max_bytes is not None or max_packets is not None:
-            lost = sum(self.engine.lost(ns).get(NT_KIND_TRAFFIC, 0) for ns in self._watched)
+            lost = sum(self.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self._watched)
             if lost:
                 raise EventsLost(f"cannot assert an upper bound on {what}: {lost} packets were not counted "
                                  f"(counter map full); the assertion would not be sound\n{table}")
