@@ -164,13 +164,14 @@ class TraceCore:
                     if not queue:
                         continue
                     for rec in queue:
-                        event = rec if isinstance(rec, Event) else self.engine.decode(rec)
-                        if isinstance(event, list):  # a record holding several changes (an nftables batch)
-                            self._events.extend(event)
-                        elif event is not None and event.supersedes is not None:
-                            self._correct(event)
-                        elif event is not None:
-                            self._events.append(event)
+                        if isinstance(rec, Event):
+                            self._events.append(rec)
+                            continue
+                        for event in self.engine.decode(rec):
+                            if event.supersedes is not None:  # a correction of an earlier event
+                                self._correct(event)
+                            else:
+                                self._events.append(event)
             finally:
                 if paused:
                     gc.enable()

@@ -48,7 +48,7 @@ class Engine:
         hdr = Header(rec)
         self.decoded[hdr.kind] = self.decoded.get(hdr.kind, 0) + 1
         probe = self.probes.get(hdr.kind)
-        return probe.decode(rec, hdr) if probe and hdr.kind == NT_KIND_RST else None
+        return probe.decode(rec, hdr) if probe and hdr.kind == NT_KIND_RST else []
 
     def decode_needs_watch(self, kind_id: int) -> bool:
         probe = self.probes.get(kind_id)

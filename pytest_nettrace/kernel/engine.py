@@ -18,7 +18,8 @@ from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from . import corebtf
 from ..errors import ProbeLoadError, UnsupportedKernel
-from ..events import Event, Header
+from ..events import Event
+from .records import RecordDecoder
 from .wire import HEADER, NT_SCOPE
 from ..probes.base import Plan, Probe
 from . import symbols
@@ -103,13 +104,10 @@ class Engine:
         self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in (probes or default_probes())}
         self.left_out: Dict[str, str] = dict(left_out or {})  # probe name -> why it was not loaded
         self.core_btf: Optional[str] = None  # the minimal BTF CO-RE used, if any
-        self._by_kind: Dict[int, Probe] = {}
+        self.records = RecordDecoder()
         self._sinks: Dict[int, Sink] = {}
         self._lock = threading.RLock()
         self._obj: Optional[lb.BpfObject] = None
-        self.decode_errors = 0
-        self._undecodable: Dict[int, Dict[int, int]] = {}  # netns -> kind id -> records a decoder failed on
-        self._layout_errors: set = set()
         self.attach_seconds = 0.0
         t0 = time.perf_counter()
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
@@ -190,7 +188,7 @@ class Engine:
             self._obj = obj
             for st in active:
                 st.plan = st.plans[0]
-                self._by_kind[st.probe.kind_id] = st.probe
+                self.records.add(st.probe)
                 st.probe.attached(obj)
             if core_btf is None:  # for the sessions after this one
                 corebtf.prepare_in_background(object_path(OBJECT), self.btf_path)
@@ -243,13 +241,13 @@ class Engine:
             lb.map_delete(self._scopes_fd, _u32.pack(netns))
             self._sinks.pop(netns, None)
             lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
-            self._undecodable.pop(netns, None)
+            self.records.forget(netns)
 
     def lost(self, netns: int) -> Dict[int, int]:
         """Events the kernel could not deliver for `netns`, by kind id."""
         raw = lb.map_lookup(self._scopes_fd, _u32.pack(netns), _SCOPE_VALUE.size)
         out = {k: n for k, n in enumerate(_SCOPE_VALUE.unpack(raw)) if n} if raw is not None else {}
-        for kind_id, n in self._undecodable.get(netns, {}).items():
+        for kind_id, n in self.records.lost(netns).items():
             out[kind_id] = out.get(kind_id, 0) + n
         return out
 
@@ -282,7 +280,7 @@ class Engine:
         unpack = _u32.unpack_from
         for rec in records:
             if len(rec) < HEADER.size:
-                self.decode_errors += 1
+                self.records.errors += 1
                 continue
             netns = unpack(rec, 8)[0]  # nt_hdr.netns
             batch = batches.get(netns)
@@ -295,42 +293,13 @@ class Engine:
             if sink is not None:  # else: the namespace stopped being watched since
                 sink(batch)
 
-    def decode(self, rec: bytes) -> "Optional[Event] | List[Event]":
-        """The Event a raw record stands for (a list when it holds several);
-        None for bookkeeping records."""
-        hdr = Header(rec)
-        probe = self._by_kind.get(hdr.kind)
-        if probe is None:
-            self.decode_errors += 1
-            return None
-        layout = probe.record_layout(hdr)
-        if layout is None or len(rec) != layout.size:
-            # C and Python disagree on the layout (a stale object, a record of
-            # a kind that has none): decoding would read garbage
-            self._undecodable_record(hdr, f"{len(rec)}-byte {probe.name} record, expected "
-                                          f"{layout.size if layout else 'no'} ({layout.cname if layout else 'no ring records'})")
-            return None
-        try:
-            return probe.decode(rec, hdr)
-        except Exception:  # a decoder bug must not take the test down with it...
-            log.exception("cannot decode %s record", probe.name)
-            self._undecodable_record(hdr, None)
-            return None
-
-    def _undecodable_record(self, hdr: Header, why: Optional[str]) -> None:
-        """Count a record no event came of as lost, so that a negative
-        assertion on its kind fails instead of passing."""
-        if why is not None and why not in self._layout_errors:  # once: a stale object repeats it per record
-            self._layout_errors.add(why)
-            log.error("cannot decode record: %s", why)
-        self.decode_errors += 1
-        per_kind = self._undecodable.setdefault(hdr.netns, {})
-        per_kind[hdr.kind] = per_kind.get(hdr.kind, 0) + 1
+    def decode(self, rec: bytes) -> List[Event]:
+        """The events a raw record stands for (see RecordDecoder)."""
+        return self.records.decode(rec)
 
     def decode_needs_watch(self, kind_id: int) -> bool:
         """Whether records of `kind_id` must be decoded while their namespace is watched."""
-        probe = self._by_kind.get(kind_id)
-        return probe is None or probe.decode_needs_watch
+        return self.records.needs_watch(kind_id)
 
     def _drain_loop(self) -> None:
         while not self._stop.is_set():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 # bpf/nettrace.h
 NT_COMM_LEN = 16
@@ -100,6 +100,29 @@ class Layout:
             fmt += inner
             cur = self.offsets[name] + struct.calcsize("<" + inner)
         return start, struct.Struct("<" + fmt)
+
+    def values(self, fields: Dict[str, Any]) -> List[Any]:
+        """`fields` (member name -> value; a nested struct's a dict, an array's
+        a sequence) in pack order; members left out are zero."""
+        out: List[Any] = []
+        for name, spec in self.members:
+            value = fields.get(name)
+            if isinstance(spec, Layout):
+                out += spec.values(value or {})
+            elif spec.endswith("x"):
+                continue
+            elif spec.endswith("s"):
+                out.append(value or b"")
+            elif spec[:-1]:  # an array: "6Q"
+                n = int(spec[:-1])
+                out += list(value or ()) + [0] * (n - len(value or ()))
+            else:
+                out.append(value or 0)
+        return out
+
+    def pack(self, **fields: Any) -> bytes:
+        """The C struct with these member values (synthetic records for tests)."""
+        return self.struct.pack(*self.values(fields))
 
     def __repr__(self) -> str:
         return f"Layout({self.cname!r}, size={self.size})"

@@ -42,9 +42,11 @@ class Probe:
         """Ways to attach on this kernel, best first; empty if none can work."""
         raise NotImplementedError
 
-    def decode(self, buf: bytes, hdr: Header) -> "Optional[Event] | List[Event]":
-        """The event of a record; a list when one record holds several changes."""
-        raise NotImplementedError
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
+        """The events a ring record (of one of `records`, length checked)
+        stands for: usually one; none when it only completes an earlier one
+        or is not a change; several when it holds a batch (nftables)."""
+        raise NotImplementedError(f"{self.name} has no ring records")
 
     def record_layout(self, hdr: Header) -> Optional[Record]:
         """The layout of the record `hdr` heads (one probe may write several,

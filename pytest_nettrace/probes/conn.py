@@ -112,7 +112,7 @@ class ConnProbe(Probe):
     def close(self) -> None:
         self._pending.clear()
 
-    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         (sk, duration, acked, received, owner_pid, owner_tid, owner_uid, owner_comm, action, family,
          oldstate, newstate, has_owner, has_birth, sport, dport, _pad, saddr, daddr) = \
             _BODY.unpack_from(buf, RECORD.body_offset)
@@ -120,10 +120,10 @@ class ConnProbe(Probe):
         if action == ACCEPTED:
             ev = self._pending.pop(key, None)
             if ev is not None:  # established first: now we know who accepted it
-                return ev.corrected(**_owner_from_task(hdr))
+                return [ev.corrected(**_owner_from_task(hdr))]
         elif action == ESTABLISHED:
             if self._pending.pop(key, None) is not None:  # accept() was reported first
-                return None
+                return []
         elif action == CLOSE:
             self._pending.pop(key, None)
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
@@ -147,7 +147,7 @@ class ConnProbe(Probe):
             _set_owner(ev, hdr, owner)
             if action == ESTABLISHED:
                 self._pending[key] = ev
-        return ev
+        return [ev]
 
 
 def _owner_from_task(hdr: Header) -> Dict[str, Any]:

@@ -204,7 +204,7 @@ class DropProbe(Probe):
 
     decode_needs_watch = False  # each record says all its event needs
 
-    def decode(self, buf: bytes, hdr: Header) -> Event:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         (location, reason, length, ifindex, protocol, family, ip_proto, sport, dport, has_reason, has_ports,
          dev, saddr, daddr) = _BODY.unpack_from(buf, RECORD.body_offset)
         src = dst = None
@@ -213,7 +213,7 @@ class DropProbe(Probe):
         elif family == 6:
             src, dst = ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr)
         stack = hdr.stack_addrs(buf)
-        return DropEvent(
+        return [DropEvent(
             hdr, stack, "softirq",
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
             location=self.where(location, stack), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
@@ -221,7 +221,7 @@ class DropProbe(Probe):
             family=family or None, saddr=src, daddr=dst,
             sport=sport if has_ports else None, dport=dport if has_ports else None,
             ip_proto=IP_PROTOS.get(ip_proto, ip_proto) if family else None, length=length,
-        )
+        )]
 
 
 def _location(address: int, stack: Sequence[int]) -> str:

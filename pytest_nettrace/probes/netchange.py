@@ -631,7 +631,7 @@ class NetChangeProbe(Probe):
     def record_layout(self, hdr: Header) -> wire.Record:
         return NFT_RECORD if hdr.flags & NC_F_NFT else RECORD
 
-    def decode(self, buf: bytes, hdr: Header) -> Any:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         if hdr.flags & NC_F_NFT:
             return self._nft(buf, hdr)
         skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = _BODY.unpack_from(buf, RECORD.body_offset)
@@ -640,14 +640,15 @@ class NetChangeProbe(Probe):
             # the queue was already empty (our reader took the message first) or
             # unreadable: something changed and we cannot say what
             self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
-            return None
+            return []
         if self._raced(hdr.netns, skb):
-            return self._blame_nobody(hdr.netns)
+            blamed = self._blame_nobody(hdr.netns)
+            return [blamed] if blamed is not None else []
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
         if event is not None:
             sysctl_cause(event, sy_name, sy_value)
         self._last[hdr.netns] = (skb, event)
-        return event
+        return [event] if event is not None else []  # None: not a change (our own request's reply)
 
     def _raced(self, netns: int, skb: int) -> bool:
         """Two notifications queued on one monitor socket from two CPUs at the

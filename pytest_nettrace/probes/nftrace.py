@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
-from ..events import Event, Header
+from ..events import Event
 from ..events import ADDRESS, CHOICE, FieldType
 from ..kernel import wire
 from . import _nft
@@ -274,9 +274,6 @@ class NftTraceProbe(Probe):
     def close(self) -> None:
         for netns in list(self._tracers):
             self.unwatch(netns)
-
-    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
-        return None  # nothing comes through the ring buffer
 
 
 def _netfilter_drop(drop: Event) -> bool:

@@ -613,9 +613,6 @@ class PacketProbe(Probe):
         for netns in list(self._captures):
             self.unwatch(netns)
 
-    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
-        return None  # nothing comes through the ring buffer
-
 
 # a packet has no process: the common task fields exist, empty
 _NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)

@@ -3,7 +3,6 @@
 Seed: tcpretrans (TIME PID IP LADDR:LPORT T> RADDR:RPORT STATE)."""
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 from ..events import Event, Header
@@ -83,7 +82,7 @@ class RetransmitProbe(Probe):
     def close(self) -> None:
         self._seen.clear()
 
-    def decode(self, buf: bytes, hdr: Header) -> Event:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
         key = (hdr.netns, sk, rtype, seq)
         self._seen[key] = count = self._seen.get(key, 0) + 1
@@ -100,7 +99,7 @@ class RetransmitProbe(Probe):
             ev.type = "loss_probe"
         else:
             ev.type = "retransmit"
-        return ev
+        return [ev]
 
 
 class RetransmitApi:

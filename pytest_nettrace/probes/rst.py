@@ -110,7 +110,7 @@ class RstProbe(Probe):
 
     decode_needs_watch = False  # each record says all its event needs
 
-    def decode(self, buf: bytes, hdr: Header) -> Event:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
         origin = ORIGINS.get(origin_id, str(origin_id))
         # Without a stack: replies and received resets run in softirq.
@@ -125,8 +125,8 @@ class RstProbe(Probe):
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
         )
         if origin == "received" and _local_abort(event.state, event.stack):
-            return None
-        return event
+            return []
+        return [event]
 
 
 class RstApi:

@@ -229,7 +229,7 @@ class SyscallProbe(Probe):
 
     decode_needs_watch = False  # each record says all its event needs
 
-    def decode(self, buf: bytes, hdr: Header) -> Event:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, RECORD.body_offset)
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
         addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
@@ -242,13 +242,13 @@ class SyscallProbe(Probe):
             level = LEVELS.get(lv, str(lv))
             option = OPTIONS.get(level, {}).get(args[2] & 0xFFFFFFFF, str(args[2] & 0xFFFFFFFF))
         fd = None if name in _NO_FD else struct.unpack("<i", struct.pack("<I", args[0] & 0xFFFFFFFF))[0]
-        return SyscallEvent(
+        return [SyscallEvent(
             hdr, (), "process", name=name, fd=fd,
             args=_render_args(name, tuple(args), addr_text, addr_len, ret, ok_value, ok_value2),
             ret=ret, errno=_errno.errorcode.get(-ret) if ret < 0 else None, duration=duration / 1e9,
             address=fields.get("address"), port=fields.get("port"), path=fields.get("path"),
             family=_IP_FAMILY.get(sockaddr_family), sockaddr_family=sockaddr_family,
-            level=level, option=option, value=ok_value)
+            level=level, option=option, value=ok_value)]
 
 
 class SyscallApi:

@@ -12,7 +12,6 @@ only host has none, and the pytest header says so.
 """
 from __future__ import annotations
 
-import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..events import Event, Header, user_name
@@ -111,7 +110,7 @@ class SysctlProbe(Probe):
     def unwatch(self, netns: int) -> None:
         self._last.pop(netns, None)
 
-    def decode(self, buf: bytes, hdr: Header) -> Optional[Event]:
+    def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         name_len, old_len, new_len, cmd_len, _pos, _pad, name, old, new, cmdline = _BODY.unpack_from(buf, RECORD.body_offset)
         # Some handlers restart the write syscall instead of waiting for the
         # RTNL lock (net.ipv4.ip_forward, conf.*.forwarding: rtnl_trylock,
@@ -120,7 +119,7 @@ class SysctlProbe(Probe):
         # that same write, not another one.
         key = (hdr.tid, name, old, new)
         if self._last.get(hdr.netns) == key:
-            return None
+            return []
         self._last[hdr.netns] = key
         # "net/ipv4/conf/eth0.100/rp_filter" -> "net.ipv4.conf.eth0/100.rp_filter", as sysctl(8) spells it
         parts = name.split(b"\0", 1)[0].decode(errors="replace").split("/")
@@ -130,7 +129,7 @@ class SysctlProbe(Probe):
                          dev=dev_of(parts),
                          cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
         ev.user = user_name(ev.uid)
-        return ev
+        return [ev]
 
 
 class SysctlApi:

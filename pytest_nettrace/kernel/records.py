@@ -1,0 +1,77 @@
+"""Ring records to Events: the decoding side of the shared ring buffer, with
+no kernel involved (tests feed it synthetic records built from kernel/wire.py).
+
+A record whose decoder fails, or whose length is not its layout's size,
+becomes no event but counts as lost for its kind and namespace: a negative
+assertion on that kind then fails instead of passing on what was not read."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Dict, List, Set
+
+from ..events import Event, Header
+from .wire import HEADER
+
+if TYPE_CHECKING:
+    from ..probes.base import Probe
+
+log = logging.getLogger("pytest_nettrace")
+
+
+class RecordDecoder:
+    """Decodes the records of the probes it was given, by nt_hdr.kind."""
+
+    def __init__(self) -> None:
+        self._probes: Dict[int, "Probe"] = {}
+        self.errors = 0                                     # records no event came of, for any reason
+        self._undecodable: Dict[int, Dict[int, int]] = {}   # netns -> kind id -> records
+        self._reported: Set[str] = set()
+
+    def add(self, probe: "Probe") -> None:
+        self._probes[probe.kind_id] = probe
+
+    def decode(self, rec: bytes) -> List[Event]:
+        """The events `rec` stands for (see Probe.decode)."""
+        if len(rec) < HEADER.size:
+            self.errors += 1  # not even a header: no namespace to charge it to
+            return []
+        hdr = Header(rec)
+        probe = self._probes.get(hdr.kind)
+        if probe is None:
+            self._undecodable_record(hdr, f"record of unknown kind {hdr.kind}")
+            return []
+        layout = probe.record_layout(hdr)
+        if layout is None:
+            self._undecodable_record(hdr, f"{probe.name} writes no ring records, got one of {len(rec)} bytes")
+            return []
+        if len(rec) != layout.size:
+            # C and Python disagree on the layout (a stale object): decoding would read garbage
+            self._undecodable_record(hdr, f"{len(rec)}-byte {probe.name} record, struct {layout.cname} "
+                                          f"has {layout.size}")
+            return []
+        try:
+            return probe.decode(rec, hdr)
+        except Exception:  # a decoder bug must not take the test down with it...
+            log.exception("cannot decode %s record", probe.name)
+            self._undecodable_record(hdr, None)  # ...nor let a negative assertion pass
+            return []
+
+    def _undecodable_record(self, hdr: Header, why: "str | None") -> None:
+        if why is not None and why not in self._reported:  # once: a stale object repeats it per record
+            self._reported.add(why)
+            log.error("cannot decode record: %s", why)
+        self.errors += 1
+        per_kind = self._undecodable.setdefault(hdr.netns, {})
+        per_kind[hdr.kind] = per_kind.get(hdr.kind, 0) + 1
+
+    def lost(self, netns: int) -> Dict[int, int]:
+        """Records of `netns` no event came of, by kind id."""
+        return dict(self._undecodable.get(netns, {}))
+
+    def forget(self, netns: int) -> None:
+        self._undecodable.pop(netns, None)
+
+    def needs_watch(self, kind_id: int) -> bool:
+        """Whether records of `kind_id` must be decoded while their namespace is watched."""
+        probe = self._probes.get(kind_id)
+        return probe is None or probe.decode_needs_watch
