@@ -88,8 +88,8 @@ class TraceCore:
         self._events: List[Event] = []
         # records not decoded yet, in ring order: as they arrived, then by
         # kind id (reading one kind decodes only its own)
-        self._arrived: List[Any] = []
-        self._raw: Dict[int, List[Any]] = {}
+        self._arrived: List[bytes] = []
+        self._raw: Dict[int, List[bytes]] = {}
         self._watched: Dict[int, str] = {}     # inode -> label
         # namespaces this trace began watching after their creation, which
         # it was meant to see whole: what happened before is unknown
@@ -126,15 +126,19 @@ class TraceCore:
     def label(self, inode: int) -> str:
         return self._watched.get(inode, f"netns:{inode}")
 
-    def _sink(self, records: "List[bytes] | Event") -> None:
-        """Raw records of one watched namespace (a batch), or one ready Event.
-        Runs in the drain thread, which must keep up with bursts: records are
-        only queued here, sorted by kind when the test reads."""
+    def _sink(self, records: List[bytes]) -> None:
+        """Raw ring records of one watched namespace (a batch). Runs in the
+        drain thread, which must keep up with bursts: records are only queued
+        here, sorted by kind and decoded when the test reads."""
         with self._cond:
-            if isinstance(records, list):
-                self._arrived.extend(records)
-            else:
-                self._arrived.append(records)
+            self._arrived.extend(records)
+            self._cond.notify_all()
+
+    def _publish(self, events: Iterable[Event]) -> None:
+        """Events of the sources outside the ring buffer (packet capture,
+        nftables trace), made by their own decoders."""
+        with self._cond:
+            self._events.extend(events)
             self._cond.notify_all()
 
     def _decode_pending(self, kind_ids: "Optional[Iterable[int]]" = None) -> None:
@@ -145,8 +149,7 @@ class TraceCore:
             arrived, self._arrived = self._arrived, []
             raw = self._raw
             for rec in arrived:
-                # probes without BPF records (packet capture) hand over Events
-                kid = kind_info(rec.kind).kind_id if isinstance(rec, Event) else _kind_of(rec, 12)[0]  # nt_hdr.kind
+                kid = _kind_of(rec, 12)[0]  # nt_hdr.kind
                 queue = raw.get(kid)
                 if queue is None:
                     raw[kid] = [rec]
@@ -164,9 +167,6 @@ class TraceCore:
                     if not queue:
                         continue
                     for rec in queue:
-                        if isinstance(rec, Event):
-                            self._events.append(rec)
-                            continue
                         for event in self.engine.decode(rec):
                             if event.supersedes is not None:  # a correction of an earlier event
                                 self._correct(event)

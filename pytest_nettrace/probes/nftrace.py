@@ -329,6 +329,7 @@ class NftTraceApi:
         drops = [e for e in seen if e.kind == "drop" and _netfilter_drop(e)]
         used = {id(e.drop) for e in seen if e.kind == "nftrace" and e.drop is not None}
         now = time.monotonic_ns()
+        verdicts = []
         for netns, v in taken:
             drop = next((d for d in drops if d.netns == netns and id(d) not in used and _same_packet(d, v)), None)
             if drop is not None:
@@ -339,9 +340,9 @@ class NftTraceApi:
                 task, ts = dict(_NOBODY, context="trace"), now
             fields = {k: v[k] for k in ("table", "chain", "handle", "policy", "rule", "saddr", "daddr", "ip_proto",
                                         "sport", "dport", "iif", "oif", "trace_id")}
-            ev = NftVerdictEvent(None, (), task.pop("context"), timestamp=ts, netns=netns, verdict="drop",
-                                 family=v["family_name"], drop=drop, **task, **fields)
-            self._sink(ev)  # type: ignore[attr-defined]
+            verdicts.append(NftVerdictEvent(None, (), task.pop("context"), timestamp=ts, netns=netns,
+                                            verdict="drop", family=v["family_name"], drop=drop, **task, **fields))
+        self._publish(verdicts)  # type: ignore[attr-defined]
 
     def dropped_by(self, drop: Event) -> Optional[Event]:
         """The "nftrace" event (table, chain, rule) of a netfilter drop event,

@@ -618,6 +618,13 @@ class PacketProbe(Probe):
 _NOBODY = dict(pid=None, tid=None, comm=None, uid=None, ppid=None, parent_comm=None)
 
 
+def packet_event(frame: Frame, netns: int, offset: int) -> PacketEvent:
+    """The event of a captured frame; `offset`: CLOCK_REALTIME minus
+    CLOCK_MONOTONIC, to put it on the ring records' clock."""
+    return PacketEvent(None, (), "capture", timestamp=frame.ts_real - offset, netns=netns, dev=frame.ifname,
+                       direction=frame.direction, length=frame.length, **_NOBODY, **summarize(frame.ethernet))
+
+
 class PacketApi:
     """`nettrace` methods for captured packets (mixed into Trace). The frames
     reach the test's events and pcapng whenever the test reads anything."""
@@ -638,9 +645,8 @@ class PacketApi:
         writer = self._pcap_writer()
         for fr, netns in frames:
             writer.write(netns, f"{self.label(netns)}:{fr.ifname}", fr)
-            self._sink(PacketEvent(None, (), "capture", timestamp=fr.ts_real - offset, netns=netns, dev=fr.ifname,
-                                   direction=fr.direction, length=fr.length, **_NOBODY, **summarize(fr.ethernet)))
         writer.flush()
+        self._publish([packet_event(fr, netns, offset) for fr, netns in frames])
 
     def _pcap_writer(self) -> PcapngWriter:
         writer = self.__dict__.get("_pcap")
