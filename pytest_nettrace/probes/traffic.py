@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import EventsLost
 from ..events import describe_filters, matches
@@ -124,29 +124,39 @@ class TrafficProbe(Probe):
 
     def rows(self, namespaces: List[int]) -> List[TrafficRow]:
         """The table for these namespaces, joined with the port owners now."""
-        wanted = set(namespaces)
-        owners: Dict[Tuple[int, int, int], Tuple[int, int, str]] = {}
-        for key, value in map_items(self._owners_fd, _OWNER_KEY.size, _OWNER.size):
-            netns, port, proto = _OWNER_KEY.unpack(key)
-            if netns in wanted:
-                pid, uid, comm = _OWNER.unpack(value)
-                owners[(netns, proto, port)] = (pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"))
-        table: Dict[tuple, TrafficRow] = {}
-        for key, value in map_items(self._counters_fd, _KEY.size, _COUNTERS.size):
-            netns, _ifindex, port, proto = _KEY.unpack(key)
-            if netns not in wanted:
-                continue
-            txp, rxp, txb, rxb, dev = _COUNTERS.unpack(value)
-            pid, uid, comm = owners.get((netns, proto, port), (None, None, None)) if port else (None, None, None)
-            devname = dev.split(b"\0", 1)[0].decode(errors="replace")
-            row = table.get((netns, pid, uid, devname, comm))
-            if row is None:
-                row = table[(netns, pid, uid, devname, comm)] = TrafficRow(netns, pid, uid, devname, comm)
-            row.tx_packets += txp
-            row.rx_packets += rxp
-            row.tx_bytes += txb
-            row.rx_bytes += rxb
-        return list(table.values())
+        return traffic_rows(map_items(self._counters_fd, _KEY.size, _COUNTERS.size),
+                            map_items(self._owners_fd, _OWNER_KEY.size, _OWNER.size), namespaces)
+
+
+def traffic_rows(counters: Iterable[Tuple[bytes, bytes]], owners: Iterable[Tuple[bytes, bytes]],
+                 namespaces: Iterable[int]) -> List[TrafficRow]:
+    """The nettop rows of these namespaces from the entries of tf_counters and
+    tf_owners (struct traffic_key -> traffic_counters, traffic_owner_key ->
+    traffic_owner): counters on one port are its owner's, one row per
+    process and device."""
+    wanted = set(namespaces)
+    by_port: Dict[Tuple[int, int, int], Tuple[int, int, str]] = {}
+    for key, value in owners:
+        netns, port, proto = _OWNER_KEY.unpack(key)
+        if netns in wanted:
+            pid, uid, comm = _OWNER.unpack(value)
+            by_port[(netns, proto, port)] = (pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"))
+    table: Dict[tuple, TrafficRow] = {}
+    for key, value in counters:
+        netns, _ifindex, port, proto = _KEY.unpack(key)
+        if netns not in wanted:
+            continue
+        txp, rxp, txb, rxb, dev = _COUNTERS.unpack(value)
+        pid, uid, comm = by_port.get((netns, proto, port), (None, None, None)) if port else (None, None, None)
+        devname = dev.split(b"\0", 1)[0].decode(errors="replace")
+        row = table.get((netns, pid, uid, devname, comm))
+        if row is None:
+            row = table[(netns, pid, uid, devname, comm)] = TrafficRow(netns, pid, uid, devname, comm)
+        row.tx_packets += txp
+        row.rx_packets += rxp
+        row.tx_bytes += txb
+        row.rx_bytes += rxb
+    return list(table.values())
 
 
 def _check_row_filters(filters: Dict[str, Any]) -> None:
