@@ -48,10 +48,6 @@ def netns_ref(ns: NamespaceLike) -> Tuple[int, Optional[str]]:
     raise TypeError(f"not a network namespace: {ns!r} (give a Namespace, an inode, a name or a path)")
 
 
-def netns_inode(ns: NamespaceLike) -> int:
-    return netns_ref(ns)[0]
-
-
 def _path_of_inode(inode: int) -> Optional[str]:
     """A path that opens the namespace with this inode, if one can be found."""
     candidates = ["/proc/self/ns/net"]

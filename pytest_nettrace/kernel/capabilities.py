@@ -61,7 +61,6 @@ class KernelFeatures:
     tp_btf: bool = False
     fentry: bool = False
     kprobe: bool = False
-    dummy: Optional[bool] = None   # filled by the namespace layer when asked
     reasons: Dict[str, str] = field(default_factory=dict)
     _btf: Optional[lb.KernelBtf] = None
     _enums: Dict[str, Dict[int, str]] = field(default_factory=dict)
@@ -77,9 +76,6 @@ class KernelFeatures:
     def tracepoint_args(self, tp: str) -> Optional[int]:
         return self._btf.tracepoint_arg_count(tp) if self._btf else None
 
-    def has_function(self, name: str) -> bool:
-        return bool(self._btf and self._btf.has_function(name))
-
     def require(self) -> None:
         """Raise UnsupportedKernel with the first missing essential, in one line."""
         for feat in ("privileged", "btf", "ringbuf", "tp_btf"):
@@ -90,8 +86,6 @@ class KernelFeatures:
         names = ["btf", "ringbuf", "tracepoint", "tp_btf", "fentry", "kprobe"]
         parts = [f"{n} yes" if getattr(self, n) else f"{n} no ({_brief(self.reasons.get(n, '?'))})"
                  for n in names]
-        if self.dummy is not None:
-            parts.append(f"dummy {'yes' if self.dummy else 'no'}")
         if not self.privileged:
             parts.insert(0, "NOT PRIVILEGED")
         return ", ".join(parts)

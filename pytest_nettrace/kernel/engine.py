@@ -203,9 +203,6 @@ class Engine:
                 return st
         return None
 
-    def mechanisms(self) -> Dict[str, str]:
-        return {name: st.mechanism for name, st in self.status.items()}
-
     def describe(self) -> str:
         """One line for the pytest header."""
         parts = []

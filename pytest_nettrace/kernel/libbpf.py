@@ -61,10 +61,6 @@ class _BtfVarSecinfo(ctypes.Structure):
     _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32), ("size", ctypes.c_uint32)]
 
 
-class _BtfParam(ctypes.Structure):
-    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32)]
-
-
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
@@ -272,9 +268,6 @@ class BpfObject:
     def map_fd(self, name: str) -> int:
         """fd of map `name` (after load)."""
         return libbpf().bpf_map__fd(self._map(name))
-
-    def has_map(self, name: str) -> bool:
-        return bool(libbpf().bpf_object__find_map_by_name(self._ptr, name.encode()))
 
     def reuse_map(self, name: str, fd: int) -> None:
         """Make this object's map `name` the already existing map `fd`."""
@@ -499,6 +492,3 @@ class KernelBtf:
         if (proto.info >> 24) & 0x1F != BTF_KIND_FUNC_PROTO:
             return None
         return (proto.info & 0xFFFF) - 1
-
-    def has_function(self, name: str) -> bool:
-        return self.has_type(name, 12)  # BTF_KIND_FUNC

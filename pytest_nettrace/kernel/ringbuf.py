@@ -70,10 +70,6 @@ class RingBuffer:
                 break  # stopped at a record still being written
         return out
 
-    def pending(self) -> int:
-        """Bytes the kernel has produced that we have not consumed."""
-        return _u64.unpack_from(self._prod, 0)[0] - _u64.unpack_from(self._cons, 0)[0]
-
     def wait(self, timeout: float) -> bool:
         """Block until the kernel signals new data, wake() or timeout (seconds)."""
         return bool(self._epoll.poll(timeout))
