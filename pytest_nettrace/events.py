@@ -8,7 +8,7 @@ import ipaddress
 import pwd
 import socket
 import struct
-from typing import Any, Callable, ClassVar, Collection, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
@@ -196,6 +196,17 @@ class Hex(FieldType):
         return bytes.fromhex(value) if isinstance(value, str) else value
 
 
+class IpProto(FieldType):
+    """An IP protocol's name: one spelling in every kind ("icmpv6", as nft
+    spells it); a filter may also use the other spellings in use (tcpdump's
+    "icmp6", /etc/protocols' "ipv6-icmp")."""
+
+    ALIASES = {"icmp6": "icmpv6", "ipv6-icmp": "icmpv6"}
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        return self.ALIASES.get(value, value) if isinstance(value, str) else value
+
+
 PLAIN = FieldType()
 CHOICE = Choice()
 FAMILY = Family()
@@ -203,6 +214,7 @@ ADDRESS = Address()
 NETWORK = Network()
 COMM = Comm()
 HEX = Hex()
+IP_PROTO = IpProto()
 
 
 @functools.lru_cache(maxsize=None)  # asked per event and filter: classes and their declarations are fixed
@@ -315,10 +327,6 @@ class Event:
         if self._stack is None:
             self._stack = symbolize(self._stack_addrs)
         return self._stack
-
-    @classmethod
-    def field_names(cls) -> Tuple[str, ...]:
-        return cls.FIELDS
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready dict of FIELDS, each as its declared type writes it
@@ -443,17 +451,10 @@ def matches(event: Any, filters: Dict[str, Any]) -> bool:
     return True
 
 
-def select(events: Iterable[Event], filters: Dict[str, Any]) -> List[Event]:
-    return [e for e in events if matches(e, filters)]
-
-
 def describe_filters(filters: Dict[str, Any]) -> str:
     if not filters:
         return "(any)"
     return ", ".join(f"{k}={v!r}" if not callable(v) else f"{k}=<predicate>" for k, v in filters.items())
-
-
-Decoder = Callable[[bytes, Header], Event]
 
 
 def user_name(uid: Optional[int]) -> Optional[str]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optiona
 
 from ..errors import EventsLost
 from ..events import Event, Header, describe_filters, matches
-from ..events import ADDRESS
+from ..events import ADDRESS, IP_PROTO
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import kallsyms, symbolize
@@ -47,7 +47,7 @@ class DropEvent(Event):
     kind = "drop"
     FIELDS = Event.FIELDS + ("reason", "location", "dev", "ifindex", "protocol", "family", "saddr", "daddr",
                              "sport", "dport", "ip_proto", "length")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "ip_proto": IP_PROTO}
     ALARM = True  # but not its background drops (`background`)
     # the running kernel's enum skb_drop_reason, set when the probe loads
     # (empty on kernels without drop reasons)

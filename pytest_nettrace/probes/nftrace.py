@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
 from ..events import Event
-from ..events import ADDRESS, CHOICE, FieldType
+from ..events import ADDRESS, CHOICE, IP_PROTO, FieldType
 from ..kernel import wire
 from . import _nft
 from .base import Plan, Probe
@@ -70,7 +70,7 @@ class NftVerdictEvent(Event):
     kind = "nftrace"
     FIELDS = Event.FIELDS + ("verdict", "table", "chain", "handle", "policy", "rule", "family", "saddr", "daddr",
                              "ip_proto", "sport", "dport", "iif", "oif", "trace_id", "drop")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "family": CHOICE, "drop": DROP_LINK}
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "family": CHOICE, "drop": DROP_LINK, "ip_proto": IP_PROTO}
     VALUES = {**Event.VALUES, "family": tuple(_nft.FAMILIES.values())}   # the table's, not 4/6
 
     def describe(self) -> str:

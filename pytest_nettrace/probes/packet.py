@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 from ..netns.linux import in_netns_at
 from ..report.captures import capture_path
 from ..events import Event, Header
-from ..events import ADDRESS, HEX, FieldType
+from ..events import ADDRESS, HEX, IP_PROTO, FieldType
 from ..kernel import wire
 from .base import Plan, Probe
 
@@ -383,7 +383,7 @@ def tcp_flag_strings(bits: int) -> Tuple[str, TcpFlags]:
     return dump, TcpFlags("".join(ch for ch in TCP_LETTERS if bits & _LETTER_BITS[ch]))
 
 
-_IP_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6", 132: "sctp"}
+_IP_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
 
 
 def summarize(frame: bytes) -> Dict[str, Any]:
@@ -479,7 +479,8 @@ class PacketEvent(Event):
     FIELDS = ("kind", "timestamp", "netns", "dev", "direction", "length", "proto", "family", "saddr", "sport",
               "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "payload_len", "icmp_type",
               "ethertype")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS}
+    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS,
+             "proto": IP_PROTO}
     VALUES = {**Event.VALUES, "direction": ("in", "out")}
     HIGH_VOLUME = True
 
@@ -504,8 +505,9 @@ class PacketEvent(Event):
             return text + f", length {self.payload_len}"
         if self.proto == "udp":
             return text + f"UDP, length {self.payload_len}"
-        if self.proto in ("icmp", "icmp6"):
-            return text + f"{self.proto.upper()} type {self.icmp_type}, length {self.length}"
+        if self.proto in ("icmp", "icmpv6"):
+            name = "ICMP" if self.proto == "icmp" else "ICMP6"  # tcpdump's spelling
+            return text + f"{name} type {self.icmp_type}, length {self.length}"
         return text + f"{self.proto}, length {self.length}"
 
     def summary(self) -> str:
