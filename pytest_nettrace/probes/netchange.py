@@ -9,12 +9,17 @@ and tells from the stack how it was asked for (netlink, ioctl or the kernel).
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import random
 import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, parse_address, user_name
@@ -42,7 +47,7 @@ _KEY = wire.NC_SOCK_KEY.struct
 _DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_end")
 
 # rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
-RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 20, 21, 24, 25
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 18, 20, 21, 24, 25
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
@@ -51,6 +56,8 @@ RTMGRP_NEIGH, RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x4, 0x80, 1 << (19 - 1)
 _GROUPS |= RTMGRP_NEIGH | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 IFF_UP = 0x1
 NLM_F_REPLACE = 0x100
+SO_RCVBUFFORCE = 33       # asm-generic/socket.h: not in Python's socket module
+NETLINK_NETFILTER = 12    # linux/netlink.h: not in Python's socket module
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
 RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
@@ -390,7 +397,7 @@ def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> None:
     ev.detail = f"a write to {handler}" if handler else "a write to /proc/sys/net"
 
 
-def cause_of(kind: str, frames: Sequence[str], kthread: bool, context: str) -> Tuple[str, Optional[str]]:
+def cause_of(kind: str, frames: Sequence[str]) -> Tuple[str, Optional[str]]:
     """("netlink" | "ioctl" | "kernel", detail) from the kernel stack: how
     *this* change was asked for. The IPv6 addresses a link down removes are
     "kernel"/"link down" whether the down came over netlink or SIOCSIFFLAGS."""
@@ -462,7 +469,7 @@ class _Monitor:
         s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         try:
             # Room for bursts between drains; a full queue is counted as loss.
-            s.setsockopt(socket.SOL_SOCKET, 33, MONITOR_RCVBUF)  # SO_RCVBUFFORCE
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, MONITOR_RCVBUF)
         except OSError:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_RCVBUF)
         s.bind((0, _GROUPS))
@@ -470,12 +477,11 @@ class _Monitor:
 
     def _dump_links(self) -> None:
         """ifindex -> name of the links present now (IPv6 notifications carry only the index)."""
-        req = _NLMSG.pack(32, 18, 0x301, 1, 0) + bytes(16)  # RTM_GETLINK, NLM_F_REQUEST|NLM_F_DUMP
-        self.sock.send(req)
+        self.sock.send(_dump_request(ifinfmsg(), RTM_GETLINK, 1))
         while True:
             data = self.sock.recv(1 << 16)
             for mtype, msg in _split(data):
-                if mtype == 3 or mtype == 2:  # NLMSG_DONE / NLMSG_ERROR
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
                     return
                 if mtype == RTM_NEWLINK:
                     self.learn(msg)
@@ -483,10 +489,10 @@ class _Monitor:
     def _dump_neighbours(self) -> None:
         """The neighbour entries present now: a later RTM_NEWNEIGH for one of
         them is a change, not an addition (the kernel's message does not say)."""
-        self.sock.send(_NLMSG.pack(28, RTM_GETNEIGH, 0x301, 2, 0) + bytes(12))
+        self.sock.send(_dump_request(ndmsg(), RTM_GETNEIGH, 2))
         while True:
             for mtype, msg in _split(self.sock.recv(1 << 16)):
-                if mtype in (2, 3):  # NLMSG_ERROR / NLMSG_DONE
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
                     return
                 key = neigh_key(msg)
                 if mtype == RTM_NEWNEIGH and key is not None:
@@ -501,10 +507,9 @@ class _Monitor:
 
     def check_overrun(self) -> None:
         """The kernel drops notifications for a full socket and sets ENOBUFS."""
-        if self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 105:  # ENOBUFS
-            self.lost += 1
-        if self.nft is not None and self.nft.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 105:
-            self.lost += 1
+        for sock in (self.sock, self.nft):
+            if sock is not None and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ENOBUFS:
+                self.lost += 1
 
     def close(self) -> None:
         self.sock.close()
@@ -516,10 +521,10 @@ def _open_nft(avoid: int) -> socket.socket:
     """The nftables monitor (NETLINK_NETFILTER, group NFNLGRP_NFTABLES). Its
     port id is chosen, not the kernel's: the BPF map tells the two monitors
     apart by (netns, port id), and each protocol numbers its ports alone."""
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 12)  # NETLINK_NETFILTER
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
     try:
         try:
-            s.setsockopt(socket.SOL_SOCKET, 33, MONITOR_RCVBUF)  # SO_RCVBUFFORCE
+            s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, MONITOR_RCVBUF)
         except OSError:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_RCVBUF)
         for _ in range(64):
@@ -530,12 +535,24 @@ def _open_nft(avoid: int) -> socket.socket:
                 s.bind((portid, 1 << (_nft.NFNLGRP_NFTABLES - 1)))
                 return s
             except OSError as e:
-                if e.errno != 98:  # EADDRINUSE: another port id
+                if e.errno != errno.EADDRINUSE:  # taken: try another port id
                     raise
-        raise OSError(98, "no free netlink port id")
+        raise OSError(errno.EADDRINUSE, "no free netlink port id")
     except BaseException:
         s.close()
         raise
+
+
+def _dump_request(msg: Any, msg_type: int, seq: int) -> bytes:
+    """A dump request (NLM_F_REQUEST | NLM_F_DUMP) of `msg_type`, built by
+    pyroute2's message class `msg` as netns/rtnl.py builds its requests. It
+    goes out on the monitor socket itself: its replies carry the monitor's
+    port id, which is how decode() tells them from changes."""
+    msg["header"]["type"] = msg_type
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
+    msg["header"]["sequence_number"] = seq
+    msg.encode()
+    return bytes(msg.data)
 
 
 def _split(data: bytes):
@@ -701,7 +718,7 @@ class NetChangeProbe(Probe):
 
     def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        ev.cause, ev.detail = cause_of(ev.kind, ev.stack, kthread, ev.context)
+        ev.cause, ev.detail = cause_of(ev.kind, ev.stack)
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
             # those of whoever queued that work (an interrupt: nobody)
