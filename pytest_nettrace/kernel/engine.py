@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import struct
 import threading
 import time
@@ -157,27 +156,22 @@ class Engine:
             active = [st for st in self.status.values() if st.plans and st.unavailable is None]
             if not active:
                 break
-            obj = lb.BpfObject(object_path(OBJECT), core_btf or self.btf_path)
+            obj = self._object(active, core_btf)
+            culprit: Optional[ProbeStatus] = None
             try:
-                obj.reuse_map("nt_scopes", self._scopes_fd)
-                obj.reuse_map("nt_events", self._events_fd)
-                obj.reuse_map("nt_pidns", self._pidns_fd)
-                obj.reuse_map("nt_watching", self._watching_fd)
-                enabled: Dict[str, bool] = {}
+                try:
+                    obj.load()
+                except ProbeLoadError:
+                    # libbpf's error names the program only in its log text:
+                    # find the probe by loading each plan alone instead
+                    culprit = self._load_culprit(active, core_btf)
+                    raise
                 for st in active:
-                    plan = st.plans[0]
-                    for prog in plan.programs:
-                        enabled[prog] = True
-                    for var, value in plan.config.items():
-                        obj.set_rodata(var, value)
-                obj.set_autoload(enabled)
-                obj.load()
-                for st in active:
+                    culprit = st
                     for prog in st.plans[0].programs:
                         obj.attach(prog, cgroup=st.plans[0].cgroups.get(prog))
             except ProbeLoadError as e:
                 obj.close()
-                culprit = self._culprit(str(e), active)
                 if culprit is None:
                     raise
                 culprit.failures.append(f"{culprit.plans[0].mechanism}: {e}")
@@ -194,13 +188,42 @@ class Engine:
                 corebtf.prepare_in_background(object_path(OBJECT), self.btf_path)
             return
 
-    @staticmethod
-    def _culprit(message: str, active: List[ProbeStatus]) -> Optional[ProbeStatus]:
-        """The probe whose program a load/attach error names."""
-        names = set(re.findall(r"prog '([^']+)'", message)) | set(re.findall(r":(\w+) \(", message))
+    def _object(self, active: List[ProbeStatus], core_btf: Optional[str]) -> lb.BpfObject:
+        """The object, opened with the current plan of each of `active`."""
+        obj = lb.BpfObject(object_path(OBJECT), core_btf or self.btf_path)
+        try:
+            obj.reuse_map("nt_scopes", self._scopes_fd)
+            obj.reuse_map("nt_events", self._events_fd)
+            obj.reuse_map("nt_pidns", self._pidns_fd)
+            obj.reuse_map("nt_watching", self._watching_fd)
+            enabled: Dict[str, bool] = {}
+            for st in active:
+                plan = st.plans[0]
+                for prog in plan.programs:
+                    enabled[prog] = True
+                for var, value in plan.config.items():
+                    obj.set_rodata(var, value)
+            obj.set_autoload(enabled)
+        except BaseException:
+            obj.close()
+            raise
+        return obj
+
+    def _load_culprit(self, active: List[ProbeStatus], core_btf: Optional[str]) -> Optional[ProbeStatus]:
+        """The first probe whose current plan does not load on its own (the
+        feature probed, as libbpf-tools choose a fallback); None if each
+        loads alone."""
         for st in active:
-            if names & set(st.plans[0].programs):
+            try:
+                obj = self._object([st], core_btf)
+            except ProbeLoadError:
                 return st
+            try:
+                obj.load()
+            except ProbeLoadError:
+                return st
+            finally:
+                obj.close()
         return None
 
     def describe(self) -> str:

@@ -1,0 +1,56 @@
+"""When a probe's best plan fails to load or attach, the engine moves that
+probe (and only it) to its next plan. The failing probe is found from the
+failing step itself — the attach call that raised, or the probe whose plan
+does not load alone — never from libbpf's message text. Real kernel."""
+from __future__ import annotations
+
+import pytest
+
+from pytest_nettrace.kernel.capabilities import features
+from pytest_nettrace.kernel.engine import Engine
+from pytest_nettrace.probes.base import Plan
+from pytest_nettrace.probes.conn import ConnProbe
+from pytest_nettrace.probes.rst import RstProbe
+from pytest_nettrace.probes.sysctl import SysctlProbe
+
+
+class _SysctlBadCgroup(SysctlProbe):
+    def plans(self, kernel):
+        real = super().plans(kernel)
+        return [Plan("cgroup_sysctl (no such cgroup)", ["sysctl_write"],
+                     cgroups={"sysctl_write": "/nonexistent-nettrace-cgroup"})] + real
+
+
+class _RstUnloadable(RstProbe):
+    """Its first plan uses fentry programs, which this kernel refuses to load."""
+
+    def plans(self, kernel):
+        return [Plan("tp_btf+fentry", ["rst_send_tp", "rst_v4_fentry", "rst_v6_fentry", "rst_recv_tp"],
+                     config={"rst_cfg": b"\1\0\0\0"})] + super().plans(kernel)
+
+
+def test_an_attach_failure_moves_only_its_probe_to_the_next_plan():
+    if not SysctlProbe().plans(features()):
+        pytest.skip(f"no sysctl plan on this kernel: {SysctlProbe().unavailable_reason(features())}")
+    engine = Engine(probes=[_SysctlBadCgroup(), ConnProbe()], background=False)
+    try:
+        st = engine.status["sysctl"]
+        assert st.mechanism == "cgroup_sysctl", st.failures
+        assert len(st.failures) == 1 and "nonexistent-nettrace-cgroup" in st.failures[0]
+        assert engine.status["conn"].plan is not None and not engine.status["conn"].failures
+    finally:
+        engine.close()
+
+
+def test_a_load_failure_moves_only_its_probe_to_the_next_plan():
+    k = features()
+    if k.fentry:
+        pytest.skip("this kernel loads fentry programs: no plan here that fails to load")
+    engine = Engine(probes=[_RstUnloadable(), ConnProbe()], background=False)
+    try:
+        st = engine.status["rst"]
+        assert st.plan is not None and st.mechanism != "tp_btf+fentry", st.failures
+        assert len(st.failures) == 1 and st.failures[0].startswith("tp_btf+fentry: ")
+        assert engine.status["conn"].plan is not None and not engine.status["conn"].failures
+    finally:
+        engine.close()
