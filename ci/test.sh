@@ -2,7 +2,8 @@
 # The plugin's own tests on a fresh machine (see ci/README.md):
 #   1. set up (ci/setup.sh)
 #   2. offline checks: the shipped objects match the sources and relocate on
-#      stock kernels of both architectures (no root, no kernel needed)
+#      stock kernels of both architectures (no root, no kernel needed); then
+#      the root-free unit layer, run without privileges (ci/unit-test)
 #   3. the suite on this kernel, under pytest-xdist; then the host-safety
 #      stage (kills, signals, bystanders: tests/test_host_safety.py); then the
 #      README's "use it in your own project" recipe (ci/recipe-test)
@@ -31,6 +32,10 @@ PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -rfEs)
 stage "offline checks of the shipped probes"
 "${PYTEST[@]}" -q tests/test_build.py
 check $? "offline checks"
+
+stage "the root-free unit layer, without privileges (ci/unit-test)"
+ci/unit-test
+check $? "unit layer"
 
 stage "the suite on this kernel ($(uname -r))"
 "${PYTEST[@]}" -n 2 -m "not host_safety" tests/ "$@"

@@ -1,0 +1,196 @@
+"""Every probe's decoder on synthetic records built from the wire contract,
+and the record decoder's own checks (length, kind): root-free, no kernel."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+
+from pytest_nettrace.kernel import wire
+from pytest_nettrace.kernel.records import RecordDecoder
+from pytest_nettrace.probes.conn import ConnProbe
+from pytest_nettrace.probes.drop import DropProbe
+from pytest_nettrace.probes.netchange import RTM_NEWADDR, NetChangeProbe
+from pytest_nettrace.probes.packet import PacketProbe
+from pytest_nettrace.probes.retransmit import RetransmitProbe
+from pytest_nettrace.probes.rst import RstProbe
+from pytest_nettrace.probes.syscall import CALLS, SyscallProbe
+from pytest_nettrace.probes.sysctl import SysctlProbe
+
+from records import NETNS, addr, decode, record
+
+
+def test_rst_reply():
+    rec = record(wire.RST_EVENT, wire.Kind.RST, origin=0, family=4, state=7, sport=80, dport=43210,
+                 saddr=addr("10.0.0.1"), daddr=addr("10.0.0.2"))
+    [ev] = decode(RstProbe(), rec)
+    assert (ev.kind, ev.direction, ev.origin, ev.family) == ("rst", "sent", "reply", 4)
+    assert (ev.saddr, ev.sport, ev.daddr, ev.dport) == (ipaddress.ip_address("10.0.0.1"), 80,
+                                                       ipaddress.ip_address("10.0.0.2"), 43210)
+    assert ev.state == "CLOSE" and ev.reason is None and ev.netns == NETNS
+    # a reply runs in softirq: nobody is blamed for it
+    assert ev.context == "softirq" and ev.pid is None and ev.comm is None
+
+
+def test_rst_active_is_the_process_and_v6():
+    rec = record(wire.RST_EVENT, wire.Kind.RST, origin=1, family=6, state=1, sport=5000, dport=80,
+                 saddr=addr("fd00::1"), daddr=addr("fd00::2"), pid=77, comm=b"python3")
+    [ev] = decode(RstProbe(), rec)
+    assert (ev.origin, ev.family, ev.state, ev.pid, ev.comm) == ("active", 6, "ESTABLISHED", 77, "python3")
+    assert ev.daddr == ipaddress.ip_address("fd00::2")
+
+
+def test_retransmit_counts_the_same_segment():
+    probe = RetransmitProbe()
+    fields = dict(sk=0xffff888000001000, seq=1000, total_retrans=1, type=0, family=4, state=1, sport=40000,
+                  dport=80, saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1"))
+    rec = record(wire.RETRANS_EVENT, wire.Kind.RETRANS, **fields)
+    first, second = decode(probe, rec) + decode(probe, rec)
+    assert (first.type, first.count, second.count, first.seq) == ("retransmit", 1, 2, 1000)
+    [syn] = decode(probe, record(wire.RETRANS_EVENT, wire.Kind.RETRANS, **{**fields, "state": 2, "seq": 7}))
+    assert syn.type == "syn" and syn.state == "SYN_SENT"
+
+
+def test_conn_accept_completes_the_established_record_without_a_second_event():
+    probe = ConnProbe()
+    common = dict(sk=0xffff888000002000, family=4, sport=80, dport=40000, saddr=addr("10.0.0.1"),
+                  daddr=addr("10.0.0.2"), oldstate=3, newstate=1)
+    established = record(wire.CONN_EVENT, wire.Kind.CONN, action=1, **common)
+    accepted = record(wire.CONN_EVENT, wire.Kind.CONN, action=2, pid=99, comm=b"server", **common)
+    events = decode(probe, established, accepted)
+    assert [e.action for e in events] == ["accept"]
+    close = record(wire.CONN_EVENT, wire.Kind.CONN, action=3, has_birth=1, duration_ns=2_500_000,
+                   bytes_acked=10, bytes_received=20, **{**common, "newstate": 7})
+    [ev] = decode(probe, close)
+    assert (ev.action, ev.duration_ms, ev.bytes_sent, ev.bytes_received) == ("close", 2.5, 10, 20)
+
+
+def test_drop_fields():
+    probe = DropProbe()
+    probe.reasons, probe.has_reason = {2: "NO_SOCKET"}, True
+    probe.locations[0xffffffff81000000] = "tcp_v4_rcv+0x10"  # as a stack once told (no kallsyms here)
+    rec = record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000000, reason=2, len=60, ifindex=2,
+                 protocol=0x0800, family=4, ip_proto=6, sport=40000, dport=9, has_reason=1, has_ports=1,
+                 dev=b"eth0", saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1"))
+    [ev] = decode(probe, rec)
+    assert (ev.reason, ev.location, ev.dev, ev.ip_proto, ev.dport, ev.length) == (
+        "NO_SOCKET", "tcp_v4_rcv+0x10", "eth0", "tcp", 9, 60)
+    [v6] = decode(probe, record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000000, family=6,
+                                ip_proto=58, protocol=0x86DD, saddr=addr("fd00::1"), daddr=addr("ff02::1")))
+    assert v6.ip_proto == "icmpv6" and v6.sport is None and v6.reason is None
+
+
+def _syscall(name: str, args, ret: int = 0, sockaddr: bytes = b"", **fields):
+    rec = record(wire.SYSCALL_EVENT, wire.Kind.SYSCALL, args=list(args), ret=ret, code=CALLS.index(name) + 1,
+                 addr_len=len(sockaddr), addr=sockaddr, duration=1500, **fields)
+    [ev] = decode(SyscallProbe(), rec)
+    return ev
+
+
+def _sockaddr_in(ip: str, port: int) -> bytes:
+    return socket.AF_INET.to_bytes(2, "little") + port.to_bytes(2, "big") + socket.inet_aton(ip) + bytes(8)
+
+
+def test_syscall_connect_refused_rendered_as_strace():
+    ev = _syscall("connect", (3, 0x7ffd0000, 16, 0, 0, 0), ret=-111, sockaddr=_sockaddr_in("10.0.0.1", 9))
+    assert (ev.name, ev.fd, ev.errno, ev.address, ev.port, ev.family) == (
+        "connect", 3, "ECONNREFUSED", ipaddress.ip_address("10.0.0.1"), 9, 4)
+    assert ev.args == "3, {AF_INET, 10.0.0.1:9}, 16"
+    assert ev.duration == 1.5e-6
+
+
+def test_syscall_setsockopt_names_level_and_option():
+    ev = _syscall("setsockopt", (4, socket.SOL_SOCKET, socket.SO_REUSEADDR, 0x7ffd0000, 4, 0), value=1,
+                  has_value=1)
+    assert (ev.level, ev.option, ev.value) == ("SOL_SOCKET", "SO_REUSEADDR", 1)
+    assert ev.args == "4, SOL_SOCKET, SO_REUSEADDR, [1], 4"
+
+
+def test_syscall_socket_renders_family_and_type():
+    ev = _syscall("socket", (socket.AF_INET6, socket.SOCK_STREAM | socket.SOCK_CLOEXEC, 0, 0, 0, 0), ret=5)
+    assert ev.fd is None and ev.ret == 5
+    assert ev.args.startswith("AF_INET6, SOCK_STREAM|SOCK_CLOEXEC")
+
+
+def test_sysctl_write_named_as_sysctl_spells_it_and_a_restart_is_one_event():
+    probe = SysctlProbe()
+    name = b"net/ipv4/conf/eth0.100/rp_filter"
+    rec = record(wire.SYSCTL_EVENT, wire.Kind.SYSCTL, name_len=len(name), old_len=2, new_len=2, name=name,
+                 old=b"0\n", new=b"1\n", cmdline=b"sysctl\0-w\0", cmdline_len=10)
+    [ev] = decode(probe, rec, rec)  # the same write restarted: one event
+    assert (ev.name, ev.old, ev.new) == ("net.ipv4.conf.eth0/100.rp_filter", "0", "1")
+
+
+def _newaddr(ip: str, prefixlen: int, index: int) -> bytes:
+    msg = ifaddrmsg()
+    msg["header"]["type"] = RTM_NEWADDR
+    msg["family"], msg["prefixlen"], msg["index"] = socket.AF_INET, prefixlen, index
+    msg["attrs"] = [("IFA_ADDRESS", ip), ("IFA_LOCAL", ip), ("IFA_LABEL", "eth0")]
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_netchange_address_added_from_a_notification():
+    msg = _newaddr("10.0.0.1", 24, 2)
+    rec = record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, skb=0xffff888000003000, portid=1234, msg_len=len(msg),
+                 copied=len(msg), msg=msg, cmdline=b"ip\0addr\0add\0", cmdline_len=12, pid=55, comm=b"ip")
+    [ev] = decode(NetChangeProbe(), rec)
+    assert (ev.kind, ev.action, ev.address, ev.dev, ev.pid, ev.cmdline) == (
+        "addr", "added", ipaddress.ip_interface("10.0.0.1/24"), "eth0", 55, "ip addr add")
+
+
+def test_netchange_kernel_thread_blames_nobody():
+    msg = _newaddr("10.0.0.1", 24, 2)
+    rec = record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, flags=wire.NT_F_KTHREAD, skb=1, msg_len=len(msg),
+                 copied=len(msg), msg=msg, comm=b"kworker/0:1")
+    [ev] = decode(NetChangeProbe(), rec)
+    assert ev.cause == "kernel" and ev.pid is None and ev.interrupted_task == "kworker/0:1(42)"
+
+
+def test_netchange_raced_record_is_no_event_but_counts_as_lost():
+    probe = NetChangeProbe()
+    msg = _newaddr("10.0.0.1", 24, 2)
+    fields = dict(skb=0xffff888000004000, msg_len=len(msg), copied=len(msg), msg=msg)
+    first, again = (record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, **fields) for _ in range(2))
+    assert len(decode(probe, first, again)) == 1
+    assert probe.lost(NETNS) == {k: 1 for k in probe.event_types}
+
+
+# -- the record decoder's checks -------------------------------------------------
+
+def test_a_record_of_the_wrong_length_is_rejected_and_counted_as_lost():
+    dec = RecordDecoder()
+    dec.add(RstProbe())
+    good = record(wire.RST_EVENT, wire.Kind.RST, family=4)
+    assert len(dec.decode(good)) == 1
+    for bad in (good[:-8], good + bytes(8)):  # a field added on one side only
+        assert dec.decode(bad) == []
+    assert dec.lost(NETNS) == {wire.Kind.RST: 2} and dec.errors == 2
+
+
+def test_netchange_records_are_checked_against_the_layout_their_flag_names():
+    dec = RecordDecoder()
+    dec.add(NetChangeProbe())
+    nft_sized = record(wire.NFTCHANGE_EVENT, wire.Kind.NLMSG)  # but without NC_F_NFT
+    assert dec.decode(nft_sized) == [] and dec.lost(NETNS) == {wire.Kind.NLMSG: 1}
+
+
+def test_records_of_kinds_without_ring_records_or_unknown_are_lost():
+    dec = RecordDecoder()
+    dec.add(PacketProbe())
+    fake = record(wire.RST_EVENT, wire.Kind.PACKET)
+    unknown = record(wire.RST_EVENT, 15)
+    assert dec.decode(fake) == [] and dec.decode(unknown) == []
+    assert dec.lost(NETNS) == {wire.Kind.PACKET: 1, 15: 1}
+    assert dec.decode(b"short") == [] and dec.errors == 3
+
+
+def test_a_decoder_bug_is_a_lost_record_not_a_crash(monkeypatch):
+    dec = RecordDecoder()
+    probe = RstProbe()
+    dec.add(probe)
+    monkeypatch.setattr(probe, "decode", lambda buf, hdr: 1 / 0)
+    assert dec.decode(record(wire.RST_EVENT, wire.Kind.RST)) == []
+    assert dec.lost(NETNS) == {wire.Kind.RST: 1}
