@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, List
 
 from .captures import file_stem
 from .timeline import focus, not_shown, render_timeline, wrap
@@ -112,8 +112,3 @@ class SessionSummary:
             if len(listed) > MAX_LISTED:
                 out.append(f"  ... and {len(listed) - MAX_LISTED} more")
         return out
-
-
-def sections_of(reports: Iterable[Any]) -> List[tuple]:
-    """(nodeid, text) of every report carrying a network events section."""
-    return [(r.nodeid, text) for r in reports for name, text in r.sections if name == SECTION]

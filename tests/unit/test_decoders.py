@@ -53,14 +53,15 @@ def test_retransmit_counts_the_same_segment():
     assert syn.type == "syn" and syn.state == "SYN_SENT"
 
 
-def test_conn_accept_completes_the_established_record_without_a_second_event():
+def test_conn_accept_corrects_the_established_record_with_a_new_fact():
     probe = ConnProbe()
     common = dict(sk=0xffff888000002000, family=4, sport=80, dport=40000, saddr=addr("10.0.0.1"),
                   daddr=addr("10.0.0.2"), oldstate=3, newstate=1)
     established = record(wire.CONN_EVENT, wire.Kind.CONN, action=1, **common)
     accepted = record(wire.CONN_EVENT, wire.Kind.CONN, action=2, pid=99, comm=b"server", **common)
-    events = decode(probe, established, accepted)
-    assert [e.action for e in events] == ["accept"]
+    first, owned = decode(probe, established, accepted)
+    assert (first.action, first.pid) == ("accept", None)  # published: never changes
+    assert owned.supersedes is first and (owned.action, owned.pid, owned.comm) == ("accept", 99, "server")
     close = record(wire.CONN_EVENT, wire.Kind.CONN, action=3, has_birth=1, duration_ns=2_500_000,
                    bytes_acked=10, bytes_received=20, **{**common, "newstate": 7})
     [ev] = decode(probe, close)
@@ -149,12 +150,13 @@ def test_netchange_kernel_thread_blames_nobody():
     assert ev.cause == "kernel" and ev.pid is None and ev.interrupted_task == "kworker/0:1(42)"
 
 
-def test_netchange_raced_record_is_no_event_but_counts_as_lost():
+def test_netchange_raced_record_names_nobody_and_counts_as_lost():
     probe = NetChangeProbe()
     msg = _newaddr("10.0.0.1", 24, 2)
     fields = dict(skb=0xffff888000004000, msg_len=len(msg), copied=len(msg), msg=msg)
-    first, again = (record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, **fields) for _ in range(2))
-    assert len(decode(probe, first, again)) == 1
+    first, again = (record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, pid=7, comm=b"ip", **fields) for _ in range(2))
+    ev, blamed = decode(probe, first, again)
+    assert ev.pid == 7 and blamed.supersedes is ev and blamed.pid is None and blamed.cause == "unknown"
     assert probe.lost(NETNS) == {k: 1 for k in probe.event_types}
 
 

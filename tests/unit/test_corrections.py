@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import ipaddress
 
-from pytest_nettrace.events import HEADER, STACK_BYTES
-from pytest_nettrace.probes.conn import _BODY, ACCEPTED, ESTABLISHED, NT_KIND_CONN, ConnEvent, ConnProbe
+from pytest_nettrace.kernel import wire
+from pytest_nettrace.probes.conn import ACCEPTED, ESTABLISHED, ConnEvent, ConnProbe
 from pytest_nettrace.probes.netchange import AddrEvent
 
 NS = 4026532000
 
 
 def _conn_record(action: int, pid: int, comm: bytes) -> bytes:
-    hdr = HEADER.pack(1_000_000 + action, NS, NT_KIND_CONN, 0, pid, pid, 0, 1, comm, b"bash", 0, 0)
-    body = _BODY.pack(0xffff8880dead0000, 0, 0, 0, 0, 0, 0, b"", action, 4, 3, 1, 0, 1, 9, 40000, 0,
-                      bytes([10, 0, 0, 1]) + bytes(12), bytes([10, 0, 0, 2]) + bytes(12))
-    return hdr + body + bytes(STACK_BYTES)
+    return wire.CONN_EVENT.pack(
+        h=dict(ts=1_000_000 + action, netns=NS, kind=wire.Kind.CONN, pid=pid, tid=pid, ppid=1, comm=comm,
+               pcomm=b"bash"),
+        sk=0xffff8880dead0000, action=action, family=4, oldstate=3, newstate=1, has_birth=1, sport=9, dport=40000,
+        saddr=bytes([10, 0, 0, 1]) + bytes(12), daddr=bytes([10, 0, 0, 2]) + bytes(12))
 
 
 def test_corrected_is_a_new_event_and_the_earlier_stays():
@@ -33,10 +34,10 @@ def test_accept_learned_after_establishment_is_a_correction():
     from pytest_nettrace.events import Header
     probe = ConnProbe()
     first = _conn_record(ESTABLISHED, 0, b"swapper/0")
-    established = probe.decode(first, Header(first))
+    [established] = probe.decode(first, Header(first))
     assert isinstance(established, ConnEvent) and established.action == "accept" and established.pid is None
     second = _conn_record(ACCEPTED, 4242, b"server")
-    accepted = probe.decode(second, Header(second))
+    [accepted] = probe.decode(second, Header(second))
     assert accepted.supersedes is established and (accepted.pid, accepted.comm) == (4242, "server")
     assert established.pid is None and established.comm is None   # what a test already holds is unchanged
     assert (accepted.action, accepted.state, accepted.sport) == ("accept", "ESTABLISHED", 9)
