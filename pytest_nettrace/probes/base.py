@@ -44,8 +44,9 @@ class Probe:
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         """The events a ring record (of one of `records`, length checked)
-        stands for: usually one; none when it only completes an earlier one
-        or is not a change; several when it holds a batch (nftables)."""
+        stands for: usually one (possibly a correction superseding an
+        earlier event, `Event.corrected`); none when it is no change; several
+        when it holds a batch (nftables)."""
         raise NotImplementedError(f"{self.name} has no ring records")
 
     def record_layout(self, hdr: Header) -> Optional[Record]:
