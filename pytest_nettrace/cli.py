@@ -37,14 +37,6 @@ class UsageProblem(Exception):
 class LiveTrace(Trace):
     """A Trace that forgets what it has handed out: a watch may run for days."""
 
-    def take(self) -> List[Event]:
-        """Events that arrived since the last take, in time order."""
-        events = self.all_events()
-        with self._cond:
-            # nothing arrives in between: the engine drains only in our thread
-            self._events.clear()
-        return events
-
     def new_capture_path(self) -> str:
         """The capture outlives the command (it names the file when it stops)."""
         return os.path.join(tempfile.mkdtemp(prefix="nettrace-watch-"), "watch.pcapng")

@@ -3,11 +3,13 @@ one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import ipaddress
 import pwd
 import socket
 import struct
+import time
 from typing import Any, Callable, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 from .kernel import symbols
@@ -22,6 +24,12 @@ _STACK = struct.Struct(f"<{NT_MAX_STACK}Q")
 # `family` of every kind that has an IP family (nftables' kinds name the
 # table's family instead: "ip", "ip6", "inet", …)
 IP_FAMILIES = (4, 6)
+
+
+def wall_clock(ts_ns: int) -> datetime.datetime:
+    """CLOCK_MONOTONIC ns (as BPF stamps events) → local wall-clock time."""
+    offset = time.time_ns() - time.monotonic_ns()
+    return datetime.datetime.fromtimestamp((ts_ns + offset) / 1e9)
 
 
 @functools.lru_cache(maxsize=1024)  # task names repeat

@@ -5,17 +5,34 @@ from __future__ import annotations
 import gc
 import os
 import struct
+import sys
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, Type,
+                    TypeVar, Union, overload)
 
-from .kernel.engine import Engine
-from .errors import EventsLost, NettraceError
 from . import sequence
+from .errors import EventsLost, NettraceError
 from .events import Event, check_filters, describe_filters, matches
-from .probes.registry import API_MIXINS, check_filters_any_kind, kind_info, kinds
+from .kernel.engine import Engine
+from .probes.conn import ConnApi
+from .probes.context import KindApi, Snapshot, TraceContext
+from .probes.drop import DropApi
+from .probes.netchange import NetChangeApi
+from .probes.nftrace import NftTraceApi
+from .probes.packet import PacketApi
+from .probes.registry import API_CLASSES, check_filters_any_kind, kind_info, kinds
+from .probes.retransmit import RetransmitApi
+from .probes.rst import RstApi
+from .probes.syscall import SyscallApi
+from .probes.sysctl import SysctlApi
+from .probes.traffic import TrafficApi
+from .report.captures import capture_path
 from .report.timeline import render_failure, seed_line
 from .report.view import TraceView
+
+if TYPE_CHECKING:
+    from typing_extensions import Concatenate
 
 _kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
@@ -71,8 +88,119 @@ def _path_of_inode(inode: int) -> Optional[str]:
     return None
 
 
-class TraceCore:
-    """Events seen in the watched namespaces since the test started.
+Q = TypeVar("Q", bound=KindApi)
+R = TypeVar("R")
+if sys.version_info >= (3, 10):
+    from typing import ParamSpec
+    P = ParamSpec("P")
+else:  # only annotations use it (strings, never evaluated)
+    P = TypeVar("P")
+
+
+class _Delegate(Generic[Q, P, R]):
+    """`Trace.assert_rst = _Delegate(RstApi.assert_rst)`: the kind's method,
+    called on the trace's instance of its query class, with its full
+    signature for type checkers (a misspelt method or a filter of the wrong
+    type is an error in the user's test)."""
+
+    def __init__(self, func: "Callable[Concatenate[Q, P], R]") -> None:
+        self.func = func
+        owner, _, self.name = func.__qualname__.rpartition(".")
+        self.api: Type[KindApi] = getattr(sys.modules[func.__module__], owner)
+        self.__doc__ = func.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> "_Delegate[Q, P, R]": ...
+
+    @overload
+    def __get__(self, obj: "Trace", owner: type) -> "Callable[P, R]": ...
+
+    def __get__(self, obj: "Optional[Trace]", owner: type) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj._apis[self.api], self.name)
+
+
+class _Context:
+    """The TraceContext a trace gives its kinds' query classes."""
+
+    def __init__(self, trace: "Trace") -> None:
+        self._trace = trace
+
+    @property
+    def name(self) -> str:
+        return self._trace.name
+
+    @property
+    def engine(self) -> Engine:
+        return self._trace.engine
+
+    @property
+    def closed(self) -> bool:
+        return self._trace.closed
+
+    @property
+    def watched(self) -> Dict[int, str]:
+        return self._trace.watched
+
+    def label(self, inode: int) -> str:
+        return self._trace.label(inode)
+
+    def watch(self, ns: Any, label: Optional[str] = None) -> int:
+        return self._trace.watch(ns, label)
+
+    def check_open(self) -> None:
+        self._trace._check_open()
+
+    def validate(self, kind: str, filters: Dict[str, Any]) -> Dict[str, Any]:
+        return self._trace._validate(kind, filters)
+
+    def events(self, kind: str, **filters: Any) -> List[Event]:
+        return self._trace.events(kind, **filters)
+
+    def all_events(self) -> List[Event]:
+        return self._trace.all_events()
+
+    def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
+        return self._trace.wait_for(kind, timeout, **filters)
+
+    def assert_none(self, kind: str, **filters: Any) -> None:
+        self._trace.assert_none(kind, **filters)
+
+    def sync(self, kind: Optional[str] = None) -> None:
+        self._trace._sync()
+        if kind is not None:
+            self._trace._decode_pending((kind_info(kind).kind_id,))
+
+    def wait(self, timeout: float) -> None:
+        with self._trace._cond:
+            self._trace._cond.wait(timeout)
+
+    def publish(self, events: Iterable[Event]) -> None:
+        self._trace._publish(events)
+
+    def lost(self, kind: Optional[str] = None) -> int:
+        return self._trace.lost(kind)
+
+    def assert_nothing_lost(self, kind: str, filters: Dict[str, Any]) -> None:
+        self._trace._assert_nothing_lost(kind, filters)
+
+    def fail(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
+             offending: Sequence[Event]) -> str:
+        return self._trace._failure(headline, kind, filters, offending)
+
+    def snapshot(self) -> Snapshot:
+        return self._trace.snapshot()
+
+    def capture_path(self) -> str:
+        return self._trace.new_capture_path()
+
+
+class Trace:
+    """The `nettrace` fixture: events seen in the watched namespaces since
+    the test started, and each kind's listings and assertions (`rst()`,
+    `assert_no_rst()`, `assert_address_deleted()`, …), defined next to the
+    kind's decoder in pytest_nettrace/probes/ and exposed here one by one.
 
     Reading (`events`, `wait_for`, assertions) first drains the kernel's ring
     buffer, so anything that happened before the call is included."""
@@ -95,6 +223,8 @@ class TraceCore:
         # kinds the test read or asserted on ("*": all); the session summary
         # lists tests that saw e.g. RSTs without ever looking at them
         self.queried: set = set()
+        ctx: TraceContext = _Context(self)
+        self._apis: Dict[Type[KindApi], KindApi] = {cls: cls(ctx) for cls in API_CLASSES}
 
     # -- scope -------------------------------------------------------------
     def watch(self, ns: NamespaceLike, label: Optional[str] = None, *, late: bool = False) -> int:
@@ -193,6 +323,8 @@ class TraceCore:
     def _sync(self) -> None:
         self._check_open()
         self.engine.drain()
+        for api in self._apis.values():  # kinds with sources of their own (packets, verdicts)
+            api.pull()
 
     def all_events(self) -> List[Event]:
         """Every event so far, in time order, without draining."""
@@ -350,6 +482,20 @@ class TraceCore:
         which drains), events and namespaces as they are now."""
         return TraceView.of(self, nodeid, kinds())
 
+    def new_capture_path(self) -> str:
+        """Where this trace's pcapng is written: the process's capture
+        directory, whose passing tests' files the plugin removes at teardown
+        (pytest_nettrace.report.captures); `nettrace watch` chooses its own."""
+        return capture_path(self.name or "capture")
+
+    def take(self) -> List[Event]:
+        """Every event so far, in time order, forgotten by the trace from here
+        on (`nettrace watch` runs for days): later reads see only later events."""
+        self._decode_pending()
+        with self._cond:
+            events, self._events = sorted(self._events, key=lambda e: e.timestamp), []
+        return events
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -363,6 +509,8 @@ class TraceCore:
             return
         try:
             self.engine.drain()
+            for api in self._apis.values():
+                api.pull()
             # while the probes still know the namespaces; the others may wait
             # until (if ever) they are read
             self._decode_pending([kid for kid in self._pending_kinds() if self.engine.decode_needs_watch(kid)])
@@ -370,9 +518,66 @@ class TraceCore:
             for inode in list(self._watched):
                 self.engine.unwatch(inode)
             self._closed = True
+            for api in self._apis.values():
+                api.finish()
 
+    # -- each kind's methods (pytest_nettrace/probes/<kind>.py) -------------
+    # TCP connections
+    connections = _Delegate(ConnApi.connections)
+    assert_accepted = _Delegate(ConnApi.assert_accepted)
+    assert_connected = _Delegate(ConnApi.assert_connected)
+    assert_accepted_count = _Delegate(ConnApi.assert_accepted_count)
+    assert_connected_count = _Delegate(ConnApi.assert_connected_count)
+    assert_closed = _Delegate(ConnApi.assert_closed)
+    connection_table = _Delegate(ConnApi.connection_table)
+    # packet drops
+    drops = _Delegate(DropApi.drops)
+    assert_drop = _Delegate(DropApi.assert_drop)
+    assert_no_drops = _Delegate(DropApi.assert_no_drops)
+    drop_summary = _Delegate(DropApi.drop_summary)
+    # address, link, route, neighbour, rule and nftables changes
+    address_changes = _Delegate(NetChangeApi.address_changes)
+    link_changes = _Delegate(NetChangeApi.link_changes)
+    route_changes = _Delegate(NetChangeApi.route_changes)
+    assert_address_deleted = _Delegate(NetChangeApi.assert_address_deleted)
+    assert_address_not_deleted = _Delegate(NetChangeApi.assert_address_not_deleted)
+    neighbour_changes = _Delegate(NetChangeApi.neighbour_changes)
+    assert_neighbour_not_deleted = _Delegate(NetChangeApi.assert_neighbour_not_deleted)
+    nft_changes = _Delegate(NetChangeApi.nft_changes)
+    rule_changes = _Delegate(NetChangeApi.rule_changes)
+    # nftables verdicts
+    trace_nft = _Delegate(NftTraceApi.trace_nft)
+    dropped_by = _Delegate(NftTraceApi.dropped_by)
+    # captured packets
 
-class Trace(*API_MIXINS, TraceCore):  # type: ignore[misc]
-    """The `nettrace` fixture: TraceCore plus each probe's own listings and
-    assertions (`rst()`, `assert_no_rst()`, `assert_address_deleted()`, …),
-    defined next to the probe's decoder in pytest_nettrace/probes/."""
+    @property
+    def pcap_path(self) -> Optional[str]:
+        """The test's pcapng (every packet on its interfaces so far; `tcpdump -r`
+        reads it); None once the test ended without a packet."""
+        api = self._apis[PacketApi]
+        assert isinstance(api, PacketApi)
+        return api.pcap_path
+
+    packets = _Delegate(PacketApi.packets)
+    tcpdump = _Delegate(PacketApi.tcpdump)
+    assert_packet = _Delegate(PacketApi.assert_packet)
+    assert_no_packet = _Delegate(PacketApi.assert_no_packet)
+    # TCP retransmissions
+    retransmits = _Delegate(RetransmitApi.retransmits)
+    assert_retransmit = _Delegate(RetransmitApi.assert_retransmit)
+    assert_no_retransmits = _Delegate(RetransmitApi.assert_no_retransmits)
+    # TCP resets
+    rst = _Delegate(RstApi.rst)
+    assert_no_rst = _Delegate(RstApi.assert_no_rst)
+    assert_rst = _Delegate(RstApi.assert_rst)
+    # network system calls
+    syscalls = _Delegate(SyscallApi.syscalls)
+    strace = _Delegate(SyscallApi.strace)
+    assert_no_syscall = _Delegate(SyscallApi.assert_no_syscall)
+    assert_syscall = _Delegate(SyscallApi.assert_syscall)
+    # network sysctl writes
+    sysctl_writes = _Delegate(SysctlApi.sysctl_writes)
+    # per-process traffic
+    traffic = _Delegate(TrafficApi.traffic)
+    traffic_table = _Delegate(TrafficApi.traffic_table)
+    assert_traffic = _Delegate(TrafficApi.assert_traffic)

@@ -15,6 +15,7 @@ from ..events import Event, Header, describe_filters
 from ..events import ADDRESS
 from ..kernel import wire
 from .base import Plan, Probe
+from .context import KindApi
 from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
 
@@ -172,24 +173,24 @@ def _no_count(filters: Dict[str, Any], method: str) -> None:
         raise TypeError(f"{method}() returns one event; for exactly N connections use {method}_count(N, ...)")
 
 
-class ConnApi:
-    """`nettrace` methods for TCP connections (mixed into Trace)."""
+class ConnApi(KindApi):
+    """`nettrace` methods for TCP connections (Trace exposes them)."""
 
     def connections(self, **filters: Any) -> List[Event]:
         """TCP connects, accepts and closes (kind "conn"); filter e.g. `action="accept"`."""
-        return self.events("conn", **filters)
+        return self.ctx.events("conn", **filters)
 
     def assert_accepted(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A connection matching filters was accepted; returns the first such
         event. Filtering on pid/comm waits for the accept() to be attributed."""
         _no_count(filters, "assert_accepted")
-        return self.assert_any("conn", timeout=timeout, action="accept", **filters)
+        return self.ctx.wait_for("conn", timeout=timeout, action="accept", **filters)
 
     def assert_connected(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A connection matching filters was established by connect(); returns
         the first such event."""
         _no_count(filters, "assert_connected")
-        return self.assert_any("conn", timeout=timeout, action="connect", **filters)
+        return self.ctx.wait_for("conn", timeout=timeout, action="connect", **filters)
 
     def assert_accepted_count(self, count: int, timeout: float = 2.0, **filters: Any) -> List[Event]:
         """Exactly `count` connections matching filters were accepted: waits
@@ -203,12 +204,12 @@ class ConnApi:
 
     def assert_closed(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A connection matching filters closed; returns the event (duration, bytes)."""
-        return self.assert_any("conn", timeout=timeout, action="close", **filters)
+        return self.ctx.wait_for("conn", timeout=timeout, action="close", **filters)
 
     def connection_table(self, action: str = "accept", **filters: Any) -> str:
         """tcp_connections.stp's report: UID CMD PID PORT IP_SOURCE, one row
         per connection (`action="connect"` for the client side)."""
-        rows = [e.seed_row() for e in self.events("conn", action=action, **filters)]
+        rows = [e.seed_row() for e in self.ctx.events("conn", action=action, **filters)]
         return "\n".join([SEED_HEADER] + rows)
 
     def _assert_conn_count(self, action: str, timeout: float, count: int,
@@ -218,14 +219,14 @@ class ConnApi:
         filters = dict(filters, action=action)
         deadline = time.monotonic() + timeout
         while True:
-            found = self.events("conn", **filters)
+            found = self.ctx.events("conn", **filters)
             if len(found) >= count or time.monotonic() >= deadline:
                 break
-            self.engine.wait(min(0.02, max(0.0, deadline - time.monotonic())))
+            self.ctx.engine.wait(min(0.02, max(0.0, deadline - time.monotonic())))
         if len(found) != count:
             if len(found) < count:
-                self._assert_nothing_lost("conn", filters)
-            raise AssertionError(self._failure(
+                self.ctx.assert_nothing_lost("conn", filters)
+            raise AssertionError(self.ctx.fail(
                 f"expected {count} conn events matching {describe_filters(filters)}, saw {len(found)}"
                 + (f" within {timeout:g}s" if len(found) < count else ""), "conn", filters, found))
         return found

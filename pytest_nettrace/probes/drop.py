@@ -19,6 +19,7 @@ from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import kallsyms, symbolize
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -285,17 +286,17 @@ class _Counted:
 _COUNT_FIELDS = ("kind", "netns", "reason", "location")
 
 
-class DropApi:
-    """`nettrace` methods for packet drops (mixed into Trace)."""
+class DropApi(KindApi):
+    """`nettrace` methods for packet drops (Trace exposes them)."""
 
     def drops(self, **filters: Any) -> List[Event]:
         """Dropped packets delivered in detail (at most the first
         DETAIL_BUDGET per namespace; `drop_summary()` counts them all)."""
-        return self.events("drop", **filters)
+        return self.ctx.events("drop", **filters)
 
     def assert_drop(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A packet matching filters was dropped; returns the event."""
-        return self.assert_any("drop", timeout=timeout, **filters)
+        return self.ctx.wait_for("drop", timeout=timeout, **filters)
 
     def assert_no_drops(self, reason: Any = None, *, include_unspecified: bool = False, **filters: Any) -> None:
         """No packet matching filters was dropped in the watched namespaces.
@@ -322,17 +323,17 @@ class DropApi:
             filters = dict(filters, reason=reason)
         # naming a drop's own reason or address counts it, background or not
         lifted = include_unspecified or bool(set(filters) & _LIFTING_FILTERS)
-        found = self.events("drop", **filters)
+        found = self.ctx.events("drop", **filters)
         if not lifted:
             found = [e for e in found if not e.background]
         what = _describe(filters, lifted)
         if found:
-            raise AssertionError(self._failure(
+            raise AssertionError(self.ctx.fail(
                 f"expected no drop events matching {what}, saw {len(found)}", "drop", filters, found))
         hidden = self._hidden_drops(filters if lifted else dict(filters, reason=_specified))
         if hidden:
             lines = "; ".join(str(r) for r in hidden[:5])
-            raise EventsLost(self._failure(
+            raise EventsLost(self.ctx.fail(
                 f"cannot assert that no drop matching {what} happened: "
                 f"{sum(r.undelivered for r in hidden)} drops were counted but not delivered in detail "
                 f"(per-namespace budget {DETAIL_BUDGET} spent, or ring buffer full) and may match: {lines}",
@@ -346,14 +347,13 @@ class DropApi:
         bad = [f for f in filters if f not in _COUNT_FIELDS]
         if bad:
             raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
-        filters = self._validate("drop", filters)
-        self._sync()
-        probe = self.engine.status["drop"].probe
-        self._decode_pending((probe.kind_id,))  # decoded events teach the probe where trampolined frees were
+        filters = self.ctx.validate("drop", filters)
+        self.ctx.sync("drop")  # decoded events teach the probe where trampolined frees were
+        probe = self.ctx.engine.status["drop"].probe
         rows = []
-        for netns in self.watched:
+        for netns in self.ctx.watched:
             for location, reason, total, undelivered in probe.counts(netns):
-                row = DropCount(netns, self.label(netns), probe.where(location), reason, total, undelivered)
+                row = DropCount(netns, self.ctx.label(netns), probe.where(location), reason, total, undelivered)
                 if matches(_Counted(netns, reason, row.location), filters):
                     rows.append(row)
         rows.sort(key=lambda r: (-r.count, r.location))
@@ -361,14 +361,14 @@ class DropApi:
 
     def _hidden_drops(self, filters: Dict[str, Any]) -> List[DropCount]:
         """Counted-only drops that could match filters (an unaccounted one always could)."""
-        probe = self.engine.status["drop"].probe
+        probe = self.ctx.engine.status["drop"].probe
         judged = {k: v for k, v in filters.items() if k in _COUNT_FIELDS}
         hidden = [r for r in self.drop_summary() if r.undelivered
                   and matches(_Counted(r.netns, r.reason, r.location), judged)]
-        for netns in self.watched:
+        for netns in self.ctx.watched:
             unaccounted = probe.scope(netns)[2]
             if unaccounted:
-                hidden.append(DropCount(netns, self.label(netns), "<unknown: drop counts map full>", None,
+                hidden.append(DropCount(netns, self.ctx.label(netns), "<unknown: drop counts map full>", None,
                                         unaccounted, unaccounted))
         return hidden
 

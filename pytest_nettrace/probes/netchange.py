@@ -31,6 +31,7 @@ from ..kernel.symbols import frame_function, function_ranges
 from . import _nft
 from .nftrace import TABLE as NFTRACE_TABLE
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -877,20 +878,20 @@ def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
     return filters
 
 
-class NetChangeApi:
-    """`nettrace` methods for address, link and route changes (mixed into Trace)."""
+class NetChangeApi(KindApi):
+    """`nettrace` methods for address, link and route changes (Trace exposes them)."""
 
     def address_changes(self, **filters: Any) -> List[Event]:
         """Addresses added or deleted (kind "addr"), with who did it."""
-        return self.events("addr", **filters)
+        return self.ctx.events("addr", **filters)
 
     def link_changes(self, **filters: Any) -> List[Event]:
         """Links added, deleted, set up/down or changed (kind "link")."""
-        return self.events("link", **filters)
+        return self.ctx.events("link", **filters)
 
     def route_changes(self, **filters: Any) -> List[Event]:
         """Routes added or deleted (kind "route")."""
-        return self.events("route", **filters)
+        return self.ctx.events("route", **filters)
 
     def assert_address_deleted(self, address: Any, *, dev: Optional[str] = None, by_pid: Optional[int] = None,
                                by_comm: Optional[str] = None, timeout: float = 2.0) -> Event:
@@ -901,29 +902,29 @@ class NetChangeApi:
             filters["pid"] = by_pid
         if by_comm is not None:
             filters["comm"] = by_comm
-        return self.assert_any("addr", timeout=timeout, action="deleted", **filters)
+        return self.ctx.wait_for("addr", timeout=timeout, action="deleted", **filters)
 
     def assert_address_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
         """No address (or not `address`, on `dev` when given) was deleted — and none may have been lost."""
-        self.assert_none("addr", action="deleted", **_address_filters(address, dev))
+        self.ctx.assert_none("addr", action="deleted", **_address_filters(address, dev))
 
     def neighbour_changes(self, **filters: Any) -> List[Event]:
         """ARP/NDP neighbour entries added, changed or deleted (kind "neigh")."""
-        return self.events("neigh", **filters)
+        return self.ctx.events("neigh", **filters)
 
     def assert_neighbour_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
         """No neighbour entry (or not `address`, on `dev` when given) was
         deleted — `ip neigh flush`, `arp -d` — and none may have been lost."""
-        self.assert_none("neigh", action="deleted", **_address_filters(address, dev))
+        self.ctx.assert_none("neigh", action="deleted", **_address_filters(address, dev))
 
     def nft_changes(self, **filters: Any) -> List[Event]:
         """nftables tables, chains, rules, sets and elements added, replaced or
         deleted (kind "nft")."""
-        return self.events("nft", **filters)
+        return self.ctx.events("nft", **filters)
 
     def rule_changes(self, **filters: Any) -> List[Event]:
         """Policy-routing rules (`ip rule`) added or deleted (kind "rule")."""
-        return self.events("rule", **filters)
+        return self.ctx.events("rule", **filters)
 
 
 PROBE = NetChangeProbe

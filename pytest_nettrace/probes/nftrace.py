@@ -36,6 +36,7 @@ from ..events import ADDRESS, CHOICE, IP_PROTO, FieldType
 from ..kernel import wire
 from . import _nft
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -288,11 +289,11 @@ def _same_packet(drop: Event, v: Dict[str, Any]) -> bool:
             and drop.sport == v["sport"] and drop.dport == v["dport"])
 
 
-class NftTraceApi:
-    """`nettrace` methods for nftables verdicts (mixed into Trace)."""
+class NftTraceApi(KindApi):
+    """`nettrace` methods for nftables verdicts (Trace exposes them)."""
 
     def _nftrace_probe(self) -> Optional[NftTraceProbe]:
-        st = self.engine.status.get("nftrace")
+        st = self.ctx.engine.status.get("nftrace")
         return st.probe if st is not None and st.plan is not None else None
 
     def trace_nft(self, ns: Any = None) -> None:
@@ -302,30 +303,30 @@ class NftTraceApi:
         decided as an "nftrace" event. Removed at the end of the test."""
         probe = self._nftrace_probe()
         if probe is None:
-            self._validate("nftrace", {})  # type: ignore[attr-defined]  (raises: why it is not available)
+            self.ctx.validate("nftrace", {})  # raises: why it is not available
             return
         host = _host_inode()
         if ns is None:
-            targets = [inode for inode in self.watched if inode != host]
+            targets = [inode for inode in self.ctx.watched if inode != host]
         else:
-            targets = [self.watch(ns)]
+            targets = [self.ctx.watch(ns)]
             if targets[0] == host:
                 raise NettraceError("trace_nft() does not add rules to the host's own ruleset; "
                                     "trace a namespace the test made")
         for inode in targets:
             probe.start(inode)
 
-    def _pull_verdicts(self) -> None:
+    def pull(self) -> None:
         probe = self._nftrace_probe()
         if probe is None:
             return
-        taken = [(netns, v) for netns in list(self.watched) for v in probe.take(netns)]
+        taken = [(netns, v) for netns in list(self.ctx.watched) for v in probe.take(netns)]
         if not taken:
             return
         # the drop is recorded just after its verdict was sent: drain again, so
         # a verdict read a moment before its drop still finds it
-        self.engine.drain()  # type: ignore[attr-defined]
-        seen = self.all_events()  # type: ignore[attr-defined]
+        self.ctx.engine.drain()
+        seen = self.ctx.all_events()
         drops = [e for e in seen if e.kind == "drop" and _netfilter_drop(e)]
         used = {id(e.drop) for e in seen if e.kind == "nftrace" and e.drop is not None}
         now = time.monotonic_ns()
@@ -342,28 +343,14 @@ class NftTraceApi:
                                         "sport", "dport", "iif", "oif", "trace_id")}
             verdicts.append(NftVerdictEvent(None, (), task.pop("context"), timestamp=ts, netns=netns,
                                             verdict="drop", family=v["family_name"], drop=drop, **task, **fields))
-        self._publish(verdicts)  # type: ignore[attr-defined]
+        self.ctx.publish(verdicts)
 
     def dropped_by(self, drop: Event) -> Optional[Event]:
         """The "nftrace" event (table, chain, rule) of a netfilter drop event,
         or None when nftables was not traced there or did not decide it."""
         if drop.kind != "drop":
             raise ValueError(f"dropped_by() takes a drop event, got a {drop.kind!r} event")
-        return next((e for e in self.events("nftrace") if e.drop is drop), None)  # type: ignore[attr-defined]
-
-    def _sync(self) -> None:
-        super()._sync()  # type: ignore[misc]
-        self._pull_verdicts()
-
-    def close(self) -> None:
-        if not self.closed:  # type: ignore[attr-defined]
-            try:
-                self.engine.drain()  # type: ignore[attr-defined]
-                self._pull_verdicts()
-            finally:
-                super().close()  # type: ignore[misc]
-        else:
-            super().close()  # type: ignore[misc]
+        return next((e for e in self.ctx.events("nftrace") if e.drop is drop), None)
 
 
 def _host_inode() -> int:

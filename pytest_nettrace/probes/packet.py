@@ -28,11 +28,11 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
 
 from ..netns.linux import in_netns_at
-from ..report.captures import capture_path
-from ..events import Event, Header
+from ..events import Event, Header, wall_clock
 from ..events import ADDRESS, HEX, IP_PROTO, FieldType
 from ..kernel import wire
 from .base import Plan, Probe
+from .context import KindApi, TraceContext
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -627,86 +627,68 @@ def packet_event(frame: Frame, netns: int, offset: int) -> PacketEvent:
                        direction=frame.direction, length=frame.length, **_NOBODY, **summarize(frame.ethernet))
 
 
-class PacketApi:
-    """`nettrace` methods for captured packets (mixed into Trace). The frames
+class PacketApi(KindApi):
+    """`nettrace` methods for captured packets (Trace exposes them). The frames
     reach the test's events and pcapng whenever the test reads anything."""
 
-    def _packet_probe(self) -> Optional[PacketProbe]:
-        st = self.engine.status.get("packet")
-        return st.probe if st is not None and st.plan is not None else None
+    def __init__(self, ctx: TraceContext) -> None:
+        super().__init__(ctx)
+        self._pcap: Optional[PcapngWriter] = None
 
-    def _pull_packets(self) -> None:
+    def _packet_probe(self) -> Optional[PacketProbe]:
+        st = self.ctx.engine.status.get("packet")
+        return st.probe if st is not None and st.plan is not None else None  # type: ignore[return-value]
+
+    def pull(self) -> None:
         probe = self._packet_probe()
         if probe is None:
             return
         offset = time.time_ns() - time.monotonic_ns()
-        frames = [(fr, netns) for netns in list(self._watched) for fr in probe.take(netns)]
+        frames = [(fr, netns) for netns in list(self.ctx.watched) for fr in probe.take(netns)]
         if not frames:
             return
         frames.sort(key=lambda f: f[0].ts_real)  # one file for all namespaces, in time order
         writer = self._pcap_writer()
         for fr, netns in frames:
-            writer.write(netns, f"{self.label(netns)}:{fr.ifname}", fr)
+            writer.write(netns, f"{self.ctx.label(netns)}:{fr.ifname}", fr)
         writer.flush()
-        self._publish([packet_event(fr, netns, offset) for fr, netns in frames])
+        self.ctx.publish([packet_event(fr, netns, offset) for fr, netns in frames])
 
     def _pcap_writer(self) -> PcapngWriter:
-        writer = self.__dict__.get("_pcap")
-        if writer is None:
-            writer = self.__dict__["_pcap"] = PcapngWriter(self.new_capture_path())
-        return writer
+        if self._pcap is None:
+            self._pcap = PcapngWriter(self.ctx.capture_path())
+        return self._pcap
 
-    def new_capture_path(self) -> str:
-        """Where this trace's pcapng is written: the process's capture
-        directory, whose passing tests' files the plugin removes at teardown
-        (pytest_nettrace.report.captures); `nettrace watch` chooses its own."""
-        return capture_path(self.name or "capture")
-
-    def _sync(self) -> None:
-        super()._sync()  # type: ignore[misc]
-        self._pull_packets()
-
-    def close(self) -> None:
-        if not self.closed:
-            try:
-                self.engine.drain()
-                self._pull_packets()
-            finally:
-                super().close()  # type: ignore[misc]
-                writer = self.__dict__.get("_pcap")
-                if writer is not None:
-                    writer.close()
-        else:
-            super().close()  # type: ignore[misc]
+    def finish(self) -> None:
+        if self._pcap is not None:
+            self._pcap.close()
 
     @property
     def pcap_path(self) -> Optional[str]:
         """The test's pcapng (every packet on its interfaces so far; `tcpdump -r`
         reads it); None once the test ended without a packet."""
-        if not self.closed:
-            self._sync()
+        if not self.ctx.closed:
+            self.ctx.sync()
             return self._pcap_writer().path
-        writer = self.__dict__.get("_pcap")
-        return writer.path if writer is not None else None
+        return self._pcap.path if self._pcap is not None else None
 
     def packets(self, **filters: Any) -> List[Event]:
         """Packets seen, e.g. `packets(proto="tcp", flags="S.", dport=80)`."""
-        return self.events("packet", **filters)
+        return self.ctx.events("packet", **filters)
 
     def tcpdump(self, **filters: Any) -> str:
         """The packets as `tcpdump -i any` prints them, one line each, with
         "<namespace>:<device> In/Out"."""
-        from ..report.timeline import wall_clock
-        return "\n".join(f"{wall_clock(e.timestamp):%H:%M:%S.%f} {self.label(e.netns)}:{e.dev} "
+        return "\n".join(f"{wall_clock(e.timestamp):%H:%M:%S.%f} {self.ctx.label(e.netns)}:{e.dev} "
                          f"{e.direction.capitalize()} {e.describe()}" for e in self.packets(**filters))
 
     def assert_packet(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A packet matching filters was seen; returns it."""
-        return self.assert_any("packet", timeout=timeout, **filters)
+        return self.ctx.wait_for("packet", timeout=timeout, **filters)
 
     def assert_no_packet(self, **filters: Any) -> None:
         """No packet matching filters was seen — and none could have been missed."""
-        self.assert_none("packet", **filters)
+        self.ctx.assert_none("packet", **filters)
 
 
 PROBE = PacketProbe

@@ -9,10 +9,11 @@ from __future__ import annotations
 import functools
 import importlib
 import pkgutil
-from typing import Any, Dict, List, NamedTuple, Type
+from typing import Any, Dict, List, NamedTuple, Tuple, Type
 
 from ..events import Event, check_filters
 from .base import Probe
+from .context import KindApi
 
 
 def _modules() -> list:
@@ -29,7 +30,8 @@ def _modules() -> list:
 
 _MODULES = _modules()
 PROBE_CLASSES: List[Type[Probe]] = [m.PROBE for m in _MODULES]
-API_MIXINS: tuple = tuple(m.API for m in _MODULES if hasattr(m, "API"))
+# each kind's query class (KindApi), which the Trace instantiates and exposes
+API_CLASSES: Tuple[Type[KindApi], ...] = tuple(m.API for m in _MODULES if hasattr(m, "API"))
 
 
 class KindInfo(NamedTuple):

@@ -10,6 +10,7 @@ from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
+from .context import KindApi
 from .rst import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
@@ -102,21 +103,21 @@ class RetransmitProbe(Probe):
         return [ev]
 
 
-class RetransmitApi:
-    """`nettrace` methods for TCP retransmissions (mixed into Trace)."""
+class RetransmitApi(KindApi):
+    """`nettrace` methods for TCP retransmissions (Trace exposes them)."""
 
     def retransmits(self, **filters: Any) -> List[Event]:
         """TCP segments retransmitted (kind "retransmit"); filter e.g. `type="syn"`."""
-        return self.events("retransmit", **filters)
+        return self.ctx.events("retransmit", **filters)
 
     def assert_retransmit(self, timeout: float = 5.0, **filters: Any) -> Event:
         """A retransmission matching filters happened (waits up to `timeout`:
         the first RTO is 200 ms for data, 1 s for a SYN); returns it."""
-        return self.assert_any("retransmit", timeout=timeout, **filters)
+        return self.ctx.wait_for("retransmit", timeout=timeout, **filters)
 
     def assert_no_retransmits(self, **filters: Any) -> None:
         """No TCP segment matching filters was retransmitted (and none may have been lost)."""
-        self.assert_none("retransmit", **filters)
+        self.ctx.assert_none("retransmit", **filters)
 
 
 PROBE = RetransmitProbe

@@ -11,6 +11,7 @@ from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -129,20 +130,20 @@ class RstProbe(Probe):
         return [event]
 
 
-class RstApi:
-    """`nettrace` methods for TCP resets (mixed into Trace)."""
+class RstApi(KindApi):
+    """`nettrace` methods for TCP resets (Trace exposes them)."""
 
     def rst(self, **filters: Any) -> List[Event]:
         """TCP resets seen (sent and received)."""
-        return self.events("rst", **filters)
+        return self.ctx.events("rst", **filters)
 
     def assert_no_rst(self, **filters: Any) -> None:
         """No TCP reset matching filters was sent or received (and none was lost)."""
-        self.assert_none("rst", **filters)
+        self.ctx.assert_none("rst", **filters)
 
     def assert_rst(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A TCP reset matching filters happened; returns it."""
-        return self.assert_any("rst", timeout=timeout, **filters)
+        return self.ctx.wait_for("rst", timeout=timeout, **filters)
 
 
 PROBE = RstProbe

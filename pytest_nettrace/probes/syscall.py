@@ -22,6 +22,7 @@ from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -251,13 +252,13 @@ class SyscallProbe(Probe):
             level=level, option=option, value=ok_value)]
 
 
-class SyscallApi:
-    """`nettrace` methods for network system calls (mixed into Trace)."""
+class SyscallApi(KindApi):
+    """`nettrace` methods for network system calls (Trace exposes them)."""
 
     def syscalls(self, **filters: Any) -> List[Event]:
         """Network system calls of the test's processes, e.g.
         `syscalls(name="connect", errno="ECONNREFUSED")`."""
-        return self.events("syscall", **filters)
+        return self.ctx.events("syscall", **filters)
 
     def strace(self, pid: Optional[int] = None, **filters: Any) -> str:
         """The calls as `strace -f -e trace=network` prints them (of one pid, or
@@ -268,11 +269,11 @@ class SyscallApi:
 
     def assert_no_syscall(self, **filters: Any) -> None:
         """No network system call matching filters (and none lost)."""
-        self.assert_none("syscall", **filters)
+        self.ctx.assert_none("syscall", **filters)
 
     def assert_syscall(self, timeout: float = 2.0, **filters: Any) -> Event:
         """A network system call matching filters happened; returns it."""
-        return self.assert_any("syscall", timeout=timeout, **filters)
+        return self.ctx.wait_for("syscall", timeout=timeout, **filters)
 
 
 PROBE = SyscallProbe

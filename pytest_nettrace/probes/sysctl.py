@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 from ..events import Event, Header, user_name
 from ..kernel import wire
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -132,12 +133,12 @@ class SysctlProbe(Probe):
         return [ev]
 
 
-class SysctlApi:
-    """`nettrace` methods for sysctl writes (mixed into Trace)."""
+class SysctlApi(KindApi):
+    """`nettrace` methods for sysctl writes (Trace exposes them)."""
 
     def sysctl_writes(self, **filters: Any) -> List[Event]:
         """Network sysctls written (kind "sysctl"), with who wrote them."""
-        return self.events("sysctl", **filters)
+        return self.ctx.events("sysctl", **filters)
 
 
 PROBE = SysctlProbe

@@ -22,6 +22,7 @@ from ..events import COMM
 from ..kernel import wire
 from ..kernel.libbpf import map_delete_where, map_items
 from .base import Plan, Probe
+from .context import KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -165,15 +166,15 @@ def _check_row_filters(filters: Dict[str, Any]) -> None:
             raise ValueError(f"unknown filter {name!r} for traffic rows; valid: {', '.join(TrafficRow.FIELDS)}")
 
 
-class TrafficApi:
-    """`nettrace` methods for per-process traffic (mixed into Trace)."""
+class TrafficApi(KindApi):
+    """`nettrace` methods for per-process traffic (Trace exposes them)."""
 
     def _traffic_probe(self) -> TrafficProbe:
-        why = self.engine.probe_available("traffic")
+        why = self.ctx.engine.probe_available("traffic")
         if why:
             from ..errors import NettraceError
             raise NettraceError(f"traffic accounting is not available: {why}")
-        return self.engine.status["traffic"].probe
+        return self.ctx.engine.status["traffic"].probe
 
     def traffic(self, **filters: Any) -> List[TrafficRow]:
         """nettop rows for the watched namespaces: objects with netns, pid, uid,
@@ -181,13 +182,13 @@ class TrafficApi:
         None: no process owns that traffic). Filters as for events."""
         _check_row_filters(filters)
         probe = self._traffic_probe()
-        self._check_open()
-        rows = probe.rows(list(self._watched))
+        self.ctx.check_open()
+        rows = probe.rows(list(self.ctx.watched))
         return sorted((r for r in rows if matches(r, filters)), key=lambda r: (r.netns, r.dev, r.pid or 0))
 
     def traffic_table(self, **filters: Any) -> str:
         """The rows as nettop.stp prints them: PID UID DEV XMIT_PK RECV_PK XMIT_KB RECV_KB COMMAND (+ NETNS)."""
-        return render_table(self.traffic(**filters), self.label)
+        return render_table(self.traffic(**filters), self.ctx.label)
 
     def assert_traffic(self, *, min_bytes: Optional[int] = None, max_bytes: Optional[int] = None,
                        min_packets: Optional[int] = None, max_packets: Optional[int] = None,
@@ -209,11 +210,11 @@ class TrafficApi:
                 problems.append(f"{value} {name} < min {lo}")
             if hi is not None and value > hi:
                 problems.append(f"{value} {name} > max {hi}")
-        table = render_table(self.traffic(), self.label)
+        table = render_table(self.traffic(), self.ctx.label)
         if problems:
             raise AssertionError(f"{what}: {', '.join(problems)}\n{table}")
         if max_bytes is not None or max_packets is not None:
-            lost = sum(self.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self._watched)
+            lost = sum(self.ctx.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self.ctx.watched)
             if lost:
                 raise EventsLost(f"cannot assert an upper bound on {what}: {lost} packets were not counted "
                                  f"(counter map full); the assertion would not be sound\n{table}")

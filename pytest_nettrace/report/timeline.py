@@ -3,22 +3,16 @@ wrapper, the timeline, and assertion failures (headline, timeline with the
 offending events marked, losses, the stack)."""
 from __future__ import annotations
 
-import datetime
 import textwrap
-import time
 from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
-from ..events import Event
+from ..events import Event, wall_clock
 from .view import TraceView
+
+__all__ = ["wall_clock"]  # defined with the events (probes use it too), used here
 
 WIDTH = 100
 MAX_ROWS = 40
-
-
-def wall_clock(ts_ns: int) -> datetime.datetime:
-    """CLOCK_MONOTONIC ns (as BPF stamps events) → local wall-clock time."""
-    offset = time.time_ns() - time.monotonic_ns()
-    return datetime.datetime.fromtimestamp((ts_ns + offset) / 1e9)
 
 
 def seed_time(ts_ns: int) -> str:
