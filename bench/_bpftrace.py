@@ -63,7 +63,8 @@ def engine_tracepoints() -> List[str]:
     from pytest_nettrace.kernel import libbpf as lb
     from pytest_nettrace.kernel.capabilities import object_path
     from pytest_nettrace.kernel.engine import OBJECT, Engine
-    engine = Engine(background=False)
+    from pytest_nettrace.probes.registry import all_probes
+    engine = Engine(probes=all_probes(), background=False)
     try:
         wanted = {p for st in engine.status.values() if st.plan for p in st.plan.programs}
     finally:

@@ -25,7 +25,8 @@ from _common import median, need_root, p90, result, verdict
 
 TARGET_MS, CLOSE_MS = 30.0, 10.0
 
-ATTACH = ("from pytest_nettrace.kernel.engine import Engine; e = Engine(background=False); "
+ATTACH = ("from pytest_nettrace.kernel.engine import Engine; from pytest_nettrace.probes.registry import all_probes; "
+          "e = Engine(probes=all_probes(), background=False); "
           "print('attached', flush=True); e.close()")
 
 
@@ -61,6 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
     from pytest_nettrace.kernel import capabilities
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     t1 = time.perf_counter()
     capabilities.features()
     detect_ms = (time.perf_counter() - t1) * 1e3
@@ -78,11 +80,11 @@ def main() -> None:
         corebtf.RUN_DIR = real_dir
 
     def timed(n: int) -> tuple:
-        Engine(background=False).close()  # warm: page cache, libbpf loaded, per-boot caches made
+        Engine(probes=all_probes(), background=False).close()  # warm: page cache, libbpf loaded, per-boot caches made
         attach, close, mech = [], [], ""
         for _ in range(n):
             s = time.perf_counter()
-            engine = Engine()  # as the plugin: with its drain thread
+            engine = Engine(probes=all_probes())  # as the plugin: with its drain thread
             m = time.perf_counter()
             engine.close()
             e = time.perf_counter()

@@ -67,6 +67,7 @@ def main() -> None:
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 2.0
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
@@ -83,7 +84,7 @@ def main() -> None:
             for mode in order:
                 tracer_cpu = 0.0
                 if mode == "probes":
-                    engine = Engine()
+                    engine = Engine(probes=all_probes())
                     trace = Trace(engine, "conn")
                     trace.watch(ns)
                     c0 = resource.getrusage(resource.RUSAGE_SELF)

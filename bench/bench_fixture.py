@@ -71,10 +71,11 @@ def ip_commands(runs: int) -> float:
 
 def trace_cycle(runs: int) -> float:
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
-    engine = Engine()
+    engine = Engine(probes=all_probes())
     try:
         bare = []
         for _ in range(runs):

@@ -44,6 +44,7 @@ def main() -> None:
     need_root()
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
@@ -56,7 +57,7 @@ def main() -> None:
             for mode in modes[i % 3:] + modes[:i % 3]:
                 engine = trace = None
                 if mode != "none":
-                    engine = Engine()
+                    engine = Engine(probes=all_probes())
                     if mode == "watching":
                         trace = Trace(engine, "host")
                         trace.watch(other)

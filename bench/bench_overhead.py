@@ -46,6 +46,7 @@ def main() -> None:
     pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
@@ -58,7 +59,7 @@ def main() -> None:
         for i in range(pairs):
             for traced in ((True, False) if i % 2 == 0 else (False, True)):
                 if traced:
-                    engine = Engine()
+                    engine = Engine(probes=all_probes())
                     trace = Trace(engine, "overhead")
                     trace.watch(a)
                     trace.watch(b)

@@ -18,13 +18,14 @@ import pytest
 from .report import captures, gates
 from .netns import daemons
 from .kernel.capabilities import DEFAULT_BTF, features
-from .kernel.engine import DEFAULT_RINGBUF, Engine, default_probes, ring_size_refused
+from .kernel.engine import DEFAULT_RINGBUF, Engine, ring_size_refused
 from .errors import LeftAlone, NamespaceError, NettraceError
 from .report.gates import GateSpec, GateSpecError
 from .netns.namespace import Namespace, NamespaceFactory, cleanup_stale, dummy_supported
 from .report import reporters
 from .report.section import DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionSummary, prepare_dir, summary
 from .report.view import TraceView
+from .probes.registry import all_probes
 from .selection import select as select_probes
 from .trace import Trace
 
@@ -258,9 +259,9 @@ class EngineHolder:
         with self._lock:
             if self._engine is None and self._error is None:
                 try:
-                    chosen = None
+                    chosen = all_probes()
                     if self.probes is not None:
-                        chosen = [p for p in default_probes() if p.name in self.probes]
+                        chosen = [p for p in chosen if p.name in self.probes] or all_probes()
                     self._engine = Engine(btf_path=self.btf_path, ringbuf_size=self.ringbuf_size,
                                           probes=chosen, left_out=self.left_out)
                 except NettraceError as e:

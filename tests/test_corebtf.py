@@ -59,15 +59,16 @@ def test_no_bpftool_or_another_btf_means_the_full_btf(tmp_path, monkeypatch):
 @needs_bpftool
 def test_first_engine_of_a_boot_makes_it_for_the_next(tmp_path, monkeypatch):
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     monkeypatch.delenv("NETTRACE_FULL_BTF", raising=False)
     monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
     obj = object_path("nettrace.bpf.o")
-    engine = Engine(background=False)  # full BTF: nothing made yet
+    engine = Engine(probes=all_probes(), background=False)  # full BTF: nothing made yet
     engine.close()
     deadline = time.monotonic() + 120  # made in the background: seconds, minutes under emulation (ci/vm-test)
     while not corebtf.minimal_btf(obj) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert corebtf.minimal_btf(obj)
-    engine = Engine(background=False)  # this one relocates against it
+    engine = Engine(probes=all_probes(), background=False)  # this one relocates against it
     assert engine.describe() and all(st.plan for st in engine.status.values())
     engine.close()

@@ -9,6 +9,8 @@ import textwrap
 import pytest
 
 from pytest_nettrace.kernel.engine import Engine
+
+from pytest_nettrace.probes.registry import all_probes
 from pytest_nettrace.report.gates import ForbidRule, GateSpecError, check, parse_marker, parse_rules
 from pytest_nettrace.probes.registry import kinds
 from pytest_nettrace.trace import Trace
@@ -209,7 +211,7 @@ def test_gate_is_sound_when_events_were_lost(make_netns):
     """Nothing forbidden was delivered, but the ring overflowed: the gate fails with the count."""
     ns = make_netns()
     ns.add_dummy("d0", "10.6.0.1/24")
-    engine = Engine(ringbuf_size=4096, background=False)  # one page, never drained meanwhile
+    engine = Engine(probes=all_probes(), ringbuf_size=4096, background=False)  # one page, never drained meanwhile
     try:
         trace = Trace(engine, "tiny")
         trace.watch(ns)

@@ -7,6 +7,7 @@ import pytest
 
 from pytest_nettrace.kernel.capabilities import features
 from pytest_nettrace.kernel.engine import Engine
+from pytest_nettrace.probes.registry import all_probes
 from pytest_nettrace.netns import KIND_DUMMY, NamespaceFactory, dummy_supported
 from pytest_nettrace.trace import Trace
 
@@ -23,7 +24,7 @@ def _engine_with(probe: str, mechanism: str, feature: str) -> Engine:
     if not getattr(k, feature):
         pytest.skip(f"NOT EXERCISED on this kernel: {probe} via {mechanism} needs {feature} "
                     f"({k.why(feature)}); ci/vm-test runs it on Debian 6.1 and 6.12 (ci/test.sh kernel matrix)")
-    engine = Engine(mechanisms={probe: mechanism}, background=False)
+    engine = Engine(probes=all_probes(), mechanisms={probe: mechanism}, background=False)
     assert engine.status[probe].mechanism == mechanism, engine.status[probe].failures
     return engine
 
@@ -65,7 +66,7 @@ def test_forcing_an_unavailable_mechanism_says_why():
     missing = next((f for f in ("kprobe", "fentry") if not getattr(k, f)), None)
     if missing is None:
         pytest.skip("this kernel has both kprobes and fentry: nothing unavailable to force")
-    engine = Engine(mechanisms={"rst": f"tp_btf+{missing}"}, background=False)
+    engine = Engine(probes=all_probes(), mechanisms={"rst": f"tp_btf+{missing}"}, background=False)
     try:
         why = engine.probe_available("rst")
         assert why and f"mechanism 'tp_btf+{missing}' forced but not possible" in why

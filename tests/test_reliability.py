@@ -375,12 +375,13 @@ def test_tiny_ring_flood_makes_every_negative_assertion_fail_with_the_loss_count
 
     from pytest_nettrace import EventsLost
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.probes.registry import kinds
     from pytest_nettrace.trace import Trace
 
     a, b = make_netns(), make_netns()
     a.add_veth("eth0", b, "eth0", ["10.77.0.1/24"], ["10.77.0.2/24"])
-    engine = Engine(ringbuf_size=4096, background=False)
+    engine = Engine(probes=all_probes(), ringbuf_size=4096, background=False)
     keep = []
     try:
         trace = Trace(engine, "tiny ring")
@@ -489,11 +490,12 @@ def test_ring_size_probe_takes_what_the_kernel_takes():
 
 def test_garbage_btf_is_named_in_libbpf_words(tmp_path):
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.errors import UnsupportedKernel
     garbage = tmp_path / "vmlinux"
     garbage.write_bytes(b"neither BTF nor ELF" * 100)
     with pytest.raises(UnsupportedKernel) as info:
-        Engine(btf_path=str(garbage), background=False)
+        Engine(probes=all_probes(), btf_path=str(garbage), background=False)
     text = str(info.value)
     assert "Unknown error" not in text and "LIBBPF_ERRNO__FORMAT: BPF object format invalid" in text, text
     assert str(garbage) in text and "\n" not in text
@@ -586,8 +588,9 @@ def test_watching_an_inode_no_namespace_has_is_an_error(nettrace):
 
 def test_engine_rejects_a_bad_ring_size():
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     with pytest.raises(ValueError, match=r"ring buffer size 1000 must be a power of two >= 4096"):
-        Engine(ringbuf_size=1000, background=False)
+        Engine(probes=all_probes(), ringbuf_size=1000, background=False)
 
 
 def test_ring_wait_returns_on_wake_long_before_its_timeout():
@@ -611,7 +614,8 @@ def test_ring_wait_returns_on_wake_long_before_its_timeout():
 
 def test_engine_close_stops_the_drain_thread():
     from pytest_nettrace.kernel.engine import Engine
-    engine = Engine()
+    from pytest_nettrace.probes.registry import all_probes
+    engine = Engine(probes=all_probes())
     thread = engine._thread
     engine.close()
     assert thread is not None and not thread.is_alive()
@@ -636,8 +640,9 @@ def test_unprivileged_engine_raises_unsupported_kernel_naming_not_root(tmp_path)
     if not _unprivileged_python_works():
         pytest.skip("cannot run this Python as uid 65534 (setpriv missing or interpreter unreadable)")
     code = ("from pytest_nettrace.kernel.engine import Engine\n"
+            "from pytest_nettrace.probes.registry import all_probes\n"
             "from pytest_nettrace.errors import UnsupportedKernel\n"
-            "try:\n    Engine(background=False)\n"
+            "try:\n    Engine(probes=all_probes(), background=False)\n"
             "except UnsupportedKernel as e:\n    print('UnsupportedKernel:', e)\n"
             "else:\n    print('no error')\n")
     r = subprocess.run(UNPRIVILEGED + [sys.executable, "-c", code], capture_output=True, text=True, cwd="/")

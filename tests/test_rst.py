@@ -8,6 +8,7 @@ import pytest
 
 from pytest_nettrace import EventsLost
 from pytest_nettrace.kernel.engine import Engine
+from pytest_nettrace.probes.registry import all_probes
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.trace import Trace
 
@@ -109,7 +110,7 @@ def test_forced_loss_makes_assert_no_rst_fail(make_netns):
     """A one-page ring buffer, not drained while a flood happens: loss is counted
     in the kernel and the negative assertion refuses to pass."""
     ns = make_netns()
-    engine = Engine(ringbuf_size=4096, background=False)
+    engine = Engine(probes=all_probes(), ringbuf_size=4096, background=False)
     try:
         trace = Trace(engine, "tiny")
         trace.watch(ns)

@@ -124,6 +124,7 @@ def test_owners_from_fentry_on_kernels_without_sock_length_tracepoints(make_netn
     """The fallback for kernels < 6.3; here it needs fentry, so ci/vm-test runs it."""
     from pytest_nettrace.kernel.capabilities import features
     from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.trace import Trace
 
     if not features().fentry:
@@ -132,7 +133,7 @@ def test_owners_from_fentry_on_kernels_without_sock_length_tracepoints(make_netn
     a, b = make_netns(), make_netns()
     a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
     a.run(udp_poke("10.0.0.2"), check=True)
-    engine = Engine(mechanisms={"traffic": "tp_btf+fentry"}, background=False)
+    engine = Engine(probes=all_probes(), mechanisms={"traffic": "tp_btf+fentry"}, background=False)
     try:
         assert engine.status["traffic"].mechanism == "tp_btf+fentry", engine.status["traffic"].failures
         trace = Trace(engine, "fallback")

@@ -20,7 +20,7 @@ from ..errors import ProbeLoadError, UnsupportedKernel
 from ..events import Event
 from .records import RecordDecoder
 from .wire import HEADER, NT_SCOPE
-from ..probes.base import Plan, Probe
+from .probe import Plan, Probe
 from . import symbols
 from .ringbuf import RingBuffer
 
@@ -43,11 +43,6 @@ def _own_pid_namespace() -> int:
     not the host's)."""
     inode = os.stat("/proc/self/ns/pid").st_ino
     return 0 if inode == _INITIAL_PID_NS else inode
-
-
-def default_probes() -> List[Probe]:
-    from ..probes import registry
-    return registry.all_probes()
 
 
 class ProbeStatus:
@@ -86,9 +81,10 @@ class Engine:
     """All probes of one process; see module docstring."""
 
     def __init__(self, *, btf_path: str = DEFAULT_BTF, ringbuf_size: int = DEFAULT_RINGBUF,
-                 probes: Optional[Sequence[Probe]] = None, background: bool = True,
+                 probes: Sequence[Probe], background: bool = True,
                  mechanisms: Optional[Dict[str, str]] = None, left_out: Optional[Dict[str, str]] = None) -> None:
-        """`mechanisms` forces a probe's mechanism, e.g. {"rst": "tp_btf+kprobe"}
+        """`probes`: what to load (pytest_nettrace.probes.registry.all_probes()
+        for every one). `mechanisms` forces a probe's mechanism, e.g. {"rst": "tp_btf+kprobe"}
         (used to exercise fallback paths on kernels that have them); a forced
         mechanism the kernel lacks makes that probe unavailable, with the reason.
         `left_out` says why probes not in `probes` were not loaded (e.g. the
@@ -100,7 +96,7 @@ class Engine:
         self.btf_path = btf_path
         self.ringbuf_size = ringbuf_size
         self.forced = dict(mechanisms or {})
-        self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in (probes or default_probes())}
+        self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in probes}
         self.left_out: Dict[str, str] = dict(left_out or {})  # probe name -> why it was not loaded
         self.core_btf: Optional[str] = None  # the minimal BTF CO-RE used, if any
         self.records = RecordDecoder()

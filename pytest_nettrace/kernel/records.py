@@ -13,7 +13,7 @@ from ..events import Event, Header
 from .wire import HEADER
 
 if TYPE_CHECKING:
-    from ..probes.base import Probe
+    from .probe import Probe
 
 log = logging.getLogger("pytest_nettrace")
 

@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 from ..events import Event
 from ..probes.registry import kinds
 from .timeline import seed_line, wrap
 
 if TYPE_CHECKING:
-    from ..trace import Trace
+    from ..kernel.engine import Engine
+
+
+class Checked(Protocol):
+    """What a gate reads of a test's trace (the Trace, seen from below)."""
+
+    @property
+    def engine(self) -> "Engine": ...
+
+    def events(self, kind: Optional[str] = None, **filters: Any) -> List[Event]: ...
+
+    def lost(self, kind: Optional[str] = None) -> int: ...
 
 MARKER_ARGS = ("forbid", "watch_host", "nft_trace")
 
@@ -131,7 +142,7 @@ def parse_marker(args: Sequence[Any], kwargs: Dict[str, Any], where: str) -> Gat
                     kwargs.get("nft_trace", False))
 
 
-def unavailable(trace: "Trace", rules: Iterable[ForbidRule]) -> List[str]:
+def unavailable(trace: Checked, rules: Iterable[ForbidRule]) -> List[str]:
     """Why rules cannot be checked: their probe was left out of the session
     (nettrace_probes) or cannot run on this kernel."""
     out = []
@@ -152,7 +163,7 @@ class Violation:
     offending: List[Event]
 
 
-def check(trace: "Trace", rules: Sequence[ForbidRule], timeline_shown: bool = True) -> Optional[Violation]:
+def check(trace: Checked, rules: Sequence[ForbidRule], timeline_shown: bool = True) -> Optional[Violation]:
     """None when no forbidden event happened and none can have been lost.
     `timeline_shown`: the report gets a 'network events' section (not under
     --nettrace-show=none), which the message then points to.
