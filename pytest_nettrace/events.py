@@ -10,7 +10,8 @@ import pwd
 import socket
 import struct
 import time
-from typing import Any, Callable, ClassVar, Collection, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
@@ -259,7 +260,7 @@ class Event:
     # any other value is a usage error listing these (a typo must not make a
     # negative assertion pass). A callable gives them when asked (values the
     # running kernel defines). None is always accepted: "the field is absent".
-    VALUES: ClassVar[Dict[str, Union[Collection[Any], Callable[[], Collection[Any]]]]] = {
+    VALUES: ClassVar[Dict[str, Union[Collection[Any], Callable[[], Optional[Collection[Any]]]]]] = {
         "context": ("process", "softirq", "hardirq", "nmi"),
         "family": IP_FAMILIES,
     }
@@ -301,6 +302,13 @@ class Event:
         new.__dict__.update(changes)
         new.supersedes = self
         return new
+
+    if TYPE_CHECKING:
+        # Fields are set per kind (FIELDS); until each kind declares them
+        # with their types, reading one is untyped, not an error.
+        def __getattr__(self, name: str) -> Any: ...
+
+        def __setattr__(self, name: str, value: Any) -> None: ...
 
     def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
                  context_guess: str = "process", **fields: Any) -> None:
@@ -450,7 +458,7 @@ def check_filters(cls: type, filters: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def matches(event: Any, filters: Dict[str, Any]) -> bool:
+def matches(event: Any, filters: Mapping[str, Any]) -> bool:
     """Whether `event` (an Event, or a row with FIELDS) meets the checked filters."""
     owner = type(event)
     for name, wanted in filters.items():

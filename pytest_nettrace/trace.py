@@ -8,8 +8,8 @@ import struct
 import sys
 import threading
 import time
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Tuple, Type,
-                    TypeVar, Union, overload)
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Set, Tuple,
+                    Type, TypeVar, Union, overload)
 
 from . import sequence
 from .errors import EventsLost, NettraceError
@@ -31,8 +31,6 @@ from .report.captures import capture_path
 from .report.timeline import render_failure, seed_line
 from .report.view import TraceView
 
-if TYPE_CHECKING:
-    from typing_extensions import Concatenate
 
 _kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
@@ -90,7 +88,10 @@ def _path_of_inode(inode: int) -> Optional[str]:
 
 Q = TypeVar("Q", bound=KindApi)
 R = TypeVar("R")
-if sys.version_info >= (3, 10):
+if TYPE_CHECKING:
+    from typing_extensions import Concatenate, ParamSpec
+    P = ParamSpec("P")
+elif sys.version_info >= (3, 10):
     from typing import ParamSpec
     P = ParamSpec("P")
 else:  # only annotations use it (strings, never evaluated)
@@ -222,7 +223,7 @@ class Trace:
         self._closed = False
         # kinds the test read or asserted on ("*": all); the session summary
         # lists tests that saw e.g. RSTs without ever looking at them
-        self.queried: set = set()
+        self.queried: Set[str] = set()
         ctx: TraceContext = _Context(self)
         self._apis: Dict[Type[KindApi], KindApi] = {cls: cls(ctx) for cls in API_CLASSES}
 

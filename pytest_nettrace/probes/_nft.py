@@ -34,15 +34,15 @@ HOOKS = {"ip": ("prerouting", "input", "forward", "output", "postrouting"),
 VERDICTS = {"NF_DROP": "drop", "NF_ACCEPT": "accept", "NFT_RETURN": "return", "NFT_CONTINUE": "continue",
             "NFT_JUMP": "jump", "NFT_GOTO": "goto", "NFT_BREAK": "break", "NF_QUEUE": "queue"}
 L4 = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite", 33: "dccp"}
-_NET_FIELDS = {"ip": {12: "saddr", 16: "daddr", 9: "protocol", 8: "ttl"},
+_NET_FIELDS: Dict[Optional[str], Dict[int, str]] = {"ip": {12: "saddr", 16: "daddr", 9: "protocol", 8: "ttl"},
                "ip6": {8: "saddr", 24: "daddr", 6: "nexthdr", 7: "hoplimit"}}
 _TRANSPORT_FIELDS = {0: "sport", 2: "dport"}
-_META = {"NFT_META_IIFNAME": "iifname", "NFT_META_OIFNAME": "oifname", "NFT_META_IIF": "iif",
+_META: Dict[Any, str] = {"NFT_META_IIFNAME": "iifname", "NFT_META_OIFNAME": "oifname", "NFT_META_IIF": "iif",
          "NFT_META_OIF": "oif", "NFT_META_MARK": "mark", "NFT_META_NFPROTO": "nfproto",
          "NFT_META_L4PROTO": "l4proto", "NFT_META_NFTRACE": "nftrace", "NFT_META_PROTOCOL": "protocol",
          "NFT_META_SKUID": "skuid", "NFT_META_SKGID": "skgid", "NFT_META_PKTTYPE": "pkttype"}
 _CT_STATES = ((1, "invalid"), (2, "established"), (4, "related"), (8, "new"), (64, "untracked"))
-_CMP = {"NFT_CMP_EQ": "", "NFT_CMP_NEQ": "!= ", "NFT_CMP_LT": "< ", "NFT_CMP_LTE": "<= ",
+_CMP: Dict[Any, str] = {"NFT_CMP_EQ": "", "NFT_CMP_NEQ": "!= ", "NFT_CMP_LT": "< ", "NFT_CMP_LTE": "<= ",
         "NFT_CMP_GT": "> ", "NFT_CMP_GTE": ">= "}
 
 
@@ -164,7 +164,7 @@ def render_rule(family: Any, exprs: List[Any]) -> str:
     other expression shows as `<name>`. The dependencies nft adds on its own
     (`meta nfproto ipv4` before `ip saddr` in an inet table, `meta l4proto
     tcp` before `tcp dport`) are left out, as nft leaves them out."""
-    out: List[str] = []
+    out: List[Optional[str]] = []   # None: a dependency nft leaves out
     st = _State(family if family in ("ip", "ip6") else None)
     for expr in exprs:
         name = expr.get_attr("NFTA_EXPR_NAME")
@@ -230,6 +230,7 @@ class _State:
                 out[self.dependency.pop(layer)] = None
 
     def compare(self, value: bytes, op: str, out: List[Optional[str]]) -> None:
+        assert self.reg is not None  # render_rule compares only after a load
         kind, what = self.reg
         self.reg = None
         num = int.from_bytes(value, "little") if value else 0
@@ -428,7 +429,7 @@ def _be(raw: bytes) -> int:
     return int.from_bytes(raw, "big")
 
 
-def trace_verdict(raw: bytes, packets: Optional[Dict[int, Dict[str, Any]]] = None) -> Optional[Dict[str, Any]]:
+def trace_verdict(raw: bytes, packets: Optional[Dict[Any, Dict[str, Any]]] = None) -> Optional[Dict[str, Any]]:
     """A trace message that ends a packet's journey with a drop (a rule's
     verdict, or a base chain's policy): table, chain, handle, the packet's
     addresses and ports; None for any other trace message. The kernel sends

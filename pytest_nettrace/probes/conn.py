@@ -9,17 +9,19 @@ from __future__ import annotations
 import platform
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union, cast
 
 from ..events import Event, Header, describe_filters
 from ..events import ADDRESS
 from ..kernel import wire
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
 
 RECORD = wire.CONN_EVENT
@@ -168,58 +170,81 @@ def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[tuple]) -> None:
     ev.ppid, ev.parent_comm = (hdr.ppid, hdr.pcomm) if same else (None, None)
 
 
-def _no_count(filters: Dict[str, Any], method: str) -> None:
+def _no_count(filters: Mapping[str, Any], method: str) -> None:
     if "count" in filters:  # one return type per method: a count has its own
         raise TypeError(f"{method}() returns one event; for exactly N connections use {method}_count(N, ...)")
+
+
+class ConnFieldFilters(CommonFilters, total=False):
+    """Filters of 'conn' events but `action` (which each method decides)."""
+
+    family: Filter[Union[int, str]]
+    saddr: AddressFilter
+    sport: Filter[int]
+    daddr: AddressFilter
+    dport: Filter[int]
+    state: Filter[str]
+    old_state: Filter[str]
+    duration_ms: Filter[float]
+    bytes_sent: Filter[int]
+    bytes_received: Filter[int]
+
+
+class ConnFilters(ConnFieldFilters, total=False):
+    """Filters of 'conn' events: a keyword per field (nettrace.events('conn', ...) takes them too)."""
+
+    action: Filter[str]
 
 
 class ConnApi(KindApi):
     """`nettrace` methods for TCP connections (Trace exposes them)."""
 
-    def connections(self, **filters: Any) -> List[Event]:
+    def connections(self, **filters: Unpack[ConnFilters]) -> List[ConnEvent]:
         """TCP connects, accepts and closes (kind "conn"); filter e.g. `action="accept"`."""
-        return self.ctx.events("conn", **filters)
+        return cast(List[ConnEvent], self.ctx.events("conn", **filters))
 
-    def assert_accepted(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_accepted(self, timeout: float = 2.0, **filters: Unpack[ConnFieldFilters]) -> ConnEvent:
         """A connection matching filters was accepted; returns the first such
         event. Filtering on pid/comm waits for the accept() to be attributed."""
         _no_count(filters, "assert_accepted")
-        return self.ctx.wait_for("conn", timeout=timeout, action="accept", **filters)
+        return cast(ConnEvent, self.ctx.wait_for("conn", timeout=timeout, action="accept", **filters))
 
-    def assert_connected(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_connected(self, timeout: float = 2.0, **filters: Unpack[ConnFieldFilters]) -> ConnEvent:
         """A connection matching filters was established by connect(); returns
         the first such event."""
         _no_count(filters, "assert_connected")
-        return self.ctx.wait_for("conn", timeout=timeout, action="connect", **filters)
+        return cast(ConnEvent, self.ctx.wait_for("conn", timeout=timeout, action="connect", **filters))
 
-    def assert_accepted_count(self, count: int, timeout: float = 2.0, **filters: Any) -> List[Event]:
+    def assert_accepted_count(self, count: int, timeout: float = 2.0,
+                              **filters: Unpack[ConnFieldFilters]) -> List[ConnEvent]:
         """Exactly `count` connections matching filters were accepted: waits
         (up to `timeout`) for them, fails if more matched by then; returns them."""
         return self._assert_conn_count("accept", timeout, count, filters)
 
-    def assert_connected_count(self, count: int, timeout: float = 2.0, **filters: Any) -> List[Event]:
+    def assert_connected_count(self, count: int, timeout: float = 2.0,
+                               **filters: Unpack[ConnFieldFilters]) -> List[ConnEvent]:
         """Exactly `count` connections matching filters were established by
         connect(), as assert_accepted_count; returns them."""
         return self._assert_conn_count("connect", timeout, count, filters)
 
-    def assert_closed(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_closed(self, timeout: float = 2.0, **filters: Unpack[ConnFieldFilters]) -> ConnEvent:
         """A connection matching filters closed; returns the event (duration, bytes)."""
-        return self.ctx.wait_for("conn", timeout=timeout, action="close", **filters)
+        return cast(ConnEvent, self.ctx.wait_for("conn", timeout=timeout, action="close", **filters))
 
-    def connection_table(self, action: str = "accept", **filters: Any) -> str:
+    def connection_table(self, action: str = "accept", **filters: Unpack[ConnFieldFilters]) -> str:
         """tcp_connections.stp's report: UID CMD PID PORT IP_SOURCE, one row
         per connection (`action="connect"` for the client side)."""
         rows = [e.seed_row() for e in self.ctx.events("conn", action=action, **filters)]
         return "\n".join([SEED_HEADER] + rows)
 
     def _assert_conn_count(self, action: str, timeout: float, count: int,
-                           filters: Dict[str, Any]) -> List[Event]:
+                           fields: Mapping[str, Any]) -> List[ConnEvent]:
         if count < 0:
             raise ValueError(f"count must be >= 0, not {count}")
-        filters = dict(filters, action=action)
+        filters = dict(fields, action=action)
         deadline = time.monotonic() + timeout
         while True:
-            found = self.ctx.events("conn", **filters)
+            found = cast(List[ConnEvent], self.ctx.events("conn", **filters))
             if len(found) >= count or time.monotonic() >= deadline:
                 break
             self.ctx.engine.wait(min(0.02, max(0.0, deadline - time.monotonic())))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 from ..errors import EventsLost
 from ..events import Event, Header, describe_filters, matches
@@ -19,9 +19,11 @@ from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import kallsyms, symbolize
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
@@ -97,7 +99,7 @@ class DropCount(NamedTuple):
     namespace: str      # the trace's label of netns
     location: str       # func+0xoff
     reason: Optional[str]
-    count: int
+    count: int  # type: ignore[assignment]  # a field, shadowing tuple.count
     undelivered: int    # of count: not delivered as detailed events
 
     def __str__(self) -> str:
@@ -208,7 +210,8 @@ class DropProbe(Probe):
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         (location, reason, length, ifindex, protocol, family, ip_proto, sport, dport, has_reason, has_ports,
          dev, saddr, daddr) = _BODY.unpack_from(buf, RECORD.body_offset)
-        src = dst = None
+        src: Any = None
+        dst: Any = None
         if family == 4:
             src, dst = ipaddress.IPv4Address(saddr[:4]), ipaddress.IPv4Address(daddr[:4])
         elif family == 6:
@@ -286,19 +289,42 @@ class _Counted:
 _COUNT_FIELDS = ("kind", "netns", "reason", "location")
 
 
+class DropFieldFilters(CommonFilters, total=False):
+    """Filters of 'drop' events but `reason` (assert_no_drops names it as an argument)."""
+
+    location: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    protocol: Filter[Any]
+    family: Filter[Union[int, str]]
+    saddr: AddressFilter
+    daddr: AddressFilter
+    sport: Filter[int]
+    dport: Filter[int]
+    ip_proto: Filter[int]
+    length: Filter[int]
+
+
+class DropFilters(DropFieldFilters, total=False):
+    """Filters of 'drop' events: a keyword per field (nettrace.events('drop', ...) takes them too)."""
+
+    reason: Filter[str]
+
+
 class DropApi(KindApi):
     """`nettrace` methods for packet drops (Trace exposes them)."""
 
-    def drops(self, **filters: Any) -> List[Event]:
+    def drops(self, **filters: Unpack[DropFilters]) -> List[DropEvent]:
         """Dropped packets delivered in detail (at most the first
         DETAIL_BUDGET per namespace; `drop_summary()` counts them all)."""
-        return self.ctx.events("drop", **filters)
+        return cast(List[DropEvent], self.ctx.events("drop", **filters))
 
-    def assert_drop(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_drop(self, timeout: float = 2.0, **filters: Unpack[DropFilters]) -> DropEvent:
         """A packet matching filters was dropped; returns the event."""
-        return self.ctx.wait_for("drop", timeout=timeout, **filters)
+        return cast(DropEvent, self.ctx.wait_for("drop", timeout=timeout, **filters))
 
-    def assert_no_drops(self, reason: Any = None, *, include_unspecified: bool = False, **filters: Any) -> None:
+    def assert_no_drops(self, reason: Filter[str] = None, *, include_unspecified: bool = False,
+                        **fields: Unpack[DropFieldFilters]) -> None:
         """No packet matching filters was dropped in the watched namespaces.
 
         By default (`reason=None`) background drops don't count: reason
@@ -319,8 +345,9 @@ class DropApi(KindApi):
         Sound: drops that were only counted (past the per-namespace detail
         budget, or with the ring buffer full) fail the assertion when their
         reason and location could match, since their other fields are unknown."""
+        filters: Dict[str, Any] = dict(fields)
         if reason is not None:
-            filters = dict(filters, reason=reason)
+            filters["reason"] = reason
         # naming a drop's own reason or address counts it, background or not
         lifted = include_unspecified or bool(set(filters) & _LIFTING_FILTERS)
         found = self.ctx.events("drop", **filters)
@@ -349,7 +376,7 @@ class DropApi(KindApi):
             raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
         filters = self.ctx.validate("drop", filters)
         self.ctx.sync("drop")  # decoded events teach the probe where trampolined frees were
-        probe = self.ctx.engine.status["drop"].probe
+        probe = cast(DropProbe, self.ctx.engine.status["drop"].probe)
         rows = []
         for netns in self.ctx.watched:
             for location, reason, total, undelivered in probe.counts(netns):
@@ -361,7 +388,7 @@ class DropApi(KindApi):
 
     def _hidden_drops(self, filters: Dict[str, Any]) -> List[DropCount]:
         """Counted-only drops that could match filters (an unaccounted one always could)."""
-        probe = self.ctx.engine.status["drop"].probe
+        probe = cast(DropProbe, self.ctx.engine.status["drop"].probe)
         judged = {k: v for k, v in filters.items() if k in _COUNT_FIELDS}
         hidden = [r for r in self.drop_summary() if r.undelivered
                   and matches(_Counted(r.netns, r.reason, r.location), judged)]

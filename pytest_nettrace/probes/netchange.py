@@ -15,7 +15,7 @@ import os
 import random
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -31,9 +31,11 @@ from ..kernel.symbols import frame_function, function_ranges
 from . import _nft
 from .nftrace import TABLE as NFTRACE_TABLE
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
@@ -65,7 +67,7 @@ RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multica
 _OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
 
 # Which rtnetlink / ioctl handlers ask for which kind of change.
-_NETLINK_HANDLERS = {
+_NETLINK_HANDLERS: Dict[str, Tuple[str, ...]] = {
     "addr": ("inet_rtm_newaddr", "inet_rtm_deladdr", "inet6_rtm_newaddr", "inet6_rtm_deladdr"),
     "link": ("rtnl_newlink", "rtnl_dellink", "rtnl_setlink", "__rtnl_newlink"),
     "route": ("inet_rtm_newroute", "inet_rtm_delroute", "inet6_rtm_newroute", "inet6_rtm_delroute"),
@@ -379,7 +381,7 @@ _SYSCTL_HANDLERS = (("addrconf_sysctl_disable", "disable_ipv6"), ("addrconf_sysc
                     ("addrconf_sysctl_stable_secret", "stable_secret"))
 
 
-def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> None:
+def sysctl_cause(ev: Event, name: bytes, value: bytes) -> None:
     """A change the kernel made while a process wrote a sysctl (IPv6
     addresses removed by net.ipv6.conf.<dev>.disable_ipv6=1): cause "sysctl",
     the setting and the value written in `detail`. `name`/`value` are the
@@ -436,7 +438,7 @@ def _dad_tracking(kernel: "KernelFeatures") -> Tuple[Optional[bytes], str]:
     missing = [n for n in ("addrconf_dad_work", "delayed_work_timer_fn", "call_timer_fn") if n not in ranges]
     if softirq is None:
         missing.append("handle_softirqs/__do_softirq")
-    if missing:
+    if missing or softirq is None:
         return None, f"{', '.join(missing)} not in /proc/kallsyms"
     expiry = ranges["call_timer_fn"]
     return struct.pack("<QQQQQQ", ranges["addrconf_dad_work"][0], ranges["delayed_work_timer_fn"][0],
@@ -878,23 +880,148 @@ def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
     return filters
 
 
+class AddrFilters(CommonFilters, total=False):
+    """Filters of 'addr' events: a keyword per field (nettrace.events('addr', ...) takes them too)."""
+
+    action: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    cause: Filter[str]
+    detail: Filter[str]
+    cmdline: Filter[str]
+    user: Filter[str]
+    announced_by: Filter[str]
+    address: AddressFilter
+    family: Filter[Union[int, str]]
+    scope: Filter[str]
+    flags: Filter[Any]
+    label: Filter[str]
+
+
+class LinkFilters(CommonFilters, total=False):
+    """Filters of 'link' events: a keyword per field (nettrace.events('link', ...) takes them too)."""
+
+    action: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    cause: Filter[str]
+    detail: Filter[str]
+    cmdline: Filter[str]
+    user: Filter[str]
+    announced_by: Filter[str]
+    up: Filter[bool]
+    flags: Filter[Any]
+    link_kind: Filter[str]
+    mtu: Filter[int]
+    operstate: Filter[str]
+
+
+class RouteFilters(CommonFilters, total=False):
+    """Filters of 'route' events: a keyword per field (nettrace.events('route', ...) takes them too)."""
+
+    action: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    cause: Filter[str]
+    detail: Filter[str]
+    cmdline: Filter[str]
+    user: Filter[str]
+    announced_by: Filter[str]
+    dst: AddressFilter
+    gateway: AddressFilter
+    table: Filter[Union[int, str]]
+    family: Filter[Union[int, str]]
+    type: Filter[str]
+    protocol: Filter[Any]
+    priority: Filter[int]
+    prefsrc: AddressFilter
+
+
+class NeighFilters(CommonFilters, total=False):
+    """Filters of 'neigh' events: a keyword per field (nettrace.events('neigh', ...) takes them too)."""
+
+    action: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    cause: Filter[str]
+    detail: Filter[str]
+    cmdline: Filter[str]
+    user: Filter[str]
+    announced_by: Filter[str]
+    address: AddressFilter
+    lladdr: Filter[str]
+    state: Filter[str]
+    old_state: Filter[str]
+    family: Filter[Union[int, str]]
+    flags: Filter[Any]
+    router: Filter[bool]
+    proxy: Filter[bool]
+
+
+class RuleFilters(CommonFilters, total=False):
+    """Filters of 'rule' events: a keyword per field (nettrace.events('rule', ...) takes them too)."""
+
+    action: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    cause: Filter[str]
+    detail: Filter[str]
+    cmdline: Filter[str]
+    user: Filter[str]
+    announced_by: Filter[str]
+    family: Filter[Union[int, str]]
+    priority: Filter[int]
+    src: AddressFilter
+    dst: AddressFilter
+    iif: Filter[str]
+    oif: Filter[str]
+    fwmark: Filter[int]
+    fwmask: Filter[int]
+    table: Filter[Union[int, str]]
+    rule_action: Filter[str]
+    goto: Filter[int]
+    invert: Filter[bool]
+    protocol: Filter[Any]
+
+
+class NftFilters(CommonFilters, total=False):
+    """Filters of 'nft' events: a keyword per field (nettrace.events('nft', ...) takes them too)."""
+
+    action: Filter[str]
+    dev: Filter[str]
+    ifindex: Filter[int]
+    cause: Filter[str]
+    detail: Filter[str]
+    cmdline: Filter[str]
+    user: Filter[str]
+    announced_by: Filter[str]
+    object: Filter[str]
+    family: Filter[str]
+    table: Filter[str]
+    chain: Filter[str]
+    set: Filter[str]
+    handle: Filter[int]
+    name: Filter[str]
+    text: Filter[str]
+
+
 class NetChangeApi(KindApi):
     """`nettrace` methods for address, link and route changes (Trace exposes them)."""
 
-    def address_changes(self, **filters: Any) -> List[Event]:
+    def address_changes(self, **filters: Unpack[AddrFilters]) -> List[AddrEvent]:
         """Addresses added or deleted (kind "addr"), with who did it."""
-        return self.ctx.events("addr", **filters)
+        return cast(List[AddrEvent], self.ctx.events("addr", **filters))
 
-    def link_changes(self, **filters: Any) -> List[Event]:
+    def link_changes(self, **filters: Unpack[LinkFilters]) -> List[LinkEvent]:
         """Links added, deleted, set up/down or changed (kind "link")."""
-        return self.ctx.events("link", **filters)
+        return cast(List[LinkEvent], self.ctx.events("link", **filters))
 
-    def route_changes(self, **filters: Any) -> List[Event]:
+    def route_changes(self, **filters: Unpack[RouteFilters]) -> List[RouteEvent]:
         """Routes added or deleted (kind "route")."""
-        return self.ctx.events("route", **filters)
+        return cast(List[RouteEvent], self.ctx.events("route", **filters))
 
     def assert_address_deleted(self, address: Any, *, dev: Optional[str] = None, by_pid: Optional[int] = None,
-                               by_comm: Optional[str] = None, timeout: float = 2.0) -> Event:
+                               by_comm: Optional[str] = None, timeout: float = 2.0) -> AddrEvent:
         """`address` ("192.168.0.1", "192.168.0.1/24" or an ipaddress object) was
         deleted (from `dev`, by `by_pid` / `by_comm` when given); returns the event."""
         filters = _address_filters(address, dev)
@@ -902,29 +1029,29 @@ class NetChangeApi(KindApi):
             filters["pid"] = by_pid
         if by_comm is not None:
             filters["comm"] = by_comm
-        return self.ctx.wait_for("addr", timeout=timeout, action="deleted", **filters)
+        return cast(AddrEvent, self.ctx.wait_for("addr", timeout=timeout, action="deleted", **filters))
 
     def assert_address_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
         """No address (or not `address`, on `dev` when given) was deleted — and none may have been lost."""
         self.ctx.assert_none("addr", action="deleted", **_address_filters(address, dev))
 
-    def neighbour_changes(self, **filters: Any) -> List[Event]:
+    def neighbour_changes(self, **filters: Unpack[NeighFilters]) -> List[NeighEvent]:
         """ARP/NDP neighbour entries added, changed or deleted (kind "neigh")."""
-        return self.ctx.events("neigh", **filters)
+        return cast(List[NeighEvent], self.ctx.events("neigh", **filters))
 
     def assert_neighbour_not_deleted(self, address: Any = None, *, dev: Optional[str] = None) -> None:
         """No neighbour entry (or not `address`, on `dev` when given) was
         deleted — `ip neigh flush`, `arp -d` — and none may have been lost."""
         self.ctx.assert_none("neigh", action="deleted", **_address_filters(address, dev))
 
-    def nft_changes(self, **filters: Any) -> List[Event]:
+    def nft_changes(self, **filters: Unpack[NftFilters]) -> List[NftEvent]:
         """nftables tables, chains, rules, sets and elements added, replaced or
         deleted (kind "nft")."""
-        return self.ctx.events("nft", **filters)
+        return cast(List[NftEvent], self.ctx.events("nft", **filters))
 
-    def rule_changes(self, **filters: Any) -> List[Event]:
+    def rule_changes(self, **filters: Unpack[RuleFilters]) -> List[RuleEvent]:
         """Policy-routing rules (`ip rule`) added or deleted (kind "rule")."""
-        return self.ctx.events("rule", **filters)
+        return cast(List[RuleEvent], self.ctx.events("rule", **filters))
 
 
 PROBE = NetChangeProbe

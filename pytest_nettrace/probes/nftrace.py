@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
@@ -36,7 +36,7 @@ from ..events import ADDRESS, CHOICE, IP_PROTO, FieldType
 from ..kernel import wire
 from . import _nft
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
     from ..kernel.capabilities import KernelFeatures
@@ -78,7 +78,8 @@ class NftVerdictEvent(Event):
         by = f"policy of {self.family} {self.table} {self.chain}" if self.policy else \
             f"rule {self.family} {self.table} {self.chain} handle {self.handle}"
         rule = f": {self.rule}" if self.rule else ""
-        ports = (lambda a, p: f"[{a}]:{p}" if ":" in str(a) else f"{a}:{p}")
+        def ports(a: Any, p: int) -> str:
+            return f"[{a}]:{p}" if ":" in str(a) else f"{a}:{p}"
         pkt = ""
         if self.saddr is not None:
             src = ports(self.saddr, self.sport) if self.sport is not None else str(self.saddr)
@@ -289,12 +290,33 @@ def _same_packet(drop: Event, v: Dict[str, Any]) -> bool:
             and drop.sport == v["sport"] and drop.dport == v["dport"])
 
 
+class NftVerdictFilters(CommonFilters, total=False):
+    """Filters of 'nftrace' events: a keyword per field (nettrace.events('nftrace', ...) takes them too)."""
+
+    verdict: Filter[str]
+    table: Filter[str]
+    chain: Filter[str]
+    handle: Filter[int]
+    policy: Filter[str]
+    rule: Filter[str]
+    family: Filter[str]
+    saddr: AddressFilter
+    daddr: AddressFilter
+    ip_proto: Filter[int]
+    sport: Filter[int]
+    dport: Filter[int]
+    iif: Filter[int]
+    oif: Filter[int]
+    trace_id: Filter[int]
+    drop: Filter[Any]
+
+
 class NftTraceApi(KindApi):
     """`nettrace` methods for nftables verdicts (Trace exposes them)."""
 
     def _nftrace_probe(self) -> Optional[NftTraceProbe]:
         st = self.ctx.engine.status.get("nftrace")
-        return st.probe if st is not None and st.plan is not None else None
+        return cast(Optional[NftTraceProbe], st.probe if st is not None and st.plan is not None else None)
 
     def trace_nft(self, ns: Any = None) -> None:
         """Trace nftables in `ns` (default: every namespace this test watches

@@ -25,16 +25,18 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple, TypedDict, Union, cast
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, wall_clock
 from ..events import ADDRESS, HEX, IP_PROTO, FieldType
 from ..kernel import wire
 from .base import Plan, Probe
-from .context import KindApi, TraceContext
+from .context import AddressFilter, Filter, KindApi, TraceContext
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
 
 # The ring: the kernel copies each packet (up to SNAPLEN) into the next free
@@ -182,7 +184,7 @@ class _Capture:
             self.kernel_drops += _discard_queue(self.queue_sock)   # past the cap: lost
             self._stats_of(self.queue_sock)
             self.queue_sock.close()
-            self.queue_sock = None
+            self.queue_sock = None  # type: ignore[assignment]  # the ring took over: never read again
             self._seen_twice = collections.Counter(_key(f) for f in self.pending[last:]
                                                    if f.ts_real >= start - BACKLOG_NS)
             self._twice_until = mid + 1_000_000   # delivered to the ring before the unbind began
@@ -397,7 +399,9 @@ def summarize(frame: bytes) -> Dict[str, Any]:
     while etype in (0x8100, 0x88A8) and len(frame) >= off + 4:  # VLAN tags
         etype, off = struct.unpack_from(">H", frame, off + 2)[0], off + 4
     out["ethertype"] = etype
-    l4, proto, l4_end = None, None, len(frame)
+    l4: Optional[int] = None
+    proto: Any = None
+    l4_end = len(frame)
     if etype == 0x0800 and len(frame) >= off + 20:
         ihl = (frame[off] & 0xF) * 4
         total, frag, proto = struct.unpack_from(">H", frame, off + 2)[0], struct.unpack_from(">H", frame, off + 6)[0], \
@@ -627,6 +631,30 @@ def packet_event(frame: Frame, netns: int, offset: int) -> PacketEvent:
                        direction=frame.direction, length=frame.length, **_NOBODY, **summarize(frame.ethernet))
 
 
+class PacketFilters(TypedDict, total=False):
+    """Filters of 'packet' events: a keyword per field (nettrace.events('packet', ...) takes them too)."""
+
+    timestamp: Filter[int]
+    netns: Filter[int]
+    dev: Filter[str]
+    direction: Filter[str]
+    length: Filter[int]
+    proto: Filter[str]
+    family: Filter[Union[int, str]]
+    saddr: AddressFilter
+    sport: Filter[int]
+    daddr: AddressFilter
+    dport: Filter[int]
+    flags: Filter[Any]
+    tcp_flags: Filter[str]
+    seq: Filter[int]
+    ack: Filter[int]
+    payload: Filter[bytes]
+    payload_len: Filter[int]
+    icmp_type: Filter[int]
+    ethertype: Filter[int]
+
+
 class PacketApi(KindApi):
     """`nettrace` methods for captured packets (Trace exposes them). The frames
     reach the test's events and pcapng whenever the test reads anything."""
@@ -637,7 +665,7 @@ class PacketApi(KindApi):
 
     def _packet_probe(self) -> Optional[PacketProbe]:
         st = self.ctx.engine.status.get("packet")
-        return st.probe if st is not None and st.plan is not None else None  # type: ignore[return-value]
+        return cast(Optional[PacketProbe], st.probe if st is not None and st.plan is not None else None)
 
     def pull(self) -> None:
         probe = self._packet_probe()
@@ -672,9 +700,9 @@ class PacketApi(KindApi):
             return self._pcap_writer().path
         return self._pcap.path if self._pcap is not None else None
 
-    def packets(self, **filters: Any) -> List[Event]:
+    def packets(self, **filters: Unpack[PacketFilters]) -> List[PacketEvent]:
         """Packets seen, e.g. `packets(proto="tcp", flags="S.", dport=80)`."""
-        return self.ctx.events("packet", **filters)
+        return cast(List[PacketEvent], self.ctx.events("packet", **filters))
 
     def tcpdump(self, **filters: Any) -> str:
         """The packets as `tcpdump -i any` prints them, one line each, with
@@ -682,11 +710,11 @@ class PacketApi(KindApi):
         return "\n".join(f"{wall_clock(e.timestamp):%H:%M:%S.%f} {self.ctx.label(e.netns)}:{e.dev} "
                          f"{e.direction.capitalize()} {e.describe()}" for e in self.packets(**filters))
 
-    def assert_packet(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_packet(self, timeout: float = 2.0, **filters: Unpack[PacketFilters]) -> PacketEvent:
         """A packet matching filters was seen; returns it."""
-        return self.ctx.wait_for("packet", timeout=timeout, **filters)
+        return cast(PacketEvent, self.ctx.wait_for("packet", timeout=timeout, **filters))
 
-    def assert_no_packet(self, **filters: Any) -> None:
+    def assert_no_packet(self, **filters: Unpack[PacketFilters]) -> None:
         """No packet matching filters was seen — and none could have been missed."""
         self.ctx.assert_none("packet", **filters)
 

@@ -3,17 +3,19 @@
 Seed: tcpretrans (TIME PID IP LADDR:LPORT T> RADDR:RPORT STATE)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Union, cast
 
 from ..events import Event, Header
 from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 from .rst import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
 
 RECORD = wire.RETRANS_EVENT
@@ -103,19 +105,34 @@ class RetransmitProbe(Probe):
         return [ev]
 
 
+class RetransmitFilters(CommonFilters, total=False):
+    """Filters of 'retransmit' events: a keyword per field (nettrace.events('retransmit', ...) takes them too)."""
+
+    type: Filter[str]
+    family: Filter[Union[int, str]]
+    saddr: AddressFilter
+    sport: Filter[int]
+    daddr: AddressFilter
+    dport: Filter[int]
+    state: Filter[str]
+    seq: Filter[int]
+    count: Filter[int]
+    total_retrans: Filter[int]
+
+
 class RetransmitApi(KindApi):
     """`nettrace` methods for TCP retransmissions (Trace exposes them)."""
 
-    def retransmits(self, **filters: Any) -> List[Event]:
+    def retransmits(self, **filters: Unpack[RetransmitFilters]) -> List[RetransmitEvent]:
         """TCP segments retransmitted (kind "retransmit"); filter e.g. `type="syn"`."""
-        return self.ctx.events("retransmit", **filters)
+        return cast(List[RetransmitEvent], self.ctx.events("retransmit", **filters))
 
-    def assert_retransmit(self, timeout: float = 5.0, **filters: Any) -> Event:
+    def assert_retransmit(self, timeout: float = 5.0, **filters: Unpack[RetransmitFilters]) -> RetransmitEvent:
         """A retransmission matching filters happened (waits up to `timeout`:
         the first RTO is 200 ms for data, 1 s for a SYN); returns it."""
-        return self.ctx.wait_for("retransmit", timeout=timeout, **filters)
+        return cast(RetransmitEvent, self.ctx.wait_for("retransmit", timeout=timeout, **filters))
 
-    def assert_no_retransmits(self, **filters: Any) -> None:
+    def assert_no_retransmits(self, **filters: Unpack[RetransmitFilters]) -> None:
         """No TCP segment matching filters was retransmitted (and none may have been lost)."""
         self.ctx.assert_none("retransmit", **filters)
 

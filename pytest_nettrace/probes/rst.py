@@ -4,16 +4,18 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, ClassVar, List, Optional, Tuple
+from typing import TYPE_CHECKING, ClassVar, List, Optional, Tuple, Union, cast
 
 from ..events import Event, Header
 from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
 
 RECORD = wire.RST_EVENT
@@ -130,20 +132,34 @@ class RstProbe(Probe):
         return [event]
 
 
+class RstFilters(CommonFilters, total=False):
+    """Filters of 'rst' events: a keyword per field (nettrace.events('rst', ...) takes them too)."""
+
+    direction: Filter[str]
+    origin: Filter[str]
+    family: Filter[Union[int, str]]
+    saddr: AddressFilter
+    sport: Filter[int]
+    daddr: AddressFilter
+    dport: Filter[int]
+    state: Filter[str]
+    reason: Filter[str]
+
+
 class RstApi(KindApi):
     """`nettrace` methods for TCP resets (Trace exposes them)."""
 
-    def rst(self, **filters: Any) -> List[Event]:
+    def rst(self, **filters: Unpack[RstFilters]) -> List[RstEvent]:
         """TCP resets seen (sent and received)."""
-        return self.ctx.events("rst", **filters)
+        return cast(List[RstEvent], self.ctx.events("rst", **filters))
 
-    def assert_no_rst(self, **filters: Any) -> None:
+    def assert_no_rst(self, **filters: Unpack[RstFilters]) -> None:
         """No TCP reset matching filters was sent or received (and none was lost)."""
         self.ctx.assert_none("rst", **filters)
 
-    def assert_rst(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_rst(self, timeout: float = 2.0, **filters: Unpack[RstFilters]) -> RstEvent:
         """A TCP reset matching filters happened; returns it."""
-        return self.ctx.wait_for("rst", timeout=timeout, **filters)
+        return cast(RstEvent, self.ctx.wait_for("rst", timeout=timeout, **filters))
 
 
 PROBE = RstProbe

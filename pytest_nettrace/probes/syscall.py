@@ -15,16 +15,18 @@ import os
 import platform
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 from ..events import Event, Header
 from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
-from .context import KindApi
+from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
@@ -234,7 +236,7 @@ class SyscallProbe(Probe):
         *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, RECORD.body_offset)
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
         addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
-        sockaddr_family = fields.get("family")
+        sockaddr_family: Any = fields.get("family")
         ok_value = value if has_value else None
         ok_value2 = value2 if has_value else None
         level = option = None
@@ -252,13 +254,32 @@ class SyscallProbe(Probe):
             level=level, option=option, value=ok_value)]
 
 
+class SyscallFilters(CommonFilters, total=False):
+    """Filters of 'syscall' events: a keyword per field (nettrace.events('syscall', ...) takes them too)."""
+
+    name: Filter[str]
+    fd: Filter[int]
+    args: Filter[Any]
+    ret: Filter[int]
+    errno: Filter[str]
+    duration: Filter[float]
+    family: Filter[Union[int, str]]
+    sockaddr_family: Filter[int]
+    address: AddressFilter
+    port: Filter[int]
+    path: Filter[str]
+    level: Filter[Any]
+    option: Filter[Any]
+    value: Filter[Any]
+
+
 class SyscallApi(KindApi):
     """`nettrace` methods for network system calls (Trace exposes them)."""
 
-    def syscalls(self, **filters: Any) -> List[Event]:
+    def syscalls(self, **filters: Unpack[SyscallFilters]) -> List[SyscallEvent]:
         """Network system calls of the test's processes, e.g.
         `syscalls(name="connect", errno="ECONNREFUSED")`."""
-        return self.ctx.events("syscall", **filters)
+        return cast(List[SyscallEvent], self.ctx.events("syscall", **filters))
 
     def strace(self, pid: Optional[int] = None, **filters: Any) -> str:
         """The calls as `strace -f -e trace=network` prints them (of one pid, or
@@ -267,13 +288,13 @@ class SyscallApi(KindApi):
             filters["pid"] = pid
         return "\n".join(e.strace(with_pid=pid is None) for e in self.syscalls(**filters))
 
-    def assert_no_syscall(self, **filters: Any) -> None:
+    def assert_no_syscall(self, **filters: Unpack[SyscallFilters]) -> None:
         """No network system call matching filters (and none lost)."""
         self.ctx.assert_none("syscall", **filters)
 
-    def assert_syscall(self, timeout: float = 2.0, **filters: Any) -> Event:
+    def assert_syscall(self, timeout: float = 2.0, **filters: Unpack[SyscallFilters]) -> SyscallEvent:
         """A network system call matching filters happened; returns it."""
-        return self.ctx.wait_for("syscall", timeout=timeout, **filters)
+        return cast(SyscallEvent, self.ctx.wait_for("syscall", timeout=timeout, **filters))
 
 
 PROBE = SyscallProbe

@@ -12,14 +12,16 @@ only host has none, and the pytest header says so.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
 
 from ..events import Event, Header, user_name
 from ..kernel import wire
 from .base import Plan, Probe
-from .context import KindApi
+from .context import CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
 
 RECORD = wire.SYSCTL_EVENT
@@ -133,12 +135,24 @@ class SysctlProbe(Probe):
         return [ev]
 
 
+class SysctlFilters(CommonFilters, total=False):
+    """Filters of 'sysctl' events: a keyword per field (nettrace.events('sysctl', ...) takes them too)."""
+
+    name: Filter[str]
+    old: Filter[str]
+    new: Filter[str]
+    dev: Filter[str]
+    changed: Filter[bool]
+    cmdline: Filter[str]
+    user: Filter[str]
+
+
 class SysctlApi(KindApi):
     """`nettrace` methods for sysctl writes (Trace exposes them)."""
 
-    def sysctl_writes(self, **filters: Any) -> List[Event]:
+    def sysctl_writes(self, **filters: Unpack[SysctlFilters]) -> List[SysctlEvent]:
         """Network sysctls written (kind "sysctl"), with who wrote them."""
-        return self.ctx.events("sysctl", **filters)
+        return cast(List[SysctlEvent], self.ctx.events("sysctl", **filters))
 
 
 PROBE = SysctlProbe

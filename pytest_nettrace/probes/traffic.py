@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple, Type, cast
 
 from ..errors import EventsLost
-from ..events import describe_filters, matches
+from ..events import Event, describe_filters, matches
 from ..events import COMM
 from ..kernel import wire
 from ..kernel.libbpf import map_delete_where, map_items
@@ -85,14 +85,14 @@ def render_table(rows: List[TrafficRow], label: Callable[[int], str] = str) -> s
 class TrafficProbe(Probe):
     name = "traffic"
     kind_id = wire.Kind.TRAFFIC
-    event_types: Dict[str, Any] = {}   # a table, read from maps: no events
+    event_types: ClassVar[Dict[str, Type[Event]]] = {}   # a table, read from maps: no events
 
     def __init__(self) -> None:
         self._counters_fd = -1
         self._owners_fd = -1
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
-        plans = []
+        plans: List[Plan] = []
         counting = ("net_dev_start_xmit", "netif_receive_skb")
         if not (kernel.tp_btf and all(kernel.tracepoint_args(tp) is not None for tp in counting)):
             return plans
@@ -174,7 +174,7 @@ class TrafficApi(KindApi):
         if why:
             from ..errors import NettraceError
             raise NettraceError(f"traffic accounting is not available: {why}")
-        return self.ctx.engine.status["traffic"].probe
+        return cast(TrafficProbe, self.ctx.engine.status["traffic"].probe)
 
     def traffic(self, **filters: Any) -> List[TrafficRow]:
         """nettop rows for the watched namespaces: objects with netns, pid, uid,
