@@ -21,7 +21,7 @@ import sys
 import time
 
 import _bpftrace
-from _common import median, need_root, p90, result, verdict
+from _common import median, need_root, p90, result
 
 TARGET_MS, CLOSE_MS = 30.0, 10.0
 

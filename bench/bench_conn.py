@@ -22,7 +22,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import time
 
 import _bpftrace
 from _common import median, need_root, result

@@ -199,7 +199,7 @@ def main() -> None:
     need_root()
     quick = "--quick" in sys.argv
     sys.path.insert(0, ROOT)
-    cycle = trace_cycle(50 if quick else 200)
+    trace_cycle(50 if quick else 200)
     topology(50 if quick else 200)
     pytest_runs(100 if quick else 200, 2 if quick else 3)
 

@@ -3,6 +3,7 @@
 #   1. set up (ci/setup.sh)
 #   2. offline checks: the shipped objects match the sources and relocate on
 #      stock kernels of both architectures (no root, no kernel needed); then
+#      the type checker and the linter (mypy, ruff: pyproject.toml), and
 #      the root-free unit layer, run without privileges (ci/unit-test)
 #   3. the suite on this kernel, under pytest-xdist; then the host-safety
 #      stage (kills, signals, bystanders: tests/test_host_safety.py); then the
@@ -32,6 +33,12 @@ PYTEST=(.venv/bin/python -m pytest -p no:cacheprovider -rfEs)
 stage "offline checks of the shipped probes"
 "${PYTEST[@]}" -q tests/test_build.py
 check $? "offline checks"
+
+stage "type check and lint (mypy, ruff: pyproject.toml)"
+.venv/bin/python -m mypy
+check $? "mypy"
+.venv/bin/python -m ruff check pytest_nettrace tests bench
+check $? "ruff"
 
 stage "the root-free unit layer, without privileges (ci/unit-test)"
 ci/unit-test

@@ -177,7 +177,7 @@ def capabilities(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     out.write(f"kernel {platform.release()}: {k.summary()}\n")
     for line in k.missing():
         out.write(f"  missing {line}\n")
-    engine = Engine(btf_path=args.btf, background=False)
+    engine = Engine(btf_path=args.btf, background=False, probes=all_probes())
     try:
         out.write(f"probes: {engine.describe()} (attached in {engine.attach_seconds * 1e3:.0f} ms)\n")
         for name, st in engine.status.items():

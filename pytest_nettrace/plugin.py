@@ -11,7 +11,7 @@ import warnings
 import platform
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Tuple, TypeVar
 
 import pytest
 
@@ -144,7 +144,7 @@ def _signals_deferred() -> Iterator[None]:
             raise KeyboardInterrupt(f"signal {signal.Signals(signum).name} (again, during teardown)")
         pending.append(signum)
 
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous: Dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, defer)
     try:
@@ -273,9 +273,10 @@ class EngineHolder:
         engine, why = self.try_get()
         if engine is None:
             self.refuse(f"nettrace probes unavailable: {why}")
+        assert engine is not None  # refuse() skipped or failed the test
         return engine
 
-    def refuse(self, msg: str) -> None:
+    def refuse(self, msg: str) -> NoReturn:
         """Skip or fail the test (ini nettrace_unavailable) because probes cannot do their job."""
         if self.on_unavailable == "error":
             pytest.fail(msg, pytrace=False)
@@ -573,7 +574,7 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """Give each collected test its gate (marker + suite rules); a bad marker
     makes its module a collection error naming the bad word (a UsageError
     raised in an xdist worker would crash it instead)."""
-    outcome = yield
+    outcome: Any = yield
     rep: pytest.CollectReport = outcome.get_result()
     if not rep.passed:
         return
@@ -644,7 +645,7 @@ class ReportSettings:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
-    outcome = yield
+    outcome: Any = yield
     rep: pytest.TestReport = outcome.get_result()
     trace = item.stash.get(TRACE_KEY, None)
     if trace is None:

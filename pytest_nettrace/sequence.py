@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .events import Event, check_filters, describe_filters, matches
 from .probes.registry import kind_info
@@ -185,15 +185,15 @@ def build(items: Sequence[Union[Step, Forbid]]) -> Expectation:
             if n not in names:
                 raise ValueError(f"forbid({f.kind!r}, between={f.between!r}): no step is named {n!r}"
                                  + (f"; named steps: {', '.join(names)}" if names else " (name steps with as_=)"))
-        a, b = names[f.between[0]], names[f.between[1]]
-        if a >= b:
+        first, last = names[f.between[0]], names[f.between[1]]
+        if first >= last:
             raise ValueError(f"forbid({f.kind!r}, between={f.between!r}): step {f.between[0]!r} must come "
                              f"before step {f.between[1]!r}")
         for r in f.refs.values():
-            if r.name not in bound_at or bound_at[r.name] > b:
+            if r.name not in bound_at or bound_at[r.name] > last:
                 raise ValueError(f"forbid({f.kind!r}, between={f.between!r}) refers to {r!r}, which no step "
                                  f"up to {f.between[1]!r} binds")
-        placed.append((f, a, b))
+        placed.append((f, first, last))
     return Expectation(tuple(steps), tuple(placed))
 
 
@@ -215,7 +215,7 @@ class SequenceMatch:
             return self.events[self.names[key]]
         return self.events[key]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Event]:
         return iter(self.events)
 
     def __len__(self) -> int:

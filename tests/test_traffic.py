@@ -95,7 +95,7 @@ def test_unowned_traffic_is_nobodys(pair, nettrace):
 def test_bounds_fail_with_the_table(pair, nettrace):
     a, b = pair
     tx_pid, _ = exchange(a, b)
-    with pytest.raises(AssertionError, match=rf"\d+ bytes > max 100\n\s+PID\s+UID\s+DEV"):
+    with pytest.raises(AssertionError, match=r"\d+ bytes > max 100\n\s+PID\s+UID\s+DEV"):
         nettrace.assert_traffic(pid=tx_pid, max_bytes=100)
     with pytest.raises(AssertionError, match=r"0 bytes < min 1"):
         nettrace.assert_traffic(comm="no-such-command", min_bytes=1)

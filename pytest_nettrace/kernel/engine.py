@@ -351,7 +351,7 @@ class Engine:
             ring = getattr(self, "_ring", None)
             if ring is not None:
                 ring.close()
-                self._ring = None
+                self._ring = None  # type: ignore[assignment]  # closed: never read again
             for attr in ("_scopes_fd", "_events_fd", "_pidns_fd", "_watching_fd"):
                 fd = getattr(self, attr, -1)
                 if fd >= 0:

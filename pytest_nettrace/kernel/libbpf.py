@@ -214,7 +214,7 @@ class BpfLink:
     """An attached program; destroy() detaches it (idempotent)."""
 
     def __init__(self, ptr: int, description: str) -> None:
-        self._ptr = ptr
+        self._ptr: Optional[int] = ptr
         self.description = description
 
     def destroy(self) -> None:

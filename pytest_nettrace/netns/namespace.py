@@ -148,7 +148,7 @@ class Namespace:
         self._fd = fd
         self._rtnl = rtnl
         self._closed = False
-        self._procs: list[tuple[subprocess.Popen, int]] = []  # started here, with their pidfd
+        self._procs: list[tuple[subprocess.Popen[Any], int]] = []  # started here, with their pidfd
         self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
         self._ipr: Any = None
         self._ipr_socket: socket.socket | None = None  # closed again at teardown in case IPRoute.close() fails
@@ -394,9 +394,9 @@ class Namespace:
 
     # -- processes and sockets ----------------------------------------------
 
-    def popen(self, argv: Sequence[str], *, host_view: bool = False, etc: "str | os.PathLike | bool | None" = None,
-              private_dirs: Sequence["str | os.PathLike"] = (), readonly_sys: bool = False,
-              mounts_of: "subprocess.Popen | int | None" = None, **popen_kwargs: Any) -> subprocess.Popen:
+    def popen(self, argv: Sequence[str], *, host_view: bool = False, etc: "str | os.PathLike[str] | bool | None" = None,
+              private_dirs: Sequence["str | os.PathLike[str]"] = (), readonly_sys: bool = False,
+              mounts_of: "subprocess.Popen[Any] | int | None" = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
         """Start a program inside the namespace, for daemons; stopped at teardown.
 
         As with `ip netns exec`, it gets a mount namespace of its own where
@@ -423,7 +423,7 @@ class Namespace:
         env = popen_kwargs.get("env")
         popen_kwargs["env"] = dict(os.environ if env is None else env, **{registry.TOKEN_ENV: record.token})
 
-        def start() -> subprocess.Popen:
+        def start() -> subprocess.Popen[Any]:
             if setup is not None:
                 _mountns.enter(setup)
             return subprocess.Popen(argv, **popen_kwargs)
@@ -455,9 +455,9 @@ class Namespace:
         return _mountns.MountSetup(self.name, _mountns.etc_dir_for(self.name, etc), dirs, readonly_sys)
 
     def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None,
-            env: dict | None = None, cwd: str | None = None, host_view: bool = False,
-            etc: "str | os.PathLike | bool | None" = None, private_dirs: Sequence["str | os.PathLike"] = (),
-            readonly_sys: bool = False, mounts_of: "subprocess.Popen | int | None" = None) -> RunResult:
+            env: dict[str, str] | None = None, cwd: str | None = None, host_view: bool = False,
+            etc: "str | os.PathLike[str] | bool | None" = None, private_dirs: Sequence["str | os.PathLike[str]"] = (),
+            readonly_sys: bool = False, mounts_of: "subprocess.Popen[Any] | int | None" = None) -> RunResult:
         """Run a program inside the namespace and wait for it (text output).
 
         Mounts as for `popen` (`ip netns exec` semantics; `host_view`, `etc`,
@@ -745,7 +745,7 @@ def parse_address(address: AddressLike) -> ipaddress.IPv4Interface | ipaddress.I
         raise ValueError(f"malformed address {address!r}: expected e.g. '192.168.0.1/24' or '2001:db8::1/64'") from None
 
 
-def _parse_addresses(addresses: Iterable[AddressLike], what: str) -> list:
+def _parse_addresses(addresses: Iterable[AddressLike], what: str) -> list[Any]:
     if isinstance(addresses, (str, bytes, ipaddress.IPv4Interface, ipaddress.IPv6Interface,
                               ipaddress.IPv4Address, ipaddress.IPv6Address)):
         raise TypeError(f"{what} must be a list of addresses, not one {type(addresses).__name__}: "
@@ -762,7 +762,7 @@ def _check_ifname(ifname: object) -> None:
         raise ValueError(f"invalid interface name {ifname!r}: 1-15 bytes, no '/', ':' or whitespace")
 
 
-def _linkmsg(flags: int = 0, change: int = 0, attrs: list | None = None) -> ifinfmsg:
+def _linkmsg(flags: int = 0, change: int = 0, attrs: list[Any] | None = None) -> ifinfmsg:
     msg = ifinfmsg()
     msg["flags"] = flags
     msg["change"] = change
@@ -770,8 +770,8 @@ def _linkmsg(flags: int = 0, change: int = 0, attrs: list | None = None) -> ifin
     return msg
 
 
-def _linkinfo(kind: str, peer: ifinfmsg | None = None, data: list | None = None) -> tuple[str, dict]:
-    attrs: list = [("IFLA_INFO_KIND", kind)]
+def _linkinfo(kind: str, peer: ifinfmsg | None = None, data: list[Any] | None = None) -> tuple[str, dict[str, Any]]:
+    attrs: list[Any] = [("IFLA_INFO_KIND", kind)]
     if peer is not None:
         attrs.append(("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer["attrs"]})]}))
     elif data:

@@ -26,7 +26,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional, TextIO
 
 from ..runtime import RUN_DIR
 from .linux import bind_mount, make_shared, process_start_time, umount_detach
@@ -289,7 +289,7 @@ class stale_cleanup_lock:
 
     def __init__(self, wait: float = 30.0) -> None:
         self.wait = wait
-        self._file = None
+        self._file: Optional[TextIO] = None
 
     def __enter__(self) -> "stale_cleanup_lock":
 

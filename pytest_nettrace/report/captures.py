@@ -118,7 +118,7 @@ def remove_stale() -> List[str]:
     """Remove capture directories of pytest processes that have ended (and
     belong to this user); returns their paths."""
     base = tempfile.gettempdir()
-    removed = []
+    removed: List[str] = []
     try:
         names = os.listdir(base)
     except OSError:

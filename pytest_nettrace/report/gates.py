@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 from ..events import Event
 from ..probes.registry import kinds
@@ -28,6 +28,8 @@ class Checked(Protocol):
     def events(self, kind: Optional[str] = None, **filters: Any) -> List[Event]: ...
 
     def lost(self, kind: Optional[str] = None) -> int: ...
+
+    def label(self, inode: int) -> str: ...
 
 MARKER_ARGS = ("forbid", "watch_host", "nft_trace")
 
@@ -126,7 +128,7 @@ def parse_rules(value: Any, where: str) -> List[ForbidRule]:
     return rules
 
 
-def parse_marker(args: Sequence[Any], kwargs: Dict[str, Any], where: str) -> GateSpec:
+def parse_marker(args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> GateSpec:
     """The GateSpec of one `@pytest.mark.nettrace(...)`."""
     if args:
         raise GateSpecError(f"{where}: @pytest.mark.nettrace takes keyword arguments only "

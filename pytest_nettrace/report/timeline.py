@@ -4,7 +4,7 @@ offending events marked, losses, the stack)."""
 from __future__ import annotations
 
 import textwrap
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple, Union
 
 from ..events import Event, wall_clock
 from .view import TraceView
@@ -42,7 +42,7 @@ def render_timeline(view: TraceView, events: Sequence[Event], highlight: Sequenc
     skipped = 0
     if len(rows) > MAX_ROWS:
         # keep the marked events and their neighbourhood, drop the rest visibly
-        keep = set()
+        keep: Set[int] = set()
         for i, e in enumerate(rows):
             if id(e) in marked:
                 keep.update(range(max(0, i - 3), min(len(rows), i + 4)))

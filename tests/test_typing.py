@@ -1,0 +1,76 @@
+"""A user's test annotated with the fixtures' types is checked by mypy: a
+misspelt method or a filter of the wrong type is an error before anything
+runs, correct uses are clean (no root, no kernel: mypy reads the package)."""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+from typing import List
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+pytest.importorskip("mypy", reason="mypy is in the test extra (pip install -e '.[test]', ci/setup.sh)")
+
+USER_TEST = '''\
+from pytest_nettrace import Namespace, Trace
+
+
+def test_reset(netns: Namespace, nettrace: Trace) -> None:
+    ev = nettrace.assert_rst(direction="sent")
+    port: int = ev.sport
+    nettrace.assert_no_rst(dport=[80, 443], saddr="10.0.0.1", comm="curl")
+    nettrace.assert_rst(timeout=5, dport=lambda p: p > 1024, family="ipv6")
+    for e in nettrace.rst(state="ESTABLISHED"):
+        print(e.daddr, port)
+    nettrace.assert_no_drops(reason="NETFILTER_DROP", dev="eth0")
+    nettrace.assert_accepted_count(2, dport=80)
+    assert nettrace.pcap_path is None or nettrace.pcap_path.endswith(".pcapng")
+    netns.run(["true"])
+'''
+
+MISTAKES = {
+    "nettrace.assert_rts()": r'"Trace" has no attribute "assert_rts"',
+    'nettrace.assert_rst(dport="x")': r'Argument "dport" .* incompatible type "str"',
+    "nettrace.assert_rst(dprot=80)": r'Unexpected keyword argument "dprot"',
+    "nettrace.assert_no_drops(sport=1.5)": r'Argument "sport" .* incompatible type "float"',
+    "nettrace.assert_accepted(action='close')": r'Unexpected keyword argument "action"',
+}
+
+
+def mypy(tmp_path: pathlib.Path, source: str) -> List[str]:
+    """mypy's error lines for `source` as a user's test file (strict, no config of ours)."""
+    (tmp_path / "test_user.py").write_text(source)
+    # The package as a user's environment has it: installed, so its own
+    # findings are not the user's (this checkout's editable install hides it
+    # from mypy behind an import hook: MYPYPATH finds it).
+    (tmp_path / "mypy.ini").write_text("[mypy]\nstrict = True\n[mypy-pytest_nettrace.*]\nignore_errors = True\n")
+    env = dict(os.environ, MYPYPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini",
+                        "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--hide-error-context",
+                        "test_user.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return [line for line in r.stdout.splitlines() if ": error:" in line]
+
+
+def test_mypy_flags_misspelt_methods_and_wrong_filters_and_passes_correct_uses(tmp_path):
+    bad = "\n".join(f"    {call}" for call in MISTAKES)
+    errors = mypy(tmp_path, USER_TEST + textwrap.dedent('''
+
+        def test_mistakes(nettrace: Trace) -> None:
+        ''') + bad + "\n")
+    first_bad = len(USER_TEST.splitlines()) + 4   # the line of the first mistake
+    by_line = {}
+    for err in errors:
+        line = int(err.split(":")[1])
+        by_line.setdefault(line, []).append(err)
+    # the correct uses above are clean
+    assert all(line >= first_bad for line in by_line), errors
+    for i, (call, expected) in enumerate(MISTAKES.items()):
+        found = by_line.get(first_bad + i, [])
+        assert any(re.search(expected, e) for e in found), (call, expected, errors)
