@@ -467,7 +467,7 @@ def matches(event: Any, filters: Mapping[str, Any]) -> bool:
     return True
 
 
-def describe_filters(filters: Dict[str, Any]) -> str:
+def describe_filters(filters: Mapping[str, Any]) -> str:
     if not filters:
         return "(any)"
     return ", ".join(f"{k}={v!r}" if not callable(v) else f"{k}=<predicate>" for k, v in filters.items())

@@ -415,7 +415,7 @@ def networkmanager(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     """
     started: List[daemons.NetworkManager] = []
 
-    def start(ns: Optional[Namespace] = None, *, profiles=None, config: str = "",
+    def start(ns: Optional[Namespace] = None, *, profiles: "str | os.PathLike[str] | None" = None, config: str = "",
               bus: Optional[daemons.SystemBus] = None, log_level: str = "INFO") -> daemons.NetworkManager:
         where = ns if ns is not None else request.getfixturevalue("netns")
         nm = _daemon(request, lambda: daemons.start_networkmanager(
@@ -460,7 +460,7 @@ def systemd_networkd(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     """
     started: List[daemons.Networkd] = []
 
-    def start(ns: Optional[Namespace] = None, *, config=None,
+    def start(ns: Optional[Namespace] = None, *, config: "str | os.PathLike[str] | None" = None,
               bus: Optional[daemons.SystemBus] = None) -> daemons.Networkd:
         where = ns if ns is not None else request.getfixturevalue("netns")
         nd = _daemon(request, lambda: daemons.start_networkd(
@@ -689,7 +689,7 @@ class SessionReporter:
         elif report.when == "call" and report.passed and self.settings.show == "all":
             self.passed_sections += [(report.nodeid, text) for name, text in report.sections if name == SECTION]
 
-    def pytest_terminal_summary(self, terminalreporter) -> None:
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         tr = terminalreporter
         if self.passed_sections:
             tr.write_sep("-", "nettrace: network events of passed tests")

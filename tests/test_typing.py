@@ -31,6 +31,7 @@ def test_reset(netns: Namespace, nettrace: Trace) -> None:
     nettrace.assert_no_drops(reason="NETFILTER_DROP", dev="eth0")
     nettrace.assert_accepted_count(2, dport=80)
     assert nettrace.pcap_path is None or nettrace.pcap_path.endswith(".pcapng")
+    print(nettrace.drop_summary(reason="NO_SOCKET").total, nettrace.traffic_table(comm="curl"))
     netns.run(["true"])
 '''
 
@@ -40,6 +41,8 @@ MISTAKES = {
     "nettrace.assert_rst(dprot=80)": r'Unexpected keyword argument "dprot"',
     "nettrace.assert_no_drops(sport=1.5)": r'Argument "sport" .* incompatible type "float"',
     "nettrace.assert_accepted(action='close')": r'Unexpected keyword argument "action"',
+    "nettrace.traffic(tx_bytes='many')": r'Argument "tx_bytes" .* incompatible type "str"',
+    "nettrace.drop_summary(dev='eth0')": r'Unexpected keyword argument "dev"',
 }
 
 

@@ -13,7 +13,7 @@ import errno as _errno
 import os
 import re
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..errors import ProbeLoadError, UnsupportedKernel
 
@@ -154,7 +154,7 @@ class LibBpf:
         self.log = _LogCapture()
         lib.libbpf_set_print(self.log.callback)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.lib, name)
 
 

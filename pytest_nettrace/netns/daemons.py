@@ -18,7 +18,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from .procs import stop_popen
 from ..errors import NettraceError
@@ -102,7 +102,7 @@ class SystemBus:
     def env(self) -> Dict[str, str]:
         return {"DBUS_SYSTEM_BUS_ADDRESS": self.address}
 
-    def run(self, argv: Sequence[str], **kwargs) -> RunResult:
+    def run(self, argv: Sequence[str], **kwargs: Any) -> RunResult:
         """`Namespace.run` with this bus in the environment (e.g. `busctl`)."""
         kwargs["env"] = _env({**(kwargs.get("env") or {}), **self.env})
         return self.ns.run(argv, **kwargs)

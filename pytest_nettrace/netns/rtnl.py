@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR  # noqa: F401 (NLM_F_DUMP re-exported)
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
@@ -71,7 +71,7 @@ class RtnlSocket:
     def close(self) -> None:
         self.sock.close()
 
-    def request(self, msg, msg_type: int, flags: int = 0) -> list[bytes]:
+    def request(self, msg: Any, msg_type: int, flags: int = 0) -> list[bytes]:
         """Send `msg` (a pyroute2 message) and return the raw reply messages.
 
         Raises KernelError if the kernel answers with an error.

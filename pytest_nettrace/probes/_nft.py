@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 from pyroute2.netlink.nfnetlink.nftsocket import (nft_chain_msg, nft_rule_msg, nft_set_elem_list_msg, nft_set_msg,
                                                   nft_table_msg)
@@ -330,7 +330,7 @@ _VERDICT_CODES = {0: "drop", 1: "accept", 2: "stolen", 3: "queue", 4: "repeat", 
                   0xFFFFFFFB: "return"}
 
 
-def _encode(cls: Any, mtype: int, flags: int, seq: int, family: int, attrs: list, res_id: int = 0) -> bytes:
+def _encode(cls: Any, mtype: int, flags: int, seq: int, family: int, attrs: List[Any], res_id: int = 0) -> bytes:
     msg = cls()
     msg["header"]["type"] = mtype
     msg["header"]["flags"] = flags
@@ -342,7 +342,7 @@ def _encode(cls: Any, mtype: int, flags: int, seq: int, family: int, attrs: list
     return bytes(msg.data[: msg["header"]["length"]])
 
 
-def batch(items: List[Tuple[Any, int, int, list]], family: int = NFPROTO_INET) -> bytes:
+def batch(items: List[Tuple[Any, int, int, List[Any]]], family: int = NFPROTO_INET) -> bytes:
     """An nftables transaction: (message class, NFT_MSG_*, extra flags,
     attributes) each; sequence numbers from 1 (begin) on, every message acked."""
     from pyroute2.netlink.nfnetlink import nfgen_msg
@@ -365,10 +365,10 @@ def tracing_table(table: str, owned: bool = True) -> bytes:
     that name is an error, never reused); the table comes back echoed, with
     its handle. `owned`: the kernel removes it when the socket that sent this
     closes (whatever kills the process), and `nft flush ruleset` leaves it."""
-    attrs: list = [("NFTA_TABLE_NAME", table)]
+    attrs: List[Any] = [("NFTA_TABLE_NAME", table)]
     if owned:
         attrs.append(("NFTA_TABLE_FLAGS", NFT_TABLE_F_OWNER))
-    items: List[Tuple[Any, int, int, list]] = [
+    items: List[Tuple[Any, int, int, List[Any]]] = [
         (nft_table_msg, 0, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, attrs)]
     for chain, hook in (("pre", NF_INET_PRE_ROUTING), ("out", NF_INET_LOCAL_OUT)):
         items.append((nft_chain_msg, 3, NLM_F_CREATE, [
@@ -411,7 +411,7 @@ def table_handle(buf: bytes) -> Optional[int]:
         if mtype == (NFNL_SUBSYS_NFTABLES << 8):
             msg = nft_table_msg(raw)
             msg.decode()
-            return msg.get_attr("NFTA_TABLE_HANDLE")
+            return cast(Optional[int], msg.get_attr("NFTA_TABLE_HANDLE"))
     return None
 
 

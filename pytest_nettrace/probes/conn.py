@@ -158,7 +158,7 @@ def _owner_from_task(hdr: Header) -> Dict[str, Any]:
     return dict(pid=hdr.pid, tid=hdr.tid, uid=hdr.uid, comm=hdr.comm, ppid=hdr.ppid, parent_comm=hdr.pcomm)
 
 
-def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[tuple]) -> None:
+def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[Tuple[Any, ...]]) -> None:
     """Owner fields from the socket's birth record; the parent only when the
     event ran in the owner's own context (it is not stored per socket)."""
     if owner is None:

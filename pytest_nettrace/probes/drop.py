@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union, cast
 
 from ..errors import EventsLost
 from ..events import Event, Header, describe_filters, matches
@@ -175,12 +175,12 @@ class DropProbe(Probe):
         n = scope[1] + scope[2]
         return {"drop": n} if n else {}
 
-    def scope(self, netns: int) -> tuple:
+    def scope(self, netns: int) -> Tuple[int, ...]:
         """(detailed, summarized, unaccounted) of a watched namespace."""
         raw = map_lookup(self._scopes_fd, _u32.pack(netns), _SCOPE.size)
         return _SCOPE.unpack(raw) if raw else (0, 0, 0)
 
-    def counts(self, netns: int) -> List[tuple]:
+    def counts(self, netns: int) -> List[Tuple[int, Optional[str], int, int]]:
         """(location address, reason name, total, undelivered) for one namespace."""
         out = []
         for key, value in map_items(self._counts_fd, _KEY.size, _COUNT.size):
@@ -289,6 +289,14 @@ class _Counted:
 _COUNT_FIELDS = ("kind", "netns", "reason", "location")
 
 
+class DropCountFilters(TypedDict, total=False):
+    """Filters of drop_summary(): what a count knows of its drops."""
+
+    netns: Filter[int]
+    reason: Filter[str]
+    location: Filter[str]
+
+
 class DropFieldFilters(CommonFilters, total=False):
     """Filters of 'drop' events but `reason` (assert_no_drops names it as an argument)."""
 
@@ -366,15 +374,15 @@ class DropApi(KindApi):
                 f"(per-namespace budget {DETAIL_BUDGET} spent, or ring buffer full) and may match: {lines}",
                 "drop", filters, []))
 
-    def drop_summary(self, **filters: Any) -> DropSummary:
+    def drop_summary(self, **wanted: Unpack[DropCountFilters]) -> DropSummary:
         """Every drop in the watched namespaces, counted in the kernel by
         (namespace, location, reason) — including those past the detail
         budget. Filters: netns, reason, location. str() gives dropwatch's
         "N drops at location (REASON)" lines."""
-        bad = [f for f in filters if f not in _COUNT_FIELDS]
+        bad = [f for f in wanted if f not in _COUNT_FIELDS]
         if bad:
             raise ValueError(f"unknown filter {bad[0]!r} for drop_summary; valid: netns, reason, location")
-        filters = self.ctx.validate("drop", filters)
+        filters = self.ctx.validate("drop", dict(wanted))
         self.ctx.sync("drop")  # decoded events teach the probe where trampolined frees were
         probe = cast(DropProbe, self.ctx.engine.status["drop"].probe)
         rows = []

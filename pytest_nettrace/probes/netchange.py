@@ -15,7 +15,7 @@ import os
 import random
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -152,7 +152,7 @@ class NetChangeEvent(Event):
             via += f" ({self.detail})"
         if full and self.cmdline:
             via += f': "{self.cmdline}"'
-        return " " + via
+        return f" {via}"
 
 
 class AddrEvent(NetChangeEvent):
@@ -318,7 +318,7 @@ class NeighEvent(NetChangeEvent):
     def background(self) -> bool:
         # the kernel resolving and ageing entries as traffic flows is noise;
         # an entry a process touched, or one that went away, is news
-        return self.cause == "kernel" and self.action != "deleted"
+        return bool(self.cause == "kernel" and self.action != "deleted")
 
     def describe(self) -> str:
         lladdr = f" lladdr {self.lladdr}" if self.lladdr else ""
@@ -558,7 +558,7 @@ def _dump_request(msg: Any, msg_type: int, seq: int) -> bytes:
     return bytes(msg.data)
 
 
-def _split(data: bytes):
+def _split(data: bytes) -> Iterator[Tuple[int, bytes]]:
     off = 0
     while off + 16 <= len(data):
         length, mtype, _flags, _seq, _pid = _NLMSG.unpack_from(data, off)
@@ -738,7 +738,8 @@ class NetChangeProbe(Probe):
         ev.user = user_name(ev.uid)
         return ev
 
-    def _addr(self, hdr, stack, msg, mtype, mon, common) -> Event:
+    def _addr(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> Event:
         family, prefixlen, flags, scope, index = struct.unpack_from("<BBBBI", msg, 16)
         attrs = _attrs(msg, 24, len(msg))
         raw = attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)  # IFA_LOCAL / IFA_ADDRESS
@@ -755,7 +756,8 @@ class NetChangeProbe(Probe):
                        scope=scope, flags=flags, **common)
         return self._finish(ev, hdr)
 
-    def _link(self, hdr, stack, msg, mtype, mon, common) -> Event:
+    def _link(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> Event:
         _fam, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
         attrs = _attrs(msg, 32, len(msg))
         name = _cstr(attrs.get(3))
@@ -780,7 +782,8 @@ class NetChangeProbe(Probe):
                        mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
         return self._finish(ev, hdr)
 
-    def _route(self, hdr, stack, msg, mtype, nl_flags, mon, common) -> Event:
+    def _route(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int, nl_flags: int,
+               mon: Optional[_Monitor], common: Dict[str, Any]) -> Event:
         family, dst_len, _src_len, _tos, table, proto, _scope, rtype, _flags = \
             struct.unpack_from("<BBBBBBBBI", msg, 16)
         attrs = _attrs(msg, 28, len(msg))
@@ -803,7 +806,8 @@ class NetChangeProbe(Probe):
                         prefsrc=_ip(attrs.get(7), family), **common)
         return self._finish(ev, hdr)
 
-    def _neigh(self, hdr, stack, msg, mtype, mon, common) -> Optional[Event]:
+    def _neigh(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
+               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[Event]:
         key = neigh_key(msg)
         if key is None:
             return None
@@ -830,7 +834,8 @@ class NetChangeProbe(Probe):
                         dev=mon.names.get(index) if mon else None, ifindex=index, **common)
         return self._finish(ev, hdr)
 
-    def _rule(self, hdr, stack, msg, mtype, mon, common) -> Optional[Event]:
+    def _rule(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[Event]:
         if len(msg) < 28:
             return None
         family, dst_len, src_len, _tos, table, _r1, _r2, action, flags = struct.unpack_from("<8BI", msg, 16)

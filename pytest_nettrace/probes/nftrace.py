@@ -282,11 +282,11 @@ def _netfilter_drop(drop: Event) -> bool:
     # before 5.17 drops have no reason: where it was freed says netfilter
     if drop.reason is None:
         return (drop.location or "").startswith(("nf_hook_slow", "nft_do_chain"))
-    return drop.reason == "NETFILTER_DROP"
+    return bool(drop.reason == "NETFILTER_DROP")
 
 
 def _same_packet(drop: Event, v: Dict[str, Any]) -> bool:
-    return (drop.saddr == v["saddr"] and drop.daddr == v["daddr"] and drop.ip_proto == v["ip_proto"]
+    return bool(drop.saddr == v["saddr"] and drop.daddr == v["daddr"] and drop.ip_proto == v["ip_proto"]
             and drop.sport == v["sport"] and drop.dport == v["dport"])
 
 

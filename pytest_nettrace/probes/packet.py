@@ -125,7 +125,7 @@ class _Capture:
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
         self._buf = bytearray(SNAPLEN)
-        self._seen_twice: "collections.Counter[tuple]" = collections.Counter()
+        self._seen_twice: "collections.Counter[Tuple[Any, ...]]" = collections.Counter()
         self._twice_until = 0
         self._ready = threading.Event()
         self._switching = threading.Event()
@@ -324,7 +324,7 @@ def _discard_queue(sock: socket.socket) -> int:
         n += 1
 
 
-def _key(frame: Frame) -> tuple:
+def _key(frame: Frame) -> Tuple[Any, ...]:
     """What tells a frame from another in the few milliseconds of a handover:
     device, direction, length and the start of the bytes (the two sockets
     may keep different lengths of a long one)."""
@@ -704,7 +704,7 @@ class PacketApi(KindApi):
         """Packets seen, e.g. `packets(proto="tcp", flags="S.", dport=80)`."""
         return cast(List[PacketEvent], self.ctx.events("packet", **filters))
 
-    def tcpdump(self, **filters: Any) -> str:
+    def tcpdump(self, **filters: Unpack[PacketFilters]) -> str:
         """The packets as `tcpdump -i any` prints them, one line each, with
         "<namespace>:<device> In/Out"."""
         return "\n".join(f"{wall_clock(e.timestamp):%H:%M:%S.%f} {self.ctx.label(e.netns)}:{e.dev} "

@@ -16,7 +16,7 @@ from .base import Probe
 from .context import KindApi
 
 
-def _modules() -> list:
+def _modules() -> List[Any]:
     pkg = importlib.import_module(__package__)
     mods = []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, ClassVar, List, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, Union, cast
 
 from ..events import Event, Header
 from ..events import ADDRESS
@@ -28,14 +28,14 @@ TCP_STATES = {
 }
 
 
-def ip_from(raw: bytes, family: int):
+def ip_from(raw: bytes, family: int) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
     """An ipaddress object; IPv4-mapped IPv6 becomes the IPv4 address."""
     # only the address's own bytes key the cache: the rest of an IPv4 field is not zeroed
     return _ip(raw[:4] if family == 4 else raw[:16], family)
 
 
 @functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; the objects are immutable
-def _ip(raw: bytes, family: int):
+def _ip(raw: bytes, family: int) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
     if family == 4:
         return ipaddress.IPv4Address(raw)
     addr = ipaddress.IPv6Address(raw)
@@ -62,7 +62,7 @@ class RstEvent(Event):
                 f" state {self.state}{why}")
 
 
-def _ep(addr, port) -> str:
+def _ep(addr: Any, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
@@ -85,7 +85,7 @@ class RstProbe(Probe):
     event_types = {"rst": RstEvent}
 
     def __init__(self) -> None:
-        self.reasons: dict = {}
+        self.reasons: Dict[int, str] = {}
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         self.reasons = {v: n.replace("SK_RST_REASON_", "") for v, n in kernel.enum("sk_rst_reason").items()}

@@ -73,7 +73,7 @@ class SysctlEvent(Event):
         """Whether the value written differs from the one before (None if unknown)."""
         if self.old is None or self.new is None:
             return None
-        return self.old.split() != self.new.split()
+        return bool(self.old.split() != self.new.split())
 
     def describe(self) -> str:
         old = f" (was {self.old})" if self.old is not None else ""

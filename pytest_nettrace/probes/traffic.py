@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List, Optional, Tuple, Type, cast
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple, Type,
+                    TypedDict, cast)
 
 from ..errors import EventsLost
 from ..events import Event, describe_filters, matches
@@ -22,9 +23,11 @@ from ..events import COMM
 from ..kernel import wire
 from ..kernel.libbpf import map_delete_where, map_items
 from .base import Plan, Probe
-from .context import KindApi
+from .context import Filter, KindApi
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from ..kernel.capabilities import KernelFeatures
     from ..kernel.libbpf import BpfObject
 
@@ -142,7 +145,7 @@ def traffic_rows(counters: Iterable[Tuple[bytes, bytes]], owners: Iterable[Tuple
         if netns in wanted:
             pid, uid, comm = _OWNER.unpack(value)
             by_port[(netns, proto, port)] = (pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"))
-    table: Dict[tuple, TrafficRow] = {}
+    table: Dict[Tuple[Any, ...], TrafficRow] = {}
     for key, value in counters:
         netns, _ifindex, port, proto = _KEY.unpack(key)
         if netns not in wanted:
@@ -160,10 +163,24 @@ def traffic_rows(counters: Iterable[Tuple[bytes, bytes]], owners: Iterable[Tuple
     return list(table.values())
 
 
-def _check_row_filters(filters: Dict[str, Any]) -> None:
+def _check_row_filters(filters: Mapping[str, Any]) -> None:
     for name in filters:
         if name not in TrafficRow.FIELDS:
             raise ValueError(f"unknown filter {name!r} for traffic rows; valid: {', '.join(TrafficRow.FIELDS)}")
+
+
+class TrafficFilters(TypedDict, total=False):
+    """Filters of traffic rows: a keyword per TrafficRow field."""
+
+    netns: Filter[int]
+    pid: Filter[int]
+    uid: Filter[int]
+    dev: Filter[str]
+    comm: Filter[str]
+    tx_packets: Filter[int]
+    rx_packets: Filter[int]
+    tx_bytes: Filter[int]
+    rx_bytes: Filter[int]
 
 
 class TrafficApi(KindApi):
@@ -176,7 +193,7 @@ class TrafficApi(KindApi):
             raise NettraceError(f"traffic accounting is not available: {why}")
         return cast(TrafficProbe, self.ctx.engine.status["traffic"].probe)
 
-    def traffic(self, **filters: Any) -> List[TrafficRow]:
+    def traffic(self, **filters: Unpack[TrafficFilters]) -> List[TrafficRow]:
         """nettop rows for the watched namespaces: objects with netns, pid, uid,
         dev, comm, tx_packets, rx_packets, tx_bytes, rx_bytes (pid/uid/comm
         None: no process owns that traffic). Filters as for events."""
@@ -186,13 +203,13 @@ class TrafficApi(KindApi):
         rows = probe.rows(list(self.ctx.watched))
         return sorted((r for r in rows if matches(r, filters)), key=lambda r: (r.netns, r.dev, r.pid or 0))
 
-    def traffic_table(self, **filters: Any) -> str:
+    def traffic_table(self, **filters: Unpack[TrafficFilters]) -> str:
         """The rows as nettop.stp prints them: PID UID DEV XMIT_PK RECV_PK XMIT_KB RECV_KB COMMAND (+ NETNS)."""
         return render_table(self.traffic(**filters), self.ctx.label)
 
     def assert_traffic(self, *, min_bytes: Optional[int] = None, max_bytes: Optional[int] = None,
                        min_packets: Optional[int] = None, max_packets: Optional[int] = None,
-                       direction: str = "both", **filters: Any) -> List[TrafficRow]:
+                       direction: str = "both", **filters: Unpack[TrafficFilters]) -> List[TrafficRow]:
         """The traffic of the rows matching filters (e.g. comm="curl", dev="eth0")
         is within bounds; `direction` "tx", "rx" or "both". Returns the rows.
         An upper bound fails loudly if the kernel could not count everything."""
