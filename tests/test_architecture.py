@@ -205,3 +205,22 @@ def test_a_door_used_backwards_is_found(fake):
     assert backward_doors(found) == [
         "pytest_nettrace.kernel.engine:2 imports pytest_nettrace.probes.registry (rank 2 -> 3)",
         "pytest_nettrace.probes.packet:1 imports pytest_nettrace.report.captures (rank 3 -> 4)"]
+
+
+# -- the Trace exposes every kind's methods -----------------------------------
+
+def test_trace_exposes_every_public_method_of_every_kind():
+    # a kind's method missing from trace.py would be unreachable (and untyped)
+    from pytest_nettrace.probes.context import KindApi
+    from pytest_nettrace.probes.registry import API_CLASSES
+    from pytest_nettrace.trace import Trace
+    missing = []
+    for api in API_CLASSES:
+        for name, member in vars(api).items():
+            if name.startswith("_") or name in vars(KindApi):
+                continue
+            exposed = getattr(Trace, name, None)
+            target = exposed.fget if isinstance(exposed, property) else getattr(exposed, "func", None)
+            if target is None or (target is not member and not isinstance(member, property)):
+                missing.append(f"{api.__name__}.{name}")
+    assert missing == [], f"add to Trace in pytest_nettrace/trace.py: {missing}"
