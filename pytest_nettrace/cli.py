@@ -118,7 +118,7 @@ def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     reporter = reporters.by_name("json" if args.json else "text")
 
     def show(events: List[Event]) -> None:
-        view = TraceView(start_ns=trace.start_ns, events=[e for e in events if wanted(e)], labels=trace.watched)
+        view = TraceView(start_ns=trace.start_ns, events=tuple(e for e in events if wanted(e)), labels=trace.watched)
         for line in reporter.live(view):
             out.write(line + "\n")
         out.flush()

@@ -11,7 +11,7 @@ import socket
 import struct
 import time
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence,
-                    Tuple, Union)
+                    Tuple, Union, cast)
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
@@ -233,7 +233,7 @@ def field_type(owner: Any, field: str) -> FieldType:
     otherwise."""
     declared = getattr(owner, "TYPES", {}).get(field)
     if declared is not None:
-        return declared
+        return cast(FieldType, declared)
     if field in getattr(owner, "VALUES", {}) or (field == "action" and getattr(owner, "ACTIONS", None)):
         return CHOICE
     return PLAIN
@@ -356,7 +356,8 @@ class Event:
         in its declared type again (addresses as ipaddress objects), so
         attributes and filters work as on the events of a live trace."""
         # derived fields (properties, e.g. sysctl's `changed`) follow from the others
-        fields = {name: field_type(cls, name).from_json(data[name]) for name in cls.FIELDS
+        owner: Any = cls   # (a class is hashable: lru_cache's Hashable does not say so of type[Event])
+        fields = {name: field_type(owner, name).from_json(data[name]) for name in cls.FIELDS
                   if name in data and name not in ("kind", "context", "stack")
                   and not isinstance(getattr(cls, name, None), property)}
         event = cls(None, (), data.get("context") or "process", **fields)
@@ -433,7 +434,7 @@ def _is_predicate(value: Any) -> bool:
     return callable(value) and not isinstance(value, type)
 
 
-def check_filters(cls: type, filters: Dict[str, Any]) -> Dict[str, Any]:
+def check_filters(cls: Any, filters: Dict[str, Any]) -> Dict[str, Any]:
     """The filters as events are compared with them (each field type's `check`).
     Unknown filter names, malformed addresses and values a field cannot take
     are usage errors, raised before looking at any event (a bad filter must
@@ -460,7 +461,7 @@ def check_filters(cls: type, filters: Dict[str, Any]) -> Dict[str, Any]:
 
 def matches(event: Any, filters: Mapping[str, Any]) -> bool:
     """Whether `event` (an Event, or a row with FIELDS) meets the checked filters."""
-    owner = type(event)
+    owner: Any = type(event)
     for name, wanted in filters.items():
         if not _value_matches(field_type(owner, name), getattr(event, name, None), wanted):
             return False

@@ -163,7 +163,9 @@ def write_files(view: TraceView, directory: str, mode: int) -> TraceView:
     files = dict(view.files)
     for r in REPORTERS:
         for what, path in r.files(view, directory).items():
-            files[what] = _write_file(path, lambda out, r=r, what=what: r.write(view, what, out), mode)
+            def write(out: BinaryIO, r: Reporter = r, what: str = what) -> None:
+                r.write(view, what, out)
+            files[what] = _write_file(path, write, mode)
     return view.replace(files=files)
 
 

@@ -4,7 +4,7 @@ offending events marked, losses, the stack)."""
 from __future__ import annotations
 
 import textwrap
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Protocol, Sequence, Set, Tuple, Union
 
 from ..events import Event, wall_clock
 from .view import TraceView
