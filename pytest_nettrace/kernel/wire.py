@@ -83,8 +83,8 @@ class Layout:
             off += struct.calcsize("<" + inner)
             self.align = max(self.align, align)
         tail = -off % self.align
-        self.format = fmt + (f"{tail}x" if tail else "")
-        self.struct = struct.Struct("<" + self.format)
+        self.format: str = fmt + (f"{tail}x" if tail else "")
+        self.struct: struct.Struct = struct.Struct("<" + self.format)
         self.size = self.struct.size
 
     def part(self, first: str, last: str) -> Tuple[int, struct.Struct]:

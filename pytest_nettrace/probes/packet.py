@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple, TypedDict, Union, cast
 
 from ..netns.linux import in_netns_at
-from ..events import Event, Header, wall_clock
+from ..events import Event, wall_clock
 from ..events import ADDRESS, HEX, IP_PROTO, FieldType
 from ..kernel import wire
 from .base import Plan, Probe

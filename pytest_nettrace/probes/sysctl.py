@@ -12,7 +12,7 @@ only host has none, and the pytest header says so.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, cast
 
 from ..events import Event, Header, user_name
 from ..kernel import wire

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-import pytest
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 from pytest_nettrace.kernel import wire

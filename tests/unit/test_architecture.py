@@ -16,7 +16,7 @@ from typing import Dict, List, NamedTuple, Set, Tuple
 
 import pytest
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "pytest_nettrace"
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "pytest_nettrace"
 PREFIX = "pytest_nettrace"
 
 # room -> rank: a module imports only from rooms of a rank <= its own

@@ -3,17 +3,14 @@ misspelt method or a filter of the wrong type is an error before anything
 runs, correct uses are clean (no root, no kernel: mypy reads the package)."""
 from __future__ import annotations
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import textwrap
 from typing import List
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 pytest.importorskip("mypy", reason="mypy is in the test extra (pip install -e '.[test]', ci/setup.sh)")
 
@@ -46,24 +43,25 @@ MISTAKES = {
 }
 
 
-def mypy(tmp_path: pathlib.Path, source: str) -> List[str]:
+def mypy(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, source: str) -> List[str]:
     """mypy's error lines for `source` as a user's test file (strict, no config of ours)."""
+    from mypy import api   # in-process: no second interpreter to start (the unit layer runs as nobody)
     (tmp_path / "test_user.py").write_text(source)
     # The package as a user's environment has it: installed, so its own
     # findings are not the user's (this checkout's editable install hides it
     # from mypy behind an import hook: MYPYPATH finds it).
     (tmp_path / "mypy.ini").write_text("[mypy]\nstrict = True\n[mypy-pytest_nettrace.*]\nignore_errors = True\n")
-    env = dict(os.environ, MYPYPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini",
-                        "--cache-dir", str(tmp_path / "cache"), "--no-error-summary", "--hide-error-context",
-                        "test_user.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode in (0, 1), r.stdout + r.stderr
-    return [line for line in r.stdout.splitlines() if ": error:" in line]
+    monkeypatch.setenv("MYPYPATH", str(ROOT))
+    monkeypatch.chdir(tmp_path)
+    out, err, status = api.run(["--config-file", "mypy.ini", "--cache-dir", str(tmp_path / "cache"),
+                                "--no-error-summary", "--hide-error-context", "test_user.py"])
+    assert status in (0, 1), out + err
+    return [line for line in out.splitlines() if ": error:" in line]
 
 
-def test_mypy_flags_misspelt_methods_and_wrong_filters_and_passes_correct_uses(tmp_path):
+def test_mypy_flags_misspelt_methods_and_wrong_filters_and_passes_correct_uses(tmp_path, monkeypatch):
     bad = "\n".join(f"    {call}" for call in MISTAKES)
-    errors = mypy(tmp_path, USER_TEST + textwrap.dedent('''
+    errors = mypy(tmp_path, monkeypatch, USER_TEST + textwrap.dedent('''
 
         def test_mistakes(nettrace: Trace) -> None:
         ''') + bad + "\n")
