@@ -31,7 +31,6 @@ from .report.captures import capture_path
 from .report.timeline import render_failure, seed_line
 from .report.view import TraceView
 
-
 _kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
 
