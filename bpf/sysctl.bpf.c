@@ -57,7 +57,13 @@ int sysctl_write(struct bpf_sysctl *ctx)
 	e->old_len = bpf_sysctl_get_current_value(ctx, e->old, sizeof(e->old));
 	e->new_len = bpf_sysctl_get_new_value(ctx, e->new, sizeof(e->new));
 	e->file_pos = ctx->file_pos;
-	e->pad = 0;
+	e->io_known = 0;
+	e->syscw = e->wchar = 0;
+	if (bpf_core_field_exists(task->ioac.syscw)) {
+		e->io_known = 1;
+		e->syscw = BPF_CORE_READ(task, ioac.syscw);
+		e->wchar = BPF_CORE_READ(task, ioac.wchar);
+	}
 	e->cmdline_len = 0;
 	struct mm_struct *mm = BPF_CORE_READ(task, mm);
 	if (mm) {

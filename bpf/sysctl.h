@@ -22,7 +22,13 @@ struct sysctl_event {
 	__s32 new_len;          /* bytes in new[], or -errno */
 	__u32 cmdline_len;
 	__u32 file_pos;         /* where in the file the write starts */
-	__u32 pad;
+	__u32 io_known;         /* 1: syscw and wchar below are the thread's */
+	/* The thread's write syscalls and bytes written so far (task->ioac,
+	 * CONFIG_TASK_XACCT): a write the kernel restarts comes back as the very
+	 * next write syscall with nothing written in between, which a second
+	 * write of the same value never does once the first one wrote it. */
+	__u64 syscw;
+	__u64 wchar;
 	char name[SY_NAME_MAX];
 	char old[SY_VALUE_MAX];
 	char new[SY_VALUE_MAX];

@@ -173,8 +173,8 @@ DROP_SCOPE = Layout("drop_scope", [("detailed", "Q"), ("summarized", "Q"), ("una
 
 SYSCTL_WRITE = Layout("sysctl_write", [("name", f"{SY_NAME_MAX}s"), ("value", f"{SY_VALUE_MAX}s")])
 SYSCTL_EVENT = Record("sysctl_event", [
-    ("name_len", "i"), ("old_len", "i"), ("new_len", "i"), ("cmdline_len", "I"), ("file_pos", "I"), ("pad", "I"),
-    ("name", f"{SY_NAME_MAX}s"), ("old", f"{SY_VALUE_MAX}s"), ("new", f"{SY_VALUE_MAX}s"),
+    ("name_len", "i"), ("old_len", "i"), ("new_len", "i"), ("cmdline_len", "I"), ("file_pos", "I"),
+    ("io_known", "I"), ("syscw", "Q"), ("wchar", "Q"), ("name", f"{SY_NAME_MAX}s"), ("old", f"{SY_VALUE_MAX}s"), ("new", f"{SY_VALUE_MAX}s"),
     ("cmdline", f"{SY_CMDLINE_MAX}s")], stack=False)
 
 NETCHANGE_EVENT = Record("netchange_event", [

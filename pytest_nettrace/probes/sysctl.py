@@ -12,7 +12,7 @@ only host has none, and the pytest header says so.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, cast
 
 from ..events import Event, Header, user_name
 from ..kernel import wire
@@ -61,9 +61,9 @@ class SysctlEvent(Event):
     (net.ipv4.conf.<dev>.*, net.ipv6.conf.<dev>.*, net.ipv4.neigh.<dev>.*,
     "all" and "default" included), else None. The kernel may still refuse
     the value (the write then fails): the event is the attempt. A write the
-    kernel restarts (waiting for the RTNL lock) is one event, and so are two
-    identical writes in a row by one thread that changed nothing. No stack:
-    cgroup programs cannot take one."""
+    kernel restarts (waiting for the RTNL lock) is one event; two writes are
+    two events, even of the same value by the same thread. No stack: cgroup
+    programs cannot take one."""
 
     kind = "sysctl"
     FIELDS = Event.FIELDS + ("name", "old", "new", "dev", "changed", "cmdline", "user")
@@ -108,31 +108,58 @@ class SysctlProbe(Probe):
         return "no cgroup v2 hierarchy mounted (the sysctl hook attaches to one; cgroup v1 only host)"
 
     def __init__(self) -> None:
-        self._last: Dict[int, Tuple[int, bytes, bytes, bytes]] = {}  # netns -> the last write seen
+        self._last: Dict[int, Dict[int, _Write]] = {}  # netns -> thread -> its last write seen
 
     def unwatch(self, netns: int) -> None:
         self._last.pop(netns, None)
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
-        name_len, old_len, new_len, cmd_len, _pos, _pad, name, old, new, cmdline = _BODY.unpack_from(buf, RECORD.body_offset)
-        # Some handlers restart the write syscall instead of waiting for the
-        # RTNL lock (net.ipv4.ip_forward, conf.*.forwarding: rtnl_trylock,
-        # restart_syscall), and the hook runs again each time, before anything
-        # changed: the same thread, setting, old and new value once more is
-        # that same write, not another one.
-        key = (hdr.tid, name, old, new)
-        if self._last.get(hdr.netns) == key:
-            return []
-        self._last[hdr.netns] = key
+        (name_len, old_len, new_len, cmd_len, _pos, io_known, syscw, wchar,
+         name, old, new, cmdline) = _BODY.unpack_from(buf, RECORD.body_offset)
         # "net/ipv4/conf/eth0.100/rp_filter" -> "net.ipv4.conf.eth0/100.rp_filter", as sysctl(8) spells it
         parts = name.split(b"\0", 1)[0].decode(errors="replace").split("/")
         setting = ".".join(p.replace(".", "/") for p in parts)
+        write = _Write(setting, _value(old, old_len), _value(new, new_len), syscw if io_known else None, wchar)
+        last = self._last.setdefault(hdr.netns, {})
+        restart = write.restarts(last.get(hdr.tid))
+        last[hdr.tid] = write
+        if restart:
+            return []
         argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
-        ev = SysctlEvent(hdr, (), "process", name=setting, old=_value(old, old_len), new=_value(new, new_len),
-                         dev=dev_of(parts),
+        ev = SysctlEvent(hdr, (), "process", name=setting, old=write.old, new=write.new, dev=dev_of(parts),
                          cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
         ev.user = user_name(ev.uid)
         return [ev]
+
+
+class _Write(NamedTuple):
+    """What tells a write from its thread's previous one. Values as decoded:
+    the record's buffers hold stale bytes past the string (the name comes
+    from a per-CPU scratch buffer, which bpf_sysctl_get_name's strscpy does
+    not clear), so raw bytes differ with the CPU the write ran on."""
+
+    name: str
+    old: Optional[str]
+    new: Optional[str]
+    syscw: Optional[int]   # the thread's write syscalls before this one (None: not counted by this kernel)
+    wchar: int             # bytes the thread has written
+
+    def restarts(self, prev: "Optional[_Write]") -> bool:
+        """Whether this is `prev` again, restarted by the kernel. Some
+        handlers restart the write syscall instead of waiting for the RTNL
+        lock (net.ipv4.ip_forward, conf.*.forwarding: rtnl_trylock,
+        restart_syscall), and the hook runs again, before anything changed:
+        the same setting, old and new value, as the thread's very next write
+        syscall (vfs_write counts every attempt) with no byte written in
+        between (it counts only writes that succeeded) — a second write of
+        the same value comes after the first one wrote its bytes. Without
+        the counters (CONFIG_TASK_XACCT off) the same values once more are
+        taken as the restart."""
+        if prev is None or (self.name, self.old, self.new) != (prev.name, prev.old, prev.new):
+            return False
+        if self.syscw is None or prev.syscw is None:
+            return True
+        return self.syscw == prev.syscw + 1 and self.wchar == prev.wchar
 
 
 class SysctlFilters(CommonFilters, total=False):
