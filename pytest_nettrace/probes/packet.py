@@ -14,7 +14,6 @@ assertions stay sound.
 """
 from __future__ import annotations
 
-import collections
 import ctypes
 import fcntl
 import ipaddress
@@ -25,7 +24,7 @@ import socket
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Tuple, TypedDict, Union, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypedDict, Union, cast
 
 from ..netns.linux import in_netns_at
 from ..events import Event, wall_clock
@@ -54,15 +53,13 @@ SNAPLEN = FRAME_SIZE
 MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
 
 ETH_P_ALL = 0x0003
-UNUSED_ETHERTYPE = 0x88B6        # IEEE 802 "local experimental 2": where a capture past its cap listens
 SOL_PACKET = 263
 PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
 TP_STATUS_USER = 1
 SIOCGIFNAME = 0x8910
-SO_TIMESTAMPNS, SO_RCVBUFFORCE = 35, 33
-# A frame's stamp can precede its delivery to the sockets (loopback and veth
-# stamp it when queued to the backlog): how far, at most, in a handover
-BACKLOG_NS = 20_000_000
+SO_TIMESTAMPNS, SO_RCVBUFFORCE, SO_ATTACH_FILTER, SO_DETACH_FILTER = 35, 33, 26, 27
+PACKET_FANOUT, PACKET_FANOUT_DATA = 18, 22
+PACKET_FANOUT_CBPF, PACKET_FANOUT_FLAG_UNIQUEID = 6, 0x2000
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
@@ -101,6 +98,18 @@ def _bind(fd: int, ethertype: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+class _Filter:
+    """A classic BPF program that returns `value` for every packet, as the
+    struct sock_fprog setsockopt takes (kept alive with its instructions)."""
+
+    def __init__(self, value: int) -> None:
+        self._insns = ctypes.create_string_buffer(struct.pack("HBBI", 0x06, 0, 0, value))   # BPF_RET|BPF_K
+        self.fprog = struct.pack("HxxxxxxP", 1, ctypes.addressof(self._insns))
+
+
+_DROP_ALL, _FIRST_MEMBER, _SECOND_MEMBER = _Filter(0), _Filter(0), _Filter(1)
+
+
 class _Capture:
     """The packet sockets and ring of one watched namespace.
 
@@ -109,10 +118,15 @@ class _Capture:
     (packets sent right after `watch` were missed, uncounted). Setting it up
     waits out that grace period (synchronize_net in packet_set_ring, 8-30 ms),
     so it happens in the background, on a second socket, while a first one,
-    bound at once, queues every packet from the moment the constructor
-    returns. Once the ring is ready its socket is bound too, the first one
-    unbound, its queue read to the end, and the frames both sockets saw in
-    between are taken once (`_handover`)."""
+    hooked at once, queues every packet from the moment the constructor
+    returns. The two never both receive a packet: they are the members of
+    one fanout group (PACKET_FANOUT), whose single hook hands each packet to
+    exactly one member, the one its classic BPF program picks: the queue
+    socket until the ring's socket has joined, then the ring (`_handover`).
+    Two sockets each hooked on their own, switched by binding and unbinding,
+    both received what came between the two binds, and no stamp or content
+    tells those copies apart exactly (9 frames of 300 kept twice on a slow
+    Debian 6.1 VM)."""
 
     def __init__(self, path: str) -> None:
         self.queue_sock, self.sock = in_netns_at(path, self._open)
@@ -125,14 +139,17 @@ class _Capture:
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
         self._buf = bytearray(SNAPLEN)
-        self._seen_twice: "collections.Counter[Tuple[Any, ...]]" = collections.Counter()
-        self._twice_until = 0
+        self._left_at_stop = 0
+        self._idle: Optional[socket.socket] = None   # the queue socket once the ring took over
         self._ready = threading.Event()
         self._switching = threading.Event()
+        if self.sock is None:   # no fanout (kernel < 4.3): the queue socket captures alone
+            self._ready.set()
+            return
         threading.Thread(target=self._setup_ring, name="nettrace-pcap-ring", daemon=True).start()
 
     @staticmethod
-    def _open() -> Tuple[socket.socket, socket.socket]:
+    def _open() -> Tuple[socket.socket, Optional[socket.socket]]:
         flags = socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         queue = socket.socket(socket.AF_PACKET, flags, socket.htons(ETH_P_ALL))  # hooked at once
         try:
@@ -141,6 +158,14 @@ class _Capture:
                 queue.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
             except OSError:
                 pass
+            try:
+                # a group of its own (the kernel picks an unused id), whose
+                # program gives every packet to member 0, this socket
+                queue.setsockopt(SOL_PACKET, PACKET_FANOUT,
+                                 (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
+                queue.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, _FIRST_MEMBER.fprog)
+            except OSError:
+                return queue, None
             return queue, socket.socket(socket.AF_PACKET, flags, 0)   # protocol 0: hooked to nothing
         except BaseException:
             queue.close()
@@ -161,34 +186,40 @@ class _Capture:
             pass  # closed meanwhile, or no memory: the queue socket goes on capturing
         finally:
             self._ready.set()
+            self._switching.clear()
 
     def _handover(self, ring: mmap.mmap) -> None:
-        """Bind the ring's socket, unbind the queue's, read its queue to the
-        end. A frame delivered between the two binds (microseconds apart) is
-        in both: the queue's frames stamped since shortly before the first
-        bind are counted by content, and the ring's first frames, delivered
-        before the unbind began, that match one are skipped, once per copy —
-        up to the first that does not (the ring holds the frames both saw
-        first, in delivery order). Byte-identical frames sent within those
-        microseconds cannot be told apart: one may be kept where there were two."""
-        start = time.time_ns()
+        """Move the ring's socket into the queue socket's fanout group and
+        switch the group's program from member 0 (the queue) to member 1
+        (the ring): each packet is given to one of them, whichever program
+        the kernel ran for it. Joining needs a bound socket, and a bound
+        socket has a hook of its own until it joins: a drop-all filter keeps
+        that hook's packets (which the group gives the queue too) out of the
+        ring. Replacing a group's program waits out an RCU grace period
+        (synchronize_net in __fanout_set_data_bpf) before it returns: the
+        first replacement makes sure no packet is still on its way through
+        the ring socket's own hook when the filter goes, the second that the
+        queue has everything the old program gave it. The queue socket stays
+        in the group, given nothing, until the capture closes: its leaving
+        would renumber the members."""
+        sock, queue_sock = self.sock, self.queue_sock
+        assert queue_sock is not None
+        group = queue_sock.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
+        _setsockopt(sock.fileno(), socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL.fprog)
+        _bind(sock.fileno(), ETH_P_ALL)
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_CBPF << 16)
+        _setsockopt(queue_sock.fileno(), SOL_PACKET, PACKET_FANOUT_DATA, _FIRST_MEMBER.fprog)
+        _setsockopt(sock.fileno(), socket.SOL_SOCKET, SO_DETACH_FILTER, b"\0\0\0\0")
         self._switching.set()   # from here until the ring is ours, frames may be in it only
-        _bind(self.sock.fileno(), ETH_P_ALL)
-        mid = time.time_ns()
-        # off the all-packets list (protocol 0 would mean "keep the current
-        # one"), and nothing in flight to it once this returns
-        _bind(self.queue_sock.fileno(), UNUSED_ETHERTYPE)
+        _setsockopt(queue_sock.fileno(), SOL_PACKET, PACKET_FANOUT_DATA, _SECOND_MEMBER.fprog)
         with self._lock:
-            last = len(self.pending)
-            self._read_queue()
-            self.kernel_drops += _discard_queue(self.queue_sock)   # past the cap: lost
-            self._stats_of(self.queue_sock)
-            self.queue_sock.close()
-            self.queue_sock = None  # type: ignore[assignment]  # the ring took over: never read again
-            self._seen_twice = collections.Counter(_key(f) for f in self.pending[last:]
-                                                   if f.ts_real >= start - BACKLOG_NS)
-            self._twice_until = mid + 1_000_000   # delivered to the ring before the unbind began
             self.ring = ring
+            self._read_queue()
+            self.kernel_drops += _discard_queue(queue_sock)   # past the cap: lost
+            self._stats_of(queue_sock)
+            self.queue_sock, self._idle = None, queue_sock
+            # stamping every packet of the machine was only for the queue's frames
+            queue_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 0)
 
     def _read_queue(self) -> None:
         """Frames queued on the first socket, until the ring takes over."""
@@ -239,14 +270,16 @@ class _Capture:
         """Past the cap, with a frame already waiting (so already counted as
         lost): stop tapping the devices. A tap makes the kernel clone every
         packet it sends (dev_queue_xmit_nit), kept or not — the capture's
-        largest cost under load. Re-binding to an EtherType nobody sends takes
-        the socket off the all-packets list; what was counted stays counted,
-        so the loss count from here on is a lower bound."""
-        try:
-            _bind(self.sock.fileno(), UNUSED_ETHERTYPE)
-        except OSError:
-            return
+        largest cost under load. A fanout member cannot be rebound, so the
+        sockets close (the group's hook goes with its last member, after a
+        grace period, like the rebinding it replaces); what was counted stays
+        counted, so the loss count from here on is a lower bound."""
+        self._left_at_stop = self.left_in_ring()
+        self.stats()
+        ring, socks = self.ring, [self.sock, self._idle]
+        self.ring, self.sock, self._idle = None, None, None
         self.tap_stopped = True
+        _close_all(ring, socks)
 
     def _read_ring(self, ring: mmap.mmap) -> None:
         while self.taken + len(self.pending) < MAX_PACKETS:
@@ -266,20 +299,14 @@ class _Capture:
                 length += 14
             frame = Frame(sec * 1_000_000_000 + nsec, self._ifname(ifindex), PKTTYPES.get(pkttype, "in"),
                           data, length)
-            if self._seen_twice:
-                key = _key(frame)
-                if frame.ts_real <= self._twice_until and self._seen_twice[key]:
-                    self._seen_twice[key] -= 1   # the queue had it: delivered to both sockets
-                    continue
-                self._seen_twice.clear()   # past the frames both saw
             self.pending.append(frame)
 
     def stats(self) -> None:
         """Accumulate the kernel's drop counters (reading resets them)."""
         with self._lock:
-            self._stats_of(self.sock)
-            if self.queue_sock is not None:
-                self._stats_of(self.queue_sock)
+            for sock in (self.sock, self.queue_sock):
+                if sock is not None:
+                    self._stats_of(sock)
 
     def _stats_of(self, sock: socket.socket) -> None:
         raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
@@ -287,6 +314,8 @@ class _Capture:
 
     def left_in_ring(self) -> int:
         """Frames past the cap, never read (0 below the cap: they will be)."""
+        if self.tap_stopped:
+            return self._left_at_stop
         if self.taken + len(self.pending) < MAX_PACKETS or self.ring is None:
             return 0
         return sum(1 for i in range(RING_FRAMES) if self.ring[i * FRAME_SIZE] & TP_STATUS_USER)
@@ -300,17 +329,22 @@ class _Capture:
     def close(self) -> None:
         # Closing a packet socket waits for an RCU grace period
         # (synchronize_net in packet_release, ~20 ms): off the test's path.
-        _closer.put(self)
+        _closer.put(self.finish_close)
 
     def finish_close(self) -> None:
-        self._ready.wait(10.0)   # a ring setup under way still uses the socket
+        self._ready.wait(60.0)   # a ring setup under way still uses the socket
         with self._lock:
-            if self.ring is not None:
-                self.ring.close()
-                self.ring = None
-            if self.queue_sock is not None:
-                self.queue_sock.close()
-            self.sock.close()
+            ring, socks = self.ring, [self.queue_sock, self._idle, self.sock]
+            self.ring, self.queue_sock, self._idle, self.sock = None, None, None, None
+        _close_all(ring, socks)
+
+
+def _close_all(ring: Optional[mmap.mmap], socks: List[Optional[socket.socket]]) -> None:
+    if ring is not None:
+        ring.close()   # the ring's socket is released only once unmapped
+    for sock in socks:
+        if sock is not None:
+            sock.close()
 
 
 def _discard_queue(sock: socket.socket) -> int:
@@ -324,31 +358,24 @@ def _discard_queue(sock: socket.socket) -> int:
         n += 1
 
 
-def _key(frame: Frame) -> Tuple[Any, ...]:
-    """What tells a frame from another in the few milliseconds of a handover:
-    device, direction, length and the start of the bytes (the two sockets
-    may keep different lengths of a long one)."""
-    return frame.ifname, frame.direction, frame.length, frame.ethernet[:256]
-
-
 class _Closer:
     """Closes packet captures in the background, in order."""
 
     def __init__(self) -> None:
-        self._queue: "queue.Queue[_Capture]" = queue.Queue()
+        self._queue: "queue.Queue[Callable[[], None]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
-    def put(self, capture: "_Capture") -> None:
+    def put(self, close: Callable[[], None]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="nettrace-pcap-close", daemon=True)
                 self._thread.start()
-        self._queue.put(capture)
+        self._queue.put(close)
 
     def _run(self) -> None:
         while True:
-            self._queue.get().finish_close()
+            self._queue.get()()
 
 
 _closer = _Closer()
