@@ -61,17 +61,11 @@ stage "the suite in a container-like sandbox (ci/container-run)"
 ci/container-run "${PYTEST[@]}" -n 2 -m "not host_safety" tests/ "$@"
 check $? "container stage"
 
-# Known failures the kernel matrix found on Debian 6.1 under emulation, open
-# and named in ci/README.md ("Known limits"); they run everywhere else:
-# - a few frames kept twice across the capture's socket-to-ring handover
-# - one restarted ip_forward write reported as two events
-VM_KNOWN=(--deselect tests/test_packet_differential.py::test_every_packet_once_across_the_ring_handover
-          --deselect tests/test_netconfig.py::test_a_restarted_write_is_one_event)
 if [ "${NETTRACE_VM:-1}" != 0 ] && [ -x ci/vm-test ]; then
     for kernel in ${NETTRACE_VM_KERNELS:-6.1 6.12}; do
         stage "the whole suite on Debian's $kernel kernel (ci/vm-test)"
         # the VM's own timeout bounds the boot and the run; timeout(1) is a backstop
-        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -v -rfEs -p no:cacheprovider -m "not host_safety" "${VM_KNOWN[@]}" tests/
+        timeout 2700 ci/vm-test --kernel "$kernel" --timeout 2400 -- -n 2 -v -rfEs -p no:cacheprovider -m "not host_safety" tests/
         check $? "VM stage ($kernel)"
     done
 fi
