@@ -129,7 +129,9 @@ class _Capture:
     Debian 6.1 VM)."""
 
     def __init__(self, path: str) -> None:
-        self.queue_sock, self.sock = in_netns_at(path, self._open)
+        sockets = in_netns_at(path, self._open)
+        self.queue_sock: Optional[socket.socket] = sockets[0]   # None once the ring took over
+        self.sock: Optional[socket.socket] = sockets[1]         # the ring's; None once closed
         self.ring: Optional[mmap.mmap] = None
         self._lock = threading.RLock()
         self.head = 0
@@ -172,23 +174,25 @@ class _Capture:
             raise
 
     def _setup_ring(self) -> None:
+        sock = self.sock
+        assert sock is not None   # closing waits for this thread
         try:
-            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             block = FRAME_SIZE * 16
             # through ctypes: it releases the GIL (socket.setsockopt does not)
             # while the kernel waits out the grace period
-            _setsockopt(self.sock.fileno(), SOL_PACKET, PACKET_RX_RING,
+            _setsockopt(sock.fileno(), SOL_PACKET, PACKET_RX_RING,
                         struct.pack("IIII", block, RING_FRAMES // 16, FRAME_SIZE, RING_FRAMES))
-            ring = mmap.mmap(self.sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
+            ring = mmap.mmap(sock.fileno(), FRAME_SIZE * RING_FRAMES, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
-            self._handover(ring)
+            self._handover(sock, ring)
         except (OSError, ValueError):
             pass  # closed meanwhile, or no memory: the queue socket goes on capturing
         finally:
             self._ready.set()
             self._switching.clear()
 
-    def _handover(self, ring: mmap.mmap) -> None:
+    def _handover(self, sock: socket.socket, ring: mmap.mmap) -> None:
         """Move the ring's socket into the queue socket's fanout group and
         switch the group's program from member 0 (the queue) to member 1
         (the ring): each packet is given to one of them, whichever program
@@ -202,7 +206,7 @@ class _Capture:
         queue has everything the old program gave it. The queue socket stays
         in the group, given nothing, until the capture closes: its leaving
         would renumber the members."""
-        sock, queue_sock = self.sock, self.queue_sock
+        queue_sock = self.queue_sock
         assert queue_sock is not None
         group = queue_sock.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
         _setsockopt(sock.fileno(), socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL.fprog)
@@ -245,14 +249,14 @@ class _Capture:
     def _ifname(self, index: int) -> str:
         """Device name in the socket's namespace ("?" once the device is gone)."""
         name = self._names.get(index)
-        if name is None:
+        if name is None and self.sock is not None:
             try:
                 raw = fcntl.ioctl(self.sock.fileno(), SIOCGIFNAME, struct.pack("16si20x", b"", index))
                 name = raw[:16].split(b"\0", 1)[0].decode(errors="replace")
             except OSError:
                 return "?"
             self._names[index] = name
-        return name
+        return name or "?"
 
     def read(self) -> None:
         """Move the frames the kernel filled into `pending`, up to the cap."""
