@@ -3,6 +3,7 @@ veth, IPv4+IPv6, up, torn down), and what the `nettrace` fixture adds to a
 test that makes two namespaces joined by a veth and asserts no RST.
 
     sudo .venv/bin/python bench/bench_fixture.py [--quick]
+    sudo .venv/bin/python bench/bench_fixture.py --soak 1000   # only the whole runs, 1000 tests, one round
 
 Per-test overhead is measured two ways:
   * in-process: a Trace created, watching 0 or 2 namespaces, closed (what the
@@ -199,6 +200,9 @@ def main() -> None:
     need_root()
     quick = "--quick" in sys.argv
     sys.path.insert(0, ROOT)
+    if "--soak" in sys.argv:  # issue 14's "1,000 such tests without memory growth or an exit stall"
+        pytest_runs(int(sys.argv[sys.argv.index("--soak") + 1]), 1)
+        return
     trace_cycle(50 if quick else 200)
     topology(50 if quick else 200)
     pytest_runs(100 if quick else 200, 2 if quick else 3)

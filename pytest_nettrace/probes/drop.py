@@ -17,7 +17,7 @@ from ..events import Event, Header, describe_filters, matches
 from ..events import ADDRESS, IP_PROTO
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
-from ..kernel.symbols import kallsyms, symbolize
+from ..kernel.symbols import frame_function, kallsyms, symbolize
 from .base import Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
@@ -185,7 +185,7 @@ class DropProbe(Probe):
         out = []
         for key, value in map_items(self._counts_fd, _KEY.size, _COUNT.size):
             ns, reason, location = _KEY.unpack(key)
-            if ns == netns:
+            if ns == netns and not is_tap_copy(self.where(location)):
                 total, undelivered = _COUNT.unpack(value)
                 out.append((location, self.reason_name(reason), total, undelivered))
         return out
@@ -217,15 +217,32 @@ class DropProbe(Probe):
         elif family == 6:
             src, dst = ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr)
         stack = hdr.stack_addrs(buf)
+        where = self.where(location, stack)
+        if is_tap_copy(where):
+            return []
         return [DropEvent(
             hdr, stack, "softirq",
             reason=self.reasons.get(reason, str(reason)) if has_reason else None,
-            location=self.where(location, stack), dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
+            location=where, dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
             ifindex=ifindex or None, protocol=ETHERTYPES.get(protocol, f"0x{protocol:04x}"),
             family=family or None, saddr=src, daddr=dst,
             sport=sport if has_ports else None, dport=dport if has_ports else None,
             ip_proto=IP_PROTOS.get(ip_proto, ip_proto) if family else None, length=length,
         )]
+
+
+# A packet socket's own copy of a frame (its tap: tcpdump's, or the packet
+# probe's capture) freed where af_packet receives it: never the network's
+# packet. Where the ETH_P_ALL hooks are host-wide (Debian 6.1 and 6.12; per
+# namespace on 6.18), a fanout group frees every other namespace's frames at
+# packet_rcv_fanout, a "drop" in that namespace; a full capture ring frees its
+# copy in tpacket_rcv (the capture counts that as its own loss).
+_TAP_RECEIVERS = frozenset(("packet_rcv_fanout", "packet_rcv", "tpacket_rcv", "packet_rcv_spkt"))
+
+
+def is_tap_copy(location: str) -> bool:
+    """Whether a free at `location` ("func+0xoff") is a packet socket's copy, not a drop."""
+    return frame_function(location) in _TAP_RECEIVERS
 
 
 def _location(address: int, stack: Sequence[int]) -> str:

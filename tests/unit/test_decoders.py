@@ -82,6 +82,22 @@ def test_drop_fields():
     assert v6.ip_proto == "icmpv6" and v6.sport is None and v6.reason is None
 
 
+def test_a_packet_sockets_own_copy_is_not_a_drop():
+    # Debian 6.1/6.12: a capture's fanout group frees other namespaces' frames
+    # at packet_rcv_fanout; a full ring frees its copy in tpacket_rcv
+    probe = DropProbe()
+    probe.reasons, probe.has_reason = {2: "NOT_SPECIFIED"}, True
+    probe.locations[0xffffffff81000100] = "packet_rcv_fanout+0xcc"
+    probe.locations[0xffffffff81000200] = "tpacket_rcv [af_packet]+0x3a"
+    probe.locations[0xffffffff81000300] = "tcp_v4_rcv+0x10"
+    common = dict(reason=2, len=66, family=4, ip_proto=6, protocol=0x0800, has_reason=1,
+                  saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1"))
+    taps = [record(wire.DROP_EVENT, wire.Kind.DROP, location=a, **common) for a in (0xffffffff81000100, 0xffffffff81000200)]
+    assert decode(probe, *taps) == []
+    [real] = decode(probe, record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000300, **common))
+    assert real.location == "tcp_v4_rcv+0x10"
+
+
 def _syscall(name: str, args, ret: int = 0, sockaddr: bytes = b"", **fields):
     rec = record(wire.SYSCALL_EVENT, wire.Kind.SYSCALL, args=list(args), ret=ret, code=CALLS.index(name) + 1,
                  addr_len=len(sockaddr), addr=sockaddr, duration=1500, **fields)
