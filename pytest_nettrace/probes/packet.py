@@ -363,18 +363,26 @@ def _discard_queue(sock: socket.socket) -> int:
 
 
 class _Closer:
-    """Closes packet captures in the background, in order."""
+    """Closes packet captures in the background. Each close waits for RCU
+    grace periods (one per packet socket); closed one after another they fell
+    behind a suite's pace (1,000 tests: 5 GB of rings still mapped, 29 s
+    stalled at exit), so several threads close at once and their waits
+    overlap."""
+
+    WORKERS = 8
 
     def __init__(self) -> None:
         self._queue: "queue.Queue[Callable[[], None]]" = queue.Queue()
-        self._thread: Optional[threading.Thread] = None
+        self._threads: List[threading.Thread] = []
         self._lock = threading.Lock()
 
     def put(self, close: Callable[[], None]) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="nettrace-pcap-close", daemon=True)
-                self._thread.start()
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if len(self._threads) < self.WORKERS:
+                t = threading.Thread(target=self._run, name="nettrace-pcap-close", daemon=True)
+                t.start()
+                self._threads.append(t)
         self._queue.put(close)
 
     def _run(self) -> None:
