@@ -885,8 +885,8 @@ def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
     return filters
 
 
-class AddrFilters(CommonFilters, total=False):
-    """Filters of 'addr' events: a keyword per field (nettrace.events('addr', ...) takes them too)."""
+class ChangeFilters(CommonFilters, total=False):
+    """Filters every configuration change (addr, link, route, neigh, rule) takes."""
 
     action: Filter[str]
     dev: Filter[str]
@@ -896,6 +896,11 @@ class AddrFilters(CommonFilters, total=False):
     cmdline: Filter[str]
     user: Filter[str]
     announced_by: Filter[str]
+
+
+class AddrFilters(ChangeFilters, total=False):
+    """Filters of 'addr' events: a keyword per field (nettrace.events('addr', ...) takes them too)."""
+
     address: AddressFilter
     family: Filter[Union[int, str]]
     scope: Filter[str]
@@ -903,17 +908,9 @@ class AddrFilters(CommonFilters, total=False):
     label: Filter[str]
 
 
-class LinkFilters(CommonFilters, total=False):
+class LinkFilters(ChangeFilters, total=False):
     """Filters of 'link' events: a keyword per field (nettrace.events('link', ...) takes them too)."""
 
-    action: Filter[str]
-    dev: Filter[str]
-    ifindex: Filter[int]
-    cause: Filter[str]
-    detail: Filter[str]
-    cmdline: Filter[str]
-    user: Filter[str]
-    announced_by: Filter[str]
     up: Filter[bool]
     flags: Filter[Any]
     link_kind: Filter[str]
@@ -921,17 +918,9 @@ class LinkFilters(CommonFilters, total=False):
     operstate: Filter[str]
 
 
-class RouteFilters(CommonFilters, total=False):
+class RouteFilters(ChangeFilters, total=False):
     """Filters of 'route' events: a keyword per field (nettrace.events('route', ...) takes them too)."""
 
-    action: Filter[str]
-    dev: Filter[str]
-    ifindex: Filter[int]
-    cause: Filter[str]
-    detail: Filter[str]
-    cmdline: Filter[str]
-    user: Filter[str]
-    announced_by: Filter[str]
     dst: AddressFilter
     gateway: AddressFilter
     table: Filter[Union[int, str]]
@@ -942,17 +931,9 @@ class RouteFilters(CommonFilters, total=False):
     prefsrc: AddressFilter
 
 
-class NeighFilters(CommonFilters, total=False):
+class NeighFilters(ChangeFilters, total=False):
     """Filters of 'neigh' events: a keyword per field (nettrace.events('neigh', ...) takes them too)."""
 
-    action: Filter[str]
-    dev: Filter[str]
-    ifindex: Filter[int]
-    cause: Filter[str]
-    detail: Filter[str]
-    cmdline: Filter[str]
-    user: Filter[str]
-    announced_by: Filter[str]
     address: AddressFilter
     lladdr: Filter[str]
     state: Filter[str]
@@ -963,17 +944,9 @@ class NeighFilters(CommonFilters, total=False):
     proxy: Filter[bool]
 
 
-class RuleFilters(CommonFilters, total=False):
+class RuleFilters(ChangeFilters, total=False):
     """Filters of 'rule' events: a keyword per field (nettrace.events('rule', ...) takes them too)."""
 
-    action: Filter[str]
-    dev: Filter[str]
-    ifindex: Filter[int]
-    cause: Filter[str]
-    detail: Filter[str]
-    cmdline: Filter[str]
-    user: Filter[str]
-    announced_by: Filter[str]
     family: Filter[Union[int, str]]
     priority: Filter[int]
     src: AddressFilter
@@ -989,17 +962,9 @@ class RuleFilters(CommonFilters, total=False):
     protocol: Filter[Any]
 
 
-class NftFilters(CommonFilters, total=False):
+class NftFilters(ChangeFilters, total=False):
     """Filters of 'nft' events: a keyword per field (nettrace.events('nft', ...) takes them too)."""
 
-    action: Filter[str]
-    dev: Filter[str]
-    ifindex: Filter[int]
-    cause: Filter[str]
-    detail: Filter[str]
-    cmdline: Filter[str]
-    user: Filter[str]
-    announced_by: Filter[str]
     object: Filter[str]
     family: Filter[str]
     table: Filter[str]
