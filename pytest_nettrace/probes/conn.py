@@ -9,13 +9,13 @@ from __future__ import annotations
 import platform
 import struct
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, cast
 
 from ..events import Event, Header, describe_filters
 from ..events import ADDRESS
 from ..kernel import wire
 from .base import Plan, Probe
-from .context import AddressFilter, CommonFilters, Filter, KindApi
+from .context import Filter, KindApi, TcpFlowFilters
 from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
 
@@ -175,15 +175,9 @@ def _no_count(filters: Mapping[str, Any], method: str) -> None:
         raise TypeError(f"{method}() returns one event; for exactly N connections use {method}_count(N, ...)")
 
 
-class ConnFieldFilters(CommonFilters, total=False):
+class ConnFieldFilters(TcpFlowFilters, total=False):
     """Filters of 'conn' events but `action` (which each method decides)."""
 
-    family: Filter[Union[int, str]]
-    saddr: AddressFilter
-    sport: Filter[int]
-    daddr: AddressFilter
-    dport: Filter[int]
-    state: Filter[str]
     old_state: Filter[str]
     duration_ms: Filter[float]
     bytes_sent: Filter[int]

@@ -38,6 +38,17 @@ class CommonFilters(TypedDict, total=False):
     context: Filter[str]
 
 
+class TcpFlowFilters(CommonFilters, total=False):
+    """Filters of the TCP kinds (rst, retransmit, conn): the flow and its state."""
+
+    family: Filter[Union[int, str]]
+    saddr: AddressFilter
+    sport: Filter[int]
+    daddr: AddressFilter
+    dport: Filter[int]
+    state: Filter[str]
+
+
 class Snapshot(Protocol):
     """A trace frozen at one moment, for rendering (the Trace gives a
     report.view.TraceView): reading it never drains or changes anything."""

@@ -3,14 +3,14 @@
 Seed: tcpretrans (TIME PID IP LADDR:LPORT T> RADDR:RPORT STATE)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple, cast
 
 from ..events import Event, Header
 from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
-from .context import AddressFilter, CommonFilters, Filter, KindApi
+from .context import Filter, KindApi, TcpFlowFilters
 from .rst import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
@@ -105,16 +105,10 @@ class RetransmitProbe(Probe):
         return [ev]
 
 
-class RetransmitFilters(CommonFilters, total=False):
+class RetransmitFilters(TcpFlowFilters, total=False):
     """Filters of 'retransmit' events: a keyword per field (nettrace.events('retransmit', ...) takes them too)."""
 
     type: Filter[str]
-    family: Filter[Union[int, str]]
-    saddr: AddressFilter
-    sport: Filter[int]
-    daddr: AddressFilter
-    dport: Filter[int]
-    state: Filter[str]
     seq: Filter[int]
     count: Filter[int]
     total_retrans: Filter[int]

@@ -11,7 +11,7 @@ from ..events import ADDRESS
 from ..kernel import wire
 from ..kernel.symbols import frame_function
 from .base import Plan, Probe
-from .context import AddressFilter, CommonFilters, Filter, KindApi
+from .context import Filter, KindApi, TcpFlowFilters
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -132,17 +132,11 @@ class RstProbe(Probe):
         return [event]
 
 
-class RstFilters(CommonFilters, total=False):
+class RstFilters(TcpFlowFilters, total=False):
     """Filters of 'rst' events: a keyword per field (nettrace.events('rst', ...) takes them too)."""
 
     direction: Filter[str]
     origin: Filter[str]
-    family: Filter[Union[int, str]]
-    saddr: AddressFilter
-    sport: Filter[int]
-    daddr: AddressFilter
-    dport: Filter[int]
-    state: Filter[str]
     reason: Filter[str]
 
 
