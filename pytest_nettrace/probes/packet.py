@@ -260,19 +260,27 @@ class _Capture:
 
     def read(self) -> None:
         """Move the frames the kernel filled into `pending`, up to the cap."""
-        if self._switching.is_set():
-            self._ready.wait(10.0)   # mid-handover: the newest frames are in a ring not read yet
+        if self._switching.is_set() or (self.queue_sock is not None and self._at_cap()):
+            # mid-handover the newest frames are in a ring not read yet; at the
+            # cap the handover counts what the queue holds past it as lost
+            self._ready.wait(10.0)
         with self._lock:
             self._read_queue()
+            if self.queue_sock is not None and self._at_cap():
+                # no ring (none could be set up): what waits past the cap is lost
+                self.kernel_drops += _discard_queue(self.queue_sock)
             if self.ring is not None:
                 self._read_ring(self.ring)
-                if (not self.tap_stopped and self.taken + len(self.pending) >= MAX_PACKETS
-                        and self.ring[self.head * FRAME_SIZE] & TP_STATUS_USER):
+                if (not self.tap_stopped and self._at_cap()
+                        and (self.kernel_drops or self.ring[self.head * FRAME_SIZE] & TP_STATUS_USER)):
                     self._stop_tap()
 
+    def _at_cap(self) -> bool:
+        return self.taken + len(self.pending) >= MAX_PACKETS
+
     def _stop_tap(self) -> None:
-        """Past the cap, with a frame already waiting (so already counted as
-        lost): stop tapping the devices. A tap makes the kernel clone every
+        """Past the cap, with a frame already waiting or lost (so counted):
+        stop tapping the devices. A tap makes the kernel clone every
         packet it sends (dev_queue_xmit_nit), kept or not — the capture's
         largest cost under load. A fanout member cannot be rebound, so the
         sockets close (the group's hook goes with its last member, after a
