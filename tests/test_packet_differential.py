@@ -57,6 +57,17 @@ def _bulk_transfer(server, client, nbytes: int) -> int:
     return got[0]
 
 
+def _drain(sock: socket.socket) -> list:
+    """Every datagram waiting on `sock` (the workload's own count)."""
+    received = []
+    sock.setblocking(False)
+    while True:
+        try:
+            received.append(sock.recv(16))
+        except BlockingIOError:
+            return received
+
+
 def _tcpdump(path: str, *args: str) -> list:
     out = subprocess.run(["tcpdump", "-nn", "-r", path, *args], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -176,13 +187,7 @@ def test_every_packet_once_across_the_ring_handover(nettrace):
                 tx.sendto(b"%06d" % i, ("127.0.0.1", 7002))
                 if i % 10 == 0:
                     time.sleep(0.001)   # the workload's pace: ~30 ms, across the handover
-            received = []
-            rx.setblocking(False)
-            while True:
-                try:
-                    received.append(rx.recv(16))
-                except BlockingIOError:
-                    break
+            received = _drain(rx)
             tx.close()
             rx.close()
             assert len(received) == 300
@@ -220,13 +225,7 @@ def test_every_packet_once_however_slow_the_handover(nettrace, monkeypatch):
             tx.sendto(b"%06d" % sent, ("127.0.0.1", 7003))
             sent += 1
             time.sleep(0.0005)
-        received = []
-        rx.setblocking(False)
-        while True:
-            try:
-                received.append(rx.recv(16))
-            except BlockingIOError:
-                break
+        received = _drain(rx)
         tx.close()
         rx.close()
         assert calls and len(received) == sent
