@@ -18,7 +18,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .procs import stop_popen
 from ..errors import NettraceError
@@ -216,6 +216,17 @@ def copy_profiles(source: "str | os.PathLike | None", target: Path) -> None:
             os.chmod(dst, stat.S_IRUSR | stat.S_IWUSR)
 
 
+def _workdir_and_bus(ns: Namespace, workdir: "str | os.PathLike",
+                     bus: Optional[SystemBus]) -> Tuple[Path, SystemBus, bool]:
+    """A daemon's work directory (made), and its bus: `bus`, or a private one
+    started in the work directory (then the daemon owns it: True)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if bus is not None:
+        return workdir, bus, False
+    return workdir, start_system_bus(ns, workdir / "dbus"), True
+
+
 def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike", *, profiles: "str | os.PathLike | None" = None,
                          bus: Optional[SystemBus] = None, config: str = "", log_level: str = "INFO",
                          timeout: float = 60.0) -> NetworkManager:
@@ -226,11 +237,7 @@ def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike", *, profile
     nm = find_program("NetworkManager", "network-manager")
     nmcli = find_program("nmcli", "network-manager")
     nm_online = find_program("nm-online", "network-manager")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    own_bus = bus is None
-    if bus is None:
-        bus = start_system_bus(ns, workdir / "dbus")
+    workdir, bus, own_bus = _workdir_and_bus(ns, workdir, bus)
     copy_profiles(profiles, workdir / "profiles")
     conf, log = workdir / "NetworkManager.conf", workdir / "NetworkManager.log"
     conf.write_text(_NM_CONF.format(profiles=workdir / "profiles", log_level=log_level, extra=config))
@@ -305,11 +312,7 @@ def start_networkd(ns: Namespace, workdir: "str | os.PathLike", *, config: "str 
     private one if None); returns once it reported ready (sd_notify READY=1)."""
     networkd = find_program("systemd-networkd", "systemd", NETWORKD_CANDIDATES)
     networkctl = find_program("networkctl", "systemd")
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    own_bus = bus is None
-    if bus is None:
-        bus = start_system_bus(ns, workdir / "dbus")
+    workdir, bus, own_bus = _workdir_and_bus(ns, workdir, bus)
     # what it sees as /etc/systemd: only network/ (and no host networkd.conf)
     etc = workdir / "etc"
     net = etc / "systemd" / "network"
