@@ -5,32 +5,23 @@ from __future__ import annotations
 import gc
 import os
 import struct
-import sys
 import threading
 import time
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, List, Optional, Sequence, Set, Tuple,
-                    Type, TypeVar, Union, overload)
+from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
+                    Type, TypeVar, Union)
 
 from . import sequence
 from .errors import EventsLost, NettraceError
 from .events import Event, check_filters, describe_filters, matches
 from .kernel.engine import Engine
-from .probes.conn import ConnApi
+from .kind_methods import KindMethods
 from .probes.context import KindApi, Snapshot, TraceContext
-from .probes.drop import DropApi
-from .probes.netchange import NetChangeApi
-from .probes.nftrace import NftTraceApi
-from .probes.packet import PacketApi
 from .probes.registry import API_CLASSES, check_filters_any_kind, kind_info, kinds
-from .probes.retransmit import RetransmitApi
-from .probes.rst import RstApi
-from .probes.syscall import SyscallApi
-from .probes.sysctl import SysctlApi
-from .probes.traffic import TrafficApi
 from .report.captures import capture_path
 from .report.timeline import render_failure, seed_line
 from .report.view import TraceView
 
+A = TypeVar("A", bound=KindApi)
 _kind_of = struct.Struct("<H").unpack_from
 NamespaceLike = Union[int, str, Any]  # an inode, a path / netns name, or an object with .inode
 
@@ -83,42 +74,6 @@ def _path_of_inode(inode: int) -> Optional[str]:
             except OSError:
                 continue
     return None
-
-
-Q = TypeVar("Q", bound=KindApi)
-R = TypeVar("R")
-if TYPE_CHECKING:
-    from typing_extensions import Concatenate, ParamSpec
-    P = ParamSpec("P")
-elif sys.version_info >= (3, 10):
-    from typing import ParamSpec
-    P = ParamSpec("P")
-else:  # only annotations use it (strings, never evaluated)
-    P = TypeVar("P")
-
-
-class _Delegate(Generic[Q, P, R]):
-    """`Trace.assert_rst = _Delegate(RstApi.assert_rst)`: the kind's method,
-    called on the trace's instance of its query class, with its full
-    signature for type checkers (a misspelt method or a filter of the wrong
-    type is an error in the user's test)."""
-
-    def __init__(self, func: "Callable[Concatenate[Q, P], R]") -> None:
-        self.func = func
-        owner, _, self.name = func.__qualname__.rpartition(".")
-        self.api: Type[KindApi] = getattr(sys.modules[func.__module__], owner)
-        self.__doc__ = func.__doc__
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> "_Delegate[Q, P, R]": ...
-
-    @overload
-    def __get__(self, obj: "Trace", owner: type) -> "Callable[P, R]": ...
-
-    def __get__(self, obj: "Optional[Trace]", owner: type) -> Any:
-        if obj is None:
-            return self
-        return getattr(obj._apis[self.api], self.name)
 
 
 class _Context:
@@ -196,7 +151,7 @@ class _Context:
         return self._trace.new_capture_path()
 
 
-class Trace:
+class Trace(KindMethods):
     """The `nettrace` fixture: events seen in the watched namespaces since
     the test started, and each kind's listings and assertions (`rst()`,
     `assert_no_rst()`, `assert_address_deleted()`, …), defined next to the
@@ -225,6 +180,13 @@ class Trace:
         self.queried: Set[str] = set()
         ctx: TraceContext = _Context(self)
         self._apis: Dict[Type[KindApi], KindApi] = {cls: cls(ctx) for cls in API_CLASSES}
+
+    def kind_api(self, api: Type[A]) -> A:
+        """This trace's instance of a kind's query class (e.g. `RstApi`),
+        through which `Trace` exposes the kind's methods."""
+        found = self._apis[api]
+        assert isinstance(found, api)
+        return found
 
     # -- scope -------------------------------------------------------------
     def watch(self, ns: NamespaceLike, label: Optional[str] = None, *, late: bool = False) -> int:
@@ -520,64 +482,3 @@ class Trace:
             self._closed = True
             for api in self._apis.values():
                 api.finish()
-
-    # -- each kind's methods (pytest_nettrace/probes/<kind>.py) -------------
-    # TCP connections
-    connections = _Delegate(ConnApi.connections)
-    assert_accepted = _Delegate(ConnApi.assert_accepted)
-    assert_connected = _Delegate(ConnApi.assert_connected)
-    assert_accepted_count = _Delegate(ConnApi.assert_accepted_count)
-    assert_connected_count = _Delegate(ConnApi.assert_connected_count)
-    assert_closed = _Delegate(ConnApi.assert_closed)
-    connection_table = _Delegate(ConnApi.connection_table)
-    # packet drops
-    drops = _Delegate(DropApi.drops)
-    assert_drop = _Delegate(DropApi.assert_drop)
-    assert_no_drops = _Delegate(DropApi.assert_no_drops)
-    drop_summary = _Delegate(DropApi.drop_summary)
-    # address, link, route, neighbour, rule and nftables changes
-    address_changes = _Delegate(NetChangeApi.address_changes)
-    link_changes = _Delegate(NetChangeApi.link_changes)
-    route_changes = _Delegate(NetChangeApi.route_changes)
-    assert_address_deleted = _Delegate(NetChangeApi.assert_address_deleted)
-    assert_address_not_deleted = _Delegate(NetChangeApi.assert_address_not_deleted)
-    neighbour_changes = _Delegate(NetChangeApi.neighbour_changes)
-    assert_neighbour_not_deleted = _Delegate(NetChangeApi.assert_neighbour_not_deleted)
-    nft_changes = _Delegate(NetChangeApi.nft_changes)
-    rule_changes = _Delegate(NetChangeApi.rule_changes)
-    # nftables verdicts
-    trace_nft = _Delegate(NftTraceApi.trace_nft)
-    dropped_by = _Delegate(NftTraceApi.dropped_by)
-    # captured packets
-
-    @property
-    def pcap_path(self) -> Optional[str]:
-        """The test's pcapng (every packet on its interfaces so far; `tcpdump -r`
-        reads it); None once the test ended without a packet."""
-        api = self._apis[PacketApi]
-        assert isinstance(api, PacketApi)
-        return api.pcap_path
-
-    packets = _Delegate(PacketApi.packets)
-    tcpdump = _Delegate(PacketApi.tcpdump)
-    assert_packet = _Delegate(PacketApi.assert_packet)
-    assert_no_packet = _Delegate(PacketApi.assert_no_packet)
-    # TCP retransmissions
-    retransmits = _Delegate(RetransmitApi.retransmits)
-    assert_retransmit = _Delegate(RetransmitApi.assert_retransmit)
-    assert_no_retransmits = _Delegate(RetransmitApi.assert_no_retransmits)
-    # TCP resets
-    rst = _Delegate(RstApi.rst)
-    assert_no_rst = _Delegate(RstApi.assert_no_rst)
-    assert_rst = _Delegate(RstApi.assert_rst)
-    # network system calls
-    syscalls = _Delegate(SyscallApi.syscalls)
-    strace = _Delegate(SyscallApi.strace)
-    assert_no_syscall = _Delegate(SyscallApi.assert_no_syscall)
-    assert_syscall = _Delegate(SyscallApi.assert_syscall)
-    # network sysctl writes
-    sysctl_writes = _Delegate(SysctlApi.sysctl_writes)
-    # per-process traffic
-    traffic = _Delegate(TrafficApi.traffic)
-    traffic_table = _Delegate(TrafficApi.traffic_table)
-    assert_traffic = _Delegate(TrafficApi.assert_traffic)

@@ -8,8 +8,9 @@ keyword accepts) and `CommonFilters` (the fields every kind has), from which
 each kind declares its own filters as a TypedDict."""
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence,
-                    Tuple, TypedDict, TypeVar, Union)
+import sys
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, Mapping, Optional, Protocol,
+                    Sequence, Tuple, Type, TypedDict, TypeVar, Union, cast, overload)
 
 from ..events import Event
 
@@ -158,3 +159,73 @@ class KindApi:
 
     def finish(self) -> None:
         """The trace closed: release what `pull` used."""
+
+
+# -- how the Trace exposes each kind's methods (pytest_nettrace/kind_methods.py) --
+
+A = TypeVar("A", bound=KindApi)
+Q = TypeVar("Q", bound=KindApi)
+R = TypeVar("R")
+if TYPE_CHECKING:
+    from typing_extensions import Concatenate, ParamSpec
+    P = ParamSpec("P")
+elif sys.version_info >= (3, 10):
+    from typing import ParamSpec
+    P = ParamSpec("P")
+else:  # only annotations use it (strings, never evaluated)
+    P = TypeVar("P")
+
+
+class KindApis(Protocol):
+    """What holds one query object per kind (the Trace)."""
+
+    def kind_api(self, api: Type[A]) -> A:
+        """The instance of query class `api` serving this trace."""
+
+
+class Delegate(Generic[Q, P, R]):
+    """`assert_rst = Delegate(RstApi.assert_rst)` on the Trace's class: the
+    kind's method, called on the trace's instance of its query class, with
+    its full signature for type checkers (a misspelt method or a filter of
+    the wrong type is an error in the user's test)."""
+
+    def __init__(self, func: "Callable[Concatenate[Q, P], R]") -> None:
+        owner, _, self.name = func.__qualname__.rpartition(".")
+        self.api: Type[KindApi] = getattr(sys.modules[func.__module__], owner)
+        self.__doc__ = func.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> "Delegate[Q, P, R]": ...
+
+    @overload
+    def __get__(self, obj: KindApis, owner: type) -> "Callable[P, R]": ...
+
+    def __get__(self, obj: Optional[KindApis], owner: type) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.kind_api(self.api), self.name)
+
+
+class DelegateProperty(Generic[Q, R]):
+    """`pcap_path = DelegateProperty(PacketApi.pcap_path)`: the kind's
+    property, read on the trace's instance of its query class. (Type
+    checkers see a property read on its class as its getter, which types
+    this; at run time it is the property.)"""
+
+    def __init__(self, prop: "Callable[[Q], R]") -> None:
+        getter = cast(property, prop).fget
+        assert getter is not None
+        owner, _, self.name = getter.__qualname__.rpartition(".")
+        self.api: Type[KindApi] = getattr(sys.modules[getter.__module__], owner)
+        self.__doc__ = getter.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> "DelegateProperty[Q, R]": ...
+
+    @overload
+    def __get__(self, obj: KindApis, owner: type) -> R: ...
+
+    def __get__(self, obj: Optional[KindApis], owner: type) -> Any:
+        if obj is None:
+            return self
+        return getattr(obj.kind_api(self.api), self.name)

@@ -1,34 +1,41 @@
 """Every probe the engine loads, and the public event kinds they produce.
 
-Probes are found, not listed: each module in this package that defines
-`PROBE` (its Probe class) and optionally `API` (a mixin of `nettrace` methods)
-is one. Adding a probe is bpf/<probe>.bpf.c + bpf/<probe>.h + probes/<probe>.py.
+`PROBES` lists them, one line each: the module pytest_nettrace/probes/<name>.py
+defines `PROBE` (its Probe class) and `API` (its query class, a KindApi).
+The Trace's methods for them are generated from this list into
+pytest_nettrace/kind_methods.py:
+
+    python -m pytest_nettrace.probes          # rewrite it
+    python -m pytest_nettrace.probes --check  # exit 1 if stale
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import importlib
-import pkgutil
-from typing import Any, Dict, List, NamedTuple, Tuple, Type
+import inspect
+import os
+import sys
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 from ..events import Event, check_filters
 from .base import Probe
 from .context import KindApi
 
+PROBES = (
+    "conn",
+    "drop",
+    "netchange",
+    "nftrace",
+    "packet",
+    "retransmit",
+    "rst",
+    "syscall",
+    "sysctl",
+    "traffic",
+)
 
-def _modules() -> List[Any]:
-    pkg = importlib.import_module(__package__)
-    mods = []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.name in ("base", "registry") or info.name.startswith("_"):
-            continue
-        mod = importlib.import_module(f"{__package__}.{info.name}")
-        if hasattr(mod, "PROBE"):
-            mods.append(mod)
-    return mods
-
-
-_MODULES = _modules()
+_MODULES = [importlib.import_module(f"{__package__}.{name}") for name in PROBES]
 PROBE_CLASSES: List[Type[Probe]] = [m.PROBE for m in _MODULES]
 # each kind's query class (KindApi), which the Trace instantiates and exposes
 API_CLASSES: Tuple[Type[KindApi], ...] = tuple(m.API for m in _MODULES if hasattr(m, "API"))
@@ -82,3 +89,61 @@ def check_filters_any_kind(filters: Dict[str, Any]) -> Dict[str, Any]:
         else:
             raise ValueError(errors[0])
     return out
+
+
+# -- the Trace's methods, generated --------------------------------------------
+
+KIND_METHODS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kind_methods.py")
+
+
+def public_methods(api: Type[KindApi]) -> List[str]:
+    """The query class's own public methods and properties, in source order."""
+    return [name for name, member in vars(api).items()
+            if not name.startswith("_") and name not in vars(KindApi)
+            and (inspect.isfunction(member) or isinstance(member, property))]
+
+
+def kind_methods_source() -> str:
+    """pytest_nettrace/kind_methods.py as the registry says it should be."""
+    lines = [
+        '"""Every probe kind\'s `nettrace` methods, as `Trace` (which subclasses',
+        "`KindMethods`) exposes them, each typed with its query class's signature.",
+        "",
+        "GENERATED from the registry (pytest_nettrace/probes/registry.py) by",
+        "`python -m pytest_nettrace.probes`: do not edit. The unit layer",
+        'fails when it is stale."""',
+        "from __future__ import annotations",
+        "",
+    ]
+    imports = [(api.__module__.rsplit(".", 1)[1], api.__name__) for api in API_CLASSES]
+    lines += [f"from .probes.{module} import {name}" for module, name in imports]
+    lines += ["from .probes.context import Delegate, DelegateProperty", "", "", "class KindMethods:",
+              '    """Each kind\'s query methods (defined in pytest_nettrace/probes/<kind>.py)."""']
+    for api in API_CLASSES:
+        lines += ["", f"    # {api.__module__.rsplit('.', 1)[1]}: {api.__name__}"]
+        for name in public_methods(api):
+            wrapper = "DelegateProperty" if isinstance(vars(api)[name], property) else "Delegate"
+            lines.append(f"    {name} = {wrapper}({api.__name__}.{name})")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_nettrace.probes",
+                                     description="Write the Trace's per-kind methods from the registry.")
+    parser.add_argument("--check", action="store_true", help="exit 1 if kind_methods.py is stale; write nothing")
+    args = parser.parse_args(argv)
+    wanted = kind_methods_source()
+    try:
+        with open(KIND_METHODS_FILE) as f:
+            current: Optional[str] = f.read()
+    except FileNotFoundError:
+        current = None
+    if current == wanted:
+        return 0
+    if args.check:
+        print(f"{KIND_METHODS_FILE} is stale: run python -m pytest_nettrace.probes", file=sys.stderr)
+        return 1
+    with open(KIND_METHODS_FILE, "w") as f:
+        f.write(wanted)
+    print(f"wrote {KIND_METHODS_FILE}")
+    return 0

@@ -146,8 +146,8 @@ MODULES, IMPORTS = imports_of(PACKAGE)
 def test_every_module_has_a_room():
     # a new top-level module lands on top unless ROOMS says otherwise: say so here
     top = sorted(m for m in MODULES if rank(m) == TOP)
-    assert top == ["pytest_nettrace", "pytest_nettrace.__main__", "pytest_nettrace.cli", "pytest_nettrace.plugin",
-                   "pytest_nettrace.selection", "pytest_nettrace.sequence", "pytest_nettrace.trace"], top
+    assert top == ["pytest_nettrace", "pytest_nettrace.__main__", "pytest_nettrace.cli",
+                   "pytest_nettrace.kind_methods", "pytest_nettrace.plugin", "pytest_nettrace.selection", "pytest_nettrace.sequence", "pytest_nettrace.trace"], top
 
 
 def test_no_import_circles():
@@ -210,17 +210,34 @@ def test_a_door_used_backwards_is_found(fake):
 # -- the Trace exposes every kind's methods -----------------------------------
 
 def test_trace_exposes_every_public_method_of_every_kind():
-    # a kind's method missing from trace.py would be unreachable (and untyped)
+    # a kind's method missing from the Trace would be unreachable (and untyped)
     from pytest_nettrace.probes.context import KindApi
     from pytest_nettrace.probes.registry import API_CLASSES
     from pytest_nettrace.trace import Trace
     missing = []
     for api in API_CLASSES:
         for name, member in vars(api).items():
-            if name.startswith("_") or name in vars(KindApi):
+            if name.startswith("_") or name in vars(KindApi) or not (callable(member) or isinstance(member, property)):
                 continue
-            exposed = getattr(Trace, name, None)
-            target = exposed.fget if isinstance(exposed, property) else getattr(exposed, "func", None)
-            if target is None or (target is not member and not isinstance(member, property)):
+            exposed = vars(Trace).get(name) or getattr(Trace, name, None)
+            if getattr(exposed, "api", None) is not api or getattr(exposed, "name", None) != name:
                 missing.append(f"{api.__name__}.{name}")
-    assert missing == [], f"add to Trace in pytest_nettrace/trace.py: {missing}"
+    assert missing == [], f"not exposed by Trace (run python -m pytest_nettrace.probes): {missing}"
+
+
+def test_the_generated_kind_methods_are_current():
+    # a probe added to the registry (or a method to a query class) reaches the
+    # Trace by regenerating pytest_nettrace/kind_methods.py
+    from pytest_nettrace.probes import registry
+    with open(registry.KIND_METHODS_FILE) as f:
+        assert f.read() == registry.kind_methods_source(), "stale: run python -m pytest_nettrace.probes"
+
+
+def test_a_new_method_makes_the_generated_methods_stale(monkeypatch):
+    from pytest_nettrace.probes import registry
+    from pytest_nettrace.probes.rst import RstApi
+
+    def assert_rst_twice(self):  # noqa: ANN001, ANN202 - a stand-in
+        """Two resets."""
+    monkeypatch.setattr(RstApi, "assert_rst_twice", assert_rst_twice, raising=False)
+    assert "    assert_rst_twice = Delegate(RstApi.assert_rst_twice)" in registry.kind_methods_source()
