@@ -2,7 +2,6 @@
 one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
-import copy
 import datetime
 import functools
 import ipaddress
@@ -10,8 +9,8 @@ import pwd
 import socket
 import struct
 import time
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence,
-                    Tuple, Union, cast)
+from typing import (Any, Callable, ClassVar, Collection, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple,
+                    Type, TypeVar, Union, cast)
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
@@ -38,6 +37,82 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
+class Stack:
+    """A kernel stack as a record captured it, shared by every event with the
+    same one (a flood repeats a handful): symbolised, and its context judged,
+    once."""
+
+    __slots__ = ("addrs", "_frames", "_functions", "_contexts")
+
+    def __init__(self, addrs: Tuple[int, ...]) -> None:
+        self.addrs = addrs
+        self._frames: Optional[Tuple[str, ...]] = None
+        self._functions: Optional[FrozenSet[str]] = None
+        self._contexts: Dict[str, str] = {}
+
+    @classmethod
+    def resolved(cls, frames: Sequence[str]) -> "Stack":
+        """A stack known by its frames only (read back from JSON, or made by a test)."""
+        st = cls(())
+        st._frames = tuple(frames)
+        return st
+
+    @property
+    def frames(self) -> Tuple[str, ...]:
+        """"func+0xoff" from the innermost, probe machinery dropped."""
+        if self._frames is None:
+            self._frames = tuple(symbolize(self.addrs))
+        return self._frames
+
+    @property
+    def functions(self) -> FrozenSet[str]:
+        """The bare function names of its frames (`frame_function`)."""
+        if self._functions is None:
+            self._functions = frozenset(frame_function(f) for f in self.frames)
+        return self._functions
+
+    def context(self, guess: str) -> str:
+        """Where the probe fired (process / softirq / hardirq); `guess` when
+        no stack was captured."""
+        ctx = self._contexts.get(guess)
+        if ctx is None:
+            ctx = self._contexts[guess] = context_of(self.frames, guess) if self.addrs else guess
+        return ctx
+
+
+NO_STACK = Stack(())
+# raw trailer bytes (or addresses) -> Stack, for the symbols generation they were resolved in
+_stacks: Dict[Any, Stack] = {}
+_stacks_generation = -1
+
+
+def stack_of(key: Any, addrs: Optional[Tuple[int, ...]] = None) -> Stack:
+    """The shared Stack of `addrs` (also its `key` in the cache: the raw
+    trailer bytes, hashed cheaper than a tuple of ints)."""
+    global _stacks_generation
+    gen = symbols.generation()
+    if gen != _stacks_generation or len(_stacks) > 4096:
+        _stacks.clear()  # names may have changed (a module loaded): resolve again
+        _stacks_generation = gen
+    st = _stacks.get(key)
+    if st is None:
+        st = _stacks[key] = Stack(tuple(key) if addrs is None else addrs)
+    return st
+
+
+def context_of(frames: Sequence[str], guess: str = "process") -> str:
+    """Where the probe fired, told from the symbolised kernel stack; `guess`
+    when no stack was captured."""
+    if not frames:
+        return guess
+    names = {frame_function(f) for f in frames}
+    if names.intersection(_HARDIRQ_FRAMES):
+        return "hardirq"
+    if names.intersection(_SOFTIRQ_FRAMES):
+        return "softirq"
+    return "process"
+
+
 class Header:
     """struct nt_hdr, decoded."""
 
@@ -49,41 +124,17 @@ class Header:
         self.comm = _cstr(comm)
         self.pcomm = _cstr(pcomm)
 
-    def context(self, frames: Sequence[str], guess: str = "process") -> str:
-        """Where the probe fired, told from the symbolised kernel stack;
-        `guess` when no stack was captured."""
-        if not frames:
-            return guess
-        names = {frame_function(f) for f in frames}
-        if names.intersection(_HARDIRQ_FRAMES):
-            return "hardirq"
-        if names.intersection(_SOFTIRQ_FRAMES):
-            return "softirq"
-        return "process"
-
-    def stack_addrs(self, buf: bytes) -> Tuple[int, ...]:
+    def stack(self, buf: bytes) -> Stack:
         """The kernel stack from the event's trailer (the last STACK_BYTES)."""
         n = max(0, min(self.stack_len, STACK_BYTES)) // 8
         if not n:
-            return ()
-        return _STACK.unpack_from(buf, len(buf) - STACK_BYTES)[:n]
-
-
-# (stack addresses, guess, symbols generation) -> context: a flood repeats a
-# handful of stacks, and deciding needs the whole stack symbolised
-_contexts: Dict[Tuple[Tuple[int, ...], str, int], str] = {}
-
-
-def _context(hdr: Header, addrs: Tuple[int, ...], guess: str) -> str:
-    if not addrs:
-        return guess
-    key = (addrs, guess, symbols.generation())
-    ctx = _contexts.get(key)
-    if ctx is None:
-        if len(_contexts) > 4096:
-            _contexts.clear()
-        ctx = _contexts[key] = hdr.context(symbolize(addrs), guess)
-    return ctx
+            return NO_STACK
+        start = len(buf) - STACK_BYTES
+        raw = buf[start:start + n * 8]
+        st = _stacks.get(raw)
+        if st is not None and _stacks_generation == symbols.generation():
+            return st
+        return stack_of(raw, _STACK.unpack_from(buf, start)[:n])
 
 
 # -- field types: how a field is filtered, matched and written as JSON ---------
@@ -239,7 +290,82 @@ def field_type(owner: Any, field: str) -> FieldType:
     return PLAIN
 
 
-class Event:
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+_set = object.__setattr__
+_ANNOTATED_TYPES = {"IPAddress": ADDRESS, "IPInterface": ADDRESS, "IPNetwork": NETWORK}
+
+
+def _annotated_type(annotation: Any) -> Optional[FieldType]:
+    """The FieldType an annotation implies (`Optional[IPAddress]`: ADDRESS), if any."""
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    if text.startswith("Optional[") and text.endswith("]"):
+        text = text[len("Optional["):-1]
+    return _ANNOTATED_TYPES.get(text)
+_E = TypeVar("_E", bound="Event")
+
+
+def _is_classvar(annotation: Any) -> bool:
+    text = annotation if isinstance(annotation, str) else repr(annotation)
+    return text.startswith(("ClassVar", "typing.ClassVar"))
+
+
+def _getter(i: int) -> Callable[[Any], Any]:
+    def get(self: Any) -> Any:
+        return self._values[i]
+    return get
+
+
+class _EventType(type):
+    """Lays out an Event class from its annotated fields (`sport: int`):
+    FIELDS (its bases', then its own, then its DERIVED properties, less
+    WITHOUT) and one read-only property per stored field, all held in one
+    tuple per event (`_values`): built in one step, immutable."""
+
+    def __new__(mcs, name: str, bases: Tuple[type, ...], ns: Dict[str, Any], **kw: Any) -> "_EventType":
+        own = [f for f, t in ns.get("__annotations__", {}).items()
+               if not _is_classvar(t) and not f.startswith("_")]
+        for f in own:
+            if ns.get(f, None) is not None:
+                raise TypeError(f"{name}.{f}: a field's default is None, not {ns[f]!r}")
+            ns.pop(f, None)
+        if "FIELDS" in ns or "STORED" in ns:
+            raise TypeError(f"{name}: declare fields as annotations (`sport: int`); FIELDS follows from them")
+        base = next((b for b in bases if isinstance(b, _EventType)), None)
+        stored: Tuple[str, ...] = getattr(base, "STORED", ())
+        own = [f for f in own if f not in stored]
+        index = len(stored)
+        ns.setdefault("__slots__", ())
+        for i, f in enumerate(own):
+            ns[f] = property(_getter(index + i), doc=f"the {f!r} field")
+        cls = super().__new__(mcs, name, bases, ns, **kw)
+        extra: Tuple[str, ...] = ns.get("EXTRA", ())
+        fields = getattr(base, "FIELDS", ("kind",)) + tuple(f for f in own if f not in extra) + ns.get("DERIVED", ())
+        without = ns.get("WITHOUT", ())
+        setattr(cls, "STORED", stored + tuple(own))
+        setattr(cls, "FIELDS", tuple(f for f in fields if f not in without))
+        root: Any = [c for c in cls.__mro__ if isinstance(c, _EventType)][-1]   # Event: the common fields
+        setattr(cls, "_OWN", (stored + tuple(own))[len(root.STORED):] if root is not cls else ())
+        setattr(cls, "_OWN_SET", frozenset(getattr(cls, "_OWN")))
+        return cls
+
+
+def _common(hdr: Optional[Header], stack: Stack, context_guess: str) -> Tuple[Any, ...]:
+    """The values of Event's own fields (STORED) for a record's header."""
+    context = stack.context(context_guess)
+    if hdr is None:
+        return (None, None, None, None, None, None, None, None, context, None)
+    if context == "process":
+        # 0: a process outside this pid namespace (the host's, seen from a container)
+        return (hdr.ts, hdr.netns, hdr.pid or None, hdr.tid or None, hdr.comm, hdr.uid, hdr.ppid, hdr.pcomm,
+                context, None)
+    # in an interrupt, the current task did not do it
+    return (hdr.ts, hdr.netns, None, None, None, None, None, None, context, f"{hdr.comm}({hdr.pid})")
+
+
+class Event(metaclass=_EventType):
     """One thing the kernel did, in one watched network namespace.
 
     Common fields: kind, timestamp (ns, CLOCK_MONOTONIC), netns (inode),
@@ -247,11 +373,37 @@ class Event:
     "hardirq" / "nmi"), stack (list of "func+0xoff", may be empty).
     In interrupt context the current task is unrelated to the event, so pid,
     tid, comm and uid are None: nobody is blamed for what a softirq did.
+
+    A kind declares its fields as annotations (`sport: int`); FIELDS follows
+    from them. An event is immutable: a decoder that learns more later says
+    so with a new event (`corrected`).
     """
 
+    __slots__ = ("_values", "_stack", "_supersedes")
+
     kind: ClassVar[str] = "event"
-    FIELDS: ClassVar[Tuple[str, ...]] = (
-        "kind", "timestamp", "netns", "pid", "tid", "comm", "uid", "ppid", "parent_comm", "context", "stack")
+    timestamp: int
+    netns: int
+    pid: Optional[int]
+    tid: Optional[int]
+    comm: Optional[str]
+    uid: Optional[int]
+    ppid: Optional[int]
+    parent_comm: Optional[str]
+    context: str
+    # what a softirq interrupted: kept for debugging, never reported as the actor
+    interrupted_task: Optional[str]
+    EXTRA: ClassVar[Tuple[str, ...]] = ("interrupted_task",)  # stored, but not a field (no filter, no JSON)
+    DERIVED: ClassVar[Tuple[str, ...]] = ("stack",)  # fields that are properties over the others
+    WITHOUT: ClassVar[Tuple[str, ...]] = ()  # common fields a kind does not have (None on its events)
+    # (set by _EventType)
+    FIELDS: ClassVar[Tuple[str, ...]]   # a filter's names, as_dict's keys
+    STORED: ClassVar[Tuple[str, ...]]   # what `_values` holds, in order
+    _OWN: ClassVar[Tuple[str, ...]]    # STORED past the common fields
+    _values: Tuple[Any, ...]           # STORED's values (the fields' properties read them)
+    _stack: Stack                      # shared by the events with the same one
+    _supersedes: Optional["Event"]
+    _OWN_SET: ClassVar[FrozenSet[str]]
     # Each field's type where it is not plain (`FieldType`): how filters on
     # it are checked and compared, and how JSON holds it. A class declares its
     # own; those of its bases are merged in (`__init_subclass__`).
@@ -279,6 +431,11 @@ class Event:
         merged: Dict[str, FieldType] = {}
         for base in reversed(cls.__mro__[1:]):
             merged.update(getattr(base, "TYPES", {}))
+        # an address field's annotation says how it is filtered (IPAddress: ADDRESS, IPNetwork: NETWORK)
+        for name, annotation in cls.__dict__.get("__annotations__", {}).items():
+            ftype = _annotated_type(annotation)
+            if ftype is not None:
+                merged[name] = ftype
         cls.TYPES = {**merged, **cls.__dict__.get("TYPES", {})}
 
     @classmethod
@@ -290,47 +447,79 @@ class Event:
             return getattr(cls, "ACTIONS", None)
         return values() if callable(values) else values
 
-    # set on an event correcting an earlier, already published one (`corrected`)
-    supersedes: Optional["Event"] = None
+    def __init__(self, hdr: Optional[Header] = None, stack: Union[Stack, Sequence[int]] = NO_STACK,
+                 context_guess: str = "process", **fields: Any) -> None:
+        """The event a record stands for: the common fields from its header
+        `hdr` (None: from `fields`), the context told from its kernel `stack`
+        (`Header.stack`; `context_guess` without one), the kind's own fields
+        by name (those not given are None)."""
+        cls = type(self)
+        if not isinstance(stack, Stack):
+            stack = stack_of(tuple(stack)) if stack else NO_STACK
+        common = _common(hdr, stack, context_guess)
+        if fields.keys().isdisjoint(_COMMON):   # what decoders do: one step
+            if not fields.keys() <= cls._OWN_SET:
+                raise TypeError(f"{cls.__name__} has no field {sorted(set(fields) - cls._OWN_SET)[0]!r}")
+            values = common + tuple(map(fields.get, cls._OWN))
+        else:
+            values = tuple(self._merge(dict(zip(Event.STORED, common)), fields))
+        _set(self, "_values", values)
+        _set(self, "_stack", stack)
+        _set(self, "_supersedes", None)
 
-    def corrected(self, **changes: Any) -> "Event":
+    @classmethod
+    def of(cls: Type[_E], hdr: Optional[Header], stack: Stack, context_guess: str, *own: Any) -> _E:
+        """`cls(hdr, stack, context_guess, **fields)` for a decoder of many
+        events: the kind's own fields by position, in the order the class
+        declares them (`OWN`), all of them."""
+        event = object.__new__(cls)
+        if len(own) != len(cls._OWN):
+            raise TypeError(f"{cls.__name__}.of() takes its {len(cls._OWN)} own fields, got {len(own)}")
+        _set(event, "_values", _common(hdr, stack, context_guess) + own)
+        _set(event, "_stack", stack)
+        _set(event, "_supersedes", None)
+        return event
+
+    @classmethod
+    def _merge(cls, base: Dict[str, Any], changes: Mapping[str, Any]) -> List[Any]:
+        unknown = set(changes) - set(cls.STORED)
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
+        base.update(changes)
+        return [base.get(f) for f in cls.STORED]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r} "
+                             f"(a decoder that learns more makes a new event: corrected())")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}")
+
+    def __reduce__(self) -> Any:   # copy and pickle: slots that __setattr__ refuses
+        return (_rebuild, (type(self), self._values, self._stack.frames, self._supersedes))
+
+    @property
+    def supersedes(self) -> Optional["Event"]:
+        """The earlier, already published event this one corrects (`corrected`); None."""
+        return self._supersedes
+
+    def evolve(self: _E, **changes: Any) -> _E:
+        """A new event: this one with `changes` (and what it supersedes).
+        For a decoder still building an event, before it publishes it."""
+        new = object.__new__(type(self))
+        _set(new, "_values", tuple(self._merge(dict(zip(self.STORED, self._values)), changes)))
+        _set(new, "_stack", self._stack)
+        _set(new, "_supersedes", self._supersedes)
+        return new
+
+    def corrected(self: _E, **changes: Any) -> _E:
         """A new event: this one with `changes`, superseding it. A published
         event never changes (a test may hold it); a decoder that learns more
         later (who accepted a connection, that a record raced) says so with
         a new fact, which takes the earlier one's place in the trace."""
-        new = copy.copy(self)
-        new.__dict__.update(changes)
-        new.supersedes = self
+        new = self.evolve(**changes)
+        _set(new, "_supersedes", self)
         return new
-
-    if TYPE_CHECKING:
-        # Fields are set per kind (FIELDS); until each kind declares them
-        # with their types, reading one is untyped, not an error.
-        def __getattr__(self, name: str) -> Any: ...
-
-        def __setattr__(self, name: str, value: Any) -> None: ...
-
-    def __init__(self, hdr: Optional[Header] = None, stack_addrs: Sequence[int] = (),
-                 context_guess: str = "process", **fields: Any) -> None:
-        self._stack_addrs = tuple(stack_addrs)
-        self._stack: Optional[List[str]] = None
-        context = _context(hdr, self._stack_addrs, context_guess) if hdr is not None else context_guess
-        self.context = context
-        if hdr is not None:
-            self.timestamp = hdr.ts
-            self.netns = hdr.netns
-            task = context == "process"
-            # 0: a process outside this pid namespace (the host's, seen from a container)
-            self.pid = (hdr.pid or None) if task else None
-            self.tid = (hdr.tid or None) if task else None
-            self.comm = hdr.comm if task else None
-            self.uid = hdr.uid if task else None
-            self.ppid = hdr.ppid if task else None
-            self.parent_comm = hdr.pcomm if task else None
-            # what the softirq interrupted: kept for debugging, never reported as the actor
-            self.interrupted_task = None if task else f"{hdr.comm}({hdr.pid})"
-        for k, v in fields.items():
-            setattr(self, k, v)
 
     @property
     def background(self) -> bool:
@@ -340,9 +529,9 @@ class Event:
 
     @property
     def stack(self) -> List[str]:
-        if self._stack is None:
-            self._stack = symbolize(self._stack_addrs)
-        return self._stack
+        """The kernel stack, "func+0xoff" from the innermost (a new list: the
+        frames are shared with every event of the same stack)."""
+        return list(self._stack.frames)
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready dict of FIELDS, each as its declared type writes it
@@ -355,13 +544,12 @@ class Event:
         """The event `as_dict()` (read back from JSON) stands for: each field
         in its declared type again (addresses as ipaddress objects), so
         attributes and filters work as on the events of a live trace."""
-        # derived fields (properties, e.g. sysctl's `changed`) follow from the others
+        # derived fields (DERIVED: the stack, sysctl's `changed`) follow from the others
         owner: Any = cls   # (a class is hashable: lru_cache's Hashable does not say so of type[Event])
         fields = {name: field_type(owner, name).from_json(data[name]) for name in cls.FIELDS
-                  if name in data and name not in ("kind", "context", "stack")
-                  and not isinstance(getattr(cls, name, None), property)}
-        event = cls(None, (), data.get("context") or "process", **fields)
-        event._stack = [str(frame) for frame in data.get("stack") or ()]
+                  if name in data and name != "context" and name in cls.STORED}
+        event = cls(None, NO_STACK, data.get("context") or "process", **fields)
+        _set(event, "_stack", Stack.resolved([str(frame) for frame in data.get("stack") or ()]))
         return event
 
     # -- rendering ---------------------------------------------------
@@ -370,7 +558,7 @@ class Event:
         if self.pid is None:
             if self.context != "process":
                 return f"<{self.context}>"
-            return f"<kernel: {self.interrupted_task}>" if getattr(self, "interrupted_task", None) else "<kernel>"
+            return f"<kernel: {self.interrupted_task}>" if self.interrupted_task else "<kernel>"
         s = f"{self.comm}({self.pid}) uid {self.uid}"
         if self.ppid:
             s += f" [parent {self.parent_comm}({self.ppid})]"
@@ -390,6 +578,17 @@ class Event:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.summary()}>"
+
+
+_COMMON = frozenset(Event.STORED)
+
+
+def _rebuild(cls: Any, values: Tuple[Any, ...], frames: Tuple[str, ...], supersedes: Optional[Event]) -> Event:
+    event = object.__new__(cls)
+    _set(event, "_values", values)
+    _set(event, "_stack", Stack.resolved(frames))
+    _set(event, "_supersedes", supersedes)
+    return cast(Event, event)
 
 
 def parse_address(value: Any, what: str = "address") -> Any:

@@ -11,8 +11,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, cast
 
-from ..events import Event, Header, describe_filters
-from ..events import ADDRESS
+from ..events import Event, Header, IPAddress, describe_filters
 from ..kernel import wire
 from .base import Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
@@ -46,9 +45,17 @@ class ConnEvent(Event):
 
     kind = "conn"
     ACTIONS = ("connect", "accept", "close")
-    FIELDS = Event.FIELDS + ("action", "family", "saddr", "sport", "daddr", "dport", "state", "old_state",
-                             "duration_ms", "bytes_sent", "bytes_received")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
+    action: str
+    family: int
+    saddr: IPAddress
+    sport: int
+    daddr: IPAddress
+    dport: int
+    state: str
+    old_state: str
+    duration_ms: Optional[float]
+    bytes_sent: Optional[int]
+    bytes_received: Optional[int]
     VALUES = {**Event.VALUES, "action": ACTIONS, "state": tuple(TCP_STATES.values()),
               "old_state": tuple(TCP_STATES.values())}
 
@@ -130,26 +137,27 @@ class ConnProbe(Probe):
         elif action == CLOSE:
             self._pending.pop(key, None)
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
-        ev = ConnEvent(
-            hdr, hdr.stack_addrs(buf), "softirq",
-            action={CONNECT: "connect", CLOSE: "close"}.get(action, "accept"),
-            family=src.version, saddr=src, sport=sport, daddr=dst, dport=dport,
-            state=TCP_STATES.get(newstate, str(newstate)), old_state=TCP_STATES.get(oldstate, str(oldstate)),
-            duration_ms=duration / 1e6 if action == CLOSE and has_birth else None,
-            bytes_sent=acked if action == CLOSE else None,
-            bytes_received=received if action == CLOSE else None,
-            **(_owner_from_task(hdr) if action == ACCEPTED else {}),
-        )
+        stack = hdr.stack(buf)
         if action == ACCEPTED:
-            ev.state = "ESTABLISHED"
-            self._pending[key] = ev
+            owner_fields = _owner_from_task(hdr)
         else:
             owner = None
             if has_owner:
                 owner = (owner_pid, owner_tid, owner_uid, owner_comm.split(b"\0", 1)[0].decode(errors="replace"))
-            _set_owner(ev, hdr, owner)
-            if action == ESTABLISHED:
-                self._pending[key] = ev
+            owner_fields = _owner_of(stack.context("softirq"), hdr, owner)
+        ev = ConnEvent(
+            hdr, stack, "softirq",
+            action={CONNECT: "connect", CLOSE: "close"}.get(action, "accept"),
+            family=src.version, saddr=src, sport=sport, daddr=dst, dport=dport,
+            state="ESTABLISHED" if action == ACCEPTED else TCP_STATES.get(newstate, str(newstate)),
+            old_state=TCP_STATES.get(oldstate, str(oldstate)),
+            duration_ms=duration / 1e6 if action == CLOSE and has_birth else None,
+            bytes_sent=acked if action == CLOSE else None,
+            bytes_received=received if action == CLOSE else None,
+            **owner_fields,
+        )
+        if action in (ACCEPTED, ESTABLISHED):
+            self._pending[key] = ev
         return [ev]
 
 
@@ -158,16 +166,15 @@ def _owner_from_task(hdr: Header) -> Dict[str, Any]:
     return dict(pid=hdr.pid, tid=hdr.tid, uid=hdr.uid, comm=hdr.comm, ppid=hdr.ppid, parent_comm=hdr.pcomm)
 
 
-def _set_owner(ev: ConnEvent, hdr: Header, owner: Optional[Tuple[Any, ...]]) -> None:
+def _owner_of(context: str, hdr: Header, owner: Optional[Tuple[Any, ...]]) -> Dict[str, Any]:
     """Owner fields from the socket's birth record; the parent only when the
-    event ran in the owner's own context (it is not stored per socket)."""
+    event ran (`context`) in the owner's own context (it is not stored per socket)."""
     if owner is None:
-        for f in _OWNER_FIELDS:
-            setattr(ev, f, None)
-        return
-    ev.pid, ev.tid, ev.uid, ev.comm = owner
-    same = ev.context == "process" and hdr.pid == ev.pid
-    ev.ppid, ev.parent_comm = (hdr.ppid, hdr.pcomm) if same else (None, None)
+        return dict.fromkeys(_OWNER_FIELDS)
+    pid, tid, uid, comm = owner
+    same = context == "process" and hdr.pid == pid
+    return dict(pid=pid, tid=tid, uid=uid, comm=comm, ppid=hdr.ppid if same else None,
+                parent_comm=hdr.pcomm if same else None)
 
 
 def _no_count(filters: Mapping[str, Any], method: str) -> None:
@@ -228,7 +235,7 @@ class ConnApi(KindApi):
     def connection_table(self, action: str = "accept", **filters: Unpack[ConnFieldFilters]) -> str:
         """tcp_connections.stp's report: UID CMD PID PORT IP_SOURCE, one row
         per connection (`action="connect"` for the client side)."""
-        rows = [e.seed_row() for e in self.ctx.events("conn", action=action, **filters)]
+        rows = [cast(ConnEvent, e).seed_row() for e in self.ctx.events("conn", action=action, **filters)]
         return "\n".join([SEED_HEADER] + rows)
 
     def _assert_conn_count(self, action: str, timeout: float, count: int,

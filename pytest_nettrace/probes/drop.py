@@ -13,8 +13,8 @@ import struct
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union, cast
 
 from ..errors import EventsLost
-from ..events import Event, Header, describe_filters, matches
-from ..events import ADDRESS, IP_PROTO
+from ..events import Event, Header, IPAddress, describe_filters, matches
+from ..events import IP_PROTO
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import frame_function, kallsyms, symbolize
@@ -48,9 +48,19 @@ class DropEvent(Event):
     dropped packet's own (None when it is not IP / not TCP or UDP)."""
 
     kind = "drop"
-    FIELDS = Event.FIELDS + ("reason", "location", "dev", "ifindex", "protocol", "family", "saddr", "daddr",
-                             "sport", "dport", "ip_proto", "length")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "ip_proto": IP_PROTO}
+    reason: Optional[str]
+    location: str
+    dev: Optional[str]
+    ifindex: Optional[int]
+    protocol: Optional[str]        # the ethertype's name ("IPv4", "ARP") or "0x88cc"
+    family: Optional[int]
+    saddr: Optional[IPAddress]
+    daddr: Optional[IPAddress]
+    sport: Optional[int]
+    dport: Optional[int]
+    ip_proto: Union[str, int, None]   # "tcp", or the number of one without a name
+    length: int
+    TYPES = {"ip_proto": IP_PROTO}
     ALARM = True  # but not its background drops (`background`)
     # the running kernel's enum skb_drop_reason, set when the probe loads
     # (empty on kernels without drop reasons)
@@ -216,8 +226,8 @@ class DropProbe(Probe):
             src, dst = ipaddress.IPv4Address(saddr[:4]), ipaddress.IPv4Address(daddr[:4])
         elif family == 6:
             src, dst = ipaddress.IPv6Address(saddr), ipaddress.IPv6Address(daddr)
-        stack = hdr.stack_addrs(buf)
-        where = self.where(location, stack)
+        stack = hdr.stack(buf)
+        where = self.where(location, stack.addrs)
         if is_tap_copy(where):
             return []
         return [DropEvent(

@@ -22,8 +22,8 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
 from ..netns.linux import in_netns_at
-from ..events import Event, Header, parse_address, user_name
-from ..events import ADDRESS, CHOICE, NETWORK, FieldType
+from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, parse_address, user_name
+from ..events import CHOICE, FieldType
 from ..kernel import wire
 from ..kernel.wire import NC_F_NFT, NC_F_QUEUED_BY, NC_SOCK_NFT, NC_SOCK_RTNL, NT_F_KTHREAD
 from ..kernel.libbpf import map_delete, map_update
@@ -139,9 +139,14 @@ class NetChangeEvent(Event):
     pid, cmdline, stack and cause are then those of the task that queued it.
     """
 
-    announced_by: Optional[str] = None
-
-    FIELDS = Event.FIELDS + ("action", "dev", "ifindex", "cause", "detail", "cmdline", "user", "announced_by")
+    action: str
+    dev: Optional[str]
+    ifindex: Optional[int]
+    cause: str
+    detail: Optional[str]
+    cmdline: Optional[str]
+    user: Optional[str]
+    announced_by: Optional[str]
     VALUES = {**Event.VALUES, "cause": ("netlink", "ioctl", "sysctl", "kernel", "unknown"),
               "announced_by": ("addrconf_dad_work",)}
 
@@ -163,9 +168,12 @@ class AddrEvent(NetChangeEvent):
 
     kind = "addr"
     ACTIONS = ("added", "deleted")
-    FIELDS = NetChangeEvent.FIELDS + ("address", "family", "scope", "flags", "label")
+    address: Optional[IPInterface]
+    family: int
+    scope: int
+    flags: int
+    label: Optional[str]
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS}
-    TYPES = {"address": ADDRESS}
 
     def describe(self) -> str:
         fam = "IPv4" if self.family == 4 else "IPv6"
@@ -178,7 +186,11 @@ class LinkEvent(NetChangeEvent):
 
     kind = "link"
     ACTIONS = ("added", "deleted", "up", "down", "changed")
-    FIELDS = NetChangeEvent.FIELDS + ("up", "flags", "link_kind", "mtu", "operstate")
+    up: bool
+    flags: int
+    link_kind: Optional[str]
+    mtu: Optional[int]
+    operstate: Optional[str]
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "operstate": tuple(_OPERSTATES.values())}
 
@@ -194,11 +206,16 @@ class RouteEvent(NetChangeEvent):
 
     kind = "route"
     ACTIONS = ("added", "replaced", "deleted")
-    FIELDS = NetChangeEvent.FIELDS + ("dst", "gateway", "table", "family", "type", "protocol",
-                                      "priority", "prefsrc")
+    dst: IPNetwork
+    gateway: Optional[IPAddress]
+    table: Union[str, int]         # "main", or a number without a name
+    family: int
+    type: Union[str, int]
+    protocol: int
+    priority: Optional[int]
+    prefsrc: Optional[IPAddress]
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "type": tuple(RTN_TYPES.values())}
-    TYPES = {"dst": NETWORK, "gateway": ADDRESS, "prefsrc": ADDRESS}
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
@@ -249,7 +266,14 @@ class NftEvent(NetChangeEvent):
     # `family` is the table's nftables family, not 4/6
     VALUES = {**NetChangeEvent.VALUES, "object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
               "family": tuple(_nft.FAMILIES.values())}
-    FIELDS = NetChangeEvent.FIELDS + ("object", "family", "table", "chain", "set", "handle", "name", "text")
+    object: str
+    family: str
+    table: Optional[str]
+    chain: Optional[str]
+    set: Optional[str]
+    handle: Optional[int]
+    name: Optional[str]
+    text: Optional[str]
     TYPES = {"family": CHOICE}
 
     @property
@@ -310,9 +334,15 @@ class NeighEvent(NetChangeEvent):
 
     kind = "neigh"
     ACTIONS = ("added", "changed", "deleted")
-    FIELDS = NetChangeEvent.FIELDS + ("address", "lladdr", "state", "old_state", "family", "flags", "router",
-                                      "proxy")
-    TYPES = {"address": ADDRESS, "state": NUD_STATE, "old_state": NUD_STATE}
+    address: Optional[IPAddress]
+    lladdr: Optional[str]
+    state: str
+    old_state: Optional[str]
+    family: int
+    flags: int
+    router: bool
+    proxy: bool
+    TYPES = {"state": NUD_STATE, "old_state": NUD_STATE}
 
     @property
     def background(self) -> bool:
@@ -333,9 +363,19 @@ class RuleEvent(NetChangeEvent):
 
     kind = "rule"
     ACTIONS = ("added", "deleted")
-    FIELDS = NetChangeEvent.FIELDS + ("family", "priority", "src", "dst", "iif", "oif", "fwmark", "fwmask",
-                                      "table", "rule_action", "goto", "invert", "protocol")
-    TYPES = {"src": NETWORK, "dst": NETWORK}
+    family: int
+    priority: Optional[int]
+    src: Optional[IPNetwork]
+    dst: Optional[IPNetwork]
+    iif: Optional[str]
+    oif: Optional[str]
+    fwmark: Optional[int]
+    fwmask: Optional[int]
+    table: Union[str, int, None]
+    rule_action: Union[str, int]
+    goto: Optional[int]
+    invert: bool
+    protocol: Optional[int]
     VALUES = {**NetChangeEvent.VALUES, "rule_action": tuple(FR_ACTIONS.values())}
 
     def describe(self) -> str:
@@ -381,23 +421,23 @@ _SYSCTL_HANDLERS = (("addrconf_sysctl_disable", "disable_ipv6"), ("addrconf_sysc
                     ("addrconf_sysctl_stable_secret", "stable_secret"))
 
 
-def sysctl_cause(ev: Event, name: bytes, value: bytes) -> None:
+def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> Dict[str, Any]:
     """A change the kernel made while a process wrote a sysctl (IPv6
     addresses removed by net.ipv6.conf.<dev>.disable_ipv6=1): cause "sysctl",
-    the setting and the value written in `detail`. `name`/`value` are the
-    thread's last sysctl write as bpf/sysctl.bpf.c recorded it (it is this
-    write: the stack runs through the sysctl write handler)."""
-    present = [frame_function(f) for f in ev.stack]
-    if ev.cause != "kernel" or ev.pid is None or not set(present).intersection(_SYSCTL_WRITE_FRAMES):
-        return
+    the setting and the value written in `detail` (the changes to make to
+    `ev`; none when it is not one). `name`/`value` are the thread's last
+    sysctl write as bpf/sysctl.bpf.c recorded it (it is this write: the stack
+    runs through the sysctl write handler)."""
+    present = {frame_function(f) for f in ev.stack}
+    if ev.cause != "kernel" or ev.pid is None or not present.intersection(_SYSCTL_WRITE_FRAMES):
+        return {}
     setting = _cstr(name)
-    ev.cause = "sysctl"
     if setting:
         parts = setting.split("/")
-        ev.detail = ".".join(p.replace(".", "/") for p in parts) + "=" + (_cstr(value) or "").strip()
-        return
+        return dict(cause="sysctl",
+                    detail=".".join(p.replace(".", "/") for p in parts) + "=" + (_cstr(value) or "").strip())
     handler = next((what for frame, what in _SYSCTL_HANDLERS if frame in present), None)
-    ev.detail = f"a write to {handler}" if handler else "a write to /proc/sys/net"
+    return dict(cause="sysctl", detail=f"a write to {handler}" if handler else "a write to /proc/sys/net")
 
 
 def cause_of(kind: str, frames: Sequence[str]) -> Tuple[str, Optional[str]]:
@@ -577,7 +617,7 @@ class NetChangeProbe(Probe):
 
     def __init__(self) -> None:
         self._monitors: Dict[int, _Monitor] = {}
-        self._last: Dict[int, Tuple[int, Optional[Event]]] = {}  # netns -> (skb, event) of the last record
+        self._last: Dict[int, Tuple[int, Optional[NetChangeEvent]]] = {}  # netns -> (skb, event) of the last record
         self._raced_count: Dict[int, int] = {}
         self._socks_fd = -1
 
@@ -666,7 +706,9 @@ class NetChangeProbe(Probe):
             return [blamed] if blamed is not None else []
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
         if event is not None:
-            sysctl_cause(event, sy_name, sy_value)
+            changes = sysctl_cause(event, sy_name, sy_value)
+            if changes:
+                event = event.evolve(**changes)
         self._last[hdr.netns] = (skb, event)
         return [event] if event is not None else []  # None: not a change (our own request's reply)
 
@@ -698,13 +740,13 @@ class NetChangeProbe(Probe):
         return corrected
 
     def _decode(self, buf: bytes, hdr: Header, msg: bytes, cmd_len: int, cmdline: bytes,
-                mon: Optional[_Monitor]) -> Optional[Event]:
+                mon: Optional[_Monitor]) -> Optional[NetChangeEvent]:
         if len(msg) < 16:
             return None
         length, mtype, nl_flags, _seq, nl_pid = _NLMSG.unpack_from(msg, 0)
         if mon is not None and nl_pid == mon.portid:
             return None  # a reply to our own request, not a change
-        stack = hdr.stack_addrs(buf)
+        stack = hdr.stack(buf)
         argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
         common = dict(cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
         if mtype in (RTM_NEWADDR, RTM_DELADDR):
@@ -720,26 +762,28 @@ class NetChangeProbe(Probe):
         return None
 
     def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
+        """`ev` with how the change was asked for, and by whom (a new event:
+        this one is not published yet)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        ev.cause, ev.detail = cause_of(ev.kind, ev.stack)
+        cause, detail = cause_of(ev.kind, ev.stack)
+        done: Dict[str, Any] = dict(cause=cause, detail=detail)
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
             # those of whoever queued that work (an interrupt: nobody)
-            ev.announced_by = "addrconf_dad_work"
-            if ev.cause != "kernel":
-                ev.detail = "announced after duplicate address detection"
+            done["announced_by"] = "addrconf_dad_work"
+            if cause != "kernel":
+                done["detail"] = "announced after duplicate address detection"
+        uid = ev.uid
         if kthread or ev.context != "process":
             # a kernel thread or an interrupt: no process asked for this
-            ev.interrupted_task = f"{hdr.comm}({hdr.pid})"
-            for f in ("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline"):
-                setattr(ev, f, None)
-            if ev.cause != "kernel":
-                ev.cause = "kernel"
-        ev.user = user_name(ev.uid)
-        return ev
+            done.update(dict.fromkeys(("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline")),
+                        interrupted_task=f"{hdr.comm}({hdr.pid})", cause="kernel")
+            uid = None
+        done["user"] = user_name(uid)
+        return ev.evolve(**done)
 
-    def _addr(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> Event:
+    def _addr(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         family, prefixlen, flags, scope, index = struct.unpack_from("<BBBBI", msg, 16)
         attrs = _attrs(msg, 24, len(msg))
         raw = attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)  # IFA_LOCAL / IFA_ADDRESS
@@ -756,8 +800,8 @@ class NetChangeProbe(Probe):
                        scope=scope, flags=flags, **common)
         return self._finish(ev, hdr)
 
-    def _link(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> Event:
+    def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         _fam, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
         attrs = _attrs(msg, 32, len(msg))
         name = _cstr(attrs.get(3))
@@ -782,8 +826,8 @@ class NetChangeProbe(Probe):
                        mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
         return self._finish(ev, hdr)
 
-    def _route(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int, nl_flags: int,
-               mon: Optional[_Monitor], common: Dict[str, Any]) -> Event:
+    def _route(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
+               mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         family, dst_len, _src_len, _tos, table, proto, _scope, rtype, _flags = \
             struct.unpack_from("<BBBBBBBBI", msg, 16)
         attrs = _attrs(msg, 28, len(msg))
@@ -806,8 +850,8 @@ class NetChangeProbe(Probe):
                         prefsrc=_ip(attrs.get(7), family), **common)
         return self._finish(ev, hdr)
 
-    def _neigh(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
-               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[Event]:
+    def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
+               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
         key = neigh_key(msg)
         if key is None:
             return None
@@ -834,8 +878,8 @@ class NetChangeProbe(Probe):
                         dev=mon.names.get(index) if mon else None, ifindex=index, **common)
         return self._finish(ev, hdr)
 
-    def _rule(self, hdr: Header, stack: Tuple[int, ...], msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[Event]:
+    def _rule(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
         if len(msg) < 28:
             return None
         family, dst_len, src_len, _tos, table, _r1, _r2, action, flags = struct.unpack_from("<8BI", msg, 16)
@@ -865,15 +909,15 @@ class NetChangeProbe(Probe):
         if copied < msg_len and not _nft.complete(msg, msg_len):
             # a batch longer than the copy: the changes past it are lost
             self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
-        stack = hdr.stack_addrs(buf)
+        stack = hdr.stack(buf)
         argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
         line = " ".join(a.decode(errors="replace") for a in argv) or None
-        events: List[Event] = []
+        events: List[NetChangeEvent] = []
         for change in _nft.changes(msg):
             ev = NftEvent(hdr, stack, "process", cmdline=line, dev=None, ifindex=None, **change)
             events.append(self._finish(ev, hdr))
         self._last[hdr.netns] = (skb, events[-1] if events else None)
-        return events
+        return list(events)
 
 
 def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:

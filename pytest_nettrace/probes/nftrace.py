@@ -27,12 +27,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
-from ..events import Event
-from ..events import ADDRESS, CHOICE, IP_PROTO, FieldType
+from ..events import Event, IPAddress
+from ..events import CHOICE, IP_PROTO, FieldType
 from ..kernel import wire
 from . import _nft
 from .base import Plan, Probe
@@ -69,9 +69,23 @@ class NftVerdictEvent(Event):
     its, else the time the verdict was read and nobody."""
 
     kind = "nftrace"
-    FIELDS = Event.FIELDS + ("verdict", "table", "chain", "handle", "policy", "rule", "family", "saddr", "daddr",
-                             "ip_proto", "sport", "dport", "iif", "oif", "trace_id", "drop")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "family": CHOICE, "drop": DROP_LINK, "ip_proto": IP_PROTO}
+    verdict: str
+    table: str
+    chain: str
+    handle: Optional[int]
+    policy: bool
+    rule: Optional[str]
+    family: str                    # the table's: "ip", "ip6", "inet", ...
+    saddr: Optional[IPAddress]
+    daddr: Optional[IPAddress]
+    ip_proto: Union[str, int, None]
+    sport: Optional[int]
+    dport: Optional[int]
+    iif: Optional[int]
+    oif: Optional[int]
+    trace_id: int
+    drop: Optional[Event]          # the kernel's drop event of the packet
+    TYPES = {"family": CHOICE, "drop": DROP_LINK, "ip_proto": IP_PROTO}
     VALUES = {**Event.VALUES, "family": tuple(_nft.FAMILIES.values())}   # the table's, not 4/6
 
     def describe(self) -> str:
@@ -278,14 +292,14 @@ class NftTraceProbe(Probe):
             self.unwatch(netns)
 
 
-def _netfilter_drop(drop: Event) -> bool:
+def _netfilter_drop(drop: Any) -> bool:   # a drop event
     # before 5.17 drops have no reason: where it was freed says netfilter
     if drop.reason is None:
         return (drop.location or "").startswith(("nf_hook_slow", "nft_do_chain"))
     return bool(drop.reason == "NETFILTER_DROP")
 
 
-def _same_packet(drop: Event, v: Dict[str, Any]) -> bool:
+def _same_packet(drop: Any, v: Dict[str, Any]) -> bool:
     return bool(drop.saddr == v["saddr"] and drop.daddr == v["daddr"] and drop.ip_proto == v["ip_proto"]
             and drop.sport == v["sport"] and drop.dport == v["dport"])
 
@@ -350,7 +364,7 @@ class NftTraceApi(KindApi):
         self.ctx.engine.drain()
         seen = self.ctx.all_events()
         drops = [e for e in seen if e.kind == "drop" and _netfilter_drop(e)]
-        used = {id(e.drop) for e in seen if e.kind == "nftrace" and e.drop is not None}
+        used = {id(e.drop) for e in seen if isinstance(e, NftVerdictEvent) and e.drop is not None}
         now = time.monotonic_ns()
         verdicts = []
         for netns, v in taken:
@@ -372,7 +386,7 @@ class NftTraceApi(KindApi):
         or None when nftables was not traced there or did not decide it."""
         if drop.kind != "drop":
             raise ValueError(f"dropped_by() takes a drop event, got a {drop.kind!r} event")
-        return next((e for e in self.ctx.events("nftrace") if e.drop is drop), None)
+        return next((e for e in self.ctx.events("nftrace") if cast(NftVerdictEvent, e).drop is drop), None)
 
 
 def _host_inode() -> int:

@@ -27,8 +27,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, TypedDict, Union, cast
 
 from ..netns.linux import in_netns_at
-from ..events import Event, wall_clock
-from ..events import ADDRESS, HEX, IP_PROTO, FieldType
+from ..events import Event, IPAddress, wall_clock
+from ..events import HEX, IP_PROTO, FieldType
 from ..kernel import wire
 from .base import Plan, Probe
 from .context import AddressFilter, Filter, KindApi, TraceContext
@@ -527,10 +527,26 @@ class PacketEvent(Event):
     on the wire."""
 
     kind = "packet"
-    FIELDS = ("kind", "timestamp", "netns", "dev", "direction", "length", "proto", "family", "saddr", "sport",
-              "daddr", "dport", "flags", "tcp_flags", "seq", "ack", "payload", "payload_len", "icmp_type",
-              "ethertype")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS, "payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS,
+    # a packet has no process, no stack: the common task fields are None
+    WITHOUT = ("pid", "tid", "comm", "uid", "ppid", "parent_comm", "context", "stack")
+    dev: str
+    direction: str
+    length: int
+    proto: Optional[str]
+    family: Optional[int]
+    saddr: Optional[IPAddress]
+    sport: Optional[int]
+    daddr: Optional[IPAddress]
+    dport: Optional[int]
+    flags: Optional[str]
+    tcp_flags: Optional[str]
+    seq: Optional[int]
+    ack: Optional[int]
+    payload: Optional[bytes]
+    payload_len: Optional[int]
+    icmp_type: Optional[int]
+    ethertype: Optional[int]
+    TYPES = {"payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS,
              "proto": IP_PROTO}
     VALUES = {**Event.VALUES, "direction": ("in", "out")}
     HIGH_VOLUME = True

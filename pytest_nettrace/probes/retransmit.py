@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple, cast
 
-from ..events import Event, Header
-from ..events import ADDRESS
+from ..events import Event, Header, IPAddress
 from ..kernel import wire
-from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
 from .rst import TCP_STATES, ip_from
@@ -37,9 +35,16 @@ class RetransmitEvent(Event):
     the request's)."""
 
     kind = "retransmit"
-    FIELDS = Event.FIELDS + ("type", "family", "saddr", "sport", "daddr", "dport", "state", "seq", "count",
-                             "total_retrans")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
+    type: str
+    family: int
+    saddr: IPAddress
+    sport: int
+    daddr: IPAddress
+    dport: int
+    state: str
+    seq: int
+    count: int
+    total_retrans: int
     VALUES = {**Event.VALUES, "type": ("syn", "synack", "loss_probe", "retransmit"),
               "state": tuple(TCP_STATES.values())}
 
@@ -91,18 +96,18 @@ class RetransmitProbe(Probe):
         self._seen[key] = count = self._seen.get(key, 0) + 1
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
         state_name = TCP_STATES.get(state, str(state))
-        ev = RetransmitEvent(hdr, hdr.stack_addrs(buf), "softirq", family=src.version, saddr=src, sport=sport,
-                             daddr=dst, dport=dport, state=state_name, seq=seq, count=count, total_retrans=total)
+        stack = hdr.stack(buf)
         if rtype == RETRANS_SYNACK:
-            ev.type = "synack"
-            ev.total_retrans = total + 1  # request_sock.num_retrans grows after the tracepoint
+            rtype_name = "synack"
+            total += 1  # request_sock.num_retrans grows after the tracepoint
         elif state_name == "SYN_SENT":
-            ev.type = "syn"
-        elif any(frame_function(f) in _LOSS_PROBE_FRAMES for f in ev.stack):
-            ev.type = "loss_probe"
+            rtype_name = "syn"
+        elif stack.functions.intersection(_LOSS_PROBE_FRAMES):
+            rtype_name = "loss_probe"
         else:
-            ev.type = "retransmit"
-        return [ev]
+            rtype_name = "retransmit"
+        return [RetransmitEvent(hdr, stack, "softirq", type=rtype_name, family=src.version, saddr=src, sport=sport,
+                                daddr=dst, dport=dport, state=state_name, seq=seq, count=count, total_retrans=total)]
 
 
 class RetransmitFilters(TcpFlowFilters, total=False):

@@ -6,10 +6,8 @@ import ipaddress
 import struct
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, Union, cast
 
-from ..events import Event, Header
-from ..events import ADDRESS
+from ..events import Event, Header, IPAddress, Stack
 from ..kernel import wire
-from ..kernel.symbols import frame_function
 from .base import Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
 
@@ -47,8 +45,15 @@ class RstEvent(Event):
     is whoever sent the RST (us when `direction == "sent"`)."""
 
     kind = "rst"
-    FIELDS = Event.FIELDS + ("direction", "origin", "family", "saddr", "sport", "daddr", "dport", "state", "reason")
-    TYPES = {"saddr": ADDRESS, "daddr": ADDRESS}
+    direction: str                 # "sent" / "received"
+    origin: str                    # "reply" / "active" / "received"
+    family: int
+    saddr: IPAddress
+    sport: int
+    daddr: IPAddress
+    dport: int
+    state: str
+    reason: Optional[str]          # enum sk_rst_reason (6.10+)
     ALARM = True
     # the running kernel's enum sk_rst_reason (6.10+), set when the probe loads
     REASONS: ClassVar[Optional[Tuple[str, ...]]] = None
@@ -71,10 +76,10 @@ def _ep(addr: Any, port: int) -> str:
 # tcp_rcv_state_process) — no RST came in then (the kernel answers with one,
 # reported as sent). In those states a real incoming RST goes through
 # tcp_validate_incoming first.
-def _local_abort(state: str, frames: List[str]) -> bool:
-    if state not in ("FIN_WAIT1", "FIN_WAIT2") or not frames:
+def _local_abort(state: str, stack: Stack) -> bool:
+    if state not in ("FIN_WAIT1", "FIN_WAIT2") or not stack.addrs:
         return False
-    names = [frame_function(f) for f in frames]
+    names = stack.functions
     return "tcp_rcv_state_process" in names and "tcp_validate_incoming" not in names
 
 
@@ -119,17 +124,18 @@ class RstProbe(Probe):
         # Without a stack: replies and received resets run in softirq.
         ctx = "process" if origin == "active" else "softirq"
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
-        event = RstEvent(
-            hdr, hdr.stack_addrs(buf), ctx,
-            direction="received" if origin == "received" else "sent",
-            origin=origin, family=src.version,  # a v4-mapped v6 socket reports IPv4
-            saddr=src, sport=sport, daddr=dst, dport=dport,
-            state=TCP_STATES.get(state, str(state)),
-            reason=self.reasons.get(reason, str(reason)) if has_reason else None,
-        )
-        if origin == "received" and _local_abort(event.state, event.stack):
+        stack = hdr.stack(buf)
+        state_name = TCP_STATES.get(state, str(state))
+        if origin == "received" and _local_abort(state_name, stack):
             return []
-        return [event]
+        # RstEvent.of: the fields in declaration order (a flood's events are made here)
+        return [RstEvent.of(
+            hdr, stack, ctx,
+            "received" if origin == "received" else "sent",                         # direction
+            origin, src.version,  # family: a v4-mapped v6 socket reports IPv4
+            src, sport, dst, dport, state_name,
+            self.reasons.get(reason, str(reason)) if has_reason else None,           # reason
+        )]
 
 
 class RstFilters(TcpFlowFilters, total=False):

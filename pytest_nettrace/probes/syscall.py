@@ -17,8 +17,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
-from ..events import Event, Header
-from ..events import ADDRESS
+from ..events import Event, Header, IPAddress
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Plan, Probe
@@ -136,9 +135,20 @@ class SyscallEvent(Event):
     sockaddr's own family as strace names it ("AF_INET6", "AF_UNIX", …)."""
 
     kind = "syscall"
-    FIELDS = Event.FIELDS + ("name", "fd", "args", "ret", "errno", "duration", "family", "sockaddr_family",
-                             "address", "port", "path", "level", "option", "value")
-    TYPES = {"address": ADDRESS}
+    name: str
+    fd: Optional[int]
+    args: str
+    ret: int
+    errno: Optional[str]
+    duration: float
+    family: Optional[int]
+    sockaddr_family: Optional[str]
+    address: Optional[IPAddress]
+    port: Optional[int]
+    path: Optional[str]
+    level: Optional[str]
+    option: Optional[str]
+    value: Optional[int]
     HIGH_VOLUME = True
     VALUES = {**Event.VALUES, "name": CALLS, "errno": tuple(sorted(_errno.errorcode.values())),
               "sockaddr_family": tuple(FAMILIES.values())}

@@ -66,7 +66,13 @@ class SysctlEvent(Event):
     programs cannot take one."""
 
     kind = "sysctl"
-    FIELDS = Event.FIELDS + ("name", "old", "new", "dev", "changed", "cmdline", "user")
+    name: str
+    old: Optional[str]
+    new: Optional[str]
+    dev: Optional[str]
+    cmdline: Optional[str]
+    user: Optional[str]
+    DERIVED = ("changed",)
 
     @property
     def changed(self) -> Optional[bool]:
@@ -127,8 +133,8 @@ class SysctlProbe(Probe):
             return []
         argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
         ev = SysctlEvent(hdr, (), "process", name=setting, old=write.old, new=write.new, dev=dev_of(parts),
-                         cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
-        ev.user = user_name(ev.uid)
+                         cmdline=" ".join(a.decode(errors="replace") for a in argv) or None,
+                         user=user_name(hdr.uid))   # no stack: always in the writing process
         return [ev]
 
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
+
+
+from pytest_nettrace.events import NO_STACK
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.conn import ACCEPTED, ESTABLISHED, ConnEvent, ConnProbe
 from pytest_nettrace.probes.netchange import AddrEvent
+from pytest_nettrace.probes.rst import RstEvent
 
 NS = 4026532000
 
@@ -41,3 +46,42 @@ def test_accept_learned_after_establishment_is_a_correction():
     assert accepted.supersedes is established and (accepted.pid, accepted.comm) == (4242, "server")
     assert established.pid is None and established.comm is None   # what a test already holds is unchanged
     assert (accepted.action, accepted.state, accepted.sport) == ("accept", "ESTABLISHED", 9)
+
+
+def test_an_event_is_immutable_and_its_fields_are_its_annotations():
+    from pytest_nettrace.events import Event
+    from pytest_nettrace.probes.registry import kinds
+    ev = RstEvent(None, (), "softirq", sport=1, dport=2)
+    for attempt in (lambda: setattr(ev, "sport", 2), lambda: setattr(ev, "sprot", 2), lambda: delattr(ev, "sport"),
+                    lambda: setattr(ev, "_values", ())):
+        with pytest.raises(AttributeError, match="immutable"):
+            attempt()
+    assert (ev.sport, ev.dport, ev.reason) == (1, 2, None)
+    with pytest.raises(TypeError, match="no field 'sprot'"):
+        RstEvent(None, (), "softirq", sprot=1)
+    with pytest.raises(TypeError, match="declare fields as annotations"):
+        type("Bad", (Event,), {"FIELDS": Event.FIELDS + ("x",)})
+    for info in kinds().values():   # FIELDS: the annotations, base first (less WITHOUT), then DERIVED
+        cls, declared = info.event_type, []
+        for klass in reversed(cls.__mro__):
+            declared += [f for f, t in vars(klass).get("__annotations__", {}).items()
+                         if not f.startswith("_") and "ClassVar" not in str(t) and f not in declared
+                         and f not in cls.EXTRA and f not in cls.WITHOUT]
+        derived = [f for klass in reversed(cls.__mro__) for f in vars(klass).get("DERIVED", ())
+                   if f not in cls.WITHOUT]
+        assert set(cls.FIELDS) == {"kind"} | set(declared) | set(derived), cls
+        assert [f for f in cls.FIELDS if f in declared] == declared, cls
+    # copies and pickles are the same event, still immutable
+    import copy
+    import pickle
+    back = pickle.loads(pickle.dumps(ev))
+    assert back.as_dict() == ev.as_dict() == copy.copy(ev).as_dict()
+    with pytest.raises(AttributeError):
+        back.sport = 3
+
+
+def test_of_takes_the_fields_in_declaration_order():
+    ev = RstEvent.of(None, NO_STACK, "softirq", "sent", "reply", 4, None, 1, None, 2, "CLOSE", None)
+    assert (ev.direction, ev.origin, ev.family, ev.sport, ev.dport, ev.state) == ("sent", "reply", 4, 1, 2, "CLOSE")
+    with pytest.raises(TypeError, match="takes its 9 own fields"):
+        RstEvent.of(None, NO_STACK, "softirq", "sent")

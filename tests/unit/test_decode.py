@@ -108,28 +108,34 @@ def test_close_decodes_only_kinds_whose_decoder_needs_the_namespace(trace):
 
 
 def test_a_repeated_stack_is_symbolised_and_judged_once(trace, monkeypatch):
-    judged = []
-    real = Header.context
-    monkeypatch.setattr(Header, "context", lambda self, frames, guess="process": judged.append(1) or
-                        real(self, frames, guess))
-    monkeypatch.setattr(events_mod, "_contexts", {})
+    judged, symbolised = [], []
+    real, real_symbolize = events_mod.context_of, events_mod.symbolize
+    monkeypatch.setattr(events_mod, "context_of", lambda frames, guess="process": judged.append(1) or
+                        real(frames, guess))
+    monkeypatch.setattr(events_mod, "symbolize", lambda addrs: symbolised.append(1) or real_symbolize(addrs))
+    monkeypatch.setattr(events_mod, "_stacks", {})
     n = 20_000
     trace.engine.sink([rst_record(i) for i in range(n)])
     t0 = time.process_time()
     got = trace.rst()
     cpu = time.process_time() - t0
-    assert len(got) == n and len(judged) == 1
+    assert len(got) == n and len(judged) == 1 and len(symbolised) == 1
     assert got[0].stack == got[-1].stack and got[0].stack is not got[-1].stack  # each event its own list
     print(f"decoded {n / cpu / 1e3:.0f}k rst events per CPU-second")  # a figure, not a test (bench/ decides)
 
 
 def test_a_changed_symbol_table_makes_contexts_judged_again(monkeypatch):
     from pytest_nettrace.kernel import symbols
-    monkeypatch.setattr(events_mod, "_contexts", {})
+    judged = []
+    real = events_mod.context_of
+    monkeypatch.setattr(events_mod, "context_of", lambda frames, guess="process": judged.append(1) or
+                        real(frames, guess))
+    monkeypatch.setattr(events_mod, "_stacks", {})
     rec = rst_record(1)
     probe = RstProbe()
     probe.decode(rec, Header(rec))
-    assert len(events_mod._contexts) == 1
+    probe.decode(rec, Header(rec))
+    assert len(judged) == 1
     symbols.invalidate()  # new trampolines: names may have moved
     probe.decode(rec, Header(rec))
-    assert len(events_mod._contexts) == 2
+    assert len(judged) == 2

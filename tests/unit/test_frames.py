@@ -1,8 +1,7 @@
 """Frames of a module's functions carry the module's name (nf_tables is a module
 on distribution kernels): every decision made on function names must see
 through it. Root-free."""
-from pytest_nettrace.events import Header
-from pytest_nettrace.kernel.wire import HEADER
+from pytest_nettrace.events import context_of
 from pytest_nettrace.kernel.symbols import frame_function
 
 
@@ -14,5 +13,4 @@ def test_frame_function_strips_offset_module_and_suffix():
 
 
 def test_softirq_seen_through_a_module_frame():
-    hdr = Header(bytes(HEADER.size))
-    assert hdr.context(["nft_do_chain [nf_tables]+0x40f", "net_rx_action+0x1"]) == "softirq"
+    assert context_of(["nft_do_chain [nf_tables]+0x40f", "net_rx_action+0x1"]) == "softirq"

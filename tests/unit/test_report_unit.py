@@ -11,7 +11,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import pytest
 
-from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType,
+from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType, IPAddress, Stack,
                                     check_filters, field_type, matches)
 from pytest_nettrace.probes.drop import DropEvent
 from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, RuleEvent
@@ -114,7 +114,8 @@ def test_a_new_field_type_is_one_class():
 
     class Probe(Event):
         kind = "probe"
-        FIELDS = Event.FIELDS + ("port", "saddr")
+        port: int
+        saddr: IPAddress
         TYPES = {"port": Port()}
 
     assert field_type(Probe, "port").__class__ is Port and field_type(Probe, "comm") is COMM
@@ -146,10 +147,8 @@ def _value_for(cls: type, name: str) -> Any:
 @pytest.mark.parametrize("kind", sorted(kinds()))
 def test_json_is_derived_from_the_declarations_and_round_trips(kind, tmp_path):
     cls = kinds()[kind].event_type
-    fields = {f: _value_for(cls, f) for f in cls.FIELDS
-              if f not in ("kind", "context", "stack") and not isinstance(getattr(cls, f, None), property)}
-    ev = cls(None, (), "process", **fields)
-    ev._stack = ["tcp_v4_rcv+0x1a", "ip_rcv+0x30"]
+    fields = {f: _value_for(cls, f) for f in cls.FIELDS if f != "context" and f in cls.STORED}
+    ev = cls(None, Stack.resolved(["tcp_v4_rcv+0x1a", "ip_rcv+0x30"]), "process", **fields)
     row = ev.as_dict()
     for name in cls.FIELDS:   # each field as its type writes it
         assert row[name] == field_type(cls, name).to_json(getattr(ev, name, None)), name

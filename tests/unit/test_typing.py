@@ -15,6 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytest.importorskip("mypy", reason="mypy is in the test extra (pip install -e '.[test]', ci/setup.sh)")
 
 USER_TEST = '''\
+from typing import Optional
+
 from pytest_nettrace import Namespace, Trace
 
 
@@ -25,6 +27,10 @@ def test_reset(netns: Namespace, nettrace: Trace) -> None:
     nettrace.assert_rst(timeout=5, dport=lambda p: p > 1024, family="ipv6")
     for e in nettrace.rst(state="ESTABLISHED"):
         print(e.daddr, port)
+    reason: Optional[str] = ev.reason
+    print(ev.saddr.version, ev.stack[0], ev.timestamp + 1, reason, ev.supersedes)
+    gone = nettrace.assert_address_deleted("10.0.0.1/24", dev="eth0")
+    print(gone.address, gone.dev, gone.cause)
     nettrace.assert_no_drops(reason="NETFILTER_DROP", dev="eth0")
     nettrace.assert_accepted_count(2, dport=80)
     assert nettrace.pcap_path is None or nettrace.pcap_path.endswith(".pcapng")
@@ -40,6 +46,12 @@ MISTAKES = {
     "nettrace.assert_accepted(action='close')": r'Unexpected keyword argument "action"',
     "nettrace.traffic(tx_bytes='many')": r'Argument "tx_bytes" .* incompatible type "str"',
     "nettrace.drop_summary(dev='eth0')": r'Unexpected keyword argument "dev"',
+    # an event's fields are typed: a misspelt one, or one used as the wrong type
+    "print(nettrace.assert_rst().sprot)": r'"RstEvent" has no attribute "sprot"',
+    "bad: str = nettrace.assert_rst().sport": r'Incompatible types in assignment \(expression has type "int", '
+                                              r'variable has type "str"\)',
+    "print(nettrace.assert_address_deleted('10.0.0.1').adress)": r'"AddrEvent" has no attribute "adress"',
+    "print(nettrace.events('rst')[0].sport)": r'"Event" has no attribute "sport"',
 }
 
 
