@@ -134,7 +134,7 @@ def test_closed_trace_is_a_clear_error(netns, nettrace):
 def test_a_record_the_decoder_fails_on_counts_as_lost(netns, nettrace, monkeypatch):
     """A decoder bug must not let a negative assertion pass."""
     probe = nettrace.engine.status["rst"].probe
-    monkeypatch.setattr(probe, "decode", lambda buf, hdr: 1 / 0)
+    monkeypatch.setattr(probe.decoder, "decode", lambda buf, hdr: 1 / 0)
     netns.run(connect_refused("127.0.0.1", 9), check=True)
     with pytest.raises(EventsLost, match=r"\d+ rst events lost"):
         nettrace.assert_no_rst()

@@ -1,6 +1,7 @@
-"""What the engine loads: a probe's plans (how it attaches on a given kernel)
-and its decoder from ring-buffer records to events. The probes themselves
-(pytest_nettrace/probes/) subclass Probe; the engine gets them from its
+"""What the engine loads: a probe's kernel plan (`Probe`: how it attaches on
+a given kernel, and the state it keeps beside the kernel) and its decoder
+(`Decoder`: ring-buffer records to events, pure). The probes themselves
+(pytest_nettrace/probes/) subclass both; the engine gets them from its
 caller and never imports the probes room."""
 from __future__ import annotations
 
@@ -26,35 +27,50 @@ class Plan:
     cgroups: Dict[str, str] = field(default_factory=dict)  # cgroup program -> the cgroup v2 directory it attaches to
 
 
-class Probe:
-    """Base class: subclasses set the class attributes and implement plans/decode."""
+class Decoder:
+    """A probe's ring records to immutable events: bytes in, events out, no
+    kernel (tests feed it synthetic records built with kernel/wire.py). What
+    it keeps across records (a connection's two halves, a thread's last
+    write) is per namespace, dropped by `forget`. This base has no records:
+    any record of its kind is rejected as undecodable."""
 
-    name: ClassVar[str]                    # "rst"
-    kind_id: ClassVar[int]                 # enum nt_kind value of its records (wire.Kind)
-    # the layouts of its ring records (kernel/wire.py); none: it has no
-    # ring records, and any record of its kind is rejected as undecodable
+    # the layouts of its ring records (kernel/wire.py)
     records: ClassVar[Tuple[Record, ...]] = ()
-    event_types: ClassVar[Dict[str, Type[Event]]]  # public kind name -> Event class
-    # Its decoder needs what watch() set up and unwatch() drops (sockets,
+    # It needs what the probe's watch() set up and unwatch() drops (sockets,
     # per-namespace state): a trace decodes its records before unwatching.
     # False: they may stay raw until read, even after the test.
-    decode_needs_watch: ClassVar[bool] = True
+    needs_watch: ClassVar[bool] = True
 
-    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
-        """Ways to attach on this kernel, best first; empty if none can work."""
-        raise NotImplementedError
+    def layout(self, hdr: Header) -> Optional[Record]:
+        """The layout of the record `hdr` heads (one probe may write several,
+        told apart by header flags)."""
+        return self.records[0] if self.records else None
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         """The events a ring record (of one of `records`, length checked)
         stands for: usually one (possibly a correction superseding an
         earlier event, `Event.corrected`); none when it is no change; several
         when it holds a batch (nftables)."""
-        raise NotImplementedError(f"{self.name} has no ring records")
+        raise NotImplementedError(f"{type(self).__name__} has no ring records")
 
-    def record_layout(self, hdr: Header) -> Optional[Record]:
-        """The layout of the record `hdr` heads (one probe may write several,
-        told apart by header flags)."""
-        return self.records[0] if self.records else None
+    def forget(self, netns: int) -> None:
+        """`netns` is no longer watched: drop what was kept for it."""
+
+
+class Probe:
+    """Base class: subclasses set the class attributes and implement plans;
+    a probe with ring records sets its `decoder`."""
+
+    name: ClassVar[str]                    # "rst"
+    kind_id: ClassVar[int]                 # enum nt_kind value of its records (wire.Kind)
+    event_types: ClassVar[Dict[str, Type[Event]]]  # public kind name -> Event class
+    # its records to events (the engine's RecordDecoder calls it); this
+    # default has no records
+    decoder: Decoder = Decoder()
+
+    def plans(self, kernel: "KernelFeatures") -> List[Plan]:
+        """Ways to attach on this kernel, best first; empty if none can work."""
+        raise NotImplementedError
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         return "no attach mechanism available on this kernel"

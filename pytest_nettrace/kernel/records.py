@@ -7,52 +7,53 @@ assertion on that kind then fails instead of passing on what was not read."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Dict, List, Set
+from typing import TYPE_CHECKING, Dict, List, Set, Tuple
 
 from ..events import Event, Header
 from .wire import HEADER
 
 if TYPE_CHECKING:
-    from .probe import Probe
+    from .probe import Decoder, Probe
 
 log = logging.getLogger("pytest_nettrace")
 
 
 class RecordDecoder:
-    """Decodes the records of the probes it was given, by nt_hdr.kind."""
+    """Decodes the records of the probes it was given (their `decoder`), by nt_hdr.kind."""
 
     def __init__(self) -> None:
-        self._probes: Dict[int, "Probe"] = {}
+        self._decoders: Dict[int, Tuple[str, "Decoder"]] = {}   # kind id -> (probe name, its decoder)
         self.errors = 0                                     # records no event came of, for any reason
         self._undecodable: Dict[int, Dict[int, int]] = {}   # netns -> kind id -> records
         self._reported: Set[str] = set()
 
     def add(self, probe: "Probe") -> None:
-        self._probes[probe.kind_id] = probe
+        self._decoders[probe.kind_id] = (probe.name, probe.decoder)
 
     def decode(self, rec: bytes) -> List[Event]:
-        """The events `rec` stands for (see Probe.decode)."""
+        """The events `rec` stands for (see Decoder.decode)."""
         if len(rec) < HEADER.size:
             self.errors += 1  # not even a header: no namespace to charge it to
             return []
         hdr = Header(rec)
-        probe = self._probes.get(hdr.kind)
-        if probe is None:
+        found = self._decoders.get(hdr.kind)
+        if found is None:
             self._undecodable_record(hdr, f"record of unknown kind {hdr.kind}")
             return []
-        layout = probe.record_layout(hdr)
+        name, decoder = found
+        layout = decoder.layout(hdr)
         if layout is None:
-            self._undecodable_record(hdr, f"{probe.name} writes no ring records, got one of {len(rec)} bytes")
+            self._undecodable_record(hdr, f"{name} writes no ring records, got one of {len(rec)} bytes")
             return []
         if len(rec) != layout.size:
             # C and Python disagree on the layout (a stale object): decoding would read garbage
-            self._undecodable_record(hdr, f"{len(rec)}-byte {probe.name} record, struct {layout.cname} "
+            self._undecodable_record(hdr, f"{len(rec)}-byte {name} record, struct {layout.cname} "
                                           f"has {layout.size}")
             return []
         try:
-            return probe.decode(rec, hdr)
+            return decoder.decode(rec, hdr)
         except Exception:  # a decoder bug must not take the test down with it...
-            log.exception("cannot decode %s record", probe.name)
+            log.exception("cannot decode %s record", name)
             self._undecodable_record(hdr, None)  # ...nor let a negative assertion pass
             return []
 
@@ -73,5 +74,5 @@ class RecordDecoder:
 
     def needs_watch(self, kind_id: int) -> bool:
         """Whether records of `kind_id` must be decoded while their namespace is watched."""
-        probe = self._probes.get(kind_id)
-        return probe is None or probe.decode_needs_watch
+        found = self._decoders.get(kind_id)
+        return found is None or found[1].needs_watch

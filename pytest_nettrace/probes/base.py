@@ -1,5 +1,5 @@
-"""What every probe module builds on: Plan and Probe, the engine's contract
-(defined in pytest_nettrace/kernel/probe.py, where the engine sees them)."""
-from ..kernel.probe import Plan, Probe
+"""What every probe module builds on: Plan, Probe and Decoder, the engine's
+contract (defined in pytest_nettrace/kernel/probe.py, where the engine sees them)."""
+from ..kernel.probe import Decoder, Plan, Probe
 
-__all__ = ["Plan", "Probe"]
+__all__ = ["Decoder", "Plan", "Probe"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, cas
 
 from ..events import Event, Header, IPAddress, describe_filters
 from ..kernel import wire
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
 from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
@@ -85,13 +85,11 @@ def _ep(addr: Any, port: int) -> str:
 class ConnProbe(Probe):
     name = "conn"
     kind_id = wire.Kind.CONN
-    records = (RECORD,)
     event_types = {"conn": ConnEvent}
+    decoder: "ConnDecoder"
 
     def __init__(self) -> None:
-        # passive opens waiting for their other half (ESTABLISHED <-> ACCEPTED),
-        # by (netns, socket address); the two records can come in either order
-        self._pending: Dict[Tuple[int, int], ConnEvent] = {}
+        self.decoder = ConnDecoder()
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or kernel.tracepoint_args("inet_sock_set_state") is None:
@@ -116,11 +114,23 @@ class ConnProbe(Probe):
         return "no sock:inet_sock_set_state tracepoint in the kernel BTF (kernel < 4.16)"
 
     def unwatch(self, netns: int) -> None:
+        self.decoder.forget(netns)
+
+
+class ConnDecoder(Decoder):
+    """struct conn_event records to ConnEvents; a passive open's two records
+    (established, accepted) make one event, corrected when the second comes."""
+
+    records = (RECORD,)
+
+    def __init__(self) -> None:
+        # passive opens waiting for their other half (ESTABLISHED <-> ACCEPTED),
+        # by (netns, socket address); the two records can come in either order
+        self._pending: Dict[Tuple[int, int], ConnEvent] = {}
+
+    def forget(self, netns: int) -> None:
         for key in [k for k in self._pending if k[0] == netns]:
             del self._pending[key]
-
-    def close(self) -> None:
-        self._pending.clear()
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         (sk, duration, acked, received, owner_pid, owner_tid, owner_uid, owner_comm, action, family,

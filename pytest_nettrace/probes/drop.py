@@ -18,7 +18,7 @@ from ..events import IP_PROTO
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
 from ..kernel.symbols import frame_function, kallsyms, symbolize
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
@@ -135,25 +135,24 @@ class DropSummary(List[DropCount]):
 class DropProbe(Probe):
     name = "drop"
     kind_id = wire.Kind.DROP
-    records = (RECORD,)
     event_types = {"drop": DropEvent}
+    decoder: "DropDecoder"
 
     def __init__(self) -> None:
-        self.reasons: Dict[int, str] = {}
-        self.has_reason = False
+        self.decoder = DropDecoder()
         self._counts_fd = -1
         self._scopes_fd = -1
-        self.locations: Dict[int, str] = {}  # free address -> where, as decoded from a stack
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
-        self.reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
-        DropEvent.REASONS = tuple(n for n in self.reasons.values() if n not in ("MAX", "SUBSYS_MASK"))  # not reasons
+        reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
+        self.decoder.reasons = reasons
+        DropEvent.REASONS = tuple(n for n in reasons.values() if n not in ("MAX", "SUBSYS_MASK"))  # not reasons
         config = {"drop_cfg": _u32.pack(DETAIL_BUDGET)}
         args = kernel.tracepoint_args("kfree_skb")
         if not kernel.tp_btf or args is None:
             return []
-        if args >= 3 and self.reasons:
-            self.has_reason = True
+        if args >= 3 and reasons:
+            self.decoder.has_reason = True
             return [Plan("tp_btf", ["drop_tp"], config=config)]
         return [Plan("tp_btf (no drop reasons: kernel < 5.17)", ["drop_tp_noreason"], config=config)]
 
@@ -195,10 +194,23 @@ class DropProbe(Probe):
         out = []
         for key, value in map_items(self._counts_fd, _KEY.size, _COUNT.size):
             ns, reason, location = _KEY.unpack(key)
-            if ns == netns and not is_tap_copy(self.where(location)):
+            if ns == netns and not is_tap_copy(self.decoder.where(location)):
                 total, undelivered = _COUNT.unpack(value)
-                out.append((location, self.reason_name(reason), total, undelivered))
+                out.append((location, self.decoder.reason_name(reason), total, undelivered))
         return out
+
+
+class DropDecoder(Decoder):
+    """struct drop_event records to DropEvents; also names what the kernel's
+    drop counts hold (a free's location, a reason's number)."""
+
+    records = (RECORD,)
+    needs_watch = False  # each record says all its event needs
+
+    def __init__(self) -> None:
+        self.reasons: Dict[int, str] = {}    # enum skb_drop_reason, from the kernel's BTF (plans)
+        self.has_reason = False
+        self.locations: Dict[int, str] = {}  # free address -> where, as decoded from a stack
 
     def where(self, address: int, stack: Sequence[int] = ()) -> str:
         """The free's location; what a stack once said about an address is
@@ -214,8 +226,6 @@ class DropProbe(Probe):
         if not self.has_reason:
             return None
         return self.reasons.get(value, str(value))
-
-    decode_needs_watch = False  # each record says all its event needs
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         (location, reason, length, ifindex, protocol, family, ip_proto, sport, dport, has_reason, has_ports,
@@ -415,7 +425,8 @@ class DropApi(KindApi):
         rows = []
         for netns in self.ctx.watched:
             for location, reason, total, undelivered in probe.counts(netns):
-                row = DropCount(netns, self.ctx.label(netns), probe.where(location), reason, total, undelivered)
+                row = DropCount(netns, self.ctx.label(netns), probe.decoder.where(location), reason, total,
+                                undelivered)
                 if matches(_Counted(netns, reason, row.location), filters):
                     rows.append(row)
         rows.sort(key=lambda r: (-r.count, r.location))

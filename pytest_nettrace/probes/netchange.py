@@ -30,7 +30,7 @@ from ..kernel.libbpf import map_delete, map_update
 from ..kernel.symbols import frame_function, function_ranges
 from . import _nft
 from .nftrace import TABLE as NFTRACE_TABLE
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
@@ -611,14 +611,13 @@ def _split(data: bytes) -> Iterator[Tuple[int, bytes]]:
 class NetChangeProbe(Probe):
     name = "netchange"
     kind_id = wire.Kind.NLMSG
-    records = (RECORD, NFT_RECORD)
     event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent,
                    "neigh": NeighEvent, "rule": RuleEvent, "nft": NftEvent}
+    decoder: "NetChangeDecoder"
 
     def __init__(self) -> None:
         self._monitors: Dict[int, _Monitor] = {}
-        self._last: Dict[int, Tuple[int, Optional[NetChangeEvent]]] = {}  # netns -> (skb, event) of the last record
-        self._raced_count: Dict[int, int] = {}
+        self.decoder = NetChangeDecoder(self._monitors)
         self._socks_fd = -1
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
@@ -665,8 +664,7 @@ class NetChangeProbe(Probe):
             if mon.nft is not None:
                 map_delete(self._socks_fd, _KEY.pack(netns, mon.nft_portid))
             mon.close()
-        self._last.pop(netns, None)
-        self._raced_count.pop(netns, None)
+        self.decoder.forget(netns)
 
     def poll(self) -> None:
         # The monitor sockets are not read while watched: reading frees skbs
@@ -680,15 +678,38 @@ class NetChangeProbe(Probe):
         mon = self._monitors.get(netns)
         if mon is not None:
             mon.check_overrun()
-        n = (mon.lost if mon else 0) + self._raced_count.get(netns, 0)
+        n = (mon.lost if mon else 0) + self.decoder.raced(netns)
         return {k: n for k in self.event_types} if n else {}
 
     def close(self) -> None:
         for netns in list(self._monitors):
             self.unwatch(netns)
 
-    # -- decoding ------------------------------------------------------------
-    def record_layout(self, hdr: Header) -> wire.Record:
+
+
+class NetChangeDecoder(Decoder):
+    """netlink notification records (struct netchange_event, and
+    struct nftchange_event for an nftables batch) to addr/link/route/neigh/
+    rule/nft events. It reads the probe's monitor of each namespace (`monitors`:
+    replies to its own requests are no changes; interface names) and counts
+    the notifications lost to races (`raced`)."""
+
+    records = (RECORD, NFT_RECORD)
+
+    def __init__(self, monitors: Dict[int, _Monitor]) -> None:
+        self._monitors = monitors
+        self._last: Dict[int, Tuple[int, Optional[NetChangeEvent]]] = {}  # netns -> (skb, event) of the last record
+        self._raced_count: Dict[int, int] = {}
+
+    def forget(self, netns: int) -> None:
+        self._last.pop(netns, None)
+        self._raced_count.pop(netns, None)
+
+    def raced(self, netns: int) -> int:
+        """Notifications of `netns` lost: raced onto the monitor socket, or past a batch's copy."""
+        return self._raced_count.get(netns, 0)
+
+    def layout(self, hdr: Header) -> wire.Record:
         return NFT_RECORD if hdr.flags & NC_F_NFT else RECORD
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:

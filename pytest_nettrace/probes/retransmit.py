@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Tuple, cast
 
 from ..events import Event, Header, IPAddress
 from ..kernel import wire
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
 from .rst import TCP_STATES, ip_from
 
@@ -62,11 +62,10 @@ def _ep(addr: Any, port: int) -> str:
 class RetransmitProbe(Probe):
     name = "retransmit"
     kind_id = wire.Kind.RETRANS
-    records = (RECORD,)
     event_types = {"retransmit": RetransmitEvent}
 
     def __init__(self) -> None:
-        self._seen: Dict[Tuple[int, int, int, int], int] = {}  # (netns, sk, type, seq) -> count
+        self.decoder = RetransmitDecoder()
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         args = kernel.tracepoint_args("tcp_retransmit_skb")
@@ -84,11 +83,21 @@ class RetransmitProbe(Probe):
         return "no tcp:tcp_retransmit_skb tracepoint in the kernel BTF"
 
     def unwatch(self, netns: int) -> None:
+        self.decoder.forget(netns)
+
+
+class RetransmitDecoder(Decoder):
+    """struct retrans_event records to RetransmitEvents, counting each
+    segment's retransmissions."""
+
+    records = (RECORD,)
+
+    def __init__(self) -> None:
+        self._seen: Dict[Tuple[int, int, int, int], int] = {}  # (netns, sk, type, seq) -> count
+
+    def forget(self, netns: int) -> None:
         for key in [k for k in self._seen if k[0] == netns]:
             del self._seen[key]
-
-    def close(self) -> None:
-        self._seen.clear()
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)

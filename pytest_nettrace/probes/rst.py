@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, Un
 
 from ..events import Event, Header, IPAddress, Stack
 from ..kernel import wire
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
 
 if TYPE_CHECKING:
@@ -86,15 +86,16 @@ def _local_abort(state: str, stack: Stack) -> bool:
 class RstProbe(Probe):
     name = "rst"
     kind_id = wire.Kind.RST
-    records = (RECORD,)
     event_types = {"rst": RstEvent}
+    decoder: "RstDecoder"
 
     def __init__(self) -> None:
-        self.reasons: Dict[int, str] = {}
+        self.decoder = RstDecoder()
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
-        self.reasons = {v: n.replace("SK_RST_REASON_", "") for v, n in kernel.enum("sk_rst_reason").items()}
-        RstEvent.REASONS = tuple(n for n in self.reasons.values() if n != "MAX")  # not a reason
+        reasons = {v: n.replace("SK_RST_REASON_", "") for v, n in kernel.enum("sk_rst_reason").items()}
+        self.decoder.reasons = reasons
+        RstEvent.REASONS = tuple(n for n in reasons.values() if n != "MAX")  # not a reason
         plans: List[Plan] = []
         recv = ["rst_recv_tp"]
         # 6.10+: one tracepoint sees both replies and active resets, with a reason.
@@ -116,7 +117,15 @@ class RstProbe(Probe):
         return ("tcp_send_reset tracepoint lacks the reset reason (kernel < 6.10) and neither fentry "
                 f"({kernel.why('fentry')}) nor kprobes ({kernel.why('kprobe')}) are available")
 
-    decode_needs_watch = False  # each record says all its event needs
+
+class RstDecoder(Decoder):
+    """struct rst_event records to RstEvents."""
+
+    records = (RECORD,)
+    needs_watch = False  # each record says all its event needs
+
+    def __init__(self) -> None:
+        self.reasons: Dict[int, str] = {}   # enum sk_rst_reason, from the kernel's BTF (plans)
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 from ..events import Event, Header, IPAddress
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_items, map_update
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
@@ -214,8 +214,10 @@ def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, 
 class SyscallProbe(Probe):
     name = "syscall"
     kind_id = wire.Kind.SYSCALL
-    records = (RECORD,)
     event_types = {"syscall": SyscallEvent}
+
+    def __init__(self) -> None:
+        self.decoder = SyscallDecoder()
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or platform.machine() not in SYSCALL_NR:
@@ -240,7 +242,12 @@ class SyscallProbe(Probe):
             if _u32.unpack_from(value, _PENDING_NETNS)[0] == netns:
                 map_delete(self._inflight_fd, key)
 
-    decode_needs_watch = False  # each record says all its event needs
+
+class SyscallDecoder(Decoder):
+    """struct syscall_event records to SyscallEvents."""
+
+    records = (RECORD,)
+    needs_watch = False  # each record says all its event needs
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, RECORD.body_offset)

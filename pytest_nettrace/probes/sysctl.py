@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, cast
 
 from ..events import Event, Header, user_name
 from ..kernel import wire
-from .base import Plan, Probe
+from .base import Decoder, Plan, Probe
 from .context import CommonFilters, Filter, KindApi
 
 if TYPE_CHECKING:
@@ -99,7 +99,6 @@ def dev_of(parts: List[str]) -> Optional[str]:
 class SysctlProbe(Probe):
     name = "sysctl"
     kind_id = wire.Kind.SYSCTL
-    records = (RECORD,)
     event_types = {"sysctl": SysctlEvent}
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
@@ -114,9 +113,22 @@ class SysctlProbe(Probe):
         return "no cgroup v2 hierarchy mounted (the sysctl hook attaches to one; cgroup v1 only host)"
 
     def __init__(self) -> None:
-        self._last: Dict[int, Dict[int, _Write]] = {}  # netns -> thread -> its last write seen
+        self.decoder = SysctlDecoder()
 
     def unwatch(self, netns: int) -> None:
+        self.decoder.forget(netns)
+
+
+class SysctlDecoder(Decoder):
+    """struct sysctl_write records to SysctlEvents; a write the kernel
+    restarts is one event."""
+
+    records = (RECORD,)
+
+    def __init__(self) -> None:
+        self._last: Dict[int, Dict[int, _Write]] = {}  # netns -> thread -> its last write seen
+
+    def forget(self, netns: int) -> None:
         self._last.pop(netns, None)
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:

@@ -10,7 +10,7 @@ import pytest
 
 from pytest_nettrace.events import NO_STACK
 from pytest_nettrace.kernel import wire
-from pytest_nettrace.probes.conn import ACCEPTED, ESTABLISHED, ConnEvent, ConnProbe
+from pytest_nettrace.probes.conn import ACCEPTED, ESTABLISHED, ConnDecoder, ConnEvent
 from pytest_nettrace.probes.netchange import AddrEvent
 from pytest_nettrace.probes.rst import RstEvent
 
@@ -37,12 +37,12 @@ def test_corrected_is_a_new_event_and_the_earlier_stays():
 
 def test_accept_learned_after_establishment_is_a_correction():
     from pytest_nettrace.events import Header
-    probe = ConnProbe()
+    decoder = ConnDecoder()   # pure: records in, events out
     first = _conn_record(ESTABLISHED, 0, b"swapper/0")
-    [established] = probe.decode(first, Header(first))
+    [established] = decoder.decode(first, Header(first))
     assert isinstance(established, ConnEvent) and established.action == "accept" and established.pid is None
     second = _conn_record(ACCEPTED, 4242, b"server")
-    [accepted] = probe.decode(second, Header(second))
+    [accepted] = decoder.decode(second, Header(second))
     assert accepted.supersedes is established and (accepted.pid, accepted.comm) == (4242, "server")
     assert established.pid is None and established.comm is None   # what a test already holds is unchanged
     assert (accepted.action, accepted.state, accepted.sport) == ("accept", "ESTABLISHED", 9)

@@ -12,8 +12,8 @@ import pytest
 from pytest_nettrace import events as events_mod
 from pytest_nettrace.events import Header
 from pytest_nettrace.kernel.wire import HEADER, NT_MAX_STACK, RST_EVENT, STACK_BYTES, Kind
-from pytest_nettrace.probes.conn import ConnProbe
-from pytest_nettrace.probes.rst import RstProbe
+from pytest_nettrace.probes.conn import ConnDecoder, ConnProbe
+from pytest_nettrace.probes.rst import RstDecoder, RstProbe
 from pytest_nettrace.trace import Trace
 
 NETNS = 4026530000
@@ -48,11 +48,11 @@ class Engine:
         hdr = Header(rec)
         self.decoded[hdr.kind] = self.decoded.get(hdr.kind, 0) + 1
         probe = self.probes.get(hdr.kind)
-        return probe.decode(rec, hdr) if probe and hdr.kind == NT_KIND_RST else []
+        return probe.decoder.decode(rec, hdr) if probe and hdr.kind == NT_KIND_RST else []
 
     def decode_needs_watch(self, kind_id: int) -> bool:
         probe = self.probes.get(kind_id)
-        return probe is None or probe.decode_needs_watch
+        return probe is None or probe.decoder.needs_watch
 
     def probe_available(self, name):
         return None
@@ -100,7 +100,7 @@ def test_reading_one_kind_decodes_only_that_kind(trace):
 
 def test_close_decodes_only_kinds_whose_decoder_needs_the_namespace(trace):
     conn_id = ConnProbe.kind_id
-    assert ConnProbe.decode_needs_watch and not RstProbe.decode_needs_watch
+    assert ConnDecoder.needs_watch and not RstDecoder.needs_watch
     trace.engine.sink([rst_record(10), other_record(11, conn_id)])
     trace.close()
     assert trace.engine.decoded == {conn_id: 1}
@@ -132,10 +132,10 @@ def test_a_changed_symbol_table_makes_contexts_judged_again(monkeypatch):
                         real(frames, guess))
     monkeypatch.setattr(events_mod, "_stacks", {})
     rec = rst_record(1)
-    probe = RstProbe()
-    probe.decode(rec, Header(rec))
-    probe.decode(rec, Header(rec))
+    decoder = RstDecoder()
+    decoder.decode(rec, Header(rec))
+    decoder.decode(rec, Header(rec))
     assert len(judged) == 1
     symbols.invalidate()  # new trampolines: names may have moved
-    probe.decode(rec, Header(rec))
+    decoder.decode(rec, Header(rec))
     assert len(judged) == 2

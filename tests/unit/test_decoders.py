@@ -69,8 +69,9 @@ def test_conn_accept_corrects_the_established_record_with_a_new_fact():
 
 def test_drop_fields():
     probe = DropProbe()
-    probe.reasons, probe.has_reason = {2: "NO_SOCKET"}, True
-    probe.locations[0xffffffff81000000] = "tcp_v4_rcv+0x10"  # as a stack once told (no kallsyms here)
+    dec = probe.decoder
+    dec.reasons, dec.has_reason = {2: "NO_SOCKET"}, True
+    dec.locations[0xffffffff81000000] = "tcp_v4_rcv+0x10"  # as a stack once told (no kallsyms here)
     rec = record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000000, reason=2, len=60, ifindex=2,
                  protocol=0x0800, family=4, ip_proto=6, sport=40000, dport=9, has_reason=1, has_ports=1,
                  dev=b"eth0", saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1"))
@@ -86,10 +87,11 @@ def test_a_packet_sockets_own_copy_is_not_a_drop():
     # Debian 6.1/6.12: a capture's fanout group frees other namespaces' frames
     # at packet_rcv_fanout; a full ring frees its copy in tpacket_rcv
     probe = DropProbe()
-    probe.reasons, probe.has_reason = {2: "NOT_SPECIFIED"}, True
-    probe.locations[0xffffffff81000100] = "packet_rcv_fanout+0xcc"
-    probe.locations[0xffffffff81000200] = "tpacket_rcv [af_packet]+0x3a"
-    probe.locations[0xffffffff81000300] = "tcp_v4_rcv+0x10"
+    dec = probe.decoder
+    dec.reasons, dec.has_reason = {2: "NOT_SPECIFIED"}, True
+    dec.locations[0xffffffff81000100] = "packet_rcv_fanout+0xcc"
+    dec.locations[0xffffffff81000200] = "tpacket_rcv [af_packet]+0x3a"
+    dec.locations[0xffffffff81000300] = "tcp_v4_rcv+0x10"
     common = dict(reason=2, len=66, family=4, ip_proto=6, protocol=0x0800, has_reason=1,
                   saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1"))
     taps = [record(wire.DROP_EVENT, wire.Kind.DROP, location=a, **common) for a in (0xffffffff81000100, 0xffffffff81000200)]
@@ -208,6 +210,6 @@ def test_a_decoder_bug_is_a_lost_record_not_a_crash(monkeypatch):
     dec = RecordDecoder()
     probe = RstProbe()
     dec.add(probe)
-    monkeypatch.setattr(probe, "decode", lambda buf, hdr: 1 / 0)
+    monkeypatch.setattr(probe.decoder, "decode", lambda buf, hdr: 1 / 0)
     assert dec.decode(record(wire.RST_EVENT, wire.Kind.RST)) == []
     assert dec.lost(NETNS) == {wire.Kind.RST: 1}

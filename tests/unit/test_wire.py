@@ -13,7 +13,7 @@ from typing import Dict
 import pytest
 
 from pytest_nettrace.kernel import wire
-from pytest_nettrace.probes.registry import PROBE_CLASSES
+from pytest_nettrace.probes.registry import PROBE_CLASSES, all_probes
 
 OBJECTS = sorted((Path(wire.__file__).parent.parent / "bpf").glob("*/nettrace.bpf.o"))
 BPFTOOL = shutil.which("bpftool") or next((p for p in ("/usr/sbin/bpftool", "/sbin/bpftool")
@@ -57,7 +57,7 @@ def test_every_ring_record_is_declared():
     """Each probe that writes ring records names their layouts, and every
     record layout belongs to exactly one probe's kind."""
     records = [r for r in wire.LAYOUTS if isinstance(r, wire.Record)]
-    owned = [r for cls in PROBE_CLASSES for r in cls.records]
+    owned = [r for probe in all_probes() for r in probe.decoder.records]
     assert sorted(r.cname for r in owned) == sorted(r.cname for r in records)
     assert sorted(cls.kind_id for cls in PROBE_CLASSES) == sorted(wire.Kind), "one probe per kind id"
 
