@@ -125,16 +125,19 @@ class Header:
         self.pcomm = _cstr(pcomm)
 
     def stack(self, buf: bytes) -> Stack:
-        """The kernel stack from the event's trailer (the last STACK_BYTES)."""
-        n = max(0, min(self.stack_len, STACK_BYTES)) // 8
-        if not n:
+        """The kernel stack from the event's trailer (the last STACK_BYTES):
+        the one Stack of every event with the same addresses."""
+        size = self.stack_len & ~7
+        if not size:
             return NO_STACK
+        if size > STACK_BYTES:
+            size = STACK_BYTES
         start = len(buf) - STACK_BYTES
-        raw = buf[start:start + n * 8]
+        raw = buf[start:start + size]   # hashed cheaper than the addresses it holds
         st = _stacks.get(raw)
         if st is not None and _stacks_generation == symbols.generation():
             return st
-        return stack_of(raw, _STACK.unpack_from(buf, start)[:n])
+        return stack_of(raw, _STACK.unpack_from(buf, start)[:size // 8])
 
 
 # -- field types: how a field is filtered, matched and written as JSON ---------
@@ -326,7 +329,7 @@ class _EventType(type):
 
     def __new__(mcs, name: str, bases: Tuple[type, ...], ns: Dict[str, Any], **kw: Any) -> "_EventType":
         own = [f for f, t in ns.get("__annotations__", {}).items()
-               if not _is_classvar(t) and not f.startswith("_")]
+               if not _is_classvar(t) and not f.startswith("_") and f not in ns.get("__slots__", ())]
         for f in own:
             if ns.get(f, None) is not None:
                 raise TypeError(f"{name}.{f}: a field's default is None, not {ns[f]!r}")
@@ -379,7 +382,7 @@ class Event(metaclass=_EventType):
     so with a new event (`corrected`).
     """
 
-    __slots__ = ("_values", "_stack", "_supersedes")
+    __slots__ = ("_values", "_stack", "supersedes")
 
     kind: ClassVar[str] = "event"
     timestamp: int
@@ -402,7 +405,8 @@ class Event(metaclass=_EventType):
     _OWN: ClassVar[Tuple[str, ...]]    # STORED past the common fields
     _values: Tuple[Any, ...]           # STORED's values (the fields' properties read them)
     _stack: Stack                      # shared by the events with the same one
-    _supersedes: Optional["Event"]
+    # the earlier, already published event this one corrects (`corrected`); None
+    supersedes: Optional["Event"]
     _OWN_SET: ClassVar[FrozenSet[str]]
     # Each field's type where it is not plain (`FieldType`): how filters on
     # it are checked and compared, and how JSON holds it. A class declares its
@@ -465,19 +469,25 @@ class Event(metaclass=_EventType):
             values = tuple(self._merge(dict(zip(Event.STORED, common)), fields))
         _set(self, "_values", values)
         _set(self, "_stack", stack)
-        _set(self, "_supersedes", None)
+        _set(self, "supersedes", None)
 
     @classmethod
-    def of(cls: Type[_E], hdr: Optional[Header], stack: Stack, context_guess: str, *own: Any) -> _E:
+    def of(cls: Type[_E], hdr: Header, stack: Stack, context_guess: str, *own: Any) -> _E:
         """`cls(hdr, stack, context_guess, **fields)` for a decoder of many
         events: the kind's own fields by position, in the order the class
-        declares them (`OWN`), all of them."""
+        declares them, all of them."""
         event = object.__new__(cls)
         if len(own) != len(cls._OWN):
             raise TypeError(f"{cls.__name__}.of() takes its {len(cls._OWN)} own fields, got {len(own)}")
-        _set(event, "_values", _common(hdr, stack, context_guess) + own)
+        context = stack.context(context_guess)
+        if context == "process":   # as _common, inline: this is the hot path
+            common: Tuple[Any, ...] = (hdr.ts, hdr.netns, hdr.pid or None, hdr.tid or None, hdr.comm, hdr.uid,
+                                       hdr.ppid, hdr.pcomm, context, None)
+        else:
+            common = (hdr.ts, hdr.netns, None, None, None, None, None, None, context, f"{hdr.comm}({hdr.pid})")
+        _set(event, "_values", common + own)
         _set(event, "_stack", stack)
-        _set(event, "_supersedes", None)
+        _set(event, "supersedes", None)
         return event
 
     @classmethod
@@ -496,12 +506,7 @@ class Event(metaclass=_EventType):
         raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}")
 
     def __reduce__(self) -> Any:   # copy and pickle: slots that __setattr__ refuses
-        return (_rebuild, (type(self), self._values, self._stack.frames, self._supersedes))
-
-    @property
-    def supersedes(self) -> Optional["Event"]:
-        """The earlier, already published event this one corrects (`corrected`); None."""
-        return self._supersedes
+        return (_rebuild, (type(self), self._values, self._stack.frames, self.supersedes))
 
     def evolve(self: _E, **changes: Any) -> _E:
         """A new event: this one with `changes` (and what it supersedes).
@@ -509,7 +514,7 @@ class Event(metaclass=_EventType):
         new = object.__new__(type(self))
         _set(new, "_values", tuple(self._merge(dict(zip(self.STORED, self._values)), changes)))
         _set(new, "_stack", self._stack)
-        _set(new, "_supersedes", self._supersedes)
+        _set(new, "supersedes", self.supersedes)
         return new
 
     def corrected(self: _E, **changes: Any) -> _E:
@@ -518,7 +523,7 @@ class Event(metaclass=_EventType):
         later (who accepted a connection, that a record raced) says so with
         a new fact, which takes the earlier one's place in the trace."""
         new = self.evolve(**changes)
-        _set(new, "_supersedes", self)
+        _set(new, "supersedes", self)
         return new
 
     @property
@@ -587,7 +592,7 @@ def _rebuild(cls: Any, values: Tuple[Any, ...], frames: Tuple[str, ...], superse
     event = object.__new__(cls)
     _set(event, "_values", values)
     _set(event, "_stack", Stack.resolved(frames))
-    _set(event, "_supersedes", supersedes)
+    _set(event, "supersedes", supersedes)
     return cast(Event, event)
 
 

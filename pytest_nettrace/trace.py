@@ -249,17 +249,18 @@ class Trace(KindMethods):
             paused = gc.isenabled()
             if paused:
                 gc.disable()
+            decode, keep = self.engine.decode, self._events.append   # per record: no lookups
             try:
                 for kid in (list(raw) if kind_ids is None else kind_ids):
                     queue = raw.pop(kid, None)
                     if not queue:
                         continue
                     for rec in queue:
-                        for event in self.engine.decode(rec):
+                        for event in decode(rec):
                             if event.supersedes is not None:  # a correction of an earlier event
                                 self._correct(event)
                             else:
-                                self._events.append(event)
+                                keep(event)
             finally:
                 if paused:
                     gc.enable()

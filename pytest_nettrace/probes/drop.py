@@ -242,7 +242,7 @@ class DropDecoder(Decoder):
             return []
         return [DropEvent(
             hdr, stack, "softirq",
-            reason=self.reasons.get(reason, str(reason)) if has_reason else None,
+            reason=(self.reasons.get(reason) or str(reason)) if has_reason else None,
             location=where, dev=dev.split(b"\0", 1)[0].decode(errors="replace") or None,
             ifindex=ifindex or None, protocol=ETHERTYPES.get(protocol, f"0x{protocol:04x}"),
             family=family or None, saddr=src, daddr=dst,

@@ -104,7 +104,7 @@ class RetransmitDecoder(Decoder):
         key = (hdr.netns, sk, rtype, seq)
         self._seen[key] = count = self._seen.get(key, 0) + 1
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
-        state_name = TCP_STATES.get(state, str(state))
+        state_name = TCP_STATES.get(state) or str(state)
         stack = hdr.stack(buf)
         if rtype == RETRANS_SYNACK:
             rtype_name = "synack"

@@ -129,21 +129,21 @@ class RstDecoder(Decoder):
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
-        origin = ORIGINS.get(origin_id, str(origin_id))
+        origin = ORIGINS.get(origin_id) or str(origin_id)
         # Without a stack: replies and received resets run in softirq.
         ctx = "process" if origin == "active" else "softirq"
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
         stack = hdr.stack(buf)
-        state_name = TCP_STATES.get(state, str(state))
+        state_name = TCP_STATES.get(state) or str(state)
         if origin == "received" and _local_abort(state_name, stack):
             return []
         # RstEvent.of: the fields in declaration order (a flood's events are made here)
         return [RstEvent.of(
             hdr, stack, ctx,
-            "received" if origin == "received" else "sent",                         # direction
-            origin, src.version,  # family: a v4-mapped v6 socket reports IPv4
+            "received" if origin == "received" else "sent",                       # direction
+            origin, 4 if type(src) is ipaddress.IPv4Address else 6,  # family: a v4-mapped v6 socket reports IPv4
             src, sport, dst, dport, state_name,
-            self.reasons.get(reason, str(reason)) if has_reason else None,           # reason
+            (self.reasons.get(reason) or str(reason)) if has_reason else None,       # reason
         )]
 
 

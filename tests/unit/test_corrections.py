@@ -8,11 +8,12 @@ import ipaddress
 import pytest
 
 
-from pytest_nettrace.events import NO_STACK
+from pytest_nettrace.events import NO_STACK, Header
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.conn import ACCEPTED, ESTABLISHED, ConnDecoder, ConnEvent
 from pytest_nettrace.probes.netchange import AddrEvent
 from pytest_nettrace.probes.rst import RstEvent
+from records import record
 
 NS = 4026532000
 
@@ -36,7 +37,7 @@ def test_corrected_is_a_new_event_and_the_earlier_stays():
 
 
 def test_accept_learned_after_establishment_is_a_correction():
-    from pytest_nettrace.events import Header
+
     decoder = ConnDecoder()   # pure: records in, events out
     first = _conn_record(ESTABLISHED, 0, b"swapper/0")
     [established] = decoder.decode(first, Header(first))
@@ -66,7 +67,7 @@ def test_an_event_is_immutable_and_its_fields_are_its_annotations():
         for klass in reversed(cls.__mro__):
             declared += [f for f, t in vars(klass).get("__annotations__", {}).items()
                          if not f.startswith("_") and "ClassVar" not in str(t) and f not in declared
-                         and f not in cls.EXTRA and f not in cls.WITHOUT]
+                         and f not in cls.EXTRA and f not in cls.WITHOUT and f not in vars(klass).get("__slots__", ())]
         derived = [f for klass in reversed(cls.__mro__) for f in vars(klass).get("DERIVED", ())
                    if f not in cls.WITHOUT]
         assert set(cls.FIELDS) == {"kind"} | set(declared) | set(derived), cls
@@ -81,7 +82,8 @@ def test_an_event_is_immutable_and_its_fields_are_its_annotations():
 
 
 def test_of_takes_the_fields_in_declaration_order():
-    ev = RstEvent.of(None, NO_STACK, "softirq", "sent", "reply", 4, None, 1, None, 2, "CLOSE", None)
+    hdr = Header(record(wire.RST_EVENT, wire.Kind.RST))
+    ev = RstEvent.of(hdr, NO_STACK, "softirq", "sent", "reply", 4, None, 1, None, 2, "CLOSE", None)
     assert (ev.direction, ev.origin, ev.family, ev.sport, ev.dport, ev.state) == ("sent", "reply", 4, 1, 2, "CLOSE")
     with pytest.raises(TypeError, match="takes its 9 own fields"):
-        RstEvent.of(None, NO_STACK, "softirq", "sent")
+        RstEvent.of(hdr, NO_STACK, "softirq", "sent")
