@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
+import itertools
 import pwd
 import socket
 import struct
@@ -298,6 +299,7 @@ IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 _set = object.__setattr__
+_NONES = itertools.repeat(None)   # pop()'s default, for every field
 _ANNOTATED_TYPES = {"IPAddress": ADDRESS, "IPInterface": ADDRESS, "IPNetwork": NETWORK}
 
 
@@ -351,15 +353,13 @@ class _EventType(type):
         setattr(cls, "FIELDS", tuple(f for f in fields if f not in without))
         root: Any = [c for c in cls.__mro__ if isinstance(c, _EventType)][-1]   # Event: the common fields
         setattr(cls, "_OWN", (stored + tuple(own))[len(root.STORED):] if root is not cls else ())
-        setattr(cls, "_OWN_SET", frozenset(getattr(cls, "_OWN")))
+        setattr(cls, "_STORED_SET", frozenset(stored + tuple(own)))
         return cls
 
 
-def _common(hdr: Optional[Header], stack: Stack, context_guess: str) -> Tuple[Any, ...]:
+def _common(hdr: Header, stack: Stack, context_guess: str) -> Tuple[Any, ...]:
     """The values of Event's own fields (STORED) for a record's header."""
     context = stack.context(context_guess)
-    if hdr is None:
-        return (None, None, None, None, None, None, None, None, context, None)
     if context == "process":
         # 0: a process outside this pid namespace (the host's, seen from a container)
         return (hdr.ts, hdr.netns, hdr.pid or None, hdr.tid or None, hdr.comm, hdr.uid, hdr.ppid, hdr.pcomm,
@@ -407,7 +407,7 @@ class Event(metaclass=_EventType):
     _stack: Stack                      # shared by the events with the same one
     # the earlier, already published event this one corrects (`corrected`); None
     supersedes: Optional["Event"]
-    _OWN_SET: ClassVar[FrozenSet[str]]
+    _STORED_SET: ClassVar[FrozenSet[str]]
     # Each field's type where it is not plain (`FieldType`): how filters on
     # it are checked and compared, and how JSON holds it. A class declares its
     # own; those of its bases are merged in (`__init_subclass__`).
@@ -460,13 +460,18 @@ class Event(metaclass=_EventType):
         cls = type(self)
         if not isinstance(stack, Stack):
             stack = stack_of(tuple(stack)) if stack else NO_STACK
-        common = _common(hdr, stack, context_guess)
-        if fields.keys().isdisjoint(_COMMON):   # what decoders do: one step
-            if not fields.keys() <= cls._OWN_SET:
-                raise TypeError(f"{cls.__name__} has no field {sorted(set(fields) - cls._OWN_SET)[0]!r}")
-            values = common + tuple(map(fields.get, cls._OWN))
+        # Each known field is taken out of `fields` (our own dict) in one
+        # pass; what is left is a common field given as well, or a typo.
+        if hdr is None:   # every field from `fields` (packets, verdicts, JSON)
+            fields.setdefault("context", stack.context(context_guess))
+            values = tuple(map(fields.pop, cls.STORED, _NONES))
         else:
-            values = tuple(self._merge(dict(zip(Event.STORED, common)), fields))
+            values = _common(hdr, stack, context_guess) + tuple(map(fields.pop, cls._OWN, _NONES))
+            if fields:   # a decoder naming common fields itself (conn: the connection's owner)
+                values = cls._merge(dict(zip(cls.STORED, values)), fields)
+                fields = {}
+        if fields:
+            raise TypeError(f"{cls.__name__} has no field {sorted(fields)[0]!r}")
         _set(self, "_values", values)
         _set(self, "_stack", stack)
         _set(self, "supersedes", None)
@@ -491,12 +496,12 @@ class Event(metaclass=_EventType):
         return event
 
     @classmethod
-    def _merge(cls, base: Dict[str, Any], changes: Mapping[str, Any]) -> List[Any]:
-        unknown = set(changes) - set(cls.STORED)
-        if unknown:
-            raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
+    def _merge(cls, base: Dict[str, Any], changes: Mapping[str, Any]) -> Tuple[Any, ...]:
+        """STORED's values: `base`'s, with `changes`."""
+        if not changes.keys() <= cls._STORED_SET:
+            raise TypeError(f"{cls.__name__} has no field {sorted(set(changes) - cls._STORED_SET)[0]!r}")
         base.update(changes)
-        return [base.get(f) for f in cls.STORED]
+        return tuple(map(base.get, cls.STORED))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r} "
@@ -512,7 +517,7 @@ class Event(metaclass=_EventType):
         """A new event: this one with `changes` (and what it supersedes).
         For a decoder still building an event, before it publishes it."""
         new = object.__new__(type(self))
-        _set(new, "_values", tuple(self._merge(dict(zip(self.STORED, self._values)), changes)))
+        _set(new, "_values", self._merge(dict(zip(self.STORED, self._values)), changes))
         _set(new, "_stack", self._stack)
         _set(new, "supersedes", self.supersedes)
         return new
@@ -585,7 +590,6 @@ class Event(metaclass=_EventType):
         return f"<{type(self).__name__} {self.summary()}>"
 
 
-_COMMON = frozenset(Event.STORED)
 
 
 def _rebuild(cls: Any, values: Tuple[Any, ...], frames: Tuple[str, ...], supersedes: Optional[Event]) -> Event:
