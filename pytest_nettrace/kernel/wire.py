@@ -130,7 +130,7 @@ class Layout:
 
 class Record(Layout):
     """A ring-buffer record: struct nt_hdr `h`, the body, and optionally the
-    kernel stack `stack` as the trailer (Header.stack_addrs reads it from the
+    kernel stack `stack` as the trailer (Header.stack reads it from the
     end). The decoder unpacks `body` at `body_offset`; a record whose length
     is not `size` is rejected before it reaches the decoder."""
 
