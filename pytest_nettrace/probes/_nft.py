@@ -10,20 +10,17 @@ import ipaddress
 import struct
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
-from pyroute2.netlink.nfnetlink.nftsocket import (nft_chain_msg, nft_rule_msg, nft_set_elem_list_msg, nft_set_msg,
-                                                  nft_table_msg)
-
 NFNL_SUBSYS_NFTABLES = 10
 NFNLGRP_NFTABLES = 7
 NLM_F_REPLACE = 0x100
 FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
-# NFT_MSG_* -> (object, action, message class)
+# NFT_MSG_* -> (object, action, message class in pyroute2's nftsocket)
 MESSAGES = {
-    0: ("table", "added", nft_table_msg), 2: ("table", "deleted", nft_table_msg),
-    3: ("chain", "added", nft_chain_msg), 5: ("chain", "deleted", nft_chain_msg),
-    6: ("rule", "added", nft_rule_msg), 8: ("rule", "deleted", nft_rule_msg),
-    9: ("set", "added", nft_set_msg), 11: ("set", "deleted", nft_set_msg),
-    12: ("element", "added", nft_set_elem_list_msg), 14: ("element", "deleted", nft_set_elem_list_msg),
+    0: ("table", "added", "nft_table_msg"), 2: ("table", "deleted", "nft_table_msg"),
+    3: ("chain", "added", "nft_chain_msg"), 5: ("chain", "deleted", "nft_chain_msg"),
+    6: ("rule", "added", "nft_rule_msg"), 8: ("rule", "deleted", "nft_rule_msg"),
+    9: ("set", "added", "nft_set_msg"), 11: ("set", "deleted", "nft_set_msg"),
+    12: ("element", "added", "nft_set_elem_list_msg"), 14: ("element", "deleted", "nft_set_elem_list_msg"),
 }
 NFT_MSG_NEWGEN = 15
 OTHER_OBJECTS = {18: ("object", "added"), 20: ("object", "deleted"),
@@ -44,6 +41,13 @@ _META: Dict[Any, str] = {"NFT_META_IIFNAME": "iifname", "NFT_META_OIFNAME": "oif
 _CT_STATES = ((1, "invalid"), (2, "established"), (4, "related"), (8, "new"), (64, "untracked"))
 _CMP: Dict[Any, str] = {"NFT_CMP_EQ": "", "NFT_CMP_NEQ": "!= ", "NFT_CMP_LT": "< ", "NFT_CMP_LTE": "<= ",
         "NFT_CMP_GT": "> ", "NFT_CMP_GTE": ">= "}
+
+
+def _classes() -> Any:
+    """pyroute2's nftables message classes, imported on first use: importing
+    any of pyroute2 costs ~100 ms, which loading the probes need not pay."""
+    from pyroute2.netlink.nfnetlink import nftsocket
+    return nftsocket
 
 
 def split(buf: bytes) -> Iterator[Tuple[int, int, bytes]]:
@@ -89,7 +93,7 @@ def changes(buf: bytes) -> List[Dict[str, Any]]:
         if kind not in MESSAGES:
             continue
         obj, action, cls = MESSAGES[kind]
-        msg = cls(raw)
+        msg = getattr(_classes(), cls)(raw)
         msg.decode()
         family = FAMILIES.get(msg["nfgen_family"], msg["nfgen_family"])
         if obj == "rule" and action == "added" and flags & NLM_F_REPLACE:
@@ -365,17 +369,18 @@ def tracing_table(table: str, owned: bool = True) -> bytes:
     that name is an error, never reused); the table comes back echoed, with
     its handle. `owned`: the kernel removes it when the socket that sent this
     closes (whatever kills the process), and `nft flush ruleset` leaves it."""
+    m = _classes()
     attrs: List[Any] = [("NFTA_TABLE_NAME", table)]
     if owned:
         attrs.append(("NFTA_TABLE_FLAGS", NFT_TABLE_F_OWNER))
     items: List[Tuple[Any, int, int, List[Any]]] = [
-        (nft_table_msg, 0, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, attrs)]
+        (m.nft_table_msg, 0, NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, attrs)]
     for chain, hook in (("pre", NF_INET_PRE_ROUTING), ("out", NF_INET_LOCAL_OUT)):
-        items.append((nft_chain_msg, 3, NLM_F_CREATE, [
+        items.append((m.nft_chain_msg, 3, NLM_F_CREATE, [
             ("NFTA_CHAIN_TABLE", table), ("NFTA_CHAIN_NAME", chain),
             ("NFTA_CHAIN_HOOK", {"attrs": [("NFTA_HOOK_HOOKNUM", hook), ("NFTA_HOOK_PRIORITY", TRACE_PRIORITY)]}),
             ("NFTA_CHAIN_TYPE", "filter")]))
-        items.append((nft_rule_msg, 6, NLM_F_CREATE, [
+        items.append((m.nft_rule_msg, 6, NLM_F_CREATE, [
             ("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain),
             ("NFTA_RULE_EXPRESSIONS", [
                 {"attrs": [("NFTA_EXPR_NAME", "immediate"), ("NFTA_EXPR_DATA", {"attrs": [
@@ -388,17 +393,17 @@ def tracing_table(table: str, owned: bool = True) -> bytes:
 
 def delete_table(table: str, handle: int) -> bytes:
     """Delete table `table` only if it still has `handle` (the one we made)."""
-    return batch([(nft_table_msg, 2, 0, [("NFTA_TABLE_NAME", table), ("NFTA_TABLE_HANDLE", handle)])])
+    return batch([(_classes().nft_table_msg, 2, 0, [("NFTA_TABLE_NAME", table), ("NFTA_TABLE_HANDLE", handle)])])
 
 
 def get_rule(family: int, table: str, chain: str, handle: int) -> bytes:
-    return _encode(nft_rule_msg, (NFNL_SUBSYS_NFTABLES << 8) | 7, NLM_F_REQUEST | NLM_F_ACK, 1, family,
+    return _encode(_classes().nft_rule_msg, (NFNL_SUBSYS_NFTABLES << 8) | 7, NLM_F_REQUEST | NLM_F_ACK, 1, family,
                    [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain), ("NFTA_RULE_HANDLE", handle)])
 
 
 def get_table(table: str) -> bytes:
-    return _encode(nft_table_msg, (NFNL_SUBSYS_NFTABLES << 8) | 1, NLM_F_REQUEST | NLM_F_ACK, 1, NFPROTO_INET,
-                   [("NFTA_TABLE_NAME", table)])
+    return _encode(_classes().nft_table_msg, (NFNL_SUBSYS_NFTABLES << 8) | 1, NLM_F_REQUEST | NLM_F_ACK, 1,
+                   NFPROTO_INET, [("NFTA_TABLE_NAME", table)])
 
 
 def errors(buf: bytes) -> List[int]:
@@ -409,7 +414,7 @@ def errors(buf: bytes) -> List[int]:
 def table_handle(buf: bytes) -> Optional[int]:
     for mtype, _f, raw in split(buf):
         if mtype == (NFNL_SUBSYS_NFTABLES << 8):
-            msg = nft_table_msg(raw)
+            msg = _classes().nft_table_msg(raw)
             msg.decode()
             return cast(Optional[int], msg.get_attr("NFTA_TABLE_HANDLE"))
     return None
@@ -418,7 +423,7 @@ def table_handle(buf: bytes) -> Optional[int]:
 def rule_text(buf: bytes) -> Optional[str]:
     for mtype, _f, raw in split(buf):
         if mtype == (NFNL_SUBSYS_NFTABLES << 8) | 6:
-            msg = nft_rule_msg(raw)
+            msg = _classes().nft_rule_msg(raw)
             msg.decode()
             exprs = msg.get_attr("NFTA_RULE_EXPRESSIONS")
             return render_rule(FAMILIES.get(msg["nfgen_family"]), exprs) if exprs is not None else None

@@ -17,10 +17,6 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.ndmsg import ndmsg
-
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, parse_address, user_name
 from ..events import CHOICE, FieldType
@@ -59,6 +55,9 @@ RTMGRP_NEIGH, RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x4, 0x80, 1 << (19 - 1)
 _GROUPS |= RTMGRP_NEIGH | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 IFF_UP = 0x1
 NLM_F_REPLACE = 0x100
+# linux/netlink.h; pyroute2's message classes are imported where requests are
+# built: importing any of pyroute2 costs ~100 ms, on the path to attached probes
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
 SO_RCVBUFFORCE = 33       # asm-generic/socket.h: not in Python's socket module
 NETLINK_NETFILTER = 12    # linux/netlink.h: not in Python's socket module
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
@@ -520,6 +519,7 @@ class _Monitor:
 
     def _dump_links(self) -> None:
         """ifindex -> name of the links present now (IPv6 notifications carry only the index)."""
+        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
         self.sock.send(_dump_request(ifinfmsg(), RTM_GETLINK, 1))
         while True:
             data = self.sock.recv(1 << 16)
@@ -532,6 +532,7 @@ class _Monitor:
     def _dump_neighbours(self) -> None:
         """The neighbour entries present now: a later RTM_NEWNEIGH for one of
         them is a change, not an addition (the kernel's message does not say)."""
+        from pyroute2.netlink.rtnl.ndmsg import ndmsg
         self.sock.send(_dump_request(ndmsg(), RTM_GETNEIGH, 2))
         while True:
             for mtype, msg in _split(self.sock.recv(1 << 16)):
