@@ -1,6 +1,9 @@
 """Kernel feature probing runs once per boot: its outcome is kept in the run
 directory under a name made of the boot id, the probe object's digest, the
-credentials and the BTF path; a corrupt or foreign file is ignored."""
+credentials and the BTF path; a corrupt or foreign file is ignored. So are
+the answers the probes ask the kernel's BTF (enum values, tracepoint
+arguments): a process whose questions were answered before does not parse it.
+A directory others can write is neither read nor written."""
 from __future__ import annotations
 
 import json
@@ -8,7 +11,8 @@ import os
 
 import pytest
 
-from pytest_nettrace.kernel import capabilities
+from pytest_nettrace.kernel import capabilities, symbols
+from pytest_nettrace.kernel import libbpf as lb
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loads BPF programs)")
 
@@ -66,3 +70,87 @@ def test_a_corrupt_or_foreign_cache_file_is_ignored(run_dir, monkeypatch, spoil)
     tried = _loads(monkeypatch)
     got = capabilities.detect()
     assert len(tried) == 4 and _same(truth, got)
+
+
+QUESTIONS = (("enum", "skb_drop_reason"), ("enum", "bpf_attach_type"), ("enum", "no_such_enum_xyz"),
+             ("tracepoint_args", "kfree_skb"), ("tracepoint_args", "inet_sock_set_state"),
+             ("tracepoint_args", "no_such_tracepoint_xyz"))
+
+
+def _ask(k) -> list:
+    return [getattr(k, what)(name) for what, name in QUESTIONS]
+
+
+def _parses(monkeypatch) -> list:
+    parsed = []
+    real = lb.KernelBtf
+    monkeypatch.setattr(lb, "KernelBtf", lambda *a: parsed.append(a) or real(*a))
+    return parsed
+
+
+def test_btf_answers_are_kept_for_the_boot(run_dir, monkeypatch):
+    truth = lb.KernelBtf()
+    expected = [truth.enum("skb_drop_reason"), truth.enum("bpf_attach_type"), {},
+                truth.tracepoint_arg_count("kfree_skb"), truth.tracepoint_arg_count("inet_sock_set_state"), None]
+    truth.close()
+    assert expected[0] and expected[3] and expected[4], "this kernel's BTF lacks what the test asks"
+    assert _ask(capabilities.detect()) == expected
+    [kept] = run_dir.glob("btf-*.json")
+    parsed = _parses(monkeypatch)
+    again = capabilities.detect()
+    assert _ask(again) == expected
+    assert parsed == [], "the kernel BTF was parsed again for answers kept this boot"
+    assert again.tp_btf and again.btf
+    assert again.tracepoint_args("tcp_send_reset") is not None and len(parsed) == 1, "a new question parses it"
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "wrong shape", "not root's", "writable by others", "symlink"])
+def test_corrupt_or_foreign_btf_answers_are_ignored(run_dir, monkeypatch, spoil):
+    expected = _ask(capabilities.detect())
+    [kept] = run_dir.glob("btf-*.json")
+    lie = json.dumps({"enums": {"skb_drop_reason": [[2, "A_LIE"]]}, "tracepoint_args": {"kfree_skb": 99}})
+    kept.unlink()
+    if spoil == "garbage":
+        kept.write_text("{not json")
+    elif spoil == "wrong shape":
+        kept.write_text(json.dumps({"enums": [], "tracepoint_args": {"kfree_skb": "x"}}))
+    elif spoil == "symlink":
+        (run_dir / "elsewhere.json").write_text(lie)
+        kept.symlink_to(run_dir / "elsewhere.json")
+    else:
+        kept.write_text(lie)
+        if spoil == "not root's":
+            os.chown(kept, 65534, 65534)
+        else:
+            os.chmod(kept, 0o666)
+    parsed = _parses(monkeypatch)
+    assert _ask(capabilities.detect()) == expected
+    assert len(parsed) == 1
+
+
+def test_a_run_directory_others_can_write_is_not_used(run_dir, monkeypatch):
+    """On a shared machine another user could plant answers (or links) there."""
+    run_dir.chmod(0o777)
+    capabilities.detect()
+    assert list(run_dir.iterdir()) == [], "wrote its cache where others can write"
+    truth = capabilities.detect()
+    probed = {"tp_btf": "EPERM: a lie", "tracepoint": None, "fentry": None, "kprobe": None}
+    capabilities._write_probe_cache(capabilities._probe_cache_path(capabilities.DEFAULT_BTF,
+                                                                   capabilities._effective_caps()), probed)
+    assert list(run_dir.iterdir()) == []
+    run_dir.chmod(0o755)
+    capabilities._write_probe_cache(capabilities._probe_cache_path(capabilities.DEFAULT_BTF,
+                                                                   capabilities._effective_caps()), probed)
+    [planted] = run_dir.glob("features-*.json")
+    run_dir.chmod(0o777)
+    tried = _loads(monkeypatch)
+    assert _same(capabilities.detect(), truth) and len(tried) == 4, "believed a file in a directory others can write"
+
+
+def test_function_addresses_from_a_foreign_cache_file_are_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(symbols, "RUN_DIR", str(tmp_path))
+    truth = symbols.function_ranges(("call_timer_fn",))
+    [kept] = tmp_path.glob("ksyms-*.json")
+    kept.write_text(json.dumps({"call_timer_fn": [1, 2]}))
+    os.chown(kept, 65534, 65534)
+    assert symbols.function_ranges(("call_timer_fn",)) == truth

@@ -1,20 +1,22 @@
-"""What the running kernel and process allow, found by trying, once per process.
+"""What the running kernel and process allow, found by trying, once per boot.
 
 Each feature is a bool plus, when False, the reason (the errno or the missing
-file), so the pytest header and every skip can say exactly why."""
+file), so the pytest header and every skip can say exactly why. What the
+probes ask the kernel's BTF (enum values, tracepoint arguments) is kept for
+the boot too: a process whose questions were all answered before does not
+parse the BTF (libbpf still does, for the attach targets)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import platform
-import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from . import libbpf as lb
-from ..runtime import RUN_DIR, boot_id
+from ..runtime import RUN_DIR, boot_id, read_cached, write_cached
 from ..errors import NettraceError, UnsupportedKernel
 
 DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
@@ -62,19 +64,34 @@ class KernelFeatures:
     fentry: bool = False
     kprobe: bool = False
     reasons: Dict[str, str] = field(default_factory=dict)
-    _btf: Optional[lb.KernelBtf] = None
-    _enums: Dict[str, Dict[int, str]] = field(default_factory=dict)
+    _btf: Optional[lb.KernelBtf] = None   # parsed only when a question is not in _facts
+    _facts: Optional[BtfFacts] = None     # None: no usable BTF
 
     def why(self, feature: str) -> str:
         return self.reasons.get(feature, "available" if getattr(self, feature, False) else "unknown")
 
     def enum(self, name: str) -> Dict[int, str]:
-        if name not in self._enums:
-            self._enums[name] = self._btf.enum(name) if self._btf else {}
-        return self._enums[name]
+        if self._facts is None:
+            return {}
+        known = self._facts.enums.get(name)
+        if known is None:
+            known = self._facts.enums[name] = self._parsed().enum(name)
+            self._facts.save()
+        return known
 
     def tracepoint_args(self, tp: str) -> Optional[int]:
-        return self._btf.tracepoint_arg_count(tp) if self._btf else None
+        if self._facts is None:
+            return None
+        if tp not in self._facts.tracepoint_args:
+            self._facts.tracepoint_args[tp] = self._parsed().tracepoint_arg_count(tp)
+            self._facts.save()
+        return self._facts.tracepoint_args[tp]
+
+    def _parsed(self) -> lb.KernelBtf:
+        with _parse_lock:
+            if self._btf is None:
+                self._btf = lb.KernelBtf(self.btf_path)
+            return self._btf
 
     def require(self) -> None:
         """Raise UnsupportedKernel with the first missing essential, in one line."""
@@ -132,11 +149,14 @@ def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
     elif not os.path.exists(btf_path):
         k.reasons["btf"] = f"no kernel BTF at {btf_path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"
     else:
-        try:
-            k._btf = lb.KernelBtf(btf_path)
-            k.btf = True
-        except NettraceError as e:
-            k.reasons["btf"] = str(e)
+        k._facts = BtfFacts.load(btf_path)
+        if k._facts is None:  # not parsed yet this boot (or no cache): parse it now, to know it is usable
+            try:
+                k._btf = lb.KernelBtf(btf_path)
+                k._facts = BtfFacts(_btf_cache_name(btf_path))
+            except NettraceError as e:
+                k.reasons["btf"] = str(e)
+        k.btf = k._facts is not None
     if not k.privileged or not k.btf:
         blocker = k.reasons.get("privileged") or k.reasons.get("btf")
         for feat in ("ringbuf", "tracepoint", "tp_btf", "fentry", "kprobe"):
@@ -188,24 +208,13 @@ def _probe_cache_path(btf_path: str, caps: int) -> Optional[str]:
 
 
 def _read_probe_cache(path: Optional[str]) -> Optional[Dict[str, Optional[str]]]:
-    """The cached outcome; None for no file, or one that is not root's own,
-    writable by others, or not exactly what _write_probe_cache writes."""
-    if path is None:
-        return None
+    """The cached outcome; None for no file, one that is not to be believed
+    (runtime.read_cached), or not exactly what _write_probe_cache writes."""
+    raw = read_cached(os.path.dirname(path), os.path.basename(path)) if path else None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+        data = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
-    try:
-        st = os.fstat(fd)
-        if st.st_uid != 0 or not stat.S_ISREG(st.st_mode) or st.st_mode & 0o022:
-            return None
-        with os.fdopen(os.dup(fd)) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    finally:
-        os.close(fd)
     if not isinstance(data, dict) or set(data) != {f for f, _ in _PROBED} or \
             not all(v is None or isinstance(v, str) for v in data.values()):
         return None
@@ -213,20 +222,55 @@ def _read_probe_cache(path: Optional[str]) -> Optional[Dict[str, Optional[str]]]
 
 
 def _write_probe_cache(path: Optional[str], probed: Dict[str, Optional[str]]) -> None:
-    if path is None:
-        return
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}"
+    if path is not None:
+        write_cached(os.path.dirname(path), os.path.basename(path), json.dumps(probed).encode())
+
+
+def _btf_cache_name(btf_path: str) -> Optional[str]:
+    """The facts file of `btf_path` on this boot (None: not kept): named by the
+    boot, the file and its identity, so a replaced BTF file is asked again."""
+    boot = boot_id()
+    if os.geteuid() != 0 or not boot:
+        return None
     try:
-        os.makedirs(RUN_DIR, mode=0o755, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(probed, f)
-        os.replace(tmp, path)
-    except OSError:  # a read-only /run: probe again next time
+        st = os.stat(btf_path)
+    except OSError:
+        return None
+    key = f"{boot}\0{os.path.realpath(btf_path)}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"btf-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+class BtfFacts:
+    """What the probes asked the kernel's BTF this boot, kept in RUN_DIR."""
+
+    def __init__(self, name: Optional[str], enums: Optional[Dict[str, Dict[int, str]]] = None,
+                 tracepoint_args: Optional[Dict[str, Optional[int]]] = None) -> None:
+        self.name = name
+        self.enums: Dict[str, Dict[int, str]] = enums or {}
+        self.tracepoint_args: Dict[str, Optional[int]] = tracepoint_args or {}
+
+    @classmethod
+    def load(cls, btf_path: str) -> Optional["BtfFacts"]:
+        """The facts kept for `btf_path`, None when there are none to believe."""
+        name = _btf_cache_name(btf_path)
+        raw = read_cached(RUN_DIR, name) if name else None
+        if raw is None:
+            return None
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            data = json.loads(raw)
+            enums = {str(e): {int(v): str(n) for v, n in values} for e, values in data["enums"].items()}
+            tps = {str(tp): None if n is None else int(n) for tp, n in data["tracepoint_args"].items()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        return cls(name, enums, tps)
+
+    def save(self) -> None:
+        """Kept for the next processes; two writing at once lose one's new
+        facts at worst, which the next process asks again."""
+        if self.name:
+            data = {"enums": {e: sorted(values.items()) for e, values in self.enums.items()},
+                    "tracepoint_args": self.tracepoint_args}
+            write_cached(RUN_DIR, self.name, json.dumps(data).encode())
 
 
 def _short(err: str) -> str:
@@ -240,6 +284,7 @@ def _short(err: str) -> str:
 
 _cached: Dict[str, KernelFeatures] = {}
 _lock = threading.Lock()
+_parse_lock = threading.Lock()
 
 
 def features(btf_path: str = DEFAULT_BTF) -> KernelFeatures:

@@ -27,7 +27,7 @@ import threading
 from typing import Optional
 
 from . import libbpf as lb
-from ..runtime import RUN_DIR, boot_id
+from ..runtime import RUN_DIR, boot_id, trusted_dir, trusted_file
 
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
 
@@ -58,7 +58,7 @@ def minimal_btf(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
     """Path of the checked minimal BTF for `object_file` on this boot, if
     one was made already (see prepare()), else None: use the full BTF."""
     path = _cache_path(object_file, btf_path)
-    return path if path is not None and os.path.exists(path) else None
+    return path if path is not None and trusted_file(path) else None
 
 
 def prepare_in_background(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[threading.Thread]:
@@ -82,8 +82,9 @@ def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
         return None
     if os.path.exists(path):
         return path
+    if not trusted_dir(RUN_DIR, create=True):
+        return None
     try:
-        os.makedirs(RUN_DIR, exist_ok=True)
         _forget_other_boots(boot_id())
         lock = open(path + ".lock", "w")
     except OSError:

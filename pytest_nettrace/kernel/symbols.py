@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..runtime import RUN_DIR, boot_id
+from ..runtime import RUN_DIR, boot_id, read_cached, write_cached
 
 _lock = threading.Lock()
 _table: Optional["Kallsyms"] = None
@@ -46,26 +45,20 @@ def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[
     symbol; names not found (or addresses hidden) are left out. Cached per
     boot in RUN_DIR: addresses change only when the machine reboots."""
     boot = boot_id()
-    cache = os.path.join(RUN_DIR, f"ksyms-{boot}.json") if boot and path == "/proc/kallsyms" else None
+    cache = f"ksyms-{boot}.json" if boot and path == "/proc/kallsyms" else None
     known: Dict[str, List[int]] = {}
-    if cache:
-        try:
-            with open(cache) as f:
-                known = json.load(f)
-        except (OSError, ValueError):
-            known = {}
+    raw = read_cached(RUN_DIR, cache) if cache else None
+    try:
+        loaded = json.loads(raw) if raw is not None else {}
+        known = {str(n): [int(a) for a in r] for n, r in loaded.items() if len(r) in (0, 2)}
+    except (ValueError, TypeError, AttributeError):
+        known = {}
     if all(n in known for n in names):
         return {n: (known[n][0], known[n][1]) for n in names if known[n]}
     found = _scan(path, set(names) | set(known))
     if cache:
-        try:
-            os.makedirs(RUN_DIR, exist_ok=True)
-            tmp = f"{cache}.{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({n: list(found[n]) if n in found else [] for n in set(names) | set(known)}, f)
-            os.replace(tmp, cache)
-        except OSError:
-            pass
+        data = {n: list(found[n]) if n in found else [] for n in set(names) | set(known)}
+        write_cached(RUN_DIR, cache, json.dumps(data).encode())
     return {n: found[n] for n in names if n in found}
 
 
