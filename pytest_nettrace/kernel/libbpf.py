@@ -8,7 +8,6 @@ with libbpf's own log lines (the verifier's complaint) attached.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno as _errno
 import os
 import re
@@ -95,14 +94,18 @@ class _LogCapture:
 
 
 def _find_libbpf() -> ctypes.CDLL:
-    names = ["libbpf.so.1", "libbpf.so.0", ctypes.util.find_library("bpf")]
-    for name in names:
-        if not name:
-            continue
+    for name in ("libbpf.so.1", "libbpf.so.0"):
         try:
             return ctypes.CDLL(name, use_errno=True)
         except OSError:
             continue
+    from ctypes.util import find_library  # runs `ldconfig -p`: only when the usual names fail
+    found = find_library("bpf")
+    if found:
+        try:
+            return ctypes.CDLL(found, use_errno=True)
+        except OSError:
+            pass
     raise UnsupportedKernel(
         "libbpf not found (tried libbpf.so.1, libbpf.so.0): install the libbpf1 package (Debian/Ubuntu) or libbpf (Fedora)")
 
