@@ -10,14 +10,21 @@ is what a user waits for.
 
 Kernel feature detection (`capabilities.features()`) runs once per process
 and is cached, so it is timed on its own (first call), apart from attaching.
+The fresh process runs with its bytecode compiled (as a pip-installed package
+is; a checkout run with PYTHONDONTWRITEBYTECODE would compile every module on
+every start, ~70 ms here), in a scratch PYTHONPYCACHEPREFIX, warmed by one
+untimed run; it reports its own import, feature-detection and load+attach
+times, and `python -c pass` in the same run gives the interpreter's floor.
 Target: attach median <= 30 ms. CO-RE relocation runs against the minimal
 BTF made once per boot (pytest_nettrace/kernel/corebtf.py); that one-time cost and
 the attach time against the full kernel BTF are printed apart.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import _bpftrace
@@ -25,25 +32,40 @@ from _common import median, need_root, p90, result
 
 TARGET_MS, CLOSE_MS = 30.0, 10.0
 
-ATTACH = ("from pytest_nettrace.kernel.engine import Engine; from pytest_nettrace.probes.registry import all_probes; "
-          "e = Engine(probes=all_probes(), background=False); "
-          "print('attached', flush=True); e.close()")
+ATTACH = ("import time; t0 = time.perf_counter(); "
+          "from pytest_nettrace.kernel.engine import Engine; from pytest_nettrace.probes.registry import all_probes; "
+          "from pytest_nettrace.kernel.capabilities import features; t1 = time.perf_counter(); features(); "
+          "t2 = time.perf_counter(); e = Engine(probes=all_probes(), background=False); t3 = time.perf_counter(); "
+          "print('attached', (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, flush=True); e.close()")
 
 
 def exec_to_attached(runs: int) -> tuple:
-    """(ms from exec to "attached", ms from exec to exit) of a fresh process."""
-    attached, exited = [], []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        p = subprocess.Popen([sys.executable, "-c", ATTACH], stdout=subprocess.PIPE, text=True)
-        line = p.stdout.readline()
-        t1 = time.perf_counter()
-        p.communicate()
-        if line.strip() != "attached" or p.returncode:
-            raise RuntimeError(f"attach in a fresh process failed ({p.returncode})")
-        attached.append((t1 - t0) * 1e3)
-        exited.append((time.perf_counter() - t0) * 1e3)
-    return attached, exited
+    """(ms from exec to "attached", ms from exec to exit, [(import, features,
+    load+attach) ms as the process timed them], ms of `python -c pass`) of
+    fresh processes, interleaved with the bare interpreter's start."""
+    attached, exited, parts, bare = [], [], [], []
+    with tempfile.TemporaryDirectory(prefix="nettrace-bench-pyc-") as pyc:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = pyc
+        for i in range(runs + 1):
+            t0 = time.perf_counter()
+            p = subprocess.Popen([sys.executable, "-c", ATTACH], stdout=subprocess.PIPE, text=True, env=env)
+            assert p.stdout is not None
+            line = p.stdout.readline().split()
+            t1 = time.perf_counter()
+            p.communicate()
+            if not line or line[0] != "attached" or p.returncode:
+                raise RuntimeError(f"attach in a fresh process failed ({p.returncode})")
+            t2 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+            t3 = time.perf_counter()
+            if i == 0:
+                continue  # the warm-up: bytecode written
+            attached.append((t1 - t0) * 1e3)
+            exited.append((t2 - t0) * 1e3)
+            parts.append(tuple(float(x) for x in line[1:4]))
+            bare.append((t3 - t2) * 1e3)
+    return attached, exited, parts, bare
 
 
 def bpftrace_runs(runs: int, program: str, wrapper: float) -> tuple:
@@ -97,7 +119,7 @@ def main() -> None:
     full, _, _ = timed(max(5, runs // 2))
     del os.environ["NETTRACE_FULL_BTF"]
     attach, close, mech = timed(runs)
-    ours_attached, ours_exited = exec_to_attached(5)
+    ours_attached, ours_exited, parts, bare = exec_to_attached(max(5, runs // 2))
     why_not = _bpftrace.available()
     if why_not is None:
         tps = _bpftrace.engine_tracepoints()
@@ -116,7 +138,10 @@ def main() -> None:
         print("attach: no minimal BTF (bpftool missing or check failed): full kernel BTF used")
     oa = median(ours_attached)
     print(f"attach: exec to every probe attached (fresh Python process): median {oa:.0f} ms, "
-          f"to exit {median(ours_exited):.0f} ms, over {len(ours_attached)} runs")
+          f"to exit {median(ours_exited):.0f} ms, over {len(ours_attached)} runs; of it, as the process "
+          f"timed it: import {median(p[0] for p in parts):.0f} ms, feature detection "
+          f"{median(p[1] for p in parts):.0f} ms, load+attach {median(p[2] for p in parts):.0f} ms; "
+          f"`python -c pass` {median(bare):.0f} ms")
     if why_not is None:
         ba = median(bt_attached)
         print(f"attach: bpftrace, empty programs on the same {len(tps)} tracepoints: exec to attached median "
