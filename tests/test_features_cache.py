@@ -130,21 +130,20 @@ def test_corrupt_or_foreign_btf_answers_are_ignored(run_dir, monkeypatch, spoil)
 
 def test_a_run_directory_others_can_write_is_not_used(run_dir, monkeypatch):
     """On a shared machine another user could plant answers (or links) there."""
-    run_dir.chmod(0o777)
-    capabilities.detect()
-    assert list(run_dir.iterdir()) == [], "wrote its cache where others can write"
-    truth = capabilities.detect()
-    probed = {"tp_btf": "EPERM: a lie", "tracepoint": None, "fentry": None, "kprobe": None}
-    capabilities._write_probe_cache(capabilities._probe_cache_path(capabilities.DEFAULT_BTF,
-                                                                   capabilities._effective_caps()), probed)
-    assert list(run_dir.iterdir()) == []
-    run_dir.chmod(0o755)
-    capabilities._write_probe_cache(capabilities._probe_cache_path(capabilities.DEFAULT_BTF,
-                                                                   capabilities._effective_caps()), probed)
-    [planted] = run_dir.glob("features-*.json")
-    run_dir.chmod(0o777)
     tried = _loads(monkeypatch)
-    assert _same(capabilities.detect(), truth) and len(tried) == 4, "believed a file in a directory others can write"
+    run_dir.chmod(0o777)
+    truth = capabilities.detect()
+    answers = _ask(truth)
+    assert list(run_dir.iterdir()) == [], "wrote its cache where others can write"
+    run_dir.chmod(0o755)
+    _ask(capabilities.detect())
+    assert len(list(run_dir.glob("features-*.json"))) == 1 and len(list(run_dir.glob("btf-*.json"))) == 1
+    run_dir.chmod(0o777)  # the same files, in a directory others could have written them to
+    tried.clear()
+    parsed = _parses(monkeypatch)
+    again = capabilities.detect()
+    assert _same(again, truth) and _ask(again) == answers
+    assert len(tried) == 4 and len(parsed) == 1, "believed files in a directory others can write"
 
 
 def test_function_addresses_from_a_foreign_cache_file_are_ignored(tmp_path, monkeypatch):
