@@ -229,6 +229,10 @@ def pytest_report_header(config: pytest.Config) -> list:
                 lines.append(f"nettrace:   {name}: {note}")
         if engine.left_out:
             lines.append(f"nettrace:   not loaded (nettrace_probes): {', '.join(engine.left_out)}")
+    if config.pluginmanager.has_plugin("dsession"):
+        # an xdist controller runs no test (its workers load their own): its
+        # probes, kept attached, would only cost every process on the host
+        holder.close()
     return lines
 
 
