@@ -73,19 +73,21 @@ class KernelFeatures:
     def enum(self, name: str) -> Dict[int, str]:
         if self._facts is None:
             return {}
-        known = self._facts.enums.get(name)
-        if known is None:
-            known = self._facts.enums[name] = self._parsed().enum(name)
-            self._facts.save()
-        return known
+        with _parse_lock:  # (the facts are written out as they grow)
+            known = self._facts.enums.get(name)
+            if known is None:
+                known = self._facts.enums[name] = self._parsed().enum(name)
+                self._facts.save()
+            return known
 
     def tracepoint_args(self, tp: str) -> Optional[int]:
         if self._facts is None:
             return None
-        if tp not in self._facts.tracepoint_args:
-            self._facts.tracepoint_args[tp] = self._parsed().tracepoint_arg_count(tp)
-            self._facts.save()
-        return self._facts.tracepoint_args[tp]
+        with _parse_lock:
+            if tp not in self._facts.tracepoint_args:
+                self._facts.tracepoint_args[tp] = self._parsed().tracepoint_arg_count(tp)
+                self._facts.save()
+            return self._facts.tracepoint_args[tp]
 
     def _parsed(self) -> lb.KernelBtf:
         with _parse_lock:
@@ -284,7 +286,7 @@ def _short(err: str) -> str:
 
 _cached: Dict[str, KernelFeatures] = {}
 _lock = threading.Lock()
-_parse_lock = threading.Lock()
+_parse_lock = threading.RLock()
 
 
 def features(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
