@@ -659,8 +659,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     settings = item.config.stash[_SETTINGS]
     show = settings.show
     if rep.when == "teardown":
-        # the fixture finished: the record is complete and the trace closed
+        # the fixture finished: the record is complete and the trace closed.
+        # The item lives as long as the session: what the report needs is
+        # taken here and the trace and its view let go (a suite's memory
+        # must not grow with its test count).
         view = item.stash.get(_VIEW, None)
+        for key in (_VIEW, TRACE_KEY):
+            if key in item.stash:
+                del item.stash[key]
         if view is None:
             return
         rep.nettrace = summary(view)  # type: ignore[attr-defined]  # xdist carries report attributes
