@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
+import time
 
 import pytest
 
@@ -97,9 +98,31 @@ def test_udp_and_arp_summaries(pair, nettrace):
     assert icmp.icmp_type == 3
 
 
-def test_capture_stops_at_the_cap_and_says_so(netns, nettrace, monkeypatch):
+def _packet_sockets(ns):
+    """(protocol, running) of each packet socket in `ns`, as /proc/net/packet lists them."""
+    lines = ns.run(["cat", "/proc/net/packet"], check=True).stdout.splitlines()[1:]
+    return sorted((int(f[3], 16), f[5] == "1") for f in map(str.split, lines))
+
+
+# the ring from the start (as the capture was until issue 14), or once the traffic asks for it
+RING_FROM_START = pytest.mark.parametrize("ring_after", [0, None], ids=["ring-at-once", "ring-on-demand"])
+
+
+@RING_FROM_START
+def test_capture_stops_at_the_cap_and_says_so(netns, nettrace, monkeypatch, ring_after):
     import pytest_nettrace.probes.packet as packet
     monkeypatch.setattr(packet, "MAX_PACKETS", 3)
+    if ring_after is not None:   # the trace started before the test body: watch again with it
+        monkeypatch.setattr(packet, "RING_AFTER", ring_after)
+        with NamespaceFactory() as f:
+            netns = f.create()
+            nettrace.watch(netns)
+            _fills_the_cap(netns, nettrace)
+        return
+    _fills_the_cap(netns, nettrace)
+
+
+def _fills_the_cap(netns, nettrace):
     netns.run(script("""
         import socket
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -111,8 +134,7 @@ def test_capture_stops_at_the_cap_and_says_so(netns, nettrace, monkeypatch):
         nettrace.assert_no_packet(proto="tcp")
     # past the cap the capture no longer taps the devices (the kernel would
     # clone every packet sent for it): its sockets are closed
-    sockets = netns.run(["cat", "/proc/net/packet"], check=True).stdout.splitlines()[1:]
-    assert sockets == [], sockets
+    assert _packet_sockets(netns) == []
     netns.run(script("""
         import socket
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 9))
@@ -137,6 +159,7 @@ def test_drops_make_negative_assertions_fail(netns, nettrace, monkeypatch):
     with NamespaceFactory() as f:
         other = f.create()
         monkeypatch.setattr(packet, "RING_FRAMES", 16)
+        monkeypatch.setattr(packet, "RING_AFTER", 0)
         nettrace.watch(other)
         other.run(script("""
             import socket
@@ -147,3 +170,27 @@ def test_drops_make_negative_assertions_fail(netns, nettrace, monkeypatch):
         assert nettrace.lost("packet") > 0
         with pytest.raises(EventsLost, match=r"\d+ packet events lost"):
             nettrace.assert_no_packet(dport=4242)
+
+
+def test_a_quiet_namespace_gets_no_ring_a_busy_one_does(netns, nettrace):
+    """Issue 14: the ring (8 MiB the kernel allocates and zeroes, two more
+    sockets to close) is set up only when a namespace's traffic asks for it;
+    a few packets stay with the queue socket. /proc/net/packet is the
+    kernel's own list: the ring's socket is bound (hooked) only once it took
+    over."""
+    netns.run(connect_refused("127.0.0.1", 9), check=True)
+    nettrace.assert_packet(flags="R.", sport=9)
+    assert _packet_sockets(netns) == [(0, False), (3, True)]   # ETH_P_ALL: the queue's
+    netns.run(script("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(200):
+            s.sendto(b"x", ("127.0.0.1", 9))
+    """), check=True)
+    assert len(nettrace.packets(proto="udp", dport=9)) == 200
+    deadline = time.monotonic() + 30
+    while _packet_sockets(netns) != [(3, True), (3, True)] and time.monotonic() < deadline:
+        nettrace.packets()
+        time.sleep(0.01)
+    assert _packet_sockets(netns) == [(3, True), (3, True)]   # the ring's socket joined the group
+    nettrace.assert_no_packet(proto="udp", dport=10)   # nothing was lost on the way

@@ -169,12 +169,17 @@ def test_capture_counts_what_the_sockets_received(pair, nettrace):
     assert len(nettrace.packets(dport=7001, netns=client.inode, direction="out")) == 600
 
 
-def test_every_packet_once_across_the_ring_handover(nettrace):
+@pytest.mark.parametrize("ring_after", [0, None], ids=["ring-at-once", "ring-on-demand"])
+def test_every_packet_once_across_the_ring_handover(nettrace, monkeypatch, ring_after):
     """Item 2's mechanism: the first packets go through a socket queue while
-    the ring is set up in the background; a stream of datagrams sent from the
-    moment `watch` returns, for longer than the handover takes, is captured
-    exactly once each — the receiving socket's own count is the independent
+    the ring is set up in the background (at once, or once the stream has
+    sent enough: issue 14); a stream of datagrams sent from the moment
+    `watch` returns, for longer than the handover takes, is captured exactly
+    once each — the receiving socket's own count is the independent
     observer."""
+    import pytest_nettrace.probes.packet as packet
+    if ring_after is not None:
+        monkeypatch.setattr(packet, "RING_AFTER", ring_after)
     with NamespaceFactory() as f:
         for _ in range(5):
             ns = f.create()
@@ -187,6 +192,8 @@ def test_every_packet_once_across_the_ring_handover(nettrace):
                 tx.sendto(b"%06d" % i, ("127.0.0.1", 7002))
                 if i % 10 == 0:
                     time.sleep(0.001)   # the workload's pace: ~30 ms, across the handover
+                if i == 100:
+                    nettrace.packets()   # a read mid-stream: on demand, the ring is asked for here
             received = _drain(rx)
             tx.close()
             rx.close()
@@ -194,6 +201,16 @@ def test_every_packet_once_across_the_ring_handover(nettrace):
             got = [p.payload for p in nettrace.packets(dport=7002, netns=ns.inode)]
             assert nettrace.lost("packet") == 0
             assert sorted(got) == sorted(received), (len(got), len(set(got)))
+            # the ring took over (its socket joined the queue's group: the
+            # kernel's list), or will: a slow machine may still be setting it up
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                sockets = ns.run(["cat", "/proc/net/packet"], check=True).stdout.splitlines()[1:]
+                if sorted(ln.split()[3] for ln in sockets) == ["0003", "0003"]:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError(f"the ring never took over: {sockets}")
 
 
 def test_every_packet_once_however_slow_the_handover(nettrace, monkeypatch):
@@ -212,6 +229,7 @@ def test_every_packet_once_however_slow_the_handover(nettrace, monkeypatch):
         return call
     monkeypatch.setattr(packet, "_bind", slow(packet._bind))
     monkeypatch.setattr(packet, "_setsockopt", slow(packet._setsockopt))
+    monkeypatch.setattr(packet, "RING_AFTER", 0)
     with NamespaceFactory() as f:
         ns = f.create()
         rx = ns.socket(type=socket.SOCK_DGRAM)

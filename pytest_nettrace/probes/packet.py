@@ -1,8 +1,9 @@
 """Packets on the test's interfaces, tcpdump-style: kind "packet", and a
 pcapng file per test (`nettrace.pcap_path`).
 
-No BPF: an AF_PACKET socket with a TPACKET_V2 ring per watched namespace
-(a plain socket queue until the ring is ready: `_Capture`), opened by a
+No BPF: an AF_PACKET socket per watched namespace, a plain socket queue,
+and a TPACKET_V2 ring once the namespace's traffic is more than a few
+packets (`_Capture`), opened by a
 thread that enters the namespace (instant, so capture runs before the test
 body), not bound to a device, so it sees every interface,
 present and future, in both directions. Frames are read when the engine
@@ -51,6 +52,17 @@ RING_FRAMES = 2048               # 8 MiB per watched namespace
 # refuses a packet longer than its interface's snaplen.
 SNAPLEN = FRAME_SIZE
 MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
+# Most tests send a handful of packets: the queue socket alone keeps them,
+# and the ring (8 MiB allocated and zeroed by the kernel, ~1.5 ms of CPU,
+# and two more sockets to close) is set up only once a capture has read
+# this many frames or bytes from its queue, or the queue dropped some.
+# 0: at once, as the capture starts.
+RING_AFTER = 64
+RING_AFTER_BYTES = 256 << 10
+# Room in the queue for what arrives between two reads until the ring takes
+# over (charged as used: a GSO aggregate's clone counts ~64 KiB): a burst of
+# 16 MiB, more than the ring holds.
+QUEUE_RCVBUF = 16 << 20
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
@@ -113,6 +125,9 @@ _DROP_ALL, _FIRST_MEMBER, _SECOND_MEMBER = _Filter(0), _Filter(0), _Filter(1)
 class _Capture:
     """The packet sockets and ring of one watched namespace.
 
+    Every packet first goes to a socket queue, hooked when the constructor
+    returns; the ring is set up only when the traffic asks for it
+    (RING_AFTER), and takes over without losing or doubling a frame.
     A ring must be set up on a socket hooked to nothing: on a bound one the
     kernel unhooks it for an RCU grace period and purges what it had queued
     (packets sent right after `watch` were missed, uncounted). Setting it up
@@ -143,12 +158,28 @@ class _Capture:
         self._buf = bytearray(SNAPLEN)
         self._left_at_stop = 0
         self._idle: Optional[socket.socket] = None   # the queue socket once the ring took over
-        self._ready = threading.Event()
+        self._from_queue = 0          # frames and bytes read from the queue: when to set the ring up
+        self._queue_bytes = 0
+        self._ring_started = False
+        self._ready = threading.Event()   # clear while a ring setup is under way
+        self._ready.set()
         self._switching = threading.Event()
-        if self.sock is None:   # no fanout (kernel < 4.3): the queue socket captures alone
-            self._ready.set()
+        if RING_AFTER == 0:
+            self._start_ring()
+
+    def _start_ring(self) -> None:
+        """Set the ring up in the background (once; not without fanout, kernel < 4.3,
+        where the queue socket captures alone)."""
+        if self.sock is None or self._ring_started:
             return
+        self._ring_started = True
+        self._ready.clear()
         threading.Thread(target=self._setup_ring, name="nettrace-pcap-ring", daemon=True).start()
+
+    def _ring_wanted(self) -> bool:
+        return (not self._ring_started and self.queue_sock is not None and not self._at_cap()
+                and (self._from_queue >= RING_AFTER or self._queue_bytes >= RING_AFTER_BYTES
+                     or self.kernel_drops > 0))
 
     @staticmethod
     def _open() -> Tuple[socket.socket, Optional[socket.socket]]:
@@ -156,8 +187,8 @@ class _Capture:
         queue = socket.socket(socket.AF_PACKET, flags, socket.htons(ETH_P_ALL))  # hooked at once
         try:
             queue.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            try:  # room for what arrives before the ring is ready
-                queue.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+            try:  # room for what arrives before a ring is ready, if one is
+                queue.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, QUEUE_RCVBUF)
             except OSError:
                 pass
             try:
@@ -232,6 +263,8 @@ class _Capture:
                 n, anc, _flags, addr = self.queue_sock.recvmsg_into([self._buf], 64, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 return
+            self._from_queue += 1
+            self._queue_bytes += n
             ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
             ts = time.time_ns()
             for level, kind, data in anc:
@@ -266,9 +299,14 @@ class _Capture:
             self._ready.wait(10.0)
         with self._lock:
             self._read_queue()
+            if self._ring_wanted():
+                self._start_ring()
             if self.queue_sock is not None and self._at_cap():
-                # no ring (none could be set up): what waits past the cap is lost
+                # no ring (none wanted, or none could be set up): what waits
+                # past the cap is lost, and then the devices need no tap
                 self.kernel_drops += _discard_queue(self.queue_sock)
+                if self.kernel_drops and self._ready.is_set() and not self.tap_stopped:
+                    self._stop_tap()
             if self.ring is not None:
                 self._read_ring(self.ring)
                 if (not self.tap_stopped and self._at_cap()
@@ -288,8 +326,8 @@ class _Capture:
         counted, so the loss count from here on is a lower bound."""
         self._left_at_stop = self.left_in_ring()
         self.stats()
-        ring, socks = self.ring, [self.sock, self._idle]
-        self.ring, self.sock, self._idle = None, None, None
+        ring, socks = self.ring, [self.sock, self._idle, self.queue_sock]
+        self.ring, self.sock, self._idle, self.queue_sock = None, None, None, None
         self.tap_stopped = True
         _close_all(ring, socks)
 
