@@ -289,6 +289,11 @@ class Trace(KindMethods):
         for api in self._apis.values():  # kinds with sources of their own (packets, verdicts)
             api.pull()
 
+    def files(self) -> Dict[str, str]:
+        """The files the kinds have written for this trace so far (e.g. "pcap"),
+        without draining or writing one."""
+        return {what: path for api in self._apis.values() for what, path in api.files().items()}
+
     def all_events(self) -> List[Event]:
         """Every event so far, in time order, without draining."""
         self._decode_pending()

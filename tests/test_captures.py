@@ -118,3 +118,20 @@ def test_a_session_in_another_pid_namespace_leaves_ours_alone(pytester, tmpdir_e
     assert r.returncode == 0, r.stdout + r.stderr
     assert os.path.exists(held), "a session in another PID namespace removed a live one's captures"
     captures.discard(held)
+
+
+def test_a_test_without_packets_writes_no_capture(pytester, tmpdir_env):
+    """Issue 14: reports name the capture a test wrote, and taking the view
+    for them writes none (every test used to create and remove an empty
+    pcapng)."""
+    pytester.makepyfile(test_quiet='''
+        def test_fails_quietly(netns, nettrace):
+            nettrace.assert_no_rst()
+            assert False, "boom"
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "network events" in out and _pcap_paths(out) == []
+    # no capture file, so no capture directory either
+    assert [f for d, _, files in os.walk(tmpdir_env) for f in files if f.endswith(".pcapng")] == []

@@ -160,6 +160,11 @@ class KindApi:
     def finish(self) -> None:
         """The trace closed: release what `pull` used."""
 
+    def files(self) -> Dict[str, str]:
+        """The files this kind has written for the trace so far, what -> path
+        (for reports: reading it writes nothing)."""
+        return {}
+
 
 # -- how the Trace exposes each kind's methods (pytest_nettrace/kind_methods.py) --
 

@@ -792,6 +792,9 @@ class PacketApi(KindApi):
         if self._pcap is not None:
             self._pcap.close()
 
+    def files(self) -> Dict[str, str]:
+        return {"pcap": self._pcap.path} if self._pcap is not None else {}
+
     @property
     def pcap_path(self) -> Optional[str]:
         """The test's pcapng (every packet on its interfaces so far; `tcpdump -r`

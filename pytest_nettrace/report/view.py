@@ -30,6 +30,8 @@ class Observed(Protocol):
 
     def all_events(self) -> List[Event]: ...
 
+    def files(self) -> Dict[str, str]: ...
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TraceView:
@@ -69,11 +71,12 @@ class TraceView:
                     n = trace.lost(kind)
                     if n:
                         lost_by_kind[kind] = n
-        pcap = getattr(trace, "pcap_path", None)
+        # the files written so far (a capture is written as packets are
+        # read, which lost() just did): the view names them, it writes none
         return cls(start_ns=trace.start_ns, events=tuple(trace.all_events()), labels=trace.watched,
                    lost_total=lost_total, lost_by_kind=lost_by_kind,
                    queried=frozenset(getattr(trace, "queried", ())), nodeid=nodeid,
-                   files={"pcap": pcap} if pcap else {}, late=getattr(trace, "watched_late", {}))
+                   files=trace.files(), late=getattr(trace, "watched_late", {}))
 
     def replace(self, **changes: Any) -> "TraceView":
         return dataclasses.replace(self, **changes)

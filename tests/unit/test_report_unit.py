@@ -206,6 +206,9 @@ def test_a_view_is_taken_once_and_rendering_never_asks_the_trace():
         def all_events(self) -> List[Event]:
             return [addr_deleted(), rst()]
 
+        def files(self) -> Dict[str, str]:
+            return {"pcap": "/tmp/t.pcapng"}
+
     trace = FakeTrace()
     view = TraceView.of(trace, "t", kinds=("addr", "rst"))
     assert trace.calls == [None, "addr", "rst"] and view.lost_by_kind == {"rst": 2}
@@ -217,6 +220,7 @@ def test_a_view_is_taken_once_and_rendering_never_asks_the_trace():
     section_text(view)
     assert trace.calls == [None, "addr", "rst"]   # nothing drained again
     assert view.unasserted() == ["rst"] and summary(view)["lost"] == 2
+    assert view.files == {"pcap": "/tmp/t.pcapng"}
 
 
 def test_alarm_kinds_seen_without_looking_come_from_the_flags():
