@@ -10,6 +10,7 @@ and tells from the stack how it was asked for (netlink, ioctl or the kernel).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import random
@@ -488,23 +489,34 @@ class _Monitor:
     """The rtnetlink socket the plugin owns in one watched namespace."""
 
     def __init__(self, path: str) -> None:
-        self.sock: socket.socket = in_netns_at(path, self._open)
+        # both monitors made in one visit to the namespace
+        self.sock, self.nft, self.nft_error = in_netns_at(path, self._open_both)
         self.portid = self.sock.getsockname()[0]
+        # the nftables monitor, where nf_tables exists
+        self.nft_portid = self.nft.getsockname()[0] if self.nft is not None else 0
         self.lost = 0
         self.names: Dict[int, str] = {}
-        self._dump_links()
         # (family, ifindex, dst) -> (NUD state, lladdr) of the entries known now
         self.neighbours: Dict[Tuple[int, int, bytes], Tuple[int, Optional[bytes]]] = {}
-        self._dump_neighbours()
-        self.nft: Optional[socket.socket] = None  # the nftables monitor, where nf_tables exists
-        self.nft_portid = 0
-        self.nft_error: Optional[str] = None
         try:
-            self.nft = in_netns_at(path, lambda: _open_nft(self.portid))
-            self.nft_portid = self.nft.getsockname()[0]
-        except OSError as e:
-            self.nft_error = e.strerror or str(e)
+            self._dump_links()
+            self._dump_neighbours()
+        except BaseException:
+            self.close()
+            raise
         self.sock.setblocking(False)
+
+    @classmethod
+    def _open_both(cls) -> Tuple[socket.socket, Optional[socket.socket], Optional[str]]:
+        """(rtnetlink monitor, nftables monitor or None, why not)."""
+        sock = cls._open()
+        try:
+            return sock, _open_nft(sock.getsockname()[0]), None
+        except OSError as e:
+            return sock, None, e.strerror or str(e)
+        except BaseException:
+            sock.close()
+            raise
 
     @staticmethod
     def _open() -> socket.socket:
@@ -519,8 +531,7 @@ class _Monitor:
 
     def _dump_links(self) -> None:
         """ifindex -> name of the links present now (IPv6 notifications carry only the index)."""
-        from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-        self.sock.send(_dump_request(ifinfmsg(), RTM_GETLINK, 1))
+        self.sock.send(_dump_request(RTM_GETLINK, 1))
         while True:
             data = self.sock.recv(1 << 16)
             for mtype, msg in _split(data):
@@ -532,8 +543,7 @@ class _Monitor:
     def _dump_neighbours(self) -> None:
         """The neighbour entries present now: a later RTM_NEWNEIGH for one of
         them is a change, not an addition (the kernel's message does not say)."""
-        from pyroute2.netlink.rtnl.ndmsg import ndmsg
-        self.sock.send(_dump_request(ndmsg(), RTM_GETNEIGH, 2))
+        self.sock.send(_dump_request(RTM_GETNEIGH, 2))
         while True:
             for mtype, msg in _split(self.sock.recv(1 << 16)):
                 if mtype in (NLMSG_DONE, NLMSG_ERROR):
@@ -587,11 +597,16 @@ def _open_nft(avoid: int) -> socket.socket:
         raise
 
 
-def _dump_request(msg: Any, msg_type: int, seq: int) -> bytes:
-    """A dump request (NLM_F_REQUEST | NLM_F_DUMP) of `msg_type`, built by
-    pyroute2's message class `msg` as netns/rtnl.py builds its requests. It
-    goes out on the monitor socket itself: its replies carry the monitor's
-    port id, which is how decode() tells them from changes."""
+@functools.lru_cache(maxsize=None)
+def _dump_request(msg_type: int, seq: int) -> bytes:
+    """A dump request (NLM_F_REQUEST | NLM_F_DUMP) of `msg_type` (links or
+    neighbours), built by pyroute2's message class as netns/rtnl.py builds
+    its requests, once per process. It goes out on the monitor socket
+    itself: its replies carry the monitor's port id, which is how decode()
+    tells them from changes."""
+    from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+    from pyroute2.netlink.rtnl.ndmsg import ndmsg
+    msg = ifinfmsg() if msg_type == RTM_GETLINK else ndmsg()
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
     msg["header"]["sequence_number"] = seq
