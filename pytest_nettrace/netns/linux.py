@@ -162,15 +162,13 @@ class _Visitor:
         self._job: "tuple[int, Callable[[], object]] | None" = None
         self._box: "dict[str, object] | None" = None
         self._thread: "threading.Thread | None" = None
-        self._pid = 0
 
     def run(self, fd: int, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self._thread:   # a job of its own: it is not home
             return run_in_thread(fn, netns_fd=fd)
         with self._lock:
-            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="nettrace-netns-visitor", daemon=True)
-                self._pid = os.getpid()
                 self._thread.start()
             thread = self._thread
             with self._cond:
@@ -217,6 +215,8 @@ class _Visitor:
 
 
 _visitor = _Visitor()
+# a child forked while a job was under way inherits locked locks and no thread
+os.register_at_fork(after_in_child=_visitor.__init__)
 
 
 def in_netns_at(path: str, fn: Callable[[], T]) -> T:
