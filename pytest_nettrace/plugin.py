@@ -664,9 +664,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         # taken here and the trace and its view let go (a suite's memory
         # must not grow with its test count).
         view = item.stash.get(_VIEW, None)
-        for key in (_VIEW, TRACE_KEY):
-            if key in item.stash:
-                del item.stash[key]
+        if _VIEW in item.stash:
+            del item.stash[_VIEW]
+        if TRACE_KEY in item.stash:
+            del item.stash[TRACE_KEY]
         if view is None:
             return
         rep.nettrace = summary(view)  # type: ignore[attr-defined]  # xdist carries report attributes

@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import threading
-from typing import Callable, TypeVar
+from typing import Callable, TypeVar, cast
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -180,8 +180,9 @@ class _Visitor:
                         return run_in_thread(fn, netns_fd=fd)
                 box, self._box = self._box, None
         if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        return box["result"]  # type: ignore[return-value]
+            raise cast(BaseException, box["error"])
+        result: T = box["result"]  # what fn returned
+        return result
 
     def _loop(self) -> None:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -215,8 +216,15 @@ class _Visitor:
 
 
 _visitor = _Visitor()
-# a child forked while a job was under way inherits locked locks and no thread
-os.register_at_fork(after_in_child=_visitor.__init__)
+
+
+def _fresh_visitor() -> None:
+    # a child forked while a job was under way inherits locked locks and no thread
+    global _visitor
+    _visitor = _Visitor()
+
+
+os.register_at_fork(after_in_child=_fresh_visitor)
 
 
 def in_netns_at(path: str, fn: Callable[[], T]) -> T:
