@@ -682,11 +682,19 @@ def describe_filters(filters: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" if not callable(v) else f"{k}=<predicate>" for k, v in filters.items())
 
 
+_user_names: Dict[int, str] = {}
+
+
 def user_name(uid: Optional[int]) -> Optional[str]:
     """The account name of `uid` (the number as text when it has none)."""
     if uid is None:
         return None
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    # asked per event (netchange's actors): each lookup reads /etc/passwd.
+    # Only found names are kept: an account a test creates is named once it exists.
+    name = _user_names.get(uid)
+    if name is None:
+        try:
+            name = _user_names[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return str(uid)
+    return name
