@@ -28,6 +28,7 @@ class RingBuffer:
         # producer page + data mapped twice by the kernel, so records never wrap
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data_off = page
+        self.consumed = 0  # bytes handed back to the kernel so far (records and their headers)
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
         # lets close() wake a reader blocked in wait() at once instead of at
@@ -43,7 +44,7 @@ class RingBuffer:
         were reading would otherwise wait for the next timeout."""
         out: List[bytes] = []
         data, base, mask = self._prod, self._data_off, self._mask
-        cons = _u64.unpack_from(self._cons, 0)[0]
+        cons = start = _u64.unpack_from(self._cons, 0)[0]
         while len(out) < limit:
             prod = _u64.unpack_from(self._prod, 0)[0]
             if cons >= prod:
@@ -68,6 +69,7 @@ class RingBuffer:
             _u64.pack_into(self._cons, 0, cons)
             if cons < prod:
                 break  # stopped at a record still being written
+        self.consumed += cons - start
         return out
 
     def wait(self, timeout: float) -> bool:
