@@ -11,6 +11,11 @@
  *    kretprobe on inet_csk_accept (also sees io_uring and in-kernel
  *    accepts). Python joins the two records by socket address;
  *  - * -> CLOSE reports duration and bytes, like tcplife.
+ *
+ * A kernel stack costs ~0.8 us (most of what a state change cost): only a
+ * close that ended no FIN exchange (reset, timeout, abort, refused connect)
+ * takes one, where it says why. Whether the change ran in softirq, which
+ * decides who is to blame, comes from conn_in_softirq instead.
  */
 #define __BPF_PROGRAM__
 #include "vmlinux.h"
@@ -28,8 +33,12 @@ NT_WIRE(conn_event);
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_SYN_RECV 3
+#define TCP_FIN_WAIT2 5
+#define TCP_TIME_WAIT 6
 #define TCP_CLOSE 7
+#define TCP_LAST_ACK 9
 #define TCP_LISTEN 10
+#define TCP_CLOSING 11
 #define SEND_SHUTDOWN 2
 
 struct {
@@ -38,6 +47,50 @@ struct {
 	__type(key, __u64);   /* struct sock * */
 	__type(value, struct conn_owner);
 } conn_socks SEC(".maps");
+
+/* 1 while this CPU runs softirqs, else 0. The preempt counter says it
+ * directly but is a per-cpu variable BPF reads only as a typed ksym, which
+ * needs CONFIG_KALLSYMS_ALL; two programs on the softirq tracepoints cost a
+ * few ns per softirq instead (~4.5 softirqs per loopback connection). Set,
+ * not counted, so a softirq half seen at attach cannot leave it wrong. On
+ * PREEMPT_RT softirqs are preemptible: a task that runs meanwhile on the CPU
+ * would be told softirq (it cannot take the softirq's BH lock, which TCP's
+ * receive path needs, but a close() can change a state without it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} conn_in_softirq SEC(".maps");
+
+static __always_inline void set_in_softirq(__u32 on)
+{
+	__u32 zero = 0;
+	__u32 *v = bpf_map_lookup_elem(&conn_in_softirq, &zero);
+	if (v)
+		*v = on;
+}
+
+SEC("tp_btf/softirq_entry")
+int BPF_PROG(conn_softirq_entry, unsigned int vec_nr)
+{
+	set_in_softirq(1);
+	return 0;
+}
+
+SEC("tp_btf/softirq_exit")
+int BPF_PROG(conn_softirq_exit, unsigned int vec_nr)
+{
+	set_in_softirq(0);
+	return 0;
+}
+
+static __always_inline bool in_softirq(void)
+{
+	__u32 zero = 0;
+	__u32 *v = bpf_map_lookup_elem(&conn_in_softirq, &zero);
+	return v && *v;
+}
 
 static __always_inline bool is_tcp(const struct sock *sk)
 {
@@ -71,6 +124,8 @@ static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, s
 	if (!e)
 		return 0;
 	nt_fill_hdr(&e->h, NT_KIND_CONN, netns);
+	if (in_softirq())
+		e->h.flags |= CONN_F_SOFTIRQ;
 	e->sk = (__u64)sk;
 	e->action = action;
 	e->oldstate = oldstate;
@@ -112,7 +167,12 @@ static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, s
 		e->bytes_received = rcvd;
 	}
 	fill_addrs(e, sk);
-	nt_fill_stack(ctx, &e->h, e->stack);
+	/* a FIN exchange ends in FIN_WAIT2, TIME_WAIT, CLOSING or LAST_ACK */
+	if (action == CONN_CLOSE && oldstate != TCP_FIN_WAIT2 && oldstate != TCP_TIME_WAIT &&
+	    oldstate != TCP_CLOSING && oldstate != TCP_LAST_ACK)
+		nt_fill_stack(ctx, &e->h, e->stack);
+	else
+		e->h.stack_len = 0;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

@@ -11,6 +11,9 @@ enum conn_action {
 	CONN_CLOSE = 3,        /* reached CLOSE from any state but LISTEN */
 };
 
+/* nt_hdr.flags: the state change ran in softirq (conn_softirq_entry/exit) */
+#define CONN_F_SOFTIRQ 0x40
+
 /* conn_socks value: who opened the socket and when (tcplife's birth map). */
 struct conn_owner {
 	__u64 birth_ns;     /* SYN_SENT (active) or SYN_RECV (passive) */
@@ -43,6 +46,6 @@ struct conn_event {
 	__u16 pad;
 	__u8 saddr[16];       /* local */
 	__u8 daddr[16];       /* remote */
-	__u64 stack[NT_MAX_STACK];
+	__u64 stack[NT_MAX_STACK];   /* on a close that ended no FIN exchange only */
 };
 #endif

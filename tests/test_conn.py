@@ -7,8 +7,12 @@ import threading
 
 import pytest
 
-from pytest_nettrace.probes.conn import ConnEvent
-from traffic import clean_exchange, connect_refused, echo_once, script
+from pytest_nettrace.events import Header
+from pytest_nettrace.kernel import wire
+from pytest_nettrace.kernel.engine import Engine
+from pytest_nettrace.kernel.symbols import symbolize
+from pytest_nettrace.probes.conn import ConnEvent, ConnProbe
+from traffic import clean_exchange, connect_refused, echo_once, linger_abort, script
 
 
 
@@ -106,6 +110,44 @@ def test_count_mismatch_fails_with_the_connections(pair, nettrace):
     assert isinstance(nettrace.assert_accepted_count(2), list)
     with pytest.raises(TypeError, match=r"use assert_accepted_count\(N, ...\)"):
         nettrace.assert_accepted(count=2)
+
+
+def test_the_kernels_softirq_flag_agrees_with_the_stack(pair):
+    """Only a close that ended no FIN exchange takes a kernel stack (it says
+    why; a stack cost most of a state change); every record says whether it
+    ran in softirq. Where a record has both, the stack is the independent
+    observer: in process context (a SO_LINGER 0 close) and in softirq (the
+    reset it sends, received by a child nobody accepted)."""
+    server, client, fam, a, b = pair
+    records: list = []
+    seen = []  # (netns, action, old state, context by the flag, by the stack or None)
+    engine = Engine(probes=[ConnProbe()], background=False)
+    try:
+        for ns in (server, client):
+            engine.watch(ns.inode, records.extend)
+        lst = server.socket(fam)
+        lst.bind((a, 0))
+        lst.listen()
+        client.run(linger_abort(a, lst.getsockname()[1]), check=True)
+        client.run(connect_refused(a, 9), check=True)
+        engine.drain()
+        lst.close()
+        for rec in records:
+            hdr = Header(rec)
+            stack = hdr.stack_addrs(rec)
+            flag = "softirq" if hdr.flags & wire.CONN_F_SOFTIRQ else "process"
+            for ev in engine.decode(rec):
+                seen.append((ev.netns, ev.action, ev.old_state, flag,
+                             hdr.context(symbolize(stack)) if stack else None))
+    finally:
+        engine.close()
+    assert all(flag == by_stack for *_, flag, by_stack in seen if by_stack is not None), seen
+    closes = {(ns, old): (flag, by_stack) for ns, action, old, flag, by_stack in seen if action == "close"}
+    assert closes[(client.inode, "ESTABLISHED")] == ("process", "process"), seen  # close() with SO_LINGER 0
+    assert closes[(server.inode, "ESTABLISHED")] == ("softirq", "softirq"), seen  # the child, reset
+    assert closes[(client.inode, "SYN_SENT")][1] is not None, seen                 # refused: the stack says so
+    assert (server.inode, "accept", "SYN_RECV", "softirq", None) in seen
+    assert all(by_stack is None for _, action, *_, by_stack in seen if action != "close"), seen
 
 
 def test_unknown_filter_is_a_usage_error(nettrace):

@@ -38,10 +38,11 @@ class Kind(enum.IntEnum):
     NFTRACE = 10  # nftables trace messages: no ring records, losses counted in Python
 
 
-# nt_hdr.flags (NT_F_* in bpf/nettrace.h; NC_F_* in bpf/netchange.h)
+# nt_hdr.flags (NT_F_* in bpf/nettrace.h; NC_F_* in bpf/netchange.h; CONN_F_* in bpf/conn.h)
 NT_F_KTHREAD = 0x8     # the current task is a kernel thread
 NC_F_QUEUED_BY = 0x10  # task, command line and stack are those of who queued the DAD work
 NC_F_NFT = 0x20        # the record is a struct nftchange_event
+CONN_F_SOFTIRQ = 0x40  # the TCP state change ran in softirq
 
 # bpf/netchange.h
 NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX = 1024, 256, 4096

@@ -39,7 +39,10 @@ class ConnEvent(Event):
     `saddr`/`sport` are the local end, `daddr`/`dport` the remote one.
     pid, tid, uid and comm name the connection's owner — the process that
     called connect() or accept() — on every action, as tcplife does; `context`
-    says where the state change itself ran. `state` is the state it reached,
+    says where the state change itself ran. `stack` is there only on a close
+    that ended no FIN exchange (a reset, a timeout, an abort, a refused
+    connect), where it says why; other actions have none (taking one cost
+    most of a state change). `state` is the state it reached,
     `old_state` the one it left. On close: `duration_ms` since SYN_SENT /
     SYN_RECV, `bytes_sent` (acknowledged by the peer) and `bytes_received`."""
 
@@ -94,7 +97,7 @@ class ConnProbe(Probe):
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or kernel.tracepoint_args("inet_sock_set_state") is None:
             return []
-        state = ["conn_state_tp"]
+        state = ["conn_state_tp", "conn_softirq_entry", "conn_softirq_exit"]
         plans = []
         # kretprobe first: it also sees io_uring and in-kernel accepts
         if kernel.kprobe:
@@ -148,15 +151,18 @@ class ConnDecoder(Decoder):
             self._pending.pop(key, None)
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
         stack = hdr.stack(buf)
+        # only a close that ended no FIN exchange has a stack; the context
+        # of the others is the kernel's word (the stack, where one is, agrees)
+        guess = "softirq" if hdr.flags & wire.CONN_F_SOFTIRQ else "process"
         if action == ACCEPTED:
             owner_fields = _owner_from_task(hdr)
         else:
             owner = None
             if has_owner:
                 owner = (owner_pid, owner_tid, owner_uid, owner_comm.split(b"\0", 1)[0].decode(errors="replace"))
-            owner_fields = _owner_of(stack.context("softirq"), hdr, owner)
+            owner_fields = _owner_of(stack.context(guess), hdr, owner)
         ev = ConnEvent(
-            hdr, stack, "softirq",
+            hdr, stack, guess,
             action={CONNECT: "connect", CLOSE: "close"}.get(action, "accept"),
             family=src.version, saddr=src, sport=sport, daddr=dst, dport=dport,
             state="ESTABLISHED" if action == ACCEPTED else TCP_STATES.get(newstate) or str(newstate),

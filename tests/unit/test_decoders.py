@@ -67,6 +67,15 @@ def test_conn_accept_corrects_the_established_record_with_a_new_fact():
     assert (ev.action, ev.duration_ms, ev.bytes_sent, ev.bytes_received) == ("close", 2.5, 10, 20)
 
 
+def test_conn_context_is_the_kernels_softirq_flag():
+    common = dict(sk=0xffff888000003000, family=4, sport=40000, dport=80, saddr=addr("10.0.0.2"),
+                  daddr=addr("10.0.0.1"), oldstate=2, newstate=1, has_owner=1, owner_pid=7, owner_comm=b"client")
+    [soft] = decode(ConnProbe(), record(wire.CONN_EVENT, wire.Kind.CONN, flags=wire.CONN_F_SOFTIRQ, **common))
+    [proc] = decode(ConnProbe(), record(wire.CONN_EVENT, wire.Kind.CONN, pid=7, **common))
+    assert (soft.context, soft.pid, soft.comm, soft.ppid) == ("softirq", 7, "client", None)  # the owner, not blamed
+    assert (proc.context, proc.pid, proc.ppid) == ("process", 7, 1)  # in the owner's own context: its parent too
+
+
 def test_drop_fields():
     probe = DropProbe()
     dec = probe.decoder
