@@ -165,9 +165,10 @@ class Trace(KindMethods):
         self.name = name
         self.start_ns = time.monotonic_ns()
         self._events: List[Event] = []
-        # records not decoded yet, in ring order: as they arrived, then by
-        # kind id (reading one kind decodes only its own)
-        self._arrived: List[bytes] = []
+        # records not decoded yet, in ring order: as they arrived (batches,
+        # made bytes objects when first read), then by kind id (reading one
+        # kind decodes only its own)
+        self._arrived: List[Iterable[bytes]] = []
         self._raw: Dict[int, List[bytes]] = {}
         self._watched: Dict[int, str] = {}     # inode -> label
         # namespaces this trace began watching after their creation, which
@@ -214,12 +215,12 @@ class Trace(KindMethods):
     def label(self, inode: int) -> str:
         return self._watched.get(inode, f"netns:{inode}")
 
-    def _sink(self, records: List[bytes]) -> None:
-        """Raw ring records of one watched namespace (a batch). Runs in the
-        drain thread, which must keep up with bursts: records are only queued
-        here, sorted by kind and decoded when the test reads."""
+    def _sink(self, records: Iterable[bytes]) -> None:
+        """Raw ring records of the watched namespaces (a batch). Runs in the
+        drain thread, which must keep up with bursts: the batch is only queued
+        here, split, sorted by kind and decoded when the test reads."""
         with self._cond:
-            self._arrived.extend(records)
+            self._arrived.append(records)
             self._cond.notify_all()
 
     def _publish(self, events: Iterable[Event]) -> None:
@@ -236,13 +237,14 @@ class Trace(KindMethods):
         with self._cond:
             arrived, self._arrived = self._arrived, []
             raw = self._raw
-            for rec in arrived:
-                kid = _kind_of(rec, 12)[0]  # nt_hdr.kind
-                queue = raw.get(kid)
-                if queue is None:
-                    raw[kid] = [rec]
-                else:
-                    queue.append(rec)
+            for batch in arrived:
+                for rec in batch:
+                    kid = _kind_of(rec, 12)[0]  # nt_hdr.kind
+                    queue = raw.get(kid)
+                    if queue is None:
+                        raw[kid] = [rec]
+                    else:
+                        queue.append(rec)
             # Events hold no cycles, but building many of them sets off the
             # cyclic collector again and again over everything already kept
             # (~20 % of decoding a flood): it waits until the batch is done.

@@ -11,14 +11,14 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from . import corebtf
 from ..errors import ProbeLoadError, UnsupportedKernel
 from ..events import Event
-from .records import RecordDecoder
+from .records import Delivery, RecordDecoder
 from .wire import HEADER, NT_SCOPE
 from .probe import Plan, Probe
 from . import symbols
@@ -37,7 +37,7 @@ _FILL_RATE = 1 << 30  # bytes/s
 _SCOPE_VALUE = NT_SCOPE.struct
 _u32 = struct.Struct("<I")
 
-Sink = Callable[[List[bytes]], None]  # receives raw records of one namespace, in order
+Sink = Callable[[Iterable[bytes]], None]  # receives raw records of its namespaces, in order
 
 
 _INITIAL_PID_NS = 0xEFFFFFFC  # PROC_PID_INIT_INO: the initial pid namespace's fixed inode
@@ -107,6 +107,7 @@ class Engine:
         self.core_btf: Optional[str] = None  # the minimal BTF CO-RE used, if any
         self.records = RecordDecoder()
         self._sinks: Dict[int, Sink] = {}
+        self._routes: Dict[Sink, FrozenSet[int]] = {}  # each sink's namespaces
         self._lock = threading.RLock()
         self._obj: Optional[lb.BpfObject] = None
         self.attach_seconds = 0.0
@@ -118,7 +119,7 @@ class Engine:
         lb.map_update(self._pidns_fd, struct.pack("<I", 0), struct.pack("<II", _own_pid_namespace(), 0))
         try:
             self._load()
-            self._ring = RingBuffer(self._events_fd, ringbuf_size)
+            self._ring = RingBuffer(self._events_fd, ringbuf_size, min_len=HEADER.size)
         except BaseException:
             self.close()
             raise
@@ -253,6 +254,7 @@ class Engine:
         `path` (e.g. /run/netns/NAME) lets probes open the namespace."""
         with self._lock:
             self._sinks[netns] = sink
+            self._route()
             lb.map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE_VALUE.size))
             lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
             for probe in self._attached_probes():
@@ -264,8 +266,15 @@ class Engine:
                 probe.unwatch(netns)
             lb.map_delete(self._scopes_fd, _u32.pack(netns))
             self._sinks.pop(netns, None)
+            self._route()
             lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
             self.records.forget(netns)
+
+    def _route(self) -> None:
+        routes: Dict[Sink, set] = {}
+        for netns, sink in self._sinks.items():
+            routes.setdefault(sink, set()).add(netns)
+        self._routes = {sink: frozenset(ns) for sink, ns in routes.items()}
 
     def lost(self, netns: int) -> Dict[int, int]:
         """Events the kernel could not deliver for `netns`, by kind id."""
@@ -289,33 +298,20 @@ class Engine:
         The shared ring comes first: it is what overflows under a burst; the
         probes' own sources (sockets, captures) have buffers of their own."""
         with self._lock:
-            records = self._ring.read()
-            if records:
-                self._deliver(records)
+            ring = self._ring
+            spans = ring.read_spans()
+            if ring.short:  # not even a header: no namespace to charge it to
+                self.records.errors += ring.short
+                ring.short = 0
+            if spans:
+                # each sink gets what is in the copies, limited to the
+                # namespaces it watches now: a namespace no longer watched
+                # (its records still in the ring) reaches nobody
+                for sink, netns in self._routes.items():
+                    sink(Delivery(spans, netns))
             for probe in self._attached_probes():
                 probe.poll()
-            return len(records)
-
-    def _deliver(self, records: List[bytes]) -> None:
-        # Only route raw records here, one call per namespace (the drain
-        # thread must keep up with bursts); decoding happens when the test
-        # reads (decode()).
-        batches: Dict[int, List[bytes]] = {}
-        unpack = _u32.unpack_from
-        for rec in records:
-            if len(rec) < HEADER.size:
-                self.records.errors += 1
-                continue
-            netns = unpack(rec, 8)[0]  # nt_hdr.netns
-            batch = batches.get(netns)
-            if batch is None:
-                batches[netns] = [rec]
-            else:
-                batch.append(rec)
-        for netns, batch in batches.items():
-            sink = self._sinks.get(netns)
-            if sink is not None:  # else: the namespace stopped being watched since
-                sink(batch)
+            return sum(len(starts) for _, starts, _ in spans)
 
     def decode(self, rec: bytes) -> List[Event]:
         """The events a raw record stands for (see RecordDecoder)."""

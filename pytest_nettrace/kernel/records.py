@@ -7,15 +7,44 @@ assertion on that kind then fails instead of passing on what was not read."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Dict, List, Set, Tuple
+import struct
+from typing import TYPE_CHECKING, AbstractSet, Dict, Iterator, List, Set, Tuple
 
 from ..events import Event, Header
-from .wire import HEADER
+from .ringbuf import Span
+from .wire import HEADER, NT_HDR
 
 if TYPE_CHECKING:
     from .probe import Decoder, Probe
 
 log = logging.getLogger("pytest_nettrace")
+
+
+_u32 = struct.Struct("<I")
+_RING_HDR = 8  # struct bpf_ringbuf_hdr before each record in a span
+_NETNS_AT = _RING_HDR + NT_HDR.offsets["netns"]
+
+
+class Delivery:
+    """One drain's records of some namespaces, still in the copies the ring
+    reader made (RingBuffer.read_spans): iterating makes each record a bytes
+    object, in the thread that reads, when it reads. The drain thread only
+    found where the records start (a bytes object per record was most of a
+    drain's cost)."""
+
+    __slots__ = ("_spans", "_netns")
+
+    def __init__(self, spans: List[Span], netns: AbstractSet[int]) -> None:
+        self._spans = spans
+        self._netns = netns
+
+    def __iter__(self) -> Iterator[bytes]:
+        unpack, netns = _u32.unpack_from, self._netns
+        for data, starts, base in self._spans:
+            for at in starts:
+                at = (at - base) << 2
+                if unpack(data, at + _NETNS_AT)[0] in netns:
+                    yield data[at + _RING_HDR: at + _RING_HDR + unpack(data, at)[0]]
 
 
 class RecordDecoder:

@@ -5,6 +5,7 @@ object file, no kernel involved."""
 from __future__ import annotations
 
 import json
+import struct
 import shutil
 import subprocess
 from pathlib import Path
@@ -81,3 +82,30 @@ def test_kind_ids_match_the_c_enum():
     assert f"#define NC_F_QUEUED_BY {wire.NC_F_QUEUED_BY:#x}" in netchange
     assert f"#define NC_F_NFT {wire.NC_F_NFT:#x} " in netchange
     assert f"#define CONN_F_SOFTIRQ {wire.CONN_F_SOFTIRQ:#x}\n" in (header.parent / "conn.h").read_text()
+
+
+def _span(records, lead: int = 16):
+    """A span as RingBuffer.read_spans copies it: each record behind its
+    8-byte ring header, 8-byte aligned, `lead` bytes into the ring's pages."""
+    data, starts = bytearray(lead), []
+    for rec in records:
+        starts.append(len(data) >> 2)
+        data += struct.pack("<II", len(rec), 0) + rec + bytes(-len(rec) % 8)
+    return bytes(data), starts, 0
+
+
+def test_a_delivery_is_the_records_of_its_namespaces_in_ring_order():
+    from pytest_nettrace.kernel.records import Delivery
+    from pytest_nettrace.kernel.ringbuf import records
+
+    def rec(netns: int, ts: int, size: int) -> bytes:
+        head = wire.HEADER.pack(ts, netns, wire.Kind.RST, 0, 1, 1, 0, 1, b"a", b"b", 0, 0)
+        return head + bytes(i % 256 for i in range(size - len(head)))
+
+    first = [rec(1, 1, 504), rec(2, 2, 264), rec(1, 3, 73)]
+    second = [rec(2, 4, 560), rec(1, 5, 72)]
+    spans = [_span(first), _span(second, lead=8)]
+    assert records(spans) == first + second
+    assert list(Delivery(spans, frozenset({1}))) == [first[0], first[2], second[1]]
+    assert list(Delivery(spans, frozenset({1, 2}))) == first + second
+    assert list(Delivery(spans, frozenset({3}))) == []
