@@ -27,6 +27,7 @@
 #include "conn.h"
 
 NT_WIRE(conn_event);
+NT_WIRE(conn_stack_event);
 
 #define AF_INET6 10
 #define IPPROTO_TCP 6
@@ -117,12 +118,9 @@ static __always_inline void fill_addrs(struct conn_event *e, const struct sock *
 	}
 }
 
-static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, struct nt_scope *scope,
-				__u8 action, int oldstate, int newstate, const struct conn_owner *owner)
+static __always_inline void fill(struct conn_event *e, const struct sock *sk, __u32 netns, __u8 action,
+				 int oldstate, int newstate, const struct conn_owner *owner)
 {
-	struct conn_event *e = nt_reserve(scope, NT_KIND_CONN, struct conn_event);
-	if (!e)
-		return 0;
 	nt_fill_hdr(&e->h, NT_KIND_CONN, netns);
 	if (in_softirq())
 		e->h.flags |= CONN_F_SOFTIRQ;
@@ -167,12 +165,28 @@ static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, s
 		e->bytes_received = rcvd;
 	}
 	fill_addrs(e, sk);
+}
+
+static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, struct nt_scope *scope,
+				__u8 action, int oldstate, int newstate, const struct conn_owner *owner)
+{
 	/* a FIN exchange ends in FIN_WAIT2, TIME_WAIT, CLOSING or LAST_ACK */
 	if (action == CONN_CLOSE && oldstate != TCP_FIN_WAIT2 && oldstate != TCP_TIME_WAIT &&
-	    oldstate != TCP_CLOSING && oldstate != TCP_LAST_ACK)
+	    oldstate != TCP_CLOSING && oldstate != TCP_LAST_ACK) {
+		struct conn_stack_event *e = nt_reserve(scope, NT_KIND_CONN, struct conn_stack_event);
+		if (!e)
+			return 0;
+		fill((struct conn_event *)e, sk, netns, action, oldstate, newstate, owner);
+		e->h.flags |= CONN_F_STACK;
 		nt_fill_stack(ctx, &e->h, e->stack);
-	else
-		e->h.stack_len = 0;
+		bpf_ringbuf_submit(e, 0);
+		return 0;
+	}
+	struct conn_event *e = nt_reserve(scope, NT_KIND_CONN, struct conn_event);
+	if (!e)
+		return 0;
+	fill(e, sk, netns, action, oldstate, newstate, owner);
+	e->h.stack_len = 0;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

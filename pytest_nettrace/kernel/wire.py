@@ -43,6 +43,7 @@ NT_F_KTHREAD = 0x8     # the current task is a kernel thread
 NC_F_QUEUED_BY = 0x10  # task, command line and stack are those of who queued the DAD work
 NC_F_NFT = 0x20        # the record is a struct nftchange_event
 CONN_F_SOFTIRQ = 0x40  # the TCP state change ran in softirq
+CONN_F_STACK = 0x80    # the record is a struct conn_stack_event
 
 # bpf/netchange.h
 NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX = 1024, 256, 4096
@@ -158,11 +159,13 @@ RETRANS_EVENT = Record("retrans_event", [
     ("sk", "Q"), ("seq", "I"), ("total_retrans", "I"), ("type", "B"), ("family", "B"), ("state", "B"),
     ("pad", "B"), ("sport", "H"), ("dport", "H"), ("saddr", "16s"), ("daddr", "16s")])
 
-CONN_EVENT = Record("conn_event", [
+_CONN_MEMBERS: List[Member] = [
     ("sk", "Q"), ("duration_ns", "Q"), ("bytes_acked", "Q"), ("bytes_received", "Q"),
     ("owner_pid", "I"), ("owner_tid", "I"), ("owner_uid", "I"), ("owner_comm", f"{NT_COMM_LEN}s"),
     ("action", "B"), ("family", "B"), ("oldstate", "B"), ("newstate", "B"), ("has_owner", "B"),
-    ("has_birth", "B"), ("sport", "H"), ("dport", "H"), ("pad", "H"), ("saddr", "16s"), ("daddr", "16s")])
+    ("has_birth", "B"), ("sport", "H"), ("dport", "H"), ("pad", "H"), ("saddr", "16s"), ("daddr", "16s")]
+CONN_EVENT = Record("conn_event", _CONN_MEMBERS, stack=False)
+CONN_STACK_EVENT = Record("conn_stack_event", _CONN_MEMBERS)  # flagged CONN_F_STACK
 
 DROP_EVENT = Record("drop_event", [
     ("location", "Q"), ("reason", "I"), ("len", "I"), ("ifindex", "I"), ("protocol", "H"), ("family", "B"),
@@ -199,6 +202,6 @@ TRAFFIC_OWNER = Layout("traffic_owner", [("pid", "I"), ("uid", "I"), ("comm", f"
 
 # Every layout Python reads, for the BTF comparison.
 LAYOUTS: Tuple[Layout, ...] = (
-    NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT, DROP_SCOPE,
+    NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, CONN_STACK_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT, DROP_SCOPE,
     SYSCTL_WRITE, SYSCTL_EVENT, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY, SYSCALL_EVENT, SC_PENDING,
     TRAFFIC_KEY, TRAFFIC_COUNTERS, TRAFFIC_OWNER_KEY, TRAFFIC_OWNER)

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
     from ..kernel.capabilities import KernelFeatures
 
-RECORD = wire.CONN_EVENT
-_BODY = RECORD.body
+RECORD, STACK_RECORD = wire.CONN_EVENT, wire.CONN_STACK_EVENT
+_BODY = RECORD.body  # the same members at the same place in both
 CONNECT, ESTABLISHED, ACCEPTED, CLOSE = 0, 1, 2, 3
 _OWNER_FIELDS = ("pid", "tid", "uid", "comm", "ppid", "parent_comm")
 
@@ -124,7 +124,7 @@ class ConnDecoder(Decoder):
     """struct conn_event records to ConnEvents; a passive open's two records
     (established, accepted) make one event, corrected when the second comes."""
 
-    records = (RECORD,)
+    records = (RECORD, STACK_RECORD)
 
     def __init__(self) -> None:
         # passive opens waiting for their other half (ESTABLISHED <-> ACCEPTED),
@@ -134,6 +134,9 @@ class ConnDecoder(Decoder):
     def forget(self, netns: int) -> None:
         for key in [k for k in self._pending if k[0] == netns]:
             del self._pending[key]
+
+    def layout(self, hdr: Header) -> wire.Record:
+        return STACK_RECORD if hdr.flags & wire.CONN_F_STACK else RECORD
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         (sk, duration, acked, received, owner_pid, owner_tid, owner_uid, owner_comm, action, family,

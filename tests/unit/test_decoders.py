@@ -76,6 +76,21 @@ def test_conn_context_is_the_kernels_softirq_flag():
     assert (proc.context, proc.pid, proc.ppid) == ("process", 7, 1)  # in the owner's own context: its parent too
 
 
+def test_conn_a_reset_close_carries_its_stack_in_the_longer_record():
+    common = dict(sk=0xffff888000004000, family=4, sport=40000, dport=80, saddr=addr("10.0.0.2"),
+                  daddr=addr("10.0.0.1"), action=3, oldstate=1, newstate=7)
+    stack = [0xffffffff81000000, 0xffffffff81000100]
+    rec = record(wire.CONN_STACK_EVENT, wire.Kind.CONN, flags=wire.CONN_F_STACK, stack=stack,
+                 **common)
+    [ev] = decode(ConnProbe(), rec)
+    assert (ev.action, ev.old_state, len(ev.stack)) == ("close", "ESTABLISHED", 2)
+    # the flag says which layout: a long record without it is a stale object's, not an event
+    dec = RecordDecoder()
+    dec.add(ConnProbe())
+    assert dec.decode(record(wire.CONN_STACK_EVENT, wire.Kind.CONN, **common)) == []
+    assert dec.lost(NETNS) == {wire.Kind.CONN: 1}
+
+
 def test_drop_fields():
     probe = DropProbe()
     dec = probe.decoder

@@ -81,7 +81,9 @@ def test_kind_ids_match_the_c_enum():
     netchange = (header.parent / "netchange.h").read_text()
     assert f"#define NC_F_QUEUED_BY {wire.NC_F_QUEUED_BY:#x}" in netchange
     assert f"#define NC_F_NFT {wire.NC_F_NFT:#x} " in netchange
-    assert f"#define CONN_F_SOFTIRQ {wire.CONN_F_SOFTIRQ:#x}\n" in (header.parent / "conn.h").read_text()
+    conn = (header.parent / "conn.h").read_text()
+    assert f"#define CONN_F_SOFTIRQ {wire.CONN_F_SOFTIRQ:#x} " in conn
+    assert f"#define CONN_F_STACK {wire.CONN_F_STACK:#x} " in conn
 
 
 def _span(records, lead: int = 16):
