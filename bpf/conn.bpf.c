@@ -269,20 +269,23 @@ static __always_inline int on_accepted(void *ctx, const struct sock *sk)
 }
 
 /* The syscall numbers of accept and accept4 on this machine, set by Python
- * (they differ between architectures). */
+ * (they differ between architectures) when the plan sees accepts at
+ * sys_exit; `on` 0 (a kretprobe plan, or no conn probe): this part is off. */
 const volatile struct {
 	__s32 nr_accept;
 	__s32 nr_accept4;
+	__u32 on;
 } conn_cfg = {};
 
-/* tp_btf/sys_exit (no tracefs needed, unlike the syscalls:sys_exit_accept*
- * tracepoints; detaches without waiting for a grace period): ret is the new
- * fd of an accept; its file's socket is the connection. */
-SEC("tp_btf/sys_exit")
-int BPF_PROG(conn_accept_sysexit, struct pt_regs *regs, long ret)
+/* Called by the syscall probe's tp_btf/sys_exit program (syscall.bpf.c) for
+ * every syscall while something is watched: one program on that tracepoint
+ * instead of two (a tracepoint with one program calls it directly; with two,
+ * through an indirect loop: ~+50 ns on every syscall of the machine). No
+ * tracefs needed, unlike the syscalls:sys_exit_accept* tracepoints. ret is
+ * the new fd of an accept; its file's socket is the connection. */
+__noinline int conn_on_sys_exit(long nr, long ret)
 {
-	long nr = NT_SYSCALL_NR(regs);
-	if ((nr != conn_cfg.nr_accept && nr != conn_cfg.nr_accept4) || ret < 0)
+	if (!conn_cfg.on || (nr != conn_cfg.nr_accept && nr != conn_cfg.nr_accept4) || ret < 0)
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
@@ -295,7 +298,7 @@ int BPF_PROG(conn_accept_sysexit, struct pt_regs *regs, long ret)
 	struct socket *sock = BPF_CORE_READ(file, private_data);
 	if (!sock)
 		return 0;
-	return on_accepted(ctx, BPF_CORE_READ(sock, sk));
+	return on_accepted(NULL, BPF_CORE_READ(sock, sk));
 }
 
 SEC("kretprobe/inet_csk_accept")

@@ -151,6 +151,9 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 	return 0;
 }
 
+/* conn.bpf.c: accept()s for the conn probe (off unless its plan wants them) */
+extern int conn_on_sys_exit(long nr, long ret);
+
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 {
@@ -158,6 +161,7 @@ int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 	if (nt_idle())
 		return 0;
 	long nr = NT_SYSCALL_NR(regs);
+	conn_on_sys_exit(nr, ret);
 	if (nr >= 0) {
 		__u32 key = nr;
 		__u8 *code = bpf_map_lookup_elem(&sc_wanted, &key);

@@ -12,6 +12,7 @@ from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.engine import Engine
 from pytest_nettrace.kernel.symbols import symbolize
 from pytest_nettrace.probes.conn import ConnEvent, ConnProbe
+from pytest_nettrace.trace import Trace
 from traffic import clean_exchange, connect_refused, echo_once, linger_abort, script
 
 
@@ -148,6 +149,34 @@ def test_the_kernels_softirq_flag_agrees_with_the_stack(pair):
     assert closes[(client.inode, "SYN_SENT")][1] is not None, seen                 # refused: the stack says so
     assert (server.inode, "accept", "SYN_RECV", "softirq", None) in seen
     assert all(by_stack is None for _, action, *_, by_stack in seen if action != "close"), seen
+
+
+def test_accepts_are_attributed_without_the_syscall_probe(pair):
+    """The conn probe sees accept() return in the syscall probe's sys_exit
+    program (one program on that tracepoint): with the syscall probe left
+    out, that program is loaded for conn alone."""
+    server, client, fam, a, b = pair
+    engine = Engine(probes=[ConnProbe()], background=False)
+    trace = Trace(engine, "t")
+    try:
+        assert engine.status["conn"].plan is not None
+        mechanism = engine.status["conn"].mechanism
+        trace.watch(server)
+        lst = server.socket(fam)
+        lst.bind((a, 0))
+        lst.listen()
+        t = threading.Thread(target=echo_once, args=(lst,))
+        t.start()
+        client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
+        t.join(5)
+        lst.close()
+        if mechanism == "tp_btf (accepting process unknown)":
+            pytest.skip(f"no way to see accept() return on this kernel: {engine.status['conn'].failures}")
+        ev = trace.assert_accepted(pid=os.getpid())
+        assert ev.tid == t.native_id
+    finally:
+        trace.close()
+        engine.close()
 
 
 def test_unknown_filter_is_a_usage_error(nettrace):

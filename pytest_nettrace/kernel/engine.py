@@ -171,10 +171,13 @@ class Engine:
                     # find the probe by loading each plan alone instead
                     culprit = self._load_culprit(active, core_btf)
                     raise
+                attached = set()  # a program two plans share is attached once
                 for st in active:
                     culprit = st
                     for prog in st.plans[0].programs:
-                        obj.attach(prog, cgroup=st.plans[0].cgroups.get(prog))
+                        if prog not in attached:
+                            obj.attach(prog, cgroup=st.plans[0].cgroups.get(prog))
+                            attached.add(prog)
             except ProbeLoadError as e:
                 obj.close()
                 if culprit is None:

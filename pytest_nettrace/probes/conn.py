@@ -104,8 +104,10 @@ class ConnProbe(Probe):
             plans.append(Plan("tp_btf+kretprobe", state + ["conn_accept_kretprobe"]))
         nrs = SYSCALL_NR.get(platform.machine())
         if nrs:
-            cfg = {"conn_cfg": struct.pack("<ii", nrs["accept"], nrs["accept4"])}
-            plans.append(Plan("tp_btf+sys_exit", state + ["conn_accept_sysexit"], config=cfg))
+            # the syscall probe's sys_exit program, which calls conn's part
+            # when this is set (one program on that tracepoint, not two)
+            cfg = {"conn_cfg": struct.pack("<iiI", nrs["accept"], nrs["accept4"], 1)}
+            plans.append(Plan("tp_btf+sys_exit", state + ["sc_exit"], config=cfg))
         plans.append(Plan("tp_btf (accepting process unknown)", state,
                           notes=[f"no kprobes ({kernel.why('kprobe')}) and no syscall table for "
                                  f"{platform.machine()}: accept events have no pid"]))
