@@ -212,7 +212,10 @@ static __always_inline void remember(__u64 key, bool with_task)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
 {
-	if (!is_tcp(sk))
+	/* 4 of a connection's 10 changes (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
+	 * LAST_ACK) are none of ours: they return before any read */
+	if ((newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV && newstate != TCP_ESTABLISHED &&
+	     newstate != TCP_CLOSE) || nt_idle() || !is_tcp(sk))
 		return 0;
 	__u32 netns = nt_netns_of_sk(sk);
 	struct nt_scope *scope = nt_watched(netns);
