@@ -7,10 +7,9 @@ import threading
 
 import pytest
 
-from pytest_nettrace.events import Header
+from pytest_nettrace.events import Header, context_of
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.engine import Engine
-from pytest_nettrace.kernel.symbols import symbolize
 from pytest_nettrace.probes.conn import ConnEvent, ConnProbe
 from pytest_nettrace.trace import Trace
 from traffic import clean_exchange, connect_refused, echo_once, linger_abort, script
@@ -135,11 +134,11 @@ def test_the_kernels_softirq_flag_agrees_with_the_stack(pair):
         lst.close()
         for rec in records:
             hdr = Header(rec)
-            stack = hdr.stack_addrs(rec)
+            stack = hdr.stack(rec)
             flag = "softirq" if hdr.flags & wire.CONN_F_SOFTIRQ else "process"
             for ev in engine.decode(rec):
                 seen.append((ev.netns, ev.action, ev.old_state, flag,
-                             hdr.context(symbolize(stack)) if stack else None))
+                             context_of(stack.frames) if stack.addrs else None))
     finally:
         engine.close()
     assert all(flag == by_stack for *_, flag, by_stack in seen if by_stack is not None), seen
