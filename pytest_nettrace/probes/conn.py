@@ -15,8 +15,8 @@ from ..events import Event, Header, IPAddress, describe_filters
 from ..kernel import wire
 from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
-from .rst import TCP_STATES, ip_from
 from .syscall import SYSCALL_NR
+from .tcp import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -9,7 +9,7 @@ from ..events import Event, Header, IPAddress
 from ..kernel import wire
 from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
-from .rst import TCP_STATES, ip_from
+from .tcp import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

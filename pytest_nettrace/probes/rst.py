@@ -1,15 +1,15 @@
 """TCP resets (bpf/rst.bpf.c, bpf/rst.h): `kind == "rst"`."""
 from __future__ import annotations
 
-import functools
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, cast
 
 from ..events import Event, Header, IPAddress, Stack
 from ..kernel import wire
 from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
+from .tcp import TCP_STATES, ip_from
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -19,25 +19,6 @@ if TYPE_CHECKING:
 RECORD = wire.RST_EVENT
 _BODY = RECORD.body
 ORIGINS = {0: "reply", 1: "active", 2: "received"}
-TCP_STATES = {
-    1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
-    6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN",
-    11: "CLOSING", 12: "NEW_SYN_RECV", 13: "BOUND_INACTIVE",
-}
-
-
-def ip_from(raw: bytes, family: int) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
-    """An ipaddress object; IPv4-mapped IPv6 becomes the IPv4 address."""
-    # only the address's own bytes key the cache: the rest of an IPv4 field is not zeroed
-    return _ip(raw[:4] if family == 4 else raw[:16], family)
-
-
-@functools.lru_cache(maxsize=4096)  # a flood repeats a few addresses; the objects are immutable
-def _ip(raw: bytes, family: int) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
-    if family == 4:
-        return ipaddress.IPv4Address(raw)
-    addr = ipaddress.IPv6Address(raw)
-    return addr.ipv4_mapped or addr
 
 
 class RstEvent(Event):
