@@ -28,9 +28,32 @@ NT_WIRE(drop_event);
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 
+#define DROP_TAP_RANGES 4
+
+/* Where af_packet frees its own copy of a frame it will not queue (another
+ * namespace's frame reaching a packet socket's hook, which is host-wide
+ * before 6.15): never the network's packet, so neither counted nor spending
+ * a namespace's budget. [start, end) of packet_rcv_fanout, packet_rcv,
+ * tpacket_rcv, packet_rcv_spkt from kallsyms; zero: unknown. */
+struct drop_range {
+	__u64 start;
+	__u64 end;
+};
+
 const volatile struct {
 	__u32 budget;   /* detailed events per watched namespace */
+	__u32 pad;
+	struct drop_range tap[DROP_TAP_RANGES];
 } drop_cfg = { .budget = 256 };
+
+static __always_inline bool tap_copy(__u64 location)
+{
+#pragma unroll
+	for (int i = 0; i < DROP_TAP_RANGES; i++)
+		if (location >= drop_cfg.tap[i].start && location < drop_cfg.tap[i].end)
+			return true;
+	return false;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -110,7 +133,7 @@ static __always_inline struct drop_count *count_of(struct drop_key *key)
 static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *location,
 				   bool has_reason, __u32 reason)
 {
-	if (!skb || nt_idle())
+	if (!skb || nt_idle() || tap_copy((__u64)location))
 		return 0;
 	struct net_device *dev = BPF_CORE_READ(skb, dev);
 	struct sock *sk = BPF_CORE_READ(skb, sk);

@@ -146,6 +146,22 @@ def test_detail_budget_caps_events_and_keeps_assertions_sound(netns, nettrace):
         nettrace.assert_no_drops(reason="NO_SOCKET", dport=4242)
 
 
+def test_packet_sockets_copies_spend_no_drop_budget(pair, nettrace):
+    # Before 6.15 a packet socket's hook is host-wide: the client's capture
+    # receives every frame of the server's namespace too and frees its copy
+    # (packet_rcv_fanout, counted by kfree_skb). Those frees are no drops;
+    # spending the server's detail budget on them hid its real drop's detail.
+    server, client, fam, a, b = pair
+    sink = server.socket(fam, socket.SOCK_DGRAM)
+    sink.bind((a, 0))
+    client.run(udp_send(a, sink.getsockname()[1], n=DETAIL_BUDGET + 100), check=True)
+    client.run(udp_send(a, 9), check=True)
+    ev = nettrace.assert_drop(reason="NO_SOCKET", dport=9)
+    assert ev.netns == server.inode
+    assert nettrace.lost("drop") == 0
+    sink.close()
+
+
 def test_drops_in_unwatched_namespace_are_not_seen(netns, nettrace):
     with NamespaceFactory() as other_factory:  # not the test's own: not watched
         other = other_factory.create()

@@ -17,7 +17,7 @@ from ..events import Event, Header, IPAddress, describe_filters, matches
 from ..events import IP_PROTO
 from ..kernel import wire
 from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
-from ..kernel.symbols import frame_function, kallsyms, symbolize
+from ..kernel.symbols import frame_function, function_ranges, kallsyms, symbolize
 from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
@@ -147,7 +147,7 @@ class DropProbe(Probe):
         reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
         self.decoder.reasons = reasons
         DropEvent.REASONS = tuple(n for n in reasons.values() if n not in ("MAX", "SUBSYS_MASK"))  # not reasons
-        config = {"drop_cfg": _u32.pack(DETAIL_BUDGET)}
+        config = {"drop_cfg": drop_config(function_ranges(_TAP_RECEIVERS))}
         args = kernel.tracepoint_args("kfree_skb")
         if not kernel.tp_btf or args is None:
             return []
@@ -257,7 +257,19 @@ class DropDecoder(Decoder):
 # namespace on 6.18), a fanout group frees every other namespace's frames at
 # packet_rcv_fanout, a "drop" in that namespace; a full capture ring frees its
 # copy in tpacket_rcv (the capture counts that as its own loss).
-_TAP_RECEIVERS = frozenset(("packet_rcv_fanout", "packet_rcv", "tpacket_rcv", "packet_rcv_spkt"))
+_TAP_RECEIVERS = ("packet_rcv_fanout", "packet_rcv", "tpacket_rcv", "packet_rcv_spkt")
+_TAP_RANGES = 4  # DROP_TAP_RANGES in bpf/drop.bpf.c
+_DROP_CFG = struct.Struct(f"<II{2 * _TAP_RANGES}Q")
+
+
+def drop_config(tap_ranges: Dict[str, Tuple[int, int]]) -> bytes:
+    """drop_cfg (bpf/drop.bpf.c): the detail budget and the [start, end) of
+    the functions whose frees are tap copies, which the program leaves out
+    (the decoder and the counts also do, by name: for a kernel that hides
+    addresses)."""
+    spans = [tap_ranges[name] for name in _TAP_RECEIVERS if name in tap_ranges]
+    flat = [a for span in spans for a in span] + [0, 0] * (_TAP_RANGES - len(spans))
+    return _DROP_CFG.pack(DETAIL_BUDGET, 0, *flat)
 
 
 def is_tap_copy(location: str) -> bool:
