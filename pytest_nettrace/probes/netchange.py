@@ -16,7 +16,8 @@ import os
 import random
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union, cast
+from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple,
+                    Union, cast)
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, parse_address, user_name
@@ -108,11 +109,15 @@ _KERNEL_DETAILS = (
 def _attrs(buf: bytes, off: int, end: int) -> Dict[int, bytes]:
     """rtattrs in buf[off:end] (a truncated copy just ends early)."""
     out: Dict[int, bytes] = {}
+    unpack = _RTA.unpack_from   # a link message has ~50 attributes: no lookups per attribute
     while off + 4 <= end:
-        length, kind = _RTA.unpack_from(buf, off)
+        length, kind = unpack(buf, off)
         if length < 4:
             break
-        out.setdefault(kind & 0x3FFF, buf[off + 4: min(off + length, end)])
+        kind &= 0x3FFF
+        if kind not in out:   # the first of a repeated attribute
+            stop = off + length
+            out[kind] = buf[off + 4: stop if stop < end else end]
         off += (length + 3) & ~3
     return out
 
@@ -405,7 +410,17 @@ class RuleEvent(NetChangeEvent):
 
 def _prefix(raw: Optional[bytes], family: int, plen: int) -> Optional[Any]:
     ip = _ip(raw, family)
-    return ipaddress.ip_network(f"{ip}/{plen}", strict=False) if ip is not None else None
+    return _network(ip, plen) if ip is not None else None
+
+
+@functools.lru_cache(maxsize=1024)  # a test's routes repeat a few prefixes; the values are immutable
+def _network(ip: Any, plen: int) -> Any:
+    return ipaddress.ip_network(f"{ip}/{plen}", strict=False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _interface(ip: Any, plen: int) -> Any:
+    return ipaddress.ip_interface(f"{ip}/{plen}")
 
 
 def _u32(attrs: Dict[int, bytes], key: int) -> Optional[int]:
@@ -421,22 +436,22 @@ _SYSCTL_HANDLERS = (("addrconf_sysctl_disable", "disable_ipv6"), ("addrconf_sysc
                     ("addrconf_sysctl_stable_secret", "stable_secret"))
 
 
-def sysctl_cause(ev: NetChangeEvent, name: bytes, value: bytes) -> Dict[str, Any]:
+def sysctl_cause(ev: NetChangeEvent, functions: AbstractSet[str], name: bytes, value: bytes) -> Dict[str, Any]:
     """A change the kernel made while a process wrote a sysctl (IPv6
     addresses removed by net.ipv6.conf.<dev>.disable_ipv6=1): cause "sysctl",
     the setting and the value written in `detail` (the changes to make to
     `ev`; none when it is not one). `name`/`value` are the thread's last
     sysctl write as bpf/sysctl.bpf.c recorded it (it is this write: the stack
-    runs through the sysctl write handler)."""
-    present = {frame_function(f) for f in ev.stack}
-    if ev.cause != "kernel" or ev.pid is None or not present.intersection(_SYSCTL_WRITE_FRAMES):
+    runs through the sysctl write handler; `functions`: its stack's function
+    names, Stack.functions)."""
+    if ev.cause != "kernel" or ev.pid is None or functions.isdisjoint(_SYSCTL_WRITE_FRAMES):
         return {}
     setting = _cstr(name)
     if setting:
         parts = setting.split("/")
         return dict(cause="sysctl",
                     detail=".".join(p.replace(".", "/") for p in parts) + "=" + (_cstr(value) or "").strip())
-    handler = next((what for frame, what in _SYSCTL_HANDLERS if frame in present), None)
+    handler = next((what for frame, what in _SYSCTL_HANDLERS if frame in functions), None)
     return dict(cause="sysctl", detail=f"a write to {handler}" if handler else "a write to /proc/sys/net")
 
 
@@ -445,7 +460,12 @@ def cause_of(kind: str, frames: Sequence[str]) -> Tuple[str, Optional[str]]:
     *this* change was asked for. The IPv6 addresses a link down removes are
     "kernel"/"link down" whether the down came over netlink or SIOCSIFFLAGS."""
     # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
-    present = {frame_function(f) for f in frames}
+    return _cause(kind, frozenset(frame_function(f) for f in frames))
+
+
+@functools.lru_cache(maxsize=1024)  # a test's changes repeat a handful of stacks (Stack.functions, hashed once)
+def _cause(kind: str, present: FrozenSet[str]) -> Tuple[str, Optional[str]]:
+    """cause_of() of a stack's function names."""
     follows = kind != "link" and present.intersection(_NOTIFIER_FRAMES)
     if not follows and present.intersection(_NETLINK_HANDLERS[kind]):
         return "netlink", None
@@ -743,7 +763,7 @@ class NetChangeDecoder(Decoder):
             return [blamed] if blamed is not None else []
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
         if event is not None:
-            changes = sysctl_cause(event, sy_name, sy_value)
+            changes = sysctl_cause(event, hdr.stack(buf).functions, sy_name, sy_value)
             if changes:
                 event = event.evolve(**changes)
         self._last[hdr.netns] = (skb, event)
@@ -798,11 +818,11 @@ class NetChangeDecoder(Decoder):
             return self._rule(hdr, stack, msg, mtype, mon, common)
         return None
 
-    def _finish(self, ev: NetChangeEvent, hdr: Header) -> NetChangeEvent:
-        """`ev` with how the change was asked for, and by whom (a new event:
-        this one is not published yet)."""
+    def _finish(self, ev: NetChangeEvent, hdr: Header, stack: Stack) -> NetChangeEvent:
+        """`ev` (of `stack`) with how the change was asked for, and by whom (a
+        new event: this one is not published yet)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        cause, detail = cause_of(ev.kind, ev.stack)
+        cause, detail = _cause(ev.kind, stack.functions)
         done: Dict[str, Any] = dict(cause=cause, detail=detail)
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
@@ -832,10 +852,10 @@ class NetChangeDecoder(Decoder):
         label = _cstr(attrs.get(3))
         dev = (mon.names.get(index) if mon else None) or (label.split(":", 1)[0] if label else None)
         ev = AddrEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWADDR else "deleted",
-                       address=ipaddress.ip_interface(f"{ip}/{prefixlen}") if ip is not None else None,
+                       address=_interface(ip, prefixlen) if ip is not None else None,
                        family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
                        scope=scope, flags=flags, **common)
-        return self._finish(ev, hdr)
+        return self._finish(ev, hdr, stack)
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
               mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
@@ -861,7 +881,7 @@ class NetChangeDecoder(Decoder):
         ev = LinkEvent(hdr, stack, "process", action=action, dev=name or (mon.names.get(index) if mon else None),
                        ifindex=index, up=bool(flags & IFF_UP), flags=flags, link_kind=_cstr(kind_attr),
                        mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
-        return self._finish(ev, hdr)
+        return self._finish(ev, hdr, stack)
 
     def _route(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
                mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
@@ -880,12 +900,12 @@ class NetChangeDecoder(Decoder):
         else:  # `ip route replace` of an existing route: the kernel says NLM_F_REPLACE
             action = "replaced" if nl_flags & NLM_F_REPLACE else "added"
         ev = RouteEvent(hdr, stack, "process", action=action,
-                        dst=ipaddress.ip_network(f"{dst_ip}/{dst_len}", strict=False),
+                        dst=_network(dst_ip, dst_len),
                         gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
                         ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
                         type=RTN_TYPES.get(rtype, rtype), protocol=proto, priority=prio,
                         prefsrc=_ip(attrs.get(7), family), **common)
-        return self._finish(ev, hdr)
+        return self._finish(ev, hdr, stack)
 
     def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
                mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
@@ -913,7 +933,7 @@ class NetChangeDecoder(Decoder):
                         family=4 if family == socket.AF_INET else 6, flags=flags,
                         router=bool(flags & 0x80), proxy=bool(flags & 0x08),  # NTF_ROUTER, NTF_PROXY
                         dev=mon.names.get(index) if mon else None, ifindex=index, **common)
-        return self._finish(ev, hdr)
+        return self._finish(ev, hdr, stack)
 
     def _rule(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
@@ -931,7 +951,7 @@ class NetChangeDecoder(Decoder):
                        rule_action=FR_ACTIONS.get(action, action), goto=_u32(attrs, 4),
                        invert=bool(flags & 0x2),  # FIB_RULE_INVERT
                        protocol=proto[0] if proto else None, dev=None, ifindex=None, **common)
-        return self._finish(ev, hdr)
+        return self._finish(ev, hdr, stack)
 
 
     def _nft(self, buf: bytes, hdr: Header) -> List[Event]:
@@ -952,7 +972,7 @@ class NetChangeDecoder(Decoder):
         events: List[NetChangeEvent] = []
         for change in _nft.changes(msg):
             ev = NftEvent(hdr, stack, "process", cmdline=line, dev=None, ifindex=None, **change)
-            events.append(self._finish(ev, hdr))
+            events.append(self._finish(ev, hdr, stack))
         self._last[hdr.netns] = (skb, events[-1] if events else None)
         return list(events)
 
