@@ -147,3 +147,59 @@ def test_owners_from_fentry_on_kernels_without_sock_length_tracepoints(make_netn
         trace.close()
     finally:
         engine.close()
+
+
+def test_a_namespace_watched_again_starts_from_zero(nettrace):
+    """Its entries are deleted when it is watched again (the inode is the
+    key: a later namespace may get it), not before (a namespace first watched
+    has none to delete)."""
+    from pytest_nettrace.trace import Trace
+    with NamespaceFactory() as f:
+        ns = f.create()
+        first = Trace(nettrace.engine, "first")
+        first.watch(ns)
+        ns.run(udp_poke("127.0.0.1"), check=True)
+        assert first.traffic(dev="lo") != []
+        first.close()
+        again = Trace(nettrace.engine, "again")
+        again.watch(ns)
+        try:
+            assert again.traffic() == []
+            ns.run(udp_poke("127.0.0.1"), check=True)
+            lo = again.traffic(dev="lo")
+            assert sum(r.tx_packets for r in lo) == 2 and sum(r.rx_packets for r in lo) == 2, lo
+        finally:
+            again.close()
+
+
+def test_stale_entries_are_deleted_in_one_scan_at_the_next_watch():
+    """NetnsPurge on a real BPF hash map keyed by (netns, n): an unwatched
+    namespace's entries go at the next watch of any namespace; a namespace
+    watched before loses its old entries when watched again; one never
+    watched keeps what it has (the kernel writes only for watched ones)."""
+    import struct
+    from pytest_nettrace.kernel import libbpf as lb
+    fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "t_purge", 8, 4, 64)
+    try:
+        def put(netns: int, n: int) -> None:
+            lb.map_update(fd, struct.pack("<II", netns, n), b"\0" * 4)
+
+        def inodes() -> list:
+            return sorted({struct.unpack("<II", k)[0] for k in lb.map_keys(fd, 8)})
+
+        purge = lb.NetnsPurge(((fd, 8),))
+        purge.watch(1)
+        put(1, 0), put(1, 1)
+        put(2, 0)   # written while 2 is being watched, just before its probe's watch
+        purge.watch(2)
+        assert inodes() == [1, 2]
+        purge.unwatch(1)
+        assert inodes() == [1, 2]   # deleted at the next watch, with the kernel done writing
+        purge.watch(3)
+        assert inodes() == [2]
+        purge.unwatch(2)
+        put(2, 1)   # the kernel still writing until the engine stops watching
+        purge.watch(2)   # watched again (a reused inode): from zero
+        assert inodes() == []
+    finally:
+        os.close(fd)

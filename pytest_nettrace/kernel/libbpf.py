@@ -11,8 +11,9 @@ import ctypes
 import errno as _errno
 import os
 import re
+import struct
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import ProbeLoadError, UnsupportedKernel
 
@@ -435,6 +436,37 @@ def map_delete_where(fd: int, key_size: int, pred: Callable[[bytes], bool]) -> i
     for key in doomed:
         map_delete(fd, key)
     return len(doomed)
+
+
+_u32_key = struct.Struct("<I")
+
+
+class NetnsPurge:
+    """When a probe's maps keyed by namespace inode (the key's first u32)
+    need their old entries deleted. The kernel writes entries only for a
+    watched namespace, and keeps writing until the engine stops watching it,
+    after the probe's unwatch(); an inode is reused by later namespaces. So
+    an unwatched namespace's entries are deleted at the next watch (one scan
+    of each map for every namespace unwatched since, ~16 us even empty), with
+    those of the namespace being watched if this engine watched its inode
+    before; a never-seen inode has none."""
+
+    def __init__(self, maps: "Sequence[Tuple[int, int]]") -> None:
+        self._maps = maps          # (fd, key size) of each map
+        self._stale: Set[int] = set()    # unwatched, entries not deleted yet
+        self._seen: Set[int] = set()     # every inode watched (nsfs reuses the lowest free: stays small)
+
+    def watch(self, netns: int) -> None:
+        doomed = self._stale | ({netns} if netns in self._seen else set())
+        self._seen.add(netns)
+        if not doomed:
+            return
+        for fd, key_size in self._maps:
+            map_delete_where(fd, key_size, lambda k: _u32_key.unpack_from(k)[0] in doomed)
+        self._stale.clear()
+
+    def unwatch(self, netns: int) -> None:
+        self._stale.add(netns)
 
 
 class KernelBtf:

@@ -16,7 +16,7 @@ from ..errors import EventsLost
 from ..events import Event, Header, IPAddress, describe_filters, matches
 from ..events import IP_PROTO
 from ..kernel import wire
-from ..kernel.libbpf import map_delete, map_delete_where, map_items, map_lookup, map_update
+from ..kernel.libbpf import NetnsPurge, map_delete, map_items, map_lookup, map_update
 from ..kernel.symbols import frame_function, function_ranges, kallsyms, symbolize
 from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
@@ -164,18 +164,16 @@ class DropProbe(Probe):
     def attached(self, obj: "BpfObject") -> None:
         self._counts_fd = obj.map_fd("drop_counts")
         self._scopes_fd = obj.map_fd("drop_scopes")
+        self._purge = NetnsPurge(((self._counts_fd, _KEY.size),))   # netns is the key's first field
 
     def watch(self, netns: int, path: Optional[str]) -> None:
         # an inode can be reused by a later namespace: start from zero
-        self._forget(netns)
+        self._purge.watch(netns)
         map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE.size))
 
     def unwatch(self, netns: int) -> None:
         map_delete(self._scopes_fd, _u32.pack(netns))
-        self._forget(netns)
-
-    def _forget(self, netns: int) -> None:
-        map_delete_where(self._counts_fd, _KEY.size, lambda k: _KEY.unpack(k)[0] == netns)
+        self._purge.unwatch(netns)
 
     def lost(self, netns: int) -> Dict[str, int]:
         """Drops not delivered in detail (budget spent or counts map full).

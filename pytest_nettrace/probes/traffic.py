@@ -12,7 +12,6 @@ errors, forwarded traffic) form rows with pid/uid/comm None — the seed's
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple, Type,
                     TypedDict, cast)
@@ -21,7 +20,7 @@ from ..errors import EventsLost
 from ..events import Event, describe_filters, matches
 from ..events import COMM
 from ..kernel import wire
-from ..kernel.libbpf import map_delete_where, map_items
+from ..kernel.libbpf import NetnsPurge, map_items
 from .base import Plan, Probe
 from .context import Filter, KindApi
 
@@ -35,11 +34,6 @@ _KEY = wire.TRAFFIC_KEY.struct
 _COUNTERS = wire.TRAFFIC_COUNTERS.struct
 _OWNER_KEY = wire.TRAFFIC_OWNER_KEY.struct
 _OWNER = wire.TRAFFIC_OWNER.struct
-
-
-def _purge(fd: int, key_size: int, netns: int) -> None:
-    """Delete the entries of one namespace (netns is every key's first field)."""
-    map_delete_where(fd, key_size, lambda k: struct.unpack_from("<I", k)[0] == netns)
 
 
 @dataclass
@@ -117,14 +111,15 @@ class TrafficProbe(Probe):
     def attached(self, obj: "BpfObject") -> None:
         self._counters_fd = obj.map_fd("tf_counters")
         self._owners_fd = obj.map_fd("tf_owners")
+        # netns is every key's first field
+        self._purge = NetnsPurge(((self._counters_fd, _KEY.size), (self._owners_fd, _OWNER_KEY.size)))
 
     def watch(self, netns: int, path: Optional[str]) -> None:
         # an inode can be reused by a new namespace: start from zero
-        self.unwatch(netns)
+        self._purge.watch(netns)
 
     def unwatch(self, netns: int) -> None:
-        _purge(self._counters_fd, _KEY.size, netns)
-        _purge(self._owners_fd, _OWNER_KEY.size, netns)
+        self._purge.unwatch(netns)
 
     def rows(self, namespaces: List[int]) -> List[TrafficRow]:
         """The table for these namespaces, joined with the port owners now."""
