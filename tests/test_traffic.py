@@ -174,9 +174,10 @@ def test_a_namespace_watched_again_starts_from_zero(nettrace):
 
 def test_stale_entries_are_deleted_in_one_scan_at_the_next_watch():
     """NetnsPurge on a real BPF hash map keyed by (netns, n): an unwatched
-    namespace's entries go at the next watch of any namespace; a namespace
-    watched before loses its old entries when watched again; one never
-    watched keeps what it has (the kernel writes only for watched ones)."""
+    namespace's entries go at the next watch of any namespace, or at a
+    drain's poll once they are old; a namespace watched before loses its old
+    entries when watched again; one never watched keeps what it has (the
+    kernel writes only for watched ones)."""
     import struct
     from pytest_nettrace.kernel import libbpf as lb
     fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "t_purge", 8, 4, 64)
@@ -200,6 +201,15 @@ def test_stale_entries_are_deleted_in_one_scan_at_the_next_watch():
         purge.unwatch(2)
         put(2, 1)   # the kernel still writing until the engine stops watching
         purge.watch(2)   # watched again (a reused inode): from zero
+        assert inodes() == []
+        put(2, 2)
+        purge.unwatch(2)
+        purge.poll()   # no watch comes: a drain deletes them once they are `linger` old
+        assert inodes() == [2]
+        idle = lb.NetnsPurge(((fd, 8),), linger=0)
+        idle.watch(2)
+        idle.unwatch(2)
+        idle.poll()
         assert inodes() == []
     finally:
         os.close(fd)

@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import threading
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ..errors import ProbeLoadError, UnsupportedKernel
@@ -449,24 +450,37 @@ class NetnsPurge:
     an unwatched namespace's entries are deleted at the next watch (one scan
     of each map for every namespace unwatched since, ~16 us even empty), with
     those of the namespace being watched if this engine watched its inode
-    before; a never-seen inode has none."""
+    before; a never-seen inode has none. With no watch coming (`nettrace
+    watch` runs for days), a drain's poll() deletes them once they are
+    `linger` seconds old: they would take room in the maps."""
 
-    def __init__(self, maps: "Sequence[Tuple[int, int]]") -> None:
+    def __init__(self, maps: "Sequence[Tuple[int, int]]", linger: float = 1.0) -> None:
         self._maps = maps          # (fd, key size) of each map
+        self._linger = linger
         self._stale: Set[int] = set()    # unwatched, entries not deleted yet
+        self._stale_since = 0.0          # CLOCK_MONOTONIC of the first of them
         self._seen: Set[int] = set()     # every inode watched (nsfs reuses the lowest free: stays small)
 
     def watch(self, netns: int) -> None:
         doomed = self._stale | ({netns} if netns in self._seen else set())
         self._seen.add(netns)
+        self._delete(doomed)
+
+    def unwatch(self, netns: int) -> None:
+        if not self._stale:
+            self._stale_since = time.monotonic()
+        self._stale.add(netns)
+
+    def poll(self) -> None:
+        if self._stale and time.monotonic() - self._stale_since >= self._linger:
+            self._delete(set(self._stale))
+
+    def _delete(self, doomed: Set[int]) -> None:
         if not doomed:
             return
         for fd, key_size in self._maps:
             map_delete_where(fd, key_size, lambda k: _u32_key.unpack_from(k)[0] in doomed)
         self._stale.clear()
-
-    def unwatch(self, netns: int) -> None:
-        self._stale.add(netns)
 
 
 class KernelBtf:

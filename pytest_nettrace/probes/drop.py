@@ -175,6 +175,9 @@ class DropProbe(Probe):
         map_delete(self._scopes_fd, _u32.pack(netns))
         self._purge.unwatch(netns)
 
+    def poll(self) -> None:
+        self._purge.poll()
+
     def lost(self, netns: int) -> Dict[str, int]:
         """Drops not delivered in detail (budget spent or counts map full).
         Ring-buffer losses are counted by the core; these come on top."""

@@ -121,6 +121,9 @@ class TrafficProbe(Probe):
     def unwatch(self, netns: int) -> None:
         self._purge.unwatch(netns)
 
+    def poll(self) -> None:
+        self._purge.poll()
+
     def rows(self, namespaces: List[int]) -> List[TrafficRow]:
         """The table for these namespaces, joined with the port owners now."""
         return traffic_rows(map_items(self._counters_fd, _KEY.size, _COUNTERS.size),
