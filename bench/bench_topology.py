@@ -31,7 +31,8 @@ def main() -> None:
     times = sorted(build_and_tear_down() for _ in range(runs))
     median = statistics.median(times)
     p90 = times[int(len(times) * 0.9) - 1]
-    print(f"topology (2 netns + veth, IPv4+IPv6, up, torn down): median {median:.2f} ms, p90 {p90:.2f} ms over {runs} runs")
+    print(f"topology (2 netns + veth, IPv4+IPv6, up, torn down): median {median:.2f} ms, p90 {p90:.2f} ms"
+          f" over {runs} runs")
 
 
 if __name__ == "__main__":

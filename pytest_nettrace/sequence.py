@@ -89,7 +89,8 @@ class Forbid:
     between: Tuple[str, str]
 
     def describe(self) -> str:
-        return f"no {self.kind} {_describe(self.filters, self.refs)} between {self.between[0]!r} and {self.between[1]!r}"
+        first, last = self.between
+        return f"no {self.kind} {_describe(self.filters, self.refs)} between {first!r} and {last!r}"
 
 
 def step(kind: str, *, as_: Optional[str] = None, bind: Union[Mapping[str, str], Sequence[str], None] = None,

@@ -60,7 +60,8 @@ def test_nft_drop_rule_is_a_netfilter_drop(pair, nettrace):
     assert ev.location.startswith(("nft_do_chain", "nf_hook_slow")), ev.location  # 6.18 / 6.1
     assert len(nettrace.drops(reason="NETFILTER_DROP", dport=5555)) == 3
     nettrace.assert_no_drops(reason="NO_SOCKET")
-    with pytest.raises(AssertionError, match=r"expected no drop events matching \(any\) \(background drops left out\), saw 3"):
+    with pytest.raises(AssertionError,
+                       match=r"expected no drop events matching \(any\) \(background drops left out\), saw 3"):
         nettrace.assert_no_drops()
     # nf_tables is a module on distribution kernels: "nft_do_chain [nf_tables]+0x40f"
     assert re.search(r"3 drops at (nft_do_chain|nf_hook_slow)( \[nf_tables\])?\+0x", nettrace.drop_summary().text())

@@ -353,7 +353,8 @@ def test_a_namespace_kept_alive_by_an_fd_or_a_mount_is_reported(tmp_path):
             factory.close()
         notes = [str(w.message) for w in caught]
         assert f"a test namespace stays alive: net:[{ns.inode}] held open by process {holder.pid} (sleep)" in notes
-        assert any(n.startswith(f"a test namespace stays alive: net:[{ns.inode}] mounted on {pin} ") for n in notes), notes
+        alive = f"a test namespace stays alive: net:[{ns.inode}] mounted on {pin} "
+        assert any(n.startswith(alive) for n in notes), notes
         assert ns.name not in netns_entries()
     finally:
         holder.kill()

@@ -78,7 +78,8 @@ def test_veth_between_namespaces_carries_tcp_v4_and_v6(make_netns) -> None:
     left, right = a.add_veth("veth0", b, "veth1", ["10.0.0.1/24", "2001:db8::1/64"], ["10.0.0.2/24", "2001:db8::2/64"])
     assert left == Link("veth0", left.index, "veth", a)
     assert (right.ifname, right.kind, right.netns) == ("veth1", "veth", b)
-    for family, server_ip, client_ip in ((socket.AF_INET, "10.0.0.2", "10.0.0.1"), (socket.AF_INET6, "2001:db8::2", "2001:db8::1")):
+    for family, server_ip, client_ip in ((socket.AF_INET, "10.0.0.2", "10.0.0.1"),
+                                         (socket.AF_INET6, "2001:db8::2", "2001:db8::1")):
         with b.socket(family) as server, a.socket(family) as client:
             server.bind((server_ip, 0))
             server.listen()
@@ -142,7 +143,8 @@ def test_addresses_add_list_delete(netns: Namespace) -> None:
     netns.add_dummy("d0")
     netns.add_address("d0", "10.3.0.1/24")
     netns.add_address("d0", ipaddress.ip_interface("2001:db8:3::1/64"))
-    assert netns.addresses("d0")[:2] == [ipaddress.ip_interface("10.3.0.1/24"), ipaddress.ip_interface("2001:db8:3::1/64")]
+    assert netns.addresses("d0")[:2] == [ipaddress.ip_interface("10.3.0.1/24"),
+                                         ipaddress.ip_interface("2001:db8:3::1/64")]
     everything = netns.addresses()
     assert ipaddress.ip_interface("127.0.0.1/8") in everything and ipaddress.ip_interface("::1/128") in everything
     netns.del_address("d0", "10.3.0.1/24")

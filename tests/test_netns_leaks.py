@@ -158,7 +158,8 @@ def test_cleanup_stale_spares_live_owners(netns) -> None:
 def test_report_header_names_the_dummy_strategy(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.stdout.re_match_lines([r"nettrace: (dummy driver available|no dummy driver, add_dummy\(\) uses a veth stand-in.*)"])
+    result.stdout.re_match_lines(
+        [r"nettrace: (dummy driver available|no dummy driver, add_dummy\(\) uses a veth stand-in.*)"])
 
 
 def _wait_for(condition, timeout: float = 5.0) -> None:

@@ -129,7 +129,8 @@ def test_owners_from_fentry_on_kernels_without_sock_length_tracepoints(make_netn
 
     if not features().fentry:
         pytest.skip(f"NOT EXERCISED on this kernel: traffic via tp_btf+fentry needs fentry "
-                    f"({features().why('fentry')}); ci/vm-test runs it on Debian 6.1 and 6.12 (ci/test.sh kernel matrix)")
+                    f"({features().why('fentry')}); ci/vm-test runs it on Debian 6.1 and 6.12"
+                    " (ci/test.sh kernel matrix)")
     a, b = make_netns(), make_netns()
     a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
     a.run(udp_poke("10.0.0.2"), check=True)

@@ -109,7 +109,8 @@ def _find_libbpf() -> ctypes.CDLL:
         except OSError:
             pass
     raise UnsupportedKernel(
-        "libbpf not found (tried libbpf.so.1, libbpf.so.0): install the libbpf1 package (Debian/Ubuntu) or libbpf (Fedora)")
+        "libbpf not found (tried libbpf.so.1, libbpf.so.0): install the libbpf1 package (Debian/Ubuntu)"
+        " or libbpf (Fedora)")
 
 
 class LibBpf:
@@ -360,7 +361,8 @@ class BpfObject:
         if not link:
             err = ctypes.get_errno()
             raise ProbeLoadError(
-                f"cannot attach {self.name}:{prog_name} ({section}): {_errtext(err)} {_reason_from_log(lines)}".rstrip())
+                f"cannot attach {self.name}:{prog_name} ({section}): {_errtext(err)}"
+                f" {_reason_from_log(lines)}".rstrip())
         bl = BpfLink(link, f"{self.name}:{prog_name} ({section})")
         self.links.append(bl)
         return bl

@@ -178,7 +178,8 @@ DROP_SCOPE = Layout("drop_scope", [("detailed", "Q"), ("summarized", "Q"), ("una
 SYSCTL_WRITE = Layout("sysctl_write", [("name", f"{SY_NAME_MAX}s"), ("value", f"{SY_VALUE_MAX}s")])
 SYSCTL_EVENT = Record("sysctl_event", [
     ("name_len", "i"), ("old_len", "i"), ("new_len", "i"), ("cmdline_len", "I"), ("file_pos", "I"),
-    ("io_known", "I"), ("syscw", "Q"), ("wchar", "Q"), ("name", f"{SY_NAME_MAX}s"), ("old", f"{SY_VALUE_MAX}s"), ("new", f"{SY_VALUE_MAX}s"),
+    ("io_known", "I"), ("syscw", "Q"), ("wchar", "Q"), ("name", f"{SY_NAME_MAX}s"), ("old", f"{SY_VALUE_MAX}s"),
+    ("new", f"{SY_VALUE_MAX}s"),
     ("cmdline", f"{SY_CMDLINE_MAX}s")], stack=False)
 
 NETCHANGE_EVENT = Record("netchange_event", [
@@ -202,6 +203,7 @@ TRAFFIC_OWNER = Layout("traffic_owner", [("pid", "I"), ("uid", "I"), ("comm", f"
 
 # Every layout Python reads, for the BTF comparison.
 LAYOUTS: Tuple[Layout, ...] = (
-    NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, CONN_STACK_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT, DROP_SCOPE,
+    NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, CONN_STACK_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT,
+    DROP_SCOPE,
     SYSCTL_WRITE, SYSCTL_EVENT, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY, SYSCALL_EVENT, SC_PENDING,
     TRAFFIC_KEY, TRAFFIC_COUNTERS, TRAFFIC_OWNER_KEY, TRAFFIC_OWNER)

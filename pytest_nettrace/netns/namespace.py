@@ -222,7 +222,8 @@ class Namespace:
 
     # -- netlink plumbing ---------------------------------------------------
 
-    def _request(self, what: str, msg: Any, msg_type: int, flags: int = 0, rtnl: RtnlSocket | None = None) -> list[bytes]:
+    def _request(self, what: str, msg: Any, msg_type: int, flags: int = 0,
+                 rtnl: RtnlSocket | None = None) -> list[bytes]:
         self._check_open()
         try:
             return (rtnl or self._rtnl).request(msg, msg_type, flags)
@@ -318,7 +319,8 @@ class Namespace:
             peer_attrs.append(("IFLA_NET_NS_FD", peer_ns._fd))
         # The peer cannot be born up (the kernel refuses to open a veth end
         # before its pair exists), so it is brought up by its own namespace.
-        msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", ifname), _linkinfo("veth", _linkmsg(attrs=peer_attrs))])
+        veth_info = _linkinfo("veth", _linkmsg(attrs=peer_attrs))
+        msg = _linkmsg(flags=IFF_UP, change=IFF_UP, attrs=[("IFLA_IFNAME", ifname), veth_info])
         where = "" if peer_ns is self else f" (peer in {peer_ns.name})"
         self._request(f"add veth {ifname}/{peer_ifname}{where}", msg, RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL)
         peer_ns._set_flags(peer_ifname, up=True)

@@ -9,8 +9,8 @@ each kind declares its own filters as a TypedDict."""
 from __future__ import annotations
 
 import sys
-from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, Mapping, Optional, Protocol,
-                    Sequence, Tuple, Type, TypedDict, TypeVar, Union, cast, overload)
+from typing import (TYPE_CHECKING, Any, Callable, Collection, Dict, Generic, Iterable, List, Mapping, Optional,
+                    Protocol, Sequence, Tuple, Type, TypedDict, TypeVar, Union, cast, overload)
 
 from ..events import Event
 

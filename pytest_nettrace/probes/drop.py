@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union, cast
+from typing import (TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypedDict, Union,
+                    cast)
 
 from ..errors import EventsLost
 from ..events import Event, Header, IPAddress, describe_filters, matches

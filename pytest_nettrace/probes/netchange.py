@@ -751,7 +751,8 @@ class NetChangeDecoder(Decoder):
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         if hdr.flags & NC_F_NFT:
             return self._nft(buf, hdr)
-        skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = _BODY.unpack_from(buf, RECORD.body_offset)
+        skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = (
+            _BODY.unpack_from(buf, RECORD.body_offset))
         mon = self._monitors.get(hdr.netns)
         if not copied:
             # the queue was already empty (our reader took the message first) or

@@ -100,7 +100,8 @@ class RetransmitDecoder(Decoder):
             del self._seen[key]
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
-        sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
+        sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = (
+            _BODY.unpack_from(buf, RECORD.body_offset))
         key = (hdr.netns, sk, rtype, seq)
         self._seen[key] = count = self._seen.get(key, 0) + 1
         src, dst = ip_from(saddr, family), ip_from(daddr, family)

@@ -109,7 +109,8 @@ class RstDecoder(Decoder):
         self.reasons: Dict[int, str] = {}   # enum sk_rst_reason, from the kernel's BTF (plans)
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
-        origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = _BODY.unpack_from(buf, RECORD.body_offset)
+        origin_id, family, state, has_reason, reason, sport, dport, saddr, daddr = (
+            _BODY.unpack_from(buf, RECORD.body_offset))
         origin = ORIGINS.get(origin_id) or str(origin_id)
         # Without a stack: replies and received resets run in softirq.
         ctx = "process" if origin == "active" else "softirq"

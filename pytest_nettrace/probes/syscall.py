@@ -250,7 +250,8 @@ class SyscallDecoder(Decoder):
     needs_watch = False  # each record says all its event needs
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
-        *args, ret, duration, code, addr_len, value, value2, has_value, addr = _BODY.unpack_from(buf, RECORD.body_offset)
+        *args, ret, duration, code, addr_len, value, value2, has_value, addr = (
+            _BODY.unpack_from(buf, RECORD.body_offset))
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
         addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
         sockaddr_family: Any = fields.get("family")

@@ -147,7 +147,8 @@ def test_every_module_has_a_room():
     # a new top-level module lands on top unless ROOMS says otherwise: say so here
     top = sorted(m for m in MODULES if rank(m) == TOP)
     assert top == ["pytest_nettrace", "pytest_nettrace.__main__", "pytest_nettrace.cli",
-                   "pytest_nettrace.kind_methods", "pytest_nettrace.plugin", "pytest_nettrace.selection", "pytest_nettrace.sequence", "pytest_nettrace.trace"], top
+                   "pytest_nettrace.kind_methods", "pytest_nettrace.plugin", "pytest_nettrace.selection",
+                   "pytest_nettrace.sequence", "pytest_nettrace.trace"], top
 
 
 def test_no_import_circles():

@@ -24,7 +24,8 @@ STACK = (0xffffffff81000100, 0xffffffff81000200, 0xffffffff81000300)
 
 def rst_record(ts: int, stack=STACK) -> bytes:
     hdr = HEADER.pack(ts, NETNS, NT_KIND_RST, 0, 42, 42, 0, 1, b"curl", b"bash", len(stack) * 8, 0)
-    body = _RST_BODY.pack(0, 2, 7, 0, 0, 80, 43210, bytes([127, 0, 0, 1]) + bytes(12), bytes([127, 0, 0, 1]) + bytes(12))
+    loopback = bytes([127, 0, 0, 1]) + bytes(12)
+    body = _RST_BODY.pack(0, 2, 7, 0, 0, 80, 43210, loopback, loopback)
     trailer = struct.pack(f"<{NT_MAX_STACK}Q", *(list(stack) + [0] * (NT_MAX_STACK - len(stack))))
     return hdr + body + trailer
 

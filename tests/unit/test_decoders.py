@@ -118,7 +118,8 @@ def test_a_packet_sockets_own_copy_is_not_a_drop():
     dec.locations[0xffffffff81000300] = "tcp_v4_rcv+0x10"
     common = dict(reason=2, len=66, family=4, ip_proto=6, protocol=0x0800, has_reason=1,
                   saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1"))
-    taps = [record(wire.DROP_EVENT, wire.Kind.DROP, location=a, **common) for a in (0xffffffff81000100, 0xffffffff81000200)]
+    taps = [record(wire.DROP_EVENT, wire.Kind.DROP, location=a, **common)
+            for a in (0xffffffff81000100, 0xffffffff81000200)]
     assert decode(probe, *taps) == []
     [real] = decode(probe, record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000300, **common))
     assert real.location == "tcp_v4_rcv+0x10"

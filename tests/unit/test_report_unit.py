@@ -11,8 +11,8 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import pytest
 
-from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType, IPAddress, Stack,
-                                    check_filters, field_type, matches)
+from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType, IPAddress,
+                                    Stack, check_filters, field_type, matches)
 from pytest_nettrace.probes.drop import DropEvent
 from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, RuleEvent
 from pytest_nettrace.probes.packet import PacketEvent
