@@ -57,8 +57,10 @@ def trusted_file(path: str) -> bool:
     return stat.S_ISREG(st.st_mode) and _root_only(st) and trusted_dir(os.path.dirname(path))
 
 
-def read_cached(directory: str, name: str) -> Optional[bytes]:
-    """The content of cache file `name`, or None: missing, or not to be believed."""
+def read_cached(directory: str, name: str, private: bool = False) -> Optional[bytes]:
+    """The content of cache file `name`, or None: missing, or not to be believed.
+    `private`: it holds what only root may read (kernel addresses): one that
+    others can read (written so by an older version) is made root's alone first."""
     if not trusted_dir(directory):
         return None
     try:
@@ -69,6 +71,8 @@ def read_cached(directory: str, name: str) -> Optional[bytes]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or not _root_only(st):
             return None
+        if private and st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read()
     except OSError:
@@ -77,16 +81,19 @@ def read_cached(directory: str, name: str) -> Optional[bytes]:
         os.close(fd)
 
 
-def write_cached(directory: str, name: str, data: bytes) -> None:
+def write_cached(directory: str, name: str, data: bytes, private: bool = False) -> None:
     """Write cache file `name` whole (readers see the old or the new one,
     never a part); quietly nothing when the directory cannot be trusted or
-    written (a read-only /run: computed again next time)."""
+    written (a read-only /run: computed again next time). `private`: only
+    root may read it (kernel addresses: others would learn the kernel's
+    randomized base, which kptr_restrict hides from them in /proc/kallsyms)."""
     if os.geteuid() != 0 or not trusted_dir(directory, create=True):
         return
     path = os.path.join(directory, name)
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600 if private else 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

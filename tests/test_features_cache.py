@@ -153,3 +153,16 @@ def test_function_addresses_from_a_foreign_cache_file_are_ignored(tmp_path, monk
     kept.write_text(json.dumps({"call_timer_fn": [1, 2]}))
     os.chown(kept, 65534, 65534)
     assert symbols.function_ranges(("call_timer_fn",)) == truth
+
+
+def test_function_addresses_are_kept_from_other_users(tmp_path, monkeypatch):
+    # kernel addresses give away the kernel's randomized base, which
+    # kptr_restrict hides from other users in /proc/kallsyms
+    monkeypatch.setattr(symbols, "RUN_DIR", str(tmp_path))
+    tmp_path.chmod(0o755)
+    truth = symbols.function_ranges(("call_timer_fn",))
+    [kept] = tmp_path.glob("ksyms-*.json")
+    assert kept.stat().st_mode & 0o777 == 0o600
+    kept.chmod(0o644)  # as an older version wrote it
+    assert symbols.function_ranges(("call_timer_fn",)) == truth
+    assert kept.stat().st_mode & 0o777 == 0o600

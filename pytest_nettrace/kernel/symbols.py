@@ -47,7 +47,7 @@ def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[
     boot = boot_id()
     cache = f"ksyms-{boot}.json" if boot and path == "/proc/kallsyms" else None
     known: Dict[str, List[int]] = {}
-    raw = read_cached(RUN_DIR, cache) if cache else None
+    raw = read_cached(RUN_DIR, cache, private=True) if cache else None
     try:
         loaded = json.loads(raw) if raw is not None else {}
         known = {str(n): [int(a) for a in r] for n, r in loaded.items() if len(r) in (0, 2)}
@@ -58,7 +58,7 @@ def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[
     found = _scan(path, set(names) | set(known))
     if cache:
         data = {n: list(found[n]) if n in found else [] for n in set(names) | set(known)}
-        write_cached(RUN_DIR, cache, json.dumps(data).encode())
+        write_cached(RUN_DIR, cache, json.dumps(data).encode(), private=True)
     return {n: found[n] for n in names if n in found}
 
 
