@@ -161,6 +161,12 @@ def test_drops_make_negative_assertions_fail(netns, nettrace, monkeypatch):
         monkeypatch.setattr(packet, "RING_FRAMES", 16)
         monkeypatch.setattr(packet, "RING_AFTER", 0)
         nettrace.watch(other)
+        # the ring is set up in the background: until it takes over, the
+        # (large) queue socket would hold the whole flood
+        deadline = time.monotonic() + 30
+        while _packet_sockets(other) != [(3, True), (3, True)] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _packet_sockets(other) == [(3, True), (3, True)], "the ring never took over"
         other.run(script("""
             import socket
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
