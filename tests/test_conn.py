@@ -81,7 +81,9 @@ def test_refused_connect_is_no_connection(pair, nettrace):
         nettrace.assert_accepted(timeout=0.2)
 
 
-def test_accept_in_this_process_names_this_process(pair, nettrace):
+def accept_in_this_process(pair, trace) -> None:
+    """A connection from the client, accepted by a thread of this process:
+    the accept names this process and that thread."""
     server, client, fam, a, b = pair
     lst = server.socket(fam)
     lst.bind((a, 0))
@@ -91,8 +93,12 @@ def test_accept_in_this_process_names_this_process(pair, nettrace):
     client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
     t.join(5)
     lst.close()
-    ev = nettrace.assert_accepted(pid=os.getpid())
+    ev = trace.assert_accepted(pid=os.getpid())
     assert ev.tid == t.native_id
+
+
+def test_accept_in_this_process_names_this_process(pair, nettrace):
+    accept_in_this_process(pair, nettrace)
 
 
 def test_count_mismatch_fails_with_the_connections(pair, nettrace):
@@ -164,16 +170,7 @@ def test_accepts_are_attributed_without_the_syscall_probe(pair):
             pytest.skip(f"NOT EXERCISED on this kernel: {engine.status['conn'].unavailable}")
         assert mechanism == "tp_btf+sys_exit"
         trace.watch(server)
-        lst = server.socket(fam)
-        lst.bind((a, 0))
-        lst.listen()
-        t = threading.Thread(target=echo_once, args=(lst,))
-        t.start()
-        client.run(clean_exchange(a, lst.getsockname()[1]), check=True)
-        t.join(5)
-        lst.close()
-        ev = trace.assert_accepted(pid=os.getpid())
-        assert ev.tid == t.native_id
+        accept_in_this_process(pair, trace)
     finally:
         trace.close()
         engine.close()

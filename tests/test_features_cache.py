@@ -48,25 +48,32 @@ def test_probing_runs_once_per_boot(run_dir, monkeypatch):
     assert len(tried) == 4 and _same(first, other)
 
 
-@pytest.mark.parametrize("spoil", ["garbage", "wrong keys", "not root's", "writable by others", "symlink"])
-def test_a_corrupt_or_foreign_cache_file_is_ignored(run_dir, monkeypatch, spoil):
-    truth = capabilities.detect()
-    [cached] = run_dir.glob("features-*.json")
-    lie = json.dumps({"tp_btf": "EPERM: a lie", "tracepoint": None, "fentry": None, "kprobe": None})
+def _spoil(cached, spoil: str, lie: str, misshapen: str) -> None:
+    """Put in place of a cache file what must not be believed: garbage, the
+    wrong shape, or a lie in a file that is not root's, that others can
+    write, or that is a link."""
     cached.unlink()
     if spoil == "garbage":
         cached.write_text("{not json")
-    elif spoil == "wrong keys":
-        cached.write_text(json.dumps({"tp_btf": None}))
+    elif spoil in ("wrong keys", "wrong shape"):
+        cached.write_text(misshapen)
     elif spoil == "symlink":
-        (run_dir / "elsewhere.json").write_text(lie)
-        cached.symlink_to(run_dir / "elsewhere.json")
+        (cached.parent / "elsewhere.json").write_text(lie)
+        cached.symlink_to(cached.parent / "elsewhere.json")
     else:
         cached.write_text(lie)
         if spoil == "not root's":
             os.chown(cached, 65534, 65534)
         else:
             os.chmod(cached, 0o666)
+
+
+@pytest.mark.parametrize("spoil", ["garbage", "wrong keys", "not root's", "writable by others", "symlink"])
+def test_a_corrupt_or_foreign_cache_file_is_ignored(run_dir, monkeypatch, spoil):
+    truth = capabilities.detect()
+    [cached] = run_dir.glob("features-*.json")
+    lie = json.dumps({"tp_btf": "EPERM: a lie", "tracepoint": None, "fentry": None, "kprobe": None})
+    _spoil(cached, spoil, lie, json.dumps({"tp_btf": None}))
     tried = _loads(monkeypatch)
     got = capabilities.detect()
     assert len(tried) == 4 and _same(truth, got)
@@ -109,20 +116,7 @@ def test_corrupt_or_foreign_btf_answers_are_ignored(run_dir, monkeypatch, spoil)
     expected = _ask(capabilities.detect())
     [kept] = run_dir.glob("btf-*.json")
     lie = json.dumps({"enums": {"skb_drop_reason": [[2, "A_LIE"]]}, "tracepoint_args": {"kfree_skb": 99}})
-    kept.unlink()
-    if spoil == "garbage":
-        kept.write_text("{not json")
-    elif spoil == "wrong shape":
-        kept.write_text(json.dumps({"enums": [], "tracepoint_args": {"kfree_skb": "x"}}))
-    elif spoil == "symlink":
-        (run_dir / "elsewhere.json").write_text(lie)
-        kept.symlink_to(run_dir / "elsewhere.json")
-    else:
-        kept.write_text(lie)
-        if spoil == "not root's":
-            os.chown(kept, 65534, 65534)
-        else:
-            os.chmod(kept, 0o666)
+    _spoil(kept, spoil, lie, json.dumps({"enums": [], "tracepoint_args": {"kfree_skb": "x"}}))
     parsed = _parses(monkeypatch)
     assert _ask(capabilities.detect()) == expected
     assert len(parsed) == 1
