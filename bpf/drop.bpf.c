@@ -27,6 +27,7 @@ NT_WIRE(drop_event);
 #define ETH_P_IPV6 0x86DD
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define AF_PACKET 17
 
 #define DROP_TAP_RANGES 4
 
@@ -138,6 +139,11 @@ static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *locatio
 	struct net_device *dev = BPF_CORE_READ(skb, dev);
 	struct sock *sk = BPF_CORE_READ(skb, sk);
 	__u32 netns;
+
+	/* queued on a packet socket (a capture's copy, owned by it) and freed
+	 * with its queue when it closes: never the network's packet */
+	if (sk && BPF_CORE_READ(sk, __sk_common.skc_family) == AF_PACKET)
+		return 0;
 
 	/* where it was dropped: the device's namespace, else the socket's */
 	if (dev)
