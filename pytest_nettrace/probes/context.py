@@ -188,16 +188,26 @@ class KindApis(Protocol):
         """The instance of query class `api` serving this trace."""
 
 
-class Delegate(Generic[Q, P, R]):
+class _KindMember:
+    """A query class's member, read on the trace's instance of that class."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        owner, _, self.name = func.__qualname__.rpartition(".")
+        self.api: Type[KindApi] = getattr(sys.modules[func.__module__], owner)
+        self.__doc__ = func.__doc__
+
+    def _read(self, obj: KindApis) -> Any:
+        return getattr(obj.kind_api(self.api), self.name)
+
+
+class Delegate(_KindMember, Generic[Q, P, R]):
     """`assert_rst = Delegate(RstApi.assert_rst)` on the Trace's class: the
     kind's method, called on the trace's instance of its query class, with
     its full signature for type checkers (a misspelt method or a filter of
     the wrong type is an error in the user's test)."""
 
     def __init__(self, func: "Callable[Concatenate[Q, P], R]") -> None:
-        owner, _, self.name = func.__qualname__.rpartition(".")
-        self.api: Type[KindApi] = getattr(sys.modules[func.__module__], owner)
-        self.__doc__ = func.__doc__
+        super().__init__(func)
 
     @overload
     def __get__(self, obj: None, owner: type) -> "Delegate[Q, P, R]": ...
@@ -206,12 +216,10 @@ class Delegate(Generic[Q, P, R]):
     def __get__(self, obj: KindApis, owner: type) -> "Callable[P, R]": ...
 
     def __get__(self, obj: Optional[KindApis], owner: type) -> Any:
-        if obj is None:
-            return self
-        return getattr(obj.kind_api(self.api), self.name)
+        return self if obj is None else self._read(obj)
 
 
-class DelegateProperty(Generic[Q, R]):
+class DelegateProperty(_KindMember, Generic[Q, R]):
     """`pcap_path = DelegateProperty(PacketApi.pcap_path)`: the kind's
     property, read on the trace's instance of its query class. (Type
     checkers see a property read on its class as its getter, which types
@@ -220,9 +228,7 @@ class DelegateProperty(Generic[Q, R]):
     def __init__(self, prop: "Callable[[Q], R]") -> None:
         getter = cast(property, prop).fget
         assert getter is not None
-        owner, _, self.name = getter.__qualname__.rpartition(".")
-        self.api: Type[KindApi] = getattr(sys.modules[getter.__module__], owner)
-        self.__doc__ = getter.__doc__
+        super().__init__(getter)
 
     @overload
     def __get__(self, obj: None, owner: type) -> "DelegateProperty[Q, R]": ...
@@ -231,6 +237,4 @@ class DelegateProperty(Generic[Q, R]):
     def __get__(self, obj: KindApis, owner: type) -> R: ...
 
     def __get__(self, obj: Optional[KindApis], owner: type) -> Any:
-        if obj is None:
-            return self
-        return getattr(obj.kind_api(self.api), self.name)
+        return self if obj is None else self._read(obj)
