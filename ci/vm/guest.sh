@@ -3,10 +3,11 @@
 #
 # The guest's root filesystem is the host's, shared read-only over 9p; the
 # repo is shared read-write.  ci/vm-test passes its settings as NT_* variables:
-#   NT_REPO     repo to cd into           NT_PYTHON  interpreter that runs pytest
+#   NT_REPO     repo to cd into
 #   NT_KCONFIG  the kernel's config file  NT_PYIMG   "1" if the Python image is attached
 #   NT_STDLIB / NT_PURELIB  where the image's stdlib/ and purelib/ go
-# Arguments: the command to run (normally: python -m pytest ...).
+#   NT_COMMAND  a file: the command to run (normally python -m pytest ...),
+#               its words each ended by a NUL
 # Exit status: the command's, or 125 if the guest could not be set up.
 set -u
 
@@ -60,8 +61,9 @@ cd "$NT_REPO" || exit 125
 # A guest boots for one run: a minimal CO-RE BTF made for later sessions of
 # this boot would only cost emulated CPU while the tests run.
 export NETTRACE_FULL_BTF=1
-say "running: $*"
-"$@"
+mapfile -d '' cmd < "$NT_COMMAND" || exit 125
+say "running: ${cmd[*]}"
+"${cmd[@]}"
 rc=$?
 say "exit status $rc"
 exit $rc
