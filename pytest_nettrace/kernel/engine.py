@@ -118,8 +118,8 @@ class Engine:
         self._watching_fd = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "nt_watching", 4, 4, 1)
         lb.map_update(self._pidns_fd, struct.pack("<I", 0), struct.pack("<II", _own_pid_namespace(), 0))
         try:
-            self._load()
             self._ring = RingBuffer(self._events_fd, ringbuf_size, min_len=HEADER.size)
+            self._load()
         except BaseException:
             self.close()
             raise
@@ -191,6 +191,7 @@ class Engine:
             for st in active:
                 st.plan = st.plans[0]
                 self.records.add(st.probe)
+                st.probe.wakeups = self._ring
                 st.probe.attached(obj)
             if core_btf is None:  # for the sessions after this one
                 corebtf.prepare_in_background(object_path(OBJECT), self.btf_path)
@@ -332,12 +333,15 @@ class Engine:
         # each wakeup costs a drain here; at connection rates, draining as
         # records came doubled the probes' cost per connection. A drain that
         # took an eighth of the ring or more (a flood) is followed at once.
+        # A probe's own source (a capture's socket, Probe.wakeups) wakes it
+        # too, and is read in batches the same way.
         ring, stop, pause, flood = self._ring, self._stop, self._pause, self.ringbuf_size // 8
         while not stop.is_set():
             try:
                 if ring.wait(0.2):
                     before = ring.consumed
-                    if self.drain() and ring.consumed - before < flood:
+                    self.drain()
+                    if ring.consumed - before < flood:
                         stop.wait(pause)
             except (OSError, ValueError):
                 if self._stop.is_set():

@@ -6,7 +6,7 @@ caller and never imports the probes room."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Protocol, Tuple, Type
 
 from ..events import Event, Header
 from .wire import Record
@@ -57,6 +57,25 @@ class Decoder:
         """`netns` is no longer watched: drop what was kept for it."""
 
 
+class Wakeups(Protocol):
+    """Descriptors whose new data wakes the engine's drain, which then polls
+    every probe (a capture's sockets: without them a probe's own source was
+    read only when ring records came, or every 0.2 s)."""
+
+    def wake_on(self, fd: int) -> None: ...
+
+    def stop_waking_on(self, fd: int) -> None:
+        """Before `fd` closes."""
+
+
+class _NoWakeups:
+    def wake_on(self, fd: int) -> None:
+        pass
+
+    def stop_waking_on(self, fd: int) -> None:
+        pass
+
+
 class Probe:
     """Base class: subclasses set the class attributes and implement plans;
     a probe with ring records sets its `decoder`."""
@@ -67,6 +86,8 @@ class Probe:
     # its records to events (the engine's RecordDecoder calls it); this
     # default has no records
     decoder: Decoder = Decoder()
+    # set by the engine that loads the probe
+    wakeups: Wakeups = _NoWakeups()
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         """Ways to attach on this kernel, best first; empty if none can work."""

@@ -109,6 +109,17 @@ class RingBuffer:
         """Make a wait() in another thread return now."""
         os.eventfd_write(self._wake, 1)
 
+    def wake_on(self, fd: int) -> None:
+        """Make wait() return too when `fd` gets new data. Edge-triggered:
+        data left unread (a capture at its cap) does not wake it again."""
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+
+    def stop_waking_on(self, fd: int) -> None:
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):   # never added, or this ring closed first
+            pass
+
     def close(self) -> None:
         for m in (self._cons, self._prod):
             try:
