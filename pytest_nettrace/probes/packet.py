@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 
 # The ring: the kernel copies each packet (up to SNAPLEN) into the next free
 # frame — no skb clone, no socket queue — and when the ring is full it drops
-# the packet cheaply and counts it (PACKET_STATISTICS). Frames are read when
-# the engine drains and when the test reads, until the per-test cap; after
-# that the ring fills and the kernel only counts what it could not keep.
+# the packet cheaply and counts it (PACKET_STATISTICS). Frames are read as
+# they come (the sockets wake the engine's drain) and when the test reads,
+# until the per-test cap; past it the kernel only counts what it could not
+# keep, and the capture closes.
 FRAME_SIZE = 4096                # one frame per packet: header + sockaddr_ll + data
 RING_FRAMES = 2048               # 8 MiB per watched namespace
 # Bytes kept per packet: the frame minus the kernel's header (~4000: full
