@@ -1,22 +1,39 @@
 """Overhead on the traced traffic: TCP throughput (iperf3) between two
 namespaces joined by a veth, with every probe attached and both namespaces
-watched, against no probes at all. Runs alternate (with, without, with, ...)
-so drifting machine load hits both sides alike; medians are compared.
+watched, against no probes at all; beside them, in the same run, two other
+observers of the same traffic: tcpdump capturing each namespace's veth (as
+the packet capture does: 10,000 packets each, 4,096 bytes a packet, then it
+stops), and bpftrace with *empty* programs on the engine's tracepoints
+(bench/_bpftrace.py). Modes rotate round by round (none, probes, tcpdump,
+bpftrace; then probes, tcpdump, ...) so drifting machine load hits all
+alike; medians are compared.
 
-    sudo .venv/bin/python bench/bench_overhead.py [pairs] [seconds]
+    sudo .venv/bin/python bench/bench_overhead.py [rounds] [seconds]
 
-Target: throughput with probes >= 97 % of without.
+Target: probes >= 0.97 x the throughput of none. Both ends of iperf3 are
+CPU-bound (a veth has no wire: each byte costs CPU only), so every
+CPU-millisecond a tracer spends comes off the throughput; on a shared
+machine the wall throughput swings with other people's load, so the verdict
+is taken on bytes per CPU-second (iperf3's two processes, with the softirq
+work the kernel charges them, plus the tracer's own CPU during the run) and
+the wall ratio is printed next to it.
 """
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import subprocess
 import sys
 import time
 
+import _bpftrace
 from _common import median, need_root, result, verdict
 
 TARGET = 0.97
+CAPTURE_CAP = "10000"   # packets per namespace, as probes/packet.py's MAX_PACKETS
+CAPTURE_SNAPLEN = "4096"  # as probes/packet.py's SNAPLEN
 
 
 def iperf(server, client, addr: str, seconds: float) -> float:
@@ -39,47 +56,113 @@ def iperf(server, client, addr: str, seconds: float) -> float:
             srv.wait()
 
 
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds of a running (or exited, not yet reaped) process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _reap(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+    p.wait()
+
+
 def main() -> None:
     need_root()
     if not shutil.which("iperf3"):
         sys.exit("bench_overhead: iperf3 not installed")
-    pairs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     seconds = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
     from pytest_nettrace.kernel.engine import Engine
     from pytest_nettrace.probes.registry import all_probes
     from pytest_nettrace.netns import NamespaceFactory
     from pytest_nettrace.trace import Trace
 
+    why_not = _bpftrace.available()
+    tps = _bpftrace.engine_tracepoints() if why_not is None else []
+    modes = ["none", "probes"] + (["tcpdump"] if shutil.which("tcpdump") else []) + (["bpftrace"] if tps else [])
+    gbit = {m: [] for m in modes}
+    cpu_gb = {m: [] for m in modes}   # CPU seconds per GB received
+    events = 0
     with NamespaceFactory() as factory:
         a, b = factory.create(), factory.create()
         a.add_veth("veth0", b, "veth1", ["10.0.0.1/24"], ["10.0.0.2/24"])
         iperf(b, a, "10.0.0.2", 1.0)  # warm up (ARP, page cache)
-        with_probes, without = [], []
-        events = 0
-        for i in range(pairs):
-            for traced in ((True, False) if i % 2 == 0 else (False, True)):
-                if traced:
+        for i in range(rounds):
+            order = modes[i % len(modes):] + modes[:i % len(modes)]
+            for mode in order:
+                tracers = []
+                engine = trace = None
+                if mode == "probes":
                     engine = Engine(probes=all_probes())
                     trace = Trace(engine, "overhead")
                     trace.watch(a)
                     trace.watch(b)
-                    try:
-                        with_probes.append(iperf(b, a, "10.0.0.2", seconds))
+                elif mode == "tcpdump":
+                    for ns, dev in ((a, "veth0"), (b, "veth1")):
+                        p = ns.popen(["tcpdump", "-i", dev, "-n", "-s", CAPTURE_SNAPLEN, "-c", CAPTURE_CAP,
+                                      "-w", "/dev/null"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+                        p.stderr.readline()  # "listening on ...": capturing
+                        tracers.append(p)
+                elif mode == "bpftrace":
+                    tracers.append(_bpftrace.start(_bpftrace.empty_program(tps))[0])
+                try:
+                    t0 = [_proc_cpu(p.pid) for p in tracers]
+                    c0, s0 = _children_cpu(), time.process_time()
+                    g = iperf(b, a, "10.0.0.2", seconds)
+                    c1, s1 = _children_cpu(), time.process_time()
+                    # the tracer's CPU during the run: the drain thread here, the tracers' processes there
+                    tracer = sum(_proc_cpu(p.pid) for p in tracers) - sum(t0) + (s1 - s0)
+                    if trace is not None:
                         events += len(trace.events())
-                    finally:
+                finally:
+                    if trace is not None:
                         trace.close()
+                    if engine is not None:
                         engine.close()
-                else:
-                    without.append(iperf(b, a, "10.0.0.2", seconds))
-    w, wo = median(with_probes), median(without)
-    ratio = w / wo
-    print(f"overhead: iperf3 TCP over veth between 2 namespaces, {seconds:g} s runs, {pairs} alternating pairs")
-    print(f"overhead: without probes median {wo:.2f} Gbit/s ({', '.join(f'{x:.2f}' for x in without)})")
-    print(f"overhead: with all probes + both namespaces watched median {w:.2f} Gbit/s "
-          f"({', '.join(f'{x:.2f}' for x in with_probes)}); {events} events recorded")
-    result(f"bulk TCP throughput, all probes vs none (>= 0.97x, {pairs} pairs)", f"{ratio:.2f}x",
-           f"none {wo:.1f} Gbit/s (runs {min(without):.1f}-{max(without):.1f})", ratio >= TARGET)
-    print(f"overhead: with/without = {ratio * 100:.1f} %; target >= {TARGET * 100:.0f} %: {verdict(ratio >= TARGET)}")
+                    for p in tracers:
+                        if mode == "bpftrace":
+                            _bpftrace.stop(p)
+                        else:
+                            _reap(p)
+                            p.stderr.close()
+                gbit[mode].append(g)
+                cpu_gb[mode].append(((c1 - c0) + tracer) / (g * seconds / 8))
+    wo = median(gbit["none"])
+
+    def wall(mode: str) -> float:
+        return median(gbit[mode]) / wo
+
+    def per_cpu(mode: str) -> float:
+        return median(cpu_gb["none"]) / median(cpu_gb[mode])
+
+    print(f"overhead: iperf3 TCP over veth between 2 namespaces, {seconds:g} s runs, {rounds} rounds, interleaved")
+    for m in modes:
+        print(f"overhead: {m:9s} median {median(gbit[m]):6.2f} Gbit/s ({wall(m):.2f}x), "
+              f"CPU {median(cpu_gb[m]) * 1e3:5.0f} ms/GB ({per_cpu(m):.2f}x)  "
+              f"(runs: {', '.join(f'{x:.1f}' for x in gbit[m])})")
+    print(f"overhead: {events} events recorded with probes")
+    ratio = per_cpu("probes")
+    parts = []
+    if "tcpdump" in gbit:
+        parts.append(f"tcpdump on both veths {per_cpu('tcpdump'):.2f}x (wall {wall('tcpdump'):.2f}x)")
+    if tps:
+        parts.append(f"bpftrace empty ({len(tps)} tps) {per_cpu('bpftrace'):.2f}x (wall {wall('bpftrace'):.2f}x)")
+    else:
+        parts.append(f"bpftrace: {why_not}")
+    parts.append(f"none {wo:.1f} Gbit/s, {median(cpu_gb['none']) * 1e3:.0f} ms CPU/GB")
+    result(f"bulk TCP throughput per CPU-second, all probes vs none (>= 0.97x, {rounds} rounds)",
+           f"{ratio:.2f}x (wall {wall('probes'):.2f}x)", "; ".join(parts), ratio >= TARGET)
+    print(f"overhead: probes/none = {ratio * 100:.1f} % per CPU-second, {wall('probes') * 100:.1f} % wall; "
+          f"target >= {TARGET * 100:.0f} %: {verdict(ratio >= TARGET)}")
 
 
 if __name__ == "__main__":
