@@ -1,9 +1,9 @@
 """Overhead on the traced traffic: TCP throughput (iperf3) between two
 namespaces joined by a veth, with every probe attached and both namespaces
 watched, against no probes at all; beside them, in the same run, two other
-observers of the same traffic: tcpdump capturing each namespace's veth (as
-the packet capture does: 10,000 packets each, 4,096 bytes a packet, then it
-stops), and bpftrace with *empty* programs on the engine's tracepoints
+observers of the same traffic: tcpdump capturing each namespace's veth to
+a file (as the packet capture does: 10,000 packets each, 4,096 bytes a
+packet, kept, then it stops), and bpftrace with *empty* programs on the engine's tracepoints
 (bench/_bpftrace.py). Modes rotate round by round (none, probes, tcpdump,
 bpftrace; then probes, tcpdump, ...) so drifting machine load hits all
 alike; medians are compared.
@@ -26,6 +26,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import _bpftrace
@@ -91,7 +92,7 @@ def main() -> None:
     gbit = {m: [] for m in modes}
     cpu_gb = {m: [] for m in modes}   # CPU seconds per GB received
     events = 0
-    with NamespaceFactory() as factory:
+    with NamespaceFactory() as factory, tempfile.TemporaryDirectory(prefix="nettrace-bench-") as tmp:
         a, b = factory.create(), factory.create()
         a.add_veth("veth0", b, "veth1", ["10.0.0.1/24"], ["10.0.0.2/24"])
         iperf(b, a, "10.0.0.2", 1.0)  # warm up (ARP, page cache)
@@ -107,8 +108,8 @@ def main() -> None:
                     trace.watch(b)
                 elif mode == "tcpdump":
                     for ns, dev in ((a, "veth0"), (b, "veth1")):
-                        p = ns.popen(["tcpdump", "-i", dev, "-n", "-s", CAPTURE_SNAPLEN, "-c", CAPTURE_CAP,
-                                      "-w", "/dev/null"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        p = ns.popen(["tcpdump", "-i", dev, "-n", "-Z", "root", "-s", CAPTURE_SNAPLEN, "-c", CAPTURE_CAP,
+                                      "-w", os.path.join(tmp, f"{dev}.pcap")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
                         p.stderr.readline()  # "listening on ...": capturing
                         tracers.append(p)
@@ -134,6 +135,11 @@ def main() -> None:
                         else:
                             _reap(p)
                             p.stderr.close()
+                    for dev in ("veth0", "veth1") if mode == "tcpdump" else ():
+                        path = os.path.join(tmp, f"{dev}.pcap")
+                        if os.path.getsize(path) < 10 << 20:  # 10,000 packets, many of them full slots
+                            raise RuntimeError(f"tcpdump kept only {os.path.getsize(path)} bytes on {dev}")
+                        os.unlink(path)
                 gbit[mode].append(g)
                 cpu_gb[mode].append(((c1 - c0) + tracer) / (g * seconds / 8))
     wo = median(gbit["none"])

@@ -167,6 +167,7 @@ class _Capture:
         self.kernel_drops = 0
         self._names: Dict[int, str] = {}
         self._buf = bytearray(SNAPLEN)
+        self._view = memoryview(self._buf)
         self._left_at_stop = 0
         self._idle: Optional[socket.socket] = None   # the queue socket once the ring took over
         self._from_queue = 0          # frames and bytes read from the queue: when to set the ring up
@@ -286,7 +287,7 @@ class _Capture:
                     ts = sec * 1_000_000_000 + nsec
             if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
                 continue  # loopback shows each packet twice; keep the incoming copy, as libpcap does
-            data, length = bytes(self._buf[:min(n, SNAPLEN)]), n
+            data, length = bytes(self._view[:min(n, SNAPLEN)]), n   # one copy (a bytearray slice is one more)
             if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # L3 frame: give it an Ethernet header
                 data = bytes(12) + struct.pack("!H", proto) + data
                 length += 14
