@@ -89,7 +89,8 @@ def main() -> None:
 
     why_not = _bpftrace.available()
     tps = _bpftrace.engine_tracepoints() if why_not is None else []
-    modes = ["none", "probes", "nocapture"] + (["tcpdump"] if shutil.which("tcpdump") else []) + (["bpftrace"] if tps else [])
+    modes = (["none", "probes", "nocapture"] + (["tcpdump"] if shutil.which("tcpdump") else [])
+             + (["bpftrace"] if tps else []))
     gbit = {m: [] for m in modes}
     cpu_gb = {m: [] for m in modes}   # CPU seconds per GB received
     events = 0
@@ -109,9 +110,9 @@ def main() -> None:
                     trace.watch(b)
                 elif mode == "tcpdump":
                     for ns, dev in ((a, "veth0"), (b, "veth1")):
-                        p = ns.popen(["tcpdump", "-i", dev, "-n", "-Z", "root", "-s", CAPTURE_SNAPLEN, "-c", CAPTURE_CAP,
-                                      "-w", os.path.join(tmp, f"{dev}.pcap")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True)
+                        argv = ["tcpdump", "-i", dev, "-n", "-Z", "root", "-s", CAPTURE_SNAPLEN, "-c", CAPTURE_CAP,
+                                "-w", os.path.join(tmp, f"{dev}.pcap")]
+                        p = ns.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                         p.stderr.readline()  # "listening on ...": capturing
                         tracers.append(p)
                 elif mode == "bpftrace":
