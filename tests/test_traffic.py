@@ -173,6 +173,35 @@ def test_a_namespace_watched_again_starts_from_zero(nettrace):
             again.close()
 
 
+def test_a_namespace_deleted_with_the_others_is_not_scanned_for_again(monkeypatch):
+    """A suite's test watches two namespaces whose inodes the last test's
+    two had: the first watch deletes both old namespaces' entries in one
+    scan; the second has nothing left to delete and scans nothing."""
+    import struct
+    from pytest_nettrace.kernel import libbpf as lb
+    fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "t_purge2", 8, 4, 64)
+    scans = []
+    real = lb.map_delete_where
+    monkeypatch.setattr(lb, "map_delete_where", lambda *a: scans.append(a) or real(*a))
+    try:
+        def put(netns: int, n: int) -> None:
+            lb.map_update(fd, struct.pack("<II", netns, n), b"\0" * 4)
+
+        purge = lb.NetnsPurge(((fd, 8),))
+        for _ in range(3):   # three tests in a row, on the same two inodes
+            purge.watch(1)
+            purge.watch(2)
+            put(1, 0), put(2, 0)
+            purge.unwatch(1)
+            purge.unwatch(2)
+        assert len(scans) == 2   # the second and third tests' first watches
+        assert sorted(struct.unpack("<II", k)[0] for k in lb.map_keys(fd, 8)) == [1, 2]
+        purge.watch(1)
+        assert list(lb.map_keys(fd, 8)) == []
+    finally:
+        os.close(fd)
+
+
 def test_stale_entries_are_deleted_in_one_scan_at_the_next_watch():
     """NetnsPurge on a real BPF hash map keyed by (netns, n): an unwatched
     namespace's entries go at the next watch of any namespace, or at a

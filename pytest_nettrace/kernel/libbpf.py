@@ -452,26 +452,35 @@ class NetnsPurge:
     an unwatched namespace's entries are deleted at the next watch (one scan
     of each map for every namespace unwatched since, ~16 us even empty), with
     those of the namespace being watched if this engine watched its inode
-    before; a never-seen inode has none. With no watch coming (`nettrace
+    before and has not deleted them since its last unwatch (a suite's second
+    namespace was purged with the first's scan: scanning for it again found
+    nothing); a never-seen inode has none. With no watch coming (`nettrace
     watch` runs for days), a drain's poll() deletes them once they are
-    `linger` seconds old: they would take room in the maps."""
+    `linger` seconds old: they would take room in the maps. `delete`, given,
+    deletes the entries of a set of namespaces in place of the key scan (a
+    map that keeps the namespace in its values)."""
 
-    def __init__(self, maps: "Sequence[Tuple[int, int]]", linger: float = 1.0) -> None:
+    def __init__(self, maps: "Sequence[Tuple[int, int]]", linger: float = 1.0,
+                 delete: "Optional[Callable[[Set[int]], None]]" = None) -> None:
         self._maps = maps          # (fd, key size) of each map
         self._linger = linger
+        self._delete_entries = delete or self._by_key
         self._stale: Set[int] = set()    # unwatched, entries not deleted yet
         self._stale_since = 0.0          # CLOCK_MONOTONIC of the first of them
         self._seen: Set[int] = set()     # every inode watched (nsfs reuses the lowest free: stays small)
+        self._clean: Set[int] = set()    # deleted since their last unwatch, not watched since
 
     def watch(self, netns: int) -> None:
-        doomed = self._stale | ({netns} if netns in self._seen else set())
+        doomed = self._stale | ({netns} if netns in self._seen and netns not in self._clean else set())
         self._seen.add(netns)
         self._delete(doomed)
+        self._clean.discard(netns)
 
     def unwatch(self, netns: int) -> None:
         if not self._stale:
             self._stale_since = time.monotonic()
         self._stale.add(netns)
+        self._clean.discard(netns)
 
     def poll(self) -> None:
         if self._stale and time.monotonic() - self._stale_since >= self._linger:
@@ -480,9 +489,13 @@ class NetnsPurge:
     def _delete(self, doomed: Set[int]) -> None:
         if not doomed:
             return
+        self._delete_entries(doomed)
+        self._clean |= doomed
+        self._stale.clear()
+
+    def _by_key(self, doomed: Set[int]) -> None:
         for fd, key_size in self._maps:
             map_delete_where(fd, key_size, lambda k: _u32_key.unpack_from(k)[0] in doomed)
-        self._stale.clear()
 
 
 class KernelBtf:
