@@ -161,3 +161,48 @@ def test_recorded_again_after_the_engine_had_nothing_to_watch(netns_factory):
             trace.close()
     finally:
         engine.close()
+
+
+def test_calls_in_flight_of_unwatched_namespaces_are_deleted_once_before_the_next_watch(monkeypatch):
+    """sc_inflight entries (keyed by thread, the namespace in the value) of
+    namespaces no longer watched go before a namespace is watched again (its
+    inode may be theirs), those of every namespace unwatched since in one
+    scan; a namespace never watched keeps its own."""
+    import struct
+    from pytest_nettrace.kernel import libbpf as lb
+    from pytest_nettrace.probes import syscall
+    inflight = lb.map_create(lb.BPF_MAP_TYPE_HASH, "t_inflight", 4, syscall._PENDING_SIZE, 64)
+    wanted = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "t_wanted", 4, 1, 1024)
+
+    class Maps:   # the loaded object's map lookup, on real maps
+        def map_fd(self, name: str) -> int:
+            return {"sc_inflight": inflight, "sc_wanted": wanted}[name]
+
+    scans = []
+    real = syscall.map_items
+    monkeypatch.setattr(syscall, "map_items", lambda *a: scans.append(a) or real(*a))
+    try:
+        probe = syscall.SyscallProbe()
+        probe.attached(Maps())  # type: ignore[arg-type]
+
+        def enter(tid: int, netns: int) -> None:
+            value = bytearray(syscall._PENDING_SIZE)
+            struct.pack_into("<I", value, syscall._PENDING_NETNS, netns)
+            lb.map_update(inflight, struct.pack("<I", tid), bytes(value))
+
+        def tids() -> list:
+            return sorted(struct.unpack("<I", k)[0] for k in lb.map_keys(inflight, 4))
+
+        probe.watch(7, None)
+        probe.watch(8, None)
+        enter(100, 7), enter(101, 8), enter(102, 9)   # 9: never watched by this probe
+        probe.unwatch(7)
+        probe.unwatch(8)
+        assert tids() == [100, 101, 102] and scans == []   # not at each unwatch
+        probe.watch(7, None)   # the next test, on the same inodes
+        probe.watch(8, None)
+        assert tids() == [102]
+        assert len(scans) == 1
+    finally:
+        os.close(inflight)
+        os.close(wanted)

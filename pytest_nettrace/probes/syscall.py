@@ -15,11 +15,11 @@ import os
 import platform
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union, cast
 
 from ..events import Event, Header, IPAddress
 from ..kernel import wire
-from ..kernel.libbpf import map_delete, map_items, map_update
+from ..kernel.libbpf import NetnsPurge, map_delete, map_items, map_update
 from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
@@ -234,12 +234,25 @@ class SyscallProbe(Probe):
         for name, nr in SYSCALL_NR[platform.machine()].items():
             map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))
         self._inflight_fd = obj.map_fd("sc_inflight")
+        # sc_exit returns at once while nothing is watched: a call entered in
+        # an unwatched namespace and returning after that would stay in the
+        # map (and be reported in a later namespace that reuses the inode).
+        # Deleted before any namespace is watched again, with the others
+        # unwatched since: one scan a test, not one a namespace.
+        self._purge = NetnsPurge((), delete=self._delete_inflight)
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
+        self._purge.watch(netns)
 
     def unwatch(self, netns: int) -> None:
-        # sc_exit returns at once while nothing is watched: a call entered in
-        # this namespace and returning after that would stay in the map
+        self._purge.unwatch(netns)
+
+    def poll(self) -> None:
+        self._purge.poll()
+
+    def _delete_inflight(self, doomed: Set[int]) -> None:
         for key, value in map_items(self._inflight_fd, 4, _PENDING_SIZE):
-            if _u32.unpack_from(value, _PENDING_NETNS)[0] == netns:
+            if _u32.unpack_from(value, _PENDING_NETNS)[0] in doomed:
                 map_delete(self._inflight_fd, key)
 
 
