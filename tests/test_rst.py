@@ -138,3 +138,22 @@ def test_a_record_the_decoder_fails_on_counts_as_lost(netns, nettrace, monkeypat
     netns.run(connect_refused("127.0.0.1", 9), check=True)
     with pytest.raises(EventsLost, match=r"\d+ rst events lost"):
         nettrace.assert_no_rst()
+
+
+def test_a_negative_assertion_drains_the_ring_once(netns, nettrace, monkeypatch):
+    """assert_no_rst() reads the events (which drains) and then the loss
+    counters, without draining again: counters read after that read cover
+    every event it could have missed (test_reliability: a flooded ring
+    still fails it, with the count)."""
+    import threading
+    engine = nettrace.engine
+    real, drains = engine.drain, []
+
+    def drain() -> int:
+        if threading.current_thread() is threading.main_thread():   # not the drain thread's
+            drains.append(1)
+        return real()
+
+    monkeypatch.setattr(engine, "drain", drain)
+    nettrace.assert_no_rst()
+    assert len(drains) == 1
