@@ -17,7 +17,7 @@ import random
 import socket
 import struct
 from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple,
-                    Union, cast)
+                    Type, Union, cast)
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, parse_address, user_name
@@ -819,26 +819,28 @@ class NetChangeDecoder(Decoder):
             return self._rule(hdr, stack, msg, mtype, mon, common)
         return None
 
-    def _finish(self, ev: NetChangeEvent, hdr: Header, stack: Stack) -> NetChangeEvent:
-        """`ev` (of `stack`) with how the change was asked for, and by whom (a
-        new event: this one is not published yet)."""
+    def _finish(self, cls: Type[NetChangeEvent], hdr: Header, stack: Stack,
+                fields: Dict[str, Any]) -> NetChangeEvent:
+        """The `cls` event of `stack` with its `fields` and how the change
+        was asked for, and by whom (built once: a record's event was built,
+        then rebuilt with these)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        cause, detail = _cause(ev.kind, stack.functions)
-        done: Dict[str, Any] = dict(cause=cause, detail=detail)
+        cause, detail = _cause(cls.kind, stack.functions)
+        fields["cause"], fields["detail"] = cause, detail
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
             # those of whoever queued that work (an interrupt: nobody)
-            done["announced_by"] = "addrconf_dad_work"
+            fields["announced_by"] = "addrconf_dad_work"
             if cause != "kernel":
-                done["detail"] = "announced after duplicate address detection"
-        uid = ev.uid
-        if kthread or ev.context != "process":
+                fields["detail"] = "announced after duplicate address detection"
+        uid: Optional[int] = hdr.uid
+        if kthread or stack.context("process") != "process":
             # a kernel thread or an interrupt: no process asked for this
-            done.update(dict.fromkeys(("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline")),
-                        interrupted_task=f"{hdr.comm}({hdr.pid})", cause="kernel")
+            fields.update(dict.fromkeys(("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline")),
+                          interrupted_task=f"{hdr.comm}({hdr.pid})", cause="kernel")
             uid = None
-        done["user"] = user_name(uid)
-        return ev.evolve(**done)
+        fields["user"] = user_name(uid)
+        return cls(hdr, stack, "process", **fields)
 
     def _addr(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
               mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
@@ -852,11 +854,11 @@ class NetChangeDecoder(Decoder):
         # starts with the device's name; the device is the one of ifindex
         label = _cstr(attrs.get(3))
         dev = (mon.names.get(index) if mon else None) or (label.split(":", 1)[0] if label else None)
-        ev = AddrEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWADDR else "deleted",
-                       address=_interface(ip, prefixlen) if ip is not None else None,
-                       family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
-                       scope=scope, flags=flags, **common)
-        return self._finish(ev, hdr, stack)
+        fields = dict(action="added" if mtype == RTM_NEWADDR else "deleted",
+                      address=_interface(ip, prefixlen) if ip is not None else None,
+                      family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
+                      scope=scope, flags=flags, **common)
+        return self._finish(AddrEvent, hdr, stack, fields)
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
               mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
@@ -879,10 +881,10 @@ class NetChangeDecoder(Decoder):
         kind_attr = _attrs(attrs[18], 0, len(attrs[18])).get(1) if 18 in attrs else None  # IFLA_LINKINFO/KIND
         mtu = struct.unpack("<I", attrs[4][:4])[0] if len(attrs.get(4, b"")) >= 4 else None
         oper = attrs.get(16)
-        ev = LinkEvent(hdr, stack, "process", action=action, dev=name or (mon.names.get(index) if mon else None),
-                       ifindex=index, up=bool(flags & IFF_UP), flags=flags, link_kind=_cstr(kind_attr),
-                       mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
-        return self._finish(ev, hdr, stack)
+        fields = dict(action=action, dev=name or (mon.names.get(index) if mon else None),
+                      ifindex=index, up=bool(flags & IFF_UP), flags=flags, link_kind=_cstr(kind_attr),
+                      mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
+        return self._finish(LinkEvent, hdr, stack, fields)
 
     def _route(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
                mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
@@ -900,13 +902,13 @@ class NetChangeDecoder(Decoder):
             action = "deleted"
         else:  # `ip route replace` of an existing route: the kernel says NLM_F_REPLACE
             action = "replaced" if nl_flags & NLM_F_REPLACE else "added"
-        ev = RouteEvent(hdr, stack, "process", action=action,
-                        dst=_network(dst_ip, dst_len),
-                        gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
-                        ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
-                        type=RTN_TYPES.get(rtype, rtype), protocol=proto, priority=prio,
-                        prefsrc=_ip(attrs.get(7), family), **common)
-        return self._finish(ev, hdr, stack)
+        fields = dict(action=action,
+                      dst=_network(dst_ip, dst_len),
+                      gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
+                      ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
+                      type=RTN_TYPES.get(rtype, rtype), protocol=proto, priority=prio,
+                      prefsrc=_ip(attrs.get(7), family), **common)
+        return self._finish(RouteEvent, hdr, stack, fields)
 
     def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
                mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
@@ -928,13 +930,13 @@ class NetChangeDecoder(Decoder):
             action = "added" if old is None else "changed"
             if mon:
                 mon.neighbours[key] = (state, lladdr or (old[1] if old else None))
-        ev = NeighEvent(hdr, stack, "process", action=action, address=_ip(dst, family),
-                        lladdr=":".join(f"{b:02x}" for b in lladdr) if lladdr else None,
-                        state=nud_state(state), old_state=nud_state(old[0]) if old is not None else None,
-                        family=4 if family == socket.AF_INET else 6, flags=flags,
-                        router=bool(flags & 0x80), proxy=bool(flags & 0x08),  # NTF_ROUTER, NTF_PROXY
-                        dev=mon.names.get(index) if mon else None, ifindex=index, **common)
-        return self._finish(ev, hdr, stack)
+        fields = dict(action=action, address=_ip(dst, family),
+                      lladdr=":".join(f"{b:02x}" for b in lladdr) if lladdr else None,
+                      state=nud_state(state), old_state=nud_state(old[0]) if old is not None else None,
+                      family=4 if family == socket.AF_INET else 6, flags=flags,
+                      router=bool(flags & 0x80), proxy=bool(flags & 0x08),  # NTF_ROUTER, NTF_PROXY
+                      dev=mon.names.get(index) if mon else None, ifindex=index, **common)
+        return self._finish(NeighEvent, hdr, stack, fields)
 
     def _rule(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
@@ -944,15 +946,15 @@ class NetChangeDecoder(Decoder):
         attrs = _attrs(msg, 28, len(msg))
         table = _u32(attrs, 15) or table  # FRA_TABLE: tables above 255
         proto = attrs.get(21)  # FRA_PROTOCOL
-        ev = RuleEvent(hdr, stack, "process", action="added" if mtype == RTM_NEWRULE else "deleted",
-                       family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6),
-                       src=_prefix(attrs.get(2), family, src_len), dst=_prefix(attrs.get(1), family, dst_len),
-                       iif=_cstr(attrs.get(3)), oif=_cstr(attrs.get(17)), fwmark=_u32(attrs, 10),
-                       fwmask=_u32(attrs, 16), table=RT_TABLES.get(table, table),
-                       rule_action=FR_ACTIONS.get(action, action), goto=_u32(attrs, 4),
-                       invert=bool(flags & 0x2),  # FIB_RULE_INVERT
-                       protocol=proto[0] if proto else None, dev=None, ifindex=None, **common)
-        return self._finish(ev, hdr, stack)
+        fields = dict(action="added" if mtype == RTM_NEWRULE else "deleted",
+                      family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6),
+                      src=_prefix(attrs.get(2), family, src_len), dst=_prefix(attrs.get(1), family, dst_len),
+                      iif=_cstr(attrs.get(3)), oif=_cstr(attrs.get(17)), fwmark=_u32(attrs, 10),
+                      fwmask=_u32(attrs, 16), table=RT_TABLES.get(table, table),
+                      rule_action=FR_ACTIONS.get(action, action), goto=_u32(attrs, 4),
+                      invert=bool(flags & 0x2),  # FIB_RULE_INVERT
+                      protocol=proto[0] if proto else None, dev=None, ifindex=None, **common)
+        return self._finish(RuleEvent, hdr, stack, fields)
 
 
     def _nft(self, buf: bytes, hdr: Header) -> List[Event]:
@@ -972,8 +974,8 @@ class NetChangeDecoder(Decoder):
         line = " ".join(a.decode(errors="replace") for a in argv) or None
         events: List[NetChangeEvent] = []
         for change in _nft.changes(msg):
-            ev = NftEvent(hdr, stack, "process", cmdline=line, dev=None, ifindex=None, **change)
-            events.append(self._finish(ev, hdr, stack))
+            fields = dict(cmdline=line, dev=None, ifindex=None, **change)
+            events.append(self._finish(NftEvent, hdr, stack, fields))
         self._last[hdr.netns] = (skb, events[-1] if events else None)
         return list(events)
 
