@@ -203,14 +203,14 @@ def test_drops_make_negative_assertions_fail(netns, nettrace, monkeypatch):
 
 
 def test_a_quiet_namespace_gets_no_ring_a_busy_one_does(netns, nettrace):
-    """Issue 14: the ring (8 MiB the kernel allocates and zeroes, two more
-    sockets to close) is set up only when a namespace's traffic asks for it;
-    a few packets stay with the queue socket. /proc/net/packet is the
-    kernel's own list: the ring's socket is bound (hooked) only once it took
-    over."""
+    """Issue 14: the ring (8 MiB the kernel allocates and zeroes, another
+    socket to make and close) is set up only when a namespace's traffic asks
+    for it; a few packets stay with the queue socket, alone. /proc/net/packet
+    is the kernel's own list: the ring's socket exists only once wanted, and
+    is bound (hooked) only once it took over."""
     netns.run(connect_refused("127.0.0.1", 9), check=True)
     nettrace.assert_packet(flags="R.", sport=9)
-    assert _packet_sockets(netns) == [(0, False), (3, True)]   # ETH_P_ALL: the queue's
+    assert _packet_sockets(netns) == [(3, True)]   # ETH_P_ALL: the queue's, alone
     netns.run(script("""
         import socket
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

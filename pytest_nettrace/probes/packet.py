@@ -127,6 +127,9 @@ class _Filter:
 _DROP_ALL, _FIRST_MEMBER, _SECOND_MEMBER = _Filter(0), _Filter(0), _Filter(1)
 
 
+_FLAGS = socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+
+
 class _Capture:
     """The packet sockets and ring of one watched namespace.
 
@@ -137,27 +140,28 @@ class _Capture:
     kernel unhooks it for an RCU grace period and purges what it had queued
     (packets sent right after `watch` were missed, uncounted). Setting it up
     waits out that grace period (synchronize_net in packet_set_ring, 8-30 ms),
-    so it happens in the background, on a second socket, while a first one,
-    hooked at once, queues every packet from the moment the constructor
-    returns. The two never both receive a packet: they are the members of
-    one fanout group (PACKET_FANOUT), whose single hook hands each packet to
-    exactly one member, the one its classic BPF program picks: the queue
-    socket until the ring's socket has joined, then the ring (`_handover`).
-    Two sockets each hooked on their own, switched by binding and unbinding,
-    both received what came between the two binds, and no stamp or content
-    tells those copies apart exactly (9 frames of 300 kept twice on a slow
+    so it happens in the background, on a second socket (made then: most
+    tests' few packets never need it, and each packet socket costs a visit
+    to make and a grace period to close), while a first one, hooked at once,
+    queues every packet from the moment the constructor returns. The two
+    never both receive a packet: they are the members of one fanout group
+    (PACKET_FANOUT), whose single hook hands each packet to exactly one
+    member, the one its classic BPF program picks: the queue socket until
+    the ring's socket has joined, then the ring (`_handover`). Two sockets
+    each hooked on their own, switched by binding and unbinding, both
+    received what came between the two binds, and no stamp or content tells
+    those copies apart exactly (9 frames of 300 kept twice on a slow
     Debian 6.1 VM)."""
 
     def __init__(self, path: str, wakeups: Wakeups) -> None:
-        sockets = in_netns_at(path, self._open)
-        self.queue_sock: Optional[socket.socket] = sockets[0]   # None once the ring took over
-        self.sock: Optional[socket.socket] = sockets[1]         # the ring's; None once closed
+        queue_sock, self._fanout = in_netns_at(path, self._open)
+        self._path = path   # where the ring's socket is made, if ever
+        self.queue_sock: Optional[socket.socket] = queue_sock   # None once the ring took over
+        self.sock: Optional[socket.socket] = None               # the ring's, once made; None once closed
         # read as frames come, not when ring records happen to: a bulk
         # transfer fills the queue and the ring in tens of milliseconds
         self._wakeups = wakeups
-        for sock in sockets:
-            if sock is not None:
-                wakeups.wake_on(sock.fileno())
+        wakeups.wake_on(queue_sock.fileno())
         self.ring: Optional[mmap.mmap] = None
         self._lock = threading.RLock()
         self.head = 0
@@ -182,7 +186,7 @@ class _Capture:
     def _start_ring(self) -> None:
         """Set the ring up in the background (once; not without fanout, kernel < 4.3,
         where the queue socket captures alone)."""
-        if self.sock is None or self._ring_started:
+        if not self._fanout or self._ring_started:
             return
         self._ring_started = True
         self._ready.clear()
@@ -194,9 +198,9 @@ class _Capture:
                      or self.kernel_drops > 0))
 
     @staticmethod
-    def _open() -> Tuple[socket.socket, Optional[socket.socket]]:
-        flags = socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-        queue = socket.socket(socket.AF_PACKET, flags, socket.htons(ETH_P_ALL))  # hooked at once
+    def _open() -> Tuple[socket.socket, bool]:
+        """(the queue socket, whether it leads a fanout group a ring can join)."""
+        queue = socket.socket(socket.AF_PACKET, _FLAGS, socket.htons(ETH_P_ALL))  # hooked at once
         try:
             queue.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             try:  # room for what arrives before a ring is ready, if one is
@@ -210,15 +214,24 @@ class _Capture:
                                  (PACKET_FANOUT_CBPF | PACKET_FANOUT_FLAG_UNIQUEID) << 16)
                 queue.setsockopt(SOL_PACKET, PACKET_FANOUT_DATA, _FIRST_MEMBER.fprog)
             except OSError:
-                return queue, None
-            return queue, socket.socket(socket.AF_PACKET, flags, 0)   # protocol 0: hooked to nothing
+                return queue, False
+            return queue, True
         except BaseException:
             queue.close()
             raise
 
     def _setup_ring(self) -> None:
-        sock = self.sock
-        assert sock is not None   # closing waits for this thread
+        try:
+            # protocol 0: hooked to nothing. The namespace is still there:
+            # closing waits for this thread, and a capture closes before
+            # its namespace goes (if it went, the queue socket captures alone)
+            sock = in_netns_at(self._path, lambda: socket.socket(socket.AF_PACKET, _FLAGS, 0))
+        except OSError:
+            self._ready.set()
+            return
+        with self._lock:
+            self.sock = sock
+        self._wakeups.wake_on(sock.fileno())
         try:
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
             block = FRAME_SIZE * 16
