@@ -164,11 +164,14 @@ def test_recorded_again_after_the_engine_had_nothing_to_watch(netns_factory):
 
 
 def test_calls_in_flight_of_unwatched_namespaces_are_deleted_once_before_the_next_watch(monkeypatch):
-    """sc_inflight entries (keyed by thread, the namespace in the value) of
-    namespaces no longer watched go before a namespace is watched again (its
-    inode may be theirs), those of every namespace unwatched since in one
-    scan; a namespace never watched keeps its own."""
+    """sc_inflight entries (keyed by thread; the namespace and the time the
+    call was entered in the value) of namespaces no longer watched go before
+    a namespace is watched again (its inode may be theirs), those of every
+    namespace unwatched since in one scan; a call entered after the unwatch
+    (in a new namespace with that inode, watched just before this probe's
+    watch) stays, and so does one of a namespace never watched."""
     import struct
+    import time
     from pytest_nettrace.kernel import libbpf as lb
     from pytest_nettrace.probes import syscall
     inflight = lb.map_create(lb.BPF_MAP_TYPE_HASH, "t_inflight", 4, syscall._PENDING_SIZE, 64)
@@ -185,9 +188,10 @@ def test_calls_in_flight_of_unwatched_namespaces_are_deleted_once_before_the_nex
         probe = syscall.SyscallProbe()
         probe.attached(Maps())  # type: ignore[arg-type]
 
-        def enter(tid: int, netns: int) -> None:
+        def enter(tid: int, netns: int) -> None:   # as sc_enter: bpf_ktime_get_ns() is CLOCK_MONOTONIC
             value = bytearray(syscall._PENDING_SIZE)
             struct.pack_into("<I", value, syscall._PENDING_NETNS, netns)
+            struct.pack_into("<Q", value, syscall._PENDING_TS, time.monotonic_ns())
             lb.map_update(inflight, struct.pack("<I", tid), bytes(value))
 
         def tids() -> list:
@@ -199,9 +203,10 @@ def test_calls_in_flight_of_unwatched_namespaces_are_deleted_once_before_the_nex
         probe.unwatch(7)
         probe.unwatch(8)
         assert tids() == [100, 101, 102] and scans == []   # not at each unwatch
-        probe.watch(7, None)   # the next test, on the same inodes
+        enter(103, 7)   # the next test's namespace 7, scoped before this probe's watch
+        probe.watch(7, None)
         probe.watch(8, None)
-        assert tids() == [102]
+        assert tids() == [102, 103]
         assert len(scans) == 1
     finally:
         os.close(inflight)

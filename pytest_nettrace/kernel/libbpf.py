@@ -456,15 +456,11 @@ class NetnsPurge:
     namespace was purged with the first's scan: scanning for it again found
     nothing); a never-seen inode has none. With no watch coming (`nettrace
     watch` runs for days), a drain's poll() deletes them once they are
-    `linger` seconds old: they would take room in the maps. `delete`, given,
-    deletes the entries of a set of namespaces in place of the key scan (a
-    map that keeps the namespace in its values)."""
+    `linger` seconds old: they would take room in the maps."""
 
-    def __init__(self, maps: "Sequence[Tuple[int, int]]", linger: float = 1.0,
-                 delete: "Optional[Callable[[Set[int]], None]]" = None) -> None:
+    def __init__(self, maps: "Sequence[Tuple[int, int]]", linger: float = 1.0) -> None:
         self._maps = maps          # (fd, key size) of each map
         self._linger = linger
-        self._delete_entries = delete or self._by_key
         self._stale: Set[int] = set()    # unwatched, entries not deleted yet
         self._stale_since = 0.0          # CLOCK_MONOTONIC of the first of them
         self._seen: Set[int] = set()     # every inode watched (nsfs reuses the lowest free: stays small)
@@ -489,13 +485,10 @@ class NetnsPurge:
     def _delete(self, doomed: Set[int]) -> None:
         if not doomed:
             return
-        self._delete_entries(doomed)
-        self._clean |= doomed
-        self._stale.clear()
-
-    def _by_key(self, doomed: Set[int]) -> None:
         for fd, key_size in self._maps:
             map_delete_where(fd, key_size, lambda k: _u32_key.unpack_from(k)[0] in doomed)
+        self._clean |= doomed
+        self._stale.clear()
 
 
 class KernelBtf:

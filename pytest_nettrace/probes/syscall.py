@@ -15,11 +15,12 @@ import os
 import platform
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union, cast
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 from ..events import Event, Header, IPAddress
 from ..kernel import wire
-from ..kernel.libbpf import NetnsPurge, map_delete, map_items, map_update
+from ..kernel.libbpf import map_delete, map_items, map_update
 from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
@@ -33,7 +34,10 @@ RECORD = wire.SYSCALL_EVENT
 _BODY = RECORD.body
 _PENDING_NETNS = wire.SC_PENDING.offsets["netns"]  # struct sc_pending: the event, then the namespace
 _PENDING_SIZE = wire.SC_PENDING.size
+_PENDING_TS = wire.SC_PENDING.offsets["e"] + wire.NT_HDR.offsets["ts"]   # when the call was entered
+_STALE_LINGER = 1.0   # seconds: with no watch coming, a drain's poll deletes them
 _u32 = struct.Struct("<I")
+_u64 = struct.Struct("<Q")
 
 # enum sc_code (bpf/syscall.h), in order
 CALLS = ("socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
@@ -218,6 +222,8 @@ class SyscallProbe(Probe):
 
     def __init__(self) -> None:
         self.decoder = SyscallDecoder()
+        self._stale: Dict[int, int] = {}   # unwatched namespace -> CLOCK_MONOTONIC ns of its unwatch
+        self._stale_since = 0.0
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or platform.machine() not in SYSCALL_NR:
@@ -234,25 +240,33 @@ class SyscallProbe(Probe):
         for name, nr in SYSCALL_NR[platform.machine()].items():
             map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))
         self._inflight_fd = obj.map_fd("sc_inflight")
-        # sc_exit returns at once while nothing is watched: a call entered in
-        # an unwatched namespace and returning after that would stay in the
-        # map (and be reported in a later namespace that reuses the inode).
-        # Deleted before any namespace is watched again, with the others
-        # unwatched since: one scan a test, not one a namespace.
-        self._purge = NetnsPurge((), delete=self._delete_inflight)
 
+    # sc_exit returns at once while nothing is watched: a call entered in a
+    # namespace and returning after its unwatch would stay in sc_inflight
+    # (and be reported in a later namespace that reuses the inode). Those of
+    # every namespace unwatched since are deleted in one scan before the
+    # next watch (or by a drain's poll once a second old), not one scan at
+    # each unwatch. Only calls entered before their namespace's unwatch go:
+    # one entered since, in a new namespace with the inode (watched just
+    # before this probe's watch), is that namespace's.
     def watch(self, netns: int, path: Optional[str]) -> None:
-        self._purge.watch(netns)
+        if self._stale:
+            self._delete_stale()
 
     def unwatch(self, netns: int) -> None:
-        self._purge.unwatch(netns)
+        if not self._stale:
+            self._stale_since = time.monotonic()
+        self._stale[netns] = time.monotonic_ns()   # bpf_ktime_get_ns()'s clock
 
     def poll(self) -> None:
-        self._purge.poll()
+        if self._stale and time.monotonic() - self._stale_since >= _STALE_LINGER:
+            self._delete_stale()
 
-    def _delete_inflight(self, doomed: Set[int]) -> None:
+    def _delete_stale(self) -> None:
+        stale, self._stale = self._stale, {}
         for key, value in map_items(self._inflight_fd, 4, _PENDING_SIZE):
-            if _u32.unpack_from(value, _PENDING_NETNS)[0] in doomed:
+            unwatched = stale.get(_u32.unpack_from(value, _PENDING_NETNS)[0])
+            if unwatched is not None and _u64.unpack_from(value, _PENDING_TS)[0] < unwatched:
                 map_delete(self._inflight_fd, key)
 
 
