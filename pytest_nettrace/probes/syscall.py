@@ -15,6 +15,7 @@ import os
 import platform
 import socket
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
@@ -224,6 +225,7 @@ class SyscallProbe(Probe):
         self.decoder = SyscallDecoder()
         self._stale: Dict[int, int] = {}   # unwatched namespace -> CLOCK_MONOTONIC ns of its unwatch
         self._stale_since = 0.0
+        self._stale_lock = threading.Lock()   # the test's thread (un)watches, the drain's polls
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or platform.machine() not in SYSCALL_NR:
@@ -254,16 +256,18 @@ class SyscallProbe(Probe):
             self._delete_stale()
 
     def unwatch(self, netns: int) -> None:
-        if not self._stale:
-            self._stale_since = time.monotonic()
-        self._stale[netns] = time.monotonic_ns()   # bpf_ktime_get_ns()'s clock
+        with self._stale_lock:
+            if not self._stale:
+                self._stale_since = time.monotonic()
+            self._stale[netns] = time.monotonic_ns()   # bpf_ktime_get_ns()'s clock
 
     def poll(self) -> None:
         if self._stale and time.monotonic() - self._stale_since >= _STALE_LINGER:
             self._delete_stale()
 
     def _delete_stale(self) -> None:
-        stale, self._stale = self._stale, {}
+        with self._stale_lock:
+            stale, self._stale = self._stale, {}
         for key, value in map_items(self._inflight_fd, 4, _PENDING_SIZE):
             unwatched = stale.get(_u32.unpack_from(value, _PENDING_NETNS)[0])
             if unwatched is not None and _u64.unpack_from(value, _PENDING_TS)[0] < unwatched:
