@@ -12,6 +12,7 @@ times.
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import time
@@ -115,8 +116,11 @@ def stop(p: subprocess.Popen) -> Tuple[float, float]:
     t0 = time.perf_counter()
     while True:
         # again every 0.5 s: a SIGINT landing just before bpftrace blocks in
-        # its event loop is not noticed until the next event
-        p.send_signal(2)
+        # its event loop is not noticed until the next event. os.kill, not
+        # send_signal: that polls first, reaping an exited bpftrace before
+        # wait4 could read its CPU (ChildProcessError); unreaped, the pid
+        # stays this one's
+        os.kill(p.pid, signal.SIGINT)
         deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
             pid, _, ru = os.wait4(p.pid, os.WNOHANG)
