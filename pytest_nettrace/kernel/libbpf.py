@@ -444,6 +444,36 @@ def map_delete_where(fd: int, key_size: int, pred: Callable[[bytes], bool]) -> i
 _u32_key = struct.Struct("<I")
 
 
+class Unwatched:
+    """The namespaces unwatched since their entries were last deleted, with
+    when (CLOCK_MONOTONIC ns, bpf_ktime_get_ns()'s clock): the test's thread
+    adds to it, a purge (at the next watch, or a drain's poll once the
+    oldest is `linger` seconds old) takes it whole."""
+
+    def __init__(self, linger: float = 1.0) -> None:
+        self._linger = linger
+        self._lock = threading.Lock()
+        self._since: Dict[int, int] = {}
+        self._first = 0.0   # CLOCK_MONOTONIC s of the oldest
+
+    def __bool__(self) -> bool:
+        return bool(self._since)
+
+    def add(self, netns: int) -> None:
+        with self._lock:
+            if not self._since:
+                self._first = time.monotonic()
+            self._since[netns] = time.monotonic_ns()
+
+    def due(self) -> bool:
+        return bool(self._since) and time.monotonic() - self._first >= self._linger
+
+    def take(self) -> Dict[int, int]:
+        with self._lock:
+            taken, self._since = self._since, {}
+        return taken
+
+
 class NetnsPurge:
     """When a probe's maps keyed by namespace inode (the key's first u32)
     need their old entries deleted. The kernel writes entries only for a
@@ -460,27 +490,23 @@ class NetnsPurge:
 
     def __init__(self, maps: "Sequence[Tuple[int, int]]", linger: float = 1.0) -> None:
         self._maps = maps          # (fd, key size) of each map
-        self._linger = linger
-        self._stale: Set[int] = set()    # unwatched, entries not deleted yet
-        self._stale_since = 0.0          # CLOCK_MONOTONIC of the first of them
+        self._stale = Unwatched(linger)  # entries not deleted yet
         self._seen: Set[int] = set()     # every inode watched (nsfs reuses the lowest free: stays small)
         self._clean: Set[int] = set()    # deleted since their last unwatch, not watched since
 
     def watch(self, netns: int) -> None:
-        doomed = self._stale | ({netns} if netns in self._seen and netns not in self._clean else set())
+        doomed = set(self._stale.take()) | ({netns} if netns in self._seen and netns not in self._clean else set())
         self._seen.add(netns)
         self._delete(doomed)
         self._clean.discard(netns)
 
     def unwatch(self, netns: int) -> None:
-        if not self._stale:
-            self._stale_since = time.monotonic()
         self._stale.add(netns)
         self._clean.discard(netns)
 
     def poll(self) -> None:
-        if self._stale and time.monotonic() - self._stale_since >= self._linger:
-            self._delete(set(self._stale))
+        if self._stale.due():
+            self._delete(set(self._stale.take()))
 
     def _delete(self, doomed: Set[int]) -> None:
         if not doomed:
@@ -488,7 +514,6 @@ class NetnsPurge:
         for fd, key_size in self._maps:
             map_delete_where(fd, key_size, lambda k: _u32_key.unpack_from(k)[0] in doomed)
         self._clean |= doomed
-        self._stale.clear()
 
 
 class KernelBtf:

@@ -15,13 +15,11 @@ import os
 import platform
 import socket
 import struct
-import threading
-import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 from ..events import Event, Header, IPAddress
 from ..kernel import wire
-from ..kernel.libbpf import map_delete, map_items, map_update
+from ..kernel.libbpf import Unwatched, map_delete, map_items, map_update
 from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
@@ -223,9 +221,7 @@ class SyscallProbe(Probe):
 
     def __init__(self) -> None:
         self.decoder = SyscallDecoder()
-        self._stale: Dict[int, int] = {}   # unwatched namespace -> CLOCK_MONOTONIC ns of its unwatch
-        self._stale_since = 0.0
-        self._stale_lock = threading.Lock()   # the test's thread (un)watches, the drain's polls
+        self._stale = Unwatched(_STALE_LINGER)
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or platform.machine() not in SYSCALL_NR:
@@ -256,18 +252,14 @@ class SyscallProbe(Probe):
             self._delete_stale()
 
     def unwatch(self, netns: int) -> None:
-        with self._stale_lock:
-            if not self._stale:
-                self._stale_since = time.monotonic()
-            self._stale[netns] = time.monotonic_ns()   # bpf_ktime_get_ns()'s clock
+        self._stale.add(netns)
 
     def poll(self) -> None:
-        if self._stale and time.monotonic() - self._stale_since >= _STALE_LINGER:
+        if self._stale.due():
             self._delete_stale()
 
     def _delete_stale(self) -> None:
-        with self._stale_lock:
-            stale, self._stale = self._stale, {}
+        stale = self._stale.take()
         for key, value in map_items(self._inflight_fd, 4, _PENDING_SIZE):
             unwatched = stale.get(_u32.unpack_from(value, _PENDING_NETNS)[0])
             if unwatched is not None and _u64.unpack_from(value, _PENDING_TS)[0] < unwatched:
