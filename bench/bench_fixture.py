@@ -4,6 +4,7 @@ test that makes two namespaces joined by a veth and asserts no RST.
 
     sudo .venv/bin/python bench/bench_fixture.py [--quick]
     sudo .venv/bin/python bench/bench_fixture.py --soak 1000   # only the whole runs, 1000 tests, one round
+    sudo .venv/bin/python bench/bench_fixture.py --by-probe [--quick]   # what each probe adds per test
 
 Per-test overhead is measured two ways:
   * in-process: a Trace created, watching 0 or 2 namespaces, closed (what the
@@ -147,37 +148,53 @@ def test_{name}(i, make_netns{arg}):
 {body}"""
 
 
+class _Runs:
+    """A directory of generated tests (`TEST`, with and without `nettrace`)
+    and the loop timer; `run` times one pytest process over one file."""
+
+    def __init__(self, n: int) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="nettrace-bench-")
+        self.dir = self._tmp.name
+        with open(os.path.join(self.dir, "pytest.ini"), "w") as f:
+            f.write("[pytest]\n")
+        with open(os.path.join(self.dir, "conftest.py"), "w") as f:
+            f.write(LOOP_TIMER)
+        for name, arg, body in (("with", ", nettrace", "    nettrace.assert_no_rst()\n"),
+                                ("without", "", "")):
+            with open(os.path.join(self.dir, f"test_{name}.py"), "w") as f:
+                f.write(TEST.format(n=n, name=name, arg=arg, body=body))
+
+    def run(self, target: str, probes: "str | None" = None) -> dict:
+        argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", target]
+        if probes is not None:
+            argv += ["--nettrace-probes", probes]
+        t0 = time.perf_counter()
+        r = subprocess.run(argv, cwd=self.dir, capture_output=True, text=True)
+        wall, exited = time.perf_counter() - t0, time.time()
+        if r.returncode != 0:
+            raise RuntimeError(f"pytest {target} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+        with open(os.path.join(self.dir, "loop.json")) as f:
+            out = json.load(f)
+        out["wall"], out["after_loop"] = wall, exited - out["end"]
+        return out
+
+    def __enter__(self) -> "_Runs":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+
 def pytest_runs(n: int, reps: int) -> dict:
     """What `nettrace` adds to a test with two namespaces and a veth, from the
     test loop's own timing (pytest startup, identical on both sides, is left
     out), with the process's CPU, its RSS a quarter of the way and at the end,
     and the time from the loop's end to the process's exit."""
-    with tempfile.TemporaryDirectory(prefix="nettrace-bench-") as d:
-        with open(os.path.join(d, "pytest.ini"), "w") as f:
-            f.write("[pytest]\n")
-        with open(os.path.join(d, "conftest.py"), "w") as f:
-            f.write(LOOP_TIMER)
-        for name, arg, body in (("with", ", nettrace", "    nettrace.assert_no_rst()\n"),
-                                ("without", "", "")):
-            with open(os.path.join(d, f"test_{name}.py"), "w") as f:
-                f.write(TEST.format(n=n, name=name, arg=arg, body=body))
-
-        def run(target: str) -> dict:
-            t0 = time.perf_counter()
-            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                                target], cwd=d, capture_output=True, text=True)
-            wall, exited = time.perf_counter() - t0, time.time()
-            if r.returncode != 0:
-                raise RuntimeError(f"pytest {target} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
-            with open(os.path.join(d, "loop.json")) as f:
-                out = json.load(f)
-            out["wall"], out["after_loop"] = wall, exited - out["end"]
-            return out
-
-        runs: dict = {"with": [], "without": []}
+    runs: dict = {"with": [], "without": []}
+    with _Runs(n) as r:
         for _ in range(reps):  # interleaved against load drift
-            runs["with"].append(run("test_with.py"))
-            runs["without"].append(run("test_without.py"))
+            runs["with"].append(r.run("test_with.py"))
+            runs["without"].append(r.run("test_without.py"))
     m = {side: {k: median(r[k] for r in rs) for k in ("seconds", "cpu", "first", "first_cpu", "steady", "steady_cpu",
                                                        "rss_quarter", "rss_end", "after_loop", "wall")}
          for side, rs in runs.items()}
@@ -208,12 +225,45 @@ def pytest_runs(n: int, reps: int) -> dict:
     return m
 
 
+def by_probe(n: int, reps: int) -> None:
+    """What each probe costs per test, as what leaving it out saves: the
+    same tests with every probe, with every probe but one, with the `rst`
+    probe alone (the test asserts no RST: the trace's own floor), against
+    `netns` only; CPU per test after the first, median of `reps` interleaved
+    rounds. A figure, no goal: where the per-test cost is, and what a suite's
+    `nettrace_probes` can save."""
+    from pytest_nettrace.probes.registry import PROBES
+    others = [p for p in PROBES if p != "rst"]
+    configs = [("netns only", "test_without.py", None), ("all", "test_with.py", "all"),
+               ("rst", "test_with.py", "rst")] + \
+        [(p, "test_with.py", ",".join(q for q in PROBES if q != p)) for p in others]
+    cpu: dict = {name: [] for name, _, _ in configs}
+    with _Runs(n) as r:
+        for _ in range(reps):
+            for name, target, probes in configs:
+                cpu[name].append(r.run(target, probes)["steady_cpu"] / (n - 1) * 1e3)
+    ms = {name: median(v) for name, v in cpu.items()}
+    base, every = ms["netns only"], ms["all"]
+    saved = sorted(((every - ms[p], p) for p in others), reverse=True)
+    print(f"by probe: {n} tests (2 netns + veth), CPU per test after the first, median of {reps}; "
+          f"netns only {base:.2f} ms, every probe +{every - base:.2f} ms, rst alone +{ms['rst'] - base:.2f} ms")
+    for d, p in saved:
+        print(f"by probe:   without {p:<10} {d:+.2f} ms saved")
+    print(f"by probe:   the savings add up to {sum(d for d, _ in saved):.2f} ms of the "
+          f"{every - ms['rst']:.2f} ms every probe costs over rst alone")
+    result("per test, by probe: CPU saved by leaving one out",
+           ", ".join(f"{p} {d:.2f} ms" for d, p in saved[:4]),
+           f"every probe +{every - base:.2f} ms, rst alone +{ms['rst'] - base:.2f} ms over netns only", None)
+
 def main() -> None:
     need_root()
     quick = "--quick" in sys.argv
     sys.path.insert(0, ROOT)
     if "--soak" in sys.argv:  # issue 14's "1,000 such tests without memory growth or an exit stall"
         pytest_runs(int(sys.argv[sys.argv.index("--soak") + 1]), 1)
+        return
+    if "--by-probe" in sys.argv:
+        by_probe(100 if quick else 200, 2 if quick else 3)
         return
     trace_cycle(50 if quick else 200)
     topology(50 if quick else 200)

@@ -23,6 +23,7 @@ from _common import machine, need_root
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = {
     "fixture": ["bench_fixture.py"],
+    "probes": ["bench_fixture.py", "--by-probe"],
     "conn": ["bench_conn.py"],
     "host": ["bench_host.py"],
     "overhead": ["bench_overhead.py"],
@@ -30,7 +31,7 @@ BENCHES = {
     "attach": ["bench_attach.py"],
     "suite": ["bench_suite.py"],
 }
-QUICK = {"attach": ["10"], "events": ["--quick"], "overhead": ["4", "2"], "fixture": ["--quick"],
+QUICK = {"attach": ["10"], "events": ["--quick"], "overhead": ["4", "2"], "fixture": ["--quick"], "probes": ["--quick"],
          "conn": ["3", "1.5"], "host": ["3"]}
 
 
@@ -54,7 +55,8 @@ def main() -> int:
     print(f"machine: {machine()}", flush=True)
     failed, rows = [], []
     for name in names:
-        argv = [sys.executable, os.path.join(HERE, BENCHES[name][0]), *(QUICK.get(name, []) if quick else [])]
+        argv = [sys.executable, os.path.join(HERE, BENCHES[name][0]), *BENCHES[name][1:],
+                *(QUICK.get(name, []) if quick else [])]
         t0, c0 = time.perf_counter(), os.times()
         with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as p:
             for line in p.stdout:
