@@ -7,7 +7,9 @@ can be opened after the run, until a later session removes the directories
 of processes that have ended (`--nettrace-report=DIR` copies them there for
 good). When the session ends, whatever else is in the directory (captures of
 traces made without the plugin's fixtures) goes, and the directory too if
-nothing was kept: a run whose tests pass leaves nothing in /tmp. The owner
+nothing was kept: a run whose tests pass leaves nothing in /tmp. A process
+that traces without a pytest session (the library, the benchmarks) tidies
+the same way when it exits. The owner
 holds a lock on `.owner` in its directory while it lives (flock: seen from
 any PID namespace, released however the process ends), so no session
 removes another live one's captures — not even one run under `unshare --pid`,
@@ -15,6 +17,7 @@ which sees other pids than the owner's.
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import os
@@ -59,6 +62,7 @@ def session_dir() -> str:
             fd = os.open(os.path.join(path, OWNER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX)
         _made = (pid, path, fd)
+        atexit.register(_at_exit, pid)
     return _made[1]
 
 
@@ -93,7 +97,17 @@ def finish_session() -> Optional[str]:
     if captures of failed tests remain in it."""
     global _sessions
     _sessions = max(0, _sessions - 1)
-    if _sessions or _made is None or _made[0] != os.getpid():
+    return None if _sessions else _tidy()
+
+
+def _at_exit(pid: int) -> None:
+    """A process that traced outside a pytest session leaves only the kept captures."""
+    if pid == os.getpid() and not _sessions:
+        _tidy()
+
+
+def _tidy() -> Optional[str]:
+    if _made is None or _made[0] != os.getpid():
         return None
     directory = _made[1]
     try:

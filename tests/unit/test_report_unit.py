@@ -298,3 +298,31 @@ def test_a_new_report_format_is_one_class(tmp_path):
     finally:
         reporters.unregister(reporter)
     assert all(r.name != "kind-counts" for r in reporters.REPORTERS)
+
+
+_TRACE_WITHOUT_PYTEST = """
+import sys
+from pytest_nettrace.report import captures
+path = captures.capture_path("a trace made by a script")
+open(path, "w").write("pcapng")
+if sys.argv[1] == "keep":
+    captures.keep(path)
+print(path)
+"""
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_process_tracing_without_pytest_leaves_only_kept_captures(tmp_path, keep):
+    """The benchmarks and library users trace without a pytest session: their
+    capture directory went with no session end (a pcapng a run in /tmp)."""
+    import os
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _TRACE_WITHOUT_PYTEST, "keep" if keep else "discard"],
+                         env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True, check=True)
+    path = out.stdout.strip()
+    assert path.startswith(str(tmp_path))
+    if keep:
+        assert sorted(os.listdir(os.path.dirname(path))) == [".owner", os.path.basename(path)]
+    else:
+        assert [n for n in os.listdir(tmp_path) if "nettrace" in n] == []
