@@ -7,8 +7,8 @@ so the machine's drifting load hits all three alike; medians are compared.
 
     sudo .venv/bin/python bench/bench_conn.py [rounds] [seconds]
 
-Each connection: connect, accept, client close, server close (one process,
-the server in a thread). CPU per connection is the workload's CPU plus the
+Each connection: connect, accept, client close, server close (the server a
+forked process of the workload's, both counted). CPU per connection is the workload's CPU plus the
 tracer's own (the drain thread here; bpftrace's process there).
 Target: probes >= 0.9 x the no-probe rate, and above bpftrace's empty
 programs; decided on connections per CPU-second (the wall rate on a shared
@@ -29,30 +29,43 @@ from _common import median, need_root, result
 TARGET = 0.9
 
 WORKLOAD = r"""
-import json, resource, socket, sys, threading, time
+import json, os, resource, signal, socket, sys, time
 seconds = float(sys.argv[1])
+# every connection leaves its client port in TIME_WAIT for 60 s: with the
+# default 28k ports a run at ~20k connections/s ran out, and connect()
+# then spent its time searching for a port (see main)
+with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
+    f.write("1024 65535")
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(512)
+srv.bind(("127.0.0.1", 0)); srv.listen(4096)
 addr = srv.getsockname()
-def serve():
+# The server is a process of its own: a thread of the client's process
+# waited for the GIL, the 512-connection backlog overflowed, and each
+# dropped SYN stalled the client for its 1 s retransmission (rates of
+# 1.8-8.6k/s instead of ~22k/s in 3 of 8 runs with no tracer at all).
+server = os.fork()
+if server == 0:
     while True:
-        try:
-            c, _ = srv.accept()
-        except OSError:
-            return
+        c, _ = srv.accept()
         c.close()
-threading.Thread(target=serve, daemon=True).start()
+srv.close()
+# ... and past ~64k connections a run reuses TIME_WAIT ports, which costs
+# connect() a search: 35.5 -> 42 us a connection in 3 s runs. A run stops
+# at 50k connections (~1.2 s with no tracer here), whichever comes first.
 n, end = 0, time.monotonic() + seconds
 t0 = time.monotonic()
-while time.monotonic() < end:
+while time.monotonic() < end and n < 50000:
     for _ in range(50):
         s = socket.socket()
         s.connect(addr)
         s.close()
     n += 50
 wall = time.monotonic() - t0
+os.kill(server, signal.SIGKILL)
+_, _, child = os.wait4(server, 0)
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"n": n, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime}))
+print(json.dumps({"n": n, "wall": wall,
+                  "cpu": ru.ru_utime + ru.ru_stime + child.ru_utime + child.ru_stime}))
 """
 
 
@@ -76,11 +89,16 @@ def main() -> None:
     rate = {m: [] for m in modes}
     cpu = {m: [] for m in modes}  # CPU seconds per connection
     with NamespaceFactory() as factory:
-        ns = factory.create()
-        one(ns, 0.3)  # warm up
+        one(factory.create(), 0.3)  # warm up
         for i in range(rounds):
             order = modes[i % len(modes):] + modes[:i % len(modes)]
             for mode in order:
+                # A namespace of its own for each run: in one namespace for
+                # all, the runs' client ports piled up in TIME_WAIT and the
+                # ephemeral ports ran out; connect() then searched for a free
+                # one, at 3x the CPU of a connection (58-62 against 21 µs
+                # for no probes) and rates down to 790/s, whichever mode ran then.
+                ns = factory.create()
                 tracer_cpu = 0.0
                 if mode == "probes":
                     engine = Engine(probes=all_probes())
@@ -114,6 +132,7 @@ def main() -> None:
                         _, tracer_cpu = _bpftrace.stop(p)
                 else:
                     r = one(ns, seconds)
+                ns.close()
                 rate[mode].append(r["n"] / r["wall"])
                 cpu[mode].append((r["cpu"] + tracer_cpu) / r["n"])
     base = median(rate["none"])
