@@ -2,8 +2,8 @@
 of issue 14, the figure measured, the baseline measured in the same run, and
 the verdict.
 
-    sudo .venv/bin/python bench/run_all.py            # everything (~6 min)
-    sudo .venv/bin/python bench/run_all.py --quick    # fewer runs, no suite scaling (~2 min)
+    sudo .venv/bin/python bench/run_all.py            # everything (~9 min)
+    sudo .venv/bin/python bench/run_all.py --quick    # fewer runs, no suite scaling or per-probe split (~4 min)
     sudo .venv/bin/python bench/run_all.py attach conn   # a subset, by name
 
 Figures depend on the machine and on its load: the machine line comes first
@@ -48,7 +48,7 @@ def main() -> int:
     need_root()
     args = [a for a in sys.argv[1:] if not a.startswith("-")]
     quick = "--quick" in sys.argv
-    names = args or [n for n in BENCHES if not (quick and n == "suite")]
+    names = args or [n for n in BENCHES if not (quick and n in ("suite", "probes"))]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         sys.exit(f"run_all: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}")
