@@ -8,8 +8,9 @@ so the machine's drifting load hits all three alike; medians are compared.
     sudo .venv/bin/python bench/bench_conn.py [rounds] [seconds]
 
 Each connection: connect, accept, client close, server close (the server a
-forked process of the workload's, both counted). CPU per connection is the workload's CPU plus the
-tracer's own (the drain thread here; bpftrace's process there).
+forked process of the workload's, both counted). CPU per connection is the
+workload's CPU plus the tracer's own (the drain thread here; bpftrace's
+process there).
 Target: probes >= 0.9 x the no-probe rate, and above bpftrace's empty
 programs; decided on connections per CPU-second (the wall rate on a shared
 machine swings by 2-5x between runs; it is printed too).

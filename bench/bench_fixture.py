@@ -255,6 +255,7 @@ def by_probe(n: int, reps: int) -> None:
            ", ".join(f"{p} {d:.2f} ms" for d, p in saved[:4]),
            f"every probe +{every - base:.2f} ms, rst alone +{ms['rst'] - base:.2f} ms over netns only", None)
 
+
 def main() -> None:
     need_root()
     quick = "--quick" in sys.argv

@@ -9,11 +9,11 @@ good). When the session ends, whatever else is in the directory (captures of
 traces made without the plugin's fixtures) goes, and the directory too if
 nothing was kept: a run whose tests pass leaves nothing in /tmp. A process
 that traces without a pytest session (the library, the benchmarks) tidies
-the same way when it exits. The owner
-holds a lock on `.owner` in its directory while it lives (flock: seen from
-any PID namespace, released however the process ends), so no session
-removes another live one's captures — not even one run under `unshare --pid`,
-which sees other pids than the owner's.
+the same way when it exits. The owner holds a lock on `.owner` in its
+directory while it lives (flock: seen from any PID namespace, released
+however the process ends), so no session removes another live one's
+captures — not even one run under `unshare --pid`, which sees other pids
+than the owner's.
 """
 from __future__ import annotations
 

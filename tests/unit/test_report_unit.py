@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 import pytest
+from interpreter import run_python
 
 from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType, IPAddress,
                                     Stack, check_filters, field_type, matches)
@@ -315,15 +317,7 @@ print(path)
 def test_a_process_tracing_without_pytest_leaves_only_kept_captures(tmp_path, keep):
     """The benchmarks and library users trace without a pytest session: their
     capture directory went with no session end (a pcapng a run in /tmp)."""
-    import os
-    import subprocess
-    import sys
-    # (as nobody, ci/unit-test, the venv's path may not be executable: started again through /proc)
-    python = sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    out = subprocess.run([python, "-c", _TRACE_WITHOUT_PYTEST, "keep" if keep else "discard"],
-                         env=env, capture_output=True, text=True, check=True)
-    path = out.stdout.strip()
+    path = run_python(_TRACE_WITHOUT_PYTEST, "keep" if keep else "discard", env={"TMPDIR": str(tmp_path)}).strip()
     assert path.startswith(str(tmp_path))
     if keep:
         assert sorted(os.listdir(os.path.dirname(path))) == [".owner", os.path.basename(path)]

@@ -4,9 +4,7 @@ netlink messages are built or decoded, never on the way to attached probes
 (issue 14: exec to attached). Root-free: it only imports."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from interpreter import run_python
 
 ENGINE_PATH = ("import sys; "
                "from pytest_nettrace.kernel.engine import Engine; "
@@ -16,12 +14,7 @@ ENGINE_PATH = ("import sys; "
 
 
 def test_loading_the_probes_does_not_import_pyroute2():
-    # A fresh interpreter with this one's import path. Run as nobody
-    # (ci/unit-test), the venv's path may not be executable while the
-    # running interpreter is: then it is started again through /proc.
-    python = sys.executable if os.access(sys.executable, os.X_OK) else "/proc/self/exe"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    out = subprocess.run([python, "-c", ENGINE_PATH], capture_output=True, text=True, check=True, env=env).stdout
+    out = run_python(ENGINE_PATH)
     assert out.split() == [], f"imported on the way to attached probes: {out.strip()[:300]}"
 
 
