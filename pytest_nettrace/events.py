@@ -10,12 +10,18 @@ import pwd
 import socket
 import struct
 import time
-from typing import (Any, Callable, ClassVar, Collection, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple,
-                    Type, TypeVar, Union, cast)
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Collection, Dict, FrozenSet, List, Mapping, Optional,
+                    Sequence, Tuple, Type, TypeVar, Union, cast)
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
 from .kernel.wire import HEADER, NT_MAX_STACK, STACK_BYTES
+
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+else:
+    def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
+        return lambda cls: cls
 
 # Frames that only appear when the probe fired while serving interrupts.
 _SOFTIRQ_FRAMES = ("handle_softirqs", "__do_softirq", "net_rx_action", "run_ksoftirqd", "do_softirq")
@@ -323,13 +329,20 @@ def _getter(i: int) -> Callable[[Any], Any]:
     return get
 
 
+@dataclass_transform(frozen_default=True)
 class _EventType(type):
     """Lays out an Event class from its annotated fields (`sport: int`):
     FIELDS (its bases', then its own, then its DERIVED properties, less
     WITHOUT) and one read-only property per stored field, all held in one
-    tuple per event (`_values`): built in one step, immutable."""
+    tuple per event (`_values`): built in one step, immutable.
+
+    Type checkers see each kind as a frozen dataclass (`ev.sport = 1` is an
+    error in a user's test, as it is when it runs); a kind says `init=False`
+    (`class RstEvent(Event, init=False)`) because events are built by
+    Event's own constructors, not from their fields one by one."""
 
     def __new__(mcs, name: str, bases: Tuple[type, ...], ns: Dict[str, Any], **kw: Any) -> "_EventType":
+        kw.pop("init", None)   # for type checkers only (above)
         own = [f for f, t in ns.get("__annotations__", {}).items()
                if not _is_classvar(t) and not f.startswith("_") and f not in ns.get("__slots__", ())]
         for f in own:
@@ -351,7 +364,8 @@ class _EventType(type):
         without = ns.get("WITHOUT", ())
         setattr(cls, "STORED", stored + tuple(own))
         setattr(cls, "FIELDS", tuple(f for f in fields if f not in without))
-        root: Any = [c for c in cls.__mro__ if isinstance(c, _EventType)][-1]   # Event: the common fields
+        # Event: the common fields (the first class laid out here)
+        root: Any = [c for c in cls.__mro__ if "STORED" in c.__dict__][-1]
         setattr(cls, "_OWN", (stored + tuple(own))[len(root.STORED):] if root is not cls else ())
         setattr(cls, "_STORED_SET", frozenset(stored + tuple(own)))
         return cls
@@ -368,7 +382,16 @@ def _common(hdr: Header, stack: Stack, context_guess: str) -> Tuple[Any, ...]:
     return (hdr.ts, hdr.netns, None, None, None, None, None, None, context, f"{hdr.comm}({hdr.pid})")
 
 
-class Event(metaclass=_EventType):
+if TYPE_CHECKING:
+    # A type checker takes the class that names a dataclass_transform
+    # metaclass for the plain base of its dataclasses: Event must not be it.
+    class _EventRoot(metaclass=_EventType, init=False):
+        pass
+else:   # the same metaclass, without laying anything out
+    _EventRoot = type.__new__(_EventType, "_EventRoot", (), {"__slots__": ()})
+
+
+class Event(_EventRoot, init=False):
     """One thing the kernel did, in one watched network namespace.
 
     Common fields: kind, timestamp (ns, CLOCK_MONOTONIC), netns (inode),

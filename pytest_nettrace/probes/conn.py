@@ -29,7 +29,7 @@ CONNECT, ESTABLISHED, ACCEPTED, CLOSE = 0, 1, 2, 3
 _OWNER_FIELDS = ("pid", "tid", "uid", "comm", "ppid", "parent_comm")
 
 
-class ConnEvent(Event):
+class ConnEvent(Event, init=False):
     """A TCP connection connected, accepted or closed.
 
     `action`: "connect" (an active open reached ESTABLISHED), "accept" (a

@@ -39,7 +39,7 @@ ETHERTYPES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x8100: "802.1Q", 0
 IP_PROTOS = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 
 
-class DropEvent(Event):
+class DropEvent(Event, init=False):
     """A packet the kernel dropped (kfree_skb), in a watched namespace.
 
     `reason` is the kernel's `enum skb_drop_reason` name without the

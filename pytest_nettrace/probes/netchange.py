@@ -136,7 +136,7 @@ def _ip(raw: Optional[bytes], family: int) -> Optional[Any]:
     return None
 
 
-class NetChangeEvent(Event):
+class NetChangeEvent(Event, init=False):
     """Common to addr/link/route: how the change was asked for, by whom.
 
     `announced_by` names the kernel worker that announced the change when that
@@ -165,7 +165,7 @@ class NetChangeEvent(Event):
         return f" {via}"
 
 
-class AddrEvent(NetChangeEvent):
+class AddrEvent(NetChangeEvent, init=False):
     """An IPv4/IPv6 address added to or deleted from an interface. `dev` is
     the interface; `label` the IPv4 address's label (`"eth0:1"` for an alias
     made with `ifconfig eth0:1` or `ip addr add … label eth0:1`, else the
@@ -186,7 +186,7 @@ class AddrEvent(NetChangeEvent):
         return f"{self.action} {fam} {self.address} {prep} {self.dev or f'ifindex {self.ifindex}'}"
 
 
-class LinkEvent(NetChangeEvent):
+class LinkEvent(NetChangeEvent, init=False):
     """A network interface added, deleted, set up/down, or otherwise changed."""
 
     kind = "link"
@@ -205,7 +205,7 @@ class LinkEvent(NetChangeEvent):
         return f"{what} {self.dev or f'ifindex {self.ifindex}'}"
 
 
-class RouteEvent(NetChangeEvent):
+class RouteEvent(NetChangeEvent, init=False):
     """A route added, replaced (`ip route replace` of an existing one: the old
     route is gone, the kernel does not say what it was) or deleted."""
 
@@ -261,7 +261,7 @@ _NETLINK_HANDLERS["nft"] = ("nfnetlink_rcv_batch", "nf_tables_commit")
 _IOCTL_HANDLERS["nft"] = ()
 
 
-class NftEvent(NetChangeEvent):
+class NftEvent(NetChangeEvent, init=False):
     """An nftables table, chain, rule, set or set element added, replaced
     (a rule, `nft replace rule`) or deleted — `nft flush ruleset` deletes
     every rule, set, chain and table, each its own event."""
@@ -332,7 +332,7 @@ class _NudState(FieldType):
 NUD_STATE = _NudState()
 
 
-class NeighEvent(NetChangeEvent):
+class NeighEvent(NetChangeEvent, init=False):
     """An ARP (IPv4) or NDP (IPv6) neighbour entry added, changed (its state or
     link-layer address) or deleted — `ip neigh flush`, `arp -d`, the kernel's
     garbage collection. Bridge forwarding entries are not neighbour entries."""
@@ -363,7 +363,7 @@ class NeighEvent(NetChangeEvent):
         return f"{self.action} neigh {self.address} dev {dev}{lladdr} {self.state}"
 
 
-class RuleEvent(NetChangeEvent):
+class RuleEvent(NetChangeEvent, init=False):
     """A policy-routing rule (`ip rule`) added or deleted."""
 
     kind = "rule"

@@ -58,7 +58,7 @@ class _DropLink(FieldType):
 DROP_LINK = _DropLink()
 
 
-class NftVerdictEvent(Event):
+class NftVerdictEvent(Event, init=False):
     """A packet dropped by nftables, with what decided it: `table`, `chain`,
     `handle` (the rule's, as `nft -a` shows it; None when the chain's
     `policy drop` did), `policy`, `rule` (its text, as nft prints it),

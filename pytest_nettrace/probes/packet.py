@@ -610,7 +610,7 @@ TCP_FLAGS = _TcpFlagsType()
 TCPDUMP_FLAGS = _TcpdumpFlagsType()
 
 
-class PacketEvent(Event):
+class PacketEvent(Event, init=False):
     """A packet seen on an interface of a watched namespace. `direction`
     "in"/"out"; `flags` in tcpdump notation ("S", "S.", "P.", "R."),
     `tcp_flags` as letters of UAPRSF in any order ("SA"); `length` on the wire.

@@ -22,7 +22,7 @@ RETRANS_SYNACK = 1
 _LOSS_PROBE_FRAMES = ("tcp_send_loss_probe",)
 
 
-class RetransmitEvent(Event):
+class RetransmitEvent(Event, init=False):
     """A TCP segment sent again. `saddr`/`sport` are the local end (the
     sender of the retransmission), `daddr`/`dport` the remote one.
 

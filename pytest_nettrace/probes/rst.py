@@ -21,7 +21,7 @@ _BODY = RECORD.body
 ORIGINS = {0: "reply", 1: "active", 2: "received"}
 
 
-class RstEvent(Event):
+class RstEvent(Event, init=False):
     """A TCP reset. Addresses and ports are the reset segment's own: `saddr`
     is whoever sent the RST (us when `direction == "sent"`)."""
 

@@ -129,7 +129,7 @@ def decode_sockaddr(raw: bytes) -> Tuple[str, Dict[str, Any]]:
     return f"{{{name}}}", out
 
 
-class SyscallEvent(Event):
+class SyscallEvent(Event, init=False):
     """One network system call, entry to exit. `duration` in seconds; `ret`
     the kernel's raw result: a negative errno on failure (-111), which
     `errno` names ("ECONNREFUSED") and `strace()` prints as strace does

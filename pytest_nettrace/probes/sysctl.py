@@ -53,7 +53,7 @@ def _value(raw: bytes, length: int) -> Optional[str]:
     return text + "..." if length == -E2BIG else text
 
 
-class SysctlEvent(Event):
+class SysctlEvent(Event, init=False):
     """A network sysctl written: `name` as `sysctl` spells it
     ("net.ipv6.conf.eth0.disable_ipv6"), `old` (the value before the write)
     and `new` (what was written, whitespace as the writer gave it, without the

@@ -52,6 +52,9 @@ MISTAKES = {
                                               r'variable has type "str"\)',
     "print(nettrace.assert_address_deleted('10.0.0.1').adress)": r'"AddrEvent" has no attribute "adress"',
     "print(nettrace.events('rst')[0].sport)": r'"Event" has no attribute "sport"',
+    # events are immutable (at run time too): a kind's own field, a common one
+    "nettrace.assert_rst().sport = 1": r'Property "sport" defined in "RstEvent" is read-only',
+    "nettrace.assert_accepted().pid = 1": r'Property "pid" defined in "ConnEvent" is read-only',
 }
 
 
