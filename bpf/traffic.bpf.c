@@ -77,7 +77,10 @@ static __always_inline void flow_of(const unsigned char *l3, __u16 eth_proto, bo
 }
 
 /* Fields are read directly through the tracepoints' BTF-typed pointers
- * (plain loads, no helper call): this runs for every packet of the machine. */
+ * (plain loads, no helper call): this runs for every packet of the machine.
+ * A packet is what the device passed: a GSO/GRO aggregate is one, as the
+ * device's own counters (ip -s link) and tcpdump on it count it, and as
+ * nettop.stp counted one per netdev.transmit/receive. */
 static __always_inline void count(const struct sk_buff *skb, const struct net_device *dev, bool rx)
 {
 	if (nt_idle())
@@ -100,15 +103,6 @@ static __always_inline void count(const struct sk_buff *skb, const struct net_de
 	} else {
 		l3 = head + skb->network_header;
 	}
-	__u64 segs = 1;
-	if (skb->data_len) {  /* only paged skbs can be GSO/GRO aggregates */
-		struct skb_shared_info *shinfo = (void *)(head + skb->end);
-		__u16 gso_segs = 0;
-		bpf_probe_read_kernel(&gso_segs, sizeof(gso_segs), &shinfo->gso_segs);
-		if (gso_segs)
-			segs = gso_segs;
-	}
-
 	struct traffic_key key = { .netns = netns, .ifindex = dev->ifindex };
 	flow_of(l3, eth_proto, rx, &key.proto, &key.port);
 
@@ -127,10 +121,10 @@ static __always_inline void count(const struct sk_buff *skb, const struct net_de
 			return;
 	}
 	if (rx) {
-		__sync_fetch_and_add(&c->rx_packets, segs);
+		__sync_fetch_and_add(&c->rx_packets, 1);
 		__sync_fetch_and_add(&c->rx_bytes, bytes);
 	} else {
-		__sync_fetch_and_add(&c->tx_packets, segs);
+		__sync_fetch_and_add(&c->tx_packets, 1);
 		__sync_fetch_and_add(&c->tx_bytes, bytes);
 	}
 }

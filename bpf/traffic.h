@@ -17,7 +17,7 @@ struct traffic_key {
 };
 
 struct traffic_counters {
-	__u64 tx_packets;  /* GSO/GRO aggregates count their segments */
+	__u64 tx_packets;  /* as the device counts them: a GSO/GRO aggregate is one */
 	__u64 rx_packets;
 	__u64 tx_bytes;    /* link-layer bytes, both directions */
 	__u64 rx_bytes;

@@ -39,7 +39,8 @@ _OWNER = wire.TRAFFIC_OWNER.struct
 @dataclass
 class TrafficRow:
     """One line of the nettop table: a process (or nobody) on one device.
-    Bytes are link-layer bytes; GSO/GRO aggregates count their segments."""
+    Bytes are link-layer bytes; packets are what the device passed (a
+    GSO/GRO aggregate is one), as its own counters (`ip -s link`) count them."""
 
     netns: int
     pid: Optional[int]
