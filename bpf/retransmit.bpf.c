@@ -65,9 +65,17 @@ static __always_inline int on_segment(void *ctx, const struct sock *sk, const st
 	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	e->total_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
 	e->seq = 0;
+	e->segs = 1;
 	if (skb) {
 		struct tcp_skb_cb *cb = (struct tcp_skb_cb *)&skb->cb[0];
 		e->seq = BPF_CORE_READ(cb, seq);
+		/* one retransmission can carry many segments (a GSO-sized skb of
+		 * the write queue): the MIB's RetransSegs counts those */
+		struct skb_shared_info *shinfo =
+			(struct skb_shared_info *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
+		__u16 segs = BPF_CORE_READ(shinfo, gso_segs);
+		if (segs)
+			e->segs = segs;
 	}
 	fill_addrs(e, &sk->__sk_common, bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport)));
 	nt_fill_stack(ctx, &e->h, e->stack);
@@ -103,6 +111,7 @@ int BPF_PROG(retrans_synack_tp, const struct sock *sk, const struct request_sock
 	e->state = BPF_CORE_READ(c, skc_state);
 	e->total_retrans = BPF_CORE_READ(req, num_retrans);
 	e->seq = 0;
+	e->segs = 1;
 	fill_addrs(e, c, BPF_CORE_READ(c, skc_num));  /* a request's local port: skc_num */
 	nt_fill_stack(ctx, &e->h, e->stack);
 	bpf_ringbuf_submit(e, 0);

@@ -14,6 +14,7 @@ struct retrans_event {
 	__u64 sk;             /* socket (or request sock for SYN/ACKs): counts per segment */
 	__u32 seq;            /* first sequence number of the segment */
 	__u32 total_retrans;  /* the socket's retransmitted segments, this one included (SYN/ACK: the request's, before it) */
+	__u16 segs;           /* TCP segments this retransmission carried (tcp_skb_pcount; a SYN/ACK: 1) */
 	__u8 type;            /* enum retrans_type */
 	__u8 family;          /* 4 or 6 */
 	__u8 state;           /* TCP state of the socket */

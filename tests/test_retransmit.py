@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from traffic import clean_exchange, echo_once
+from traffic import clean_exchange, echo_once, script
 
 
 
@@ -105,3 +105,67 @@ def test_clean_exchange_retransmits_nothing(pair, nettrace):
 def test_unknown_filter_is_a_usage_error(nettrace):
     with pytest.raises(ValueError, match="unknown filter 'cnt' for 'retransmit' events; valid: .*count"):
         nettrace.retransmits(cnt=1)
+
+
+def _tcp_mib(ns) -> dict:
+    """The namespace's TCP counters as nstat reads them (Tcp: and TcpExt:)."""
+    out = {}
+    for path, prefix in (("/proc/net/snmp", "Tcp:"), ("/proc/net/netstat", "TcpExt:")):
+        rows = [line.split() for line in ns.run(["cat", path], check=True).stdout.splitlines()
+                if line.startswith(prefix)]
+        out.update(zip(rows[0][1:], map(int, rows[1][1:])))
+    return out
+
+
+def test_retransmitted_segments_add_up_to_the_kernels_count(pair, nettrace):
+    """Under random loss, the segments of the sender's retransmit events add
+    up to its namespace's TcpRetransSegs (nstat), less TCPRetransFail
+    (attempts that did not go out, which are no events). One event can carry
+    many segments: a GSO-sized skb of the write queue sent again whole."""
+    server, client, fam, a, _b = pair
+    # random loss on arrival, so the sender retransmits (a local output
+    # drop would be reported to TCP, which sends again without retransmitting)
+    server.run(["nft", "-f", "-"], check=True, input="""
+        table inet lossy {
+            chain in {
+                type filter hook input priority 0;
+                tcp dport 8000 numgen random mod 100 < 3 drop
+            }
+        }
+    """)
+    nbytes = 8 << 20
+    before = _tcp_mib(client)
+    sink = server.popen(script(f"""
+        import socket
+        lst = socket.socket({fam})
+        lst.bind(({a!r}, 8000))
+        lst.listen()
+        print("ready", flush=True)
+        conn, _ = lst.accept()
+        n = 0
+        while True:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            n += len(chunk)
+        conn.close()
+        print(n, flush=True)
+    """), stdout=-1, text=True)
+    assert sink.stdout.readline().strip() == "ready"
+    client.run(script(f"""
+        import socket
+        s = socket.socket({fam})
+        s.connect(({a!r}, 8000))
+        s.sendall(b"x" * {nbytes})
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)
+        s.close()
+    """), check=True, timeout=60)
+    assert int(sink.stdout.readline()) == nbytes
+    sink.wait(5)
+    after = _tcp_mib(client)
+    kernel = (after["RetransSegs"] - before["RetransSegs"]) - (after["TCPRetransFail"] - before["TCPRetransFail"])
+    ours = nettrace.retransmits(netns=client.inode)
+    assert nettrace.lost("retransmit") == 0
+    assert kernel > 0, "no retransmission: the test proves nothing"
+    assert sum(e.segs for e in ours) == kernel, [(e.type, e.seq, e.segs) for e in ours]

@@ -156,7 +156,7 @@ RST_EVENT = Record("rst_event", [
     ("sport", "H"), ("dport", "H"), ("saddr", "16s"), ("daddr", "16s")])
 
 RETRANS_EVENT = Record("retrans_event", [
-    ("sk", "Q"), ("seq", "I"), ("total_retrans", "I"), ("type", "B"), ("family", "B"), ("state", "B"),
+    ("sk", "Q"), ("seq", "I"), ("total_retrans", "I"), ("segs", "H"), ("type", "B"), ("family", "B"), ("state", "B"),
     ("pad", "B"), ("sport", "H"), ("dport", "H"), ("saddr", "16s"), ("daddr", "16s")])
 
 _CONN_MEMBERS: List[Member] = [

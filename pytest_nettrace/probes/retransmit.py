@@ -28,7 +28,10 @@ class RetransmitEvent(Event, init=False):
 
     `type`: "syn" (a connect() SYN, state SYN_SENT), "synack" (a listener's
     SYN/ACK), "loss_probe" (a tail loss probe) or "retransmit" (RTO or fast
-    retransmit of data/FIN). `count`: how many times this segment (same
+    retransmit of data/FIN). One event is one retransmission as the kernel
+    made it (a line of tcpretrans; one packet in tcpdump on a device that
+    takes GSO aggregates); `segs`: the TCP segments it carried — their sum
+    is the namespace's TcpRetransSegs (nstat). `count`: how many times this segment (same
     socket, same sequence number) was retransmitted so far, this one included.
     `total_retrans`: the socket's retransmitted segments so far, this one
     included, as the kernel counts them (tcp_sock.total_retrans; for SYN/ACKs
@@ -43,6 +46,7 @@ class RetransmitEvent(Event, init=False):
     dport: int
     state: str
     seq: int
+    segs: int
     count: int
     total_retrans: int
     VALUES = {**Event.VALUES, "type": ("syn", "synack", "loss_probe", "retransmit"),
@@ -100,7 +104,7 @@ class RetransmitDecoder(Decoder):
             del self._seen[key]
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
-        sk, seq, total, rtype, family, state, _pad, sport, dport, saddr, daddr = (
+        sk, seq, total, segs, rtype, family, state, _pad, sport, dport, saddr, daddr = (
             _BODY.unpack_from(buf, RECORD.body_offset))
         key = (hdr.netns, sk, rtype, seq)
         self._seen[key] = count = self._seen.get(key, 0) + 1
@@ -117,7 +121,8 @@ class RetransmitDecoder(Decoder):
         else:
             rtype_name = "retransmit"
         return [RetransmitEvent(hdr, stack, "softirq", type=rtype_name, family=src.version, saddr=src, sport=sport,
-                                daddr=dst, dport=dport, state=state_name, seq=seq, count=count, total_retrans=total)]
+                                daddr=dst, dport=dport, state=state_name, seq=seq, segs=segs, count=count,
+                                total_retrans=total)]
 
 
 class RetransmitFilters(TcpFlowFilters, total=False):
@@ -125,6 +130,7 @@ class RetransmitFilters(TcpFlowFilters, total=False):
 
     type: Filter[str]
     seq: Filter[int]
+    segs: Filter[int]
     count: Filter[int]
     total_retrans: Filter[int]
 
