@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import time
 
 import pytest
 
@@ -12,7 +17,7 @@ from pytest_nettrace.probes.registry import all_probes
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.trace import Trace
 
-from traffic import clean_exchange_over, connect_refused, linger_abort
+from traffic import clean_exchange_over, connect_refused, linger_abort, script
 
 
 
@@ -157,3 +162,106 @@ def test_a_negative_assertion_drains_the_ring_once(netns, nettrace, monkeypatch)
     monkeypatch.setattr(engine, "drain", drain)
     nettrace.assert_no_rst()
     assert len(drains) == 1
+
+
+RESET_SERVER = """
+    import socket, threading
+    def listener(port):
+        lst = socket.socket()
+        lst.bind(("10.0.0.1", port))
+        lst.listen()
+        return lst
+    hold, unread = listener(8001), listener(8002)
+    def serve_hold():      # the client aborts these (SO_LINGER 0): read until the reset
+        while True:
+            conn, _ = hold.accept()
+            try:
+                while conn.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+            conn.close()
+    def serve_unread():    # closed with the client's data unread: the kernel resets them
+        while True:
+            conn, _ = unread.accept()
+            conn.recv(1, socket.MSG_PEEK)
+            conn.close()
+    for serve in (serve_hold, serve_unread):
+        threading.Thread(target=serve, daemon=True).start()
+    print("ready", flush=True)
+    input()
+"""
+
+RESET_CLIENT = """
+    import socket, struct
+    for _ in range({n}):   # refused: the server's kernel answers the SYN with a reset
+        s = socket.socket()
+        try:
+            s.connect(("10.0.0.1", 9))
+        except ConnectionRefusedError:
+            pass
+        s.close()
+    for _ in range({n}):   # aborted
+        s = socket.create_connection(("10.0.0.1", 8001))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    for _ in range({n}):   # reset by the server
+        s = socket.create_connection(("10.0.0.1", 8002))
+        s.sendall(b"never read")
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            pass
+        s.close()
+"""
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (ci/apt-packages.txt)")
+def test_every_reset_on_the_wire_is_an_event_on_both_sides(make_netns, nettrace, tmp_path):
+    """tcpdump on each end of the veth: every RST segment it saw is one event
+    in that namespace (sent by one side, received by the other), with the
+    segment's own addresses and ports — refused connects, aborts, and data
+    left unread."""
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    n = 4
+    dumps = {}
+    for ns in (server, client):
+        path = tmp_path / f"{ns.inode}.pcap"
+        dump = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", "eth0", "-U", "--immediate-mode", "-w", str(path),
+                         "tcp[tcpflags] & tcp-rst != 0"], stderr=subprocess.PIPE, text=True)
+        assert "listening on" in dump.stderr.readline()
+        dumps[ns] = (dump, path)
+    daemon = server.popen(script(RESET_SERVER), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        client.run(script(RESET_CLIENT.format(n=n)), check=True)
+        # each tcpdump has written what it saw (-U) once its file stops growing
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_rst_lines(path) != 3 * n for _, path in dumps.values()):
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        daemon.stdin.close()
+        daemon.wait(5)
+        for dump, _ in dumps.values():
+            dump.send_signal(signal.SIGINT)
+            dump.communicate(timeout=10)
+    for ns, (_, path) in dumps.items():
+        wire = sorted(_rst_lines(path, parse=True))
+        ours = sorted((str(e.saddr), e.sport, str(e.daddr), e.dport) for e in nettrace.rst(netns=ns.inode))
+        assert len(wire) == 3 * n, wire
+        assert ours == wire, (ns, nettrace.rst(netns=ns.inode))
+    assert nettrace.lost("rst") == 0
+    directions = sorted(e.direction for e in nettrace.rst(netns=client.inode))
+    assert directions == ["received"] * 2 * n + ["sent"] * n
+
+
+def _rst_lines(path, parse: bool = False):
+    """The RST segments in a tcpdump file: their count, or (src, sport, dst, dport) each."""
+    if not path.exists():
+        return [] if parse else 0
+    out = subprocess.run(["tcpdump", "-nn", "-r", str(path)], capture_output=True, text=True).stdout
+    segs = [(m[1], int(m[2]), m[3], int(m[4])) for m in
+            re.finditer(r"IP (\S+)\.(\d+) > (\S+)\.(\d+): Flags \[[^\]]*R", out)]
+    return segs if parse else len(segs)
