@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 
 import pytest
 
@@ -210,3 +211,59 @@ def test_background_drops_named_explicitly_count(pair, nettrace):
     with pytest.raises(AssertionError, match=f"expected no drop events matching reason={mld.reason!r}"):
         nettrace.assert_no_drops(reason=mld.reason)
     assert nettrace.drops(reason=mld.reason)
+
+
+def _udp_mib(ns) -> dict:
+    """The namespace's UDP counters as nstat reads them (Udp: in /proc/net/snmp)."""
+    rows = [line.split() for line in ns.run(["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+            if line.startswith("Udp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+
+
+def test_drop_counts_equal_the_kernels_own_counters(make_netns, nettrace):
+    """Three kinds of drop, each also counted by someone else in the kernel:
+    datagrams to a closed port (Udp NoPorts), an nft rule's `counter`, and a
+    socket whose receive buffer is full (Udp RcvbufErrors). drop_summary()
+    counts every one, past the detail budget too."""
+    sender, receiver = make_netns(), make_netns()
+    sender.add_veth("eth0", receiver, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    nft(receiver, """
+        table inet t {
+            chain in {
+                type filter hook input priority 0;
+                udp dport 5555 counter drop
+            }
+        }
+    """)
+    full = receiver.popen(script("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # never read: fills at once
+        s.bind(("10.0.0.2", 6666))
+        print("ready", flush=True)
+        input()
+    """), stdin=-1, stdout=-1, text=True)
+    n = 200   # each: past the detail budget altogether
+    try:
+        assert full.stdout.readline().strip() == "ready"
+        before = _udp_mib(receiver)
+        sender.run(script(f"""
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            for port, size in ((9, 100), (5555, 100), (6666, 1000)):
+                for _ in range({n}):
+                    s.sendto(b"x" * size, ("10.0.0.2", port))
+        """), check=True)
+        time.sleep(0.2)
+        after = _udp_mib(receiver)
+    finally:
+        full.stdin.close()
+        full.wait(5)
+    assert 3 * n > DETAIL_BUDGET
+    counter = int(re.search(r"udp dport 5555 counter packets (\d+)",
+                            receiver.run(["nft", "list", "ruleset"], check=True).stdout)[1])
+    kernel = {"NO_SOCKET": after["NoPorts"] - before["NoPorts"], "NETFILTER_DROP": counter,
+              "SOCKET_RCVBUFF": after["RcvbufErrors"] - before["RcvbufErrors"]}
+    assert kernel["NO_SOCKET"] == kernel["NETFILTER_DROP"] == n and kernel["SOCKET_RCVBUFF"] > n // 2, kernel
+    ours = {reason: nettrace.drop_summary(netns=receiver.inode, reason=reason).total() for reason in kernel}
+    assert ours == kernel, nettrace.drop_summary().text()
