@@ -49,6 +49,7 @@ _DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_en
 
 # rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 18, 20, 21, 24, 25
+AF_BRIDGE = 7
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
@@ -187,7 +188,9 @@ class AddrEvent(NetChangeEvent, init=False):
 
 
 class LinkEvent(NetChangeEvent, init=False):
-    """A network interface added, deleted, set up/down, or otherwise changed."""
+    """A network interface added, deleted, set up/down, or otherwise changed:
+    one per notification of the interface itself (a bridge port's own,
+    `bridge monitor link`, are none)."""
 
     kind = "link"
     ACTIONS = ("added", "deleted", "up", "down", "changed")
@@ -861,8 +864,13 @@ class NetChangeDecoder(Decoder):
         return self._finish(AddrEvent, hdr, stack, fields)
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
-        _fam, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
+        family, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
+        if family == AF_BRIDGE:
+            # a bridge port's own notification (`bridge monitor link`): its
+            # RTM_DELLINK is the port leaving the bridge, not the interface
+            # going away (which the interface's own message says)
+            return None
         attrs = _attrs(msg, 32, len(msg))
         name = _cstr(attrs.get(3))
         if mon is not None and name:

@@ -6,12 +6,13 @@ import ipaddress
 import socket
 
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.records import RecordDecoder
 from pytest_nettrace.probes.conn import ConnProbe
 from pytest_nettrace.probes.drop import DropProbe
-from pytest_nettrace.probes.netchange import RTM_NEWADDR, NetChangeProbe
+from pytest_nettrace.probes.netchange import RTM_DELLINK, RTM_NEWADDR, NetChangeProbe
 from pytest_nettrace.probes.packet import PacketProbe
 from pytest_nettrace.probes.retransmit import RetransmitProbe
 from pytest_nettrace.probes.rst import RstProbe
@@ -200,6 +201,26 @@ def test_netchange_raced_record_names_nobody_and_counts_as_lost():
     ev, blamed = decode(probe, first, again)
     assert ev.pid == 7 and blamed.supersedes is ev and blamed.pid is None and blamed.cause == "unknown"
     assert probe.lost(NETNS) == {k: 1 for k in probe.event_types}
+
+
+def _dellink(family: int) -> bytes:
+    msg = ifinfmsg()
+    msg["header"]["type"] = RTM_DELLINK
+    msg["family"], msg["index"] = family, 2
+    msg["attrs"] = [("IFLA_IFNAME", "e1")]
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_netchange_a_bridge_port_leaving_its_bridge_is_no_link_deleted():
+    # the port's own AF_BRIDGE RTM_DELLINK (`ip link set e1 nomaster`); the
+    # interface's own (AF_UNSPEC) one is the interface going away
+    recs = [record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, skb=skb, msg_len=len(msg), copied=len(msg), msg=msg,
+                   pid=55, comm=b"ip")
+            for skb, msg in ((0xffff888000005000, _dellink(socket.AF_BRIDGE)),
+                             (0xffff888000006000, _dellink(socket.AF_UNSPEC)))]
+    [ev] = decode(NetChangeProbe(), *recs)
+    assert (ev.kind, ev.action, ev.dev) == ("link", "deleted", "e1")
 
 
 # -- the record decoder's checks -------------------------------------------------
