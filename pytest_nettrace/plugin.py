@@ -27,7 +27,7 @@ from .report.section import DEFAULT_FILE_MODE, SECTION, ReportDirError, SessionS
 from .report.view import TraceView
 from .probes.registry import all_probes
 from .selection import select as select_probes
-from .trace import Trace
+from .trace import DEFAULT_MAX_RECORDS, Trace
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -58,6 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   "that use the nettrace fixture, or 'error'", default="skip")
     parser.addini("nettrace_ringbuf_size", "bytes of the kernel->user event ring (power of two)",
                   default=str(DEFAULT_RINGBUF))
+    parser.addini("nettrace_max_records", "events (ring records) one test's trace keeps at most; later ones "
+                  "count as lost, so negative assertions fail (0: no limit)", default=str(DEFAULT_MAX_RECORDS))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -67,11 +69,11 @@ def pytest_configure(config: pytest.Config) -> None:
     mode = config.getini("nettrace_unavailable")
     if mode not in ("skip", "error"):
         raise pytest.UsageError(f"nettrace_unavailable = {mode!r}: use 'skip' or 'error'")
-    config.addinivalue_line("markers", "nettrace(forbid=[], watch_host=False, nft_trace=False): trace this "
-                            "test (even without the nettrace fixture); fail it at teardown if a forbidden "
-                            "event ('rst', 'addr:deleted', ...) happened; watch_host also watches "
+    config.addinivalue_line("markers", "nettrace(forbid=[], watch_host=False, nft_trace=False, max_records=None): "
+                            "trace this test (even without the nettrace fixture); fail it at teardown if a "
+                            "forbidden event ('rst', 'addr:deleted', ...) happened; watch_host also watches "
                             "the namespace pytest runs in; nft_trace says which nftables rule dropped "
-                            "each packet in the test's namespaces")
+                            "each packet in the test's namespaces; max_records overrides nettrace_max_records")
     spec = config.getoption("nettrace_probes") or config.getini("nettrace_probes")
     try:
         loaded, left_out = select_probes(spec)
@@ -485,7 +487,8 @@ def _start_trace(request: pytest.FixtureRequest, factory: NamespaceFactory) -> T
     engine = holder.get()
     item = request.node
     gate = item.stash.get(_GATE, GateSpec())
-    trace = Trace(engine, item.nodeid)
+    limit = request.config.stash[_SETTINGS].max_records if gate.max_records is None else gate.max_records
+    trace = Trace(engine, item.nodeid, max_records=limit)
     item.stash[TRACE_KEY] = trace
     try:
         if gate.watch_host:
@@ -617,6 +620,7 @@ class ReportSettings:
     show: str                        # "failed" | "all" | "none"
     suite_gate: GateSpec
     report_mode: int = DEFAULT_FILE_MODE
+    max_records: int = 0             # a test's trace keeps at most this many records (0: no limit)
 
     @classmethod
     def from_config(cls, config: pytest.Config) -> "ReportSettings":
@@ -644,7 +648,14 @@ class ReportSettings:
                 report_dir = prepare_dir(os.path.join(str(config.invocation_params.dir), report_dir), mode)
             except ReportDirError as e:
                 raise pytest.UsageError(str(e)) from None
-        return cls(report_dir, show, GateSpec(rules), mode)
+        raw_limit = config.getini("nettrace_max_records")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise pytest.UsageError(f"nettrace_max_records = {raw_limit!r}: a whole number of records (0: no limit)")
+        return cls(report_dir, show, GateSpec(rules), mode, limit)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,6 +14,7 @@ from . import sequence
 from .errors import EventsLost, NettraceError
 from .events import Event, check_filters, describe_filters, matches
 from .kernel.engine import Engine
+from .kernel.records import Delivery
 from .kind_methods import KindMethods
 from .probes.context import KindApi, Snapshot, TraceContext
 from .probes.registry import API_CLASSES, check_filters_any_kind, kind_info, kinds
@@ -151,6 +152,12 @@ class _Context:
         return self._trace.new_capture_path()
 
 
+# What one test's trace keeps at most, in the plugin (nettrace_max_records):
+# ~110 MiB and ~1 s of decoding at the end of the test at the most (a
+# connection storm: 50k connections in 1.3 s made 500k records, 150 MiB
+# undecoded, 6 s and 600 MiB to decode). A test that needs more says so.
+DEFAULT_MAX_RECORDS = 100_000
+
 class Trace(KindMethods):
     """The `nettrace` fixture: events seen in the watched namespaces since
     the test started, and each kind's listings and assertions (`rst()`,
@@ -160,9 +167,21 @@ class Trace(KindMethods):
     Reading (`events`, `wait_for`, assertions) first drains the kernel's ring
     buffer, so anything that happened before the call is included."""
 
-    def __init__(self, engine: Engine, name: str = "") -> None:
+    def __init__(self, engine: Engine, name: str = "", max_records: Optional[int] = None) -> None:
+        """`max_records`: how many ring records (about one event each) this
+        trace keeps at most; later ones are counted, not kept, and count as
+        lost for every kind that comes as records (so negative assertions
+        fail instead of passing on what was not kept). None or 0: no limit.
+        What a connection storm or a datagram flood in a test would
+        otherwise keep grows without bound: ~0.3 KiB a record undecoded,
+        ~0.8 KiB decoded, ~4 µs each to decode at the end of the test."""
+        if max_records is not None and max_records < 0:
+            raise ValueError(f"max_records must be 0 (no limit) or more, not {max_records}")
         self.engine = engine
         self.name = name
+        self.max_records = max_records or None
+        self.records_dropped = 0   # past max_records: counted, not kept
+        self._records_kept = 0
         self.start_ns = time.monotonic_ns()
         self._events: List[Event] = []
         # records not decoded yet, in ring order: as they arrived (batches,
@@ -215,11 +234,18 @@ class Trace(KindMethods):
     def label(self, inode: int) -> str:
         return self._watched.get(inode, f"netns:{inode}")
 
-    def _sink(self, records: Iterable[bytes]) -> None:
+    def _sink(self, records: Delivery) -> None:
         """Raw ring records of the watched namespaces (a batch). Runs in the
         drain thread, which must keep up with bursts: the batch is only queued
         here, split, sorted by kind and decoded when the test reads."""
         with self._cond:
+            if self.max_records is not None:
+                n = len(records)   # (an upper bound: counting exactly would read every record here)
+                if self.records_dropped or self._records_kept + n > self.max_records:
+                    self.records_dropped += n
+                    self._cond.notify_all()
+                    return
+                self._records_kept += n
             self._arrived.append(records)
             self._cond.notify_all()
 
@@ -326,8 +352,8 @@ class Trace(KindMethods):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise AssertionError(self._failure(
-                    f"timed out after {timeout:g}s waiting for a {kind} event matching {describe_filters(filters)}",
-                    kind, filters, []))
+                    f"timed out after {timeout:g}s waiting for a {kind} event matching {describe_filters(filters)}"
+                    + self._limit_note(), kind, filters, []))
             with self._cond:
                 self._cond.wait(min(left, 0.02))
 
@@ -351,6 +377,8 @@ class Trace(KindMethods):
                     total += n
             if inode in self.watched_late:
                 total += 1 if kind is not None else len(kinds())
+        if self.records_dropped and (ids is None or any(self.engine.carries_records(k) for k in ids)):
+            total += self.records_dropped
         return total
 
     # -- generic assertions -----------------------------------------------
@@ -430,10 +458,17 @@ class Trace(KindMethods):
 
     # -- helpers -----------------------------------------------------------
     def _late_note(self) -> str:
-        if not self.watched_late:
+        note = ""
+        if self.watched_late:
+            note = (f"; watched only after their creation, so their first events are unknown: "
+                    f"{', '.join(self.watched_late.values())}")
+        return note + self._limit_note()
+
+    def _limit_note(self) -> str:
+        if not self.records_dropped:
             return ""
-        return (f"; watched only after their creation, so their first events are unknown: "
-                f"{', '.join(self.watched_late.values())}")
+        return (f"; {self.records_dropped} records past this trace's limit of {self.max_records} were not kept "
+                f"(nettrace_max_records, or @pytest.mark.nettrace(max_records=...))")
 
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> Dict[str, Any]:
         """The filters as events compare with them; usage errors for bad ones."""

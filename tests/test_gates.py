@@ -154,6 +154,9 @@ BAD_MARKERS = textwrap.dedent('''
     @pytest.mark.nettrace(forbid=[1])
     def test_not_a_string(): pass
 
+    @pytest.mark.nettrace(max_records="many")
+    def test_bad_limit(): pass
+
     def test_fine(): pass
 ''')
 
@@ -173,13 +176,16 @@ def test_bad_markers_are_collection_errors_naming_the_word(pytester, xdist):
             "test_bad.py::test_action_on_kind_without_actions: 'rst' events have no action",
             "test_bad.py::test_positional: @pytest.mark.nettrace takes keyword arguments only",
             "test_bad.py::test_unknown_argument: unknown @pytest.mark.nettrace argument 'forbidd'; "
-            "valid: forbid, watch_host, nft_trace",
+            "valid: forbid, watch_host, nft_trace, max_records",
             "test_bad.py::test_bad_watch_host: watch_host must be True or False, got 'yes'",
-            "test_bad.py::test_not_a_string: forbid entries must be strings"):
+            "test_bad.py::test_not_a_string: forbid entries must be strings",
+            "test_bad.py::test_bad_limit: max_records must be a whole number of records, 0 for no limit, "
+            "got 'many'"):
         assert expected in out, expected
 
 
 @pytest.mark.parametrize("args,ini,message", [
+    ([], "nettrace_max_records = lots", "nettrace_max_records = 'lots': a whole number of records (0: no limit)"),
     (["--nettrace-forbid=rst,rts"], "", "--nettrace-forbid: unknown event kind 'rts'; valid kinds: "),
     (["--nettrace-forbid=link:flapped"], "", "--nettrace-forbid: unknown action 'flapped' for 'link'"),
     ([], "nettrace_forbid = addr:deleted bogus", "ini nettrace_forbid: unknown event kind 'bogus'"),
@@ -250,3 +256,41 @@ def test_drop_gate_ignores_background_drops_and_trips_on_real_ones(make_netns, n
     """), check=True)
     violation = check(nettrace, [ForbidRule("drop")])
     assert violation is not None and [e.reason for e in violation.offending] == ["NO_SOCKET"]
+
+
+LIMITED = textwrap.dedent('''
+    import sys
+    import pytest
+
+    STORM = [sys.executable, "-c", "import socket\\nfor _ in range(100):\\n    s = socket.socket()\\n"
+             "    try: s.connect(('127.0.0.1', 9))\\n    except OSError: pass\\n    s.close()"]
+
+    def test_past_the_limit(netns, nettrace):
+        netns.run(STORM, check=True)
+        nettrace.assert_no_rst(dport=4242)   # nothing kept matches: what was not kept might have
+
+    @pytest.mark.nettrace(max_records=0)
+    def test_no_limit(netns, nettrace):
+        netns.run(STORM, check=True)
+        nettrace.assert_no_rst(dport=4242)
+        assert len(nettrace.rst()) == 200
+
+    @pytest.mark.nettrace(max_records=0)
+    class TestClass:
+        @pytest.mark.nettrace(max_records=10)
+        def test_the_closest_marker_decides(self, netns, nettrace):
+            netns.run(STORM, check=True)
+            assert nettrace.lost("rst") > 0
+''')
+
+
+def test_a_tests_record_limit_from_the_ini_file_and_its_marker(pytester):
+    """nettrace_max_records bounds what a test's trace keeps; past it the
+    negative assertion fails naming the limit; a marker overrides it."""
+    pytester.makepyfile(test_limited=LIMITED)
+    pytester.makeini("[pytest]\nnettrace_max_records = 50\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    assert "FAILED test_limited.py::test_past_the_limit" in out
+    assert "records past this trace's" in out and "limit of 50" in out and "(nettrace_max_records" in out, out

@@ -130,6 +130,39 @@ def test_forced_loss_makes_assert_no_rst_fail(make_netns):
         engine.close()
 
 
+def test_records_past_the_traces_limit_are_counted_lost_not_kept(netns, nettrace):
+    """A connection storm or a flood in a test would make a trace keep
+    everything: past its limit, records are counted, not kept, and count as
+    lost for every kind that comes as records, so negative assertions fail
+    (kinds with sources of their own, the capture, are not affected)."""
+    trace = Trace(nettrace.engine, "limited", max_records=20)
+    try:
+        trace.watch(netns)
+        netns.run(script("""
+            import socket
+            for _ in range(100):
+                s = socket.socket()
+                try:
+                    s.connect(("127.0.0.1", 9))
+                except OSError:
+                    pass
+                s.close()
+        """), check=True)
+        assert trace.lost("rst") > 0 and trace.records_dropped > 0
+        assert trace.lost("conn") == trace.lost("syscall") == trace.records_dropped
+        assert trace.lost("packet") == 0
+        assert len(trace.rst()) + len(trace.connections()) + len(trace.syscalls()) <= 20
+        with pytest.raises(EventsLost, match=r"records past this trace's limit of 20\s+were not kept\s+"
+                                             r"\(nettrace_max_records"):
+            trace.assert_no_rst(dport=4242)   # matches nothing that was kept
+        with pytest.raises(AssertionError, match=r"records past this trace's\s+limit of 20"):
+            trace.assert_rst(dport=4242, timeout=0.1)
+    finally:
+        trace.close()
+    with pytest.raises(ValueError, match="max_records must be 0"):
+        Trace(nettrace.engine, "bad", max_records=-1)
+
+
 def test_closed_trace_is_a_clear_error(netns, nettrace):
     nettrace.close()
     with pytest.raises(Exception, match="closed at the end of its test"):

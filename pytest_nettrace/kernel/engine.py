@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
@@ -37,7 +37,7 @@ _FILL_RATE = 1 << 30  # bytes/s
 _SCOPE_VALUE = NT_SCOPE.struct
 _u32 = struct.Struct("<I")
 
-Sink = Callable[[Iterable[bytes]], None]  # receives raw records of its namespaces, in order
+Sink = Callable[[Delivery], None]  # receives raw records of its namespaces, in order
 
 
 _INITIAL_PID_NS = 0xEFFFFFFC  # PROC_PID_INIT_INO: the initial pid namespace's fixed inode
@@ -320,6 +320,10 @@ class Engine:
     def decode(self, rec: bytes) -> List[Event]:
         """The events a raw record stands for (see RecordDecoder)."""
         return self.records.decode(rec)
+
+    def carries_records(self, kind_id: int) -> bool:
+        """Whether events of `kind_id` reach traces as ring records (a sink's)."""
+        return self.records.carries(kind_id)
 
     def decode_needs_watch(self, kind_id: int) -> bool:
         """Whether records of `kind_id` must be decoded while their namespace is watched."""

@@ -38,6 +38,11 @@ class Delivery:
         self._spans = spans
         self._netns = netns
 
+    def __len__(self) -> int:
+        """Its records, of any namespace the drain routed (an upper bound of
+        what iterating yields: counted without reading a record)."""
+        return sum(len(starts) for _, starts, _ in self._spans)
+
     def __iter__(self) -> Iterator[bytes]:
         unpack, netns = _u32.unpack_from, self._netns
         for data, starts, base in self._spans:
@@ -100,6 +105,11 @@ class RecordDecoder:
 
     def forget(self, netns: int) -> None:
         self._undecodable.pop(netns, None)
+
+    def carries(self, kind_id: int) -> bool:
+        """Whether events of `kind_id` come as ring records."""
+        found = self._decoders.get(kind_id)
+        return found is not None and bool(found[1].records)
 
     def needs_watch(self, kind_id: int) -> bool:
         """Whether records of `kind_id` must be decoded while their namespace is watched."""

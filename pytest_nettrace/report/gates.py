@@ -31,7 +31,7 @@ class Checked(Protocol):
 
     def label(self, inode: int) -> str: ...
 
-MARKER_ARGS = ("forbid", "watch_host", "nft_trace")
+MARKER_ARGS = ("forbid", "watch_host", "nft_trace", "max_records")
 
 
 class GateSpecError(ValueError):
@@ -60,13 +60,17 @@ class GateSpec:
     forbid: List[ForbidRule] = field(default_factory=list)
     watch_host: bool = False
     nft_trace: bool = False
+    max_records: Optional[int] = None   # the trace's record limit, for this test (None: the ini's; 0: none)
 
     def __bool__(self) -> bool:
         return bool(self.forbid) or self.watch_host or self.nft_trace
 
     def merged(self, other: "GateSpec") -> "GateSpec":
         rules = list(self.forbid) + [r for r in other.forbid if r not in self.forbid]
-        return GateSpec(rules, self.watch_host or other.watch_host, self.nft_trace or other.nft_trace)
+        # markers are merged closest first (a test's, then its class's, its
+        # module's): the closest one that sets a limit decides
+        limit = self.max_records if self.max_records is not None else other.max_records
+        return GateSpec(rules, self.watch_host or other.watch_host, self.nft_trace or other.nft_trace, limit)
 
 
 def actions_of(kind: str) -> Optional[Tuple[str, ...]]:
@@ -140,8 +144,12 @@ def parse_marker(args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> 
     for flag in ("watch_host", "nft_trace"):
         if not isinstance(kwargs.get(flag, False), bool):
             raise GateSpecError(f"{where}: {flag} must be True or False, got {kwargs[flag]!r}")
+    limit = kwargs.get("max_records")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise GateSpecError(f"{where}: max_records must be a whole number of records, 0 for no limit, "
+                            f"got {limit!r}")
     return GateSpec(parse_rules(kwargs.get("forbid", []), where), kwargs.get("watch_host", False),
-                    kwargs.get("nft_trace", False))
+                    kwargs.get("nft_trace", False), limit)
 
 
 def unavailable(trace: Checked, rules: Iterable[ForbidRule]) -> List[str]:
