@@ -151,8 +151,10 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 	return 0;
 }
 
-/* conn.bpf.c: accept()s for the conn probe (off unless its plan wants them) */
+/* conn.bpf.c: accept()s for the conn probe (off unless its plan wants them);
+ * sysctl.bpf.c: how the writes of sysctl events returned (likewise) */
 extern int conn_on_sys_exit(long nr, long ret);
+extern int sysctl_on_sys_exit(long nr, long ret);
 
 SEC("tp_btf/sys_exit")
 int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
@@ -162,6 +164,7 @@ int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 		return 0;
 	long nr = NT_SYSCALL_NR(regs);
 	conn_on_sys_exit(nr, ret);
+	sysctl_on_sys_exit(nr, ret);
 	if (nr >= 0) {
 		__u32 key = nr;
 		__u8 *code = bpf_map_lookup_elem(&sc_wanted, &key);

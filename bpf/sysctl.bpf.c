@@ -14,8 +14,31 @@
 #include "sysctl.h"
 
 NT_WIRE(sysctl_event);
+NT_WIRE(sysctl_result);
 
+/* The write syscalls' numbers on this machine, set by Python with `on` when
+ * the plan sees their results at sys_exit (the syscall probe's program,
+ * which calls sysctl_on_sys_exit). */
+const volatile struct {
+	__s32 nr[5];   /* write, pwrite64, writev, pwritev, pwritev2 */
+	__u32 on;
+} sy_cfg = {};
 
+/* thread id -> the namespace of its sysctl write still in its syscall */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} sy_pending SEC(".maps");
+
+/* entries in sy_pending: while none, sys_exit looks no write up */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} sy_pending_count SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -77,5 +100,43 @@ int sysctl_write(struct bpf_sysctl *ctx)
 			e->cmdline_len = len;
 	}
 	bpf_ringbuf_submit(e, 0);
+	if (sy_cfg.on && !bpf_map_update_elem(&sy_pending, &tid, &netns, BPF_NOEXIST)) {
+		__s64 *count = bpf_map_lookup_elem(&sy_pending_count, &zero);
+		if (count)
+			__sync_fetch_and_add(count, 1);
+	}
 	return 1;
+}
+
+/* Called by the syscall probe's tp_btf/sys_exit program (syscall.bpf.c) on
+ * every syscall while something is watched: a write syscall of a thread
+ * whose sysctl write was recorded says how it returned. */
+__noinline int sysctl_on_sys_exit(long nr, long ret)
+{
+	if (!sy_cfg.on || (nr != sy_cfg.nr[0] && nr != sy_cfg.nr[1] && nr != sy_cfg.nr[2] &&
+			   nr != sy_cfg.nr[3] && nr != sy_cfg.nr[4]))
+		return 0;
+	__u32 zero = 0;
+	__s64 *count = bpf_map_lookup_elem(&sy_pending_count, &zero);
+	if (!count || *count <= 0)
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 *pending = bpf_map_lookup_elem(&sy_pending, &tid);
+	if (!pending)
+		return 0;
+	__u32 netns = *pending;
+	if (!bpf_map_delete_elem(&sy_pending, &tid))
+		__sync_fetch_and_add(count, -1);
+	struct nt_scope *scope = nt_watched(netns);
+	if (!scope)
+		return 0;
+	struct sysctl_result *e = nt_reserve(scope, NT_KIND_SYSCTL, struct sysctl_result);
+	if (!e)
+		return 0;
+	nt_fill_hdr(&e->h, NT_KIND_SYSCTL, netns);
+	e->h.flags |= SY_F_RESULT;
+	e->h.stack_len = 0;
+	e->ret = ret;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
 }

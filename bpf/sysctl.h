@@ -15,6 +15,8 @@ struct sysctl_write {
 	char value[SY_VALUE_MAX];
 };
 
+#define SY_F_RESULT 0x100   /* the record is a struct sysctl_result */
+
 struct sysctl_event {
 	struct nt_hdr h;        /* no stack: cgroup programs cannot take one */
 	__s32 name_len;         /* bytes in name[], or -errno */
@@ -33,6 +35,14 @@ struct sysctl_event {
 	char old[SY_VALUE_MAX];
 	char new[SY_VALUE_MAX];
 	char cmdline[SY_CMDLINE_MAX];
+};
+
+/* How the thread's write syscall that carried a sysctl_event returned
+ * (the hook runs before the kernel takes the value, which it may refuse):
+ * from sys_exit, after its sysctl_event (a restarted write: after each). */
+struct sysctl_result {
+	struct nt_hdr h;        /* flags: SY_F_RESULT */
+	__s64 ret;              /* bytes written, or -errno */
 };
 
 #ifdef __BPF_PROGRAM__

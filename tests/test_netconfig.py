@@ -269,6 +269,8 @@ def test_a_restarted_write_is_one_event(make_netns, nettrace):
         pytest.skip(f"no restarted write in {runs} tries (the RTNL lock was never contended)")
     writes = nettrace.sysctl_writes(name="net.ipv4.ip_forward")
     assert len(writes) == runs, (runs, restarts, [w.describe() for w in writes])
+    # each with the result of its last run, not the restart's ERESTARTNOINTR
+    assert {(w.ret, w.error) for w in writes} == {(2, None)}
     assert [(w.old, w.new) for w in writes[-2:]] == [(str(runs % 2), str((runs - 1) % 2)),
                                                       (str((runs - 1) % 2), str(runs % 2))][-len(writes):]
 
@@ -281,6 +283,34 @@ def test_two_writes_of_the_same_value_by_one_thread_are_two_events(netns, nettra
     writes = nettrace.sysctl_writes(name="net.ipv4.ip_forward", pid=r.pid)
     assert [(w.old, w.new) for w in writes] == [("0", "0"), ("0", "0")]
     assert writes[0].tid == writes[1].tid
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace (Debian package strace) is not installed")
+def test_each_writes_result_is_what_strace_saw_it_return(netns, nettrace, tmp_path):
+    """The hook runs before the kernel takes a value, which it may refuse:
+    each event's ret/error is what its write syscall returned, as strace -y
+    shows it on the /proc/sys file, and a refused write changed nothing."""
+    needs_sysctl_probe(nettrace)
+    conf = "/proc/sys/net/ipv4"
+    log = tmp_path / "strace.out"
+    r = netns.run(["strace", "-f", "-qq", "-y", "-e", "trace=write,writev,pwrite64", "-o", str(log), "sh", "-c",
+                   f"echo abc > {conf}/ip_forward; echo 1 > {conf}/ip_forward; "
+                   f"sysctl -qw net.ipv4.ip_default_ttl=300 net.ipv4.ip_default_ttl=65 net.ipv4.tcp_syncookies=0; "
+                   f"cat {conf}/ip_forward {conf}/ip_default_ttl"])
+    assert r.stdout.split() == ["1", "65"]   # what the kernel kept
+    theirs = []
+    for line in log.read_text().splitlines():
+        m = re.search(r"write\(\d+</proc/sys/([^>]+)>.* = (-?\d+)(?: (E[A-Z0-9]+))?", line)
+        if m:
+            theirs.append((m[1].replace("/", "."), int(m[2]) if int(m[2]) >= 0 else None, m[3]))
+    assert len(theirs) >= 5, log.read_text()   # (sysctl(8) may try a refused value twice)
+    writes = nettrace.sysctl_writes()
+    assert [(w.name, w.ret if w.error is None else None, w.error) for w in writes] == theirs
+    assert {(w.name, w.new, w.changed) for w in writes if w.error} == {
+        ("net.ipv4.ip_forward", "abc", False), ("net.ipv4.ip_default_ttl", "300", False)}
+    assert writes[0].describe() == "failed to write net.ipv4.ip_forward=abc: EINVAL (was 0)"
+    assert writes[0].ret == -22 and writes[1].changed and writes[1].ret == 2
+    nettrace.assert_none("sysctl", name="net.ipv4.ip_default_ttl", new="300", changed=True)
 
 
 @pytest.mark.nettrace(forbid=["sysctl"])

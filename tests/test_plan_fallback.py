@@ -35,7 +35,7 @@ def test_an_attach_failure_moves_only_its_probe_to_the_next_plan():
     engine = Engine(probes=[_SysctlBadCgroup(), ConnProbe()], background=False)
     try:
         st = engine.status["sysctl"]
-        assert st.mechanism == "cgroup_sysctl", st.failures
+        assert st.mechanism == "cgroup_sysctl+sys_exit", st.failures
         assert len(st.failures) == 1 and "nonexistent-nettrace-cgroup" in st.failures[0]
         assert engine.status["conn"].plan is not None and not engine.status["conn"].failures
     finally:

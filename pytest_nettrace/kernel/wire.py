@@ -38,12 +38,14 @@ class Kind(enum.IntEnum):
     NFTRACE = 10  # nftables trace messages: no ring records, losses counted in Python
 
 
-# nt_hdr.flags (NT_F_* in bpf/nettrace.h; NC_F_* in bpf/netchange.h; CONN_F_* in bpf/conn.h)
+# nt_hdr.flags (NT_F_* in bpf/nettrace.h; NC_F_* in bpf/netchange.h; CONN_F_* in bpf/conn.h;
+# SY_F_* in bpf/sysctl.h)
 NT_F_KTHREAD = 0x8     # the current task is a kernel thread
 NC_F_QUEUED_BY = 0x10  # task, command line and stack are those of who queued the DAD work
 NC_F_NFT = 0x20        # the record is a struct nftchange_event
 CONN_F_SOFTIRQ = 0x40  # the TCP state change ran in softirq
 CONN_F_STACK = 0x80    # the record is a struct conn_stack_event
+SY_F_RESULT = 0x100    # the record is a struct sysctl_result
 
 # bpf/netchange.h
 NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX = 1024, 256, 4096
@@ -181,6 +183,7 @@ SYSCTL_EVENT = Record("sysctl_event", [
     ("io_known", "I"), ("syscw", "Q"), ("wchar", "Q"), ("name", f"{SY_NAME_MAX}s"), ("old", f"{SY_VALUE_MAX}s"),
     ("new", f"{SY_VALUE_MAX}s"),
     ("cmdline", f"{SY_CMDLINE_MAX}s")], stack=False)
+SYSCTL_RESULT = Record("sysctl_result", [("ret", "q")], stack=False)   # flagged SY_F_RESULT
 
 NETCHANGE_EVENT = Record("netchange_event", [
     ("skb", "Q"), ("portid", "I"), ("msg_len", "I"), ("copied", "I"), ("cmdline_len", "I"),
@@ -205,5 +208,5 @@ TRAFFIC_OWNER = Layout("traffic_owner", [("pid", "I"), ("uid", "I"), ("comm", f"
 LAYOUTS: Tuple[Layout, ...] = (
     NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, CONN_STACK_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT,
     DROP_SCOPE,
-    SYSCTL_WRITE, SYSCTL_EVENT, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY, SYSCALL_EVENT, SC_PENDING,
+    SYSCTL_WRITE, SYSCTL_EVENT, SYSCTL_RESULT, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY, SYSCALL_EVENT, SC_PENDING,
     TRAFFIC_KEY, TRAFFIC_COUNTERS, TRAFFIC_OWNER_KEY, TRAFFIC_OWNER)

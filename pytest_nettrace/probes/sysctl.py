@@ -12,7 +12,10 @@ only host has none, and the pytest header says so.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, cast
+import errno
+import platform
+import struct
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, cast
 
 from ..events import Event, Header, user_name
 from ..kernel import wire
@@ -24,9 +27,19 @@ if TYPE_CHECKING:
 
     from ..kernel.capabilities import KernelFeatures
 
-RECORD = wire.SYSCTL_EVENT
-_BODY = RECORD.body
+RECORD, RESULT = wire.SYSCTL_EVENT, wire.SYSCTL_RESULT
+_BODY, _RESULT_BODY = RECORD.body, RESULT.body
 E2BIG = 7
+# what a write syscall returns when the kernel restarts it (ERESTARTSYS,
+# ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK): it runs again
+_RESTARTS = (-512, -513, -514, -516)
+
+# write, pwrite64, writev, pwritev, pwritev2 (arch/x86/entry/syscalls/syscall_64.tbl,
+# include/uapi/asm-generic/unistd.h): how sysctl writes are made
+WRITE_NR = {
+    "x86_64": (1, 18, 20, 296, 328),
+    "aarch64": (64, 68, 66, 70, 287),
+}
 
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
@@ -63,7 +76,15 @@ class SysctlEvent(Event, init=False):
     the value (the write then fails): the event is the attempt. A write the
     kernel restarts (waiting for the RTNL lock) is one event; two writes are
     two events, even of the same value by the same thread. No stack: cgroup
-    programs cannot take one."""
+    programs cannot take one.
+
+    The hook runs before the kernel takes the value, which it may refuse
+    (`echo abc > .../ip_forward`, a TTL of 300): `ret` is what the write
+    syscall returned, as strace shows it (bytes written, or -errno), and
+    `error` its errno's name ("EINVAL"), None when it succeeded; both None
+    while the write has not returned, or where results are not seen (no
+    sys_exit program: the pytest header says so). `changed` is False for a
+    refused write."""
 
     kind = "sysctl"
     name: str
@@ -72,17 +93,25 @@ class SysctlEvent(Event, init=False):
     dev: Optional[str]
     cmdline: Optional[str]
     user: Optional[str]
+    ret: Optional[int]
+    error: Optional[str]
     DERIVED = ("changed",)
+    VALUES = {**Event.VALUES, "error": tuple(sorted(errno.errorcode.values()))}
 
     @property
     def changed(self) -> Optional[bool]:
-        """Whether the value written differs from the one before (None if unknown)."""
+        """Whether the write set a value different from the one before
+        (False when the kernel refused it; None if unknown)."""
+        if self.ret is not None and self.ret < 0:
+            return False
         if self.old is None or self.new is None:
             return None
         return bool(self.old.split() != self.new.split())
 
     def describe(self) -> str:
         old = f" (was {self.old})" if self.old is not None else ""
+        if self.ret is not None and self.ret < 0:
+            return f"failed to write {self.name}={self.new}: {self.error or self.ret}{old}"
         return f"wrote {self.name}={self.new}{old}"
 
     def how(self, full: bool = False) -> str:
@@ -105,7 +134,18 @@ class SysctlProbe(Probe):
         root = cgroup2_mount()
         if root is None or "BPF_CGROUP_SYSCTL" not in kernel.enum("bpf_attach_type").values():
             return []
-        return [Plan("cgroup_sysctl", ["sysctl_write"], cgroups={"sysctl_write": root})]
+        cgroups = {"sysctl_write": root}
+        plans = []
+        nrs = WRITE_NR.get(platform.machine())
+        if nrs and kernel.tp_btf:
+            # how each write returned, from the syscall probe's sys_exit
+            # program (one program on that tracepoint, shared with conn)
+            cfg = {"sy_cfg": struct.pack("<5iI", *nrs, 1)}
+            plans.append(Plan("cgroup_sysctl+sys_exit", ["sysctl_write", "sc_exit"], config=cfg, cgroups=cgroups))
+        plans.append(Plan("cgroup_sysctl (results unknown)", ["sysctl_write"], cgroups=cgroups,
+                          notes=[f"no sys_exit program ({kernel.why('tp_btf')}) or no syscall table for "
+                                 f"{platform.machine()}: whether the kernel took a value written is unknown"]))
+        return plans
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         if "BPF_CGROUP_SYSCTL" not in kernel.enum("bpf_attach_type").values():
@@ -120,18 +160,28 @@ class SysctlProbe(Probe):
 
 
 class SysctlDecoder(Decoder):
-    """struct sysctl_write records to SysctlEvents; a write the kernel
+    """struct sysctl_event records to SysctlEvents, corrected with how their
+    write returned (struct sysctl_result, after it); a write the kernel
     restarts is one event."""
 
-    records = (RECORD,)
+    records = (RECORD, RESULT)
 
     def __init__(self) -> None:
         self._last: Dict[int, Dict[int, _Write]] = {}  # netns -> thread -> its last write seen
+        # the event of each thread's write whose result has not come yet
+        self._open: Dict[Tuple[int, int], SysctlEvent] = {}
 
     def forget(self, netns: int) -> None:
         self._last.pop(netns, None)
+        for key in [k for k in self._open if k[0] == netns]:
+            del self._open[key]
+
+    def layout(self, hdr: Header) -> wire.Record:
+        return RESULT if hdr.flags & wire.SY_F_RESULT else RECORD
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
+        if hdr.flags & wire.SY_F_RESULT:
+            return self._result(buf, hdr)
         (name_len, old_len, new_len, cmd_len, _pos, io_known, syscw, wchar,
          name, old, new, cmdline) = _BODY.unpack_from(buf, RECORD.body_offset)
         # "net/ipv4/conf/eth0.100/rp_filter" -> "net.ipv4.conf.eth0/100.rp_filter", as sysctl(8) spells it
@@ -147,7 +197,20 @@ class SysctlDecoder(Decoder):
         ev = SysctlEvent(hdr, (), "process", name=setting, old=write.old, new=write.new, dev=dev_of(parts),
                          cmdline=" ".join(a.decode(errors="replace") for a in argv) or None,
                          user=user_name(hdr.uid))   # no stack: always in the writing process
+        self._open[(hdr.netns, hdr.tid)] = ev
         return [ev]
+
+    def _result(self, buf: bytes, hdr: Header) -> List[Event]:
+        (ret,) = _RESULT_BODY.unpack_from(buf, RESULT.body_offset)
+        if ret in _RESTARTS:
+            return []   # the write runs again (the hook too: one event, see _Write.restarts)
+        # the write is over: the thread's next write is a new one, even of the
+        # same value after a refusal (which, like a restart, wrote nothing)
+        self._last.get(hdr.netns, {}).pop(hdr.tid, None)
+        ev = self._open.pop((hdr.netns, hdr.tid), None)
+        if ev is None:
+            return []
+        return [ev.corrected(ret=ret, error=errno.errorcode.get(-ret, str(-ret)) if ret < 0 else None)]
 
 
 class _Write(NamedTuple):
@@ -190,6 +253,8 @@ class SysctlFilters(CommonFilters, total=False):
     changed: Filter[bool]
     cmdline: Filter[str]
     user: Filter[str]
+    ret: Filter[int]
+    error: Filter[str]
 
 
 class SysctlApi(KindApi):

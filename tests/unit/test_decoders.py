@@ -167,6 +167,35 @@ def test_sysctl_write_named_as_sysctl_spells_it_and_a_restart_is_one_event():
     assert (ev.name, ev.old, ev.new) == ("net.ipv4.conf.eth0/100.rp_filter", "0", "1")
 
 
+def _sysctl_write(new: bytes, syscw: int, wchar: int = 100) -> bytes:
+    name = b"net/ipv4/ip_default_ttl"
+    return record(wire.SYSCTL_EVENT, wire.Kind.SYSCTL, name_len=len(name), old_len=3, new_len=len(new),
+                  name=name, old=b"64\n", new=new, io_known=1, syscw=syscw, wchar=wchar)
+
+
+def _sysctl_result(ret: int) -> bytes:
+    return record(wire.SYSCTL_RESULT, wire.Kind.SYSCTL, flags=wire.SY_F_RESULT, ret=ret)
+
+
+def test_sysctl_a_refused_write_is_corrected_with_its_error_and_changed_nothing():
+    first, fixed = decode(SysctlProbe(), _sysctl_write(b"300\n", 5), _sysctl_result(-22))
+    assert (first.ret, first.changed) == (None, True)   # as published before the write returned
+    assert fixed.supersedes is first and (fixed.ret, fixed.error, fixed.changed) == (-22, "EINVAL", False)
+    assert fixed.describe() == "failed to write net.ipv4.ip_default_ttl=300: EINVAL (was 64)"
+
+
+def test_sysctl_a_restart_is_one_write_and_a_refused_value_tried_again_is_two():
+    # restarted (ERESTARTNOINTR): the hook runs again with nothing written in between
+    events = decode(SysctlProbe(), _sysctl_write(b"1\n", 5), _sysctl_result(-513), _sysctl_write(b"1\n", 6),
+                    _sysctl_result(2))
+    assert [(e.new, e.ret) for e in events] == [("1", None), ("1", 2)]
+    # refused, then the same value written again (sysctl(8) does): two writes
+    events = decode(SysctlProbe(), _sysctl_write(b"300\n", 5), _sysctl_result(-22), _sysctl_write(b"300\n", 6),
+                    _sysctl_result(-22))
+    assert [(e.ret, e.supersedes is None) for e in events] == [(None, True), (-22, False), (None, True),
+                                                                (-22, False)]
+
+
 def _newaddr(ip: str, prefixlen: int, index: int) -> bytes:
     msg = ifaddrmsg()
     msg["header"]["type"] = RTM_NEWADDR

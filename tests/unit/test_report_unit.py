@@ -143,7 +143,7 @@ def _value_for(cls: type, name: str) -> Any:
                 return ftype.check(cls, name, candidate) if candidate is not None else None
             except ValueError:
                 continue
-    return {"timestamp": START, "netns": NS}.get(name, 7 if name.endswith(("port", "len", "index")) else "x")
+    return {"timestamp": START, "netns": NS}.get(name, 7 if name.endswith(("port", "len", "index", "ret")) else "x")
 
 
 @pytest.mark.parametrize("kind", sorted(kinds()))

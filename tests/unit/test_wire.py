@@ -84,6 +84,8 @@ def test_kind_ids_match_the_c_enum():
     conn = (header.parent / "conn.h").read_text()
     assert f"#define CONN_F_SOFTIRQ {wire.CONN_F_SOFTIRQ:#x} " in conn
     assert f"#define CONN_F_STACK {wire.CONN_F_STACK:#x} " in conn
+    sysctl = (header.parent / "sysctl.h").read_text()
+    assert f"#define SY_F_RESULT {wire.SY_F_RESULT:#x} " in sysctl
 
 
 def _span(records, lead: int = 16):
