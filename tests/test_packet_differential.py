@@ -9,7 +9,6 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Tuple
@@ -17,7 +16,7 @@ from typing import Callable, Tuple
 import pytest
 
 from pytest_nettrace.netns import NamespaceFactory
-from traffic import script
+from traffic import byte_sink, byte_source, script
 
 needs_tcpdump = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (ci/apt-packages.txt)")
 
@@ -31,35 +30,12 @@ def pair(make_netns):
 
 def _bulk_transfer(server, client, nbytes: int) -> int:
     """A TCP transfer big enough for GSO aggregates (64 KiB sends); returns what the server read."""
-    lst = server.socket()
-    lst.bind(("10.0.0.1", 8000))
-    lst.listen()
-    got = []
-
-    def serve():
-        conn, _ = lst.accept()
-        n = 0
-        while True:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                break
-            n += len(chunk)
-        conn.close()
-        got.append(n)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    client.run(script(f"""
-        import socket
-        s = socket.create_connection(("10.0.0.1", 8000))
-        s.sendall(b"x" * {nbytes})
-        s.shutdown(socket.SHUT_WR)
-        s.recv(1)
-        s.close()
-    """), check=True)
-    t.join(10)
-    lst.close()
-    return got[0]
+    sink = server.popen(byte_sink("10.0.0.1", 8000), stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "ready"
+    client.run(byte_source("10.0.0.1", 8000, nbytes), check=True)
+    got = int(sink.stdout.readline())
+    sink.wait(10)
+    return got
 
 
 def _drain(sock: socket.socket) -> list:

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from traffic import clean_exchange, echo_once, script
+from traffic import byte_sink, byte_source, clean_exchange, echo_once
 
 
 
@@ -122,7 +122,7 @@ def test_retransmitted_segments_add_up_to_the_kernels_count(pair, nettrace):
     up to its namespace's TcpRetransSegs (nstat), less TCPRetransFail
     (attempts that did not go out, which are no events). One event can carry
     many segments: a GSO-sized skb of the write queue sent again whole."""
-    server, client, fam, a, _b = pair
+    server, client, _fam, a, _b = pair
     # random loss on arrival, so the sender retransmits (a local output
     # drop would be reported to TCP, which sends again without retransmitting)
     server.run(["nft", "-f", "-"], check=True, input="""
@@ -135,32 +135,9 @@ def test_retransmitted_segments_add_up_to_the_kernels_count(pair, nettrace):
     """)
     nbytes = 8 << 20
     before = _tcp_mib(client)
-    sink = server.popen(script(f"""
-        import socket
-        lst = socket.socket({fam})
-        lst.bind(({a!r}, 8000))
-        lst.listen()
-        print("ready", flush=True)
-        conn, _ = lst.accept()
-        n = 0
-        while True:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                break
-            n += len(chunk)
-        conn.close()
-        print(n, flush=True)
-    """), stdout=-1, text=True)
+    sink = server.popen(byte_sink(a, 8000), stdout=-1, text=True)
     assert sink.stdout.readline().strip() == "ready"
-    client.run(script(f"""
-        import socket
-        s = socket.socket({fam})
-        s.connect(({a!r}, 8000))
-        s.sendall(b"x" * {nbytes})
-        s.shutdown(socket.SHUT_WR)
-        s.recv(1)
-        s.close()
-    """), check=True, timeout=60)
+    client.run(byte_source(a, 8000, nbytes), check=True, timeout=60)
     assert int(sink.stdout.readline()) == nbytes
     sink.wait(5)
     after = _tcp_mib(client)

@@ -138,16 +138,7 @@ def test_records_past_the_traces_limit_are_counted_lost_not_kept(netns, nettrace
     trace = Trace(nettrace.engine, "limited", max_records=20)
     try:
         trace.watch(netns)
-        netns.run(script("""
-            import socket
-            for _ in range(100):
-                s = socket.socket()
-                try:
-                    s.connect(("127.0.0.1", 9))
-                except OSError:
-                    pass
-                s.close()
-        """), check=True)
+        netns.run(connect_refused("127.0.0.1", 9, times=100), check=True)
         assert trace.lost("rst") > 0 and trace.records_dropped > 0
         assert trace.lost("conn") == trace.lost("syscall") == trace.records_dropped
         assert trace.lost("packet") == 0
@@ -227,13 +218,6 @@ RESET_SERVER = """
 
 RESET_CLIENT = """
     import socket, struct
-    for _ in range({n}):   # refused: the server's kernel answers the SYN with a reset
-        s = socket.socket()
-        try:
-            s.connect(("10.0.0.1", 9))
-        except ConnectionRefusedError:
-            pass
-        s.close()
     for _ in range({n}):   # aborted
         s = socket.create_connection(("10.0.0.1", 8001))
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -268,6 +252,8 @@ def test_every_reset_on_the_wire_is_an_event_on_both_sides(make_netns, nettrace,
     daemon = server.popen(script(RESET_SERVER), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert daemon.stdout.readline().strip() == "ready"
+        # refused: the server's kernel answers each SYN with a reset
+        client.run(connect_refused("10.0.0.1", 9, times=n), check=True)
         client.run(script(RESET_CLIENT.format(n=n)), check=True)
         # each tcpdump has written what it saw (-U) once its file stops growing
         deadline = time.monotonic() + 10

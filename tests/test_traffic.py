@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pytest_nettrace.netns import NamespaceFactory
-from traffic import script
+from traffic import byte_sink, byte_source, script
 
 N, PAYLOAD = 7, 300
 FRAME = PAYLOAD + 8 + 20 + 14   # UDP + IPv4 + Ethernet headers
@@ -278,29 +278,9 @@ def test_device_totals_equal_the_devices_own_counters(make_netns, nettrace):
     nbytes = 8 << 20
     ours0 = {ns: _row_totals(nettrace, ns) for ns in (a, b)}
     dev0 = {ns: _device_counters(ns) for ns in (a, b)}
-    server = b.popen(script("""
-        import socket
-        lst = socket.socket()
-        lst.bind(("10.0.0.2", 8000))
-        lst.listen()
-        print("ready", flush=True)
-        conn, _ = lst.accept()
-        n = 0
-        while True:
-            chunk = conn.recv(1 << 16)
-            if not chunk:
-                break
-            n += len(chunk)
-        conn.close()
-        print(n, flush=True)
-    """), stdout=-1, text=True)
+    server = b.popen(byte_sink("10.0.0.2", 8000), stdout=-1, text=True)
     assert server.stdout.readline().strip() == "ready"
-    a.run(script(f"""
-        import socket
-        s = socket.create_connection(("10.0.0.2", 8000))
-        s.sendall(b"x" * {nbytes})
-        s.close()
-    """), check=True)
+    a.run(byte_source("10.0.0.2", 8000, nbytes), check=True)
     assert int(server.stdout.readline()) == nbytes
     server.wait(5)
     b.run(udp_sender("10.0.0.1", 9, 5, 3000), check=True)   # 3 fragments each; a answers with ICMP errors

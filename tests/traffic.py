@@ -16,16 +16,53 @@ def script(body: str) -> list:
     return [PYTHON, "-c", textwrap.dedent(body)]
 
 
-def connect_refused(host: str, port: int) -> list:
-    """argv: connect to a closed port (the kernel answers with a RST)."""
+def connect_refused(host: str, port: int, times: int = 1) -> list:
+    """argv: connect to a closed port `times` times (the kernel answers each with a RST)."""
     fam = "AF_INET6" if ":" in host else "AF_INET"
     return script(f"""
         import socket
-        s = socket.socket(socket.{fam})
-        try:
-            s.connect(({host!r}, {port}))
-        except ConnectionRefusedError:
-            print("refused")
+        for _ in range({times}):
+            s = socket.socket(socket.{fam})
+            try:
+                s.connect(({host!r}, {port}))
+            except ConnectionRefusedError:
+                print("refused")
+            s.close()
+    """)
+
+
+def byte_source(host: str, port: int, nbytes: int) -> list:
+    """argv: connect to host:port, send `nbytes` (big sends: GSO-sized
+    segments), shut down, wait for the peer's close."""
+    return script(f"""
+        import socket
+        s = socket.create_connection(({host!r}, {port}))
+        s.sendall(b"x" * {nbytes})
+        s.shutdown(socket.SHUT_WR)
+        s.recv(1)
+        s.close()
+    """)
+
+
+def byte_sink(host: str, port: int) -> list:
+    """argv: listen on host:port, print "ready", read one connection to its
+    end, print how many bytes it read."""
+    fam = "AF_INET6" if ":" in host else "AF_INET"
+    return script(f"""
+        import socket
+        lst = socket.socket(socket.{fam})
+        lst.bind(({host!r}, {port}))
+        lst.listen()
+        print("ready", flush=True)
+        conn, _ = lst.accept()
+        n = 0
+        while True:
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            n += len(chunk)
+        conn.close()
+        print(n, flush=True)
     """)
 
 
