@@ -158,6 +158,7 @@ class _Context:
 # undecoded, 6 s and 600 MiB to decode). A test that needs more says so.
 DEFAULT_MAX_RECORDS = 100_000
 
+
 class Trace(KindMethods):
     """The `nettrace` fixture: events seen in the watched namespaces since
     the test started, and each kind's listings and assertions (`rst()`,
@@ -174,7 +175,7 @@ class Trace(KindMethods):
         fail instead of passing on what was not kept). None or 0: no limit.
         What a connection storm or a datagram flood in a test would
         otherwise keep grows without bound: ~0.3 KiB a record undecoded,
-        ~0.8 KiB decoded, ~4 µs each to decode at the end of the test."""
+        ~0.8 KiB decoded, ~12 µs each to decode at the end of the test."""
         if max_records is not None and max_records < 0:
             raise ValueError(f"max_records must be 0 (no limit) or more, not {max_records}")
         self.engine = engine
