@@ -113,3 +113,5 @@ def test_a_delivery_is_the_records_of_its_namespaces_in_ring_order():
     assert list(Delivery(spans, frozenset({1}))) == [first[0], first[2], second[1]]
     assert list(Delivery(spans, frozenset({1, 2}))) == first + second
     assert list(Delivery(spans, frozenset({3}))) == []
+    # its length counts without reading a record: every record of its spans (a trace's limit, an upper bound)
+    assert len(Delivery(spans, frozenset({1}))) == len(Delivery(spans, frozenset({3}))) == 5
