@@ -425,8 +425,8 @@ class Trace(KindMethods):
             if lost:
                 raise EventsLost(self._sequence_failure(
                     seq, outcome, timeout,
-                    f"cannot assert {f.describe()}: {lost} {f.kind} events lost (a full ring buffer or socket, "
-                    f"a race, or an undecodable record); the expectation would not be sound"))
+                    f"cannot assert {f.describe()}: {lost} {f.kind} events lost ({self.loss_causes()}); "
+                    f"the expectation would not be sound"))
         return outcome.matched
 
     def _sequence_failure(self, seq: "sequence.Expectation", outcome: "sequence.Outcome", timeout: float,
@@ -453,17 +453,18 @@ class Trace(KindMethods):
         if lost:
             raise EventsLost(self._failure(
                 f"cannot assert that no {kind} event matching {describe_filters(filters)} happened: "
-                f"{lost} {kind} events lost (a full ring buffer or socket, a race, or an undecodable "
-                f"record{self._late_note()}); the assertion would not be sound",
+                f"{lost} {kind} events lost ({self.loss_causes()}); the assertion would not be sound",
                 kind, filters, []))
 
     # -- helpers -----------------------------------------------------------
-    def _late_note(self) -> str:
-        note = ""
+    def loss_causes(self) -> str:
+        """What can have lost this trace's events, for a message that says
+        some were: the usual causes, and those particular to it."""
+        causes = "a full ring buffer or socket, a race, or an undecodable record"
         if self.watched_late:
-            note = (f"; watched only after their creation, so their first events are unknown: "
-                    f"{', '.join(self.watched_late.values())}")
-        return note + self._limit_note()
+            causes += (f"; watched only after their creation, so their first events are unknown: "
+                       f"{', '.join(self.watched_late.values())}")
+        return causes + self._limit_note()
 
     def _limit_note(self) -> str:
         if not self.records_dropped:

@@ -31,6 +31,8 @@ class Checked(Protocol):
 
     def label(self, inode: int) -> str: ...
 
+    def loss_causes(self) -> str: ...
+
 MARKER_ARGS = ("forbid", "watch_host", "nft_trace", "max_records")
 
 
@@ -191,8 +193,7 @@ def check(trace: Checked, rules: Sequence[ForbidRule], timeline_shown: bool = Tr
             continue
         lost = trace.lost(rule.kind)
         if lost:
-            lines.append(f"  {rule}: cannot be ruled out: {lost} {rule.kind} events lost "
-                         f"(a full ring buffer or socket, a race, or an undecodable record)")
+            lines.append(f"  {rule}: cannot be ruled out: {lost} {rule.kind} events lost ({trace.loss_causes()})")
     if not lines:
         return None
     offending.sort(key=lambda e: e.timestamp)
