@@ -100,10 +100,17 @@ int sysctl_write(struct bpf_sysctl *ctx)
 			e->cmdline_len = len;
 	}
 	bpf_ringbuf_submit(e, 0);
-	if (sy_cfg.on && !bpf_map_update_elem(&sy_pending, &tid, &netns, BPF_NOEXIST)) {
-		__s64 *count = bpf_map_lookup_elem(&sy_pending_count, &zero);
-		if (count)
-			__sync_fetch_and_add(count, 1);
+	if (sy_cfg.on) {
+		/* an entry left by a write whose sys_exit found nothing watched is
+		 * this write's now */
+		__u32 *stale = bpf_map_lookup_elem(&sy_pending, &tid);
+		if (stale) {
+			*stale = netns;
+		} else if (!bpf_map_update_elem(&sy_pending, &tid, &netns, BPF_NOEXIST)) {
+			__s64 *count = bpf_map_lookup_elem(&sy_pending_count, &zero);
+			if (count)
+				__sync_fetch_and_add(count, 1);
+		}
 	}
 	return 1;
 }
