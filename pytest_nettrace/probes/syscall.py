@@ -116,7 +116,9 @@ def decode_sockaddr(raw: bytes) -> Tuple[str, Dict[str, Any]]:
         out["port"] = struct.unpack_from(">H", raw, 2)[0]
         addr = ipaddress.IPv6Address(raw[8:24])
         out["address"] = addr.ipv4_mapped or addr
-        return f"{{{name}, [{addr}]:{out['port']}}}", out
+        # an IPv4-mapped address as strace writes it ("::ffff:10.0.0.2"; Python < 3.13: "::ffff:a00:2")
+        text = f"::ffff:{addr.ipv4_mapped}" if addr.ipv4_mapped else str(addr)
+        return f"{{{name}, [{text}]:{out['port']}}}", out
     if fam == socket.AF_UNIX:
         path = raw[2:]
         text = "@" + path[1:].split(b"\0", 1)[0].decode(errors="replace") if path[:1] == b"\0" \

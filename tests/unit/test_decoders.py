@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import struct
 
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -143,6 +144,15 @@ def test_syscall_connect_refused_rendered_as_strace():
         "connect", 3, "ECONNREFUSED", ipaddress.ip_address("10.0.0.1"), 9, 4)
     assert ev.args == "3, {AF_INET, 10.0.0.1:9}, 16"
     assert ev.duration == 1.5e-6
+
+
+def test_syscall_an_ipv4_mapped_peer_is_written_as_strace_writes_it():
+    # a dual-stack listener's accept of an IPv4 client
+    addr = struct.pack("<HHI", socket.AF_INET6, socket.htons(45294), 0) + \
+        ipaddress.IPv6Address("::ffff:10.0.0.2").packed + b"\0" * 4
+    ev = _syscall("accept4", (3, 0x7ffd0000, 0x7ffd0100, 0x80000, 0, 0), ret=4, sockaddr=addr)
+    assert ev.args == "3, {AF_INET6, [::ffff:10.0.0.2]:45294}, [28], SOCK_CLOEXEC"
+    assert (ev.address, ev.port, ev.family) == (ipaddress.ip_address("10.0.0.2"), 45294, 6)
 
 
 def test_syscall_setsockopt_names_level_and_option():
