@@ -72,19 +72,19 @@ class SysctlEvent(Event, init=False):
     and `new` (what was written, whitespace as the writer gave it, without the
     trailing newline); `dev` is the interface of a per-interface setting
     (net.ipv4.conf.<dev>.*, net.ipv6.conf.<dev>.*, net.ipv4.neigh.<dev>.*,
-    "all" and "default" included), else None. The kernel may still refuse
-    the value (the write then fails): the event is the attempt. A write the
-    kernel restarts (waiting for the RTNL lock) is one event; two writes are
-    two events, even of the same value by the same thread. No stack: cgroup
-    programs cannot take one.
+    "all" and "default" included), else None. A write the kernel restarts
+    (waiting for the RTNL lock) is one event; two writes are two events,
+    even of the same value by the same thread. No stack: cgroup programs
+    cannot take one.
 
     The hook runs before the kernel takes the value, which it may refuse
-    (`echo abc > .../ip_forward`, a TTL of 300): `ret` is what the write
-    syscall returned, as strace shows it (bytes written, or -errno), and
-    `error` its errno's name ("EINVAL"), None when it succeeded; both None
-    while the write has not returned, or where results are not seen (no
-    sys_exit program: the pytest header says so). `changed` is False for a
-    refused write."""
+    (`echo abc > .../ip_forward`, a TTL of 300): the event is the attempt,
+    corrected when the write returns. `ret` is what the write syscall
+    returned, as strace shows it (bytes written, or -errno), and `error` its
+    errno's name ("EINVAL"), None when it succeeded; both None while the
+    write has not returned, or where results are not seen (no sys_exit
+    program: the pytest header says so). `changed` is False for a refused
+    write."""
 
     kind = "sysctl"
     name: str
