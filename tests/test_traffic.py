@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pytest_nettrace import EventsLost
 from pytest_nettrace.netns import NamespaceFactory
 from traffic import byte_sink, byte_source, script
 
@@ -294,3 +295,21 @@ def test_device_totals_equal_the_devices_own_counters(make_netns, nettrace):
     assert device["rx_bytes"] > nbytes
     # GSO aggregates were made (the test proves nothing about them otherwise)
     assert device["rx_packets"] < nbytes // 1500, device
+
+
+def test_a_full_counter_map_fails_bounds_loudly(pair, nettrace):
+    """More (namespace, device, protocol, port) rows than the kernel's map
+    holds (16,384): what could not be counted makes an upper bound refuse
+    to pass, and a lower bound that fails says why it may have."""
+    a, b = pair
+    a.run(script("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for port in range(20000, 37000):   # each a row of its own on the receiving side
+            s.sendto(b"x", ("10.0.0.2", port))
+    """), check=True)
+    with pytest.raises(EventsLost, match=r"cannot assert an upper bound .*: \d+ packets were not counted "
+                                         r"\(counter map full\)"):
+        nettrace.assert_traffic(max_packets=10 ** 9)
+    with pytest.raises(AssertionError, match=r"< min 1000000000 \(\d+ packets were not counted"):
+        nettrace.assert_traffic(min_packets=10 ** 9)

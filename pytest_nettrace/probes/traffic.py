@@ -227,13 +227,14 @@ class TrafficApi(KindApi):
             if hi is not None and value > hi:
                 problems.append(f"{value} {name} > max {hi}")
         table = render_table(self.traffic(), self.ctx.label)
+        lost = sum(self.ctx.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self.ctx.watched)
+        uncounted = f"{lost} packets were not counted (counter map full)"
         if problems:
-            raise AssertionError(f"{what}: {', '.join(problems)}\n{table}")
-        if max_bytes is not None or max_packets is not None:
-            lost = sum(self.ctx.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self.ctx.watched)
-            if lost:
-                raise EventsLost(f"cannot assert an upper bound on {what}: {lost} packets were not counted "
-                                 f"(counter map full); the assertion would not be sound\n{table}")
+            note = f" ({uncounted})" if lost else ""
+            raise AssertionError(f"{what}: {', '.join(problems)}{note}\n{table}")
+        if lost and (max_bytes is not None or max_packets is not None):
+            raise EventsLost(f"cannot assert an upper bound on {what}: {uncounted}; the assertion would not be "
+                             f"sound\n{table}")
         return rows
 
 
