@@ -97,6 +97,9 @@ def test_udp_and_arp_summaries(pair, nettrace):
     assert str(arp.daddr) == "10.0.0.1"
     icmp = nettrace.assert_packet(proto="icmp", netns=client.inode, direction="in")   # port unreachable
     assert icmp.icmp_type == 3
+    # the ICMP message's length (its header and the quoted datagram), as tcpdump prints it
+    assert icmp.payload_len == icmp.length - 14 - 20 == 8 + 20 + 8 + 5
+    assert icmp.describe().endswith(f"ICMP type 3, length {icmp.payload_len}")
 
 
 def _packet_sockets(ns):

@@ -579,7 +579,8 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         out.update(sport=sport, dport=dport, payload=bytes(frame[l4 + 8:l4 + max(8, ulen)]),
                    payload_len=max(0, ulen - 8))
     elif proto in (1, 58) and len(frame) >= l4 + 2:
-        out["icmp_type"] = frame[l4]
+        # the message's length, header included: what tcpdump prints as "length"
+        out.update(icmp_type=frame[l4], payload_len=max(0, l4_end - l4))
     return out
 
 
@@ -616,7 +617,7 @@ class PacketEvent(Event, init=False):
     `tcp_flags` as letters of UAPRSF in any order ("SA"); `length` on the wire.
     `payload` is the TCP/UDP payload's bytes as captured (the start of it
     for a GSO aggregate longer than the capture), `payload_len` its length
-    on the wire."""
+    on the wire (ICMP: the message's length, as tcpdump prints it)."""
 
     kind = "packet"
     # a packet has no process, no stack: the common task fields are None
@@ -666,7 +667,8 @@ class PacketEvent(Event, init=False):
             return text + f"UDP, length {self.payload_len}"
         if self.proto in ("icmp", "icmpv6"):
             name = "ICMP" if self.proto == "icmp" else "ICMP6"  # tcpdump's spelling
-            return text + f"{name} type {self.icmp_type}, length {self.length}"
+            size = self.payload_len if self.payload_len is not None else self.length
+            return text + f"{name} type {self.icmp_type}, length {size}"
         return text + f"{self.proto}, length {self.length}"
 
     def summary(self) -> str:
