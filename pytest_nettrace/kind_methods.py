@@ -47,6 +47,7 @@ class KindMethods:
     assert_neighbour_not_deleted = Delegate(NetChangeApi.assert_neighbour_not_deleted)
     nft_changes = Delegate(NetChangeApi.nft_changes)
     rule_changes = Delegate(NetChangeApi.rule_changes)
+    nexthop_changes = Delegate(NetChangeApi.nexthop_changes)
 
     # nftrace: NftTraceApi
     trace_nft = Delegate(NftTraceApi.trace_nft)

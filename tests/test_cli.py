@@ -154,7 +154,7 @@ def test_capabilities_lists_features_and_mechanisms():
     assert r.stdout.startswith(f"kernel {os.uname().release}: btf yes, ringbuf yes")
     assert "probes: " in r.stdout and "rst=" in r.stdout
     assert re.search(r"^  rst: \S+; kinds: rst$", r.stdout, re.M), r.stdout
-    assert re.search(r"^  netchange: \S+; kinds: addr, link, neigh, nft, route, rule$", r.stdout, re.M)
+    assert re.search(r"^  netchange: \S+; kinds: addr, link, neigh, nexthop, nft, route, rule$", r.stdout, re.M)
 
 
 def test_console_script_is_declared():

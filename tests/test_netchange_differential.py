@@ -242,3 +242,111 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
     assert Counter(ours) == Counter(theirs), (sorted(Counter(ours) - Counter(theirs), key=str),
                                               sorted(Counter(theirs) - Counter(ours), key=str))
     assert ours == theirs
+
+
+# `ip -o monitor nexthop route` lines: a nexthop's ("id 10 group 1,3/2",
+# "Deleted id 3 blackhole") and a route's ("10.9.0.0/16 nhid 10 …").
+_NH = re.compile(r"^(Deleted )?id (\d+) ")
+_NH_TOKENS = re.compile(r"\b(group|via|dev) (\S+)|\b(blackhole|resilient)\b")
+_NH_ROUTE = re.compile(r"^(Deleted )?(?:(?:local|broadcast|multicast|anycast|unreachable|blackhole|prohibit) )?"
+                       r"(\S+)(?: nhid (\d+))?")
+
+
+def _nexthop_tokens(text: str):
+    """What a nexthop line says, however it is worded around it."""
+    return tuple(sorted((m[1] or m[3], m[2]) for m in _NH_TOKENS.finditer(text)))
+
+
+def test_nexthop_changes_match_ip_monitor(make_netns, nettrace):
+    """Nexthop objects (single, v4/v6 gateways, blackhole, multipath and
+    resilient groups; replaced, a new id by `replace`, a member deleted,
+    flushed) and the routes using them: every line of `ip monitor nexthop
+    route` between two sentinel nexthops is one event saying the same, and
+    nothing more; the kernel's silent removals (a device going down) are
+    silent in both."""
+    ns, peer = make_netns(), make_netns()
+    ns.run(["ip", "link", "set", "lo", "up"], check=True)   # a blackhole nexthop needs it
+    mon = Monitor(ns, ("nexthop", "route"))
+    try:
+        for n in range(9010, 9060):   # ip monitor subscribes some time after it starts
+            ns.run(["ip", "nexthop", "add", "id", str(n), "blackhole"], check=True)
+            if mon.until(f"id {n} blackhole", 0.5):
+                begin = n
+                break
+        else:
+            raise AssertionError(f"ip monitor printed nothing: {mon.lines[-5:]}")
+        ns.add_veth("d1", peer, "p1", addresses=["192.168.2.1/24"])
+        ns.run(["ip", "addr", "add", "fd00::1/64", "dev", "d1", "nodad"], check=True)
+        for argv in (
+            "nexthop add id 1 via 192.168.2.2 dev d1",
+            "nexthop add id 2 via 192.168.2.3 dev d1",
+            "nexthop add id 3 blackhole",
+            "nexthop add id 4 via fd00::2 dev d1",
+            "nexthop add id 10 group 1,3/2",
+            "nexthop replace id 2 via 192.168.2.4 dev d1",
+            "nexthop replace id 11 via 192.168.2.5 dev d1",   # a new id: an addition
+            "route add 10.9.0.0/16 nhid 10",
+            "route add 10.8.0.0/16 nhid 1",
+            "-6 route add 2001:db8:1::/48 nhid 4",
+            "nexthop add id 20 group 1/2 type resilient buckets 8",
+            "nexthop del id 1",                               # groups 10 and 20 lose it
+            "nexthop add id 30 dev d1",
+            "nexthop del id 3",
+            "nexthop add id 40 via 192.168.2.6 dev d1",
+            "link set d1 down",                               # 2, 4, 11, 30, 40 go silently
+            "nexthop flush",
+        ):
+            ns.run(["ip"] + argv.split(), check=True)
+        ns.run(["ip", "nexthop", "add", "id", "9999", "blackhole"], check=True)
+        assert mon.until("id 9999 blackhole"), f"ip monitor printed no end sentinel: {mon.lines[-5:]}"
+    finally:
+        mon.proc.terminate()
+        mon.proc.wait(5)
+    theirs, started = [], False
+    for ln in mon.lines:
+        m = _NH.match(ln)
+        if m and int(m[2]) == begin:
+            started = True
+            continue
+        if m and int(m[2]) == 9999:
+            break
+        if not started:
+            continue
+        if m:
+            theirs.append(("nexthop", bool(m[1]), int(m[2]), _nexthop_tokens(ln)))
+        else:
+            r = _NH_ROUTE.match(ln)
+            assert r, f"cannot parse ip monitor line {ln!r}"
+            theirs.append(("route", bool(r[1]), ipaddress.ip_network(r[2]), r[3] and int(r[3])))
+    events, ours, started = nettrace.events(netns=ns.inode), [], False
+    for e in events:
+        if e.kind == "nexthop" and e.id == begin:
+            started = True
+            continue
+        if e.kind == "nexthop" and e.id == 9999:
+            break
+        if not started:
+            continue
+        if e.kind == "nexthop":
+            ours.append(("nexthop", e.action == "deleted", e.id, _nexthop_tokens(e.describe())))
+        elif e.kind == "route":
+            ours.append(("route", e.action == "deleted", e.dst, e.nhid))
+    assert nettrace.lost() == 0
+    assert ("route", False, ipaddress.ip_network("10.9.0.0/16"), 10) in theirs   # the workload did what it should
+    assert Counter(ours) == Counter(theirs), (sorted(Counter(ours) - Counter(theirs), key=str),
+                                              sorted(Counter(theirs) - Counter(ours), key=str))
+    assert ours == theirs
+    # what ip monitor cannot tell: an addition from a replacement, a group
+    # the kernel rewrote, and who did each
+    nh = [e for e in nettrace.nexthop_changes() if e.id < 9000]
+    assert [(e.id, e.action) for e in nh if e.id in (2, 11)] == [(2, "added"), (2, "replaced"), (11, "added")]
+    changed = [e for e in nh if e.action == "changed"]
+    assert sorted(e.id for e in changed) == [10, 20]
+    assert all(e.cause == "kernel" and e.detail == "a member of the group was deleted"
+               and e.cmdline == "ip nexthop del id 1" for e in changed)
+    [group] = [e for e in nh if e.id == 10 and e.action == "added"]
+    assert group.group == ((1, 3), (2, 1)) and group.group_type == "mpath" and group.cause == "netlink"
+    assert group.describe() == "added nexthop id 10 group 1,3/2" and group.comm == "ip"
+    [v6] = [e for e in nh if e.id == 4 and e.action == "added"]
+    assert (v6.family, str(v6.gateway), v6.dev) == (6, "fd00::2", "d1")
+    assert [e.describe() for e in nh if e.id == 20][0] == "added nexthop id 20 group 1/2 type resilient"

@@ -1,5 +1,6 @@
-"""Address, link and route changes with the process that made them
-(bpf/netchange.bpf.c, bpf/netchange.h): kinds "addr", "link", "route".
+"""Network configuration changes with the process that made them
+(bpf/netchange.bpf.c, bpf/netchange.h): kinds "addr", "link", "route",
+"neigh", "rule", "nexthop" (rtnetlink) and "nft" (nftables).
 
 The plugin owns one rtnetlink monitor socket per watched namespace. The BPF
 program fires when the kernel queues a notification on it — in the context of
@@ -16,8 +17,8 @@ import os
 import random
 import socket
 import struct
-from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple,
-                    Type, Union, cast)
+from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set,
+                    Tuple, Type, Union, cast)
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, parse_address, user_name
@@ -61,6 +62,7 @@ NLM_F_REPLACE = 0x100
 # linux/netlink.h; pyroute2's message classes are imported where requests are
 # built: importing any of pyroute2 costs ~100 ms, on the path to attached probes
 NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 SO_RCVBUFFORCE = 33       # asm-generic/socket.h: not in Python's socket module
 NETLINK_NETFILTER = 12    # linux/netlink.h: not in Python's socket module
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
@@ -222,15 +224,17 @@ class RouteEvent(NetChangeEvent, init=False):
     protocol: int
     priority: Optional[int]
     prefsrc: Optional[IPAddress]
+    nhid: Optional[int]            # the nexthop object it uses (`ip route add … nhid 5`), if any
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "type": tuple(RTN_TYPES.values())}
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
+        nhid = f" nhid {self.nhid}" if self.nhid is not None else ""
         via = f" via {self.gateway}" if self.gateway else ""
         dev = f" dev {self.dev}" if self.dev else ""
         table = f" table {self.table}" if self.table != "main" else ""
-        return f"{self.action} route {dst}{via}{dev}{table}"
+        return f"{self.action} route {dst}{nhid}{via}{dev}{table}"
 
 
 # -- neighbours and policy-routing rules (issue 15) ---------------------------
@@ -411,6 +415,62 @@ class RuleEvent(NetChangeEvent, init=False):
         return f"{self.action} rule{fam} " + " ".join(p for p in parts if p)
 
 
+# -- nexthop objects (`ip nexthop`; systemd-networkd's [NextHop], FRR) ---------
+# uapi/linux/nexthop.h. RTNLGRP_NEXTHOP is past the 32 groups bind() takes.
+RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
+RTNLGRP_NEXTHOP = 32
+NLM_F_CREATE = 0x400
+NH_GROUP_TYPES = {0: "mpath", 1: "resilient"}
+_NH_GRP = struct.Struct("<IBBH")   # struct nexthop_grp: id, weight - 1, weight_high, resvd
+_NETLINK_HANDLERS["nexthop"] = ("rtm_new_nexthop", "rtm_del_nexthop")
+_IOCTL_HANDLERS["nexthop"] = ()
+
+
+class NexthopEvent(NetChangeEvent, init=False):
+    """A nexthop object added, replaced, changed or deleted: one of `ip
+    monitor nexthop`'s lines. "changed" is a group the kernel rewrote because
+    a member was deleted (cause "kernel"). A nexthop that goes with its
+    device (the link set down or deleted) is removed without a notification,
+    as are the routes using it: `ip monitor` prints nothing then either."""
+
+    kind = "nexthop"
+    ACTIONS = ("added", "replaced", "changed", "deleted")
+    id: int
+    family: Optional[int]          # 4 or 6; None for a group or a blackhole without one
+    gateway: Optional[IPAddress]
+    blackhole: bool
+    group: Tuple[Tuple[int, int], ...]   # (member id, weight) of a group, in order
+    group_type: Union[str, int, None]   # "mpath" or "resilient" for a group
+    fdb: bool
+    protocol: int
+    VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS, "group_type": tuple(NH_GROUP_TYPES.values())}
+
+    def describe(self) -> str:
+        # as `ip nexthop` prints it: "id 10 group 1,3/2", "id 1 via 10.0.0.1 dev eth0"
+        parts = [f"{self.action} nexthop id {self.id}"]
+        if self.group:
+            parts.append("group " + "/".join(f"{i},{w}" if w != 1 else str(i) for i, w in self.group))
+            if self.group_type == "resilient":
+                parts.append("type resilient")
+        if self.blackhole:
+            parts.append("blackhole")
+        if self.gateway is not None:
+            parts.append(f"via {self.gateway}")
+        if self.dev or self.ifindex:
+            parts.append(f"dev {self.dev or f'ifindex {self.ifindex}'}")
+        if self.fdb:
+            parts.append("fdb")
+        return " ".join(parts)
+
+
+def nexthop_group(raw: Optional[bytes]) -> Tuple[Tuple[int, int], ...]:
+    """NHA_GROUP's members as (id, weight); the kernel keeps weight - 1, its
+    high byte (weights above 256, 6.12+) apart."""
+    if not raw:
+        return ()
+    return tuple((nh_id, (high << 8 | low) + 1) for nh_id, low, high, _ in _NH_GRP.iter_unpack(raw[:len(raw) // 8 * 8]))
+
+
 def _prefix(raw: Optional[bytes], family: int, plen: int) -> Optional[Any]:
     ip = _ip(raw, family)
     return _network(ip, plen) if ip is not None else None
@@ -521,9 +581,12 @@ class _Monitor:
         self.names: Dict[int, str] = {}
         # (family, ifindex, dst) -> (NUD state, lladdr) of the entries known now
         self.neighbours: Dict[Tuple[int, int, bytes], Tuple[int, Optional[bytes]]] = {}
+        # ids of the nexthop objects present: `ip nexthop replace` of a new id is an addition
+        self.nexthops: Set[int] = set()
         try:
             self._dump_links()
             self._dump_neighbours()
+            self._dump_nexthops()
         except BaseException:
             self.close()
             raise
@@ -550,6 +613,7 @@ class _Monitor:
         except OSError:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_RCVBUF)
         s.bind((0, _GROUPS))
+        s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEXTHOP)
         return s
 
     def _dump_links(self) -> None:
@@ -574,6 +638,16 @@ class _Monitor:
                 key = neigh_key(msg)
                 if mtype == RTM_NEWNEIGH and key is not None:
                     self.neighbours[key] = (struct.unpack_from("<H", msg, 24)[0], _attrs(msg, 28, len(msg)).get(2))
+
+    def _dump_nexthops(self) -> None:
+        self.sock.send(_dump_request(RTM_GETNEXTHOP, 3))
+        while True:
+            for mtype, msg in _split(self.sock.recv(1 << 16)):
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                    return
+                nh_id = _u32(_attrs(msg, 24, len(msg)), 1) if mtype == RTM_NEWNEXTHOP else None
+                if nh_id is not None:
+                    self.nexthops.add(nh_id)
 
     def learn(self, msg: bytes) -> None:
         if len(msg) >= 32:
@@ -622,14 +696,19 @@ def _open_nft(avoid: int) -> socket.socket:
 
 @functools.lru_cache(maxsize=None)
 def _dump_request(msg_type: int, seq: int) -> bytes:
-    """A dump request (NLM_F_REQUEST | NLM_F_DUMP) of `msg_type` (links or
-    neighbours), built by pyroute2's message class as netns/rtnl.py builds
-    its requests, once per process. It goes out on the monitor socket
-    itself: its replies carry the monitor's port id, which is how decode()
-    tells them from changes."""
+    """A dump request (NLM_F_REQUEST | NLM_F_DUMP) of `msg_type` (links,
+    neighbours or nexthops), built by pyroute2's message classes as
+    netns/rtnl.py builds its requests, once per process. It goes out on the
+    monitor socket itself: its replies carry the monitor's port id, which is
+    how decode() tells them from changes."""
+    from pyroute2.netlink import nlmsg
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
-    msg = ifinfmsg() if msg_type == RTM_GETLINK else ndmsg()
+
+    class nhmsg(nlmsg):  # struct nhmsg (uapi/linux/nexthop.h): pyroute2 0.9 has no class for it
+        fields = (("family", "B"), ("scope", "B"), ("protocol", "B"), ("resvd", "B"), ("flags", "I"))
+
+    msg = {RTM_GETLINK: ifinfmsg, RTM_GETNEIGH: ndmsg, RTM_GETNEXTHOP: nhmsg}[msg_type]()
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
     msg["header"]["sequence_number"] = seq
@@ -651,7 +730,7 @@ class NetChangeProbe(Probe):
     name = "netchange"
     kind_id = wire.Kind.NLMSG
     event_types = {"addr": AddrEvent, "link": LinkEvent, "route": RouteEvent,
-                   "neigh": NeighEvent, "rule": RuleEvent, "nft": NftEvent}
+                   "neigh": NeighEvent, "rule": RuleEvent, "nft": NftEvent, "nexthop": NexthopEvent}
     decoder: "NetChangeDecoder"
 
     def __init__(self) -> None:
@@ -739,10 +818,12 @@ class NetChangeDecoder(Decoder):
         self._monitors = monitors
         self._last: Dict[int, Tuple[int, Optional[NetChangeEvent]]] = {}  # netns -> (skb, event) of the last record
         self._raced_count: Dict[int, int] = {}
+        self._nexthops: Dict[int, Set[int]] = {}  # nexthop ids seen, where no monitor knows them
 
     def forget(self, netns: int) -> None:
         self._last.pop(netns, None)
         self._raced_count.pop(netns, None)
+        self._nexthops.pop(netns, None)
 
     def raced(self, netns: int) -> int:
         """Notifications of `netns` lost: raced onto the monitor socket, or past a batch's copy."""
@@ -820,6 +901,8 @@ class NetChangeDecoder(Decoder):
             return self._neigh(hdr, stack, msg, mtype, mon, common)
         if mtype in (RTM_NEWRULE, RTM_DELRULE):
             return self._rule(hdr, stack, msg, mtype, mon, common)
+        if mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
+            return self._nexthop(hdr, stack, msg, mtype, nl_flags, mon, common)
         return None
 
     def _finish(self, cls: Type[NetChangeEvent], hdr: Header, stack: Stack,
@@ -915,7 +998,7 @@ class NetChangeDecoder(Decoder):
                       gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
                       ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
                       type=RTN_TYPES.get(rtype, rtype), protocol=proto, priority=prio,
-                      prefsrc=_ip(attrs.get(7), family), **common)
+                      prefsrc=_ip(attrs.get(7), family), nhid=_u32(attrs, 30), **common)  # RTA_NH_ID
         return self._finish(RouteEvent, hdr, stack, fields)
 
     def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
@@ -964,6 +1047,44 @@ class NetChangeDecoder(Decoder):
                       protocol=proto[0] if proto else None, dev=None, ifindex=None, **common)
         return self._finish(RuleEvent, hdr, stack, fields)
 
+    def _nexthop(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
+                 mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
+        if len(msg) < 24:
+            return None
+        family, _scope, proto, _resvd, _flags = struct.unpack_from("<BBBBI", msg, 16)
+        attrs = _attrs(msg, 24, len(msg))
+        nh_id = _u32(attrs, 1)  # NHA_ID
+        if nh_id is None:
+            return None
+        known = mon.nexthops if mon else self._nexthops.setdefault(hdr.netns, set())
+        if mtype == RTM_DELNEXTHOP:
+            action = "deleted"
+            known.discard(nh_id)
+        else:
+            # the kernel echoes the request's flags; a group it rewrote after
+            # a member was deleted carries neither NLM_F_CREATE nor NLM_F_REPLACE
+            if nh_id not in known:
+                action = "added"
+            elif nl_flags & (NLM_F_REPLACE | NLM_F_CREATE):
+                action = "replaced"
+            else:
+                action = "changed"
+            known.add(nh_id)
+        oif = _u32(attrs, 5)
+        group = nexthop_group(attrs.get(2))
+        group_type: Union[str, int, None] = None
+        if group:   # NHA_GROUP_TYPE: absent for a plain multipath group on some kernels
+            raw_type = struct.unpack_from("<H", attrs[3])[0] if len(attrs.get(3, b"")) >= 2 else 0
+            group_type = NH_GROUP_TYPES.get(raw_type, raw_type)
+        fields = dict(action=action, id=nh_id, family={socket.AF_INET: 4, socket.AF_INET6: 6}.get(family),
+                      gateway=_ip(attrs.get(6), family), blackhole=4 in attrs, group=group,
+                      group_type=group_type,
+                      fdb=11 in attrs, protocol=proto, dev=mon.names.get(oif) if mon and oif else None,
+                      ifindex=oif, **common)
+        event = self._finish(NexthopEvent, hdr, stack, fields)
+        if action == "changed" and event.cause == "netlink":
+            event = event.evolve(cause="kernel", detail="a member of the group was deleted")
+        return event
 
     def _nft(self, buf: bytes, hdr: Header) -> List[Event]:
         """Every change of one nftables notification batch, each attributed to
@@ -998,7 +1119,7 @@ def _address_filters(address: Any, dev: Optional[str]) -> Dict[str, Any]:
 
 
 class ChangeFilters(CommonFilters, total=False):
-    """Filters every configuration change (addr, link, route, neigh, rule) takes."""
+    """Filters every configuration change (addr, link, route, neigh, rule, nexthop, nft) takes."""
 
     action: Filter[str]
     dev: Filter[str]
@@ -1041,6 +1162,7 @@ class RouteFilters(ChangeFilters, total=False):
     protocol: Filter[Any]
     priority: Filter[int]
     prefsrc: AddressFilter
+    nhid: Filter[int]
 
 
 class NeighFilters(ChangeFilters, total=False):
@@ -1074,6 +1196,19 @@ class RuleFilters(ChangeFilters, total=False):
     protocol: Filter[Any]
 
 
+class NexthopFilters(ChangeFilters, total=False):
+    """Filters of 'nexthop' events: a keyword per field (nettrace.events('nexthop', ...) takes them too)."""
+
+    id: Filter[int]
+    family: Filter[Union[int, str]]
+    gateway: AddressFilter
+    blackhole: Filter[bool]
+    group: Filter[Any]
+    group_type: Filter[str]
+    fdb: Filter[bool]
+    protocol: Filter[Any]
+
+
 class NftFilters(ChangeFilters, total=False):
     """Filters of 'nft' events: a keyword per field (nettrace.events('nft', ...) takes them too)."""
 
@@ -1088,7 +1223,7 @@ class NftFilters(ChangeFilters, total=False):
 
 
 class NetChangeApi(KindApi):
-    """`nettrace` methods for address, link and route changes (Trace exposes them)."""
+    """`nettrace` methods for network configuration changes (Trace exposes them)."""
 
     def address_changes(self, **filters: Unpack[AddrFilters]) -> List[AddrEvent]:
         """Addresses added or deleted (kind "addr"), with who did it."""
@@ -1134,6 +1269,10 @@ class NetChangeApi(KindApi):
     def rule_changes(self, **filters: Unpack[RuleFilters]) -> List[RuleEvent]:
         """Policy-routing rules (`ip rule`) added or deleted (kind "rule")."""
         return cast(List[RuleEvent], self.ctx.events("rule", **filters))
+
+    def nexthop_changes(self, **filters: Unpack[NexthopFilters]) -> List[NexthopEvent]:
+        """Nexthop objects (`ip nexthop`) added, replaced, changed or deleted (kind "nexthop")."""
+        return cast(List[NexthopEvent], self.ctx.events("nexthop", **filters))
 
 
 PROBE = NetChangeProbe

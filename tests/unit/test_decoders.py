@@ -13,7 +13,7 @@ from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.records import RecordDecoder
 from pytest_nettrace.probes.conn import ConnProbe
 from pytest_nettrace.probes.drop import DropProbe
-from pytest_nettrace.probes.netchange import RTM_DELLINK, RTM_NEWADDR, NetChangeProbe
+from pytest_nettrace.probes.netchange import RTM_DELLINK, RTM_NEWADDR, RTM_NEWNEXTHOP, NetChangeProbe
 from pytest_nettrace.probes.packet import PacketProbe
 from pytest_nettrace.probes.retransmit import RetransmitProbe
 from pytest_nettrace.probes.rst import RstProbe
@@ -260,6 +260,35 @@ def test_netchange_a_bridge_port_leaving_its_bridge_is_no_link_deleted():
                              (0xffff888000006000, _dellink(socket.AF_UNSPEC)))]
     [ev] = decode(NetChangeProbe(), *recs)
     assert (ev.kind, ev.action, ev.dev) == ("link", "deleted", "e1")
+
+
+
+def _newnexthop(nh_id: int, flags: int, *attrs: bytes) -> bytes:
+    body = struct.pack("<BBBBI", 0, 0, 0, 0, 0) + struct.pack("<HHI", 8, 1, nh_id) + b"".join(attrs)
+    return struct.pack("<IHHII", 16 + len(body), RTM_NEWNEXTHOP, flags, 1, 0) + body
+
+
+def _nh_attr(kind: int, value: bytes) -> bytes:
+    return struct.pack("<HH", 4 + len(value), kind) + value + bytes(-len(value) % 4)
+
+
+def test_netchange_nexthop_groups_and_what_each_notification_is():
+    """A group's members and weights (the kernel keeps weight - 1; its high
+    byte apart), resilient groups; a new id is an addition even by `replace`,
+    a known one replaced; a group rewritten without request flags (a member
+    deleted) is a change."""
+    members = struct.pack("<IBBH", 1, 2, 0, 0) + struct.pack("<IBBH", 2, 0, 0, 0) + struct.pack("<IBBH", 3, 43, 1, 0)
+    msgs = [_newnexthop(10, 0x505, _nh_attr(2, members), _nh_attr(3, struct.pack("<H", 1))),   # replace, new id
+            _newnexthop(10, 0x505, _nh_attr(2, members[:16])),                                  # replace, known
+            _newnexthop(10, 0x5, _nh_attr(2, members[:8]))]                                     # rewritten
+    recs = [record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, skb=0xffff888000007000 + 0x100 * i, msg_len=len(m),
+                   copied=len(m), msg=m, pid=55, comm=b"ip") for i, m in enumerate(msgs)]
+    added, replaced, changed = decode(NetChangeProbe(), *recs)
+    assert (added.kind, added.action, added.id, added.group, added.group_type) == (
+        "nexthop", "added", 10, ((1, 3), (2, 1), (3, 300)), "resilient")
+    assert added.describe() == "added nexthop id 10 group 1,3/2/3,300 type resilient"
+    assert (replaced.action, replaced.group, replaced.group_type) == ("replaced", ((1, 3), (2, 1)), "mpath")
+    assert (changed.action, changed.group) == ("changed", ((1, 3),))
 
 
 # -- the record decoder's checks -------------------------------------------------
