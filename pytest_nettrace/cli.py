@@ -14,7 +14,8 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Callable, List, Optional, Sequence, TextIO
+import time
+from typing import Callable, List, Optional, Sequence, TextIO, Tuple
 
 from .kernel.capabilities import DEFAULT_BTF, features
 from .kernel.engine import DEFAULT_RINGBUF, Engine
@@ -40,6 +41,41 @@ class LiveTrace(Trace):
     def new_capture_path(self) -> str:
         """The capture outlives the command (it names the file when it stops)."""
         return os.path.join(tempfile.mkdtemp(prefix="nettrace-watch-"), "watch.pcapng")
+
+
+class Settling:
+    """Holds each event `hold` seconds before it is shown, so that a
+    correction following within them (an accept's task, which arrives when
+    accept() returns; a sysctl write's result) takes its place instead of
+    printing as a second line. A correction of an event already shown is
+    shown."""
+
+    def __init__(self, hold: float = 0.5) -> None:
+        self.hold = hold
+        self._held: List[Tuple[float, Event]] = []   # (when taken, event), in time order
+
+    def feed(self, events: List[Event], now: float) -> List[Event]:
+        """The events to show at `now` (monotonic seconds): those held long
+        enough, each replaced by its correction when one is among `events`
+        (a poll's take(), which already merged its own corrections)."""
+        where = {id(e): i for i, (_, e) in enumerate(self._held)}
+        for event in events:
+            i = where.get(id(event.supersedes)) if event.supersedes is not None else None
+            if i is None:
+                self._held.append((now, event))
+            else:
+                self._held[i] = (self._held[i][0], event)
+                where[id(event)] = i   # a correction of that correction, later in this poll
+        n = 0
+        while n < len(self._held) and now - self._held[n][0] >= self.hold:
+            n += 1
+        ready, self._held = [e for _, e in self._held[:n]], self._held[n:]
+        return ready
+
+    def flush(self) -> List[Event]:
+        """What is still held (at the end)."""
+        ready, self._held = [e for _, e in self._held], []
+        return ready
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,16 +179,17 @@ def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         err.write(f"{PROG}: watching {where} for {what} ({engine.describe()}); Ctrl-C to stop\n")
         err.flush()
         reported_lost = 0
+        settling = Settling()
         while not stop.event.is_set():
             engine.wait(0.2)
             lost = trace.lost()  # drains the ring (and whatever probes queue elsewhere)
-            show(trace.take())
+            show(settling.feed(trace.take(), time.monotonic()))
             if lost > reported_lost:
                 err.write(f"{PROG}: {lost - reported_lost} events lost (ring buffer full)\n")
                 err.flush()
                 reported_lost = lost
         trace.close()  # drains what is left
-        show(trace.take())
+        show(settling.feed(trace.take(), time.monotonic()) + settling.flush())
         pcap = getattr(trace, "pcap_path", None)
     finally:
         engine.close()  # detaches every BPF link

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from typing import List
@@ -125,6 +126,30 @@ def test_watch_json_by_pid_with_kind_filter_stops_on_sigterm(ipnetns):
     assert row["cmdline"] == f"ip -n {ipnetns} addr del 10.8.0.2/24 dev v0"
     assert all(json.loads(line)["action"] == "deleted" for line in out.lines)  # the filter held
     assert "stopped (SIGTERM)" in text
+
+
+def test_watch_shows_an_accept_once_with_the_process_that_accepted(ipnetns):
+    """The handshake completes in softirq; the task is known when accept()
+    returns, 100 ms later here: one line, naming the server, not the
+    softirq's line and then its correction."""
+    server = textwrap.dedent("""
+        import socket, time
+        s = socket.socket(); s.bind(("10.8.0.1", 8123)); s.listen()
+        c = socket.create_connection(("10.8.0.1", 8123))
+        time.sleep(0.1)
+        a, _ = s.accept()
+        a.close(); c.close()
+    """)
+    subprocess.run(["ip", "-n", ipnetns, "link", "set", "lo", "up"], check=True)   # local traffic
+    proc, out, err = start_watch("--netns", ipnetns, "conn:accept")
+    try:
+        py = subprocess.Popen(["ip", "netns", "exec", ipnetns, sys.executable, "-c", server])
+        assert py.wait(10) == 0
+        line = out.wait_for("accept 10.8.0.1:8123 from")
+    finally:
+        stop(proc, err)
+    assert f"({py.pid}) uid 0" in line, line   # the server's task, not <softirq>
+    assert sum("accept 10.8.0.1:8123" in ln for ln in out.lines) == 1, out.lines
 
 
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is not installed")

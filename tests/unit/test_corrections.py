@@ -87,3 +87,26 @@ def test_of_takes_the_fields_in_declaration_order():
     assert (ev.direction, ev.origin, ev.family, ev.sport, ev.dport, ev.state) == ("sent", "reply", 4, 1, 2, "CLOSE")
     with pytest.raises(TypeError, match="takes its 9 own fields"):
         RstEvent.of(hdr, NO_STACK, "softirq", "sent")
+
+
+def test_a_live_watch_shows_a_correction_in_place_of_what_it_corrects():
+    """`nettrace watch` holds each event half a second: a correction arriving
+    meanwhile replaces it (one line, the corrected one); one arriving later
+    is shown as itself."""
+    from pytest_nettrace.cli import Settling
+
+    def addr(ts: int) -> AddrEvent:
+        return AddrEvent(None, (), "process", action="added", pid=5, comm="ip", cause="netlink",
+                         address=ipaddress.ip_interface(f"10.0.0.{ts}/24"), timestamp=ts, netns=NS)
+
+    first, second, third = addr(1), addr(2), addr(3)
+    settling = Settling(hold=0.5)
+    assert settling.feed([first, second], now=10.0) == []        # held
+    fixed = second.corrected(pid=None, cause="unknown")
+    again = fixed.corrected(cause="kernel")
+    assert settling.feed([fixed, again], now=10.2) == []
+    assert settling.feed([third], now=10.5) == [first, again]    # in place of second, once
+    late = first.corrected(cause="unknown")                      # first was shown already
+    assert settling.feed([late], now=10.7) == []
+    assert settling.feed([], now=11.0) == [third]
+    assert settling.flush() == [late] and settling.flush() == []
