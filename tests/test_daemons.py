@@ -229,3 +229,35 @@ def test_systemd_networkd_applies_and_reloads_network_files(netns, systemd_netwo
                                 comm="systemd-networkd")
     assert added.netns == netns.inode
     assert "eth1" in networkd.networkctl("list").stdout
+
+
+NEXTHOP_NETWORK = """[Match]
+Name=eth1
+
+[Network]
+Address=10.3.0.1/24
+IPv6AcceptRA=no
+
+[NextHop]
+Id=5
+Gateway=10.3.0.254
+
+[Route]
+Destination=10.50.0.0/16
+NextHop=5
+"""
+
+
+def test_systemd_networkd_nexthop_objects_and_the_routes_using_them(netns, systemd_networkd, nettrace, tmp_path):
+    """networkd makes a [NextHop] a nexthop object and routes through it by
+    id: both are events by networkd, and the route names its nexthop."""
+    netns.add_dummy("eth1")
+    (tmp_path / "10-eth1.network").write_text(NEXTHOP_NETWORK)
+    networkd = systemd_networkd(netns, config=tmp_path)
+    networkd.wait_configured("eth1")
+    nh = nettrace.assert_any("nexthop", timeout=10, action="added", id=5)
+    assert (str(nh.gateway), nh.dev, nh.family) == ("10.3.0.254", "eth1", 4)
+    assert nh.comm == "systemd-network" and nh.pid == networkd.process.pid and nh.cause == "netlink"
+    route = nettrace.assert_any("route", timeout=10, action="added", dst="10.50.0.0/16")
+    assert route.nhid == 5 and route.pid == networkd.process.pid
+    assert "nhid 5" in route.describe()
