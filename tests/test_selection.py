@@ -32,7 +32,7 @@ def test_select_names_exclusions_and_errors():
     assert select("rst, netchange") == (["netchange", "rst"], [n for n in every if n not in ("netchange", "rst")])
     loaded, left = select("-packet -syscall")
     assert "packet" not in loaded and set(left) == {"packet", "syscall"}
-    assert set(kinds_of(["netchange"])) == {"addr", "link", "route", "neigh", "rule", "nft"}
+    assert set(kinds_of(["netchange"])) == {"addr", "link", "route", "neigh", "rule", "nexthop", "nft"}
     with pytest.raises(ValueError, match="unknown probe 'pakcet' in nettrace_probes; probes: conn, "):
         select("-pakcet")
     with pytest.raises(ValueError, match="leaves no probe"):
