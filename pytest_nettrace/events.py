@@ -708,6 +708,13 @@ def describe_filters(filters: Mapping[str, Any]) -> str:
 _user_names: Dict[int, str] = {}
 
 
+def command_line(raw: bytes, length: int) -> Optional[str]:
+    """A task's command line as a probe copied it (the first `length` bytes
+    of its NUL-separated arguments), its arguments joined by spaces; None
+    when empty (a kernel thread)."""
+    return raw[:length].rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or None if length else None
+
+
 def user_name(uid: Optional[int]) -> Optional[str]:
     """The account name of `uid` (the number as text when it has none)."""
     if uid is None:

@@ -21,7 +21,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, 
                     Tuple, Type, Union, cast)
 
 from ..netns.linux import in_netns_at
-from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, parse_address, user_name
+from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, command_line, parse_address, user_name
 from ..events import CHOICE, FieldType
 from ..kernel import wire
 from ..kernel.wire import NC_F_NFT, NC_F_QUEUED_BY, NC_SOCK_NFT, NC_SOCK_RTNL, NT_F_KTHREAD
@@ -889,8 +889,7 @@ class NetChangeDecoder(Decoder):
         if mon is not None and nl_pid == mon.portid:
             return None  # a reply to our own request, not a change
         stack = hdr.stack(buf)
-        argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
-        common = dict(cmdline=" ".join(a.decode(errors="replace") for a in argv) or None)
+        common = dict(cmdline=command_line(cmdline, cmd_len))
         if mtype in (RTM_NEWADDR, RTM_DELADDR):
             return self._addr(hdr, stack, msg, mtype, mon, common)
         if mtype in (RTM_NEWLINK, RTM_DELLINK):
@@ -1099,8 +1098,7 @@ class NetChangeDecoder(Decoder):
             # a batch longer than the copy: the changes past it are lost
             self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
         stack = hdr.stack(buf)
-        argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
-        line = " ".join(a.decode(errors="replace") for a in argv) or None
+        line = command_line(cmdline, cmd_len)
         events: List[NetChangeEvent] = []
         for change in _nft.changes(msg):
             fields = dict(cmdline=line, dev=None, ifindex=None, **change)

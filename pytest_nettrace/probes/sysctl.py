@@ -17,7 +17,7 @@ import platform
 import struct
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, cast
 
-from ..events import Event, Header, user_name
+from ..events import Event, Header, command_line, user_name
 from ..kernel import wire
 from .base import Decoder, Plan, Probe
 from .context import CommonFilters, Filter, KindApi
@@ -193,9 +193,8 @@ class SysctlDecoder(Decoder):
         last[hdr.tid] = write
         if restart:
             return []
-        argv = cmdline[:cmd_len].rstrip(b"\0").split(b"\0") if cmd_len else []
         ev = SysctlEvent(hdr, (), "process", name=setting, old=write.old, new=write.new, dev=dev_of(parts),
-                         cmdline=" ".join(a.decode(errors="replace") for a in argv) or None,
+                         cmdline=command_line(cmdline, cmd_len),
                          user=user_name(hdr.uid))   # no stack: always in the writing process
         self._open[(hdr.netns, hdr.tid)] = ev
         return [ev]
