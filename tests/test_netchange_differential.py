@@ -79,6 +79,18 @@ class Monitor:
         return out
 
 
+def _between(events, first, last):
+    """The events after the first for which `first` holds, up to the next for which `last` does."""
+    started = False
+    for e in events:
+        if not started:
+            started = first(e)
+        elif last(e):
+            return
+        else:
+            yield e
+
+
 def _ours(events, begin: str):
     out = []
     started = False
@@ -220,15 +232,9 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
             assert m, f"cannot parse ip monitor line {ln!r}"
             if m[2]:   # (no address: a bridge forwarding entry)
                 theirs.append(("neigh", bool(m[1]), ipaddress.ip_address(m[2]), m[3]))
-    ours, started = [], False
-    for e in nettrace.events(netns=ns.inode):
-        if e.kind == "rule" and e.priority == begin:
-            started = True
-            continue
-        if e.kind == "rule" and e.priority == 19999:
-            break
-        if not started:
-            continue
+    ours = []
+    for e in _between(nettrace.events(netns=ns.inode), lambda e: e.kind == "rule" and e.priority == begin,
+                      lambda e: e.kind == "rule" and e.priority == 19999):
         if e.kind == "rule":
             ours.append(("rule", e.action == "deleted", e.priority))
         elif e.kind == "link":
@@ -302,31 +308,22 @@ def test_nexthop_changes_match_ip_monitor(make_netns, nettrace):
     finally:
         mon.proc.terminate()
         mon.proc.wait(5)
-    theirs, started = [], False
-    for ln in mon.lines:
+    theirs = []
+
+    def sentinel(n: int):
+        return lambda ln: bool(_NH.match(ln)) and int(_NH.match(ln)[2]) == n
+
+    for ln in _between(mon.lines, sentinel(begin), sentinel(9999)):
         m = _NH.match(ln)
-        if m and int(m[2]) == begin:
-            started = True
-            continue
-        if m and int(m[2]) == 9999:
-            break
-        if not started:
-            continue
         if m:
             theirs.append(("nexthop", bool(m[1]), int(m[2]), _nexthop_tokens(ln)))
         else:
             r = _NH_ROUTE.match(ln)
             assert r, f"cannot parse ip monitor line {ln!r}"
             theirs.append(("route", bool(r[1]), ipaddress.ip_network(r[2]), r[3] and int(r[3])))
-    events, ours, started = nettrace.events(netns=ns.inode), [], False
-    for e in events:
-        if e.kind == "nexthop" and e.id == begin:
-            started = True
-            continue
-        if e.kind == "nexthop" and e.id == 9999:
-            break
-        if not started:
-            continue
+    ours = []
+    for e in _between(nettrace.events(netns=ns.inode), lambda e: e.kind == "nexthop" and e.id == begin,
+                      lambda e: e.kind == "nexthop" and e.id == 9999):
         if e.kind == "nexthop":
             ours.append(("nexthop", e.action == "deleted", e.id, _nexthop_tokens(e.describe())))
         elif e.kind == "route":
