@@ -276,3 +276,33 @@ def test_link_down_cause_is_the_same_through_ioctl_and_netlink(make_netns, nettr
         seen[tool[0]] = (ev.cause, ev.detail, link.cause, link.pid == r.pid)
     assert seen["ip"] == ("kernel", "link down", "netlink", True)
     assert seen[BUSYBOX] == ("kernel", "link down", "ioctl", True)
+
+
+def test_a_carrier_change_a_reader_applies_blames_nobody(make_netns, nettrace):
+    """A carrier change waits for the kernel's linkwatch worker, unless a task
+    reading the link first (`ip link show`, a daemon's query) applies it on
+    the way (6.x: rtnl_getlink -> linkwatch_sync_dev). The reader changed
+    nothing: neither the link's change nor the neighbour entries the carrier
+    loss flushes name it."""
+    ns, peer = make_netns(), make_netns()
+    ns.add_veth("d1", peer, "p1")
+    reader = ns.popen(["sh", "-c", "while :; do ip link show dev d1 >/dev/null; done"])
+    try:
+        time.sleep(0.2)
+        for _ in range(30):   # only the peer's end is touched: d1 loses and regains its carrier
+            peer.set_down("p1")
+            time.sleep(0.01)
+            peer.set_up("p1")
+            time.sleep(0.01)
+    finally:
+        reader.terminate()
+        reader.wait()
+    events = nettrace.events(netns=ns.inode)
+    assert nettrace.lost() == 0
+    changes = [e for e in events if e.kind in ("link", "addr", "route", "neigh")]
+    assert not [e.describe() + f" by {e.actor()}" for e in changes if reader.pid in (e.ppid, e.pid)]
+    carrier = [e for e in events if e.kind == "link" and e.dev == "d1" and e.action == "changed"]
+    assert len(carrier) >= 30, [e.describe() for e in carrier]
+    applied = [e for e in carrier if (e.interrupted_task or "").startswith("ip(")]
+    assert all((e.pid, e.cause, e.detail) == (None, "kernel", "carrier change") for e in applied)
+    assert all(e.actor().startswith("<kernel: ip(") for e in applied)

@@ -104,9 +104,13 @@ _KERNEL_DETAILS = (
     (("addrconf_add_linklocal", "addrconf_dev_config", "addrconf_addr_gen"), "IPv6 autoconfiguration"),
     (("fib_add_ifaddr", "fib_del_ifaddr", "fib_netdev_event", "fib_inetaddr_event"),
      "follows an address or link change"),
-    (("netdev_state_change", "linkwatch_event", "__linkwatch_run_queue", "linkwatch_do_dev"),
-     "carrier change"),
+    (("netdev_state_change", "netif_state_change", "linkwatch_event", "__linkwatch_run_queue", "linkwatch_do_dev",
+      "linkwatch_sync_dev", "__linkwatch_sync_dev"), "carrier change"),
 )
+# A carrier change waits for the kernel's linkwatch worker, unless a task
+# reading the link first (`ip link show`, a daemon's query, ethtool) applies it
+# on the way: that reader asked for nothing.
+_APPLIED_BY_A_READER = frozenset(("linkwatch_sync_dev", "__linkwatch_sync_dev"))
 
 
 def _attrs(buf: bytes, off: int, end: int) -> Dict[int, bytes]:
@@ -919,8 +923,9 @@ class NetChangeDecoder(Decoder):
             if cause != "kernel":
                 fields["detail"] = "announced after duplicate address detection"
         uid: Optional[int] = hdr.uid
-        if kthread or stack.context("process") != "process":
-            # a kernel thread or an interrupt: no process asked for this
+        if kthread or stack.context("process") != "process" or not _APPLIED_BY_A_READER.isdisjoint(stack.functions):
+            # a kernel thread, an interrupt, or a pending carrier change that a
+            # reader's query applied: no process asked for this
             fields.update(dict.fromkeys(("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline")),
                           interrupted_task=f"{hdr.comm}({hdr.pid})", cause="kernel")
             uid = None
