@@ -232,3 +232,32 @@ def test_close_bytes_match_the_workload_when_the_server_closes_first(pair, nettr
         assert (ev.bytes_received, ev.bytes_sent) == (received, sent), ev
         mine = nettrace.assert_closed(pid=r.pid, sport=cport)
         assert (mine.bytes_received, mine.bytes_sent) == (sent, received), mine
+
+
+def test_a_connection_reset_before_accept_is_one_accept(pair, nettrace):
+    """The client aborts (SO_LINGER 0) before the server calls accept():
+    accept() still returns the socket (closed by the RST). One connection,
+    one accept event — naming the server once it took it — and its close."""
+    server, client, fam, a, b = pair
+    fam_name = "AF_INET6" if fam == 10 else "AF_INET"
+    srv = server.popen(script(f"""
+        import socket, sys
+        l = socket.socket(socket.{fam_name})
+        l.bind(({a!r}, 8080))
+        l.listen()
+        print("ready", flush=True)
+        sys.stdin.readline()          # only once the client has reset it
+        c, _ = l.accept()
+        print("accepted", flush=True)
+    """), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert srv.stdout.readline() == "ready\n"
+    port = int(client.run(linger_abort(a, 8080), check=True).stdout)
+    nettrace.wait_for("conn", action="close", sport=8080, dport=port)   # the server's side, closed by the RST
+    srv.stdin.write("go\n")
+    srv.stdin.flush()
+    assert srv.stdout.readline() == "accepted\n"
+    assert srv.wait(5) == 0
+    [accepted] = nettrace.assert_accepted_count(1, sport=8080)
+    assert (accepted.pid, accepted.dport, accepted.state) == (srv.pid, port, "ESTABLISHED")
+    assert [e.action for e in nettrace.connections(sport=8080)] == ["accept", "close"]
+    assert len(nettrace.connection_table().splitlines()) == 2

@@ -130,12 +130,17 @@ class ConnDecoder(Decoder):
 
     def __init__(self) -> None:
         # passive opens waiting for their other half (ESTABLISHED <-> ACCEPTED),
-        # by (netns, socket address); the two records can come in either order
-        self._pending: Dict[Tuple[int, int], ConnEvent] = {}
+        # by (netns, socket address), with the action of the record that came
+        # first: the two can come in either order
+        self._pending: Dict[Tuple[int, int], Tuple[int, ConnEvent]] = {}
+        # established, then closed (a reset) before accept() took them: accept()
+        # still returns the socket, and its record then names who took it
+        self._closed_unaccepted: Dict[Tuple[int, int], ConnEvent] = {}
 
     def forget(self, netns: int) -> None:
-        for key in [k for k in self._pending if k[0] == netns]:
-            del self._pending[key]
+        for table in (self._pending, self._closed_unaccepted):
+            for key in [k for k in table if k[0] == netns]:
+                del table[key]
 
     def layout(self, hdr: Header) -> wire.Record:
         return STACK_RECORD if hdr.flags & wire.CONN_F_STACK else RECORD
@@ -146,14 +151,19 @@ class ConnDecoder(Decoder):
             _BODY.unpack_from(buf, RECORD.body_offset)
         key = (hdr.netns, sk)
         if action == ACCEPTED:
-            ev = self._pending.pop(key, None)
+            first = self._pending.pop(key, None)
+            ev = first[1] if first is not None else self._closed_unaccepted.get(key)
+            self._closed_unaccepted.pop(key, None)
             if ev is not None:  # established first: now we know who accepted it
                 return [ev.corrected(**_owner_from_task(hdr))]
         elif action == ESTABLISHED:
+            self._closed_unaccepted.pop(key, None)   # the address is a new socket's now
             if self._pending.pop(key, None) is not None:  # accept() was reported first
                 return []
         elif action == CLOSE:
-            self._pending.pop(key, None)
+            first = self._pending.pop(key, None)
+            if first is not None and first[0] == ESTABLISHED:
+                self._closed_unaccepted[key] = first[1]
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
         stack = hdr.stack(buf)
         # only a close that ended no FIN exchange has a stack; the context
@@ -178,7 +188,7 @@ class ConnDecoder(Decoder):
             **owner_fields,
         )
         if action in (ACCEPTED, ESTABLISHED):
-            self._pending[key] = ev
+            self._pending[key] = (action, ev)
         return [ev]
 
 

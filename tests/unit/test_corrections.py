@@ -10,7 +10,7 @@ import pytest
 
 from pytest_nettrace.events import NO_STACK, Header
 from pytest_nettrace.kernel import wire
-from pytest_nettrace.probes.conn import ACCEPTED, ESTABLISHED, ConnDecoder, ConnEvent
+from pytest_nettrace.probes.conn import ACCEPTED, CLOSE, ESTABLISHED, ConnDecoder, ConnEvent
 from pytest_nettrace.probes.netchange import AddrEvent
 from pytest_nettrace.probes.rst import RstEvent
 from records import record
@@ -48,6 +48,23 @@ def test_accept_learned_after_establishment_is_a_correction():
     assert established.pid is None and established.comm is None   # what a test already holds is unchanged
     assert (accepted.action, accepted.state, accepted.sport) == ("accept", "ESTABLISHED", 9)
 
+
+
+def test_accept_of_a_connection_reset_before_it_is_still_one_accept():
+    """Established, reset by the peer (closed) and only then accept()ed: the
+    accept's record names who took it, as a correction of the one accept."""
+    decoder = ConnDecoder()
+    events = []
+    for action, pid, comm in ((ESTABLISHED, 0, b"swapper/0"), (CLOSE, 0, b"swapper/0"), (ACCEPTED, 4242, b"server")):
+        rec = _conn_record(action, pid, comm)
+        events += decoder.decode(rec, Header(rec))
+    established, closed, accepted = events
+    assert (established.action, closed.action, accepted.action) == ("accept", "close", "accept")
+    assert accepted.supersedes is established and (accepted.pid, accepted.comm) == (4242, "server")
+    # the socket's address, reused by the next connection, starts afresh
+    rec = _conn_record(ESTABLISHED, 0, b"swapper/0")
+    [again] = decoder.decode(rec, Header(rec))
+    assert again.supersedes is None and again.pid is None
 
 def test_an_event_is_immutable_and_its_fields_are_its_annotations():
     from pytest_nettrace.events import Event
