@@ -136,9 +136,15 @@ int BPF_PROG(traffic_tx, const struct sk_buff *skb, const struct net_device *dev
 	return 0;
 }
 
+#define PACKET_LOOPBACK 5
+
 SEC("tp_btf/netif_receive_skb")
 int BPF_PROG(traffic_rx, struct sk_buff *skb)
 {
+	/* the local copy of a broadcast or multicast the host sent
+	 * (dev_loopback_xmit): the device received nothing, nor counts it */
+	if (BPF_CORE_READ_BITFIELD(skb, pkt_type) == PACKET_LOOPBACK)
+		return 0;
 	count(skb, skb->dev, true);
 	return 0;
 }

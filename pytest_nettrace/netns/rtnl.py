@@ -150,3 +150,18 @@ def decode_addr(raw: bytes) -> ifaddrmsg:
     msg.decode()
     return msg
 
+
+def link_kinds() -> dict[str, str]:
+    """name -> kind ("veth", "macvlan", "vlan", …; "" for a device without
+    one, such as lo) of every interface of the calling thread's namespace."""
+    from pyroute2.netlink.rtnl import RTM_GETLINK
+    rtnl = RtnlSocket(open_rtnl_socket())
+    try:
+        kinds = {}
+        for raw in rtnl.request(ifinfmsg(), RTM_GETLINK, NLM_F_DUMP):
+            msg = decode_link(raw)
+            info = msg.get_attr("IFLA_LINKINFO")
+            kinds[msg.get_attr("IFLA_IFNAME")] = (info.get_attr("IFLA_INFO_KIND") if info else None) or ""
+        return kinds
+    finally:
+        rtnl.close()
