@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("ip") is None, reason="needs iprout
 _ADDR = re.compile(r"^(Deleted )?\d+: (\S+?)(?:@\S+)?\s+(inet6?) (\S+) .*?(?:\s(\S+))?\\")
 _ROUTE = re.compile(r"^(Deleted )?(?:(local|broadcast|multicast|anycast|unreachable|blackhole|prohibit) )?"
                     r"(\S+)(?: via (?:inet6 )?(\S+))? dev (\S+)(?: table (\S+))?")
+_HOPS = re.compile(r"nexthop via (?:inet6 )?(\S+) dev (\S+) weight (\d+)")
 END = "198.51.100.2/32"
 
 
@@ -67,6 +68,14 @@ class Monitor:
                     out.append(("addr", "deleted" if deleted else "added", ipaddress.ip_interface(addr), dev,
                                 label if fam == "inet" else None))
                 continue
+            hops = tuple((via, dev, int(w)) for via, dev, w in _HOPS.findall(ln))
+            if hops:   # a multipath route: "10.70.0.0/16 \\tnexthop via … dev … weight 1 …"
+                if started:
+                    deleted, dst = ln.startswith("Deleted "), ln.removeprefix("Deleted ").split()[0]
+                    table = re.search(r" table (\S+)", ln)
+                    out.append(("route", "deleted" if deleted else "added", "unicast", ipaddress.ip_network(dst),
+                                hops, None, table[1] if table else "main"))
+                continue
             m = _ROUTE.match(ln)
             assert m, f"cannot parse ip monitor line {ln!r}"
             if not started:
@@ -103,6 +112,9 @@ def _ours(events, begin: str):
             continue
         if e.kind == "addr":
             out.append(("addr", e.action, e.address, e.dev, e.label))
+        elif e.kind == "route" and e.nexthops:
+            out.append(("route", e.action, e.type, e.dst, tuple((str(h.gateway), h.dev, h.weight) for h in e.nexthops),
+                        None, str(e.table)))
         elif e.kind == "route":
             out.append(("route", e.action, e.type, e.dst, e.gateway, e.dev, str(e.table)))
     return out
@@ -123,7 +135,10 @@ def test_address_and_route_changes_match_ip_monitor(make_netns, nettrace):
             "route add 10.8.0.0/16 dev d1 table 100",
             "route add default via 192.168.2.254",
             "-6 route add 2001:db8:1::/48 via fd00::1",
+            "route add 10.70.0.0/16 nexthop via 192.168.2.2 weight 1 nexthop via 192.168.2.3 weight 2",
+            "-6 route add 2001:db8:2::/48 nexthop via fd00::2 nexthop via fd00::3 weight 3",
             "route del 10.9.0.0/16",
+            "route del 10.70.0.0/16",
             "addr del 192.168.2.247/24 dev d1",
             "link set d1 down",                               # IPv6 addresses and routes go
             "link set d1 up",
@@ -140,6 +155,7 @@ def test_address_and_route_changes_match_ip_monitor(make_netns, nettrace):
     ours = _ours(nettrace.events(netns=ns.inode), begin)
     assert nettrace.lost() == 0
     assert len(theirs) > 30, theirs          # the workload did what it should
+    assert sum(t[0] == "route" and isinstance(t[4], tuple) for t in theirs) >= 3, theirs   # multipath, v4 and v6
     # the same changes, each with the same fields (order across CPUs may differ)
     assert Counter(ours) == Counter(theirs), (sorted(Counter(ours) - Counter(theirs), key=str),
                                               sorted(Counter(theirs) - Counter(ours), key=str))

@@ -17,8 +17,8 @@ import os
 import random
 import socket
 import struct
-from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Set,
-                    Tuple, Type, Union, cast)
+from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Sequence,
+                    Set, Tuple, Type, Union, cast)
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, command_line, parse_address, user_name
@@ -214,9 +214,44 @@ class LinkEvent(NetChangeEvent, init=False):
         return f"{what} {self.dev or f'ifindex {self.ifindex}'}"
 
 
+class RouteHop(NamedTuple):
+    """One path of a multipath route (`ip route add … nexthop via … nexthop via …`)."""
+
+    gateway: Optional[IPAddress]
+    dev: Optional[str]
+    ifindex: int
+    weight: int
+
+
+class _RouteHops(FieldType):
+    """A multipath route's paths: objects in JSON, RouteHops again when read back."""
+
+    def to_json(self, value: Any) -> Any:
+        return [dict(gateway=None if h.gateway is None else str(h.gateway), dev=h.dev, ifindex=h.ifindex,
+                     weight=h.weight) for h in value] if value is not None else None
+
+    def from_json(self, value: Any) -> Any:
+        if value is None:
+            return None
+        return tuple(RouteHop(parse_address(h["gateway"]) if h["gateway"] else None, h["dev"], h["ifindex"],
+                              h["weight"]) for h in value)
+
+
+class _Pairs(FieldType):
+    """A tuple of pairs (a nexthop group's members): lists in JSON, tuples again when read back."""
+
+    def to_json(self, value: Any) -> Any:
+        return [list(p) for p in value] if value is not None else None
+
+    def from_json(self, value: Any) -> Any:
+        return tuple(tuple(p) for p in value) if value is not None else None
+
+
 class RouteEvent(NetChangeEvent, init=False):
     """A route added, replaced (`ip route replace` of an existing one: the old
-    route is gone, the kernel does not say what it was) or deleted."""
+    route is gone, the kernel does not say what it was) or deleted. A
+    multipath route has its paths in `nexthops` (gateway None); its `dev` is
+    the device they share, if they share one."""
 
     kind = "route"
     ACTIONS = ("added", "replaced", "deleted")
@@ -229,16 +264,21 @@ class RouteEvent(NetChangeEvent, init=False):
     priority: Optional[int]
     prefsrc: Optional[IPAddress]
     nhid: Optional[int]            # the nexthop object it uses (`ip route add … nhid 5`), if any
+    nexthops: Tuple[RouteHop, ...]   # a multipath route's paths; () for one path
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "type": tuple(RTN_TYPES.values())}
+    TYPES = {"nexthops": _RouteHops()}
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
         nhid = f" nhid {self.nhid}" if self.nhid is not None else ""
         via = f" via {self.gateway}" if self.gateway else ""
-        dev = f" dev {self.dev}" if self.dev else ""
+        dev = f" dev {self.dev}" if self.dev and not self.nexthops else ""
         table = f" table {self.table}" if self.table != "main" else ""
-        return f"{self.action} route {dst}{nhid}{via}{dev}{table}"
+        # as ip route prints a multipath route: "nexthop via 10.0.0.1 dev eth0 weight 1" each
+        hops = "".join(" nexthop" + (f" via {h.gateway}" if h.gateway else "") + (f" dev {h.dev}" if h.dev else "")
+                       + f" weight {h.weight}" for h in self.nexthops)
+        return f"{self.action} route {dst}{nhid}{via}{dev}{table}{hops}"
 
 
 # -- neighbours and policy-routing rules (issue 15) ---------------------------
@@ -448,6 +488,7 @@ class NexthopEvent(NetChangeEvent, init=False):
     fdb: bool
     protocol: int
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS, "group_type": tuple(NH_GROUP_TYPES.values())}
+    TYPES = {"group": _Pairs()}
 
     def describe(self) -> str:
         # as `ip nexthop` prints it: "id 10 group 1,3/2", "id 1 via 10.0.0.1 dev eth0"
@@ -473,6 +514,27 @@ def nexthop_group(raw: Optional[bytes]) -> Tuple[Tuple[int, int], ...]:
     if not raw:
         return ()
     return tuple((nh_id, (high << 8 | low) + 1) for nh_id, low, high, _ in _NH_GRP.iter_unpack(raw[:len(raw) // 8 * 8]))
+
+
+_RTNH = struct.Struct("<HBBi")   # struct rtnexthop: len, flags, hops (weight - 1), ifindex
+
+
+def _route_hops(raw: Optional[bytes], family: int, mon: Optional["_Monitor"]) -> Tuple[RouteHop, ...]:
+    """RTA_MULTIPATH's paths, each a struct rtnexthop and its attributes."""
+    hops = []
+    off = 0
+    while raw and off + _RTNH.size <= len(raw):
+        length, _flags, weight, ifindex = _RTNH.unpack_from(raw, off)
+        if length < _RTNH.size:
+            break
+        attrs = _attrs(raw, off + _RTNH.size, min(off + length, len(raw)))
+        gateway = _ip(attrs.get(5), family)   # RTA_GATEWAY
+        if gateway is None and len(attrs.get(18, b"")) >= 2:   # RTA_VIA: an IPv4 route via an IPv6 gateway
+            via_family = struct.unpack_from("<H", attrs[18])[0]
+            gateway = _ip(attrs[18][2:], via_family)
+        hops.append(RouteHop(gateway, mon.names.get(ifindex) if mon else None, ifindex, weight + 1))
+        off += (length + 3) & ~3
+    return tuple(hops)
 
 
 def _prefix(raw: Optional[bytes], family: int, plen: int) -> Optional[Any]:
@@ -993,6 +1055,9 @@ class NetChangeDecoder(Decoder):
             dst_ip = ipaddress.ip_address(0) if family == socket.AF_INET else ipaddress.IPv6Address(0)
         oif = struct.unpack_from("<I", attrs[4])[0] if len(attrs.get(4, b"")) >= 4 else None
         prio = struct.unpack_from("<I", attrs[6])[0] if len(attrs.get(6, b"")) >= 4 else None
+        hops = _route_hops(attrs.get(9), family, mon)   # RTA_MULTIPATH
+        if hops and oif is None and len({h.ifindex for h in hops}) == 1:
+            oif = hops[0].ifindex
         if mtype == RTM_DELROUTE:
             action = "deleted"
         else:  # `ip route replace` of an existing route: the kernel says NLM_F_REPLACE
@@ -1002,7 +1067,8 @@ class NetChangeDecoder(Decoder):
                       gateway=_ip(attrs.get(5), family), dev=mon.names.get(oif) if mon and oif else None,
                       ifindex=oif, table=RT_TABLES.get(table, table), family=4 if family == socket.AF_INET else 6,
                       type=RTN_TYPES.get(rtype, rtype), protocol=proto, priority=prio,
-                      prefsrc=_ip(attrs.get(7), family), nhid=_u32(attrs, 30), **common)  # RTA_NH_ID
+                      prefsrc=_ip(attrs.get(7), family), nhid=_u32(attrs, 30), nexthops=hops,  # RTA_NH_ID
+                      **common)
         return self._finish(RouteEvent, hdr, stack, fields)
 
     def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
@@ -1166,6 +1232,7 @@ class RouteFilters(ChangeFilters, total=False):
     priority: Filter[int]
     prefsrc: AddressFilter
     nhid: Filter[int]
+    nexthops: Filter[Any]
 
 
 class NeighFilters(ChangeFilters, total=False):

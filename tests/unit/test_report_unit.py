@@ -16,7 +16,7 @@ from interpreter import run_python
 from pytest_nettrace.events import (ADDRESS, CHOICE, COMM, FAMILY, HEX, NETWORK, PLAIN, Event, FieldType, IPAddress,
                                     Stack, check_filters, field_type, matches)
 from pytest_nettrace.probes.drop import DropEvent
-from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, RuleEvent
+from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, RouteHop, RuleEvent
 from pytest_nettrace.probes.packet import PacketEvent
 from pytest_nettrace.probes.registry import kinds
 from pytest_nettrace.probes.rst import RstEvent
@@ -134,6 +134,10 @@ def _value_for(cls: type, name: str) -> Any:
         return ipaddress.ip_interface("10.0.0.1/24") if cls is AddrEvent else ipaddress.ip_address("2001:db8::1")
     if ftype is HEX:
         return b"\x00\xffpayload"
+    if name == "nexthops":   # a multipath route's paths
+        return (RouteHop(ipaddress.ip_address("10.0.0.2"), "eth0", 2, 1), RouteHop(None, "eth1", 3, 2))
+    if name == "group":      # a nexthop group's (member id, weight) pairs
+        return ((1, 3), (2, 1))
     if isinstance(ftype, FieldType) and type(ftype) is not FieldType:
         valid = cls.valid_values(name) if hasattr(cls, "valid_values") else None
         if valid:
