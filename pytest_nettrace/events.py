@@ -272,6 +272,9 @@ class IpProto(FieldType):
     "icmp6", /etc/protocols' "ipv6-icmp")."""
 
     ALIASES = {"icmp6": "icmpv6", "ipv6-icmp": "icmpv6"}
+    # the names the kinds give protocol numbers (others stay numbers)
+    NAMES = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah",
+             58: "icmpv6", 132: "sctp", 136: "udplite"}
 
     def check(self, owner: Any, field: str, value: Any) -> Any:
         return self.ALIASES.get(value, value) if isinstance(value, str) else value

@@ -206,6 +206,10 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
             "rule add not to 10.1.0.0/16 prohibit pref 300",
             "rule del pref 100",
             "-6 rule add from 2001:db8::/32 table 7 pref 400",
+            "rule add ipproto tcp dport 22 table 100 pref 500",
+            "rule add ipproto udp sport 1000-2000 table 100 pref 501",
+            "rule add uidrange 1000-1999 tos 0x10 lookup main suppress_prefixlength 0 pref 502",
+            "rule del pref 501",
             "link set d1 mtu 1400",
             "link set d1 down",
             "link set d1 name e1",
@@ -236,8 +240,8 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
                 break
         if not started:
             continue
-        if m:
-            theirs.append(("rule", bool(m[1]), int(m[2])))
+        if m:   # what follows "500:\t", as ours says it (ip shows a rule's protocol only when set)
+            theirs.append(("rule", bool(m[1]), int(m[2]), " ".join(re.sub(r" proto \S+", "", ln[m.end():]).split())))
         elif _LINK.match(ln):
             m = _LINK.match(ln)
             theirs.append(("link", bool(m[1]), m[2]))
@@ -252,7 +256,7 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
     for e in _between(nettrace.events(netns=ns.inode), lambda e: e.kind == "rule" and e.priority == begin,
                       lambda e: e.kind == "rule" and e.priority == 19999):
         if e.kind == "rule":
-            ours.append(("rule", e.action == "deleted", e.priority))
+            ours.append(("rule", e.action == "deleted", e.priority, e.describe().split(": ", 1)[1]))
         elif e.kind == "link":
             ours.append(("link", e.action == "deleted", e.dev))
         elif e.kind == "neigh":

@@ -22,7 +22,7 @@ from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, 
 
 from ..netns.linux import in_netns_at
 from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, command_line, parse_address, user_name
-from ..events import CHOICE, FieldType
+from ..events import CHOICE, IP_PROTO, FieldType, IpProto
 from ..kernel import wire
 from ..kernel.wire import NC_F_NFT, NC_F_QUEUED_BY, NC_SOCK_NFT, NC_SOCK_RTNL, NT_F_KTHREAD
 from ..kernel.libbpf import map_delete, map_update
@@ -432,7 +432,15 @@ class RuleEvent(NetChangeEvent, init=False):
     goto: Optional[int]
     invert: bool
     protocol: Optional[int]
+    tos: Optional[int]
+    ip_proto: Union[str, int, None]        # "tcp", "udp", … (`ip rule … ipproto tcp`)
+    sport: Optional[Tuple[int, int]]       # (first, last) port (`sport 1000-2000`; `sport 80`: (80, 80))
+    dport: Optional[Tuple[int, int]]
+    uidrange: Optional[Tuple[int, int]]
+    suppress_prefixlength: Optional[int]
+    l3mdev: bool
     VALUES = {**NetChangeEvent.VALUES, "rule_action": tuple(FR_ACTIONS.values())}
+    TYPES = {"ip_proto": IP_PROTO, "sport": _Pairs(), "dport": _Pairs(), "uidrange": _Pairs()}
 
     def describe(self) -> str:
         # as `ip rule` prints it: "100: from 10.0.0.0/8 lookup 100"
@@ -442,6 +450,8 @@ class RuleEvent(NetChangeEvent, init=False):
         parts.append(f"from {self.src if self.src is not None else 'all'}")
         if self.dst is not None:
             parts.append(f"to {self.dst}")
+        if self.tos:
+            parts.append(f"tos {self.tos:#x}")
         if self.fwmark is not None:
             mask = f"/{self.fwmask:#x}" if self.fwmask not in (None, 0xFFFFFFFF) else ""
             parts.append(f"fwmark {self.fwmark:#x}{mask}")
@@ -449,12 +459,25 @@ class RuleEvent(NetChangeEvent, init=False):
             parts.append(f"iif {self.iif}")
         if self.oif:
             parts.append(f"oif {self.oif}")
-        if self.rule_action == "lookup":
+        if self.l3mdev:
+            parts.append("lookup [l3mdev-table]")
+        if self.uidrange is not None:
+            parts.append(f"uidrange {self.uidrange[0]}-{self.uidrange[1]}")
+        if self.ip_proto is not None:
+            parts.append(f"ipproto {self.ip_proto}")
+        for name, ports in (("sport", self.sport), ("dport", self.dport)):
+            if ports is not None:
+                parts.append(f"{name} {ports[0]}" if ports[0] == ports[1] else f"{name} {ports[0]}-{ports[1]}")
+        if self.l3mdev:
+            pass   # said above, where ip rule says it
+        elif self.rule_action == "lookup":
             parts.append(f"lookup {self.table}")
         elif self.rule_action == "goto":
             parts.append(f"goto {self.goto}")
         else:
             parts.append(str(self.rule_action))
+        if self.suppress_prefixlength is not None:
+            parts.append(f"suppress_prefixlength {self.suppress_prefixlength}")
         fam = "" if self.family == 4 else " (IPv6)"
         return f"{self.action} rule{fam} " + " ".join(p for p in parts if p)
 
@@ -550,6 +573,14 @@ def _network(ip: Any, plen: int) -> Any:
 @functools.lru_cache(maxsize=1024)
 def _interface(ip: Any, plen: int) -> Any:
     return ipaddress.ip_interface(f"{ip}/{plen}")
+
+
+def _range(raw: Optional[bytes], fmt: str) -> Optional[Tuple[int, int]]:
+    """A (start, end) range attribute (ports: "<HH", uids: "<II")."""
+    if raw is None or len(raw) < struct.calcsize(fmt):
+        return None
+    start, end = struct.unpack_from(fmt, raw)
+    return (start, end)
 
 
 def _u32(attrs: Dict[int, bytes], key: int) -> Optional[int]:
@@ -1103,10 +1134,12 @@ class NetChangeDecoder(Decoder):
               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
         if len(msg) < 28:
             return None
-        family, dst_len, src_len, _tos, table, _r1, _r2, action, flags = struct.unpack_from("<8BI", msg, 16)
+        family, dst_len, src_len, tos, table, _r1, _r2, action, flags = struct.unpack_from("<8BI", msg, 16)
         attrs = _attrs(msg, 28, len(msg))
         table = _u32(attrs, 15) or table  # FRA_TABLE: tables above 255
         proto = attrs.get(21)  # FRA_PROTOCOL
+        ip_proto = attrs.get(22)  # FRA_IP_PROTO
+        suppress = _u32(attrs, 14)  # FRA_SUPPRESS_PREFIXLEN
         fields = dict(action="added" if mtype == RTM_NEWRULE else "deleted",
                       family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6),
                       src=_prefix(attrs.get(2), family, src_len), dst=_prefix(attrs.get(1), family, dst_len),
@@ -1114,7 +1147,13 @@ class NetChangeDecoder(Decoder):
                       fwmask=_u32(attrs, 16), table=RT_TABLES.get(table, table),
                       rule_action=FR_ACTIONS.get(action, action), goto=_u32(attrs, 4),
                       invert=bool(flags & 0x2),  # FIB_RULE_INVERT
-                      protocol=proto[0] if proto else None, dev=None, ifindex=None, **common)
+                      protocol=proto[0] if proto else None, tos=tos or None,
+                      ip_proto=IpProto.NAMES.get(ip_proto[0], ip_proto[0]) if ip_proto else None,
+                      sport=_range(attrs.get(23), "<HH"), dport=_range(attrs.get(24), "<HH"),  # FRA_*PORT_RANGE
+                      uidrange=_range(attrs.get(20), "<II"),  # FRA_UID_RANGE
+                      suppress_prefixlength={None: None, 0xFFFFFFFF: None}.get(suppress, suppress),  # -1: none
+                      l3mdev=bool(attrs.get(19, b"\0")[:1] != b"\0"),  # FRA_L3MDEV
+                      dev=None, ifindex=None, **common)
         return self._finish(RuleEvent, hdr, stack, fields)
 
     def _nexthop(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
@@ -1264,6 +1303,13 @@ class RuleFilters(ChangeFilters, total=False):
     goto: Filter[int]
     invert: Filter[bool]
     protocol: Filter[Any]
+    tos: Filter[int]
+    ip_proto: Filter[Union[str, int]]
+    sport: Filter[Any]
+    dport: Filter[Any]
+    uidrange: Filter[Any]
+    suppress_prefixlength: Filter[int]
+    l3mdev: Filter[bool]
 
 
 class NexthopFilters(ChangeFilters, total=False):
