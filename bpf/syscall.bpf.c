@@ -135,8 +135,12 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 		copy_msg_addr(e, e->args[1]);
 		break;
 	case SC_SETSOCKOPT:
-		if ((__s64)e->args[4] >= 4 &&
-		    !bpf_probe_read_user(&e->value, sizeof(e->value), (void *)e->args[3]))
+		/* the option's value, as strace shows it: addr holds its bytes */
+		copy_addr(e, e->args[3], e->args[4]);
+		break;
+	case SC_GETSOCKOPT:
+		/* the room the caller gave; the exit reads what the kernel filled */
+		if (e->args[4] && !bpf_probe_read_user(&e->value2, sizeof(e->value2), (void *)e->args[4]))
 			e->has_value = 1;
 		break;
 	}
@@ -204,9 +208,10 @@ int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 			copy_msg_addr(e, e->args[1]);
 			break;
 		case SC_GETSOCKOPT:
-			if (e->args[4] && !bpf_probe_read_user(&len, sizeof(len), (void *)e->args[4]) && len >= 4 &&
-			    !bpf_probe_read_user(&e->value, sizeof(e->value), (void *)e->args[3]))
-				e->has_value = 1;
+			if (e->args[4] && !bpf_probe_read_user(&len, sizeof(len), (void *)e->args[4])) {
+				e->value = len;
+				copy_addr(e, e->args[3], len);
+			}
 			break;
 		case SC_SOCKETPAIR: {
 			__s32 sv[2] = {};

@@ -100,3 +100,48 @@ def test_syscalls_match_strace_call_by_call(netns, nettrace, tmp_path):
     total = sum(len(v) for v in theirs.values())
     assert total >= 150 and len(theirs) >= 5, theirs     # the workload ran, in 5 threads
     assert dict(ours) == theirs
+
+
+SOCKOPTS = """
+    import os, socket, struct
+    print(os.getpid(), flush=True)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 200000))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo\\0")
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
+    s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    s.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)
+    s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
+    s.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+    s.getsockopt(socket.SOL_IP, socket.IP_TTL, 2)
+    r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    r.setsockopt(255, 1, struct.pack("I", ~(1 | 1 << 3 | 1 << 11 | 1 << 12) & 0xffffffff))   # SOL_RAW, ICMP_FILTER
+    r.setsockopt(255, 1, struct.pack("I", 1 | 1 << 8 | 1 << 20))
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, b"x")
+    except OSError:
+        pass
+    try:
+        s.getsockopt(socket.SOL_TCP, 9999, 4)
+    except OSError:
+        pass
+"""
+
+
+def test_socket_options_are_written_as_strace_writes_them(netns, nettrace, tmp_path):
+    """set/getsockopt, argument for argument as `strace` prints them: ints,
+    a linger, a device name, bytes it quotes, ICMP filters, the length a
+    getsockopt returned ("[16 => 3]"), failures."""
+    log = tmp_path / "strace.out"
+    netns.run(["ip", "link", "set", "lo", "up"], check=True)
+    r = netns.run(["strace", "-qq", "-e", "trace=setsockopt,getsockopt", "-o", str(log)] + script(SOCKOPTS),
+                  check=True)
+    theirs = [re.sub(r" \(.*\)$", "", " ".join(ln.split())) for ln in log.read_text().splitlines()]
+    ours = [re.sub(r"( \(.*\))? <[\d.]+>$", "", " ".join(ln.split()))
+            for ln in nettrace.strace(int(r.stdout.split()[0])).splitlines() if "sockopt(" in ln]
+    assert nettrace.lost("syscall") == 0
+    assert len(theirs) == 15, theirs
+    assert ours == theirs

@@ -61,7 +61,7 @@ SOCK_FLAGS = {0o4000: "SOCK_NONBLOCK", 0o2000000: "SOCK_CLOEXEC"}
 PROTOCOLS = {0: "IPPROTO_IP", 1: "IPPROTO_ICMP", 6: "IPPROTO_TCP", 17: "IPPROTO_UDP", 58: "IPPROTO_ICMPV6",
              132: "IPPROTO_SCTP", 136: "IPPROTO_UDPLITE", 255: "IPPROTO_RAW", 262: "IPPROTO_MPTCP"}
 LEVELS = {0: "SOL_IP", 1: "SOL_SOCKET", 6: "SOL_TCP", 17: "SOL_UDP", 41: "SOL_IPV6", 58: "SOL_ICMPV6",
-          263: "SOL_PACKET", 270: "SOL_NETLINK"}
+          255: "SOL_RAW", 263: "SOL_PACKET", 270: "SOL_NETLINK"}
 OPTIONS = {
     "SOL_SOCKET": {1: "SO_DEBUG", 2: "SO_REUSEADDR", 3: "SO_TYPE", 4: "SO_ERROR", 5: "SO_DONTROUTE",
                    6: "SO_BROADCAST", 7: "SO_SNDBUF", 8: "SO_RCVBUF", 9: "SO_KEEPALIVE", 10: "SO_OOBINLINE",
@@ -82,7 +82,15 @@ OPTIONS = {
     "SOL_IPV6": {16: "IPV6_UNICAST_HOPS", 17: "IPV6_MULTICAST_IF", 18: "IPV6_MULTICAST_HOPS",
                  19: "IPV6_MULTICAST_LOOP", 20: "IPV6_ADD_MEMBERSHIP", 25: "IPV6_RECVERR", 26: "IPV6_V6ONLY",
                  49: "IPV6_RECVPKTINFO", 67: "IPV6_TCLASS"},
+    "SOL_RAW": {1: "ICMP_FILTER"},
 }
+# how strace names an option it does not know, by level: "0x270f /* TCP_??? */"
+_OPTION_PREFIX = {"SOL_SOCKET": "SO", "SOL_TCP": "TCP", "SOL_UDP": "UDP", "SOL_IP": "IP", "SOL_IPV6": "IPV6",
+                  "SOL_RAW": "ICMP"}
+ICMP_TYPES = {0: "ICMP_ECHOREPLY", 3: "ICMP_DEST_UNREACH", 4: "ICMP_SOURCE_QUENCH", 5: "ICMP_REDIRECT",
+              8: "ICMP_ECHO", 11: "ICMP_TIME_EXCEEDED", 12: "ICMP_PARAMETERPROB", 13: "ICMP_TIMESTAMP",
+              14: "ICMP_TIMESTAMPREPLY", 15: "ICMP_INFO_REQUEST", 16: "ICMP_INFO_REPLY", 17: "ICMP_ADDRESS",
+              18: "ICMP_ADDRESSREPLY"}
 MSG_FLAGS = {0x1: "MSG_OOB", 0x2: "MSG_PEEK", 0x4: "MSG_DONTROUTE", 0x20: "MSG_TRUNC", 0x40: "MSG_DONTWAIT",
              0x80: "MSG_EOR", 0x100: "MSG_WAITALL", 0x800: "MSG_CONFIRM", 0x2000: "MSG_ERRQUEUE",
              0x4000: "MSG_NOSIGNAL", 0x8000: "MSG_MORE", 0x4000000: "MSG_ZEROCOPY",
@@ -91,6 +99,49 @@ SHUT = {0: "SHUT_RD", 1: "SHUT_WR", 2: "SHUT_RDWR"}
 _IP_FAMILY = {"AF_INET": 4, "AF_INET6": 6}   # `family` is 4/6 on every kind
 # calls whose first argument is not a socket fd
 _NO_FD = ("socket", "socketpair")
+
+
+def _c_string(raw: bytes) -> str:
+    """Bytes as strace quotes them: "lo\\0", "\\0\\0@\\r\\3"."""
+    out = ['"']
+    for i, c in enumerate(raw):
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif 0x20 <= c < 0x7F:
+            out.append(chr(c))
+        elif i + 1 < len(raw) and 0x30 <= raw[i + 1] <= 0x37:   # an octal digit follows: three digits
+            out.append(f"\\{c:03o}")
+        else:
+            out.append(f"\\{c:o}")
+    return "".join(out) + '"'
+
+
+_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x0B: "\\v"}
+
+
+def _option_value(level: str, option: str, raw: bytes) -> str:
+    """A socket option's value as strace shows it: [1], {l_onoff=1, l_linger=0},
+    ~[ICMP_ECHOREPLY], or its bytes quoted."""
+    if option == "SO_LINGER" and len(raw) >= 8:
+        onoff, linger = struct.unpack_from("<ii", raw)
+        return f"{{l_onoff={onoff}, l_linger={linger}}}"
+    if option == "ICMP_FILTER" and len(raw) == 4:
+        bits = struct.unpack("<I", raw)[0]
+        inverted = bin(bits).count("1") > 16
+        shown = ~bits & 0xFFFFFFFF if inverted else bits
+        names = [ICMP_TYPES.get(n, f"{n:#x} /* ICMP_??? */") for n in range(32) if shown >> n & 1]
+        return ("~" if inverted else "") + "[" + " ".join(names) + "]"
+    if len(raw) == 4 and option != "SO_BINDTODEVICE":
+        return f"[{struct.unpack('<i', raw)[0]}]"
+    return _c_string(raw)
+
+
+def option_int(option: Optional[str], raw: bytes) -> Union[int, str, None]:
+    """A socket option's value for the `value` field: an int (its first four
+    bytes), a device's name for SO_BINDTODEVICE; None when not read."""
+    if option == "SO_BINDTODEVICE":
+        return raw.split(b"\0", 1)[0].decode(errors="replace") if raw else None
+    return struct.unpack_from("<i", raw)[0] if len(raw) >= 4 else None
 
 
 def _flags(value: int, names: Dict[int, str], zero: str = "0") -> str:
@@ -153,7 +204,7 @@ class SyscallEvent(Event, init=False):
     path: Optional[str]
     level: Optional[str]
     option: Optional[str]
-    value: Optional[int]
+    value: Union[int, str, None]     # an option's int (SO_BINDTODEVICE: the name); socketpair: first fd
     HIGH_VOLUME = True
     VALUES = {**Event.VALUES, "name": CALLS, "errno": tuple(sorted(_errno.errorcode.values())),
               "sockaddr_family": tuple(FAMILIES.values())}
@@ -173,7 +224,7 @@ class SyscallEvent(Event, init=False):
 
 
 def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, value: Optional[int],
-                 value2: Optional[int]) -> str:
+                 value2: Optional[int], optval: bytes = b"") -> str:
     i32 = [struct.unpack("<i", struct.pack("<I", x & 0xFFFFFFFF))[0] for x in a]
     fd = i32[0]
     addr_out = addr if addr else ("NULL" if not a[1] else f"{a[1]:#x}")
@@ -207,9 +258,18 @@ def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, 
         return f"{fd}, ..., {a[2]}, {_flags(i32[3], MSG_FLAGS)}, ..."
     if name in ("setsockopt", "getsockopt"):
         level = LEVELS.get(i32[1], str(i32[1]))
-        opt = OPTIONS.get(level, {}).get(i32[2], str(i32[2]))
-        val = f"[{value}]" if value is not None else "..."
-        optlen = str(i32[4]) if name == "setsockopt" else "[...]"
+        opt = OPTIONS.get(level, {}).get(i32[2]) or (
+            f"{i32[2]:#x} /* {_OPTION_PREFIX[level]}_??? */" if level in _OPTION_PREFIX else str(i32[2]))
+        val = _option_value(level, opt, optval) if optval or (name == "getsockopt" and value == 0) else \
+            ("NULL" if not a[3] else f"{a[3]:#x}")
+        if name == "setsockopt":
+            optlen = str(i32[4])
+        elif value2 is None:    # the caller's room could not be read
+            optlen = "NULL" if not a[4] else f"{a[4]:#x}"
+        elif value is None or value == value2 or ret < 0:
+            optlen = f"[{value2}]"
+        else:
+            optlen = f"[{value2} => {value}]"
         return f"{fd}, {level}, {opt}, {val}, {optlen}"
     if name == "shutdown":
         return f"{fd}, {SHUT.get(i32[1], str(i32[1]))}"
@@ -278,23 +338,30 @@ class SyscallDecoder(Decoder):
         *args, ret, duration, code, addr_len, value, value2, has_value, addr = (
             _BODY.unpack_from(buf, RECORD.body_offset))
         name = CALLS[code - 1] if 0 < code <= len(CALLS) else f"syscall{code}"
-        addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
-        sockaddr_family: Any = fields.get("family")
-        ok_value = value if has_value else None
-        ok_value2 = value2 if has_value else None
         level = option = None
+        optval = b""
+        field_value: Union[int, str, None] = value if has_value else None
         if name in ("setsockopt", "getsockopt"):
             lv = struct.unpack("<i", struct.pack("<I", args[1] & 0xFFFFFFFF))[0]
             level = LEVELS.get(lv, str(lv))
             option = OPTIONS.get(level, {}).get(args[2] & 0xFFFFFFFF, str(args[2] & 0xFFFFFFFF))
+            # addr holds the option's value; value/value2 its lengths (getsockopt)
+            optval, addr_len = addr[:addr_len], 0
+            field_value = option_int(option, optval)
+        addr_text, fields = decode_sockaddr(addr[:addr_len]) if addr_len else ("", {})
+        sockaddr_family: Any = fields.get("family")
+        ok_value = value if has_value else None
+        ok_value2 = value2 if has_value else None
+        if name == "getsockopt":   # value: the length returned (only when the call was made)
+            ok_value = value if ret >= 0 else None
         fd = None if name in _NO_FD else struct.unpack("<i", struct.pack("<I", args[0] & 0xFFFFFFFF))[0]
         return [SyscallEvent(
             hdr, (), "process", name=name, fd=fd,
-            args=_render_args(name, tuple(args), addr_text, addr_len, ret, ok_value, ok_value2),
+            args=_render_args(name, tuple(args), addr_text, addr_len, ret, ok_value, ok_value2, optval),
             ret=ret, errno=_errno.errorcode.get(-ret) if ret < 0 else None, duration=duration / 1e9,
             address=fields.get("address"), port=fields.get("port"), path=fields.get("path"),
             family=_IP_FAMILY.get(sockaddr_family), sockaddr_family=sockaddr_family,
-            level=level, option=option, value=ok_value)]
+            level=level, option=option, value=field_value)]
 
 
 class SyscallFilters(CommonFilters, total=False):

@@ -156,10 +156,18 @@ def test_syscall_an_ipv4_mapped_peer_is_written_as_strace_writes_it():
 
 
 def test_syscall_setsockopt_names_level_and_option():
-    ev = _syscall("setsockopt", (4, socket.SOL_SOCKET, socket.SO_REUSEADDR, 0x7ffd0000, 4, 0), value=1,
-                  has_value=1)
+    # the option's value travels in the sockaddr's room
+    ev = _syscall("setsockopt", (4, socket.SOL_SOCKET, socket.SO_REUSEADDR, 0x7ffd0000, 4, 0),
+                  sockaddr=struct.pack("<i", 1))
     assert (ev.level, ev.option, ev.value) == ("SOL_SOCKET", "SO_REUSEADDR", 1)
-    assert ev.args == "4, SOL_SOCKET, SO_REUSEADDR, [1], 4"
+    assert ev.args == "4, SOL_SOCKET, SO_REUSEADDR, [1], 4" and ev.address is None
+    linger = _syscall("setsockopt", (4, socket.SOL_SOCKET, socket.SO_LINGER, 0x7ffd0000, 8, 0),
+                      sockaddr=struct.pack("<ii", 1, 0))
+    assert linger.args == "4, SOL_SOCKET, SO_LINGER, {l_onoff=1, l_linger=0}, 8"
+    # getsockopt: value = the length returned, value2 = the room given (has_value)
+    dev = _syscall("getsockopt", (4, socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 0x7ffd0000, 0x7ffd0100, 0),
+                   sockaddr=b"lo\0", value=3, value2=16, has_value=1)
+    assert (dev.args, dev.value) == ('4, SOL_SOCKET, SO_BINDTODEVICE, "lo\\0", [16 => 3]', "lo")
 
 
 def test_syscall_socket_renders_family_and_type():
