@@ -46,9 +46,10 @@ def test_lease_kept_while_valid_and_removed_on_release(lan, busybox, nettrace):
     bound = nettrace.wait_for("addr", timeout=15, action="added", netns=client.inode, dev="eth0",
                               address=lambda a: a.ip in POOL)
     # Renew (what udhcpc does by itself at half the lease time): the hook
-    # refreshes the address; it must never be removed and re-added.
+    # refreshes the address (a change: its lifetimes); it must never be
+    # removed and re-added.
     udhcpc.send_signal(signal.SIGUSR1)
-    nettrace.wait_for("addr", timeout=10, action="added", address=bound.address,
+    nettrace.wait_for("addr", timeout=10, action="changed", address=bound.address,
                       timestamp=lambda t: t > bound.timestamp)
     assert bound.address in client.addresses("eth0")
     # Stopping the client releases the lease (-R): the hook's `ip` removes it.
@@ -59,7 +60,7 @@ def test_lease_kept_while_valid_and_removed_on_release(lan, busybox, nettrace):
     life = nettrace.expect_sequence(
         step("addr", action="added", netns=client.inode, dev="eth0", address=lambda a: a.ip in POOL,
              comm="ip", bind={"lease": "address"}, as_="bound"),
-        step("addr", action="added", address=ref("lease"), comm="ip", as_="renewed"),
+        step("addr", action="changed", address=ref("lease"), comm="ip", as_="renewed"),
         step("addr", action="deleted", address=ref("lease"), comm="ip", as_="released"),
         forbid("addr", action="deleted", address=ref("lease"), between=("bound", "released")),
     )

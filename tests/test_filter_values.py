@@ -29,7 +29,7 @@ from traffic import connect_refused
     (SyscallEvent, "name", "conect", "connect"),
     (SyscallEvent, "errno", "ECONREFUSED", "ECONNREFUSED"),
     (AddrEvent, "cause", "netlnk", "netlink, ioctl, sysctl, kernel, unknown"),
-    (AddrEvent, "action", "delted", "added, deleted"),
+    (AddrEvent, "action", "delted", "added, changed, deleted"),
     (LinkEvent, "operstate", "up", "UP"),
     (RouteEvent, "type", "unicst", "unicast"),
     (AddrEvent, "context", "irq", "softirq"),

@@ -172,7 +172,7 @@ def test_bad_markers_are_collection_errors_naming_the_word(pytester, xdist):
     for expected in (
             f"test_bad.py::test_unknown_kind: unknown event kind 'rts'; valid kinds: {valid}",
             "test_bad.py::test_unknown_action: unknown action 'removed' for 'addr' in 'addr:removed'; "
-            "valid actions: added, deleted",
+            "valid actions: added, changed, deleted",
             "test_bad.py::test_action_on_kind_without_actions: 'rst' events have no action",
             "test_bad.py::test_positional: @pytest.mark.nettrace takes keyword arguments only",
             "test_bad.py::test_unknown_argument: unknown @pytest.mark.nettrace argument 'forbidd'; "

@@ -110,8 +110,8 @@ def _ours(events, begin: str):
             break
         if not started:
             continue
-        if e.kind == "addr":
-            out.append(("addr", e.action, e.address, e.dev, e.label))
+        if e.kind == "addr":   # ip monitor does not tell a change from an addition
+            out.append(("addr", "deleted" if e.action == "deleted" else "added", e.address, e.dev, e.label))
         elif e.kind == "route" and e.nexthops:
             out.append(("route", e.action, e.type, e.dst, tuple((str(h.gateway), h.dev, h.weight) for h in e.nexthops),
                         None, str(e.table)))

@@ -11,6 +11,7 @@ and tells from the stack how it was asked for (netlink, ioctl or the kernel).
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass, field
 import functools
 import ipaddress
 import os
@@ -49,7 +50,8 @@ _KEY = wire.NC_SOCK_KEY.struct
 _DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_end")
 
 # rtnetlink message types and multicast groups (uapi/linux/rtnetlink.h)
-RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 16, 17, 18, 20, 21, 24, 25
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_DELROUTE = \
+    16, 17, 18, 20, 21, 22, 24, 25
 AF_BRIDGE = 7
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
@@ -173,13 +175,15 @@ class NetChangeEvent(Event, init=False):
 
 
 class AddrEvent(NetChangeEvent, init=False):
-    """An IPv4/IPv6 address added to or deleted from an interface. `dev` is
-    the interface; `label` the IPv4 address's label (`"eth0:1"` for an alias
+    """An IPv4/IPv6 address added to or deleted from an interface, or
+    "changed": one already there announced again (its flags or lifetimes
+    updated; a daemon applying its configuration again). `dev` is the
+    interface; `label` the IPv4 address's label (`"eth0:1"` for an alias
     made with `ifconfig eth0:1` or `ip addr add … label eth0:1`, else the
     device's name; None for IPv6)."""
 
     kind = "addr"
-    ACTIONS = ("added", "deleted")
+    ACTIONS = ("added", "changed", "deleted")
     address: Optional[IPInterface]
     family: int
     scope: int
@@ -189,7 +193,7 @@ class AddrEvent(NetChangeEvent, init=False):
 
     def describe(self) -> str:
         fam = "IPv4" if self.family == 4 else "IPv6"
-        prep = "from" if self.action == "deleted" else "to"
+        prep = {"deleted": "from", "changed": "on"}.get(self.action, "to")
         return f"{self.action} {fam} {self.address} {prep} {self.dev or f'ifindex {self.ifindex}'}"
 
 
@@ -665,6 +669,16 @@ def _dad_tracking(kernel: "KernelFeatures") -> Tuple[Optional[bytes], str]:
                        expiry[0], expiry[1], softirq[0], softirq[1]), ""
 
 
+@dataclass
+class Present:
+    """What a namespace holds now, as its notifications tell it (seeded by a
+    dump when its monitor opens): a notification of one of these again is a
+    change, not an addition — the kernel's message does not say."""
+
+    addresses: Set[Tuple[int, int, bytes, int]] = field(default_factory=set)   # (family, ifindex, address, plen)
+    nexthops: Set[int] = field(default_factory=set)   # `ip nexthop replace` of a new id is an addition
+
+
 class _Monitor:
     """The rtnetlink socket the plugin owns in one watched namespace."""
 
@@ -678,11 +692,11 @@ class _Monitor:
         self.names: Dict[int, str] = {}
         # (family, ifindex, dst) -> (NUD state, lladdr) of the entries known now
         self.neighbours: Dict[Tuple[int, int, bytes], Tuple[int, Optional[bytes]]] = {}
-        # ids of the nexthop objects present: `ip nexthop replace` of a new id is an addition
-        self.nexthops: Set[int] = set()
+        self.present = Present()
         try:
             self._dump_links()
             self._dump_neighbours()
+            self._dump_addresses()
             self._dump_nexthops()
         except BaseException:
             self.close()
@@ -744,7 +758,19 @@ class _Monitor:
                     return
                 nh_id = _u32(_attrs(msg, 24, len(msg)), 1) if mtype == RTM_NEWNEXTHOP else None
                 if nh_id is not None:
-                    self.nexthops.add(nh_id)
+                    self.present.nexthops.add(nh_id)
+
+    def _dump_addresses(self) -> None:
+        self.sock.send(_dump_request(RTM_GETADDR, 4))
+        while True:
+            for mtype, msg in _split(self.sock.recv(1 << 16)):
+                if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                    return
+                if mtype == RTM_NEWADDR and len(msg) >= 24:
+                    family, prefixlen, _flags, _scope, index = struct.unpack_from("<BBBBI", msg, 16)
+                    attrs = _attrs(msg, 24, len(msg))
+                    raw = attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)
+                    self.present.addresses.add((family, index, raw or b"", prefixlen))
 
     def learn(self, msg: bytes) -> None:
         if len(msg) >= 32:
@@ -794,18 +820,19 @@ def _open_nft(avoid: int) -> socket.socket:
 @functools.lru_cache(maxsize=None)
 def _dump_request(msg_type: int, seq: int) -> bytes:
     """A dump request (NLM_F_REQUEST | NLM_F_DUMP) of `msg_type` (links,
-    neighbours or nexthops), built by pyroute2's message classes as
+    neighbours, addresses or nexthops), built by pyroute2's message classes as
     netns/rtnl.py builds its requests, once per process. It goes out on the
     monitor socket itself: its replies carry the monitor's port id, which is
     how decode() tells them from changes."""
     from pyroute2.netlink import nlmsg
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
     class nhmsg(nlmsg):  # struct nhmsg (uapi/linux/nexthop.h): pyroute2 0.9 has no class for it
         fields = (("family", "B"), ("scope", "B"), ("protocol", "B"), ("resvd", "B"), ("flags", "I"))
 
-    msg = {RTM_GETLINK: ifinfmsg, RTM_GETNEIGH: ndmsg, RTM_GETNEXTHOP: nhmsg}[msg_type]()
+    msg = {RTM_GETLINK: ifinfmsg, RTM_GETNEIGH: ndmsg, RTM_GETADDR: ifaddrmsg, RTM_GETNEXTHOP: nhmsg}[msg_type]()
     msg["header"]["type"] = msg_type
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
     msg["header"]["sequence_number"] = seq
@@ -915,12 +942,15 @@ class NetChangeDecoder(Decoder):
         self._monitors = monitors
         self._last: Dict[int, Tuple[int, Optional[NetChangeEvent]]] = {}  # netns -> (skb, event) of the last record
         self._raced_count: Dict[int, int] = {}
-        self._nexthops: Dict[int, Set[int]] = {}  # nexthop ids seen, where no monitor knows them
+        self._unmonitored: Dict[int, Present] = {}  # what is present, where no monitor knows it
 
     def forget(self, netns: int) -> None:
         self._last.pop(netns, None)
         self._raced_count.pop(netns, None)
-        self._nexthops.pop(netns, None)
+        self._unmonitored.pop(netns, None)
+
+    def _seen(self, netns: int, mon: Optional["_Monitor"]) -> "Present":
+        return mon.present if mon is not None else self._unmonitored.setdefault(netns, Present())
 
     def raced(self, netns: int) -> int:
         """Notifications of `netns` lost: raced onto the monitor socket, or past a batch's copy."""
@@ -1037,7 +1067,15 @@ class NetChangeDecoder(Decoder):
         # starts with the device's name; the device is the one of ifindex
         label = _cstr(attrs.get(3))
         dev = (mon.names.get(index) if mon else None) or (label.split(":", 1)[0] if label else None)
-        fields = dict(action="added" if mtype == RTM_NEWADDR else "deleted",
+        known = self._seen(hdr.netns, mon).addresses
+        key = (family, index, raw or b"", prefixlen)
+        if mtype == RTM_NEWADDR:
+            action = "changed" if key in known else "added"
+            known.add(key)
+        else:
+            action = "deleted"
+            known.discard(key)
+        fields = dict(action=action,
                       address=_interface(ip, prefixlen) if ip is not None else None,
                       family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
                       scope=scope, flags=flags, **common)
@@ -1165,7 +1203,7 @@ class NetChangeDecoder(Decoder):
         nh_id = _u32(attrs, 1)  # NHA_ID
         if nh_id is None:
             return None
-        known = mon.nexthops if mon else self._nexthops.setdefault(hdr.netns, set())
+        known = self._seen(hdr.netns, mon).nexthops
         if mtype == RTM_DELNEXTHOP:
             action = "deleted"
             known.discard(nh_id)

@@ -257,8 +257,9 @@ class TrafficApi(KindApi):
         causes = [f"{lost} packets were not counted (counter map full)"] if lost else []
         if direction != "tx":
             where = {k: v for k, v in filters.items() if k in ("netns", "dev")}
-            devices = [f"{dev} ({kind})" for (netns, dev), kind in sorted(self._traffic_probe().rx_not_counted(
-                self.ctx.watched).items()) if matches(TrafficRow(netns, None, None, dev, None), where)]
+            devices = [f"{dev} ({kind}) in {self.ctx.label(netns)}" for (netns, dev), kind in sorted(
+                self._traffic_probe().rx_not_counted(self.ctx.watched).items())
+                if matches(TrafficRow(netns, None, None, dev, None), where)]
             if devices:
                 causes.append(f"packets received on {', '.join(devices)} are not counted (the kernel hands them "
                               "up from the lower device without the receive tracepoint; they count there)")
