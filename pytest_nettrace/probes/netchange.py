@@ -355,6 +355,20 @@ class NftEvent(NetChangeEvent, init=False):
         return f"{verb} {self.object} {where}{text}{handle}"
 
 
+def _address_of(family: int, attrs: Dict[int, bytes]) -> Optional[bytes]:
+    """An RTM_*ADDR message's address: IFA_LOCAL for IPv4 (IFA_ADDRESS is the
+    peer's on a point-to-point link), IFA_ADDRESS otherwise."""
+    return attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)
+
+
+def address_key(msg: bytes) -> Optional[Tuple[int, int, bytes, int]]:
+    """(family, ifindex, address, prefix length) of an RTM_*ADDR message."""
+    if len(msg) < 24:
+        return None
+    family, prefixlen, _flags, _scope, index = struct.unpack_from("<BBBBI", msg, 16)
+    return family, index, _address_of(family, _attrs(msg, 24, len(msg))) or b"", prefixlen
+
+
 def neigh_key(msg: bytes) -> Optional[Tuple[int, int, bytes]]:
     """(family, ifindex, destination) of an IPv4/IPv6 RTM_*NEIGH message; None
     for others (bridge forwarding entries share the group)."""
@@ -727,50 +741,40 @@ class _Monitor:
         s.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEXTHOP)
         return s
 
-    def _dump_links(self) -> None:
-        """ifindex -> name of the links present now (IPv6 notifications carry only the index)."""
-        self.sock.send(_dump_request(RTM_GETLINK, 1))
+    def _dump(self, msg_type: int, seq: int) -> Iterator[Tuple[int, bytes]]:
+        """(type, message) of each object a dump request of `msg_type` returns."""
+        self.sock.send(_dump_request(msg_type, seq))
         while True:
-            data = self.sock.recv(1 << 16)
-            for mtype, msg in _split(data):
+            for mtype, msg in _split(self.sock.recv(1 << 16)):
                 if mtype in (NLMSG_DONE, NLMSG_ERROR):
                     return
-                if mtype == RTM_NEWLINK:
-                    self.learn(msg)
+                yield mtype, msg
+
+    def _dump_links(self) -> None:
+        """ifindex -> name of the links present now (IPv6 notifications carry only the index)."""
+        for mtype, msg in self._dump(RTM_GETLINK, 1):
+            if mtype == RTM_NEWLINK:
+                self.learn(msg)
 
     def _dump_neighbours(self) -> None:
         """The neighbour entries present now: a later RTM_NEWNEIGH for one of
         them is a change, not an addition (the kernel's message does not say)."""
-        self.sock.send(_dump_request(RTM_GETNEIGH, 2))
-        while True:
-            for mtype, msg in _split(self.sock.recv(1 << 16)):
-                if mtype in (NLMSG_DONE, NLMSG_ERROR):
-                    return
-                key = neigh_key(msg)
-                if mtype == RTM_NEWNEIGH and key is not None:
-                    self.neighbours[key] = (struct.unpack_from("<H", msg, 24)[0], _attrs(msg, 28, len(msg)).get(2))
-
-    def _dump_nexthops(self) -> None:
-        self.sock.send(_dump_request(RTM_GETNEXTHOP, 3))
-        while True:
-            for mtype, msg in _split(self.sock.recv(1 << 16)):
-                if mtype in (NLMSG_DONE, NLMSG_ERROR):
-                    return
-                nh_id = _u32(_attrs(msg, 24, len(msg)), 1) if mtype == RTM_NEWNEXTHOP else None
-                if nh_id is not None:
-                    self.present.nexthops.add(nh_id)
+        for mtype, msg in self._dump(RTM_GETNEIGH, 2):
+            key = neigh_key(msg)
+            if mtype == RTM_NEWNEIGH and key is not None:
+                self.neighbours[key] = (struct.unpack_from("<H", msg, 24)[0], _attrs(msg, 28, len(msg)).get(2))
 
     def _dump_addresses(self) -> None:
-        self.sock.send(_dump_request(RTM_GETADDR, 4))
-        while True:
-            for mtype, msg in _split(self.sock.recv(1 << 16)):
-                if mtype in (NLMSG_DONE, NLMSG_ERROR):
-                    return
-                if mtype == RTM_NEWADDR and len(msg) >= 24:
-                    family, prefixlen, _flags, _scope, index = struct.unpack_from("<BBBBI", msg, 16)
-                    attrs = _attrs(msg, 24, len(msg))
-                    raw = attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)
-                    self.present.addresses.add((family, index, raw or b"", prefixlen))
+        for mtype, msg in self._dump(RTM_GETADDR, 4):
+            key = address_key(msg) if mtype == RTM_NEWADDR else None
+            if key is not None:
+                self.present.addresses.add(key)
+
+    def _dump_nexthops(self) -> None:
+        for mtype, msg in self._dump(RTM_GETNEXTHOP, 3):
+            nh_id = _u32(_attrs(msg, 24, len(msg)), 1) if mtype == RTM_NEWNEXTHOP else None
+            if nh_id is not None:
+                self.present.nexthops.add(nh_id)
 
     def learn(self, msg: bytes) -> None:
         if len(msg) >= 32:
@@ -1059,7 +1063,7 @@ class NetChangeDecoder(Decoder):
               mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         family, prefixlen, flags, scope, index = struct.unpack_from("<BBBBI", msg, 16)
         attrs = _attrs(msg, 24, len(msg))
-        raw = attrs.get(2) if family == socket.AF_INET and 2 in attrs else attrs.get(1)  # IFA_LOCAL / IFA_ADDRESS
+        raw = _address_of(family, attrs)
         ip = _ip(raw, family)
         if 8 in attrs and len(attrs[8]) >= 4:  # IFA_FLAGS: the full 32-bit flags
             flags = struct.unpack_from("<I", attrs[8])[0]
@@ -1068,7 +1072,7 @@ class NetChangeDecoder(Decoder):
         label = _cstr(attrs.get(3))
         dev = (mon.names.get(index) if mon else None) or (label.split(":", 1)[0] if label else None)
         known = self._seen(hdr.netns, mon).addresses
-        key = (family, index, raw or b"", prefixlen)
+        key = (family, index, raw or b"", prefixlen)   # address_key()
         if mtype == RTM_NEWADDR:
             action = "changed" if key in known else "added"
             known.add(key)
