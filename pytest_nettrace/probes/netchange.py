@@ -109,10 +109,18 @@ _KERNEL_DETAILS = (
     (("netdev_state_change", "netif_state_change", "linkwatch_event", "__linkwatch_run_queue", "linkwatch_do_dev",
       "linkwatch_sync_dev", "__linkwatch_sync_dev"), "carrier change"),
 )
-# A carrier change waits for the kernel's linkwatch worker, unless a task
-# reading the link first (`ip link show`, a daemon's query, ethtool) applies it
-# on the way: that reader asked for nothing.
-_APPLIED_BY_A_READER = frozenset(("linkwatch_sync_dev", "__linkwatch_sync_dev"))
+
+
+def applied_by_a_reader(functions: AbstractSet[str]) -> bool:
+    """A carrier change waits for the kernel's linkwatch worker, unless a task
+    reading the link first (`ip link show`, a daemon's query, ethtool) applies
+    it on the way (linkwatch_sync_dev; inlined on 6.12, where the stack shows
+    linkwatch_do_dev under rtnl_getlink): that reader asked for nothing. The
+    worker's queue run, and the one a device's removal makes, are not readers."""
+    if not functions.isdisjoint(("linkwatch_sync_dev", "__linkwatch_sync_dev")):
+        return True
+    return "linkwatch_do_dev" in functions and functions.isdisjoint(
+        ("__linkwatch_run_queue", "linkwatch_run_queue", "linkwatch_event"))
 
 
 def _attrs(buf: bytes, off: int, end: int) -> Dict[int, bytes]:
@@ -1050,7 +1058,7 @@ class NetChangeDecoder(Decoder):
             if cause != "kernel":
                 fields["detail"] = "announced after duplicate address detection"
         uid: Optional[int] = hdr.uid
-        if kthread or stack.context("process") != "process" or not _APPLIED_BY_A_READER.isdisjoint(stack.functions):
+        if kthread or stack.context("process") != "process" or applied_by_a_reader(stack.functions):
             # a kernel thread, an interrupt, or a pending carrier change that a
             # reader's query applied: no process asked for this
             fields.update(dict.fromkeys(("pid", "tid", "comm", "uid", "ppid", "parent_comm", "cmdline")),

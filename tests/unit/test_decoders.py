@@ -13,7 +13,8 @@ from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.records import RecordDecoder
 from pytest_nettrace.probes.conn import ConnProbe
 from pytest_nettrace.probes.drop import DropProbe
-from pytest_nettrace.probes.netchange import RTM_DELLINK, RTM_NEWADDR, RTM_NEWNEXTHOP, NetChangeProbe
+from pytest_nettrace.probes.netchange import (RTM_DELLINK, RTM_NEWADDR, RTM_NEWNEXTHOP, NetChangeProbe,
+                                              applied_by_a_reader)
 from pytest_nettrace.probes.packet import PacketProbe
 from pytest_nettrace.probes.retransmit import RetransmitProbe
 from pytest_nettrace.probes.rst import RstProbe
@@ -335,3 +336,14 @@ def test_a_decoder_bug_is_a_lost_record_not_a_crash(monkeypatch):
     monkeypatch.setattr(probe.decoder, "decode", lambda buf, hdr: 1 / 0)
     assert dec.decode(record(wire.RST_EVENT, wire.Kind.RST)) == []
     assert dec.lost(NETNS) == {wire.Kind.RST: 1}
+
+
+def test_a_carrier_change_applied_by_a_reader_is_told_from_the_stack():
+    """6.18 shows linkwatch_sync_dev; 6.12 inlines it (linkwatch_do_dev under
+    rtnl_getlink); the worker's queue run and a device's removal are no readers."""
+    assert applied_by_a_reader(frozenset({"netif_state_change", "linkwatch_sync_dev", "rtnl_getlink"}))
+    assert applied_by_a_reader(frozenset({"netdev_state_change", "linkwatch_do_dev", "rtnl_getlink"}))
+    assert not applied_by_a_reader(frozenset({"netdev_state_change", "linkwatch_do_dev", "__linkwatch_run_queue",
+                                              "linkwatch_event", "process_one_work"}))
+    assert not applied_by_a_reader(frozenset({"linkwatch_do_dev", "linkwatch_run_queue", "netdev_run_todo"}))
+    assert not applied_by_a_reader(frozenset({"rtnl_newlink", "do_setlink"}))
