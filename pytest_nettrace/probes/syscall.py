@@ -119,7 +119,7 @@ def _c_string(raw: bytes) -> str:
 _ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x0B: "\\v"}
 
 
-def _option_value(level: str, option: str, raw: bytes) -> str:
+def _option_value(option: str, raw: bytes) -> str:
     """A socket option's value as strace shows it: [1], {l_onoff=1, l_linger=0},
     ~[ICMP_ECHOREPLY], or its bytes quoted."""
     if option == "SO_LINGER" and len(raw) >= 8:
@@ -260,7 +260,7 @@ def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, 
         level = LEVELS.get(i32[1], str(i32[1]))
         opt = OPTIONS.get(level, {}).get(i32[2]) or (
             f"{i32[2]:#x} /* {_OPTION_PREFIX[level]}_??? */" if level in _OPTION_PREFIX else str(i32[2]))
-        val = _option_value(level, opt, optval) if optval or (name == "getsockopt" and value == 0) else \
+        val = _option_value(opt, optval) if optval or (name == "getsockopt" and value == 0) else \
             ("NULL" if not a[3] else f"{a[3]:#x}")
         if name == "setsockopt":
             optlen = str(i32[4])
