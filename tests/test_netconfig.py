@@ -313,6 +313,42 @@ def test_each_writes_result_is_what_strace_saw_it_return(netns, nettrace, tmp_pa
     nettrace.assert_none("sysctl", name="net.ipv4.ip_default_ttl", new="300", changed=True)
 
 
+def test_a_write_past_the_start_of_the_file_is_not_called_a_change(netns, nettrace):
+    """A second write() on one open file, or a pwrite at an offset: under
+    kernel.sysctl_writes_strict=1 most numeric settings ignore what comes
+    past the start (IPv6's hop_limit kept the first value): the event says
+    where it wrote, and not that it changed anything."""
+    needs_sysctl_probe(nettrace)
+    netns.add_dummy("eth1")
+    hop_limit, ttl = "/proc/sys/net/ipv6/conf/eth1/hop_limit", "/proc/sys/net/ipv4/ip_default_ttl"
+    r = netns.run(script(f"""
+        import os
+        for path in ({hop_limit!r}, {ttl!r}):
+            fd = os.open(path, os.O_WRONLY)
+            os.write(fd, b"33")
+            os.write(fd, b"44\\n")
+            os.close(fd)
+            fd = os.open(path, os.O_WRONLY)
+            os.pwrite(fd, b"55\\n", 5)
+            os.close(fd)
+            print(open(path).read().strip())
+    """), check=True)
+    kept = r.stdout.split()
+    assert kept[0] == "33"   # hop_limit ignored what came past the start
+    hop = nettrace.sysctl_writes(name="net.ipv6.conf.eth1.hop_limit")
+    assert [(w.new, w.offset, w.changed, w.ret) for w in hop] == [
+        ("33", 0, True, 2), ("44", 2, None, 3), ("55", 5, None, 3)]
+    assert hop[1].describe().startswith("wrote net.ipv6.conf.eth1.hop_limit=44 at offset 2 (was ")
+    nettrace.assert_none("sysctl", name="net.ipv6.conf.eth1.hop_limit", changed=True, new="44")
+    # 6.18's u8 handler leaves the file's position at 0: there the second write
+    # is one at the start, and the kernel took it; the offset says which
+    ttl = nettrace.sysctl_writes(name="net.ipv4.ip_default_ttl")
+    second = ttl[1]
+    assert (second.new, second.changed, kept[1]) in (("44", True, "44"), ("44", None, "33")), (second, kept)
+    assert (second.offset == 0) == (kept[1] == "44")
+    assert all(w.changed is None for w in ttl + hop if w.offset)
+
+
 @pytest.mark.nettrace(forbid=["sysctl"])
 def test_gate_word_sysctl_passes_without_writes(netns, nettrace):
     needs_sysctl_probe(nettrace)
@@ -574,3 +610,21 @@ def test_tracing_table_goes_with_a_killed_session(pytester):
 def test_trace_nft_refuses_the_host_ruleset(nettrace):
     with pytest.raises(Exception, match="does not add rules to the host's own ruleset"):
         nettrace.trace_nft("/proc/self/ns/net")
+
+
+@pytest.mark.parametrize("change, detail", [
+    ("addr del 10.0.0.1/24 dev eth0", "the link's last IPv4 address was removed"),
+    ("link set eth0 address 02:00:00:00:00:77", "the link's hardware address changed"),
+])
+def test_neighbours_flushed_by_other_changes_than_a_link_down_say_which(make_netns, nettrace, change, detail):
+    """The kernel flushes a link's neighbour entries when it goes down, but
+    also when its last IPv4 address goes or its hardware address changes:
+    the link stays up, and the entry's deletion says what did it."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    a.run(["ip", "neigh", "add", "10.0.0.9", "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "stale"],
+          check=True)
+    r = a.run(["ip"] + change.split(), check=True)
+    ev = nettrace.assert_any("neigh", action="deleted", address="10.0.0.9")
+    assert (ev.cause, ev.detail, ev.pid) == ("kernel", detail, r.pid)
+    assert nettrace.link_changes(action="down", netns=a.inode) == []

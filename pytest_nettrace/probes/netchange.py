@@ -309,6 +309,9 @@ _KIND_DETAILS = {
         (("unregister_netdevice_many_notify", "unregister_netdevice_many", "unregister_netdevice_queue"),
          "device removed"),
         (("neigh_carrier_down",), "carrier lost"),
+        # the same flush, asked for by other changes than a link going down
+        (("neigh_changeaddr",), "the link's hardware address changed"),
+        (("fib_inetaddr_event",), "the link's last IPv4 address was removed"),
         (("neigh_ifdown", "__neigh_ifdown", "neigh_flush_dev"), "link down"),
         (("neigh_periodic_work", "neigh_forced_gc"), "neighbour garbage collection"),
         (("neigh_timer_handler",), "neighbour state timer"),

@@ -6,7 +6,9 @@ sysctl write of every process below it, in the writer's context, and sees the
 setting's name, its current value and the value written: `sysctl -w`, a shell's
 `echo 1 > /proc/sys/net/...`, a daemon's own writes. Only writes under
 /proc/sys/net by a task whose network namespace is watched are recorded (the
-setting written is the one of that namespace). It needs a cgroup v2 hierarchy
+writer's namespace at the time of the write; the setting is that of the
+namespace it opened the file in, which differs only for a task that moved in
+between). It needs a cgroup v2 hierarchy
 (the unified one, or the hybrid layout's /sys/fs/cgroup/unified); a cgroup v1
 only host has none, and the pytest header says so.
 """
@@ -84,7 +86,11 @@ class SysctlEvent(Event, init=False):
     errno's name ("EINVAL"), None when it succeeded; both None while the
     write has not returned, or where results are not seen (no sys_exit
     program: the pytest header says so). `changed` is False for a refused
-    write."""
+    write. `offset` is where in the file the value was written: past the
+    start (a second write() on one open file, a pwrite), most numeric
+    settings ignore it under the default kernel.sysctl_writes_strict=1
+    though the call succeeds, and some take it; `changed` is then None
+    (unknown)."""
 
     kind = "sysctl"
     name: str
@@ -95,16 +101,18 @@ class SysctlEvent(Event, init=False):
     user: Optional[str]
     ret: Optional[int]
     error: Optional[str]
+    offset: int
     DERIVED = ("changed",)
     VALUES = {**Event.VALUES, "error": tuple(sorted(errno.errorcode.values()))}
 
     @property
     def changed(self) -> Optional[bool]:
         """Whether the write set a value different from the one before
-        (False when the kernel refused it; None if unknown)."""
+        (False when the kernel refused it; None if unknown: a value it could
+        not give, a write past the start of the file)."""
         if self.ret is not None and self.ret < 0:
             return False
-        if self.old is None or self.new is None:
+        if self.old is None or self.new is None or self.offset:
             return None
         return bool(self.old.split() != self.new.split())
 
@@ -112,7 +120,8 @@ class SysctlEvent(Event, init=False):
         old = f" (was {self.old})" if self.old is not None else ""
         if self.ret is not None and self.ret < 0:
             return f"failed to write {self.name}={self.new}: {self.error or self.ret}{old}"
-        return f"wrote {self.name}={self.new}{old}"
+        at = f" at offset {self.offset}" if self.offset else ""
+        return f"wrote {self.name}={self.new}{at}{old}"
 
     def how(self, full: bool = False) -> str:
         return f': "{self.cmdline}"' if full and self.cmdline else ""
@@ -182,7 +191,7 @@ class SysctlDecoder(Decoder):
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         if hdr.flags & wire.SY_F_RESULT:
             return self._result(buf, hdr)
-        (name_len, old_len, new_len, cmd_len, _pos, io_known, syscw, wchar,
+        (name_len, old_len, new_len, cmd_len, pos, io_known, syscw, wchar,
          name, old, new, cmdline) = _BODY.unpack_from(buf, RECORD.body_offset)
         # "net/ipv4/conf/eth0.100/rp_filter" -> "net.ipv4.conf.eth0/100.rp_filter", as sysctl(8) spells it
         parts = name.split(b"\0", 1)[0].decode(errors="replace").split("/")
@@ -194,8 +203,8 @@ class SysctlDecoder(Decoder):
         if restart:
             return []
         ev = SysctlEvent(hdr, (), "process", name=setting, old=write.old, new=write.new, dev=dev_of(parts),
-                         cmdline=command_line(cmdline, cmd_len),
-                         user=user_name(hdr.uid))   # no stack: always in the writing process
+                         cmdline=command_line(cmdline, cmd_len), user=user_name(hdr.uid),   # no stack: always in
+                         offset=pos)                                                          # the writing process
         self._open[(hdr.netns, hdr.tid)] = ev
         return [ev]
 
@@ -254,6 +263,7 @@ class SysctlFilters(CommonFilters, total=False):
     user: Filter[str]
     ret: Filter[int]
     error: Filter[str]
+    offset: Filter[int]
 
 
 class SysctlApi(KindApi):
