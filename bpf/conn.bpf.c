@@ -151,12 +151,17 @@ static __always_inline void fill(struct conn_event *e, const struct sock *sk, __
 			e->duration_ns = e->h.ts - owner->birth_ns;
 		/* both count sequence space: take out our SYN (active open), our FIN
 		 * once acknowledged, and the peer's FIN, to leave payload bytes.
+		 * Our FIN went out only if the socket left a state that follows
+		 * one: close() sets the send shutdown also when it aborts with a
+		 * RST (SO_LINGER 0, unread data), where no FIN is sent.
 		 * The peer's FIN was taken in only if tcp_fin() ran: it sets
 		 * SOCK_DONE. A read shutdown says nothing about it: close() sets
 		 * one, and an orphan closes from FIN_WAIT2 before any FIN came. */
+		bool fin_sent = oldstate == TCP_FIN_WAIT1 || oldstate == TCP_FIN_WAIT2 || oldstate == TCP_CLOSING ||
+				oldstate == TCP_LAST_ACK || oldstate == TCP_TIME_WAIT;
 		if (owner && owner->active && acked)
 			acked--;
-		if ((shut & SEND_SHUTDOWN) && acked &&
+		if (fin_sent && (shut & SEND_SHUTDOWN) && acked &&
 		    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
 			acked--;
 		if ((flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))) && rcvd)

@@ -261,3 +261,44 @@ def test_a_connection_reset_before_accept_is_one_accept(pair, nettrace):
     assert (accepted.pid, accepted.dport, accepted.state) == (srv.pid, port, "ESTABLISHED")
     assert [e.action for e in nettrace.connections(sport=8080)] == ["accept", "close"]
     assert len(nettrace.connection_table().splitlines()) == 2
+
+
+def test_bytes_at_an_aborted_close_are_the_payload(pair, nettrace):
+    """A close that aborts with a RST (data left unread; SO_LINGER 0) sends no
+    FIN: all of the sequence space acknowledged is payload. Both sides, 5
+    bytes each way (it was one short: the send shutdown close() sets was
+    taken for a FIN)."""
+    server, client, fam, a, _b = pair
+    fam_name = "AF_INET6" if fam == 10 else "AF_INET"
+    srv = server.popen(script(f"""
+        import socket, time
+        l = socket.socket(socket.{fam_name})
+        l.bind(({a!r}, 8080))
+        l.listen()
+        print("ready", flush=True)
+        for _ in range(2):
+            c, _ = l.accept()
+            c.recv(100)
+            c.sendall(b"world")
+            time.sleep(0.3)
+            c.close()
+    """), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert srv.stdout.readline() == "ready\n"
+    c = client.run(script(f"""
+        import socket, struct, time
+        for linger in (False, True):
+            s = socket.socket(socket.{fam_name})
+            s.connect(({a!r}, 8080))
+            s.sendall(b"hello")
+            time.sleep(0.1)            # "world" arrives, and is left unread
+            if linger:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()                  # a RST, no FIN
+            time.sleep(0.5)            # the server closes its side (after the RST), then accepts again
+    """), check=True)
+    assert srv.wait(5) == 0, srv.stderr.read()
+    ours = nettrace.connections(action="close", pid=c.pid)
+    theirs = nettrace.connections(action="close", pid=srv.pid)
+    assert [(e.bytes_sent, e.bytes_received) for e in ours] == [(5, 5), (5, 5)]
+    assert [(e.bytes_sent, e.bytes_received) for e in theirs] == [(5, 5), (5, 5)]
+    assert len(nettrace.rst(direction="sent", pid=c.pid)) == 2
