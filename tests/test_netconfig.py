@@ -628,3 +628,59 @@ def test_neighbours_flushed_by_other_changes_than_a_link_down_say_which(make_net
     ev = nettrace.assert_any("neigh", action="deleted", address="10.0.0.9")
     assert (ev.cause, ev.detail, ev.pid) == ("kernel", detail, r.pid)
     assert nettrace.link_changes(action="down", netns=a.inode) == []
+
+
+NFT_RULES = [
+    "meta length > 500 drop", "udp dport 53 meta length < 100 accept", "meta skuid 1000 drop",
+    "tcp flags syn drop", "tcp flags & (syn|ack) == syn drop", "tcp dport 1001 reject with tcp reset",
+    "ip6 nexthdr icmpv6 icmpv6 type echo-request accept", "icmp type echo-request accept", "reject",
+    "reject with icmpx type admin-prohibited", "meta nfproto ipv4 reject with icmp type host-unreachable",
+    "ip protocol udp drop", "ip saddr 10.0.0.0/8 tcp dport 22 counter accept", "iifname \"lo\" accept",
+    "ct state established,related accept", "ip daddr 192.168.4.0/23 drop", "ip6 saddr 2001:db8::/33 drop",
+]
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (ci/apt-packages.txt)")
+def test_rule_text_is_what_nft_list_prints(netns, nettrace):
+    """Each rule's `text` is the line `nft list chain` prints for it: ranges
+    on host-order values (meta length), masked flags, reject's answers,
+    ICMP types, a protocol match written by hand."""
+    netns.run(["nft", "add table inet fw; add chain inet fw c { type filter hook input priority 0; }"], check=True)
+    for rule in NFT_RULES:
+        netns.run(["nft", f"add rule inet fw c {rule}"], check=True)
+    listed = netns.run(["nft", "list", "chain", "inet", "fw", "c"], check=True).stdout.splitlines()[3:-2]
+    theirs = [" ".join(line.split()) for line in listed]
+    ours = [e.text for e in nettrace.nft_changes(object="rule", action="added")]
+    assert len(theirs) == len(NFT_RULES)
+    assert ours == theirs
+
+
+RULESET_A = """table inet fw {
+  chain c {
+    type filter hook input priority 0;
+    udp dport 3001 drop
+  }
+}
+"""
+UDP_TO = "import socket, sys; socket.socket(2, 2).sendto(b'x', ('10.0.0.2', int(sys.argv[1])))"
+
+
+@pytest.mark.nettrace(nft_trace=True)
+@pytest.mark.parametrize("read_between", [True, False])
+def test_a_verdict_names_the_rule_it_had_when_traced(make_netns, nettrace, read_between):
+    """`flush ruleset` and the ruleset loaded again reuse rule handles: each
+    verdict names the rule that had its handle when the packet was traced,
+    whether it was read before the reload or after."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    b.run(["nft", "-f", "-"], input=RULESET_A, check=True)
+    a.run([sys.executable, "-c", UDP_TO, "3001"], check=True)
+    if read_between:
+        assert nettrace.dropped_by(nettrace.wait_for("drop", reason="NETFILTER_DROP", dport=3001)).rule == \
+            "udp dport 3001 drop"
+    b.run(["nft", "-f", "-"], input="flush ruleset\n" + RULESET_A.replace("3001", "3002"), check=True)
+    a.run([sys.executable, "-c", UDP_TO, "3002"], check=True)
+    first = nettrace.dropped_by(nettrace.wait_for("drop", reason="NETFILTER_DROP", dport=3001))
+    second = nettrace.dropped_by(nettrace.wait_for("drop", reason="NETFILTER_DROP", dport=3002))
+    assert first.handle == second.handle
+    assert (first.rule, second.rule) == ("udp dport 3001 drop", "udp dport 3002 drop")

@@ -34,10 +34,39 @@ L4 = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite",
 _NET_FIELDS: Dict[Optional[str], Dict[int, str]] = {"ip": {12: "saddr", 16: "daddr", 9: "protocol", 8: "ttl"},
                "ip6": {8: "saddr", 24: "daddr", 6: "nexthdr", 7: "hoplimit"}}
 _TRANSPORT_FIELDS = {0: "sport", 2: "dport"}
+# (l4 protocol, offset, length) -> field, past the ports every one has
+_L4_FIELDS: Dict[Tuple[Optional[str], int, int], str] = {
+    ("tcp", 13, 1): "flags", ("tcp", 4, 4): "sequence", ("tcp", 8, 4): "ackseq", ("tcp", 14, 2): "window",
+    ("icmp", 0, 1): "type", ("icmp", 1, 1): "code", ("icmpv6", 0, 1): "type", ("icmpv6", 1, 1): "code"}
+_TCP_FLAGS = ((0x01, "fin"), (0x02, "syn"), (0x04, "rst"), (0x08, "psh"), (0x10, "ack"), (0x20, "urg"),
+              (0x40, "ecn"), (0x80, "cwr"))
+_ICMP_TYPES = {0: "echo-reply", 3: "destination-unreachable", 4: "source-quench", 5: "redirect", 8: "echo-request",
+               9: "router-advertisement", 10: "router-solicitation", 11: "time-exceeded", 12: "parameter-problem",
+               13: "timestamp-request", 14: "timestamp-reply"}
+_ICMPV6_TYPES = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exceeded", 4: "parameter-problem",
+                 128: "echo-request", 129: "echo-reply", 130: "mld-listener-query", 131: "mld-listener-report",
+                 132: "mld-listener-done", 133: "nd-router-solicit", 134: "nd-router-advert",
+                 135: "nd-neighbor-solicit", 136: "nd-neighbor-advert", 137: "nd-redirect"}
+# how nft names the protocol in an `ip protocol` / `ip6 nexthdr` match (/etc/protocols)
+_PROTOCOL_NAMES = {**{n: name for n, name in L4.items()}, 58: "ipv6-icmp"}
+# reject's codes, by the family it answers in (pyroute2 names every code by the icmpx enum)
+_ICMPX_CODES = {"NFT_REJECT_ICMPX_NO_ROUTE": 0, "NFT_REJECT_ICMPX_PORT_UNREACH": 1,
+                "NFT_REJECT_ICMPX_HOST_UNREACH": 2, "NFT_REJECT_ICMPX_ADMIN_PROHIBITED": 3}
+_REJECT_CODES: Dict[str, Dict[Any, str]] = {
+    "icmpx": {0: "no-route", 1: "port-unreachable", 2: "host-unreachable", 3: "admin-prohibited"},
+    "icmp": {0: "net-unreachable", 1: "host-unreachable", 2: "prot-unreachable", 3: "port-unreachable",
+             9: "net-prohibited", 10: "host-prohibited", 13: "admin-prohibited"},
+    "icmpv6": {0: "no-route", 1: "admin-prohibited", 3: "addr-unreachable", 4: "port-unreachable", 5: "policy-fail",
+               6: "reject-route"}}
+# the meta keys nft names without "meta" (meta.c's unqualified keys)
+_UNQUALIFIED_META = ("iif", "oif", "iifname", "oifname", "iifgroup", "oifgroup")
 _META: Dict[Any, str] = {"NFT_META_IIFNAME": "iifname", "NFT_META_OIFNAME": "oifname", "NFT_META_IIF": "iif",
          "NFT_META_OIF": "oif", "NFT_META_MARK": "mark", "NFT_META_NFPROTO": "nfproto",
          "NFT_META_L4PROTO": "l4proto", "NFT_META_NFTRACE": "nftrace", "NFT_META_PROTOCOL": "protocol",
-         "NFT_META_SKUID": "skuid", "NFT_META_SKGID": "skgid", "NFT_META_PKTTYPE": "pkttype"}
+         "NFT_META_SKUID": "skuid", "NFT_META_SKGID": "skgid", "NFT_META_PKTTYPE": "pkttype",
+         "NFT_META_LEN": "length", "NFT_META_PRIORITY": "priority", "NFT_META_CPU": "cpu",
+         "NFT_META_IIFTYPE": "iiftype", "NFT_META_OIFTYPE": "oiftype", "NFT_META_CGROUP": "cgroup",
+         "NFT_META_IIFGROUP": "iifgroup", "NFT_META_OIFGROUP": "oifgroup", "NFT_META_PRANDOM": "random"}
 _CT_STATES = ((1, "invalid"), (2, "established"), (4, "related"), (8, "new"), (64, "untracked"))
 _CMP: Dict[Any, str] = {"NFT_CMP_EQ": "", "NFT_CMP_NEQ": "!= ", "NFT_CMP_LT": "< ", "NFT_CMP_LTE": "<= ",
         "NFT_CMP_GT": "> ", "NFT_CMP_GTE": ">= "}
@@ -98,7 +127,10 @@ def changes(buf: bytes) -> List[Dict[str, Any]]:
         family = FAMILIES.get(msg["nfgen_family"], msg["nfgen_family"])
         if obj == "rule" and action == "added" and flags & NLM_F_REPLACE:
             action = "replaced"
-        out.append(_describe(obj, action, family, msg))
+        change = _describe(obj, action, family, msg)
+        if obj in ("set", "element") and str(change["set"]).startswith("__set"):
+            continue   # a rule's anonymous set ({ tcp, udp }): part of the rule, as nft monitor shows it
+        out.append(change)
     return out
 
 
@@ -187,6 +219,9 @@ def render_rule(family: Any, exprs: List[Any]) -> str:
         elif name == "bitwise":
             mask = dict(a["NFTA_BITWISE_MASK"]["attrs"]).get("NFTA_DATA_VALUE") if "NFTA_BITWISE_MASK" in a else None
             st.mask = bytes(mask) if isinstance(mask, (bytes, bytearray)) else None
+        elif name == "byteorder":
+            # a host-order value (meta length, skuid) turned to network order for a range comparison
+            st.network_order = a.get("NFTA_BYTEORDER_OP") == "NFT_BYTEORDER_HTON"
         elif name == "cmp" and st.reg is not None:
             st.compare(_cmp_value(a), _CMP.get(a.get("NFTA_CMP_OP"), "? "), out)
         elif name == "lookup" and st.reg is not None:
@@ -203,7 +238,9 @@ def render_rule(family: Any, exprs: List[Any]) -> str:
         elif name == "log":
             prefix = a.get("NFTA_LOG_PREFIX")
             out.append(f'log prefix "{prefix}"' if prefix else "log")
-        elif name in ("reject", "notrack", "limit", "quota", "queue", "dup", "fwd"):
+        elif name == "reject":
+            out.append(st.reject(a, family, out))
+        elif name in ("notrack", "limit", "quota", "queue", "dup", "fwd"):
             out.append(name)
         elif name == "masq":
             out.append("masquerade")
@@ -222,34 +259,58 @@ class _State:
         self.l4: Optional[str] = None
         self.reg: Optional[Tuple[str, Any]] = None  # what the last load put in the register
         self.mask: Optional[bytes] = None
+        self.network_order = False   # the register was turned to network order (byteorder)
         self.immediate: Optional[bytes] = None
         self.dependency: Dict[str, int] = {}  # "net" / "l4" -> index in out of a match that may be implicit
 
     def load(self, reg: Tuple[str, Any], out: List[Optional[str]]) -> None:
-        self.reg, self.mask = reg, None
+        self.reg, self.mask, self.network_order = reg, None, False
         if reg[0] == "payload":
             # a header load makes the match that selected its protocol implicit
             layer = {"NFT_PAYLOAD_NETWORK_HEADER": "net", "NFT_PAYLOAD_TRANSPORT_HEADER": "l4"}.get(reg[1][0])
             if layer in self.dependency:
                 out[self.dependency.pop(layer)] = None
+            # ICMP is IPv4's, ICMPv6 IPv6's: their header's match implies the family
+            if layer == "l4" and self.l4 in ("icmp", "icmpv6") and "net" in self.dependency:
+                out[self.dependency.pop("net")] = None
+
+    def reject(self, a: Dict[str, Any], family: Any, out: List[Optional[str]]) -> str:
+        """`reject`, with what it answers unless it is the family's default."""
+        rtype = a.get("NFTA_REJECT_TYPE")
+        if rtype == "NFT_REJECT_TCP_RST":
+            return "reject with tcp reset"
+        raw = a.get("NFTA_REJECT_ICMP_CODE", 0)
+        code = _ICMPX_CODES.get(raw, raw) if isinstance(raw, str) else raw
+        if rtype == "NFT_REJECT_ICMPX_UNREACH":
+            kind, default = "icmpx", family == "inet" and code == 1
+        else:   # ICMP of the packet's family: the table's, or the nfproto match before it (which it implies)
+            net = self.net or family
+            kind = "icmpv6" if net == "ip6" else "icmp"
+            default = (family, kind, code) in (("ip", "icmp", 3), ("ip6", "icmpv6", 4))
+            if "net" in self.dependency:
+                out[self.dependency.pop("net")] = None
+        return "reject" if default else f"reject with {kind} {_REJECT_CODES[kind].get(code, code)}"
 
     def compare(self, value: bytes, op: str, out: List[Optional[str]]) -> None:
         assert self.reg is not None  # render_rule compares only after a load
         kind, what = self.reg
         self.reg = None
-        num = int.from_bytes(value, "little") if value else 0
+        num = int.from_bytes(value, "big" if self.network_order else "little") if value else 0
         if kind == "meta" and what == "nfproto" and not op:
             self.net = {2: "ip", 10: "ip6"}.get(num, self.net)
             self.dependency["net"] = len(out)
             out.append(f"meta nfproto {'ipv4' if num == 2 else 'ipv6' if num == 10 else num}")
             return
-        if (kind == "meta" and what == "l4proto" and not op) or (
-                kind == "payload" and what[0] == "NFT_PAYLOAD_NETWORK_HEADER" and not op
-                and (self.net, what[1]) in (("ip", 9), ("ip6", 6))):
+        if kind == "meta" and what == "l4proto" and not op:
             self.l4 = L4.get(num, str(num))
-            self.dependency["l4"] = len(out)
-            field = "meta l4proto" if kind == "meta" else f"{self.net} {_NET_FIELDS[self.net][what[1]]}"
-            out.append(f"{field} {self.l4}")
+            self.dependency["l4"] = len(out)   # nft's own, before a transport header's match
+            out.append(f"meta l4proto {self.l4}")
+            return
+        if kind == "payload" and what[0] == "NFT_PAYLOAD_NETWORK_HEADER" and not op \
+                and (self.net, what[1]) in (("ip", 9), ("ip6", 6)):
+            # written by hand (nft's own dependencies match meta l4proto): kept, named as nft names it
+            self.l4 = L4.get(num, str(num))
+            out.append(f"{self.net} {_NET_FIELDS[self.net][what[1]]} {_PROTOCOL_NAMES.get(num, num)}")
             return
         if kind == "meta" and what in ("iifname", "oifname"):
             ifname = value.split(b"\0", 1)[0].decode(errors="replace")
@@ -265,12 +326,44 @@ class _State:
         elif kind == "ct":
             out.append(f"ct {what} {op}0x{value.hex()}")
         else:
-            base, _offset, length = what
+            base, offset, length = what
+            field = _L4_FIELDS.get((self.l4, offset, length)) if base == "NFT_PAYLOAD_TRANSPORT_HEADER" else None
+            if field == "flags":
+                out.append(_tcp_flags(value, self.mask, op))
+                return
+            full = {"ip": 4, "ip6": 16}.get(self.net or "")
+            if base == "NFT_PAYLOAD_NETWORK_HEADER" and full and _NET_FIELDS[self.net].get(offset) in (
+                    "saddr", "daddr") and 0 < len(value) <= full:
+                # a prefix: nft loads only its bytes, and masks a partial last one
+                plen = bin(int.from_bytes(self.mask, "big")).count("1") if self.mask else len(value) * 8
+                ip = ipaddress.ip_address(value + bytes(full - len(value)))
+                out.append(f"{self.net} {_NET_FIELDS[self.net][offset]} {op}{ip}"
+                           + (f"/{plen}" if plen < full * 8 else ""))
+                return
             if base == "NFT_PAYLOAD_NETWORK_HEADER" and length in (4, 16) and len(value) == length:
                 shown = str(ipaddress.ip_address(value))
+            elif field == "type" and self.l4 in ("icmp", "icmpv6"):
+                types = _ICMP_TYPES if self.l4 == "icmp" else _ICMPV6_TYPES
+                shown = types.get(value[0], str(value[0])) if value else "0"
             else:
                 shown = str(int.from_bytes(value, "big"))
+            if self.mask is not None and field is None:
+                out.append(f"{_load_text((kind, what), self.net, self.l4)} & 0x{self.mask.hex()} {op or '== '}{shown}")
+                return
             out.append(f"{_load_text((kind, what), self.net, self.l4)} {op}{shown}")
+
+
+def _tcp_flags(value: bytes, mask: Optional[bytes], op: str) -> str:
+    """`tcp flags syn` (any of them: mask, != 0), `tcp flags syn / syn,ack`
+    (these of those: value / mask), as nft 1.0 prints them."""
+    def names(bits: int) -> str:
+        return ",".join(n for bit, n in _TCP_FLAGS if bits & bit) or "0"
+    num = value[0] if value else 0
+    if mask is None:
+        return f"tcp flags {op}{names(num)}"
+    if op == "!= " and num == 0:
+        return f"tcp flags {names(mask[0])}"
+    return f"tcp flags {op}{names(num)} / {names(mask[0])}"
 
 
 def _immediate_value(a: Dict[str, Any]) -> Optional[bytes]:
@@ -291,12 +384,14 @@ def _cmp_value(a: Dict[str, Any]) -> bytes:
 def _load_text(reg: Tuple[str, Any], net: Optional[str], l4: Optional[str]) -> str:
     kind, what = reg
     if kind == "meta":
-        return f"meta {what}" if what in ("l4proto", "nfproto", "protocol", "mark", "nftrace", "pkttype") else str(what)
+        return str(what) if what in _UNQUALIFIED_META or str(what).startswith("NFT_") else f"meta {what}"
     if kind == "ct":
         return f"ct {what}"
     base, offset, length = what
     if base == "NFT_PAYLOAD_NETWORK_HEADER" and net in _NET_FIELDS and offset in _NET_FIELDS[net]:
         return f"{net} {_NET_FIELDS[net][offset]}"
+    if base == "NFT_PAYLOAD_TRANSPORT_HEADER" and (l4, offset, length) in _L4_FIELDS:
+        return f"{l4} {_L4_FIELDS[(l4, offset, length)]}"
     if base == "NFT_PAYLOAD_TRANSPORT_HEADER" and offset in _TRANSPORT_FIELDS and l4 in ("tcp", "udp", "sctp",
                                                                                           "udplite", "dccp"):
         return f"{l4} {_TRANSPORT_FIELDS[offset]}"
@@ -320,7 +415,7 @@ def _verdict(a: Dict[str, Any]) -> Optional[str]:
 # -- tracing (nft monitor trace) -------------------------------------------------
 NFNLGRP_NFTRACE = 9
 NFT_MSG_TRACE = 17
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO, NLM_F_EXCL, NLM_F_CREATE = 0x1, 0x4, 0x8, 0x200, 0x400
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x8, 0x200, 0x400, 0x300
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFPROTO_INET = 1
 NFT_META_NFTRACE, NFT_REG_1 = 12, 1
@@ -399,6 +494,42 @@ def delete_table(table: str, handle: int) -> bytes:
 def get_rule(family: int, table: str, chain: str, handle: int) -> bytes:
     return _encode(_classes().nft_rule_msg, (NFNL_SUBSYS_NFTABLES << 8) | 7, NLM_F_REQUEST | NLM_F_ACK, 1, family,
                    [("NFTA_RULE_TABLE", table), ("NFTA_RULE_CHAIN", chain), ("NFTA_RULE_HANDLE", handle)])
+
+
+def dump_rules() -> bytes:
+    """A dump request of every rule of every table (the namespace's ruleset)."""
+    return _encode(_classes().nft_rule_msg, (NFNL_SUBSYS_NFTABLES << 8) | 7, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, [])
+
+
+def rules(buf: bytes) -> Dict[Tuple[int, str, str, int], Optional[str]]:
+    """(family id, table, chain, handle) -> text of each rule in a dump's reply."""
+    out: Dict[Tuple[int, str, str, int], Optional[str]] = {}
+    for mtype, _f, raw in split(buf):
+        if mtype == (NFNL_SUBSYS_NFTABLES << 8) | 6:
+            msg = _classes().nft_rule_msg(raw)
+            msg.decode()
+            exprs = msg.get_attr("NFTA_RULE_EXPRESSIONS")
+            key = (msg["nfgen_family"], msg.get_attr("NFTA_RULE_TABLE"), msg.get_attr("NFTA_RULE_CHAIN"),
+                   msg.get_attr("NFTA_RULE_HANDLE"))
+            out[key] = render_rule(FAMILIES.get(msg["nfgen_family"]), exprs) if exprs is not None else None
+    return out
+
+
+def apply_change(known: Dict[Tuple[int, str, str, int], Optional[str]], mtype: int, raw: bytes) -> None:
+    """Keep `known` (rules() of a namespace) up to date with one change
+    notification: a rule added or replaced, a rule, chain or table deleted."""
+    kind = mtype & 0xFF if mtype >> 8 == NFNL_SUBSYS_NFTABLES else None
+    if kind == 6:
+        known.update(rules(raw))
+    elif kind in (8, 5, 2):   # DELRULE, DELCHAIN, DELTABLE
+        cls = {8: "nft_rule_msg", 5: "nft_chain_msg", 2: "nft_table_msg"}[kind]
+        msg = getattr(_classes(), cls)(raw)
+        msg.decode()
+        prefix = {8: ("RULE", ("TABLE", "CHAIN", "HANDLE")), 5: ("CHAIN", ("TABLE", "NAME")),
+                  2: ("TABLE", ("NAME",))}[kind]
+        gone = (msg["nfgen_family"],) + tuple(msg.get_attr(f"NFTA_{prefix[0]}_{f}") for f in prefix[1])
+        for key in [k for k in known if k[:len(gone)] == gone]:
+            del known[key]
 
 
 def get_table(table: str) -> bytes:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union, cast
 
 from ..netns.linux import in_netns_at
 from ..errors import NettraceError
@@ -120,7 +120,11 @@ class _Tracer:
             if self.owner is not None:
                 self.owner.close()
             raise
-        self._rules: Dict[Tuple[int, str, str, int], Optional[str]] = {}
+        # the namespace's rules now, then kept up to date by the change
+        # notifications that reach the listener in order with the verdicts:
+        # a verdict names the rule that had its handle when it was traced
+        # (a ruleset flushed and loaded again reuses handles)
+        self._rules = _nft.rules(self._dump(_nft.dump_rules()))
 
     @staticmethod
     def _socket(groups: int) -> socket.socket:
@@ -129,7 +133,7 @@ class _Tracer:
         return s
 
     def _listen(self) -> socket.socket:
-        s = self._socket(1 << (_nft.NFNLGRP_NFTRACE - 1))
+        s = self._socket(1 << (_nft.NFNLGRP_NFTRACE - 1) | 1 << (_nft.NFNLGRP_NFTABLES - 1))
         try:
             s.setsockopt(socket.SOL_SOCKET, 33, _RCVBUF)  # SO_RCVBUFFORCE
         except OSError:
@@ -156,6 +160,20 @@ class _Tracer:
         def go() -> bytes:
             with self._socket(0) as s:
                 return exchange(s)
+        return in_netns_at(self.path, go)
+
+    def _dump(self, data: bytes) -> bytes:
+        """A dump request's whole reply (up to NLMSG_DONE), in the namespace."""
+        def go() -> bytes:
+            with self._socket(0) as s:
+                s.settimeout(5)
+                s.send(data)
+                out = b""
+                while True:
+                    chunk = s.recv(1 << 16)
+                    out += chunk
+                    if any(mtype in (2, 3) for mtype, _f, _raw in _nft.split(chunk)):   # NLMSG_ERROR / DONE
+                        return out
         return in_netns_at(self.path, go)
 
     def _install(self) -> int:
@@ -194,6 +212,8 @@ class _Tracer:
                     if v is not None and v["table"] != TABLE:
                         v["rule"] = self._rule(v)
                         self.verdicts.append(v)
+                else:
+                    _nft.apply_change(self._rules, mtype, raw)
 
     def _rule(self, v: Dict[str, Any]) -> Optional[str]:
         if v["handle"] is None:
