@@ -25,6 +25,7 @@ joined to the kernel's drop event of the same packet (reason NETFILTER_DROP).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union, cast
@@ -100,6 +101,9 @@ class NftVerdictEvent(Event, init=False):
             dst = ports(self.daddr, self.dport) if self.dport is not None else str(self.daddr)
             pkt = f" ({self.ip_proto} {src} > {dst})"
         return f"dropped by {by}{rule}{pkt}"
+
+
+_COUNTER_FIGURES = re.compile(r"\bcounter packets \d+ bytes \d+")
 
 
 class _Tracer:
@@ -210,7 +214,9 @@ class _Tracer:
                 if mtype == (_nft.NFNL_SUBSYS_NFTABLES << 8) | _nft.NFT_MSG_TRACE:
                     v = _nft.trace_verdict(raw, self._packets)
                     if v is not None and v["table"] != TABLE:
-                        v["rule"] = self._rule(v)
+                        rule = self._rule(v)
+                        # a counter's figures in the text are those of when it was read: none
+                        v["rule"] = _COUNTER_FIGURES.sub("counter", rule) if rule else rule
                         self.verdicts.append(v)
                 else:
                     _nft.apply_change(self._rules, mtype, raw)
