@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import textwrap
 import threading
 
 import pytest
@@ -234,18 +235,23 @@ def test_close_bytes_match_the_workload_when_the_server_closes_first(pair, nettr
         assert (mine.bytes_received, mine.bytes_sent) == (sent, received), mine
 
 
+def listening(fam: int, host: str, port: int, then: str) -> list:
+    """argv: a server that listens on host:port (socket `l`), says "ready", then runs `then`."""
+    return script(f"""
+import socket, sys, time
+l = socket.socket(socket.{"AF_INET6" if fam == 10 else "AF_INET"})
+l.bind(({host!r}, {port}))
+l.listen()
+print("ready", flush=True)
+""" + textwrap.dedent(then))
+
+
 def test_a_connection_reset_before_accept_is_one_accept(pair, nettrace):
     """The client aborts (SO_LINGER 0) before the server calls accept():
     accept() still returns the socket (closed by the RST). One connection,
     one accept event — naming the server once it took it — and its close."""
     server, client, fam, a, b = pair
-    fam_name = "AF_INET6" if fam == 10 else "AF_INET"
-    srv = server.popen(script(f"""
-        import socket, sys
-        l = socket.socket(socket.{fam_name})
-        l.bind(({a!r}, 8080))
-        l.listen()
-        print("ready", flush=True)
+    srv = server.popen(listening(fam, a, 8080, """
         sys.stdin.readline()          # only once the client has reset it
         c, _ = l.accept()
         print("accepted", flush=True)
@@ -270,12 +276,7 @@ def test_bytes_at_an_aborted_close_are_the_payload(pair, nettrace):
     taken for a FIN)."""
     server, client, fam, a, _b = pair
     fam_name = "AF_INET6" if fam == 10 else "AF_INET"
-    srv = server.popen(script(f"""
-        import socket, time
-        l = socket.socket(socket.{fam_name})
-        l.bind(({a!r}, 8080))
-        l.listen()
-        print("ready", flush=True)
+    srv = server.popen(listening(fam, a, 8080, """
         for _ in range(2):
             c, _ = l.accept()
             c.recv(100)

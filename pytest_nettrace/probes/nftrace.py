@@ -128,7 +128,7 @@ class _Tracer:
         # notifications that reach the listener in order with the verdicts:
         # a verdict names the rule that had its handle when it was traced
         # (a ruleset flushed and loaded again reuses handles)
-        self._rules = _nft.rules(self._dump(_nft.dump_rules()))
+        self._rules = _nft.rules(self._request(_nft.dump_rules(), dump=True))
 
     @staticmethod
     def _socket(groups: int) -> socket.socket:
@@ -145,18 +145,24 @@ class _Tracer:
         s.setblocking(False)
         return s
 
-    def _request(self, data: bytes, sock: Optional[socket.socket] = None) -> bytes:
+    def _request(self, data: bytes, sock: Optional[socket.socket] = None, dump: bool = False) -> bytes:
         """Send to nftables in the namespace (on `sock`, else a socket of its
-        own), return the whole reply."""
+        own), return the whole reply: up to the last ack (or an error), or
+        for a `dump` up to its NLMSG_DONE."""
+        def done(chunk: bytes) -> bool:
+            if dump:
+                return any(mtype in (2, 3) for mtype, _f, _raw in _nft.split(chunk))   # NLMSG_ERROR / DONE
+            # every message is acked (NLM_F_ACK); the last ack (or an error) ends it
+            return any(_nft.errors(chunk)) or _last_seq(chunk) >= _max_seq(data)
+
         def exchange(s: socket.socket) -> bytes:
             s.settimeout(5)
             s.send(data)
             out = b""
-            # every message is acked (NLM_F_ACK); the last ack (or an error) ends it
             while True:
                 chunk = s.recv(1 << 16)
                 out += chunk
-                if any(_nft.errors(chunk)) or _last_seq(chunk) >= _max_seq(data):
+                if done(chunk):
                     return out
         if sock is not None:
             return exchange(sock)
@@ -164,20 +170,6 @@ class _Tracer:
         def go() -> bytes:
             with self._socket(0) as s:
                 return exchange(s)
-        return in_netns_at(self.path, go)
-
-    def _dump(self, data: bytes) -> bytes:
-        """A dump request's whole reply (up to NLMSG_DONE), in the namespace."""
-        def go() -> bytes:
-            with self._socket(0) as s:
-                s.settimeout(5)
-                s.send(data)
-                out = b""
-                while True:
-                    chunk = s.recv(1 << 16)
-                    out += chunk
-                    if any(mtype in (2, 3) for mtype, _f, _raw in _nft.split(chunk)):   # NLMSG_ERROR / DONE
-                        return out
         return in_netns_at(self.path, go)
 
     def _install(self) -> int:
