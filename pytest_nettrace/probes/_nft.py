@@ -48,7 +48,7 @@ _ICMPV6_TYPES = {1: "destination-unreachable", 2: "packet-too-big", 3: "time-exc
                  132: "mld-listener-done", 133: "nd-router-solicit", 134: "nd-router-advert",
                  135: "nd-neighbor-solicit", 136: "nd-neighbor-advert", 137: "nd-redirect"}
 # how nft names the protocol in an `ip protocol` / `ip6 nexthdr` match (/etc/protocols)
-_PROTOCOL_NAMES = {**{n: name for n, name in L4.items()}, 58: "ipv6-icmp"}
+_PROTOCOL_NAMES = {**L4, 58: "ipv6-icmp"}
 # reject's codes, by the family it answers in (pyroute2 names every code by the icmpx enum)
 _ICMPX_CODES = {"NFT_REJECT_ICMPX_NO_ROUTE": 0, "NFT_REJECT_ICMPX_PORT_UNREACH": 1,
                 "NFT_REJECT_ICMPX_HOST_UNREACH": 2, "NFT_REJECT_ICMPX_ADMIN_PROHIBITED": 3}

@@ -497,8 +497,8 @@ class RuleEvent(NetChangeEvent, init=False):
         for name, ports in (("sport", self.sport), ("dport", self.dport)):
             if ports is not None:
                 parts.append(f"{name} {ports[0]}" if ports[0] == ports[1] else f"{name} {ports[0]}-{ports[1]}")
-        if self.l3mdev:
-            pass   # said above, where ip rule says it
+        if self.l3mdev:   # its lookup is said above, where ip rule says it
+            pass
         elif self.rule_action == "lookup":
             parts.append(f"lookup {self.table}")
         elif self.rule_action == "goto":
