@@ -16,7 +16,6 @@ _DISCARD = 1 << 30
 _HDR = 8  # struct bpf_ringbuf_hdr: u32 len, u32 pg_off
 _LEN = _DISCARD - 1
 Span = Tuple[bytes, List[int], int]  # see RingBuffer.read_spans
-_u64 = struct.Struct("<Q")
 _u32 = struct.Struct("<I")
 
 
@@ -32,6 +31,13 @@ class RingBuffer:
         self._cons = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         # producer page + data mapped twice by the kernel, so records never wrap
         self._prod = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        # The positions are read and written as whole aligned words. struct's
+        # "<Q" goes a byte at a time: a producer that read our position half
+        # written (this thread preempted between its bytes) saw the reader
+        # megabytes behind, the ring full, and dropped its event; a producer
+        # position read half updated would send the reader past the end.
+        self._cons_pos = memoryview(self._cons).cast("Q")
+        self._prod_pos = memoryview(self._prod)[:8].cast("Q")
         self._data_off = page
         self.consumed = 0  # bytes handed back to the kernel so far (records and their headers)
         self.min_len = min_len
@@ -58,9 +64,9 @@ class RingBuffer:
         # data pages are mapped twice, so a span never wraps
         words = memoryview(ring).cast("I")
         try:
-            cons = start = _u64.unpack_from(self._cons, 0)[0]
+            cons = start = self._cons_pos[0]
             while True:
-                prod = _u64.unpack_from(ring, 0)[0]
+                prod = self._prod_pos[0]
                 if cons >= prod:
                     break
                 base = (self._data_off + (cons & mask)) >> 2
@@ -89,7 +95,7 @@ class RingBuffer:
                     spans.append((ring[base << 2: at << 2], starts, base))
                 cons += (at - base) << 2
                 # hand the space back as we go, so producers can reuse it
-                _u64.pack_into(self._cons, 0, cons)
+                self._cons_pos[0] = cons
                 if at < end:
                     break  # stopped at a record still being written
         finally:
@@ -121,6 +127,8 @@ class RingBuffer:
             pass
 
     def close(self) -> None:
+        self._cons_pos.release()
+        self._prod_pos.release()
         for m in (self._cons, self._prod):
             try:
                 m.close()
