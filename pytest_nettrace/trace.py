@@ -474,10 +474,11 @@ class Trace(KindMethods):
 
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> Dict[str, Any]:
         """The filters as events compare with them; usage errors for bad ones."""
-        self.queried.add(kind if kind is not None else "*")
         if kind is None:
+            self.queried.add("*")
             return check_filters_any_kind(filters)
         info = kind_info(kind)
+        self.queried.add(kind)
         filters = check_filters(info.event_type, filters)
         why = self.engine.probe_available(info.probe)
         if why:

@@ -337,3 +337,40 @@ def test_an_address_present_before_the_watch_announced_again_is_a_change(nettrac
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_what_expires_is_the_kernels_and_says_so(netns, nettrace):
+    """An address's valid lifetime and an IPv6 route's `expires` run out
+    with no program asking: "kernel", nobody named, and which lifetime."""
+    netns.add_dummy("eth1")
+    netns.run(["sysctl", "-qw", "net.ipv6.route.gc_interval=1"], check=True)   # (30 s by default)
+    netns.run(["ip", "addr", "add", "10.7.0.1/24", "dev", "eth1", "valid_lft", "2", "preferred_lft", "1"], check=True)
+    netns.run(["ip", "-6", "route", "add", "2001:db8:60::/48", "dev", "eth1", "expires", "1"], check=True)
+    addr = nettrace.wait_for("addr", action="deleted", address="10.7.0.1/24", timeout=6)
+    route = nettrace.wait_for("route", action="deleted", dst="2001:db8:60::/48", timeout=6)
+    assert (addr.cause, addr.pid, addr.detail) == ("kernel", None, "address lifetime expired")
+    assert (route.cause, route.pid, route.detail) == ("kernel", None, "route lifetime expired")
+
+
+@pytest.mark.parametrize("promote", [0, 1], ids=["deleted", "promoted"])
+def test_secondaries_go_with_their_primary_by_the_kernels_hand(netns, nettrace, promote):
+    """Deleting an IPv4 primary deletes its subnet's secondaries first, or
+    promotes one (promote_secondaries), in that one request: the task is
+    named, the change is the kernel's. A secondary deleted on request stays
+    the request's."""
+    netns.add_dummy("d0")
+    netns.run(["sysctl", "-qw", f"net.ipv4.conf.d0.promote_secondaries={promote}"], check=True)
+    for address in ("10.1.0.1/24", "10.1.0.2/24", "10.1.0.3/24"):
+        netns.run(["ip", "addr", "add", address, "dev", "d0"], check=True)
+    asked = netns.run(["ip", "addr", "del", "10.1.0.3/24", "dev", "d0"], check=True)
+    r = netns.run(["ip", "addr", "del", "10.1.0.1/24", "dev", "d0"], check=True)
+    own = nettrace.assert_address_deleted("10.1.0.3/24", dev="d0")
+    primary = nettrace.assert_address_deleted("10.1.0.1/24", dev="d0")
+    assert (own.pid, own.cause, primary.pid, primary.cause) == (asked.pid, "netlink", r.pid, "netlink")
+    second = nettrace.address_changes(address="10.1.0.2/24")[-1]
+    assert (second.pid, second.cause) == (r.pid, "kernel")
+    if promote:
+        assert (second.action, second.detail) == ("changed", "promoted to primary: its subnet's primary address was deleted")
+    else:
+        assert (second.action, second.detail) == ("deleted", "removed with 10.1.0.1/24, the primary address of its subnet")
+    assert nettrace.lost("addr") == 0

@@ -535,6 +535,8 @@ BAD_INPUT = [
     ("unknown-kind", lambda t, ns: t.events("rest"), ValueError, r"unknown event kind 'rest'; valid kinds: .*rst"),
     ("unknown-kind-assert-none", lambda t, ns: t.assert_none("nosuch"), ValueError, r"unknown event kind 'nosuch'"),
     ("unknown-kind-lost", lambda t, ns: t.lost("nosuch"), ValueError, r"unknown event kind 'nosuch'"),
+    ("kinds-as-a-list", lambda t, ns: t.events(["addr", "route"]), ValueError,
+     r"an event kind is one name, got list \['addr', 'route'\]; valid kinds: .*rst"),
     ("unknown-filter", lambda t, ns: t.rst(dprot=80), ValueError, r"unknown filter 'dprot' for 'rst' events"),
     ("unknown-filter-any-kind", lambda t, ns: t.events(colour="red"), ValueError, r"unknown filter 'colour'"),
     ("unknown-filter-negative", lambda t, ns: t.assert_no_rst(dprot=80), ValueError, r"unknown filter 'dprot'"),

@@ -60,6 +60,11 @@ _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFA
 RTMGRP_NEIGH, RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x4, 0x80, 1 << (19 - 1)
 _GROUPS |= RTMGRP_NEIGH | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 IFF_UP = 0x1
+IFA_F_SECONDARY = 0x1
+# Deleting an IPv4 primary address deletes the secondaries of its subnet
+# first, or promotes one (net.ipv4.conf.*.promote_secondaries), in the same
+# request: __inet_del_ifa, under the netlink or ioctl handler
+_DELETING_AN_IPV4_ADDRESS = frozenset(("__inet_del_ifa", "inet_rtm_deladdr"))
 NLM_F_REPLACE = 0x100
 # linux/netlink.h; pyroute2's message classes are imported where requests are
 # built: importing any of pyroute2 costs ~100 ms, on the path to attached probes
@@ -101,6 +106,7 @@ _KERNEL_DETAILS = (
     (("addrconf_ifdown", "__dev_close_many", "dev_close_many", "__dev_change_flags", "inetdev_event"),
      "link down"),
     (("addrconf_verify_rtnl", "addrconf_verify_work", "check_lifetime"), "address lifetime expired"),
+    (("fib6_run_gc", "fib6_gc_timer_cb", "fib6_age", "fib6_age_exceptions"), "route lifetime expired"),
     (("addrconf_prefix_rcv", "ndisc_router_discovery", "rt6_route_rcv"), "router advertisement"),
     (("addrconf_dad_completed", "addrconf_dad_work", "addrconf_dad_begin"), "duplicate address detection"),
     (("addrconf_add_linklocal", "addrconf_dev_config", "addrconf_addr_gen"), "IPv6 autoconfiguration"),
@@ -958,6 +964,9 @@ class NetChangeDecoder(Decoder):
         self._last: Dict[int, Tuple[int, Optional[NetChangeEvent]]] = {}  # netns -> (skb, event) of the last record
         self._raced_count: Dict[int, int] = {}
         self._unmonitored: Dict[int, Present] = {}  # what is present, where no monitor knows it
+        # (netns, tid) -> secondary addresses that task's request deleted so
+        # far: its own request, unless a primary of theirs follows
+        self._secondaries_deleted: Dict[Tuple[int, Optional[int]], List[AddrEvent]] = {}
 
     def forget(self, netns: int) -> None:
         self._last.pop(netns, None)
@@ -989,12 +998,34 @@ class NetChangeDecoder(Decoder):
             blamed = self._blame_nobody(hdr.netns)
             return [blamed] if blamed is not None else []
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
+        functions = hdr.stack(buf).functions
         if event is not None:
-            changes = sysctl_cause(event, hdr.stack(buf).functions, sy_name, sy_value)
+            changes = sysctl_cause(event, functions, sy_name, sy_value)
             if changes:
                 event = event.evolve(**changes)
         self._last[hdr.netns] = (skb, event)
-        return [event] if event is not None else []  # None: not a change (our own request's reply)
+        if event is None:
+            return []  # not a change (our own request's reply)
+        if isinstance(event, AddrEvent):
+            return [event] + self._removed_with_their_primary(hdr, event, functions)
+        return [event]
+
+    def _removed_with_their_primary(self, hdr: Header, ev: "AddrEvent", functions: AbstractSet[str]) -> List[Event]:
+        """The secondary addresses deleted just before `ev` by the same
+        request, when `ev` is that request's primary: the kernel removed them
+        with it, nobody asked (corrections of their events)."""
+        key = (hdr.netns, ev.tid)
+        if ev.action != "deleted" or ev.family != 4 or ev.cause == "kernel" or \
+                functions.isdisjoint(_DELETING_AN_IPV4_ADDRESS):
+            self._secondaries_deleted.pop(key, None)
+            return []
+        if ev.flags & IFA_F_SECONDARY:
+            if len(self._secondaries_deleted) > 64:   # tasks that deleted a secondary and nothing after
+                self._secondaries_deleted.clear()
+            self._secondaries_deleted.setdefault(key, []).append(ev)
+            return []
+        return [sec.corrected(cause="kernel", detail=f"removed with {ev.address}, the primary address of its subnet")
+                for sec in self._secondaries_deleted.pop(key, ()) if sec.ifindex == ev.ifindex]
 
     def _raced(self, netns: int, skb: int) -> bool:
         """Two notifications queued on one monitor socket from two CPUs at the
@@ -1094,7 +1125,11 @@ class NetChangeDecoder(Decoder):
                       address=_interface(ip, prefixlen) if ip is not None else None,
                       family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
                       scope=scope, flags=flags, **common)
-        return self._finish(AddrEvent, hdr, stack, fields)
+        event = self._finish(AddrEvent, hdr, stack, fields)
+        if mtype == RTM_NEWADDR and event.cause != "kernel" and \
+                not stack.functions.isdisjoint(_DELETING_AN_IPV4_ADDRESS):
+            return event.evolve(cause="kernel", detail="promoted to primary: its subnet's primary address was deleted")
+        return event
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:

@@ -63,6 +63,9 @@ def kinds() -> Dict[str, KindInfo]:
 
 def kind_info(kind: str) -> KindInfo:
     """KindInfo of `kind`; a ValueError listing the valid kinds otherwise."""
+    if not isinstance(kind, str):  # a list of kinds would fail later as "unhashable type"
+        raise ValueError(f"an event kind is one name, got {type(kind).__name__} {kind!r}; "
+                         f"valid kinds: {', '.join(sorted(kinds()))}")
     try:
         return kinds()[kind]
     except KeyError:
