@@ -154,6 +154,13 @@ static __always_inline void nc_remember(void *ctx, struct work_struct *work)
 	nt_fill_hdr(&o->h, NT_KIND_NLMSG, netns);
 	o->cmdline_len = nc_read_cmdline(o->cmdline, o->h.flags);
 	o->pad = 0;
+	/* a sysctl write queued it (disable_ipv6=0 re-adding the link-local
+	 * address): the write is over by the time the worker announces it */
+	struct sysctl_write *w = bpf_map_lookup_elem(&nt_sysctl_writing, &tid);
+	if (w)
+		bpf_probe_read_kernel(&o->sysctl, sizeof(o->sysctl), w);
+	else
+		o->sysctl.name[0] = 0;
 	bpf_map_update_elem(&nc_work_origin, &key, o, BPF_ANY);
 }
 
@@ -235,6 +242,7 @@ static __always_inline bool nc_queued_by(struct netchange_event *e)
 	bpf_probe_read_kernel(e->cmdline, sizeof(e->cmdline), o->cmdline);
 	e->cmdline_len = o->cmdline_len;
 	bpf_probe_read_kernel(e->stack, sizeof(e->stack), o->stack);
+	bpf_probe_read_kernel(&e->sysctl, sizeof(e->sysctl), &o->sysctl);
 	return true;
 }
 
@@ -302,16 +310,17 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 	}
 
 	nt_fill_stack(ctx, &e->h, e->stack);
-	if (!nc_queued_by(e))
+	if (!nc_queued_by(e)) {
 		e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
-	/* a change a sysctl write made (disable_ipv6=1 removing addresses):
-	 * which setting, from sysctl.bpf.c */
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct sysctl_write *w = bpf_map_lookup_elem(&nt_sysctl_writing, &tid);
-	if (w)
-		bpf_probe_read_kernel(&e->sysctl, sizeof(e->sysctl), w);
-	else
-		e->sysctl.name[0] = 0;
+		/* a change a sysctl write made (disable_ipv6=1 removing
+		 * addresses): which setting, from sysctl.bpf.c */
+		__u32 tid = (__u32)bpf_get_current_pid_tgid();
+		struct sysctl_write *w = bpf_map_lookup_elem(&nt_sysctl_writing, &tid);
+		if (w)
+			bpf_probe_read_kernel(&e->sysctl, sizeof(e->sysctl), w);
+		else
+			e->sysctl.name[0] = 0;
+	}
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

@@ -22,6 +22,7 @@ struct nc_origin {
 	__u32 pad;
 	char cmdline[NC_CMDLINE_MAX];
 	__u64 stack[NT_MAX_STACK];
+	struct sysctl_write sysctl; /* a sysctl write it was making (name[0] == 0: none) */
 };
 
 /* In an event's header flags: the task fields, command line and stack are

@@ -218,6 +218,24 @@ def test_disable_ipv6_write_attributed_and_is_the_cause_of_the_deletion(netns, n
     assert nettrace.link_changes(action="down") == []
 
 
+@pytest.mark.parametrize("dad", [0, 1], ids=["accept_dad=0", "accept_dad=1"])
+def test_reenabling_ipv6_names_the_setting_on_what_the_dad_worker_announces(netns, nettrace, dad):
+    """disable_ipv6=0 re-creates the link-local address; the kernel's DAD
+    worker announces it after the write returned: still that write's doing,
+    named as the routes it made at once are."""
+    needs_sysctl_probe(nettrace)
+    netns.add_dummy("v0")
+    netns.run(["sysctl", "-qw", f"net.ipv6.conf.v0.accept_dad={dad}"], check=True)
+    netns.run(["sysctl", "-w", "net.ipv6.conf.v0.disable_ipv6=1"], check=True)
+    r = netns.run(["sysctl", "-w", "net.ipv6.conf.v0.disable_ipv6=0"], check=True)
+    route = nettrace.assert_any("route", action="added", dst="fe80::/64", pid=r.pid)
+    link_local = nettrace.wait_for("addr", action="added", address=lambda a: a.ip.is_link_local, timeout=5,
+                                   timestamp=lambda t: t > route.timestamp)
+    assert link_local.announced_by == "addrconf_dad_work"
+    for ev in (route, link_local):
+        assert (ev.pid, ev.cause, ev.detail) == (r.pid, "sysctl", "net.ipv6.conf.v0.disable_ipv6=0"), ev.describe()
+
+
 def test_shell_write_to_proc_sys_net_attributed(netns, nettrace):
     needs_sysctl_probe(nettrace)
     netns.add_dummy("eth0")
