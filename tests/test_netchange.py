@@ -370,7 +370,38 @@ def test_secondaries_go_with_their_primary_by_the_kernels_hand(netns, nettrace, 
     second = nettrace.address_changes(address="10.1.0.2/24")[-1]
     assert (second.pid, second.cause) == (r.pid, "kernel")
     if promote:
-        assert (second.action, second.detail) == ("changed", "promoted to primary: its subnet's primary address was deleted")
+        expected = ("changed", "promoted to primary: its subnet's primary address was deleted")
     else:
-        assert (second.action, second.detail) == ("deleted", "removed with 10.1.0.1/24, the primary address of its subnet")
+        expected = ("deleted", "removed with 10.1.0.1/24, the primary address of its subnet")
+    assert (second.action, second.detail) == expected
     assert nettrace.lost("addr") == 0
+
+
+def test_a_link_changed_because_another_was_is_the_kernels_doing(make_netns, nettrace):
+    """A bridge following its port's MTU or losing a port, a port made
+    promiscuous by its bridge, a link given a macvlan on top: the request
+    named another device. The task stays named; the port's own change under
+    `master br0` and the new macvlan are the request's."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("p1", b, "q1")
+    a.add_veth("p2", b, "q2")
+    a.add_veth("p3", b, "q3")
+    a.add_bridge("br0", ["p1"])
+    mtu = a.run(["ip", "link", "set", "p1", "mtu", "1400"], check=True)
+    master = a.run(["ip", "link", "set", "p2", "master", "br0"], check=True)
+    macvlan = a.run(["ip", "link", "add", "mv0", "link", "p3", "type", "macvlan"], check=True)
+    gone = a.run(["ip", "link", "del", "p1"], check=True)
+
+    def links(r):
+        return [e for e in nettrace.link_changes(netns=a.inode) if e.pid == r.pid]
+    asked = [e for e in links(mtu) if e.cause == "netlink"]
+    assert [(e.dev, e.mtu) for e in asked] == [("p1", 1400)]
+    assert ("br0", "kernel", "follows a change of another link") in {(e.dev, e.cause, e.detail) for e in links(mtu)}
+    own = [e for e in links(master) if e.dev == "p2" and e.cause == "netlink"]
+    assert own, [e.summary() for e in links(master)]
+    assert all(e.cause == "kernel" for e in links(master) if e.dev == "br0")
+    assert any(e.dev == "p2" and e.cause == "kernel" for e in links(master)), "p2 made promiscuous by br0"
+    assert {(e.dev, e.cause) for e in links(macvlan)} == {("mv0", "netlink"), ("p3", "kernel")}
+    bridge = [e for e in links(gone) if e.dev == "br0"]
+    assert bridge and all(e.cause == "kernel" for e in bridge)
+    assert [e.action for e in links(gone) if e.dev == "p1" and e.cause == "netlink"][-1] == "deleted"

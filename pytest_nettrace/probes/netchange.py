@@ -117,6 +117,33 @@ _KERNEL_DETAILS = (
 )
 
 
+# A device acting on another: an upper device (bridge, macvlan, VLAN, bond)
+# setting its lower's promiscuity or multicast, a device added on top of one
+_ONE_DEVICE_ON_ANOTHER = frozenset(("dev_set_promiscuity", "netif_set_promiscuity", "dev_set_allmulti",
+                                    "netif_set_allmulti"))
+_UPPER_LINKED = frozenset(("__netdev_upper_dev_link", "netdev_upper_dev_unlink", "__netdev_upper_dev_unlink"))
+
+
+@functools.lru_cache(maxsize=256)
+def follows_another_link(frames: Tuple[str, ...]) -> bool:
+    """Whether a link's notification, under a request, is of a device the
+    request did not name: a bridge following its port's MTU or removal (a
+    notifier chain run inside another's), a port made promiscuous by its
+    bridge, a link given an upper device (`ip link add mv0 link eth0 type
+    macvlan`), a bridge's features recomputed for a new port. The port's own
+    change under `ip link set p1 master br0` is the request's."""
+    names = [frame_function(f) for f in frames]
+    functions = frozenset(names)
+    # one chain run shows as notifier_call_chain, raw_notifier_call_chain
+    # calling it, or both (inlining varies by kernel)
+    chains = max(names.count("notifier_call_chain"), names.count("raw_notifier_call_chain"))
+    if chains >= 2 or not functions.isdisjoint(_ONE_DEVICE_ON_ANOTHER):
+        return True
+    if not functions.isdisjoint(_UPPER_LINKED):
+        return "do_set_master" not in functions
+    return chains == 1 and "do_set_master" in functions
+
+
 def applied_by_a_reader(functions: AbstractSet[str]) -> bool:
     """A carrier change waits for the kernel's linkwatch worker, unless a task
     reading the link first (`ip link show`, a daemon's query, ethtool) applies
@@ -1084,6 +1111,8 @@ class NetChangeDecoder(Decoder):
         then rebuilt with these)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
         cause, detail = _cause(cls.kind, stack.functions)
+        if cls.kind == "link" and cause != "kernel" and follows_another_link(stack.frames):
+            cause, detail = "kernel", "follows a change of another link"
         fields["cause"], fields["detail"] = cause, detail
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
