@@ -131,6 +131,46 @@ static __always_inline struct drop_count *count_of(struct drop_key *key)
 	return bpf_map_lookup_elem(&drop_counts, key);  /* NULL: map full */
 }
 
+/* The last drop a reassembly timeout made on this CPU, and its namespace.
+ * An expired queue's head is dropped with its device, then the rest of the
+ * queue at once, in the same timer callback on the same CPU, by
+ * inet_frag_rbtree_purge: those fragments' skb->dev shares its memory with
+ * the tree node, so they have no device (nor socket) of their own. */
+struct drop_frag_expiry {
+	__u64 ts;
+	__u32 netns;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct drop_frag_expiry);
+} drop_frag_expiry SEC(".maps");
+
+#define FRAG_EXPIRY_WINDOW_NS 1000000  /* one callback's drops: microseconds apart */
+
+/* The namespace of a queue's fragments dropped with its expired head
+ * (`netns`: that of the head, 0 when the drop had none): 0 if none. */
+static __always_inline __u32 frag_expiry_netns(bool has_reason, __u32 reason, __u32 netns)
+{
+	if (!has_reason || !bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_FRAG_REASM_TIMEOUT) ||
+	    reason != bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_FRAG_REASM_TIMEOUT))
+		return 0;
+	__u32 zero = 0;
+	struct drop_frag_expiry *last = bpf_map_lookup_elem(&drop_frag_expiry, &zero);
+	if (!last)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	if (netns) {
+		last->ts = now;
+		last->netns = netns;
+		return netns;
+	}
+	return now - last->ts < FRAG_EXPIRY_WINDOW_NS ? last->netns : 0;
+}
+
 static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *location,
 				   bool has_reason, __u32 reason)
 {
@@ -146,12 +186,16 @@ static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *locatio
 		return 0;
 
 	/* where it was dropped: the device's namespace, else the socket's */
-	if (dev)
+	if (dev) {
 		netns = nt_netns_of_dev(dev);
-	else if (sk)
+		frag_expiry_netns(has_reason, reason, netns);
+	} else if (sk) {
 		netns = nt_netns_of_sk(sk);
-	else
-		return 0;
+	} else {
+		netns = frag_expiry_netns(has_reason, reason, 0);
+		if (!netns)
+			return 0;
+	}
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
 		return 0;

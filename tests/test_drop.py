@@ -267,3 +267,39 @@ def test_drop_counts_equal_the_kernels_own_counters(make_netns, nettrace):
     assert kernel["NO_SOCKET"] == kernel["NETFILTER_DROP"] == n and kernel["SOCKET_RCVBUFF"] > n // 2, kernel
     ours = {reason: nettrace.drop_summary(netns=receiver.inode, reason=reason).total() for reason in kernel}
     assert ours == kernel, nettrace.drop_summary().text()
+
+
+def _ip_mib(ns) -> dict:
+    """The namespace's IP counters (Ip: in /proc/net/snmp)."""
+    rows = [line.split() for line in ns.run(["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+            if line.startswith("Ip:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+
+
+def test_fragments_of_an_expired_reassembly_are_each_a_drop(make_netns, nettrace):
+    """Three fragments of a datagram whose last never comes: when the queue
+    expires, the kernel drops its head (with its device) and purges the rest
+    from the queue's tree, where an skb has no device or socket to tell its
+    namespace; those are the same namespace's drops. nstat counts the queue."""
+    sender, receiver = make_netns(), make_netns()
+    sender.add_veth("eth0", receiver, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    receiver.run(["sysctl", "-qw", "net.ipv4.ipfrag_time=1"], check=True)
+    before = _ip_mib(receiver)
+    sender.run(script("""
+        import socket, struct
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        for offset in (0, 3, 6):   # in 8-byte units, each with more fragments to come
+            payload = b"z" * 24
+            hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0x4242, 0x2000 | offset, 64,
+                              socket.IPPROTO_UDP, 0, socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"))
+            s.sendto(hdr + payload, ("10.0.0.2", 0))
+    """), check=True)
+    deadline = time.monotonic() + 5
+    while _ip_mib(receiver)["ReasmFails"] == before["ReasmFails"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _ip_mib(receiver)["ReasmFails"] - before["ReasmFails"] == 1
+    rows = nettrace.drop_summary(netns=receiver.inode, reason="FRAG_REASM_TIMEOUT")
+    assert rows.total() == 3, nettrace.drop_summary().text()
+    drops = nettrace.drops(reason="FRAG_REASM_TIMEOUT")
+    assert len(drops) == 3 and {d.netns for d in drops} == {receiver.inode}
+    assert sum(d.location.startswith("inet_frag_rbtree_purge") for d in drops) == 2, [d.location for d in drops]
