@@ -211,3 +211,25 @@ def test_calls_in_flight_of_unwatched_namespaces_are_deleted_once_before_the_nex
     finally:
         os.close(inflight)
         os.close(wanted)
+
+
+def test_a_call_a_signal_interrupted_is_named_as_strace_names_it(netns, nettrace, tmp_path):
+    """A blocking recvfrom interrupted by a handled signal: the kernel's exit
+    says ERESTARTSYS (Python then calls again, PEP 475); strace prints
+    `= ? ERESTARTSYS (To be restarted if SA_RESTART is set)`."""
+    log = tmp_path / "strace.out"
+    r = netns.run(["strace", "-f", "-qq", "-e", "trace=recvfrom", "-o", str(log)] + script("""
+        import os, signal, socket, threading
+        print(os.getpid(), flush=True)
+        signal.signal(signal.SIGALRM, lambda *a: None)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        threading.Timer(0.3, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", u.getsockname())).start()
+        u.recv(10)
+    """), check=True)
+    interrupted = nettrace.syscalls(pid=int(r.stdout.split()[0]), name="recvfrom", errno="ERESTARTSYS")
+    assert len(interrupted) == 1 and interrupted[0].ret == -512
+    theirs = [line for line in log.read_text().splitlines() if "ERESTARTSYS" in line]
+    assert len(theirs) == 1 and theirs[0].endswith("= ? ERESTARTSYS (To be restarted if SA_RESTART is set)")
+    assert interrupted[0].result() == "? ERESTARTSYS (To be restarted if SA_RESTART is set)"

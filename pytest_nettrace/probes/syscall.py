@@ -182,6 +182,16 @@ def decode_sockaddr(raw: bytes) -> Tuple[str, Dict[str, Any]]:
     return f"{{{name}}}", out
 
 
+
+# The kernel's own codes for a call a signal interrupted (include/linux/errno.h):
+# a task never sees them (the call is restarted, or fails with EINTR), but the
+# syscall's exit does; strace prints "= ? ERESTARTSYS (To be restarted if ...)"
+_RESTART = {512: ("ERESTARTSYS", "To be restarted if SA_RESTART is set"),
+            513: ("ERESTARTNOINTR", "To be restarted"),
+            514: ("ERESTARTNOHAND", "To be restarted if no handler"),
+            516: ("ERESTART_RESTARTBLOCK", "Interrupted by signal")}
+ERRNO_NAMES = {**_errno.errorcode, **{n: name for n, (name, _) in _RESTART.items()}}
+
 class SyscallEvent(Event, init=False):
     """One network system call, entry to exit. `duration` in seconds; `ret`
     the kernel's raw result: a negative errno on failure (-111), which
@@ -206,10 +216,12 @@ class SyscallEvent(Event, init=False):
     option: Optional[str]
     value: Union[int, str, None]     # an option's int (SO_BINDTODEVICE: the name); socketpair: first fd
     HIGH_VOLUME = True
-    VALUES = {**Event.VALUES, "name": CALLS, "errno": tuple(sorted(_errno.errorcode.values())),
+    VALUES = {**Event.VALUES, "name": CALLS, "errno": tuple(sorted(ERRNO_NAMES.values())),
               "sockaddr_family": tuple(FAMILIES.values())}
 
     def result(self) -> str:
+        if -self.ret in _RESTART:
+            return f"? {self.errno} ({_RESTART[-self.ret][1]})"
         if self.ret < 0 and self.errno:
             return f"-1 {self.errno} ({os.strerror(-self.ret)})"
         return str(self.ret)
@@ -358,7 +370,7 @@ class SyscallDecoder(Decoder):
         return [SyscallEvent(
             hdr, (), "process", name=name, fd=fd,
             args=_render_args(name, tuple(args), addr_text, addr_len, ret, ok_value, ok_value2, optval),
-            ret=ret, errno=_errno.errorcode.get(-ret) if ret < 0 else None, duration=duration / 1e9,
+            ret=ret, errno=ERRNO_NAMES.get(-ret) if ret < 0 else None, duration=duration / 1e9,
             address=fields.get("address"), port=fields.get("port"), path=fields.get("path"),
             family=_IP_FAMILY.get(sockaddr_family), sockaddr_family=sockaddr_family,
             level=level, option=option, value=field_value)]
