@@ -272,7 +272,9 @@ static __always_inline int on_accepted(void *ctx, const struct sock *sk)
 		bpf_get_current_comm(owner->comm, sizeof(owner->comm));
 		owner->has_owner = 1;
 	}
-	return emit(ctx, sk, netns, scope, CONN_ACCEPTED, TCP_ESTABLISHED, BPF_CORE_READ(sk, __sk_common.skc_state),
+	/* a passive open leaves SYN_RECV; with TCP Fast Open accept() can
+	 * return before it has (the handshake's last ACK still to come) */
+	return emit(ctx, sk, netns, scope, CONN_ACCEPTED, TCP_SYN_RECV, BPF_CORE_READ(sk, __sk_common.skc_state),
 		    owner);
 }
 

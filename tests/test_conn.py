@@ -303,3 +303,36 @@ def test_bytes_at_an_aborted_close_are_the_payload(pair, nettrace):
     assert [(e.bytes_sent, e.bytes_received) for e in ours] == [(5, 5), (5, 5)]
     assert [(e.bytes_sent, e.bytes_received) for e in theirs] == [(5, 5), (5, 5)]
     assert len(nettrace.rst(direction="sent", pid=c.pid)) == 2
+
+
+def test_a_fast_open_accept_before_the_handshake_ends_leaves_syn_recv(netns, nettrace):
+    """TCP Fast Open: the SYN carries data and accept() returns while the
+    child is still SYN_RECV (here every time: the handshake's last ACK is
+    dropped, the client's next segment completes it). Each accept is the
+    passive open leaving SYN_RECV, as when the handshake ends first."""
+    netns.run(["sysctl", "-qw", "net.ipv4.tcp_fastopen=3"], check=True)
+    netns.run(["nft", "add table inet t; add chain inet t in { type filter hook input priority 0; };"
+               " add rule inet t in tcp dport 8080 ct original packets 2 drop"], check=True)
+    srv = netns.popen(listening(2, "127.0.0.1", 8080, """
+        l.setsockopt(socket.SOL_TCP, socket.TCP_FASTOPEN, 16)
+        for _ in range(5):
+            c, _ = l.accept()
+            c.recv(100)
+            c.sendall(b"R")
+            c.recv(1)
+            c.close()
+    """), stdout=subprocess.PIPE, text=True)
+    assert srv.stdout.readline() == "ready\n"
+    client = netns.run(script("""
+        import socket
+        for _ in range(5):
+            c = socket.socket()
+            c.sendto(b"Q" * 11, socket.MSG_FASTOPEN, ("127.0.0.1", 8080))
+            c.recv(1)
+            c.close()
+    """), check=True)
+    assert client.returncode == 0 and srv.wait(10) == 0
+    accepts = nettrace.assert_accepted_count(5, pid=srv.pid)
+    assert [(e.old_state, e.state) for e in accepts] == [("SYN_RECV", "ESTABLISHED")] * 5
+    closes = nettrace.connections(action="close", sport=8080)
+    assert [(e.bytes_received, e.bytes_sent) for e in closes] == [(11, 1)] * 5
