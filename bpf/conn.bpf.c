@@ -31,6 +31,7 @@ NT_WIRE(conn_stack_event);
 
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define IPPROTO_MPTCP 262
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_SENT 2
 #define TCP_SYN_RECV 3
@@ -40,7 +41,6 @@ NT_WIRE(conn_stack_event);
 #define TCP_LAST_ACK 9
 #define TCP_LISTEN 10
 #define TCP_CLOSING 11
-#define SEND_SHUTDOWN 2
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -142,7 +142,6 @@ static __always_inline void fill(struct conn_event *e, const struct sock *sk, __
 		__builtin_memcpy(e->owner_comm, owner->comm, NT_COMM_LEN);
 	if (action == CONN_CLOSE) {
 		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-		__u8 shut = BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
 		unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
 		__u64 acked = BPF_CORE_READ(tp, bytes_acked);
 		__u64 rcvd = BPF_CORE_READ(tp, bytes_received);
@@ -152,8 +151,8 @@ static __always_inline void fill(struct conn_event *e, const struct sock *sk, __
 		/* both count sequence space: take out our SYN (active open), our FIN
 		 * once acknowledged, and the peer's FIN, to leave payload bytes.
 		 * Our FIN went out only if the socket left a state that follows
-		 * one: close() sets the send shutdown also when it aborts with a
-		 * RST (SO_LINGER 0, unread data), where no FIN is sent.
+		 * one (not the send shutdown: close() sets it also when it aborts
+		 * with a RST, and MPTCP's subflows send theirs without it).
 		 * The peer's FIN was taken in only if tcp_fin() ran: it sets
 		 * SOCK_DONE. A read shutdown says nothing about it: close() sets
 		 * one, and an orphan closes from FIN_WAIT2 before any FIN came. */
@@ -161,7 +160,7 @@ static __always_inline void fill(struct conn_event *e, const struct sock *sk, __
 				oldstate == TCP_LAST_ACK || oldstate == TCP_TIME_WAIT;
 		if (owner && owner->active && acked)
 			acked--;
-		if (fin_sent && (shut & SEND_SHUTDOWN) && acked &&
+		if (fin_sent && acked &&
 		    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
 			acked--;
 		if ((flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))) && rcvd)
@@ -308,7 +307,13 @@ __noinline int conn_on_sys_exit(long nr, long ret)
 	struct socket *sock = BPF_CORE_READ(file, private_data);
 	if (!sock)
 		return 0;
-	return on_accepted(NULL, BPF_CORE_READ(sock, sk));
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+	/* an MPTCP socket: the connection whose states were followed is its
+	 * first subflow, a TCP socket */
+	if (sk && bpf_core_type_exists(struct mptcp_sock) &&
+	    BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == IPPROTO_MPTCP)
+		sk = BPF_CORE_READ((struct mptcp_sock *)sk, first);
+	return on_accepted(NULL, sk);
 }
 
 SEC("kretprobe/inet_csk_accept")

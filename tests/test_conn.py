@@ -336,3 +336,42 @@ def test_a_fast_open_accept_before_the_handshake_ends_leaves_syn_recv(netns, net
     assert [(e.old_state, e.state) for e in accepts] == [("SYN_RECV", "ESTABLISHED")] * 5
     closes = nettrace.connections(action="close", sport=8080)
     assert [(e.bytes_received, e.bytes_sent) for e in closes] == [(11, 1)] * 5
+
+
+def test_an_mptcp_connection_is_its_first_subflow_accepted_and_counted(netns, nettrace):
+    """MPTCP (socket(..., IPPROTO_MPTCP)): the kernel's TCP states are its
+    subflow's. accept() returns the MPTCP socket; its first subflow is the
+    connection the server took. The subflows send their FIN without the send
+    shutdown close() sets: the bytes are still the payload's."""
+    if netns.run(["sysctl", "-qw", "net.mptcp.enabled=1"]).returncode != 0:
+        pytest.skip("NOT EXERCISED on this kernel: no MPTCP (net.mptcp.enabled missing)")
+    srv = netns.popen(script("""
+        import socket
+        l = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        l.bind(("127.0.0.1", 8080))
+        l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        c.recv(100)
+        c.sendall(b"R" * 7)
+        c.recv(10)
+        c.close()
+    """), stdout=subprocess.PIPE, text=True)
+    assert srv.stdout.readline() == "ready\n"
+    netns.run(script("""
+        import socket
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        c.connect(("127.0.0.1", 8080))
+        c.sendall(b"Q" * 11)
+        c.recv(100)
+        c.close()
+    """), check=True)
+    assert srv.wait(10) == 0
+    nstat = netns.run(["nstat", "-asz", "MPTcpExtMPCapableSYNRX"], check=True).stdout
+    assert " 1 " in nstat.split("MPTcpExtMPCapableSYNRX")[1][:30], nstat    # MPTCP it was
+    accepted = nettrace.assert_accepted(pid=srv.pid)
+    server_side = nettrace.assert_closed(sport=8080)
+    client_side = nettrace.assert_closed(dport=8080)
+    assert server_side.pid == srv.pid and accepted.dport == server_side.dport
+    assert (server_side.bytes_received, server_side.bytes_sent) == (11, 7)
+    assert (client_side.bytes_sent, client_side.bytes_received) == (11, 7)
