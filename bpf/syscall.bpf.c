@@ -143,6 +143,17 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 		if (e->args[4] && !bpf_probe_read_user(&e->value2, sizeof(e->value2), (void *)e->args[4]))
 			e->has_value = 1;
 		break;
+	case SC_ACCEPT:
+	case SC_ACCEPT4:
+	case SC_GETSOCKNAME:
+	case SC_GETPEERNAME:
+	case SC_RECVFROM: {
+		/* the room the caller gave for the address (strace's [in => out]) */
+		__u64 lenp = e->code == SC_RECVFROM ? e->args[5] : e->args[2];
+		if (lenp && !bpf_probe_read_user(&e->value2, sizeof(e->value2), (void *)lenp))
+			e->has_value = 1;
+		break;
+	}
 	}
 	p->netns = netns;
 	e->h.ts = bpf_ktime_get_ns();
@@ -223,8 +234,10 @@ int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 			break;
 		}
 		}
-		if (lenp && !bpf_probe_read_user(&len, sizeof(len), (void *)lenp))
+		if (lenp && !bpf_probe_read_user(&len, sizeof(len), (void *)lenp)) {
+			e->value = len;   /* the address's length the kernel returned */
 			copy_addr(e, e->code == SC_RECVFROM ? e->args[4] : e->args[1], len);
+		}
 	}
 	bpf_ringbuf_submit(e, 0);
 done:

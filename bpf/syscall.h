@@ -21,8 +21,9 @@ struct syscall_event {
 	__u64 duration;         /* ns from entry to exit */
 	__u16 code;             /* enum sc_code */
 	__u16 addr_len;         /* bytes of addr copied */
-	__s32 value;            /* socketpair: first fd; getsockopt: the option's length it returned */
-	__s32 value2;           /* socketpair: second fd; getsockopt: the room the caller gave (has_value) */
+	__s32 value;            /* socketpair: first fd; getsockopt: the option's length it returned;
+				 * accept, getsockname, recvfrom...: the address's length returned */
+	__s32 value2;           /* socketpair: second fd; getsockopt, accept...: the room the caller gave (has_value) */
 	__u8 has_value;
 	__u8 pad[3];
 	/* the call's sockaddr (in: connect/bind/sendto/sendmsg; out: accept/recvfrom/...);

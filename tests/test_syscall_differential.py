@@ -145,3 +145,49 @@ def test_socket_options_are_written_as_strace_writes_them(netns, nettrace, tmp_p
     assert nettrace.lost("syscall") == 0
     assert len(theirs) == 15, theirs
     assert ours == theirs
+
+
+ADDRESS_LENGTHS = """
+    import os, socket
+    print(os.getpid(), flush=True)
+    for fam, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        l = socket.socket(fam)
+        l.bind((host, 0))
+        l.listen()
+        c = socket.create_connection(l.getsockname()[:2])
+        a, _ = l.accept()
+        a.getpeername()
+        c.getsockname()
+        u = socket.socket(fam, socket.SOCK_DGRAM)
+        u.bind((host, 0))
+        u.sendto(b"x", u.getsockname())
+        u.recvfrom(10)
+        for s in (a, c, l, u):
+            s.close()
+    x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    x.send(b"hi")
+    y.recvfrom(10)                      # an unnamed sender: [110 => 0]
+    path = "\\0nettrace-%d" % os.getpid()
+    l = socket.socket(socket.AF_UNIX)
+    l.bind(path)
+    l.listen()
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(path)
+    l.accept()                          # [110 => 2]
+"""
+_LENGTH = re.compile(r"\[(\d+)(?: => (\d+))?\]|, (NULL|0x[0-9a-f]+)(?=\)|, SOCK)")
+
+
+def test_address_lengths_are_value_result_as_strace_writes_them(netns, nettrace, tmp_path):
+    """accept, getsockname, getpeername and recvfrom: the room the caller
+    gave and what the kernel returned, `[110 => 2]` as strace writes it."""
+    calls = ("accept", "accept4", "getsockname", "getpeername", "recvfrom")
+    log = tmp_path / "strace.out"
+    r = netns.run(["strace", "-qq", "-e", "trace=" + ",".join(calls), "-o", str(log)] + script(ADDRESS_LENGTHS),
+                  check=True)
+    theirs = [(line.split("(", 1)[0], _LENGTH.findall(line)[-1][:2]) for line in log.read_text().splitlines()
+              if line.startswith(calls)]
+    ours = [(e.name, _LENGTH.findall(e.strace())[-1][:2]) for e in nettrace.syscalls(pid=int(r.stdout.split()[0]))
+            if e.name in calls]
+    assert len(theirs) >= 13 and ("recvfrom", ("110", "0")) in theirs and ("accept4", ("110", "2")) in theirs
+    assert ours == theirs

@@ -235,6 +235,9 @@ class SyscallEvent(Event, init=False):
         return self.strace()
 
 
+_ADDRESS_OUT = ("accept", "accept4", "getsockname", "getpeername", "recvfrom")
+
+
 def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, value: Optional[int],
                  value2: Optional[int], optval: bytes = b"") -> str:
     i32 = [struct.unpack("<i", struct.pack("<I", x & 0xFFFFFFFF))[0] for x in a]
@@ -253,16 +256,25 @@ def _render_args(name: str, a: Tuple[int, ...], addr: str, alen: int, ret: int, 
         return f"{fd}, {addr_out}, {i32[2]}"
     if name == "listen":
         return f"{fd}, {i32[1]}"
-    if name in ("accept", "accept4", "getsockname", "getpeername"):
-        out = addr if addr else ("NULL" if not a[1] else "...")
-        text = f"{fd}, {out}, {'[' + str(alen) + ']' if addr else ('NULL' if not a[2] else '...')}"
+    if name in _ADDRESS_OUT:   # the address and its length, value-result
+        ptr, lenp = (a[4], a[5]) if name == "recvfrom" else (a[1], a[2])
+        out = addr if addr else ("NULL" if not ptr else f"{ptr:#x}")
+        if not lenp:
+            room = "NULL"
+        elif value2 is None:    # the caller's room could not be read
+            room = f"[{alen}]" if addr else f"{lenp:#x}"
+        elif ret < 0 or value is None or value == value2:
+            room = f"[{value2}]"
+        else:
+            room = f"[{value2} => {value}]"
+        if name == "recvfrom":
+            return f"{fd}, ..., {a[2]}, {_flags(i32[3], MSG_FLAGS)}, {out}, {room}"
+        text = f"{fd}, {out}, {room}"
         if name == "accept4":
             text += f", {_flags(i32[3], SOCK_FLAGS)}"
         return text
-    if name in ("sendto", "recvfrom"):
-        to = addr if addr else "NULL"
-        tolen = (f"[{alen}]" if addr else "NULL") if name == "recvfrom" else str(i32[5])
-        return f"{fd}, ..., {a[2]}, {_flags(i32[3], MSG_FLAGS)}, {to}, {tolen}"
+    if name == "sendto":
+        return f"{fd}, ..., {a[2]}, {_flags(i32[3], MSG_FLAGS)}, {addr if addr else 'NULL'}, {i32[5]}"
     if name in ("sendmsg", "recvmsg"):
         msg = f"{{msg_name={addr}, ...}}" if addr else "{...}"
         return f"{fd}, {msg}, {_flags(i32[2], MSG_FLAGS)}"
@@ -364,8 +376,10 @@ class SyscallDecoder(Decoder):
         sockaddr_family: Any = fields.get("family")
         ok_value = value if has_value else None
         ok_value2 = value2 if has_value else None
-        if name == "getsockopt":   # value: the length returned (only when the call was made)
-            ok_value = value if ret >= 0 else None
+        if name == "getsockopt" or name in _ADDRESS_OUT:   # value: a length returned (when the call was made)
+            ok_value = value if ret >= 0 and has_value else None
+        if name in _ADDRESS_OUT:
+            field_value = None   # (value holds lengths, not an option's or a socketpair's)
         fd = None if name in _NO_FD else struct.unpack("<i", struct.pack("<I", args[0] & 0xFFFFFFFF))[0]
         return [SyscallEvent(
             hdr, (), "process", name=name, fd=fd,
