@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNLGRP_NFTABLES = 7
-NLM_F_REPLACE = 0x100
 FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
 # NFT_MSG_* -> (object, action, message class in pyroute2's nftsocket)
 MESSAGES = {
@@ -125,13 +124,47 @@ def changes(buf: bytes) -> List[Dict[str, Any]]:
         msg = getattr(_classes(), cls)(raw)
         msg.decode()
         family = FAMILIES.get(msg["nfgen_family"], msg["nfgen_family"])
-        if obj == "rule" and action == "added" and flags & NLM_F_REPLACE:
-            action = "replaced"
         change = _describe(obj, action, family, msg)
-        if obj in ("set", "element") and str(change["set"]).startswith("__set"):
-            continue   # a rule's anonymous set ({ tcp, udp }): part of the rule, as nft monitor shows it
+        if obj == "set" and str(change["set"]).startswith(("__set", "__map")):
+            continue   # a rule's anonymous set or map ({ tcp, udp }): part of the rule, as nft monitor shows it
+        end = change.pop("interval_end", None)
+        if end is not None:
+            # the kernel announces an interval's end in a message of its own,
+            # right after its start: one element, as nft monitor prints it
+            last = out[-1] if out else None
+            if last is not None and last.get("start") is not None and \
+                    (last["object"], last["action"], last["table"], last["set"]) == \
+                    ("element", action, change["table"], change["set"]):
+                last["text"] = _interval_text(last.pop("start"), int.from_bytes(end, "big") - 1)
+            continue   # (an end alone, at the set's lowest value, only opens it)
         out.append(change)
-    return out
+    # the anonymous sets' elements (announced before their rule) go into
+    # the rule's text: `tcp dport vmap { 80 : accept, 443 : drop }`
+    anonymous: Dict[Tuple[Any, Any], List[str]] = {}
+    kept = []
+    for change in out:
+        change.pop("start", None)
+        if change["object"] == "element" and str(change["set"]).startswith(("__set", "__map")):
+            if change["text"]:
+                anonymous.setdefault((change["table"], change["set"]), []).append(change["text"])
+        else:
+            kept.append(change)
+    for change in kept:
+        if change["object"] == "rule" and change["text"] and "@__" in change["text"]:
+            change["text"] = _inline_sets(change["text"], change["table"], anonymous)
+    return kept
+
+
+def _inline_sets(text: str, table: Any, anonymous: Dict[Tuple[Any, Any], List[str]]) -> str:
+    """`@__set0` in a rule's text as its elements, where the batch had them."""
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        elements = anonymous.get((table, word[1:])) if word.startswith("@__") else None
+        if elements:
+            if i and words[i - 1] in ("l4proto", "protocol", "nexthdr"):   # (their numbers, by name)
+                elements = [_PROTOCOL_NAMES.get(int(e), e) if e.isdigit() else e for e in elements]
+            words[i] = "{ " + ", ".join(elements) + " }"
+    return " ".join(words)
 
 
 def _describe(obj: str, action: str, family: Any, msg: Any) -> Dict[str, Any]:
@@ -151,8 +184,9 @@ def _describe(obj: str, action: str, family: Any, msg: Any) -> Dict[str, Any]:
         d.update(table=get("NFTA_SET_TABLE"), set=get("NFTA_SET_NAME"), name=get("NFTA_SET_NAME"),
                  handle=get("NFTA_SET_HANDLE"))
     elif obj == "element":
+        text, start, end = _elements(msg)
         d.update(table=get("NFTA_SET_ELEM_LIST_TABLE"), set=get("NFTA_SET_ELEM_LIST_SET"),
-                 name=get("NFTA_SET_ELEM_LIST_SET"), text=_elements(msg))
+                 name=get("NFTA_SET_ELEM_LIST_SET"), text=text, start=start, interval_end=end)
     return d
 
 
@@ -171,14 +205,59 @@ def _chain_text(family: Any, msg: Any) -> Optional[str]:
     return text
 
 
-def _elements(msg: Any) -> Optional[str]:
-    keys = []
+NFT_SET_ELEM_INTERVAL_END = 0x1
+
+
+def _data_value(attr: Any) -> Optional[bytes]:
+    value = attr.get_attr("NFTA_DATA_VALUE") if attr is not None and hasattr(attr, "get_attr") else None
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else None
+
+
+def _elements(msg: Any) -> Tuple[Optional[str], Optional[bytes], Optional[bytes]]:
+    """(the elements as nft monitor lists them, the key of the last if it may
+    start an interval, the end key if the message is only an interval's end).
+    An interval set's element is a start and, flagged, the end after it
+    (`10.0.0.0/24` is 10.0.0.0 and 10.0.1.0; an end alone at 0.0.0.0 opens
+    the set): one prefix or range."""
+    shown: List[str] = []
+    start: Optional[bytes] = None
+    end_only: Optional[bytes] = None
     for elem in msg.get_attr("NFTA_SET_ELEM_LIST_ELEMENTS") or []:
-        key = elem.get_attr("NFTA_SET_ELEM_KEY") if hasattr(elem, "get_attr") else None
-        value = key.get_attr("NFTA_DATA_VALUE") if key is not None and hasattr(key, "get_attr") else None
-        if isinstance(value, (bytes, bytearray)):
-            keys.append(_value_text(bytes(value)))
-    return ", ".join(keys) if keys else None
+        if not hasattr(elem, "get_attr"):
+            continue
+        key = _data_value(elem.get_attr("NFTA_SET_ELEM_KEY"))
+        if key is None:
+            continue
+        flags = elem.get_attr("NFTA_SET_ELEM_FLAGS") or 0   # pyroute2: a set of the flags' bits, or a number
+        if NFT_SET_ELEM_INTERVAL_END in flags if isinstance(flags, (set, frozenset)) else \
+                int(flags) & NFT_SET_ELEM_INTERVAL_END:
+            if start is not None:
+                shown[-1] = _interval_text(start, int.from_bytes(key, "big") - 1)
+            elif not shown:
+                end_only = key
+            start = None
+            continue
+        end = _data_value(elem.get_attr("NFTA_SET_ELEM_KEY_END"))   # a concatenation's range, inclusive
+        shown.append(_interval_text(key, int.from_bytes(end, "big")) if end is not None else _value_text(key))
+        verdict = elem.get_attr("NFTA_SET_ELEM_DATA")
+        code = verdict.get_attr("NFTA_DATA_VERDICT") if verdict is not None and hasattr(verdict, "get_attr") else None
+        if code is not None:   # a verdict map's element
+            verdict_code = code.get_attr("NFTA_VERDICT_CODE")
+            shown[-1] += " : " + VERDICTS.get(verdict_code, str(verdict_code))
+        start = key if end is None and code is None else None
+    return (", ".join(shown) if shown else None), start, end_only
+
+
+def _interval_text(start: bytes, last: int) -> str:
+    """start..last (inclusive) as nft writes it: one value, a prefix, a range."""
+    first, bits = int.from_bytes(start, "big"), len(start) * 8
+    span = last - first + 1
+    if span <= 1:
+        return _value_text(start)
+    end = last.to_bytes(len(start), "big")
+    if len(start) in (4, 16) and span & (span - 1) == 0 and first % span == 0:
+        return f"{_value_text(start)}/{bits - span.bit_length() + 1}"
+    return f"{_value_text(start)}-{_value_text(end)}"
 
 
 def _value_text(raw: bytes) -> str:
@@ -186,6 +265,8 @@ def _value_text(raw: bytes) -> str:
         return str(ipaddress.IPv4Address(raw))
     if len(raw) == 16:
         return str(ipaddress.IPv6Address(raw))
+    if len(raw) <= 2:   # a port, a protocol, an ether type: nft prints the number
+        return str(int.from_bytes(raw, "big"))
     return "0x" + raw.hex()
 
 
@@ -224,9 +305,15 @@ def render_rule(family: Any, exprs: List[Any]) -> str:
             st.network_order = a.get("NFTA_BYTEORDER_OP") == "NFT_BYTEORDER_HTON"
         elif name == "cmp" and st.reg is not None:
             st.compare(_cmp_value(a), _CMP.get(a.get("NFTA_CMP_OP"), "? "), out)
+        elif name == "cmp" and st.ranged(_cmp_value(a), _CMP.get(a.get("NFTA_CMP_OP")), out):
+            pass   # `>= 1024` then `<= 65535` on the same load: `1024-65535`
         elif name == "lookup" and st.reg is not None:
-            out.append(f"{_load_text(st.reg, st.net, st.l4)} @{a.get('NFTA_LOOKUP_SET')}")
-            st.reg = None
+            # a map's lookup writes the element's data: the verdict register for a vmap
+            dreg = a.get("NFTA_LOOKUP_DREG")
+            how = "" if dreg is None else "vmap " if dreg in (0, "NFT_REG_VERDICT") else "map "
+            key = " . ".join(st.concat + [_load_text(st.reg, st.net, st.l4)])
+            out.append(f"{key} {how}@{a.get('NFTA_LOOKUP_SET')}")
+            st.reg, st.concat = None, []
         elif name == "counter":
             out.append(f"counter packets {a.get('NFTA_COUNTER_PACKETS', 0)} bytes {a.get('NFTA_COUNTER_BYTES', 0)}")
         elif name == "immediate":
@@ -235,17 +322,27 @@ def render_rule(family: Any, exprs: List[Any]) -> str:
                 out.append(verdict)
             else:
                 st.immediate = _immediate_value(a)
+                st.registers[_register(a.get("NFTA_IMMEDIATE_DREG"))] = st.immediate
         elif name == "log":
-            prefix = a.get("NFTA_LOG_PREFIX")
-            out.append(f'log prefix "{prefix}"' if prefix else "log")
+            prefix, level = a.get("NFTA_LOG_PREFIX"), _log_level(a.get("NFTA_LOG_LEVEL"))
+            text = f'log prefix "{prefix}"' if prefix else "log"
+            out.append(text + (f" level {level}" if level not in (None, "warn") else ""))
+        elif name == "limit":
+            out.append(_limit_text(a))
+        elif name == "quota":
+            over = "over " if _flag_set(a.get("NFTA_QUOTA_FLAGS"), 1, "NFT_QUOTA_F_INV") else ""
+            # (pyroute2 reads NFTA_QUOTA_BYTES, a be64, as a be16: read from the attribute's bytes)
+            quota = _raw_attr(expr.get_attr("NFTA_EXPR_DATA"), 1)
+            amount = _bytes_text(int.from_bytes(quota[:8], "big")) if len(quota) >= 8 else "?"
+            out.append(f"quota {over}{amount}")
         elif name == "reject":
             out.append(st.reject(a, family, out))
-        elif name in ("notrack", "limit", "quota", "queue", "dup", "fwd"):
+        elif name in ("notrack", "queue", "dup", "fwd"):
             out.append(name)
         elif name == "masq":
             out.append("masquerade")
         elif name == "nat":
-            out.append(str(a.get("NFTA_NAT_TYPE", "nat")).replace("NFT_NAT_", "").lower() + "nat")
+            out.append(st.nat(a, family))
         else:
             out.append(f"<{name}>")
     return " ".join(t for t in out if t is not None)
@@ -262,8 +359,38 @@ class _State:
         self.network_order = False   # the register was turned to network order (byteorder)
         self.immediate: Optional[bytes] = None
         self.dependency: Dict[str, int] = {}  # "net" / "l4" -> index in out of a match that may be implicit
+        self.registers: Dict[int, Optional[bytes]] = {}   # what immediates put in which register
+        self.concat: List[str] = []   # the loads before this one that a lookup takes together
+        self.last: Optional[Tuple[Tuple[str, Any], int, bytes]] = None   # the last `>=`: load, where, value
+
+    def ranged(self, value: bytes, op: Optional[str], out: List[Optional[str]]) -> bool:
+        """A `<=` right after a `>=` of the same load: one range."""
+        if self.last is None or op != "<= ":
+            return False
+        reg, at, low = self.last
+        self.last = None
+        text = out[at] or ""
+        out[at] = text.rsplit(" >= ", 1)[0] + f" {_number(low, reg)}-{_number(value, reg)}"
+        return True
+
+    def nat(self, a: Dict[str, Any], family: Any) -> str:
+        """`dnat to 10.0.0.2:80` (`dnat ip to ...` in an inet table)."""
+        kind = str(a.get("NFTA_NAT_TYPE", "")).replace("NFT_NAT_", "").lower() or "nat"
+        addr = self.registers.get(_register(a.get("NFTA_NAT_REG_ADDR_MIN")))
+        port = self.registers.get(_register(a.get("NFTA_NAT_REG_PROTO_MIN")))
+        text = kind
+        if family == "inet" and addr is not None:
+            text += " ip6" if len(addr) == 16 else " ip"
+        if addr is not None:
+            shown = str(ipaddress.ip_address(addr)) if len(addr) in (4, 16) else "0x" + addr.hex()
+            text += f" to {f'[{shown}]' if len(addr) == 16 and port is not None else shown}"
+        if port is not None:
+            text += f"{'' if addr is not None else ' to'}:{int.from_bytes(port[:2], 'big')}"
+        return text
 
     def load(self, reg: Tuple[str, Any], out: List[Optional[str]]) -> None:
+        if self.reg is not None:   # a load nothing compared yet: a concatenation's part (`ip saddr . tcp dport`)
+            self.concat.append(_load_text(self.reg, self.net, self.l4))
         self.reg, self.mask, self.network_order = reg, None, False
         if reg[0] == "payload":
             # a header load makes the match that selected its protocol implicit
@@ -294,8 +421,19 @@ class _State:
     def compare(self, value: bytes, op: str, out: List[Optional[str]]) -> None:
         assert self.reg is not None  # render_rule compares only after a load
         kind, what = self.reg
-        self.reg = None
+        self.reg, self.concat = None, []
         num = int.from_bytes(value, "big" if self.network_order else "little") if value else 0
+        self.last = ((kind, what), len(out), value) if op == ">= " else None
+        if kind == "meta" and what == "protocol" and not op:
+            # the ether type, in network order: what a bridge or netdev rule's header match depends on
+            ethertype = int.from_bytes(value, "big")
+            self.net = {0x0800: "ip", 0x86DD: "ip6"}.get(ethertype, self.net)
+            self.dependency["net"] = len(out)
+            out.append(f"meta protocol {_ETHER_TYPES.get(ethertype, hex(ethertype))}")
+            return
+        if kind == "meta" and what == "pkttype":
+            out.append(f"meta pkttype {op}{_PKTTYPES.get(num, num)}")
+            return
         if kind == "meta" and what == "nfproto" and not op:
             self.net = {2: "ip", 10: "ip6"}.get(num, self.net)
             self.dependency["net"] = len(out)
@@ -323,8 +461,14 @@ class _State:
             bits = int.from_bytes(self.mask, "little") if self.mask and op == "!= " and not num else num
             names = [n for bit, n in _CT_STATES if bits & bit]
             out.append(f"ct state {'' if bits != num else op}{','.join(names) or num}")
+        elif kind == "ct" and what == "status":
+            bits = int.from_bytes(self.mask, "little") if self.mask and op == "!= " and not num else num
+            names = [n for bit, n in _CT_STATUS if bits & bit]
+            out.append(f"ct status {'' if bits != num else op}{','.join(names) or num}")
+        elif kind == "ct" and what == "direction":
+            out.append(f"ct direction {op}{('original', 'reply')[num] if num in (0, 1) else num}")
         elif kind == "ct":
-            out.append(f"ct {what} {op}0x{value.hex()}")
+            out.append(f"ct {what} {op}0x{num:08x}")
         else:
             base, offset, length = what
             field = _L4_FIELDS.get((self.l4, offset, length)) if base == "NFT_PAYLOAD_TRANSPORT_HEADER" else None
@@ -342,6 +486,10 @@ class _State:
                 return
             if base == "NFT_PAYLOAD_NETWORK_HEADER" and length in (4, 16) and len(value) == length:
                 shown = str(ipaddress.ip_address(value))
+            elif base == "NFT_PAYLOAD_LL_HEADER" and (offset, length) == (12, 2):
+                shown = _ETHER_TYPES.get(int.from_bytes(value, "big"), str(int.from_bytes(value, "big")))
+            elif base == "NFT_PAYLOAD_LL_HEADER" and length == 6:
+                shown = ":".join(f"{b:02x}" for b in value)
             elif field == "type" and self.l4 in ("icmp", "icmpv6"):
                 types = _ICMP_TYPES if self.l4 == "icmp" else _ICMPV6_TYPES
                 shown = types.get(value[0], str(value[0])) if value else "0"
@@ -351,6 +499,84 @@ class _State:
                 out.append(f"{_load_text((kind, what), self.net, self.l4)} & 0x{self.mask.hex()} {op or '== '}{shown}")
                 return
             out.append(f"{_load_text((kind, what), self.net, self.l4)} {op}{shown}")
+
+
+_ETHER_TYPES = {0x0800: "ip", 0x86DD: "ip6", 0x0806: "arp", 0x8100: "vlan", 0x88A8: "8021ad"}
+_ETHER_FIELDS = {(0, 6): "daddr", (6, 6): "saddr", (12, 2): "type"}
+_PKTTYPES = {0: "host", 1: "broadcast", 2: "multicast", 3: "other"}
+_CT_STATUS = ((1, "expected"), (2, "seen-reply"), (4, "assured"), (8, "confirmed"), (0x10, "snat"), (0x20, "dnat"),
+              (0x200, "dying"))
+_LOG_LEVELS = {0: "emerg", 1: "alert", 2: "crit", 3: "err", 4: "warn", 5: "notice", 6: "info", 7: "debug",
+               8: "audit"}
+
+
+def _log_level(level: Any) -> Optional[str]:
+    """nft's word for a log level (pyroute2 gives "NFT_LOGLEVEL_INFO" or a number)."""
+    if level is None:
+        return None
+    if isinstance(level, int):
+        return _LOG_LEVELS.get(level, str(level))
+    word = str(level).replace("NFT_LOGLEVEL_", "").lower()
+    return "warn" if word == "warning" else word
+
+
+def _raw_attr(nla: Any, kind: int) -> bytes:
+    """The bytes of attribute `kind` inside `nla`, as the kernel sent them."""
+    try:
+        raw = bytes(nla.data[nla.offset: nla.offset + nla.length])
+    except (AttributeError, TypeError):
+        return b""
+    off = 4
+    while off + 4 <= len(raw):
+        length, found = struct.unpack_from("<HH", raw, off)
+        if length < 4:
+            break
+        if found & 0x3FFF == kind:
+            return raw[off + 4: off + length]
+        off += (length + 3) & ~3
+    return b""
+_TIME_UNITS = {1: "second", 60: "minute", 3600: "hour", 86400: "day", 604800: "week"}
+
+
+def _register(reg: Any) -> int:
+    """A register's number (pyroute2 gives a number or its enum name)."""
+    if isinstance(reg, int):
+        return reg
+    text = str(reg)
+    return int(text.rsplit("_", 1)[1]) if text.startswith("NFT_REG") and text[-1:].isdigit() else -1
+
+
+def _flag_set(flags: Any, bit: int, name: str = "") -> bool:
+    """Whether a flags attribute has `bit` (pyroute2: a number, or a set of bits or names)."""
+    if isinstance(flags, (set, frozenset, list, tuple)):
+        return bit in flags or name in flags
+    return bool(int(flags or 0) & bit)
+
+
+def _bytes_text(n: int) -> str:
+    """nft's own: the largest unit that divides it."""
+    for unit, size in (("gbytes", 1 << 30), ("mbytes", 1 << 20), ("kbytes", 1 << 10)):
+        if n and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} bytes"
+
+
+def _limit_text(a: Dict[str, Any]) -> str:
+    """`limit rate 5/second`, `limit rate over 10/minute burst 20 packets`."""
+    rate, unit, burst = a.get("NFTA_LIMIT_RATE", 0), a.get("NFTA_LIMIT_UNIT", 1), a.get("NFTA_LIMIT_BURST", 0)
+    over = "over " if _flag_set(a.get("NFTA_LIMIT_FLAGS"), 1, "NFT_LIMIT_F_INV") else ""
+    per = _TIME_UNITS.get(unit, f"{unit} seconds")
+    if str(a.get("NFTA_LIMIT_TYPE", "")) in ("NFT_LIMIT_PKT_BYTES", "1"):
+        text = f"limit rate {over}{_bytes_text(rate)}/{per}"
+        return text + (f" burst {_bytes_text(burst)}" if burst else "")
+    return f"limit rate {over}{rate}/{per}" + (f" burst {burst} packets" if burst not in (0, 5) else "")
+
+
+def _number(value: bytes, reg: Tuple[str, Any]) -> str:
+    """A compared value as nft shows it in a range: a port, an address."""
+    if reg[0] == "payload" and len(value) in (4, 16) and reg[1][0] == "NFT_PAYLOAD_NETWORK_HEADER":
+        return str(ipaddress.ip_address(value))
+    return str(int.from_bytes(value, "big"))
 
 
 def _tcp_flags(value: bytes, mask: Optional[bytes], op: str) -> str:
@@ -395,6 +621,10 @@ def _load_text(reg: Tuple[str, Any], net: Optional[str], l4: Optional[str]) -> s
     if base == "NFT_PAYLOAD_TRANSPORT_HEADER" and offset in _TRANSPORT_FIELDS and l4 in ("tcp", "udp", "sctp",
                                                                                           "udplite", "dccp"):
         return f"{l4} {_TRANSPORT_FIELDS[offset]}"
+    if base == "NFT_PAYLOAD_LL_HEADER" and (offset, length) in _ETHER_FIELDS:
+        return f"ether {_ETHER_FIELDS[(offset, length)]}"
+    if base == "NFT_PAYLOAD_TRANSPORT_HEADER" and offset in _TRANSPORT_FIELDS and length == 2 and l4 is None:
+        return f"th {_TRANSPORT_FIELDS[offset]}"
     short = {"NFT_PAYLOAD_LL_HEADER": "ll", "NFT_PAYLOAD_NETWORK_HEADER": "nh",
              "NFT_PAYLOAD_TRANSPORT_HEADER": "th"}.get(base, base)
     return f"@{short},{offset * 8},{length * 8}"
@@ -517,7 +747,7 @@ def rules(buf: bytes) -> Dict[Tuple[int, str, str, int], Optional[str]]:
 
 def apply_change(known: Dict[Tuple[int, str, str, int], Optional[str]], mtype: int, raw: bytes) -> None:
     """Keep `known` (rules() of a namespace) up to date with one change
-    notification: a rule added or replaced, a rule, chain or table deleted."""
+    notification: a rule added, a rule, chain or table deleted."""
     kind = mtype & 0xFF if mtype >> 8 == NFNL_SUBSYS_NFTABLES else None
     if kind == 6:
         known.update(rules(raw))

@@ -361,12 +361,13 @@ _IOCTL_HANDLERS["nft"] = ()
 
 
 class NftEvent(NetChangeEvent, init=False):
-    """An nftables table, chain, rule, set or set element added, replaced
-    (a rule, `nft replace rule`) or deleted — `nft flush ruleset` deletes
-    every rule, set, chain and table, each its own event."""
+    """An nftables table, chain, rule, set or set element added or deleted —
+    `nft flush ruleset` deletes every rule, set, chain and table, each its
+    own event; `nft replace rule` is the old rule deleted and the new added,
+    as the kernel announces it (and nft monitor prints it)."""
 
     kind = "nft"
-    ACTIONS = ("added", "replaced", "deleted")
+    ACTIONS = ("added", "deleted")
     # `family` is the table's nftables family, not 4/6
     VALUES = {**NetChangeEvent.VALUES, "object": ("table", "chain", "rule", "set", "element", "object", "flowtable"),
               "family": tuple(_nft.FAMILIES.values())}
@@ -387,7 +388,7 @@ class NftEvent(NetChangeEvent, init=False):
 
     def describe(self) -> str:
         # as `nft monitor` says it: "add rule inet filter input ip saddr 10.0.0.2 drop # handle 2"
-        verb = {"added": "add", "replaced": "replace", "deleted": "delete"}[self.action]
+        verb = {"added": "add", "deleted": "delete"}[self.action]
         where = {"table": f"{self.family} {self.table}",
                  "chain": f"{self.family} {self.table} {self.chain}",
                  "rule": f"{self.family} {self.table} {self.chain}",
@@ -1495,7 +1496,7 @@ class NetChangeApi(KindApi):
         self.ctx.assert_none("neigh", action="deleted", **_address_filters(address, dev))
 
     def nft_changes(self, **filters: Unpack[NftFilters]) -> List[NftEvent]:
-        """nftables tables, chains, rules, sets and elements added, replaced or
+        """nftables tables, chains, rules, sets and elements added or
         deleted (kind "nft")."""
         return cast(List[NftEvent], self.ctx.events("nft", **filters))
 
