@@ -7,6 +7,7 @@ import functools
 import ipaddress
 import itertools
 import pwd
+import re
 import socket
 import struct
 import time
@@ -216,6 +217,9 @@ class Address(FieldType):
                 return actual == want.network and want.ip == want.network.network_address
             return bool(actual == ipaddress.ip_network(want))
         if isinstance(want, _IFACE_TYPES):
+            # a prefix is a subnet ("10.0.0.0/24": any address in it), not its first address
+            if want.network.prefixlen < want.max_prefixlen:
+                return actual.version == want.version and actual in want.network
             return bool(actual == want.ip)
         return bool(actual == want)
 
@@ -276,8 +280,22 @@ class IpProto(FieldType):
     NAMES = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah",
              58: "icmpv6", 132: "sctp", 136: "udplite"}
 
+    # what a packet's `proto` is besides these: "arp", and protocols without
+    # a name by number ("ip-47", "ip6-43", "ethertype-0x88cc")
+    OTHER = re.compile(r"arp|ip6?-\d+|ethertype-0x[0-9a-f]{4}")
+
     def check(self, owner: Any, field: str, value: Any) -> Any:
-        return self.ALIASES.get(value, value) if isinstance(value, str) else value
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"{field} of {owner.kind!r} events is a protocol's name or number, not {value!r}")
+        if isinstance(value, int):
+            if value in self.NAMES:
+                raise ValueError(f"{field} {value} of {owner.kind!r} events is named: write {self.NAMES[value]!r}")
+            return value
+        name = self.ALIASES.get(value.lower(), value.lower())
+        if name not in self.NAMES.values() and not self.OTHER.fullmatch(name):
+            raise ValueError(f"unknown {field} {value!r} for {owner.kind!r} events; valid: "
+                             f"{', '.join(sorted(set(self.NAMES.values())))} (or a number)")
+        return name
 
 
 PLAIN = FieldType()
@@ -310,6 +328,36 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 _set = object.__setattr__
 _NONES = itertools.repeat(None)   # pop()'s default, for every field
 _ANNOTATED_TYPES = {"IPAddress": ADDRESS, "IPInterface": ADDRESS, "IPNetwork": NETWORK}
+
+
+_SCALARS = {"int": int, "str": str, "float": float, "bool": bool}
+
+
+@functools.lru_cache(maxsize=None)
+def scalar_type(owner: Any, field: str) -> Optional[type]:
+    """int, str, float or bool when `field` of `owner` holds only that (or
+    None); None for anything else (a union, an address, bytes)."""
+    for klass in getattr(owner, "__mro__", ()):
+        annotation = getattr(klass, "__dict__", {}).get("__annotations__", {}).get(field)
+        if annotation is not None:
+            text = (annotation if isinstance(annotation, str) else repr(annotation)).replace("typing.", "")
+            if text.startswith("Optional[") and text.endswith("]"):
+                text = text[len("Optional["):-1]
+            return _SCALARS.get(getattr(annotation, "__name__", text) if not isinstance(annotation, str) else text)
+    return None
+
+
+def _check_scalar(owner: Any, field: str, value: Any) -> None:
+    """A filter value of another type than the field's never matches: a
+    port given as "9" would make a negative assertion pass."""
+    expected = scalar_type(owner, field)
+    if expected is None or isinstance(value, expected) and not (expected is not bool and isinstance(value, bool)):
+        return
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    what = {int: "a number", str: "a str", float: "a number", bool: "True or False"}[expected]
+    raise ValueError(f"{field} of {owner.kind!r} events is {what}: {value!r} ({type(value).__name__}) "
+                     f"would match nothing")
 
 
 def _annotated_type(annotation: Any) -> Optional[FieldType]:
@@ -688,6 +736,8 @@ def check_filters(cls: Any, filters: Dict[str, Any]) -> Dict[str, Any]:
             if v is None or _is_predicate(v):
                 checked.append(v)
             else:
+                if ftype is PLAIN or ftype is COMM:
+                    _check_scalar(cls, name, v)
                 checked.append(ftype.check(cls, name, v))
         out[name] = checked if many else checked[0]
     return out

@@ -12,6 +12,8 @@ import re
 import sys
 
 import pytest
+
+from pytest_nettrace.sequence import forbid
 from netns_helpers import netns_entries, pids_left_in
 from reliability_helpers import alive, bpf_link_ids, outcome_counts, run_session, stable_host_state
 
@@ -535,6 +537,23 @@ BAD_INPUT = [
     ("unknown-kind", lambda t, ns: t.events("rest"), ValueError, r"unknown event kind 'rest'; valid kinds: .*rst"),
     ("unknown-kind-assert-none", lambda t, ns: t.assert_none("nosuch"), ValueError, r"unknown event kind 'nosuch'"),
     ("unknown-kind-lost", lambda t, ns: t.lost("nosuch"), ValueError, r"unknown event kind 'nosuch'"),
+    # a filter of another type, or a value a field never holds, would make a negative assertion pass
+    ("port-as-str", lambda t, ns: t.assert_no_rst(sport="9"), ValueError,
+     r"sport of 'rst' events is a number: '9' \(str\) would match nothing"),
+    ("pid-as-str", lambda t, ns: t.assert_none("conn", pid="1"), ValueError, r"pid of 'conn' events is a number"),
+    ("netns-as-str", lambda t, ns: t.assert_none("rst", netns=str(ns.inode)), ValueError,
+     r"netns of 'rst' events is a number"),
+    ("comm-as-int", lambda t, ns: t.assert_none("conn", comm=7), ValueError, r"comm of 'conn' events is a str"),
+    ("proto-typo", lambda t, ns: t.assert_no_packet(proto="tpc"), ValueError,
+     r"unknown proto 'tpc' for 'packet' events; valid: .*tcp"),
+    ("ip-proto-typo", lambda t, ns: t.assert_no_drops(ip_proto="tpc"), ValueError, r"unknown ip_proto 'tpc'"),
+    ("ip-proto-number-named", lambda t, ns: t.assert_no_drops(ip_proto=6), ValueError,
+     r"ip_proto 6 of 'drop' events is named: write 'tcp'"),
+    ("table-typo", lambda t, ns: t.assert_none("route", table="mian"), ValueError,
+     r"unknown table 'mian' for 'route' events; valid: default, main, local or a table's number"),
+    ("tcpdump-flags-order", lambda t, ns: t.assert_no_packet(flags=".R"), ValueError, r"unknown flags '\.R'"),
+    ("sequence-port-as-str", lambda t, ns: forbid("rst", sport="9", between=("a", "b")), ValueError,
+     r"sport of 'rst' events is a number"),
     ("kinds-as-a-list", lambda t, ns: t.events(["addr", "route"]), ValueError,
      r"an event kind is one name, got list \['addr', 'route'\]; valid kinds: .*rst"),
     ("unknown-filter", lambda t, ns: t.rst(dprot=80), ValueError, r"unknown filter 'dprot' for 'rst' events"),

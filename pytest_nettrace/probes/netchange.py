@@ -73,6 +73,23 @@ SOL_NETLINK, NETLINK_ADD_MEMBERSHIP = 270, 1
 SO_RCVBUFFORCE = 33       # asm-generic/socket.h: not in Python's socket module
 NETLINK_NETFILTER = 12    # linux/netlink.h: not in Python's socket module
 RT_TABLES = {253: "default", 254: "main", 255: "local"}
+
+
+class _RouteTable(FieldType):
+    """A routing table: its name where it has one (main, local, default), else its number."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value in RT_TABLES:
+                raise ValueError(f"{field} {value} of {owner.kind!r} events is named: write {RT_TABLES[value]!r}")
+            return value
+        if value not in RT_TABLES.values():
+            raise ValueError(f"unknown {field} {value!r} for {owner.kind!r} events; valid: "
+                             f"{', '.join(RT_TABLES.values())} or a table's number")
+        return value
+
+
+ROUTE_TABLE = _RouteTable()
 RTN_TYPES = {1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast", 6: "blackhole",
              7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat"}
 _OPERSTATES = {0: "UNKNOWN", 1: "NOTPRESENT", 2: "DOWN", 3: "LOWERLAYERDOWN", 4: "TESTING", 5: "DORMANT", 6: "UP"}
@@ -312,7 +329,7 @@ class RouteEvent(NetChangeEvent, init=False):
     nexthops: Tuple[RouteHop, ...]   # a multipath route's paths; () for one path
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "type": tuple(RTN_TYPES.values())}
-    TYPES = {"nexthops": _RouteHops()}
+    TYPES = {"nexthops": _RouteHops(), "table": ROUTE_TABLE}
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
@@ -503,7 +520,7 @@ class RuleEvent(NetChangeEvent, init=False):
     suppress_prefixlength: Optional[int]
     l3mdev: bool
     VALUES = {**NetChangeEvent.VALUES, "rule_action": tuple(FR_ACTIONS.values())}
-    TYPES = {"ip_proto": IP_PROTO, "sport": _Pairs(), "dport": _Pairs(), "uidrange": _Pairs()}
+    TYPES = {"ip_proto": IP_PROTO, "sport": _Pairs(), "dport": _Pairs(), "uidrange": _Pairs(), "table": ROUTE_TABLE}
 
     def describe(self) -> str:
         # as `ip rule` prints it: "100: from 10.0.0.0/8 lookup 100"

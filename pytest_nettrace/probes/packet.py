@@ -495,8 +495,9 @@ _closer = _Closer()
 # -- header summaries -------------------------------------------------------
 
 TCP_LETTERS = "UAPRSF"   # tcpdumplike.stp's flag columns
-_TCPDUMP_FLAGS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x20, "U"), (0x40, "E"), (0x80, "W"),
-                  (0x10, "."))
+# in tcpdump's order (print-tcp.c's tcp_flag_values): ECN's SYN-ACK is "S.E"
+_TCPDUMP_FLAGS = ((0x01, "F"), (0x02, "S"), (0x04, "R"), (0x08, "P"), (0x10, "."), (0x20, "U"), (0x40, "E"),
+                  (0x80, "W"))
 _TCPDUMP_LETTERS = "".join(ch for _bit, ch in _TCPDUMP_FLAGS)
 _LETTER_BITS = {"U": 0x20, "A": 0x10, "P": 0x08, "R": 0x04, "S": 0x02, "F": 0x01}
 
@@ -601,7 +602,9 @@ class _TcpdumpFlagsType(FieldType):
     """tcpdump's notation ("S.", "P.") or "none"."""
 
     def check(self, owner: Any, field: str, value: Any) -> Any:
-        if not (isinstance(value, str) and (value == "none" or value and set(value) <= set(_TCPDUMP_LETTERS))):
+        # tcpdump writes the letters in one order ("R.", never ".R"): another never matches
+        canonical = isinstance(value, str) and value == "".join(ch for ch in _TCPDUMP_LETTERS if ch in value)
+        if not (isinstance(value, str) and (value == "none" or value and canonical)):
             raise ValueError(f"unknown flags {value!r} for 'packet' events: tcpdump's notation, letters of "
                              f"{_TCPDUMP_LETTERS} ('S', 'S.', 'P.', 'F.', 'R.') or 'none'")
         return value

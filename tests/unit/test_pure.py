@@ -37,6 +37,30 @@ def test_address_filters_take_any_spelling():
         check_filters(AddrEvent, {"address": "10.0.0.300"})
 
 
+def test_a_prefix_on_an_address_field_is_a_subnet():
+    """`saddr="10.0.0.0/24"` on a plain address: any address in it, not
+    10.0.0.0 alone (which would let a negative assertion pass)."""
+    drop = DropEvent(None, (), "softirq", saddr=ipaddress.ip_address("10.0.0.7"))
+    assert _filter(DropEvent, drop, saddr="10.0.0.0/24") and _filter(DropEvent, drop, saddr="10.0.0.1/24")
+    assert not _filter(DropEvent, drop, saddr="10.0.1.0/24") and not _filter(DropEvent, drop, saddr="fd00::/8")
+    assert _filter(DropEvent, drop, saddr="10.0.0.7/32") and not _filter(DropEvent, drop, saddr="10.0.0.8/32")
+
+
+def test_filter_values_of_another_type_or_never_held_are_errors():
+    with pytest.raises(ValueError, match=r"sport of 'drop' events is a number: '9' \(str\) would match nothing"):
+        check_filters(DropEvent, {"sport": "9"})
+    with pytest.raises(ValueError, match="unknown ip_proto 'tpc'"):
+        check_filters(DropEvent, {"ip_proto": "tpc"})
+    assert check_filters(DropEvent, {"ip_proto": "TCP", "sport": [9, 10]}) == {"ip_proto": "tcp", "sport": [9, 10]}
+    assert check_filters(PacketEvent, {"proto": "ip-47", "flags": "S.E"}) == {"proto": "ip-47", "flags": "S.E"}
+    for flags in (".R", "SS", "s"):
+        with pytest.raises(ValueError, match="unknown flags"):
+            check_filters(PacketEvent, {"flags": flags})
+    with pytest.raises(ValueError, match="unknown table 'mian'"):
+        check_filters(RouteEvent, {"table": "mian"})
+    assert check_filters(RouteEvent, {"table": 100}) == {"table": 100}
+
+
 def test_default_route_and_predicates():
     ev = RouteEvent(None, (), "process", dst=ipaddress.ip_network("0.0.0.0/0"), family=4)
     assert _filter(RouteEvent, ev, dst="default") and _filter(RouteEvent, ev, dst="0.0.0.0/0")
