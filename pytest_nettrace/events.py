@@ -716,6 +716,13 @@ def _is_predicate(value: Any) -> bool:
     return callable(value) and not isinstance(value, type)
 
 
+def check_timeout(timeout: Any) -> float:
+    """A wait's timeout, in seconds; ValueError naming anything else."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"timeout is a number of seconds >= 0, not {timeout!r}")
+    return float(timeout)
+
+
 def check_filters(cls: Any, filters: Dict[str, Any]) -> Dict[str, Any]:
     """The filters as events are compared with them (each field type's `check`).
     Unknown filter names, malformed addresses and values a field cannot take

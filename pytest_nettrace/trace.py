@@ -2,6 +2,8 @@
 kernel's events, limited to the namespaces it watches, with sound assertions."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import gc
 import os
 import struct
@@ -12,7 +14,7 @@ from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
 
 from . import sequence
 from .errors import EventsLost, NettraceError
-from .events import Event, check_filters, describe_filters, matches
+from .events import Event, check_filters, check_timeout, describe_filters, matches
 from .kernel.engine import Engine
 from .kernel.records import Delivery
 from .kind_methods import KindMethods
@@ -48,10 +50,34 @@ def netns_ref(ns: NamespaceLike) -> Tuple[int, Optional[str]]:
         else:
             path = ns if "/" in ns else f"/run/netns/{ns}"
         try:
-            return os.stat(path).st_ino, path
+            return _netns_inode(path), path
         except FileNotFoundError:
             raise ValueError(f"no network namespace {ns!r} (looked at {path})") from None
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise ValueError(f"{ns!r} is not a network namespace ({path} is another file)") from None
+            raise ValueError(f"cannot open network namespace {ns!r} ({path}: {e.strerror})") from None
     raise TypeError(f"not a network namespace: {ns!r} (give a Namespace, an inode, a name or a path)")
+
+
+_NS_GET_NSTYPE = 0xB703   # ioctl on an nsfs file: its namespace's CLONE_NEW* type
+_CLONE_NEWNET = 0x40000000
+
+
+def _netns_inode(path: str) -> int:
+    """The inode of the network namespace at `path`; OSError (EINVAL) when
+    it is another file, or another kind of namespace."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            kind = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+        except OSError:
+            kind = -1   # not a namespace at all (ENOTTY)
+        if kind != _CLONE_NEWNET:
+            raise OSError(errno.EINVAL, "not a network namespace")
+        return os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
 
 
 def _path_of_inode(inode: int) -> Optional[str]:
@@ -345,7 +371,7 @@ class Trace(KindMethods):
     def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
         """The first matching event, waiting up to `timeout` seconds for it."""
         self._validate(kind, filters)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_timeout(timeout)
         while True:
             found = self.events(kind, **filters)
             if found:

@@ -11,7 +11,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, cast
 
-from ..events import Event, Header, IPAddress, describe_filters
+from ..events import Event, Header, IPAddress, check_timeout, describe_filters
 from ..kernel import wire
 from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
@@ -271,10 +271,10 @@ class ConnApi(KindApi):
 
     def _assert_conn_count(self, action: str, timeout: float, count: int,
                            fields: Mapping[str, Any]) -> List[ConnEvent]:
-        if count < 0:
-            raise ValueError(f"count must be >= 0, not {count}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"count is a number of connections >= 0, not {count!r}")
         filters = dict(fields, action=action)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_timeout(timeout)
         while True:
             found = cast(List[ConnEvent], self.ctx.events("conn", **filters))
             if len(found) >= count or time.monotonic() >= deadline:
