@@ -160,7 +160,7 @@ def test_ipv6_nodad_addition_attributed_to_ip(netns, nettrace):
     assert ev.announced_by == "addrconf_dad_work", "nodad: only the DAD worker announces it"
     assert (ev.pid, ev.comm, ev.cause) == (r.pid, "ip", "netlink")
     assert ev.cmdline == "ip addr add 2001:db8::7/64 dev d0 nodad" and ev.ppid == os.getpid()
-    assert ev.detail == "announced after duplicate address detection"
+    assert ev.detail == "announced by the kernel's DAD worker (right away with nodad)"
     assert any(f.startswith("inet6_rtm_newaddr") for f in ev.stack), ev.stack
 
 

@@ -1137,7 +1137,7 @@ class NetChangeDecoder(Decoder):
             # those of whoever queued that work (an interrupt: nobody)
             fields["announced_by"] = "addrconf_dad_work"
             if cause != "kernel":
-                fields["detail"] = "announced after duplicate address detection"
+                fields["detail"] = "announced by the kernel's DAD worker (right away with nodad)"
         uid: Optional[int] = hdr.uid
         if kthread or stack.context("process") != "process" or applied_by_a_reader(stack.functions):
             # a kernel thread, an interrupt, or a pending carrier change that a
