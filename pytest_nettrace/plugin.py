@@ -530,7 +530,9 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
     """End of a test's trace: check its gate, keep what reports need, write its files."""
     violation: Optional[gates.Violation] = None
     try:
-        queried = set(getattr(trace, "queried", ()))  # before the gate's own queries
+        # what the test looked at, and the kinds its gate forbids (a gate
+        # asserts on them), not every kind the gate's check itself reads
+        queried = set(getattr(trace, "queried", ())) | {rule.kind for rule in gate.forbid}
         if gate.forbid:
             if trace.closed:
                 violation = gates.Violation(

@@ -120,6 +120,8 @@ def test_suite_wide_gate_from_option_and_ini(pytester):
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "--nettrace-forbid=rst")
     result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*3 traced tests*", "ERROR test_suite.py::test_resets*"])
+    # the gate asserted on RSTs: the summary does not call them unread
+    assert not re.search(r"test_resets: .*\brst\b", result.stdout.str()), result.stdout.str()
 
     pytester.makeini("[pytest]\nnettrace_forbid = addr:deleted\n    link:deleted\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
