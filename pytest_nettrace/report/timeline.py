@@ -30,7 +30,8 @@ def wrap(text: str, indent: int = 4) -> str:
 def row(event: Event, start_ns: int, ns_label: str, mark: bool = False) -> str:
     offset = (event.timestamp - start_ns) / 1e6
     head = f"{'>>' if mark else '  '} {offset:+10.3f}ms "
-    text = f"{event.summary()} [{ns_label}]"
+    # the command line too: which `ip` it was is often the answer
+    text = f"{event.kind:<6} {event.actor()} {event.describe()}{event.how(full=True)} [{ns_label}]"
     return textwrap.fill(text, WIDTH, initial_indent=head, subsequent_indent=" " * len(head))
 
 

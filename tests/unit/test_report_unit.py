@@ -180,6 +180,8 @@ def test_timeline_fits_100_columns_and_marks_the_offending():
     assert all(len(line) <= WIDTH for line in text.splitlines()), text
     assert re.search(r"^>>\s+\+1\.000ms addr\s+ip\(4242\).*deleted IPv4 10\.0\.0\.1/24", text, re.M)
     assert "more events not shown" in text   # 54 rows: cut to 40 around the marked one
+    # which command did it, on the row itself (as the README's samples show it)
+    assert 'via netlink (RTM_DELADDR): "ip addr del 10.0.0.1/24 dev eth0"' in " ".join(text.split())
 
 
 def test_failure_counts_background_and_high_volume_and_reads_only_the_view():
