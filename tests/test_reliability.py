@@ -737,4 +737,5 @@ def test_missing_btf_skips_with_a_one_line_reason_naming_the_path(tmp_path):
     assert outcome_counts(out) == {"skipped": 1}, out[-3000:]
     reason = [ln for ln in out.splitlines() if ln.startswith("SKIPPED")]
     assert len(reason) == 1 and "/nonexistent/vmlinux" in reason[0], out[-3000:]
+    assert "the path given" in reason[0] and "CONFIG_DEBUG_INFO_BTF" not in reason[0], reason[0]  # not the kernel's
     assert "Traceback" not in out, out[-3000:]

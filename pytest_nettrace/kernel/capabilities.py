@@ -137,6 +137,13 @@ def _try_program(prog: str, btf_path: str, attach: bool = True) -> Optional[str]
         obj.close()
 
 
+def no_btf_reason(btf_path: str) -> str:
+    """Why there is no BTF at `btf_path`: the kernel's, or a path given."""
+    if btf_path == DEFAULT_BTF:
+        return f"no kernel BTF at {btf_path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"
+    return f"no BTF file at {btf_path} (the path given; the running kernel's is {DEFAULT_BTF})"
+
+
 def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
     k = KernelFeatures(btf_path=btf_path)
     caps = _effective_caps()
@@ -149,7 +156,7 @@ def detect(btf_path: str = DEFAULT_BTF) -> KernelFeatures:
     if arch:
         k.reasons["btf"] = arch
     elif not os.path.exists(btf_path):
-        k.reasons["btf"] = f"no kernel BTF at {btf_path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"
+        k.reasons["btf"] = no_btf_reason(btf_path)
     else:
         k._facts = BtfFacts.load(btf_path)
         if k._facts is None:  # not parsed yet this boot (or no cache): parse it now, to know it is usable

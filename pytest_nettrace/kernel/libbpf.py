@@ -521,9 +521,12 @@ class KernelBtf:
 
     def __init__(self, path: Optional[str] = None) -> None:
         lib = libbpf()
-        self.path = path or "/sys/kernel/btf/vmlinux"
+        kernels = "/sys/kernel/btf/vmlinux"
+        self.path = path or kernels
         if not os.path.exists(self.path):
-            raise UnsupportedKernel(f"no kernel BTF at {self.path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y")
+            raise UnsupportedKernel(f"no kernel BTF at {self.path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y"
+                                    if self.path == kernels else
+                                    f"no BTF file at {self.path} (the path given; the running kernel's is {kernels})")
         ptr = lib.btf__parse(self.path.encode(), None)
         if not ptr:
             raise UnsupportedKernel(f"cannot parse kernel BTF at {self.path}: {_errtext(ctypes.get_errno())}")
