@@ -45,7 +45,14 @@ const volatile struct {
 	__u32 budget;   /* detailed events per watched namespace */
 	__u32 pad;
 	struct drop_range tap[DROP_TAP_RANGES];
+	struct drop_range frag_expiry[2];   /* ip_expire, ip6_frag_expire */
+	struct drop_range frag_purge;       /* inet_frag_rbtree_purge */
 } drop_cfg = { .budget = 256 };
+
+static __always_inline bool in_range(__u64 location, __u64 start, __u64 end)
+{
+	return start && location >= start && location < end;
+}
 
 static __always_inline bool tap_copy(__u64 location)
 {
@@ -152,11 +159,13 @@ struct {
 #define FRAG_EXPIRY_WINDOW_NS 1000000  /* one callback's drops: microseconds apart */
 
 /* The namespace of a queue's fragments dropped with its expired head
- * (`netns`: that of the head, 0 when the drop had none): 0 if none. */
-static __always_inline __u32 frag_expiry_netns(bool has_reason, __u32 reason, __u32 netns)
+ * (`netns`: that of the head, 0 when the drop had none): 0 if none. Told
+ * by where the frees are (drop reasons for them came in 6.2). */
+static __always_inline __u32 frag_expiry_netns(__u64 location, __u32 netns)
 {
-	if (!has_reason || !bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_FRAG_REASM_TIMEOUT) ||
-	    reason != bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_FRAG_REASM_TIMEOUT))
+	bool expiry = in_range(location, drop_cfg.frag_expiry[0].start, drop_cfg.frag_expiry[0].end) ||
+		      in_range(location, drop_cfg.frag_expiry[1].start, drop_cfg.frag_expiry[1].end);
+	if (netns ? !expiry : !in_range(location, drop_cfg.frag_purge.start, drop_cfg.frag_purge.end))
 		return 0;
 	__u32 zero = 0;
 	struct drop_frag_expiry *last = bpf_map_lookup_elem(&drop_frag_expiry, &zero);
@@ -188,11 +197,11 @@ static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *locatio
 	/* where it was dropped: the device's namespace, else the socket's */
 	if (dev) {
 		netns = nt_netns_of_dev(dev);
-		frag_expiry_netns(has_reason, reason, netns);
+		frag_expiry_netns((__u64)location, netns);
 	} else if (sk) {
 		netns = nt_netns_of_sk(sk);
 	} else {
-		netns = frag_expiry_netns(has_reason, reason, 0);
+		netns = frag_expiry_netns((__u64)location, 0);
 		if (!netns)
 			return 0;
 	}

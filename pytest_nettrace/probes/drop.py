@@ -148,7 +148,7 @@ class DropProbe(Probe):
         reasons = {v: n.replace("SKB_DROP_REASON_", "") for v, n in kernel.enum("skb_drop_reason").items()}
         self.decoder.reasons = reasons
         DropEvent.REASONS = tuple(n for n in reasons.values() if n not in ("MAX", "SUBSYS_MASK"))  # not reasons
-        config = {"drop_cfg": drop_config(function_ranges(_TAP_RECEIVERS))}
+        config = {"drop_cfg": drop_config(function_ranges(_TAP_RECEIVERS + _FRAG_EXPIRY + _FRAG_PURGE))}
         args = kernel.tracepoint_args("kfree_skb")
         if not kernel.tp_btf or args is None:
             return []
@@ -261,17 +261,23 @@ class DropDecoder(Decoder):
 # copy in tpacket_rcv (the capture counts that as its own loss).
 _TAP_RECEIVERS = ("packet_rcv_fanout", "packet_rcv", "tpacket_rcv", "packet_rcv_spkt")
 _TAP_RANGES = 4  # DROP_TAP_RANGES in bpf/drop.bpf.c
-_DROP_CFG = struct.Struct(f"<II{2 * _TAP_RANGES}Q")
+# An expired reassembly queue: its head is freed (with its device) by the
+# expiry, the rest of the queue right after by the purge, whose skbs have no
+# device or socket to tell their namespace: the head's (bpf/drop.bpf.c).
+_FRAG_EXPIRY = ("ip_expire", "ip6_frag_expire")
+_FRAG_PURGE = ("inet_frag_rbtree_purge",)
+_DROP_CFG = struct.Struct(f"<II{2 * (_TAP_RANGES + len(_FRAG_EXPIRY) + len(_FRAG_PURGE))}Q")
 
 
-def drop_config(tap_ranges: Dict[str, Tuple[int, int]]) -> bytes:
-    """drop_cfg (bpf/drop.bpf.c): the detail budget and the [start, end) of
+def drop_config(ranges: Dict[str, Tuple[int, int]]) -> bytes:
+    """drop_cfg (bpf/drop.bpf.c): the detail budget; the [start, end) of
     the functions whose frees are tap copies, which the program leaves out
     (the decoder and the counts also do, by name: for a kernel that hides
-    addresses)."""
-    spans = [tap_ranges[name] for name in _TAP_RECEIVERS if name in tap_ranges]
+    addresses); those of the reassembly expiry and purge ((0, 0): unknown)."""
+    spans = [ranges[name] for name in _TAP_RECEIVERS if name in ranges]
     flat = [a for span in spans for a in span] + [0, 0] * (_TAP_RANGES - len(spans))
-    return _DROP_CFG.pack(DETAIL_BUDGET, 0, *flat)
+    frag = [a for name in _FRAG_EXPIRY + _FRAG_PURGE for a in ranges.get(name, (0, 0))]
+    return _DROP_CFG.pack(DETAIL_BUDGET, 0, *flat, *frag)
 
 
 def is_tap_copy(location: str) -> bool:

@@ -139,6 +139,9 @@ _KERNEL_DETAILS = (
 _ONE_DEVICE_ON_ANOTHER = frozenset(("dev_set_promiscuity", "netif_set_promiscuity", "dev_set_allmulti",
                                     "netif_set_allmulti"))
 _UPPER_LINKED = frozenset(("__netdev_upper_dev_link", "netdev_upper_dev_unlink", "__netdev_upper_dev_unlink"))
+# A port added to or removed from its master (do_set_master is inlined on 6.1)
+_ENSLAVING = frozenset(("do_set_master", "br_add_if", "br_del_if", "bond_enslave", "__bond_release_one",
+                        "team_port_add", "team_port_del", "vrf_add_slave", "vrf_del_slave"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -157,8 +160,10 @@ def follows_another_link(frames: Tuple[str, ...]) -> bool:
     if chains >= 2 or not functions.isdisjoint(_ONE_DEVICE_ON_ANOTHER):
         return True
     if not functions.isdisjoint(_UPPER_LINKED):
-        return "do_set_master" not in functions
-    return chains == 1 and "do_set_master" in functions
+        # `ip link set X master Y` (do_setlink) links X itself; a new device
+        # on top (`ip link add mv0 link X`) links X as a consequence
+        return "do_setlink" not in functions
+    return chains == 1 and not functions.isdisjoint(_ENSLAVING)
 
 
 def applied_by_a_reader(functions: AbstractSet[str]) -> bool:
