@@ -333,6 +333,14 @@ _ANNOTATED_TYPES = {"IPAddress": ADDRESS, "IPInterface": ADDRESS, "IPNetwork": N
 _SCALARS = {"int": int, "str": str, "float": float, "bool": bool}
 
 
+def _annotation_text(annotation: Any) -> str:
+    """An annotation as written, without Optional[...]: "int", "IPAddress"."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = (annotation if isinstance(annotation, str) else repr(annotation)).replace("typing.", "")
+    return text[len("Optional["):-1] if text.startswith("Optional[") and text.endswith("]") else text
+
+
 @functools.lru_cache(maxsize=None)
 def scalar_type(owner: Any, field: str) -> Optional[type]:
     """int, str, float or bool when `field` of `owner` holds only that (or
@@ -340,10 +348,7 @@ def scalar_type(owner: Any, field: str) -> Optional[type]:
     for klass in getattr(owner, "__mro__", ()):
         annotation = getattr(klass, "__dict__", {}).get("__annotations__", {}).get(field)
         if annotation is not None:
-            text = (annotation if isinstance(annotation, str) else repr(annotation)).replace("typing.", "")
-            if text.startswith("Optional[") and text.endswith("]"):
-                text = text[len("Optional["):-1]
-            return _SCALARS.get(getattr(annotation, "__name__", text) if not isinstance(annotation, str) else text)
+            return _SCALARS.get(_annotation_text(annotation))
     return None
 
 
@@ -351,9 +356,9 @@ def _check_scalar(owner: Any, field: str, value: Any) -> None:
     """A filter value of another type than the field's never matches: a
     port given as "9" would make a negative assertion pass."""
     expected = scalar_type(owner, field)
-    if expected is None or isinstance(value, expected) and not (expected is not bool and isinstance(value, bool)):
+    if expected is None or expected is bool and isinstance(value, bool):
         return
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if not isinstance(value, bool) and isinstance(value, (int, float) if expected is float else expected):
         return
     what = {int: "a number", str: "a str", float: "a number", bool: "True or False"}[expected]
     raise ValueError(f"{field} of {owner.kind!r} events is {what}: {value!r} ({type(value).__name__}) "
@@ -362,10 +367,7 @@ def _check_scalar(owner: Any, field: str, value: Any) -> None:
 
 def _annotated_type(annotation: Any) -> Optional[FieldType]:
     """The FieldType an annotation implies (`Optional[IPAddress]`: ADDRESS), if any."""
-    text = annotation if isinstance(annotation, str) else repr(annotation)
-    if text.startswith("Optional[") and text.endswith("]"):
-        text = text[len("Optional["):-1]
-    return _ANNOTATED_TYPES.get(text)
+    return _ANNOTATED_TYPES.get(_annotation_text(annotation))
 _E = TypeVar("_E", bound="Event")
 
 

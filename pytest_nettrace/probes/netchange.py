@@ -1048,14 +1048,14 @@ class NetChangeDecoder(Decoder):
             blamed = self._blame_nobody(hdr.netns)
             return [blamed] if blamed is not None else []
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
-        functions = hdr.stack(buf).functions
-        if event is not None:
-            changes = sysctl_cause(event, functions, sy_name, sy_value)
-            if changes:
-                event = event.evolve(**changes)
-        self._last[hdr.netns] = (skb, event)
         if event is None:
+            self._last[hdr.netns] = (skb, None)
             return []  # not a change (our own request's reply)
+        functions = hdr.stack(buf).functions
+        changes = sysctl_cause(event, functions, sy_name, sy_value)
+        if changes:
+            event = event.evolve(**changes)
+        self._last[hdr.netns] = (skb, event)
         if isinstance(event, AddrEvent):
             return [event] + self._removed_with_their_primary(hdr, event, functions)
         return [event]
