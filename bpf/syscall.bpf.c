@@ -16,13 +16,34 @@
 #include "nettrace.h"
 #include "syscall.h"
 
-/* libbpf 1.1 stops at the fifth syscall argument */
+/* The call's arguments. x86: direct loads through the tracepoint's BTF-typed
+ * pt_regs (no helper call); arm64's first argument is orig_x0, which libbpf
+ * reads through CO-RE. libbpf 1.1 stops at the fifth argument. */
 #if defined(__TARGET_ARCH_x86)
-#define SC_PARM6(regs) BPF_CORE_READ(regs, r9)
-#elif defined(__TARGET_ARCH_arm64)
+#define SC_ARGS(a, regs)                                                        \
+	do {                                                                    \
+		(a)[0] = (regs)->di;                                            \
+		(a)[1] = (regs)->si;                                            \
+		(a)[2] = (regs)->dx;                                            \
+		(a)[3] = (regs)->r10;                                           \
+		(a)[4] = (regs)->r8;                                            \
+		(a)[5] = (regs)->r9;                                            \
+	} while (0)
+#else
+#if defined(__TARGET_ARCH_arm64)
 #define SC_PARM6(regs) BPF_CORE_READ((struct user_pt_regs *)(regs), regs[5])
 #else
 #define SC_PARM6(regs) 0
+#endif
+#define SC_ARGS(a, regs)                                                        \
+	do {                                                                    \
+		(a)[0] = PT_REGS_PARM1_CORE_SYSCALL(regs);                      \
+		(a)[1] = PT_REGS_PARM2_CORE_SYSCALL(regs);                      \
+		(a)[2] = PT_REGS_PARM3_CORE_SYSCALL(regs);                      \
+		(a)[3] = PT_REGS_PARM4_CORE_SYSCALL(regs);                      \
+		(a)[4] = PT_REGS_PARM5_CORE_SYSCALL(regs);                      \
+		(a)[5] = SC_PARM6(regs);                                        \
+	} while (0)
 #endif
 
 #define S_IFMT 00170000
@@ -41,24 +62,19 @@ struct {
 
 struct sc_pending {
 	struct syscall_event e;  /* filled at entry, completed at exit */
-	__u32 netns;
+	__u32 netns;             /* 0: no call in flight */
 	__u32 pad;
 };
 
+/* The call in flight, per thread: task storage, not a hash by tid (no
+ * update and delete per call, and gone with the thread). An entry left by a
+ * call whose exit came while nothing was watched is ignored by its time. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
-	__type(key, __u32);      /* tid */
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct sc_pending);
 } sc_inflight SEC(".maps");
-
-/* scratch for building the entry record (too big for the stack) */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct sc_pending);
-} sc_scratch SEC(".maps");
 
 static __always_inline void copy_addr(struct syscall_event *e, __u64 uaddr, __u64 len)
 {
@@ -80,10 +96,10 @@ static __always_inline void copy_msg_addr(struct syscall_event *e, __u64 umsg)
 
 static __always_inline bool fd_is_socket(struct task_struct *task, __u64 fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+	struct fdtable *fdt = task->files->fdt;
+	if (!fdt || fd >= fdt->max_fds)
 		return false;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file **fds = fdt->fd;
 	struct file *f = NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
 	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFSOCK;
@@ -94,29 +110,28 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 {
 	if (nt_idle())
 		return 0;
-	__u32 nr = id, zero = 0;
+	__u32 nr = id;
 	__u8 *code = bpf_map_lookup_elem(&sc_wanted, &nr);
 	if (!code || !*code)
 		return 0;
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if (nt_current_ns_tgid() == sc_cfg.self_tgid)  /* as os.getpid() sees it */
 		return 0;
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	__u32 netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u32 netns = task->nsproxy->net_ns->ns.inum;
 	if (!nt_watched(netns))
 		return 0;
 
-	struct sc_pending *p = bpf_map_lookup_elem(&sc_scratch, &zero);
-	if (!p)
+	struct sc_pending *p = bpf_task_storage_get(&sc_inflight, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!p) {
+		struct nt_scope *scope = nt_watched(netns);
+		if (scope)
+			__sync_fetch_and_add(&scope->lost[NT_KIND_SYSCALL], 1);
 		return 0;
+	}
+	p->netns = 0;
 	struct syscall_event *e = &p->e;
 	e->code = *code;
-	e->args[0] = PT_REGS_PARM1_CORE_SYSCALL(regs);
-	e->args[1] = PT_REGS_PARM2_CORE_SYSCALL(regs);
-	e->args[2] = PT_REGS_PARM3_CORE_SYSCALL(regs);
-	e->args[3] = PT_REGS_PARM4_CORE_SYSCALL(regs);
-	e->args[4] = PT_REGS_PARM5_CORE_SYSCALL(regs);
-	e->args[5] = SC_PARM6(regs);
+	SC_ARGS(e->args, regs);
 	e->addr_len = 0;
 	e->has_value = 0;
 	e->value = e->value2 = 0;
@@ -155,14 +170,8 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 		break;
 	}
 	}
-	p->netns = netns;
 	e->h.ts = bpf_ktime_get_ns();
-	__u32 tid = (__u32)pid_tgid;
-	if (bpf_map_update_elem(&sc_inflight, &tid, p, BPF_ANY)) {
-		struct nt_scope *scope = nt_watched(netns);
-		if (scope)
-			__sync_fetch_and_add(&scope->lost[NT_KIND_SYSCALL], 1);
-	}
+	p->netns = netns;
 	return 0;
 }
 
@@ -186,19 +195,21 @@ int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 		if (!code || !*code)
 			return 0;
 	}
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct sc_pending *p = bpf_map_lookup_elem(&sc_inflight, &tid);
-	if (!p)
+	struct sc_pending *p = bpf_task_storage_get(&sc_inflight, bpf_get_current_task_btf(), 0, 0);
+	if (!p || !p->netns)
 		return 0;
-	struct nt_scope *scope = nt_watched(p->netns);
-	if (!scope)
-		goto done;
+	__u32 netns = p->netns;
+	p->netns = 0;
+	struct nt_scope *scope = nt_watched(netns);
+	/* entered before this watch began: a call of an earlier one */
+	if (!scope || p->e.h.ts < scope->since)
+		return 0;
 	struct syscall_event *e = nt_reserve(scope, NT_KIND_SYSCALL, struct syscall_event);
 	if (!e)
-		goto done;
+		return 0;
 	__u64 start = p->e.h.ts;
 	__builtin_memcpy(e, &p->e, sizeof(*e));
-	nt_fill_hdr(&e->h, NT_KIND_SYSCALL, p->netns);
+	nt_fill_hdr(&e->h, NT_KIND_SYSCALL, netns);
 	e->h.stack_len = 0;
 	e->ret = ret;
 	e->duration = e->h.ts - start;
@@ -240,7 +251,5 @@ int BPF_PROG(sc_exit, struct pt_regs *regs, long ret)
 		}
 	}
 	bpf_ringbuf_submit(e, 0);
-done:
-	bpf_map_delete_elem(&sc_inflight, &tid);
 	return 0;
 }

@@ -163,54 +163,57 @@ def test_recorded_again_after_the_engine_had_nothing_to_watch(netns_factory):
         engine.close()
 
 
-def test_calls_in_flight_of_unwatched_namespaces_are_deleted_once_before_the_next_watch(monkeypatch):
-    """sc_inflight entries (keyed by thread; the namespace and the time the
-    call was entered in the value) of namespaces no longer watched go before
-    a namespace is watched again (its inode may be theirs), those of every
-    namespace unwatched since in one scan; a call entered after the unwatch
-    (in a new namespace with that inode, watched just before this probe's
-    watch) stays, and so does one of a namespace never watched."""
-    import struct
-    import time
-    from pytest_nettrace.kernel import libbpf as lb
-    from pytest_nettrace.probes import syscall
-    inflight = lb.map_create(lb.BPF_MAP_TYPE_HASH, "t_inflight", 4, syscall._PENDING_SIZE, 64)
-    wanted = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "t_wanted", 4, 1, 1024)
-
-    class Maps:   # the loaded object's map lookup, on real maps
-        def map_fd(self, name: str) -> int:
-            return {"sc_inflight": inflight, "sc_wanted": wanted}[name]
-
-    scans = []
-    real = syscall.map_items
-    monkeypatch.setattr(syscall, "map_items", lambda *a: scans.append(a) or real(*a))
+def test_a_call_entered_before_the_watch_is_not_reported_with_another_calls_arguments(netns_factory):
+    """The call in flight is kept per thread. One whose exit came while
+    nothing was watched stays there; the thread's next call, entered while
+    nothing was watched, keeps nothing. When that call returns under a new
+    watch, the stale entry (another call's arguments) must not become its
+    event: only what was entered under the watch is reported."""
+    from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.trace import Trace
+    from pytest_nettrace.probes.syscall import SyscallProbe
+    engine = Engine(background=False, probes=[SyscallProbe()])
+    ns = netns_factory.create()
+    proc = ns.popen(script("""
+        import socket, sys
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 7001))
+        print("ready", flush=True)
+        for size in (101, 102, 103):   # one recvfrom each, told apart by size
+            u.recvfrom(size)
+            print("got", flush=True)
+            sys.stdin.readline()
+    """), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        probe = syscall.SyscallProbe()
-        probe.attached(Maps())  # type: ignore[arg-type]
+        def datagram() -> None:
+            ns.run(script("""
+                import socket
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"x", ("127.0.0.1", 7001))
+            """), check=True)
+            assert proc.stdout.readline() == "got\n"
 
-        def enter(tid: int, netns: int) -> None:   # as sc_enter: bpf_ktime_get_ns() is CLOCK_MONOTONIC
-            value = bytearray(syscall._PENDING_SIZE)
-            struct.pack_into("<I", value, syscall._PENDING_NETNS, netns)
-            struct.pack_into("<Q", value, syscall._PENDING_TS, time.monotonic_ns())
-            lb.map_update(inflight, struct.pack("<I", tid), bytes(value))
-
-        def tids() -> list:
-            return sorted(struct.unpack("<I", k)[0] for k in lb.map_keys(inflight, 4))
-
-        probe.watch(7, None)
-        probe.watch(8, None)
-        enter(100, 7), enter(101, 8), enter(102, 9)   # 9: never watched by this probe
-        probe.unwatch(7)
-        probe.unwatch(8)
-        assert tids() == [100, 101, 102] and scans == []   # not at each unwatch
-        enter(103, 7)   # the next test's namespace 7, scoped before this probe's watch
-        probe.watch(7, None)
-        probe.watch(8, None)
-        assert tids() == [102, 103]
-        assert len(scans) == 1
+        first = Trace(engine, "first")
+        first.watch(ns)
+        assert proc.stdout.readline() == "ready\n"
+        import time
+        time.sleep(0.2)        # recvfrom(101) entered, watched
+        first.close()          # nothing watched
+        datagram()             # recvfrom(101) returns unwatched: its entry stays
+        proc.stdin.write("\n"); proc.stdin.flush()
+        time.sleep(0.2)        # recvfrom(102) entered unwatched: nothing kept
+        second = Trace(engine, "second")
+        second.watch(ns)
+        datagram()             # recvfrom(102) returns watched
+        proc.stdin.write("\n"); proc.stdin.flush()
+        time.sleep(0.2)        # recvfrom(103) entered watched
+        datagram()
+        calls = second.syscalls(pid=proc.pid, name="recvfrom")
+        assert [c.strace().split(", ")[2] for c in calls] == ["103"], [c.strace() for c in calls]
+        second.close()
     finally:
-        os.close(inflight)
-        os.close(wanted)
+        proc.kill()
+        proc.wait()
+        engine.close()
 
 
 def test_a_call_a_signal_interrupted_is_named_as_strace_names_it(netns, nettrace, tmp_path):

@@ -19,7 +19,7 @@ from . import corebtf
 from ..errors import ProbeLoadError, UnsupportedKernel
 from ..events import Event
 from .records import Delivery, RecordDecoder
-from .wire import HEADER, NT_SCOPE
+from .wire import HEADER, NT_MAX_KINDS, NT_SCOPE
 from .probe import Plan, Probe
 from . import symbols
 from .ringbuf import RingBuffer
@@ -35,6 +35,7 @@ DEFAULT_RINGBUF = 8 << 20
 DRAIN_PAUSE = 0.005
 _FILL_RATE = 1 << 30  # bytes/s
 _SCOPE_VALUE = NT_SCOPE.struct
+_NO_LOSSES = (0,) * NT_MAX_KINDS
 _u32 = struct.Struct("<I")
 
 Sink = Callable[[Delivery], None]  # receives raw records of its namespaces, in order
@@ -128,6 +129,7 @@ class Engine:
         self._stop = threading.Event()
         # at that rate a pause fills at most a quarter of the ring
         self._pause = min(DRAIN_PAUSE, ringbuf_size / 4 / _FILL_RATE)
+        self._backlog = False   # a probe left work at the last drain (Probe.poll)
         self._thread: Optional[threading.Thread] = None
         if background:
             # Keep the ring buffer empty while tests run, so bursts don't overflow it.
@@ -259,7 +261,8 @@ class Engine:
         with self._lock:
             self._sinks[netns] = sink
             self._route()
-            lb.map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE_VALUE.size))
+            # since: CLOCK_MONOTONIC, bpf_ktime_get_ns()'s clock
+            lb.map_update(self._scopes_fd, _u32.pack(netns), _SCOPE_VALUE.pack(*_NO_LOSSES, time.monotonic_ns()))
             lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
             for probe in self._attached_probes():
                 probe.watch(netns, path)
@@ -283,7 +286,8 @@ class Engine:
     def lost(self, netns: int) -> Dict[int, int]:
         """Events the kernel could not deliver for `netns`, by kind id."""
         raw = lb.map_lookup(self._scopes_fd, _u32.pack(netns), _SCOPE_VALUE.size)
-        out = {k: n for k, n in enumerate(_SCOPE_VALUE.unpack(raw)) if n} if raw is not None else {}
+        lost = _SCOPE_VALUE.unpack(raw)[:NT_MAX_KINDS] if raw is not None else ()
+        out = {k: n for k, n in enumerate(lost) if n}
         for kind_id, n in self.records.lost(netns).items():
             out[kind_id] = out.get(kind_id, 0) + n
         return out
@@ -313,8 +317,8 @@ class Engine:
                 # (its records still in the ring) reaches nobody
                 for sink, netns in self._routes.items():
                     sink(Delivery(spans, netns))
-            for probe in self._attached_probes():
-                probe.poll()
+            # a probe that left work (a batch at a time) is polled again at once
+            self._backlog = any([probe.poll() for probe in self._attached_probes()])
             return sum(len(starts) for _, starts, _ in spans)
 
     def decode(self, rec: bytes) -> List[Event]:
@@ -342,10 +346,10 @@ class Engine:
         ring, stop, pause, flood = self._ring, self._stop, self._pause, self.ringbuf_size // 8
         while not stop.is_set():
             try:
-                if ring.wait(0.2):
+                if self._backlog or ring.wait(0.2):
                     before = ring.consumed
                     self.drain()
-                    if ring.consumed - before < flood:
+                    if not self._backlog and ring.consumed - before < flood:
                         stop.wait(pause)
             except (OSError, ValueError):
                 if self._stop.is_set():

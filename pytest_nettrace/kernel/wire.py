@@ -151,7 +151,7 @@ NT_HDR = Layout("nt_hdr", [
     ("ppid", "I"), ("comm", f"{NT_COMM_LEN}s"), ("pcomm", f"{NT_COMM_LEN}s"), ("stack_len", "i"), ("pad", "I")])
 HEADER = NT_HDR.struct
 STACK_BYTES = NT_MAX_STACK * 8
-NT_SCOPE = Layout("nt_scope", [("lost", f"{NT_MAX_KINDS}Q")])
+NT_SCOPE = Layout("nt_scope", [("lost", f"{NT_MAX_KINDS}Q"), ("since", "Q")])
 
 RST_EVENT = Record("rst_event", [
     ("origin", "B"), ("family", "B"), ("state", "B"), ("has_reason", "B"), ("reason", "i"),

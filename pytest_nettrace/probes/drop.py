@@ -176,8 +176,9 @@ class DropProbe(Probe):
         map_delete(self._scopes_fd, _u32.pack(netns))
         self._purge.unwatch(netns)
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         self._purge.poll()
+        return False
 
     def lost(self, netns: int) -> Dict[str, int]:
         """Drops not delivered in detail (budget spent or counts map full).

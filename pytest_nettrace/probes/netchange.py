@@ -979,13 +979,13 @@ class NetChangeProbe(Probe):
             mon.close()
         self.decoder.forget(netns)
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         # The monitor sockets are not read while watched: reading frees skbs
         # (their addresses come back, hiding races) and could take a message
         # before the tracepoint reads it. Notifications stay queued (memory
         # is charged only as used) until unwatch closes the socket; a full
         # queue makes the kernel drop them and flag ENOBUFS, counted in lost().
-        pass
+        return False
 
     def lost(self, netns: int) -> Dict[str, int]:
         mon = self._monitors.get(netns)

@@ -288,9 +288,10 @@ class NftTraceProbe(Probe):
         if tracer is not None:
             tracer.close()
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         for tracer in list(self._tracers.values()):
             tracer.read()
+        return False
 
     def take(self, netns: int) -> List[Dict[str, Any]]:
         tracer = self._tracers.get(netns)

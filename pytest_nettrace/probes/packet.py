@@ -53,6 +53,7 @@ RING_FRAMES = 2048               # 8 MiB per watched namespace
 # refuses a packet longer than its interface's snaplen.
 SNAPLEN = FRAME_SIZE
 MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
+QUEUE_BATCH = 256                # frames the drain thread reads from the queue socket at a time
 # Most tests send a handful of packets: the queue socket alone keeps them,
 # and the ring (8 MiB allocated and zeroed by the kernel, ~1.5 ms of CPU,
 # and two more sockets to close) is set up only once a capture has read
@@ -175,6 +176,7 @@ class _Capture:
         self._left_at_stop = 0
         self._idle: Optional[socket.socket] = None   # the queue socket once the ring took over
         self._from_queue = 0          # frames and bytes read from the queue: when to set the ring up
+        self._queued = 0              # frames the queue took in (PACKET_STATISTICS): those never read are lost
         self._queue_bytes = 0
         self._ring_started = False
         self._ready = threading.Event()   # clear while a ring setup is under way
@@ -275,19 +277,23 @@ class _Capture:
         with self._lock:
             self.ring = ring
             self._read_queue()
-            self.kernel_drops += _discard_queue(queue_sock)   # past the cap: lost
             self._stats_of(queue_sock)
+            self.kernel_drops += self._queued - self._from_queue   # past the cap: never read, lost
             self.queue_sock, self._idle = None, queue_sock
             # stamping every packet of the machine was only for the queue's frames
             queue_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 0)
 
-    def _read_queue(self) -> None:
-        """Frames queued on the first socket, until the ring takes over."""
+    def _read_queue(self, budget: int = MAX_PACKETS) -> bool:
+        """Frames queued on the first socket, until the ring takes over; at
+        most `budget`. True: it stopped at the budget."""
         while self.queue_sock is not None and self.taken + len(self.pending) < MAX_PACKETS:
+            if budget == 0:
+                return True
+            budget -= 1
             try:
                 n, anc, _flags, addr = self.queue_sock.recvmsg_into([self._buf], 64, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             self._from_queue += 1
             self._queue_bytes += n
             if self._ring_wanted():   # at once: a burst fills the queue while this loop reads it
@@ -305,6 +311,7 @@ class _Capture:
                 data = bytes(12) + struct.pack("!H", proto) + data
                 length += 14
             self.pending.append(Frame(ts, ifname, PKTTYPES.get(pkttype, "in"), data, length))
+        return False
 
     def _ifname(self, index: int) -> str:
         """Device name in the socket's namespace ("?" once the device is gone)."""
@@ -318,30 +325,37 @@ class _Capture:
             self._names[index] = name
         return name or "?"
 
-    def read(self, complete: bool = True) -> None:
+    def read(self, complete: bool = True) -> bool:
         """Move the frames the kernel filled into `pending`, up to the cap.
         `complete`: wait for a handover under way, so that every frame
         captured so far is read (a test's read); the drain only keeps the
-        queue from filling meanwhile."""
+        queue from filling meanwhile, a batch at a time. True: frames were
+        left in the queue for the next read."""
         if complete and (self._switching.is_set() or (self.queue_sock is not None and self._at_cap())):
             # mid-handover the newest frames are in a ring not read yet; at the
             # cap the handover counts what the queue holds past it as lost
             self._ready.wait(10.0)
         with self._lock:
-            self._read_queue()
+            # the drain thread reads a batch at a time: a burst's thousands of
+            # frames (several microseconds each) read at once kept it from the
+            # ring buffer, which overflowed meanwhile
+            more = self._read_queue(MAX_PACKETS if complete else QUEUE_BATCH)
             if self._ring_wanted():
                 self._start_ring()
-            if self.queue_sock is not None and self._at_cap():
+            if (self.queue_sock is not None and self._at_cap() and self._ready.is_set() and not self.tap_stopped
+                    and (self.kernel_drops or self.left_in_queue())):
                 # no ring (none wanted, or none could be set up): what waits
-                # past the cap is lost, and then the devices need no tap
-                self.kernel_drops += _discard_queue(self.queue_sock)
-                if self.kernel_drops and self._ready.is_set() and not self.tap_stopped:
-                    self._stop_tap()
+                # past the cap is lost, and then the devices need no tap. It
+                # is counted, not read: reading a burst's tens of thousands
+                # of frames one by one here kept the drain thread from the
+                # ring buffer (whose records were lost meanwhile).
+                self._stop_tap()
             if self.ring is not None:
                 self._read_ring(self.ring)
                 if (not self.tap_stopped and self._at_cap()
                         and (self.kernel_drops or self.ring[self.head * FRAME_SIZE] & TP_STATUS_USER)):
                     self._stop_tap()
+            return more
 
     def _at_cap(self) -> bool:
         return self.taken + len(self.pending) >= MAX_PACKETS
@@ -354,8 +368,8 @@ class _Capture:
         sockets close (the group's hook goes with its last member, after a
         grace period, like the rebinding it replaces); what was counted stays
         counted, so the loss count from here on is a lower bound."""
-        self._left_at_stop = self.left_in_ring()
         self.stats()
+        self._left_at_stop = self.left_in_ring() + self.left_in_queue()
         ring, socks = self.ring, [self.sock, self._idle, self.queue_sock]
         self.ring, self.sock, self._idle, self.queue_sock = None, None, None, None
         self.tap_stopped = True
@@ -413,8 +427,20 @@ class _Capture:
                     self._stats_of(sock)
 
     def _stats_of(self, sock: socket.socket) -> None:
-        raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
-        self.kernel_drops += struct.unpack("II", raw)[1]
+        # tp_packets counts the dropped ones too
+        packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.kernel_drops += drops
+        if sock is self.queue_sock:
+            self._queued += packets - drops
+
+    def left_in_queue(self) -> int:
+        """Frames past the cap waiting in the queue socket, never to be read
+        (0 below the cap: they will be)."""
+        with self._lock:
+            if self.queue_sock is None or not self._at_cap():
+                return 0
+            self._stats_of(self.queue_sock)
+            return self._queued - self._from_queue
 
     def left_in_ring(self) -> int:
         """Frames past the cap, never read (0 below the cap: they will be)."""
@@ -449,17 +475,6 @@ class _Capture:
             if sock is not None:
                 self._wakeups.stop_waking_on(sock.fileno())
                 sock.close()
-
-
-def _discard_queue(sock: socket.socket) -> int:
-    """Empty a socket's queue; returns how many frames it held."""
-    n = 0
-    while True:
-        try:
-            sock.recv(1, socket.MSG_TRUNC)
-        except (BlockingIOError, InterruptedError):
-            return n
-        n += 1
 
 
 class _Closer:
@@ -753,10 +768,9 @@ class PacketProbe(Probe):
         if cap is not None:
             cap.close()
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         with self._lock:
-            for cap in self._captures.values():
-                cap.read(complete=False)
+            return any([cap.read(complete=False) for cap in self._captures.values()])
 
     def take(self, netns: int) -> List[Frame]:
         """Frames captured in `netns` since the last take."""
@@ -772,7 +786,7 @@ class PacketProbe(Probe):
             if cap is None:
                 return {}
             cap.stats()
-            n = cap.kernel_drops + cap.left_in_ring()
+            n = cap.kernel_drops + cap.left_in_ring() + cap.left_in_queue()
         return {"packet": n} if n else {}
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union, cast
 
 from ..events import Event, Header, IPAddress
 from ..kernel import wire
-from ..kernel.libbpf import Unwatched, map_delete, map_items, map_update
+from ..kernel.libbpf import map_update
 from .base import Decoder, Plan, Probe
 from .context import AddressFilter, CommonFilters, Filter, KindApi
 
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 
 RECORD = wire.SYSCALL_EVENT
 _BODY = RECORD.body
-_PENDING_NETNS = wire.SC_PENDING.offsets["netns"]  # struct sc_pending: the event, then the namespace
-_PENDING_SIZE = wire.SC_PENDING.size
-_PENDING_TS = wire.SC_PENDING.offsets["e"] + wire.NT_HDR.offsets["ts"]   # when the call was entered
-_STALE_LINGER = 1.0   # seconds: with no watch coming, a drain's poll deletes them
 _u32 = struct.Struct("<I")
 _u64 = struct.Struct("<Q")
 
@@ -307,7 +303,6 @@ class SyscallProbe(Probe):
 
     def __init__(self) -> None:
         self.decoder = SyscallDecoder()
-        self._stale = Unwatched(_STALE_LINGER)
 
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or platform.machine() not in SYSCALL_NR:
@@ -323,33 +318,9 @@ class SyscallProbe(Probe):
         fd = obj.map_fd("sc_wanted")
         for name, nr in SYSCALL_NR[platform.machine()].items():
             map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))
-        self._inflight_fd = obj.map_fd("sc_inflight")
-
-    # sc_exit returns at once while nothing is watched: a call entered in a
-    # namespace and returning after its unwatch would stay in sc_inflight
-    # (and be reported in a later namespace that reuses the inode). Those of
-    # every namespace unwatched since are deleted in one scan before the
-    # next watch (or by a drain's poll once a second old), not one scan at
-    # each unwatch. Only calls entered before their namespace's unwatch go:
-    # one entered since, in a new namespace with the inode (watched just
-    # before this probe's watch), is that namespace's.
-    def watch(self, netns: int, path: Optional[str]) -> None:
-        if self._stale:
-            self._delete_stale()
-
-    def unwatch(self, netns: int) -> None:
-        self._stale.add(netns)
-
-    def poll(self) -> None:
-        if self._stale.due():
-            self._delete_stale()
-
-    def _delete_stale(self) -> None:
-        stale = self._stale.take()
-        for key, value in map_items(self._inflight_fd, 4, _PENDING_SIZE):
-            unwatched = stale.get(_u32.unpack_from(value, _PENDING_NETNS)[0])
-            if unwatched is not None and _u64.unpack_from(value, _PENDING_TS)[0] < unwatched:
-                map_delete(self._inflight_fd, key)
+        # A call in flight is kept per thread (task storage, gone with the
+        # thread); one entered before its namespace's watch began is ignored
+        # by sc_exit (nt_scope.since): nothing to purge at unwatch.
 
 
 class SyscallDecoder(Decoder):

@@ -147,8 +147,9 @@ class TrafficProbe(Probe):
             found.update({(netns, dev): kind for dev, kind in kinds.items() if kind in RX_HANDED_UP})
         return found
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         self._purge.poll()
+        return False
 
     def rows(self, namespaces: List[int]) -> List[TrafficRow]:
         """The table for these namespaces, joined with the port owners now."""
