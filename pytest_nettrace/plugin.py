@@ -214,7 +214,8 @@ def pytest_report_header(config: pytest.Config) -> list:
         try:
             real = dummy_supported()
             lines.append("nettrace: dummy driver available" if real else
-                         "nettrace: no dummy driver, add_dummy() uses a veth stand-in (kind 'veth-standin')")
+                         "nettrace: no dummy driver loaded, add_dummy() uses a veth stand-in (kind 'veth-standin'); "
+                         "loading it would add dummy0 to the host: `modprobe dummy numdummies=0` allows it")
         except OSError as exc:
             lines.append(f"nettrace: cannot probe the dummy driver ({exc})")
     engine, why = holder.try_get()

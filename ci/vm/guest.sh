@@ -44,7 +44,7 @@ if [ "${NT_PYIMG:-}" = 1 ]; then
     fi
 fi
 
-dummy=$(yesno modprobe dummy)
+dummy=$(yesno modprobe dummy numdummies=0)
 kprobes=$(yesno test -e /sys/bus/event_source/devices/kprobe)
 btf=$(yesno test -e /sys/kernel/btf/vmlinux)
 # fentry (BPF trampolines) needs BTF plus direct-call ftrace; the selftest

@@ -97,13 +97,23 @@ _dummy_supported: bool | None = None
 _dummy_lock = threading.Lock()
 
 
+# /sys/module/dummy: the driver is loaded, or built in (its numdummies
+# parameter is listed either way)
+DUMMY_MODULE = "/sys/module/dummy"
+
+
 def dummy_supported() -> bool:
     """Whether the kernel can create `dummy` links (checked once per process).
 
-    Tried for real, in a throwaway namespace that is never mounted.
+    Tried for real, in a throwaway namespace that is never mounted, and only
+    if the driver is already there: asked for a dummy link, the kernel loads
+    a modular driver itself, and the module then makes dummy0 in the host's
+    namespace (numdummies=1). `modprobe dummy numdummies=0` allows it.
     """
     global _dummy_supported
     with _dummy_lock:
+        if _dummy_supported is None and not os.path.isdir(DUMMY_MODULE):
+            _dummy_supported = False
         if _dummy_supported is None:
             fd, rtnl = run_in_thread(_open_here, new_netns=True)
             try:

@@ -205,3 +205,17 @@ def test_traffic_rows_join_counters_with_port_owners():
     owners = [(okey.pack(netns=1, port=p, proto=6), owner.pack(pid=100, uid=0, comm=b"curl")) for p in (40000, 40001)]
     rows = sorted(traffic_rows(entries, owners, [1]), key=lambda r: r.pid or 0)
     assert [(r.pid, r.comm, r.tx_packets, r.rx_bytes) for r in rows] == [(None, None, 0, 500), (100, "curl", 4, 300)]
+
+
+def test_a_dummy_driver_not_loaded_is_never_asked_for(monkeypatch, tmp_path):
+    """Asked for a dummy link, the kernel loads a modular driver, whose
+    numdummies=1 adds dummy0 to the host's namespace: without the driver
+    there (/sys/module/dummy), no link is tried."""
+    from pytest_nettrace.netns import namespace
+
+    def no_attempt(*args, **kwargs):
+        raise AssertionError("a dummy link was asked for")
+    monkeypatch.setattr(namespace, "DUMMY_MODULE", str(tmp_path / "absent"))
+    monkeypatch.setattr(namespace, "_dummy_supported", None)
+    monkeypatch.setattr(namespace, "run_in_thread", no_attempt)
+    assert namespace.dummy_supported() is False
