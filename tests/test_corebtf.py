@@ -72,3 +72,30 @@ def test_first_engine_of_a_boot_makes_it_for_the_next(tmp_path, monkeypatch):
     engine = Engine(probes=all_probes(), background=False)  # this one relocates against it
     assert engine.describe() and all(st.plan for st in engine.status.values())
     engine.close()
+
+
+@needs_bpftool
+def test_partial_files_of_makers_that_died_are_removed(tmp_path, monkeypatch):
+    """The maker runs in a daemon thread, which the interpreter's exit stops
+    where it is (or the process is killed): its partial file stays. The next
+    maker removes those nobody's lock covers, and keeps one being made."""
+    import fcntl
+    monkeypatch.delenv("NETTRACE_FULL_BTF", raising=False)
+    monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
+    obj = object_path("nettrace.bpf.o")
+    boot = corebtf.boot_id()
+    dead = tmp_path / f"core-{boot}-0000000000000000.btf"
+    busy = tmp_path / f"core-{boot}-1111111111111111.btf"
+    for made in (dead, busy):
+        (tmp_path / (made.name + ".lock")).touch()
+        (tmp_path / (made.name + ".4242.tmp")).write_bytes(b"partial")
+    with open(tmp_path / (busy.name + ".lock")) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)   # its maker is at work
+        path = corebtf.prepare(obj)
+        assert path is not None
+        mine = os.path.basename(path)
+        (tmp_path / (mine + ".4243.tmp")).write_bytes(b"partial")   # one of its own, abandoned
+        os.unlink(path)
+        assert corebtf.prepare(obj) == path
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
+    assert left == [busy.name + ".4242.tmp"]

@@ -95,6 +95,7 @@ def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return None  # another process is making it
+        _remove_abandoned(path)
         if os.path.exists(path) or os.path.exists(path + ".unusable"):
             return path if os.path.exists(path) else None
         made = subprocess.run([bpftool, "gen", "min_core_btf", btf_path, tmp, object_file],
@@ -134,6 +135,28 @@ def _relocations(object_file: str, btf_path: str) -> list:
         return obj.core_relocations()
     finally:
         obj.close()
+
+
+def _remove_abandoned(mine: str) -> None:
+    """Delete the partial files of makers that died making them (this runs
+    in a daemon thread, which the interpreter's exit stops where it is): a
+    partial file whose lock nobody holds is nobody's (those of `mine`, whose
+    lock this process holds, are all abandoned)."""
+    for tmp in glob.glob(os.path.join(RUN_DIR, "core-*.btf.*.tmp")):
+        made = tmp.rsplit(".", 2)[0]
+        if made == mine:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            continue
+        try:
+            lock_path = made + ".lock"
+            with open(lock_path, "a") as other:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(tmp)
+        except OSError:
+            pass  # its maker is at work, or it is gone already
 
 
 def _forget_other_boots(boot: str) -> None:
