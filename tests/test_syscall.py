@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 
 import pytest
 
@@ -192,19 +193,22 @@ def test_a_call_entered_before_the_watch_is_not_reported_with_another_calls_argu
             """), check=True)
             assert proc.stdout.readline() == "got\n"
 
+        def resume() -> None:
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+
         first = Trace(engine, "first")
         first.watch(ns)
         assert proc.stdout.readline() == "ready\n"
-        import time
         time.sleep(0.2)        # recvfrom(101) entered, watched
         first.close()          # nothing watched
         datagram()             # recvfrom(101) returns unwatched: its entry stays
-        proc.stdin.write("\n"); proc.stdin.flush()
+        resume()
         time.sleep(0.2)        # recvfrom(102) entered unwatched: nothing kept
         second = Trace(engine, "second")
         second.watch(ns)
         datagram()             # recvfrom(102) returns watched
-        proc.stdin.write("\n"); proc.stdin.flush()
+        resume()
         time.sleep(0.2)        # recvfrom(103) entered watched
         datagram()
         calls = second.syscalls(pid=proc.pid, name="recvfrom")
