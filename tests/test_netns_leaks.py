@@ -150,6 +150,32 @@ def test_cleanup_stale_removes_namespaces_of_a_sigkilled_process() -> None:
     _assert_all_gone([(name, int(inode), int(daemon))])
 
 
+def test_cleanup_stale_finds_a_dead_sessions_daemons_once_its_entries_are_gone() -> None:
+    """A SIGKILLed session's daemon forked twice (its recorded pid long
+    gone), and an admin removed the namespace's entry (ip netns del): only
+    the session's secret in its environment still names it."""
+    script = textwrap.dedent(
+        """
+        import sys, time
+        from pytest_nettrace.netns import NamespaceFactory
+        factory = NamespaceFactory()
+        ns = factory.create()
+        r = ns.run(["sh", "-c", "setsid sleep 300 >/dev/null 2>&1 & echo $!"], check=True)
+        print(ns.name, r.stdout.strip(), flush=True)
+        time.sleep(300)
+        """
+    )
+    with stale_lock():  # no other session removes it before we do
+        child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        name, daemon = child.stdout.readline().split()
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        subprocess.run(["ip", "netns", "del", name], check=True)
+        assert _alive(int(daemon))
+        remove_stale()
+    _wait_for(lambda: not _alive(int(daemon)))
+
+
 def test_cleanup_stale_spares_live_owners(netns) -> None:
     assert netns.name not in cleanup_stale()
     assert netns.name in netns_entries()
@@ -159,7 +185,7 @@ def test_report_header_names_the_dummy_strategy(pytester: pytest.Pytester) -> No
     pytester.makepyfile("def test_ok():\n    pass\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.stdout.re_match_lines(
-        [r"nettrace: (dummy driver available|no dummy driver, add_dummy\(\) uses a veth stand-in.*)"])
+        [r"nettrace: (dummy driver available|no dummy driver loaded, add_dummy\(\) uses a veth stand-in.*)"])
 
 
 def _wait_for(condition, timeout: float = 5.0) -> None:

@@ -702,6 +702,10 @@ def remove_stale() -> list[str]:
         pids = {pid: start for pid, start, _ in rec.processes} if same_pidns else {}
         pidfds = {pid: fd for pid, start in pids.items() if (fd := procs.open_pidfd(pid, start)) is not None}
         found = procs.classify(inodes, rec.token)
+        # and those carrying its secret anywhere else: with the namespaces'
+        # entries removed (ip netns del), none of the above finds them, and
+        # the record, forgotten below, was the only thing that named them
+        found.ours.update(procs.carrying(rec.token, skip=set(found.ours) | set(pidfds)))
         for pid, fd in found.ours.items():
             if pid in pidfds:
                 os.close(fd)

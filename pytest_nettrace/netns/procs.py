@@ -145,6 +145,30 @@ def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> 
     return found
 
 
+def carrying(token: str, skip: Iterable[int] = ()) -> dict[int, int]:
+    """Processes anywhere (other than us and `skip`) whose environment
+    carries session `token`, as pid -> pidfd: a dead session's daemons,
+    wherever they are (the namespaces they ran in may have lost their
+    /run/netns entries). The pidfd is taken before the check, so what was
+    checked is what gets signalled."""
+    marker = f"NETTRACE_SESSION={token}".encode()
+    skip = set(skip) | {os.getpid()}
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip or marker not in _environ(int(entry)):
+            continue
+        pid = int(entry)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:  # gone meanwhile
+            continue
+        if marker in _environ(pid).split(b"\0"):
+            out[pid] = pidfd
+        else:
+            os.close(pidfd)
+    return out
+
+
 def send(pidfd: int, sig: int) -> None:
     try:
         signal.pidfd_send_signal(pidfd, sig)
