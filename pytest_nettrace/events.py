@@ -263,6 +263,13 @@ class Comm(FieldType):
 class Hex(FieldType):
     """Bytes (a packet's payload), as hex in JSON."""
 
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return bytes(value)
+        hint = f": write {str(value).encode()!r}" if isinstance(value, str) else ""
+        raise ValueError(f"{field} of {owner.kind!r} events is bytes: {value!r} ({type(value).__name__}) "
+                         f"would match nothing{hint}")
+
     def to_json(self, value: Any) -> Any:
         return value.hex() if isinstance(value, (bytes, bytearray)) else value
 
@@ -352,6 +359,11 @@ def scalar_type(owner: Any, field: str) -> Optional[type]:
     return None
 
 
+# fields of these names that hold an int are ports: a value outside
+# 0-65535 matches nothing
+_PORT_FIELDS = frozenset({"port", "sport", "dport", "lport", "rport", "local_port", "remote_port"})
+
+
 def _check_scalar(owner: Any, field: str, value: Any) -> None:
     """A filter value of another type than the field's never matches: a
     port given as "9" would make a negative assertion pass."""
@@ -359,10 +371,66 @@ def _check_scalar(owner: Any, field: str, value: Any) -> None:
     if expected is None or expected is bool and isinstance(value, bool):
         return
     if not isinstance(value, bool) and isinstance(value, (int, float) if expected is float else expected):
+        if expected is int and field in _PORT_FIELDS and not 0 <= value <= 65535:
+            raise ValueError(f"{field} of {owner.kind!r} events is a port, 0-65535: {value!r} would match nothing")
+        if expected is str and value == "" and field in ("comm", "parent_comm", "owner_comm"):
+            raise ValueError(f"{field} of {owner.kind!r} events is a task's name: '' would match nothing")
         return
     what = {int: "a number", str: "a str", float: "a number", bool: "True or False"}[expected]
     raise ValueError(f"{field} of {owner.kind!r} events is {what}: {value!r} ({type(value).__name__}) "
                      f"would match nothing")
+
+
+@functools.lru_cache(maxsize=None)
+def tuple_shape(owner: Any, field: str) -> Optional[str]:
+    """The annotation of `field` when it holds tuples ("Tuple[int, int]"),
+    else None: a tuple given as its filter is its value, not a choice."""
+    for klass in getattr(owner, "__mro__", ()):
+        annotation = getattr(klass, "__dict__", {}).get("__annotations__", {}).get(field)
+        if annotation is not None:
+            text = _annotation_text(annotation)
+            return text if text.startswith("Tuple[") else None
+    return None
+
+
+def _split_arguments(text: str) -> List[str]:
+    """"int, Tuple[int, int]" -> ["int", "Tuple[int, int]"] (top-level commas only)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _fits(shape: str, value: Any) -> bool:
+    """Whether `value` is something a field annotated `shape` can hold."""
+    if shape.startswith("Tuple[") and shape.endswith("]"):
+        if not isinstance(value, tuple):
+            return False
+        items = _split_arguments(shape[len("Tuple["):-1])
+        if len(items) == 2 and items[1] == "...":
+            return all(_fits(items[0], v) for v in value)
+        return len(items) == len(value) and all(_fits(s, v) for s, v in zip(items, value))
+    expected = _SCALARS.get(shape)
+    if expected is None:
+        return True   # a class of the kind's (RouteHop): not checked here
+    return isinstance(value, expected) and not (isinstance(value, bool) and expected is not bool)
+
+
+class OneOf(list):  # type: ignore[type-arg]
+    """A filter's values, any of which matches (a list given for a field
+    that holds tuples, where a tuple is the value itself)."""
+
+
+def _check_tuple(owner: Any, field: str, shape: str, value: Any) -> Any:
+    if value is None or _is_predicate(value) or _fits(shape, value):
+        return value
+    raise ValueError(f"{field} of {owner.kind!r} events holds a {shape}: {value!r} would match nothing "
+                     f"(a list of them matches any)")
 
 
 def _annotated_type(annotation: Any) -> Optional[FieldType]:
@@ -691,6 +759,8 @@ def parse_address(value: Any, what: str = "address") -> Any:
 def _value_matches(ftype: FieldType, actual: Any, wanted: Any) -> bool:
     if _is_predicate(wanted):
         return bool(wanted(actual))
+    if isinstance(wanted, OneOf):
+        return any(_value_matches(ftype, actual, w) for w in wanted)
     if isinstance(wanted, (list, tuple, set, frozenset)) and not isinstance(actual, (list, tuple)):
         return any(_value_matches(ftype, actual, w) for w in wanted)
     return ftype.matches(actual, wanted)
@@ -738,6 +808,13 @@ def check_filters(cls: Any, filters: Dict[str, Any]) -> Dict[str, Any]:
         if value is None or _is_predicate(value) or name == "stack":
             out[name] = value
             continue
+        if isinstance(value, (list, tuple, set, frozenset)) and not value:
+            raise ValueError(f"{name}={value!r}: an empty choice matches no {cls.kind!r} event")
+        shape = tuple_shape(cls, name)
+        if shape is not None:
+            out[name] = (OneOf(_check_tuple(cls, name, shape, v) for v in value) if isinstance(value, list)
+                         else _check_tuple(cls, name, shape, value))
+            continue
         many = isinstance(value, (list, tuple, set, frozenset))
         ftype = field_type(cls, name)
         checked = []
@@ -756,8 +833,15 @@ def matches(event: Any, filters: Mapping[str, Any]) -> bool:
     """Whether `event` (an Event, or a row with FIELDS) meets the checked filters."""
     owner: Any = type(event)
     for name, wanted in filters.items():
-        if not _value_matches(field_type(owner, name), getattr(event, name, None), wanted):
-            return False
+        actual = getattr(event, name, None)
+        try:
+            if not _value_matches(field_type(owner, name), actual, wanted):
+                return False
+        except TypeError as exc:
+            if not _is_predicate(wanted):
+                raise
+            raise TypeError(f"the predicate given for {name} failed on {actual!r} (a {getattr(owner, 'kind', '')} "
+                            f"event's {name}; some events have None there): {exc}") from None
     return True
 
 

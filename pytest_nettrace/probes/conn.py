@@ -273,6 +273,9 @@ class ConnApi(KindApi):
                            fields: Mapping[str, Any]) -> List[ConnEvent]:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ValueError(f"count is a number of connections >= 0, not {count!r}")
+        if "action" in fields:   # each method decides it: another would be dropped without a word
+            raise ValueError(f"assert_{'accepted' if action == 'accept' else 'connected'}_count() counts "
+                             f"action={action!r} events; action={fields['action']!r} is not a filter here")
         filters = dict(fields, action=action)
         deadline = time.monotonic() + check_timeout(timeout)
         while True:

@@ -329,3 +329,44 @@ def test_a_process_tracing_without_pytest_leaves_only_kept_captures(tmp_path, ke
         assert sorted(os.listdir(os.path.dirname(path))) == [".owner", os.path.basename(path)]
     else:
         assert [n for n in os.listdir(tmp_path) if "nettrace" in n] == []
+
+
+def test_a_field_holding_tuples_takes_a_tuple_as_its_value_and_a_list_as_a_choice():
+    """Rule ports and uid ranges are (first, last), a nexthop group is
+    ((id, weight), ...): a tuple given for them is the value (it matched
+    nothing when taken as a choice of values), a list a choice, anything
+    else a usage error."""
+    from pytest_nettrace.probes.netchange import NexthopEvent
+    rule = make(RuleEvent, action="added", family=4, priority=5, dport=(22, 22), sport=None, uidrange=(1000, 1999))
+    for filters in ({"dport": (22, 22)}, {"dport": [(80, 80), (22, 22)]}, {"uidrange": (1000, 1999)},
+                    {"dport": rule.dport}):
+        assert matches(rule, check_filters(RuleEvent, filters)), filters
+    assert not matches(rule, check_filters(RuleEvent, {"dport": (22, 23)}))
+    for bad in (22, [22], (22,), ("22", "22"), [22, 22]):
+        with pytest.raises(ValueError, match=r"dport of 'rule' events holds a Tuple\[int, int\]"):
+            check_filters(RuleEvent, {"dport": bad})
+    group = make(NexthopEvent, action="added", id=7, group=((1, 3), (2, 1)))
+    assert matches(group, check_filters(NexthopEvent, {"group": ((1, 3), (2, 1))}))
+    with pytest.raises(ValueError, match="group of 'nexthop' events holds a Tuple"):
+        check_filters(NexthopEvent, {"group": [(1, 3), (2, 1)]})   # a choice of two pairs: never a group
+
+
+def test_filters_that_could_match_nothing_are_usage_errors():
+    for filters, message in [
+        ({"direction": []}, "an empty choice matches no 'rst' event"),
+        ({"dport": -1}, "dport of 'rst' events is a port, 0-65535"),
+        ({"sport": 70000}, "sport of 'rst' events is a port"),
+        ({"comm": ""}, "comm of 'rst' events is a task's name: '' would match nothing"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_filters(RstEvent, filters)
+    with pytest.raises(ValueError, match=r"payload of 'packet' events is bytes: 'HELLO' \(str\) would match "
+                                         r"nothing: write b'HELLO'"):
+        check_filters(PacketEvent, {"payload": "HELLO"})
+    assert check_filters(PacketEvent, {"payload": bytearray(b"HELLO")}) == {"payload": b"HELLO"}
+
+
+def test_a_predicate_failing_on_a_value_names_its_filter():
+    arp = make(PacketEvent, proto="arp", sport=None, dport=None)
+    with pytest.raises(TypeError, match=r"the predicate given for dport failed on None \(a packet event's dport"):
+        matches(arp, check_filters(PacketEvent, {"dport": lambda p: p > 1024}))
