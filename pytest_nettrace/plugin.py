@@ -130,20 +130,25 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+class _InterruptedAgain(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM during a teardown the first one started."""
+
+
 @contextmanager
-def _signals_deferred() -> Iterator[None]:
+def _signals_deferred(interrupted: bool = False) -> Iterator[None]:
     """SIGINT/SIGTERM wait until the block is done, then act: an interrupt in
     the middle of a teardown would drop the fixtures' remaining finalizers
     (pytest forgets them), leaving namespaces and daemons behind. A second
-    one interrupts at once."""
+    one interrupts at once; `interrupted`: the run already was (the block is
+    the teardown the first one started)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: List[int] = []
 
     def defer(signum: int, frame: object) -> None:
-        if pending:  # asked twice: a teardown that hangs must stay interruptible
-            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name} (again, during teardown)")
+        if pending or interrupted:  # asked twice: a teardown that hangs must stay interruptible
+            raise _InterruptedAgain(f"signal {signal.Signals(signum).name} (again, during teardown)")
         pending.append(signum)
 
     previous: Dict[int, Any] = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -169,10 +174,16 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: Optional[pytest.Item]) 
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[None]:
     # after an interrupt, the interrupted test's fixtures are torn down here
-    with _signals_deferred():
-        return (yield)
+    try:
+        with _signals_deferred(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED):
+            return (yield)
+    except _InterruptedAgain as again:
+        # the run ends as interrupted already: one line, not a traceback
+        print(f"nettrace: teardown stopped by {again}: the next session's stale cleanup removes "
+              f"what it left", file=sys.stderr)
+        return None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

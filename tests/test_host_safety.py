@@ -151,6 +151,44 @@ def test_a_second_sigint_interrupts_a_teardown_that_hangs(tmp_path):
             session.communicate()
 
 
+HANGING_AFTER_INTERRUPT = """
+import os, time
+import pytest
+
+@pytest.fixture
+def hangs():
+    yield
+    open(os.environ["NT_MARK"] + ".teardown", "w").close()
+    time.sleep(300)
+
+def test_x(hangs):
+    open(os.environ["NT_MARK"] + ".call", "w").close()
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_interrupts_the_teardown_the_first_one_started(tmp_path, sig):
+    """The first signal ends the test's call; the teardown it starts hangs:
+    the second ends that at once, in one line (it was deferred, and then
+    re-raised as a traceback once the teardown was done)."""
+    mark = tmp_path / "mark"
+    (tmp_path / "test_x.py").write_text(HANGING_AFTER_INTERRUPT)
+    session = _start_session(tmp_path, "-p", "no:xdist", env={"NT_MARK": str(mark)})
+    try:
+        _wait_for((tmp_path / "mark.call").exists, 60, "the test runs")
+        session.send_signal(sig)
+        _wait_for((tmp_path / "mark.teardown").exists, 30, "the teardown started")
+        session.send_signal(sig)
+        out, _ = session.communicate(timeout=30)
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.communicate()
+    assert f"nettrace: teardown stopped by signal {sig.name} (again, during teardown)" in out, out
+    assert "Traceback" not in out, out
+
+
 def test_sigkill_of_the_whole_session_is_cleaned_by_the_next_one_sparing_a_process_that_joined(tmp_path):
     """SIGKILL to the process group of an xdist run (controller and workers):
     nothing runs its teardown. The next session removes the namespaces and
