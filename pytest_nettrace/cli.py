@@ -38,9 +38,15 @@ class UsageProblem(Exception):
 class LiveTrace(Trace):
     """A Trace that forgets what it has handed out: a watch may run for days."""
 
+    announce: Optional[Callable[[str], None]] = None   # told the capture's path as it is made
+
     def new_capture_path(self) -> str:
-        """The capture outlives the command (it names the file when it stops)."""
-        return os.path.join(tempfile.mkdtemp(prefix="nettrace-watch-"), "watch.pcapng")
+        """The capture outlives the command: its path is said when it is
+        made (a watch SIGKILLed never says it at its end) and at the end."""
+        path = os.path.join(tempfile.mkdtemp(prefix="nettrace-watch-"), "watch.pcapng")
+        if self.announce is not None:
+            self.announce(path)
+        return path
 
 
 class Settling:
@@ -163,6 +169,11 @@ def watch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     probes=_probes_for(rules))
     try:
         trace = LiveTrace(engine, "watch")
+
+        def announce(path: str) -> None:
+            err.write(f"{PROG}: writing packets to {path}\n")
+            err.flush()
+        trace.announce = announce
         for ns in args.netns:
             try:
                 trace.watch(_namespace_arg(ns), label=ns)

@@ -128,6 +128,27 @@ def test_watch_json_by_pid_with_kind_filter_stops_on_sigterm(ipnetns):
     assert "stopped (SIGTERM)" in text
 
 
+def test_watch_says_where_its_capture_goes_as_it_makes_it(ipnetns):
+    """The capture outlives the watch, which names it when it stops; a
+    watch SIGKILLed never stops, so the path is said as the file is made."""
+    subprocess.run(["ip", "-n", ipnetns, "link", "set", "lo", "up"], check=True)
+    proc, out, err = start_watch("--netns", ipnetns, "packet")
+    try:
+        subprocess.run(["ip", "netns", "exec", ipnetns, sys.executable, "-c",
+                        "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', "
+                        "('10.8.0.1', 9))"], check=True)
+        line = err.wait_for("writing packets to ")
+        path = line.split("writing packets to ", 1)[1].strip()
+        assert re.fullmatch(r".*/nettrace-watch-[^/]+/watch\.pcapng", path), path
+    finally:
+        proc.kill()   # as SIGKILL: no end to say it at
+        proc.wait()
+    try:
+        assert os.path.exists(path)
+    finally:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
 def test_watch_shows_an_accept_once_with_the_process_that_accepted(ipnetns):
     """The handshake completes in softirq; the task is known when accept()
     returns, 100 ms later here: one line, naming the server, not the
