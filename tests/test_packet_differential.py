@@ -3,6 +3,7 @@ reading the pcapng (every packet, every byte), the workload's own counts,
 and what the sockets received (nothing missed right after `watch`)."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -11,7 +12,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import pytest
 
@@ -311,3 +312,54 @@ def test_every_packet_once_however_slow_the_handover(nettrace, monkeypatch):
         got = [p.payload for p in nettrace.packets(dport=7003, netns=ns.inode)]
         assert nettrace.lost("packet") == 0
         assert sorted(got) == sorted(received), (len(got), len(set(got)), sent)
+
+
+@contextlib.contextmanager
+def _live_tcpdump(ns, dev: str, path: Path, *expr: str) -> Iterator[None]:
+    """tcpdump writing `path` in `ns` while the body runs (-U: each packet is in the file once handled)."""
+    dump = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", dev, "--immediate-mode", "-U", "-w", str(path), *expr],
+                    stderr=subprocess.PIPE, text=True)
+    assert dump.stderr is not None
+    assert "listening on" in dump.stderr.readline()
+    try:
+        yield
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.communicate(timeout=10)
+
+
+@needs_tcpdump
+def test_igmp_is_named_as_filters_name_it(pair, nettrace, tmp_path):
+    """Joining a group sends IGMP reports: as many packets of proto "igmp" as
+    tcpdump's `igmp` captures (they were "ip-2", which no filter names:
+    assert_no_packet(proto="igmp") passed)."""
+    server, client = pair
+    # the report's repeat within milliseconds, not up to a second later
+    client.run(["sysctl", "-qw", "net.ipv4.conf.eth0.igmpv3_unsolicited_report_interval=1"], check=True)
+    theirs = tmp_path / "igmp.pcap"
+    with _live_tcpdump(client, "eth0", theirs, "igmp"), client.socket(type=socket.SOCK_DGRAM) as member:
+        member.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                          socket.inet_aton("239.1.2.3") + socket.inet_aton("10.0.0.2"))
+        mine, n_theirs = _quiet(lambda: nettrace.packets(proto="igmp", netns=client.inode, dev="eth0"), theirs)
+    assert n_theirs >= 1 and len(mine) == n_theirs
+    assert {(str(e.saddr), e.direction) for e in mine} == {("10.0.0.2", "out")}
+    with pytest.raises(AssertionError):
+        nettrace.assert_no_packet(proto="igmp")
+
+
+@needs_tcpdump
+def test_ipv6_fragments_are_of_the_protocol_they_carry(make_netns, nettrace, tmp_path):
+    """A UDP datagram larger than the MTU, over IPv6: every fragment is "udp",
+    as tcpdump's `udp` (through the fragment header) and IPv4 fragments have
+    it; they were "ip6-44"."""
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["fd00::1/64"], peer_addresses=["fd00::2/64"])
+    theirs = tmp_path / "frag.pcap"
+    rx, tx = server.socket(socket.AF_INET6, socket.SOCK_DGRAM), client.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with _live_tcpdump(client, "eth0", theirs, "ip6", "and", "udp"), rx, tx:
+        rx.bind(("fd00::1", 5555))
+        tx.sendto(b"F" * 4000, ("fd00::1", 5555))
+        mine, n_theirs = _quiet(lambda: nettrace.packets(proto="udp", family=6, netns=client.inode, dev="eth0"),
+                                theirs)
+    assert n_theirs == 3 and len(mine) == n_theirs
+    assert [e.dport for e in mine] == [5555, None, None]   # the UDP header is in the first alone

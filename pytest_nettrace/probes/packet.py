@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optiona
 
 from ..netns.linux import in_netns_at
 from ..events import Event, IPAddress, wall_clock
-from ..events import HEX, IP_PROTO, FieldType
+from ..events import HEX, IP_PROTO, FieldType, IpProto
 from ..kernel import wire
 from .base import Plan, Probe, Wakeups
 from .context import AddressFilter, Filter, KindApi, TraceContext
@@ -540,7 +540,11 @@ def tcp_flag_strings(bits: int) -> Tuple[str, TcpFlags]:
     return dump, TcpFlags("".join(ch for ch in TCP_LETTERS if bits & _LETTER_BITS[ch]))
 
 
-_IP_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+# IPv6 extension headers the summary walks past to the protocol they carry,
+# as tcpdump prints it ("HBH ICMP6", "frag (0|1448) ... UDP"): hop-by-hop,
+# routing, fragment, destination options
+_IP6_EXTENSIONS = (0, 43, 44, 60)
+_IP6_FRAGMENT = 44
 
 
 def summarize(frame: bytes) -> Dict[str, Any]:
@@ -562,7 +566,8 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         total, frag, proto = struct.unpack_from(">H", frame, off + 2)[0], struct.unpack_from(">H", frame, off + 6)[0], \
             frame[off + 9]
         out.update(family=4, saddr=ipaddress.IPv4Address(frame[off + 12:off + 16]),
-                   daddr=ipaddress.IPv4Address(frame[off + 16:off + 20]), proto=_IP_PROTOS.get(proto, f"ip-{proto}"))
+                   daddr=ipaddress.IPv4Address(frame[off + 16:off + 20]),
+                   proto=IpProto.NAMES.get(proto, f"ip-{proto}"))
         l4_end = off + total
         if not frag & 0x1FFF:
             l4 = off + ihl
@@ -571,9 +576,14 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         out.update(family=6, saddr=ipaddress.IPv6Address(frame[off + 8:off + 24]),
                    daddr=ipaddress.IPv6Address(frame[off + 24:off + 40]))
         l4, l4_end = off + 40, off + 40 + plen
-        while proto in (0, 43, 60) and len(frame) >= l4 + 2:  # hop-by-hop, routing, destination options
-            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
-        out["proto"] = _IP_PROTOS.get(proto, f"ip6-{proto}")
+        while proto in _IP6_EXTENSIONS and l4 is not None and len(frame) >= l4 + 8:   # each 8 bytes or more
+            if proto == _IP6_FRAGMENT:
+                # every fragment has the protocol, as IPv4's do; the first alone its header
+                later = struct.unpack_from(">H", frame, l4 + 2)[0] & 0xFFF8
+                proto, l4 = frame[l4], None if later else l4 + 8
+            else:
+                proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        out["proto"] = IpProto.NAMES.get(proto, f"ip6-{proto}")
     elif etype == 0x0806 and len(frame) >= off + 28:
         out.update(proto="arp", family=4, icmp_type=struct.unpack_from(">H", frame, off + 6)[0],
                    saddr=ipaddress.IPv4Address(frame[off + 14:off + 18]),

@@ -16,7 +16,7 @@ from pytest_nettrace.events import check_filters, matches
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.drop import DropEvent
 from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, cause_of
-from pytest_nettrace.probes.packet import Frame, PacketEvent, PcapngWriter, packet_event
+from pytest_nettrace.probes.packet import Frame, PacketEvent, PcapngWriter, packet_event, summarize
 from pytest_nettrace.probes.traffic import traffic_rows
 
 # -- filters ------------------------------------------------------------------
@@ -116,6 +116,51 @@ def test_packet_event_summarises_the_frame():
                                                                                  "out", "eth0")
     assert ev.timestamp == 123_456_789 and ev.pid is None
     assert "10.0.0.2.40000 > 10.0.0.1.9999: UDP, length 5" in ev.describe()
+
+
+def _ip4_frame(proto: int, body: bytes, frag: int = 0) -> bytes:
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, frag, 1, proto, 0,
+                     socket.inet_aton("10.0.0.2"), socket.inet_aton("224.0.0.22"))
+    return bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x08\x00" + ip + body
+
+
+def _ip6_frame(next_header: int, body: bytes) -> bytes:
+    ip6 = struct.pack(">IHBB16s16s", 6 << 28, len(body), next_header, 64, socket.inet_pton(socket.AF_INET6, "fd00::2"),
+                      socket.inet_pton(socket.AF_INET6, "fd00::1"))
+    return bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x86\xdd" + ip6 + body
+
+
+def test_ip_protocols_have_the_names_filters_take():
+    """One table: `proto` names what a filter accepts ("igmp" was "ip-2", so
+    assert_no_packet(proto="igmp") passed on IGMP)."""
+    igmp_report = bytes([0x22, 0, 0, 0, 0, 0, 0, 1]) + bytes([4, 0, 0, 0]) + socket.inet_aton("239.1.2.3")
+    assert summarize(_ip4_frame(2, igmp_report))["proto"] == "igmp"
+    assert summarize(_ip4_frame(47, bytes(4)))["proto"] == "gre"
+    assert summarize(_ip4_frame(99, bytes(4)))["proto"] == "ip-99"
+    assert summarize(_ip6_frame(50, bytes(8)))["proto"] == "esp"
+    assert summarize(_ip6_frame(99, bytes(8)))["proto"] == "ip6-99"
+    ev = PacketEvent(None, (), "capture", **summarize(_ip4_frame(2, igmp_report)))
+    assert _filter(PacketEvent, ev, proto="igmp") and _filter(PacketEvent, ev, proto="IGMP")
+
+
+def test_ipv6_extension_headers_are_walked_to_the_protocol():
+    """Hop-by-hop (MLD: tcpdump's "HBH ICMP6"), routing, destination options
+    and fragment headers: `proto` is what they carry. A fragment has it in its
+    fragment header, as an IPv4 fragment in its IP header (both "udp"); the
+    first alone has the UDP header."""
+    udp = struct.pack(">HHHH", 40000, 9999, 8 + 3000, 0) + b"u" * 1200
+    first = _ip6_frame(44, bytes([17, 0]) + struct.pack(">HI", 0x0001, 7) + udp)        # offset 0, more
+    later = _ip6_frame(44, bytes([17, 0]) + struct.pack(">HI", 1208 | 1, 7) + b"u" * 1200)
+    assert [summarize(f)["proto"] for f in (first, later)] == ["udp", "udp"]
+    assert (summarize(first)["dport"], summarize(first)["payload_len"]) == (9999, 3000)
+    assert (summarize(later)["dport"], summarize(later)["payload"]) == (None, None)
+    v4_later = _ip4_frame(17, b"u" * 100, frag=185)
+    assert (summarize(v4_later)["proto"], summarize(v4_later)["dport"]) == ("udp", None)
+    mld = bytes([58, 0, 5, 2, 0, 0, 1, 0]) + bytes([143, 0, 0, 0, 0, 0, 0, 0])   # router alert, then ICMPv6
+    assert (summarize(_ip6_frame(0, mld))["proto"], summarize(_ip6_frame(0, mld))["icmp_type"]) == ("icmpv6", 143)
+    routed = bytes([60, 0, 4, 0, 0, 0, 0, 0]) + bytes([17, 0, 1, 4, 0, 0, 0, 0]) + \
+        struct.pack(">HHHH", 1, 2, 8, 0)   # routing, then destination options, then UDP
+    assert (summarize(_ip6_frame(43, routed))["proto"], summarize(_ip6_frame(43, routed))["dport"]) == ("udp", 2)
 
 
 def _read_pcapng(path):
