@@ -363,3 +363,58 @@ def test_ipv6_fragments_are_of_the_protocol_they_carry(make_netns, nettrace, tmp
                                 theirs)
     assert n_theirs == 3 and len(mine) == n_theirs
     assert [e.dport for e in mine] == [5555, None, None]   # the UDP header is in the first alone
+
+
+def _ring_took_over(ns) -> bool:
+    """The ring's socket joined the queue's fanout group: both bound to every protocol (/proc/net/packet)."""
+    lines = ns.run(["cat", "/proc/net/packet"], check=True).stdout.splitlines()[1:]
+    return sorted((f[3], f[5]) for f in map(str.split, lines)) == [("0003", "1"), ("0003", "1")]
+
+
+# what tcpdump -e prints of an 802.1Q frame: its length and VLAN id
+_TCPDUMP_VLAN = re.compile(r"ethertype 802\.1Q \(0x8100\), length (\d+): vlan (\d+),")
+
+
+@needs_tcpdump
+@pytest.mark.parametrize("ring_after", [0, None], ids=["ring", "queue"])
+def test_vlan_tagged_frames_keep_their_tag_as_tcpdump_sees_them(make_netns, nettrace, monkeypatch, tmp_path,
+                                                                 ring_after):
+    """Frames tagged VLAN 10 sent on a veth (no 8021q module needed): tcpdump
+    on both ends shows them tagged, 56 bytes. The receiver's kernel moves the
+    tag into the packet's metadata, so the capture had them 52 bytes long,
+    untagged in the pcapng, and reported ethertype 0x0800 on both ends (a
+    filter on 0x8100 matched nothing). Both ways the kernel hands frames
+    over: the queue socket (auxdata) and the ring (its frame header)."""
+    import pytest_nettrace.probes.packet as packet
+    if ring_after is not None:
+        monkeypatch.setattr(packet, "RING_AFTER", ring_after)
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    deadline = time.monotonic() + 30
+    while ring_after == 0 and not (_ring_took_over(server) and _ring_took_over(client)):
+        assert time.monotonic() < deadline, "the ring never took over"
+        time.sleep(0.01)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + 8 + 10, 1, 0, 64, 17, 0,
+                     socket.inet_aton("10.0.0.2"), socket.inet_aton("10.0.0.1"))
+    udp = struct.pack(">HHHH", 40000, 5555, 8 + 10, 0) + b"V" * 10
+    dumps = {ns: tmp_path / f"{ns.name}.pcap" for ns in (client, server)}
+    with _live_tcpdump(client, "eth0", dumps[client], "vlan"), _live_tcpdump(server, "eth0", dumps[server], "vlan"), \
+            client.socket(socket.AF_PACKET, socket.SOCK_RAW) as tx:
+        tx.bind(("eth0", 0))
+        mac = tx.getsockname()[4]
+        for _ in range(3):
+            tx.send(b"\xff" * 6 + mac + struct.pack(">HH", 0x8100, 10) + b"\x08\x00" + ip + udp)
+        for ns in (client, server):
+            _quiet(lambda: nettrace.packets(dport=5555, netns=ns.inode), dumps[ns])
+    for ns, direction in ((client, "out"), (server, "in")):
+        theirs = [(int(n), 0x8100, int(vid)) for n, vid in _TCPDUMP_VLAN.findall("\n".join(
+            _tcpdump(str(dumps[ns]), "-e")))]
+        mine = nettrace.packets(dport=5555, netns=ns.inode, direction=direction)
+        assert [(e.length, e.ethertype, e.vlan) for e in mine] == theirs == [(56, 0x8100, 10)] * 3
+        assert [e.proto for e in mine] == ["udp"] * 3
+    assert len(nettrace.packets(ethertype=0x8100, vlan=10)) == 6
+    with pytest.raises(AssertionError):
+        nettrace.assert_no_packet(ethertype=0x8100, netns=server.inode)
+    nettrace.assert_no_packet(vlan=11)
+    # the pcapng has the tags: tcpdump reads the same frames from it
+    assert _TCPDUMP_VLAN.findall("\n".join(_tcpdump(nettrace.pcap_path, "-e", "vlan"))) == [("56", "10")] * 6

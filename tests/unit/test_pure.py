@@ -9,6 +9,7 @@ import shutil
 import socket
 import struct
 import subprocess
+from typing import Tuple
 
 import pytest
 
@@ -16,7 +17,8 @@ from pytest_nettrace.events import check_filters, matches
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.drop import DropEvent
 from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, cause_of
-from pytest_nettrace.probes.packet import Frame, PacketEvent, PcapngWriter, packet_event, summarize
+from pytest_nettrace.probes.packet import (SNAPLEN, Frame, PacketEvent, PcapngWriter, _vlan_restored, packet_event,
+                                           summarize)
 from pytest_nettrace.probes.traffic import traffic_rows
 
 # -- filters ------------------------------------------------------------------
@@ -161,6 +163,34 @@ def test_ipv6_extension_headers_are_walked_to_the_protocol():
     routed = bytes([60, 0, 4, 0, 0, 0, 0, 0]) + bytes([17, 0, 1, 4, 0, 0, 0, 0]) + \
         struct.pack(">HHHH", 1, 2, 8, 0)   # routing, then destination options, then UDP
     assert (summarize(_ip6_frame(43, routed))["proto"], summarize(_ip6_frame(43, routed))["dport"]) == ("udp", 2)
+
+
+def _tagged(frame: bytes, *tags: Tuple[int, int]) -> bytes:
+    """`frame` with VLAN tags ((tpid, id), outer first) after its MAC addresses."""
+    return frame[:12] + b"".join(struct.pack(">HH", tpid, vid) for tpid, vid in tags) + frame[12:]
+
+
+def test_a_tagged_frame_has_the_outer_ethertype_and_vlan():
+    """As tcpdump's `ether proto 0x8100` and `vlan 10` match it (it was
+    0x0800: ethertype=0x8100 matched nothing); the rest is decoded past the tags."""
+    fields = summarize(_tagged(_udp_frame(), (0x8100, 0x2000 | 10)))   # priority 1, VLAN 10
+    assert (fields["ethertype"], fields["vlan"], fields["proto"], fields["dport"]) == (0x8100, 10, "udp", 9999)
+    qinq = summarize(_tagged(_udp_frame(), (0x88A8, 20), (0x8100, 10)))
+    assert (qinq["ethertype"], qinq["vlan"], qinq["proto"]) == (0x88A8, 20, "udp")
+    untagged = PacketEvent(None, (), "capture", **summarize(_udp_frame()))
+    assert (untagged.ethertype, untagged.vlan) == (0x0800, None)
+    assert _filter(PacketEvent, untagged, vlan=None) and not _filter(PacketEvent, untagged, vlan=10)
+
+
+def test_the_tag_the_kernel_took_is_put_back():
+    """The kernel hands a packet socket a received frame without its tag (in
+    its metadata: the ring's header, the queue's auxdata); the frame gets it
+    back, with the TPID when the kernel gives one (802.1Q when not)."""
+    vlan_valid, tpid_valid = 0x10, 0x40
+    assert _vlan_restored(_udp_frame(), vlan_valid, 10, 0) == _tagged(_udp_frame(), (0x8100, 10))
+    assert _vlan_restored(_udp_frame(), vlan_valid | tpid_valid, 20, 0x88A8) == _tagged(_udp_frame(), (0x88A8, 20))
+    # no longer than the pcapng's snaplen, which tcpdump enforces
+    assert len(_vlan_restored(_udp_frame(b"x" * SNAPLEN), vlan_valid, 10, 0)) == SNAPLEN
 
 
 def _read_pcapng(path):
