@@ -21,6 +21,7 @@ import ipaddress
 import mmap
 import queue
 import os
+import re
 import socket
 import struct
 import threading
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optiona
 
 from ..netns.linux import in_netns_at
 from ..events import Event, IPAddress, wall_clock
-from ..events import HEX, IP_PROTO, FieldType, IpProto
+from ..events import HEX, FieldType, IpProto
 from ..kernel import wire
 from .base import Plan, Probe, Wakeups
 from .context import AddressFilter, Filter, KindApi, TraceContext
@@ -663,7 +664,33 @@ class _TcpdumpFlagsType(FieldType):
         return value
 
 
+class _PacketProtoType(IpProto):
+    """A packet's `proto`: a protocol's name, as on every kind, or what
+    `summarize` writes where there is none: "arp", "ip-99" (IPv4's
+    protocol), "ip6-99" (IPv6's next header), "ethertype-0x88cc". Never a
+    number, nor "ip-2" for a named one: a filter saying so would match nothing."""
+
+    BY_NUMBER = re.compile(r"ip6?-(\d+)")
+    OTHER = re.compile(r"arp|ethertype-0x[0-9a-f]{4}")
+    UNNAMED = "(or 'ip-N', 'ip6-N', 'arp', 'ethertype-0xNNNN')"
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if isinstance(value, str):
+            name = value.lower()
+            number = self.BY_NUMBER.fullmatch(name)
+            if number and int(number[1]) in self.NAMES:
+                raise ValueError(f"{field} {value!r} of {owner.kind!r} events is named: "
+                                 f"write {self.NAMES[int(number[1])]!r}")
+            if (number and int(number[1]) <= 255) or self.OTHER.fullmatch(name):
+                return name
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in self.NAMES:
+            raise ValueError(f"{field} {value} of {owner.kind!r} events: a protocol without a name is "
+                             f"'ip-{value}' (IPv4) or 'ip6-{value}' (IPv6)")
+        return super().check(owner, field, value)
+
+
 TCP_FLAGS = _TcpFlagsType()
+PACKET_PROTO = _PacketProtoType()
 TCPDUMP_FLAGS = _TcpdumpFlagsType()
 
 
@@ -700,7 +727,7 @@ class PacketEvent(Event, init=False):
     ethertype: Optional[int]
     vlan: Optional[int]
     TYPES = {"payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS,
-             "proto": IP_PROTO}
+             "proto": PACKET_PROTO}
     VALUES = {**Event.VALUES, "direction": ("in", "out")}
     HIGH_VOLUME = True
 

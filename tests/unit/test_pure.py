@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import struct
@@ -54,7 +55,7 @@ def test_filter_values_of_another_type_or_never_held_are_errors():
     with pytest.raises(ValueError, match="unknown ip_proto 'tpc'"):
         check_filters(DropEvent, {"ip_proto": "tpc"})
     assert check_filters(DropEvent, {"ip_proto": "TCP", "sport": [9, 10]}) == {"ip_proto": "tcp", "sport": [9, 10]}
-    assert check_filters(PacketEvent, {"proto": "ip-47", "flags": "S.E"}) == {"proto": "ip-47", "flags": "S.E"}
+    assert check_filters(PacketEvent, {"proto": "ip-99", "flags": "S.E"}) == {"proto": "ip-99", "flags": "S.E"}
     for flags in (".R", "SS", "s"):
         with pytest.raises(ValueError, match="unknown flags"):
             check_filters(PacketEvent, {"flags": flags})
@@ -143,6 +144,28 @@ def test_ip_protocols_have_the_names_filters_take():
     assert summarize(_ip6_frame(99, bytes(8)))["proto"] == "ip6-99"
     ev = PacketEvent(None, (), "capture", **summarize(_ip4_frame(2, igmp_report)))
     assert _filter(PacketEvent, ev, proto="igmp") and _filter(PacketEvent, ev, proto="IGMP")
+
+
+def test_proto_and_payload_filters_name_only_what_a_packet_can_hold():
+    """A packet's protocol without a name is "ip-99"/"ip6-99", a named one
+    its name: a number alone, "ip-2" or "ip-300" matched nothing; a payload
+    is bytes: a str matched nothing."""
+    for value, error in ((99, "'ip-99' (IPv4) or 'ip6-99' (IPv6)"), (2, "write 'igmp'"),
+                         ("ip-2", "write 'igmp'"), ("IP6-17", "write 'udp'"), ("ip-300", "unknown proto 'ip-300'")):
+        with pytest.raises(ValueError, match=re.escape(error)):
+            check_filters(PacketEvent, {"proto": value})
+    assert check_filters(PacketEvent, {"proto": ["IP-99", "ip6-99", "ARP", "ethertype-0x88CC", "icmp6"]}) == \
+        {"proto": ["ip-99", "ip6-99", "arp", "ethertype-0x88cc", "icmpv6"]}
+    unnamed = PacketEvent(None, (), "capture", **summarize(_ip4_frame(99, bytes(4))))
+    assert _filter(PacketEvent, unnamed, proto="IP-99") and not _filter(PacketEvent, unnamed, proto="ip6-99")
+    with pytest.raises(ValueError, match=re.escape("payload of 'packet' events is bytes: 'HELLO' (str) would match "
+                                                   "nothing; write b'HELLO'")):
+        check_filters(PacketEvent, {"payload": "HELLO"})
+    assert check_filters(PacketEvent, {"payload": [b"HELLO", bytearray(b"hi")]}) == {"payload": [b"HELLO", b"hi"]}
+    # a packet's spellings are no other kind's: a drop's protocol is a name or a number
+    with pytest.raises(ValueError, match="unknown ip_proto 'arp'"):
+        check_filters(DropEvent, {"ip_proto": "arp"})
+    assert check_filters(DropEvent, {"ip_proto": 99}) == {"ip_proto": 99}
 
 
 def test_ipv6_extension_headers_are_walked_to_the_protocol():
