@@ -3,6 +3,7 @@ reading the pcapng (every packet, every byte), the workload's own counts,
 and what the sockets received (nothing missed right after `watch`)."""
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -11,7 +12,7 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Iterator, Tuple
 
 import pytest
 
@@ -311,3 +312,109 @@ def test_every_packet_once_however_slow_the_handover(nettrace, monkeypatch):
         got = [p.payload for p in nettrace.packets(dport=7003, netns=ns.inode)]
         assert nettrace.lost("packet") == 0
         assert sorted(got) == sorted(received), (len(got), len(set(got)), sent)
+
+
+@contextlib.contextmanager
+def _live_tcpdump(ns, dev: str, path: Path, *expr: str) -> Iterator[None]:
+    """tcpdump writing `path` in `ns` while the body runs (-U: each packet is in the file once handled)."""
+    dump = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", dev, "--immediate-mode", "-U", "-w", str(path), *expr],
+                    stderr=subprocess.PIPE, text=True)
+    assert dump.stderr is not None
+    assert "listening on" in dump.stderr.readline()
+    try:
+        yield
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.communicate(timeout=10)
+
+
+@needs_tcpdump
+def test_igmp_is_named_as_filters_name_it(pair, nettrace, tmp_path):
+    """Joining a group sends IGMP reports: as many packets of proto "igmp" as
+    tcpdump's `igmp` captures (they were "ip-2", which no filter names:
+    assert_no_packet(proto="igmp") passed)."""
+    server, client = pair
+    # the report's repeat within milliseconds, not up to a second later
+    client.run(["sysctl", "-qw", "net.ipv4.conf.eth0.igmpv3_unsolicited_report_interval=1"], check=True)
+    theirs = tmp_path / "igmp.pcap"
+    with _live_tcpdump(client, "eth0", theirs, "igmp"), client.socket(type=socket.SOCK_DGRAM) as member:
+        member.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                          socket.inet_aton("239.1.2.3") + socket.inet_aton("10.0.0.2"))
+        mine, n_theirs = _quiet(lambda: nettrace.packets(proto="igmp", netns=client.inode, dev="eth0"), theirs)
+    assert n_theirs >= 1 and len(mine) == n_theirs
+    assert {(str(e.saddr), e.direction) for e in mine} == {("10.0.0.2", "out")}
+    with pytest.raises(AssertionError):
+        nettrace.assert_no_packet(proto="igmp")
+
+
+@needs_tcpdump
+def test_ipv6_fragments_are_of_the_protocol_they_carry(make_netns, nettrace, tmp_path):
+    """A UDP datagram larger than the MTU, over IPv6: every fragment is "udp",
+    as tcpdump's `udp` (through the fragment header) and IPv4 fragments have
+    it; they were "ip6-44"."""
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["fd00::1/64"], peer_addresses=["fd00::2/64"])
+    theirs = tmp_path / "frag.pcap"
+    rx, tx = server.socket(socket.AF_INET6, socket.SOCK_DGRAM), client.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with _live_tcpdump(client, "eth0", theirs, "ip6", "and", "udp"), rx, tx:
+        rx.bind(("fd00::1", 5555))
+        tx.sendto(b"F" * 4000, ("fd00::1", 5555))
+        mine, n_theirs = _quiet(lambda: nettrace.packets(proto="udp", family=6, netns=client.inode, dev="eth0"),
+                                theirs)
+    assert n_theirs == 3 and len(mine) == n_theirs
+    assert [e.dport for e in mine] == [5555, None, None]   # the UDP header is in the first alone
+
+
+def _ring_took_over(ns) -> bool:
+    """The ring's socket joined the queue's fanout group: both bound to every protocol (/proc/net/packet)."""
+    lines = ns.run(["cat", "/proc/net/packet"], check=True).stdout.splitlines()[1:]
+    return sorted((f[3], f[5]) for f in map(str.split, lines)) == [("0003", "1"), ("0003", "1")]
+
+
+# what tcpdump -e prints of an 802.1Q frame: its length and VLAN id
+_TCPDUMP_VLAN = re.compile(r"ethertype 802\.1Q \(0x8100\), length (\d+): vlan (\d+),")
+
+
+@needs_tcpdump
+@pytest.mark.parametrize("ring_after", [0, None], ids=["ring", "queue"])
+def test_vlan_tagged_frames_keep_their_tag_as_tcpdump_sees_them(make_netns, nettrace, monkeypatch, tmp_path,
+                                                                 ring_after):
+    """Frames tagged VLAN 10 sent on a veth (no 8021q module needed): tcpdump
+    on both ends shows them tagged, 56 bytes. The receiver's kernel moves the
+    tag into the packet's metadata, so the capture had them 52 bytes long,
+    untagged in the pcapng, and reported ethertype 0x0800 on both ends (a
+    filter on 0x8100 matched nothing). Both ways the kernel hands frames
+    over: the queue socket (auxdata) and the ring (its frame header)."""
+    import pytest_nettrace.probes.packet as packet
+    if ring_after is not None:
+        monkeypatch.setattr(packet, "RING_AFTER", ring_after)
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    deadline = time.monotonic() + 30
+    while ring_after == 0 and not (_ring_took_over(server) and _ring_took_over(client)):
+        assert time.monotonic() < deadline, "the ring never took over"
+        time.sleep(0.01)
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + 8 + 10, 1, 0, 64, 17, 0,
+                     socket.inet_aton("10.0.0.2"), socket.inet_aton("10.0.0.1"))
+    udp = struct.pack(">HHHH", 40000, 5555, 8 + 10, 0) + b"V" * 10
+    dumps = {ns: tmp_path / f"{ns.name}.pcap" for ns in (client, server)}
+    with _live_tcpdump(client, "eth0", dumps[client], "vlan"), _live_tcpdump(server, "eth0", dumps[server], "vlan"), \
+            client.socket(socket.AF_PACKET, socket.SOCK_RAW) as tx:
+        tx.bind(("eth0", 0))
+        mac = tx.getsockname()[4]
+        for _ in range(3):
+            tx.send(b"\xff" * 6 + mac + struct.pack(">HH", 0x8100, 10) + b"\x08\x00" + ip + udp)
+        for ns in (client, server):
+            _quiet(lambda: nettrace.packets(dport=5555, netns=ns.inode), dumps[ns])
+    for ns, direction in ((client, "out"), (server, "in")):
+        theirs = [(int(n), 0x8100, int(vid)) for n, vid in _TCPDUMP_VLAN.findall("\n".join(
+            _tcpdump(str(dumps[ns]), "-e")))]
+        mine = nettrace.packets(dport=5555, netns=ns.inode, direction=direction)
+        assert [(e.length, e.ethertype, e.vlan) for e in mine] == theirs == [(56, 0x8100, 10)] * 3
+        assert [e.proto for e in mine] == ["udp"] * 3
+    assert len(nettrace.packets(ethertype=0x8100, vlan=10)) == 6
+    with pytest.raises(AssertionError):
+        nettrace.assert_no_packet(ethertype=0x8100, netns=server.inode)
+    nettrace.assert_no_packet(vlan=11)
+    # the pcapng has the tags: tcpdump reads the same frames from it
+    assert _TCPDUMP_VLAN.findall("\n".join(_tcpdump(nettrace.pcap_path, "-e", "vlan"))) == [("56", "10")] * 6

@@ -15,7 +15,7 @@ from typing import (TYPE_CHECKING, Any, ClassVar, Dict, List, NamedTuple, Option
 
 from ..errors import EventsLost
 from ..events import Event, Header, IPAddress, describe_filters, matches
-from ..events import IP_PROTO
+from ..events import IP_PROTO, IpProto
 from ..kernel import wire
 from ..kernel.libbpf import NetnsPurge, map_delete, map_items, map_lookup, map_update
 from ..kernel.symbols import frame_function, function_ranges, kallsyms, symbolize
@@ -36,7 +36,6 @@ _COUNT = wire.DROP_COUNT.struct
 _SCOPE = wire.DROP_SCOPE.struct
 _u32 = struct.Struct("<I")
 ETHERTYPES = {0x0800: "IPv4", 0x86DD: "IPv6", 0x0806: "ARP", 0x8100: "802.1Q", 0x0004: "802.2"}
-IP_PROTOS = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite"}
 
 
 class DropEvent(Event, init=False):
@@ -250,7 +249,7 @@ class DropDecoder(Decoder):
             ifindex=ifindex or None, protocol=ETHERTYPES.get(protocol, f"0x{protocol:04x}"),
             family=family or None, saddr=src, daddr=dst,
             sport=sport if has_ports else None, dport=dport if has_ports else None,
-            ip_proto=IP_PROTOS.get(ip_proto, ip_proto) if family else None, length=length,
+            ip_proto=IpProto.NAMES.get(ip_proto, ip_proto) if family else None, length=length,
         )]
 
 

@@ -21,6 +21,7 @@ import ipaddress
 import mmap
 import queue
 import os
+import re
 import socket
 import struct
 import threading
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optiona
 
 from ..netns.linux import in_netns_at
 from ..events import Event, IPAddress, wall_clock
-from ..events import HEX, IP_PROTO, FieldType
+from ..events import HEX, FieldType, IpProto
 from ..kernel import wire
 from .base import Plan, Probe, Wakeups
 from .context import AddressFilter, Filter, KindApi, TraceContext
@@ -71,8 +72,9 @@ QUEUE_RCVBUF = 64 << 20
 
 ETH_P_ALL = 0x0003
 SOL_PACKET = 263
-PACKET_RX_RING, PACKET_STATISTICS, PACKET_VERSION, TPACKET_V2 = 5, 6, 10, 1
-TP_STATUS_USER = 1
+PACKET_RX_RING, PACKET_STATISTICS, PACKET_AUXDATA, PACKET_VERSION, TPACKET_V2 = 5, 6, 8, 10, 1
+TP_STATUS_USER, TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 1, 0x10, 0x40
+ETH_P_8021Q = 0x8100
 SIOCGIFNAME = 0x8910
 SO_TIMESTAMPNS, SO_RCVBUFFORCE, SO_ATTACH_FILTER, SO_DETACH_FILTER = 35, 33, 26, 27
 PACKET_FANOUT, PACKET_FANOUT_DATA = 18, 22
@@ -80,10 +82,24 @@ PACKET_FANOUT_CBPF, PACKET_FANOUT_FLAG_UNIQUEID = 6, 0x2000
 PACKET_OUTGOING = 4
 ARPHRD_ETHER, ARPHRD_LOOPBACK = 1, 772
 PKTTYPES = {0: "in", 1: "in", 2: "in", 3: "in", 4: "out"}   # host/broadcast/multicast/otherhost/outgoing
-_TPACKET2_HDR = struct.Struct("IIIHHII")   # tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_sec, tp_nsec
+# tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_sec, tp_nsec, tp_vlan_tci, tp_vlan_tpid
+_TPACKET2_HDR = struct.Struct("IIIHHIIHH")
+# struct tpacket_auxdata, the queue socket's per-packet control message:
+# tp_status, tp_len, tp_snaplen, tp_mac, tp_net, tp_vlan_tci, tp_vlan_tpid
+_AUXDATA = struct.Struct("IIIHHHH")
+_ANCILLARY = socket.CMSG_SPACE(16) + socket.CMSG_SPACE(_AUXDATA.size)   # SO_TIMESTAMPNS, PACKET_AUXDATA
 _SOCKADDR_LL = struct.Struct("HHiHBB")     # family, protocol (be), ifindex, hatype, pkttype, halen
 _SLL_OFFSET = 32                           # TPACKET_ALIGN(sizeof(struct tpacket2_hdr))
 _SLL_WORD = _SLL_OFFSET // 4
+
+
+def _vlan_restored(data: bytes, status: int, tci: int, tpid: int) -> bytes:
+    """The frame with its VLAN tag back after the MAC addresses, where it was
+    on the wire, as libpcap puts it back: the kernel hands a packet socket a
+    received frame (or one a device tags on sending) with the tag moved to
+    its metadata (`status`: TP_STATUS_* of the ring's header or auxdata)."""
+    tpid = tpid if status & TP_STATUS_VLAN_TPID_VALID else ETH_P_8021Q
+    return (data[:12] + struct.pack("!HH", tpid, tci) + data[12:])[:SNAPLEN]
 
 
 class Frame(NamedTuple):
@@ -205,6 +221,7 @@ class _Capture:
         queue = socket.socket(socket.AF_PACKET, _FLAGS, socket.htons(ETH_P_ALL))  # hooked at once
         try:
             queue.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            queue.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)   # VLAN tags the kernel took off the frames
             try:  # room for what arrives before a ring is ready, if one is
                 queue.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, QUEUE_RCVBUF)
             except OSError:
@@ -291,7 +308,7 @@ class _Capture:
                 return True
             budget -= 1
             try:
-                n, anc, _flags, addr = self.queue_sock.recvmsg_into([self._buf], 64, socket.MSG_TRUNC)
+                n, anc, _flags, addr = self.queue_sock.recvmsg_into([self._buf], _ANCILLARY, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 return False
             self._from_queue += 1
@@ -300,16 +317,21 @@ class _Capture:
                 self._start_ring()
             ifname, proto, pkttype, hatype = addr[0], addr[1], addr[2], addr[3]
             ts = time.time_ns()
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
-                    sec, nsec = struct.unpack_from("qq", data)
+            status = tci = tpid = 0
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(cdata) >= 16:
+                    sec, nsec = struct.unpack_from("qq", cdata)
                     ts = sec * 1_000_000_000 + nsec
+                elif level == SOL_PACKET and kind == PACKET_AUXDATA and len(cdata) >= _AUXDATA.size:
+                    status, _len, _snaplen, _mac, _net, tci, tpid = _AUXDATA.unpack_from(cdata)
             if hatype == ARPHRD_LOOPBACK and pkttype == PACKET_OUTGOING:
                 continue  # loopback shows each packet twice; keep the incoming copy, as libpcap does
             data, length = bytes(self._view[:min(n, SNAPLEN)]), n   # one copy (a bytearray slice is one more)
             if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # L3 frame: give it an Ethernet header
                 data = bytes(12) + struct.pack("!H", proto) + data
                 length += 14
+            elif status & TP_STATUS_VLAN_VALID:
+                data, length = _vlan_restored(data, status, tci, tpid), length + 4
             self.pending.append(Frame(ts, ifname, PKTTYPES.get(pkttype, "in"), data, length))
         return False
 
@@ -410,12 +432,14 @@ class _Capture:
         """The Frame of a ring slot copied by `_read_ring` (queue frames are already Frames)."""
         if isinstance(raw, Frame):
             return raw
-        _status, length, _snaplen, mac, _net, sec, nsec = _TPACKET2_HDR.unpack_from(raw, 0)
+        status, length, _snaplen, mac, _net, sec, nsec, tci, tpid = _TPACKET2_HDR.unpack_from(raw, 0)
         _fam, _proto, ifindex, hatype, pkttype, _halen = _SOCKADDR_LL.unpack_from(raw, _SLL_OFFSET)
         data = raw[mac:]
         if hatype not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):  # e.g. tun: the frame is L3
             data = bytes(12) + raw[_SLL_OFFSET + 2: _SLL_OFFSET + 4] + data   # sll_protocol, big-endian
             length += 14
+        elif status & TP_STATUS_VLAN_VALID:
+            data, length = _vlan_restored(data, status, tci, tpid), length + 4
         return Frame(sec * 1_000_000_000 + nsec, self._names.get(ifindex) or "?", PKTTYPES.get(pkttype, "in"),
                      data, length)
 
@@ -540,20 +564,29 @@ def tcp_flag_strings(bits: int) -> Tuple[str, TcpFlags]:
     return dump, TcpFlags("".join(ch for ch in TCP_LETTERS if bits & _LETTER_BITS[ch]))
 
 
-_IP_PROTOS = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
+_VLAN_TPIDS = (0x8100, 0x88A8)   # 802.1Q, 802.1ad (QinQ's outer tag)
+# IPv6 extension headers the summary walks past to the protocol they carry,
+# as tcpdump prints it ("HBH ICMP6", "frag (0|1448) ... UDP"): hop-by-hop,
+# routing, fragment, destination options
+_IP6_EXTENSIONS = (0, 43, 44, 60)
+_IP6_FRAGMENT = 44
 
 
 def summarize(frame: bytes) -> Dict[str, Any]:
-    """Header fields of an Ethernet frame: ethertype, addresses, ports, flags."""
+    """Header fields of an Ethernet frame: ethertype, VLAN, addresses, ports, flags."""
     out: Dict[str, Any] = dict(proto=None, family=None, saddr=None, daddr=None, sport=None, dport=None,
                                flags=None, tcp_flags=None, seq=None, ack=None, icmp_type=None, payload=None,
                                payload_len=None)
     if len(frame) < 14:
         return out
     etype, off = struct.unpack_from(">H", frame, 12)[0], 14
-    while etype in (0x8100, 0x88A8) and len(frame) >= off + 4:  # VLAN tags
-        etype, off = struct.unpack_from(">H", frame, off + 2)[0], off + 4
+    # the outer ethertype and VLAN id, as tcpdump's `ether proto` and `vlan`
+    # match them (-e: "ethertype 802.1Q (0x8100), ...: vlan 10, ... ethertype IPv4")
     out["ethertype"] = etype
+    if etype in _VLAN_TPIDS and len(frame) >= 18:
+        out["vlan"] = struct.unpack_from(">H", frame, 14)[0] & 0xFFF
+    while etype in _VLAN_TPIDS and len(frame) >= off + 4:  # the rest is decoded past the tags
+        etype, off = struct.unpack_from(">H", frame, off + 2)[0], off + 4
     l4: Optional[int] = None
     proto: Any = None
     l4_end = len(frame)
@@ -562,7 +595,8 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         total, frag, proto = struct.unpack_from(">H", frame, off + 2)[0], struct.unpack_from(">H", frame, off + 6)[0], \
             frame[off + 9]
         out.update(family=4, saddr=ipaddress.IPv4Address(frame[off + 12:off + 16]),
-                   daddr=ipaddress.IPv4Address(frame[off + 16:off + 20]), proto=_IP_PROTOS.get(proto, f"ip-{proto}"))
+                   daddr=ipaddress.IPv4Address(frame[off + 16:off + 20]),
+                   proto=IpProto.NAMES.get(proto, f"ip-{proto}"))
         l4_end = off + total
         if not frag & 0x1FFF:
             l4 = off + ihl
@@ -571,9 +605,14 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         out.update(family=6, saddr=ipaddress.IPv6Address(frame[off + 8:off + 24]),
                    daddr=ipaddress.IPv6Address(frame[off + 24:off + 40]))
         l4, l4_end = off + 40, off + 40 + plen
-        while proto in (0, 43, 60) and len(frame) >= l4 + 2:  # hop-by-hop, routing, destination options
-            proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
-        out["proto"] = _IP_PROTOS.get(proto, f"ip6-{proto}")
+        while proto in _IP6_EXTENSIONS and l4 is not None and len(frame) >= l4 + 8:   # each 8 bytes or more
+            if proto == _IP6_FRAGMENT:
+                # every fragment has the protocol, as IPv4's do; the first alone its header
+                later = struct.unpack_from(">H", frame, l4 + 2)[0] & 0xFFF8
+                proto, l4 = frame[l4], None if later else l4 + 8
+            else:
+                proto, l4 = frame[l4], l4 + (frame[l4 + 1] + 1) * 8
+        out["proto"] = IpProto.NAMES.get(proto, f"ip6-{proto}")
     elif etype == 0x0806 and len(frame) >= off + 28:
         out.update(proto="arp", family=4, icmp_type=struct.unpack_from(">H", frame, off + 6)[0],
                    saddr=ipaddress.IPv4Address(frame[off + 14:off + 18]),
@@ -625,7 +664,33 @@ class _TcpdumpFlagsType(FieldType):
         return value
 
 
+class _PacketProtoType(IpProto):
+    """A packet's `proto`: a protocol's name, as on every kind, or what
+    `summarize` writes where there is none: "arp", "ip-99" (IPv4's
+    protocol), "ip6-99" (IPv6's next header), "ethertype-0x88cc". Never a
+    number, nor "ip-2" for a named one: a filter saying so would match nothing."""
+
+    BY_NUMBER = re.compile(r"ip6?-(\d+)")
+    OTHER = re.compile(r"arp|ethertype-0x[0-9a-f]{4}")
+    UNNAMED = "(or 'ip-N', 'ip6-N', 'arp', 'ethertype-0xNNNN')"
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if isinstance(value, str):
+            name = value.lower()
+            number = self.BY_NUMBER.fullmatch(name)
+            if number and int(number[1]) in self.NAMES:
+                raise ValueError(f"{field} {value!r} of {owner.kind!r} events is named: "
+                                 f"write {self.NAMES[int(number[1])]!r}")
+            if (number and int(number[1]) <= 255) or self.OTHER.fullmatch(name):
+                return name
+        elif isinstance(value, int) and not isinstance(value, bool) and value not in self.NAMES:
+            raise ValueError(f"{field} {value} of {owner.kind!r} events: a protocol without a name is "
+                             f"'ip-{value}' (IPv4) or 'ip6-{value}' (IPv6)")
+        return super().check(owner, field, value)
+
+
 TCP_FLAGS = _TcpFlagsType()
+PACKET_PROTO = _PacketProtoType()
 TCPDUMP_FLAGS = _TcpdumpFlagsType()
 
 
@@ -635,7 +700,10 @@ class PacketEvent(Event, init=False):
     `tcp_flags` as letters of UAPRSF in any order ("SA"); `length` on the wire.
     `payload` is the TCP/UDP payload's bytes as captured (the start of it
     for a GSO aggregate longer than the capture), `payload_len` its length
-    on the wire (ICMP: the message's length, as tcpdump prints it)."""
+    on the wire (ICMP: the message's length, as tcpdump prints it).
+    `ethertype` and `vlan` are the outer header's (a tagged frame's
+    ethertype is 0x8100, as tcpdump's `ether proto`); the other fields are
+    decoded past the tags."""
 
     kind = "packet"
     # a packet has no process, no stack: the common task fields are None
@@ -657,8 +725,9 @@ class PacketEvent(Event, init=False):
     payload_len: Optional[int]
     icmp_type: Optional[int]
     ethertype: Optional[int]
+    vlan: Optional[int]
     TYPES = {"payload": HEX, "tcp_flags": TCP_FLAGS, "flags": TCPDUMP_FLAGS,
-             "proto": IP_PROTO}
+             "proto": PACKET_PROTO}
     VALUES = {**Event.VALUES, "direction": ("in", "out")}
     HIGH_VOLUME = True
 
@@ -827,6 +896,7 @@ class PacketFilters(TypedDict, total=False):
     payload_len: Filter[int]
     icmp_type: Filter[int]
     ethertype: Filter[int]
+    vlan: Filter[int]
 
 
 class PacketApi(KindApi):

@@ -9,10 +9,11 @@ import struct
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from pytest_nettrace.events import check_filters, matches
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.records import RecordDecoder
 from pytest_nettrace.probes.conn import ConnProbe
-from pytest_nettrace.probes.drop import DropProbe
+from pytest_nettrace.probes.drop import DropEvent, DropProbe
 from pytest_nettrace.probes.netchange import (RTM_DELLINK, RTM_NEWADDR, RTM_NEWNEXTHOP, NetChangeProbe,
                                               applied_by_a_reader)
 from pytest_nettrace.probes.packet import PacketProbe
@@ -108,6 +109,10 @@ def test_drop_fields():
     [v6] = decode(probe, record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000000, family=6,
                                 ip_proto=58, protocol=0x86DD, saddr=addr("fd00::1"), daddr=addr("ff02::1")))
     assert v6.ip_proto == "icmpv6" and v6.sport is None and v6.reason is None
+    # named as filters name it: GRE was 47, which a filter must write "gre"
+    [gre] = decode(probe, record(wire.DROP_EVENT, wire.Kind.DROP, location=0xffffffff81000000, family=4,
+                                 ip_proto=47, protocol=0x0800, saddr=addr("10.0.0.2"), daddr=addr("10.0.0.1")))
+    assert matches(gre, check_filters(DropEvent, {"ip_proto": "gre"}))
 
 
 def test_a_packet_sockets_own_copy_is_not_a_drop():

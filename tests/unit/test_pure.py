@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import struct
 import subprocess
+from typing import Tuple
 
 import pytest
 
@@ -16,7 +18,8 @@ from pytest_nettrace.events import check_filters, matches
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.drop import DropEvent
 from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, cause_of
-from pytest_nettrace.probes.packet import Frame, PacketEvent, PcapngWriter, packet_event
+from pytest_nettrace.probes.packet import (SNAPLEN, Frame, PacketEvent, PcapngWriter, _vlan_restored, packet_event,
+                                           summarize)
 from pytest_nettrace.probes.traffic import traffic_rows
 
 # -- filters ------------------------------------------------------------------
@@ -52,7 +55,7 @@ def test_filter_values_of_another_type_or_never_held_are_errors():
     with pytest.raises(ValueError, match="unknown ip_proto 'tpc'"):
         check_filters(DropEvent, {"ip_proto": "tpc"})
     assert check_filters(DropEvent, {"ip_proto": "TCP", "sport": [9, 10]}) == {"ip_proto": "tcp", "sport": [9, 10]}
-    assert check_filters(PacketEvent, {"proto": "ip-47", "flags": "S.E"}) == {"proto": "ip-47", "flags": "S.E"}
+    assert check_filters(PacketEvent, {"proto": "ip-99", "flags": "S.E"}) == {"proto": "ip-99", "flags": "S.E"}
     for flags in (".R", "SS", "s"):
         with pytest.raises(ValueError, match="unknown flags"):
             check_filters(PacketEvent, {"flags": flags})
@@ -116,6 +119,101 @@ def test_packet_event_summarises_the_frame():
                                                                                  "out", "eth0")
     assert ev.timestamp == 123_456_789 and ev.pid is None
     assert "10.0.0.2.40000 > 10.0.0.1.9999: UDP, length 5" in ev.describe()
+
+
+def _ip4_frame(proto: int, body: bytes, frag: int = 0) -> bytes:
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, frag, 1, proto, 0,
+                     socket.inet_aton("10.0.0.2"), socket.inet_aton("224.0.0.22"))
+    return bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x08\x00" + ip + body
+
+
+def _ip6_frame(next_header: int, body: bytes) -> bytes:
+    ip6 = struct.pack(">IHBB16s16s", 6 << 28, len(body), next_header, 64, socket.inet_pton(socket.AF_INET6, "fd00::2"),
+                      socket.inet_pton(socket.AF_INET6, "fd00::1"))
+    return bytes(6) + bytes([2, 0, 0, 0, 0, 1]) + b"\x86\xdd" + ip6 + body
+
+
+def test_ip_protocols_have_the_names_filters_take():
+    """One table: `proto` names what a filter accepts ("igmp" was "ip-2", so
+    assert_no_packet(proto="igmp") passed on IGMP)."""
+    igmp_report = bytes([0x22, 0, 0, 0, 0, 0, 0, 1]) + bytes([4, 0, 0, 0]) + socket.inet_aton("239.1.2.3")
+    assert summarize(_ip4_frame(2, igmp_report))["proto"] == "igmp"
+    assert summarize(_ip4_frame(47, bytes(4)))["proto"] == "gre"
+    assert summarize(_ip4_frame(99, bytes(4)))["proto"] == "ip-99"
+    assert summarize(_ip6_frame(50, bytes(8)))["proto"] == "esp"
+    assert summarize(_ip6_frame(99, bytes(8)))["proto"] == "ip6-99"
+    ev = PacketEvent(None, (), "capture", **summarize(_ip4_frame(2, igmp_report)))
+    assert _filter(PacketEvent, ev, proto="igmp") and _filter(PacketEvent, ev, proto="IGMP")
+
+
+def test_proto_and_payload_filters_name_only_what_a_packet_can_hold():
+    """A packet's protocol without a name is "ip-99"/"ip6-99", a named one
+    its name: a number alone, "ip-2" or "ip-300" matched nothing; a payload
+    is bytes: a str matched nothing."""
+    for value, error in ((99, "'ip-99' (IPv4) or 'ip6-99' (IPv6)"), (2, "write 'igmp'"),
+                         ("ip-2", "write 'igmp'"), ("IP6-17", "write 'udp'"), ("ip-300", "unknown proto 'ip-300'")):
+        with pytest.raises(ValueError, match=re.escape(error)):
+            check_filters(PacketEvent, {"proto": value})
+    assert check_filters(PacketEvent, {"proto": ["IP-99", "ip6-99", "ARP", "ethertype-0x88CC", "icmp6"]}) == \
+        {"proto": ["ip-99", "ip6-99", "arp", "ethertype-0x88cc", "icmpv6"]}
+    unnamed = PacketEvent(None, (), "capture", **summarize(_ip4_frame(99, bytes(4))))
+    assert _filter(PacketEvent, unnamed, proto="IP-99") and not _filter(PacketEvent, unnamed, proto="ip6-99")
+    with pytest.raises(ValueError, match=re.escape("payload of 'packet' events is bytes: 'HELLO' (str) would match "
+                                                   "nothing: write b'HELLO'")):
+        check_filters(PacketEvent, {"payload": "HELLO"})
+    assert check_filters(PacketEvent, {"payload": [b"HELLO", bytearray(b"hi")]}) == {"payload": [b"HELLO", b"hi"]}
+    # a packet's spellings are no other kind's: a drop's protocol is a name or a number
+    with pytest.raises(ValueError, match="unknown ip_proto 'arp'"):
+        check_filters(DropEvent, {"ip_proto": "arp"})
+    assert check_filters(DropEvent, {"ip_proto": 99}) == {"ip_proto": 99}
+
+
+def test_ipv6_extension_headers_are_walked_to_the_protocol():
+    """Hop-by-hop (MLD: tcpdump's "HBH ICMP6"), routing, destination options
+    and fragment headers: `proto` is what they carry. A fragment has it in its
+    fragment header, as an IPv4 fragment in its IP header (both "udp"); the
+    first alone has the UDP header."""
+    udp = struct.pack(">HHHH", 40000, 9999, 8 + 3000, 0) + b"u" * 1200
+    first = _ip6_frame(44, bytes([17, 0]) + struct.pack(">HI", 0x0001, 7) + udp)        # offset 0, more
+    later = _ip6_frame(44, bytes([17, 0]) + struct.pack(">HI", 1208 | 1, 7) + b"u" * 1200)
+    assert [summarize(f)["proto"] for f in (first, later)] == ["udp", "udp"]
+    assert (summarize(first)["dport"], summarize(first)["payload_len"]) == (9999, 3000)
+    assert (summarize(later)["dport"], summarize(later)["payload"]) == (None, None)
+    v4_later = _ip4_frame(17, b"u" * 100, frag=185)
+    assert (summarize(v4_later)["proto"], summarize(v4_later)["dport"]) == ("udp", None)
+    mld = bytes([58, 0, 5, 2, 0, 0, 1, 0]) + bytes([143, 0, 0, 0, 0, 0, 0, 0])   # router alert, then ICMPv6
+    assert (summarize(_ip6_frame(0, mld))["proto"], summarize(_ip6_frame(0, mld))["icmp_type"]) == ("icmpv6", 143)
+    routed = bytes([60, 0, 4, 0, 0, 0, 0, 0]) + bytes([17, 0, 1, 4, 0, 0, 0, 0]) + \
+        struct.pack(">HHHH", 1, 2, 8, 0)   # routing, then destination options, then UDP
+    assert (summarize(_ip6_frame(43, routed))["proto"], summarize(_ip6_frame(43, routed))["dport"]) == ("udp", 2)
+
+
+def _tagged(frame: bytes, *tags: Tuple[int, int]) -> bytes:
+    """`frame` with VLAN tags ((tpid, id), outer first) after its MAC addresses."""
+    return frame[:12] + b"".join(struct.pack(">HH", tpid, vid) for tpid, vid in tags) + frame[12:]
+
+
+def test_a_tagged_frame_has_the_outer_ethertype_and_vlan():
+    """As tcpdump's `ether proto 0x8100` and `vlan 10` match it (it was
+    0x0800: ethertype=0x8100 matched nothing); the rest is decoded past the tags."""
+    fields = summarize(_tagged(_udp_frame(), (0x8100, 0x2000 | 10)))   # priority 1, VLAN 10
+    assert (fields["ethertype"], fields["vlan"], fields["proto"], fields["dport"]) == (0x8100, 10, "udp", 9999)
+    qinq = summarize(_tagged(_udp_frame(), (0x88A8, 20), (0x8100, 10)))
+    assert (qinq["ethertype"], qinq["vlan"], qinq["proto"]) == (0x88A8, 20, "udp")
+    untagged = PacketEvent(None, (), "capture", **summarize(_udp_frame()))
+    assert (untagged.ethertype, untagged.vlan) == (0x0800, None)
+    assert _filter(PacketEvent, untagged, vlan=None) and not _filter(PacketEvent, untagged, vlan=10)
+
+
+def test_the_tag_the_kernel_took_is_put_back():
+    """The kernel hands a packet socket a received frame without its tag (in
+    its metadata: the ring's header, the queue's auxdata); the frame gets it
+    back, with the TPID when the kernel gives one (802.1Q when not)."""
+    vlan_valid, tpid_valid = 0x10, 0x40
+    assert _vlan_restored(_udp_frame(), vlan_valid, 10, 0) == _tagged(_udp_frame(), (0x8100, 10))
+    assert _vlan_restored(_udp_frame(), vlan_valid | tpid_valid, 20, 0x88A8) == _tagged(_udp_frame(), (0x88A8, 20))
+    # no longer than the pcapng's snaplen, which tcpdump enforces
+    assert len(_vlan_restored(_udp_frame(b"x" * SNAPLEN), vlan_valid, 10, 0)) == SNAPLEN
 
 
 def _read_pcapng(path):
