@@ -408,3 +408,35 @@ def test_a_link_changed_because_another_was_is_the_kernels_doing(make_netns, net
     bridge = [e for e in links(gone) if e.dev == "br0"]
     assert bridge and all(e.cause == "kernel" for e in bridge)
     assert [e.action for e in links(gone) if e.dev == "p1" and e.cause == "netlink"][-1] == "deleted"
+
+
+FORGED_DELADDR = """
+    import socket, struct, sys
+    # every rtnetlink socket of the namespace (the plugin's monitor among them)
+    ports = [int(f[2]) for f in (line.split() for line in open("/proc/net/netlink").read().splitlines()[1:])
+             if f[1] == "0" and f[2] != "0"]
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    s.bind((0, 0))
+    body = struct.pack("<BBBBI", socket.AF_INET, 24, 0, 0, socket.if_nametoindex("d1"))
+    a = socket.inet_aton("192.168.50.1")
+    attrs = struct.pack("<HH", 8, 2) + a + struct.pack("<HH", 8, 1) + a
+    msg = struct.pack("<IHHII", 16 + len(body) + len(attrs), 21, 0, 0, 0) + body + attrs  # RTM_DELADDR
+    for port in ports:
+        s.sendto(msg, (port, 0))
+    print(len(ports))
+"""
+
+
+def test_a_message_a_process_sends_to_the_monitor_is_no_change(make_netns, nettrace):
+    """Any process may unicast a made-up RTM_DELADDR to the plugin's monitor
+    socket (its port id is in /proc/net/netlink): nothing changed, ip
+    monitor shows nothing. Only what the kernel sends counts."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.50.1/24"])
+    forged = a.run(script(FORGED_DELADDR), check=True)
+    assert int(forged.stdout) >= 1
+    r = a.run(["ip", "addr", "add", "192.168.50.2/24", "dev", "d1"], check=True)   # a real one after it
+    nettrace.wait_for("addr", action="added", address="192.168.50.2/24", pid=r.pid)
+    assert "192.168.50.1/24" in a.run(["ip", "addr", "show", "d1"], check=True).stdout
+    nettrace.assert_address_not_deleted("192.168.50.1")
+    assert nettrace.address_changes(pid=forged.pid) == []
