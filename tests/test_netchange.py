@@ -440,3 +440,28 @@ def test_a_message_a_process_sends_to_the_monitor_is_no_change(make_netns, nettr
     assert "192.168.50.1/24" in a.run(["ip", "addr", "show", "d1"], check=True).stdout
     nettrace.assert_address_not_deleted("192.168.50.1")
     assert nettrace.address_changes(pid=forged.pid) == []
+
+
+def test_a_nexthop_the_kernel_removed_silently_is_added_again_not_replaced(make_netns, nettrace):
+    """A link set down (or deleted) takes its nexthops, and a group left
+    empty, without a notification: the same ids given again are additions,
+    by `ip nexthop add` (NLM_F_EXCL) or `replace`."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.2.1/24"])
+    a.add_veth("d2", b, "p2", addresses=["192.168.3.1/24"])
+    for argv in ("nexthop add id 5 via 192.168.2.2 dev d1", "nexthop add id 6 via 192.168.2.3 dev d1",
+                 "nexthop add id 10 group 5/6", "nexthop add id 7 via 192.168.3.2 dev d2",
+                 "link set d1 down", "link del d2", "link set d1 up"):
+        a.run(["ip"] + argv.split(), check=True)
+    assert a.run(["ip", "nexthop", "show"], check=True).stdout == ""
+    a.add_veth("d2", b, "p2", addresses=["192.168.3.1/24"])
+    again = {}
+    for nh_id, argv in ((5, "nexthop add id 5 via 192.168.2.2 dev d1"),
+                        (6, "nexthop replace id 6 via 192.168.2.3 dev d1"),
+                        (10, "nexthop add id 10 group 5/6"),
+                        (7, "nexthop replace id 7 via 192.168.3.2 dev d2")):
+        r = a.run(["ip"] + argv.split(), check=True)
+        again[nh_id] = nettrace.wait_for("nexthop", id=nh_id, pid=r.pid).action
+    r = a.run(["ip", "nexthop", "replace", "id", "10", "group", "5"], check=True)
+    assert nettrace.wait_for("nexthop", id=10, pid=r.pid).action == "replaced"
+    assert again == {5: "added", 6: "added", 10: "added", 7: "added"}

@@ -571,7 +571,7 @@ class RuleEvent(NetChangeEvent, init=False):
 # uapi/linux/nexthop.h. RTNLGRP_NEXTHOP is past the 32 groups bind() takes.
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 RTNLGRP_NEXTHOP = 32
-NLM_F_CREATE = 0x400
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 NH_GROUP_TYPES = {0: "mpath", 1: "resilient"}
 _NH_GRP = struct.Struct("<IBBH")   # struct nexthop_grp: id, weight - 1, weight_high, resvd
 _NETLINK_HANDLERS["nexthop"] = ("rtm_new_nexthop", "rtm_del_nexthop")
@@ -583,7 +583,8 @@ class NexthopEvent(NetChangeEvent, init=False):
     monitor nexthop`'s lines. "changed" is a group the kernel rewrote because
     a member was deleted (cause "kernel"). A nexthop that goes with its
     device (the link set down or deleted) is removed without a notification,
-    as are the routes using it: `ip monitor` prints nothing then either."""
+    as are the routes using it: `ip monitor` prints nothing then either; the
+    same id given again is "added"."""
 
     kind = "nexthop"
     ACTIONS = ("added", "replaced", "changed", "deleted")
@@ -757,7 +758,35 @@ class Present:
     change, not an addition — the kernel's message does not say."""
 
     addresses: Set[Tuple[int, int, bytes, int]] = field(default_factory=set)   # (family, ifindex, address, plen)
-    nexthops: Set[int] = field(default_factory=set)   # `ip nexthop replace` of a new id is an addition
+    # nexthop id -> its device's ifindex (None: a group, a blackhole or an fdb
+    # nexthop): `ip nexthop replace` of a new id is an addition
+    nexthops: Dict[int, Optional[int]] = field(default_factory=dict)
+    groups: Dict[int, Set[int]] = field(default_factory=dict)   # a group's id -> its members' ids
+
+    def nexthop_announced(self, nh_id: int, attrs: Dict[int, bytes]) -> None:
+        """An RTM_NEWNEXTHOP's attributes: the nexthop is there now."""
+        self.nexthops[nh_id] = _u32(attrs, 5)   # NHA_OIF
+        members = nexthop_group(attrs.get(2))
+        if members:
+            self.groups[nh_id] = {member for member, _weight in members}
+        else:
+            self.groups.pop(nh_id, None)
+
+    def nexthop_deleted(self, nh_id: int) -> None:
+        self.nexthops.pop(nh_id, None)
+        self.groups.pop(nh_id, None)
+
+    def link_down(self, ifindex: int) -> None:
+        """A link set down or deleted: the kernel removes its nexthops
+        (nexthop_flush_dev) without a notification, drops them from their
+        groups, and removes a group left empty — silently too."""
+        gone = {nh_id for nh_id, dev in self.nexthops.items() if dev == ifindex}
+        for group, members in list(self.groups.items()):
+            members -= gone
+            if not members:
+                gone.add(group)
+        for nh_id in gone:
+            self.nexthop_deleted(nh_id)
 
 
 class _Monitor:
@@ -839,9 +868,10 @@ class _Monitor:
 
     def _dump_nexthops(self) -> None:
         for mtype, msg in self._dump(RTM_GETNEXTHOP, 3):
-            nh_id = _u32(_attrs(msg, 24, len(msg)), 1) if mtype == RTM_NEWNEXTHOP else None
+            attrs = _attrs(msg, 24, len(msg)) if mtype == RTM_NEWNEXTHOP else {}
+            nh_id = _u32(attrs, 1)   # NHA_ID
             if nh_id is not None:
-                self.present.nexthops.add(nh_id)
+                self.present.nexthop_announced(nh_id, attrs)
 
     def learn(self, msg: bytes) -> None:
         if len(msg) >= 32:
@@ -1200,10 +1230,13 @@ class NetChangeDecoder(Decoder):
                 mon.names[index] = name
         if mtype == RTM_DELLINK:
             action = "deleted"
+            self._seen(hdr.netns, mon).link_down(index)
         elif change == 0xFFFFFFFF:
             action = "added"
         elif change & IFF_UP:
             action = "up" if flags & IFF_UP else "down"
+            if action == "down":
+                self._seen(hdr.netns, mon).link_down(index)
         else:
             action = "changed"
         kind_attr = _attrs(attrs[18], 0, len(attrs[18])).get(1) if 18 in attrs else None  # IFLA_LINKINFO/KIND
@@ -1305,20 +1338,21 @@ class NetChangeDecoder(Decoder):
         nh_id = _u32(attrs, 1)  # NHA_ID
         if nh_id is None:
             return None
-        known = self._seen(hdr.netns, mon).nexthops
+        present = self._seen(hdr.netns, mon)
         if mtype == RTM_DELNEXTHOP:
             action = "deleted"
-            known.discard(nh_id)
+            present.nexthop_deleted(nh_id)
         else:
-            # the kernel echoes the request's flags; a group it rewrote after
+            # the kernel echoes the request's flags: NLM_F_EXCL (`ip nexthop
+            # add`) succeeds only for an id not there; a group it rewrote after
             # a member was deleted carries neither NLM_F_CREATE nor NLM_F_REPLACE
-            if nh_id not in known:
+            if nh_id not in present.nexthops or nl_flags & NLM_F_EXCL:
                 action = "added"
             elif nl_flags & (NLM_F_REPLACE | NLM_F_CREATE):
                 action = "replaced"
             else:
                 action = "changed"
-            known.add(nh_id)
+            present.nexthop_announced(nh_id, attrs)
         oif = _u32(attrs, 5)
         group = nexthop_group(attrs.get(2))
         group_type: Union[str, int, None] = None

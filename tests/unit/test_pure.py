@@ -15,7 +15,7 @@ import pytest
 from pytest_nettrace.events import check_filters, matches
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.drop import DropEvent
-from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, cause_of
+from pytest_nettrace.probes.netchange import AddrEvent, Present, RouteEvent, cause_of
 from pytest_nettrace.probes.packet import Frame, PacketEvent, PcapngWriter, packet_event
 from pytest_nettrace.probes.traffic import traffic_rows
 
@@ -85,6 +85,20 @@ def test_icmpv6_is_one_spelling_and_icmp6_an_alias_on_every_kind():
     pkt = PacketEvent(None, (), "capture", proto="icmpv6")
     for cls, ev, field in ((DropEvent, drop, "ip_proto"), (PacketEvent, pkt, "proto")):
         assert _filter(cls, ev, **{field: "icmpv6"}) and _filter(cls, ev, **{field: "icmp6"})
+
+
+def test_a_link_going_down_takes_its_nexthops_and_groups_left_empty():
+    def nexthop(oif=None, group=()):
+        attrs = {5: struct.pack("<I", oif)} if oif else {}
+        if group:
+            attrs[2] = b"".join(struct.pack("<IBBH", member, 0, 0, 0) for member in group)
+        return attrs
+    present = Present()
+    for nh_id, attrs in ((1, nexthop(oif=7)), (2, nexthop(oif=7)), (3, nexthop(oif=8)), (4, nexthop()),
+                         (10, nexthop(group=(1, 2))), (11, nexthop(group=(1, 3)))):
+        present.nexthop_announced(nh_id, attrs)
+    present.link_down(7)
+    assert sorted(present.nexthops) == [3, 4, 11] and present.groups == {11: {3}}
 
 
 # -- cause_of -------------------------------------------------------------------
