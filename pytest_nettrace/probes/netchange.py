@@ -505,7 +505,7 @@ class RuleEvent(NetChangeEvent, init=False):
     kind = "rule"
     ACTIONS = ("added", "deleted")
     family: int
-    priority: Optional[int]
+    priority: int
     src: Optional[IPNetwork]
     dst: Optional[IPNetwork]
     iif: Optional[str]
@@ -529,7 +529,7 @@ class RuleEvent(NetChangeEvent, init=False):
 
     def describe(self) -> str:
         # as `ip rule` prints it: "100: from 10.0.0.0/8 lookup 100"
-        parts = [f"{self.priority}:" if self.priority is not None else ""]
+        parts = [f"{self.priority}:"]
         if self.invert:
             parts.append("not")
         parts.append(f"from {self.src if self.src is not None else 'all'}")
@@ -1314,7 +1314,8 @@ class NetChangeDecoder(Decoder):
         ip_proto = attrs.get(22)  # FRA_IP_PROTO
         suppress = _u32(attrs, 14)  # FRA_SUPPRESS_PREFIXLEN
         fields = dict(action="added" if mtype == RTM_NEWRULE else "deleted",
-                      family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6),
+                      # FRA_PRIORITY: the kernel leaves it out for priority 0 (`ip rule add pref 0`)
+                      family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6) or 0,
                       src=_prefix(attrs.get(2), family, src_len), dst=_prefix(attrs.get(1), family, dst_len),
                       iif=_cstr(attrs.get(3)), oif=_cstr(attrs.get(17)), fwmark=_u32(attrs, 10),
                       fwmask=_u32(attrs, 16), table=RT_TABLES.get(table, table),
