@@ -465,3 +465,15 @@ def test_a_nexthop_the_kernel_removed_silently_is_added_again_not_replaced(make_
     r = a.run(["ip", "nexthop", "replace", "id", "10", "group", "5"], check=True)
     assert nettrace.wait_for("nexthop", id=10, pid=r.pid).action == "replaced"
     assert again == {5: "added", 6: "added", 10: "added", 7: "added"}
+
+
+def test_a_routes_type_is_said_as_ip_route_says_it(netns, nettrace):
+    """`ip route add blackhole 10.4.0.0/16`: ip monitor and ip route print
+    "blackhole 10.4.0.0/16"; so does describe(), for each type but unicast."""
+    for n, kind in enumerate(("blackhole", "unreachable", "prohibit", "throw")):
+        dst = f"10.4.{n}.0/24"
+        r = netns.run(["ip", "route", "add", kind, dst], check=True)
+        shown = netns.run(["ip", "route", "show", "type", kind], check=True).stdout
+        assert shown.startswith(f"{kind} {dst}"), shown
+        ev = nettrace.wait_for("route", pid=r.pid, dst=dst)
+        assert ev.type == kind and ev.describe() == f"added route {kind} {dst}", ev.describe()

@@ -338,6 +338,8 @@ class RouteEvent(NetChangeEvent, init=False):
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
+        # as ip route says a type other than unicast: "blackhole 10.4.0.0/16", "local 10.0.0.1 …"
+        rtype = f"{self.type} " if self.type != "unicast" else ""
         nhid = f" nhid {self.nhid}" if self.nhid is not None else ""
         via = f" via {self.gateway}" if self.gateway else ""
         dev = f" dev {self.dev}" if self.dev and not self.nexthops else ""
@@ -345,7 +347,7 @@ class RouteEvent(NetChangeEvent, init=False):
         # as ip route prints a multipath route: "nexthop via 10.0.0.1 dev eth0 weight 1" each
         hops = "".join(" nexthop" + (f" via {h.gateway}" if h.gateway else "") + (f" dev {h.dev}" if h.dev else "")
                        + f" weight {h.weight}" for h in self.nexthops)
-        return f"{self.action} route {dst}{nhid}{via}{dev}{table}{hops}"
+        return f"{self.action} route {rtype}{dst}{nhid}{via}{dev}{table}{hops}"
 
 
 # -- neighbours and policy-routing rules (issue 15) ---------------------------
