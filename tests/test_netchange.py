@@ -477,3 +477,24 @@ def test_a_routes_type_is_said_as_ip_route_says_it(netns, nettrace):
         assert shown.startswith(f"{kind} {dst}"), shown
         ev = nettrace.wait_for("route", pid=r.pid, dst=dst)
         assert ev.type == kind and ev.describe() == f"added route {kind} {dst}", ev.describe()
+
+
+def test_lladdr_and_link_kind_filters_take_other_spellings_and_refuse_typos(make_netns, nettrace):
+    """A link-layer address in capitals or with '-' (as other tools print
+    it) is the same address; a malformed one, or a link kind Linux does not
+    have (`vehth`), is a usage error, never a filter that matches nothing."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.2.1/24"])
+    a.run(["ip", "neigh", "add", "192.168.2.9", "lladdr", "02:00:00:00:00:0A", "dev", "d1"], check=True)
+    ev = nettrace.wait_for("neigh", address="192.168.2.9")
+    assert ev.lladdr == "02:00:00:00:00:0a"
+    for spelling in ("02:00:00:00:00:0A", "02-00-00-00-00-0a", "2:0:0:0:0:a"):
+        assert nettrace.neighbour_changes(lladdr=spelling) == [ev], spelling
+    with pytest.raises(AssertionError):
+        nettrace.assert_none("neigh", lladdr="02-00-00-00-00-0A")
+    with pytest.raises(ValueError, match=r"^invalid lladdr '02:00:00:00:00:0g' for 'neigh' events: hex bytes"):
+        nettrace.neighbour_changes(lladdr="02:00:00:00:00:0g")
+    assert nettrace.link_changes(link_kind="veth")
+    with pytest.raises(ValueError, match=r"^unknown link_kind 'vehth' for 'link' events; valid: .*veth") as info:
+        nettrace.link_changes(link_kind="vehth")
+    assert "\n" not in str(info.value)

@@ -260,6 +260,40 @@ class AddrEvent(NetChangeEvent, init=False):
         return f"{self.action} {fam} {self.address} {prep} {self.dev or f'ifindex {self.ifindex}'}"
 
 
+# IFLA_INFO_KIND of Linux's link types: iproute2's `ip link add type` list
+# (its *_slave entries are port kinds) and the kinds made otherwise (tun,
+# team, wireguard, openvswitch, batadv, ppp, can, ovpn)
+LINK_KINDS = frozenset((
+    "amt", "bareudp", "batadv", "bond", "bridge", "can", "dsa", "dummy", "erspan", "geneve", "gre", "gretap", "gtp",
+    "hsr", "ifb", "ip6erspan", "ip6gre", "ip6gretap", "ip6tnl", "ipip", "ipoib", "ipvlan", "ipvtap", "l2tpeth",
+    "lowpan", "macsec", "macvlan", "macvtap", "netdevsim", "netkit", "nlmon", "openvswitch", "ovpn", "pfcp", "ppp",
+    "rmnet", "sit", "team", "tun", "vcan", "veth", "virt_wifi", "vlan", "vrf", "vti", "vti6", "vxcan", "vxlan",
+    "wireguard", "wwan", "xfrm"))
+
+
+class _LinkKind(FieldType):
+    """A link's kind (`veth`, `bridge`, …): a name not among Linux's is a typo."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if value not in LINK_KINDS:
+            raise ValueError(f"unknown {field} {value!r} for {owner.kind!r} events; valid: "
+                             f"{', '.join(sorted(LINK_KINDS))} (another: {field}=lambda k: k == {value!r})")
+        return value
+
+
+class _LinkLayerAddress(FieldType):
+    """A link-layer address as events hold it, "02:00:00:00:00:0a": a filter
+    may write it in capitals or with '-' (as other tools print it)."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        text = value if isinstance(value, str) else ""
+        parts = text.split("-" if "-" in text and ":" not in text else ":")
+        if not all(0 < len(p) <= 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+            raise ValueError(f"invalid {field} {value!r} for {owner.kind!r} events: hex bytes separated by ':' "
+                             "or '-', e.g. '02:00:00:00:00:0a'")
+        return ":".join(f"{int(p, 16):02x}" for p in parts)
+
+
 class LinkEvent(NetChangeEvent, init=False):
     """A network interface added, deleted, set up/down, or otherwise changed:
     one per notification of the interface itself (a bridge port's own,
@@ -274,6 +308,7 @@ class LinkEvent(NetChangeEvent, init=False):
     operstate: Optional[str]
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "operstate": tuple(_OPERSTATES.values())}
+    TYPES = {"link_kind": _LinkKind()}
 
     def describe(self) -> str:
         what = {"added": "added link", "deleted": "deleted link", "up": "set link up",
@@ -485,7 +520,7 @@ class NeighEvent(NetChangeEvent, init=False):
     flags: int
     router: bool
     proxy: bool
-    TYPES = {"state": NUD_STATE, "old_state": NUD_STATE}
+    TYPES = {"state": NUD_STATE, "old_state": NUD_STATE, "lladdr": _LinkLayerAddress()}
 
     @property
     def background(self) -> bool:
