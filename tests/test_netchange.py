@@ -498,3 +498,61 @@ def test_lladdr_and_link_kind_filters_take_other_spellings_and_refuse_typos(make
     with pytest.raises(ValueError, match=r"^unknown link_kind 'vehth' for 'link' events; valid: .*veth") as info:
         nettrace.link_changes(link_kind="vehth")
     assert "\n" not in str(info.value)
+
+
+def test_what_a_rename_an_mtu_or_a_move_removes_says_which(make_netns, nettrace):
+    """The kernel re-announces or removes addresses and routes of a link
+    that stays up, for other reasons than a link down: renamed (IPv4
+    addresses under their new label), an MTU below IPv6's 1280 (or IPv4's
+    68), moved to another namespace. The request's task, the kernel's doing,
+    and which of them."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.3.1/24", "fd01::1/64"], peer_addresses=["192.168.3.2/24"])
+    rename = a.run(["ip", "link", "set", "d1", "name", "e1"], check=True)
+    mtu = a.run(["ip", "link", "set", "e1", "mtu", "1200"], check=True)
+    lo = a.run(["ip", "link", "set", "lo", "mtu", "60"], check=True)   # (loopback has no minimum of its own)
+    move = b.run(["ip", "link", "set", "p1", "netns", a.name], check=True)
+    assert ",UP," in a.run(["ip", "-o", "link", "show", "e1"], check=True).stdout
+
+    def said(r, **filters):
+        return {(e.cause, e.detail) for e in nettrace.events(pid=r.pid, **filters) if e.kind in ("addr", "route")}
+    assert said(rename, kind="addr") == {("kernel", "the link was renamed")}
+    assert nettrace.wait_for("addr", pid=rename.pid).label == "e1"
+    assert said(mtu) == {("kernel", "the MTU went below IPv6's minimum (1280)")}
+    assert nettrace.address_changes(pid=mtu.pid, action="deleted", address="fd01::1/64")
+    assert said(lo, kind="addr") == {("kernel", "the MTU went below IPv4's minimum (68)"),
+                                     ("kernel", "the MTU went below IPv6's minimum (1280)")}
+    assert nettrace.address_changes(pid=lo.pid, address="127.0.0.1/8")
+    gone = nettrace.assert_address_deleted("192.168.3.2/24", by_pid=move.pid)
+    assert (gone.cause, gone.detail) == ("kernel", "the link moved to another namespace")
+    assert said(move) == {("kernel", "the link moved to another namespace")}
+
+
+def test_links_that_go_with_their_lower_link_are_the_kernels_doing(make_netns, nettrace):
+    """`ip link del e1` takes the macvlan and the VXLAN on top of it (their
+    drivers' notifiers close and unregister them): the request named e1, so
+    theirs are the kernel's, with the task named."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("e1", b, "p1", addresses=["192.168.7.1/24"])
+    for argv in ("link add mv0 link e1 type macvlan mode bridge", "link set mv0 up",
+                 "link add vx0 type vxlan id 5 dev e1 dstport 4789 local 192.168.7.1", "link set vx0 up"):
+        a.run(["ip"] + argv.split(), check=True)
+    r = a.run(["ip", "link", "del", "e1"], check=True)
+    upper = [(e.dev, e.action, e.cause, e.detail) for e in nettrace.link_changes(pid=r.pid, dev=["mv0", "vx0"])]
+    assert sorted(upper) == [(dev, action, "kernel", "follows a change of another link")
+                             for dev in ("mv0", "vx0") for action in ("deleted", "down")]
+    own = nettrace.link_changes(pid=r.pid, dev="e1", action="deleted")
+    assert [e.cause for e in own] == ["netlink"]
+
+
+def test_a_neighbour_learned_from_a_router_solicitation_says_so(make_netns, nettrace):
+    """A router learns its peer's link-local address from the peer's Router
+    Solicitation: a softirq, which may run on top of the DAD worker that
+    sent it. Nobody is named, and what the interrupted worker was doing is
+    not why."""
+    a, b = make_netns(), make_netns()
+    a.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
+    a.add_veth("d1", b, "p1", addresses=["192.168.9.1/24"])
+    ev = nettrace.wait_for("neigh", action="added", netns=a.inode, address=lambda x: x.is_link_local, timeout=6)
+    assert (ev.pid, ev.cause, ev.context) == (None, "kernel", "softirq")
+    assert ev.detail == "learned from a received Router Solicitation", ev.stack

@@ -115,6 +115,27 @@ _NOTIFIER_FRAMES = ("notifier_call_chain", "raw_notifier_call_chain", "blocking_
 _ANY_NETLINK = ("rtnetlink_rcv_msg", "netlink_rcv_skb", "netlink_sendmsg")
 _ANY_IOCTL = ("sock_ioctl", "sock_do_ioctl", "inet_ioctl", "inet6_ioctl", "dev_ioctl", "__x64_sys_ioctl",
               "__arm64_sys_ioctl", "__se_sys_ioctl")
+# What set the kernel off, searched before the details below: (frames, frames
+# too or () for none, detail). The removals of a link down, the neighbour
+# flush of an address change, also follow other requests; each trigger has
+# its names of 6.1 to 6.18 (dev_* became netif_* in 6.15) as alternatives.
+_MTU_SET = ("netif_set_mtu_ext", "dev_set_mtu_ext", "netif_set_mtu", "dev_set_mtu", "call_netdevice_notifiers_mtu")
+_TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
+    # inetdev_event re-announces IPv4 addresses under their new label
+    (("netif_change_name", "dev_change_name"), (), "the link was renamed"),
+    # the MTU notifier stops IPv6 (addrconf_ifdown) below 1280, IPv4
+    # (inetdev_destroy, often inlined) below 68; the link stays up
+    (_MTU_SET, ("addrconf_ifdown", "rt6_disable_ip"), "the MTU went below IPv6's minimum (1280)"),
+    (_MTU_SET, ("inetdev_destroy", "inetdev_event"), "the MTU went below IPv4's minimum (68)"),
+    # closed and unregistered in the old namespace (inetdev_destroy inlined
+    # into inetdev_event), announced anew in the new one
+    (("__dev_change_net_namespace", "dev_change_net_namespace", "netif_change_net_namespace"), (),
+     "the link moved to another namespace"),
+    # `ip link set arp off|on`: NETDEV_CHANGE with IFF_NOARP changed flushes
+    # as an address change does (neigh_changeaddr), from the flags' notifier
+    (("neigh_changeaddr",), ("__dev_notify_flags", "netif_change_flags", "dev_change_flags"),
+     "the link's NOARP flag changed (arp on/off)"),
+)
 # Kernel-initiated changes: the first matching frame names why.
 _KERNEL_DETAILS = (
     (("addrconf_dad_failure", "addrconf_dad_stop"), "duplicate address detected (DAD failure)"),
@@ -142,6 +163,13 @@ _UPPER_LINKED = frozenset(("__netdev_upper_dev_link", "netdev_upper_dev_unlink",
 # A port added to or removed from its master (do_set_master is inlined on 6.1)
 _ENSLAVING = frozenset(("do_set_master", "br_add_if", "br_del_if", "bond_enslave", "__bond_release_one",
                         "team_port_add", "team_port_del", "vrf_add_slave", "vrf_del_slave"))
+# A device closed or unregistered by a notifier: a macvlan, VLAN or VXLAN
+# going with its lower device (macvlan_device_event, vlan_device_event,
+# vxlan_netdevice_event run inside the lower's unregistering or down)
+_CLOSING = frozenset(("unregister_netdevice_many_notify", "unregister_netdevice_many", "unregister_netdevice_queue",
+                      "netif_close_many", "dev_close_many", "__dev_close_many", "netif_close", "dev_close"))
+_CHAINS = frozenset(("notifier_call_chain", "raw_notifier_call_chain", "call_netdevice_notifiers_info",
+                     "call_netdevice_notifiers"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -150,10 +178,15 @@ def follows_another_link(frames: Tuple[str, ...]) -> bool:
     request did not name: a bridge following its port's MTU or removal (a
     notifier chain run inside another's), a port made promiscuous by its
     bridge, a link given an upper device (`ip link add mv0 link eth0 type
-    macvlan`), a bridge's features recomputed for a new port. The port's own
-    change under `ip link set p1 master br0` is the request's."""
+    macvlan`), a bridge's features recomputed for a new port, a macvlan
+    removed or set down with its lower link. The port's own change under
+    `ip link set p1 master br0` is the request's."""
     names = [frame_function(f) for f in frames]
     functions = frozenset(names)
+    # (frames from the innermost: a closing called from within a chain)
+    closing = next((i for i, name in enumerate(names) if name in _CLOSING), None)
+    if closing is not None and not _CHAINS.isdisjoint(names[closing + 1:]):
+        return True
     # one chain run shows as notifier_call_chain, raw_notifier_call_chain
     # calling it, or both (inlining varies by kernel)
     chains = max(names.count("notifier_call_chain"), names.count("raw_notifier_call_chain"))
@@ -407,8 +440,14 @@ _KIND_DETAILS = {
         (("neigh_ifdown", "__neigh_ifdown", "neigh_flush_dev"), "link down"),
         (("neigh_periodic_work", "neigh_forced_gc"), "neighbour garbage collection"),
         (("neigh_timer_handler",), "neighbour state timer"),
-        (("arp_process", "ndisc_recv_na", "ndisc_recv_ns", "ndisc_router_discovery", "neigh_event_ns",
-          "ndisc_rcv"), "learned from a received packet"),
+        # what was received, where the stack says (ndisc_rcv is often a tail call)
+        (("ndisc_recv_rs",), "learned from a received Router Solicitation"),
+        (("ndisc_recv_ns",), "learned from a received Neighbour Solicitation"),
+        (("ndisc_recv_na",), "learned from a received Neighbour Advertisement"),
+        (("ndisc_router_discovery",), "learned from a received Router Advertisement"),
+        (("ndisc_redirect_rcv",), "learned from a received Redirect"),
+        (("arp_process", "arp_rcv"), "learned from a received ARP packet"),
+        (("neigh_event_ns", "ndisc_rcv"), "learned from a received packet"),
         (("__neigh_event_send", "neigh_resolve_output", "neigh_direct_output"),
          "resolving the neighbour of an outgoing packet"),
     ),
@@ -738,12 +777,32 @@ def sysctl_cause(ev: NetChangeEvent, functions: AbstractSet[str], name: bytes, v
     return dict(cause="sysctl", detail=f"a write to {handler}" if handler else "a write to /proc/sys/net")
 
 
+# Where an interrupt's frames end: below them is whatever it interrupted (a
+# softirq run on top of the DAD worker, of a task's netlink request)
+_INTERRUPT_ENTRIES = frozenset(("handle_softirqs", "__do_softirq", "do_softirq", "run_ksoftirqd", "irq_exit_rcu",
+                                "__irq_exit_rcu", "common_interrupt", "asm_common_interrupt",
+                                "__sysvec_apic_timer_interrupt"))
+
+
+@functools.lru_cache(maxsize=1024)  # a test's changes repeat a handful of stacks
+def own_functions(frames: Tuple[str, ...]) -> FrozenSet[str]:
+    """The function names of a stack's frames ("addrconf_ifdown" of
+    "addrconf_ifdown.isra.0+0x1f": compiler clones keep the name) down to an
+    interrupt's entry: what it interrupted did not make this change."""
+    names = []
+    for frame in frames:
+        name = frame_function(frame)
+        if name in _INTERRUPT_ENTRIES:
+            break
+        names.append(name)
+    return frozenset(names)
+
+
 def cause_of(kind: str, frames: Sequence[str]) -> Tuple[str, Optional[str]]:
     """("netlink" | "ioctl" | "kernel", detail) from the kernel stack: how
     *this* change was asked for. The IPv6 addresses a link down removes are
     "kernel"/"link down" whether the down came over netlink or SIOCSIFFLAGS."""
-    # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
-    return _cause(kind, frozenset(frame_function(f) for f in frames))
+    return _cause(kind, own_functions(tuple(frames)))
 
 
 @functools.lru_cache(maxsize=1024)  # a test's changes repeat a handful of stacks (Stack.functions, hashed once)
@@ -754,8 +813,9 @@ def _cause(kind: str, present: FrozenSet[str]) -> Tuple[str, Optional[str]]:
         return "netlink", None
     if not follows and present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
         return "ioctl", None
-    detail = None
-    for frames_for, text in _KIND_DETAILS.get(kind, ()) + _KERNEL_DETAILS:
+    detail = next((text for frames_for, too, text in _TRIGGERS
+                   if present.intersection(frames_for) and (not too or present.intersection(too))), None)
+    for frames_for, text in () if detail else _KIND_DETAILS.get(kind, ()) + _KERNEL_DETAILS:
         if present.intersection(frames_for):
             detail = text
             break
@@ -1200,7 +1260,7 @@ class NetChangeDecoder(Decoder):
         was asked for, and by whom (built once: a record's event was built,
         then rebuilt with these)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        cause, detail = _cause(cls.kind, stack.functions)
+        cause, detail = _cause(cls.kind, own_functions(stack.frames))
         if cls.kind == "link" and cause != "kernel" and follows_another_link(stack.frames):
             cause, detail = "kernel", "follows a change of another link"
         fields["cause"], fields["detail"] = cause, detail
