@@ -274,6 +274,19 @@ static __noinline int nc_emit_nft(void *ctx, struct nt_scope *scope, __u32 netns
 	return 0;
 }
 
+/* Whether the kernel sent `skb`: any process may unicast a made-up message to
+ * a monitor socket (its port id is in /proc/net/netlink), or multicast one
+ * with CAP_NET_ADMIN. The sender's port id is in the skb's netlink control
+ * block (NETLINK_CB); the kernel's is 0, for notifications as for replies. */
+static __always_inline bool nc_from_kernel(const struct sk_buff *skb)
+{
+	__u32 sender = 1;
+	void *cb = (void *)skb + bpf_core_field_offset(struct sk_buff, cb);
+
+	bpf_probe_read_kernel(&sender, sizeof(sender), cb + bpf_core_field_offset(struct netlink_skb_parms, portid));
+	return sender == 0;
+}
+
 static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struct sk_buff *skb)
 {
 	struct nc_sock_key key = {};
@@ -283,7 +296,7 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 	key.netns = nt_netns_of_sk(sk);
 	key.portid = BPF_CORE_READ((struct netlink_sock *)sk, portid);
 	__u32 *which = bpf_map_lookup_elem(&nc_socks, &key);
-	if (!which)
+	if (!which || (skb && !nc_from_kernel(skb)))
 		return 0;
 	struct nt_scope *scope = nt_watched(key.netns);
 	if (!scope)

@@ -408,3 +408,151 @@ def test_a_link_changed_because_another_was_is_the_kernels_doing(make_netns, net
     bridge = [e for e in links(gone) if e.dev == "br0"]
     assert bridge and all(e.cause == "kernel" for e in bridge)
     assert [e.action for e in links(gone) if e.dev == "p1" and e.cause == "netlink"][-1] == "deleted"
+
+
+FORGED_DELADDR = """
+    import socket, struct, sys
+    # every rtnetlink socket of the namespace (the plugin's monitor among them)
+    ports = [int(f[2]) for f in (line.split() for line in open("/proc/net/netlink").read().splitlines()[1:])
+             if f[1] == "0" and f[2] != "0"]
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    s.bind((0, 0))
+    body = struct.pack("<BBBBI", socket.AF_INET, 24, 0, 0, socket.if_nametoindex("d1"))
+    a = socket.inet_aton("192.168.50.1")
+    attrs = struct.pack("<HH", 8, 2) + a + struct.pack("<HH", 8, 1) + a
+    msg = struct.pack("<IHHII", 16 + len(body) + len(attrs), 21, 0, 0, 0) + body + attrs  # RTM_DELADDR
+    for port in ports:
+        s.sendto(msg, (port, 0))
+    print(len(ports))
+"""
+
+
+def test_a_message_a_process_sends_to_the_monitor_is_no_change(make_netns, nettrace):
+    """Any process may unicast a made-up RTM_DELADDR to the plugin's monitor
+    socket (its port id is in /proc/net/netlink): nothing changed, ip
+    monitor shows nothing. Only what the kernel sends counts."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.50.1/24"])
+    forged = a.run(script(FORGED_DELADDR), check=True)
+    assert int(forged.stdout) >= 1
+    r = a.run(["ip", "addr", "add", "192.168.50.2/24", "dev", "d1"], check=True)   # a real one after it
+    nettrace.wait_for("addr", action="added", address="192.168.50.2/24", pid=r.pid)
+    assert "192.168.50.1/24" in a.run(["ip", "addr", "show", "d1"], check=True).stdout
+    nettrace.assert_address_not_deleted("192.168.50.1")
+    assert nettrace.address_changes(pid=forged.pid) == []
+
+
+def test_a_nexthop_the_kernel_removed_silently_is_added_again_not_replaced(make_netns, nettrace):
+    """A link set down (or deleted) takes its nexthops, and a group left
+    empty, without a notification: the same ids given again are additions,
+    by `ip nexthop add` (NLM_F_EXCL) or `replace`."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.2.1/24"])
+    a.add_veth("d2", b, "p2", addresses=["192.168.3.1/24"])
+    for argv in ("nexthop add id 5 via 192.168.2.2 dev d1", "nexthop add id 6 via 192.168.2.3 dev d1",
+                 "nexthop add id 10 group 5/6", "nexthop add id 7 via 192.168.3.2 dev d2",
+                 "link set d1 down", "link del d2", "link set d1 up"):
+        a.run(["ip"] + argv.split(), check=True)
+    assert a.run(["ip", "nexthop", "show"], check=True).stdout == ""
+    a.add_veth("d2", b, "p2", addresses=["192.168.3.1/24"])
+    again = {}
+    for nh_id, argv in ((5, "nexthop add id 5 via 192.168.2.2 dev d1"),
+                        (6, "nexthop replace id 6 via 192.168.2.3 dev d1"),
+                        (10, "nexthop add id 10 group 5/6"),
+                        (7, "nexthop replace id 7 via 192.168.3.2 dev d2")):
+        r = a.run(["ip"] + argv.split(), check=True)
+        again[nh_id] = nettrace.wait_for("nexthop", id=nh_id, pid=r.pid).action
+    r = a.run(["ip", "nexthop", "replace", "id", "10", "group", "5"], check=True)
+    assert nettrace.wait_for("nexthop", id=10, pid=r.pid).action == "replaced"
+    assert again == {5: "added", 6: "added", 10: "added", 7: "added"}
+
+
+def test_a_routes_type_is_said_as_ip_route_says_it(netns, nettrace):
+    """`ip route add blackhole 10.4.0.0/16`: ip monitor and ip route print
+    "blackhole 10.4.0.0/16"; so does describe(), for each type but unicast."""
+    for n, kind in enumerate(("blackhole", "unreachable", "prohibit", "throw")):
+        dst = f"10.4.{n}.0/24"
+        r = netns.run(["ip", "route", "add", kind, dst], check=True)
+        shown = netns.run(["ip", "route", "show", "type", kind], check=True).stdout
+        assert shown.startswith(f"{kind} {dst}"), shown
+        ev = nettrace.wait_for("route", pid=r.pid, dst=dst)
+        assert ev.type == kind and ev.describe() == f"added route {kind} {dst}", ev.describe()
+
+
+def test_lladdr_and_link_kind_filters_take_other_spellings_and_refuse_typos(make_netns, nettrace):
+    """A link-layer address in capitals or with '-' (as other tools print
+    it) is the same address; a malformed one, or a link kind Linux does not
+    have (`vehth`), is a usage error, never a filter that matches nothing."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.2.1/24"])
+    a.run(["ip", "neigh", "add", "192.168.2.9", "lladdr", "02:00:00:00:00:0A", "dev", "d1"], check=True)
+    ev = nettrace.wait_for("neigh", address="192.168.2.9")
+    assert ev.lladdr == "02:00:00:00:00:0a"
+    for spelling in ("02:00:00:00:00:0A", "02-00-00-00-00-0a", "2:0:0:0:0:a"):
+        assert nettrace.neighbour_changes(lladdr=spelling) == [ev], spelling
+    with pytest.raises(AssertionError):
+        nettrace.assert_none("neigh", lladdr="02-00-00-00-00-0A")
+    with pytest.raises(ValueError, match=r"^invalid lladdr '02:00:00:00:00:0g' for 'neigh' events: hex bytes"):
+        nettrace.neighbour_changes(lladdr="02:00:00:00:00:0g")
+    assert nettrace.link_changes(link_kind="veth")
+    with pytest.raises(ValueError, match=r"^unknown link_kind 'vehth' for 'link' events; valid: .*veth") as info:
+        nettrace.link_changes(link_kind="vehth")
+    assert "\n" not in str(info.value)
+
+
+def test_what_a_rename_an_mtu_or_a_move_removes_says_which(make_netns, nettrace):
+    """The kernel re-announces or removes addresses and routes of a link
+    that stays up, for other reasons than a link down: renamed (IPv4
+    addresses under their new label), an MTU below IPv6's 1280 (or IPv4's
+    68), moved to another namespace. The request's task, the kernel's doing,
+    and which of them."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("d1", b, "p1", addresses=["192.168.3.1/24", "fd01::1/64"], peer_addresses=["192.168.3.2/24"])
+    rename = a.run(["ip", "link", "set", "d1", "name", "e1"], check=True)
+    mtu = a.run(["ip", "link", "set", "e1", "mtu", "1200"], check=True)
+    lo = a.run(["ip", "link", "set", "lo", "mtu", "60"], check=True)   # (loopback has no minimum of its own)
+    move = b.run(["ip", "link", "set", "p1", "netns", a.name], check=True)
+    assert ",UP," in a.run(["ip", "-o", "link", "show", "e1"], check=True).stdout
+
+    def said(r, **filters):
+        return {(e.cause, e.detail) for e in nettrace.events(pid=r.pid, **filters) if e.kind in ("addr", "route")}
+    assert said(rename, kind="addr") == {("kernel", "the link was renamed")}
+    assert nettrace.wait_for("addr", pid=rename.pid).label == "e1"
+    assert said(mtu) == {("kernel", "the MTU went below IPv6's minimum (1280)")}
+    assert nettrace.address_changes(pid=mtu.pid, action="deleted", address="fd01::1/64")
+    assert said(lo, kind="addr") == {("kernel", "the MTU went below IPv4's minimum (68)"),
+                                     ("kernel", "the MTU went below IPv6's minimum (1280)")}
+    assert nettrace.address_changes(pid=lo.pid, address="127.0.0.1/8")
+    gone = nettrace.assert_address_deleted("192.168.3.2/24", by_pid=move.pid)
+    assert (gone.cause, gone.detail) == ("kernel", "the link moved to another namespace")
+    assert said(move) == {("kernel", "the link moved to another namespace")}
+
+
+def test_links_that_go_with_their_lower_link_are_the_kernels_doing(make_netns, nettrace):
+    """`ip link del e1` takes the macvlan and the VXLAN on top of it (their
+    drivers' notifiers close and unregister them): the request named e1, so
+    theirs are the kernel's, with the task named."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("e1", b, "p1", addresses=["192.168.7.1/24"])
+    for argv in ("link add mv0 link e1 type macvlan mode bridge", "link set mv0 up",
+                 "link add vx0 type vxlan id 5 dev e1 dstport 4789 local 192.168.7.1", "link set vx0 up"):
+        a.run(["ip"] + argv.split(), check=True)
+    r = a.run(["ip", "link", "del", "e1"], check=True)
+    upper = [(e.dev, e.action, e.cause, e.detail) for e in nettrace.link_changes(pid=r.pid, dev=["mv0", "vx0"])]
+    assert sorted(upper) == [(dev, action, "kernel", "follows a change of another link")
+                             for dev in ("mv0", "vx0") for action in ("deleted", "down")]
+    own = nettrace.link_changes(pid=r.pid, dev="e1", action="deleted")
+    assert [e.cause for e in own] == ["netlink"]
+
+
+def test_a_neighbour_learned_from_a_router_solicitation_says_so(make_netns, nettrace):
+    """A router learns its peer's link-local address from the peer's Router
+    Solicitation: a softirq, which may run on top of the DAD worker that
+    sent it. Nobody is named, and what the interrupted worker was doing is
+    not why."""
+    a, b = make_netns(), make_netns()
+    a.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
+    a.add_veth("d1", b, "p1", addresses=["192.168.9.1/24"])
+    ev = nettrace.wait_for("neigh", action="added", netns=a.inode, address=lambda x: x.is_link_local, timeout=6)
+    assert (ev.pid, ev.cause, ev.context) == (None, "kernel", "softirq")
+    assert ev.detail == "learned from a received Router Solicitation", ev.stack

@@ -210,6 +210,8 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
             "rule add ipproto udp sport 1000-2000 table 100 pref 501",
             "rule add uidrange 1000-1999 tos 0x10 lookup main suppress_prefixlength 0 pref 502",
             "rule del pref 501",
+            "rule add pref 0 from 10.8.0.0/16 table 6",      # the kernel's message has no priority then
+            "rule del pref 0 from 10.8.0.0/16",
             "link set d1 mtu 1400",
             "link set d1 down",
             "link set d1 name e1",
@@ -268,6 +270,7 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
     assert Counter(ours) == Counter(theirs), (sorted(Counter(ours) - Counter(theirs), key=str),
                                               sorted(Counter(theirs) - Counter(ours), key=str))
     assert ours == theirs
+    assert [e.action for e in nettrace.rule_changes(priority=0, src="10.8.0.0/16")] == ["added", "deleted"]
 
 
 # `ip -o monitor nexthop route` lines: a nexthop's ("id 10 group 1,3/2",

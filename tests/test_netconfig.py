@@ -633,6 +633,7 @@ def test_trace_nft_refuses_the_host_ruleset(nettrace):
 @pytest.mark.parametrize("change, detail", [
     ("addr del 10.0.0.1/24 dev eth0", "the link's last IPv4 address was removed"),
     ("link set eth0 address 02:00:00:00:00:77", "the link's hardware address changed"),
+    ("link set eth0 arp off", "the link's NOARP flag changed (arp on/off)"),   # the same flush, no new address
 ])
 def test_neighbours_flushed_by_other_changes_than_a_link_down_say_which(make_netns, nettrace, change, detail):
     """The kernel flushes a link's neighbour entries when it goes down, but

@@ -115,6 +115,27 @@ _NOTIFIER_FRAMES = ("notifier_call_chain", "raw_notifier_call_chain", "blocking_
 _ANY_NETLINK = ("rtnetlink_rcv_msg", "netlink_rcv_skb", "netlink_sendmsg")
 _ANY_IOCTL = ("sock_ioctl", "sock_do_ioctl", "inet_ioctl", "inet6_ioctl", "dev_ioctl", "__x64_sys_ioctl",
               "__arm64_sys_ioctl", "__se_sys_ioctl")
+# What set the kernel off, searched before the details below: (frames, frames
+# too or () for none, detail). The removals of a link down, the neighbour
+# flush of an address change, also follow other requests; each trigger has
+# its names of 6.1 to 6.18 (dev_* became netif_* in 6.15) as alternatives.
+_MTU_SET = ("netif_set_mtu_ext", "dev_set_mtu_ext", "netif_set_mtu", "dev_set_mtu", "call_netdevice_notifiers_mtu")
+_TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
+    # inetdev_event re-announces IPv4 addresses under their new label
+    (("netif_change_name", "dev_change_name"), (), "the link was renamed"),
+    # the MTU notifier stops IPv6 (addrconf_ifdown) below 1280, IPv4
+    # (inetdev_destroy, often inlined) below 68; the link stays up
+    (_MTU_SET, ("addrconf_ifdown", "rt6_disable_ip"), "the MTU went below IPv6's minimum (1280)"),
+    (_MTU_SET, ("inetdev_destroy", "inetdev_event"), "the MTU went below IPv4's minimum (68)"),
+    # closed and unregistered in the old namespace (inetdev_destroy inlined
+    # into inetdev_event), announced anew in the new one
+    (("__dev_change_net_namespace", "dev_change_net_namespace", "netif_change_net_namespace"), (),
+     "the link moved to another namespace"),
+    # `ip link set arp off|on`: NETDEV_CHANGE with IFF_NOARP changed flushes
+    # as an address change does (neigh_changeaddr), from the flags' notifier
+    (("neigh_changeaddr",), ("__dev_notify_flags", "netif_change_flags", "dev_change_flags"),
+     "the link's NOARP flag changed (arp on/off)"),
+)
 # Kernel-initiated changes: the first matching frame names why.
 _KERNEL_DETAILS = (
     (("addrconf_dad_failure", "addrconf_dad_stop"), "duplicate address detected (DAD failure)"),
@@ -142,6 +163,13 @@ _UPPER_LINKED = frozenset(("__netdev_upper_dev_link", "netdev_upper_dev_unlink",
 # A port added to or removed from its master (do_set_master is inlined on 6.1)
 _ENSLAVING = frozenset(("do_set_master", "br_add_if", "br_del_if", "bond_enslave", "__bond_release_one",
                         "team_port_add", "team_port_del", "vrf_add_slave", "vrf_del_slave"))
+# A device closed or unregistered by a notifier: a macvlan, VLAN or VXLAN
+# going with its lower device (macvlan_device_event, vlan_device_event,
+# vxlan_netdevice_event run inside the lower's unregistering or down)
+_CLOSING = frozenset(("unregister_netdevice_many_notify", "unregister_netdevice_many", "unregister_netdevice_queue",
+                      "netif_close_many", "dev_close_many", "__dev_close_many", "netif_close", "dev_close"))
+_CHAINS = frozenset(("notifier_call_chain", "raw_notifier_call_chain", "call_netdevice_notifiers_info",
+                     "call_netdevice_notifiers"))
 
 
 @functools.lru_cache(maxsize=256)
@@ -150,10 +178,15 @@ def follows_another_link(frames: Tuple[str, ...]) -> bool:
     request did not name: a bridge following its port's MTU or removal (a
     notifier chain run inside another's), a port made promiscuous by its
     bridge, a link given an upper device (`ip link add mv0 link eth0 type
-    macvlan`), a bridge's features recomputed for a new port. The port's own
-    change under `ip link set p1 master br0` is the request's."""
+    macvlan`), a bridge's features recomputed for a new port, a macvlan
+    removed or set down with its lower link. The port's own change under
+    `ip link set p1 master br0` is the request's."""
     names = [frame_function(f) for f in frames]
     functions = frozenset(names)
+    # (frames from the innermost: a closing called from within a chain)
+    closing = next((i for i, name in enumerate(names) if name in _CLOSING), None)
+    if closing is not None and not _CHAINS.isdisjoint(names[closing + 1:]):
+        return True
     # one chain run shows as notifier_call_chain, raw_notifier_call_chain
     # calling it, or both (inlining varies by kernel)
     chains = max(names.count("notifier_call_chain"), names.count("raw_notifier_call_chain"))
@@ -260,6 +293,40 @@ class AddrEvent(NetChangeEvent, init=False):
         return f"{self.action} {fam} {self.address} {prep} {self.dev or f'ifindex {self.ifindex}'}"
 
 
+# IFLA_INFO_KIND of Linux's link types: iproute2's `ip link add type` list
+# (its *_slave entries are port kinds) and the kinds made otherwise (tun,
+# team, wireguard, openvswitch, batadv, ppp, can, ovpn)
+LINK_KINDS = frozenset((
+    "amt", "bareudp", "batadv", "bond", "bridge", "can", "dsa", "dummy", "erspan", "geneve", "gre", "gretap", "gtp",
+    "hsr", "ifb", "ip6erspan", "ip6gre", "ip6gretap", "ip6tnl", "ipip", "ipoib", "ipvlan", "ipvtap", "l2tpeth",
+    "lowpan", "macsec", "macvlan", "macvtap", "netdevsim", "netkit", "nlmon", "openvswitch", "ovpn", "pfcp", "ppp",
+    "rmnet", "sit", "team", "tun", "vcan", "veth", "virt_wifi", "vlan", "vrf", "vti", "vti6", "vxcan", "vxlan",
+    "wireguard", "wwan", "xfrm"))
+
+
+class _LinkKind(FieldType):
+    """A link's kind (`veth`, `bridge`, …): a name not among Linux's is a typo."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        if value not in LINK_KINDS:
+            raise ValueError(f"unknown {field} {value!r} for {owner.kind!r} events; valid: "
+                             f"{', '.join(sorted(LINK_KINDS))} (another: {field}=lambda k: k == {value!r})")
+        return value
+
+
+class _LinkLayerAddress(FieldType):
+    """A link-layer address as events hold it, "02:00:00:00:00:0a": a filter
+    may write it in capitals or with '-' (as other tools print it)."""
+
+    def check(self, owner: Any, field: str, value: Any) -> Any:
+        text = value if isinstance(value, str) else ""
+        parts = text.split("-" if "-" in text and ":" not in text else ":")
+        if not all(0 < len(p) <= 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+            raise ValueError(f"invalid {field} {value!r} for {owner.kind!r} events: hex bytes separated by ':' "
+                             "or '-', e.g. '02:00:00:00:00:0a'")
+        return ":".join(f"{int(p, 16):02x}" for p in parts)
+
+
 class LinkEvent(NetChangeEvent, init=False):
     """A network interface added, deleted, set up/down, or otherwise changed:
     one per notification of the interface itself (a bridge port's own,
@@ -274,6 +341,7 @@ class LinkEvent(NetChangeEvent, init=False):
     operstate: Optional[str]
     VALUES = {**NetChangeEvent.VALUES, "action": ACTIONS,
               "operstate": tuple(_OPERSTATES.values())}
+    TYPES = {"link_kind": _LinkKind()}
 
     def describe(self) -> str:
         what = {"added": "added link", "deleted": "deleted link", "up": "set link up",
@@ -338,6 +406,8 @@ class RouteEvent(NetChangeEvent, init=False):
 
     def describe(self) -> str:
         dst = "default" if self.dst is not None and self.dst.prefixlen == 0 else str(self.dst)
+        # as ip route says a type other than unicast: "blackhole 10.4.0.0/16", "local 10.0.0.1 …"
+        rtype = f"{self.type} " if self.type != "unicast" else ""
         nhid = f" nhid {self.nhid}" if self.nhid is not None else ""
         via = f" via {self.gateway}" if self.gateway else ""
         dev = f" dev {self.dev}" if self.dev and not self.nexthops else ""
@@ -345,7 +415,7 @@ class RouteEvent(NetChangeEvent, init=False):
         # as ip route prints a multipath route: "nexthop via 10.0.0.1 dev eth0 weight 1" each
         hops = "".join(" nexthop" + (f" via {h.gateway}" if h.gateway else "") + (f" dev {h.dev}" if h.dev else "")
                        + f" weight {h.weight}" for h in self.nexthops)
-        return f"{self.action} route {dst}{nhid}{via}{dev}{table}{hops}"
+        return f"{self.action} route {rtype}{dst}{nhid}{via}{dev}{table}{hops}"
 
 
 # -- neighbours and policy-routing rules (issue 15) ---------------------------
@@ -370,8 +440,14 @@ _KIND_DETAILS = {
         (("neigh_ifdown", "__neigh_ifdown", "neigh_flush_dev"), "link down"),
         (("neigh_periodic_work", "neigh_forced_gc"), "neighbour garbage collection"),
         (("neigh_timer_handler",), "neighbour state timer"),
-        (("arp_process", "ndisc_recv_na", "ndisc_recv_ns", "ndisc_router_discovery", "neigh_event_ns",
-          "ndisc_rcv"), "learned from a received packet"),
+        # what was received, where the stack says (ndisc_rcv is often a tail call)
+        (("ndisc_recv_rs",), "learned from a received Router Solicitation"),
+        (("ndisc_recv_ns",), "learned from a received Neighbour Solicitation"),
+        (("ndisc_recv_na",), "learned from a received Neighbour Advertisement"),
+        (("ndisc_router_discovery",), "learned from a received Router Advertisement"),
+        (("ndisc_redirect_rcv",), "learned from a received Redirect"),
+        (("arp_process", "arp_rcv"), "learned from a received ARP packet"),
+        (("neigh_event_ns", "ndisc_rcv"), "learned from a received packet"),
         (("__neigh_event_send", "neigh_resolve_output", "neigh_direct_output"),
          "resolving the neighbour of an outgoing packet"),
     ),
@@ -483,7 +559,7 @@ class NeighEvent(NetChangeEvent, init=False):
     flags: int
     router: bool
     proxy: bool
-    TYPES = {"state": NUD_STATE, "old_state": NUD_STATE}
+    TYPES = {"state": NUD_STATE, "old_state": NUD_STATE, "lladdr": _LinkLayerAddress()}
 
     @property
     def background(self) -> bool:
@@ -505,7 +581,7 @@ class RuleEvent(NetChangeEvent, init=False):
     kind = "rule"
     ACTIONS = ("added", "deleted")
     family: int
-    priority: Optional[int]
+    priority: int
     src: Optional[IPNetwork]
     dst: Optional[IPNetwork]
     iif: Optional[str]
@@ -529,7 +605,7 @@ class RuleEvent(NetChangeEvent, init=False):
 
     def describe(self) -> str:
         # as `ip rule` prints it: "100: from 10.0.0.0/8 lookup 100"
-        parts = [f"{self.priority}:" if self.priority is not None else ""]
+        parts = [f"{self.priority}:"]
         if self.invert:
             parts.append("not")
         parts.append(f"from {self.src if self.src is not None else 'all'}")
@@ -571,7 +647,7 @@ class RuleEvent(NetChangeEvent, init=False):
 # uapi/linux/nexthop.h. RTNLGRP_NEXTHOP is past the 32 groups bind() takes.
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 RTNLGRP_NEXTHOP = 32
-NLM_F_CREATE = 0x400
+NLM_F_EXCL, NLM_F_CREATE = 0x200, 0x400
 NH_GROUP_TYPES = {0: "mpath", 1: "resilient"}
 _NH_GRP = struct.Struct("<IBBH")   # struct nexthop_grp: id, weight - 1, weight_high, resvd
 _NETLINK_HANDLERS["nexthop"] = ("rtm_new_nexthop", "rtm_del_nexthop")
@@ -583,7 +659,8 @@ class NexthopEvent(NetChangeEvent, init=False):
     monitor nexthop`'s lines. "changed" is a group the kernel rewrote because
     a member was deleted (cause "kernel"). A nexthop that goes with its
     device (the link set down or deleted) is removed without a notification,
-    as are the routes using it: `ip monitor` prints nothing then either."""
+    as are the routes using it: `ip monitor` prints nothing then either; the
+    same id given again is "added"."""
 
     kind = "nexthop"
     ACTIONS = ("added", "replaced", "changed", "deleted")
@@ -700,12 +777,32 @@ def sysctl_cause(ev: NetChangeEvent, functions: AbstractSet[str], name: bytes, v
     return dict(cause="sysctl", detail=f"a write to {handler}" if handler else "a write to /proc/sys/net")
 
 
+# Where an interrupt's frames end: below them is whatever it interrupted (a
+# softirq run on top of the DAD worker, of a task's netlink request)
+_INTERRUPT_ENTRIES = frozenset(("handle_softirqs", "__do_softirq", "do_softirq", "run_ksoftirqd", "irq_exit_rcu",
+                                "__irq_exit_rcu", "common_interrupt", "asm_common_interrupt",
+                                "__sysvec_apic_timer_interrupt"))
+
+
+@functools.lru_cache(maxsize=1024)  # a test's changes repeat a handful of stacks
+def own_functions(frames: Tuple[str, ...]) -> FrozenSet[str]:
+    """The function names of a stack's frames ("addrconf_ifdown" of
+    "addrconf_ifdown.isra.0+0x1f": compiler clones keep the name) down to an
+    interrupt's entry: what it interrupted did not make this change."""
+    names = []
+    for frame in frames:
+        name = frame_function(frame)
+        if name in _INTERRUPT_ENTRIES:
+            break
+        names.append(name)
+    return frozenset(names)
+
+
 def cause_of(kind: str, frames: Sequence[str]) -> Tuple[str, Optional[str]]:
     """("netlink" | "ioctl" | "kernel", detail) from the kernel stack: how
     *this* change was asked for. The IPv6 addresses a link down removes are
     "kernel"/"link down" whether the down came over netlink or SIOCSIFFLAGS."""
-    # "addrconf_ifdown.isra.0+0x1f" -> "addrconf_ifdown": compiler clones keep the name
-    return _cause(kind, frozenset(frame_function(f) for f in frames))
+    return _cause(kind, own_functions(tuple(frames)))
 
 
 @functools.lru_cache(maxsize=1024)  # a test's changes repeat a handful of stacks (Stack.functions, hashed once)
@@ -716,8 +813,9 @@ def _cause(kind: str, present: FrozenSet[str]) -> Tuple[str, Optional[str]]:
         return "netlink", None
     if not follows and present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
         return "ioctl", None
-    detail = None
-    for frames_for, text in _KIND_DETAILS.get(kind, ()) + _KERNEL_DETAILS:
+    detail = next((text for frames_for, too, text in _TRIGGERS
+                   if present.intersection(frames_for) and (not too or present.intersection(too))), None)
+    for frames_for, text in () if detail else _KIND_DETAILS.get(kind, ()) + _KERNEL_DETAILS:
         if present.intersection(frames_for):
             detail = text
             break
@@ -757,7 +855,35 @@ class Present:
     change, not an addition — the kernel's message does not say."""
 
     addresses: Set[Tuple[int, int, bytes, int]] = field(default_factory=set)   # (family, ifindex, address, plen)
-    nexthops: Set[int] = field(default_factory=set)   # `ip nexthop replace` of a new id is an addition
+    # nexthop id -> its device's ifindex (None: a group, a blackhole or an fdb
+    # nexthop): `ip nexthop replace` of a new id is an addition
+    nexthops: Dict[int, Optional[int]] = field(default_factory=dict)
+    groups: Dict[int, Set[int]] = field(default_factory=dict)   # a group's id -> its members' ids
+
+    def nexthop_announced(self, nh_id: int, attrs: Dict[int, bytes]) -> None:
+        """An RTM_NEWNEXTHOP's attributes: the nexthop is there now."""
+        self.nexthops[nh_id] = _u32(attrs, 5)   # NHA_OIF
+        members = nexthop_group(attrs.get(2))
+        if members:
+            self.groups[nh_id] = {member for member, _weight in members}
+        else:
+            self.groups.pop(nh_id, None)
+
+    def nexthop_deleted(self, nh_id: int) -> None:
+        self.nexthops.pop(nh_id, None)
+        self.groups.pop(nh_id, None)
+
+    def link_down(self, ifindex: int) -> None:
+        """A link set down or deleted: the kernel removes its nexthops
+        (nexthop_flush_dev) without a notification, drops them from their
+        groups, and removes a group left empty — silently too."""
+        gone = {nh_id for nh_id, dev in self.nexthops.items() if dev == ifindex}
+        for group, members in list(self.groups.items()):
+            members -= gone
+            if not members:
+                gone.add(group)
+        for nh_id in gone:
+            self.nexthop_deleted(nh_id)
 
 
 class _Monitor:
@@ -839,9 +965,10 @@ class _Monitor:
 
     def _dump_nexthops(self) -> None:
         for mtype, msg in self._dump(RTM_GETNEXTHOP, 3):
-            nh_id = _u32(_attrs(msg, 24, len(msg)), 1) if mtype == RTM_NEWNEXTHOP else None
+            attrs = _attrs(msg, 24, len(msg)) if mtype == RTM_NEWNEXTHOP else {}
+            nh_id = _u32(attrs, 1)   # NHA_ID
             if nh_id is not None:
-                self.present.nexthops.add(nh_id)
+                self.present.nexthop_announced(nh_id, attrs)
 
     def learn(self, msg: bytes) -> None:
         if len(msg) >= 32:
@@ -1133,7 +1260,7 @@ class NetChangeDecoder(Decoder):
         was asked for, and by whom (built once: a record's event was built,
         then rebuilt with these)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        cause, detail = _cause(cls.kind, stack.functions)
+        cause, detail = _cause(cls.kind, own_functions(stack.frames))
         if cls.kind == "link" and cause != "kernel" and follows_another_link(stack.frames):
             cause, detail = "kernel", "follows a change of another link"
         fields["cause"], fields["detail"] = cause, detail
@@ -1200,10 +1327,13 @@ class NetChangeDecoder(Decoder):
                 mon.names[index] = name
         if mtype == RTM_DELLINK:
             action = "deleted"
+            self._seen(hdr.netns, mon).link_down(index)
         elif change == 0xFFFFFFFF:
             action = "added"
         elif change & IFF_UP:
             action = "up" if flags & IFF_UP else "down"
+            if action == "down":
+                self._seen(hdr.netns, mon).link_down(index)
         else:
             action = "changed"
         kind_attr = _attrs(attrs[18], 0, len(attrs[18])).get(1) if 18 in attrs else None  # IFLA_LINKINFO/KIND
@@ -1281,7 +1411,8 @@ class NetChangeDecoder(Decoder):
         ip_proto = attrs.get(22)  # FRA_IP_PROTO
         suppress = _u32(attrs, 14)  # FRA_SUPPRESS_PREFIXLEN
         fields = dict(action="added" if mtype == RTM_NEWRULE else "deleted",
-                      family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6),
+                      # FRA_PRIORITY: the kernel leaves it out for priority 0 (`ip rule add pref 0`)
+                      family=4 if family == socket.AF_INET else 6, priority=_u32(attrs, 6) or 0,
                       src=_prefix(attrs.get(2), family, src_len), dst=_prefix(attrs.get(1), family, dst_len),
                       iif=_cstr(attrs.get(3)), oif=_cstr(attrs.get(17)), fwmark=_u32(attrs, 10),
                       fwmask=_u32(attrs, 16), table=RT_TABLES.get(table, table),
@@ -1305,20 +1436,21 @@ class NetChangeDecoder(Decoder):
         nh_id = _u32(attrs, 1)  # NHA_ID
         if nh_id is None:
             return None
-        known = self._seen(hdr.netns, mon).nexthops
+        present = self._seen(hdr.netns, mon)
         if mtype == RTM_DELNEXTHOP:
             action = "deleted"
-            known.discard(nh_id)
+            present.nexthop_deleted(nh_id)
         else:
-            # the kernel echoes the request's flags; a group it rewrote after
+            # the kernel echoes the request's flags: NLM_F_EXCL (`ip nexthop
+            # add`) succeeds only for an id not there; a group it rewrote after
             # a member was deleted carries neither NLM_F_CREATE nor NLM_F_REPLACE
-            if nh_id not in known:
+            if nh_id not in present.nexthops or nl_flags & NLM_F_EXCL:
                 action = "added"
             elif nl_flags & (NLM_F_REPLACE | NLM_F_CREATE):
                 action = "replaced"
             else:
                 action = "changed"
-            known.add(nh_id)
+            present.nexthop_announced(nh_id, attrs)
         oif = _u32(attrs, 5)
         group = nexthop_group(attrs.get(2))
         group_type: Union[str, int, None] = None

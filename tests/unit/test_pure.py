@@ -17,7 +17,7 @@ import pytest
 from pytest_nettrace.events import check_filters, matches
 from pytest_nettrace.kernel import wire
 from pytest_nettrace.probes.drop import DropEvent
-from pytest_nettrace.probes.netchange import AddrEvent, RouteEvent, cause_of
+from pytest_nettrace.probes.netchange import AddrEvent, Present, RouteEvent, cause_of, follows_another_link
 from pytest_nettrace.probes.packet import (SNAPLEN, Frame, PacketEvent, PcapngWriter, _vlan_restored, packet_event,
                                            summarize)
 from pytest_nettrace.probes.traffic import traffic_rows
@@ -90,6 +90,20 @@ def test_icmpv6_is_one_spelling_and_icmp6_an_alias_on_every_kind():
         assert _filter(cls, ev, **{field: "icmpv6"}) and _filter(cls, ev, **{field: "icmp6"})
 
 
+def test_a_link_going_down_takes_its_nexthops_and_groups_left_empty():
+    def nexthop(oif=None, group=()):
+        attrs = {5: struct.pack("<I", oif)} if oif else {}
+        if group:
+            attrs[2] = b"".join(struct.pack("<IBBH", member, 0, 0, 0) for member in group)
+        return attrs
+    present = Present()
+    for nh_id, attrs in ((1, nexthop(oif=7)), (2, nexthop(oif=7)), (3, nexthop(oif=8)), (4, nexthop()),
+                         (10, nexthop(group=(1, 2))), (11, nexthop(group=(1, 3)))):
+        present.nexthop_announced(nh_id, attrs)
+    present.link_down(7)
+    assert sorted(present.nexthops) == [3, 4, 11] and present.groups == {11: {3}}
+
+
 # -- cause_of -------------------------------------------------------------------
 
 def test_cause_of_netlink_ioctl_and_kernel():
@@ -100,6 +114,56 @@ def test_cause_of_netlink_ioctl_and_kernel():
                                       "notifier_call_chain+0x5", "do_setlink+0x1", "rtnetlink_rcv_msg+0x2"])
     assert cause == "kernel" and detail  # removed by a link down, on that request's behalf
     assert cause_of("route", []) == ("kernel", None)
+
+
+_NOTIFIED = ["sock_def_readable+0x7f", "__netlink_sendskb+0x67", "netlink_broadcast_filtered+0x41d",
+             "nlmsg_notify+0x51"]
+_REQUEST = ["do_setlink.isra.0+0x1", "rtnl_newlink+0x2", "netlink_rcv_skb+0x3", "netlink_sendmsg+0x4"]
+
+
+@pytest.mark.parametrize("kind, frames, detail", [
+    # as 6.18 showed them, and with the names 6.1 and 6.12 have (dev_* before netif_*)
+    ("addr", ["inetdev_event+0x1", "notifier_call_chain+0x2", "netif_change_name+0x3"], "the link was renamed"),
+    ("addr", ["inetdev_event+0x1", "notifier_call_chain+0x2", "dev_change_name+0x3"], "the link was renamed"),
+    ("route", ["fib6_del+0x1", "rt6_disable_ip+0x2", "addrconf_ifdown.isra.0+0x3", "addrconf_notify+0x4",
+               "notifier_call_chain+0x5", "dev_set_mtu_ext+0x6"], "the MTU went below IPv6's minimum (1280)"),
+    ("addr", ["__inet_del_ifa+0x1", "inetdev_event+0x2", "notifier_call_chain+0x3", "netif_set_mtu_ext+0x4"],
+     "the MTU went below IPv4's minimum (68)"),
+    ("addr", ["__inet_del_ifa+0x1", "inetdev_event+0x2", "notifier_call_chain+0x3",
+              "__dev_change_net_namespace+0x4"], "the link moved to another namespace"),
+    ("neigh", ["__neigh_notify+0x1", "neigh_flush_dev.isra.0+0x2", "neigh_changeaddr+0x3", "arp_netdev_event+0x4",
+               "notifier_call_chain+0x5", "__dev_notify_flags+0x6", "dev_change_flags+0x7"],
+     "the link's NOARP flag changed (arp on/off)"),
+    ("neigh", ["__neigh_notify+0x1", "neigh_flush_dev.isra.0+0x2", "neigh_changeaddr+0x3", "arp_netdev_event+0x4",
+               "notifier_call_chain+0x5", "dev_set_mac_address+0x6"], "the link's hardware address changed"),
+    # raising the MTU again configures IPv6 anew: not the MTU's minimum
+    ("addr", ["addrconf_add_linklocal+0x1", "addrconf_dev_config+0x2", "addrconf_notify+0x3",
+              "notifier_call_chain+0x4", "dev_set_mtu_ext+0x5"], "IPv6 autoconfiguration"),
+])
+def test_what_set_the_kernel_off_is_the_detail(kind, frames, detail):
+    assert cause_of(kind, _NOTIFIED + frames + _REQUEST) == ("kernel", detail)
+
+
+def test_frames_below_an_interrupt_are_not_why():
+    """A Router Solicitation received in a softirq that ran on top of the
+    DAD worker (6.18), or of a task's netlink request (6.1's __do_softirq)."""
+    received = _NOTIFIED + ["__neigh_notify+0x1", "__neigh_update+0x2", "ndisc_recv_rs+0x3", "icmpv6_rcv+0x4",
+                            "net_rx_action+0x5"]
+    worker = ["handle_softirqs+0x1", "__local_bh_enable_ip+0x2", "ndisc_send_skb+0x3",
+              "addrconf_dad_completed+0x4", "addrconf_dad_work+0x5", "process_one_work+0x6"]
+    assert cause_of("neigh", received + worker) == ("kernel", "learned from a received Router Solicitation")
+    request = ["__do_softirq+0x1", "neigh_add+0x2", "rtnetlink_rcv_msg+0x3"] + _REQUEST
+    assert cause_of("neigh", received + request) == ("kernel", "learned from a received Router Solicitation")
+
+
+def test_a_link_closed_by_another_links_notifier_follows_it():
+    upper = _NOTIFIED + ["netif_close_many+0x1", "unregister_netdevice_many_notify+0x2", "macvlan_device_event+0x3",
+                         "notifier_call_chain+0x4", "unregister_netdevice_many_notify+0x5", "rtnl_dellink+0x6"]
+    assert follows_another_link(tuple(upper))
+    own = _NOTIFIED + ["netif_close_many+0x1", "unregister_netdevice_many_notify+0x2", "rtnl_dellink+0x3"]
+    assert not follows_another_link(tuple(own))
+    renamed = _NOTIFIED + ["rtnetlink_event+0x1", "notifier_call_chain+0x2", "netif_change_name+0x3"] + _REQUEST
+    assert not follows_another_link(tuple(renamed))
 
 
 # -- packets and pcapng ---------------------------------------------------------------
