@@ -352,6 +352,12 @@ def scalar_type(owner: Any, field: str) -> Optional[type]:
     return None
 
 
+def described(owner: Any) -> str:
+    """What filter errors call the records of `owner`: "'rst' events", or
+    its DESCRIBED (a table's rows are no events)."""
+    return getattr(owner, "DESCRIBED", None) or f"{owner.kind!r} events"
+
+
 def _check_scalar(owner: Any, field: str, value: Any) -> None:
     """A filter value of another type than the field's never matches: a
     port given as "9" would make a negative assertion pass."""
@@ -361,7 +367,7 @@ def _check_scalar(owner: Any, field: str, value: Any) -> None:
     if not isinstance(value, bool) and isinstance(value, (int, float) if expected is float else expected):
         return
     what = {int: "a number", str: "a str", float: "a number", bool: "True or False"}[expected]
-    raise ValueError(f"{field} of {owner.kind!r} events is {what}: {value!r} ({type(value).__name__}) "
+    raise ValueError(f"{field} of {described(owner)} is {what}: {value!r} ({type(value).__name__}) "
                      f"would match nothing")
 
 
@@ -734,7 +740,7 @@ def check_filters(cls: Any, filters: Dict[str, Any]) -> Dict[str, Any]:
     for name, value in filters.items():
         if name not in cls.FIELDS:
             raise ValueError(
-                f"unknown filter {name!r} for {cls.kind!r} events; valid: {', '.join(cls.FIELDS)}")
+                f"unknown filter {name!r} for {described(cls)}; valid: {', '.join(cls.FIELDS)}")
         if value is None or _is_predicate(value) or name == "stack":
             out[name] = value
             continue

@@ -479,3 +479,26 @@ def test_fragments_are_their_datagrams_senders_and_receivers(make_netns, nettrac
     got = nettrace.traffic(netns=b.inode, pid=rx.pid)
     assert [(r.tx_packets, r.rx_packets) for r in sent] == [(9, 0)], nettrace.traffic_table()
     assert [(r.tx_packets, r.rx_packets) for r in got] == [(0, 9)], nettrace.traffic_table()
+
+
+@pytest.mark.parametrize("call, kwargs, error, message", [
+    ("assert_traffic", dict(pid="1", max_bytes=0), ValueError, r"pid of traffic rows is a number: '1' \(str\)"),
+    ("assert_traffic", dict(uid="0", max_packets=0), ValueError, r"uid of traffic rows is a number: '0'"),
+    ("assert_traffic", dict(dev=0, max_packets=0), ValueError, r"dev of traffic rows is a str: 0 \(int\)"),
+    ("assert_traffic", dict(netns="nt-x", max_packets=0), ValueError, r"netns of traffic rows is a number: 'nt-x'"),
+    ("traffic", dict(tx_packets="5"), ValueError, r"tx_packets of traffic rows is a number: '5'"),
+    ("assert_traffic", dict(comm="python3"), ValueError, r"assert_traffic needs a bound: min_bytes, max_bytes"),
+    ("assert_traffic", dict(dev="eth0", min_packets=1.5), TypeError,
+     r"assert_traffic's min_packets is a whole number \(int\), not 1.5 \(float\)"),
+    ("assert_traffic", dict(comm="python3", max_bytes="10"), TypeError,
+     r"assert_traffic's max_bytes is a whole number \(int\), not '10' \(str\)"),
+    ("assert_traffic", dict(dev="eth0", max_packets=-1), ValueError, r"max_packets is a count, not -1"),
+])
+def test_a_filter_or_bound_of_the_wrong_type_is_one_clear_error(pair, nettrace, call, kwargs, error, message):
+    """Each of these matched nothing (or had nothing to assert) and passed."""
+    a, _ = pair
+    a.run(udp_sender("10.0.0.2", 9, 1, 10), check=True)
+    assert nettrace.traffic(netns=a.inode)   # there is traffic the bad call would have ignored
+    with pytest.raises(error, match=message) as failure:
+        getattr(nettrace, call)(**kwargs)
+    assert "\n" not in str(failure.value)

@@ -20,7 +20,7 @@ from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List
                     TypedDict, cast)
 
 from ..errors import EventsLost
-from ..events import Event, describe_filters, matches
+from ..events import Event, check_filters, describe_filters, matches
 from ..events import COMM
 from ..kernel import wire
 from ..kernel.libbpf import NetnsPurge, map_items
@@ -65,7 +65,8 @@ class TrafficRow:
     # pids): the kernel could not tell which one each packet was for
     shared_by: Tuple[int, ...] = ()
 
-    kind = "traffic"  # for check_filters' messages
+    kind = "traffic"
+    DESCRIBED = "traffic rows"   # in check_filters' messages
     FIELDS = ("netns", "pid", "uid", "dev", "comm", "tx_packets", "rx_packets", "tx_bytes", "rx_bytes", "shared_by")
     TYPES = {"comm": COMM}
 
@@ -210,10 +211,18 @@ def traffic_rows(counters: Iterable[Tuple[bytes, bytes]], owners: Iterable[Tuple
     return list(table.values())
 
 
-def _check_row_filters(filters: Mapping[str, Any]) -> None:
-    for name in filters:
-        if name not in TrafficRow.FIELDS:
-            raise ValueError(f"unknown filter {name!r} for traffic rows; valid: {', '.join(TrafficRow.FIELDS)}")
+def _check_bounds(bounds: Mapping[str, Any]) -> None:
+    """assert_traffic's bounds: at least one, each a count (a str or float
+    would fail with a TypeError deep inside, or compare as no count does)."""
+    given = {k: v for k, v in bounds.items() if v is not None}
+    if not given:
+        raise ValueError(f"assert_traffic needs a bound: {', '.join(bounds)} (without one it asserts nothing)")
+    for name, value in given.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"assert_traffic's {name} is a whole number (int), not {value!r} "
+                            f"({type(value).__name__})")
+        if value < 0:
+            raise ValueError(f"assert_traffic's {name} is a count, not {value}")
 
 
 class TrafficFilters(TypedDict, total=False):
@@ -245,11 +254,11 @@ class TrafficApi(KindApi):
         """nettop rows for the watched namespaces: objects with netns, pid, uid,
         dev, comm, tx_packets, rx_packets, tx_bytes, rx_bytes (pid/uid/comm
         None: no process owns that traffic). Filters as for events."""
-        _check_row_filters(filters)
+        checked = check_filters(TrafficRow, dict(filters))
         probe = self._traffic_probe()
         self.ctx.check_open()
         rows = probe.rows(list(self.ctx.watched))
-        return sorted((r for r in rows if matches(r, filters)), key=lambda r: (r.netns, r.dev, r.pid or 0))
+        return sorted((r for r in rows if matches(r, checked)), key=lambda r: (r.netns, r.dev, r.pid or 0))
 
     def traffic_table(self, **filters: Unpack[TrafficFilters]) -> str:
         """The rows as nettop.stp prints them: PID UID DEV XMIT_PK RECV_PK XMIT_KB RECV_KB COMMAND (+ NETNS)."""
@@ -264,6 +273,8 @@ class TrafficApi(KindApi):
         (a full counter map; received traffic of a device in RX_HANDED_UP)."""
         if direction not in ("tx", "rx", "both"):
             raise ValueError(f"direction must be 'tx', 'rx' or 'both', not {direction!r}")
+        _check_bounds({"min_bytes": min_bytes, "max_bytes": max_bytes, "min_packets": min_packets,
+                       "max_packets": max_packets})
         rows = self.traffic(**filters)
         pick = {"tx": ("tx_",), "rx": ("rx_",), "both": ("tx_", "rx_")}[direction]
         nbytes = sum(getattr(r, p + "bytes") for r in rows for p in pick)

@@ -215,3 +215,20 @@ def test_traffic_rows_join_counters_with_port_owners():
     assert [(r.pid, r.uid, r.comm, r.shared_by, r.tx_packets, r.rx_bytes) for r in rows] == [
         (None, None, None, (), 0, 500), (None, None, None, (300, 301), 0, 40), (100, 0, "curl", (), 4, 300),
         (200, 7, "wget", (), 2, 0)]
+
+
+def test_traffic_filters_and_bounds_are_checked_by_type():
+    """What would match no row or compare as no count does is a usage error."""
+    from pytest_nettrace.events import check_filters
+    from pytest_nettrace.probes.traffic import TrafficRow, _check_bounds
+    assert check_filters(TrafficRow, {"pid": 5, "dev": ["eth0", "lo"], "comm": None}) == {
+        "pid": 5, "dev": ["eth0", "lo"], "comm": None}
+    for bad in ({"pid": "1"}, {"dev": 0}, {"netns": "nt-x"}, {"rx_bytes": 1.5}, {"nosuch": 1}):
+        with pytest.raises(ValueError, match="traffic rows"):
+            check_filters(TrafficRow, bad)
+    _check_bounds({"min_bytes": 0, "max_bytes": None})
+    with pytest.raises(ValueError, match="needs a bound"):
+        _check_bounds({"min_bytes": None, "max_packets": None})
+    for bad_bound in (1.5, "10", True):
+        with pytest.raises(TypeError, match="max_packets is a whole number"):
+            _check_bounds({"max_packets": bad_bound})
