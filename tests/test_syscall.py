@@ -199,12 +199,14 @@ def test_a_call_entered_before_the_watch_is_not_reported_with_another_calls_argu
         time.sleep(0.2)        # recvfrom(101) entered, watched
         first.close()          # nothing watched
         datagram()             # recvfrom(101) returns unwatched: its entry stays
-        proc.stdin.write("\n"); proc.stdin.flush()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
         time.sleep(0.2)        # recvfrom(102) entered unwatched: nothing kept
         second = Trace(engine, "second")
         second.watch(ns)
         datagram()             # recvfrom(102) returns watched
-        proc.stdin.write("\n"); proc.stdin.flush()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
         time.sleep(0.2)        # recvfrom(103) entered watched
         datagram()
         calls = second.syscalls(pid=proc.pid, name="recvfrom")
