@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Traffic per process and device (seed 001, nettop.stp), aggregated in the
- * kernel: one hash update per packet in a watched namespace, one netns
- * lookup for every other packet. See traffic.h for how packets find their
+ * kernel: one hash update per packet in a watched namespace (and one LRU
+ * update or lookup per IP fragment), one netns lookup for every other
+ * packet. See traffic.h for how packets find their
  * process. */
 #define __BPF_PROGRAM__
 #include "vmlinux.h"
@@ -18,7 +19,6 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define IPPROTO_ICMPV6 58
-#define TCP_SYN_SENT 2
 #define TCP_LISTEN 10
 
 struct {
@@ -35,46 +35,132 @@ struct {
 	__type(value, struct traffic_owner);
 } tf_owners SEC(".maps");
 
-/* (proto, local port) of the packet whose L3 header starts at l3: one read
- * of the IP and L4 headers in the common case. */
-static __always_inline void flow_of(const unsigned char *l3, __u16 eth_proto, bool rx,
-				    __u8 *proto, __u16 *port)
+/* Fragments of one datagram: only the first has the L4 header. Written at a
+ * first fragment, read at the others (sent and received in order, as the
+ * kernel sends them); an LRU, so nothing needs to delete its entries. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct traffic_frag_key);
+	__type(value, __u32);
+} tf_frags SEC(".maps");
+
+/* The port of a fragmented datagram: remembered at its first fragment
+ * (first), looked up at the others. */
+static __always_inline void frag_port(struct traffic_frag_key *fk, bool first, __u16 *port)
+{
+	if (first) {
+		__u32 p = *port;
+		bpf_map_update_elem(&tf_frags, fk, &p, BPF_ANY);
+	} else {
+		__u32 *p = bpf_map_lookup_elem(&tf_frags, fk);
+		if (p)
+			*port = *p;
+	}
+}
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1FFF
+#define NEXTHDR_FRAGMENT 44
+
+/* (proto, local port) of the packet whose L3 header starts at l3, and its
+ * TCP flags: one read of the IP and L4 headers in the common case. */
+static __always_inline __u8 flow_of(const unsigned char *l3, __u16 eth_proto, bool rx, __u32 netns,
+				    struct traffic_key *key)
 {
 	union {
-		struct { struct iphdr ip; __u8 l4[8]; } v4;
-		struct { struct ipv6hdr ip; __u8 l4[8]; } v6;
+		struct { struct iphdr ip; __u8 l4[14]; } v4;
+		struct { struct ipv6hdr ip; __u8 l4[14]; } v6;
 	} h;
+	struct traffic_frag_key fk = { .netns = netns, .rx = rx };
+	bool fragment = false, first = false;
 	__u8 *l4;
 	__u8 l4proto;
 
 	if (eth_proto == ETH_P_IP) {
 		if (bpf_probe_read_kernel(&h.v4, sizeof(h.v4), l3))
-			return;
+			return 0;
 		l4proto = h.v4.ip.protocol;
-		*proto = l4proto;
-		if (h.v4.ip.frag_off & bpf_htons(0x1FFF))  /* a later fragment: no L4 header */
-			return;
+		__u16 frag = bpf_ntohs(h.v4.ip.frag_off);
+		if (frag & (IP_MF | IP_OFFSET)) {
+			fragment = true;
+			first = !(frag & IP_OFFSET);
+			fk.id = h.v4.ip.id;
+			__builtin_memcpy(fk.addrs, &h.v4.ip.saddr, 4);
+			__builtin_memcpy(fk.addrs + 16, &h.v4.ip.daddr, 4);
+		}
 		l4 = h.v4.l4;
-		if (h.v4.ip.ihl != 5 && bpf_probe_read_kernel(l4, sizeof(h.v4.l4), l3 + h.v4.ip.ihl * 4))
-			return;  /* IP options: the L4 header is further */
+		if (first || !fragment) {
+			if (h.v4.ip.ihl != 5 &&
+			    bpf_probe_read_kernel(l4, sizeof(h.v4.l4), l3 + h.v4.ip.ihl * 4))
+				return 0;  /* IP options: the L4 header is further */
+		}
 	} else if (eth_proto == ETH_P_IPV6) {
 		if (bpf_probe_read_kernel(&h.v6, sizeof(h.v6), l3))
-			return;
-		l4proto = h.v6.ip.nexthdr;  /* extension headers: counted without a port */
-		*proto = l4proto;
+			return 0;
+		l4proto = h.v6.ip.nexthdr;  /* other extension headers: counted without a port */
 		l4 = h.v6.l4;
+		if (l4proto == NEXTHDR_FRAGMENT) {
+			/* struct frag_hdr: nexthdr, reserved, offset and M flag, id */
+			fragment = true;
+			l4proto = l4[0];
+			first = !((l4[2] << 8 | l4[3]) & 0xFFF8);
+			__builtin_memcpy(&fk.id, l4 + 4, 4);
+			__builtin_memcpy(fk.addrs, &h.v6.ip.saddr, 32);
+			if (first && bpf_probe_read_kernel(l4, sizeof(h.v6.l4), l3 + sizeof(h.v6.ip) + 8))
+				return 0;
+		}
 	} else {
-		return;
+		return 0;
+	}
+	key->proto = l4proto;
+	__u16 port = 0;
+	if (fragment && !first) {
+		fk.proto = l4proto;
+		frag_port(&fk, false, &key->port);
+		return 0;
 	}
 	if (l4proto == IPPROTO_TCP || l4proto == IPPROTO_UDP) {
-		__u16 p = rx ? (l4[2] << 8 | l4[3]) : (l4[0] << 8 | l4[1]);
-		*port = p;
+		port = rx ? (l4[2] << 8 | l4[3]) : (l4[0] << 8 | l4[1]);
 	} else if (l4proto == IPPROTO_ICMP || l4proto == IPPROTO_ICMPV6) {
 		/* echo request/reply: the id is the ping socket's port */
 		if (l4[0] == 0 || l4[0] == 8 || l4[0] == 128 || l4[0] == 129)
-			*port = l4[4] << 8 | l4[5];
+			port = l4[4] << 8 | l4[5];
 	}
+	key->port = port;
+	if (fragment) {
+		fk.proto = l4proto;
+		frag_port(&fk, true, &key->port);
+	}
+	return l4proto == IPPROTO_TCP ? l4[13] : 0;
 }
+
+#define TCPF_SYN 0x02
+#define TCPF_ACK 0x10
+#define SOCK_STREAM 1
+#define SOCK_SEQPACKET 5
+
+/* Whether the packet's socket is being sent on by the current task, in its
+ * system call: then that task is the sender. A datagram or raw socket sends
+ * only from sendmsg; a stream socket also from softirq (ACKs, retransmits),
+ * but only while no task holds it (lock_sock): held, it is its holder that
+ * sends. The kernel's own sockets (TCP resets, ICMP errors) and request and
+ * time-wait socks (no full struct sock) have no process. A qdisc that holds
+ * packets back sends them later, in whatever context dequeues them: on such
+ * a device (not veth, lo, bridge: noqueue) the owner is that context's. */
+static __always_inline bool sent_by_current(const struct sock *sk, struct task_struct *task)
+{
+	if (task->flags & PF_KTHREAD)
+		return false;
+	int state = sk->__sk_common.skc_state;
+	if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV || BPF_CORE_READ_BITFIELD(sk, sk_kern_sock))
+		return false;
+	if (sk->sk_type == SOCK_STREAM || sk->sk_type == SOCK_SEQPACKET)
+		return sk->sk_lock.owned;
+	return true;
+}
+
+static __always_inline void own_as(const struct sock *sk, __u32 netns, __u32 pid);
 
 /* Fields are read directly through the tracepoints' BTF-typed pointers
  * (plain loads, no helper call): this runs for every packet of the machine.
@@ -104,12 +190,28 @@ static __always_inline void count(const struct sk_buff *skb, const struct net_de
 		l3 = head + skb->network_header;
 	}
 	struct traffic_key key = { .netns = netns, .ifindex = dev->ifindex };
-	flow_of(l3, eth_proto, rx, &key.proto, &key.port);
+	__u8 tcp_flags = flow_of(l3, eth_proto, rx, netns, &key);
+	if (!rx) {
+		struct task_struct *task = bpf_get_current_task_btf();
+		struct sock *sk = skb->sk;
+		if (sk && sent_by_current(sk, task)) {
+			key.pid = nt_ns_pid(task, task->tgid, true);
+			/* connect()'s SYN: the port is chosen after the state
+			 * change to SYN_SENT, so its owner is learnt here, for
+			 * the answer (a SYN-ACK, or a RST of a port scan) */
+			if ((tcp_flags & (TCPF_SYN | TCPF_ACK)) == TCPF_SYN && key.pid)
+				own_as(sk, netns, key.pid);
+		}
+	}
 
 	struct traffic_counters *c = bpf_map_lookup_elem(&tf_counters, &key);
 	if (!c) {
 		struct traffic_counters init = {};
 		bpf_probe_read_kernel_str(init.dev, sizeof(init.dev), dev->name);
+		if (key.pid) {
+			init.uid = (__u32)bpf_get_current_uid_gid();
+			bpf_get_current_comm(init.comm, sizeof(init.comm));
+		}
 		if (bpf_map_update_elem(&tf_counters, &key, &init, BPF_NOEXIST) &&
 		    !bpf_map_lookup_elem(&tf_counters, &key)) {
 			/* map full: the totals would be short; negative assertions must know */
@@ -149,8 +251,26 @@ int BPF_PROG(traffic_rx, struct sk_buff *skb)
 	return 0;
 }
 
-/* Who uses a port: the process that sends, receives, listens or connects on
- * it (these tracepoints fire in the calling task). */
+/* Who uses a port: each process that sends, receives, listens or connects
+ * on it (these tracepoints fire in the calling task), one entry each, so
+ * that a port several processes used is seen as such. */
+static __always_inline void own_as(const struct sock *sk, __u32 netns, __u32 pid)
+{
+	struct traffic_owner_key key = {
+		.netns = netns,
+		.pid = pid,
+		.port = sk->__sk_common.skc_num,
+		.proto = (__u8)sk->sk_protocol,
+	};
+	if (!key.port || sk->sk_type == 3 /* SOCK_RAW: its "port" is a protocol */)
+		return;
+	if (bpf_map_lookup_elem(&tf_owners, &key))
+		return;
+	struct traffic_owner o = { .uid = (__u32)bpf_get_current_uid_gid() };
+	bpf_get_current_comm(o.comm, sizeof(o.comm));
+	bpf_map_update_elem(&tf_owners, &key, &o, BPF_NOEXIST);
+}
+
 static __always_inline void own(const struct sock *sk)
 {
 	if (nt_idle())
@@ -161,20 +281,7 @@ static __always_inline void own(const struct sock *sk)
 	struct task_struct *task = bpf_get_current_task_btf();
 	if (task->flags & PF_KTHREAD)
 		return;
-	struct traffic_owner_key key = {
-		.netns = netns,
-		.port = sk->__sk_common.skc_num,
-		.proto = (__u8)sk->sk_protocol,
-	};
-	if (!key.port || sk->sk_type == 3 /* SOCK_RAW: its "port" is a protocol */)
-		return;
-	__u32 pid = nt_ns_pid(task, task->tgid, true);
-	struct traffic_owner *cur = bpf_map_lookup_elem(&tf_owners, &key);
-	if (cur && cur->pid == pid)
-		return;
-	struct traffic_owner o = { .pid = pid, .uid = (__u32)bpf_get_current_uid_gid() };
-	bpf_get_current_comm(o.comm, sizeof(o.comm));
-	bpf_map_update_elem(&tf_owners, &key, &o, BPF_ANY);
+	own_as(sk, netns, nt_ns_pid(task, task->tgid, true));
 }
 
 SEC("tp_btf/sock_send_length")
@@ -212,7 +319,8 @@ OWN_FROM_SOCKET(traffic_recv6_fentry, inet6_recvmsg)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(traffic_state, const struct sock *sk, const int oldstate, const int newstate)
 {
-	/* listen() runs in the listener; other transitions may be softirq's */
+	/* listen() runs in the listener; other transitions may be softirq's
+	 * (connect()'s SYN_SENT comes before its port: see count()) */
 	if (newstate == TCP_LISTEN)
 		own(sk);
 	return 0;

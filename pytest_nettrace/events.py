@@ -355,6 +355,12 @@ def scalar_type(owner: Any, field: str) -> Optional[type]:
     return None
 
 
+def described(owner: Any) -> str:
+    """What filter errors call the records of `owner`: "'rst' events", or
+    its DESCRIBED (a table's rows are no events)."""
+    return getattr(owner, "DESCRIBED", None) or f"{owner.kind!r} events"
+
+
 # fields of these names that hold an int are ports: a value outside
 # 0-65535 matches nothing
 _PORT_FIELDS = frozenset({"port", "sport", "dport", "lport", "rport", "local_port", "remote_port"})
@@ -368,12 +374,12 @@ def _check_scalar(owner: Any, field: str, value: Any) -> None:
         return
     if not isinstance(value, bool) and isinstance(value, (int, float) if expected is float else expected):
         if expected is int and field in _PORT_FIELDS and not 0 <= value <= 65535:
-            raise ValueError(f"{field} of {owner.kind!r} events is a port, 0-65535: {value!r} would match nothing")
+            raise ValueError(f"{field} of {described(owner)} is a port, 0-65535: {value!r} would match nothing")
         if expected is str and value == "" and field in ("comm", "parent_comm", "owner_comm"):
-            raise ValueError(f"{field} of {owner.kind!r} events is a task's name: '' would match nothing")
+            raise ValueError(f"{field} of {described(owner)} is a task's name: '' would match nothing")
         return
     what = {int: "a number", str: "a str", float: "a number", bool: "True or False"}[expected]
-    raise ValueError(f"{field} of {owner.kind!r} events is {what}: {value!r} ({type(value).__name__}) "
+    raise ValueError(f"{field} of {described(owner)} is {what}: {value!r} ({type(value).__name__}) "
                      f"would match nothing")
 
 
@@ -800,7 +806,7 @@ def check_filters(cls: Any, filters: Dict[str, Any]) -> Dict[str, Any]:
     for name, value in filters.items():
         if name not in cls.FIELDS:
             raise ValueError(
-                f"unknown filter {name!r} for {cls.kind!r} events; valid: {', '.join(cls.FIELDS)}")
+                f"unknown filter {name!r} for {described(cls)}; valid: {', '.join(cls.FIELDS)}")
         if value is None or _is_predicate(value) or name == "stack":
             out[name] = value
             continue

@@ -9,7 +9,7 @@ import pytest
 
 from pytest_nettrace import EventsLost
 from pytest_nettrace.netns import NamespaceFactory
-from traffic import byte_sink, byte_source, script
+from traffic import byte_sink, byte_source, connect_refused, script
 
 N, PAYLOAD = 7, 300
 FRAME = PAYLOAD + 8 + 20 + 14   # UDP + IPv4 + Ethernet headers
@@ -373,3 +373,132 @@ def test_an_upper_devices_received_packets_are_refused_not_undercounted(make_net
         nettrace.assert_traffic(dev=dev, direction="rx", min_packets=20)
     nettrace.assert_traffic(dev=dev, direction="tx", max_packets=10 ** 6)   # what it sends is counted
     nettrace.assert_traffic(dev="eth0", netns=a.inode, max_packets=10 ** 6)   # and other devices are not doubted
+
+
+def test_a_process_that_only_connects_owns_its_syns_and_the_resets(pair, nettrace):
+    """A port scan: three connects to closed ports, three SYNs out and three
+    RSTs back; the connector never sends or receives data on its sockets."""
+    a, _ = pair
+    r = a.run(connect_refused("10.0.0.2", 81, times=3), check=True)
+    assert r.stdout.split() == ["refused"] * 3
+    rows = nettrace.traffic(netns=a.inode, pid=r.pid)
+    assert [(x.dev, x.tx_packets, x.rx_packets) for x in rows] == [("eth0", 3, 3)], nettrace.traffic_table()
+
+
+def udp_from(host: str, count: int, size: int, sport: int = 0, port: int = 9) -> list:
+    """argv: `count` datagrams of `size` bytes to host:port, from `sport`
+    (bound, reusable) if given; prints the process's pid."""
+    return script(f"""
+        import os, socket
+        s = socket.socket(socket.AF_INET6 if ":" in {host!r} else socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if {sport}:
+            s.bind(("", {sport}))
+        for _ in range({count}):
+            s.sendto(b"d" * {size}, ({host!r}, {port}))
+    """)
+
+
+def _sent_by(nettrace, ns, pids) -> dict:
+    return {r.pid: r.tx_packets for r in nettrace.traffic(netns=ns.inode, dev="eth0") if r.pid in pids}
+
+
+def test_a_port_reused_by_another_process_keeps_each_ones_packets(pair, nettrace):
+    """A sends 5 datagrams from port 5000 and exits, then B sends 2 from it:
+    each is counted when sent, as its sender's, not the port's last user's."""
+    a, _ = pair
+    first = a.run(udp_from("10.0.0.2", 5, 100, sport=5000), check=True)
+    second = a.run(udp_from("10.0.0.2", 2, 100, sport=5000), check=True)
+    assert _sent_by(nettrace, a, {first.pid, second.pid}) == {first.pid: 5, second.pid: 2}, nettrace.traffic_table()
+
+
+def test_a_forked_child_sending_on_its_parents_socket_is_counted_apart(pair, nettrace):
+    a, _ = pair
+    r = a.run(script("""
+        import os, socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(4):
+            s.sendto(b"p" * 50, ("10.0.0.2", 9))
+        child = os.fork()
+        if child == 0:
+            s.sendto(b"c" * 50, ("10.0.0.2", 9))
+            os._exit(0)
+        os.waitpid(child, 0)
+        print(child)
+    """), check=True)
+    child = int(r.stdout)
+    assert _sent_by(nettrace, a, {r.pid, child}) == {r.pid: 4, child: 1}, nettrace.traffic_table()
+
+
+def test_received_packets_of_a_port_two_processes_used_are_shared_not_guessed(pair, nettrace):
+    """Two receivers on port 6000 of two addresses (4 and 1 datagrams): the
+    kernel counts received packets before it knows their socket, so they go
+    to a row naming both processes, and neither's rows claim them; an upper
+    bound on either's received traffic cannot be sound."""
+    a, b = pair
+    b.add_address("eth0", "10.0.0.3/24")
+    receivers = [b.popen(udp_receiver(host, 6000, n), stdout=-1, text=True) for host, n in
+                 (("10.0.0.2", 4), ("10.0.0.3", 1))]
+    for p in receivers:
+        assert p.stdout.readline().strip() == "ready"
+    a.run(udp_from("10.0.0.3", 1, 1, port=6000), check=True)   # ARP for the new address first
+    a.run(udp_from("10.0.0.2", 4, 1, port=6000), check=True)
+    for p in receivers:
+        p.wait(5)
+    pids = tuple(sorted(p.pid for p in receivers))
+    rows = nettrace.traffic(netns=b.inode, dev="eth0")
+    assert [(r.rx_packets, r.uid, r.comm) for r in rows if r.shared_by == pids] == [(5, None, None)], \
+        nettrace.traffic_table()
+    assert not [r for r in rows if r.pid in pids and r.rx_packets], nettrace.traffic_table()
+    assert "shared:%d,%d" % pids in nettrace.traffic_table(netns=b.inode)
+    with pytest.raises(EventsLost, match=r"ports several processes used"):
+        nettrace.assert_traffic(pid=pids[0], direction="rx", max_packets=4)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_fragments_are_their_datagrams_senders_and_receivers(make_netns, nettrace, family):
+    """3 datagrams of 4000 bytes over a 1500-byte MTU: 9 fragments, only the
+    first of each with the UDP header (IPv6: behind a fragment header)."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24", "fd00::1/64"],
+               peer_addresses=["10.0.0.2/24", "fd00::2/64"])
+    host = "10.0.0.2" if family == 4 else "fd00::2"
+    a.run(udp_from(host, 1, 1), check=True)   # the neighbour resolved first
+    rx = b.popen(script(f"""
+        import socket
+        s = socket.socket(socket.AF_INET{"6" if family == 6 else ""}, socket.SOCK_DGRAM)
+        s.bind(({host!r}, 7000))
+        print("ready", flush=True)
+        print(sum(len(s.recv(65536)) for _ in range(3)), flush=True)
+    """), stdout=-1, text=True)
+    assert rx.stdout.readline().strip() == "ready"
+    tx = a.run(udp_from(host, 3, 4000, port=7000), check=True)
+    assert int(rx.stdout.readline()) == 12000
+    rx.wait(5)
+    sent = nettrace.traffic(netns=a.inode, pid=tx.pid)
+    got = nettrace.traffic(netns=b.inode, pid=rx.pid)
+    assert [(r.tx_packets, r.rx_packets) for r in sent] == [(9, 0)], nettrace.traffic_table()
+    assert [(r.tx_packets, r.rx_packets) for r in got] == [(0, 9)], nettrace.traffic_table()
+
+
+@pytest.mark.parametrize("call, kwargs, error, message", [
+    ("assert_traffic", dict(pid="1", max_bytes=0), ValueError, r"pid of traffic rows is a number: '1' \(str\)"),
+    ("assert_traffic", dict(uid="0", max_packets=0), ValueError, r"uid of traffic rows is a number: '0'"),
+    ("assert_traffic", dict(dev=0, max_packets=0), ValueError, r"dev of traffic rows is a str: 0 \(int\)"),
+    ("assert_traffic", dict(netns="nt-x", max_packets=0), ValueError, r"netns of traffic rows is a number: 'nt-x'"),
+    ("traffic", dict(tx_packets="5"), ValueError, r"tx_packets of traffic rows is a number: '5'"),
+    ("assert_traffic", dict(comm="python3"), ValueError, r"assert_traffic needs a bound: min_bytes, max_bytes"),
+    ("assert_traffic", dict(dev="eth0", min_packets=1.5), TypeError,
+     r"assert_traffic's min_packets is a whole number \(int\), not 1.5 \(float\)"),
+    ("assert_traffic", dict(comm="python3", max_bytes="10"), TypeError,
+     r"assert_traffic's max_bytes is a whole number \(int\), not '10' \(str\)"),
+    ("assert_traffic", dict(dev="eth0", max_packets=-1), ValueError, r"max_packets is a count, not -1"),
+])
+def test_a_filter_or_bound_of_the_wrong_type_is_one_clear_error(pair, nettrace, call, kwargs, error, message):
+    """Each of these matched nothing (or had nothing to assert) and passed."""
+    a, _ = pair
+    a.run(udp_sender("10.0.0.2", 9, 1, 10), check=True)
+    assert nettrace.traffic(netns=a.inode)   # there is traffic the bad call would have ignored
+    with pytest.raises(error, match=message) as failure:
+        getattr(nettrace, call)(**kwargs)
+    assert "\n" not in str(failure.value)

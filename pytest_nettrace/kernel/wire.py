@@ -198,11 +198,14 @@ SYSCALL_EVENT = Record("syscall_event", [
     ("value2", "i"), ("has_value", "B"), ("pad", "3x"), ("addr", f"{SC_ADDR_MAX}s")], stack=False)
 SC_PENDING = Layout("sc_pending", [("e", SYSCALL_EVENT), ("netns", "I"), ("pad", "I")])
 
-TRAFFIC_KEY = Layout("traffic_key", [("netns", "I"), ("ifindex", "I"), ("port", "H"), ("proto", "B"), ("pad", "x")])
+TRAFFIC_KEY = Layout("traffic_key", [("netns", "I"), ("ifindex", "I"), ("pid", "I"), ("port", "H"), ("proto", "B"),
+                                     ("pad", "x")])
 TRAFFIC_COUNTERS = Layout("traffic_counters", [
-    ("tx_packets", "Q"), ("rx_packets", "Q"), ("tx_bytes", "Q"), ("rx_bytes", "Q"), ("dev", "16s")])
-TRAFFIC_OWNER_KEY = Layout("traffic_owner_key", [("netns", "I"), ("port", "H"), ("proto", "B"), ("pad", "x")])
-TRAFFIC_OWNER = Layout("traffic_owner", [("pid", "I"), ("uid", "I"), ("comm", f"{NT_COMM_LEN}s")])
+    ("tx_packets", "Q"), ("rx_packets", "Q"), ("tx_bytes", "Q"), ("rx_bytes", "Q"), ("dev", "16s"), ("uid", "I"),
+    ("comm", f"{NT_COMM_LEN}s")])
+TRAFFIC_OWNER_KEY = Layout("traffic_owner_key", [("netns", "I"), ("pid", "I"), ("port", "H"), ("proto", "B"),
+                                                 ("pad", "x")])
+TRAFFIC_OWNER = Layout("traffic_owner", [("uid", "I"), ("comm", f"{NT_COMM_LEN}s")])
 
 # Every layout Python reads, for the BTF comparison.
 LAYOUTS: Tuple[Layout, ...] = (

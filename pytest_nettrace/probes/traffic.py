@@ -1,14 +1,17 @@
 """Traffic per process and device, nettop-style (bpf/traffic.bpf.c,
 bpf/traffic.h): a table, not events — `nettrace.traffic()`.
 
-The kernel counts packets per (namespace, device, protocol, local port);
-the owner of each port (the process that last sent, received, listened or
-connected on it) is recorded from process context. Rows are the join of the
-two, made when the test reads them: received packets, accounted in softirq,
-and packets sent before their owner was known (a SYN) still go to the
-process. Packets with no owning process (ARP, neighbour discovery, ICMP
-errors, forwarded traffic) form rows with pid/uid/comm None — the seed's
-"swapper" rows.
+The kernel counts packets per (namespace, device, protocol, local port,
+sending process): a packet sent in a process's system call is counted as
+that process's when it is sent. Packets whose process the kernel cannot know
+then (received ones, accounted in softirq; a TCP ACK or retransmission sent
+from softirq) are counted without one and joined with the processes that
+used their port (sent, received, listened or connected on it), recorded from
+process context, when the test reads them: one such process, they are its;
+several, they form a row of their own naming them all (`shared_by`), as the
+kernel could not tell whose each was. Packets with no owning process (ARP,
+neighbour discovery, ICMP errors, forwarded traffic) form rows with
+pid/uid/comm None — the seed's "swapper" rows.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, List
                     TypedDict, cast)
 
 from ..errors import EventsLost
-from ..events import Event, describe_filters, matches
+from ..events import Event, check_filters, describe_filters, matches
 from ..events import COMM
 from ..kernel import wire
 from ..kernel.libbpf import NetnsPurge, map_items
@@ -58,9 +61,13 @@ class TrafficRow:
     rx_packets: int = 0
     tx_bytes: int = 0
     rx_bytes: int = 0
+    # pid None, and the packets' ports were used by these processes (sorted
+    # pids): the kernel could not tell which one each packet was for
+    shared_by: Tuple[int, ...] = ()
 
-    kind = "traffic"  # for check_filters' messages
-    FIELDS = ("netns", "pid", "uid", "dev", "comm", "tx_packets", "rx_packets", "tx_bytes", "rx_bytes")
+    kind = "traffic"
+    DESCRIBED = "traffic rows"   # in check_filters' messages
+    FIELDS = ("netns", "pid", "uid", "dev", "comm", "tx_packets", "rx_packets", "tx_bytes", "rx_bytes", "shared_by")
     TYPES = {"comm": COMM}
 
     @property
@@ -78,12 +85,15 @@ _HEADER = "%5s %5s %-7s %7s %7s %7s %7s %-15s %s" % (
 
 def render_table(rows: List[TrafficRow], label: Callable[[int], str] = str) -> str:
     """nettop.stp's columns; traffic no process owns shows "-" for PID, UID
-    and COMMAND (a 0 would read as root's, or the idle task's)."""
+    and COMMAND (a 0 would read as root's, or the idle task's); traffic of
+    ports several processes used shows "?" and names them in COMMAND."""
     lines = [_HEADER]
     for r in sorted(rows, key=lambda r: -(r.packets)):
+        unknown = "?" if r.shared_by else "-"
+        comm = "shared:" + ",".join(map(str, r.shared_by)) if r.shared_by else r.comm or "-"
         lines.append("%5s %5s %-7s %7d %7d %7d %7d %-15s %s" % (
-            "-" if r.pid is None else r.pid, "-" if r.uid is None else r.uid, r.dev, r.tx_packets, r.rx_packets,
-            r.tx_bytes // 1024, r.rx_bytes // 1024, r.comm or "-", label(r.netns)))
+            unknown if r.pid is None else r.pid, unknown if r.uid is None else r.uid, r.dev, r.tx_packets,
+            r.rx_packets, r.tx_bytes // 1024, r.rx_bytes // 1024, comm, label(r.netns)))
     return "\n".join(lines)
 
 
@@ -157,30 +167,43 @@ class TrafficProbe(Probe):
                             map_items(self._owners_fd, _OWNER_KEY.size, _OWNER.size), namespaces)
 
 
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
 def traffic_rows(counters: Iterable[Tuple[bytes, bytes]], owners: Iterable[Tuple[bytes, bytes]],
                  namespaces: Iterable[int]) -> List[TrafficRow]:
     """The nettop rows of these namespaces from the entries of tf_counters and
     tf_owners (struct traffic_key -> traffic_counters, traffic_owner_key ->
-    traffic_owner): counters on one port are its owner's, one row per
-    process and device."""
+    traffic_owner), one row per process (or set of processes sharing ports)
+    and device: counters the kernel keyed by their sender are that
+    process's; the others are those of the one process that used their
+    port, or shared by all that did."""
     wanted = set(namespaces)
-    by_port: Dict[Tuple[int, int, int], Tuple[int, int, str]] = {}
+    by_port: Dict[Tuple[int, int, int], List[Tuple[int, int, str]]] = {}
     for key, value in owners:
-        netns, port, proto = _OWNER_KEY.unpack(key)
+        netns, pid, port, proto = _OWNER_KEY.unpack(key)
         if netns in wanted:
-            pid, uid, comm = _OWNER.unpack(value)
-            by_port[(netns, proto, port)] = (pid, uid, comm.split(b"\0", 1)[0].decode(errors="replace"))
+            uid, comm = _OWNER.unpack(value)
+            by_port.setdefault((netns, proto, port), []).append((pid, uid, _text(comm)))
     table: Dict[Tuple[Any, ...], TrafficRow] = {}
     for key, value in counters:
-        netns, _ifindex, port, proto = _KEY.unpack(key)
+        netns, _ifindex, pid, port, proto = _KEY.unpack(key)
         if netns not in wanted:
             continue
-        txp, rxp, txb, rxb, dev = _COUNTERS.unpack(value)
-        pid, uid, comm = by_port.get((netns, proto, port), (None, None, None)) if port else (None, None, None)
-        devname = dev.split(b"\0", 1)[0].decode(errors="replace")
-        row = table.get((netns, pid, uid, devname, comm))
+        txp, rxp, txb, rxb, dev, uid, comm = _COUNTERS.unpack(value)
+        who: Tuple[Any, ...] = (pid, uid, _text(comm), ())
+        if not pid:
+            users = sorted(by_port.get((netns, proto, port), ())) if port else []
+            if len(users) == 1:
+                who = (*users[0], ())
+            else:
+                who = (None, None, None, tuple(u[0] for u in users))
+        devname = _text(dev)
+        row = table.get((netns, devname, *who))
         if row is None:
-            row = table[(netns, pid, uid, devname, comm)] = TrafficRow(netns, pid, uid, devname, comm)
+            row = table[(netns, devname, *who)] = TrafficRow(netns, who[0], who[1], devname, who[2],
+                                                            shared_by=who[3])
         row.tx_packets += txp
         row.rx_packets += rxp
         row.tx_bytes += txb
@@ -188,15 +211,24 @@ def traffic_rows(counters: Iterable[Tuple[bytes, bytes]], owners: Iterable[Tuple
     return list(table.values())
 
 
-def _check_row_filters(filters: Mapping[str, Any]) -> None:
-    for name in filters:
-        if name not in TrafficRow.FIELDS:
-            raise ValueError(f"unknown filter {name!r} for traffic rows; valid: {', '.join(TrafficRow.FIELDS)}")
+def _check_bounds(bounds: Mapping[str, Any]) -> None:
+    """assert_traffic's bounds: at least one, each a count (a str or float
+    would fail with a TypeError deep inside, or compare as no count does)."""
+    given = {k: v for k, v in bounds.items() if v is not None}
+    if not given:
+        raise ValueError(f"assert_traffic needs a bound: {', '.join(bounds)} (without one it asserts nothing)")
+    for name, value in given.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"assert_traffic's {name} is a whole number (int), not {value!r} "
+                            f"({type(value).__name__})")
+        if value < 0:
+            raise ValueError(f"assert_traffic's {name} is a count, not {value}")
 
 
 class TrafficFilters(TypedDict, total=False):
     """Filters of traffic rows: a keyword per TrafficRow field."""
 
+    shared_by: Filter[Tuple[int, ...]]
     netns: Filter[int]
     pid: Filter[int]
     uid: Filter[int]
@@ -222,11 +254,11 @@ class TrafficApi(KindApi):
         """nettop rows for the watched namespaces: objects with netns, pid, uid,
         dev, comm, tx_packets, rx_packets, tx_bytes, rx_bytes (pid/uid/comm
         None: no process owns that traffic). Filters as for events."""
-        _check_row_filters(filters)
+        checked = check_filters(TrafficRow, dict(filters))
         probe = self._traffic_probe()
         self.ctx.check_open()
         rows = probe.rows(list(self.ctx.watched))
-        return sorted((r for r in rows if matches(r, filters)), key=lambda r: (r.netns, r.dev, r.pid or 0))
+        return sorted((r for r in rows if matches(r, checked)), key=lambda r: (r.netns, r.dev, r.pid or 0))
 
     def traffic_table(self, **filters: Unpack[TrafficFilters]) -> str:
         """The rows as nettop.stp prints them: PID UID DEV XMIT_PK RECV_PK XMIT_KB RECV_KB COMMAND (+ NETNS)."""
@@ -241,6 +273,8 @@ class TrafficApi(KindApi):
         (a full counter map; received traffic of a device in RX_HANDED_UP)."""
         if direction not in ("tx", "rx", "both"):
             raise ValueError(f"direction must be 'tx', 'rx' or 'both', not {direction!r}")
+        _check_bounds({"min_bytes": min_bytes, "max_bytes": max_bytes, "min_packets": min_packets,
+                       "max_packets": max_packets})
         rows = self.traffic(**filters)
         pick = {"tx": ("tx_",), "rx": ("rx_",), "both": ("tx_", "rx_")}[direction]
         nbytes = sum(getattr(r, p + "bytes") for r in rows for p in pick)
@@ -256,14 +290,23 @@ class TrafficApi(KindApi):
         table = render_table(self.traffic(), self.ctx.label)
         lost = sum(self.ctx.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self.ctx.watched)
         causes = [f"{lost} packets were not counted (counter map full)"] if lost else []
+        where = {k: v for k, v in filters.items() if k in ("netns", "dev")}
         if direction != "tx":
-            where = {k: v for k, v in filters.items() if k in ("netns", "dev")}
             devices = [f"{dev} ({kind}) in {self.ctx.label(netns)}" for (netns, dev), kind in sorted(
                 self._traffic_probe().rx_not_counted(self.ctx.watched).items())
                 if matches(TrafficRow(netns, None, None, dev, None), where)]
             if devices:
                 causes.append(f"packets received on {', '.join(devices)} are not counted (the kernel hands them "
                               "up from the lower device without the receive tracepoint; they count there)")
+        if filters.keys() & {"pid", "uid", "comm"}:   # a process's traffic may be in a shared row
+            shared = [r for r in self.traffic() if r.shared_by and matches(r, where)
+                      and any(getattr(r, p + "packets") for p in pick)]
+            if shared:
+                named = "; ".join(sorted({f"{','.join(map(str, r.shared_by))} in {self.ctx.label(r.netns)}"
+                                          for r in shared}))
+                causes.append(f"{sum(getattr(r, p + 'packets') for r in shared for p in pick)} packets on ports "
+                              f"several processes used ({named}) are in rows of their own (shared_by): the kernel "
+                              "could not tell which process each was for")
         uncounted = "; ".join(causes)
         if problems:
             note = f" ({uncounted})" if causes else ""

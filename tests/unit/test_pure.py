@@ -354,6 +354,8 @@ def test_pcapng_writer_output_read_by_tcpdump(tmp_path):
 # -- the traffic table -------------------------------------------------------------
 
 def test_traffic_rows_join_counters_with_port_owners():
+    """Counters the kernel keyed by their sender are its; the others go to
+    their port's one user, or to a row naming its several users."""
     key, counters = wire.TRAFFIC_KEY, wire.TRAFFIC_COUNTERS
     okey, owner = wire.TRAFFIC_OWNER_KEY, wire.TRAFFIC_OWNER
     entries = [
@@ -363,10 +365,18 @@ def test_traffic_rows_join_counters_with_port_owners():
          counters.pack(tx_packets=1, rx_packets=1, tx_bytes=100, rx_bytes=100, dev=b"eth0")),
         (key.pack(netns=1, ifindex=2, port=0, proto=0), counters.pack(rx_packets=5, rx_bytes=500, dev=b"eth0")),
         (key.pack(netns=9, ifindex=2, port=40000, proto=6), counters.pack(tx_packets=7, dev=b"eth0")),
+        # sent by 200 in its system call, on 100's port: 200's, whoever else used the port
+        (key.pack(netns=1, ifindex=2, pid=200, port=40000, proto=6),
+         counters.pack(tx_packets=2, tx_bytes=20, dev=b"eth0", uid=7, comm=b"wget")),
+        # received on a port 300 and 301 both used: neither's alone
+        (key.pack(netns=1, ifindex=2, port=6000, proto=17), counters.pack(rx_packets=4, rx_bytes=40, dev=b"eth0")),
     ]
-    owners = [(okey.pack(netns=1, port=p, proto=6), owner.pack(pid=100, uid=0, comm=b"curl")) for p in (40000, 40001)]
-    rows = sorted(traffic_rows(entries, owners, [1]), key=lambda r: r.pid or 0)
-    assert [(r.pid, r.comm, r.tx_packets, r.rx_bytes) for r in rows] == [(None, None, 0, 500), (100, "curl", 4, 300)]
+    owners = [(okey.pack(netns=1, pid=100, port=p, proto=6), owner.pack(uid=0, comm=b"curl")) for p in (40000, 40001)]
+    owners += [(okey.pack(netns=1, pid=p, port=6000, proto=17), owner.pack(uid=0, comm=b"nc")) for p in (301, 300)]
+    rows = sorted(traffic_rows(entries, owners, [1]), key=lambda r: (r.pid or 0, r.shared_by))
+    assert [(r.pid, r.uid, r.comm, r.shared_by, r.tx_packets, r.rx_bytes) for r in rows] == [
+        (None, None, None, (), 0, 500), (None, None, None, (300, 301), 0, 40), (100, 0, "curl", (), 4, 300),
+        (200, 7, "wget", (), 2, 0)]
 
 
 def test_a_dummy_driver_not_loaded_is_never_asked_for(monkeypatch, tmp_path):
@@ -381,3 +391,20 @@ def test_a_dummy_driver_not_loaded_is_never_asked_for(monkeypatch, tmp_path):
     monkeypatch.setattr(namespace, "_dummy_supported", None)
     monkeypatch.setattr(namespace, "run_in_thread", no_attempt)
     assert namespace.dummy_supported() is False
+
+
+def test_traffic_filters_and_bounds_are_checked_by_type():
+    """What would match no row or compare as no count does is a usage error."""
+    from pytest_nettrace.events import check_filters
+    from pytest_nettrace.probes.traffic import TrafficRow, _check_bounds
+    assert check_filters(TrafficRow, {"pid": 5, "dev": ["eth0", "lo"], "comm": None}) == {
+        "pid": 5, "dev": ["eth0", "lo"], "comm": None}
+    for bad in ({"pid": "1"}, {"dev": 0}, {"netns": "nt-x"}, {"rx_bytes": 1.5}, {"nosuch": 1}):
+        with pytest.raises(ValueError, match="traffic rows"):
+            check_filters(TrafficRow, bad)
+    _check_bounds({"min_bytes": 0, "max_bytes": None})
+    with pytest.raises(ValueError, match="needs a bound"):
+        _check_bounds({"min_bytes": None, "max_packets": None})
+    for bad_bound in (1.5, "10", True):
+        with pytest.raises(TypeError, match="max_packets is a whole number"):
+            _check_bounds({"max_packets": bad_bound})
