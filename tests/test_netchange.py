@@ -556,3 +556,24 @@ def test_a_neighbour_learned_from_a_router_solicitation_says_so(make_netns, nett
     ev = nettrace.wait_for("neigh", action="added", netns=a.inode, address=lambda x: x.is_link_local, timeout=6)
     assert (ev.pid, ev.cause, ev.context) == (None, "kernel", "softirq")
     assert ev.detail == "learned from a received Router Solicitation", ev.stack
+
+
+def test_what_a_link_coming_up_adds_says_link_up(nettrace):
+    """`ip link set lo up` in a fresh namespace adds 127.0.0.1, ::1 and their
+    routes: the kernel's, "link up" (the same notifier as a link going down
+    runs them, which read "link down"); going down again removes ::1 with
+    "link down"."""
+    name = f"nt-lo-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        nettrace.watch(name)
+        up = subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        assert up.returncode == 0
+        added = nettrace.events("addr", action="added") + nettrace.events("route", action="added")
+        assert {str(e.address) for e in added if e.kind == "addr"} == {"127.0.0.1/8", "::1/128"}
+        assert [(e.kind, e.cause, e.detail) for e in added if (e.cause, e.detail) != ("kernel", "link up")] == []
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "down"], check=True)
+        gone = nettrace.assert_address_deleted("::1")
+        assert (gone.cause, gone.detail) == ("kernel", "link down")
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -155,6 +155,14 @@ _KERNEL_DETAILS = (
 )
 
 
+# Frames of a link going down, and those only a link coming up shows (what
+# `ip link set lo up` adds: 127.0.0.1 from inetdev_event, ::1 from init_loopback)
+_GOING_DOWN = frozenset(("addrconf_ifdown", "__dev_close_many", "dev_close_many", "__dev_close", "dev_close",
+                         "netif_close", "netif_close_many"))
+_COMING_UP = frozenset(("init_loopback", "addrconf_init_auto_addrs", "__dev_open", "dev_open", "netif_open"))
+_VAGUE = (None, "consequence of a netlink request", "consequence of an ioctl")
+
+
 # A device acting on another: an upper device (bridge, macvlan, VLAN, bond)
 # setting its lower's promiscuity or multicast, a device added on top of one
 _ONE_DEVICE_ON_ANOTHER = frozenset(("dev_set_promiscuity", "netif_set_promiscuity", "dev_set_allmulti",
@@ -1260,7 +1268,12 @@ class NetChangeDecoder(Decoder):
         was asked for, and by whom (built once: a record's event was built,
         then rebuilt with these)."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
-        cause, detail = _cause(cls.kind, own_functions(stack.frames))
+        functions = own_functions(stack.frames)
+        cause, detail = _cause(cls.kind, functions)
+        if cause == "kernel" and fields.get("action") == "added" and functions.isdisjoint(_GOING_DOWN) and (
+                detail == "link down" or detail in _VAGUE and not functions.isdisjoint(_COMING_UP)):
+            # the same notifier (inetdev_event, NETDEV_UP/DOWN) for both ways
+            detail = "link up"
         if cls.kind == "link" and cause != "kernel" and follows_another_link(stack.frames):
             cause, detail = "kernel", "follows a change of another link"
         fields["cause"], fields["detail"] = cause, detail
