@@ -72,6 +72,38 @@ def test_close_reports_duration_and_payload_bytes(pair, nettrace):
     assert theirs.netns == server.inode and theirs.sport == 8080
 
 
+def test_a_close_in_softirq_names_the_owners_parent_too(pair, nettrace):
+    """The server closes first; its socket's close comes when the client's
+    FIN arrives, in softirq on the client's CPU time: the socket's record
+    names its owner, and the parent is the one its accept showed (a ppid=
+    filter missed such closes)."""
+    server, client, fam, a, b = pair
+    srv = server.popen(script(f"""
+        import socket
+        l = socket.socket(socket.{"AF_INET6" if ":" in a else "AF_INET"})
+        l.bind(({a!r}, 8080))
+        l.listen()
+        print("ready", flush=True)
+        c, _ = l.accept()
+        c.sendall(b"hi")
+        c.close()
+    """), stdout=subprocess.PIPE, text=True)
+    assert srv.stdout.readline().strip() == "ready"
+    client.run(script(f"""
+        import socket, time
+        s = socket.create_connection(({a!r}, 8080))
+        while s.recv(100):
+            pass
+        time.sleep(0.2)
+        s.close()
+    """), check=True)
+    srv.wait(10)
+    accepted = nettrace.assert_accepted(pid=srv.pid)
+    closed = nettrace.assert_closed(pid=srv.pid)
+    assert closed.context == "softirq" and accepted.ppid is not None
+    assert (closed.ppid, closed.parent_comm) == (accepted.ppid, accepted.parent_comm)
+
+
 def test_refused_connect_is_no_connection(pair, nettrace):
     server, client, fam, a, b = pair
     r = client.run(connect_refused(a, 9), check=True)

@@ -136,11 +136,26 @@ class ConnDecoder(Decoder):
         # established, then closed (a reset) before accept() took them: accept()
         # still returns the socket, and its record then names who took it
         self._closed_unaccepted: Dict[Tuple[int, int], ConnEvent] = {}
+        # a task's parent as its last record in its own context showed it, by
+        # (netns, pid): a socket's record keeps no parent, and a close in
+        # softirq (the peer's FIN) runs in nobody's context
+        self._parents: Dict[Tuple[int, int], Tuple[int, str]] = {}
 
     def forget(self, netns: int) -> None:
-        for table in (self._pending, self._closed_unaccepted):
+        for table in (self._pending, self._closed_unaccepted, self._parents):
             for key in [k for k in table if k[0] == netns]:
                 del table[key]
+
+    def _fill_parent(self, netns: int, owner: Dict[str, Any]) -> None:
+        """Remember the owner's parent, or fill it in from what was remembered."""
+        if owner["pid"] is None:
+            return
+        if owner["ppid"] is not None:
+            self._parents[(netns, owner["pid"])] = (owner["ppid"], owner["parent_comm"])
+            return
+        parent = self._parents.get((netns, owner["pid"]))
+        if parent is not None:
+            owner["ppid"], owner["parent_comm"] = parent
 
     def layout(self, hdr: Header) -> wire.Record:
         return STACK_RECORD if hdr.flags & wire.CONN_F_STACK else RECORD
@@ -155,7 +170,9 @@ class ConnDecoder(Decoder):
             ev = first[1] if first is not None else self._closed_unaccepted.get(key)
             self._closed_unaccepted.pop(key, None)
             if ev is not None:  # established first: now we know who accepted it
-                return [ev.corrected(**_owner_from_task(hdr))]
+                acceptor = _owner_from_task(hdr)
+                self._fill_parent(hdr.netns, acceptor)
+                return [ev.corrected(**acceptor)]
         elif action == ESTABLISHED:
             self._closed_unaccepted.pop(key, None)   # the address is a new socket's now
             if self._pending.pop(key, None) is not None:  # accept() was reported first
@@ -176,6 +193,7 @@ class ConnDecoder(Decoder):
             if has_owner:
                 owner = (owner_pid, owner_tid, owner_uid, owner_comm.split(b"\0", 1)[0].decode(errors="replace"))
             owner_fields = _owner_of(stack.context(guess), hdr, owner)
+        self._fill_parent(hdr.netns, owner_fields)
         ev = ConnEvent(
             hdr, stack, guess,
             action={CONNECT: "connect", CLOSE: "close"}.get(action, "accept"),
