@@ -93,34 +93,67 @@ static __always_inline bool in_softirq(void)
 	return v && *v;
 }
 
-static __always_inline bool is_tcp(const struct sock *sk)
+/* A socket's fields: `direct` (the tracepoint's BTF-typed socket) by plain
+ * loads, else (a socket read out of an fd or a kretprobe's return value) by
+ * bpf_probe_read. Each caller passes a constant: the other branch is
+ * compiled out, and the state-change program, which runs ~10 times per
+ * connection, makes one helper call (to reach the tcp_sock the struct sock
+ * is part of: the verifier allows loads within the pointer's own type
+ * only) instead of one per field. */
+#define SK_READ(direct, ptr, ...) ((direct) ? (ptr)->__VA_ARGS__ : BPF_CORE_READ(ptr, __VA_ARGS__))
+
+static __always_inline const struct tcp_sock *tcp_of(const struct sock *sk, bool direct)
 {
-	return BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol) == IPPROTO_TCP;
+	return direct ? bpf_skc_to_tcp_sock((void *)sk) : (const struct tcp_sock *)sk;
 }
 
-static __always_inline void fill_addrs(struct conn_event *e, const struct sock *sk)
+static __always_inline bool is_tcp(const struct sock *sk, bool direct)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	return (direct ? BPF_CORE_READ_BITFIELD(sk, sk_protocol) :
+		BPF_CORE_READ_BITFIELD_PROBED(sk, sk_protocol)) == IPPROTO_TCP;
+}
+
+static __always_inline __u32 netns_of_sk(const struct sock *sk, bool direct)
+{
+	return direct ? sk->__sk_common.skc_net.net->ns.inum : nt_netns_of_sk(sk);
+}
+
+static __always_inline void fill_addrs(struct conn_event *e, const struct sock *sk, const struct tcp_sock *tp,
+				       bool direct)
+{
+	__u16 family = SK_READ(direct, sk, __sk_common.skc_family);
 
 	__builtin_memset(e->saddr, 0, 16);
 	__builtin_memset(e->daddr, 0, 16);
 	/* inet_sport survives the unhash on the way to CLOSE; skc_num does not */
-	e->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
-	e->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	e->sport = tp ? bpf_ntohs(SK_READ(direct, tp, inet_conn.icsk_inet.inet_sport)) : 0;
+	e->dport = bpf_ntohs(SK_READ(direct, sk, __sk_common.skc_dport));
 	if (family == AF_INET6) {
 		e->family = 6;
-		bpf_probe_read_kernel(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_probe_read_kernel(e->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+		if (direct) {
+			__builtin_memcpy(e->saddr, &sk->__sk_common.skc_v6_rcv_saddr, 16);
+			__builtin_memcpy(e->daddr, &sk->__sk_common.skc_v6_daddr, 16);
+		} else {
+			bpf_probe_read_kernel(e->saddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+			bpf_probe_read_kernel(e->daddr, 16, &sk->__sk_common.skc_v6_daddr);
+		}
 	} else {
 		e->family = 4;
-		bpf_probe_read_kernel(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
-		bpf_probe_read_kernel(e->daddr, 4, &sk->__sk_common.skc_daddr);
+		if (direct) {
+			__builtin_memcpy(e->saddr, &sk->__sk_common.skc_rcv_saddr, 4);
+			__builtin_memcpy(e->daddr, &sk->__sk_common.skc_daddr, 4);
+		} else {
+			bpf_probe_read_kernel(e->saddr, 4, &sk->__sk_common.skc_rcv_saddr);
+			bpf_probe_read_kernel(e->daddr, 4, &sk->__sk_common.skc_daddr);
+		}
 	}
 }
 
-static __always_inline void fill(struct conn_event *e, const struct sock *sk, __u32 netns, __u8 action,
-				 int oldstate, int newstate, const struct conn_owner *owner)
+static __always_inline void fill(struct conn_event *e, const struct sock *sk, bool direct, __u32 netns,
+				 __u8 action, int oldstate, int newstate, const struct conn_owner *owner)
 {
+	const struct tcp_sock *tp = tcp_of(sk, direct);
+
 	nt_fill_hdr(&e->h, NT_KIND_CONN, netns);
 	if (in_softirq())
 		e->h.flags |= CONN_F_SOFTIRQ;
@@ -141,10 +174,9 @@ static __always_inline void fill(struct conn_event *e, const struct sock *sk, __
 	if (e->has_owner)
 		__builtin_memcpy(e->owner_comm, owner->comm, NT_COMM_LEN);
 	if (action == CONN_CLOSE) {
-		const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-		unsigned long flags = BPF_CORE_READ(sk, __sk_common.skc_flags);
-		__u64 acked = BPF_CORE_READ(tp, bytes_acked);
-		__u64 rcvd = BPF_CORE_READ(tp, bytes_received);
+		unsigned long flags = SK_READ(direct, sk, __sk_common.skc_flags);
+		__u64 acked = tp ? SK_READ(direct, tp, bytes_acked) : 0;
+		__u64 rcvd = tp ? SK_READ(direct, tp, bytes_received) : 0;
 
 		if (owner)
 			e->duration_ns = e->h.ts - owner->birth_ns;
@@ -160,18 +192,17 @@ static __always_inline void fill(struct conn_event *e, const struct sock *sk, __
 				oldstate == TCP_LAST_ACK || oldstate == TCP_TIME_WAIT;
 		if (owner && owner->active && acked)
 			acked--;
-		if (fin_sent && acked &&
-		    BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq))
+		if (fin_sent && acked && tp && SK_READ(direct, tp, snd_una) == SK_READ(direct, tp, write_seq))
 			acked--;
 		if ((flags & (1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE))) && rcvd)
 			rcvd--;
 		e->bytes_acked = acked;
 		e->bytes_received = rcvd;
 	}
-	fill_addrs(e, sk);
+	fill_addrs(e, sk, tp, direct);
 }
 
-static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, struct nt_scope *scope,
+static __always_inline int emit(void *ctx, const struct sock *sk, bool direct, __u32 netns, struct nt_scope *scope,
 				__u8 action, int oldstate, int newstate, const struct conn_owner *owner)
 {
 	/* a FIN exchange ends in FIN_WAIT2, TIME_WAIT, CLOSING or LAST_ACK */
@@ -180,7 +211,7 @@ static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, s
 		struct conn_stack_event *e = nt_reserve(scope, NT_KIND_CONN, struct conn_stack_event);
 		if (!e)
 			return 0;
-		fill((struct conn_event *)e, sk, netns, action, oldstate, newstate, owner);
+		fill((struct conn_event *)e, sk, direct, netns, action, oldstate, newstate, owner);
 		e->h.flags |= CONN_F_STACK;
 		nt_fill_stack(ctx, &e->h, e->stack);
 		bpf_ringbuf_submit(e, 0);
@@ -189,7 +220,7 @@ static __always_inline int emit(void *ctx, const struct sock *sk, __u32 netns, s
 	struct conn_event *e = nt_reserve(scope, NT_KIND_CONN, struct conn_event);
 	if (!e)
 		return 0;
-	fill(e, sk, netns, action, oldstate, newstate, owner);
+	fill(e, sk, direct, netns, action, oldstate, newstate, owner);
 	e->h.stack_len = 0;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
@@ -219,9 +250,9 @@ int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
 	/* 4 of a connection's 10 changes (FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT,
 	 * LAST_ACK) are none of ours: they return before any read */
 	if ((newstate != TCP_SYN_SENT && newstate != TCP_SYN_RECV && newstate != TCP_ESTABLISHED &&
-	     newstate != TCP_CLOSE) || nt_idle() || !is_tcp(sk))
+	     newstate != TCP_CLOSE) || nt_idle() || !is_tcp(sk, true))
 		return 0;
-	__u32 netns = nt_netns_of_sk(sk);
+	__u32 netns = netns_of_sk(sk, true);
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
 		return 0;
@@ -238,13 +269,13 @@ int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
 	struct conn_owner *owner = bpf_map_lookup_elem(&conn_socks, &key);
 	if (newstate == TCP_ESTABLISHED) {
 		if (oldstate == TCP_SYN_SENT)
-			return emit(ctx, sk, netns, scope, CONN_CONNECT, oldstate, newstate, owner);
+			return emit(ctx, sk, true, netns, scope, CONN_CONNECT, oldstate, newstate, owner);
 		if (oldstate == TCP_SYN_RECV)
-			return emit(ctx, sk, netns, scope, CONN_ESTABLISHED, oldstate, newstate, owner);
+			return emit(ctx, sk, true, netns, scope, CONN_ESTABLISHED, oldstate, newstate, owner);
 		return 0;
 	}
 	if (newstate == TCP_CLOSE && oldstate != TCP_LISTEN && oldstate != TCP_CLOSE) {
-		emit(ctx, sk, netns, scope, CONN_CLOSE, oldstate, newstate, owner);
+		emit(ctx, sk, true, netns, scope, CONN_CLOSE, oldstate, newstate, owner);
 		bpf_map_delete_elem(&conn_socks, &key);
 	}
 	return 0;
@@ -253,9 +284,9 @@ int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
 /* accept() returned sk to the current process. */
 static __always_inline int on_accepted(void *ctx, const struct sock *sk)
 {
-	if (!sk || !is_tcp(sk))
+	if (!sk || !is_tcp(sk, false))
 		return 0;
-	__u32 netns = nt_netns_of_sk(sk);
+	__u32 netns = netns_of_sk(sk, false);
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
 		return 0;
@@ -273,7 +304,7 @@ static __always_inline int on_accepted(void *ctx, const struct sock *sk)
 	}
 	/* a passive open leaves SYN_RECV; with TCP Fast Open accept() can
 	 * return before it has (the handshake's last ACK still to come) */
-	return emit(ctx, sk, netns, scope, CONN_ACCEPTED, TCP_SYN_RECV, BPF_CORE_READ(sk, __sk_common.skc_state),
+	return emit(ctx, sk, false, netns, scope, CONN_ACCEPTED, TCP_SYN_RECV, BPF_CORE_READ(sk, __sk_common.skc_state),
 		    owner);
 }
 
