@@ -283,8 +283,8 @@ class IpProto(FieldType):
 
     ALIASES = {"icmp6": "icmpv6", "ipv6-icmp": "icmpv6"}
     # the names the kinds give protocol numbers (others stay numbers)
-    NAMES = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 41: "ipv6", 47: "gre", 50: "esp", 51: "ah",
-             58: "icmpv6", 132: "sctp", 136: "udplite"}
+    NAMES = {0: "hopopts", 1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 33: "dccp", 41: "ipv6", 47: "gre", 50: "esp",
+             51: "ah", 58: "icmpv6", 132: "sctp", 136: "udplite"}
     UNNAMED = "(or a number)"   # how the kind gives a protocol without a name, for the error
 
     def check(self, owner: Any, field: str, value: Any) -> Any:

@@ -10,6 +10,8 @@ import ipaddress
 import struct
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
+from ..events import IpProto
+
 NFNL_SUBSYS_NFTABLES = 10
 NFNLGRP_NFTABLES = 7
 FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
@@ -29,7 +31,9 @@ HOOKS = {"ip": ("prerouting", "input", "forward", "output", "postrouting"),
          "arp": ("input", "output", "forward")}
 VERDICTS = {"NF_DROP": "drop", "NF_ACCEPT": "accept", "NFT_RETURN": "return", "NFT_CONTINUE": "continue",
             "NFT_JUMP": "jump", "NFT_GOTO": "goto", "NFT_BREAK": "break", "NF_QUEUE": "queue"}
-L4 = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp", 136: "udplite", 33: "dccp"}
+# as nft writes a protocol in a rule (/etc/protocols' names)
+L4 = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 50: "esp", 51: "ah", 58: "icmpv6",
+      132: "sctp", 136: "udplite"}
 _NET_FIELDS: Dict[Optional[str], Dict[int, str]] = {"ip": {12: "saddr", 16: "daddr", 9: "protocol", 8: "ttl"},
                "ip6": {8: "saddr", 24: "daddr", 6: "nexthdr", 7: "hoplimit"}}
 _TRANSPORT_FIELDS = {0: "sport", 2: "dport"}
@@ -850,7 +854,8 @@ def _packet(net: Optional[bytes], transport: Optional[bytes]) -> Dict[str, Any]:
         out.update(saddr=ipaddress.IPv6Address(net[8:24]), daddr=ipaddress.IPv6Address(net[24:40]))
         proto = net[6]
     if proto is not None:
-        out["ip_proto"] = L4.get(proto, str(proto))
+        # as every kind names it (a filter's names): a number without one
+        out["ip_proto"] = IpProto.NAMES.get(proto, proto)
         if proto in (6, 17, 132, 136) and transport and len(transport) >= 4:
             out.update(sport=_be(transport[0:2]), dport=_be(transport[2:4]))
     return out

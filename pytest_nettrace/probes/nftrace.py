@@ -335,7 +335,7 @@ class NftVerdictFilters(CommonFilters, total=False):
     family: Filter[str]
     saddr: AddressFilter
     daddr: AddressFilter
-    ip_proto: Filter[int]
+    ip_proto: Filter[Union[str, int]]
     sport: Filter[int]
     dport: Filter[int]
     iif: Filter[int]

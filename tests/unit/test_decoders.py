@@ -352,3 +352,26 @@ def test_a_carrier_change_applied_by_a_reader_is_told_from_the_stack():
                                               "linkwatch_event", "process_one_work"}))
     assert not applied_by_a_reader(frozenset({"linkwatch_do_dev", "linkwatch_run_queue", "netdev_run_todo"}))
     assert not applied_by_a_reader(frozenset({"rtnl_newlink", "do_setlink"}))
+
+
+def test_an_nftables_drop_names_its_protocol_as_every_kind_does():
+    """A dropped packet's protocol: 'gre' for 47 (was the str '47', which no
+    filter takes), a number for one without a name (was a str too)."""
+    import struct as st
+    from pytest_nettrace.events import check_filters, matches
+    from pytest_nettrace.probes import _nft
+    from pytest_nettrace.probes.nftrace import NftVerdictEvent
+
+    def attr(kind: int, value: bytes) -> bytes:
+        return st.pack("<HH", 4 + len(value), kind) + value + bytes(-len(value) % 4)
+
+    policy = next(k for k, v in _nft._TRACE_TYPES.items() if v == "policy")
+    for proto, named in ((47, "gre"), (99, 99), (33, "dccp")):
+        ip = bytes([0x45, 0, 0, 20, 0, 0, 0, 0, 64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2])
+        body = (attr(1, b"t\0") + attr(2, b"c\0") + attr(4, st.pack(">I", policy)) + attr(16, st.pack(">I", 0))
+                + attr(8, ip))
+        raw = bytes(16) + bytes([2, 0, 0, 0]) + body
+        verdict = _nft.trace_verdict(raw)
+        assert verdict is not None and verdict["ip_proto"] == named
+        event = NftVerdictEvent(None, (), "softirq", ip_proto=verdict["ip_proto"])
+        assert matches(event, check_filters(NftVerdictEvent, {"ip_proto": named}))
