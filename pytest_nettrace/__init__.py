@@ -7,15 +7,16 @@ from .sequence import forbid, ref, step
 
 if TYPE_CHECKING:
     from .netns import Namespace, NamespaceFactory
-    from .trace import Trace
+    from .trace import KindName, Trace
 
 __version__ = "0.1.0"
-__all__ = ["EventsLost", "LeftAlone", "Namespace", "NamespaceFactory", "NamespaceError", "NetlinkOperationError",
-           "NettraceError", "ProbeLoadError", "Trace", "UnsupportedKernel", "forbid", "ref", "step"]
+__all__ = ["EventsLost", "KindName", "LeftAlone", "Namespace", "NamespaceFactory", "NamespaceError",
+           "NetlinkOperationError", "NettraceError", "ProbeLoadError", "Trace", "UnsupportedKernel", "forbid", "ref",
+           "step"]
 
 # The fixtures' types, for annotations (`def test_x(netns: Namespace, nettrace: Trace)`);
 # imported on first use so that `import pytest_nettrace` stays light.
-_LAZY = {"Namespace": "netns", "NamespaceFactory": "netns", "Trace": "trace"}
+_LAZY = {"Namespace": "netns", "NamespaceFactory": "netns", "Trace": "trace", "KindName": "trace"}
 
 
 def __getattr__(name: str) -> Any:

@@ -9,8 +9,8 @@ import os
 import struct
 import threading
 import time
-from typing import (Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple,
-                    Type, TypeVar, Union)
+from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, Literal, Optional, Sequence, Set, Tuple,
+                    Type, TypeVar, Union, overload)
 
 from . import sequence
 from .errors import EventsLost, NettraceError
@@ -23,6 +23,23 @@ from .probes.registry import API_CLASSES, check_filters_any_kind, kind_info, kin
 from .report.captures import capture_path
 from .report.timeline import render_failure, seed_line
 from .report.view import TraceView
+
+if TYPE_CHECKING:
+    from .probes.conn import ConnEvent
+    from .probes.drop import DropEvent
+    from .probes.netchange import AddrEvent, LinkEvent, NeighEvent, NexthopEvent, NftEvent, RouteEvent, RuleEvent
+    from .probes.nftrace import NftVerdictEvent
+    from .probes.packet import PacketEvent
+    from .probes.retransmit import RetransmitEvent
+    from .probes.rst import RstEvent
+    from .probes.syscall import SyscallEvent
+    from .probes.sysctl import SysctlEvent
+
+# The kinds' names, for a type checker: the generic methods return the
+# kind's event class for a literal kind, and a misspelt kind is a type error
+# (tests/unit/test_typing.py checks this list against the registry).
+KindName = Literal["addr", "conn", "drop", "link", "neigh", "nexthop", "nft", "nftrace", "packet", "retransmit",
+                   "route", "rst", "rule", "syscall", "sysctl"]
 
 A = TypeVar("A", bound=KindApi)
 _kind_of = struct.Struct("<H").unpack_from
@@ -138,16 +155,16 @@ class _Context:
         return self._trace._validate(kind, filters)
 
     def events(self, kind: str, **filters: Any) -> List[Event]:
-        return self._trace.events(kind, **filters)
+        return self._trace.select(kind, **filters)
 
     def all_events(self) -> List[Event]:
         return self._trace.all_events()
 
     def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
-        return self._trace.wait_for(kind, timeout, **filters)
+        return self._trace._wait_for(kind, timeout, filters)
 
     def assert_none(self, kind: str, **filters: Any) -> None:
-        self._trace.assert_none(kind, **filters)
+        self._trace._assert_none(kind, filters)
 
     def sync(self, kind: Optional[str] = None) -> None:
         self._trace._sync()
@@ -355,10 +372,62 @@ class Trace(KindMethods):
         with self._cond:
             return sorted(self._events, key=lambda e: e.timestamp)
 
-    def events(self, kind: Optional[str] = None, **filters: Any) -> List[Event]:
+    @overload
+    def events(self, kind: Literal["addr"], **filters: Any) -> List["AddrEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["conn"], **filters: Any) -> List["ConnEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["drop"], **filters: Any) -> List["DropEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["link"], **filters: Any) -> List["LinkEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["neigh"], **filters: Any) -> List["NeighEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["nexthop"], **filters: Any) -> List["NexthopEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["nft"], **filters: Any) -> List["NftEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["nftrace"], **filters: Any) -> List["NftVerdictEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["packet"], **filters: Any) -> List["PacketEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["retransmit"], **filters: Any) -> List["RetransmitEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["route"], **filters: Any) -> List["RouteEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["rst"], **filters: Any) -> List["RstEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["rule"], **filters: Any) -> List["RuleEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["syscall"], **filters: Any) -> List["SyscallEvent"]: ...
+
+    @overload
+    def events(self, kind: Literal["sysctl"], **filters: Any) -> List["SysctlEvent"]: ...
+
+    @overload
+    def events(self, kind: None = ..., **filters: Any) -> List[Event]: ...
+
+    def events(self, kind: Optional[str] = None, **filters: Any) -> List[Any]:
         """Events in time order; `kind` and attribute filters narrow them.
 
         A filter value may be a value, a list of values, or a predicate."""
+        return self.select(kind, **filters)
+
+    def select(self, kind: Optional[str] = None, **filters: Any) -> List[Event]:
+        """events() for a kind known at run time (a str: typed as Event)."""
         filters = self._validate(kind, filters)
         self._sync()
         if kind is None:
@@ -368,12 +437,60 @@ class Trace(KindMethods):
             found = [e for e in self._events if e.kind == kind]
         return [e for e in sorted(found, key=lambda e: e.timestamp) if matches(e, filters)]
 
-    def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
+    @overload
+    def wait_for(self, kind: Literal["addr"], timeout: float = ..., **filters: Any) -> "AddrEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["conn"], timeout: float = ..., **filters: Any) -> "ConnEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["drop"], timeout: float = ..., **filters: Any) -> "DropEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["link"], timeout: float = ..., **filters: Any) -> "LinkEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["neigh"], timeout: float = ..., **filters: Any) -> "NeighEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["nexthop"], timeout: float = ..., **filters: Any) -> "NexthopEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["nft"], timeout: float = ..., **filters: Any) -> "NftEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["nftrace"], timeout: float = ..., **filters: Any) -> "NftVerdictEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["packet"], timeout: float = ..., **filters: Any) -> "PacketEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["retransmit"], timeout: float = ..., **filters: Any) -> "RetransmitEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["route"], timeout: float = ..., **filters: Any) -> "RouteEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["rst"], timeout: float = ..., **filters: Any) -> "RstEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["rule"], timeout: float = ..., **filters: Any) -> "RuleEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["syscall"], timeout: float = ..., **filters: Any) -> "SyscallEvent": ...
+
+    @overload
+    def wait_for(self, kind: Literal["sysctl"], timeout: float = ..., **filters: Any) -> "SysctlEvent": ...
+
+    def wait_for(self, kind: str, timeout: float = 2.0, **filters: Any) -> Any:
         """The first matching event, waiting up to `timeout` seconds for it."""
+        return self._wait_for(kind, timeout, filters)
+
+    def _wait_for(self, kind: str, timeout: float, filters: Dict[str, Any]) -> Event:
         self._validate(kind, filters)
         deadline = time.monotonic() + check_timeout(timeout)
         while True:
-            found = self.events(kind, **filters)
+            found = self.select(kind, **filters)
             if found:
                 return found[0]
             left = deadline - time.monotonic()
@@ -409,18 +526,66 @@ class Trace(KindMethods):
         return total
 
     # -- generic assertions -----------------------------------------------
-    def assert_none(self, kind: str, **filters: Any) -> None:
+    def assert_none(self, kind: KindName, **filters: Any) -> None:
         """Fail if any `kind` event matching filters happened — or may have been lost."""
-        found = self.events(kind, **filters)
+        self._assert_none(kind, filters)
+
+    def _assert_none(self, kind: str, filters: Dict[str, Any]) -> None:
+        found = self.select(kind, **filters)
         if found:
             raise AssertionError(self._failure(
                 f"expected no {kind} events matching {describe_filters(filters)}, saw {len(found)}",
                 kind, filters, found))
         self._assert_nothing_lost(kind, filters, drained=True)   # events() just drained
 
-    def assert_any(self, kind: str, timeout: float = 2.0, **filters: Any) -> Event:
+    @overload
+    def assert_any(self, kind: Literal["addr"], timeout: float = ..., **filters: Any) -> "AddrEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["conn"], timeout: float = ..., **filters: Any) -> "ConnEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["drop"], timeout: float = ..., **filters: Any) -> "DropEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["link"], timeout: float = ..., **filters: Any) -> "LinkEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["neigh"], timeout: float = ..., **filters: Any) -> "NeighEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["nexthop"], timeout: float = ..., **filters: Any) -> "NexthopEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["nft"], timeout: float = ..., **filters: Any) -> "NftEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["nftrace"], timeout: float = ..., **filters: Any) -> "NftVerdictEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["packet"], timeout: float = ..., **filters: Any) -> "PacketEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["retransmit"], timeout: float = ..., **filters: Any) -> "RetransmitEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["route"], timeout: float = ..., **filters: Any) -> "RouteEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["rst"], timeout: float = ..., **filters: Any) -> "RstEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["rule"], timeout: float = ..., **filters: Any) -> "RuleEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["syscall"], timeout: float = ..., **filters: Any) -> "SyscallEvent": ...
+
+    @overload
+    def assert_any(self, kind: Literal["sysctl"], timeout: float = ..., **filters: Any) -> "SysctlEvent": ...
+
+    def assert_any(self, kind: str, timeout: float = 2.0, **filters: Any) -> Any:
         """The first `kind` event matching filters; fails with the timeline if none comes."""
-        return self.wait_for(kind, timeout=timeout, **filters)
+        return self._wait_for(kind, timeout, filters)
 
     def expect_sequence(self, *items: "sequence.Step | sequence.Forbid", timeout: float = 2.0,
                         since: "Event | int | None" = None) -> "sequence.SequenceMatch":

@@ -25,7 +25,7 @@ class Checked(Protocol):
     @property
     def engine(self) -> "Engine": ...
 
-    def events(self, kind: Optional[str] = None, **filters: Any) -> List[Event]: ...
+    def select(self, kind: Optional[str] = None, **filters: Any) -> List[Event]: ...
 
     def lost(self, kind: Optional[str] = None) -> int: ...
 
@@ -186,7 +186,7 @@ def check(trace: Checked, rules: Sequence[ForbidRule], timeline_shown: bool = Tr
     for rule in rules:
         # background events (drops that are not failures, as assert_no_drops
         # judges them: fresh veths' multicast, purged FINs) never trip a gate
-        found = [e for e in trace.events(rule.kind, **rule.filters()) if not e.background]
+        found = [e for e in trace.select(rule.kind, **rule.filters()) if not e.background]
         if found:
             lines.append(f"  {rule}: {len(found)} event{'s' if len(found) != 1 else ''}")
             offending.extend(found)

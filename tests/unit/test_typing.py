@@ -36,6 +36,10 @@ def test_reset(netns: Namespace, nettrace: Trace) -> None:
     assert nettrace.pcap_path is None or nettrace.pcap_path.endswith(".pcapng")
     print(nettrace.drop_summary(reason="NO_SOCKET").total, nettrace.traffic_table(comm="curl"))
     netns.run(["true"])
+    port2: int = nettrace.events("rst")[0].sport + nettrace.assert_any("conn", dport=80).dport
+    cause: str = nettrace.assert_any("addr").cause
+    anything = nettrace.events()[0].timestamp + len(nettrace.select(str(cause)))
+    print(port2, anything)
 '''
 
 MISTAKES = {
@@ -51,7 +55,11 @@ MISTAKES = {
     "bad: str = nettrace.assert_rst().sport": r'Incompatible types in assignment \(expression has type "int", '
                                               r'variable has type "str"\)',
     "print(nettrace.assert_address_deleted('10.0.0.1').adress)": r'"AddrEvent" has no attribute "adress"',
-    "print(nettrace.events('rst')[0].sport)": r'"Event" has no attribute "sport"',
+    # the generic methods return a literal kind's class; a misspelt kind is an error
+    "print(nettrace.events('rst')[0].sprot)": r'"RstEvent" has no attribute "sprot"',
+    "nettrace.events('rts')": r'No overload variant of "events" of "Trace" matches argument type',
+    "nettrace.assert_none('rts')": r'Argument 1 to "assert_none" of "Trace" has incompatible type',
+    "print(nettrace.wait_for('addr').sport)": r'"AddrEvent" has no attribute "sport"',
     # events are immutable (at run time too): a kind's own field, a common one
     "nettrace.assert_rst().sport = 1": r'Property "sport" defined in "RstEvent" is read-only',
     "nettrace.assert_accepted().pid = 1": r'Property "pid" defined in "ConnEvent" is read-only',
@@ -90,3 +98,10 @@ def test_mypy_flags_misspelt_methods_and_wrong_filters_and_passes_correct_uses(t
     for i, (call, expected) in enumerate(MISTAKES.items()):
         found = by_line.get(first_bad + i, [])
         assert any(re.search(expected, e) for e in found), (call, expected, errors)
+
+
+def test_the_kind_names_a_type_checker_knows_are_the_registrys():
+    import typing
+    from pytest_nettrace.probes.registry import kinds
+    from pytest_nettrace.trace import KindName
+    assert set(typing.get_args(KindName)) == set(kinds())
