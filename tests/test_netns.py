@@ -239,21 +239,39 @@ def test_close_stops_the_daemons_it_started_and_leaves_a_process_that_joined_fro
     # Fully detached: own session, reparented to init; found by the session token it inherited.
     ns.run(["sh", "-c", "setsid -f sleep 300 >/dev/null 2>&1"], check=True)
     # Another tool entering the namespace: not the test's, never killed, reported.
-    external = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "300"])
+    external = _started_outside(["ip", "netns", "exec", ns.name, "sleep", "300"])
     try:
         sock = ns.socket()
         # sh + 2 sleeps + setsid sleep + ip-exec'd sleep (ip enters the namespace before it execs sleep)
-        _wait_until(lambda: len(_pids_in(ns)) >= 5 and _comm(external.pid) == "sleep")
-        with pytest.warns(LeftAlone, match=rf"process {external.pid} \(sleep\) joined {ns.name} from outside"):
+        _wait_until(lambda: len(_pids_in(ns)) >= 5 and _comm(external) == "sleep")
+        with pytest.warns(LeftAlone, match=rf"process {external} \(sleep\) joined {ns.name} from outside"):
             factory.close()
         assert daemon.poll() is not None
-        assert _pids_in(ns) == [external.pid]
-        assert external.poll() is None
+        assert _pids_in(ns) == [external]
         assert sock.fileno() == -1
         assert ns.name not in os.listdir("/run/netns")
     finally:
-        external.kill()
-        external.wait()
+        os.kill(external, 9)
+
+
+def _started_outside(argv: list) -> int:
+    """A process that is no descendant of this one, as another tool's would
+    be: forked away while this process adopts no orphans (the plugin makes
+    it their subreaper), so init takes it."""
+    import ctypes
+    import shlex
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    was = ctypes.c_int(0)
+    prctl(37, ctypes.byref(was), 0, 0, 0)   # PR_GET_CHILD_SUBREAPER
+    prctl(36, 0, 0, 0, 0)                   # PR_SET_CHILD_SUBREAPER off
+    try:
+        shell = subprocess.Popen(["sh", "-c", f"{shlex.join(argv)} >/dev/null 2>&1 & echo $!"],
+                                 stdout=subprocess.PIPE, text=True)
+        pid = int(shell.stdout.readline())
+        shell.wait(5)
+    finally:
+        prctl(36, was.value, 0, 0, 0)
+    return pid
 
 
 def test_a_process_in_the_middle_of_its_exec_is_still_known_by_its_token(netns: Namespace) -> None:
@@ -429,3 +447,31 @@ def _netns_inodes_of_our_fds() -> set[int]:
             inodes.add(os.fstat(ns_fd).st_ino)
             os.close(ns_fd)
     return inodes
+
+
+def test_a_daemon_that_clears_its_environment_and_forks_away_goes_with_the_test() -> None:
+    """`env -i setsid daemon &` from a shell that exits: no session marker
+    in its environment, and its ancestry ended at init, so nothing proved it
+    the test's; it outlived the test (keeping the namespace alive) with a
+    warning that it had joined from outside. Adopted as an orphan, it is a
+    descendant of the test's process and goes with the namespace."""
+    import time
+    import warnings
+    factory = NamespaceFactory()
+    ns = factory.create()
+    shell = ns.popen(["sh", "-c", "env -i setsid sleep 300 & echo $!"], stdout=subprocess.PIPE, text=True)
+    daemon = int(shell.stdout.readline())
+    shell.wait(5)
+    deadline = time.monotonic() + 5
+    while _parent_of(daemon) != os.getpid():   # the shell's exit hands it over
+        assert time.monotonic() < deadline, f"pid {daemon} not adopted (parent {_parent_of(daemon)})"
+        time.sleep(0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LeftAlone)
+        factory.close()
+    assert not os.path.exists(f"/proc/{daemon}"), "killed and reaped, not left a zombie"
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

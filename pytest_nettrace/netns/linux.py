@@ -42,6 +42,16 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants of this process are reparented to it, not to
+    init: a daemon that forked away from what a test started (and cleared
+    its environment, as `sudo` or `env -i` do) stays its descendant."""
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def unshare_netns() -> None:
     """Move the calling thread into a brand-new network namespace."""
     _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")

@@ -429,6 +429,7 @@ class Namespace:
         that forked away) as the test's.
         """
         self._check_open()
+        procs.adopt_orphans()
         setup = self._mount_setup(host_view, etc, private_dirs, readonly_sys, mounts_of)
         popen_kwargs.setdefault("start_new_session", True)
         record = registry.record()
@@ -584,9 +585,11 @@ def _remove(namespaces: list[Namespace]) -> None:
                 procs.send(fd, signal.SIGTERM)
         # Children of the started ones (daemons that forked) get their turn
         # too; a second look catches what they forked meanwhile.
+        killed: set[int] = set()
         for round_ in range(3):
             found = procs.classify(inodes, token, [p.pid for _, p, _ in started if p.returncode is None])
             ours = found.ours
+            killed |= set(ours)
             if round_ == 0:
                 for _, proc, fd in started:
                     if proc.returncode is None and proc.pid not in ours:
@@ -600,6 +603,7 @@ def _remove(namespaces: list[Namespace]) -> None:
         for _, proc, fd in started:
             proc.poll()  # reap: they are dead by now
             os.close(fd)
+        procs.reap_adopted(killed - {proc.pid for _, proc, _ in started})
         if found.foreign:
             where = {pid: ns.name for pid in found.foreign for ns in namespaces if netns_inode_of(pid) in ns._inodes()}
             notes += [f"process {procs.describe(pid)} joined {where.get(pid, 'a test namespace')} from outside: "

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from .linux import netns_cookie_at, netns_inode_of, process_start_time
+from .linux import become_subreaper, netns_cookie_at, netns_inode_of, process_start_time
 
 
 @dataclass
@@ -111,17 +111,45 @@ def stop_popen(proc: "subprocess.Popen", grace: float) -> list[int]:
     return left
 
 
+_adopting = False
+
+
+def adopt_orphans() -> None:
+    """Make this process the subreaper of what it starts (once): a daemon
+    that double-forks with its environment cleared (`env -i`, `sudo`)
+    carries no session marker and its ancestry ended at init, so nothing
+    proved it the test's and it outlived the test, keeping its namespace."""
+    global _adopting
+    if not _adopting:
+        become_subreaper()
+        _adopting = True
+
+
+def reap_adopted(pids: Iterable[int]) -> None:
+    """Collect the exit status of those of `pids` that are this process's
+    children and have exited (orphans adopted, then killed): the
+    subprocess module waits only for the children it started."""
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields and int(fields[1]) == os.getpid() and fields[0] == b"Z":
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
 def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> Found:
     """Processes (other than us) in one of the namespaces `inodes`: ours when
-    they carry `token` in their environment or descend from a `started` pid.
+    they carry `token` in their environment, or descend from a `started`
+    pid or from this process (orphans are adopted: adopt_orphans).
     The caller owns the returned pidfds."""
     wanted = set(inodes)
     found = Found({}, [])
     if not wanted:
         return found
     marker = f"NETTRACE_SESSION={token}".encode()
-    started = set(started)
     me = os.getpid()
+    started = set(started) | ({me} if _adopting else set())
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me or netns_inode_of(entry) not in wanted:
             continue
