@@ -420,10 +420,12 @@ class RouteEvent(NetChangeEvent, init=False):
         via = f" via {self.gateway}" if self.gateway else ""
         dev = f" dev {self.dev}" if self.dev and not self.nexthops else ""
         table = f" table {self.table}" if self.table != "main" else ""
+        # as ip route prints it: routes that differ by metric alone read alike without it
+        metric = f" metric {self.priority}" if self.priority else ""
         # as ip route prints a multipath route: "nexthop via 10.0.0.1 dev eth0 weight 1" each
         hops = "".join(" nexthop" + (f" via {h.gateway}" if h.gateway else "") + (f" dev {h.dev}" if h.dev else "")
                        + f" weight {h.weight}" for h in self.nexthops)
-        return f"{self.action} route {rtype}{dst}{nhid}{via}{dev}{table}{hops}"
+        return f"{self.action} route {rtype}{dst}{nhid}{via}{dev}{table}{metric}{hops}"
 
 
 # -- neighbours and policy-routing rules (issue 15) ---------------------------
