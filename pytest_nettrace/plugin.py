@@ -702,6 +702,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     # setup / call: before fixture teardown, the trace is still open (drained here)
     if (rep.failed and show != "none") or (rep.when == "call" and show == "all"):
         view = trace.snapshot(item.nodeid)
+        if rep.failed and call.excinfo is not None:   # its message has the timeline: the section adds the rest
+            view = view.replace(shown_until=trace.failure_shown_until(str(call.excinfo.value)))
         if settings.report_dir:  # written at teardown, with the events still to come
             view = reporters.planned(view, settings.report_dir)
         elif rep.passed:

@@ -679,7 +679,16 @@ class Trace(KindMethods):
 
     def _failure(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
                  offending: Iterable[Event]) -> str:
-        return render_failure(self.snapshot(), headline, kind, list(offending))
+        view = self.snapshot()
+        text = render_failure(view, headline, kind, list(offending))
+        self._last_failure = (text, max((e.timestamp for e in view.events), default=view.start_ns))
+        return text
+
+    def failure_shown_until(self, message: str) -> Optional[int]:
+        """When `message` holds this trace's last failure text (its
+        timeline): the time of the last event that timeline showed."""
+        last = getattr(self, "_last_failure", None)
+        return last[1] if last is not None and last[0] in message else None
 
     def snapshot(self, nodeid: str = "") -> TraceView:
         """A frozen view of this trace for reports: its losses (read first,

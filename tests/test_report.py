@@ -181,3 +181,21 @@ def test_file_stems_are_safe_and_unique():
     assert a.startswith("tests_test_x.py__test_y[10.0.0.1_24-a_b]")
     assert len(file_stem("t::" + "x" * 500)) < 140
 
+
+
+def test_a_failed_assertions_timeline_is_not_repeated_by_the_section(pytester):
+    """The assertion's message lists the timeline up to the failure; the
+    section below it says so and lists only what came after, not all of it
+    again (it was printed twice)."""
+    pytester.makepyfile(test_twice=textwrap.dedent('''
+        def test_deleted(netns, nettrace):
+            netns.add_dummy("d0", "10.6.0.1/24")
+            netns.run(["ip", "addr", "del", "10.6.0.1/24", "dev", "d0"], check=True)
+            nettrace.assert_address_not_deleted("10.6.0.1")
+    '''))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    message, section = re.split(r"-+ network events -+", result.stdout.str(), maxsplit=1)
+    assert "addr   ip(" in message and "deleted IPv4 10.6.0.1/24" in message
+    assert "addr   ip(" not in section, section
+    assert re.search(r"the failure's message above\s+lists them up to the failure; none since", section), section

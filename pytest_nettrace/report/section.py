@@ -19,11 +19,19 @@ def section_text(view: TraceView) -> str:
     """The "network events" report section (lines ≤ 100 columns, but for long paths)."""
     where = ", ".join(f"{label} ({inode})" for inode, label in view.labels.items()) or "none"
     n = len(view.events)
+    headline = f"{n} event{'s' if n != 1 else ''} in the watched namespaces: {where}"
+    events = view.events
+    if view.shown_until is not None:
+        # the failure's message already listed the timeline up to it: not twice
+        events = tuple(e for e in events if e.timestamp > view.shown_until)
+        headline += "; the failure's message above lists them up to the failure" + (
+            "; since then:" if events else "; none since")
     # as in assertion failures: high-volume kinds and background events are counted, not listed
-    shown, hidden = focus(view.events, None, view.highlight)
-    out = [wrap(f"{n} event{'s' if n != 1 else ''} in the watched namespaces: {where}"),
-           "time since test start, kind, process, what happened [namespace]:",
-           render_timeline(view, shown, view.highlight)]
+    shown, hidden = focus(events, None, view.highlight)
+    out = [wrap(headline)]
+    if events:
+        out += ["time since test start, kind, process, what happened [namespace]:",
+                render_timeline(view, shown, view.highlight)]
     if hidden:
         out.append(not_shown(hidden, "in the events file / nettrace.events()"))
     out.append(view.lost_line())

@@ -48,6 +48,7 @@ class TraceView:
     files: Mapping[str, str] = dataclasses.field(default_factory=dict)   # what -> path: "pcap", "events file", …
     highlight: Tuple[Event, ...] = ()    # events to mark (a gate's offending events)
     late: Mapping[int, str] = dataclasses.field(default_factory=dict)   # watched only after their creation
+    shown_until: Optional[int] = None    # the failure's message showed the timeline up to this event's time
 
     def __post_init__(self) -> None:
         # read-only copies: a view handed to a reporter cannot be changed under another
