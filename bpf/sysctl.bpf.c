@@ -16,11 +16,9 @@
 NT_WIRE(sysctl_event);
 NT_WIRE(sysctl_result);
 
-/* The write syscalls' numbers on this machine, set by Python with `on` when
- * the plan sees their results at sys_exit (the syscall probe's program,
- * which calls sysctl_on_sys_exit). */
+/* Set by Python when the plan sees the writes' results at sys_exit (the
+ * syscall probe's program, which calls sysctl_on_sys_exit). */
 const volatile struct {
-	__s32 nr[5];   /* write, pwrite64, writev, pwritev, pwritev2 */
 	__u32 on;
 } sy_cfg = {};
 
@@ -116,12 +114,15 @@ int sysctl_write(struct bpf_sysctl *ctx)
 }
 
 /* Called by the syscall probe's tp_btf/sys_exit program (syscall.bpf.c) on
- * every syscall while something is watched: a write syscall of a thread
- * whose sysctl write was recorded says how it returned. */
+ * every syscall while something is watched: the syscall of a thread whose
+ * sysctl write was recorded says how it returned. Whichever syscall it is:
+ * the write happened inside it (write, pwritev2, but also sendfile or
+ * splice, whose results were taken from the thread's next write(2) when
+ * only the write calls were looked at). Only while a recorded write waits
+ * for its result (the count) does an exit look its thread up. */
 __noinline int sysctl_on_sys_exit(long nr, long ret)
 {
-	if (!sy_cfg.on || (nr != sy_cfg.nr[0] && nr != sy_cfg.nr[1] && nr != sy_cfg.nr[2] &&
-			   nr != sy_cfg.nr[3] && nr != sy_cfg.nr[4]))
+	if (!sy_cfg.on)
 		return 0;
 	__u32 zero = 0;
 	__s64 *count = bpf_map_lookup_elem(&sy_pending_count, &zero);

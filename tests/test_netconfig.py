@@ -250,6 +250,36 @@ def test_shell_write_to_proc_sys_net_attributed(netns, nettrace):
     nettrace.assert_none("sysctl", name="net.ipv4.conf.eth0.forwarding")
 
 
+def test_a_write_by_sendfile_or_splice_has_its_own_result(netns, nettrace, tmp_path):
+    """proc's files take splice_write: sendfile() and splice() write a
+    sysctl too. Their results were taken from the thread's next write(2)
+    (the log line after them): a refused 300 read as written."""
+    needs_sysctl_probe(nettrace)
+    r = netns.run(script("""
+        import os
+        def source(text):
+            fd = os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
+            os.write(fd, text)
+            return fd
+        ttl = os.open("/proc/sys/net/ipv4/ip_default_ttl", os.O_WRONLY)
+        try:
+            os.sendfile(ttl, source(b"300\\n"), 0, 4)
+        except OSError as e:
+            print("sendfile", e.errno, flush=True)
+        os.write(1, b"a log line of 24 bytes.\\n")
+        r, w = os.pipe()
+        os.write(w, b"1\\n")
+        fwd = os.open("/proc/sys/net/ipv4/ip_forward", os.O_WRONLY)
+        print("splice", os.splice(r, fwd, 2), flush=True)
+        os.write(1, b"another log line, longer.\\n")
+    """), check=True)
+    assert "sendfile 22" in r.stdout and "splice 2" in r.stdout, r.stdout
+    ttl = nettrace.sysctl_writes(name="net.ipv4.ip_default_ttl")
+    fwd = nettrace.sysctl_writes(name="net.ipv4.ip_forward")
+    assert [(w.new, w.error, w.changed) for w in ttl] == [("300", "EINVAL", False)], ttl
+    assert [(w.new, w.ret, w.error) for w in fwd] == [("1", 2, None)], fwd
+
+
 def test_sysctl_writes_are_scoped_to_the_writers_namespace(make_netns, nettrace):
     needs_sysctl_probe(nettrace)
     a = make_netns()

@@ -15,7 +15,6 @@ only host has none, and the pytest header says so.
 from __future__ import annotations
 
 import errno
-import platform
 import struct
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, cast
 
@@ -36,12 +35,6 @@ E2BIG = 7
 # ERESTARTNOINTR, ERESTARTNOHAND, ERESTART_RESTARTBLOCK): it runs again
 _RESTARTS = (-512, -513, -514, -516)
 
-# write, pwrite64, writev, pwritev, pwritev2 (arch/x86/entry/syscalls/syscall_64.tbl,
-# include/uapi/asm-generic/unistd.h): how sysctl writes are made
-WRITE_NR = {
-    "x86_64": (1, 18, 20, 296, 328),
-    "aarch64": (64, 68, 66, 70, 287),
-}
 
 
 def cgroup2_mount(mountinfo: str = "/proc/self/mountinfo") -> Optional[str]:
@@ -145,15 +138,14 @@ class SysctlProbe(Probe):
             return []
         cgroups = {"sysctl_write": root}
         plans = []
-        nrs = WRITE_NR.get(platform.machine())
-        if nrs and kernel.tp_btf:
+        if kernel.tp_btf:
             # how each write returned, from the syscall probe's sys_exit
             # program (one program on that tracepoint, shared with conn)
-            cfg = {"sy_cfg": struct.pack("<5iI", *nrs, 1)}
+            cfg = {"sy_cfg": struct.pack("<I", 1)}
             plans.append(Plan("cgroup_sysctl+sys_exit", ["sysctl_write", "sc_exit"], config=cfg, cgroups=cgroups))
         plans.append(Plan("cgroup_sysctl (results unknown)", ["sysctl_write"], cgroups=cgroups,
-                          notes=[f"no sys_exit program ({kernel.why('tp_btf')}) or no syscall table for "
-                                 f"{platform.machine()}: whether the kernel took a value written is unknown"]))
+                          notes=[f"no sys_exit program ({kernel.why('tp_btf')}): whether the kernel took a "
+                                 "value written is unknown"]))
         return plans
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
