@@ -10,8 +10,8 @@ import pwd
 import socket
 import struct
 import time
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Collection, Dict, FrozenSet, List, Mapping, Optional,
-                    Sequence, Tuple, Type, TypeVar, Union, cast)
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Collection, Dict, FrozenSet, Iterable, List, Mapping,
+                    Optional, Sequence, Tuple, Type, TypeVar, Union, cast)
 
 from .kernel import symbols
 from .kernel.symbols import frame_function, symbolize
@@ -349,7 +349,11 @@ def scalar_type(owner: Any, field: str) -> Optional[type]:
     """int, str, float or bool when `field` of `owner` holds only that (or
     None); None for anything else (a union, an address, bytes)."""
     for klass in getattr(owner, "__mro__", ()):
-        annotation = getattr(klass, "__dict__", {}).get("__annotations__", {}).get(field)
+        members = getattr(klass, "__dict__", {})
+        annotation = members.get("__annotations__", {}).get(field)
+        if annotation is None and isinstance(members.get(field), property):
+            # a derived field (sysctl's `changed`): its getter's return type
+            annotation = getattr(members[field].fget, "__annotations__", {}).get("return")
         if annotation is not None:
             return _SCALARS.get(_annotation_text(annotation))
     return None
@@ -680,8 +684,14 @@ class Event(_EventRoot, init=False):
     @property
     def background(self) -> bool:
         """Noise rather than news (probes override): left out of failure
-        timelines unless its kind is the one asserted on."""
+        timelines unless its kind is the one asserted on, and of what a
+        negative assertion, a forbid or a gate counts unless a filter in
+        BACKGROUND_COUNTED_BY names it."""
         return False
+
+    # filters that name an event's own particulars: given one, a background
+    # event it matches counts (assert_no_drops(reason="NOT_SPECIFIED"))
+    BACKGROUND_COUNTED_BY: ClassVar[FrozenSet[str]] = frozenset()
 
     @property
     def stack(self) -> List[str]:
@@ -845,6 +855,12 @@ def matches(event: Any, filters: Mapping[str, Any]) -> bool:
             raise TypeError(f"the predicate given for {name} failed on {actual!r} (a {getattr(owner, 'kind', '')} "
                             f"event's {name}; some events have None there): {exc}") from None
     return True
+
+
+def news(events: Iterable[Event], filters: Mapping[str, Any]) -> List[Event]:
+    """The events a negative assertion, a forbid or a gate counts: not the
+    background ones, unless the filters name their particulars."""
+    return [e for e in events if not e.background or not type(e).BACKGROUND_COUNTED_BY.isdisjoint(filters)]
 
 
 def describe_filters(filters: Mapping[str, Any]) -> str:

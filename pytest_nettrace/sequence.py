@@ -13,11 +13,13 @@ address, a step name or a binding is a ValueError naming it. The matcher
 """
 from __future__ import annotations
 
+import ipaddress
+
 import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .events import Event, check_filters, describe_filters, matches
+from .events import Event, check_filters, describe_filters, matches, news
 from .probes.registry import kind_info
 
 __all__ = ["Ref", "Step", "Forbid", "Expectation", "SequenceMatch", "Outcome", "ref", "step", "forbid",
@@ -240,7 +242,16 @@ _MAX_TRIES = 200_000
 
 
 def _resolve(refs: Mapping[str, Ref], bound: Mapping[str, Any]) -> Dict[str, Any]:
-    return {k: bound[r.name] for k, r in refs.items()}
+    return {k: _as_filter(bound[r.name]) for k, r in refs.items()}
+
+
+def _as_filter(value: Any) -> Any:
+    """A bound value as a filter naming that same value: an address with its
+    prefix (an addr event's 10.0.0.1/24) is that address, where the prefix
+    given in a filter means the subnet (ref("ip") met any neighbour in it)."""
+    if isinstance(value, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+        return value.ip
+    return value
 
 
 def _fits(ev: Event, kind: str, plain: Mapping[str, Any], resolved: Mapping[str, Any]) -> bool:
@@ -250,8 +261,12 @@ def _fits(ev: Event, kind: str, plain: Mapping[str, Any], resolved: Mapping[str,
 
 def match(seq: Expectation, events: Sequence[Event], since: Optional[int] = None) -> Outcome:
     """The earliest assignment of events (in time order, each step after the
-    previous one) that meets every step and breaks no forbid; else the
-    furthest attempt. `since`: only events with a later timestamp count."""
+    previous one) that meets every step, judged by the forbids; else the
+    furthest attempt. The forbids do not steer the choice: an address
+    deleted between its addition and its release fails the story even when
+    a later re-addition would leave a clean window (choosing that one made
+    "never removed in between" pass). `since`: only events with a later
+    timestamp count."""
     wanted = set(seq.kinds)  # the others cannot meet a step nor break a forbid
     evs = [e for e in events if e.kind in wanted and (since is None or e.timestamp > since)]
     n = len(seq.steps)
@@ -259,11 +274,10 @@ def match(seq: Expectation, events: Sequence[Event], since: Optional[int] = None
     best: Dict[str, Any] = {"depth": -1, "events": (), "bound": {}, "violation": None}
     tries = 0
 
-    def record(depth: int, bound: Dict[str, Any], violation: Optional[Tuple[Forbid, Event, Event]] = None) -> None:
-        # prefer the attempt that got furthest; at equal depth, one a forbid stopped
-        if depth > best["depth"] or (depth == best["depth"] and violation and not best["violation"]):
-            best.update(depth=depth, events=tuple(evs[i] for i in chosen[:depth]), bound=dict(bound),
-                        violation=violation)
+    def record(depth: int, bound: Dict[str, Any]) -> None:
+        # the attempt that got furthest
+        if depth > best["depth"]:
+            best.update(depth=depth, events=tuple(evs[i] for i in chosen[:depth]), bound=dict(bound))
 
     def violated(k: int, bound: Dict[str, Any]) -> Optional[Tuple[Forbid, Event, Event]]:
         """A forbid whose window closes at step k, broken by the events chosen."""
@@ -271,9 +285,10 @@ def match(seq: Expectation, events: Sequence[Event], since: Optional[int] = None
             if b != k:
                 continue
             resolved = _resolve(f.refs, bound)
-            for e in evs[chosen[a] + 1:chosen[b]]:
-                if _fits(e, f.kind, f.filters, resolved):
-                    return f, e, evs[chosen[b]]
+            # as assert_none and gates count: background events only where named
+            for e in news((e for e in evs[chosen[a] + 1:chosen[b]] if _fits(e, f.kind, f.filters, resolved)),
+                          {**f.filters, **resolved}):
+                return f, e, evs[chosen[b]]
         return None
 
     def search(k: int, start: int, bound: Dict[str, Any]) -> bool:
@@ -293,24 +308,25 @@ def match(seq: Expectation, events: Sequence[Event], since: Optional[int] = None
             nb = dict(bound)
             for name, fld in s.bind.items():
                 nb[name] = getattr(e, fld, None)
-            bad = violated(k, nb)
-            if bad:
-                record(k, nb, bad)
-            else:
-                record(k + 1, nb)
-                if search(k + 1, i + 1, nb):
-                    return True
+            record(k + 1, nb)
+            if search(k + 1, i + 1, nb):
+                return True
             chosen.pop()
         record(k, bound)
         return False
 
     if search(0, 0, {}):
+        bound = dict(best["bound"])
+        for k in range(n):
+            bad = violated(k, bound)
+            if bad:   # final: the earliest story broke a forbid
+                return Outcome(None, tuple(evs[i] for i in chosen[:k]), bound, k, bad)
         got = tuple(evs[i] for i in chosen)
         names = {s.name: i for i, s in enumerate(seq.steps) if s.name}
-        m = SequenceMatch(got, names, dict(best["bound"]))
+        m = SequenceMatch(got, names, bound)
         return Outcome(m, got, m.bound, None)
     depth = max(best["depth"], 0)
-    return Outcome(None, best["events"], best["bound"], depth, best["violation"])
+    return Outcome(None, best["events"], best["bound"], depth)
 
 
 def explain(seq: Expectation, outcome: Outcome, line: Callable[[Event], str], width: int = 100) -> List[str]:

@@ -14,7 +14,7 @@ from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, Literal, Optional,
 
 from . import sequence
 from .errors import EventsLost, NettraceError
-from .events import Event, check_filters, check_timeout, describe_filters, matches
+from .events import Event, check_filters, check_timeout, describe_filters, matches, news
 from .kernel.engine import Engine
 from .kernel.records import Delivery
 from .kind_methods import KindMethods
@@ -531,7 +531,7 @@ class Trace(KindMethods):
         self._assert_none(kind, filters)
 
     def _assert_none(self, kind: str, filters: Dict[str, Any]) -> None:
-        found = self.select(kind, **filters)
+        found = news(self.select(kind, **filters), filters)
         if found:
             raise AssertionError(self._failure(
                 f"expected no {kind} events matching {describe_filters(filters)}, saw {len(found)}",
@@ -607,7 +607,7 @@ class Trace(KindMethods):
             if outcome.matched is not None:
                 break
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or outcome.violation is not None:   # a broken forbid is final
                 raise AssertionError(self._sequence_failure(seq, outcome, timeout))
             with self._cond:
                 self._cond.wait(min(left, 0.02))

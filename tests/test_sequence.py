@@ -132,11 +132,15 @@ def test_forbid_with_a_reference():
     assert out.matched is None and out.violation[1].sport == 7
 
 
-def test_a_later_window_without_the_forbidden_event_matches():
-    # the first failover reset something; the second did not: the sequence is met by the second
+def test_a_later_window_without_the_forbidden_event_does_not_hide_the_broken_one():
+    # the first failover reset something; the second did not. The forbids
+    # judge the earliest story, never steer the choice: matched by the
+    # second, "no reset during a failover" passed over the first one's reset
     events = [addr(1, "deleted"), rst(2, 1), addr(3, "added"), addr(4, "deleted"), addr(5, "added")]
     out = match(build(FAILOVER), events)
-    assert [e.timestamp for e in out.matched] == [4, 5]
+    assert out.matched is None and out.failed_step == 1
+    assert out.violation is not None and out.violation[1].timestamp == 2
+    assert [e.timestamp for e in out.partial] == [1]
 
 
 def test_since_leaves_earlier_events_out():
@@ -279,3 +283,38 @@ def test_losses_make_a_forbid_fail(make_netns):
 def test_an_unavailable_or_mistyped_step_fails_before_waiting(nettrace):
     with pytest.raises(TypeError, match="takes step"):
         nettrace.expect_sequence("addr")
+
+
+def test_a_bound_address_is_that_address_not_its_subnet():
+    """An addr event's address carries its prefix (10.0.0.1/24); a filter's
+    prefix means the subnet, so ref("ip") was met by neighbour 10.0.0.2."""
+    import ipaddress
+    from pytest_nettrace.probes.netchange import NeighEvent
+    added = AddrEvent(None, (), "process", timestamp=1, netns=1, action="added",
+                      address=ipaddress.ip_interface("10.0.0.1/24"))
+
+    def neigh(ts: int, ip: str) -> NeighEvent:
+        return NeighEvent(None, (), "softirq", timestamp=ts, netns=1, action="added", address=ipaddress.ip_address(ip))
+
+    seq = build([step("addr", action="added", bind={"ip": "address"}), step("neigh", address=ref("ip"))])
+    assert match(seq, [added, neigh(2, "10.0.0.2")]).matched is None
+    assert [e.timestamp for e in match(seq, [added, neigh(2, "10.0.0.2"), neigh(3, "10.0.0.1")]).matched] == [1, 3]
+
+
+def test_background_events_break_no_forbid_unless_named():
+    """A fresh veth's link-scope multicast drops are background: they failed
+    forbid('drop') and assert_none('drop') while gates and assert_no_drops
+    left them out. All count them only where a filter names them."""
+    import ipaddress
+    from pytest_nettrace.probes.drop import DropEvent
+    chatter = DropEvent(None, (), "softirq", timestamp=2, netns=1, reason="NOT_SPECIFIED", family=6,
+                        daddr=ipaddress.ip_address("ff02::16"), location=None, length=90)
+    assert chatter.background
+    seq = build([step("addr", action="deleted", as_="gone"), forbid("drop", between=("gone", "back")),
+                 step("addr", action="added", as_="back")])
+    events = [addr(1, "deleted"), chatter, addr(3, "added")]
+    assert match(seq, events).matched is not None
+    named = build([step("addr", action="deleted", as_="gone"),
+                   forbid("drop", reason="NOT_SPECIFIED", between=("gone", "back")),
+                   step("addr", action="added", as_="back")])
+    assert match(named, events).violation is not None

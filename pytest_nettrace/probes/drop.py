@@ -62,6 +62,9 @@ class DropEvent(Event, init=False):
     length: int
     TYPES = {"ip_proto": IP_PROTO}
     ALARM = True  # but not its background drops (`background`)
+    # naming a drop's own reason or address counts it, background or not
+    # (README: "a reason … or a daddr filter")
+    BACKGROUND_COUNTED_BY = frozenset(("reason", "daddr", "saddr"))
     # the running kernel's enum skb_drop_reason, set when the probe loads
     # (empty on kernels without drop reasons)
     REASONS: ClassVar[Optional[Tuple[str, ...]]] = None
@@ -326,9 +329,6 @@ def _not_link_multicast(daddr: Any) -> bool:
 
 
 _LINK_MULTICAST = ipaddress.ip_network("ff02::/16")
-# Filters that name a drop's own reason or address: a drop they match counts
-# even when it is background (README: "a reason … or a daddr filter").
-_LIFTING_FILTERS = frozenset(("reason", "daddr", "saddr"))
 
 
 def _describe(filters: Dict[str, Any], lifted: bool) -> str:
@@ -414,7 +414,7 @@ class DropApi(KindApi):
         if reason is not None:
             filters["reason"] = reason
         # naming a drop's own reason or address counts it, background or not
-        lifted = include_unspecified or bool(set(filters) & _LIFTING_FILTERS)
+        lifted = include_unspecified or not DropEvent.BACKGROUND_COUNTED_BY.isdisjoint(filters)
         found = self.ctx.events("drop", **filters)
         if not lifted:
             found = [e for e in found if not e.background]

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 
-from ..events import Event
+from ..events import Event, news
 from ..probes.registry import kinds
 from .timeline import seed_line, wrap
 
@@ -185,8 +185,10 @@ def check(trace: Checked, rules: Sequence[ForbidRule], timeline_shown: bool = Tr
     offending: List[Event] = []
     for rule in rules:
         # background events (drops that are not failures, as assert_no_drops
-        # judges them: fresh veths' multicast, purged FINs) never trip a gate
-        found = [e for e in trace.select(rule.kind, **rule.filters()) if not e.background]
+        # judges them: fresh veths' multicast, purged FINs) trip no gate
+        # unless the rule names their particulars
+        filters = rule.filters()
+        found = news(trace.select(rule.kind, **filters), filters)
         if found:
             lines.append(f"  {rule}: {len(found)} event{'s' if len(found) != 1 else ''}")
             offending.extend(found)

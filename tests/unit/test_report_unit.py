@@ -382,3 +382,13 @@ def test_a_route_says_its_metric_as_ip_route_does():
     assert "metric" not in make(RouteEvent, action="added", dst=ipaddress.ip_network("10.5.0.0/16"), gateway=None,
                                 table="main", family=4, type="unicast", protocol=3, priority=None, prefsrc=None,
                                 nhid=None, nexthops=(), dev="eth0").describe()
+
+
+def test_a_derived_fields_filter_is_checked_against_its_getters_type():
+    """sysctl's `changed` is a property: changed='True' was taken as given
+    and matched nothing, so assert_none('sysctl', changed='True') passed."""
+    from pytest_nettrace.probes.sysctl import SysctlEvent
+    assert check_filters(SysctlEvent, {"changed": True}) == {"changed": True}
+    for bad in ("True", "yes", 1):
+        with pytest.raises(ValueError, match="changed of 'sysctl' events is True or False"):
+            check_filters(SysctlEvent, {"changed": bad})
