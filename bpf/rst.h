@@ -7,13 +7,14 @@ enum rst_origin {
 	RST_ORIGIN_REPLY = 0,   /* tcp_v{4,6}_send_reset: answer to a segment */
 	RST_ORIGIN_ACTIVE = 1,  /* tcp_send_active_reset: we abort a connection */
 	RST_ORIGIN_RECEIVED = 2,/* tcp_receive_reset: the peer reset us */
+	RST_ORIGIN_FREED = 3,   /* any other RST received, seen as its skb is freed */
 };
 
 struct rst_event {
 	struct nt_hdr h;
 	__u8 origin;     /* enum rst_origin */
 	__u8 family;     /* 4 or 6 */
-	__u8 state;      /* TCP state of the socket, 7 (CLOSE) when there is none */
+	__u8 state;      /* TCP state of the socket, 7 (CLOSE) when there is none, 0 unknown */
 	__u8 has_reason;
 	__s32 reason;    /* enum sk_rst_reason when has_reason */
 	__u16 sport;     /* host byte order; the RST's own direction */

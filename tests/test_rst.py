@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import socket
 import subprocess
 import time
@@ -284,3 +285,114 @@ def _rst_lines(path, parse: bool = False):
     segs = [(m[1], int(m[2]), m[3], int(m[4])) for m in
             re.finditer(r"IP (\S+)\.(\d+) > (\S+)\.(\d+): Flags \[[^\]]*R", out)]
     return segs if parse else len(segs)
+
+
+def _capture_rsts(ns, path):
+    dump = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", "eth0", "-U", "--immediate-mode", "-w", str(path),
+                     "(tcp[tcpflags] & tcp-rst != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)"],
+                    stderr=subprocess.PIPE, text=True)
+    assert "listening on" in dump.stderr.readline()
+    return dump
+
+
+def _stop(dump):
+    time.sleep(0.3)
+    dump.send_signal(signal.SIGINT)
+    dump.communicate(timeout=10)
+
+
+INJECT_RST = """
+    import socket, struct, sys
+    src, dst, sport, dport, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x04, 0, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    data = pseudo + tcp
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s = ~(s + (s >> 16)) & 0xFFFF
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    raw.sendto(tcp[:16] + struct.pack("!H", s) + tcp[18:], (dst, 0))
+"""
+
+
+def _veth_pair(make_netns):
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
+    return server, client
+
+
+def _inject_rst(ns, src, dst, sport, dport, seq):
+    ns.run(script(INJECT_RST) + [src, dst, str(sport), str(dport), str(seq)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="needs tcpdump (ci/apt-packages.txt)")
+def test_rst_killing_a_time_wait_socket_is_received(make_netns, nettrace, tmp_path):
+    """tcp_receive_reset fires only for full sockets: an in-window RST that
+    kills a TIME_WAIT socket (RFC 1337 assassination) is one received event
+    all the same, named by the state it hit, as tcpdump saw it arrive."""
+    server, client = _veth_pair(make_netns)
+    lst = server.socket(socket.AF_INET)
+    lst.bind(("10.0.0.1", 8080))
+    lst.listen()
+    conn = client.socket(socket.AF_INET)
+    conn.connect(("10.0.0.1", 8080))
+    peer, _ = lst.accept()
+    cport = conn.getsockname()[1]
+    conn.close()                     # the client closes first: TIME_WAIT on its side
+    assert peer.recv(1) == b""
+    peer.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "TIME-WAIT" not in client.run(["ss", "-tanH"], check=True).stdout:
+        time.sleep(0.05)
+    fin = [e for e in nettrace.packets(netns=client.inode, direction="in", sport=8080) if "F" in (e.tcp_flags or "")]
+    seq = (fin[-1].seq + 1) & 0xFFFFFFFF            # the TIME_WAIT socket's rcv_nxt: in window
+    dump = _capture_rsts(client, tmp_path / "c.pcap")
+    try:
+        _inject_rst(server, "10.0.0.1", "10.0.0.2", 8080, cport, seq)
+    finally:
+        _stop(dump)
+    assert "TIME-WAIT" not in client.run(["ss", "-tanH"], check=True).stdout, "the kernel acted on the RST"
+    assert _rst_lines(tmp_path / "c.pcap", parse=True) == [("10.0.0.1", 8080, "10.0.0.2", cport)]
+    got = nettrace.rst(netns=client.inode)
+    assert [(e.direction, str(e.saddr), e.sport, e.dport, e.state) for e in got] == [
+        ("received", "10.0.0.1", 8080, cport, "TIME_WAIT")], got
+    assert got[0].context == "softirq" and got[0].pid is None
+    with pytest.raises(AssertionError, match="RST received 10.0.0.1:8080 > 10.0.0.2:\\d+ state TIME_WAIT"):
+        nettrace.assert_no_rst(netns=client.inode)
+    lst.close()
+
+
+def test_rst_reaching_an_orphan_in_fin_wait2_is_received(pair, nettrace):
+    """A closed socket waiting for its peer's FIN is a time-wait sock in
+    FIN_WAIT2: the peer's abort reaches it with no tcp_receive_reset."""
+    server, client, fam, a, b = pair
+    lst = server.socket(fam)
+    lst.bind((a, 0))
+    lst.listen()
+    conn = client.socket(fam)
+    conn.connect((a, lst.getsockname()[1]))
+    peer, _ = lst.accept()
+    cport = conn.getsockname()[1]
+    conn.close()
+    assert peer.recv(1) == b""       # its FIN arrived; ours is never sent
+    deadline = time.monotonic() + 5  # and its ACK made the client's socket a FIN_WAIT2 orphan
+    while time.monotonic() < deadline and "FIN-WAIT-2" not in client.run(["ss", "-tanH"], check=True).stdout:
+        time.sleep(0.05)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()                     # an abort: RST to the orphan
+    got = nettrace.assert_rst(direction="received", netns=client.inode)
+    assert (str(got.saddr), got.dport, got.state) == (a, cport, "FIN_WAIT2")
+    time.sleep(0.2)
+    assert len(nettrace.rst(netns=client.inode)) == 1, "one RST, one event"
+    lst.close()
+
+
+def test_rst_to_no_socket_is_received_once(make_netns, nettrace):
+    """A RST that reaches TCP for no socket kills nothing and is answered by
+    nothing: a received event still, one, in state CLOSE (no socket)."""
+    server, client = _veth_pair(make_netns)
+    _inject_rst(client, "10.0.0.2", "10.0.0.1", 5555, 7, 1)
+    got = nettrace.assert_rst(direction="received", netns=server.inode)
+    assert (str(got.saddr), got.sport, got.dport, got.state) == ("10.0.0.2", 5555, 7, "CLOSE")
+    time.sleep(0.2)
+    assert len(nettrace.rst()) == 1, "a RST is never answered, and is one event"

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Tuple, ca
 
 from ..events import Event, Header, IPAddress, Stack
 from ..kernel import wire
+from ..kernel.symbols import function_ranges
 from .base import Decoder, Plan, Probe
 from .context import Filter, KindApi, TcpFlowFilters
 from .tcp import TCP_STATES, ip_from
@@ -18,7 +19,10 @@ if TYPE_CHECKING:
 
 RECORD = wire.RST_EVENT
 _BODY = RECORD.body
-ORIGINS = {0: "reply", 1: "active", 2: "received"}
+# 3: a received RST seen where TCP freed it (bpf/rst.h RST_ORIGIN_FREED)
+ORIGINS = {0: "reply", 1: "active", 2: "received", 3: "received"}
+FREED = 3
+UNKNOWN_STATE = "UNKNOWN"   # state 0: a RST whose socket, if any, nothing named
 
 
 class RstEvent(Event, init=False):
@@ -33,13 +37,13 @@ class RstEvent(Event, init=False):
     sport: int
     daddr: IPAddress
     dport: int
-    state: str
+    state: str                     # the socket's; CLOSE: none; UNKNOWN: not known (see README)
     reason: Optional[str]          # enum sk_rst_reason (6.10+)
     ALARM = True
     # the running kernel's enum sk_rst_reason (6.10+), set when the probe loads
     REASONS: ClassVar[Optional[Tuple[str, ...]]] = None
     VALUES = {**Event.VALUES, "direction": ("sent", "received"), "origin": ("reply", "active", "received"),
-              "state": tuple(TCP_STATES.values()), "reason": lambda: RstEvent.REASONS}
+              "state": (*TCP_STATES.values(), UNKNOWN_STATE), "reason": lambda: RstEvent.REASONS}
 
     def describe(self) -> str:
         why = f" reason {self.reason}" if self.reason else ""
@@ -64,6 +68,17 @@ def _local_abort(state: str, stack: Stack) -> bool:
     return "tcp_rcv_state_process" in names and "tcp_validate_incoming" not in names
 
 
+# A RST's skb is freed by TCP after it handled it, or, when it never reached
+# TCP, by whatever dropped it first (netfilter, a forwarding router) or by a
+# capture that copied it: only the first kind was received by TCP.
+_TCP_RECEIVERS = frozenset(("tcp_v4_rcv", "tcp_v6_rcv", "tcp_v4_do_rcv", "tcp_v6_do_rcv"))
+
+
+def _reached_tcp(stack: Stack) -> bool:
+    # no stack: cannot tell; a negative assertion had better see it
+    return not stack.addrs or not _TCP_RECEIVERS.isdisjoint(stack.functions)
+
+
 class RstProbe(Probe):
     name = "rst"
     kind_id = wire.Kind.RST
@@ -78,18 +93,32 @@ class RstProbe(Probe):
         self.decoder.reasons = reasons
         RstEvent.REASONS = tuple(n for n in reasons.values() if n != "MAX")  # not a reason
         plans: List[Plan] = []
-        recv = ["rst_recv_tp"]
+        if not kernel.tp_btf:
+            return plans
+        # Received: tcp_receive_reset for a full socket's, the frees for every
+        # other; kfree_skb names the dropping socket since 6.11 (4 arguments),
+        # its reason since 5.17 (3; before, drops are not looked at).
+        recv = ["rst_recv_tp", "rst_tw_cancel", "rst_recv_consume"]
+        drop_args = kernel.tracepoint_args("kfree_skb") or 0
+        if drop_args >= 3:
+            recv.append("rst_recv_drop_sk" if drop_args >= 4 else "rst_recv_drop")
+        no_socket = next((v for v, n in kernel.enum("skb_drop_reason").items()
+                          if n == "SKB_DROP_REASON_NO_SOCKET"), 0)
+        tw_timer = function_ranges(["tw_timer_handler"]).get("tw_timer_handler", (0, 0))[0]
+
+        def cfg(active_only: int) -> Dict[str, bytes]:
+            return {"rst_cfg": struct.pack("<IIQ", active_only, no_socket, tw_timer)}
+
         # 6.10+: one tracepoint sees both replies and active resets, with a reason.
-        if kernel.tp_btf and kernel.tracepoint_args("tcp_send_reset") == 3:
-            plans.append(Plan("tp_btf", ["rst_send_tp"] + recv, config={"rst_cfg": struct.pack("<I", 0)}))
+        if kernel.tracepoint_args("tcp_send_reset") == 3:
+            plans.append(Plan("tp_btf", ["rst_send_tp"] + recv, config=cfg(0)))
         # Older: the tracepoint for active resets, function entry for replies.
-        active_only = struct.pack("<I", 1)
-        if kernel.tp_btf and kernel.fentry:
+        if kernel.fentry:
             plans.append(Plan("tp_btf+fentry", ["rst_send_tp", "rst_v4_fentry", "rst_v6_fentry"] + recv,
-                              config={"rst_cfg": active_only}))
-        if kernel.tp_btf and kernel.kprobe:
+                              config=cfg(1)))
+        if kernel.kprobe:
             plans.append(Plan("tp_btf+kprobe", ["rst_send_tp", "rst_v4_kprobe", "rst_v6_kprobe"] + recv,
-                              config={"rst_cfg": active_only}))
+                              config=cfg(1)))
         return plans
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
@@ -116,7 +145,9 @@ class RstDecoder(Decoder):
         ctx = "process" if origin == "active" else "softirq"
         src, dst = ip_from(saddr, family), ip_from(daddr, family)
         stack = hdr.stack(buf)
-        state_name = TCP_STATES.get(state) or str(state)
+        state_name = TCP_STATES.get(state) or (UNKNOWN_STATE if state == 0 else str(state))
+        if origin_id == FREED and not _reached_tcp(stack):
+            return []
         if origin == "received" and _local_abort(state_name, stack):
             return []
         # RstEvent.of: the fields in declaration order (a flood's events are made here)
