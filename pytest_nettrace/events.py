@@ -3,6 +3,7 @@ one-line rendering. Probe modules (pytest_nettrace/probes/) subclass Event."""
 from __future__ import annotations
 
 import datetime
+import difflib
 import functools
 import ipaddress
 import itertools
@@ -182,9 +183,18 @@ class Choice(FieldType):
     def check(self, owner: Any, field: str, value: Any) -> Any:
         valid = owner.valid_values(field)
         if valid is not None and value not in valid:
-            shown = ", ".join(repr(v) if not isinstance(v, str) else v for v in valid) or "(none on this kernel)"
+            names = [repr(v) if not isinstance(v, str) else v for v in valid]
+            if len(names) > self.LISTED:
+                # errnos, drop reasons: the likeliest, not a screenful
+                near = difflib.get_close_matches(str(value), names, n=5, cutoff=0.6)
+                shown = ", ".join(near) + f"{', ' if near else ''}… {len(names) - len(near)} more: " \
+                                          f"{getattr(owner, '__name__', 'Event')}.valid_values({field!r})"
+            else:
+                shown = ", ".join(names) or "(none on this kernel)"
             raise ValueError(f"unknown {field} {value!r} for {owner.kind!r} events; valid: {shown}")
         return value
+
+    LISTED = 30   # valid values listed in full up to this many
 
 
 class Family(Choice):

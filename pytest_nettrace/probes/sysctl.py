@@ -61,6 +61,27 @@ def _value(raw: bytes, length: int) -> Optional[str]:
     return text + "..." if length == -E2BIG else text
 
 
+def _as_kernel_reads(text: str) -> Optional[List[int]]:
+    """The numbers a numeric setting reads from `text` (proc_dointvec:
+    strtoul with base 0, so "01" is 1 in octal and "0x1" is 1), or None
+    when it is not numbers."""
+    out = []
+    for word in text.split():
+        sign = -1 if word.startswith("-") else 1
+        digits = word.lstrip("+-")
+        try:
+            if digits[:2].lower() == "0x":
+                value = int(digits[2:], 16)
+            elif len(digits) > 1 and digits.startswith("0"):
+                value = int(digits[1:], 8)
+            else:
+                value = int(digits, 10)
+        except ValueError:
+            return None
+        out.append(sign * value)
+    return out
+
+
 class SysctlEvent(Event, init=False):
     """A network sysctl written: `name` as `sysctl` spells it
     ("net.ipv6.conf.eth0.disable_ipv6"), `old` (the value before the write)
@@ -79,7 +100,9 @@ class SysctlEvent(Event, init=False):
     errno's name ("EINVAL"), None when it succeeded; both None while the
     write has not returned, or where results are not seen (no sys_exit
     program: the pytest header says so). `changed` is False for a refused
-    write. `offset` is where in the file the value was written: past the
+    write, compares numbers as the kernel reads them ("01" and "0x1" are 1,
+"1 2" written to a one-number setting is 1) and is None for a value cut
+at 64 bytes (its end unknown). `offset` is where in the file the value was written: past the
     start (a second write() on one open file, a pwrite), most numeric
     settings ignore it under the default kernel.sysctl_writes_strict=1
     though the call succeeds, and some take it; `changed` is then None
@@ -105,9 +128,15 @@ class SysctlEvent(Event, init=False):
         not give, a write past the start of the file)."""
         if self.ret is not None and self.ret < 0:
             return False
-        if self.old is None or self.new is None or self.offset:
-            return None
-        return bool(self.old.split() != self.new.split())
+        if self.old is None or self.new is None or self.offset or self.old.endswith("...") \
+                or self.new.endswith("..."):
+            return None   # a truncated value: its end is not known
+        old, new = _as_kernel_reads(self.old), _as_kernel_reads(self.new)
+        if old is None or new is None:
+            return bool(self.old.split() != self.new.split())
+        # a setting takes as many numbers as it has and leaves the rest
+        # ("1 2" to rp_filter is 1): compared as far as the old value goes
+        return old != new[:len(old)]
 
     def describe(self) -> str:
         old = f" (was {self.old})" if self.old is not None else ""

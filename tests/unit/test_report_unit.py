@@ -392,3 +392,17 @@ def test_a_derived_fields_filter_is_checked_against_its_getters_type():
     for bad in ("True", "yes", 1):
         with pytest.raises(ValueError, match="changed of 'sysctl' events is True or False"):
             check_filters(SysctlEvent, {"changed": bad})
+
+
+def test_a_sysctl_write_changed_a_value_as_the_kernel_reads_numbers():
+    """`changed` compared text: writing "01", "0x1" or "1 2" over 1 said
+    changed, and two values cut at 64 bytes to the same text said not."""
+    from pytest_nettrace.probes.sysctl import SysctlEvent
+
+    def changed(old: str, new: str) -> Any:
+        return SysctlEvent(None, (), "process", name="net.ipv4.conf.all.rp_filter", old=old, new=new, ret=len(new),
+                           offset=0).changed
+    assert [changed("1", v) for v in ("01", "0x1", "1 2", "1\t", "2", "-1")] == [False, False, False, False,
+                                                                               True, True]
+    assert changed("32768\t60999", "32768 61000") is True and changed("reno cubic", "reno  cubic") is False
+    assert changed("1,2,3" + "," * 60 + "...", "1,2,3" + "," * 60 + "...") is None
