@@ -889,6 +889,12 @@ def command_line(raw: bytes, length: int) -> Optional[str]:
     return raw[:length].rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace") or None if length else None
 
 
+def quoted_command(cmdline: str) -> str:
+    """A command line in a one-line rendering: quoted, its line breaks and
+    tabs escaped (`python3 -c` with a script spread one event over lines)."""
+    return '"' + cmdline.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
+
+
 def user_name(uid: Optional[int]) -> Optional[str]:
     """The account name of `uid` (the number as text when it has none)."""
     if uid is None:

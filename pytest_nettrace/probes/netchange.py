@@ -22,7 +22,8 @@ from typing import (TYPE_CHECKING, AbstractSet, Any, Dict, FrozenSet, Iterator, 
                     Set, Tuple, Type, Union, cast)
 
 from ..netns.linux import in_netns_at
-from ..events import Event, Header, IPAddress, IPInterface, IPNetwork, Stack, command_line, parse_address, user_name
+from ..events import (Event, Header, IPAddress, IPInterface, IPNetwork, Stack, command_line, parse_address,
+                      quoted_command, user_name)
 from ..events import CHOICE, IP_PROTO, FieldType, IpProto
 from ..kernel import wire
 from ..kernel.wire import NC_F_NFT, NC_F_QUEUED_BY, NC_SOCK_NFT, NC_SOCK_RTNL, NT_F_KTHREAD
@@ -274,7 +275,7 @@ class NetChangeEvent(Event, init=False):
         if self.detail:
             via += f" ({self.detail})"
         if full and self.cmdline:
-            via += f': "{self.cmdline}"'
+            via += f": {quoted_command(self.cmdline)}"
         return f" {via}"
 
 

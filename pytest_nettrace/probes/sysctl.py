@@ -18,7 +18,7 @@ import errno
 import struct
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, cast
 
-from ..events import Event, Header, command_line, user_name
+from ..events import Event, Header, command_line, quoted_command, user_name
 from ..kernel import wire
 from .base import Decoder, Plan, Probe
 from .context import CommonFilters, Filter, KindApi
@@ -146,7 +146,7 @@ at 64 bytes (its end unknown). `offset` is where in the file the value was writt
         return f"wrote {self.name}={self.new}{at}{old}"
 
     def how(self, full: bool = False) -> str:
-        return f': "{self.cmdline}"' if full and self.cmdline else ""
+        return f": {quoted_command(self.cmdline)}" if full and self.cmdline else ""
 
 
 def dev_of(parts: List[str]) -> Optional[str]:

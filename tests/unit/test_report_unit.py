@@ -406,3 +406,12 @@ def test_a_sysctl_write_changed_a_value_as_the_kernel_reads_numbers():
                                                                                True, True]
     assert changed("32768\t60999", "32768 61000") is True and changed("reno cubic", "reno  cubic") is False
     assert changed("1,2,3" + "," * 60 + "...", "1,2,3" + "," * 60 + "...") is None
+
+
+def test_a_command_line_with_line_breaks_renders_on_one_line():
+    """`python3 -c` with a multi-line script spread one event over several
+    lines of `nettrace watch`."""
+    from pytest_nettrace.probes.sysctl import SysctlEvent
+    ev = SysctlEvent(None, (), "process", name="net.ipv4.ip_forward", old="0", new="1", ret=2, offset=0,
+                     cmdline="python3 -c import os\nos.write(1, b'x')\tdone")
+    assert ev.how(full=True) == ': "python3 -c import os\\nos.write(1, b\'x\')\\tdone"'
