@@ -661,7 +661,8 @@ class Trace(KindMethods):
         if not self.records_dropped:
             return ""
         return (f"; {self.records_dropped} records past this trace's limit of {self.max_records} were not kept "
-                f"(nettrace_max_records, or @pytest.mark.nettrace(max_records=...))")
+                f"(nettrace_max_records, or @pytest.mark.nettrace(max_records=...)): of any kind, unread, so each "
+                f"kind counts them all as possibly its own")
 
     def _validate(self, kind: Optional[str], filters: Dict[str, Any]) -> Dict[str, Any]:
         """The filters as events compare with them; usage errors for bad ones."""
