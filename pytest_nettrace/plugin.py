@@ -216,7 +216,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             print(note, file=sys.stderr)
 
 
-def pytest_report_header(config: pytest.Config) -> list:
+def pytest_report_header(config: pytest.Config) -> List[str]:
     lines = []
     holder: EngineHolder = config.stash[_ENGINE]
     k = features(holder.btf_path)
@@ -673,7 +673,7 @@ class ReportSettings:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome: Any = yield
     rep: pytest.TestReport = outcome.get_result()
     trace = item.stash.get(TRACE_KEY, None)

@@ -24,9 +24,10 @@ import os
 import shutil
 import subprocess
 import threading
-from typing import Optional
+from typing import List, Optional
 
 from . import libbpf as lb
+from ..errors import ProbeLoadError
 from ..runtime import RUN_DIR, boot_id, trusted_dir, trusted_file
 
 KERNEL_BTF = "/sys/kernel/btf/vmlinux"
@@ -110,7 +111,7 @@ def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
             return None
         os.replace(tmp, path)
         return path
-    except (OSError, subprocess.SubprocessError, lb.ProbeLoadError):
+    except (OSError, subprocess.SubprocessError, ProbeLoadError):
         return None
     finally:
         lock.close()
@@ -129,7 +130,7 @@ def check(object_file: str, candidate: str, btf_path: str = KERNEL_BTF) -> Optio
     return None
 
 
-def _relocations(object_file: str, btf_path: str) -> list:
+def _relocations(object_file: str, btf_path: str) -> List[str]:
     obj = lb.BpfObject(object_file, btf_path)
     try:
         return obj.core_relocations()

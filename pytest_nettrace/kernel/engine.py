@@ -11,7 +11,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
@@ -278,7 +278,7 @@ class Engine:
             self.records.forget(netns)
 
     def _route(self) -> None:
-        routes: Dict[Sink, set] = {}
+        routes: Dict[Sink, Set[int]] = {}
         for netns, sink in self._sinks.items():
             routes.setdefault(sink, set()).add(netns)
         self._routes = {sink: frozenset(ns) for sink, ns in routes.items()}

@@ -269,11 +269,11 @@ class BpfObject:
         m = libbpf().bpf_object__find_map_by_name(self._ptr, name.encode())
         if not m:
             raise ProbeLoadError(f"{self.name}: no map named {name!r}")
-        return m
+        return int(m)
 
     def map_fd(self, name: str) -> int:
         """fd of map `name` (after load)."""
-        return libbpf().bpf_map__fd(self._map(name))
+        return int(libbpf().bpf_map__fd(self._map(name)))
 
     def reuse_map(self, name: str, fd: int) -> None:
         """Make this object's map `name` the already existing map `fd`."""
@@ -388,7 +388,7 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
         err = ProbeLoadError(f"cannot create BPF map {name} ({max_entries} entries): {_errtext(fd)}")
         err.errno = -fd  # type: ignore[attr-defined]
         raise err
-    return fd
+    return int(fd)
 
 
 def map_update(fd: int, key: bytes, value: bytes) -> None:
@@ -416,7 +416,7 @@ def map_delete(fd: int, key: bytes) -> None:
 def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
     """Every key of the map (keys added or deleted meanwhile may be missed)."""
     lib = libbpf()
-    cur: Optional[ctypes.Array] = None
+    cur: "Optional[ctypes.Array[ctypes.c_char]]" = None
     nxt = ctypes.create_string_buffer(key_size)
     while lib.bpf_map_get_next_key(fd, cur, nxt) == 0:
         yield nxt.raw
@@ -544,7 +544,7 @@ class KernelBtf:
         return _BtfType.from_address(libbpf().btf__type_by_id(self._ptr, tid))
 
     def _name(self, off: int) -> str:
-        return libbpf().btf__name_by_offset(self._ptr, off).decode()
+        return str(libbpf().btf__name_by_offset(self._ptr, off).decode())
 
     def enum(self, name: str) -> Dict[int, str]:
         """Values → names of `enum name`; empty if the kernel has no such enum."""
@@ -576,4 +576,4 @@ class KernelBtf:
         proto = _BtfType.from_address(libbpf().btf__type_by_id(self._ptr, ptr.size_or_type))
         if (proto.info >> 24) & 0x1F != BTF_KIND_FUNC_PROTO:
             return None
-        return (proto.info & 0xFFFF) - 1
+        return int(proto.info & 0xFFFF) - 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 import bisect
 import json
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..runtime import RUN_DIR, boot_id, read_cached, write_cached
 
@@ -62,7 +62,7 @@ def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[
     return {n: found[n] for n in names if n in found}
 
 
-def _scan(path: str, names: set) -> Dict[str, Tuple[int, int]]:
+def _scan(path: str, names: Set[str]) -> Dict[str, Tuple[int, int]]:
     with open(path, "rb") as f:
         data = f.read()
     found: Dict[str, Tuple[int, int]] = {}
@@ -110,7 +110,7 @@ _MACHINERY = ("bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_", "tra
               "kprobe_", "perf_trace_", "bpf_trampoline_", "__bpf_prog_enter", "__bpf_prog_exit")
 
 
-_cache: dict = {}
+_cache: Dict[Tuple[int, ...], Tuple[str, ...]] = {}
 
 
 def symbolize(addrs: Sequence[int]) -> List[str]:

@@ -67,7 +67,7 @@ def _env(extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def _stop(proc: subprocess.Popen[Any]) -> None:
     stop_popen(proc, grace=5.0)
 
 
@@ -92,7 +92,7 @@ class SystemBus:
     so only programs of that namespace reach it, and no policy stands in the
     way. `env` is what a client needs (DBUS_SYSTEM_BUS_ADDRESS)."""
 
-    def __init__(self, ns: Namespace, process: subprocess.Popen, address: str, log: Path) -> None:
+    def __init__(self, ns: Namespace, process: subprocess.Popen[Any], address: str, log: Path) -> None:
         self.ns = ns
         self.process = process
         self.address = address
@@ -114,7 +114,7 @@ class SystemBus:
         return f"<SystemBus {self.address} in {self.ns.name}>"
 
 
-def start_system_bus(ns: Namespace, workdir: "str | os.PathLike", timeout: float = 60.0) -> SystemBus:
+def start_system_bus(ns: Namespace, workdir: "str | os.PathLike[str]", timeout: float = 60.0) -> SystemBus:
     """dbus-daemon with a private system bus in `ns`; returns once it listens."""
     dbus = find_program("dbus-daemon", "dbus-daemon")
     workdir = Path(workdir)
@@ -132,7 +132,7 @@ def start_system_bus(ns: Namespace, workdir: "str | os.PathLike", timeout: float
     return SystemBus(ns, proc, address, log)
 
 
-def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+def _read_line(proc: subprocess.Popen[Any], timeout: float) -> str:
     """One line of the program's stdout (its readiness), or "" if none came in time."""
     assert proc.stdout is not None
     ready, _, _ = select.select([proc.stdout], [], [], timeout)
@@ -164,7 +164,7 @@ class _BusDaemon:
     """A daemon the plugin started in a namespace, on a system bus (its own
     when `own_bus`: stopped with it)."""
 
-    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, log: Path, own_bus: bool) -> None:
+    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], log: Path, own_bus: bool) -> None:
         self.ns = ns
         self.bus = bus
         self._own_bus = own_bus
@@ -188,7 +188,7 @@ class NetworkManager(_BusDaemon):
     `nmcli connection add` writes lands here too); `log`: its log;
     `nmcli(...)`: nmcli bound to this instance."""
 
-    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, profiles: Path, log: Path,
+    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], profiles: Path, log: Path,
                  nmcli_path: str, own_bus: bool) -> None:
         super().__init__(ns, bus, process, log, own_bus)
         self.profiles = profiles
@@ -200,7 +200,7 @@ class NetworkManager(_BusDaemon):
         return self.bus.run([self._nmcli, "--wait", f"{wait:g}", *args], check=check, timeout=timeout)
 
 
-def copy_profiles(source: "str | os.PathLike | None", target: Path) -> None:
+def copy_profiles(source: "str | os.PathLike[str] | None", target: Path) -> None:
     """Keyfile profiles as NetworkManager insists on them: root's, mode 0600,
     in a directory only root reads."""
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -216,7 +216,7 @@ def copy_profiles(source: "str | os.PathLike | None", target: Path) -> None:
             os.chmod(dst, stat.S_IRUSR | stat.S_IWUSR)
 
 
-def _workdir_and_bus(ns: Namespace, workdir: "str | os.PathLike",
+def _workdir_and_bus(ns: Namespace, workdir: "str | os.PathLike[str]",
                      bus: Optional[SystemBus]) -> Tuple[Path, SystemBus, bool]:
     """A daemon's work directory (made), and its bus: `bus`, or a private one
     started in the work directory (then the daemon owns it: True)."""
@@ -227,7 +227,8 @@ def _workdir_and_bus(ns: Namespace, workdir: "str | os.PathLike",
     return workdir, start_system_bus(ns, workdir / "dbus"), True
 
 
-def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike", *, profiles: "str | os.PathLike | None" = None,
+def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike[str]", *,
+                         profiles: "str | os.PathLike[str] | None" = None,
                          bus: Optional[SystemBus] = None, config: str = "", log_level: str = "INFO",
                          timeout: float = 60.0) -> NetworkManager:
     """NetworkManager in `ns` with the keyfile profiles of directory `profiles`
@@ -274,7 +275,7 @@ class Networkd(_BusDaemon):
     on a private system bus, configured from the test's .network/.netdev
     files (`config`, a copy: change them there, then `reload()`)."""
 
-    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen, config: Path, log: Path,
+    def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], config: Path, log: Path,
                  networkctl_path: str, own_bus: bool) -> None:
         super().__init__(ns, bus, process, log, own_bus)
         self.config = config
@@ -305,7 +306,7 @@ class Networkd(_BusDaemon):
             time.sleep(0.05)
 
 
-def start_networkd(ns: Namespace, workdir: "str | os.PathLike", *, config: "str | os.PathLike | None" = None,
+def start_networkd(ns: Namespace, workdir: "str | os.PathLike[str]", *, config: "str | os.PathLike[str] | None" = None,
                    bus: Optional[SystemBus] = None, timeout: float = 60.0) -> Networkd:
     """systemd-networkd in `ns` with the files of directory `config` as its
     /etc/systemd/network (copied; other configuration hidden), on `bus` (a new
@@ -345,7 +346,7 @@ def start_networkd(ns: Namespace, workdir: "str | os.PathLike", *, config: "str 
     return Networkd(ns, bus, proc, net, log, networkctl, own_bus)
 
 
-def _wait_ready(notify: socket.socket, proc: subprocess.Popen, timeout: float) -> bool:
+def _wait_ready(notify: socket.socket, proc: subprocess.Popen[Any], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         ready, _, _ = select.select([notify], [], [], 0.1)

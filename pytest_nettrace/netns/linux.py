@@ -260,7 +260,7 @@ def netns_cookie_at(path: str) -> int | None:
     def here() -> int | None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
-                return struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+                return int(struct.unpack("Q", s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0])
             except OSError:
                 return None
     try:

@@ -53,7 +53,7 @@ def check_private_dirs(dirs: Sequence[str]) -> Tuple[str, ...]:
     return tuple(out)
 
 
-def etc_dir_for(netns_name: str, etc: "str | os.PathLike | bool | None") -> Optional[str]:
+def etc_dir_for(netns_name: str, etc: "str | os.PathLike[str] | bool | None") -> Optional[str]:
     """The directory bound over /etc: /etc/netns/<name> by default (if it exists),
     a directory the caller gives, or none (`etc=False`)."""
     if etc is False:
@@ -79,7 +79,7 @@ def enter(setup: MountSetup) -> None:
     _mount_sysfs(setup)
     if setup.etc:
         _bind_etc(setup.etc)
-    covered: set = set()
+    covered: set[str] = set()
     for path in setup.private_dirs:
         _private_dir(path, covered)
 
@@ -114,7 +114,7 @@ def _bind_etc(etc: str) -> None:
             raise NamespaceError(f"cannot bind {source} over {target}: {exc.strerror}") from None
 
 
-def _private_dir(path: str, covered: set) -> None:
+def _private_dir(path: str, covered: set[str]) -> None:
     """A fresh tmpfs at `path` in this mount namespace."""
     if os.path.isdir(path):
         _tmpfs(path, os.stat(path))

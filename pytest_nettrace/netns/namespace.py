@@ -32,7 +32,9 @@ from . import mountns as _mountns
 from . import ownership as registry
 from . import procs as procs
 from .linux import netns_cookie_at, netns_inode_of, process_start_time, run_in_thread
-from .rtnl import NLM_F_DUMP, KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
+from pyroute2.netlink import NLM_F_DUMP
+
+from .rtnl import KernelError, RtnlSocket, decode_addr, decode_link, ifindex_of_reply, open_rtnl_socket
 from ..errors import LeftAlone, NamespaceError, NetlinkOperationError
 
 __all__ = [

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from .linux import become_subreaper, netns_cookie_at, netns_inode_of, process_start_time
 
@@ -52,7 +52,7 @@ def _environ(pid: int) -> bytes:
         return b""
 
 
-def _settled_environ(pid: int, inodes: set, timeout: float = 1.0) -> bytes:
+def _settled_environ(pid: int, inodes: set[int], timeout: float = 1.0) -> bytes:
     """The environment of `pid`, waiting while it reads empty: it does for
     the ~10-20 ms of an exec (the new image's memory is not set up yet; seen
     for a third of the processes Popen had just returned) and while it exits.
@@ -66,7 +66,7 @@ def _settled_environ(pid: int, inodes: set, timeout: float = 1.0) -> bytes:
     return env
 
 
-def _stat_fields(pid: int) -> list:
+def _stat_fields(pid: int) -> list[bytes]:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
@@ -80,7 +80,7 @@ def _parent(pid: int) -> int:
     return int(fields[1]) if fields else 0
 
 
-def stop_popen(proc: "subprocess.Popen", grace: float) -> list[int]:
+def stop_popen(proc: "subprocess.Popen[Any]", grace: float) -> list[int]:
     """Stop a child and what belongs to it (its process group, its
     descendants): SIGTERM, SIGKILL after `grace` seconds, reap. Only while it
     is unreaped: then its pid, and the group id it leads, are still its own;

@@ -136,7 +136,7 @@ def _reason(raw: bytes, flags: int, code: int) -> str:
 
 def ifindex_of_reply(raw: bytes) -> int:
     """The interface index in an RTM_NEWLINK reply, without a full decode."""
-    return _IFINFOMSG.unpack_from(raw, 16)[2]
+    return int(_IFINFOMSG.unpack_from(raw, 16)[2])
 
 
 def decode_link(raw: bytes) -> ifinfmsg:

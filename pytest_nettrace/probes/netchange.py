@@ -1038,7 +1038,7 @@ def _dump_request(msg_type: int, seq: int) -> bytes:
     from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
-    class nhmsg(nlmsg):  # struct nhmsg (uapi/linux/nexthop.h): pyroute2 0.9 has no class for it
+    class nhmsg(nlmsg):  # type: ignore[misc]  # (pyroute2 is untyped) struct nhmsg (uapi/linux/nexthop.h): pyroute2 0.9 has no class for it
         fields = (("family", "B"), ("scope", "B"), ("protocol", "B"), ("resvd", "B"), ("flags", "I"))
 
     msg = {RTM_GETLINK: ifinfmsg, RTM_GETNEIGH: ndmsg, RTM_GETADDR: ifaddrmsg, RTM_GETNEXTHOP: nhmsg}[msg_type]()

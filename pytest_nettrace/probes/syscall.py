@@ -388,7 +388,7 @@ class SyscallApi(KindApi):
         `syscalls(name="connect", errno="ECONNREFUSED")`."""
         return cast(List[SyscallEvent], self.ctx.events("syscall", **filters))
 
-    def strace(self, pid: Optional[int] = None, **filters: Any) -> str:
+    def strace(self, /, pid: Optional[int] = None, **filters: Any) -> str:
         """The calls as `strace -f -e trace=network` prints them (of one pid, or
         all with a `[pid N]` prefix)."""
         if pid is not None:

@@ -24,13 +24,13 @@ import os
 import re
 import shutil
 import tempfile
-from typing import List, Optional, Set
+from typing import List, Optional, Set, Tuple
 
 from ..netns.linux import process_start_time
 
 PREFIX = "nettrace-"
 _NAME_RE = re.compile(r"^nettrace-(\d+)-(\d+)$")
-_made: Optional[tuple] = None   # (pid, directory, fd of its locked .owner) once made by this process
+_made: Optional[Tuple[int, str, int]] = None   # (pid, directory, fd of its locked .owner) once made by this process
 OWNER = ".owner"
 _kept: Set[str] = set()         # captures of failed tests
 _sessions = 0                   # pytest sessions running in this process (pytester runs nest)
@@ -63,7 +63,7 @@ def session_dir() -> str:
             fcntl.flock(fd, fcntl.LOCK_EX)
         _made = (pid, path, fd)
         atexit.register(_at_exit, pid)
-    return _made[1]
+    return str(_made[1])
 
 
 def capture_path(nodeid: str) -> str:

@@ -10,7 +10,7 @@ as `nettrace.events()` does."""
 from __future__ import annotations
 
 import json
-from typing import IO, Any, Dict, Iterable, List, Optional
+from typing import IO, Any, Dict, Iterable, List, Optional, cast
 
 from ..events import Event, check_filters, matches
 from ..probes.registry import check_filters_any_kind, kind_info
@@ -23,7 +23,7 @@ def event_json(event: Event) -> str:
 
 def jsonable(event: Event) -> Dict[str, Any]:
     """What reading `event_json(event)` back gives: `as_dict()` in JSON's types."""
-    return json.loads(event_json(event))
+    return cast(Dict[str, Any], json.loads(event_json(event)))
 
 
 def write_events(out: IO[str], events: Iterable[Event]) -> int:

@@ -89,7 +89,7 @@ class SessionSummary:
 
     def __init__(self) -> None:
         self.tests = 0
-        self.counts: Counter = Counter()
+        self.counts: Counter[str] = Counter()
         self.lost = 0
         self.lossy_tests: List[str] = []
         self.unasserted: Dict[str, List[str]] = {}
