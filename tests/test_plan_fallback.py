@@ -4,6 +4,8 @@ failing step itself — the attach call that raised, or the probe whose plan
 does not load alone — never from libbpf's message text. Real kernel."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from pytest_nettrace.kernel.capabilities import features
@@ -26,7 +28,7 @@ class _RstUnloadable(RstProbe):
 
     def plans(self, kernel):
         return [Plan("tp_btf+fentry", ["rst_send_tp", "rst_v4_fentry", "rst_v6_fentry", "rst_recv_tp"],
-                     config={"rst_cfg": b"\1\0\0\0"})] + super().plans(kernel)
+                     config={"rst_cfg": struct.pack("<IIQ", 1, 0, 0)})] + super().plans(kernel)
 
 
 def test_an_attach_failure_moves_only_its_probe_to_the_next_plan():
