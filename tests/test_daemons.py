@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import uuid
 
 import pytest
 
 from pytest_nettrace.netns.daemons import DaemonNotInstalled, find_program
+from pytest_nettrace.netns.linux import MS_REC, MS_SLAVE, mount, unshare_mountns
 from pytest_nettrace.errors import NamespaceError
 
 
@@ -191,6 +193,46 @@ def test_networkmanager_applies_a_profile_from_the_tests_directory(make_netns, n
     assert "10.2.0.1/24" in [str(a) for a in host.addresses("eth1")]
     assert "eth1:connected" in nm.nmcli("-t", "-f", "DEVICE,STATE", "device").stdout.split()
     assert (tmp_path / "lab.nmconnection").read_text() == LAB  # the test's copy is never written to
+
+
+# Ubuntu's network-manager package ships this in /usr/lib/NetworkManager/conf.d
+UBUNTU_UNMANAGED = """[keyfile]
+unmanaged-devices=*,except:type:wifi,except:type:gsm,except:type:cdma
+"""
+
+
+def in_own_mount_namespace(fn):
+    """fn() in a thread with a mount namespace of its own (programs it starts
+    inherit it), where /usr/lib/NetworkManager/conf.d holds Ubuntu's file."""
+    box = {}
+
+    def body():
+        try:
+            unshare_mountns()
+            mount("", "/", None, MS_SLAVE | MS_REC)
+            mount("tmpfs", "/usr/lib/NetworkManager/conf.d", "tmpfs", 0, "mode=755")
+            with open("/usr/lib/NetworkManager/conf.d/10-globally-managed-devices.conf", "w") as f:
+                f.write(UBUNTU_UNMANAGED)
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/lib/NetworkManager/conf.d"), reason="no distribution conf.d to hide")
+def test_networkmanager_ignores_the_distributions_configuration(make_netns, networkmanager, nettrace, tmp_path):
+    host, lab = make_netns(), make_netns()
+    host.add_veth("eth1", lab, "eth0")
+    (tmp_path / "lab.nmconnection").write_text(LAB)
+    nm = in_own_mount_namespace(lambda: networkmanager(host, profiles=tmp_path))
+    nm.nmcli("connection", "up", "lab")  # fails where eth1 is unmanaged
+    nettrace.assert_any("addr", timeout=10, action="added", address="10.2.0.1/24", dev="eth1")
 
 
 def test_networkmanager_leaves_the_host_alone(netns, networkmanager):

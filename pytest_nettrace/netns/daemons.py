@@ -242,14 +242,19 @@ def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike[str]", *,
     copy_profiles(profiles, workdir / "profiles")
     conf, log = workdir / "NetworkManager.conf", workdir / "NetworkManager.log"
     conf.write_text(_NM_CONF.format(profiles=workdir / "profiles", log_level=log_level, extra=config))
-    (workdir / "conf.d").mkdir(exist_ok=True)  # an empty one: not the host's /etc/NetworkManager/conf.d
+    # Empty configuration directories, not the host's /etc/NetworkManager/conf.d
+    # nor the distribution's /usr/lib/NetworkManager/conf.d (Ubuntu's leaves
+    # every device but wifi unmanaged)
+    (workdir / "conf.d").mkdir(exist_ok=True)
+    (workdir / "system-conf.d").mkdir(exist_ok=True)
     dirs = list(NM_PRIVATE_DIRS)
     if os.path.isdir("/usr/lib/NetworkManager/system-connections"):  # profiles a distribution ships
         dirs.append("/usr/lib/NetworkManager/system-connections")
     with log.open("w") as out:
         # --debug: log to stderr (no syslog here); /sys read-only makes it run as
         # in a container: devices are ready without udev
-        proc = ns.popen([nm, "--debug", f"--config={conf}", f"--config-dir={workdir / 'conf.d'}"],
+        proc = ns.popen([nm, "--debug", f"--config={conf}", f"--config-dir={workdir / 'conf.d'}",
+                         f"--system-config-dir={workdir / 'system-conf.d'}"],
                         env=_env(bus.env), stdout=out, stderr=subprocess.STDOUT,
                         private_dirs=dirs, readonly_sys=True)
     r = bus.run([nm_online, "--wait-for-startup", "--quiet", f"--timeout={int(timeout)}"], timeout=timeout + 5)
