@@ -7,11 +7,12 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 
 import pytest
 
-from pytest_nettrace.netns.daemons import DaemonNotInstalled, find_program
+from pytest_nettrace.netns.daemons import DaemonError, DaemonNotInstalled, find_program
 from pytest_nettrace.netns.linux import MS_REC, MS_SLAVE, mount, unshare_mountns
 from pytest_nettrace.errors import NamespaceError
 
@@ -303,3 +304,10 @@ def test_systemd_networkd_nexthop_objects_and_the_routes_using_them(netns, syste
     route = nettrace.assert_any("route", timeout=10, action="added", dst="10.50.0.0/16")
     assert route.nhid == 5 and route.pid == networkd.process.pid
     assert "nhid 5" in route.describe()
+
+
+def test_a_networkmanager_that_exits_at_once_fails_at_once(netns, networkmanager):
+    t0 = time.monotonic()
+    with pytest.raises(DaemonError, match=r"NetworkManager exited, status \d+\): .*not a key-value pair"):
+        networkmanager(netns, config="[main\n")  # a broken section header: it refuses to start
+    assert time.monotonic() - t0 < 20  # not nm-online's full 60 s

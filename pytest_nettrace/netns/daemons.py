@@ -257,11 +257,20 @@ def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike[str]", *,
                          f"--system-config-dir={workdir / 'system-conf.d'}"],
                         env=_env(bus.env), stdout=out, stderr=subprocess.STDOUT,
                         private_dirs=dirs, readonly_sys=True)
-    r = bus.run([nm_online, "--wait-for-startup", "--quiet", f"--timeout={int(timeout)}"], timeout=timeout + 5)
-    if r.returncode != 0 or proc.poll() is not None:
+    waiter = bus.ns.popen([nm_online, "--wait-for-startup", "--quiet", f"--timeout={int(timeout)}"],
+                          env=_env(bus.env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # watched together: a NetworkManager that exits at once fails now, not
+    # when nm-online gives up
+    deadline = time.monotonic() + timeout + 5
+    while waiter.poll() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = proc.poll()
+    if waiter.poll() != 0 or status is not None:
+        why = f"NetworkManager exited, status {status}" if status is not None else \
+            f"nm-online exit {waiter.returncode}"
+        _stop(waiter)
         _stop(proc)
-        raise DaemonError(f"NetworkManager did not start in {ns.name} (nm-online exit {r.returncode}, "
-                          f"NetworkManager exit {proc.poll()}): {_tail(log)}")
+        raise DaemonError(f"NetworkManager did not start in {ns.name} ({why}): {_tail(log)}")
     return NetworkManager(ns, bus, proc, workdir / "profiles", log, nmcli, own_bus)
 
 
