@@ -311,3 +311,15 @@ def test_a_networkmanager_that_exits_at_once_fails_at_once(netns, networkmanager
     with pytest.raises(DaemonError, match=r"NetworkManager exited, status \d+\): .*not a key-value pair"):
         networkmanager(netns, config="[main\n")  # a broken section header: it refuses to start
     assert time.monotonic() - t0 < 20  # not nm-online's full 60 s
+
+
+def test_a_daemon_that_has_exited_is_named_as_such(make_netns, networkmanager, systemd_networkd):
+    nm, networkd = networkmanager(make_netns()), systemd_networkd(make_netns())
+    for daemon in (nm, networkd):
+        daemon.process.kill()
+        daemon.process.wait()
+    with pytest.raises(DaemonError, match=r"^NetworkManager in \S+ has exited \(status -9\): "):
+        nm.nmcli("general", "status")
+    for call in (networkd.reload, lambda: networkd.wait_configured("lo", timeout=1)):
+        with pytest.raises(DaemonError, match=r"^systemd-networkd in \S+ has exited \(status -9\): "):
+            call()

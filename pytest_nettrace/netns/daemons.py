@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .procs import stop_popen
 from ..errors import NettraceError
-from .namespace import Namespace, RunResult
+from .namespace import CommandFailed, Namespace, RunResult
 
 __all__ = ["DaemonError", "DaemonNotInstalled", "SystemBus", "NetworkManager", "Networkd", "find_program",
            "start_system_bus", "start_networkmanager", "start_networkd"]
@@ -164,12 +164,33 @@ class _BusDaemon:
     """A daemon the plugin started in a namespace, on a system bus (its own
     when `own_bus`: stopped with it)."""
 
+    program = ""  # its name, in messages
+
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], log: Path, own_bus: bool) -> None:
         self.ns = ns
         self.bus = bus
         self._own_bus = own_bus
         self.process = process
         self.log = log
+
+    def _run(self, argv: Sequence[str], check: bool, timeout: float, **kwargs: Any) -> RunResult:
+        """A client of the daemon on its bus; once the daemon has exited, a
+        DaemonError saying so (not the client's or mounts_of's complaint)."""
+        try:
+            result = self.bus.run(argv, check=False, timeout=timeout, **kwargs)
+        except ValueError:  # mounts_of= a daemon that is gone
+            self._check_running()
+            raise
+        if result.returncode != 0:
+            self._check_running()
+            if check:
+                raise CommandFailed(result, self.bus.ns.name)
+        return result
+
+    def _check_running(self) -> None:
+        status = self.process.poll()
+        if status is not None:
+            raise DaemonError(f"{self.program} in {self.ns.name} has exited (status {status}): {_tail(self.log)}")
 
     def stop(self) -> None:
         """Stop it (and the bus it started for itself)."""
@@ -188,6 +209,8 @@ class NetworkManager(_BusDaemon):
     `nmcli connection add` writes lands here too); `log`: its log;
     `nmcli(...)`: nmcli bound to this instance."""
 
+    program = "NetworkManager"
+
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], profiles: Path, log: Path,
                  nmcli_path: str, own_bus: bool) -> None:
         super().__init__(ns, bus, process, log, own_bus)
@@ -196,8 +219,9 @@ class NetworkManager(_BusDaemon):
 
     def nmcli(self, *args: str, check: bool = True, wait: float = 20, timeout: float = 60) -> RunResult:
         """`nmcli --wait <wait> ARGS` against this NetworkManager; with `check`,
-        a failure raises CommandFailed with nmcli's stderr."""
-        return self.bus.run([self._nmcli, "--wait", f"{wait:g}", *args], check=check, timeout=timeout)
+        a failure raises CommandFailed with nmcli's stderr (DaemonError once
+        NetworkManager has exited)."""
+        return self._run([self._nmcli, "--wait", f"{wait:g}", *args], check, timeout)
 
 
 def copy_profiles(source: "str | os.PathLike[str] | None", target: Path) -> None:
@@ -289,6 +313,8 @@ class Networkd(_BusDaemon):
     on a private system bus, configured from the test's .network/.netdev
     files (`config`, a copy: change them there, then `reload()`)."""
 
+    program = "systemd-networkd"
+
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], config: Path, log: Path,
                  networkctl_path: str, own_bus: bool) -> None:
         super().__init__(ns, bus, process, log, own_bus)
@@ -297,9 +323,9 @@ class Networkd(_BusDaemon):
 
     def networkctl(self, *args: str, check: bool = True, timeout: float = 30) -> RunResult:
         """`networkctl ARGS` against this networkd (in its mount namespace, where
-        its state files are)."""
-        return self.bus.run([self._networkctl, "--no-pager", "--no-legend", *args], check=check, timeout=timeout,
-                            mounts_of=self.process)
+        its state files are); DaemonError once networkd has exited."""
+        return self._run([self._networkctl, "--no-pager", "--no-legend", *args], check, timeout,
+                         mounts_of=self.process)
 
     def reload(self) -> None:
         """Read the configuration again and apply it (`networkctl reload`)."""
