@@ -471,10 +471,14 @@ def systemd_networkd(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
         def test_network_file(netns, systemd_networkd, nettrace, tmp_path):
             netns.add_dummy("eth1")
-            (tmp_path / "10-eth1.network").write_text("[Match]\nName=eth1\n[Network]\nAddress=10.3.0.1/24\n")
+            (tmp_path / "10-eth1.network").write_text(
+                "[Match]\\nName=eth1\\n[Network]\\nAddress=10.3.0.1/24\\nIPv6AcceptRA=no\\n")
             networkd = systemd_networkd(netns, config=tmp_path)
             networkd.wait_configured("eth1")
             nettrace.assert_any("addr", action="added", address="10.3.0.1/24", comm="systemd-networkd")
+
+    (Without `IPv6AcceptRA=no` the link stays "configuring", waiting for a
+    router advertisement that no test network sends.)
     """
     started: List[daemons.Networkd] = []
 

@@ -323,3 +323,12 @@ def test_a_daemon_that_has_exited_is_named_as_such(make_netns, networkmanager, s
     for call in (networkd.reload, lambda: networkd.wait_configured("lo", timeout=1)):
         with pytest.raises(DaemonError, match=r"^systemd-networkd in \S+ has exited \(status -9\): "):
             call()
+
+
+def test_a_link_waiting_for_router_advertisements_is_explained(netns, systemd_networkd, tmp_path):
+    netns.add_dummy("eth1")
+    (tmp_path / "10-eth1.network").write_text(NETWORK.format(address="10.3.0.1/24").replace("IPv6AcceptRA=no\n", ""))
+    networkd = systemd_networkd(netns, config=tmp_path)
+    with pytest.raises(DaemonError, match=r"'configuring', not configured \(10-eth1.network does not say "
+                                          r"IPv6AcceptRA=no: .*\):"):
+        networkd.wait_configured("eth1", timeout=2)

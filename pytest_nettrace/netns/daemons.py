@@ -342,8 +342,23 @@ class Networkd(_BusDaemon):
             if setup == "configured":
                 return
             if setup == "failed" or time.monotonic() > deadline:
-                raise DaemonError(f"systemd-networkd: {ifname} is {setup!r}, not configured: {_tail(self.log)}")
+                hint = self._ra_hint(ifname) if setup == "configuring" else ""
+                raise DaemonError(f"systemd-networkd: {ifname} is {setup!r}, not configured{hint}: "
+                                  f"{_tail(self.log)}")
             time.sleep(0.05)
+
+    def _ra_hint(self, ifname: str) -> str:
+        """Why a link may be stuck "configuring": its .network file (one of
+        ours) accepts router advertisements, the default, and none came."""
+        status = self.networkctl("status", ifname, check=False).stdout
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Network File":
+                network = self.config / Path(value.strip()).name
+                if network.is_file() and "IPv6AcceptRA" not in network.read_text():
+                    return (f" ({network.name} does not say IPv6AcceptRA=no: the link waits for a router "
+                            f"advertisement; say IPv6AcceptRA=no in [Network] where no router is)")
+        return ""
 
 
 def start_networkd(ns: Namespace, workdir: "str | os.PathLike[str]", *, config: "str | os.PathLike[str] | None" = None,
