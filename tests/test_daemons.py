@@ -13,8 +13,10 @@ import uuid
 import pytest
 
 from pytest_nettrace.netns.daemons import DaemonError, DaemonNotInstalled, find_program
-from pytest_nettrace.netns.linux import MS_REC, MS_SLAVE, mount, unshare_mountns
+from pytest_nettrace.netns.linux import MS_BIND, MS_RDONLY, MS_REC, MS_SLAVE, mount, unshare_mountns
 from pytest_nettrace.errors import NamespaceError
+
+MS_REMOUNT = 0x20
 
 
 def host_mounts():
@@ -22,6 +24,29 @@ def host_mounts():
     with open("/proc/self/mountinfo") as f:
         rows = [line.split() for line in f]
     return sorted((r[4], r[8]) for r in rows if not r[4].startswith("/run/netns/"))
+
+
+def in_own_mount_namespace(prepare, fn):
+    """fn() in a thread with a mount namespace of its own, changed by
+    prepare() (a host as some distribution or container has it); programs
+    it starts inherit that namespace, the rest of the test does not."""
+    box = {}
+
+    def body():
+        try:
+            unshare_mountns()
+            mount("", "/", None, MS_SLAVE | MS_REC)
+            prepare()
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 # -- ip netns exec semantics -------------------------------------------------
@@ -36,6 +61,19 @@ def test_sys_shows_the_namespaces_devices(netns):
     assert sorted(ipnetns) == sorted(inside)
     host = netns.run(["ls", "/sys/class/net"], host_view=True, check=True).stdout.split()
     assert sorted(host) == sorted(os.listdir("/sys/class/net"))
+
+
+def test_a_read_only_sys_stays_read_only(netns):
+    """ip netns exec gives a writable /sys when it can unmount a read-only one;
+    we keep it read-only: a program gets no more than the host had."""
+    def sys_options():
+        mountinfo = netns.run(["cat", "/proc/self/mountinfo"], check=True).stdout
+        return next(line.split()[5] for line in mountinfo.splitlines() if line.split()[4] == "/sys")
+
+    assert sys_options().startswith("rw")
+    read_only = in_own_mount_namespace(lambda: mount("", "/sys", None, MS_REMOUNT | MS_BIND | MS_RDONLY),
+                                       sys_options)
+    assert read_only.startswith("ro")
 
 
 def test_nothing_changes_on_the_host(netns):
@@ -202,28 +240,10 @@ unmanaged-devices=*,except:type:wifi,except:type:gsm,except:type:cdma
 """
 
 
-def in_own_mount_namespace(fn):
-    """fn() in a thread with a mount namespace of its own (programs it starts
-    inherit it), where /usr/lib/NetworkManager/conf.d holds Ubuntu's file."""
-    box = {}
-
-    def body():
-        try:
-            unshare_mountns()
-            mount("", "/", None, MS_SLAVE | MS_REC)
-            mount("tmpfs", "/usr/lib/NetworkManager/conf.d", "tmpfs", 0, "mode=755")
-            with open("/usr/lib/NetworkManager/conf.d/10-globally-managed-devices.conf", "w") as f:
-                f.write(UBUNTU_UNMANAGED)
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=body)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+def ubuntu_conf_d():
+    mount("tmpfs", "/usr/lib/NetworkManager/conf.d", "tmpfs", 0, "mode=755")
+    with open("/usr/lib/NetworkManager/conf.d/10-globally-managed-devices.conf", "w") as f:
+        f.write(UBUNTU_UNMANAGED)
 
 
 @pytest.mark.skipif(not os.path.isdir("/usr/lib/NetworkManager/conf.d"), reason="no distribution conf.d to hide")
@@ -231,7 +251,7 @@ def test_networkmanager_ignores_the_distributions_configuration(make_netns, netw
     host, lab = make_netns(), make_netns()
     host.add_veth("eth1", lab, "eth0")
     (tmp_path / "lab.nmconnection").write_text(LAB)
-    nm = in_own_mount_namespace(lambda: networkmanager(host, profiles=tmp_path))
+    nm = in_own_mount_namespace(ubuntu_conf_d, lambda: networkmanager(host, profiles=tmp_path))
     nm.nmcli("connection", "up", "lab")  # fails where eth1 is unmanaged
     nettrace.assert_any("addr", timeout=10, action="added", address="10.2.0.1/24", dev="eth1")
 

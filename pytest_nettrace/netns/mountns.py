@@ -86,16 +86,18 @@ def enter(setup: MountSetup) -> None:
 
 def _mount_sysfs(setup: MountSetup) -> None:
     flags = MS_RDONLY if setup.readonly_sys else 0
+    # A read-only /sys (a container's) stays read-only: a program gets no more
+    # than the host had. ip netns exec differs here: it checks only when it
+    # cannot unmount /sys (a read-only one cannot be shadowed by a writable one).
+    try:
+        if os.statvfs("/sys").f_flag & os.ST_RDONLY:
+            flags |= MS_RDONLY
+    except OSError:
+        pass
     try:
         umount2("/sys", MNT_DETACH)
     except OSError:
-        # not a mount point, or not ours to unmount: shadow it; a read-only one
-        # cannot be shadowed by a writable one
-        try:
-            if os.statvfs("/sys").f_flag & os.ST_RDONLY:
-                flags |= MS_RDONLY
-        except OSError:
-            pass
+        pass  # not a mount point, or not ours to unmount: shadowed below
     try:
         mount(setup.netns_name, "/sys", "sysfs", flags)
     except OSError as exc:
