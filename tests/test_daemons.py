@@ -116,6 +116,17 @@ def test_etc_netns_files_are_bound_over_etc(netns, etc_netns):
     assert "only-in-this-netns" not in open("/etc/hosts").read()
 
 
+def test_an_etc_netns_entry_missing_from_etc_is_skipped_with_a_warning(netns, etc_netns):
+    with open(f"{etc_netns}/not-in-etc.conf", "w") as f:
+        f.write("x\n")
+    # ip netns exec complains and runs the program, the other entries bound
+    r = subprocess.run(["ip", "netns", "exec", netns.name, "cat", "/etc/hosts"], capture_output=True, text=True)
+    assert r.returncode == 0 and "only-in-this-netns" in r.stdout and "not-in-etc.conf" in r.stderr
+    with pytest.warns(UserWarning, match=f"^{etc_netns}/not-in-etc.conf not bound: /etc/not-in-etc.conf does not "
+                                         f"exist"):
+        assert "only-in-this-netns" in netns.run(["cat", "/etc/hosts"], check=True).stdout
+
+
 def test_etc_from_a_directory_of_the_test(netns, tmp_path):
     (tmp_path / "resolv.conf").write_text("nameserver 192.0.2.53\n")
     r = netns.run(["cat", "/etc/resolv.conf"], etc=tmp_path, check=True)

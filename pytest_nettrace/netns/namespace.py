@@ -466,8 +466,8 @@ class Namespace:
                 raise TypeError(f"mounts_of takes a Popen or a pid, not {mounts_of!r}")
             if getattr(mounts_of, "returncode", None) is not None or not os.path.exists(f"/proc/{pid}/ns/mnt"):
                 raise ValueError(f"mounts_of: process {pid} is not running")
-            return _mountns.MountSetup(self.name, None, (), False, join_pid=pid)
-        return _mountns.MountSetup(self.name, _mountns.etc_dir_for(self.name, etc), dirs, readonly_sys)
+            return _mountns.MountSetup(self.name, (), (), False, join_pid=pid)
+        return _mountns.MountSetup(self.name, _mountns.etc_binds(self.name, etc), dirs, readonly_sys)
 
     def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None,
             env: dict[str, str] | None = None, cwd: str | None = None, host_view: bool = False,
