@@ -369,9 +369,11 @@ def _daemon(request: pytest.FixtureRequest, start: Callable[[], _D]) -> _D:
     try:
         return start()
     except daemons.DaemonNotInstalled as exc:
-        if request.config.getini("nettrace_unavailable") == "error":
-            pytest.fail(str(exc), pytrace=False)
-        pytest.skip(str(exc))
+        why = str(exc)
+    # outside the except: one message, not chained to the DaemonNotInstalled
+    if request.config.getini("nettrace_unavailable") == "error":
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why)
 
 
 @pytest.fixture

@@ -204,8 +204,10 @@ def test_x(monkeypatch, networkmanager):
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*NetworkManager not found: install package network-manager*"])
     pytester.makeini("[pytest]\nnettrace_unavailable = error\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rN")  # -rN: no short summary
     result.assert_outcomes(failed=1)
+    assert result.stdout.str().count("NetworkManager not found: install package network-manager") == 1
+    result.stdout.no_fnmatch_line("*During handling of the above exception*")
 
 def test_dbus_system_bus_is_private_to_its_namespace(dbus_system_bus, make_netns):
     r = dbus_system_bus.run(["busctl", "--system", "--no-pager", "list"], check=True)
