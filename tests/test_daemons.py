@@ -15,6 +15,7 @@ import pytest
 from pytest_nettrace.netns.daemons import DaemonError, DaemonNotInstalled, find_program
 from pytest_nettrace.netns.linux import MS_BIND, MS_RDONLY, MS_REC, MS_SLAVE, mount, unshare_mountns
 from pytest_nettrace.errors import NamespaceError
+from pytest_nettrace.netns.namespace import CommandFailed
 
 MS_REMOUNT = 0x20
 
@@ -365,3 +366,12 @@ def test_a_link_waiting_for_router_advertisements_is_explained(netns, systemd_ne
     with pytest.raises(DaemonError, match=r"'configuring', not configured \(10-eth1.network does not say "
                                           r"IPv6AcceptRA=no: .*\):"):
         networkd.wait_configured("eth1", timeout=2)
+
+
+def test_a_profile_networkmanager_rejected_is_explained_by_its_log(netns, networkmanager, tmp_path):
+    netns.add_dummy("eth1")
+    (tmp_path / "lab.nmconnection").write_text(LAB.replace("10.2.0.1/24", "10.2.0.300/24"))
+    nm = networkmanager(netns, profiles=tmp_path)
+    with pytest.raises(CommandFailed, match=r"(?s)unknown connection 'lab'.*\nNetworkManager's log: .*"
+                                            r"Invalid IPv4 address '10.2.0.300'.*failed to load connection"):
+        nm.nmcli("connection", "up", "lab")

@@ -184,8 +184,12 @@ class _BusDaemon:
         if result.returncode != 0:
             self._check_running()
             if check:
-                raise CommandFailed(result, self.bus.ns.name)
+                raise CommandFailed(result, self.bus.ns.name, self._explain(result))
         return result
+
+    def _explain(self, failed: RunResult) -> str:
+        """What the daemon's log says about a client's failure ("": nothing)."""
+        return ""
 
     def _check_running(self) -> None:
         status = self.process.poll()
@@ -210,6 +214,17 @@ class NetworkManager(_BusDaemon):
     `nmcli(...)`: nmcli bound to this instance."""
 
     program = "NetworkManager"
+
+    def _explain(self, failed: RunResult) -> str:
+        # A profile NetworkManager rejected is just "unknown" to nmcli; why is in its log.
+        if "unknown connection" not in failed.stderr:
+            return ""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        rejected = [line for line in lines if "<warn>" in line and "keyfile:" in line]
+        return "NetworkManager's log: " + "\n".join(rejected[-5:]) if rejected else ""
 
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], profiles: Path, log: Path,
                  nmcli_path: str, own_bus: bool) -> None:

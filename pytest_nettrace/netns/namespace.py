@@ -80,15 +80,18 @@ class RunResult:
 
 
 class CommandFailed(subprocess.CalledProcessError):
-    """`Namespace.run(check=True)` saw a non-zero exit; the message carries stderr."""
+    """`Namespace.run(check=True)` saw a non-zero exit; the message carries
+    stderr (and `note`: what else explains it, e.g. a daemon's log lines)."""
 
-    def __init__(self, result: RunResult, netns_name: str) -> None:
+    def __init__(self, result: RunResult, netns_name: str, note: str = "") -> None:
         super().__init__(result.returncode, list(result.argv), result.stdout, result.stderr)
         self.netns_name = netns_name
+        self.note = note
 
     def __str__(self) -> str:
         err = (self.stderr or "").strip() or "(no stderr)"
-        return f"{self.cmd!r} exited {self.returncode} in {self.netns_name}: {err}"
+        note = f"\n{self.note}" if self.note else ""
+        return f"{self.cmd!r} exited {self.returncode} in {self.netns_name}: {err}{note}"
 
 
 # --------------------------------------------------------------------------
