@@ -5,8 +5,9 @@ fixture: no systemd as PID 1, a private D-Bus, only the .network files of
 examples/networkd/). eth0 is configured by someone else and carries an
 established TCP connection; networkd configures eth1, then its
 configuration changes and is reloaded. The story is checked as one ordered
-expectation: eth1's address is added by networkd, replaced on reload, and
-between the two nothing happens to eth0.
+expectation: eth1's address is added by networkd, replaced on reload (the
+new one added, the old one deleted), and between the two nothing happens to
+eth0.
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def test_networkd_reload_touches_only_its_interface(make_netns, systemd_networkd
         forbid("rst", between=("applied", "renumbered")),
         timeout=10,
     )
+    # Replaced: networkd deleted the old address, and it stayed gone (reconfigure
+    # deletes and re-adds what is still configured, so the deletion alone says little).
+    nettrace.assert_address_deleted("10.4.0.1/24", dev="eth1", by_comm="systemd-networkd")
+    assert "10.4.0.1/24" not in [str(a) for a in host.addresses("eth1")]
     session.sendall(b"still here")
     assert peer.recv(100) == b"still here"
     nettrace.assert_address_not_deleted(dev="eth0")

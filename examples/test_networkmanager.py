@@ -38,6 +38,8 @@ def test_nmcli_on_eth1_leaves_eth0_alone(nm_host, nettrace):
     session.connect(("10.1.0.2", 22))
     peer, _ = listener.accept()
 
+    # The profile does not autoconnect: until `up`, eth1 has no address from NetworkManager.
+    nettrace.assert_none("addr", action="added", address="10.2.0.1/24")
     nm.nmcli("connection", "up", "lab")
     nettrace.wait_for("addr", timeout=10, action="added", address="10.2.0.1/24", dev="eth1", comm="NetworkManager")
     # Renumber the lab network: NetworkManager replaces eth1's address.

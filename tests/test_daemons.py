@@ -6,12 +6,18 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 
 import pytest
 
-from pytest_nettrace.netns.daemons import DaemonNotInstalled, find_program
+from pytest_nettrace.netns.daemons import DaemonError, DaemonNotInstalled, find_program
+from pytest_nettrace.netns.linux import MS_BIND, MS_RDONLY, MS_REC, MS_SLAVE, mount, unshare_mountns
 from pytest_nettrace.errors import NamespaceError
+from pytest_nettrace.netns.namespace import CommandFailed
+
+MS_REMOUNT = 0x20
 
 
 def host_mounts():
@@ -19,6 +25,29 @@ def host_mounts():
     with open("/proc/self/mountinfo") as f:
         rows = [line.split() for line in f]
     return sorted((r[4], r[8]) for r in rows if not r[4].startswith("/run/netns/"))
+
+
+def in_own_mount_namespace(prepare, fn):
+    """fn() in a thread with a mount namespace of its own, changed by
+    prepare() (a host as some distribution or container has it); programs
+    it starts inherit that namespace, the rest of the test does not."""
+    box = {}
+
+    def body():
+        try:
+            unshare_mountns()
+            mount("", "/", None, MS_SLAVE | MS_REC)
+            prepare()
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 # -- ip netns exec semantics -------------------------------------------------
@@ -33,6 +62,19 @@ def test_sys_shows_the_namespaces_devices(netns):
     assert sorted(ipnetns) == sorted(inside)
     host = netns.run(["ls", "/sys/class/net"], host_view=True, check=True).stdout.split()
     assert sorted(host) == sorted(os.listdir("/sys/class/net"))
+
+
+def test_a_read_only_sys_stays_read_only(netns):
+    """ip netns exec gives a writable /sys when it can unmount a read-only one;
+    we keep it read-only: a program gets no more than the host had."""
+    def sys_options():
+        mountinfo = netns.run(["cat", "/proc/self/mountinfo"], check=True).stdout
+        return next(line.split()[5] for line in mountinfo.splitlines() if line.split()[4] == "/sys")
+
+    assert sys_options().startswith("rw")
+    read_only = in_own_mount_namespace(lambda: mount("", "/sys", None, MS_REMOUNT | MS_BIND | MS_RDONLY),
+                                       sys_options)
+    assert read_only.startswith("ro")
 
 
 def test_nothing_changes_on_the_host(netns):
@@ -73,6 +115,17 @@ def test_etc_netns_files_are_bound_over_etc(netns, etc_netns):
     assert "only-in-this-netns" not in netns.run(["cat", "/etc/hosts"], etc=False, check=True).stdout
     assert "only-in-this-netns" not in netns.run(["cat", "/etc/hosts"], host_view=True, check=True).stdout
     assert "only-in-this-netns" not in open("/etc/hosts").read()
+
+
+def test_an_etc_netns_entry_missing_from_etc_is_skipped_with_a_warning(netns, etc_netns):
+    with open(f"{etc_netns}/not-in-etc.conf", "w") as f:
+        f.write("x\n")
+    # ip netns exec complains and runs the program, the other entries bound
+    r = subprocess.run(["ip", "netns", "exec", netns.name, "cat", "/etc/hosts"], capture_output=True, text=True)
+    assert r.returncode == 0 and "only-in-this-netns" in r.stdout and "not-in-etc.conf" in r.stderr
+    with pytest.warns(UserWarning, match=f"^{etc_netns}/not-in-etc.conf not bound: /etc/not-in-etc.conf does not "
+                                         f"exist"):
+        assert "only-in-this-netns" in netns.run(["cat", "/etc/hosts"], check=True).stdout
 
 
 def test_etc_from_a_directory_of_the_test(netns, tmp_path):
@@ -152,8 +205,10 @@ def test_x(monkeypatch, networkmanager):
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*NetworkManager not found: install package network-manager*"])
     pytester.makeini("[pytest]\nnettrace_unavailable = error\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rN")  # -rN: no short summary
     result.assert_outcomes(failed=1)
+    assert result.stdout.str().count("NetworkManager not found: install package network-manager") == 1
+    result.stdout.no_fnmatch_line("*During handling of the above exception*")
 
 def test_dbus_system_bus_is_private_to_its_namespace(dbus_system_bus, make_netns):
     r = dbus_system_bus.run(["busctl", "--system", "--no-pager", "list"], check=True)
@@ -191,6 +246,28 @@ def test_networkmanager_applies_a_profile_from_the_tests_directory(make_netns, n
     assert "10.2.0.1/24" in [str(a) for a in host.addresses("eth1")]
     assert "eth1:connected" in nm.nmcli("-t", "-f", "DEVICE,STATE", "device").stdout.split()
     assert (tmp_path / "lab.nmconnection").read_text() == LAB  # the test's copy is never written to
+
+
+# Ubuntu's network-manager package ships this in /usr/lib/NetworkManager/conf.d
+UBUNTU_UNMANAGED = """[keyfile]
+unmanaged-devices=*,except:type:wifi,except:type:gsm,except:type:cdma
+"""
+
+
+def ubuntu_conf_d():
+    mount("tmpfs", "/usr/lib/NetworkManager/conf.d", "tmpfs", 0, "mode=755")
+    with open("/usr/lib/NetworkManager/conf.d/10-globally-managed-devices.conf", "w") as f:
+        f.write(UBUNTU_UNMANAGED)
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/lib/NetworkManager/conf.d"), reason="no distribution conf.d to hide")
+def test_networkmanager_ignores_the_distributions_configuration(make_netns, networkmanager, nettrace, tmp_path):
+    host, lab = make_netns(), make_netns()
+    host.add_veth("eth1", lab, "eth0")
+    (tmp_path / "lab.nmconnection").write_text(LAB)
+    nm = in_own_mount_namespace(ubuntu_conf_d, lambda: networkmanager(host, profiles=tmp_path))
+    nm.nmcli("connection", "up", "lab")  # fails where eth1 is unmanaged
+    nettrace.assert_any("addr", timeout=10, action="added", address="10.2.0.1/24", dev="eth1")
 
 
 def test_networkmanager_leaves_the_host_alone(netns, networkmanager):
@@ -261,3 +338,40 @@ def test_systemd_networkd_nexthop_objects_and_the_routes_using_them(netns, syste
     route = nettrace.assert_any("route", timeout=10, action="added", dst="10.50.0.0/16")
     assert route.nhid == 5 and route.pid == networkd.process.pid
     assert "nhid 5" in route.describe()
+
+
+def test_a_networkmanager_that_exits_at_once_fails_at_once(netns, networkmanager):
+    t0 = time.monotonic()
+    with pytest.raises(DaemonError, match=r"NetworkManager exited, status \d+\): .*not a key-value pair"):
+        networkmanager(netns, config="[main\n")  # a broken section header: it refuses to start
+    assert time.monotonic() - t0 < 20  # not nm-online's full 60 s
+
+
+def test_a_daemon_that_has_exited_is_named_as_such(make_netns, networkmanager, systemd_networkd):
+    nm, networkd = networkmanager(make_netns()), systemd_networkd(make_netns())
+    for daemon in (nm, networkd):
+        daemon.process.kill()
+        daemon.process.wait()
+    with pytest.raises(DaemonError, match=r"^NetworkManager in \S+ has exited \(status -9\): "):
+        nm.nmcli("general", "status")
+    for call in (networkd.reload, lambda: networkd.wait_configured("lo", timeout=1)):
+        with pytest.raises(DaemonError, match=r"^systemd-networkd in \S+ has exited \(status -9\): "):
+            call()
+
+
+def test_a_link_waiting_for_router_advertisements_is_explained(netns, systemd_networkd, tmp_path):
+    netns.add_dummy("eth1")
+    (tmp_path / "10-eth1.network").write_text(NETWORK.format(address="10.3.0.1/24").replace("IPv6AcceptRA=no\n", ""))
+    networkd = systemd_networkd(netns, config=tmp_path)
+    with pytest.raises(DaemonError, match=r"'configuring', not configured \(10-eth1.network does not say "
+                                          r"IPv6AcceptRA=no: .*\):"):
+        networkd.wait_configured("eth1", timeout=2)
+
+
+def test_a_profile_networkmanager_rejected_is_explained_by_its_log(netns, networkmanager, tmp_path):
+    netns.add_dummy("eth1")
+    (tmp_path / "lab.nmconnection").write_text(LAB.replace("10.2.0.1/24", "10.2.0.300/24"))
+    nm = networkmanager(netns, profiles=tmp_path)
+    with pytest.raises(CommandFailed, match=r"(?s)unknown connection 'lab'.*\nNetworkManager's log: .*"
+                                            r"Invalid IPv4 address '10.2.0.300'.*failed to load connection"):
+        nm.nmcli("connection", "up", "lab")

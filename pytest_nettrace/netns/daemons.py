@@ -22,7 +22,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .procs import stop_popen
 from ..errors import NettraceError
-from .namespace import Namespace, RunResult
+from .namespace import CommandFailed, Namespace, RunResult
 
 __all__ = ["DaemonError", "DaemonNotInstalled", "SystemBus", "NetworkManager", "Networkd", "find_program",
            "start_system_bus", "start_networkmanager", "start_networkd"]
@@ -164,12 +164,37 @@ class _BusDaemon:
     """A daemon the plugin started in a namespace, on a system bus (its own
     when `own_bus`: stopped with it)."""
 
+    program = ""  # its name, in messages
+
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], log: Path, own_bus: bool) -> None:
         self.ns = ns
         self.bus = bus
         self._own_bus = own_bus
         self.process = process
         self.log = log
+
+    def _run(self, argv: Sequence[str], check: bool, timeout: float, **kwargs: Any) -> RunResult:
+        """A client of the daemon on its bus; once the daemon has exited, a
+        DaemonError saying so (not the client's or mounts_of's complaint)."""
+        try:
+            result = self.bus.run(argv, check=False, timeout=timeout, **kwargs)
+        except ValueError:  # mounts_of= a daemon that is gone
+            self._check_running()
+            raise
+        if result.returncode != 0:
+            self._check_running()
+            if check:
+                raise CommandFailed(result, self.bus.ns.name, self._explain(result))
+        return result
+
+    def _explain(self, failed: RunResult) -> str:
+        """What the daemon's log says about a client's failure ("": nothing)."""
+        return ""
+
+    def _check_running(self) -> None:
+        status = self.process.poll()
+        if status is not None:
+            raise DaemonError(f"{self.program} in {self.ns.name} has exited (status {status}): {_tail(self.log)}")
 
     def stop(self) -> None:
         """Stop it (and the bus it started for itself)."""
@@ -188,6 +213,19 @@ class NetworkManager(_BusDaemon):
     `nmcli connection add` writes lands here too); `log`: its log;
     `nmcli(...)`: nmcli bound to this instance."""
 
+    program = "NetworkManager"
+
+    def _explain(self, failed: RunResult) -> str:
+        # A profile NetworkManager rejected is just "unknown" to nmcli; why is in its log.
+        if "unknown connection" not in failed.stderr:
+            return ""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        rejected = [line for line in lines if "<warn>" in line and "keyfile:" in line]
+        return "NetworkManager's log: " + "\n".join(rejected[-5:]) if rejected else ""
+
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], profiles: Path, log: Path,
                  nmcli_path: str, own_bus: bool) -> None:
         super().__init__(ns, bus, process, log, own_bus)
@@ -196,8 +234,9 @@ class NetworkManager(_BusDaemon):
 
     def nmcli(self, *args: str, check: bool = True, wait: float = 20, timeout: float = 60) -> RunResult:
         """`nmcli --wait <wait> ARGS` against this NetworkManager; with `check`,
-        a failure raises CommandFailed with nmcli's stderr."""
-        return self.bus.run([self._nmcli, "--wait", f"{wait:g}", *args], check=check, timeout=timeout)
+        a failure raises CommandFailed with nmcli's stderr (DaemonError once
+        NetworkManager has exited)."""
+        return self._run([self._nmcli, "--wait", f"{wait:g}", *args], check, timeout)
 
 
 def copy_profiles(source: "str | os.PathLike[str] | None", target: Path) -> None:
@@ -242,21 +281,35 @@ def start_networkmanager(ns: Namespace, workdir: "str | os.PathLike[str]", *,
     copy_profiles(profiles, workdir / "profiles")
     conf, log = workdir / "NetworkManager.conf", workdir / "NetworkManager.log"
     conf.write_text(_NM_CONF.format(profiles=workdir / "profiles", log_level=log_level, extra=config))
-    (workdir / "conf.d").mkdir(exist_ok=True)  # an empty one: not the host's /etc/NetworkManager/conf.d
+    # Empty configuration directories, not the host's /etc/NetworkManager/conf.d
+    # nor the distribution's /usr/lib/NetworkManager/conf.d (Ubuntu's leaves
+    # every device but wifi unmanaged)
+    (workdir / "conf.d").mkdir(exist_ok=True)
+    (workdir / "system-conf.d").mkdir(exist_ok=True)
     dirs = list(NM_PRIVATE_DIRS)
     if os.path.isdir("/usr/lib/NetworkManager/system-connections"):  # profiles a distribution ships
         dirs.append("/usr/lib/NetworkManager/system-connections")
     with log.open("w") as out:
         # --debug: log to stderr (no syslog here); /sys read-only makes it run as
         # in a container: devices are ready without udev
-        proc = ns.popen([nm, "--debug", f"--config={conf}", f"--config-dir={workdir / 'conf.d'}"],
+        proc = ns.popen([nm, "--debug", f"--config={conf}", f"--config-dir={workdir / 'conf.d'}",
+                         f"--system-config-dir={workdir / 'system-conf.d'}"],
                         env=_env(bus.env), stdout=out, stderr=subprocess.STDOUT,
                         private_dirs=dirs, readonly_sys=True)
-    r = bus.run([nm_online, "--wait-for-startup", "--quiet", f"--timeout={int(timeout)}"], timeout=timeout + 5)
-    if r.returncode != 0 or proc.poll() is not None:
+    waiter = bus.ns.popen([nm_online, "--wait-for-startup", "--quiet", f"--timeout={int(timeout)}"],
+                          env=_env(bus.env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # watched together: a NetworkManager that exits at once fails now, not
+    # when nm-online gives up
+    deadline = time.monotonic() + timeout + 5
+    while waiter.poll() is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = proc.poll()
+    if waiter.poll() != 0 or status is not None:
+        why = f"NetworkManager exited, status {status}" if status is not None else \
+            f"nm-online exit {waiter.returncode}"
+        _stop(waiter)
         _stop(proc)
-        raise DaemonError(f"NetworkManager did not start in {ns.name} (nm-online exit {r.returncode}, "
-                          f"NetworkManager exit {proc.poll()}): {_tail(log)}")
+        raise DaemonError(f"NetworkManager did not start in {ns.name} ({why}): {_tail(log)}")
     return NetworkManager(ns, bus, proc, workdir / "profiles", log, nmcli, own_bus)
 
 
@@ -275,6 +328,8 @@ class Networkd(_BusDaemon):
     on a private system bus, configured from the test's .network/.netdev
     files (`config`, a copy: change them there, then `reload()`)."""
 
+    program = "systemd-networkd"
+
     def __init__(self, ns: Namespace, bus: SystemBus, process: subprocess.Popen[Any], config: Path, log: Path,
                  networkctl_path: str, own_bus: bool) -> None:
         super().__init__(ns, bus, process, log, own_bus)
@@ -283,9 +338,9 @@ class Networkd(_BusDaemon):
 
     def networkctl(self, *args: str, check: bool = True, timeout: float = 30) -> RunResult:
         """`networkctl ARGS` against this networkd (in its mount namespace, where
-        its state files are)."""
-        return self.bus.run([self._networkctl, "--no-pager", "--no-legend", *args], check=check, timeout=timeout,
-                            mounts_of=self.process)
+        its state files are); DaemonError once networkd has exited."""
+        return self._run([self._networkctl, "--no-pager", "--no-legend", *args], check, timeout,
+                         mounts_of=self.process)
 
     def reload(self) -> None:
         """Read the configuration again and apply it (`networkctl reload`)."""
@@ -302,8 +357,23 @@ class Networkd(_BusDaemon):
             if setup == "configured":
                 return
             if setup == "failed" or time.monotonic() > deadline:
-                raise DaemonError(f"systemd-networkd: {ifname} is {setup!r}, not configured: {_tail(self.log)}")
+                hint = self._ra_hint(ifname) if setup == "configuring" else ""
+                raise DaemonError(f"systemd-networkd: {ifname} is {setup!r}, not configured{hint}: "
+                                  f"{_tail(self.log)}")
             time.sleep(0.05)
+
+    def _ra_hint(self, ifname: str) -> str:
+        """Why a link may be stuck "configuring": its .network file (one of
+        ours) accepts router advertisements, the default, and none came."""
+        status = self.networkctl("status", ifname, check=False).stdout
+        for line in status.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Network File":
+                network = self.config / Path(value.strip()).name
+                if network.is_file() and "IPv6AcceptRA" not in network.read_text():
+                    return (f" ({network.name} does not say IPv6AcceptRA=no: the link waits for a router "
+                            f"advertisement; say IPv6AcceptRA=no in [Network] where no router is)")
+        return ""
 
 
 def start_networkd(ns: Namespace, workdir: "str | os.PathLike[str]", *, config: "str | os.PathLike[str] | None" = None,

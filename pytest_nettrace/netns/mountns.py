@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -32,7 +33,7 @@ class MountSetup:
     """What a program's mount namespace gets."""
 
     netns_name: str
-    etc: Optional[str]               # directory whose entries are bound over /etc (None: none)
+    etc: Tuple[Tuple[str, str], ...]  # (source, target in /etc) bind mounts
     private_dirs: Tuple[str, ...]    # absolute, normalised
     readonly_sys: bool = False
     join_pid: Optional[int] = None   # instead: the mount namespace of this process
@@ -53,18 +54,34 @@ def check_private_dirs(dirs: Sequence[str]) -> Tuple[str, ...]:
     return tuple(out)
 
 
-def etc_dir_for(netns_name: str, etc: "str | os.PathLike[str] | bool | None") -> Optional[str]:
-    """The directory bound over /etc: /etc/netns/<name> by default (if it exists),
-    a directory the caller gives, or none (`etc=False`)."""
+def etc_binds(netns_name: str, etc: "str | os.PathLike[str] | bool | None") -> Tuple[Tuple[str, str], ...]:
+    """What is bound over /etc: the entries of /etc/netns/<name> by default
+    (if it exists), of a directory the caller gives, or none (`etc=False`).
+    Each must name something that exists in /etc: one of /etc/netns/<name>
+    that does not is skipped with a warning (ip netns exec says "Bind ...
+    failed" and runs the program), one of the caller's directory is an error."""
     if etc is False:
-        return None
+        return ()
+    default = etc is None or etc is True
     if etc is None or etc is True:
         path = os.path.join(NETNS_ETC_DIR, netns_name)
-        return path if os.path.isdir(path) else None
-    path = os.fspath(etc)
-    if not os.path.isdir(path):
-        raise ValueError(f"etc={path!r} is not a directory")
-    return path
+        if not os.path.isdir(path):
+            return ()
+    else:
+        path = os.fspath(etc)
+        if not os.path.isdir(path):
+            raise ValueError(f"etc={path!r} is not a directory")
+    binds = []
+    for entry in sorted(os.listdir(path)):
+        source, target = os.path.join(path, entry), os.path.join("/etc", entry)
+        if os.path.lexists(target):
+            binds.append((source, target))
+        elif default:
+            warnings.warn(f"{source} not bound: {target} does not exist (as ip netns exec, which "
+                          f"says \"Bind ... failed\" and runs the program)", stacklevel=4)
+        else:
+            raise NamespaceError(f"cannot bind {source} over {target}: {target} does not exist")
+    return tuple(binds)
 
 
 def enter(setup: MountSetup) -> None:
@@ -77,8 +94,11 @@ def enter(setup: MountSetup) -> None:
     # Nothing mounted from here on may propagate to the host (as ip netns exec does).
     mount("", "/", None, MS_SLAVE | MS_REC)
     _mount_sysfs(setup)
-    if setup.etc:
-        _bind_etc(setup.etc)
+    for source, target in setup.etc:
+        try:
+            mount(source, target, None, MS_BIND)
+        except OSError as exc:
+            raise NamespaceError(f"cannot bind {source} over {target}: {exc.strerror}") from None
     covered: set[str] = set()
     for path in setup.private_dirs:
         _private_dir(path, covered)
@@ -86,32 +106,22 @@ def enter(setup: MountSetup) -> None:
 
 def _mount_sysfs(setup: MountSetup) -> None:
     flags = MS_RDONLY if setup.readonly_sys else 0
+    # A read-only /sys (a container's) stays read-only: a program gets no more
+    # than the host had. ip netns exec differs here: it checks only when it
+    # cannot unmount /sys (a read-only one cannot be shadowed by a writable one).
+    try:
+        if os.statvfs("/sys").f_flag & os.ST_RDONLY:
+            flags |= MS_RDONLY
+    except OSError:
+        pass
     try:
         umount2("/sys", MNT_DETACH)
     except OSError:
-        # not a mount point, or not ours to unmount: shadow it; a read-only one
-        # cannot be shadowed by a writable one
-        try:
-            if os.statvfs("/sys").f_flag & os.ST_RDONLY:
-                flags |= MS_RDONLY
-        except OSError:
-            pass
+        pass  # not a mount point, or not ours to unmount: shadowed below
     try:
         mount(setup.netns_name, "/sys", "sysfs", flags)
     except OSError as exc:
         raise NamespaceError(f"cannot mount a sysfs of {setup.netns_name} on /sys: {exc.strerror}") from None
-
-
-def _bind_etc(etc: str) -> None:
-    for entry in sorted(os.listdir(etc)):
-        source, target = os.path.join(etc, entry), os.path.join("/etc", entry)
-        if not os.path.lexists(target):
-            raise NamespaceError(f"cannot bind {source} over {target}: {target} does not exist "
-                                 f"(ip netns exec cannot either)")
-        try:
-            mount(source, target, None, MS_BIND)
-        except OSError as exc:
-            raise NamespaceError(f"cannot bind {source} over {target}: {exc.strerror}") from None
 
 
 def _private_dir(path: str, covered: set[str]) -> None:

@@ -80,15 +80,18 @@ class RunResult:
 
 
 class CommandFailed(subprocess.CalledProcessError):
-    """`Namespace.run(check=True)` saw a non-zero exit; the message carries stderr."""
+    """`Namespace.run(check=True)` saw a non-zero exit; the message carries
+    stderr (and `note`: what else explains it, e.g. a daemon's log lines)."""
 
-    def __init__(self, result: RunResult, netns_name: str) -> None:
+    def __init__(self, result: RunResult, netns_name: str, note: str = "") -> None:
         super().__init__(result.returncode, list(result.argv), result.stdout, result.stderr)
         self.netns_name = netns_name
+        self.note = note
 
     def __str__(self) -> str:
         err = (self.stderr or "").strip() or "(no stderr)"
-        return f"{self.cmd!r} exited {self.returncode} in {self.netns_name}: {err}"
+        note = f"\n{self.note}" if self.note else ""
+        return f"{self.cmd!r} exited {self.returncode} in {self.netns_name}: {err}{note}"
 
 
 # --------------------------------------------------------------------------
@@ -466,8 +469,8 @@ class Namespace:
                 raise TypeError(f"mounts_of takes a Popen or a pid, not {mounts_of!r}")
             if getattr(mounts_of, "returncode", None) is not None or not os.path.exists(f"/proc/{pid}/ns/mnt"):
                 raise ValueError(f"mounts_of: process {pid} is not running")
-            return _mountns.MountSetup(self.name, None, (), False, join_pid=pid)
-        return _mountns.MountSetup(self.name, _mountns.etc_dir_for(self.name, etc), dirs, readonly_sys)
+            return _mountns.MountSetup(self.name, (), (), False, join_pid=pid)
+        return _mountns.MountSetup(self.name, _mountns.etc_binds(self.name, etc), dirs, readonly_sys)
 
     def run(self, argv: Sequence[str], *, check: bool = False, timeout: float = 30, input: str | None = None,
             env: dict[str, str] | None = None, cwd: str | None = None, host_view: bool = False,
