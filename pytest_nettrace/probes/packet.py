@@ -633,6 +633,10 @@ def summarize(frame: bytes) -> Dict[str, Any]:
         sport, dport, ulen = struct.unpack_from(">HHH", frame, l4)
         out.update(sport=sport, dport=dport, payload=bytes(frame[l4 + 8:l4 + max(8, ulen)]),
                    payload_len=max(0, ulen - 8))
+    elif proto in (33, 132, 136) and len(frame) >= l4 + 4:
+        # DCCP, SCTP, UDP-Lite: their ports lead the header, as tcpdump reads them
+        sport, dport = struct.unpack_from(">HH", frame, l4)
+        out.update(sport=sport, dport=dport)
     elif proto in (1, 58) and len(frame) >= l4 + 2:
         # the message's length, header included: what tcpdump prints as "length"
         out.update(icmp_type=frame[l4], payload_len=max(0, l4_end - l4))

@@ -408,3 +408,12 @@ def test_traffic_filters_and_bounds_are_checked_by_type():
     for bad_bound in (1.5, "10", True):
         with pytest.raises(TypeError, match="max_packets is a whole number"):
             _check_bounds({"max_packets": bad_bound})
+
+
+def test_sctp_dccp_and_udplite_packets_have_their_ports():
+    """tcpdump shows their ports; dport= matched none of these packets."""
+    for proto, name in ((132, "sctp"), (33, "dccp"), (136, "udplite")):
+        fields = summarize(_ip4_frame(proto, struct.pack(">HH", 3868, 38412) + bytes(8)))
+        assert (fields["proto"], fields["sport"], fields["dport"]) == (name, 3868, 38412)
+        six = summarize(_ip6_frame(proto, struct.pack(">HH", 5000, 6000) + bytes(8)))
+        assert (six["proto"], six["sport"], six["dport"]) == (name, 5000, 6000)
