@@ -169,21 +169,20 @@ static __always_inline __u32 nt_current_ns_tgid(void)
  * (~15 ns each): this runs for every event. */
 static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netns)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct task_struct *parent = task->real_parent;
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u64 id = bpf_get_current_pid_tgid();
 
 	h->ts = bpf_ktime_get_ns();
 	h->netns = netns;
 	h->kind = kind;
-	h->flags = (task->flags & PF_KTHREAD) ? NT_F_KTHREAD : 0;
+	h->flags = (BPF_CORE_READ(task, flags) & PF_KTHREAD) ? NT_F_KTHREAD : 0;
 	h->pid = nt_ns_pid(task, id >> 32, true);
 	h->tid = nt_ns_pid(task, (__u32)id, false);
 	h->uid = (__u32)bpf_get_current_uid_gid();
-	h->ppid = nt_ns_pid(parent, parent->tgid, true);
-	/* comm is NUL-terminated and padded by the kernel (__set_task_comm) */
-	__builtin_memcpy(h->comm, task->comm, NT_COMM_LEN);
-	__builtin_memcpy(h->pcomm, parent->comm, NT_COMM_LEN);
+	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+	h->ppid = nt_ns_pid(parent, BPF_CORE_READ(parent, tgid), true);
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	bpf_probe_read_kernel_str(h->pcomm, sizeof(h->pcomm), &parent->comm);
 	h->pad = 0;
 }
 
