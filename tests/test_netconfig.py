@@ -258,7 +258,7 @@ def test_a_write_by_sendfile_or_splice_has_its_own_result(netns, nettrace, tmp_p
     r = netns.run(script("""
         import os
         def source(text):
-            fd = os.open("/tmp", os.O_TMPFILE | os.O_RDWR)
+            fd = os.memfd_create("sysctl-value")   # (a VM's /tmp may take no O_TMPFILE)
             os.write(fd, text)
             return fd
         ttl = os.open("/proc/sys/net/ipv4/ip_default_ttl", os.O_WRONLY)

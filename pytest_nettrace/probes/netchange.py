@@ -160,7 +160,10 @@ _KERNEL_DETAILS = (
 # `ip link set lo up` adds: 127.0.0.1 from inetdev_event, ::1 from init_loopback)
 _GOING_DOWN = frozenset(("addrconf_ifdown", "__dev_close_many", "dev_close_many", "__dev_close", "dev_close",
                          "netif_close", "netif_close_many"))
-_COMING_UP = frozenset(("init_loopback", "addrconf_init_auto_addrs", "__dev_open", "dev_open", "netif_open"))
+# (__dev_notify_flags runs NETDEV_UP's notifiers: all but DOWN, which
+# removes, add nothing; 6.1 inlines the others)
+_COMING_UP = frozenset(("init_loopback", "addrconf_init_auto_addrs", "__dev_open", "dev_open", "netif_open",
+                        "__dev_notify_flags", "netif_change_flags", "dev_change_flags"))
 _VAGUE = (None, "consequence of a netlink request", "consequence of an ioctl")
 
 
