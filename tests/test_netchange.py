@@ -515,6 +515,7 @@ def test_what_a_rename_an_mtu_or_a_move_removes_says_which(make_netns, nettrace)
         a.run(["ip", "link", "set", "d1", "down"], check=True)
         rename = a.run(["ip", "link", "set", "d1", "name", "e1"], check=True)
         a.run(["ip", "link", "set", "e1", "up"], check=True)
+        a.run(["ip", "addr", "replace", "fd01::1/64", "dev", "e1", "nodad"], check=True)   # the down took it
     assert rename.returncode == 0, rename.stderr
     mtu = a.run(["ip", "link", "set", "e1", "mtu", "1200"], check=True)
     lo = a.run(["ip", "link", "set", "lo", "mtu", "60"], check=True)   # (loopback has no minimum of its own)
