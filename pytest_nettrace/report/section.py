@@ -24,12 +24,13 @@ def section_text(view: TraceView) -> str:
     if view.shown_until is not None:
         # the failure's message already listed the timeline up to it: not twice
         events = tuple(e for e in events if e.timestamp > view.shown_until)
-        headline += "; the failure's message above lists them up to the failure" + (
-            "; since then:" if events else "; none since")
     # as in assertion failures: high-volume kinds and background events are counted, not listed
     shown, hidden = focus(events, None, view.highlight)
+    if view.shown_until is not None:
+        headline += "; the failure's message above lists them up to the failure" + (
+            "; since then:" if shown else "; none since")
     out = [wrap(headline)]
-    if events:
+    if shown or view.shown_until is None:
         out += ["time since test start, kind, process, what happened [namespace]:",
                 render_timeline(view, shown, view.highlight)]
     if hidden:
