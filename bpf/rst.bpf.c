@@ -140,6 +140,15 @@ static __always_inline int emit(void *ctx, const struct sock *sk, const struct s
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
 		return 0;
+	if (origin == RST_ORIGIN_REPLY && skb) {
+		/* fentry/kprobe fire at tcp_v{4,6}_send_reset's entry, before its
+		 * "never answer a reset with a reset": a RST to no socket read as
+		 * one sent back (Debian 6.1, against tcpdump) */
+		__u8 flags = 0;
+		bpf_probe_read_kernel(&flags, 1, BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, transport_header) + 13);
+		if (flags & TCPF_RST)
+			return 0;
+	}
 	struct rst_event *e = nt_reserve(scope, NT_KIND_RST, struct rst_event);
 	if (!e)
 		return 0;
