@@ -585,3 +585,13 @@ def test_what_a_link_coming_up_adds_says_link_up(nettrace):
         assert (gone.cause, gone.detail) == ("kernel", "link down")
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_an_address_added_by_ip_is_its_netlink_requests(netns, nettrace):
+    """On Debian 6.1 inet_rtm_newaddr tail-calls __inet_insert_ifa: no handler
+    in the stack, and `ip addr add` read 'kernel, consequence of a netlink
+    request' (ci/vm-test runs this there)."""
+    netns.add_dummy("d0")
+    r = netns.run(["ip", "addr", "add", "10.0.9.1/24", "dev", "d0"], check=True)
+    added = nettrace.wait_for("addr", action="added", address="10.0.9.1/24")
+    assert (added.pid, added.cause, added.detail) == (r.pid, "netlink", None), added.describe()

@@ -101,6 +101,11 @@ _NETLINK_HANDLERS: Dict[str, Tuple[str, ...]] = {
     "link": ("rtnl_newlink", "rtnl_dellink", "rtnl_setlink", "__rtnl_newlink"),
     "route": ("inet_rtm_newroute", "inet_rtm_delroute", "inet6_rtm_newroute", "inet6_rtm_delroute"),
 }
+# What a handler calls last, where a compiler's tail call leaves the handler
+# out of the stack (Debian 6.1's inet_rtm_newaddr: rtnetlink_rcv_msg then
+# __inet_insert_ifa): the request's own change when a netlink request is in
+# the stack, no notifier and no other kind's handler
+_HANDLER_TAILS: Dict[str, Tuple[str, ...]] = {"addr": ("__inet_insert_ifa",)}
 _IOCTL_HANDLERS = {
     "addr": ("devinet_ioctl", "addrconf_add_ifaddr", "addrconf_del_ifaddr", "addrconf_set_dstaddr"),
     # SIOCSIFFLAGS on an AF_INET socket (busybox ip, ifconfig) reaches
@@ -824,6 +829,9 @@ def _cause(kind: str, present: FrozenSet[str]) -> Tuple[str, Optional[str]]:
     """cause_of() of a stack's function names."""
     follows = kind != "link" and present.intersection(_NOTIFIER_FRAMES)
     if not follows and present.intersection(_NETLINK_HANDLERS[kind]):
+        return "netlink", None
+    if not follows and present.intersection(_HANDLER_TAILS.get(kind, ())) and present.intersection(_ANY_NETLINK) \
+            and not any(present.intersection(h) for k, h in _NETLINK_HANDLERS.items() if k != kind):
         return "netlink", None
     if not follows and present.intersection(_IOCTL_HANDLERS[kind]) and present.intersection(_ANY_IOCTL):
         return "ioctl", None

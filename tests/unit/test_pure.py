@@ -417,3 +417,18 @@ def test_sctp_dccp_and_udplite_packets_have_their_ports():
         assert (fields["proto"], fields["sport"], fields["dport"]) == (name, 3868, 38412)
         six = summarize(_ip6_frame(proto, struct.pack(">HH", 5000, 6000) + bytes(8)))
         assert (six["proto"], six["sport"], six["dport"]) == (name, 5000, 6000)
+
+
+def test_an_address_added_by_netlink_where_the_handler_was_a_tail_call():
+    """Debian 6.1's stack of `ip addr add` (fentry on __netlink_sendskb):
+    inet_rtm_newaddr tail-called __inet_insert_ifa, so no handler showed and
+    the request's own address read 'kernel, consequence of a netlink request'."""
+    stack = ["__netlink_sendskb+0x5", "netlink_broadcast+0x469", "nlmsg_notify+0x38", "__inet_insert_ifa+0x1fa",
+             "rtnetlink_rcv_msg+0x14e", "netlink_rcv_skb+0x51", "netlink_unicast+0x284", "netlink_sendmsg+0x250",
+             "__sock_sendmsg+0x5f", "____sys_sendmsg+0x27f", "___sys_sendmsg+0x9a", "__sys_sendmsg+0x76",
+             "do_syscall_64+0x5d", "entry_SYSCALL_64_after_hwframe+0x6e"]
+    assert cause_of("addr", stack) == ("netlink", None)
+    # the same function under a notifier (lo's 127.0.0.1 on link up) stays the kernel's
+    up = stack[:4] + ["inetdev_event+0x601", "notifier_call_chain+0x59", "__dev_notify_flags+0x55",
+                      "netif_change_flags+0x50", "do_setlink.isra.0+0x374", "rtnl_newlink+0x96b"] + stack[5:]
+    assert cause_of("addr", up)[0] == "kernel"
