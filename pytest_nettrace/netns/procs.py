@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .linux import become_subreaper, netns_cookie_at, netns_inode_of, process_start_time
 
@@ -150,15 +150,7 @@ def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> 
     marker = f"NETTRACE_SESSION={token}".encode()
     me = os.getpid()
     started = set(started) | ({me} if _adopting else set())
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me or netns_inode_of(entry) not in wanted:
-            continue
-        pid = int(entry)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:  # gone meanwhile
-            continue
-        # From here on `pid` is this process (or its zombie), whatever exits.
+    for pid, pidfd in _opened(lambda pid: pid != me and netns_inode_of(pid) in wanted):
         ancestor, hops = pid, 0
         while ancestor > 1 and ancestor not in started and hops < 64:
             ancestor, hops = _parent(ancestor), hops + 1
@@ -173,6 +165,19 @@ def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> 
     return found
 
 
+def _opened(wanted: Callable[[int], bool]) -> Iterator[tuple[int, int]]:
+    """(pid, pidfd) of the processes `wanted` picks, the pidfd opened after
+    that first look: from then on `pid` is that process (or its zombie),
+    whatever exits, so a second look at it sees what gets signalled."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or not wanted(int(entry)):
+            continue
+        try:
+            yield int(entry), os.pidfd_open(int(entry))
+        except OSError:  # gone meanwhile
+            continue
+
+
 def carrying(token: str, skip: Iterable[int] = ()) -> dict[int, int]:
     """Processes anywhere (other than us and `skip`) whose environment
     carries session `token`, as pid -> pidfd: a dead session's daemons,
@@ -182,14 +187,7 @@ def carrying(token: str, skip: Iterable[int] = ()) -> dict[int, int]:
     marker = f"NETTRACE_SESSION={token}".encode()
     skip = set(skip) | {os.getpid()}
     out: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in skip or marker not in _environ(int(entry)):
-            continue
-        pid = int(entry)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:  # gone meanwhile
-            continue
+    for pid, pidfd in _opened(lambda pid: pid not in skip and marker in _environ(pid)):
         if marker in _environ(pid).split(b"\0"):
             out[pid] = pidfd
         else:
