@@ -8,6 +8,7 @@ Run as its own CI stage (ci/test.sh) after the main suite."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -32,6 +33,17 @@ def _wait_for(condition, timeout: float = 20.0, what: str = "condition") -> None
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not met in {timeout} s"
         time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _ended(session: subprocess.Popen):
+    """The session, killed at the end if it is still running (a test that failed midway)."""
+    try:
+        yield session
+    finally:
+        if session.poll() is None:
+            session.kill()
+            session.communicate()
 
 
 def _start_session(directory, *args: str, env: dict | None = None, prefix: list | None = None) -> subprocess.Popen:
@@ -95,7 +107,7 @@ def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigter
     record.touch()
     args = ["-n", str(workers)] if workers else ["-p", "no:xdist"]
     session = _start_session(suite, *args, env={"NT_RECORD": str(record), "NT_WHEN": when})
-    try:
+    with _ended(session):
         lines = tests if when == "call" else 2 * tests
         _wait_for(lambda: len(record.read_text().splitlines()) >= lines, 60, f"every test reached its {when}")
         made = [m for m in map(json.loads, record.read_text().splitlines()) if "ns" in m]
@@ -105,10 +117,6 @@ def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigter
         else:
             session.send_signal(sig)
         out, _ = session.communicate(timeout=60)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.communicate()
     assert session.returncode != 0, out
     # Everything was removed before the session exited: nothing to wait for.
     left_entries = [m["ns"] for m in made if m["ns"] in netns_entries()]
@@ -137,7 +145,7 @@ def test_a_second_sigint_interrupts_a_teardown_that_hangs(tmp_path):
     mark = tmp_path / "in-teardown"
     (tmp_path / "test_x.py").write_text(HANGING_TEARDOWN)
     session = _start_session(tmp_path, "-p", "no:xdist", env={"NT_MARK": str(mark)})
-    try:
+    with _ended(session):
         _wait_for(mark.exists, 60, "the teardown started")
         session.send_signal(signal.SIGINT)
         with pytest.raises(subprocess.TimeoutExpired):  # the first waits for the teardown
@@ -145,10 +153,6 @@ def test_a_second_sigint_interrupts_a_teardown_that_hangs(tmp_path):
         session.send_signal(signal.SIGINT)
         out, _ = session.communicate(timeout=30)
         assert "KeyboardInterrupt" in out, out
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.communicate()
 
 
 HANGING_AFTER_INTERRUPT = """
@@ -175,16 +179,12 @@ def test_a_second_signal_interrupts_the_teardown_the_first_one_started(tmp_path,
     mark = tmp_path / "mark"
     (tmp_path / "test_x.py").write_text(HANGING_AFTER_INTERRUPT)
     session = _start_session(tmp_path, "-p", "no:xdist", env={"NT_MARK": str(mark)})
-    try:
+    with _ended(session):
         _wait_for((tmp_path / "mark.call").exists, 60, "the test runs")
         session.send_signal(sig)
         _wait_for((tmp_path / "mark.teardown").exists, 30, "the teardown started")
         session.send_signal(sig)
         out, _ = session.communicate(timeout=30)
-    finally:
-        if session.poll() is None:
-            session.kill()
-            session.communicate()
     assert f"nettrace: teardown stopped by signal {sig.name} (again, during teardown)" in out, out
     assert "Traceback" not in out, out
 
