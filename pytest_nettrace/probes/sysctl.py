@@ -180,7 +180,8 @@ class SysctlProbe(Probe):
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
         if "BPF_CGROUP_SYSCTL" not in kernel.enum("bpf_attach_type").values():
             return "no cgroup sysctl hook (BPF_CGROUP_SYSCTL, kernel < 5.2)"
-        return "no cgroup v2 hierarchy mounted (the sysctl hook attaches to one; cgroup v1 only host)"
+        return ("no cgroup v2 hierarchy mounted here (the sysctl hook attaches to one): a cgroup-v1-only host, "
+                "or a container that mounts none at /sys/fs/cgroup")
 
     def __init__(self) -> None:
         self.decoder = SysctlDecoder()
