@@ -355,18 +355,24 @@ def _annotation_text(annotation: Any) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def scalar_type(owner: Any, field: str) -> Optional[type]:
-    """int, str, float or bool when `field` of `owner` holds only that (or
-    None); None for anything else (a union, an address, bytes)."""
+def _field_annotation(owner: Any, field: str) -> Optional[str]:
+    """The text of `field`'s annotation on `owner` or the first base that
+    declares it (a derived field, sysctl's `changed`: its getter's return
+    type), without Optional[...]; None when nothing declares it."""
     for klass in getattr(owner, "__mro__", ()):
         members = getattr(klass, "__dict__", {})
         annotation = members.get("__annotations__", {}).get(field)
         if annotation is None and isinstance(members.get(field), property):
-            # a derived field (sysctl's `changed`): its getter's return type
             annotation = getattr(members[field].fget, "__annotations__", {}).get("return")
         if annotation is not None:
-            return _SCALARS.get(_annotation_text(annotation))
+            return _annotation_text(annotation)
     return None
+
+
+def scalar_type(owner: Any, field: str) -> Optional[type]:
+    """int, str, float or bool when `field` of `owner` holds only that (or
+    None); None for anything else (a union, an address, bytes)."""
+    return _SCALARS.get(_field_annotation(owner, field) or "")
 
 
 def described(owner: Any) -> str:
@@ -397,16 +403,11 @@ def _check_scalar(owner: Any, field: str, value: Any) -> None:
                      f"would match nothing")
 
 
-@functools.lru_cache(maxsize=None)
 def tuple_shape(owner: Any, field: str) -> Optional[str]:
     """The annotation of `field` when it holds tuples ("Tuple[int, int]"),
     else None: a tuple given as its filter is its value, not a choice."""
-    for klass in getattr(owner, "__mro__", ()):
-        annotation = getattr(klass, "__dict__", {}).get("__annotations__", {}).get(field)
-        if annotation is not None:
-            text = _annotation_text(annotation)
-            return text if text.startswith("Tuple[") else None
-    return None
+    text = _field_annotation(owner, field)
+    return text if text is not None and text.startswith("Tuple[") else None
 
 
 def _split_arguments(text: str) -> List[str]:
