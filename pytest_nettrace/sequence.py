@@ -271,7 +271,7 @@ def match(seq: Expectation, events: Sequence[Event], since: Optional[int] = None
     evs = [e for e in events if e.kind in wanted and (since is None or e.timestamp > since)]
     n = len(seq.steps)
     chosen: List[int] = []
-    best: Dict[str, Any] = {"depth": -1, "events": (), "bound": {}, "violation": None}
+    best: Dict[str, Any] = {"depth": -1, "events": (), "bound": {}}
     tries = 0
 
     def record(depth: int, bound: Dict[str, Any]) -> None:

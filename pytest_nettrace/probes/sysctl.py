@@ -101,9 +101,9 @@ class SysctlEvent(Event, init=False):
     write has not returned, or where results are not seen (no sys_exit
     program: the pytest header says so). `changed` is False for a refused
     write, compares numbers as the kernel reads them ("01" and "0x1" are 1,
-"1 2" written to a one-number setting is 1) and is None for a value cut
-at 64 bytes (its end unknown). `offset` is where in the file the value was written: past the
-    start (a second write() on one open file, a pwrite), most numeric
+    "1 2" written to a one-number setting is 1) and is None for a value cut
+    at 64 bytes (its end unknown). `offset` is where in the file the value
+    was written: past the start (a second write() on one open file, a pwrite), most numeric
     settings ignore it under the default kernel.sysctl_writes_strict=1
     though the call succeeds, and some take it; `changed` is then None
     (unknown)."""
