@@ -31,10 +31,15 @@ class _RstUnloadable(RstProbe):
                      config={"rst_cfg": struct.pack("<IIQ", 1, 0, 0)})] + super().plans(kernel)
 
 
-def test_an_attach_failure_moves_only_its_probe_to_the_next_plan():
+# 1: one object; 2: the programs verified by two threads (SplitObject)
+LOAD_PARTS = pytest.mark.parametrize("parts", [1, 2], ids=["one-object", "split"])
+
+
+@LOAD_PARTS
+def test_an_attach_failure_moves_only_its_probe_to_the_next_plan(parts):
     if not SysctlProbe().plans(features()):
         pytest.skip(f"no sysctl plan on this kernel: {SysctlProbe().unavailable_reason(features())}")
-    engine = Engine(probes=[_SysctlBadCgroup(), ConnProbe()], background=False)
+    engine = Engine(probes=[_SysctlBadCgroup(), ConnProbe()], background=False, load_parts=parts)
     try:
         st = engine.status["sysctl"]
         assert st.mechanism == "cgroup_sysctl+sys_exit", st.failures
@@ -44,11 +49,12 @@ def test_an_attach_failure_moves_only_its_probe_to_the_next_plan():
         engine.close()
 
 
-def test_a_load_failure_moves_only_its_probe_to_the_next_plan():
+@LOAD_PARTS
+def test_a_load_failure_moves_only_its_probe_to_the_next_plan(parts):
     k = features()
     if k.fentry:
         pytest.skip("this kernel loads fentry programs: no plan here that fails to load")
-    engine = Engine(probes=[_RstUnloadable(), ConnProbe()], background=False)
+    engine = Engine(probes=[_RstUnloadable(), ConnProbe()], background=False, load_parts=parts)
     try:
         st = engine.status["rst"]
         assert st.plan is not None and st.mechanism != "tp_btf+fentry", st.failures

@@ -6,18 +6,21 @@ scope map; the probes drop every event from a namespace not in it."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Union
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
 from . import corebtf
 from ..errors import ProbeLoadError, UnsupportedKernel
 from ..events import Event
+from ..runtime import RUN_DIR, boot_id, read_cached, write_cached
 from .records import Delivery, RecordDecoder
 from .wire import HEADER, NT_MAX_KINDS, NT_SCOPE
 from .probe import Plan, Probe
@@ -67,6 +70,41 @@ class ProbeStatus:
         return self.plan.mechanism if self.plan else "unavailable"
 
 
+class LoadCosts:
+    """Each program's load time (mostly the kernel's verifier) on this boot,
+    measured by the last split load and kept in RUN_DIR: what balances the
+    next process's load threads. Named by the boot, the object and the BTF
+    it is relocated against: the verifier's work changes with each."""
+
+    def __init__(self, obj_path: str, btf_path: str) -> None:
+        self.name: Optional[str] = None
+        self.known: Dict[str, float] = {}
+        boot = boot_id()
+        try:
+            st = os.stat(obj_path)
+        except OSError:
+            return
+        if not boot or os.geteuid() != 0:
+            return
+        key = f"{boot}\0{os.path.realpath(obj_path)}\0{st.st_ino}:{st.st_size}:{st.st_mtime_ns}\0{btf_path}"
+        self.name = f"loadcost-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+        raw = read_cached(RUN_DIR, self.name)
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {}
+        if isinstance(data, dict):
+            self.known = {k: float(v) for k, v in data.items()
+                          if isinstance(k, str) and isinstance(v, (int, float)) and v >= 0}
+
+    def save(self, measured: Dict[str, float]) -> None:
+        """Keep `measured` (merged over what was known) when it adds a program."""
+        if self.name is None or not set(measured) - set(self.known):
+            return
+        self.known.update(measured)
+        write_cached(RUN_DIR, self.name, json.dumps(self.known).encode())
+
+
 def ring_size_refused(size: int) -> Optional[str]:
     """Why the kernel refuses an event ring of `size` bytes (a power of two),
     found by making one and closing it at once; None if it takes it or if
@@ -89,13 +127,16 @@ class Engine:
 
     def __init__(self, *, btf_path: str = DEFAULT_BTF, ringbuf_size: int = DEFAULT_RINGBUF,
                  probes: Sequence[Probe], background: bool = True,
-                 mechanisms: Optional[Dict[str, str]] = None, left_out: Optional[Dict[str, str]] = None) -> None:
+                 mechanisms: Optional[Dict[str, str]] = None, left_out: Optional[Dict[str, str]] = None,
+                 load_parts: Optional[int] = None) -> None:
         """`probes`: what to load (pytest_nettrace.probes.registry.all_probes()
         for every one). `mechanisms` forces a probe's mechanism, e.g. {"rst": "tp_btf+kprobe"}
         (used to exercise fallback paths on kernels that have them); a forced
         mechanism the kernel lacks makes that probe unavailable, with the reason.
         `left_out` says why probes not in `probes` were not loaded (e.g. the
-        session's nettrace_probes), for the errors of tests that ask for them."""
+        session's nettrace_probes), for the errors of tests that ask for them.
+        `load_parts`: how many threads verify the programs (default: the
+        CPUs this process may run on, at most 4; 1 loads one object)."""
         if ringbuf_size < 4096 or ringbuf_size & (ringbuf_size - 1):
             raise ValueError(f"ring buffer size {ringbuf_size} must be a power of two >= 4096")
         self.kernel: KernelFeatures = features(btf_path)
@@ -106,11 +147,12 @@ class Engine:
         self.status: Dict[str, ProbeStatus] = {p.name: ProbeStatus(p) for p in probes}
         self.left_out: Dict[str, str] = dict(left_out or {})  # probe name -> why it was not loaded
         self.core_btf: Optional[str] = None  # the minimal BTF CO-RE used, if any
+        self.load_parts = load_parts if load_parts is not None else min(len(os.sched_getaffinity(0)), 4)
         self.records = RecordDecoder()
         self._sinks: Dict[int, Sink] = {}
         self._routes: Dict[Sink, FrozenSet[int]] = {}  # each sink's namespaces
         self._lock = threading.RLock()
-        self._obj: Optional[lb.BpfObject] = None
+        self._obj: Optional[Union[lb.BpfObject, lb.SplitObject]] = None
         self.attach_seconds = 0.0
         t0 = time.perf_counter()
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
@@ -157,13 +199,14 @@ class Engine:
         # CO-RE against a checked minimal BTF when one can be had (about half
         # the load time goes into relocating against the full one)
         core_btf = self.core_btf = corebtf.minimal_btf(object_path(OBJECT), self.btf_path)
+        costs = LoadCosts(object_path(OBJECT), core_btf or self.btf_path)
         # Try the best plan of every probe in one object; when a program fails,
         # move only its probe to its next plan and try again.
         while True:
             active = [st for st in self.status.values() if st.plans and st.unavailable is None]
             if not active:
                 break
-            obj = self._object(active, core_btf)
+            obj = self._object(active, core_btf, costs.known)
             culprit: Optional[ProbeStatus] = None
             try:
                 try:
@@ -190,6 +233,8 @@ class Engine:
                     culprit.unavailable = "; ".join(culprit.failures)
                 continue
             self._obj = obj
+            if isinstance(obj, lb.SplitObject):
+                costs.save(obj.costs())
             for st in active:
                 st.plan = st.plans[0]
                 self.records.add(st.probe)
@@ -199,9 +244,16 @@ class Engine:
                 corebtf.prepare_in_background(object_path(OBJECT), self.btf_path)
             return
 
-    def _object(self, active: List[ProbeStatus], core_btf: Optional[str]) -> lb.BpfObject:
-        """The object, opened with the current plan of each of `active`."""
-        obj = lb.BpfObject(object_path(OBJECT), core_btf or self.btf_path)
+    def _object(self, active: List[ProbeStatus], core_btf: Optional[str],
+                costs: Optional[Dict[str, float]] = None) -> Union[lb.BpfObject, lb.SplitObject]:
+        """The object, opened with the current plan of each of `active`; split
+        over `load_parts` threads when `costs` (each program's guessed load
+        time) is given and there is more than one."""
+        obj: Union[lb.BpfObject, lb.SplitObject]
+        if costs is not None and self.load_parts > 1:
+            obj = lb.SplitObject(object_path(OBJECT), core_btf or self.btf_path, self.load_parts, costs)
+        else:
+            obj = lb.BpfObject(object_path(OBJECT), core_btf or self.btf_path)
         try:
             obj.reuse_map("nt_scopes", self._scopes_fd)
             obj.reuse_map("nt_events", self._events_fd)

@@ -14,7 +14,7 @@ import re
 import struct
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Set, Tuple
 
 from ..errors import ProbeLoadError, UnsupportedKernel
 
@@ -44,6 +44,11 @@ class _OpenOpts(ctypes.Structure):
         ("kconfig", ctypes.c_char_p),
         ("btf_custom_path", ctypes.c_char_p),
     ]
+
+
+# struct bpf_prog_info: its size up to load_time, and load_time's offset
+_PROG_INFO_SIZE = 48
+_PROG_INFO_LOAD_TIME = 40
 
 
 class _BtfType(ctypes.Structure):
@@ -127,6 +132,10 @@ class LibBpf:
             "bpf_object__find_map_by_name": (vp, [vp, cp]),
             "bpf_object__find_program_by_name": (vp, [vp, cp]),
             "bpf_object__next_program": (vp, [vp, vp]),
+            "bpf_object__next_map": (vp, [vp, vp]),
+            "bpf_map__name": (cp, [vp]),
+            "bpf_program__fd": (ci, [vp]),
+            "bpf_obj_get_info_by_fd": (ci, [ci, vp, ctypes.POINTER(cu32)]),
             "bpf_program__name": (cp, [vp]),
             "bpf_program__section_name": (cp, [vp]),
             "bpf_program__set_autoload": (ci, [vp, ctypes.c_bool]),
@@ -260,6 +269,14 @@ class BpfObject:
             yield (lib.bpf_program__name(prog).decode(), lib.bpf_program__section_name(prog).decode(), prog)
             prog = lib.bpf_object__next_program(self._ptr, prog)
 
+    def maps(self) -> Iterator[Tuple[str, int]]:
+        """(name, handle) of each map in the object."""
+        lib = libbpf()
+        m = lib.bpf_object__next_map(self._ptr, None)
+        while m:
+            yield (lib.bpf_map__name(m).decode(), m)
+            m = lib.bpf_object__next_map(self._ptr, m)
+
     def set_autoload(self, enabled: Dict[str, bool]) -> None:
         """Load only the programs named True; every other is left out."""
         for name, _sec, prog in self.programs():
@@ -316,6 +333,21 @@ class BpfObject:
         if rc < 0:
             raise ProbeLoadError(f"cannot load {self.name}: {_errtext(rc)}; {_reason_from_log(lines)}")
         self.loaded = True
+
+    def load_started(self) -> Dict[str, int]:
+        """When the kernel began loading each loaded program (CLOCK_BOOTTIME
+        ns, bpf_prog_info.load_time): libbpf loads them one after another,
+        so the gaps are what each cost."""
+        lib = libbpf()
+        out = {}
+        for name, _sec, prog in self.programs():
+            fd = lib.bpf_program__fd(prog)
+            # zeroed each time: the kernel reads a nonzero length as a buffer to fill
+            info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+            size = ctypes.c_uint32(_PROG_INFO_SIZE)
+            if fd >= 0 and lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) == 0:
+                out[name] = struct.unpack_from("<Q", info.raw, _PROG_INFO_LOAD_TIME)[0]
+        return out
 
     def core_relocations(self) -> List[str]:
         """What CO-RE relocation did to every program's instructions, as
@@ -379,6 +411,119 @@ class BpfObject:
         if self._ptr:
             libbpf().bpf_object__close(self._ptr)
             self._ptr = None
+
+
+class LoadedMaps(Protocol):
+    """What a probe reads from the loaded programs: its maps."""
+
+    def map_fd(self, name: str) -> int: ...
+
+
+class SplitObject:
+    """One .bpf.o loaded as several libbpf objects, one thread each.
+
+    The kernel verifies a load call's programs one after another, and the
+    verifier is most of an engine's start-up; programs split over `parts`
+    objects are verified on as many CPUs at once. A first object that loads
+    no program creates every map (and freezes .rodata); the parts reuse them
+    all, so every program shares the same maps as in one object. `cost`
+    guesses each program's load time, to balance the parts (longest first to
+    the least loaded part); `costs()` measures them after a load, for the
+    next one."""
+
+    def __init__(self, path: str, btf_path: Optional[str], parts: int, cost: Dict[str, float]) -> None:
+        self.name = os.path.basename(path)
+        self._maps = BpfObject(path, btf_path)
+        self._parts: List[BpfObject] = []
+        self._cost = cost
+        self._owner: Dict[str, BpfObject] = {}
+        self.links: List[BpfLink] = []
+        self._finished: Dict[int, int] = {}  # id(part) -> CLOCK_BOOTTIME ns its load returned
+        try:
+            for _ in range(parts):
+                self._parts.append(BpfObject(path, btf_path))
+        except BaseException:
+            self.close()
+            raise
+
+    def _all(self) -> List[BpfObject]:
+        return [self._maps, *self._parts]
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        self._maps.reuse_map(name, fd)
+
+    def set_rodata(self, var: str, value: bytes) -> None:
+        for obj in self._all():  # the parts' copies are not loaded: kept equal all the same
+            obj.set_rodata(var, value)
+
+    def set_autoload(self, enabled: Dict[str, bool]) -> None:
+        wanted = [name for name, _sec, _p in self._maps.programs() if enabled.get(name)]
+        known = [self._cost[n] for n in wanted if n in self._cost]
+        guess = sum(known) / len(known) if known else 1.0
+        load = [0.0] * len(self._parts)
+        chosen: List[Dict[str, bool]] = [{} for _ in self._parts]
+        for name in sorted(wanted, key=lambda n: -self._cost.get(n, guess)):
+            i = load.index(min(load))
+            chosen[i][name] = True
+            load[i] += self._cost.get(name, guess)
+            self._owner[name] = self._parts[i]
+        self._maps.set_autoload({})
+        for part, mine in zip(self._parts, chosen):
+            part.set_autoload(mine)
+
+    def load(self) -> None:
+        self._maps.load()
+        for name, handle in self._maps.maps():
+            fd = libbpf().bpf_map__fd(handle)
+            for part in self._parts:
+                part.reuse_map(name, fd)
+        errors: List[BaseException] = []
+
+        def load_part(part: BpfObject) -> None:
+            try:
+                part.load()
+            except BaseException as e:  # re-raised in the caller's thread
+                errors.append(e)
+            self._finished[id(part)] = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+        threads = [threading.Thread(target=load_part, args=(part,), name="nettrace-load")
+                   for part in self._parts[1:]]
+        for t in threads:
+            t.start()
+        load_part(self._parts[0])
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def costs(self) -> Dict[str, float]:
+        """Each loaded program's load time in seconds, from this load."""
+        out: Dict[str, float] = {}
+        for part in self._parts:
+            started = sorted((t, name) for name, t in part.load_started().items())
+            ends = [t for t, _n in started[1:]] + [self._finished.get(id(part), 0)]
+            for (t, name), end in zip(started, ends):
+                if end > t:
+                    out[name] = (end - t) / 1e9
+        return out
+
+    def map_fd(self, name: str) -> int:
+        return self._maps.map_fd(name)
+
+    def attach(self, prog_name: str, cgroup: Optional[str] = None) -> BpfLink:
+        owner = self._owner.get(prog_name)
+        if owner is None:
+            raise ProbeLoadError(f"{self.name}: no program named {prog_name!r} was loaded")
+        link = owner.attach(prog_name, cgroup)
+        self.links.append(link)
+        return link
+
+    def close(self) -> None:
+        for link in reversed(self.links):  # in the reverse of attach order, as BpfObject.close says why
+            link.destroy()
+        self.links.clear()
+        for obj in self._all():
+            obj.close()
 
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:

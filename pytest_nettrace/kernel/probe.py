@@ -13,7 +13,7 @@ from .wire import Record
 
 if TYPE_CHECKING:
     from .capabilities import KernelFeatures
-    from .libbpf import BpfObject
+    from .libbpf import LoadedMaps
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Probe:
         return "no attach mechanism available on this kernel"
 
     # Hooks for probes that keep state outside the kernel (sockets, maps).
-    def attached(self, obj: "BpfObject") -> None:
+    def attached(self, obj: "LoadedMaps") -> None:
         """Called once the object is loaded: look up the probe's own maps."""
 
     def watch(self, netns: int, path: Optional[str]) -> None:

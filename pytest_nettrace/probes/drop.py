@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ..kernel.capabilities import KernelFeatures
-    from ..kernel.libbpf import BpfObject
+    from ..kernel.libbpf import LoadedMaps
 
 DETAIL_BUDGET = 256  # detailed drop events per watched namespace (per test)
 RECORD = wire.DROP_EVENT
@@ -164,7 +164,7 @@ class DropProbe(Probe):
             return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
         return "the kernel BTF has no skb:kfree_skb tracepoint (btf_trace_kfree_skb)"
 
-    def attached(self, obj: "BpfObject") -> None:
+    def attached(self, obj: "LoadedMaps") -> None:
         self._counts_fd = obj.map_fd("drop_counts")
         self._scopes_fd = obj.map_fd("drop_scopes")
         self._purge = NetnsPurge(((self._counts_fd, _KEY.size),))   # netns is the key's first field

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ..kernel.capabilities import KernelFeatures
-    from ..kernel.libbpf import BpfObject
+    from ..kernel.libbpf import LoadedMaps
 
 # Notifications queue on the monitor socket for the whole test (see poll()):
 # 256 MiB of receive buffer is several hundred thousand small messages.
@@ -1107,7 +1107,7 @@ class NetChangeProbe(Probe):
         return ("no sock:sk_data_ready tracepoint (kernel < 6.4), and neither fentry "
                 f"({kernel.why('fentry')}) nor kprobes ({kernel.why('kprobe')}) to reach __netlink_sendskb")
 
-    def attached(self, obj: "BpfObject") -> None:
+    def attached(self, obj: "LoadedMaps") -> None:
         self._socks_fd = obj.map_fd("nc_socks")
 
     def watch(self, netns: int, path: Optional[str]) -> None:

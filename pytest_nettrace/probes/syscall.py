@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ..kernel.capabilities import KernelFeatures
-    from ..kernel.libbpf import BpfObject
+    from ..kernel.libbpf import LoadedMaps
 
 RECORD = wire.SYSCALL_EVENT
 _BODY = RECORD.body
@@ -314,7 +314,7 @@ class SyscallProbe(Probe):
             return f"needs tp_btf tracepoints ({kernel.why('tp_btf')})"
         return f"no syscall table for {platform.machine()}"
 
-    def attached(self, obj: "BpfObject") -> None:
+    def attached(self, obj: "LoadedMaps") -> None:
         fd = obj.map_fd("sc_wanted")
         for name, nr in SYSCALL_NR[platform.machine()].items():
             map_update(fd, struct.pack("<I", nr), bytes([CODE[name]]))

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from ..kernel.capabilities import KernelFeatures
-    from ..kernel.libbpf import BpfObject
+    from ..kernel.libbpf import LoadedMaps
 
 # Devices whose received packets the kernel hands up in the same pass as
 # their lower device's (its receive handler, VLAN untagging, a VRF's l3mdev
@@ -127,7 +127,7 @@ class TrafficProbe(Probe):
         return ("no sock_send_length/sock_recv_length tracepoints (kernel < 6.3) and no fentry "
                 f"({kernel.why('fentry')}) on inet_sendmsg/inet_recvmsg to learn port owners")
 
-    def attached(self, obj: "BpfObject") -> None:
+    def attached(self, obj: "LoadedMaps") -> None:
         self._counters_fd = obj.map_fd("tf_counters")
         self._owners_fd = obj.map_fd("tf_owners")
         # netns is every key's first field

@@ -1,0 +1,85 @@
+"""An engine's programs verified by several threads (SplitObject) are one
+set of programs: every part uses the very maps the others use, and what it
+measures balances the next load. Real kernel."""
+from __future__ import annotations
+
+import ctypes
+import json
+import struct
+
+import pytest
+
+from pytest_nettrace.kernel import engine as engine_mod
+from pytest_nettrace.kernel import libbpf as lb
+from pytest_nettrace.kernel.engine import Engine, LoadCosts
+from pytest_nettrace.probes.registry import all_probes
+
+
+def _map_id(fd: int) -> int:
+    info = ctypes.create_string_buffer(8)  # struct bpf_map_info: type, id
+    size = ctypes.c_uint32(8)
+    assert lb.libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) == 0
+    return struct.unpack_from("<I", info.raw, 4)[0]
+
+
+def test_a_split_load_shares_every_map_and_splits_the_programs():
+    engine = Engine(probes=all_probes(), background=False, load_parts=2)
+    try:
+        obj = engine._obj
+        assert isinstance(obj, lb.SplitObject)
+        first = {name: _map_id(obj.map_fd(name)) for name, _m in obj._maps.maps()}
+        assert {"nt_scopes", "nt_events", "tf_counters"} <= set(first)
+        loaded = []
+        for part in obj._parts:
+            mine = set(part.load_started())
+            assert mine, "a part loaded no program"
+            loaded += mine
+            for name, handle in part.maps():
+                assert _map_id(lb.libbpf().bpf_map__fd(handle)) == first[name], name
+        wanted = {p for st in engine.status.values() if st.plan for p in st.plan.programs}
+        assert sorted(loaded) == sorted(wanted)  # each program once, in one part
+        costs = obj.costs()
+        assert set(costs) == wanted and all(0 < c < 5 for c in costs.values()), costs
+    finally:
+        engine.close()
+
+
+def test_a_split_and_a_single_load_attach_the_same():
+    split = Engine(probes=all_probes(), background=False, load_parts=2)
+    single = Engine(probes=all_probes(), background=False, load_parts=1)
+    try:
+        assert isinstance(single._obj, lb.BpfObject)
+        assert {n: s.mechanism for n, s in split.status.items()} == \
+            {n: s.mechanism for n, s in single.status.items()}
+    finally:
+        split.close()
+        single.close()
+
+
+def test_load_costs_are_kept_per_object_and_bad_files_are_ignored(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine_mod, "RUN_DIR", str(tmp_path))
+    tmp_path.chmod(0o755)
+    obj = tmp_path / "x.bpf.o"
+    obj.write_bytes(b"one")
+    costs = LoadCosts(str(obj), "/sys/kernel/btf/vmlinux")
+    assert costs.name and costs.known == {}
+    costs.save({"a": 0.002, "b": 0.001})
+    assert LoadCosts(str(obj), "/sys/kernel/btf/vmlinux").known == {"a": 0.002, "b": 0.001}
+    assert LoadCosts(str(obj), "/other/btf").known == {}  # relocated otherwise: verified otherwise
+    (tmp_path / costs.name).write_text(json.dumps({"a": "slow", "b": -1, "c": 0.5}))
+    assert LoadCosts(str(obj), "/sys/kernel/btf/vmlinux").known == {"c": 0.5}
+    (tmp_path / costs.name).write_text("{not json")
+    assert LoadCosts(str(obj), "/sys/kernel/btf/vmlinux").known == {}
+    obj.write_bytes(b"rebuilt")  # another object: measured again
+    assert LoadCosts(str(obj), "/sys/kernel/btf/vmlinux").name != costs.name
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_any_number_of_parts_loads_every_probe(parts):
+    engine = Engine(probes=all_probes(), background=False, load_parts=parts)
+    try:
+        assert all(st.plan is not None or st.unavailable for st in engine.status.values())
+        assert [n for n, st in engine.status.items() if st.plan] == \
+            [n for n, st in engine.status.items() if st.unavailable is None]
+    finally:
+        engine.close()
