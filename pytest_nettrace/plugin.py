@@ -250,6 +250,16 @@ def pytest_report_header(config: pytest.Config) -> List[str]:
     return lines
 
 
+def _load_threads() -> int:
+    """Threads to verify the programs with: the CPUs this process may use,
+    shared by the xdist workers (which all load theirs at start-up), at most 4."""
+    try:
+        workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    except ValueError:
+        workers = 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) // workers))
+
+
 class EngineHolder:
     """The process's one Engine: loaded on first use (or in the background
     from configure on, so loading overlaps collection), kept for the session."""
@@ -281,7 +291,7 @@ class EngineHolder:
                     if self.probes is not None:
                         chosen = [p for p in chosen if p.name in self.probes] or all_probes()
                     self._engine = Engine(btf_path=self.btf_path, ringbuf_size=self.ringbuf_size,
-                                          probes=chosen, left_out=self.left_out)
+                                          probes=chosen, left_out=self.left_out, load_parts=_load_threads())
                 except NettraceError as e:
                     self._error = str(e)
             return self._engine, self._error

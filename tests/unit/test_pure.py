@@ -432,3 +432,15 @@ def test_an_address_added_by_netlink_where_the_handler_was_a_tail_call():
     up = stack[:4] + ["inetdev_event+0x601", "notifier_call_chain+0x59", "__dev_notify_flags+0x55",
                       "netif_change_flags+0x50", "do_setlink.isra.0+0x374", "rtnl_newlink+0x96b"] + stack[5:]
     assert cause_of("addr", up)[0] == "kernel"
+
+
+@pytest.mark.parametrize("cpus, workers, threads", [(2, None, 2), (2, "2", 1), (8, None, 4), (8, "2", 4),
+                                                    (8, "4", 2), (1, None, 1), (4, "16", 1), (4, "junk", 4)])
+def test_programs_are_verified_by_the_cpus_each_xdist_worker_has(monkeypatch, cpus, workers, threads):
+    from pytest_nettrace import plugin
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    if workers is None:
+        monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    else:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", workers)
+    assert plugin._load_threads() == threads
