@@ -1,12 +1,18 @@
 """Kernel addresses → `func+0xoff` (the form faddr2line takes), via /proc/kallsyms."""
 from __future__ import annotations
 
+import array
 import bisect
+import glob
+import hashlib
 import json
+import os
+import struct
 import threading
+import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from ..runtime import RUN_DIR, boot_id, read_cached, write_cached
+from ..runtime import RUN_DIR, boot_id, read_cached, trusted_dir, write_cached
 
 _lock = threading.Lock()
 _table: Optional["Kallsyms"] = None
@@ -14,30 +20,153 @@ _generation = 0  # bumped by invalidate(): what callers derived from names is st
 
 
 class Kallsyms:
-    def __init__(self, path: str = "/proc/kallsyms") -> None:
-        entries = []
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3 or parts[1] not in "tTwW":
-                    continue
-                addr = int(parts[0], 16)
-                if addr:
-                    name = parts[2] if len(parts) == 3 else f"{parts[2]} {parts[3]}"
-                    entries.append((addr, name))
-        entries.sort()
-        self._addrs = [a for a, _ in entries]
-        self._names = [n for _, n in entries]
+    """The text symbols of the kernel and its modules, to name stack addresses.
+
+    Reading and parsing /proc/kallsyms costs a process ~0.1-0.3 s (~120k
+    lines); the table changes only with the boot and the modules loaded, so
+    it is kept per boot in RUN_DIR (root's alone: addresses give away the
+    kernel's randomized base), checked against /proc/modules. BPF programs
+    and trampolines come and go all the time and are not kept: an address in
+    neither the kernel's text (_stext.._etext) nor a module is one of them,
+    named from /proc/kallsyms read again when one is asked for (a stack's
+    leading ones, the probe's own machinery, never are: see _symbolize)."""
+
+    def __init__(self, path: str = "/proc/kallsyms", modules: Optional[List[Tuple[str, int, int]]] = None) -> None:
+        """`modules`: (name, size, start) of each (default: /proc/modules for
+        /proc/kallsyms, none for another table, which is never cached)."""
+        if modules is None:
+            modules = _modules() if path == "/proc/kallsyms" else []
+        boot = boot_id()
+        cache = f"ksymtab-{boot}.bin" if boot and path == "/proc/kallsyms" else None
+        fingerprint = hashlib.sha256(repr(modules).encode()).hexdigest()
+        loaded = _load_table(read_cached(RUN_DIR, cache, private=True), fingerprint) if cache else None
+        if loaded is None:
+            loaded = _parse_table(path)
+            if cache:
+                write_cached(RUN_DIR, cache, _dump_table(fingerprint, *loaded), private=True)
+                _forget_other_boots(boot)
+        self._path = path
+        self._addrs, self._names, self._core = loaded
+        self._dynamic: Optional[_Table] = None   # BPF programs and trampolines, read when needed
+        self._dynamic_read = 0.0
+        # a module's text lies in [start, start + size); none: no /proc/modules (built without modules)
+        self._modules = sorted((start, start + size) for _name, size, start in modules if start)
         # all-zero addresses: kptr_restrict hides them; say so instead of lying
-        self.usable = bool(self._addrs)
+        self.usable = len(self._addrs) > 0
+
+    def in_text(self, addr: int) -> bool:
+        """Whether `addr` is in the kernel's or a module's text (not a BPF
+        program or trampoline)."""
+        lo, hi = self._core
+        if lo <= addr < hi or not lo:
+            return True
+        i = bisect.bisect_right(self._modules, (addr, 1 << 64)) - 1
+        return i >= 0 and self._modules[i][0] <= addr < self._modules[i][1]
 
     def resolve(self, addr: int) -> str:
         if not self.usable:
             return f"0x{addr:x}"
-        i = bisect.bisect_right(self._addrs, addr) - 1
+        addrs, names = self._addrs, self._names
+        if not self.in_text(addr):
+            # programs come and go: read again when the last read is not fresh
+            if self._dynamic is None or time.monotonic() - self._dynamic_read > 1.0:
+                self._dynamic, self._dynamic_read = _parse_table(self._path, dynamic=True), time.monotonic()
+            addrs, names = self._dynamic[0], self._dynamic[1]
+        i = bisect.bisect_right(addrs, addr) - 1
         if i < 0:
             return f"0x{addr:x}"
-        return f"{self._names[i]}+0x{addr - self._addrs[i]:x}"
+        return f"{names[i].decode()}+0x{addr - addrs[i]:x}"
+
+
+_TABLE_MAGIC = b"NTKSYM1\n"
+_Table = Tuple["array.array[int]", List[bytes], Tuple[int, int]]
+
+
+def _forget_other_boots(boot: str) -> None:
+    """Remove the tables of earlier boots: where /run is no tmpfs (some
+    containers) they would pile up, ~4 MB a boot."""
+    if not trusted_dir(RUN_DIR):
+        return
+    for old in glob.glob(os.path.join(RUN_DIR, "ksymtab-*.bin")) + glob.glob(os.path.join(RUN_DIR, "ksyms-*.json")):
+        if boot not in os.path.basename(old):
+            try:
+                os.unlink(old)
+            except OSError:
+                pass
+
+
+def _modules() -> List[Tuple[str, int, int]]:
+    """(name, size, start) of each loaded module, from /proc/modules."""
+    out = []
+    try:
+        with open("/proc/modules") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 6:
+                    out.append((parts[0], int(parts[1]), int(parts[5], 16)))
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _parse_table(path: str, dynamic: bool = False) -> _Table:
+    """Text symbols of `path` (kallsyms format), sorted: the kernel's and
+    its modules', or (`dynamic`) only BPF programs' and trampolines'
+    ("[bpf]", "[__builtin__...]")."""
+    entries = []
+    core = [0, 0]
+    with open(path, "rb") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 3 or parts[1] not in (b"t", b"T", b"w", b"W"):
+                continue
+            addr = int(parts[0], 16)
+            if not addr:
+                continue
+            if len(parts) == 3:
+                if dynamic:
+                    continue
+                name = parts[2]
+                if name == b"_stext":
+                    core[0] = addr
+                elif name == b"_etext":
+                    core[1] = addr
+            elif (parts[3] == b"[bpf]" or parts[3].startswith(b"[__builtin")) != dynamic:
+                continue
+            else:
+                name = parts[2] + b" " + parts[3]
+            entries.append((addr, name))
+    entries.sort()
+    return (array.array("Q", [a for a, _ in entries]), [n for _, n in entries],
+            (core[0], core[1]) if core[0] < core[1] else (0, 0))
+
+
+def _dump_table(fingerprint: str, addrs: "array.array[int]", names: List[bytes], core: Tuple[int, int]) -> bytes:
+    head = json.dumps({"modules": fingerprint, "count": len(addrs), "core": list(core)}).encode()
+    return b"".join((_TABLE_MAGIC, struct.pack("<I", len(head)), head, addrs.tobytes(), b"\n".join(names)))
+
+
+def _load_table(raw: Optional[bytes], fingerprint: str) -> Optional[_Table]:
+    """The table kept by _dump_table, None if missing, damaged or made with other modules."""
+    if not raw or not raw.startswith(_TABLE_MAGIC):
+        return None
+    try:
+        at = len(_TABLE_MAGIC)
+        (hlen,) = struct.unpack_from("<I", raw, at)
+        head = json.loads(raw[at + 4: at + 4 + hlen])
+        at += 4 + hlen
+        count = int(head["count"])
+        if head["modules"] != fingerprint:
+            return None
+        addrs = array.array("Q")
+        addrs.frombytes(raw[at: at + 8 * count])
+        names = raw[at + 8 * count:].split(b"\n") if count else []
+        lo, hi = (int(x) for x in head["core"])
+    except (ValueError, KeyError, TypeError, struct.error):
+        return None
+    if len(addrs) != count or len(names) != count:
+        return None
+    return addrs, names, (lo, hi)
 
 
 def function_ranges(names: Sequence[str], path: str = "/proc/kallsyms") -> Dict[str, Tuple[int, int]]:
@@ -131,7 +260,10 @@ def symbolize(addrs: Sequence[int]) -> List[str]:
 
 def _symbolize(addrs: Sequence[int]) -> List[str]:
     table = kallsyms()
-    frames = [table.resolve(a) for a in addrs]
+    first = 0
+    while first < len(addrs) and table.usable and not table.in_text(addrs[first]):
+        first += 1  # the probe's own BPF program and trampolines
+    frames = [table.resolve(a) for a in addrs[first:]]
     i = 0
     while i < len(frames) and (frames[i].startswith(_MACHINERY) or "[bpf]" in frames[i]):
         i += 1
