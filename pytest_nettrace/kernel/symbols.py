@@ -54,11 +54,18 @@ class Kallsyms:
         # all-zero addresses: kptr_restrict hides them; say so instead of lying
         self.usable = len(self._addrs) > 0
 
+    def in_core(self, addr: int) -> bool:
+        """Whether `addr` is in the kernel's own text (_stext.._etext; True
+        when that is unknown)."""
+        lo, hi = self._core
+        return lo <= addr < hi or not lo
+
     def in_text(self, addr: int) -> bool:
         """Whether `addr` is in the kernel's or a module's text (not a BPF
-        program or trampoline)."""
-        lo, hi = self._core
-        if lo <= addr < hi or not lo:
+        program or trampoline). A module's range is what /proc/modules says,
+        its whole size: from 6.4 its data lies elsewhere, so an address just
+        past its code may be taken for it."""
+        if self.in_core(addr):
             return True
         i = bisect.bisect_right(self._modules, (addr, 1 << 64)) - 1
         return i >= 0 and self._modules[i][0] <= addr < self._modules[i][1]
@@ -261,8 +268,8 @@ def symbolize(addrs: Sequence[int]) -> List[str]:
 def _symbolize(addrs: Sequence[int]) -> List[str]:
     table = kallsyms()
     first = 0
-    while first < len(addrs) and table.usable and not table.in_text(addrs[first]):
-        first += 1  # the probe's own BPF program and trampolines
+    while first < len(addrs) and table.usable and not table.in_core(addrs[first]):
+        first += 1  # the probe's own BPF program and trampolines (never in the kernel's own text)
     frames = [table.resolve(a) for a in addrs[first:]]
     i = 0
     while i < len(frames) and (frames[i].startswith(_MACHINERY) or "[bpf]" in frames[i]):
