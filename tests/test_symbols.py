@@ -107,3 +107,24 @@ def test_a_stacks_leading_bpf_frames_are_dropped_unread(monkeypatch):
         pytest.skip("no address known to be outside the kernel's and the modules' text on this kernel")
     symbols._cache.clear()
     assert symbols.symbolize([outside, outside + 8, start + 2]) == ["call_timer_fn+0x2"]
+
+
+def test_a_module_loaded_after_the_table_was_read_is_found(tmp_path, monkeypatch):
+    """A test's `nft` loads nf_tables after the table was read: an address
+    in no known text has /proc/modules read again, and the table with it."""
+    monkeypatch.setattr(symbols, "RUN_DIR", str(tmp_path))
+    tmp_path.chmod(0o755)
+    k = symbols.Kallsyms()
+    if not k.usable or not k._core[1]:
+        pytest.skip("kernel addresses hidden, or no _etext in /proc/kallsyms")
+    base = k._core[1] + (1 << 30)   # where no text is now
+    assert not k.in_text(base + 4)
+    parsed = []
+    real_parse = symbols._parse_table
+    monkeypatch.setattr(symbols, "_parse_table", lambda *a, **kw: parsed.append(a) or real_parse(*a, **kw))
+    monkeypatch.setattr(symbols, "_modules", lambda: [*k._module_list, ("nf_fake", 0x1000, base)])
+    k.resolve(base + 4)
+    assert k.in_text(base + 4) and len(parsed) == 1, "read again, once, for the new module list"
+    assert len(list(tmp_path.glob("ksymtab-*.bin"))) == 1
+    k.resolve(base + 8)
+    assert len(parsed) == 1, "nothing changed since: not read again"

@@ -34,25 +34,39 @@ class Kallsyms:
     def __init__(self, path: str = "/proc/kallsyms", modules: Optional[List[Tuple[str, int, int]]] = None) -> None:
         """`modules`: (name, size, start) of each (default: /proc/modules for
         /proc/kallsyms, none for another table, which is never cached)."""
-        if modules is None:
-            modules = _modules() if path == "/proc/kallsyms" else []
+        self._path = path
+        self._watch_modules = modules is None and path == "/proc/kallsyms"
+        self._load(_modules() if self._watch_modules else (modules or []))
+        self._dynamic: Optional[_Table] = None   # BPF programs and trampolines, read when needed
+        self._dynamic_read = 0.0
+
+    def _load(self, modules: List[Tuple[str, int, int]]) -> None:
         boot = boot_id()
-        cache = f"ksymtab-{boot}.bin" if boot and path == "/proc/kallsyms" else None
+        cache = f"ksymtab-{boot}.bin" if boot and self._watch_modules else None
         fingerprint = hashlib.sha256(repr(modules).encode()).hexdigest()
         loaded = _load_table(read_cached(RUN_DIR, cache, private=True), fingerprint) if cache else None
         if loaded is None:
-            loaded = _parse_table(path)
+            loaded = _parse_table(self._path)
             if cache:
                 write_cached(RUN_DIR, cache, _dump_table(fingerprint, *loaded), private=True)
                 _forget_other_boots(boot)
-        self._path = path
         self._addrs, self._names, self._core = loaded
-        self._dynamic: Optional[_Table] = None   # BPF programs and trampolines, read when needed
-        self._dynamic_read = 0.0
+        self._module_list = modules
         # a module's text lies in [start, start + size); none: no /proc/modules (built without modules)
         self._modules = sorted((start, start + size) for _name, size, start in modules if start)
         # all-zero addresses: kptr_restrict hides them; say so instead of lying
         self.usable = len(self._addrs) > 0
+
+    def _modules_changed(self) -> bool:
+        """Read the table again if modules were loaded or removed since (a
+        test's `nft` loads nf_tables): True if it did."""
+        if not self._watch_modules:
+            return False
+        now = _modules()
+        if now == self._module_list:
+            return False
+        self._load(now)
+        return True
 
     def in_core(self, addr: int) -> bool:
         """Whether `addr` is in the kernel's own text (_stext.._etext; True
@@ -73,6 +87,8 @@ class Kallsyms:
     def resolve(self, addr: int) -> str:
         if not self.usable:
             return f"0x{addr:x}"
+        if not self.in_text(addr) and self._modules_changed():
+            return self.resolve(addr)
         addrs, names = self._addrs, self._names
         if not self.in_text(addr):
             # programs come and go: read again when the last read is not fresh
