@@ -23,49 +23,57 @@ class Kallsyms:
     """The text symbols of the kernel and its modules, to name stack addresses.
 
     Reading and parsing /proc/kallsyms costs a process ~0.1-0.3 s (~120k
-    lines); the table changes only with the boot and the modules loaded, so
-    it is kept per boot in RUN_DIR (root's alone: addresses give away the
-    kernel's randomized base), checked against /proc/modules. BPF programs
-    and trampolines come and go all the time and are not kept: an address in
-    neither the kernel's text (_stext.._etext) nor a module is one of them,
-    named from /proc/kallsyms read again when one is asked for (a stack's
-    leading ones, the probe's own machinery, never are: see _symbolize)."""
+    lines); the kernel's own symbols change only with the boot, the modules'
+    when modules come or go, so both are kept per boot in RUN_DIR (root's
+    alone: addresses give away the kernel's randomized base), the modules'
+    checked against /proc/modules and read again alone when that changed (a
+    test's `nft` loads nf_tables). BPF programs and trampolines come and go
+    all the time and are not kept: an address in neither the kernel's text
+    (_stext.._etext) nor a module is one of them, named from /proc/kallsyms
+    read again when one is asked for (a stack's leading ones, the probe's own
+    machinery, never are: see _symbolize)."""
 
     def __init__(self, path: str = "/proc/kallsyms", modules: Optional[List[Tuple[str, int, int]]] = None) -> None:
         """`modules`: (name, size, start) of each (default: /proc/modules for
-        /proc/kallsyms, none for another table, which is never cached)."""
+        /proc/kallsyms, none for another table, which is never kept)."""
         self._path = path
-        self._watch_modules = modules is None and path == "/proc/kallsyms"
-        self._load(_modules() if self._watch_modules else (modules or []))
+        self._keep = modules is None and path == "/proc/kallsyms"
+        boot = boot_id() if self._keep else ""
+        self._boot = boot
+        self._addrs, self._names, self._core = self._table("core", "ksymtab", "")
+        self._load_modules(_modules() if self._keep else (modules or []))
         self._dynamic: Optional[_Table] = None   # BPF programs and trampolines, read when needed
         self._dynamic_read = 0.0
-
-    def _load(self, modules: List[Tuple[str, int, int]]) -> None:
-        boot = boot_id()
-        cache = f"ksymtab-{boot}.bin" if boot and self._watch_modules else None
-        fingerprint = hashlib.sha256(repr(modules).encode()).hexdigest()
-        loaded = _load_table(read_cached(RUN_DIR, cache, private=True), fingerprint) if cache else None
-        if loaded is None:
-            loaded = _parse_table(self._path)
-            if cache:
-                write_cached(RUN_DIR, cache, _dump_table(fingerprint, *loaded), private=True)
-                _forget_other_boots(boot)
-        self._addrs, self._names, self._core = loaded
-        self._module_list = modules
-        # a module's text lies in [start, start + size); none: no /proc/modules (built without modules)
-        self._modules = sorted((start, start + size) for _name, size, start in modules if start)
         # all-zero addresses: kptr_restrict hides them; say so instead of lying
         self.usable = len(self._addrs) > 0
 
+    def _table(self, part: str, prefix: str, key: str) -> _Table:
+        """One part of the table, from RUN_DIR if kept there under `key`, else parsed (and kept)."""
+        name = f"{prefix}-{self._boot}.bin" if self._boot else None
+        loaded = _load_table(read_cached(RUN_DIR, name, private=True), key) if name else None
+        if loaded is None:
+            loaded = _parse_table(self._path, part)
+            if name:
+                write_cached(RUN_DIR, name, _dump_table(key, *loaded), private=True)
+                _forget_other_boots(self._boot)
+        return loaded
+
+    def _load_modules(self, modules: List[Tuple[str, int, int]]) -> None:
+        key = hashlib.sha256(repr(modules).encode()).hexdigest()
+        self._mod_addrs, self._mod_names, _ = self._table("modules", "ksymmod", key)
+        self._module_list = modules
+        # a module's text lies in [start, start + size); none: no /proc/modules (built without modules)
+        self._modules = sorted((start, start + size) for _name, size, start in modules if start)
+
     def _modules_changed(self) -> bool:
-        """Read the table again if modules were loaded or removed since (a
-        test's `nft` loads nf_tables): True if it did."""
-        if not self._watch_modules:
+        """Read the modules' symbols again if modules were loaded or removed
+        since: True if they were."""
+        if not self._keep:
             return False
         now = _modules()
         if now == self._module_list:
             return False
-        self._load(now)
+        self._load_modules(now)
         return True
 
     def in_core(self, addr: int) -> bool:
@@ -74,26 +82,28 @@ class Kallsyms:
         lo, hi = self._core
         return lo <= addr < hi or not lo
 
-    def in_text(self, addr: int) -> bool:
-        """Whether `addr` is in the kernel's or a module's text (not a BPF
-        program or trampoline). A module's range is what /proc/modules says,
-        its whole size: from 6.4 its data lies elsewhere, so an address just
-        past its code may be taken for it."""
-        if self.in_core(addr):
-            return True
+    def _in_module(self, addr: int) -> bool:
+        # a module's range is what /proc/modules says, its whole size: from
+        # 6.4 its data lies elsewhere, so an address just past its code may be taken for it
         i = bisect.bisect_right(self._modules, (addr, 1 << 64)) - 1
         return i >= 0 and self._modules[i][0] <= addr < self._modules[i][1]
+
+    def in_text(self, addr: int) -> bool:
+        """Whether `addr` is in the kernel's or a module's text (not a BPF
+        program or trampoline)."""
+        return self.in_core(addr) or self._in_module(addr)
 
     def resolve(self, addr: int) -> str:
         if not self.usable:
             return f"0x{addr:x}"
-        if not self.in_text(addr) and self._modules_changed():
-            return self.resolve(addr)
-        addrs, names = self._addrs, self._names
-        if not self.in_text(addr):
+        if self.in_core(addr):
+            addrs, names = self._addrs, self._names
+        elif self._in_module(addr) or (self._modules_changed() and self._in_module(addr)):
+            addrs, names = self._mod_addrs, self._mod_names
+        else:
             # programs come and go: read again when the last read is not fresh
             if self._dynamic is None or time.monotonic() - self._dynamic_read > 1.0:
-                self._dynamic, self._dynamic_read = _parse_table(self._path, dynamic=True), time.monotonic()
+                self._dynamic, self._dynamic_read = _parse_table(self._path, "dynamic"), time.monotonic()
             addrs, names = self._dynamic[0], self._dynamic[1]
         i = bisect.bisect_right(addrs, addr) - 1
         if i < 0:
@@ -101,7 +111,7 @@ class Kallsyms:
         return f"{names[i].decode()}+0x{addr - addrs[i]:x}"
 
 
-_TABLE_MAGIC = b"NTKSYM1\n"
+_TABLE_MAGIC = b"NTKSYM2\n"
 _Table = Tuple["array.array[int]", List[bytes], Tuple[int, int]]
 
 
@@ -110,12 +120,13 @@ def _forget_other_boots(boot: str) -> None:
     containers) they would pile up, ~4 MB a boot."""
     if not trusted_dir(RUN_DIR):
         return
-    for old in glob.glob(os.path.join(RUN_DIR, "ksymtab-*.bin")) + glob.glob(os.path.join(RUN_DIR, "ksyms-*.json")):
-        if boot not in os.path.basename(old):
-            try:
-                os.unlink(old)
-            except OSError:
-                pass
+    for pattern in ("ksymtab-*.bin", "ksymmod-*.bin", "ksyms-*.json"):
+        for old in glob.glob(os.path.join(RUN_DIR, pattern)):
+            if boot not in os.path.basename(old):
+                try:
+                    os.unlink(old)
+                except OSError:
+                    pass
 
 
 def _modules() -> List[Tuple[str, int, int]]:
@@ -132,14 +143,17 @@ def _modules() -> List[Tuple[str, int, int]]:
     return out
 
 
-def _parse_table(path: str, dynamic: bool = False) -> _Table:
-    """Text symbols of `path` (kallsyms format), sorted: the kernel's and
-    its modules', or (`dynamic`) only BPF programs' and trampolines'
-    ("[bpf]", "[__builtin__...]")."""
+def _parse_table(path: str, part: str) -> _Table:
+    """Text symbols of `path` (kallsyms format), sorted, of one `part`: the
+    kernel's own ("core"), the modules' ("modules"), or BPF programs' and
+    trampolines' ("dynamic": "[bpf]", "[__builtin__...]")."""
     entries = []
     core = [0, 0]
+    bracketed = part != "core"
     with open(path, "rb") as f:
         for line in f:
+            if (b"[" in line) != bracketed:   # a module's, a program's: "addr t name\t[owner]"
+                continue
             parts = line.split()
             if len(parts) < 3 or parts[1] not in (b"t", b"T", b"w", b"W"):
                 continue
@@ -147,14 +161,12 @@ def _parse_table(path: str, dynamic: bool = False) -> _Table:
             if not addr:
                 continue
             if len(parts) == 3:
-                if dynamic:
-                    continue
                 name = parts[2]
                 if name == b"_stext":
                     core[0] = addr
                 elif name == b"_etext":
                     core[1] = addr
-            elif (parts[3] == b"[bpf]" or parts[3].startswith(b"[__builtin")) != dynamic:
+            elif (parts[3] == b"[bpf]" or parts[3].startswith(b"[__builtin")) != (part == "dynamic"):
                 continue
             else:
                 name = parts[2] + b" " + parts[3]
@@ -164,13 +176,13 @@ def _parse_table(path: str, dynamic: bool = False) -> _Table:
             (core[0], core[1]) if core[0] < core[1] else (0, 0))
 
 
-def _dump_table(fingerprint: str, addrs: "array.array[int]", names: List[bytes], core: Tuple[int, int]) -> bytes:
-    head = json.dumps({"modules": fingerprint, "count": len(addrs), "core": list(core)}).encode()
+def _dump_table(key: str, addrs: "array.array[int]", names: List[bytes], core: Tuple[int, int]) -> bytes:
+    head = json.dumps({"key": key, "count": len(addrs), "core": list(core)}).encode()
     return b"".join((_TABLE_MAGIC, struct.pack("<I", len(head)), head, addrs.tobytes(), b"\n".join(names)))
 
 
-def _load_table(raw: Optional[bytes], fingerprint: str) -> Optional[_Table]:
-    """The table kept by _dump_table, None if missing, damaged or made with other modules."""
+def _load_table(raw: Optional[bytes], key: str) -> Optional[_Table]:
+    """A table kept by _dump_table under `key`; None if missing, damaged or kept under another."""
     if not raw or not raw.startswith(_TABLE_MAGIC):
         return None
     try:
@@ -179,7 +191,7 @@ def _load_table(raw: Optional[bytes], fingerprint: str) -> Optional[_Table]:
         head = json.loads(raw[at + 4: at + 4 + hlen])
         at += 4 + hlen
         count = int(head["count"])
-        if head["modules"] != fingerprint:
+        if head["key"] != key:
             return None
         addrs = array.array("Q")
         addrs.frombytes(raw[at: at + 8 * count])
