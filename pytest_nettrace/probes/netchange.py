@@ -248,6 +248,7 @@ def _cstr(raw: Optional[bytes]) -> Optional[str]:
     return raw.split(b"\0", 1)[0].decode(errors="replace") if raw is not None else None
 
 
+@functools.lru_cache(maxsize=4096)   # a namespace's addresses come again and again; ipaddress objects are immutable
 def _ip(raw: Optional[bytes], family: int) -> Optional[Any]:
     if raw is None:
         return None
@@ -747,6 +748,7 @@ def _prefix(raw: Optional[bytes], family: int, plen: int) -> Optional[Any]:
 
 
 @functools.lru_cache(maxsize=1024)  # a test's routes repeat a few prefixes; the values are immutable
+@functools.lru_cache(maxsize=4096)
 def _network(ip: Any, plen: int) -> Any:
     return ipaddress.ip_network(f"{ip}/{plen}", strict=False)
 
