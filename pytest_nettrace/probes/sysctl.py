@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Set, Tuple, cast
 
 from ..events import Event, Header, command_line, quoted_command, user_name
 from ..kernel import wire
@@ -201,11 +201,14 @@ class SysctlDecoder(Decoder):
         self._last: Dict[int, Dict[int, _Write]] = {}  # netns -> thread -> its last write seen
         # the event of each thread's write whose result has not come yet
         self._open: Dict[Tuple[int, int], SysctlEvent] = {}
+        # threads whose write syscall the kernel restarted (its result said so)
+        self._restarted: Set[Tuple[int, int]] = set()
 
     def forget(self, netns: int) -> None:
         self._last.pop(netns, None)
         for key in [k for k in self._open if k[0] == netns]:
             del self._open[key]
+        self._restarted = {k for k in self._restarted if k[0] != netns}
 
     def layout(self, hdr: Header) -> wire.Record:
         return RESULT if hdr.flags & wire.SY_F_RESULT else RECORD
@@ -220,7 +223,13 @@ class SysctlDecoder(Decoder):
         setting = ".".join(p.replace(".", "/") for p in parts)
         write = _Write(setting, _value(old, old_len), _value(new, new_len), syscw if io_known else None, wchar)
         last = self._last.setdefault(hdr.netns, {})
-        restart = write.restarts(last.get(hdr.tid))
+        prev = last.get(hdr.tid)
+        restart = write.restarts(prev)
+        if (hdr.netns, hdr.tid) in self._restarted:
+            # the kernel said the syscall runs again: whichever syscall it is
+            # (splice and sendfile do not count as write syscalls)
+            self._restarted.discard((hdr.netns, hdr.tid))
+            restart = restart or (prev is not None and write.same_change(prev))
         last[hdr.tid] = write
         if restart:
             return []
@@ -233,7 +242,9 @@ class SysctlDecoder(Decoder):
     def _result(self, buf: bytes, hdr: Header) -> List[Event]:
         (ret,) = _RESULT_BODY.unpack_from(buf, RESULT.body_offset)
         if ret in _RESTARTS:
-            return []   # the write runs again (the hook too: one event, see _Write.restarts)
+            # the write runs again (the hook too: one event, see _Write.restarts)
+            self._restarted.add((hdr.netns, hdr.tid))
+            return []
         # the write is over: the thread's next write is a new one, even of the
         # same value after a refusal (which, like a restart, wrote nothing)
         self._last.get(hdr.netns, {}).pop(hdr.tid, None)
@@ -255,6 +266,9 @@ class _Write(NamedTuple):
     syscw: Optional[int]   # the thread's write syscalls before this one (None: not counted by this kernel)
     wchar: int             # bytes the thread has written
 
+    def same_change(self, other: "_Write") -> bool:
+        return (self.name, self.old, self.new) == (other.name, other.old, other.new)
+
     def restarts(self, prev: "Optional[_Write]") -> bool:
         """Whether this is `prev` again, restarted by the kernel. Some
         handlers restart the write syscall instead of waiting for the RTNL
@@ -266,7 +280,7 @@ class _Write(NamedTuple):
         the same value comes after the first one wrote its bytes. Without
         the counters (CONFIG_TASK_XACCT off) the same values once more are
         taken as the restart."""
-        if prev is None or (self.name, self.old, self.new) != (prev.name, prev.old, prev.new):
+        if prev is None or not self.same_change(prev):
             return False
         if self.syscw is None or prev.syscw is None:
             return True
