@@ -128,3 +128,15 @@ def test_a_module_loaded_after_the_table_was_read_is_found(tmp_path, monkeypatch
     assert len(list(tmp_path.glob("ksymtab-*.bin"))) == 1
     k.resolve(base + 8)
     assert len(parsed) == 1, "nothing changed since: not read again"
+
+
+def test_a_table_of_hidden_addresses_is_not_kept(tmp_path, monkeypatch):
+    """kptr_restrict shows zeros: nothing to name with, and nothing kept for
+    the rest of the boot (it may be lifted)."""
+    monkeypatch.setattr(symbols, "RUN_DIR", str(tmp_path))
+    tmp_path.chmod(0o755)
+    real_parse = symbols._parse_table
+    monkeypatch.setattr(symbols, "_parse_table", lambda path, part: real_parse("/dev/null", part))
+    k = symbols.Kallsyms()
+    assert not k.usable and k.resolve(0xffffffff81000000) == "0xffffffff81000000"
+    assert not list(tmp_path.glob("ksymtab-*.bin"))

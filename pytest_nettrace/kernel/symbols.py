@@ -38,8 +38,7 @@ class Kallsyms:
         /proc/kallsyms, none for another table, which is never kept)."""
         self._path = path
         self._keep = modules is None and path == "/proc/kallsyms"
-        boot = boot_id() if self._keep else ""
-        self._boot = boot
+        self._boot = boot_id() if self._keep else ""
         self._addrs, self._names, self._core = self._table("core", "ksymtab", "")
         self._load_modules(_modules() if self._keep else (modules or []))
         self._dynamic: Optional[_Table] = None   # BPF programs and trampolines, read when needed
@@ -53,7 +52,8 @@ class Kallsyms:
         loaded = _load_table(read_cached(RUN_DIR, name, private=True), key) if name else None
         if loaded is None:
             loaded = _parse_table(self._path, part)
-            if name:
+            # no kernel text: addresses hidden (kptr_restrict), maybe not for long
+            if name and (part != "core" or len(loaded[0])):
                 write_cached(RUN_DIR, name, _dump_table(key, *loaded), private=True)
                 _forget_other_boots(self._boot)
         return loaded
