@@ -39,12 +39,18 @@ def _cache_path(object_file: str, btf_path: str) -> Optional[str]:
     boot = boot_id()
     if btf_path != KERNEL_BTF or not boot or os.environ.get("NETTRACE_FULL_BTF"):
         return None
+    digest = object_digest(object_file)
+    return os.path.join(RUN_DIR, f"core-{boot}-{digest}.btf") if digest else None
+
+
+def object_digest(object_file: str) -> Optional[str]:
+    """The digest of the object's content (None: unreadable), hashed once per
+    version of the file: the same object in two checkouts is one."""
     try:
         st = os.stat(object_file)
-        digest = _digest(object_file, st.st_mtime_ns, st.st_size)
+        return _digest(object_file, st.st_mtime_ns, st.st_size)
     except OSError:
         return None
-    return os.path.join(RUN_DIR, f"core-{boot}-{digest}.btf")
 
 
 @functools.lru_cache(maxsize=8)

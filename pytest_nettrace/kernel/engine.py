@@ -73,20 +73,16 @@ class ProbeStatus:
 class LoadCosts:
     """Each program's load time (mostly the kernel's verifier) on this boot,
     measured by the last split load and kept in RUN_DIR: what balances the
-    next process's load threads. Named by the boot, the object and the BTF
-    it is relocated against: the verifier's work changes with each."""
+    next process's load threads. Named by the boot, the object's content and
+    the BTF it is relocated against: the verifier's work changes with each."""
 
     def __init__(self, obj_path: str, btf_path: str) -> None:
         self.name: Optional[str] = None
         self.known: Dict[str, float] = {}
-        boot = boot_id()
-        try:
-            st = os.stat(obj_path)
-        except OSError:
+        boot, digest = boot_id(), corebtf.object_digest(obj_path)
+        if not boot or not digest or os.geteuid() != 0:
             return
-        if not boot or os.geteuid() != 0:
-            return
-        key = f"{boot}\0{os.path.realpath(obj_path)}\0{st.st_ino}:{st.st_size}:{st.st_mtime_ns}\0{btf_path}"
+        key = f"{boot}\0{digest}\0{btf_path}"
         self.name = f"loadcost-{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
         raw = read_cached(RUN_DIR, self.name)
         try:
