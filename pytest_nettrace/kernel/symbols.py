@@ -10,7 +10,7 @@ import os
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from ..runtime import RUN_DIR, boot_id, read_cached, trusted_dir, write_cached
 
@@ -39,28 +39,38 @@ class Kallsyms:
         self._path = path
         self._keep = modules is None and path == "/proc/kallsyms"
         self._boot = boot_id() if self._keep else ""
-        self._addrs, self._names, self._core = self._table("core", "ksymtab", "")
-        self._load_modules(_modules() if self._keep else (modules or []))
+        modules = _modules() if self._keep else (modules or [])
+        parsed: Dict[str, _Table] = {}
+
+        def parse(part: str) -> _Table:   # both parts in one read of the file, when both are wanted
+            if not parsed:
+                parsed.update(_parse_table(self._path, ("core", "modules")))
+            return parsed[part]
+
+        self._addrs, self._names, self._core = self._table("core", "ksymtab", "", parse)
+        self._load_modules(modules, parse)
         self._dynamic: Optional[_Table] = None   # BPF programs and trampolines, read when needed
         self._dynamic_read = 0.0
         # all-zero addresses: kptr_restrict hides them; say so instead of lying
         self.usable = len(self._addrs) > 0
 
-    def _table(self, part: str, prefix: str, key: str) -> _Table:
+    def _table(self, part: str, prefix: str, key: str, parse: Callable[[str], _Table]) -> _Table:
         """One part of the table, from RUN_DIR if kept there under `key`, else parsed (and kept)."""
         name = f"{prefix}-{self._boot}.bin" if self._boot else None
         loaded = _load_table(read_cached(RUN_DIR, name, private=True), key) if name else None
         if loaded is None:
-            loaded = _parse_table(self._path, part)
+            loaded = parse(part)
             # no kernel text: addresses hidden (kptr_restrict), maybe not for long
             if name and (part != "core" or len(loaded[0])):
                 write_cached(RUN_DIR, name, _dump_table(key, *loaded), private=True)
                 _forget_other_boots(self._boot)
         return loaded
 
-    def _load_modules(self, modules: List[Tuple[str, int, int]]) -> None:
+    def _load_modules(self, modules: List[Tuple[str, int, int]],
+                      parse: Optional[Callable[[str], _Table]] = None) -> None:
         key = hashlib.sha256(repr(modules).encode()).hexdigest()
-        self._mod_addrs, self._mod_names, _ = self._table("modules", "ksymmod", key)
+        self._mod_addrs, self._mod_names, _ = self._table(
+            "modules", "ksymmod", key, parse or (lambda part: _parse_table(self._path, (part,))[part]))
         self._module_list = modules
         # a module's text lies in [start, start + size); none: no /proc/modules (built without modules)
         self._modules = sorted((start, start + size) for _name, size, start in modules if start)
@@ -103,7 +113,7 @@ class Kallsyms:
         else:
             # programs come and go: read again when the last read is not fresh
             if self._dynamic is None or time.monotonic() - self._dynamic_read > 1.0:
-                self._dynamic, self._dynamic_read = _parse_table(self._path, "dynamic"), time.monotonic()
+                self._dynamic, self._dynamic_read = _parse_table(self._path, ("dynamic",))["dynamic"], time.monotonic()
             addrs, names = self._dynamic[0], self._dynamic[1]
         i = bisect.bisect_right(addrs, addr) - 1
         if i < 0:
@@ -143,37 +153,41 @@ def _modules() -> List[Tuple[str, int, int]]:
     return out
 
 
-def _parse_table(path: str, part: str) -> _Table:
-    """Text symbols of `path` (kallsyms format), sorted, of one `part`: the
-    kernel's own ("core"), the modules' ("modules"), or BPF programs' and
-    trampolines' ("dynamic": "[bpf]", "[__builtin__...]")."""
-    entries = []
+def _parse_table(path: str, parts: Sequence[str]) -> Dict[str, _Table]:
+    """Text symbols of `path` (kallsyms format), sorted, of each of `parts`,
+    in one read: the kernel's own ("core"), the modules' ("modules"), BPF
+    programs' and trampolines' ("dynamic": "[bpf]", "[__builtin__...]")."""
+    entries: Dict[str, List[Tuple[int, bytes]]] = {part: [] for part in parts}
+    core_wanted, owned_wanted = "core" in parts, "modules" in parts or "dynamic" in parts
     core = [0, 0]
-    bracketed = part != "core"
     with open(path, "rb") as f:
         for line in f:
-            if (b"[" in line) != bracketed:   # a module's, a program's: "addr t name\t[owner]"
+            owned = b"[" in line   # a module's, a program's: "addr t name\t[owner]"
+            if not (owned_wanted if owned else core_wanted):
                 continue
-            parts = line.split()
-            if len(parts) < 3 or parts[1] not in (b"t", b"T", b"w", b"W"):
+            fields = line.split()
+            if len(fields) < 3 or fields[1] not in (b"t", b"T", b"w", b"W"):
                 continue
-            addr = int(parts[0], 16)
+            addr = int(fields[0], 16)
             if not addr:
                 continue
-            if len(parts) == 3:
-                name = parts[2]
+            if len(fields) == 3:
+                name, part = fields[2], "core"
                 if name == b"_stext":
                     core[0] = addr
                 elif name == b"_etext":
                     core[1] = addr
-            elif (parts[3] == b"[bpf]" or parts[3].startswith(b"[__builtin")) != (part == "dynamic"):
-                continue
             else:
-                name = parts[2] + b" " + parts[3]
-            entries.append((addr, name))
-    entries.sort()
-    return (array.array("Q", [a for a, _ in entries]), [n for _, n in entries],
-            (core[0], core[1]) if core[0] < core[1] else (0, 0))
+                name = fields[2] + b" " + fields[3]
+                part = "dynamic" if fields[3] == b"[bpf]" or fields[3].startswith(b"[__builtin") else "modules"
+            if part in entries:
+                entries[part].append((addr, name))
+    bounds = (core[0], core[1]) if core[0] < core[1] else (0, 0)
+    out = {}
+    for part, found in entries.items():
+        found.sort()
+        out[part] = (array.array("Q", [a for a, _ in found]), [n for _, n in found], bounds)
+    return out
 
 
 def _dump_table(key: str, addrs: "array.array[int]", names: List[bytes], core: Tuple[int, int]) -> bytes:
