@@ -206,14 +206,15 @@ def test_socket_lives_in_the_namespace(netns: Namespace) -> None:
 
 
 def test_jobs_in_a_namespace_run_there_and_the_thread_comes_home(make_netns) -> None:
-    """in_netns_at runs its jobs in one thread that visits each namespace
-    and returns to the process's own after every job, whatever the job did."""
+    """in_netns_at runs its jobs in the calling thread, inside the namespace
+    asked for, and the thread is back in its own after every job, whatever
+    the job did (returned, raised, visited another namespace)."""
     import threading
 
     from pytest_nettrace.netns.linux import in_netns_at
 
     a, b = make_netns(), make_netns()
-    home = os.stat("/proc/self/ns/net").st_ino
+    home = os.stat("/proc/thread-self/ns/net").st_ino
     seen = []
 
     def here() -> int:
@@ -221,15 +222,27 @@ def test_jobs_in_a_namespace_run_there_and_the_thread_comes_home(make_netns) -> 
         return os.stat("/proc/thread-self/ns/net").st_ino
 
     assert [in_netns_at(ns.path, here) for ns in (a, b, a)] == [a.inode, b.inode, a.inode]
+    assert set(seen) == {threading.get_native_id()}, "the caller's own thread, no worker"
+    assert os.stat("/proc/thread-self/ns/net").st_ino == home
     with pytest.raises(ZeroDivisionError):
         in_netns_at(b.path, lambda: 1 // 0)
+    assert os.stat("/proc/thread-self/ns/net").st_ino == home
     # a job that asks for another namespace gets it, and is back in its own after
     assert in_netns_at(a.path, lambda: (in_netns_at(b.path, here), here())) == (b.inode, a.inode)
-    assert len(set(seen[:3])) == 1, "one visiting thread, not a thread a job"
-    # the visitor is at home between jobs: /proc names its namespace
-    tid = seen[0]
-    assert os.stat(f"/proc/self/task/{tid}/ns/net").st_ino == home
     assert os.stat("/proc/thread-self/ns/net").st_ino == home
+
+    # an interrupt in the middle of a job (a signal handler raising) too
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        in_netns_at(a.path, interrupted)
+    assert os.stat("/proc/thread-self/ns/net").st_ino == home
+    # another thread's jobs leave this thread where it is
+    other = threading.Thread(target=lambda: seen.append(in_netns_at(b.path, here)))
+    other.start()
+    other.join()
+    assert seen[-1] == b.inode and os.stat("/proc/thread-self/ns/net").st_ino == home
 
 
 def test_close_stops_the_daemons_it_started_and_leaves_a_process_that_joined_from_outside() -> None:

@@ -3,9 +3,8 @@
 Only what the standard library lacks: unshare, setns, mount, umount2.
 Network namespaces are per *thread*, so everything that must happen inside a
 namespace runs in a short-lived thread that enters it (`run_in_thread`), or,
-for short jobs that only make sockets or talk netlink (`in_netns_at`), in one
-worker thread that enters the namespace for the job and returns to its own
-after it; the calling thread never changes namespace.
+for short jobs that only make sockets (`in_netns_at`), in the calling thread,
+which enters the namespace for the job and returns to its own right after it.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import os
 import socket
 import struct
 import threading
-from typing import Callable, TypeVar, cast
+from typing import Callable, TypeVar
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
@@ -158,95 +157,42 @@ def run_in_thread(fn: Callable[[], T], *, netns_fd: int | None = None, new_netns
     return box["result"]  # type: ignore[return-value]
 
 
-class _Visitor:
-    """One thread that runs jobs inside other network namespaces, one at a
-    time: setns into the job's namespace, the job, setns back into its own.
-    Starting a thread per job (and tearing it down) cost ~0.25 ms of CPU, and
-    every watched namespace needs a few (its monitor and capture sockets).
-    A thread that could not return home ends at once and is never given
-    another job; the next job gets a new thread."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()      # one caller at a time
-        self._cond = threading.Condition()
-        self._job: "tuple[int, Callable[[], object]] | None" = None
-        self._box: "dict[str, object] | None" = None
-        self._thread: "threading.Thread | None" = None
-
-    def run(self, fd: int, fn: Callable[[], T]) -> T:
-        if threading.current_thread() is self._thread:   # a job of its own: it is not home
-            return run_in_thread(fn, netns_fd=fd)
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="nettrace-netns-visitor", daemon=True)
-                self._thread.start()
-            thread = self._thread
-            with self._cond:
-                self._job, self._box = (fd, fn), None
-                self._cond.notify_all()
-                while self._box is None:
-                    if not self._cond.wait(1.0) and not thread.is_alive() and self._box is None:
-                        self._job = None   # it could not even start (no /proc?): a thread of the job's own
-                        return run_in_thread(fn, netns_fd=fd)
-                box, self._box = self._box, None
-        if "error" in box:
-            raise cast(BaseException, box["error"])
-        result: T = box["result"]  # what fn returned
-        return result
-
-    def _loop(self) -> None:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            while True:
-                with self._cond:
-                    while self._job is None:
-                        self._cond.wait()
-                    (fd, fn), self._job = self._job, None
-                box: dict[str, object] = {}
-                away = False
-                try:
-                    setns_net(fd)
-                    away = True
-                    box["result"] = fn()
-                except BaseException as exc:  # handed to the caller
-                    box["error"] = exc
-                if away:
-                    try:
-                        setns_net(home)
-                        away = False
-                    except OSError:
-                        pass
-                with self._cond:
-                    self._box = box
-                    self._cond.notify_all()
-                if away:   # stuck in a foreign namespace: no more jobs here
-                    return
-        finally:
-            os.close(home)
-
-
-_visitor = _Visitor()
-
-
-def _fresh_visitor() -> None:
-    # a child forked while a job was under way inherits locked locks and no thread
-    global _visitor
-    _visitor = _Visitor()
-
-
-os.register_at_fork(after_in_child=_fresh_visitor)
-
-
 def in_netns_at(path: str, fn: Callable[[], T]) -> T:
     """Run `fn` inside the network namespace at `path` (/run/netns/NAME,
-    /proc/PID/ns/net), in a thread that enters it: e.g. to open a socket that
-    belongs to that namespace. `fn` must be short and change nothing but
-    sockets (no unshare, no setns: the thread goes on to other namespaces)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    /proc/PID/ns/net): the calling thread enters it for the job and is back in
+    its own namespace after it, whatever the job did; e.g. to open a socket
+    that belongs to that namespace. `fn` must be short and change nothing but
+    sockets (no unshare, no setns, no threads: they would start there).
+
+    The calling thread, not a worker: handing the job to a thread and back
+    cost two thread switches, ~0.1 ms a job, and a watched namespace takes
+    three or four jobs; the two setns() calls cost ~5 us. A thread that
+    could not come back would act in the wrong namespace from then on: the
+    process stops at once instead (it never happened; setns into a namespace
+    held open has no reason to fail)."""
+    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _visitor.run(fd, fn)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:  # setns inside the try: an interrupt right after it still comes home
+                setns_net(target)
+                return fn()
+            finally:
+                _come_home(home)
+        finally:
+            os.close(home)
     finally:
-        os.close(fd)
+        os.close(target)
+
+
+def _come_home(home: int) -> None:
+    """Back into the namespace open as `home` (a no-op if never left)."""
+    try:
+        setns_net(home)
+    except OSError as exc:
+        os.write(2, f"pytest-nettrace: a thread could not return to its own network namespace ({exc}); "
+                    "stopping rather than act in a test's namespace\n".encode())
+        os._exit(70)
 
 
 SO_NETNS_COOKIE = 71  # Linux 5.14
