@@ -568,11 +568,14 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
                     "the test closed its trace, so lost events are unknown", [])
             else:
                 violation = gates.check(trace, gate.forbid, timeline_shown=settings.show != "none")
+        if violation is None and not item.stash.get(_FAILED, False) and not settings.report_dir \
+                and settings.show != "all":
+            trace.count_unread()   # nothing will show the kinds it never read: their number is enough
         view = trace.snapshot(item.nodeid).replace(queried=queried)  # loss counters vanish on close
     finally:
         trace.close()
     capture = getattr(trace, "pcap_path", None)  # final once capture stopped
-    view = view.replace(events=trace.all_events(),  # close drained the last ones
+    view = view.replace(events=trace.all_events(), counted=trace.counted,  # close drained the last ones
                         files={**view.files, "pcap": capture} if capture else view.files,
                         highlight=violation.offending if violation is not None else ())
     if settings.report_dir:

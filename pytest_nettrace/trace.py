@@ -9,7 +9,7 @@ import os
 import struct
 import threading
 import time
-from typing import (TYPE_CHECKING, Any, Dict, Iterable, List, Literal, Optional, Sequence, Set, Tuple,
+from typing import (TYPE_CHECKING, Any, Dict, FrozenSet, Iterable, List, Literal, Optional, Sequence, Set, Tuple,
                     Type, TypeVar, Union, overload)
 
 from . import sequence
@@ -242,6 +242,10 @@ class Trace(KindMethods):
         # kinds the test read or asserted on ("*": all); the session summary
         # lists tests that saw e.g. RSTs without ever looking at them
         self.queried: Set[str] = set()
+        # kind ids whose records are counted from here on, not decoded
+        # (count_unread), and what they counted: kind -> new events
+        self._count_only: FrozenSet[int] = frozenset()
+        self.counted: Dict[str, int] = {}
         ctx: TraceContext = _Context(self)
         self._apis: Dict[Type[KindApi], KindApi] = {cls: cls(ctx) for cls in API_CLASSES}
 
@@ -300,10 +304,13 @@ class Trace(KindMethods):
             self._events.extend(events)
             self._cond.notify_all()
 
-    def _decode_pending(self, kind_ids: "Optional[Iterable[int]]" = None) -> None:
+    def _decode_pending(self, kind_ids: "Optional[Iterable[int]]" = None, *, settle: bool = False) -> None:
         """Decode the records of these kind ids (all: None) in arrival order
         (probes keep per-namespace state, e.g. interface names, that follows
-        the order of their own events; each probe has one kind id)."""
+        the order of their own events; each probe has one kind id). Those of
+        the kinds count_unread() chose are counted instead, when all are
+        read or when only their losses are wanted (`settle`); asked for by
+        name, they cannot be had."""
         with self._cond:
             arrived, self._arrived = self._arrived, []
             raw = self._raw
@@ -324,6 +331,13 @@ class Trace(KindMethods):
             decode, keep = self.engine.decode, self._events.append   # per record: no lookups
             try:
                 for kid in (list(raw) if kind_ids is None else kind_ids):
+                    if kid in self._count_only:
+                        if kind_ids is not None and not settle:
+                            raise NettraceError(f"{', '.join(k for k, i in kinds().items() if i.kind_id == kid)} "
+                                                "events of this trace were counted, not decoded, once its test "
+                                                "passed (count_unread)")
+                        self._count(raw.pop(kid, ()))
+                        continue
                     queue = raw.pop(kid, None)
                     if not queue:
                         continue
@@ -336,6 +350,25 @@ class Trace(KindMethods):
             finally:
                 if paused:
                     gc.enable()
+
+    def _count(self, queue: Iterable[bytes]) -> None:
+        count, counted = self.engine.count, self.counted
+        for rec in queue:
+            for kind in count(rec):
+                counted[kind] = counted.get(kind, 0) + 1
+
+    def count_unread(self) -> None:
+        """From now on, the records of the probes none of whose kinds the test
+        read, asserted on, or must be told about (an alarm kind: Event.ALARM)
+        are counted, not decoded: a passing test's report needs only how many
+        events of each kind it saw (`counted`), and decoding what nobody reads
+        was most of a trace's cost at the end of a test."""
+        if "*" in self.queried:
+            return
+        wanted = {info.kind_id for kind, info in kinds().items() if kind in self.queried or info.event_type.ALARM}
+        with self._cond:
+            self._count_only = frozenset(info.kind_id for info in kinds().values()
+                                         if info.kind_id not in wanted and self.engine.carries_records(info.kind_id))
 
     def _correct(self, event: Event) -> None:
         """`event` takes the place of the one it supersedes (a published event
@@ -510,7 +543,7 @@ class Trace(KindMethods):
         """lost() without draining first: after a read that drained, the
         counters read now cover every event it could have missed."""
         ids = {kind_info(kind).kind_id} if kind else None
-        self._decode_pending(ids)  # some losses show only when records are decoded
+        self._decode_pending(ids, settle=True)  # some losses show only when records are decoded
         total = 0
         for inode in self._watched:
             for kid, n in self.engine.lost(inode).items():
@@ -727,7 +760,8 @@ class Trace(KindMethods):
                 api.pull()
             # while the probes still know the namespaces; the others may wait
             # until (if ever) they are read
-            self._decode_pending([kid for kid in self._pending_kinds() if self.engine.decode_needs_watch(kid)])
+            self._decode_pending([kid for kid in self._pending_kinds() if self.engine.decode_needs_watch(kid)],
+                                 settle=True)
         finally:
             for inode in list(self._watched):
                 self.engine.unwatch(inode)

@@ -595,3 +595,50 @@ def test_an_address_added_by_ip_is_its_netlink_requests(netns, nettrace):
     r = netns.run(["ip", "addr", "add", "10.0.9.1/24", "dev", "d0"], check=True)
     added = nettrace.wait_for("addr", action="added", address="10.0.9.1/24")
     assert (added.pid, added.cause, added.detail) == (r.pid, "netlink", None), added.describe()
+
+
+def test_counting_the_kernels_notifications_agrees_with_decoding_them(netns):
+    """A passing test's report counts the kinds it never read instead of
+    decoding them (Trace.count_unread). On the kernel's own notifications of
+    a varied workload — a bridge and its port (whose AF_BRIDGE messages make
+    no event), a secondary address removed with its primary (a correction),
+    neighbours, rules, nexthops — counting names the same kinds, as many
+    times, as decoding the same records."""
+    from collections import Counter
+
+    from pytest_nettrace.kernel.engine import Engine
+    from pytest_nettrace.probes.netchange import NetChangeProbe
+
+    probe = NetChangeProbe()
+    records: list = []
+    engine = Engine(probes=[probe], background=False)
+    try:
+        engine.watch(netns.inode, records.extend, netns.path)
+        netns.run(["sh", "-ec", """
+            ip link add br0 type bridge
+            ip link add v0 type veth peer name v1
+            ip link set v0 master br0
+            ip link set br0 up; ip link set v0 up; ip link set v1 up
+            ip addr add 10.9.0.1/24 dev br0
+            ip addr add 10.9.0.2/24 dev br0
+            ip -6 addr add 2001:db8::1/64 dev br0 nodad
+            ip neigh add 10.9.0.7 lladdr 02:00:00:00:00:07 dev br0
+            ip route add 10.10.0.0/16 via 10.9.0.7
+            ip rule add from 10.9.0.0/24 table 100
+            ip nexthop add id 5 via 10.9.0.7 dev br0
+            ip route add 10.11.0.0/16 nhid 5
+            ip addr del 10.9.0.1/24 dev br0
+            ip link set v0 nomaster
+            ip link del v0
+            ip rule del from 10.9.0.0/24 table 100
+        """], check=True)
+        engine.drain()
+        decoded = Counter(e.kind for rec in records for e in engine.decode(rec) if e.supersedes is None)
+        decoding_lost = probe.lost(netns.inode)
+        probe.decoder.forget(netns.inode)   # counting starts from the same state
+        counted = Counter(kind for rec in records for kind in engine.count(rec))
+        assert probe.lost(netns.inode) == decoding_lost == {}
+    finally:
+        engine.close()
+    assert counted == decoded
+    assert set(decoded) == {"addr", "link", "route", "neigh", "rule", "nexthop"}, decoded

@@ -117,6 +117,48 @@ def test_failing_tests_get_the_timeline_files_and_properties_under_xdist(pyteste
     assert not re.search(r"test_rst_asserted: .*rst", summary), summary
 
 
+def test_a_passing_tests_unread_kinds_are_counted_as_decoding_them_would(pytester):
+    """A passing test's report needs only the number of events of the kinds
+    it never read: they are counted, not decoded (the decoding was most of a
+    trace's cost at the end of a test). The same workload read in full
+    reports the same counts, and a test that fails after its trace closed
+    (a fixture's teardown) says which kinds were only counted."""
+    pytester.makepyfile(test_counted=textwrap.dedent('''
+        import pytest
+
+        WORK = ["sh", "-ec", "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1;"
+                "ip link add v0 type veth peer name v1; ip addr add 10.7.0.1/24 dev v0;"
+                "ip addr add 10.7.0.2/24 dev v0; ip link set v0 up; ip link set v1 up;"
+                "ip route add 10.8.0.0/16 dev v0; ip addr del 10.7.0.1/24 dev v0"]
+
+        @pytest.fixture
+        def fails_later():
+            yield
+            raise RuntimeError("torn down after the trace")
+
+        def test_never_read(netns, nettrace):
+            netns.run(WORK, check=True)
+
+        def test_read_in_full(netns, nettrace):
+            netns.run(WORK, check=True)
+            assert nettrace.events()
+
+        def test_fails_after_its_trace(fails_later, netns, nettrace):
+            netns.run(WORK, check=True)
+    '''))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist", "--junitxml=junit.xml")
+    result.assert_outcomes(passed=3, errors=1)
+    cases = {c.get("name"): c for c in ET.parse(pytester.path / "junit.xml").iter("testcase")}
+    props = {name: {p.get("name"): p.get("value") for p in c.iter("property") if p.get("name").startswith(
+        "nettrace_events")} for name, c in cases.items()}
+    counted, read = props["test_never_read"], props["test_read_in_full"]
+    assert counted == read, (counted, read)
+    for kind in ("link", "addr", "route", "sysctl"):
+        assert int(counted[f"nettrace_events.{kind}"]) >= 1, counted
+    flat = " ".join(result.stdout.str().split())
+    assert re.search(r"\(counted, not decoded: (\d+ \w+, )*\d+ route", flat), flat
+
+
 def test_verbose_shows_passing_timelines_and_none_hides_sections(pytester):
     pytester.makepyfile(test_sample=SUITE)
     result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider", "-v", "-k", "quietly or asserted")

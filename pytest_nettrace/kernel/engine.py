@@ -373,6 +373,10 @@ class Engine:
         """The events a raw record stands for (see RecordDecoder)."""
         return self.records.decode(rec)
 
+    def count(self, rec: bytes) -> List[str]:
+        """The kinds of the new events a raw record stands for, not made (see RecordDecoder)."""
+        return self.records.count(rec)
+
     def carries_records(self, kind_id: int) -> bool:
         """Whether events of `kind_id` reach traces as ring records (a sink's)."""
         return self.records.carries(kind_id)

@@ -66,30 +66,52 @@ class RecordDecoder:
 
     def decode(self, rec: bytes) -> List[Event]:
         """The events `rec` stands for (see Decoder.decode)."""
-        if len(rec) < HEADER.size:
-            self.errors += 1  # not even a header: no namespace to charge it to
-            return []
-        hdr = Header(rec)
-        found = self._decoders.get(hdr.kind)
+        found = self._checked(rec)
         if found is None:
-            self._undecodable_record(hdr, f"record of unknown kind {hdr.kind}")
             return []
-        name, decoder = found
-        layout = decoder.layout(hdr)
-        if layout is None:
-            self._undecodable_record(hdr, f"{name} writes no ring records, got one of {len(rec)} bytes")
-            return []
-        if len(rec) != layout.size:
-            # C and Python disagree on the layout (a stale object): decoding would read garbage
-            self._undecodable_record(hdr, f"{len(rec)}-byte {name} record, struct {layout.cname} "
-                                          f"has {layout.size}")
-            return []
+        hdr, name, decoder = found
         try:
             return decoder.decode(rec, hdr)
         except Exception:  # a decoder bug must not take the test down with it...
             log.exception("cannot decode %s record", name)
             self._undecodable_record(hdr, None)  # ...nor let a negative assertion pass
             return []
+
+    def count(self, rec: bytes) -> List[str]:
+        """The kinds of the new events `rec` stands for, not made (see Decoder.count)."""
+        found = self._checked(rec)
+        if found is None:
+            return []
+        hdr, name, decoder = found
+        try:
+            return decoder.count(rec, hdr)
+        except Exception:
+            log.exception("cannot decode %s record", name)
+            self._undecodable_record(hdr, None)
+            return []
+
+    def _checked(self, rec: bytes) -> "Tuple[Header, str, Decoder] | None":
+        """(header, probe name, decoder) of a record its decoder can read;
+        None, counted as undecodable, for any other."""
+        if len(rec) < HEADER.size:
+            self.errors += 1  # not even a header: no namespace to charge it to
+            return None
+        hdr = Header(rec)
+        found = self._decoders.get(hdr.kind)
+        if found is None:
+            self._undecodable_record(hdr, f"record of unknown kind {hdr.kind}")
+            return None
+        name, decoder = found
+        layout = decoder.layout(hdr)
+        if layout is None:
+            self._undecodable_record(hdr, f"{name} writes no ring records, got one of {len(rec)} bytes")
+            return None
+        if len(rec) != layout.size:
+            # C and Python disagree on the layout (a stale object): decoding would read garbage
+            self._undecodable_record(hdr, f"{len(rec)}-byte {name} record, struct {layout.cname} "
+                                          f"has {layout.size}")
+            return None
+        return hdr, name, decoder
 
     def _undecodable_record(self, hdr: Header, why: "str | None") -> None:
         if why is not None and why not in self._reported:  # once: a stale object repeats it per record

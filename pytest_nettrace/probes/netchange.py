@@ -544,6 +544,37 @@ def neigh_key(msg: bytes) -> Optional[Tuple[int, int, bytes]]:
     return (family, index, dst) if dst else None
 
 
+_KIND_OF_TYPE = {RTM_NEWADDR: "addr", RTM_DELADDR: "addr", RTM_NEWLINK: "link", RTM_DELLINK: "link",
+                 RTM_NEWROUTE: "route", RTM_DELROUTE: "route", RTM_NEWNEIGH: "neigh", RTM_DELNEIGH: "neigh",
+                 RTM_NEWRULE: "rule", RTM_DELRULE: "rule"}
+_SHORTEST = {"addr": 24, "link": 32, "route": 28, "neigh": 28, "rule": 28, "nexthop": 24}
+
+
+def change_kind(msg: bytes, own_portid: Optional[int]) -> Optional[str]:
+    """The kind of event a netlink notification makes, or None when it makes
+    none: a reply to the monitor's own request (`own_portid`), a type or
+    family no kind reports, a message too short for its header. Decoding and
+    counting both ask it, so they agree on what is an event."""
+    if len(msg) < 16:
+        return None
+    _length, mtype, _flags, _seq, nl_pid = _NLMSG.unpack_from(msg, 0)
+    if own_portid is not None and nl_pid == own_portid:
+        return None  # a reply to our own request, not a change
+    kind = _KIND_OF_TYPE.get(mtype) or ("nexthop" if mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP) else None)
+    if kind is None or len(msg) < _SHORTEST[kind]:
+        return None
+    if kind == "link" and msg[16] == AF_BRIDGE:
+        # a bridge port's own notification (`bridge monitor link`): its
+        # RTM_DELLINK is the port leaving the bridge, not the interface
+        # going away (which the interface's own message says)
+        return None
+    if kind == "neigh" and neigh_key(msg) is None:
+        return None  # a bridge forwarding entry
+    if kind == "nexthop" and _u32(_attrs(msg, 24, len(msg)), 1) is None:
+        return None  # no NHA_ID
+    return kind
+
+
 def nud_state(state: int) -> str:
     """`REACHABLE`, or several joined by `|` (`ip neigh` prints them the same way)."""
     if state in NUD_STATES:
@@ -1190,14 +1221,11 @@ class NetChangeDecoder(Decoder):
         skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = (
             _BODY.unpack_from(buf, RECORD.body_offset))
         mon = self._monitors.get(hdr.netns)
-        if not copied:
-            # the queue was already empty (our reader took the message first) or
-            # unreadable: something changed and we cannot say what
-            self._raced_count[hdr.netns] = self._raced_count.get(hdr.netns, 0) + 1
+        if not self._readable(hdr.netns, skb, copied):
+            if copied:
+                blamed = self._blame_nobody(hdr.netns)
+                return [blamed] if blamed is not None else []
             return []
-        if self._raced(hdr.netns, skb):
-            blamed = self._blame_nobody(hdr.netns)
-            return [blamed] if blamed is not None else []
         event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
         if event is None:
             self._last[hdr.netns] = (skb, None)
@@ -1210,6 +1238,30 @@ class NetChangeDecoder(Decoder):
         if isinstance(event, AddrEvent):
             return [event] + self._removed_with_their_primary(hdr, event, functions)
         return [event]
+
+    def count(self, buf: bytes, hdr: Header) -> List[str]:
+        """decode()'s kinds, without the events: the message's type says it
+        (corrections are no new events; the races are counted the same)."""
+        if hdr.flags & NC_F_NFT:
+            return super().count(buf, hdr)
+        skb, _portid, _msg_len, copied, _cmd_len, _cmdline, msg, _sy_name, _sy_value = (
+            _BODY.unpack_from(buf, RECORD.body_offset))
+        if not self._readable(hdr.netns, skb, copied):
+            return []
+        mon = self._monitors.get(hdr.netns)
+        kind = change_kind(msg[:copied], mon.portid if mon is not None else None)
+        self._last[hdr.netns] = (skb, None)
+        return [kind] if kind is not None else []
+
+    def _readable(self, netns: int, skb: int, copied: int) -> bool:
+        """Whether a record holds the message it was written for; if not,
+        the change is counted as lost."""
+        if not copied:
+            # the queue was already empty (our reader took the message first) or
+            # unreadable: something changed and we cannot say what
+            self._raced_count[netns] = self._raced_count.get(netns, 0) + 1
+            return False
+        return not self._raced(netns, skb)
 
     def _removed_with_their_primary(self, hdr: Header, ev: "AddrEvent", functions: AbstractSet[str]) -> List[Event]:
         """The secondary addresses deleted just before `ev` by the same
@@ -1257,26 +1309,25 @@ class NetChangeDecoder(Decoder):
 
     def _decode(self, buf: bytes, hdr: Header, msg: bytes, cmd_len: int, cmdline: bytes,
                 mon: Optional[_Monitor]) -> Optional[NetChangeEvent]:
-        if len(msg) < 16:
+        kind = change_kind(msg, mon.portid if mon is not None else None)
+        if kind is None:
             return None
-        length, mtype, nl_flags, _seq, nl_pid = _NLMSG.unpack_from(msg, 0)
-        if mon is not None and nl_pid == mon.portid:
-            return None  # a reply to our own request, not a change
+        _length, mtype, nl_flags, _seq, _pid = _NLMSG.unpack_from(msg, 0)
         stack = hdr.stack(buf)
         common = dict(cmdline=command_line(cmdline, cmd_len))
-        if mtype in (RTM_NEWADDR, RTM_DELADDR):
+        if kind == "addr":
             return self._addr(hdr, stack, msg, mtype, mon, common)
-        if mtype in (RTM_NEWLINK, RTM_DELLINK):
+        if kind == "link":
             return self._link(hdr, stack, msg, mtype, mon, common)
-        if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+        if kind == "route":
             return self._route(hdr, stack, msg, mtype, nl_flags, mon, common)
-        if mtype in (RTM_NEWNEIGH, RTM_DELNEIGH):
-            return self._neigh(hdr, stack, msg, mtype, mon, common)
-        if mtype in (RTM_NEWRULE, RTM_DELRULE):
+        if kind == "neigh":
+            key = neigh_key(msg)
+            assert key is not None   # change_kind checked it
+            return self._neigh(hdr, stack, msg, mtype, key, mon, common)
+        if kind == "rule":
             return self._rule(hdr, stack, msg, mtype, mon, common)
-        if mtype in (RTM_NEWNEXTHOP, RTM_DELNEXTHOP):
-            return self._nexthop(hdr, stack, msg, mtype, nl_flags, mon, common)
-        return None
+        return self._nexthop(hdr, stack, msg, mtype, nl_flags, mon, common)
 
     def _finish(self, cls: Type[NetChangeEvent], hdr: Header, stack: Stack,
                 fields: Dict[str, Any]) -> NetChangeEvent:
@@ -1340,13 +1391,8 @@ class NetChangeDecoder(Decoder):
         return event
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
-        family, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
-        if family == AF_BRIDGE:
-            # a bridge port's own notification (`bridge monitor link`): its
-            # RTM_DELLINK is the port leaving the bridge, not the interface
-            # going away (which the interface's own message says)
-            return None
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
+        _family, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
         attrs = _attrs(msg, 32, len(msg))
         name = _cstr(attrs.get(3))
         if mon is not None and name:
@@ -1401,11 +1447,8 @@ class NetChangeDecoder(Decoder):
                       **common)
         return self._finish(RouteEvent, hdr, stack, fields)
 
-    def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
-               mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
-        key = neigh_key(msg)
-        if key is None:
-            return None
+    def _neigh(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, key: Tuple[int, int, bytes],
+               mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         family, index, dst = key
         state, flags = struct.unpack_from("<HB", msg, 24)
         attrs = _attrs(msg, 28, len(msg))
@@ -1430,9 +1473,7 @@ class NetChangeDecoder(Decoder):
         return self._finish(NeighEvent, hdr, stack, fields)
 
     def _rule(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
-        if len(msg) < 28:
-            return None
+              mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         family, dst_len, src_len, tos, table, _r1, _r2, action, flags = struct.unpack_from("<8BI", msg, 16)
         attrs = _attrs(msg, 28, len(msg))
         table = _u32(attrs, 15) or table  # FRA_TABLE: tables above 255
@@ -1457,14 +1498,11 @@ class NetChangeDecoder(Decoder):
         return self._finish(RuleEvent, hdr, stack, fields)
 
     def _nexthop(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
-                 mon: Optional[_Monitor], common: Dict[str, Any]) -> Optional[NetChangeEvent]:
-        if len(msg) < 24:
-            return None
+                 mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
         family, _scope, proto, _resvd, _flags = struct.unpack_from("<BBBBI", msg, 16)
         attrs = _attrs(msg, 24, len(msg))
         nh_id = _u32(attrs, 1)  # NHA_ID
-        if nh_id is None:
-            return None
+        assert nh_id is not None   # change_kind checked it
         present = self._seen(hdr.netns, mon)
         if mtype == RTM_DELNEXTHOP:
             action = "deleted"

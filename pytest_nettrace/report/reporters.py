@@ -99,8 +99,9 @@ class JUnitProperties(Reporter):
     name = "junit"
 
     def properties(self, view: TraceView) -> List[Tuple[str, Any]]:
-        props: List[Tuple[str, Any]] = [("nettrace_events", len(view.events))]
-        props += [(f"nettrace_events.{k}", n) for k, n in view.counts().items()]
+        counts = view.counts()
+        props: List[Tuple[str, Any]] = [("nettrace_events", sum(counts.values()))]
+        props += [(f"nettrace_events.{k}", n) for k, n in counts.items()]
         props.append(("nettrace_lost", "unknown" if view.lost_total is None else view.lost_total))
         props += [(f"nettrace_{what.replace(' ', '_')}", path) for what, path in sorted(view.files.items())]
         return props

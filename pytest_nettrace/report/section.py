@@ -18,7 +18,7 @@ MAX_LISTED = 20  # tests named per line of the session summary
 def section_text(view: TraceView) -> str:
     """The "network events" report section (lines ≤ 100 columns, but for long paths)."""
     where = ", ".join(f"{label} ({inode})" for inode, label in view.labels.items()) or "none"
-    n = len(view.events)
+    n = len(view.events) + sum(view.counted.values())
     headline = f"{n} event{'s' if n != 1 else ''} in the watched namespaces: {where}"
     events = view.events
     if view.shown_until is not None:
@@ -35,6 +35,10 @@ def section_text(view: TraceView) -> str:
                 render_timeline(view, shown, view.highlight)]
     if hidden:
         out.append(not_shown(hidden, "in the events file / nettrace.events()"))
+    if view.counted:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(view.counted.items()))
+        out.append(wrap(f"   (counted, not decoded: {counts}; the test had passed without reading them "
+                        "when its trace closed)"))
     out.append(view.lost_line())
     # paths on lines of their own: a terminal wraps them, but they stay whole
     out += [f"{what}:\n    {path}" for what, path in sorted(view.files.items())]

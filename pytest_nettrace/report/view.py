@@ -49,10 +49,12 @@ class TraceView:
     highlight: Tuple[Event, ...] = ()    # events to mark (a gate's offending events)
     late: Mapping[int, str] = dataclasses.field(default_factory=dict)   # watched only after their creation
     shown_until: Optional[int] = None    # the failure's message showed the timeline up to this event's time
+    # kind -> events counted, not decoded: kinds a passing test never read (Trace.count_unread)
+    counted: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # read-only copies: a view handed to a reporter cannot be changed under another
-        for name in ("labels", "lost_by_kind", "late", "files"):
+        for name in ("labels", "lost_by_kind", "late", "files", "counted"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
         for name in ("events", "highlight"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -74,8 +76,9 @@ class TraceView:
                         lost_by_kind[kind] = n
         # the files written so far (a capture is written as packets are
         # read, which lost() just did): the view names them, it writes none
-        return cls(start_ns=trace.start_ns, events=tuple(trace.all_events()), labels=trace.watched,
-                   lost_total=lost_total, lost_by_kind=lost_by_kind,
+        events = tuple(trace.all_events())
+        return cls(start_ns=trace.start_ns, events=events, labels=trace.watched,
+                   lost_total=lost_total, lost_by_kind=lost_by_kind, counted=getattr(trace, "counted", {}),
                    queried=frozenset(getattr(trace, "queried", ())), nodeid=nodeid,
                    files=trace.files(), late=getattr(trace, "watched_late", {}))
 
@@ -87,7 +90,8 @@ class TraceView:
         return self.labels.get(inode, f"netns:{inode}")
 
     def counts(self) -> Dict[str, int]:
-        return dict(sorted(Counter(e.kind for e in self.events).items()))
+        """Events by kind: those in `events` and those only `counted`."""
+        return dict(sorted((Counter(e.kind for e in self.events) + Counter(self.counted)).items()))
 
     def lost(self, kind: Optional[str] = None) -> int:
         """Events of `kind` (any: None) the test may have missed (0 when unknown)."""

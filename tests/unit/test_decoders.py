@@ -305,6 +305,27 @@ def test_netchange_nexthop_groups_and_what_each_notification_is():
     assert (changed.action, changed.group) == ("changed", ((1, 3),))
 
 
+def test_netchange_counting_agrees_with_decoding():
+    """A passing test's unread kinds are counted, not decoded
+    (Trace.count_unread): counting says the kinds decoding makes of each
+    record (no event for a bridge port's own message, none for a correction
+    of a raced one) and counts the same races as lost."""
+    nexthops = [_newnexthop(10, 0x505), _newnexthop(11, 0x5)]
+    msgs = [_newaddr("10.0.0.1", 24, 2), _dellink(socket.AF_BRIDGE), _dellink(socket.AF_UNSPEC), *nexthops,
+            _newaddr("10.0.0.1", 24, 2)[:12]]   # too short for a netlink header
+    recs = [record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, skb=0xffff888000008000 + 0x100 * i, msg_len=len(m),
+                   copied=len(m), msg=m, pid=55, comm=b"ip") for i, m in enumerate(msgs)]
+    recs.insert(5, recs[4])   # the same message read twice in a row: raced
+    recs.append(record(wire.NETCHANGE_EVENT, wire.Kind.NLMSG, skb=1, msg_len=40, copied=0))   # nothing read
+    decoding, counting = NetChangeProbe(), NetChangeProbe()
+    made = [e.kind for e in decode(decoding, *recs) if e.supersedes is None]
+    dec = RecordDecoder()
+    dec.add(counting)
+    counted = [kind for rec in recs for kind in dec.count(rec)]
+    assert counted == made == ["addr", "link", "nexthop", "nexthop"]
+    assert counting.lost(NETNS) == decoding.lost(NETNS) == {k: 2 for k in NetChangeProbe.event_types}
+
+
 # -- the record decoder's checks -------------------------------------------------
 
 def test_a_record_of_the_wrong_length_is_rejected_and_counted_as_lost():
