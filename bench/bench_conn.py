@@ -1,8 +1,9 @@
 """Connection-heavy workload: short TCP connections over loopback inside a
 namespace, with every default probe attached and the namespace watched, with
 nothing attached, and with bpftrace's *empty* programs on the same
-tracepoints (bench/_bpftrace.py), and with tcpdump capturing the namespace's
-loopback to /dev/null. Runs interleave (none, probes, bpftrace, tcpdump, ...)
+tracepoints (bench/_bpftrace.py), with an empty program on each of the
+engine's own tp_btf hooks (bench/_hooks.py: the floor of attaching at all),
+and with tcpdump capturing the namespace's loopback to /dev/null. Runs interleave (none, probes, bpftrace, tcpdump, ...)
 so the machine's drifting load hits all three alike; medians are compared.
 
     sudo .venv/bin/python bench/bench_conn.py [rounds] [seconds]
@@ -25,6 +26,7 @@ import subprocess
 import sys
 
 import _bpftrace
+import _hooks
 from _common import median, need_root, result
 
 TARGET = 0.9
@@ -89,7 +91,8 @@ def main() -> None:
     tps = _bpftrace.engine_tracepoints() if why_not is None else []
     # nosyscall: every probe but the syscall probe, which records each of a
     # connection's socket calls (strace's view): what that view costs here
-    modes = ["none", "probes", "nosyscall"] + (["bpftrace"] if tps else []) + \
+    hooks = _hooks.engine_hooks()   # "hooks": the floor, empty programs on the engine's own tp_btf hooks
+    modes = ["none", "probes", "nosyscall", "hooks"] + (["bpftrace"] if tps else []) + \
         (["tcpdump"] if shutil.which("tcpdump") else [])
     rate = {m: [] for m in modes}
     cpu = {m: [] for m in modes}  # CPU seconds per connection
@@ -134,6 +137,9 @@ def main() -> None:
                         p.returncode = 0
                         p.stderr.close()
                         tracer_cpu = ru.ru_utime + ru.ru_stime
+                elif mode == "hooks":
+                    with _hooks.EmptyPrograms(hooks):
+                        r = one(ns, seconds)
                 elif mode == "bpftrace":
                     p, _ = _bpftrace.start(_bpftrace.empty_program(tps))
                     try:
@@ -167,6 +173,7 @@ def main() -> None:
     if "tcpdump" in rate:
         parts.append(f"tcpdump {per_cpu('tcpdump'):.2f}x")
     parts.insert(0, f"all but the syscall probe {per_cpu('nosyscall'):.2f}x")
+    parts.insert(1, f"the engine's {len(hooks)} tp_btf hooks with empty programs {per_cpu('hooks'):.2f}x")
     parts.append(f"none {median(cpu['none']) * 1e6:.0f} us")
     bt = per_cpu("bpftrace") if tps else 0.0
     dropped = sum(lost["probes"].values())

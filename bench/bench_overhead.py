@@ -4,8 +4,9 @@ watched, against no probes at all; beside them, in the same run, two other
 observers of the same traffic: tcpdump capturing each namespace's veth to
 a file (as the packet capture does: 10,000 packets each, 4,096 bytes a
 packet, kept, then it stops), and bpftrace with *empty* programs on the engine's tracepoints
-(bench/_bpftrace.py); and every probe but the packet capture, to split the
-cost. Modes rotate round by round (none, probes, nocapture, tcpdump,
+(bench/_bpftrace.py); every probe but the packet capture, to split the
+cost; and the floor of attaching at all: an empty program on each tp_btf
+hook the engine uses (bench/_hooks.py). Modes rotate round by round (none, probes, nocapture, tcpdump,
 bpftrace; then probes, nocapture, ...) so drifting machine load hits all
 alike; medians are compared.
 
@@ -31,6 +32,7 @@ import tempfile
 import time
 
 import _bpftrace
+import _hooks
 from _common import median, need_root, result, verdict
 
 TARGET = 0.97
@@ -89,7 +91,8 @@ def main() -> None:
 
     why_not = _bpftrace.available()
     tps = _bpftrace.engine_tracepoints() if why_not is None else []
-    modes = (["none", "probes", "nocapture"] + (["tcpdump"] if shutil.which("tcpdump") else [])
+    hooks = _hooks.engine_hooks()   # "hooks": the floor, empty programs on the engine's own tp_btf hooks
+    modes = (["none", "probes", "nocapture", "hooks"] + (["tcpdump"] if shutil.which("tcpdump") else [])
              + (["bpftrace"] if tps else []))
     gbit = {m: [] for m in modes}
     cpu_gb = {m: [] for m in modes}   # CPU seconds per GB received
@@ -117,6 +120,7 @@ def main() -> None:
                         tracers.append(p)
                 elif mode == "bpftrace":
                     tracers.append(_bpftrace.start(_bpftrace.empty_program(tps))[0])
+                empty = _hooks.EmptyPrograms(hooks) if mode == "hooks" else None
                 try:
                     t0 = [_proc_cpu(p.pid) for p in tracers]
                     c0, s0 = _children_cpu(), time.process_time()
@@ -127,6 +131,8 @@ def main() -> None:
                     if trace is not None:
                         events += len(trace.events())
                 finally:
+                    if empty is not None:
+                        empty.close()
                     if trace is not None:
                         trace.close()
                     if engine is not None:
@@ -159,7 +165,8 @@ def main() -> None:
               f"(runs: {', '.join(f'{x:.1f}' for x in gbit[m])})")
     print(f"overhead: {events} events recorded with probes (all, and all but the capture)")
     ratio = per_cpu("probes")
-    parts = [f"all but the packet capture {per_cpu('nocapture'):.2f}x (wall {wall('nocapture'):.2f}x)"]
+    parts = [f"all but the packet capture {per_cpu('nocapture'):.2f}x (wall {wall('nocapture'):.2f}x)",
+             f"the engine's {len(hooks)} tp_btf hooks with empty programs {per_cpu('hooks'):.2f}x"]
     if "tcpdump" in gbit:
         parts.append(f"tcpdump on both veths {per_cpu('tcpdump'):.2f}x (wall {wall('tcpdump'):.2f}x)")
     if tps:
