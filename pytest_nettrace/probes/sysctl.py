@@ -101,7 +101,8 @@ class SysctlEvent(Event, init=False):
     write has not returned, or where results are not seen (no sys_exit
     program: the pytest header says so). `changed` is False for a refused
     write, compares numbers as the kernel reads them ("01" and "0x1" are 1,
-    "1 2" written to a one-number setting is 1) and is None for a value cut
+    "1 2" written to a one-number setting is 1, "4096" written to the
+    three-number tcp_wmem sets only the first) and is None for a value cut
     at 64 bytes (its end unknown). `offset` is where in the file the value
     was written: past the start (a second write() on one open file, a pwrite), most numeric
     settings ignore it under the default kernel.sysctl_writes_strict=1
@@ -134,9 +135,12 @@ class SysctlEvent(Event, init=False):
         old, new = _as_kernel_reads(self.old), _as_kernel_reads(self.new)
         if old is None or new is None:
             return bool(self.old.split() != self.new.split())
-        # a setting takes as many numbers as it has and leaves the rest
-        # ("1 2" to rp_filter is 1): compared as far as the old value goes
-        return old != new[:len(old)]
+        # a setting takes as many numbers as it has and ignores the rest
+        # ("1 2" to rp_filter is 1), and of a vector it sets only as many as
+        # were written, keeping the others ("4096" to tcp_wmem changes its
+        # first number only): compared as far as both go
+        n = min(len(old), len(new))
+        return old[:n] != new[:n]
 
     def describe(self) -> str:
         old = f" (was {self.old})" if self.old is not None else ""

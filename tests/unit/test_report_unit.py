@@ -405,6 +405,9 @@ def test_a_sysctl_write_changed_a_value_as_the_kernel_reads_numbers():
     assert [changed("1", v) for v in ("01", "0x1", "1 2", "1\t", "2", "-1")] == [False, False, False, False,
                                                                                True, True]
     assert changed("32768\t60999", "32768 61000") is True and changed("reno cubic", "reno  cubic") is False
+    # fewer numbers than a vector holds: the kernel keeps the others
+    assert changed("4096\t131072\t6291456", "4096 131072") is False and changed("32768\t60999", "32768") is False
+    assert changed("4096\t16384\t4194304", "8192") is True
     assert changed("1,2,3" + "," * 60 + "...", "1,2,3" + "," * 60 + "...") is None
 
 
