@@ -66,6 +66,12 @@ IFA_F_SECONDARY = 0x1
 # first, or promotes one (net.ipv4.conf.*.promote_secondaries), in the same
 # request: __inet_del_ifa, under the netlink or ioctl handler
 _DELETING_AN_IPV4_ADDRESS = frozenset(("__inet_del_ifa", "inet_rtm_deladdr"))
+_EXPIRED = "address lifetime expired"
+# an IPv4 secondary removed by the lifetime worker with time left: its
+# subnet's primary ran out (corrected to name it when that one follows)
+_WITH_AN_EXPIRED_PRIMARY = "removed with the primary address of its subnet, whose lifetime expired"
+IFA_CACHEINFO = 6
+INFINITY_LIFE_TIME = 0xFFFFFFFF
 NLM_F_REPLACE = 0x100
 # linux/netlink.h; pyroute2's message classes are imported where requests are
 # built: importing any of pyroute2 costs ~100 ms, on the path to attached probes
@@ -1268,11 +1274,16 @@ class NetChangeDecoder(Decoder):
         request, when `ev` is that request's primary: the kernel removed them
         with it, nobody asked (corrections of their events)."""
         key = (hdr.netns, ev.tid)
-        if ev.action != "deleted" or ev.family != 4 or ev.cause == "kernel" or \
+        # the kernel's own deletion of a primary: its lifetime ran out
+        # (check_lifetime takes the subnet's secondaries with it)
+        kernels = ev.cause == "kernel" and ev.detail not in (_EXPIRED, _WITH_AN_EXPIRED_PRIMARY)
+        if ev.action != "deleted" or ev.family != 4 or kernels or \
                 functions.isdisjoint(_DELETING_AN_IPV4_ADDRESS):
             self._secondaries_deleted.pop(key, None)
             return []
         if ev.flags & IFA_F_SECONDARY:
+            if ev.detail == _EXPIRED:
+                return []   # a secondary whose own lifetime ran out
             if len(self._secondaries_deleted) > 64:   # tasks that deleted a secondary and nothing after
                 self._secondaries_deleted.clear()
             self._secondaries_deleted.setdefault(key, []).append(ev)
@@ -1385,9 +1396,15 @@ class NetChangeDecoder(Decoder):
                       family=4 if family == socket.AF_INET else 6, dev=dev, label=label, ifindex=index,
                       scope=scope, flags=flags, **common)
         event = self._finish(AddrEvent, hdr, stack, fields)
-        if mtype == RTM_NEWADDR and event.cause != "kernel" and \
-                not stack.functions.isdisjoint(_DELETING_AN_IPV4_ADDRESS):
+        deleting = not stack.functions.isdisjoint(_DELETING_AN_IPV4_ADDRESS)
+        if mtype == RTM_NEWADDR and deleting and (event.cause != "kernel" or event.detail == _EXPIRED):
+            # (on request, or the lifetime worker deleting an expired primary)
             return event.evolve(cause="kernel", detail="promoted to primary: its subnet's primary address was deleted")
+        if mtype != RTM_NEWADDR and deleting and event.detail == _EXPIRED and flags & IFA_F_SECONDARY:
+            cache = attrs.get(IFA_CACHEINFO, b"")
+            valid_left = struct.unpack_from("<II", cache)[1] if len(cache) >= 8 else 0
+            if valid_left:   # its own lifetime had not run out (INFINITY_LIFE_TIME: forever)
+                return event.evolve(detail=_WITH_AN_EXPIRED_PRIMARY)
         return event
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
