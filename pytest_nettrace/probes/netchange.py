@@ -125,6 +125,11 @@ _IOCTL_HANDLERS = {
 _NOTIFIER_FRAMES = ("notifier_call_chain", "raw_notifier_call_chain", "blocking_notifier_call_chain",
                     "call_netdevice_notifiers_info", "call_netdevice_notifiers")
 _ANY_NETLINK = ("rtnetlink_rcv_msg", "netlink_rcv_skb", "netlink_sendmsg")
+# IPv6 privacy extensions: the temporary addresses the kernel makes from a
+# mngtmpaddr address (and their routes), and removes with it, under the
+# request that named only that address
+_TEMPADDR_CREATED = ("ipv6_create_tempaddr",)
+_TEMPADDR_DELETED = ("delete_tempaddrs",)
 _ANY_IOCTL = ("sock_ioctl", "sock_do_ioctl", "inet_ioctl", "inet6_ioctl", "dev_ioctl", "__x64_sys_ioctl",
               "__arm64_sys_ioctl", "__se_sys_ioctl")
 # What set the kernel off, searched before the details below: (frames, frames
@@ -150,6 +155,8 @@ _TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
 )
 # Kernel-initiated changes: the first matching frame names why.
 _KERNEL_DETAILS = (
+    (_TEMPADDR_CREATED, "temporary address (IPv6 privacy extensions)"),
+    (_TEMPADDR_DELETED, "removed with the address it was made from (IPv6 privacy extensions)"),
     (("addrconf_dad_failure", "addrconf_dad_stop"), "duplicate address detected (DAD failure)"),
     (("unregister_netdevice_many_notify", "unregister_netdevice_many", "unregister_netdevice_queue",
       "inetdev_destroy", "default_device_exit_batch", "cleanup_net"), "device removed"),
@@ -866,7 +873,7 @@ def cause_of(kind: str, frames: Sequence[str]) -> Tuple[str, Optional[str]]:
 @functools.lru_cache(maxsize=1024)  # a test's changes repeat a handful of stacks (Stack.functions, hashed once)
 def _cause(kind: str, present: FrozenSet[str]) -> Tuple[str, Optional[str]]:
     """cause_of() of a stack's function names."""
-    follows = kind != "link" and present.intersection(_NOTIFIER_FRAMES)
+    follows = kind != "link" and present.intersection(_NOTIFIER_FRAMES + _TEMPADDR_CREATED + _TEMPADDR_DELETED)
     if not follows and present.intersection(_NETLINK_HANDLERS[kind]):
         return "netlink", None
     if not follows and present.intersection(_HANDLER_TAILS.get(kind, ())) and present.intersection(_ANY_NETLINK) \
