@@ -5,6 +5,9 @@ already has changes nothing. `changed` said True: the read-back, an
 independent observer, shows the setting as it was."""
 from __future__ import annotations
 
+import shutil
+import sys
+
 import pytest
 
 from test_netconfig import needs_sysctl_probe
@@ -35,3 +38,23 @@ def test_a_partial_vector_write_of_other_numbers_is_a_change(netns, nettrace):
     assert netns.run(["cat", path], check=True).stdout.split() == ["8192"] + before[1:]
     (w,) = nettrace.sysctl_writes(pid=r.pid)
     assert w.changed is True
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+@pytest.mark.parametrize("value", ["1 abc", "1\nabc"])
+def test_what_the_kernel_did_not_take_is_no_change(netns, nettrace, tmp_path, value):
+    """A number followed by what is not one: the kernel takes the number and
+    stops there; write() returns the bytes it took (strace: 2, of 5), the
+    rest is left unwritten. Over the same number it changes nothing."""
+    needs_sysctl_probe(nettrace)
+    path = "/proc/sys/net/ipv4/ip_forward"
+    netns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
+    log = tmp_path / "strace"
+    r = netns.run(["strace", "-o", str(log), "-e", "trace=write", sys.executable, "-c",
+                   f"import os; os.write(os.open({path!r}, os.O_WRONLY), {value.encode()!r})"], check=True)
+    (line,) = [ln for ln in log.read_text().splitlines() if ln.startswith("write(3,")]
+    assert line.endswith("= 2"), line                                     # the observer: 2 bytes taken
+    assert netns.run(["cat", path], check=True).stdout.strip() == "1"      # and the setting as it was
+    w = nettrace.sysctl_writes(name="net.ipv4.ip_forward")[-1]
+    assert (w.new, w.ret, w.error) == (value.rstrip("\n"), 2, None)
+    assert w.changed is False, (w.old, w.new, w.ret)

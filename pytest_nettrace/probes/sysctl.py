@@ -102,7 +102,8 @@ class SysctlEvent(Event, init=False):
     program: the pytest header says so). `changed` is False for a refused
     write, compares numbers as the kernel reads them ("01" and "0x1" are 1,
     "1 2" written to a one-number setting is 1, "4096" written to the
-    three-number tcp_wmem sets only the first) and is None for a value cut
+    three-number tcp_wmem sets only the first; of "1 abc" the kernel takes "1 ",
+    as the write's result says) and is None for a value cut
     at 64 bytes (its end unknown). `offset` is where in the file the value
     was written: past the start (a second write() on one open file, a pwrite), most numeric
     settings ignore it under the default kernel.sysctl_writes_strict=1
@@ -132,9 +133,14 @@ class SysctlEvent(Event, init=False):
         if self.old is None or self.new is None or self.offset or self.old.endswith("...") \
                 or self.new.endswith("..."):
             return None   # a truncated value: its end is not known
-        old, new = _as_kernel_reads(self.old), _as_kernel_reads(self.new)
+        written = self.new
+        if self.ret is not None and self.ret < len(written.encode()):
+            # the kernel took only the first `ret` bytes ("1 abc": the number,
+            # and write() returned 2): what it left is no part of the value
+            written = written.encode()[:self.ret].decode(errors="ignore")
+        old, new = _as_kernel_reads(self.old), _as_kernel_reads(written)
         if old is None or new is None:
-            return bool(self.old.split() != self.new.split())
+            return bool(self.old.split() != written.split())
         # a setting takes as many numbers as it has and ignores the rest
         # ("1 2" to rp_filter is 1), and of a vector it sets only as many as
         # were written, keeping the others ("4096" to tcp_wmem changes its

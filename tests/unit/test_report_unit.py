@@ -408,6 +408,13 @@ def test_a_sysctl_write_changed_a_value_as_the_kernel_reads_numbers():
     # fewer numbers than a vector holds: the kernel keeps the others
     assert changed("4096\t131072\t6291456", "4096 131072") is False and changed("32768\t60999", "32768") is False
     assert changed("4096\t16384\t4194304", "8192") is True
+
+    def took(old: str, new: str, ret: int) -> Any:
+        return SysctlEvent(None, (), "process", name="net.ipv4.ip_forward", old=old, new=new, ret=ret,
+                           offset=0).changed
+    # what write() returned is what the kernel took: "1 abc" is "1 " over 1
+    assert (took("1", "1 abc", 2), took("1", "1\nabc", 2), took("0", "1 abc", 2), took("1", "1", 2)) == (
+        False, False, True, False)
     assert changed("1,2,3" + "," * 60 + "...", "1,2,3" + "," * 60 + "...") is None
 
 
