@@ -177,6 +177,8 @@ def test_ipv6_addition_after_real_dad_attributed_to_ip(netns, nettrace):
     assert not final.flags & 0x40, "no longer tentative"  # IFA_F_TENTATIVE
     first = nettrace.address_changes(action="added", address="2001:db8::8")[0]
     assert first.pid == r.pid and first.flags & 0x40 and first.announced_by is None
+    # the worker announced it after DAD (or with DAD off), not "right away with nodad"
+    assert final.detail == "announced by the kernel's DAD worker once the address was no longer tentative"
 
 
 def test_ipv6_dad_failure_blames_nobody(make_netns, nettrace):

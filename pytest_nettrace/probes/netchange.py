@@ -62,6 +62,7 @@ RTMGRP_NEIGH, RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x4, 0x80, 1 << (19 - 1)
 _GROUPS |= RTMGRP_NEIGH | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 IFF_UP = 0x1
 IFA_F_SECONDARY = 0x1
+IFA_F_NODAD = 0x2
 # Deleting an IPv4 primary address deletes the secondaries of its subnet
 # first, or promotes one (net.ipv4.conf.*.promote_secondaries), in the same
 # request: __inet_del_ifa, under the netlink or ioctl handler
@@ -1366,7 +1367,13 @@ class NetChangeDecoder(Decoder):
             # announced by the kernel's DAD worker; task, stack and cause are
             # those of whoever queued that work (an interrupt: nobody)
             fields["announced_by"] = "addrconf_dad_work"
-            if cause != "kernel":
+            # right away with nodad (its first announcement); else the task
+            # announced it tentative, and the worker when it no longer was
+            # (after DAD, or at once with accept_dad=0)
+            if cause != "kernel" and fields.get("action") == "changed" and \
+                    not fields.get("flags", IFA_F_NODAD) & IFA_F_NODAD:
+                fields["detail"] = "announced by the kernel's DAD worker once the address was no longer tentative"
+            elif cause != "kernel":
                 fields["detail"] = "announced by the kernel's DAD worker (right away with nodad)"
         uid: Optional[int] = hdr.uid
         if kthread or stack.context("process") != "process" or applied_by_a_reader(stack.functions):
