@@ -2,7 +2,7 @@
 from typing import TYPE_CHECKING, Any
 
 from .errors import (EventsLost, LeftAlone, NamespaceError, NetlinkOperationError,
-                     NettraceError, ProbeLoadError, UnsupportedKernel)
+                     NettraceError, NothingWatched, ProbeLoadError, UnsupportedKernel)
 from .sequence import forbid, ref, step
 
 if TYPE_CHECKING:
@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["EventsLost", "KindName", "LeftAlone", "Namespace", "NamespaceFactory", "NamespaceError",
-           "NetlinkOperationError", "NettraceError", "ProbeLoadError", "Trace", "UnsupportedKernel", "forbid", "ref",
-           "step"]
+           "NetlinkOperationError", "NettraceError", "NothingWatched", "ProbeLoadError", "Trace", "UnsupportedKernel",
+           "forbid", "ref", "step"]
 
 # The fixtures' types, for annotations (`def test_x(netns: Namespace, nettrace: Trace)`);
 # imported on first use so that `import pytest_nettrace` stays light.

@@ -28,6 +28,11 @@ class EventsLost(AssertionError):
     """A negative assertion cannot be trusted because the kernel dropped events."""
 
 
+class NothingWatched(AssertionError):
+    """A negative assertion in a test that watches no network namespace: it
+    would pass whatever happened (in the host's namespace, say)."""
+
+
 class LeftAlone(UserWarning):
     """Teardown or stale cleanup left something alone because it cannot prove
     the plugin made it (a process that joined a test namespace from outside,

@@ -13,7 +13,7 @@ from typing import (TYPE_CHECKING, Any, Dict, FrozenSet, Iterable, List, Literal
                     Type, TypeVar, Union, overload)
 
 from . import sequence
-from .errors import EventsLost, NettraceError
+from .errors import EventsLost, NettraceError, NothingWatched
 from .events import Event, check_filters, check_timeout, describe_filters, matches, news
 from .kernel.engine import Engine
 from .kernel.records import Delivery
@@ -183,6 +183,9 @@ class _Context:
 
     def assert_nothing_lost(self, kind: str, filters: Dict[str, Any]) -> None:
         self._trace._assert_nothing_lost(kind, filters)
+
+    def assert_watching(self, kind: str, filters: Dict[str, Any]) -> None:
+        self._trace._assert_watching(kind, filters)
 
     def fail(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
              offending: Sequence[Event]) -> str:
@@ -672,7 +675,18 @@ class Trace(KindMethods):
                               highlight=list(outcome.partial) + offending
                               + ([outcome.violation[2]] if outcome.violation else []))
 
+    def _assert_watching(self, kind: str, filters: Dict[str, Any]) -> None:
+        """A negative assertion needs somewhere to look: with no namespace
+        watched it would pass whatever happened."""
+        if not self._watched:
+            raise NothingWatched(
+                f"cannot assert that no {kind} event matching {describe_filters(filters)} happened: this test "
+                f"watches no network namespace, so it would pass whatever happened (a test's namespaces come "
+                f"from the netns / make_netns fixtures; the one pytest runs in is watched by "
+                f"nettrace.watch_host() or @pytest.mark.nettrace(watch_host=True))")
+
     def _assert_nothing_lost(self, kind: str, filters: Dict[str, Any], drained: bool = False) -> None:
+        self._assert_watching(kind, filters)
         lost = self._lost_so_far(kind) if drained else self.lost(kind)
         if lost:
             raise EventsLost(self._failure(

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_nettrace import EventsLost
+import subprocess
+import sys
+
+from pytest_nettrace import EventsLost, NothingWatched
 
 
 @pytest.fixture
@@ -31,3 +34,21 @@ def test_nettrace_asked_for_late_reports_the_gap(make_netns, request):
     assert trace.lost("addr") >= 1
     with pytest.raises(EventsLost, match="(?s)watched only after their creation.*" + ns.name):
         trace.assert_address_not_deleted()
+
+
+REFUSED_ON_HOST = [sys.executable, "-c", "import socket; socket.socket().connect_ex(('127.0.0.1', 9))"]
+
+
+def test_negative_assertions_refuse_to_pass_when_nothing_is_watched(nettrace):
+    """A test that forgot `netns`: its RST happens in the host's namespace,
+    which nothing watches; `assert_no_rst()` passed, whatever happened."""
+    subprocess.run(REFUSED_ON_HOST, check=True)
+    assert nettrace.watched == {}
+    for negative in (nettrace.assert_no_rst, nettrace.assert_no_drops, nettrace.assert_no_packet,
+                     nettrace.assert_address_not_deleted, lambda: nettrace.assert_none("conn"),
+                     lambda: nettrace.assert_traffic(max_packets=0)):
+        with pytest.raises(NothingWatched, match="watches no network namespace"):
+            negative()
+    assert nettrace.rst() == []   # reading is fine: the list is what it is
+    nettrace.watch_host()
+    nettrace.assert_no_syscall(name="listen")   # watched now: the assertion is sound

@@ -132,6 +132,10 @@ class TraceContext(Protocol):
     def assert_nothing_lost(self, kind: str, filters: Dict[str, Any]) -> None:
         """Raise EventsLost (with the timeline) when `kind` events may have been missed."""
 
+    def assert_watching(self, kind: str, filters: Dict[str, Any]) -> None:
+        """Raise NothingWatched when no namespace is watched: a negative
+        assertion about `kind` would then pass whatever happened."""
+
     def fail(self, headline: str, kind: Optional[str], filters: Dict[str, Any],
              offending: Sequence[Event]) -> str:
         """A failure's message: the headline, the timeline with `offending`

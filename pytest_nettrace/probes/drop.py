@@ -422,6 +422,7 @@ class DropApi(KindApi):
         if found:
             raise AssertionError(self.ctx.fail(
                 f"expected no drop events matching {what}, saw {len(found)}", "drop", filters, found))
+        self.ctx.assert_watching("drop", filters)
         hidden = self._hidden_drops(filters if lifted else dict(filters, reason=_specified))
         if hidden:
             lines = "; ".join(str(r) for r in hidden[:5])

@@ -311,6 +311,8 @@ class TrafficApi(KindApi):
         if problems:
             note = f" ({uncounted})" if causes else ""
             raise AssertionError(f"{what}: {', '.join(problems)}{note}\n{table}")
+        if max_bytes is not None or max_packets is not None:
+            self.ctx.assert_watching("traffic", dict(filters))
         if causes and (max_bytes is not None or max_packets is not None):
             raise EventsLost(f"cannot assert an upper bound on {what}: {uncounted}; the assertion would not be "
                              f"sound\n{table}")
