@@ -644,3 +644,19 @@ def test_counting_the_kernels_notifications_agrees_with_decoding_them(netns):
         engine.close()
     assert counted == decoded
     assert set(decoded) == {"addr", "link", "route", "neigh", "rule", "nexthop"}, decoded
+
+
+@pytest.mark.parametrize("address", ["10.7.0.1/24", "2001:db8:7::1/64"])
+def test_a_deprecated_address_is_not_said_to_have_expired(netns, nettrace, address):
+    """When the preferred lifetime runs out the kernel keeps the address,
+    deprecated (IFA_F_DEPRECATED; `ip addr` shows it, `deprecated`): the
+    change says so, not that the address expired, which is what its
+    removal says when the valid lifetime ends."""
+    netns.add_dummy("eth1")
+    netns.run(["ip", "addr", "add", address, "dev", "eth1", "valid_lft", "30", "preferred_lft", "1", "nodad"],
+              check=True)
+    ev = nettrace.wait_for("addr", action="changed", address=address, timeout=5)
+    shown = netns.run(["ip", "addr", "show", "dev", "eth1"], check=True).stdout
+    assert address in shown and "deprecated" in shown, shown       # the observer: kept, deprecated
+    assert ev.flags & 0x20 and ev.cause == "kernel"                # IFA_F_DEPRECATED
+    assert ev.detail == "preferred lifetime expired: deprecated, kept until its valid lifetime ends", ev.detail

@@ -68,6 +68,10 @@ IFA_F_NODAD = 0x2
 # request: __inet_del_ifa, under the netlink or ioctl handler
 _DELETING_AN_IPV4_ADDRESS = frozenset(("__inet_del_ifa", "inet_rtm_deladdr"))
 _EXPIRED = "address lifetime expired"
+# the preferred lifetime ran out before the valid one: the kernel keeps the
+# address, deprecated (IFA_F_DEPRECATED), and picks it no more as a source
+_DEPRECATED = "preferred lifetime expired: deprecated, kept until its valid lifetime ends"
+IFA_F_DEPRECATED = 0x20
 # an IPv4 secondary removed by the lifetime worker with time left: its
 # subnet's primary ran out (corrected to name it when that one follows)
 _WITH_AN_EXPIRED_PRIMARY = "removed with the primary address of its subnet, whose lifetime expired"
@@ -1419,6 +1423,9 @@ class NetChangeDecoder(Decoder):
             valid_left = struct.unpack_from("<II", cache)[1] if len(cache) >= 8 else 0
             if valid_left:   # its own lifetime had not run out (INFINITY_LIFE_TIME: forever)
                 return event.evolve(detail=_WITH_AN_EXPIRED_PRIMARY)
+        if mtype == RTM_NEWADDR and action == "changed" and event.detail == _EXPIRED and flags & IFA_F_DEPRECATED:
+            # the preferred lifetime ran out: deprecated, still there
+            return event.evolve(detail=_DEPRECATED)
         return event
 
     def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
