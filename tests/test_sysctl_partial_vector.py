@@ -50,7 +50,7 @@ def test_what_the_kernel_did_not_take_is_no_change(netns, nettrace, tmp_path, va
     path = "/proc/sys/net/ipv4/ip_forward"
     netns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
     log = tmp_path / "strace"
-    r = netns.run(["strace", "-o", str(log), "-e", "trace=write", sys.executable, "-c",
+    netns.run(["strace", "-o", str(log), "-e", "trace=write", sys.executable, "-c",
                    f"import os; os.write(os.open({path!r}, os.O_WRONLY), {value.encode()!r})"], check=True)
     (line,) = [ln for ln in log.read_text().splitlines() if ln.startswith("write(3,")]
     assert line.endswith("= 2"), line                                     # the observer: 2 bytes taken

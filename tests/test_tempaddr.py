@@ -18,7 +18,7 @@ def test_temporary_addresses_are_the_kernels_doing(netns, nettrace, tmp_path):
     netns.add_dummy("d0")
     netns.run(["sysctl", "-qw", "net.ipv6.conf.d0.use_tempaddr=2", "net.ipv6.conf.d0.accept_dad=0"], check=True)
     log = tmp_path / "strace"
-    add = netns.run(["strace", "-f", "-o", str(log), "-e", "trace=sendmsg", "-s", "256",
+    netns.run(["strace", "-f", "-o", str(log), "-e", "trace=sendmsg", "-s", "256",
                      "ip", "addr", "add", "2001:db8:1::1/64", "dev", "d0", "mngtmpaddr", "nodad"], check=True)
     assert len(re.findall(r"RTM_NEWADDR", log.read_text())) == 1   # the request: one address
     temp = nettrace.wait_for("addr", action="added", address=lambda a: str(a).startswith("2001:db8:1:0:")
