@@ -210,6 +210,12 @@ class Address(FieldType):
     length too)."""
 
     def check(self, owner: Any, field: str, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"{field}={value!r}: not an address")
+        if isinstance(value, int):
+            # `daddr=10` (a port, a count?) would be 0.0.0.10 and match nothing
+            raise ValueError(f"{field}={value!r}: an int is no address here; write the address as a string "
+                             f"('10.0.0.1'), or ipaddress.ip_address({value!r}) for the address it numbers")
         parse_address(value, field)
         return value
 

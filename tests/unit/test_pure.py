@@ -40,6 +40,17 @@ def test_address_filters_take_any_spelling():
         check_filters(AddrEvent, {"address": "10.0.0.300"})
 
 
+def test_an_int_or_a_bool_is_no_address_filter():
+    """`assert_no_rst(daddr=10)` (a port meant?) was 0.0.0.10 and matched
+    nothing: the negative assertion passed whatever happened."""
+    for value in (10, [10, "10.0.0.1"]):
+        with pytest.raises(ValueError, match=r"daddr=10: an int is no address here"):
+            check_filters(DropEvent, {"daddr": value})
+    with pytest.raises(ValueError, match=r"daddr=True: not an address"):
+        check_filters(DropEvent, {"daddr": True})
+    assert check_filters(DropEvent, {"daddr": ipaddress.ip_address(10)})
+
+
 def test_a_prefix_on_an_address_field_is_a_subnet():
     """`saddr="10.0.0.0/24"` on a plain address: any address in it, not
     10.0.0.0 alone (which would let a negative assertion pass)."""
