@@ -723,8 +723,11 @@ def test_unprivileged_netns_fixtures_skip_with_one_line_like_nettrace(tmp_path, 
     reasons = [ln for ln in out.splitlines() if ln.startswith(("SKIPPED", "ERROR", "FAILED"))]
     assert len(reasons) == 3, out[-3000:]
     # (the short summary cuts its lines at the terminal's width: the sections hold them whole)
-    assert out.count("network namespaces unavailable: cannot register a network namespace") >= 3, out[-3000:]
-    assert "(needs root)" in out, out[-3000:]
+    # what to do first, then the file it failed on (the session's record, not /run/netns)
+    assert out.count("network namespaces unavailable: network namespaces need root (euid 65534): run the tests "
+                     "as root (sudo)") >= 3, out[-3000:]
+    assert re.search(r"run the tests as root \(sudo\) — /run/pytest-nettrace/\S+: Permission denied", out), \
+        out[-3000:]
     assert "Traceback" not in out and "NamespaceError" not in out and "During handling" not in out, out[-3000:]
 
 

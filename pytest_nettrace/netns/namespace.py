@@ -187,8 +187,13 @@ class Namespace:
                     continue
             record.netns(name, None, None)  # the placeholder file is ours
         except OSError as exc:
-            hint = " (needs root)" if isinstance(exc, PermissionError) else ""
-            err = NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc}{hint}")
+            if isinstance(exc, PermissionError) and os.geteuid() != 0:
+                # the first file it writes (the session's record or /run/netns) is only where it shows
+                err = NamespaceError(f"network namespaces need root (euid {os.geteuid()}): run the tests as root "
+                                     f"(sudo) — {exc.filename or registry.NETNS_RUN_DIR}: {exc.strerror}")
+            else:
+                hint = " (needs root)" if isinstance(exc, PermissionError) else ""
+                err = NamespaceError(f"cannot register a network namespace in {registry.NETNS_RUN_DIR}: {exc}{hint}")
             err.unprivileged = isinstance(exc, PermissionError)
             raise err from None
         dev = registry.nsfs_dev()
