@@ -267,6 +267,29 @@ def test_close_stops_the_daemons_it_started_and_leaves_a_process_that_joined_fro
         os.kill(external, 9)
 
 
+def test_a_process_the_test_started_itself_with_ip_netns_exec_is_stopped_too() -> None:
+    """A test that starts its daemon with `subprocess.Popen(["ip", "netns",
+    "exec", ...])` instead of `Namespace.popen` (and never called popen):
+    the daemon descends from this process, so it is the test's, stopped at
+    teardown, not left running (and its namespace alive) as a stranger's."""
+    import warnings
+
+    factory = NamespaceFactory()
+    ns = factory.create()
+    daemon = subprocess.Popen(["ip", "netns", "exec", ns.name, "sleep", "300"])
+    try:
+        _wait_until(lambda: _pids_in(ns) == [daemon.pid] and _comm(daemon.pid) == "sleep")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", LeftAlone)
+            factory.close()
+        assert daemon.wait(5) is not None
+        assert ns.name not in os.listdir("/run/netns")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
 def _started_outside(argv: list) -> int:
     """A process that is no descendant of this one, as another tool's would
     be: forked away while this process adopts no orphans (the plugin makes

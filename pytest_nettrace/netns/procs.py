@@ -141,7 +141,8 @@ def reap_adopted(pids: Iterable[int]) -> None:
 def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> Found:
     """Processes (other than us) in one of the namespaces `inodes`: ours when
     they carry `token` in their environment, or descend from a `started`
-    pid or from this process (orphans are adopted: adopt_orphans).
+    pid or from this process — a test's own `subprocess.Popen(["ip",
+    "netns", "exec", ...])` too (orphans too once adopted: adopt_orphans).
     The caller owns the returned pidfds."""
     wanted = set(inodes)
     found = Found({}, [])
@@ -149,7 +150,7 @@ def classify(inodes: Iterable[int], token: str, started: Iterable[int] = ()) -> 
         return found
     marker = f"NETTRACE_SESSION={token}".encode()
     me = os.getpid()
-    started = set(started) | ({me} if _adopting else set())
+    started = set(started) | {me}
     for pid, pidfd in _opened(lambda pid: pid != me and netns_inode_of(pid) in wanted):
         ancestor, hops = pid, 0
         while ancestor > 1 and ancestor not in started and hops < 64:
