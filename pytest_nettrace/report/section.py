@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Set
 
 from .captures import file_stem
 from .timeline import focus, not_shown, render_timeline, wrap
@@ -47,7 +47,8 @@ def section_text(view: TraceView) -> str:
 
 def summary(view: TraceView) -> Dict[str, Any]:
     """Plain data for the session summary; travels on the report (xdist-safe)."""
-    return {"counts": view.counts(), "lost": view.lost_total or 0, "unasserted": view.unasserted()}
+    return {"counts": view.counts(), "lost": view.lost_total or 0, "lost_kinds": sorted(view.lost_by_kind),
+            "unasserted": view.unasserted()}
 
 
 # -- per-test files -----------------------------------------------------------
@@ -97,6 +98,7 @@ class SessionSummary:
         self.counts: Counter[str] = Counter()
         self.lost = 0
         self.lossy_tests: List[str] = []
+        self.lost_kinds: Set[str] = set()   # the kinds that lost some (a drop past its detail budget is one)
         self.unasserted: Dict[str, List[str]] = {}
 
     def add(self, nodeid: str, data: Dict[str, Any]) -> None:
@@ -106,6 +108,7 @@ class SessionSummary:
         if lost:
             self.lost += lost
             self.lossy_tests.append(nodeid)
+            self.lost_kinds.update(data.get("lost_kinds", ()))
         if data.get("unasserted"):
             self.unasserted[nodeid] = list(data["unasserted"])
 
@@ -113,8 +116,9 @@ class SessionSummary:
         if not self.tests:
             return []
         per_kind = ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items())) or "none"
+        kinds = f" ({', '.join(sorted(self.lost_kinds))})" if self.lost and self.lost_kinds else ""
         out = [f"{self.tests} traced test{'s' if self.tests != 1 else ''}; events: {per_kind}",
-               f"lost events: {self.lost}" + (f" in {', '.join(self.lossy_tests[:5])}"
+               f"lost events: {self.lost}{kinds}" + (f" in {', '.join(self.lossy_tests[:5])}"
                                               + (" ..." if len(self.lossy_tests) > 5 else "")
                                               if self.lost else "")]
         if self.unasserted:

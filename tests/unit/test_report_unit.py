@@ -425,3 +425,15 @@ def test_a_command_line_with_line_breaks_renders_on_one_line():
     ev = SysctlEvent(None, (), "process", name="net.ipv4.ip_forward", old="0", new="1", ret=2, offset=0,
                      cmdline="python3 -c import os\nos.write(1, b'x')\tdone")
     assert ev.how(full=True) == ': "python3 -c import os\\nos.write(1, b\'x\')\\tdone"'
+
+
+def test_the_session_summary_names_the_kinds_that_lost_events():
+    """`lost events: 44 in test_x` read like the ring overflowing; a drop
+    past its per-namespace detail budget counts too: the kinds are named."""
+    from pytest_nettrace.report.section import SessionSummary
+
+    s = SessionSummary()
+    s.add("t.py::test_noisy", {"counts": {"drop": 300}, "lost": 44, "lost_kinds": ["drop"]})
+    s.add("t.py::test_quiet", {"counts": {"rst": 1}, "lost": 0, "lost_kinds": []})
+    assert s.lines()[:2] == ["2 traced tests; events: drop 300, rst 1",
+                             "lost events: 44 (drop) in t.py::test_noisy"]
