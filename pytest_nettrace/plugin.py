@@ -63,7 +63,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.stash[_SIGTERM_OURS] = _sigterm_interrupts()
+    config.stash[_SIGNALS_OURS] = _interrupts_installed(config)
     config.addinivalue_line("markers", "stock_kernel: needs what only stock distro kernels have "
                             "(kprobes, fentry, the dummy driver); run in the VM stage (ci/vm-test)")
     mode = config.getini("nettrace_unavailable")
@@ -108,26 +108,82 @@ def _ringbuf_size(raw: str) -> int:
 
 # -- SIGINT and SIGTERM: teardown always finishes ---------------------------------
 
-def _sigterm_interrupts() -> bool:
-    """SIGTERM (CI cancelling a job) ends the run like Ctrl-C: pytest's
-    interrupted path runs the fixtures' teardown, which removes what the tests
-    made. The default action would kill the process on the spot. Whether it
-    was installed (not if someone else handles SIGTERM)."""
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-        return True
-    return False
+def _interrupts_installed(config: pytest.Config) -> List[int]:
+    """SIGTERM (CI cancelling a job, `timeout`) ends the run like Ctrl-C:
+    pytest's interrupted path runs the fixtures' teardown, which removes what
+    the tests made; the default action would kill the process on the spot.
+    SIGINT keeps raising KeyboardInterrupt, through this handler: an xdist
+    controller passes either on to its workers at once, and a worker takes
+    the same interrupt delivered more than once as one (see _raise_interrupt).
+    The signals whose handler was installed (not those someone else handles)."""
+    if threading.current_thread() is not threading.main_thread() or _raise_interrupt in (
+            signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)):
+        return []   # (an inline pytester run inside a session that has them: the session's stay)
+    global _role
+    # (xdist registers its controller after this runs: its option says it)
+    _role = "worker" if hasattr(config, "workerinput") else (
+        "controller" if getattr(config.option, "numprocesses", None) else "")
+    installed: List[int] = []
+    for sig, default in ((signal.SIGTERM, signal.SIG_DFL), (signal.SIGINT, signal.default_int_handler)):
+        if signal.getsignal(sig) is default and (sig == signal.SIGTERM or _role):
+            signal.signal(sig, _raise_interrupt)
+            installed.append(sig)
+    return installed
 
 
-def _sigterm_restored() -> None:
-    if threading.current_thread() is threading.main_thread() and \
-            signal.getsignal(signal.SIGTERM) is _raise_interrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _interrupts_restored(installed: List[int]) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in installed:
+            if signal.getsignal(sig) is _raise_interrupt:
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+
+
+# "controller": an xdist controller, whose workers run the tests; "worker": one of them
+_role = ""
+# An xdist worker gets one interrupt up to three times: from its process
+# group (Ctrl-C), from its controller (which passes on what it gets alone,
+# e.g. `timeout`'s SIGTERM), and from execnet, which SIGINTs a worker still
+# busy 5 s after the controller asked it to exit. Those are one interrupt:
+# taken once, they never cut the teardown the first one started (a worker's
+# teardown that hangs is ended by its controller, which kills it after 10 s).
+_interrupted = False
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    if _role == "worker" and _interrupted:
+        return
+    _interrupted = True
+    if _role == "controller":
+        _interrupt_workers(signum)
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _interrupt_workers(signum: int) -> None:
+    """The controller's signal to its xdist workers (its children that
+    execnet started), which then tear down at once: when the controller
+    alone got it, xdist asked them to exit and execnet interrupted them 5 s
+    later, leaving their teardown less than 5 s before the kill. The same
+    signal: a worker started in the background has SIGINT ignored."""
+    me = str(os.getpid()).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+            if stat[stat.rindex(b")") + 2:].split()[1] != me:
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if _EXECNET_WORKER not in f.read():
+                    continue
+            os.kill(int(entry), signum)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
+# how execnet starts a popen gateway (xdist's worker): `python -u -c <this>`
+_EXECNET_WORKER = b"import sys;exec(eval(sys.stdin.readline()))"
 
 
 class _InterruptedAgain(KeyboardInterrupt):
@@ -147,6 +203,8 @@ def _signals_deferred(interrupted: bool = False) -> Iterator[None]:
     pending: List[int] = []
 
     def defer(signum: int, frame: object) -> None:
+        if _role == "worker" and (pending or interrupted or _interrupted):
+            return   # the same interrupt again (see _raise_interrupt)
         if pending or interrupted:  # asked twice: a teardown that hangs must stay interruptible
             raise _InterruptedAgain(f"signal {signal.Signals(signum).name} (again, during teardown)")
         pending.append(signum)
@@ -187,8 +245,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> Iterator[N
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if config.stash.get(_SIGTERM_OURS, False):  # an inline pytester run leaves the outer one's
-        _sigterm_restored()
+    _interrupts_restored(config.stash.get(_SIGNALS_OURS, []))  # an inline pytester run leaves the outer one's
     holder = config.stash.get(_ENGINE, None)
     if holder is not None:
         holder.close()
@@ -761,7 +818,7 @@ class SessionReporter:
 
 
 _SETTINGS = pytest.StashKey[ReportSettings]()
-_SIGTERM_OURS = pytest.StashKey[bool]()       # this config installed the SIGTERM handler
+_SIGNALS_OURS = pytest.StashKey[List[int]]()  # the signals whose handler this config installed
 _GATE = pytest.StashKey[GateSpec]()          # per item: marker + suite-wide rules
 _VIEW = pytest.StashKey[TraceView]()         # per item: its trace's last view, kept after close
 _FAILED = pytest.StashKey[bool]()            # per item: setup or call failed

@@ -126,6 +126,55 @@ def test_signal_to_the_session_removes_namespaces_and_daemons_that_ignore_sigter
     assert left_entries == [] and left_pids == [], out[-3000:]
 
 
+SLOW_TEARDOWN = """
+import json, os, time
+import pytest
+
+@pytest.fixture
+def slow_teardown(make_netns):
+    yield
+    time.sleep(6)   # past execnet's 5 s, within xdist's 10 s
+    with open(os.environ["NT_RECORD"], "a") as f:
+        f.write(json.dumps({"teardown": 1}) + "\\n")
+
+@pytest.mark.parametrize("i", range(2))
+def test_hangs(i, make_netns, slow_teardown):
+    ns = make_netns()
+    ns.popen(["sleep", "300"])
+    with open(os.environ["NT_RECORD"], "a") as f:
+        f.write(json.dumps({"ns": ns.name}) + "\\n")
+    time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM-controller", "SIGINT-process-group"])
+def test_an_xdist_workers_teardown_of_6_s_finishes_after_a_signal(tmp_path, sig, to_group):
+    """Under xdist a worker's teardown had less than 5 s: execnet SIGINTs a
+    worker still busy 5 s after the controller asked it to exit, which cut
+    the teardown the first signal started (a second interrupt), and a
+    controller that alone got the signal (`timeout`, a CI runner) let its
+    workers learn of it only then. The controller passes the signal on at
+    once and a worker takes the repeats as the same interrupt: a 6 s
+    teardown finishes, and nothing is left."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_slow.py").write_text(SLOW_TEARDOWN)
+    record = tmp_path / "record.jsonl"
+    record.touch()
+    session = _start_session(suite, "-n", "2", env={"NT_RECORD": str(record)})
+    with _ended(session):
+        _wait_for(lambda: record.read_text().count('"ns"') >= 2, 60, "both tests running")
+        made = [m["ns"] for m in map(json.loads, record.read_text().splitlines())]
+        if to_group:
+            os.killpg(session.pid, sig)
+        else:
+            session.send_signal(sig)
+        out, _ = session.communicate(timeout=60)
+    assert record.read_text().count('"teardown"') == 2, out[-3000:]
+    assert [name for name in made if name in netns_entries()] == [], out[-3000:]
+
+
 HANGING_TEARDOWN = """
 import os, time
 import pytest
