@@ -181,13 +181,22 @@ static __always_inline __u32 frag_expiry_netns(__u64 location, __u32 netns)
 }
 
 static __always_inline int on_drop(void *ctx, struct sk_buff *skb, void *location,
-				   bool has_reason, __u32 reason)
+				   bool has_reason, __u32 reason, const struct sock *rx_sk)
 {
 	if (!skb || nt_idle() || tap_copy((__u64)location))
 		return 0;
 	struct net_device *dev = BPF_CORE_READ(skb, dev);
 	struct sock *sk = BPF_CORE_READ(skb, sk);
 	__u32 netns;
+
+	/* TCP's receive path has no device on the segment (tcp_v4_rcv and
+	 * tcp_v6_rcv set skb->dev = NULL before handing it to a socket) and an
+	 * incoming segment has no owner: a drop by a listener (TCP_LISTEN_OVERFLOW,
+	 * a syncookie that found the accept queue full) or by a connection
+	 * (TCP_ABORT_ON_DATA, TCP_OLD_DATA, ...) is named by the socket that
+	 * dropped it, the tracepoint's rx_sk (6.11+) */
+	if (!sk)
+		sk = (struct sock *)rx_sk;
 
 	/* queued on a packet socket (a capture's copy, owned by it) and freed
 	 * with its queue when it closes: never the network's packet */
@@ -250,22 +259,38 @@ undelivered:
 	return 0;
 }
 
-/* 5.17+: kfree_skb(skb, location, reason[, rx_sk]) */
+static __always_inline bool consumed(__u32 reason)
+{
+	/* a consumed skb is not a drop (kernels that route it through kfree_skb) */
+	return bpf_core_enum_value_exists(enum skb_drop_reason, SKB_CONSUMED) &&
+	       reason == bpf_core_enum_value(enum skb_drop_reason, SKB_CONSUMED);
+}
+
+/* 6.11+: kfree_skb(skb, location, reason, rx_sk) */
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(drop_tp_sk, struct sk_buff *skb, void *location)
+{
+	__u32 reason = (__u32)ctx[2];
+
+	if (consumed(reason))
+		return 0;
+	return on_drop(ctx, skb, location, true, reason, (const struct sock *)ctx[3]);
+}
+
+/* 5.17 to 6.10: kfree_skb(skb, location, reason) */
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(drop_tp, struct sk_buff *skb, void *location)
 {
 	__u32 reason = (__u32)ctx[2];
 
-	/* a consumed skb is not a drop (kernels that route it through kfree_skb) */
-	if (bpf_core_enum_value_exists(enum skb_drop_reason, SKB_CONSUMED) &&
-	    reason == bpf_core_enum_value(enum skb_drop_reason, SKB_CONSUMED))
+	if (consumed(reason))
 		return 0;
-	return on_drop(ctx, skb, location, true, reason);
+	return on_drop(ctx, skb, location, true, reason, NULL);
 }
 
 /* Before 5.17: kfree_skb(skb, location), no reason. */
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(drop_tp_noreason, struct sk_buff *skb, void *location)
 {
-	return on_drop(ctx, skb, location, false, 0);
+	return on_drop(ctx, skb, location, false, 0, NULL);
 }

@@ -156,7 +156,9 @@ class DropProbe(Probe):
             return []
         if args >= 3 and reasons:
             self.decoder.has_reason = True
-            return [Plan("tp_btf", ["drop_tp"], config=config)]
+            # 6.11+ names the socket that dropped it (rx_sk): TCP's receive
+            # path leaves a segment neither device nor owner
+            return [Plan("tp_btf", ["drop_tp_sk" if args >= 4 else "drop_tp"], config=config)]
         return [Plan("tp_btf (no drop reasons: kernel < 5.17)", ["drop_tp_noreason"], config=config)]
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:

@@ -1,0 +1,264 @@
+"""Differential checks of conn / rst / drop against tcpdump, nstat, ss and the workload."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from traffic import script
+
+
+def _veth(make_netns, a="10.0.0.1/24", b="10.0.0.2/24"):
+    server, client = make_netns(), make_netns()
+    server.add_veth("eth0", client, "eth0", addresses=[a], peer_addresses=[b])
+    return server, client
+
+
+def _dump(ns, path, filt="tcp[tcpflags] & tcp-rst != 0"):
+    d = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", "eth0", "-U", "--immediate-mode", "-w", str(path), filt],
+                 stderr=subprocess.PIPE, text=True)
+    assert "listening on" in d.stderr.readline()
+    return d
+
+
+def _stop(d):
+    time.sleep(0.3)
+    d.send_signal(signal.SIGINT)
+    d.communicate(timeout=10)
+
+
+def _rsts(path):
+    out = subprocess.run(["tcpdump", "-nn", "-r", str(path)], capture_output=True, text=True).stdout
+    return sorted((m[1], int(m[2]), m[3], int(m[4])) for m in
+                  re.finditer(r"IP6? (\S+)\.(\d+) > (\S+)\.(\d+): Flags \[[^\]]*R", out))
+
+
+def _nstat(ns):
+    out = ns.run(["nstat", "-az", "--json"], check=True).stdout
+    import json
+    d = json.loads(out)
+    return d.get("kernel", d)
+
+
+DATA_AFTER_CLOSE_SERVER = """
+    import socket
+    lst = socket.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    print("ready", flush=True)
+    c, _ = lst.accept()
+    if MODE == "shutdown":
+        c.shutdown(socket.SHUT_RDWR)      # FIN; the socket stays a full one in FIN_WAIT2
+    else:
+        c.close()                         # nothing unread: a FIN, the socket an orphan
+    input()
+"""
+DATA_AFTER_CLOSE_CLIENT = """
+    import socket, time
+    s = socket.create_connection(("10.0.0.1", 8080))
+    assert s.recv(1) == b""              # the server's FIN
+    time.sleep(0.1)
+    s.sendall(b"late data")              # reaches the orphan: RFC 1122 says reset
+    time.sleep(0.2)
+    try:
+        s.send(b"x")
+    except OSError as e:
+        print("err", e.errno)
+    print(s.getsockname()[1], flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["close", "shutdown", "close-long-fin-timeout"])
+def test_data_after_close_is_one_rst_on_the_wire(make_netns, nettrace, tmp_path, mode):
+    server, client = _veth(make_netns)
+    if mode == "close-long-fin-timeout":   # the orphan stays a full socket in FIN_WAIT2
+        server.run(["sysctl", "-qw", "net.ipv4.tcp_fin_timeout=120"], check=True)
+    dumps = {ns: _dump(ns, tmp_path / f"{ns.inode}.pcap") for ns in (server, client)}
+    before = _nstat(server)
+    daemon = server.popen(script(f"MODE = {mode.split('-')[0]!r}\n" + textwrap.dedent(DATA_AFTER_CLOSE_SERVER)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        r = client.run(script(DATA_AFTER_CLOSE_CLIENT), check=True)
+        print(r.stdout, server.run(["ss", "-tan"]).stdout)
+    finally:
+        daemon.stdin.close(); daemon.wait(5)
+        for d in dumps.values():
+            _stop(d)
+    after = _nstat(server)
+    print("TcpExtTCPAbortOnData", after.get("TcpExtTCPAbortOnData", 0) - before.get("TcpExtTCPAbortOnData", 0),
+          "TcpOutRsts", after.get("TcpOutRsts", 0) - before.get("TcpOutRsts", 0))
+    for ns in (server, client):
+        wire = _rsts(tmp_path / f"{ns.inode}.pcap")
+        ours = [(e.direction, str(e.saddr), e.sport, str(e.daddr), e.dport, e.state, e.origin) for e in nettrace.rst(netns=ns.inode)]
+        print(ns is server and "server" or "client", "wire", wire, "ours", ours)
+    # on the wire: one RST, server -> client. The server received none.
+    assert len(_rsts(tmp_path / f"{server.inode}.pcap")) == 1
+    assert nettrace.rst(netns=server.inode, direction="received") == []
+    assert len(nettrace.rst(netns=server.inode, direction="sent")) == 1
+    assert len(nettrace.rst(netns=client.inode, direction="received")) == 1
+
+
+FLOOD_SERVER = """
+    import socket, sys, time
+    n, backlog = int(sys.argv[1]), int(sys.argv[2])
+    lst = socket.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen(backlog)
+    print("ready", flush=True)
+    conns = []
+    got = 0
+    time.sleep(float(sys.argv[3]))       # let the queue overflow
+    for _ in range(n):
+        c, _ = lst.accept(); conns.append(c)
+    for c in conns:
+        while True:
+            b = c.recv(100)
+            if not b:
+                break
+            got += len(b)
+        c.close()
+    print(got, flush=True)
+"""
+FLOOD_CLIENT = """
+    import socket, sys, selectors, time
+    n = int(sys.argv[1])
+    socks = []
+    for _ in range(n):
+        s = socket.socket(); s.setblocking(False)
+        s.connect_ex(("10.0.0.1", 8080)); socks.append(s)
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_WRITE)
+    left, ok = n, 0
+    deadline = time.time() + 40
+    while left and time.time() < deadline:
+        for key, _ in sel.select(1):
+            s = key.fileobj; sel.unregister(s); left -= 1
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                ok += 1
+    for s in socks:
+        s.setblocking(True)
+        try:
+            s.sendall(b"abc")
+        except OSError:
+            pass
+        s.shutdown(socket.SHUT_WR)
+    for s in socks:
+        s.settimeout(10)
+        try:
+            s.recv(1)
+        except OSError:
+            pass
+        s.close()
+    print(ok, left, flush=True)
+"""
+
+
+@pytest.mark.parametrize("n,backlog,pause", [(200, 16, 0.0)])
+def test_a_flood_of_connections_is_counted_exactly(make_netns, nettrace, n, backlog, pause):
+    server, client = _veth(make_netns)
+    before = _nstat(server)
+    daemon = server.popen(script(FLOOD_SERVER) + [str(n), str(backlog), str(pause)], stdout=subprocess.PIPE, text=True)
+    assert daemon.stdout.readline().strip() == "ready"
+    c = client.run(script(FLOOD_CLIENT) + [str(n)], check=True, timeout=60)
+    got = int(daemon.stdout.readline())
+    daemon.wait(10)
+    after = _nstat(server)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+    print("client", c.stdout, "server got", got, {k: v for k, v in delta.items() if "Listen" in k or "Syn" in k or "Rst" in k or "Drop" in k or "Cookie" in k or "Estab" in k or "Open" in k})
+    drops = nettrace.drops(netns=server.inode)
+    print("drops", [(d.reason, d.location, d.tcp_flags if hasattr(d, "tcp_flags") else None) for d in drops][:20], len(drops))
+    print(nettrace.drop_summary(netns=server.inode))
+    ok = int(c.stdout.split()[0])
+    accepts = nettrace.events("conn", action="accept", netns=server.inode)
+    connects = nettrace.events("conn", action="connect", netns=client.inode)
+    closes_s = nettrace.events("conn", action="close", netns=server.inode)
+    closes_c = nettrace.events("conn", action="close", netns=client.inode)
+    print(len(accepts), len(connects), len(closes_s), len(closes_c), nettrace.lost())
+    assert len(connects) == ok and all(e.pid == c.pid for e in connects)
+    assert len(accepts) == n and all(e.pid == daemon.pid for e in accepts)
+    assert len(closes_s) == n and sum(e.bytes_received for e in closes_s) == got
+    assert len(closes_c) == n
+    assert delta.get("TcpPassiveOpens", 0) == n
+    # a valid cookie whose connection the full accept queue could not take:
+    # cookie_v4_check frees it (NO_SOCKET) after tcp_v4_rcv cleared skb->dev
+    cookie_drops = nettrace.drop_summary(netns=server.inode, reason="NO_SOCKET").total()
+    if delta.get("TcpExtSyncookiesRecv", 0) > n - backlog - 1:
+        assert cookie_drops > 0
+
+
+def test_a_tcp_abort_on_data_is_a_drop(make_netns, nettrace):
+    """Data reaching a socket shut for reading in FIN_WAIT2: the kernel resets
+    the connection and frees the segment with reason TCP_ABORT_ON_DATA
+    (tcp_v4_do_rcv -> sk_skb_reason_drop; nstat TcpExtTCPAbortOnData). By
+    then tcp_v4_rcv has set skb->dev = NULL, and an incoming skb has no
+    skb->sk: only the tracepoint's rx_sk names the namespace."""
+    server, client = _veth(make_netns)
+    before = _nstat(server)
+    daemon = server.popen(script("MODE = 'shutdown'\n" + textwrap.dedent(DATA_AFTER_CLOSE_SERVER)),
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        client.run(script(DATA_AFTER_CLOSE_CLIENT), check=True)
+    finally:
+        daemon.stdin.close(); daemon.wait(5)
+    after = _nstat(server)
+    kernel = after.get("TcpExtTCPAbortOnData", 0) - before.get("TcpExtTCPAbortOnData", 0)
+    assert kernel == 1
+    print(nettrace.drop_summary(netns=server.inode))
+    drop = nettrace.assert_drop(reason="TCP_ABORT_ON_DATA", netns=server.inode, timeout=1)
+    assert (str(drop.saddr), drop.dport) == ("10.0.0.2", 8080)
+
+
+LISTEN_OVERFLOW_SERVER = """
+    import socket
+    lst = socket.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen(1)   # an accept queue of two
+    print("ready", flush=True)
+    input()                                                              # never accepts
+"""
+LISTEN_OVERFLOW_CLIENT = """
+    import socket, time
+    x = socket.create_connection(("10.0.0.1", 8080))   # takes one place of the two
+    print("one", flush=True)
+    input()
+    socks = []
+    for _ in range(2):
+        s = socket.socket(); s.setblocking(False); s.connect_ex(("10.0.0.1", 8080)); socks.append(s)
+    print("connecting", flush=True)
+    input()
+"""
+
+
+def test_listen_overflow_drops_are_drops(make_netns, nettrace):
+    """One connection in an accept queue of two; two more handshakes held
+    before their last ACK (an nft rule drops it), then let through: the first
+    ACK fills the queue, the second (and
+    each that answers a SYN-ACK sent again) overflows it. Without syncookies
+    tcp_check_req refuses it and TCP frees it with reason TCP_LISTEN_OVERFLOW;
+    nstat's TcpExtListenOverflows counts each."""
+    server, client = _veth(make_netns)
+    server.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"], check=True)
+    daemon = server.popen(script(LISTEN_OVERFLOW_SERVER), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cl = client.popen(script(LISTEN_OVERFLOW_CLIENT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        assert cl.stdout.readline().strip() == "one"
+        server.run(["nft", "add table inet hold; add chain inet hold in { type filter hook input priority 0; };"
+                    " add rule inet hold in tcp dport 8080 tcp flags & (syn|ack) == ack drop"], check=True)
+        cl.stdin.write("\n"); cl.stdin.flush()
+        assert cl.stdout.readline().strip() == "connecting"
+        time.sleep(0.3)
+        before = _nstat(server)
+        server.run(["nft", "delete table inet hold"], check=True)
+        time.sleep(1.8)            # SYN-ACKs sent again at 1 s (and 3 s): their ACKs come through
+        after = _nstat(server)
+        ours = nettrace.drops(netns=server.inode, reason="TCP_LISTEN_OVERFLOW", dport=8080)
+        print(server.run(["ss", "-tan"]).stdout)
+    finally:
+        cl.stdin.close(); cl.wait(5)
+        daemon.stdin.close(); daemon.wait(5)
+    kernel = after.get("TcpExtListenOverflows", 0) - before.get("TcpExtListenOverflows", 0)
+    print(kernel, nettrace.drop_summary(netns=server.inode))
+    assert kernel > 0
+    assert len(ours) == kernel
