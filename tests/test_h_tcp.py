@@ -262,3 +262,111 @@ def test_listen_overflow_drops_are_drops(make_netns, nettrace):
     print(kernel, nettrace.drop_summary(netns=server.inode))
     assert kernel > 0
     assert len(ours) == kernel
+
+
+MAPPED_SERVER = """
+    import socket, struct
+    lst = socket.socket(socket.AF_INET6); lst.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    lst.bind(("::", 8080)); lst.listen()
+    print("ready", flush=True)
+    c, _ = lst.accept()
+    assert c.recv(5) == b"hello"
+    c.sendall(b"0123456789")
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    c.close()                            # an active RST from a v4-mapped socket
+"""
+
+
+def test_a_v4_mapped_server_socket_reports_ipv4(make_netns, nettrace, tmp_path):
+    server, client = _veth(make_netns)
+    dump = _dump(server, tmp_path / "s.pcap")
+    daemon = server.popen(script(MAPPED_SERVER), stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        r = client.run(script("""
+            import socket, time
+            s = socket.create_connection(("10.0.0.1", 8080)); s.sendall(b"hello")
+            time.sleep(0.3)
+            try:
+                print(len(s.recv(100)))
+            except OSError as e:
+                print("err", e.errno)
+            print(s.getsockname()[1])
+        """), check=True)
+        daemon.wait(5)
+    finally:
+        _stop(dump)
+    cport = int(r.stdout.split()[-1])
+    wire = _rsts(tmp_path / "s.pcap")
+    assert wire == [("10.0.0.1", 8080, "10.0.0.2", cport)]
+    acc = nettrace.assert_accepted(netns=server.inode)
+    assert (acc.family, str(acc.saddr), acc.sport, str(acc.daddr), acc.dport) == (4, "10.0.0.1", 8080, "10.0.0.2", cport)
+    assert acc.pid == daemon.pid
+    rst = nettrace.assert_rst(netns=server.inode, direction="sent")
+    assert (rst.family, str(rst.saddr), rst.sport, str(rst.daddr), rst.dport, rst.origin) == \
+        (4, "10.0.0.1", 8080, "10.0.0.2", cport, "active")
+    got = nettrace.assert_rst(netns=client.inode, direction="received")
+    assert (got.family, str(got.saddr), got.sport) == (4, "10.0.0.1", 8080)
+    close = nettrace.assert_closed(netns=server.inode)
+    assert (close.family, str(close.daddr), close.bytes_received, close.bytes_sent) == (4, "10.0.0.2", 5, 10)
+    cclose = nettrace.assert_closed(netns=client.inode)
+    assert (cclose.bytes_sent, cclose.bytes_received) == (5, 10), cclose
+
+
+REUSEPORT_SERVER = """
+    import socket, sys
+    lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    lst.bind(("10.0.0.1", 8080)); lst.listen(64); lst.settimeout(1.5)
+    print("ready", flush=True)
+    n = 0
+    while True:
+        try:
+            c, _ = lst.accept()
+        except socket.timeout:
+            break
+        data = b""
+        while True:
+            b = c.recv(4096)
+            if not b:
+                break
+            data += b
+        c.sendall(b"y" * (len(data) * 10)); c.close(); n += 1
+    print(n, flush=True)
+"""
+HALF_CLOSE_CLIENT = """
+    import socket, sys
+    for i in range(int(sys.argv[1])):
+        s = socket.create_connection(("10.0.0.1", 8080))
+        s.sendall(b"x" * (100 + i)); s.shutdown(socket.SHUT_WR)   # half-close, then the reply
+        got = 0
+        while True:
+            b = s.recv(65536)
+            if not b:
+                break
+            got += len(b)
+        assert got == 10 * (100 + i), got
+        s.close()
+"""
+
+
+def test_reuseport_half_close_accepts_and_bytes(make_netns, nettrace):
+    server, client = _veth(make_netns)
+    daemons = [server.popen(script(REUSEPORT_SERVER), stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for d in daemons:
+        assert d.stdout.readline().strip() == "ready"
+    n = 40
+    c = client.run(script(HALF_CLOSE_CLIENT) + [str(n)], check=True)
+    counts = {d.pid: int(d.stdout.readline()) for d in daemons}
+    for d in daemons:
+        d.wait(5)
+    assert sum(counts.values()) == n
+    for pid, k in counts.items():
+        assert len(nettrace.events("conn", action="accept", pid=pid)) == k, counts
+    closes = nettrace.events("conn", action="close", netns=server.inode)
+    assert len(closes) == n
+    assert sorted((e.bytes_received, e.bytes_sent) for e in closes) == [(100 + i, 1000 + 10 * i) for i in range(n)]
+    cc = nettrace.events("conn", action="close", netns=client.inode)
+    assert sorted((e.bytes_sent, e.bytes_received) for e in cc) == [(100 + i, 1000 + 10 * i) for i in range(n)]
+    assert all(e.pid == c.pid for e in cc) and all(e.pid in counts for e in closes)
+    nettrace.assert_no_rst()
+    nettrace.assert_no_drops()
