@@ -263,12 +263,17 @@ int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
 		return 0;
 	}
 	if (newstate == TCP_SYN_RECV) {
-		remember(key, false);  /* a child socket of a listener, in softirq */
+		/* a child socket of a listener, in softirq (it leaves LISTEN, the
+		 * state it was cloned with); from SYN_SENT it is a simultaneous
+		 * open (a socket connected to itself, or two connecting to each
+		 * other): still the connector's connect, whose owner stays */
+		if (oldstate != TCP_SYN_SENT)
+			remember(key, false);
 		return 0;
 	}
 	struct conn_owner *owner = bpf_map_lookup_elem(&conn_socks, &key);
 	if (newstate == TCP_ESTABLISHED) {
-		if (oldstate == TCP_SYN_SENT)
+		if (oldstate == TCP_SYN_SENT || (oldstate == TCP_SYN_RECV && owner && owner->active))
 			return emit(ctx, sk, true, netns, scope, CONN_CONNECT, oldstate, newstate, owner);
 		if (oldstate == TCP_SYN_RECV)
 			return emit(ctx, sk, true, netns, scope, CONN_ESTABLISHED, oldstate, newstate, owner);

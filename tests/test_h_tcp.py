@@ -370,3 +370,26 @@ def test_reuseport_half_close_accepts_and_bytes(make_netns, nettrace):
     assert all(e.pid == c.pid for e in cc) and all(e.pid in counts for e in closes)
     nettrace.assert_no_rst()
     nettrace.assert_no_drops()
+
+
+SELF_CONNECT = """
+    import socket, os
+    s = socket.socket()
+    s.bind(("127.0.0.1", 40000))
+    s.connect(("127.0.0.1", 40000))      # a simultaneous open with itself: SYN_SENT -> SYN_RECV -> ESTABLISHED
+    s.sendall(b"abc"); assert s.recv(3) == b"abc"
+    print(os.getpid(), flush=True)
+    s.close()
+"""
+
+
+def test_a_self_connect_is_a_connect_by_its_process(netns, nettrace):
+    r = netns.run(script(SELF_CONNECT), check=True)
+    evs = nettrace.events("conn")
+    for e in evs:
+        print(e.describe(), e.pid, e.comm, e.old_state, e.state)
+    conn = nettrace.assert_connected(sport=40000, timeout=1)
+    assert conn.pid == r.pid
+    assert nettrace.events("conn", action="accept") == []
+    close = nettrace.assert_closed(sport=40000)
+    assert close.pid == r.pid
