@@ -393,3 +393,161 @@ def test_a_self_connect_is_a_connect_by_its_process(netns, nettrace):
     assert nettrace.events("conn", action="accept") == []
     close = nettrace.assert_closed(sport=40000)
     assert close.pid == r.pid
+
+
+TIMEOUT_SERVER = """
+    import socket, time
+    lst = socket.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    print("ready", flush=True)
+    k, _ = lst.accept()                  # the keepalive one: the server probes it
+    k.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    k.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1)
+    k.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+    k.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+    u, _ = lst.accept()                  # the user-timeout one: never hears the client's data
+    print(k.getpeername()[1], u.getpeername()[1], flush=True)
+    try:
+        k.recv(1)
+    except OSError as e:
+        print("k", e.errno, flush=True)
+    input()
+"""
+TIMEOUT_CLIENT = """
+    import socket, time
+    k = socket.create_connection(("10.0.0.1", 8080))
+    u = socket.create_connection(("10.0.0.1", 8080))
+    u.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000)
+    print("connected", flush=True)
+    input()                              # the server's input drops everything now
+    u.send(b"lost")
+    try:
+        u.recv(1)
+    except OSError as e:
+        print("u", e.errno, flush=True)
+    try:
+        print("k", k.recv(1), flush=True)
+    except OSError as e:
+        print("k", e.errno, flush=True)
+"""
+
+
+def test_keepalive_and_user_timeout_closes(make_netns, nettrace, tmp_path):
+    server, client = _veth(make_netns)
+    dumps = {ns: _dump(ns, tmp_path / f"{ns.inode}.pcap") for ns in (server, client)}
+    daemon = server.popen(script(TIMEOUT_SERVER), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert daemon.stdout.readline().strip() == "ready"
+    cl = client.popen(script(TIMEOUT_CLIENT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert cl.stdout.readline().strip() == "connected"
+        kport, uport = map(int, daemon.stdout.readline().split())
+        s0, c0 = _nstat(server), _nstat(client)
+        server.run(["nft", "add table inet cut; add chain inet cut in { type filter hook input priority 0; };"
+                    " add rule inet cut in tcp sport != 9 drop"], check=True)
+        cl.stdin.write("\n"); cl.stdin.flush()
+        u_line = cl.stdout.readline().split()
+        k_line = cl.stdout.readline().split()
+        dk = daemon.stdout.readline().split()
+        s1, c1 = _nstat(server), _nstat(client)
+    finally:
+        cl.stdin.close(); cl.wait(10)
+        daemon.stdin.close(); daemon.wait(10)
+        for d in dumps.values():
+            _stop(d)
+    print("client u", u_line, "client k", k_line, "server k", dk)
+    print("server", {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0) and ("Abort" in k or "Rst" in k)})
+    print("client", {k: c1[k] - c0.get(k, 0) for k in c1 if c1[k] != c0.get(k, 0) and ("Abort" in k or "Rst" in k)})
+    for ns in (server, client):
+        print("wire", _rsts(tmp_path / f"{ns.inode}.pcap"))
+        for e in nettrace.rst(netns=ns.inode):
+            print(" rst", e.direction, e.origin, e.saddr, e.sport, e.daddr, e.dport, e.state, e.reason, e.pid, e.context)
+        for e in nettrace.events("conn", action="close", netns=ns.inode):
+            print(" close", e.describe(), e.pid, e.context, e.stack[:3])
+    # the server's keepalive gave up: a RST out (TcpExtTCPAbortOnTimeout), the client received it
+    assert (s1["TcpExtTCPAbortOnTimeout"] - s0.get("TcpExtTCPAbortOnTimeout", 0)) == 1
+    sent = nettrace.rst(netns=server.inode, direction="sent")
+    assert [(e.origin, e.dport) for e in sent] == [("active", kport)]
+    assert sent[0].reason in (None, "TCP_KEEPALIVE_TIMEOUT")
+    assert [w for w in _rsts(tmp_path / f"{server.inode}.pcap") if w[0] == "10.0.0.1"] == \
+        [("10.0.0.1", 8080, "10.0.0.2", kport)]   # (the client's replies to the server's FIN of `u` at exit follow)
+    kclose = nettrace.assert_closed(netns=server.inode, dport=kport)
+    assert kclose.old_state == "ESTABLISHED" and kclose.pid == daemon.pid
+    # the client's user timeout: a close with no RST at all
+    assert (c1["TcpExtTCPAbortOnTimeout"] - c0.get("TcpExtTCPAbortOnTimeout", 0)) == 1
+    assert nettrace.rst(netns=client.inode, direction="sent", origin="active") == []   # (replies to the FIN of `u` at exit follow)
+    uclose = nettrace.assert_closed(netns=client.inode, sport=uport)
+    assert uclose.old_state == "ESTABLISHED" and uclose.pid == cl.pid and uclose.bytes_sent == 0
+    assert u_line == ["u", "110"]
+
+
+FORKING_SERVER = """
+    import os, socket, sys
+    lst = socket.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    print("ready", flush=True)
+    kids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:                     # each child accepts one and echoes
+            c, _ = lst.accept()
+            c.sendall(c.recv(100)); c.close()
+            os._exit(0)
+        kids.append(pid)
+    for k in kids:
+        os.waitpid(k, 0)
+    print(" ".join(map(str, kids)), flush=True)
+"""
+
+
+def test_forked_children_accept(make_netns, nettrace):
+    server, client = _veth(make_netns)
+    daemon = server.popen(script(FORKING_SERVER), stdout=subprocess.PIPE, text=True)
+    assert daemon.stdout.readline().strip() == "ready"
+    c = client.run(script("""
+        import socket
+        for i in range(3):
+            s = socket.create_connection(("10.0.0.1", 8080)); s.sendall(b"x" * (i + 1))
+            assert len(s.recv(100)) == i + 1; s.close()
+    """), check=True)
+    kids = sorted(map(int, daemon.stdout.readline().split()))
+    daemon.wait(5)
+    accepts = nettrace.assert_accepted_count(3, netns=server.inode)
+    assert sorted(e.pid for e in accepts) == kids
+    assert all(e.ppid == daemon.pid for e in accepts)
+    closes = nettrace.events("conn", action="close", netns=server.inode)
+    assert sorted(e.pid for e in closes) == kids
+    assert sorted((e.bytes_received, e.bytes_sent) for e in closes) == [(1, 1), (2, 2), (3, 3)]
+    nettrace.assert_connected_count(3, pid=c.pid)
+    nettrace.assert_no_rst()
+
+
+def test_curl_to_http_server(make_netns, nettrace, tmp_path):
+    server, client = _veth(make_netns)
+    (tmp_path / "f").write_bytes(b"z" * 12345)
+    daemon = server.popen([sys.executable, "-m", "http.server", "--bind", "10.0.0.1", "8000"], cwd=str(tmp_path),
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(50):
+            if "LISTEN" in server.run(["ss", "-tln", "sport", "= :8000"]).stdout:
+                break
+            time.sleep(0.1)
+        runs = [client.run(["curl", "-sS", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{size_download} %{local_port} %{size_header} %{size_request} ",
+                            "http://10.0.0.1:8000/f", "http://10.0.0.1:8000/f"], check=True) for _ in range(3)]
+    finally:
+        daemon.terminate(); daemon.wait(5)
+    ports, sizes = [], {}
+    for r in runs:
+        ws = list(map(int, r.stdout.split()))
+        for i in (0, 4):
+            ports.append(ws[i + 1])
+            sizes[ws[i + 1]] = (ws[i + 3], ws[i] + ws[i + 2])   # curl's own count: request; headers + body
+    conns = nettrace.events("conn", action="connect", netns=client.inode)
+    print([(e.sport, e.pid, e.comm) for e in conns], ports)
+    assert sorted({e.sport for e in conns}) == sorted(set(ports))
+    assert len(conns) == len(set(ports))
+    for r in runs:
+        assert {e.pid for e in conns if e.sport in (int(r.stdout.split()[1]), int(r.stdout.split()[5]))} == {r.pid}
+    accepts = nettrace.events("conn", action="accept", netns=server.inode)
+    assert len(accepts) == len(set(ports)) and {e.pid for e in accepts} == {daemon.pid}
+    closes = nettrace.events("conn", action="close", netns=client.inode)
+    assert len(closes) == len(set(ports))
+    for e in closes:
+        assert (e.bytes_sent, e.bytes_received) == sizes[e.sport], e.describe()
