@@ -298,12 +298,17 @@ static __always_inline int on_free(void *ctx, const struct sk_buff *skb, const s
 	const struct net_device *dev = skb->dev;
 	const struct sock *owner = skb->sk;
 	/* a capture's copy (tcpdump's), owned by its packet socket */
-	if (!dev || (owner && owner->__sk_common.skc_family == AF_PACKET))
+	if (owner && owner->__sk_common.skc_family == AF_PACKET)
+		return 0;
+	/* a segment a socket took has no device (tcp_v{4,6}_rcv clear it):
+	 * the socket that dropped it (6.11+) names the namespace — a
+	 * listener's RST, one out of a connection's window */
+	if (!dev && !rx_sk)
 		return 0;
 	__u16 proto = bpf_ntohs(skb->protocol);
 	if (proto != ETH_P_IP && proto != ETH_P_IPV6)
 		return 0;
-	__u32 netns = dev->nd_net.net->ns.inum;
+	__u32 netns = dev ? dev->nd_net.net->ns.inum : nt_netns_of_sk(rx_sk);
 	struct nt_scope *scope = nt_watched(netns);
 	if (!scope)
 		return 0;

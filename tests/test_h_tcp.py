@@ -240,10 +240,12 @@ def test_listen_overflow_drops_are_drops(make_netns, nettrace):
     server, client = _veth(make_netns)
     server.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=0"], check=True)
     daemon = server.popen(script(LISTEN_OVERFLOW_SERVER), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    cl = client.popen(script(LISTEN_OVERFLOW_CLIENT), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert daemon.stdout.readline().strip() == "ready"
+    cl = client.popen(script(LISTEN_OVERFLOW_CLIENT), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
     try:
-        assert daemon.stdout.readline().strip() == "ready"
-        assert cl.stdout.readline().strip() == "one"
+        line = cl.stdout.readline().strip()
+        assert line == "one", (line, cl.poll(), cl.stderr.read() if cl.stderr else None, [e.describe() for e in nettrace.events("rst")])
         server.run(["nft", "add table inet hold; add chain inet hold in { type filter hook input priority 0; };"
                     " add rule inet hold in tcp dport 8080 tcp flags & (syn|ack) == ack drop"], check=True)
         cl.stdin.write("\n"); cl.stdin.flush()
@@ -551,3 +553,50 @@ def test_curl_to_http_server(make_netns, nettrace, tmp_path):
     assert len(closes) == len(set(ports))
     for e in closes:
         assert (e.bytes_sent, e.bytes_received) == sizes[e.sport], e.describe()
+
+
+INJECT_RST = """
+    import socket, struct, sys
+    src, dst, sport, dport, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x04, 0, 0, 0)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    data = pseudo + tcp
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s = ~(s + (s >> 16)) & 0xFFFF
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    raw.sendto(tcp[:16] + struct.pack("!H", s) + tcp[18:], (dst, 0))
+"""
+
+
+def _inject(ns, src, dst, sport, dport, seq):
+    ns.run(script(INJECT_RST) + [src, dst, str(sport), str(dport), str(seq)], check=True)
+
+
+def test_rsts_tcp_ignores_are_received(make_netns, nettrace, tmp_path):
+    """Two RSTs TCP drops without acting on them, each seen arriving by tcpdump:
+    one out of an established connection's window, one to a listener. README:
+    "received" is every RST segment that reached TCP, `UNKNOWN` for one TCP
+    ignored (out of window), 6.11+ naming the socket that dropped it."""
+    server, client = _veth(make_netns)
+    lst = server.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    conn = client.socket(); conn.connect(("10.0.0.1", 8080))
+    peer, _ = lst.accept()
+    cport = conn.getsockname()[1]
+    dump = _dump(client, tmp_path / "c.pcap")
+    sdump = _dump(server, tmp_path / "s.pcap")
+    try:
+        _inject(server, "10.0.0.1", "10.0.0.2", 8080, cport, 0x7fff0000)   # far from rcv_nxt (random ISN: ~1e-5 in window)
+        _inject(client, "10.0.0.2", "10.0.0.1", 5555, 8080, 1)              # to the listener
+    finally:
+        _stop(dump); _stop(sdump)
+    assert "ESTAB" in client.run(["ss", "-tanH", "sport", f"= :{cport}"], check=True).stdout   # ignored
+    assert [w for w in _rsts(tmp_path / "c.pcap") if w[2] == "10.0.0.2"] == [("10.0.0.1", 8080, "10.0.0.2", cport)]
+    assert [w for w in _rsts(tmp_path / "s.pcap") if w[2] == "10.0.0.1"] == [("10.0.0.2", 5555, "10.0.0.1", 8080)]
+    for e in nettrace.rst():
+        print(e.describe() if hasattr(e, "describe") else e, e.state, e.netns)
+    got = nettrace.rst(netns=client.inode, direction="received")
+    assert [(str(e.saddr), e.sport, e.dport) for e in got] == [("10.0.0.1", 8080, cport)], got
+    got = nettrace.rst(netns=server.inode, direction="received")
+    assert [(str(e.saddr), e.sport, e.dport) for e in got] == [("10.0.0.2", 5555, 8080)], got
+    conn.close(); peer.close(); lst.close()
