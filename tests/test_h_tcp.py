@@ -600,3 +600,79 @@ def test_rsts_tcp_ignores_are_received(make_netns, nettrace, tmp_path):
     got = nettrace.rst(netns=server.inode, direction="received")
     assert [(str(e.saddr), e.sport, e.dport) for e in got] == [("10.0.0.2", 5555, 8080)], got
     conn.close(); peer.close(); lst.close()
+
+
+ABORT_MANY = """
+    import socket, struct, sys
+    n = int(sys.argv[1])
+    socks = [socket.create_connection(("10.0.0.1", 8080)) for _ in range(n)]
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+"""
+
+
+def test_many_aborts_are_each_one_rst_each_side(make_netns, nettrace, tmp_path):
+    server, client = _veth(make_netns)
+    lst = server.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen(512)
+    dump = _dump(server, tmp_path / "s.pcap")
+    c0, s0 = _nstat(client), _nstat(server)
+    n = 200
+    try:
+        client.run(script(ABORT_MANY) + [str(n)], check=True)
+        time.sleep(0.2)
+    finally:
+        _stop(dump)
+    c1, s1 = _nstat(client), _nstat(server)
+    wire = _rsts(tmp_path / "s.pcap")
+    sent = nettrace.rst(netns=client.inode, direction="sent")
+    recv = nettrace.rst(netns=server.inode, direction="received")
+    print(len(wire), len(sent), len(recv), c1["TcpOutRsts"] - c0.get("TcpOutRsts", 0),
+          s1.get("TcpEstabResets", 0) - s0.get("TcpEstabResets", 0), nettrace.lost())
+    # nstat counts each; tcpdump (which may lose some under load) saw a subset of the same segments
+    assert c1["TcpOutRsts"] - c0.get("TcpOutRsts", 0) == n == s1["TcpEstabResets"] - s0.get("TcpEstabResets", 0)
+    ours = sorted((str(e.saddr), e.sport, str(e.daddr), e.dport) for e in sent)
+    assert len(ours) == n and len(set(ours)) == n and set(wire) <= set(ours)
+    assert sorted((str(e.saddr), e.sport, str(e.daddr), e.dport) for e in recv) == ours
+    # none of them accepted: each RST reached a socket in the accept queue
+    assert {e.state for e in recv} == {"ESTABLISHED"}
+    assert len(nettrace.events("conn", action="close", netns=server.inode)) == n
+    lst.close()
+
+
+def test_nft_drops_equal_nft_counters(make_netns, nettrace):
+    server, client = _veth(make_netns)
+    server.run(["nft", "add table inet f; add chain inet f in { type filter hook input priority 0; };"
+                " add rule inet f in tcp dport 8081 counter drop;"
+                " add rule inet f in tcp dport 8083 counter reject with tcp reset"], check=True)
+    client.run(["nft", "add table inet g; add chain inet g out { type filter hook output priority 0; };"
+                " add rule inet g out tcp dport 8082 counter drop"], check=True)
+    lst = server.socket(); lst.bind(("10.0.0.1", 8083)); lst.listen()
+    r = client.run(script("""
+        import socket, threading
+        def go(port):
+            s = socket.socket(); s.settimeout(3.5)
+            try:
+                s.connect(("10.0.0.1", port)); print(port, "connected")
+            except OSError as e:
+                print(port, type(e).__name__)
+        ts = [threading.Thread(target=go, args=(p,)) for p in (8081, 8082, 8083)]
+        [t.start() for t in ts]; [t.join() for t in ts]
+    """), check=True)
+    print(r.stdout)
+    counters = {}
+    for ns, pat in ((server, r"tcp dport (808[13]) counter packets (\d+)"), (client, r"tcp dport (8082) counter packets (\d+)")):
+        for m in re.finditer(pat, ns.run(["nft", "list", "ruleset"], check=True).stdout):
+            counters[int(m[1])] = int(m[2])
+    ours = {p: len(nettrace.drops(reason="NETFILTER_DROP", dport=p)) for p in (8081, 8082, 8083)}
+    for d in nettrace.drops(reason="NETFILTER_DROP"):
+        print(d.describe() if hasattr(d, "describe") else d, d.netns, d.pid)
+    print(counters, ours)
+    assert ours == counters
+    assert {d.netns for d in nettrace.drops(dport=8082)} == {client.inode}
+    out = nettrace.drops(dport=8082)       # the output hook: the SYN in connect(), the retransmissions from the timer
+    assert out[0].pid == r.pid and all(d.pid is None and d.context == "softirq" for d in out[1:])
+    rst = nettrace.rst(direction="received", sport=8083)
+    assert len(rst) == counters[8083] and all(e.netns == client.inode for e in rst)
+    assert nettrace.rst(direction="sent") == []    # nft's reset is no TCP tracepoint's (README)
+    lst.close()
