@@ -160,6 +160,10 @@ static __always_inline int emit(void *ctx, const struct sock *sk, const struct s
 	e->has_reason = has_reason;
 	e->reason = reason;
 	e->state = sk ? BPF_CORE_READ(sk, __sk_common.skc_state) : TCP_CLOSE;
+	/* a time-wait sock answering: its substate, as ss and a received RST
+	 * name it (FIN_WAIT2 for a closed socket waiting for the peer's FIN) */
+	if (e->state == TCP_TIME_WAIT)
+		e->state = BPF_CORE_READ((struct inet_timewait_sock *)sk, tw_substate);
 	if (origin == RST_ORIGIN_REPLY && skb)
 		addrs_from_skb(e, skb);
 	else

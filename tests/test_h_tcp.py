@@ -676,3 +676,25 @@ def test_nft_drops_equal_nft_counters(make_netns, nettrace):
     assert len(rst) == counters[8083] and all(e.netns == client.inode for e in rst)
     assert nettrace.rst(direction="sent") == []    # nft's reset is no TCP tracepoint's (README)
     lst.close()
+
+
+def test_a_rst_sent_by_a_fin_wait2_orphan_names_its_state(make_netns, nettrace):
+    """A closed socket waiting for its peer's FIN is a time-wait sock in
+    FIN_WAIT2 (ss: FIN-WAIT-2). Data reaching it is answered with a RST; the
+    received side names such a sock by its substate (test_rst's orphan test):
+    so does the sent side."""
+    server, client = _veth(make_netns)
+    lst = server.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    conn = client.socket(); conn.connect(("10.0.0.1", 8080))
+    peer, _ = lst.accept()
+    cport = conn.getsockname()[1]
+    peer.close()                                   # FIN; its ACK makes the orphan a FIN_WAIT2 time-wait sock
+    assert conn.recv(1) == b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and "FIN-WAIT-2" not in server.run(["ss", "-tanH"], check=True).stdout:
+        time.sleep(0.05)
+    assert "FIN-WAIT-2" in server.run(["ss", "-tanH"], check=True).stdout
+    conn.send(b"late")
+    rst = nettrace.assert_rst(direction="sent", netns=server.inode, dport=cport)
+    assert (rst.origin, rst.state) == ("reply", "FIN_WAIT2"), rst
+    conn.close(); lst.close()
