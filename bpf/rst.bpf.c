@@ -25,6 +25,7 @@ NT_WIRE(rst_event);
 
 #define AF_INET 2
 #define AF_INET6 10
+#define TCP_SYN_RECV 3
 #define TCP_TIME_WAIT 6
 #define TCP_CLOSE 7
 #define TCP_STATE_UNKNOWN 0  /* a RST whose socket (if any) nothing told us */
@@ -40,6 +41,7 @@ const volatile struct {
 	__u32 tp_active_only; /* tracepoint: ignore replies (another program has them) */
 	__u32 no_socket;      /* enum skb_drop_reason SKB_DROP_REASON_NO_SOCKET, 0: unknown */
 	__u64 tw_timer_fn;    /* address of tw_timer_handler (kallsyms), 0: unknown */
+	__u64 req_timer_fn;   /* address of reqsk_timer_handler (kallsyms), 0: unknown */
 } rst_cfg = {};
 
 /* A received RST's own ends, IPv4 (and v4-mapped IPv6) in 4 bytes. */
@@ -283,7 +285,20 @@ static __always_inline void remember(const struct sock_common *c, __u8 state, bo
 SEC("tp_btf/timer_cancel")
 int BPF_PROG(rst_tw_cancel, struct timer_list *timer)
 {
-	if (!rst_cfg.tw_timer_fn || (__u64)timer->function != rst_cfg.tw_timer_fn)
+	__u64 fn = (__u64)timer->function;
+
+	/* A handshake in progress killed (tcp_check_req's embryonic reset:
+	 * inet_csk_reqsk_queue_drop cancels the request sock's timer): by a
+	 * RST when its free follows on this CPU. The free names the listener
+	 * only; ss shows the request sock as SYN-RECV. */
+	if (rst_cfg.req_timer_fn && fn == rst_cfg.req_timer_fn) {
+		struct request_sock *req =
+			(void *)timer - bpf_core_field_offset(struct request_sock, rsk_timer);
+		if (nt_watched(BPF_CORE_READ(req, __req_common.skc_net.net, ns.inum)))
+			remember(&req->__req_common, TCP_SYN_RECV, false);
+		return 0;
+	}
+	if (!rst_cfg.tw_timer_fn || fn != rst_cfg.tw_timer_fn)
 		return 0;
 	struct inet_timewait_sock *tw =
 		(void *)timer - bpf_core_field_offset(struct inet_timewait_sock, tw_timer);

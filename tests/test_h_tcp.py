@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import textwrap
@@ -698,3 +700,64 @@ def test_a_rst_sent_by_a_fin_wait2_orphan_names_its_state(make_netns, nettrace):
     rst = nettrace.assert_rst(direction="sent", netns=server.inode, dport=cport)
     assert (rst.origin, rst.state) == ("reply", "FIN_WAIT2"), rst
     conn.close(); lst.close()
+
+
+def test_a_tcp_abort_on_data_is_a_drop_ipv6(make_netns, nettrace):
+    server, client = _veth(make_netns, "fd00::1/64", "fd00::2/64")
+    lst = server.socket(socket.AF_INET6); lst.bind(("fd00::1", 8080)); lst.listen()
+    conn = client.socket(socket.AF_INET6); conn.connect(("fd00::1", 8080))
+    peer, _ = lst.accept()
+    before = _nstat(server)
+    peer.shutdown(socket.SHUT_RDWR)                # FIN; a full socket in FIN_WAIT2, shut for reading
+    assert conn.recv(1) == b""
+    time.sleep(0.1)
+    conn.send(b"late data")
+    rst = nettrace.assert_rst(direction="received", netns=client.inode)
+    after = _nstat(server)
+    assert after["TcpExtTCPAbortOnData"] - before.get("TcpExtTCPAbortOnData", 0) == 1
+    drop = nettrace.assert_drop(reason="TCP_ABORT_ON_DATA", netns=server.inode, timeout=1)
+    assert (drop.family, str(drop.saddr), drop.dport) == (6, "fd00::2", 8080)
+    assert rst.sport == 8080
+    conn.close(); peer.close(); lst.close()
+
+
+def test_ss_kill_is_an_active_rst_by_ss(make_netns, nettrace):
+    """`ss -K` (SOCK_DESTROY: tcp_abort) resets a connection from ss's own
+    context: the RST is ss's, the close too happens in its context."""
+    server, client = _veth(make_netns)
+    lst = server.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    conn = client.socket(); conn.connect(("10.0.0.1", 8080))
+    peer, _ = lst.accept()
+    cport = conn.getsockname()[1]
+    r = server.run(["ss", "-K", "-tn", "dst", "10.0.0.2"])
+    if "ESTAB" not in r.stdout:
+        pytest.skip(f"no SOCK_DESTROY here: {r.stdout} {r.stderr}")
+    sent = nettrace.assert_rst(direction="sent", netns=server.inode, dport=cport)
+    assert (sent.origin, sent.pid, sent.comm, sent.context) == ("active", r.pid, "ss", "process"), sent
+    got = nettrace.assert_rst(direction="received", netns=client.inode)
+    assert got.dport == cport
+    close = nettrace.assert_closed(netns=server.inode, dport=cport)
+    assert close.old_state == "ESTABLISHED"
+    conn.close(); peer.close(); lst.close()
+
+
+def test_a_rst_to_a_handshake_in_progress(make_netns, nettrace):
+    """The handshake's last ACK lost (nft), the client aborts: its RST reaches
+    the listener's request sock (ss: SYN-RECV), which it kills."""
+    server, client = _veth(make_netns)
+    server.run(["nft", "add table inet hold; add chain inet hold in { type filter hook input priority 0; };"
+                " add rule inet hold in tcp dport 8080 tcp flags & (syn|ack|rst) == ack drop"], check=True)
+    lst = server.socket(); lst.bind(("10.0.0.1", 8080)); lst.listen()
+    conn = client.socket(); conn.connect(("10.0.0.1", 8080))    # the client is ESTABLISHED
+    cport = conn.getsockname()[1]
+    assert "SYN-RECV" in server.run(["ss", "-tanH"], check=True).stdout
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+    got = nettrace.assert_rst(direction="received", netns=server.inode)
+    time.sleep(0.1)
+    assert "SYN-RECV" not in server.run(["ss", "-tanH"], check=True).stdout
+    print(got.describe(), got.state)
+    assert (str(got.saddr), got.sport, got.dport) == ("10.0.0.2", cport, 8080)
+    assert len(nettrace.rst(direction="received", netns=server.inode)) == 1
+    assert got.state in ("SYN_RECV", "NEW_SYN_RECV"), got.state
+    lst.close()

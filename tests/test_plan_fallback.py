@@ -28,7 +28,7 @@ class _RstUnloadable(RstProbe):
 
     def plans(self, kernel):
         return [Plan("tp_btf+fentry", ["rst_send_tp", "rst_v4_fentry", "rst_v6_fentry", "rst_recv_tp"],
-                     config={"rst_cfg": struct.pack("<IIQ", 1, 0, 0)})] + super().plans(kernel)
+                     config={"rst_cfg": struct.pack("<IIQQ", 1, 0, 0, 0)})] + super().plans(kernel)
 
 
 # 1: one object; 2: the programs verified by two threads (SplitObject)

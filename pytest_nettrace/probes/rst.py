@@ -104,10 +104,12 @@ class RstProbe(Probe):
             recv.append("rst_recv_drop_sk" if drop_args >= 4 else "rst_recv_drop")
         no_socket = next((v for v, n in kernel.enum("skb_drop_reason").items()
                           if n == "SKB_DROP_REASON_NO_SOCKET"), 0)
-        tw_timer = function_ranges(["tw_timer_handler"]).get("tw_timer_handler", (0, 0))[0]
+        timers = function_ranges(["tw_timer_handler", "reqsk_timer_handler"])
+        tw_timer = timers.get("tw_timer_handler", (0, 0))[0]
+        req_timer = timers.get("reqsk_timer_handler", (0, 0))[0]
 
         def cfg(active_only: int) -> Dict[str, bytes]:
-            return {"rst_cfg": struct.pack("<IIQ", active_only, no_socket, tw_timer)}
+            return {"rst_cfg": struct.pack("<IIQQ", active_only, no_socket, tw_timer, req_timer)}
 
         # 6.10+: one tracepoint sees both replies and active resets, with a reason.
         if kernel.tracepoint_args("tcp_send_reset") == 3:
