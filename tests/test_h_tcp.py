@@ -718,6 +718,8 @@ def test_a_tcp_abort_on_data_is_a_drop_ipv6(make_netns, nettrace):
     drop = nettrace.assert_drop(reason="TCP_ABORT_ON_DATA", netns=server.inode, timeout=1)
     assert (drop.family, str(drop.saddr), drop.dport) == (6, "fd00::2", 8080)
     assert rst.sport == 8080
+    # the server sent that one RST and received none (tcp_reset ran on its side without any)
+    assert [(e.direction, e.origin) for e in nettrace.rst(netns=server.inode)] == [("sent", "reply")]
     conn.close(); peer.close(); lst.close()
 
 
@@ -761,3 +763,48 @@ def test_a_rst_to_a_handshake_in_progress(make_netns, nettrace):
     assert len(nettrace.rst(direction="received", netns=server.inode)) == 1
     assert got.state in ("SYN_RECV", "NEW_SYN_RECV"), got.state
     lst.close()
+
+
+@pytest.mark.parametrize("migrate", [0, 1])
+def test_a_reuseport_listener_closing_with_a_queue(make_netns, nettrace, migrate):
+    """Connections queued on one of two SO_REUSEPORT listeners when it closes:
+    reset (tcp_migrate_req=0) or moved to the other listener, which accepts
+    them (1). The workload's own accept count and nstat are the observers."""
+    server, client = _veth(make_netns)
+    server.run(["sysctl", "-qw", f"net.ipv4.tcp_migrate_req={migrate}"], check=True)
+    lsts = []
+    for _ in range(2):
+        l = server.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        l.bind(("10.0.0.1", 8080)); l.listen(64); lsts.append(l)
+    n = 16
+    client.run(script(f"""
+        import socket
+        socks = [socket.create_connection(("10.0.0.1", 8080)) for _ in range({n})]
+        print("ok")
+    """), check=True)
+    time.sleep(0.1)
+    s0 = _nstat(server)
+    lsts[0].close()
+    time.sleep(0.1)
+    s1 = _nstat(server)
+    lsts[1].setblocking(False)
+    accepted = []
+    while True:
+        try:
+            c, _ = lsts[1].accept(); accepted.append(c)
+        except BlockingIOError:
+            break
+    lsts[1].close()
+    outrst = s1.get("TcpOutRsts", 0) - s0.get("TcpOutRsts", 0)
+    accepts = nettrace.events("conn", action="accept", netns=server.inode)
+    resets = nettrace.rst(netns=server.inode, direction="sent")
+    print(migrate, len(accepted), outrst, len(accepts), len(resets), [a.pid for a in accepts][:3])
+    assert len(accepts) == len(accepted) + 0 or len([a for a in accepts if a.pid is not None]) == len(accepted)
+    assert len([a for a in accepts if a.pid is not None]) == len(accepted)
+    assert len(resets) == outrst
+    if migrate:
+        assert len(accepted) == n and outrst == 0
+    else:
+        assert len(accepted) + outrst == n
+    for c in accepted:
+        c.close()
