@@ -158,7 +158,10 @@ class DropProbe(Probe):
             self.decoder.has_reason = True
             # 6.11+ names the socket that dropped it (rx_sk): TCP's receive
             # path leaves a segment neither device nor owner
-            return [Plan("tp_btf", ["drop_tp_sk" if args >= 4 else "drop_tp"], config=config)]
+            if args >= 4:
+                return [Plan("tp_btf", ["drop_tp_sk"], config=config)]
+            return [Plan("tp_btf (drops inside TCP's socket receive path unseen: no rx_sk before 6.11)",
+                         ["drop_tp"], config=config)]
         return [Plan("tp_btf (no drop reasons: kernel < 5.17)", ["drop_tp_noreason"], config=config)]
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
