@@ -273,11 +273,16 @@ int BPF_PROG(conn_state_tp, const struct sock *sk, int oldstate, int newstate)
 	}
 	struct conn_owner *owner = bpf_map_lookup_elem(&conn_socks, &key);
 	if (newstate == TCP_ESTABLISHED) {
+		__u8 action;
+
 		if (oldstate == TCP_SYN_SENT || (oldstate == TCP_SYN_RECV && owner && owner->active))
-			return emit(ctx, sk, true, netns, scope, CONN_CONNECT, oldstate, newstate, owner);
-		if (oldstate == TCP_SYN_RECV)
-			return emit(ctx, sk, true, netns, scope, CONN_ESTABLISHED, oldstate, newstate, owner);
-		return 0;
+			action = CONN_CONNECT;
+		else if (oldstate == TCP_SYN_RECV)
+			action = CONN_ESTABLISHED;
+		else
+			return 0;
+		/* one call: each inlined emit() is verified on its own (~4 ms) */
+		return emit(ctx, sk, true, netns, scope, action, oldstate, newstate, owner);
 	}
 	if (newstate == TCP_CLOSE && oldstate != TCP_LISTEN && oldstate != TCP_CLOSE) {
 		emit(ctx, sk, true, netns, scope, CONN_CLOSE, oldstate, newstate, owner);
