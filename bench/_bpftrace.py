@@ -61,21 +61,8 @@ def wrapper_ms(runs: int = 5) -> float:
 def engine_tracepoints() -> List[str]:
     """category:name of every tracepoint the default engine attaches (tp_btf
     programs), found in tracefs inside the same kind of private mount."""
-    from pytest_nettrace.kernel import libbpf as lb
-    from pytest_nettrace.kernel.capabilities import object_path
-    from pytest_nettrace.kernel.engine import OBJECT, Engine
-    from pytest_nettrace.probes.registry import all_probes
-    engine = Engine(probes=all_probes(), background=False)
-    try:
-        wanted = {p for st in engine.status.values() if st.plan for p in st.plan.programs}
-    finally:
-        engine.close()
-    obj = lb.BpfObject(object_path(OBJECT))
-    try:
-        names = sorted({sec.split("/", 1)[1] for name, sec, _ in obj.programs()
-                        if name in wanted and sec.startswith("tp_btf/")})
-    finally:
-        obj.close()
+    from _hooks import engine_hooks
+    names = sorted(set(engine_hooks()))
     script = " ".join(f"ls -d {TRACEFS}/events/*/{n};" for n in names)
     if _tracefs_mounted():
         out = subprocess.run(["sh", "-c", script], capture_output=True, text=True).stdout
