@@ -25,6 +25,18 @@ def _needs_rx_sk() -> None:
                     "socket receive path are not seen here")
 
 
+def _connected(server, client):
+    """(listener, client socket, accepted socket, client port): one
+    connection from client to server's 10.0.0.1:8080."""
+    lst = server.socket()
+    lst.bind(("10.0.0.1", 8080))
+    lst.listen()
+    conn = client.socket()
+    conn.connect(("10.0.0.1", 8080))
+    peer, _ = lst.accept()
+    return lst, conn, peer, conn.getsockname()[1]
+
+
 def _veth(make_netns, a="10.0.0.1/24", b="10.0.0.2/24"):
     server, client = make_netns(), make_netns()
     server.add_veth("eth0", client, "eth0", addresses=[a], peer_addresses=[b])
@@ -612,13 +624,7 @@ def test_rsts_tcp_ignores_are_received(make_netns, nettrace, tmp_path):
     ignored (out of window), 6.11+ naming the socket that dropped it."""
     _needs_rx_sk()
     server, client = _veth(make_netns)
-    lst = server.socket()
-    lst.bind(("10.0.0.1", 8080))
-    lst.listen()
-    conn = client.socket()
-    conn.connect(("10.0.0.1", 8080))
-    peer, _ = lst.accept()
-    cport = conn.getsockname()[1]
+    lst, conn, peer, cport = _connected(server, client)
     dump = _dump(client, tmp_path / "c.pcap")
     sdump = _dump(server, tmp_path / "s.pcap")
     try:
@@ -729,13 +735,7 @@ def test_a_rst_sent_by_a_fin_wait2_orphan_names_its_state(make_netns, nettrace):
     received side names such a sock by its substate (test_rst's orphan test):
     so does the sent side."""
     server, client = _veth(make_netns)
-    lst = server.socket()
-    lst.bind(("10.0.0.1", 8080))
-    lst.listen()
-    conn = client.socket()
-    conn.connect(("10.0.0.1", 8080))
-    peer, _ = lst.accept()
-    cport = conn.getsockname()[1]
+    lst, conn, peer, cport = _connected(server, client)
     peer.close()                                   # FIN; its ACK makes the orphan a FIN_WAIT2 time-wait sock
     assert conn.recv(1) == b""
     deadline = time.monotonic() + 5
@@ -780,13 +780,7 @@ def test_ss_kill_is_an_active_rst_by_ss(make_netns, nettrace):
     """`ss -K` (SOCK_DESTROY: tcp_abort) resets a connection from ss's own
     context: the RST is ss's, the close too happens in its context."""
     server, client = _veth(make_netns)
-    lst = server.socket()
-    lst.bind(("10.0.0.1", 8080))
-    lst.listen()
-    conn = client.socket()
-    conn.connect(("10.0.0.1", 8080))
-    peer, _ = lst.accept()
-    cport = conn.getsockname()[1]
+    lst, conn, peer, cport = _connected(server, client)
     r = server.run(["ss", "-K", "-tn", "dst", "10.0.0.2"])
     if "ESTAB" not in r.stdout:
         pytest.skip(f"no SOCK_DESTROY here: {r.stdout} {r.stderr}")
