@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -660,3 +661,36 @@ def test_a_deprecated_address_is_not_said_to_have_expired(netns, nettrace, addre
     assert address in shown and "deprecated" in shown, shown       # the observer: kept, deprecated
     assert ev.flags & 0x20 and ev.cause == "kernel"                # IFA_F_DEPRECATED
     assert ev.detail == "preferred lifetime expired: deprecated, kept until its valid lifetime ends", ev.detail
+
+
+def _mon(ns):
+    """`ip -o monitor link address` in `ns`, its lines collected as they come."""
+    proc = ns.popen(["ip", "-o", "monitor", "link", "address"], stdout=subprocess.PIPE, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(ln.rstrip("\n") for ln in proc.stdout), daemon=True).start()
+    time.sleep(0.5)
+    return proc, lines
+
+
+def test_ipv6_back_with_the_mtu_is_no_link_up(make_netns, nettrace):
+    """Raising a link's MTU from below 1280 starts IPv6 on it again (the
+    kernel runs NETDEV_UP's part of addrconf for NETDEV_CHANGEMTU): the routes
+    that come back say so, not "link up" — `ip monitor` shows the link UP
+    all along."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("v0", b, "v1")
+    a.run(["ip", "link", "set", "v0", "mtu", "1200"], check=True)
+    proc, lines = _mon(a)
+    try:
+        r = a.run(["ip", "link", "set", "v0", "mtu", "1500"], check=True)
+        time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    # the observer: v0 stayed UP all along (no link line without UP)
+    links = [ln for ln in lines if ": v0@" in ln and "mtu" in ln]
+    assert links and all(",UP" in ln for ln in links), links
+    back = nettrace.events("route", pid=r.pid, dev="v0")
+    assert back, "the multicast and link-local routes come back"
+    assert {e.detail for e in back} == {"the MTU went back to IPv6's minimum (1280) or above"}, \
+        [(str(e.dst), e.detail) for e in back]

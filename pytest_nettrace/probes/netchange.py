@@ -149,6 +149,10 @@ _TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
     # (inetdev_destroy, often inlined) below 68; the link stays up
     (_MTU_SET, ("addrconf_ifdown", "rt6_disable_ip"), "the MTU went below IPv6's minimum (1280)"),
     (_MTU_SET, ("inetdev_destroy", "inetdev_event"), "the MTU went below IPv4's minimum (68)"),
+    # ... and starts it again once it is back at 1280 or more (NETDEV_CHANGEMTU
+    # runs NETDEV_UP's addrconf: the link never went down)
+    (_MTU_SET, ("addrconf_init_auto_addrs", "addrconf_dev_config", "addrconf_add_dev", "ipv6_add_dev"),
+     "the MTU went back to IPv6's minimum (1280) or above"),
     # closed and unregistered in the old namespace (inetdev_destroy inlined
     # into inetdev_event), announced anew in the new one
     (("__dev_change_net_namespace", "dev_change_net_namespace", "netif_change_net_namespace"), (),
