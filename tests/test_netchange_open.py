@@ -3,7 +3,6 @@ each a reproducer that fails today, marked xfail(strict), so that a fix
 shows as an XPASS failure and the mark goes with it."""
 from __future__ import annotations
 
-
 import pytest
 
 
