@@ -10,10 +10,8 @@ pytest_nettrace/kind_methods.py:
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
-import inspect
 import os
 import sys
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Type
@@ -101,6 +99,7 @@ KIND_METHODS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath
 
 def public_methods(api: Type[KindApi]) -> List[str]:
     """The query class's own public methods and properties, in source order."""
+    import inspect   # (the generator's alone: not on the way to attached probes)
     return [name for name, member in vars(api).items()
             if not name.startswith("_") and name not in vars(KindApi)
             and (inspect.isfunction(member) or isinstance(member, property))]
@@ -131,6 +130,7 @@ def kind_methods_source() -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
     parser = argparse.ArgumentParser(prog="python -m pytest_nettrace.probes",
                                      description="Write the Trace's per-kind methods from the registry.")
     parser.add_argument("--check", action="store_true", help="exit 1 if kind_methods.py is stale; write nothing")
