@@ -73,12 +73,15 @@ class DropEvent(Event, init=False):
     @property
     def background(self) -> bool:
         """Not a failure (what assert_no_drops ignores by default): a free the
-        kernel does not name, IPv6 link-scope multicast, an empty buffer
+        kernel does not name, IPv6 link-scope multicast, a duplicate of data
+        TCP already had (TCP_OLD_DATA, TCP_OFOMERGE), an empty buffer
         purged from a socket being destroyed (the peer's FIN, never read by
         an application that closed without waiting for EOF: no data lost), or
         an AF_UNIX message discarded when its socket closed (not a packet)."""
         if self.reason == "QUEUE_PURGE" and self.length == 0:
             return True
+        if self.reason in _DUPLICATES:
+            return True   # a copy of data TCP already had (a spurious retransmission's): nothing lost
         if self.family is None and (self.location or "").startswith("unix_"):
             return True  # an AF_UNIX message (D-Bus...) discarded at close: not a network packet
         return not (_specified(self.reason) and _not_link_multicast(self.daddr))
@@ -334,6 +337,10 @@ def _not_link_multicast(daddr: Any) -> bool:
 
 
 _LINK_MULTICAST = ipaddress.ip_network("ff02::/16")
+# TCP discarding a segment's data it already had — in order (the peer sent it
+# again: a spurious retransmission, a lost ACK) or out of order — seen from
+# 6.11 on (kfree_skb's rx_sk): no data lost, and routine on a loaded machine
+_DUPLICATES = frozenset(("TCP_OLD_DATA", "TCP_OFOMERGE"))
 
 
 def _describe(filters: Dict[str, Any], lifted: bool) -> str:

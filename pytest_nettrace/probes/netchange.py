@@ -149,10 +149,6 @@ _TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
     # (inetdev_destroy, often inlined) below 68; the link stays up
     (_MTU_SET, ("addrconf_ifdown", "rt6_disable_ip"), "the MTU went below IPv6's minimum (1280)"),
     (_MTU_SET, ("inetdev_destroy", "inetdev_event"), "the MTU went below IPv4's minimum (68)"),
-    # ... and starts it again once it is back at 1280 or more (NETDEV_CHANGEMTU
-    # runs NETDEV_UP's addrconf: the link never went down)
-    (_MTU_SET, ("addrconf_init_auto_addrs", "addrconf_dev_config", "addrconf_add_dev", "ipv6_add_dev"),
-     "the MTU went back to IPv6's minimum (1280) or above"),
     # closed and unregistered in the old namespace (inetdev_destroy inlined
     # into inetdev_event), announced anew in the new one
     (("__dev_change_net_namespace", "dev_change_net_namespace", "netif_change_net_namespace"), (),
@@ -1366,8 +1362,11 @@ class NetChangeDecoder(Decoder):
         cause, detail = _cause(cls.kind, functions)
         if cause == "kernel" and fields.get("action") == "added" and functions.isdisjoint(_GOING_DOWN) and (
                 detail == "link down" or detail in _VAGUE and not functions.isdisjoint(_COMING_UP)):
-            # the same notifier (inetdev_event, NETDEV_UP/DOWN) for both ways
-            detail = "link up"
+            # the same notifier (inetdev_event, NETDEV_UP/DOWN) for both ways;
+            # NETDEV_CHANGEMTU runs NETDEV_UP's addrconf too, when the MTU is
+            # back at 1280 or more (the link never went down)
+            detail = "link up" if functions.isdisjoint(_MTU_SET) else \
+                "the MTU went back to IPv6's minimum (1280) or above"
         if cls.kind == "link" and cause != "kernel" and follows_another_link(stack.frames):
             cause, detail = "kernel", "follows a change of another link"
         fields["cause"], fields["detail"] = cause, detail
