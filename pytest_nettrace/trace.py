@@ -698,7 +698,8 @@ class Trace(KindMethods):
     def loss_causes(self) -> str:
         """What can have lost this trace's events, for a message that says
         some were: the usual causes, and those particular to it."""
-        causes = "a full ring buffer or socket, a race, or an undecodable record"
+        causes = ("a full ring buffer or socket, a race, a probe call the kernel skipped (the probe was already "
+                  "running on that CPU), or an undecodable record")
         if self.watched_late:
             causes += (f"; watched only after their creation, so their first events are unknown: "
                        f"{', '.join(self.watched_late.values())}")

@@ -149,6 +149,11 @@ class Engine:
         self._routes: Dict[Sink, FrozenSet[int]] = {}  # each sink's namespaces
         self._lock = threading.RLock()
         self._obj: Optional[Union[lb.BpfObject, lb.SplitObject]] = None
+        # attached programs that can miss calls (see _misses): fd, and the
+        # kind ids of the probes whose plans use it
+        self._miss_progs: Dict[str, int] = {}
+        self._prog_kinds: Dict[str, Set[int]] = {}
+        self._miss_base: Dict[int, Dict[str, int]] = {}  # netns -> program -> misses when its watch began
         self.attach_seconds = 0.0
         t0 = time.perf_counter()
         self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
@@ -229,6 +234,12 @@ class Engine:
                     culprit.unavailable = "; ".join(culprit.failures)
                 continue
             self._obj = obj
+            fds = obj.program_fds()
+            for st in active:
+                for prog in st.plans[0].programs:
+                    if prog in fds:
+                        self._miss_progs[prog] = fds[prog]
+                        self._prog_kinds.setdefault(prog, set()).add(st.probe.kind_id)
             if isinstance(obj, lb.SplitObject):
                 costs.save(obj.costs())
             for st in active:
@@ -309,6 +320,7 @@ class Engine:
         with self._lock:
             self._sinks[netns] = sink
             self._route()
+            self._miss_base[netns] = self._misses()   # before the scope: a miss from then on counts
             # since: CLOCK_MONOTONIC, bpf_ktime_get_ns()'s clock
             lb.map_update(self._scopes_fd, _u32.pack(netns), _SCOPE_VALUE.pack(*_NO_LOSSES, time.monotonic_ns()))
             lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
@@ -320,6 +332,7 @@ class Engine:
             for probe in self._attached_probes():
                 probe.unwatch(netns)
             lb.map_delete(self._scopes_fd, _u32.pack(netns))
+            self._miss_base.pop(netns, None)
             self._sinks.pop(netns, None)
             self._route()
             lb.map_update(self._watching_fd, _u32.pack(0), _u32.pack(len(self._sinks)))
@@ -338,6 +351,39 @@ class Engine:
         out = {k: n for k, n in enumerate(lost) if n}
         for kind_id, n in self.records.lost(netns).items():
             out[kind_id] = out.get(kind_id, 0) + n
+        for kind_id, n in self.missed(netns).items():
+            out[kind_id] = out.get(kind_id, 0) + n
+        return out
+
+    def _misses(self) -> Dict[str, int]:
+        """Each attached program's recursion misses so far (those the kernel
+        does not report on: none)."""
+        out = {}
+        for prog, fd in self._miss_progs.items():
+            n = lb.prog_recursion_misses(fd)
+            if n is not None:
+                out[prog] = n
+        return out
+
+    def missed(self, netns: int) -> Dict[int, int]:
+        """Calls of the probes' programs the kernel skipped since `netns` was
+        watched, by kind id. A tracing program is not run when the CPU is
+        already running it: one running in a process's context (say a
+        state change of any socket on the machine) and interrupted by a
+        softirq that hits the same tracepoint (a watched socket closing on
+        a FIN) skips the softirq's call, and its event, counting it only in
+        the program's recursion_misses. Which namespace that call was for is
+        not known: every watched namespace counts it, for every kind of the
+        probes that use the program."""
+        base = self._miss_base.get(netns)
+        if base is None:
+            return {}
+        out: Dict[int, int] = {}
+        for prog, n in self._misses().items():
+            delta = n - base.get(prog, 0)
+            if delta > 0:
+                for kind_id in self._prog_kinds.get(prog, ()):
+                    out[kind_id] = out.get(kind_id, 0) + delta
         return out
 
     def lost_elsewhere(self, netns: int) -> Dict[str, int]:

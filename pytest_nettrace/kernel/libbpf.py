@@ -49,6 +49,9 @@ class _OpenOpts(ctypes.Structure):
 # struct bpf_prog_info: its size up to load_time, and load_time's offset
 _PROG_INFO_SIZE = 48
 _PROG_INFO_LOAD_TIME = 40
+# ... and up to recursion_misses (5.12+), and its offset
+_PROG_INFO_MISSES_SIZE = 216
+_PROG_INFO_MISSES = 208
 
 
 class _BtfType(ctypes.Structure):
@@ -349,6 +352,16 @@ class BpfObject:
                 out[name] = struct.unpack_from("<Q", info.raw, _PROG_INFO_LOAD_TIME)[0]
         return out
 
+    def program_fds(self) -> Dict[str, int]:
+        """name -> fd of each loaded program."""
+        lib = libbpf()
+        out = {}
+        for name, _sec, prog in self.programs():
+            fd = lib.bpf_program__fd(prog)
+            if fd >= 0:
+                out[name] = fd
+        return out
+
     def core_relocations(self) -> List[str]:
         """What CO-RE relocation did to every program's instructions, as
         libbpf's debug log says it (type ids removed), from one load attempt:
@@ -510,6 +523,12 @@ class SplitObject:
     def map_fd(self, name: str) -> int:
         return self._maps.map_fd(name)
 
+    def program_fds(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        for part in self._parts:
+            out.update(part.program_fds())
+        return out
+
     def attach(self, prog_name: str, cgroup: Optional[str] = None) -> BpfLink:
         owner = self._owner.get(prog_name)
         if owner is None:
@@ -524,6 +543,21 @@ class SplitObject:
         self.links.clear()
         for obj in self._all():
             obj.close()
+
+
+def prog_recursion_misses(fd: int) -> Optional[int]:
+    """How many times program `fd` was not run because it was already running
+    on that CPU (bpf_prog_info.recursion_misses, 5.12+): a tracepoint program
+    interrupted by a softirq that hits the same tracepoint skips that call,
+    and whatever event it would have written, without a word to the
+    program. None if the kernel does not say."""
+    info = ctypes.create_string_buffer(_PROG_INFO_MISSES_SIZE)
+    size = ctypes.c_uint32(_PROG_INFO_MISSES_SIZE)
+    if libbpf().bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) != 0:
+        return None
+    if size.value < _PROG_INFO_MISSES + 8:   # an older kernel fills less
+        return None
+    return int(struct.unpack_from("<Q", info.raw, _PROG_INFO_MISSES)[0])
 
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
