@@ -548,8 +548,9 @@ class Trace(KindMethods):
         ids = {kind_info(kind).kind_id} if kind else None
         self._decode_pending(ids, settle=True)  # some losses show only when records are decoded
         total = 0
+        misses = self.engine.program_misses()   # read once for every namespace
         for inode in self._watched:
-            for kid, n in self.engine.lost(inode).items():
+            for kid, n in self.engine.lost(inode, misses).items():
                 if ids is None or kid in ids:
                     total += n
             for k, n in self.engine.lost_elsewhere(inode).items():

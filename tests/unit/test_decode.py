@@ -67,7 +67,10 @@ class Engine:
     def unwatch(self, netns) -> None:
         pass
 
-    def lost(self, netns):
+    def lost(self, netns, misses=None):
+        return {}
+
+    def program_misses(self):
         return {}
 
     def lost_elsewhere(self, netns):
