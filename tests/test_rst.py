@@ -18,7 +18,7 @@ from pytest_nettrace.probes.registry import all_probes
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.trace import Trace
 
-from traffic import clean_exchange_over, connect_refused, linger_abort, script
+from traffic import INJECT_RST, clean_exchange_over, connect_refused, linger_abort, script
 
 
 
@@ -301,18 +301,6 @@ def _stop(dump):
     dump.communicate(timeout=10)
 
 
-INJECT_RST = """
-    import socket, struct, sys
-    src, dst, sport, dport, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x04, 0, 0, 0)
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    data = pseudo + tcp
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    s = (s >> 16) + (s & 0xFFFF)
-    s = ~(s + (s >> 16)) & 0xFFFF
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-    raw.sendto(tcp[:16] + struct.pack("!H", s) + tcp[18:], (dst, 0))
-"""
 
 
 def _veth_pair(make_netns):

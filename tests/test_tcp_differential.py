@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from traffic import script
+from traffic import INJECT_RST, script
 
 
 def _needs_rx_sk() -> None:
@@ -599,18 +599,6 @@ def test_curl_to_http_server(make_netns, nettrace, tmp_path):
         assert (e.bytes_sent, e.bytes_received) == sizes[e.sport], e.describe()
 
 
-INJECT_RST = """
-    import socket, struct, sys
-    src, dst, sport, dport, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x04, 0, 0, 0)
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    data = pseudo + tcp
-    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    s = (s >> 16) + (s & 0xFFFF)
-    s = ~(s + (s >> 16)) & 0xFFFF
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-    raw.sendto(tcp[:16] + struct.pack("!H", s) + tcp[18:], (dst, 0))
-"""
 
 
 def _inject(ns, src, dst, sport, dport, seq):
