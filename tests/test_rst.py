@@ -18,7 +18,8 @@ from pytest_nettrace.probes.registry import all_probes
 from pytest_nettrace.netns import NamespaceFactory
 from pytest_nettrace.trace import Trace
 
-from traffic import INJECT_RST, clean_exchange_over, connect_refused, linger_abort, script
+from traffic import (INJECT_RST, clean_exchange_over, connect_refused, linger_abort, script, tcpdump_start,
+                     tcpdump_stop)
 
 
 
@@ -288,19 +289,7 @@ def _rst_lines(path, parse: bool = False):
 
 
 def _capture_rsts(ns, path):
-    dump = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", "eth0", "-U", "--immediate-mode", "-w", str(path),
-                     "(tcp[tcpflags] & tcp-rst != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)"],
-                    stderr=subprocess.PIPE, text=True)
-    assert "listening on" in dump.stderr.readline()
-    return dump
-
-
-def _stop(dump):
-    time.sleep(0.3)
-    dump.send_signal(signal.SIGINT)
-    dump.communicate(timeout=10)
-
-
+    return tcpdump_start(ns, path, "(tcp[tcpflags] & tcp-rst != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)")
 
 
 def _veth_pair(make_netns):
@@ -338,7 +327,7 @@ def test_rst_killing_a_time_wait_socket_is_received(make_netns, nettrace, tmp_pa
     try:
         _inject_rst(server, "10.0.0.1", "10.0.0.2", 8080, cport, seq)
     finally:
-        _stop(dump)
+        tcpdump_stop(dump)
     assert "TIME-WAIT" not in client.run(["ss", "-tanH"], check=True).stdout, "the kernel acted on the RST"
     assert _rst_lines(tmp_path / "c.pcap", parse=True) == [("10.0.0.1", 8080, "10.0.0.2", cport)]
     got = nettrace.rst(netns=client.inode)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -12,7 +11,7 @@ import time
 
 import pytest
 
-from traffic import INJECT_RST, script
+from traffic import INJECT_RST, script, tcpdump_start, tcpdump_stop
 
 
 def _needs_rx_sk() -> None:
@@ -44,16 +43,7 @@ def _veth(make_netns, a="10.0.0.1/24", b="10.0.0.2/24"):
 
 
 def _dump(ns, path, filt="tcp[tcpflags] & tcp-rst != 0"):
-    d = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", "eth0", "-U", "--immediate-mode", "-w", str(path), filt],
-                 stderr=subprocess.PIPE, text=True)
-    assert "listening on" in d.stderr.readline()
-    return d
-
-
-def _stop(d):
-    time.sleep(0.3)
-    d.send_signal(signal.SIGINT)
-    d.communicate(timeout=10)
+    return tcpdump_start(ns, path, filt)
 
 
 def _rsts(path):
@@ -112,7 +102,7 @@ def test_data_after_close_is_one_rst_on_the_wire(make_netns, nettrace, tmp_path,
         daemon.stdin.close()
         daemon.wait(5)
         for d in dumps.values():
-            _stop(d)
+            tcpdump_stop(d)
     after = _nstat(server)
     print("TcpExtTCPAbortOnData", after.get("TcpExtTCPAbortOnData", 0) - before.get("TcpExtTCPAbortOnData", 0),
           "TcpOutRsts", after.get("TcpOutRsts", 0) - before.get("TcpOutRsts", 0))
@@ -334,7 +324,7 @@ def test_a_v4_mapped_server_socket_reports_ipv4(make_netns, nettrace, tmp_path):
         """), check=True)
         daemon.wait(5)
     finally:
-        _stop(dump)
+        tcpdump_stop(dump)
     cport = int(r.stdout.split()[-1])
     wire = _rsts(tmp_path / "s.pcap")
     assert wire == [("10.0.0.1", 8080, "10.0.0.2", cport)]
@@ -495,7 +485,7 @@ def test_keepalive_and_user_timeout_closes(make_netns, nettrace, tmp_path):
         daemon.stdin.close()
         daemon.wait(10)
         for d in dumps.values():
-            _stop(d)
+            tcpdump_stop(d)
     print("client u", u_line, "client k", k_line, "server k", dk)
     print("server", {k: s1[k] - s0.get(k, 0) for k in s1 if s1[k] != s0.get(k, 0) and ("Abort" in k or "Rst" in k)})
     print("client", {k: c1[k] - c0.get(k, 0) for k in c1 if c1[k] != c0.get(k, 0) and ("Abort" in k or "Rst" in k)})
@@ -620,8 +610,8 @@ def test_rsts_tcp_ignores_are_received(make_netns, nettrace, tmp_path):
         _inject(server, "10.0.0.1", "10.0.0.2", 8080, cport, 0x7fff0000)
         _inject(client, "10.0.0.2", "10.0.0.1", 5555, 8080, 1)              # to the listener
     finally:
-        _stop(dump)
-        _stop(sdump)
+        tcpdump_stop(dump)
+        tcpdump_stop(sdump)
     assert "ESTAB" in client.run(["ss", "-tanH", "sport", f"= :{cport}"], check=True).stdout   # ignored
     assert [w for w in _rsts(tmp_path / "c.pcap") if w[2] == "10.0.0.2"] == [("10.0.0.1", 8080, "10.0.0.2", cport)]
     assert [w for w in _rsts(tmp_path / "s.pcap") if w[2] == "10.0.0.1"] == [("10.0.0.2", 5555, "10.0.0.1", 8080)]
@@ -658,7 +648,7 @@ def test_many_aborts_are_each_one_rst_each_side(make_netns, nettrace, tmp_path):
         client.run(script(ABORT_MANY) + [str(n)], check=True)
         time.sleep(0.2)
     finally:
-        _stop(dump)
+        tcpdump_stop(dump)
     c1, s1 = _nstat(client), _nstat(server)
     wire = _rsts(tmp_path / "s.pcap")
     sent = nettrace.rst(netns=client.inode, direction="sent")

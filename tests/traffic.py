@@ -2,11 +2,14 @@
 (so events carry those processes' pids), or from this process for speed."""
 from __future__ import annotations
 
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 PYTHON = sys.executable
 
@@ -120,6 +123,22 @@ def clean_exchange_over(server, client, fam: int, addr: str) -> int:
     t.join(5)
     lst.close()
     return port
+
+
+def tcpdump_start(ns, path, filt: str, dev: str = "eth0"):
+    """tcpdump writing what matches `filt` on `dev` in `ns` to `path`, packet by
+    packet, once it says it is listening."""
+    dump = ns.popen(["tcpdump", "-Z", "root", "-nn", "-i", dev, "-U", "--immediate-mode", "-w", str(path), filt],
+                    stderr=subprocess.PIPE, text=True)
+    assert "listening on" in dump.stderr.readline()
+    return dump
+
+
+def tcpdump_stop(dump) -> None:
+    """Stop it after what is in flight arrived (its file is then complete)."""
+    time.sleep(0.3)
+    dump.send_signal(signal.SIGINT)
+    dump.communicate(timeout=10)
 
 
 # A RST with the given ends and sequence number, sent from a raw socket (argv: src dst sport dport seq)
