@@ -99,3 +99,34 @@ def test_partial_files_of_makers_that_died_are_removed(tmp_path, monkeypatch):
         assert corebtf.prepare(obj) == path
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp"))
     assert left == [busy.name + ".4242.tmp"]
+
+
+@needs_bpftool
+def test_a_thread_that_finds_it_being_made_leaves_the_makers_file(tmp_path, monkeypatch):
+    """Each Engine() of a process that finds no minimal BTF starts a maker;
+    one that loses the lock to another thread of the same process used to
+    remove the winner's partial file (same name: same pid), whose check then
+    failed and marked the BTF unusable for the whole boot."""
+    import threading
+    monkeypatch.delenv("NETTRACE_FULL_BTF", raising=False)
+    monkeypatch.setattr(corebtf, "RUN_DIR", str(tmp_path))
+    obj = object_path("nettrace.bpf.o")
+    checking = threading.Event()
+    go_on = threading.Event()
+    real_check = corebtf.check
+
+    def slow_check(object_file: str, candidate: str, btf_path: str = corebtf.KERNEL_BTF):
+        checking.set()
+        go_on.wait(60)   # the other thread's attempt happens here
+        return real_check(object_file, candidate, btf_path)
+
+    monkeypatch.setattr(corebtf, "check", slow_check)
+    made = []
+    maker = threading.Thread(target=lambda: made.append(corebtf.prepare(obj)))
+    maker.start()
+    assert checking.wait(120)
+    assert corebtf.prepare(obj) is None   # being made: the caller uses the full BTF this time
+    go_on.set()
+    maker.join(120)
+    assert made and made[0] is not None, [p.name for p in tmp_path.iterdir()]
+    assert not any(p.name.endswith(".unusable") for p in tmp_path.iterdir())

@@ -96,12 +96,15 @@ def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
         lock = open(path + ".lock", "w")
     except OSError:
         return None
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return None  # another process is making it
+            return None  # another process, or thread, is making it
+        # named only once the lock is held: a thread of this process that
+        # lost the race must not remove the winner's file
+        tmp = f"{path}.{os.getpid()}.tmp"
         _remove_abandoned(path)
         if os.path.exists(path) or os.path.exists(path + ".unusable"):
             return path if os.path.exists(path) else None
@@ -121,7 +124,7 @@ def prepare(object_file: str, btf_path: str = KERNEL_BTF) -> Optional[str]:
         return None
     finally:
         lock.close()
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
