@@ -137,6 +137,26 @@ struct {
 	__type(value, struct nt_pidns);
 } nt_pidns SEC(".maps") __weak;
 
+/* The number of `pid` (a struct pid) in the pid namespace `inum`; 0 when it
+ * has none there. A global function: the verifier checks its loop once per
+ * program, not once for every call (~0.5k instructions each). */
+__noinline __weak __u32 nt_pid_nr_in(__u64 pid, __u32 inum)
+{
+	struct pid *p = (struct pid *)pid;
+	if (!p)
+		return 0;
+	unsigned int level = BPF_CORE_READ(p, level);
+	__u64 base = bpf_core_field_offset(struct pid, numbers), size = bpf_core_type_size(struct upid);
+	for (unsigned int i = 1; i <= NT_MAX_PIDNS_LEVEL && i <= level; i++) {
+		struct upid up = {};
+		if (bpf_probe_read_kernel(&up, sizeof(up), (void *)p + base + i * size))
+			return 0;
+		if (BPF_CORE_READ(up.ns, ns.inum) == inum)
+			return up.nr;
+	}
+	return 0;
+}
+
 /* `global` (task's tgid or pid in the initial namespace) as numbered in the
  * observer's pid namespace; 0 when the task is not visible there. */
 static __always_inline __u32 nt_ns_pid(struct task_struct *task, __u32 global, bool group)
@@ -146,18 +166,7 @@ static __always_inline __u32 nt_ns_pid(struct task_struct *task, __u32 global, b
 	if (!ns || !ns->inum || !global || !task)
 		return global;
 	struct pid *p = group ? BPF_CORE_READ(task, group_leader, thread_pid) : BPF_CORE_READ(task, thread_pid);
-	if (!p)
-		return 0;
-	unsigned int level = BPF_CORE_READ(p, level);
-	__u64 base = bpf_core_field_offset(struct pid, numbers), size = bpf_core_type_size(struct upid);
-	for (unsigned int i = 1; i <= NT_MAX_PIDNS_LEVEL && i <= level; i++) {
-		struct upid up = {};
-		if (bpf_probe_read_kernel(&up, sizeof(up), (void *)p + base + i * size))
-			return 0;
-		if (BPF_CORE_READ(up.ns, ns.inum) == ns->inum)
-			return up.nr;
-	}
-	return 0;
+	return nt_pid_nr_in((__u64)p, ns->inum);
 }
 
 static __always_inline __u32 nt_current_ns_tgid(void)
@@ -167,8 +176,10 @@ static __always_inline __u32 nt_current_ns_tgid(void)
 
 /* Direct loads through the task's BTF pointer, not bpf_probe_read calls
  * (~15 ns each): this runs for every event. */
-static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netns)
+__noinline __weak int nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netns)
 {
+	if (!h)
+		return 0;
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u64 id = bpf_get_current_pid_tgid();
 
@@ -184,6 +195,7 @@ static __always_inline void nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netn
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
 	bpf_probe_read_kernel_str(h->pcomm, sizeof(h->pcomm), &parent->comm);
 	h->pad = 0;
+	return 0;
 }
 
 /* Kernel stack into the event's trailer. ctx is the program's context. */

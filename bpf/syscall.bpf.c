@@ -96,10 +96,11 @@ static __always_inline void copy_msg_addr(struct syscall_event *e, __u64 umsg)
 
 static __always_inline bool fd_is_socket(struct task_struct *task, __u64 fd)
 {
-	struct fdtable *fdt = task->files->fdt;
-	if (!fdt || fd >= fdt->max_fds)
+	/* read, not loaded through the task's trusted pointer: see sc_enter */
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
 		return false;
-	struct file **fds = fdt->fd;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
 	struct file *f = NULL;
 	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
 	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFSOCK;
@@ -117,7 +118,10 @@ int BPF_PROG(sc_enter, struct pt_regs *regs, long id)
 	if (nt_current_ns_tgid() == sc_cfg.self_tgid)  /* as os.getpid() sees it */
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	__u32 netns = task->nsproxy->net_ns->ns.inum;
+	/* read, not loaded: a pointer loaded through a trusted one (the task)
+	 * costs the verifier four searches of the kernel's whole BTF (~1 ms);
+	 * three reads cost ~40 ns a wanted call */
+	__u32 netns = BPF_CORE_READ(task, nsproxy, net_ns, ns.inum);
 	if (!nt_watched(netns))
 		return 0;
 

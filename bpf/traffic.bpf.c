@@ -275,11 +275,14 @@ static __always_inline void own_as(const struct sock *sk, __u32 netns, __u32 pid
 	bpf_map_update_elem(&tf_owners, &key, &o, BPF_NOEXIST);
 }
 
-static __always_inline void own(const struct sock *sk)
+/* `hot`: on every send and receive of the machine, the namespace is loaded
+ * through the socket's pointer; elsewhere read, which spares the verifier
+ * four searches of the kernel's whole BTF (~1 ms a program) */
+static __always_inline void own(const struct sock *sk, bool hot)
 {
 	if (nt_idle())
 		return;
-	__u32 netns = sk->__sk_common.skc_net.net->ns.inum;
+	__u32 netns = hot ? sk->__sk_common.skc_net.net->ns.inum : nt_netns_of_sk(sk);
 	if (!nt_watched(netns))
 		return;
 	struct task_struct *task = bpf_get_current_task_btf();
@@ -291,14 +294,14 @@ static __always_inline void own(const struct sock *sk)
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(traffic_send, struct sock *sk, int ret, int flags)
 {
-	own(sk);
+	own(sk, true);
 	return 0;
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(traffic_recv, struct sock *sk, int ret, int flags)
 {
-	own(sk);
+	own(sk, true);
 	return 0;
 }
 
@@ -311,7 +314,7 @@ int BPF_PROG(traffic_recv, struct sock *sk, int ret, int flags)
 	{                                                                      \
 		struct sock *sk = sock->sk;                                    \
 		if (sk)                                                        \
-			own(sk);                                               \
+			own(sk, true);                                            \
 		return 0;                                                      \
 	}
 
@@ -326,6 +329,6 @@ int BPF_PROG(traffic_state, const struct sock *sk, const int oldstate, const int
 	/* listen() runs in the listener; other transitions may be softirq's
 	 * (connect()'s SYN_SENT comes before its port: see count()) */
 	if (newstate == TCP_LISTEN)
-		own(sk);
+		own(sk, false);
 	return 0;
 }
