@@ -11,6 +11,8 @@ import pytest
 
 from traffic import connect_refused, script
 
+RECVFROM_NR = {"x86_64": 45, "aarch64": 207}[os.uname().machine]
+
 
 @pytest.fixture
 def pair(make_netns):
@@ -226,16 +228,26 @@ def test_a_call_a_signal_interrupted_is_named_as_strace_names_it(netns, nettrace
     `= ? ERESTARTSYS (To be restarted if SA_RESTART is set)`."""
     log = tmp_path / "strace.out"
     r = netns.run(["strace", "-f", "-qq", "-e", "trace=recvfrom", "-o", str(log)] + script("""
-        import os, signal, socket, threading
+        import os, signal, socket, threading, time
         print(os.getpid(), flush=True)
         signal.signal(signal.SIGALRM, lambda *a: None)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         u.bind(("127.0.0.1", 0))
-        signal.setitimer(signal.ITIMER_REAL, 0.1)
         wake = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        threading.Timer(0.3, lambda: wake.sendto(b"x", u.getsockname())).start()
+        main = threading.get_native_id()
+
+        def interrupt():
+            # once the main thread blocks in recvfrom (a timer alone fired
+            # before it got there on a slow emulated machine)
+            while open(f"/proc/self/task/{main}/syscall").read().split()[0] != str(RECVFROM):
+                time.sleep(0.01)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGALRM)
+            time.sleep(0.2)
+            wake.sendto(b"x", u.getsockname())
+
+        threading.Thread(target=interrupt).start()
         u.recv(10)
-    """), check=True)
+    """.replace("RECVFROM", str(RECVFROM_NR))), check=True)
     interrupted = nettrace.syscalls(pid=int(r.stdout.split()[0]), name="recvfrom", errno="ERESTARTSYS")
     assert len(interrupted) == 1 and interrupted[0].ret == -512
     theirs = [line for line in log.read_text().splitlines() if "ERESTARTSYS" in line]
