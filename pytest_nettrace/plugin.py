@@ -623,6 +623,8 @@ def _finish_trace(item: pytest.Item, trace: Trace, gate: GateSpec, settings: "Re
                 violation = gates.Violation(
                     f"nettrace gate (forbid={', '.join(map(str, gate.forbid))}) cannot be checked: "
                     "the test closed its trace, so lost events are unknown", [])
+            elif gate.marked and not trace.watched:
+                violation = gates.nothing_watched(gate.marked)
             else:
                 violation = gates.check(trace, gate.forbid, timeline_shown=settings.show != "none")
         if violation is None and not item.stash.get(_FAILED, False) and not settings.report_dir \

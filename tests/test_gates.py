@@ -296,3 +296,29 @@ def test_a_tests_record_limit_from_the_ini_file_and_its_marker(pytester):
     out = result.stdout.str()
     assert "FAILED test_limited.py::test_past_the_limit" in out
     assert "records past this trace's" in out and "limit of 50" in out and "(nettrace_max_records" in out, out
+
+
+def test_a_markers_gate_on_a_test_that_watches_nothing_fails(pytester):
+    """A gate the test asked for, on a test with no namespace (it forgot
+    `netns`): it would pass whatever happened, so it fails as a negative
+    assertion does; a suite-wide gate still lets such tests pass."""
+    pytester.makepyfile(test_forgot=textwrap.dedent('''
+        import pytest
+
+        @pytest.mark.nettrace(forbid=["rst"])
+        def test_no_namespace():
+            pass
+
+        @pytest.mark.nettrace(forbid=["rst"], watch_host=True)
+        def test_the_host_watched():
+            pass
+
+        def test_plain():
+            pass
+    '''))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--nettrace-forbid=addr:deleted")
+    result.assert_outcomes(passed=3, errors=1)
+    out = " ".join(result.stdout.str().split())
+    assert "ERROR test_forgot.py::test_no_namespace" in out
+    assert ("nettrace gate (forbid=rst) cannot be checked: this test watches no network namespace, "
+            "so it would pass whatever happened") in out

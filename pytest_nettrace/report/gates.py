@@ -63,6 +63,10 @@ class GateSpec:
     watch_host: bool = False
     nft_trace: bool = False
     max_records: Optional[int] = None   # the trace's record limit, for this test (None: the ini's; 0: none)
+    # the rules a marker put on this test (or its class, module): it asked
+    # for them, so they must be checkable; a suite-wide rule also covers
+    # tests with no network of their own
+    marked: Tuple[ForbidRule, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.forbid) or self.watch_host or self.nft_trace
@@ -72,7 +76,9 @@ class GateSpec:
         # markers are merged closest first (a test's, then its class's, its
         # module's): the closest one that sets a limit decides
         limit = self.max_records if self.max_records is not None else other.max_records
-        return GateSpec(rules, self.watch_host or other.watch_host, self.nft_trace or other.nft_trace, limit)
+        marked = self.marked + tuple(r for r in other.marked if r not in self.marked)
+        return GateSpec(rules, self.watch_host or other.watch_host, self.nft_trace or other.nft_trace, limit,
+                        marked)
 
 
 def actions_of(kind: str) -> Optional[Tuple[str, ...]]:
@@ -150,8 +156,9 @@ def parse_marker(args: Sequence[Any], kwargs: Mapping[str, Any], where: str) -> 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise GateSpecError(f"{where}: max_records must be a whole number of records, 0 for no limit, "
                             f"got {limit!r}")
-    return GateSpec(parse_rules(kwargs.get("forbid", []), where), kwargs.get("watch_host", False),
-                    kwargs.get("nft_trace", False), limit)
+    rules = parse_rules(kwargs.get("forbid", []), where)
+    return GateSpec(rules, kwargs.get("watch_host", False), kwargs.get("nft_trace", False), limit, tuple(rules))
+
 
 
 def unavailable(trace: Checked, rules: Iterable[ForbidRule]) -> List[str]:
@@ -173,6 +180,15 @@ class Violation:
 
     message: str
     offending: List[Event]
+
+
+def nothing_watched(rules: Sequence[ForbidRule]) -> Violation:
+    """A marker's gate on a test that watched no namespace: it would pass
+    whatever happened, like a negative assertion with nothing watched."""
+    return Violation(f"nettrace gate (forbid={', '.join(map(str, rules))}) cannot be checked: this test watches "
+                     "no network namespace, so it would pass whatever happened (a test's namespaces come from the "
+                     "netns / make_netns fixtures; the one pytest runs in is watched with "
+                     "@pytest.mark.nettrace(watch_host=True))", [])
 
 
 def check(trace: Checked, rules: Sequence[ForbidRule], timeline_shown: bool = True) -> Optional[Violation]:
