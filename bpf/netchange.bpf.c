@@ -410,7 +410,10 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 	e->req.pad = 0;
 	if (!nc_queued_by(e)) {
 		e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
-		if (!(e->h.flags & NT_F_KTHREAD))
+		/* only a link's notification is weighed against the request (the
+		 * rest of the program runs for every notification: kept short) */
+		__u16 type = e->copied >= 6 ? *(__u16 *)(e->msg + 4) : 0;
+		if (!(e->h.flags & NT_F_KTHREAD) && (type == RTM_NEWLINK || type == RTM_DELLINK))
 			nc_read_request(&e->req);
 		/* a change a sysctl write made (disable_ipv6=1 removing
 		 * addresses): which setting, from sysctl.bpf.c */
