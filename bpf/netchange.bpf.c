@@ -348,11 +348,16 @@ static __always_inline void nc_read_request(struct nc_request *r)
 		return;
 	r->netns = nt_netns_of_sk(sk);
 	r->len = len > 0xffffffff ? 0 : len;
-	/* clamp then mask, as for the notification */
-	__u64 n = size > NC_REQ_MAX - 1 ? NC_REQ_MAX - 1 : size;
-	n &= NC_REQ_MAX - 1;
-	if (n && bpf_probe_read_user(r->msg, n, (void *)buf) == 0)
-		r->copied = n;
+	/* the start of a long buffer, or all of a short one (a bound the
+	 * verifier can follow) */
+	if (size >= NC_REQ_MAX) {
+		if (bpf_probe_read_user(r->msg, NC_REQ_MAX, (void *)buf) == 0)
+			r->copied = NC_REQ_MAX;
+	} else {
+		__u32 n = size & (NC_REQ_MAX - 1);
+		if (n && bpf_probe_read_user(r->msg, n, (void *)buf) == 0)
+			r->copied = n;
+	}
 }
 
 /* Whether the kernel sent `skb`: any process may unicast a made-up message to

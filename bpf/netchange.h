@@ -7,7 +7,11 @@
 
 #define NC_MSG_MAX 1024     /* bytes of the netlink message kept */
 #define NC_CMDLINE_MAX 256  /* bytes of the acting process's command line */
-#define NC_REQ_MAX 512      /* bytes of the rtnetlink request kept (NC_REQ_MAX - 1) */
+/* Bytes of an rtnetlink request kept: a request naming its link by index or
+ * name (`ip link del`, `set … down`, `set … netns`) fits; a longer one names
+ * no single link for Python. Kept small: two notifications still fit in one
+ * page of ring buffer. */
+#define NC_REQ_MAX 64
 
 /* A monitor socket the plugin owns in a watched namespace. */
 struct nc_sock_key {

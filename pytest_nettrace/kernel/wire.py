@@ -48,7 +48,7 @@ CONN_F_STACK = 0x80    # the record is a struct conn_stack_event
 SY_F_RESULT = 0x100    # the record is a struct sysctl_result
 
 # bpf/netchange.h
-NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX, NC_REQ_MAX = 1024, 256, 4096, 512
+NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX, NC_REQ_MAX = 1024, 256, 4096, 64
 NC_SOCK_RTNL, NC_SOCK_NFT = 1, 2   # nc_socks value: which monitor socket
 # bpf/sysctl.h
 SY_NAME_MAX, SY_VALUE_MAX, SY_CMDLINE_MAX = 128, 64, 256
