@@ -274,6 +274,92 @@ static __noinline int nc_emit_nft(void *ctx, struct nt_scope *scope, __u32 netns
 	return 0;
 }
 
+/* This architecture's numbers of the system calls a netlink request is sent
+ * with, and where the call's number is kept (the user registers saved at
+ * entry: bpf_task_pt_regs, 5.15+). */
+#define NETLINK_ROUTE 0
+#if defined(__TARGET_ARCH_x86)
+#define NC_NR_WRITE 1
+#define NC_NR_SENDTO 44
+#define NC_NR_SENDMSG 46
+#define NC_SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#elif defined(__TARGET_ARCH_arm64)
+#define NC_NR_WRITE 64
+#define NC_NR_SENDTO 206
+#define NC_NR_SENDMSG 211
+#define NC_SYSCALL_NR(regs) BPF_CORE_READ(regs, syscallno)
+#else
+#define NC_NR_WRITE -1
+#define NC_NR_SENDTO -1
+#define NC_NR_SENDMSG -1
+#define NC_SYSCALL_NR(regs) -2
+#endif
+
+/* The NETLINK_ROUTE socket behind the current task's descriptor `fd`, or NULL. */
+static __always_inline struct sock *nc_rtnl_sock(struct task_struct *task, __u64 fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	if (!f)
+		return NULL;
+	/* a socket and its file point at each other; another file's
+	 * private_data is something else */
+	struct socket *sock = BPF_CORE_READ(f, private_data);
+	if (!sock || BPF_CORE_READ(sock, file) != f)
+		return NULL;
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+	if (!sk || BPF_CORE_READ(sk, __sk_common.skc_family) != AF_NETLINK ||
+	    BPF_CORE_READ(sk, sk_protocol) != NETLINK_ROUTE)
+		return NULL;
+	return sk;
+}
+
+/* The request the current task is sending, when a notification is queued
+ * under its system call (r is zeroed: it stays so for none): the buffer is
+ * the task's own memory, still there while the kernel handles it. */
+static __always_inline void nc_read_request(struct nc_request *r)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	long nr = NC_SYSCALL_NR(regs);
+	__u64 buf = PT_REGS_PARM2_CORE_SYSCALL(regs);
+	__u64 size = PT_REGS_PARM3_CORE_SYSCALL(regs);
+	__u64 len = size;
+
+	if (nr == NC_NR_SENDMSG) {
+		struct user_msghdr m = {};
+		struct iovec iov = {};
+		if (bpf_probe_read_user(&m, sizeof(m), (void *)buf) ||
+		    bpf_probe_read_user(&iov, sizeof(iov), m.msg_iov))
+			return;
+		buf = (__u64)iov.iov_base;
+		size = iov.iov_len;
+		/* (the whole of several buffers is not added up) */
+		len = m.msg_iovlen == 1 ? size : 0;
+	} else if (nr != NC_NR_SENDTO && nr != NC_NR_WRITE) {
+		return;
+	}
+	struct sock *sk = nc_rtnl_sock(task, PT_REGS_PARM1_CORE_SYSCALL(regs));
+	if (!sk)
+		return;
+	r->netns = nt_netns_of_sk(sk);
+	r->len = len > 0xffffffff ? 0 : len;
+	/* the start of a long buffer, or all of a short one (a bound the
+	 * verifier can follow) */
+	if (size >= NC_REQ_MAX) {
+		if (bpf_probe_read_user(r->msg, NC_REQ_MAX, (void *)buf) == 0)
+			r->copied = NC_REQ_MAX;
+	} else {
+		__u32 n = size & (NC_REQ_MAX - 1);
+		if (n && bpf_probe_read_user(r->msg, n, (void *)buf) == 0)
+			r->copied = n;
+	}
+}
+
 /* Whether the kernel sent `skb`: any process may unicast a made-up message to
  * a monitor socket (its port id is in /proc/net/netlink), or multicast one
  * with CAP_NET_ADMIN. The sender's port id is in the skb's netlink control
@@ -323,8 +409,17 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 	}
 
 	nt_fill_stack(ctx, &e->h, e->stack);
+	e->req.netns = 0;
+	e->req.len = 0;
+	e->req.copied = 0;
+	e->req.pad = 0;
 	if (!nc_queued_by(e)) {
 		e->cmdline_len = nc_read_cmdline(e->cmdline, e->h.flags);
+		/* only a link's notification is weighed against the request (the
+		 * rest of the program runs for every notification: kept short) */
+		__u16 type = e->copied >= 6 ? *(__u16 *)(e->msg + 4) : 0;
+		if (!(e->h.flags & NT_F_KTHREAD) && (type == RTM_NEWLINK || type == RTM_DELLINK))
+			nc_read_request(&e->req);
 		/* a change a sysctl write made (disable_ipv6=1 removing
 		 * addresses): which setting, from sysctl.bpf.c */
 		__u32 tid = (__u32)bpf_get_current_pid_tgid();

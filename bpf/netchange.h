@@ -7,6 +7,11 @@
 
 #define NC_MSG_MAX 1024     /* bytes of the netlink message kept */
 #define NC_CMDLINE_MAX 256  /* bytes of the acting process's command line */
+/* Bytes of an rtnetlink request kept: a request naming its link by index or
+ * name (`ip link del`, `set … down`, `set … netns`) fits; a longer one names
+ * no single link for Python. Kept small: two notifications still fit in one
+ * page of ring buffer. */
+#define NC_REQ_MAX 64
 
 /* A monitor socket the plugin owns in a watched namespace. */
 struct nc_sock_key {
@@ -25,6 +30,18 @@ struct nc_origin {
 	struct sysctl_write sysctl; /* a sysctl write it was making (name[0] == 0: none) */
 };
 
+/* The rtnetlink request the acting task is sending, read from the buffer of
+ * its system call (write, sendto or sendmsg on a NETLINK_ROUTE socket): the
+ * stack says a request is being handled, not which link it names, and the
+ * kernel changes other links with it (`ip link del v0` deletes v0's peer). */
+struct nc_request {
+	__u32 netns;   /* the sending socket's namespace; 0: no request read */
+	__u32 len;     /* bytes the call sends (0: unknown); above the first message's length: several */
+	__u32 copied;  /* bytes of its start in msg[] */
+	__u32 pad;
+	__u8 msg[NC_REQ_MAX];
+};
+
 /* In an event's header flags: the task fields, command line and stack are
  * those of the task that queued the DAD work which made this change. */
 #define NC_F_QUEUED_BY 0x10
@@ -39,6 +56,7 @@ struct netchange_event {
 	char cmdline[NC_CMDLINE_MAX];
 	__u8 msg[NC_MSG_MAX];
 	struct sysctl_write sysctl; /* the acting thread's last sysctl write (name[0] == 0: none) */
+	struct nc_request req;      /* the request it is sending, if any */
 	__u64 stack[NT_MAX_STACK];
 };
 

@@ -56,6 +56,12 @@ def test_fallback_mechanism_sees_real_events(probe, mechanism, feature):
                 r6 = ns.run(["ip", "link", "set", "dummy0", "down"], check=True)
                 ev6 = trace.assert_address_deleted("2001::1/128")
                 assert ev6.cause == "kernel" and ev6.pid == r6.pid
+                # which link a request names is read from its system call: a veth's peer is not it
+                ns.run(["ip", "link", "add", "v0", "type", "veth", "peer", "v1"], check=True)
+                rv = ns.run(["ip", "link", "del", "v0"], check=True)
+                gone = {e.dev: (e.cause, e.pid) for e in (trace.wait_for("link", action="deleted", dev=dev)
+                                                          for dev in ("v0", "v1"))}
+                assert gone == {"v0": ("netlink", rv.pid), "v1": ("kernel", rv.pid)}, gone
             trace.close()
     finally:
         engine.close()

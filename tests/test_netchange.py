@@ -556,6 +556,30 @@ def test_links_that_go_with_their_lower_link_are_the_kernels_doing(make_netns, n
     assert [e.cause for e in own] == ["netlink"]
 
 
+def test_a_veth_peer_deleted_with_its_other_end_is_the_kernels_doing(make_netns, nettrace):
+    """`ip link del v0` names v0 (strace: one RTM_DELLINK, v0's index); the
+    kernel deletes its peer with it, in the same handler (the stacks are the
+    same), as it deletes a macvlan on top. Whichever end is named, in
+    another namespace or the same one (where the peer's index differs)."""
+    a, b = make_netns(), make_netns()
+    a.add_veth("v0", b, "v1", peer_addresses=["10.2.0.2/24"])
+    a.add_veth("w0", b, "w1")
+    a.run(["ip", "link", "add", "s0", "type", "veth", "peer", "s1"], check=True)   # (left down)
+    for ns, named, peer, peer_ns, actions in ((a, "v0", "v1", b, ["down", "deleted"]),
+                                              (b, "w1", "w0", a, ["down", "deleted"]),
+                                              (a, "s1", "s0", a, ["deleted"])):
+        r = ns.run(["ip", "link", "del", named], check=True)
+        own = nettrace.assert_any("link", action="deleted", dev=named, netns=ns.inode)
+        assert (own.pid, own.cause) == (r.pid, "netlink")
+        theirs = [(e.action, e.cause, e.detail) for e in nettrace.link_changes(dev=peer, netns=peer_ns.inode,
+                                                                               pid=r.pid)]
+        assert theirs == [(action, "kernel", "follows a change of another link") for action in actions], (named,
+                                                                                                          theirs)
+    # its addresses and routes went with it, the kernel's as before
+    gone = nettrace.assert_address_deleted("10.2.0.2/24", dev="v1")
+    assert (gone.cause, gone.detail) == ("kernel", "device removed")
+
+
 def test_a_neighbour_learned_from_a_router_solicitation_says_so(make_netns, nettrace):
     """A router learns its peer's link-local address from the peer's Router
     Solicitation: a softirq, which may run on top of the DAD worker that

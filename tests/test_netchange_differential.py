@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -41,6 +42,17 @@ class Monitor:
     def until(self, pattern: str, timeout: float = 5.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: any(pattern in ln for ln in self.lines), timeout)
+
+    def rule_sentinel(self, ns) -> int:
+        """The priority of a rule ip monitor printed (watching `rule`): from
+        its line on, it sees everything (it subscribes some time after it
+        started)."""
+        for n in range(10, 60):
+            ns.run(["ip", "rule", "add", "pref", str(10000 + n), "from", f"198.51.100.{n}", "lookup", "main"],
+                   check=True)
+            if self.until(f"from 198.51.100.{n} ", 0.5):
+                return 10000 + n
+        raise AssertionError(f"ip monitor printed nothing: {self.lines[-5:]}")
 
     def start(self, ns) -> str:
         """A sentinel address ip monitor printed: from its line on, it sees
@@ -166,7 +178,7 @@ def test_address_and_route_changes_match_ip_monitor(make_netns, nettrace):
 # `ip -o monitor link neigh rule` lines. An interface's own link messages
 # carry its qdisc; a bridge port's (AF_BRIDGE, `bridge monitor link`) do not,
 # and neither do bridge forwarding entries' neigh lines an address.
-_LINK = re.compile(r"^(Deleted )?\d+: ([^:@\s]+)(?:@\S+)?: <[^>]*> .* qdisc ")
+_LINK = re.compile(r"^(Deleted )?\d+: ([^:@\s]+)(?:@\S+)?: <([^>]*)> .* qdisc ")
 _BRIDGE_PORT = re.compile(r"^(Deleted )?\d+: ([^:@\s]+): <[^>]*> .* master ")
 _NEIGH = re.compile(r"^(Deleted )?(?:(\S+) )?dev (\S+)")
 _RULE = re.compile(r"^(Deleted )?(\d+):\t")
@@ -181,14 +193,7 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
     ns, peer = make_netns(), make_netns()
     mon = Monitor(ns, ("link", "neigh", "rule"))
     try:
-        for n in range(10, 60):   # ip monitor subscribes some time after it starts
-            ns.run(["ip", "rule", "add", "pref", str(10000 + n), "from", f"198.51.100.{n}", "lookup", "main"],
-                   check=True)
-            if mon.until(f"from 198.51.100.{n} ", 0.5):
-                begin = 10000 + n
-                break
-        else:
-            raise AssertionError(f"ip monitor printed nothing: {mon.lines[-5:]}")
+        begin = mon.rule_sentinel(ns)
         ns.add_veth("d1", peer, "p1", addresses=["192.168.2.1/24"], peer_addresses=["192.168.2.2/24"])
         ns.run(script("""
             import socket
@@ -271,6 +276,106 @@ def test_link_neighbour_and_rule_changes_match_ip_monitor(make_netns, nettrace):
                                               sorted(Counter(theirs) - Counter(ours), key=str))
     assert ours == theirs
     assert [e.action for e in nettrace.rule_changes(priority=0, src="10.8.0.0/16")] == ["added", "deleted"]
+
+
+def test_whose_link_changes_are_in_each_namespace_match_ip_monitor_and_the_requests(make_netns, nettrace):
+    """Requests whose link changes reach other links, in the requester's
+    namespace and another: veth ends deleted from either end and within one
+    namespace, one end set down and up (its peer's carrier, by the kernel's
+    linkwatch), a link moved to another namespace, ports joining a bridge
+    and the bridge deleted, a macvlan's lower link deleted. Every line `ip
+    monitor link` prints in each namespace is one event saying the same
+    (deleted or not, up or not: a carrier lost is no "down"), and nothing
+    more; each request's own changes are those of the links it named (a
+    moved link's in its new namespace too; `ip link add` names a veth's
+    peer), every other one the kernel's (strace: each request is one
+    message naming one link)."""
+    a, b = make_netns(), make_netns()
+    mons = {a: Monitor(a, ("link", "rule")), b: Monitor(b, ("link", "rule"))}
+    steps = []   # (its ip arguments, its process, the links it names as (namespace, name))
+
+    def run(ns, argv, *named):
+        steps.append((argv, ns.run(["ip"] + argv.split(), check=True), set(named)))
+
+    def carrier(since, operstate, *links):
+        """The kernel's linkwatch worker announced each link's carrier change
+        (a moment after the request: the next one must not come first, or
+        it announces both changes as one)."""
+        for ns, dev in links:
+            nettrace.wait_for("link", timeout=5, netns=ns.inode, dev=dev, action="changed", operstate=operstate,
+                              timestamp=lambda t: t > since)
+
+    try:
+        begin = {ns: mon.rule_sentinel(ns) for ns, mon in mons.items()}
+        run(a, f"link add v0 type veth peer v1 netns {b.name}", (a, "v0"), (b, "v1"))
+        since = time.monotonic_ns()
+        run(a, "link set v0 up", (a, "v0"))
+        run(b, "link set v1 up", (b, "v1"))
+        carrier(since, "UP", (a, "v0"), (b, "v1"))
+        since = time.monotonic_ns()
+        run(a, "link set v0 down", (a, "v0"))
+        carrier(since, "DOWN", (b, "v1"))
+        since = time.monotonic_ns()
+        run(a, "link set v0 up", (a, "v0"))
+        carrier(since, "UP", (a, "v0"), (b, "v1"))
+        run(b, "link del v1", (b, "v1"))                      # the other end: v0 goes with it
+        run(a, "link add s0 type veth peer s1", (a, "s0"), (a, "s1"))
+        run(a, "link del s0", (a, "s0"))                      # both ends here: s1 goes
+        run(a, "link add m0 type veth peer m1", (a, "m0"), (a, "m1"))
+        run(a, "link set m0 up", (a, "m0"))
+        run(a, f"link set m0 netns {b.name}", (a, "m0"), (b, "m0"))
+        run(a, "link add br0 type bridge", (a, "br0"))
+        run(a, f"link add p0 type veth peer p1 netns {b.name}", (a, "p0"), (b, "p1"))
+        run(a, "link set p0 master br0", (a, "p0"))
+        run(a, "link set m1 master br0", (a, "m1"))
+        run(a, "link del br0", (a, "br0"))                    # its ports leave it
+        run(a, "link add mv0 link p0 type macvlan mode bridge", (a, "mv0"))
+        run(a, "link set mv0 up", (a, "mv0"))
+        run(a, "link del p0", (a, "p0"))                      # mv0, and p1 over there, go with it
+        for ns, mon in mons.items():
+            ns.run(["ip", "rule", "add", "pref", "19999", "from", "198.51.100.2", "lookup", "main"], check=True)
+            assert mon.until("from 198.51.100.2 "), f"ip monitor printed no end sentinel: {mon.lines[-5:]}"
+    finally:
+        for mon in mons.values():
+            mon.proc.terminate()
+            mon.proc.wait(5)
+    assert nettrace.lost("link") == 0
+    for ns, mon in mons.items():
+        started, theirs = False, []
+        for ln in mon.lines:
+            m = _RULE.match(ln)
+            if m and int(m[2]) == begin[ns]:
+                started = True
+            elif m and int(m[2]) == 19999:
+                break
+            elif started and _LINK.match(ln):
+                m = _LINK.match(ln)
+                theirs.append((bool(m[1]), m[2], "UP" in m[3].split(",")))
+        ours = [(e.action == "deleted", e.dev, e.up)
+                for e in _between(nettrace.events(netns=ns.inode),
+                                  lambda e: e.kind == "rule" and e.priority == begin[ns],
+                                  lambda e: e.kind == "rule" and e.priority == 19999) if e.kind == "link"]
+        assert ours == theirs, (ns.name, sorted(Counter(ours) - Counter(theirs), key=str),
+                                sorted(Counter(theirs) - Counter(ours), key=str))
+    inodes = {a.inode: a, b.inode: b}
+    said = []   # (request, namespace, link, action, cause)
+    for argv, r, named in steps:
+        mine = [(argv, inodes[e.netns], e.dev, e.action, e.cause) for e in nettrace.link_changes(pid=r.pid)]
+        # each link it named changed at its request, and no other did (a named link may change by the
+        # kernel's hand too: a port made promiscuous by the bridge it joins)
+        assert {(ns, dev) for _argv, ns, dev, _action, cause in mine if cause == "netlink"} == named, mine
+        said += mine
+    # the workload did what it should: the kernel changed other links under these requests
+    kernels = {(argv, ns, dev, action) for argv, ns, dev, action, cause in said if cause == "kernel"}
+    assert {("link del v1", a, "v0", "down"), ("link del v1", a, "v0", "deleted"),
+            ("link del s0", a, "s1", "deleted"), ("link del br0", a, "p0", "changed"),
+            ("link del br0", a, "m1", "changed"), ("link del p0", a, "mv0", "down"),
+            ("link del p0", a, "mv0", "deleted"), ("link del p0", b, "p1", "deleted")} <= kernels, kernels
+    moved = {(ns, action) for argv, ns, dev, action, cause in said if argv == f"link set m0 netns {b.name}"}
+    assert moved == {(a, "down"), (a, "deleted"), (b, "added")}, moved
+    # and a carrier lost or regained is no request's: the linkwatch worker's
+    v1 = [(e.operstate, e.up, e.pid, e.cause) for e in nettrace.link_changes(dev="v1", action="changed")]
+    assert ("DOWN", True, None, "kernel") in v1 and ("UP", True, None, "kernel") in v1, v1
 
 
 # `ip -o monitor nexthop route` lines: a nexthop's ("id 10 group 1,3/2",

@@ -48,7 +48,7 @@ CONN_F_STACK = 0x80    # the record is a struct conn_stack_event
 SY_F_RESULT = 0x100    # the record is a struct sysctl_result
 
 # bpf/netchange.h
-NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX = 1024, 256, 4096
+NC_MSG_MAX, NC_CMDLINE_MAX, NC_NFT_MSG_MAX, NC_REQ_MAX = 1024, 256, 4096, 64
 NC_SOCK_RTNL, NC_SOCK_NFT = 1, 2   # nc_socks value: which monitor socket
 # bpf/sysctl.h
 SY_NAME_MAX, SY_VALUE_MAX, SY_CMDLINE_MAX = 128, 64, 256
@@ -185,9 +185,11 @@ SYSCTL_EVENT = Record("sysctl_event", [
     ("cmdline", f"{SY_CMDLINE_MAX}s")], stack=False)
 SYSCTL_RESULT = Record("sysctl_result", [("ret", "q")], stack=False)   # flagged SY_F_RESULT
 
+NC_REQUEST = Layout("nc_request", [("netns", "I"), ("len", "I"), ("copied", "I"), ("pad", "I"),
+                                   ("msg", f"{NC_REQ_MAX}s")])
 NETCHANGE_EVENT = Record("netchange_event", [
     ("skb", "Q"), ("portid", "I"), ("msg_len", "I"), ("copied", "I"), ("cmdline_len", "I"),
-    ("cmdline", f"{NC_CMDLINE_MAX}s"), ("msg", f"{NC_MSG_MAX}s"), ("sysctl", SYSCTL_WRITE)])
+    ("cmdline", f"{NC_CMDLINE_MAX}s"), ("msg", f"{NC_MSG_MAX}s"), ("sysctl", SYSCTL_WRITE), ("req", NC_REQUEST)])
 NFTCHANGE_EVENT = Record("nftchange_event", [
     ("skb", "Q"), ("portid", "I"), ("msg_len", "I"), ("copied", "I"), ("cmdline_len", "I"),
     ("cmdline", f"{NC_CMDLINE_MAX}s"), ("msg", f"{NC_NFT_MSG_MAX}s")])
@@ -211,5 +213,6 @@ TRAFFIC_OWNER = Layout("traffic_owner", [("uid", "I"), ("comm", f"{NT_COMM_LEN}s
 LAYOUTS: Tuple[Layout, ...] = (
     NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, CONN_STACK_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT,
     DROP_SCOPE,
-    SYSCTL_WRITE, SYSCTL_EVENT, SYSCTL_RESULT, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY, SYSCALL_EVENT, SC_PENDING,
+    SYSCTL_WRITE, SYSCTL_EVENT, SYSCTL_RESULT, NC_REQUEST, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY,
+    SYSCALL_EVENT, SC_PENDING,
     TRAFFIC_KEY, TRAFFIC_COUNTERS, TRAFFIC_OWNER_KEY, TRAFFIC_OWNER)

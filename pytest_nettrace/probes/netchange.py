@@ -54,6 +54,7 @@ _DAD_PROGRAMS = ("nc_queue_work", "nc_timer_start", "nc_work_start", "nc_work_en
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK, RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR, RTM_NEWROUTE, RTM_DELROUTE = \
     16, 17, 18, 20, 21, 22, 24, 25
 AF_BRIDGE = 7
+RTM_SETLINK = 19
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
 RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x100, 0x400
 _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
@@ -61,6 +62,8 @@ _GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFA
 RTMGRP_NEIGH, RTMGRP_IPV4_RULE, RTMGRP_IPV6_RULE = 0x4, 0x80, 1 << (19 - 1)
 _GROUPS |= RTMGRP_NEIGH | RTMGRP_IPV4_RULE | RTMGRP_IPV6_RULE
 IFF_UP = 0x1
+# uapi/linux/if_link.h: how a link request names its link, and where it moves it
+IFLA_IFNAME, IFLA_NET_NS_PID, IFLA_NET_NS_FD, IFLA_TARGET_NETNSID = 3, 19, 28, 46
 IFA_F_SECONDARY = 0x1
 IFA_F_NODAD = 0x2
 # Deleting an IPv4 primary address deletes the secondaries of its subnet
@@ -141,6 +144,7 @@ _ANY_IOCTL = ("sock_ioctl", "sock_do_ioctl", "inet_ioctl", "inet6_ioctl", "dev_i
 # too or () for none, detail). The removals of a link down, the neighbour
 # flush of an address change, also follow other requests; each trigger has
 # its names of 6.1 to 6.18 (dev_* became netif_* in 6.15) as alternatives.
+_NETNS_CHANGE = ("__dev_change_net_namespace", "dev_change_net_namespace", "netif_change_net_namespace")
 _MTU_SET = ("netif_set_mtu_ext", "dev_set_mtu_ext", "netif_set_mtu", "dev_set_mtu", "call_netdevice_notifiers_mtu")
 _TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
     # inetdev_event re-announces IPv4 addresses under their new label
@@ -151,8 +155,7 @@ _TRIGGERS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], str], ...] = (
     (_MTU_SET, ("inetdev_destroy", "inetdev_event"), "the MTU went below IPv4's minimum (68)"),
     # closed and unregistered in the old namespace (inetdev_destroy inlined
     # into inetdev_event), announced anew in the new one
-    (("__dev_change_net_namespace", "dev_change_net_namespace", "netif_change_net_namespace"), (),
-     "the link moved to another namespace"),
+    (_NETNS_CHANGE, (), "the link moved to another namespace"),
     # `ip link set arp off|on`: NETDEV_CHANGE with IFF_NOARP changed flushes
     # as an address change does (neigh_changeaddr), from the flags' notifier
     (("neigh_changeaddr",), ("__dev_notify_flags", "netif_change_flags", "dev_change_flags"),
@@ -232,6 +235,52 @@ def follows_another_link(frames: Tuple[str, ...]) -> bool:
         # on top (`ip link add mv0 link X`) links X as a consequence
         return "do_setlink" not in functions
     return chains == 1 and not functions.isdisjoint(_ENSLAVING)
+
+
+_FOLLOWS_ANOTHER_LINK = "follows a change of another link"
+
+
+class LinkRequest(NamedTuple):
+    """The one link an rtnetlink request names: in `netns` (its socket's), by
+    `ifindex`, or by `name` where that is 0; `moves`: the request moves it
+    to another namespace."""
+
+    netns: int
+    ifindex: int
+    name: Optional[str]
+    moves: bool
+
+    def names(self, netns: int, index: int, name: Optional[str], functions: AbstractSet[str]) -> bool:
+        """Whether a link notification (in `netns`, of link `index` named
+        `name`, its stack's `functions`) is of this link."""
+        if netns != self.netns:
+            # a link moved is announced anew in the namespace it went to
+            return self.moves and not functions.isdisjoint(_NETNS_CHANGE)
+        return index == self.ifindex if self.ifindex else name == self.name
+
+
+def link_request(netns: int, length: int, msg: bytes) -> Optional[LinkRequest]:
+    """The link a request names, from the start of the buffer its sender's
+    system call sent (`length` bytes in all, 0: unknown; `netns` its
+    socket's namespace, 0: no request). None for no link request, or one that
+    names no single link: a new one (`ip link add` names a veth's peer
+    too), a group, one of another namespace by its id; or when the call sent
+    several messages, or the copy is cut short."""
+    if not netns or len(msg) < 32:
+        return None
+    nl_len, mtype, flags, _seq, _pid = _NLMSG.unpack_from(msg, 0)
+    if mtype not in (RTM_NEWLINK, RTM_DELLINK, RTM_SETLINK) or not 32 <= nl_len <= len(msg) \
+            or not nl_len <= length <= (nl_len + 3) & ~3:
+        return None
+    if mtype == RTM_NEWLINK and flags & NLM_F_CREATE:
+        return None
+    index = max(struct.unpack_from("<i", msg, 20)[0], 0)
+    attrs = _attrs(msg, 32, nl_len)
+    # (the kernel looks a link up by its name only when no index is given)
+    name = None if index else _cstr(attrs.get(IFLA_IFNAME))
+    if IFLA_TARGET_NETNSID in attrs or not (index or name):
+        return None
+    return LinkRequest(netns, index, name, IFLA_NET_NS_PID in attrs or IFLA_NET_NS_FD in attrs)
 
 
 def applied_by_a_reader(functions: AbstractSet[str]) -> bool:
@@ -1236,15 +1285,16 @@ class NetChangeDecoder(Decoder):
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
         if hdr.flags & NC_F_NFT:
             return self._nft(buf, hdr)
-        skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value = (
-            _BODY.unpack_from(buf, RECORD.body_offset))
+        (skb, portid, msg_len, copied, cmd_len, cmdline, msg, sy_name, sy_value,
+         req_netns, req_len, req_copied, _pad, req_msg) = _BODY.unpack_from(buf, RECORD.body_offset)
         mon = self._monitors.get(hdr.netns)
         if not self._readable(hdr.netns, skb, copied):
             if copied:
                 blamed = self._blame_nobody(hdr.netns)
                 return [blamed] if blamed is not None else []
             return []
-        event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon)
+        request = link_request(req_netns, req_len, req_msg[:req_copied])
+        event = self._decode(buf, hdr, msg[:copied], cmd_len, cmdline, mon, request)
         if event is None:
             self._last[hdr.netns] = (skb, None)
             return []  # not a change (our own request's reply)
@@ -1262,8 +1312,7 @@ class NetChangeDecoder(Decoder):
         (corrections are no new events; the races are counted the same)."""
         if hdr.flags & NC_F_NFT:
             return super().count(buf, hdr)
-        skb, _portid, _msg_len, copied, _cmd_len, _cmdline, msg, _sy_name, _sy_value = (
-            _BODY.unpack_from(buf, RECORD.body_offset))
+        skb, _portid, _msg_len, copied, _cmd_len, _cmdline, msg, *_ = _BODY.unpack_from(buf, RECORD.body_offset)
         if not self._readable(hdr.netns, skb, copied):
             return []
         mon = self._monitors.get(hdr.netns)
@@ -1331,7 +1380,7 @@ class NetChangeDecoder(Decoder):
         return corrected
 
     def _decode(self, buf: bytes, hdr: Header, msg: bytes, cmd_len: int, cmdline: bytes,
-                mon: Optional[_Monitor]) -> Optional[NetChangeEvent]:
+                mon: Optional[_Monitor], request: Optional[LinkRequest]) -> Optional[NetChangeEvent]:
         kind = change_kind(msg, mon.portid if mon is not None else None)
         if kind is None:
             return None
@@ -1341,7 +1390,7 @@ class NetChangeDecoder(Decoder):
         if kind == "addr":
             return self._addr(hdr, stack, msg, mtype, mon, common)
         if kind == "link":
-            return self._link(hdr, stack, msg, mtype, mon, common)
+            return self._link(hdr, stack, msg, mtype, mon, request, common)
         if kind == "route":
             return self._route(hdr, stack, msg, mtype, nl_flags, mon, common)
         if kind == "neigh":
@@ -1353,10 +1402,11 @@ class NetChangeDecoder(Decoder):
         return self._nexthop(hdr, stack, msg, mtype, nl_flags, mon, common)
 
     def _finish(self, cls: Type[NetChangeEvent], hdr: Header, stack: Stack,
-                fields: Dict[str, Any]) -> NetChangeEvent:
+                fields: Dict[str, Any], another_link: bool = False) -> NetChangeEvent:
         """The `cls` event of `stack` with its `fields` and how the change
         was asked for, and by whom (built once: a record's event was built,
-        then rebuilt with these)."""
+        then rebuilt with these). `another_link`: the request being handled
+        names another link than this one."""
         kthread = bool(hdr.flags & NT_F_KTHREAD)
         functions = own_functions(stack.frames)
         cause, detail = _cause(cls.kind, functions)
@@ -1367,8 +1417,8 @@ class NetChangeDecoder(Decoder):
             # back at 1280 or more (the link never went down)
             detail = "link up" if functions.isdisjoint(_MTU_SET) else \
                 "the MTU went back to IPv6's minimum (1280) or above"
-        if cls.kind == "link" and cause != "kernel" and follows_another_link(stack.frames):
-            cause, detail = "kernel", "follows a change of another link"
+        if cls.kind == "link" and cause != "kernel" and (another_link or follows_another_link(stack.frames)):
+            cause, detail = "kernel", _FOLLOWS_ANOTHER_LINK
         fields["cause"], fields["detail"] = cause, detail
         if hdr.flags & NC_F_QUEUED_BY:
             # announced by the kernel's DAD worker; task, stack and cause are
@@ -1431,8 +1481,8 @@ class NetChangeDecoder(Decoder):
             return event.evolve(detail=_DEPRECATED)
         return event
 
-    def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int,
-              mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:
+    def _link(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, mon: Optional[_Monitor],
+              request: Optional[LinkRequest], common: Dict[str, Any]) -> NetChangeEvent:
         _family, _pad, _type, index, flags, change = struct.unpack_from("<BBHiII", msg, 16)
         attrs = _attrs(msg, 32, len(msg))
         name = _cstr(attrs.get(3))
@@ -1455,10 +1505,14 @@ class NetChangeDecoder(Decoder):
         kind_attr = _attrs(attrs[18], 0, len(attrs[18])).get(1) if 18 in attrs else None  # IFLA_LINKINFO/KIND
         mtu = struct.unpack("<I", attrs[4][:4])[0] if len(attrs.get(4, b"")) >= 4 else None
         oper = attrs.get(16)
-        fields = dict(action=action, dev=name or (mon.names.get(index) if mon else None),
+        dev = name or (mon.names.get(index) if mon else None)
+        fields = dict(action=action, dev=dev,
                       ifindex=index, up=bool(flags & IFF_UP), flags=flags, link_kind=_cstr(kind_attr),
                       mtu=mtu, operstate=_OPERSTATES.get(oper[0]) if oper else None, **common)
-        return self._finish(LinkEvent, hdr, stack, fields)
+        # the stack says a request is being handled, not which link it names:
+        # a veth's peer goes with it, under the same handler
+        another = request is not None and not request.names(hdr.netns, index, dev, stack.functions)
+        return self._finish(LinkEvent, hdr, stack, fields, another)
 
     def _route(self, hdr: Header, stack: Stack, msg: bytes, mtype: int, nl_flags: int,
                mon: Optional[_Monitor], common: Dict[str, Any]) -> NetChangeEvent:

@@ -14,8 +14,8 @@ from pytest_nettrace.kernel import wire
 from pytest_nettrace.kernel.records import RecordDecoder
 from pytest_nettrace.probes.conn import ConnProbe
 from pytest_nettrace.probes.drop import DropEvent, DropProbe
-from pytest_nettrace.probes.netchange import (RTM_DELLINK, RTM_NEWADDR, RTM_NEWNEXTHOP, NetChangeProbe,
-                                              applied_by_a_reader)
+from pytest_nettrace.probes.netchange import (RTM_DELLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEXTHOP, RTM_SETLINK,
+                                              LinkRequest, NetChangeProbe, applied_by_a_reader, link_request)
 from pytest_nettrace.probes.packet import PacketProbe
 from pytest_nettrace.probes.retransmit import RetransmitProbe
 from pytest_nettrace.probes.rst import RstProbe
@@ -275,6 +275,52 @@ def test_netchange_a_bridge_port_leaving_its_bridge_is_no_link_deleted():
     [ev] = decode(NetChangeProbe(), *recs)
     assert (ev.kind, ev.action, ev.dev) == ("link", "deleted", "e1")
 
+
+def _link_request(mtype: int, index: int = 0, flags: int = 0x5, **attrs: object) -> bytes:
+    """An rtnetlink link request as `ip` or pyroute2 sends it."""
+    msg = ifinfmsg()
+    msg["header"]["type"], msg["header"]["flags"] = mtype, flags
+    msg["index"] = index
+    msg["attrs"] = list(attrs.items())
+    msg.encode()
+    return bytes(msg.data)
+
+
+def test_the_link_a_request_names():
+    """`ip link del v0` (RTM_DELLINK, v0's index), pyroute2 by name,
+    `ip link set v0 netns b` (moves it): one link of the sender's namespace.
+    A new link (`ip link add` names a veth's peer as well), a group, a link
+    of another namespace by id, several messages in one call, a copy cut
+    short: no one link."""
+    ns = 4026532001
+    dellink = _link_request(RTM_DELLINK, 7)
+    assert link_request(ns, len(dellink), dellink) == LinkRequest(ns, 7, None, False)
+    by_name = _link_request(RTM_SETLINK, IFLA_IFNAME="v0")
+    assert link_request(ns, len(by_name), by_name) == LinkRequest(ns, 0, "v0", False)
+    move = _link_request(RTM_NEWLINK, 7, IFLA_NET_NS_FD=5)
+    assert link_request(ns, len(move), move) == LinkRequest(ns, 7, None, True)
+    renamed = _link_request(RTM_NEWLINK, 7, IFLA_IFNAME="v9")   # by its index: the name is the new one
+    assert link_request(ns, len(renamed), renamed) == LinkRequest(ns, 7, None, False)
+    for msg in (_link_request(RTM_NEWLINK, flags=0x605, IFLA_IFNAME="v0"),   # NLM_F_CREATE
+                _link_request(RTM_DELLINK, IFLA_GROUP=5),
+                _link_request(RTM_DELLINK, 7, IFLA_IF_NETNSID=1),   # IFLA_TARGET_NETNSID
+                _newaddr("10.0.0.1", 24, 7)):
+        assert link_request(ns, len(msg), msg) is None, msg
+    assert link_request(ns, 2 * len(dellink), dellink + dellink) is None     # two messages, one call
+    assert link_request(ns, 0, dellink) is None                              # (several buffers)
+    assert link_request(ns, len(by_name), by_name[:-4]) is None              # cut short
+    assert link_request(0, len(dellink), dellink) is None                    # no request read
+
+
+def test_a_link_notification_under_a_request_for_another_is_not_its_own():
+    request = LinkRequest(4026532001, 7, None, False)
+    assert request.names(4026532001, 7, "v0", frozenset())
+    assert not request.names(4026532001, 8, "v1", frozenset())     # the peer, same namespace
+    assert not request.names(4026532002, 7, "v1", frozenset())     # the peer elsewhere, the same index
+    moved = request._replace(moves=True)
+    assert moved.names(4026532002, 3, "v0", frozenset({"__dev_change_net_namespace"}))
+    assert not moved.names(4026532002, 3, "v1", frozenset({"linkwatch_event"}))
+    assert LinkRequest(4026532001, 0, "v0", False).names(4026532001, 9, "v0", frozenset())
 
 
 def _newnexthop(nh_id: int, flags: int, *attrs: bytes) -> bytes:
