@@ -31,7 +31,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
 	__type(key, struct nc_sock_key);
-	__type(value, __u32);
+	__type(value, struct nc_sock);
 } nc_socks SEC(".maps");
 
 /* Set by the loader from /proc/kallsyms; zero turns DAD tracking off. */
@@ -381,13 +381,19 @@ static __always_inline int nc_emit(void *ctx, const struct sock *sk, const struc
 		return 0;
 	key.netns = nt_netns_of_sk(sk);
 	key.portid = BPF_CORE_READ((struct netlink_sock *)sk, portid);
-	__u32 *which = bpf_map_lookup_elem(&nc_socks, &key);
-	if (!which || (skb && !nc_from_kernel(skb)))
+	struct nc_sock *ours = bpf_map_lookup_elem(&nc_socks, &key);
+	if (!ours)
 		return 0;
+	if (skb) {
+		/* every message queued on it, a forged one too: the receive memory counts them all */
+		__sync_fetch_and_add(&ours->charged, BPF_CORE_READ(skb, truesize));
+		if (!nc_from_kernel(skb))
+			return 0;
+	}
 	struct nt_scope *scope = nt_watched(key.netns);
 	if (!scope)
 		return 0;
-	if (*which == NC_SOCK_NFT)
+	if (ours->which == NC_SOCK_NFT)
 		return nc_emit_nft(ctx, scope, key.netns, key.portid, skb);
 	struct netchange_event *e = nt_reserve(scope, NT_KIND_NLMSG, struct netchange_event);
 	if (!e)

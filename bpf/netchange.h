@@ -65,6 +65,18 @@ struct netchange_event {
  * message of up to a page (nft_commit_notify), so more of it is kept. */
 #define NC_SOCK_RTNL 1
 #define NC_SOCK_NFT 2
+
+/* nc_socks' value for a monitor socket. `charged`: the truesize of every
+ * message the program saw queued on it, which is what the socket's receive
+ * memory grew by (SO_MEMINFO) unless the kernel skipped a call of the
+ * program (one already running on that CPU): Python compares the two, so a
+ * skipped call for this socket is a loss and one for any other socket is
+ * none. */
+struct nc_sock {
+	__u32 which;      /* NC_SOCK_RTNL or NC_SOCK_NFT */
+	__u32 pad;
+	__u64 charged;
+};
 #define NC_NFT_MSG_MAX 4096
 #define NC_F_NFT 0x20       /* in the header flags: a struct nftchange_event */
 

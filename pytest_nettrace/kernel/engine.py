@@ -240,7 +240,9 @@ class Engine:
                 for prog in st.plans[0].programs:
                     if prog in fds:
                         self._miss_progs[prog] = fds[prog]
-                        self._prog_kinds.setdefault(prog, set()).add(st.probe.kind_id)
+                        kinds = self._prog_kinds.setdefault(prog, set())
+                        if prog not in st.plans[0].own_misses:
+                            kinds.add(st.probe.kind_id)
             if isinstance(obj, lb.SplitObject):
                 costs.save(obj.costs())
             for st in active:

@@ -25,6 +25,10 @@ class Plan:
     config: Dict[str, bytes] = field(default_factory=dict)  # const volatile var -> value
     notes: List[str] = field(default_factory=list)
     cgroups: Dict[str, str] = field(default_factory=dict)  # cgroup program -> the cgroup v2 directory it attaches to
+    # programs whose calls the kernel skipped (recursion misses) the probe's
+    # lost() finds itself, exactly; the others' count for every kind of the
+    # probe in every watched namespace
+    own_misses: List[str] = field(default_factory=list)
 
 
 class Decoder:

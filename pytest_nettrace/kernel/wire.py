@@ -194,6 +194,7 @@ NFTCHANGE_EVENT = Record("nftchange_event", [
     ("skb", "Q"), ("portid", "I"), ("msg_len", "I"), ("copied", "I"), ("cmdline_len", "I"),
     ("cmdline", f"{NC_CMDLINE_MAX}s"), ("msg", f"{NC_NFT_MSG_MAX}s")])
 NC_SOCK_KEY = Layout("nc_sock_key", [("netns", "I"), ("portid", "I")])
+NC_SOCK = Layout("nc_sock", [("which", "I"), ("pad", "I"), ("charged", "Q")])
 
 SYSCALL_EVENT = Record("syscall_event", [
     ("args", "6Q"), ("ret", "q"), ("duration", "Q"), ("code", "H"), ("addr_len", "H"), ("value", "i"),
@@ -213,6 +214,6 @@ TRAFFIC_OWNER = Layout("traffic_owner", [("uid", "I"), ("comm", f"{NT_COMM_LEN}s
 LAYOUTS: Tuple[Layout, ...] = (
     NT_HDR, NT_SCOPE, RST_EVENT, RETRANS_EVENT, CONN_EVENT, CONN_STACK_EVENT, DROP_EVENT, DROP_KEY, DROP_COUNT,
     DROP_SCOPE,
-    SYSCTL_WRITE, SYSCTL_EVENT, SYSCTL_RESULT, NC_REQUEST, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY,
+    SYSCTL_WRITE, SYSCTL_EVENT, SYSCTL_RESULT, NC_REQUEST, NETCHANGE_EVENT, NFTCHANGE_EVENT, NC_SOCK_KEY, NC_SOCK,
     SYSCALL_EVENT, SC_PENDING,
     TRAFFIC_KEY, TRAFFIC_COUNTERS, TRAFFIC_OWNER_KEY, TRAFFIC_OWNER)
