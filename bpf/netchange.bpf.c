@@ -298,12 +298,7 @@ static __noinline int nc_emit_nft(void *ctx, struct nt_scope *scope, __u32 netns
 /* The NETLINK_ROUTE socket behind the current task's descriptor `fd`, or NULL. */
 static __always_inline struct sock *nc_rtnl_sock(struct task_struct *task, __u64 fd)
 {
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
-		return NULL;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *f = NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	struct file *f = nt_task_file(task, fd);
 	if (!f)
 		return NULL;
 	/* a socket and its file point at each other; another file's

@@ -174,6 +174,20 @@ static __always_inline __u32 nt_current_ns_tgid(void)
 	return nt_ns_pid(bpf_get_current_task_btf(), bpf_get_current_pid_tgid() >> 32, true);
 }
 
+/* The file behind `task`'s descriptor `fd`, or NULL. Read, not loaded
+ * through a trusted task pointer: each pointer loaded through one costs the
+ * verifier four searches of the kernel's whole BTF (~1 ms). */
+static __always_inline struct file *nt_task_file(struct task_struct *task, __u64 fd)
+{
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
 /* Direct loads through the task's BTF pointer, not bpf_probe_read calls
  * (~15 ns each): this runs for every event. */
 __noinline __weak int nt_fill_hdr(struct nt_hdr *h, __u16 kind, __u32 netns)

@@ -96,13 +96,7 @@ static __always_inline void copy_msg_addr(struct syscall_event *e, __u64 umsg)
 
 static __always_inline bool fd_is_socket(struct task_struct *task, __u64 fd)
 {
-	/* read, not loaded through the task's trusted pointer: see sc_enter */
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd >= BPF_CORE_READ(fdt, max_fds))
-		return false;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *f = NULL;
-	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	struct file *f = nt_task_file(task, fd);
 	return f && (BPF_CORE_READ(f, f_inode, i_mode) & S_IFMT) == S_IFSOCK;
 }
 
