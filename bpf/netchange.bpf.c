@@ -349,7 +349,12 @@ static __always_inline void nc_read_request(struct nc_request *r)
 		if (bpf_probe_read_user(r->msg, NC_REQ_MAX, (void *)buf) == 0)
 			r->copied = NC_REQ_MAX;
 	} else {
-		__u32 n = size & (NC_REQ_MAX - 1);
+		/* the mask kept where the call's length is (clang would drop
+		 * it, knowing size < NC_REQ_MAX, and reload size from the stack:
+		 * a value 6.1's verifier does not know bounded there) */
+		__u64 n = size;
+		barrier_var(n);
+		n &= NC_REQ_MAX - 1;
 		if (n && bpf_probe_read_user(r->msg, n, (void *)buf) == 0)
 			r->copied = n;
 	}
