@@ -118,6 +118,18 @@ def _failed_attempts_traced() -> bool:
     return (features().tracepoint_args("tcp_retransmit_skb") or 0) >= 3
 
 
+def _untraced_segments(events) -> int:
+    """The segments each socket's total_retrans grew by beyond its events' own
+    `segs` (from 0, an active open's): what the kernel counted with no event."""
+    last: dict = {}
+    grown = 0
+    for e in events:
+        key = (e.saddr, e.sport, e.daddr, e.dport)
+        grown += e.total_retrans - last.get(key, 0) - e.segs
+        last[key] = e.total_retrans
+    return grown
+
+
 def _tcp_mib(ns) -> dict:
     """The namespace's TCP counters as nstat reads them (Tcp: and TcpExt:)."""
     out = {}
@@ -157,13 +169,20 @@ def test_retransmitted_segments_add_up_to_the_kernels_count(pair, nettrace):
     after = _tcp_mib(client)
     retrans = after["RetransSegs"] - before["RetransSegs"]
     failed = after["TCPRetransFail"] - before["TCPRetransFail"]
-    if not _failed_attempts_traced():
-        retrans, failed = retrans - failed, 0
+    traced = _failed_attempts_traced()
     ours = nettrace.retransmits(netns=client.inode)
     assert nettrace.lost("retransmit") == 0
     assert retrans > 0, "no retransmission: the test proves nothing"
-    assert sum(e.segs for e in ours) == retrans, [(e.type, e.seq, e.segs, e.total_retrans, e.err) for e in ours]
-    assert sum(e.segs for e in ours if e.err) == failed
+    missing = (retrans if traced else retrans - failed) - sum(e.segs for e in ours)
+    # 6.18 here, about once in 700 runs: segments the kernel counts with neither
+    # the tracepoint firing nor a packet reaching the device (bpftrace on both);
+    # the socket's next event shows them as a total_retrans jump. Only that
+    # shortfall, all of it, is let pass, and said.
+    if missing and missing == _untraced_segments(ours) - (0 if traced else failed):
+        pytest.xfail(f"the kernel counted {missing} retransmitted segments without tcp_retransmit_skb firing "
+                     "(README, retransmit: seen as a total_retrans jump)")
+    assert missing == 0, [(e.type, e.seq, e.segs, e.total_retrans, e.err) for e in ours]
+    assert sum(e.segs for e in ours if e.err) == (failed if traced else 0)
 
 
 def _tcp_info(sock) -> tuple:
