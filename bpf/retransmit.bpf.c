@@ -2,9 +2,13 @@
 /* TCP retransmissions (seed: tcpretrans).
  *
  * tp_btf/tcp_retransmit_skb fires for every segment sent again: RTO and fast
- * retransmits, tail loss probes, SYNs. Since 6.14 it also fires for attempts
- * that failed before reaching the wire (third argument `err`); those are
- * skipped, so an event is a segment that was really sent again.
+ * retransmits, tail loss probes, SYNs. Since 6.14 it fires for failed attempts
+ * too (third argument `err`). __tcp_retransmit_skb counts a retransmission
+ * (TcpRetransSegs, tcp_sock.total_retrans) after its own checks and before
+ * the transmit: an attempt that failed a check (-EBUSY: the last copy still in
+ * the host's queues; -EAGAIN, -ENOMEM, -EHOSTUNREACH, -EINVAL) is no
+ * retransmission and no event, one whose transmit failed (a netfilter drop on
+ * output: -EPERM; a qdisc drop: NET_XMIT_DROP) is one, with its `err`.
  * tp_btf/tcp_retransmit_synack covers a listener resending a SYN/ACK.
  */
 #define __BPF_PROGRAM__
@@ -19,6 +23,25 @@
 NT_WIRE(retrans_event);
 
 #define AF_INET6 10
+#define EAGAIN 11
+#define ENOMEM 12
+#define EBUSY 16
+#define EINVAL 22
+#define EHOSTUNREACH 113
+
+/* A socket's total_retrans after its last attempt the probe saw (6.14+): a
+ * failed attempt was counted iff it grew. On the socket, gone with it. */
+struct retrans_seen {
+	__u32 total_retrans;
+	__u32 known;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct retrans_seen);
+} retrans_seen SEC(".maps");
 
 /* Local and remote ends from a sock_common (a socket's or a request's). */
 static __always_inline void fill_addrs(struct retrans_event *e, const struct sock_common *c, __u16 sport)
@@ -55,7 +78,19 @@ static __always_inline struct retrans_event *begin(__u32 netns, const void *owne
 	return e;
 }
 
-static __always_inline int on_segment(void *ctx, const struct sock *sk, const struct sk_buff *skb)
+/* Whether the kernel counted a failed attempt: by total_retrans when the
+ * probe saw the socket's previous attempt; else by the error, which the
+ * checks before the count return (tcp_disconnect zeroes total_retrans). */
+static __always_inline bool counted(int err, __u32 total, const struct retrans_seen *seen)
+{
+	if (!total)
+		return false;
+	if (seen && seen->known)
+		return total != seen->total_retrans;
+	return err != -EBUSY && err != -EAGAIN && err != -ENOMEM && err != -EHOSTUNREACH && err != -EINVAL;
+}
+
+static __always_inline int on_segment(void *ctx, const struct sock *sk, const struct sk_buff *skb, int err)
 {
 	if (!sk)
 		return 0;
@@ -64,16 +99,16 @@ static __always_inline int on_segment(void *ctx, const struct sock *sk, const st
 		return 0;
 	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	e->total_retrans = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	e->err = err;
 	e->seq = 0;
 	e->segs = 1;
 	if (skb) {
 		struct tcp_skb_cb *cb = (struct tcp_skb_cb *)&skb->cb[0];
 		e->seq = BPF_CORE_READ(cb, seq);
 		/* one retransmission can carry many segments (a GSO-sized skb of
-		 * the write queue): the MIB's RetransSegs counts those */
-		struct skb_shared_info *shinfo =
-			(struct skb_shared_info *)(BPF_CORE_READ(skb, head) + BPF_CORE_READ(skb, end));
-		__u16 segs = BPF_CORE_READ(shinfo, gso_segs);
+		 * the write queue): tcp_skb_pcount, what TcpRetransSegs adds (the
+		 * skb's gso_segs is only set by a transmit that got that far) */
+		__u16 segs = BPF_CORE_READ(cb, tcp_gso_segs);
 		if (segs)
 			e->segs = segs;
 	}
@@ -83,20 +118,27 @@ static __always_inline int on_segment(void *ctx, const struct sock *sk, const st
 	return 0;
 }
 
-/* 6.14+: tcp_retransmit_skb(sk, skb, err) */
+/* 6.14+: tcp_retransmit_skb(sk, skb, err), every attempt */
 SEC("tp_btf/tcp_retransmit_skb")
-int BPF_PROG(retrans_tp, const struct sock *sk, const struct sk_buff *skb)
+int BPF_PROG(retrans_tp, struct sock *sk, const struct sk_buff *skb, int err)
 {
-	if ((int)ctx[2] != 0)
-		return 0;  /* not sent: e.g. still queued in the host */
-	return on_segment(ctx, sk, skb);
+	if (!sk || !nt_watched(nt_netns_of_sk(sk)))
+		return 0;
+	__u32 total = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	struct retrans_seen *seen = bpf_sk_storage_get(&retrans_seen, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	bool retransmitted = !err || counted(err, total, seen);
+	if (seen) {
+		seen->total_retrans = total;
+		seen->known = 1;
+	}
+	return retransmitted ? on_segment(ctx, sk, skb, err) : 0;
 }
 
 /* Before 6.14: tcp_retransmit_skb(sk, skb), only successful ones. */
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(retrans_tp_noerr, const struct sock *sk, const struct sk_buff *skb)
 {
-	return on_segment(ctx, sk, skb);
+	return on_segment(ctx, sk, skb, 0);
 }
 
 SEC("tp_btf/tcp_retransmit_synack")
@@ -110,6 +152,7 @@ int BPF_PROG(retrans_synack_tp, const struct sock *sk, const struct request_sock
 		return 0;
 	e->state = BPF_CORE_READ(c, skc_state);
 	e->total_retrans = BPF_CORE_READ(req, num_retrans);
+	e->err = 0;
 	e->seq = 0;
 	e->segs = 1;
 	fill_addrs(e, c, BPF_CORE_READ(c, skc_num));  /* a request's local port: skc_num */

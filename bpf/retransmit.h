@@ -23,6 +23,7 @@ struct retrans_event {
 	__u16 dport;          /* remote port */
 	__u8 saddr[16];       /* local */
 	__u8 daddr[16];       /* remote */
+	__s32 err;            /* 0: sent; else the transmit's error, after the kernel counted it (6.14+) */
 	__u64 stack[NT_MAX_STACK];
 };
 #endif

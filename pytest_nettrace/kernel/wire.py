@@ -159,7 +159,7 @@ RST_EVENT = Record("rst_event", [
 
 RETRANS_EVENT = Record("retrans_event", [
     ("sk", "Q"), ("seq", "I"), ("total_retrans", "I"), ("segs", "H"), ("type", "B"), ("family", "B"), ("state", "B"),
-    ("pad", "B"), ("sport", "H"), ("dport", "H"), ("saddr", "16s"), ("daddr", "16s")])
+    ("pad", "B"), ("sport", "H"), ("dport", "H"), ("saddr", "16s"), ("daddr", "16s"), ("err", "i")])
 
 _CONN_MEMBERS: List[Member] = [
     ("sk", "Q"), ("duration_ns", "Q"), ("bytes_acked", "Q"), ("bytes_received", "Q"),

@@ -3,6 +3,7 @@
 Seed: tcpretrans (TIME PID IP LADDR:LPORT T> RADDR:RPORT STATE)."""
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any, Dict, List, Tuple, cast
 
 from ..events import Event, Header, IPAddress
@@ -35,7 +36,11 @@ class RetransmitEvent(Event, init=False):
     socket, same sequence number) was retransmitted so far, this one included.
     `total_retrans`: the socket's retransmitted segments so far, this one
     included, as the kernel counts them (tcp_sock.total_retrans; for SYN/ACKs
-    the request's)."""
+    the request's). `err`: 0 when it went out; else the error of a
+    retransmission the kernel counted whose transmit then failed (6.14+: -1
+    EPERM, a netfilter drop on output; 1 NET_XMIT_DROP, a qdisc's drop) — an
+    attempt that failed before the kernel counted it (-EBUSY: its last copy
+    still in the host's queues) is no event."""
 
     kind = "retransmit"
     type: str
@@ -49,14 +54,24 @@ class RetransmitEvent(Event, init=False):
     segs: int
     count: int
     total_retrans: int
+    err: int
     VALUES = {**Event.VALUES, "type": ("syn", "synack", "loss_probe", "retransmit"),
               "state": tuple(TCP_STATES.values())}
 
     def describe(self) -> str:
         # tcpretrans: LADDR:LPORT T> RADDR:RPORT STATE, T = R(etransmit) / L(oss probe)
         t = "L>" if self.type == "loss_probe" else "R>"
+        failed = f", not sent: {err_name(self.err)}" if self.err else ""
         return (f"{self.type} {_ep(self.saddr, self.sport)} {t} {_ep(self.daddr, self.dport)} {self.state}"
-                f" seq {self.seq} (#{self.count})")
+                f" seq {self.seq} (#{self.count}{failed})")
+
+
+def err_name(err: int) -> str:
+    """A failed retransmission's `err`: a negative errno, or a positive
+    NET_XMIT_* code (net_xmit_eval leaves NET_XMIT_DROP)."""
+    if err < 0:
+        return f"-{errno.errorcode.get(-err, str(-err))}"
+    return {1: "NET_XMIT_DROP"}.get(err, str(err))
 
 
 def _ep(addr: Any, port: int) -> str:
@@ -104,7 +119,7 @@ class RetransmitDecoder(Decoder):
             del self._seen[key]
 
     def decode(self, buf: bytes, hdr: Header) -> List[Event]:
-        sk, seq, total, segs, rtype, family, state, _pad, sport, dport, saddr, daddr = (
+        sk, seq, total, segs, rtype, family, state, _pad, sport, dport, saddr, daddr, err = (
             _BODY.unpack_from(buf, RECORD.body_offset))
         key = (hdr.netns, sk, rtype, seq)
         self._seen[key] = count = self._seen.get(key, 0) + 1
@@ -122,7 +137,7 @@ class RetransmitDecoder(Decoder):
             rtype_name = "retransmit"
         return [RetransmitEvent(hdr, stack, "softirq", type=rtype_name, family=src.version, saddr=src, sport=sport,
                                 daddr=dst, dport=dport, state=state_name, seq=seq, segs=segs, count=count,
-                                total_retrans=total)]
+                                total_retrans=total, err=err)]
 
 
 class RetransmitFilters(TcpFlowFilters, total=False):
@@ -133,6 +148,7 @@ class RetransmitFilters(TcpFlowFilters, total=False):
     segs: Filter[int]
     count: Filter[int]
     total_retrans: Filter[int]
+    err: Filter[int]
 
 
 class RetransmitApi(KindApi):
@@ -148,7 +164,8 @@ class RetransmitApi(KindApi):
         return cast(RetransmitEvent, self.ctx.wait_for("retransmit", timeout=timeout, **filters))
 
     def assert_no_retransmits(self, **filters: Unpack[RetransmitFilters]) -> None:
-        """No TCP segment matching filters was retransmitted (and none may have been lost)."""
+        """No TCP segment matching filters was retransmitted (and none may have been lost);
+        a retransmission the kernel counted but failed to send counts (filter `err=0` to leave it out)."""
         self.ctx.assert_none("retransmit", **filters)
 
 

@@ -17,7 +17,7 @@ from pytest_nettrace.probes.drop import DropEvent, DropProbe
 from pytest_nettrace.probes.netchange import (RTM_DELLINK, RTM_NEWADDR, RTM_NEWLINK, RTM_NEWNEXTHOP, RTM_SETLINK,
                                               LinkRequest, NetChangeProbe, applied_by_a_reader, link_request)
 from pytest_nettrace.probes.packet import PacketProbe
-from pytest_nettrace.probes.retransmit import RetransmitProbe
+from pytest_nettrace.probes.retransmit import RetransmitEvent, RetransmitProbe
 from pytest_nettrace.probes.rst import RstProbe
 from pytest_nettrace.probes.syscall import CALLS, SyscallProbe
 from pytest_nettrace.probes.sysctl import SysctlProbe
@@ -54,6 +54,20 @@ def test_retransmit_counts_the_same_segment():
     assert (first.type, first.count, second.count, first.seq) == ("retransmit", 1, 2, 1000)
     [syn] = decode(probe, record(wire.RETRANS_EVENT, wire.Kind.RETRANS, **{**fields, "state": 2, "seq": 7}))
     assert syn.type == "syn" and syn.state == "SYN_SENT"
+    assert first.err == 0 and "not sent" not in first.describe()
+
+
+def test_retransmit_the_kernel_counted_but_could_not_send_carries_its_error():
+    probe = RetransmitProbe()
+    fields = dict(sk=0xffff888000001000, seq=1000, total_retrans=3, segs=2, type=0, family=6, state=1, sport=40000,
+                  dport=80, saddr=addr("fd00::2"), daddr=addr("fd00::1"))
+    netfilter, qdisc = (decode(probe, record(wire.RETRANS_EVENT, wire.Kind.RETRANS, **{**fields, "err": err}))[0]
+                        for err in (-1, 1))
+    assert (netfilter.err, netfilter.segs, netfilter.count, qdisc.count) == (-1, 2, 1, 2)
+    assert netfilter.describe().endswith("seq 1000 (#1, not sent: -EPERM)")
+    assert qdisc.describe().endswith("(#2, not sent: NET_XMIT_DROP)")
+    assert matches(qdisc, check_filters(RetransmitEvent, {"err": 1}))
+    assert not matches(qdisc, check_filters(RetransmitEvent, {"err": 0}))
 
 
 def test_conn_accept_corrects_the_established_record_with_a_new_fact():
