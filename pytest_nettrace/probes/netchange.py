@@ -1018,13 +1018,10 @@ def _rmem(sock: socket.socket) -> int:
     return int(_MEMINFO.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size))[0])
 
 
-def _charged_at(socks_fd: int, key: bytes) -> int:
+def _charged(socks_fd: int, key: bytes) -> int:
+    """The truesize the program saw queued on the monitor socket of `key` (nc_socks)."""
     raw = map_lookup(socks_fd, key, wire.NC_SOCK.size)
     return int(wire.NC_SOCK.struct.unpack(raw)[2]) if raw is not None else 0
-
-
-def _charged(socks_fd: int, netns: int, portid: int) -> int:
-    return _charged_at(socks_fd, _KEY.pack(netns, portid))
 
 
 class _Monitor:
@@ -1125,9 +1122,9 @@ class _Monitor:
         """Where each socket's receive memory and the program's count of what
         it saw queued there start (read once it is in the map: a message
         between the two reads is in both, or only in the count)."""
-        self._accounts = [(sock, _KEY.pack(netns, portid), _rmem(sock), _charged(socks_fd, netns, portid))
-                          for sock, portid in ((self.sock, self.portid), (self.nft, self.nft_portid))
-                          if sock is not None]
+        keys = [(sock, _KEY.pack(netns, portid))
+                for sock, portid in ((self.sock, self.portid), (self.nft, self.nft_portid)) if sock is not None]
+        self._accounts = [(sock, key, _rmem(sock), _charged(socks_fd, key)) for sock, key in keys]
         self._socks_fd = socks_fd
 
     def unseen(self) -> int:
@@ -1139,7 +1136,7 @@ class _Monitor:
         for sock, key, rmem0, charged0 in self._accounts:
             for _ in range(3):
                 grown = _rmem(sock) - rmem0
-                seen = _charged_at(self._socks_fd, key) - charged0
+                seen = _charged(self._socks_fd, key) - charged0
                 if grown <= seen:
                     break
                 time.sleep(0.001)
