@@ -197,9 +197,10 @@ def test_bad_forbid_option_is_a_usage_error(pytester, args, ini, message):
     if ini:
         pytester.makeini(f"[pytest]\n{ini}\n")
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", *args)
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert message in result.stderr.str()
-    assert "Traceback" not in result.stderr.str()
+    printed = f"exit {result.ret}\nstdout:\n{result.stdout.str()}\nstderr:\n{result.stderr.str()}"
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, printed
+    assert message in result.stderr.str(), printed
+    assert "Traceback" not in result.stderr.str(), printed
 
 
 def test_rule_parsing():
