@@ -45,6 +45,7 @@ NT_WIRE(conn_stack_event);
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);   /* struct sock * */
 	__type(value, struct conn_owner);
 } conn_socks SEC(".maps");

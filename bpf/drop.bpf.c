@@ -66,6 +66,7 @@ static __always_inline bool tap_copy(__u64 location)
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct drop_key);
 	__type(value, struct drop_count);
 } drop_counts SEC(".maps");
@@ -73,6 +74,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);   /* netns inode */
 	__type(value, struct drop_scope);
 } drop_scopes SEC(".maps");

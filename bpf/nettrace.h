@@ -64,9 +64,13 @@ struct nt_scope {
  * (bpftool gen object) so the kernel BTF is parsed once per load; the shared
  * maps are __weak so the linker keeps one copy of each. */
 
+/* The larger hash maps are not preallocated (BPF_F_NO_PREALLOC): making
+ * thousands of entries up front cost ~2 ms of every engine's start-up, for
+ * entries a session mostly never uses; one is allocated at its insert. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);             /* netns inode */
 	__type(value, struct nt_scope);
 } nt_scopes SEC(".maps") __weak;

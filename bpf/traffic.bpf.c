@@ -24,6 +24,7 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct traffic_key);
 	__type(value, struct traffic_counters);
 } tf_counters SEC(".maps");
@@ -31,6 +32,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct traffic_owner_key);
 	__type(value, struct traffic_owner);
 } tf_owners SEC(".maps");

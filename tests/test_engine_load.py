@@ -83,3 +83,36 @@ def test_any_number_of_parts_loads_every_probe(parts):
             [n for n, st in engine.status.items() if st.unavailable is None]
     finally:
         engine.close()
+
+
+def test_libbpf_prints_to_python_only_while_a_thread_keeps_its_log():
+    """libbpf calls its print function for each of ~5,000 debug lines an
+    engine's load makes; entering Python for each cost ~3 ms of start-up."""
+    import threading
+    lib = lb.libbpf()
+
+    def installed() -> int:
+        old = lib.lib.libbpf_set_print(lib.log.callback) or 0  # the one it replaces
+        lib.lib.libbpf_set_print(ctypes.cast(old, type(lib.log.callback)))
+        return int(old)
+
+    callback = ctypes.cast(lib.log.callback, ctypes.c_void_p).value
+    assert installed() == 0
+    lib.log.start()
+    assert installed() == callback
+    other_started, other_done = threading.Event(), threading.Event()
+
+    def other() -> None:
+        lib.log.start()
+        other_started.set()
+        other_done.wait(5)
+        lib.log.take()
+
+    t = threading.Thread(target=other)
+    t.start()
+    other_started.wait(5)
+    lib.log.take()
+    assert installed() == callback  # the other thread still keeps its log
+    other_done.set()
+    t.join()
+    assert installed() == 0

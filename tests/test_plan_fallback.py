@@ -59,6 +59,9 @@ def test_a_load_failure_moves_only_its_probe_to_the_next_plan(parts):
         st = engine.status["rst"]
         assert st.plan is not None and st.mechanism != "tp_btf+fentry", st.failures
         assert len(st.failures) == 1 and st.failures[0].startswith("tp_btf+fentry: ")
+        # libbpf's own words, though the engine's first load keeps no log (a
+        # plan loaded alone does): which program, and what the kernel said
+        assert "prog 'rst_v4_fentry'" in st.failures[0] or "prog 'rst_v6_fentry'" in st.failures[0], st.failures
         assert engine.status["conn"].plan is not None and not engine.status["conn"].failures
     finally:
         engine.close()

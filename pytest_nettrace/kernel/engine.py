@@ -157,7 +157,8 @@ class Engine:
         self._misses_read: Tuple[float, Dict[str, int]] = (-1.0, {})   # when program_misses() last read, what
         self.attach_seconds = 0.0
         t0 = time.perf_counter()
-        self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096)
+        self._scopes_fd = lb.map_create(lb.BPF_MAP_TYPE_HASH, "nt_scopes", 4, _SCOPE_VALUE.size, 4096,
+                                         lb.BPF_F_NO_PREALLOC)  # as bpf/nettrace.h says why
         self._events_fd = lb.map_create(lb.BPF_MAP_TYPE_RINGBUF, "nt_events", 0, 0, ringbuf_size)
         self._pidns_fd = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "nt_pidns", 4, 8, 1)
         self._watching_fd = lb.map_create(lb.BPF_MAP_TYPE_ARRAY, "nt_watching", 4, 4, 1)
@@ -212,12 +213,13 @@ class Engine:
             culprit: Optional[ProbeStatus] = None
             try:
                 try:
-                    obj.load()
-                except ProbeLoadError:
+                    obj.load(explain=False)
+                except ProbeLoadError as quiet:
                     # libbpf's error names the program only in its log text:
-                    # find the probe by loading each plan alone instead
-                    culprit = self._load_culprit(active, core_btf)
-                    raise
+                    # find the probe by loading each plan alone instead, with
+                    # the log kept for the reason
+                    culprit, why = self._load_culprit(active, core_btf)
+                    raise why or quiet from None
                 attached = set()  # a program two plans share is attached once
                 for st in active:
                     culprit = st
@@ -282,22 +284,23 @@ class Engine:
             raise
         return obj
 
-    def _load_culprit(self, active: List[ProbeStatus], core_btf: Optional[str]) -> Optional[ProbeStatus]:
+    def _load_culprit(self, active: List[ProbeStatus],
+                      core_btf: Optional[str]) -> Tuple[Optional[ProbeStatus], Optional[ProbeLoadError]]:
         """The first probe whose current plan does not load on its own (the
-        feature probed, as libbpf-tools choose a fallback); None if each
-        loads alone."""
-        for st in active:
+        feature probed, as libbpf-tools choose a fallback), and why; if each
+        loads alone, no probe and why all together do not."""
+        for group in [[st] for st in active] + [active]:
             try:
-                obj = self._object([st], core_btf)
-            except ProbeLoadError:
-                return st
+                obj = self._object(group, core_btf)
+            except ProbeLoadError as e:
+                return (group[0] if len(group) == 1 else None), e
             try:
                 obj.load()
-            except ProbeLoadError:
-                return st
+            except ProbeLoadError as e:
+                return (group[0] if len(group) == 1 else None), e
             finally:
                 obj.close()
-        return None
+        return None, None
 
     def describe(self) -> str:
         """One line for the pytest header."""

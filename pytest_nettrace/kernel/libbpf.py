@@ -22,6 +22,7 @@ from ..errors import ProbeLoadError, UnsupportedKernel
 BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_RINGBUF = 27
+BPF_F_NO_PREALLOC = 1
 
 # BTF kinds (uapi/linux/btf.h)
 BTF_KIND_ENUM = 6
@@ -71,16 +72,26 @@ class _BtfVarSecinfo(ctypes.Structure):
 
 
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_NO_PRINT = _PRINT_FN()  # a NULL function pointer: libbpf then prints nothing
 
 
 class _LogCapture:
-    """libbpf prints through a callback; keep the lines so errors can quote them."""
+    """libbpf prints through a callback; keep the lines so errors can quote them.
 
-    def __init__(self) -> None:
+    The callback is installed only while some thread captures: libbpf calls
+    it for every line, its debug chatter included (~5,000 lines opening and
+    loading the probes' objects, ~3 ms of an engine's start-up spent
+    entering Python to drop them); otherwise libbpf prints nothing."""
+
+    def __init__(self, set_print: Callable[[Any], Any]) -> None:
         self._local = threading.local()
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
         self.callback = _PRINT_FN(self._on_print)
+        self._set_print = set_print
+        self._capturing = 0
+        self._lock = threading.Lock()
+        set_print(_NO_PRINT)  # libbpf's default would print to stderr
 
     def _on_print(self, level: int, fmt: bytes, va_list: int) -> int:
         if level >= 2 and not getattr(self._local, "debug", False):  # LIBBPF_DEBUG: relocation chatter
@@ -93,14 +104,24 @@ class _LogCapture:
         return 0
 
     def start(self, debug: bool = False) -> None:
+        if getattr(self._local, "lines", None) is None:
+            with self._lock:
+                self._capturing += 1
+                if self._capturing == 1:
+                    self._set_print(self.callback)
         self._local.lines = []
         self._local.debug = debug
 
     def take(self) -> List[str]:
-        lines = getattr(self._local, "lines", None) or []
+        lines = getattr(self._local, "lines", None)
+        if lines is not None:
+            with self._lock:
+                self._capturing -= 1
+                if self._capturing == 0:
+                    self._set_print(_NO_PRINT)
         self._local.lines = None
         self._local.debug = False
-        return lines
+        return lines or []
 
 
 def _find_libbpf() -> ctypes.CDLL:
@@ -169,8 +190,7 @@ class LibBpf:
             fn = getattr(lib, name)
             fn.restype = res
             fn.argtypes = args
-        self.log = _LogCapture()
-        lib.libbpf_set_print(self.log.callback)
+        self.log = _LogCapture(lib.libbpf_set_print)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.lib, name)
@@ -253,12 +273,14 @@ class BpfObject:
         if btf_path and btf_path != "/sys/kernel/btf/vmlinux":
             opts.btf_custom_path = btf_path.encode()
         self._opts = opts  # libbpf keeps pointers into it until load
-        lib.log.start()
         ptr = lib.bpf_object__open_file(path.encode(), ctypes.byref(opts))
-        lines = lib.log.take()
-        if not ptr:
-            err = ctypes.get_errno()
-            raise ProbeLoadError(f"cannot open BPF object {path}: {_errtext(err)} {_reason_from_log(lines)}".rstrip())
+        if not ptr:  # again, with libbpf's log kept for the reason
+            lib.log.start()
+            ptr = lib.bpf_object__open_file(path.encode(), ctypes.byref(opts))
+            err, lines = ctypes.get_errno(), lib.log.take()
+            if not ptr:
+                raise ProbeLoadError(f"cannot open BPF object {path}: {_errtext(err)} "
+                                     f"{_reason_from_log(lines)}".rstrip())
         self._ptr = ptr
         self.links: List[BpfLink] = []
         self.loaded = False
@@ -328,13 +350,18 @@ class BpfObject:
         raise ProbeLoadError(f"{self.name}: no config variable {var!r} in .rodata")
 
     # -- load / attach ----------------------------------------------
-    def load(self) -> None:
+    def load(self, explain: bool = True) -> None:
+        """Load the chosen programs. `explain`: a failure quotes libbpf's and
+        the verifier's reason (kept from libbpf's log, which costs ~1 ms an
+        object); without it, only the error code."""
         lib = libbpf()
-        lib.log.start()
+        if explain:
+            lib.log.start()
         rc = lib.bpf_object__load(self._ptr)
-        lines = lib.log.take()
+        lines = lib.log.take() if explain else []
         if rc < 0:
-            raise ProbeLoadError(f"cannot load {self.name}: {_errtext(rc)}; {_reason_from_log(lines)}")
+            raise ProbeLoadError(f"cannot load {self.name}: {_errtext(rc)}; {_reason_from_log(lines)}"
+                                 if explain else f"cannot load {self.name}: {_errtext(rc)}")
         self.loaded = True
 
     def load_started(self) -> Dict[str, int]:
@@ -484,8 +511,8 @@ class SplitObject:
         for part, mine in zip(self._parts, chosen):
             part.set_autoload(mine)
 
-    def load(self) -> None:
-        self._maps.load()
+    def load(self, explain: bool = True) -> None:
+        self._maps.load(explain)
         for name, handle in self._maps.maps():
             fd = libbpf().bpf_map__fd(handle)
             for part in self._parts:
@@ -494,7 +521,7 @@ class SplitObject:
 
         def load_part(part: BpfObject) -> None:
             try:
-                part.load()
+                part.load(explain)
             except BaseException as e:  # re-raised in the caller's thread
                 errors.append(e)
             self._finished[id(part)] = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -560,9 +587,18 @@ def prog_recursion_misses(fd: int) -> Optional[int]:
     return int(struct.unpack_from("<Q", info.raw, _PROG_INFO_MISSES)[0])
 
 
-def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+class _MapCreateOpts(ctypes.Structure):
+    """struct bpf_map_create_opts, as far as map_flags."""
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32)]
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
     """Create a BPF map owned by the caller; returns its fd."""
-    fd = libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None)
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    fd = libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, ctypes.byref(opts))
     if fd < 0:
         err = ProbeLoadError(f"cannot create BPF map {name} ({max_entries} entries): {_errtext(fd)}")
         err.errno = -fd  # type: ignore[attr-defined]
