@@ -116,3 +116,18 @@ def test_libbpf_prints_to_python_only_while_a_thread_keeps_its_log():
     other_done.set()
     t.join()
     assert installed() == 0
+
+
+def test_a_probe_config_is_checked_against_the_objects_rodata():
+    from pytest_nettrace.errors import ProbeLoadError
+    from pytest_nettrace.kernel.capabilities import object_path
+    obj = lb.BpfObject(object_path(engine_mod.OBJECT))
+    try:
+        with pytest.raises(ProbeLoadError, match="no config variable 'rst_cfgg' in .rodata"):
+            obj.set_rodata("rst_cfgg", b"\0" * 24)
+        with pytest.raises(ProbeLoadError, match=r"rst_cfg is \d+ bytes, got 3"):
+            obj.set_rodata("rst_cfg", b"abc")
+        names = [name for name, _sec, _p in obj.programs()]
+        assert "conn_state_tp" in names and names == [name for name, _sec, _p in obj.programs()]
+    finally:
+        obj.close()

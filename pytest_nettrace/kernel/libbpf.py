@@ -282,17 +282,25 @@ class BpfObject:
                 raise ProbeLoadError(f"cannot open BPF object {path}: {_errtext(err)} "
                                      f"{_reason_from_log(lines)}".rstrip())
         self._ptr = ptr
+        self._programs: Optional[List[Tuple[str, str, int]]] = None
+        self._rodata: Optional[Dict[str, Tuple[int, int]]] = None
         self.links: List[BpfLink] = []
         self.loaded = False
 
     # -- before load -------------------------------------------------
-    def programs(self) -> Iterator[Tuple[str, str, int]]:
-        """(name, section, handle) of each program in the object."""
-        lib = libbpf()
-        prog = lib.bpf_object__next_program(self._ptr, None)
-        while prog:
-            yield (lib.bpf_program__name(prog).decode(), lib.bpf_program__section_name(prog).decode(), prog)
-            prog = lib.bpf_object__next_program(self._ptr, prog)
+    def programs(self) -> List[Tuple[str, str, int]]:
+        """(name, section, handle) of each program in the object (listed once:
+        an engine's start-up asks for them a few times, ~80 ctypes calls each)."""
+        if self._programs is None:
+            lib = libbpf()
+            found = []
+            prog = lib.bpf_object__next_program(self._ptr, None)
+            while prog:
+                found.append((lib.bpf_program__name(prog).decode(), lib.bpf_program__section_name(prog).decode(),
+                              prog))
+                prog = lib.bpf_object__next_program(self._ptr, prog)
+            self._programs = found
+        return self._programs
 
     def maps(self) -> Iterator[Tuple[str, int]]:
         """(name, handle) of each map in the object."""
@@ -329,25 +337,34 @@ class BpfObject:
         The linked object's .rodata holds every probe's config; the object's
         BTF says where each variable lives in it."""
         lib = libbpf()
-        btf = lib.bpf_object__btf(self._ptr)
         m = lib.bpf_object__find_map_by_name(self._ptr, b".rodata")
-        tid = lib.btf__find_by_name_kind(btf, b".rodata", BTF_KIND_DATASEC) if btf and m else -1
+        if self._rodata is None:
+            self._rodata = self._rodata_layout() if m else {}
+        if var not in self._rodata:
+            raise ProbeLoadError(f"{self.name}: no config variable {var!r} in .rodata" if self._rodata
+                                 else f"{self.name}: no .rodata to hold {var!r}")
+        offset, var_size = self._rodata[var]
+        if len(value) != var_size:
+            raise ProbeLoadError(f"{self.name}: {var} is {var_size} bytes, got {len(value)}")
+        size = ctypes.c_size_t()
+        ptr = lib.bpf_map__initial_value(m, ctypes.byref(size))
+        ctypes.memmove(ptr + offset, value, len(value))
+
+    def _rodata_layout(self) -> Dict[str, Tuple[int, int]]:
+        """Each .rodata variable's (offset, size), from the object's BTF."""
+        lib = libbpf()
+        btf = lib.bpf_object__btf(self._ptr)
+        tid = lib.btf__find_by_name_kind(btf, b".rodata", BTF_KIND_DATASEC) if btf else -1
         if tid <= 0:
-            raise ProbeLoadError(f"{self.name}: no .rodata to hold {var!r}")
+            return {}
         sec = _BtfType.from_address(lib.btf__type_by_id(btf, tid))
         base = ctypes.addressof(sec) + ctypes.sizeof(_BtfType)
+        layout = {}
         for i in range(sec.info & 0xFFFF):
             info = _BtfVarSecinfo.from_address(base + i * ctypes.sizeof(_BtfVarSecinfo))
             vtype = _BtfType.from_address(lib.btf__type_by_id(btf, info.type))
-            if lib.btf__name_by_offset(btf, vtype.name_off).decode() != var:
-                continue
-            if len(value) != info.size:
-                raise ProbeLoadError(f"{self.name}: {var} is {info.size} bytes, got {len(value)}")
-            size = ctypes.c_size_t()
-            ptr = lib.bpf_map__initial_value(m, ctypes.byref(size))
-            ctypes.memmove(ptr + info.offset, value, len(value))
-            return
-        raise ProbeLoadError(f"{self.name}: no config variable {var!r} in .rodata")
+            layout[lib.btf__name_by_offset(btf, vtype.name_off).decode()] = (info.offset, info.size)
+        return layout
 
     # -- load / attach ----------------------------------------------
     def load(self, explain: bool = True) -> None:
