@@ -29,6 +29,9 @@ class Plan:
     # lost() finds itself, exactly; the others' count for every kind of the
     # probe in every watched namespace
     own_misses: List[str] = field(default_factory=list)
+    # program -> an array map (one u64) counting its skipped calls that
+    # another program of the plan made up for: those are not lost
+    covered: Dict[str, str] = field(default_factory=dict)
 
 
 class Decoder:

@@ -97,7 +97,9 @@ class ConnProbe(Probe):
     def plans(self, kernel: "KernelFeatures") -> List[Plan]:
         if not kernel.tp_btf or kernel.tracepoint_args("inet_sock_set_state") is None:
             return []
-        state = ["conn_state_tp", "conn_softirq_entry", "conn_softirq_exit"]
+        # conn_state_nested takes the state changes the kernel skipped
+        # conn_state_tp for (bpf/conn.bpf.c): only those it did not are lost
+        state = ["conn_state_tp", "conn_state_nested", "conn_softirq_entry", "conn_softirq_exit"]
         plans = []
         # kretprobe first: it also sees io_uring and in-kernel accepts
         if kernel.kprobe:
@@ -111,6 +113,9 @@ class ConnProbe(Probe):
         plans.append(Plan("tp_btf (accepting process unknown)", state,
                           notes=[f"no kprobes ({kernel.why('kprobe')}) and no syscall table for "
                                  f"{platform.machine()}: accept events have no pid"]))
+        for plan in plans:
+            plan.own_misses.append("conn_state_nested")
+            plan.covered["conn_state_tp"] = "conn_covered"
         return plans
 
     def unavailable_reason(self, kernel: "KernelFeatures") -> str:
