@@ -548,12 +548,12 @@ class Trace(KindMethods):
         ids = {kind_info(kind).kind_id} if kind else None
         self._decode_pending(ids, settle=True)  # some losses show only when records are decoded
         total = 0
-        misses = self.engine.program_misses()   # read once for every namespace
+        misses = self.engine.program_misses(ids)   # read once for every namespace
         for inode in self._watched:
             for kid, n in self.engine.lost(inode, misses).items():
                 if ids is None or kid in ids:
                     total += n
-            for k, n in self.engine.lost_elsewhere(inode).items():
+            for k, n in self.engine.lost_elsewhere(inode, kind).items():
                 if kind is None or k == kind:
                     total += n
             if inode in self.watched_late:

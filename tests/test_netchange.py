@@ -406,7 +406,8 @@ def test_a_link_changed_because_another_was_is_the_kernels_doing(make_netns, net
     # also showed a br0 change under this request by a path not modelled here)
     joined = [e for e in links(master) if e.dev == "br0" and any(f.startswith("br_add_if") for f in e.stack)]
     assert all(e.cause == "kernel" for e in joined), [(e.cause, e.stack) for e in joined]
-    assert any(e.dev == "p2" and e.cause == "kernel" for e in links(master)), "p2 made promiscuous by br0"
+    assert any(e.dev == "p2" and e.cause == "kernel" for e in links(master)), \
+        ("p2 made promiscuous by br0", [e.summary() for e in nettrace.link_changes(netns=a.inode)], master.pid)
     assert {(e.dev, e.cause) for e in links(macvlan)} == {("mv0", "netlink"), ("p3", "kernel")}
     bridge = [e for e in links(gone) if e.dev == "br0"]
     assert bridge and all(e.cause == "kernel" for e in bridge)

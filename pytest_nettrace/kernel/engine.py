@@ -366,20 +366,25 @@ class Engine:
             out[kind_id] = out.get(kind_id, 0) + n
         return out
 
-    def program_misses(self) -> Dict[str, int]:
+    def program_misses(self, kind_ids: Optional[Set[int]] = None) -> Dict[str, int]:
         """Each attached program's recursion misses so far (those the kernel
         does not report on: none), less those another program made up for
-        (Plan.covered); ~0.1 ms (a syscall a program)."""
+        (Plan.covered); ~0.1 ms (a syscall a program). `kind_ids`: only the
+        programs whose misses count for those kinds (an assertion on one
+        kind reads a few programs, not all)."""
+        progs = self._miss_progs if kind_ids is None else {
+            p: fd for p, fd in self._miss_progs.items() if self._prog_kinds.get(p, set()) & kind_ids}
         out = {}
         # what other programs made up for, read first: a skipped call counts
         # before it is made up for, so this order never counts fewer lost
         covered = {prog: _u64.unpack(lb.map_lookup(fd, _u32.pack(0), 8) or bytes(8))[0]
-                   for prog, fd in self._covered.items()}
-        for prog, fd in self._miss_progs.items():
+                   for prog, fd in self._covered.items() if prog in progs}
+        for prog, fd in progs.items():
             n = lb.prog_recursion_misses(fd)
             if n is not None:
                 out[prog] = n - covered.get(prog, 0)
-        self._misses_read = (time.monotonic(), out)
+        if kind_ids is None:
+            self._misses_read = (time.monotonic(), out)
         return out
 
     def _recent_misses(self) -> Dict[str, int]:
@@ -410,10 +415,13 @@ class Engine:
                     out[kind_id] = out.get(kind_id, 0) + delta
         return out
 
-    def lost_elsewhere(self, netns: int) -> Dict[str, int]:
-        """Events lost outside the ring buffer (e.g. a full monitor socket), by kind."""
+    def lost_elsewhere(self, netns: int, kind: Optional[str] = None) -> Dict[str, int]:
+        """Events lost outside the ring buffer (e.g. a full monitor socket), by
+        kind; `kind`: asked only of the probe that makes it."""
         out: Dict[str, int] = {}
         for probe in self._attached_probes():
+            if kind is not None and kind not in probe.event_types:
+                continue
             for kind, n in probe.lost(netns).items():
                 out[kind] = out.get(kind, 0) + n
         return out
