@@ -70,10 +70,10 @@ class Engine:
     def lost(self, netns, misses=None):
         return {}
 
-    def program_misses(self):
+    def program_misses(self, kind_ids=None):
         return {}
 
-    def lost_elsewhere(self, netns):
+    def lost_elsewhere(self, netns, kind=None):
         return {}
 
 
