@@ -422,8 +422,8 @@ class Engine:
         for probe in self._attached_probes():
             if kind is not None and kind not in probe.event_types:
                 continue
-            for kind, n in probe.lost(netns).items():
-                out[kind] = out.get(kind, 0) + n
+            for name, n in probe.lost(netns).items():
+                out[name] = out.get(name, 0) + n
         return out
 
     # -- events --------------------------------------------------------------
