@@ -190,6 +190,7 @@ class LibBpf:
             fn = getattr(lib, name)
             fn.restype = res
             fn.argtypes = args
+            setattr(self, name, fn)   # an instance attribute: no __getattr__ on the per-test map calls
         self.log = _LogCapture(lib.libbpf_set_print)
 
     def __getattr__(self, name: str) -> Any:
@@ -203,6 +204,8 @@ _lib_lock = threading.Lock()
 def libbpf() -> LibBpf:
     """The process-wide libbpf handle (loaded on first use)."""
     global _lib
+    if _lib is not None:   # loaded: no lock (the map calls come here many times a test)
+        return _lib
     with _lib_lock:
         if _lib is None:
             _lib = LibBpf()
@@ -623,36 +626,34 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     return int(fd)
 
 
+# Keys and values the kernel only reads are passed as the bytes themselves
+# (ctypes hands C a pointer to them): no buffer made per call.
 def map_update(fd: int, key: bytes, value: bytes) -> None:
-    kb = ctypes.create_string_buffer(key, len(key))
-    vb = ctypes.create_string_buffer(value, len(value))
-    rc = libbpf().bpf_map_update_elem(fd, kb, vb, 0)
+    rc = libbpf().bpf_map_update_elem(fd, key, value, 0)
     if rc < 0:
         raise ProbeLoadError(f"BPF map update failed: {_errtext(rc)}")
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> Optional[bytes]:
-    kb = ctypes.create_string_buffer(key, len(key))
     vb = ctypes.create_string_buffer(value_size)
-    rc = libbpf().bpf_map_lookup_elem(fd, kb, vb)
+    rc = libbpf().bpf_map_lookup_elem(fd, key, vb)
     if rc < 0:
         return None
     return vb.raw
 
 
 def map_delete(fd: int, key: bytes) -> None:
-    kb = ctypes.create_string_buffer(key, len(key))
-    libbpf().bpf_map_delete_elem(fd, kb)
+    libbpf().bpf_map_delete_elem(fd, key)
 
 
 def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
     """Every key of the map (keys added or deleted meanwhile may be missed)."""
     lib = libbpf()
-    cur: "Optional[ctypes.Array[ctypes.c_char]]" = None
+    cur: Optional[bytes] = None
     nxt = ctypes.create_string_buffer(key_size)
     while lib.bpf_map_get_next_key(fd, cur, nxt) == 0:
-        yield nxt.raw
-        cur = ctypes.create_string_buffer(nxt.raw, key_size)
+        cur = nxt.raw
+        yield cur
 
 
 def map_items(fd: int, key_size: int, value_size: int) -> List[Tuple[bytes, bytes]]:
