@@ -21,9 +21,12 @@
 #define IPPROTO_ICMPV6 58
 #define TCP_LISTEN 10
 
+/* A test of short connections takes one entry per connection here (the
+ * client port's packets that have no process) and one in tf_owners: 32k
+ * each, ~0.2 ms more of map creation than 16k, not preallocated. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 32768);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct traffic_key);
 	__type(value, struct traffic_counters);
@@ -31,7 +34,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 32768);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct traffic_owner_key);
 	__type(value, struct traffic_owner);
@@ -209,6 +212,11 @@ static __always_inline void count(const struct sk_buff *skb, const struct net_de
 				own_as(sk, netns, key.pid);
 		}
 	}
+	/* the port only finds the process of a packet that has none; keyed by
+	 * it, a sender's packets took a row per client port: one per
+	 * connection, which filled the map after ~8k short connections */
+	if (key.pid)
+		key.port = 0;
 
 	struct traffic_counters *c = bpf_map_lookup_elem(&tf_counters, &key);
 	if (!c) {

@@ -1,10 +1,10 @@
 /* Per-process traffic counters (nettop), shared by traffic.bpf.c and
  * pytest_nettrace/probes/traffic.py. Nothing goes through the ring buffer:
- * packets are counted in tf_counters, keyed by the packet's local port and,
- * when the kernel knows it at the packet, the sending process. Packets whose
- * process is not known then (received in softirq, sent by the kernel for a
- * socket) have pid 0: Python joins them with tf_owners (which processes used
- * that port) when the test reads them. */
+ * packets are counted in tf_counters, keyed by the sending process when the
+ * kernel knows it at the packet, else by the packet's local port. Packets
+ * whose process is not known then (received in softirq, sent by the kernel
+ * for a socket) have pid 0: Python joins them with tf_owners (which
+ * processes used that port) when the test reads them. */
 #ifndef NETTRACE_TRAFFIC_H
 #define NETTRACE_TRAFFIC_H
 #include "nettrace.h"
@@ -13,7 +13,7 @@ struct traffic_key {
 	__u32 netns;
 	__u32 ifindex;
 	__u32 pid;      /* the sending process (tgid) when the packet was sent in its system call; else 0 */
-	__u16 port;     /* local port: tx source, rx destination; ICMP echo id; 0 if none */
+	__u16 port;     /* pid 0: local port (tx source, rx destination; ICMP echo id); else 0 */
 	__u8 proto;     /* IPPROTO_* (a fragment's: the datagram's); 0 when not IP */
 	__u8 pad;
 };
