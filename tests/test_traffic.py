@@ -8,6 +8,7 @@ import time
 import pytest
 
 from pytest_nettrace import EventsLost
+from pytest_nettrace.kernel.wire import Kind
 from pytest_nettrace.netns import NamespaceFactory
 from traffic import byte_sink, byte_source, connect_refused, script
 
@@ -363,11 +364,22 @@ def test_many_short_connections_are_all_counted(make_netns, nettrace):
     server.wait(5)
     time.sleep(0.3)   # the last connections' FINs and ACKs are on the wire
     dev1 = {ns: _device_counters(ns) for ns in (a, b)}
+    # a packet sent while the counting program ran on that CPU (a softirq
+    # interrupting it) is skipped by the kernel; counted as not counted
+    uncounted = {ns: nettrace.engine.lost(ns.inode).get(Kind.TRAFFIC, 0) for ns in (a, b)}
     for ns in (a, b):
         device = tuple(x1 - x0 for x0, x1 in zip(dev0[ns], dev1[ns]))
         counted = tuple(x1 - x0 for x0, x1 in zip(ours0[ns], _row_totals(nettrace, ns)))
-        assert counted == device, (ns, device)
-    nettrace.assert_traffic(netns=a.inode, max_packets=dev1[a][0] + dev1[a][1])
+        if uncounted[ns]:
+            assert all(c <= d for c, d in zip(counted, device)), (ns, device)
+            assert sum(device[:2]) - sum(counted[:2]) <= uncounted[ns], (ns, device)
+        else:
+            assert counted == device, (ns, device)
+    if uncounted[a]:
+        with pytest.raises(EventsLost, match=r"packets were not counted \(the kernel skipped"):
+            nettrace.assert_traffic(netns=a.inode, max_packets=10 ** 9)
+    else:
+        nettrace.assert_traffic(netns=a.inode, max_packets=dev1[a][0] + dev1[a][1])
     (mine,) = nettrace.traffic(pid=client.pid, netns=a.inode)
     assert mine.tx_packets >= n   # at least each connect()'s SYN
 

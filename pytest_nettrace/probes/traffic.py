@@ -293,8 +293,13 @@ class TrafficApi(KindApi):
             if hi is not None and value > hi:
                 problems.append(f"{value} {name} > max {hi}")
         table = render_table(self.traffic(), self.ctx.label)
-        lost = sum(self.ctx.engine.lost(ns).get(wire.Kind.TRAFFIC, 0) for ns in self.ctx.watched)
-        causes = [f"{lost} packets were not counted (counter map full)"] if lost else []
+        engine, kind = self.ctx.engine, wire.Kind.TRAFFIC
+        skipped = sum(engine.missed(ns).get(kind, 0) for ns in self.ctx.watched)
+        full = sum(engine.lost(ns).get(kind, 0) for ns in self.ctx.watched) - skipped
+        causes = [f"{full} packets were not counted (counter map full)"] if full else []
+        if skipped:
+            causes.append(f"{skipped} packets were not counted (the kernel skipped the counting program's call: "
+                          "a packet sent or received while it ran on that CPU)")
         where = {k: v for k, v in filters.items() if k in ("netns", "dev")}
         if direction != "tx":
             devices = [f"{dev} ({kind}) in {self.ctx.label(netns)}" for (netns, dev), kind in sorted(
