@@ -331,7 +331,7 @@ class Trace(KindMethods):
             paused = gc.isenabled()
             if paused:
                 gc.disable()
-            decode, keep = self.engine.decode, self._events.append   # per record: no lookups
+            decode_all, keep = self.engine.decode_all, self._events.append   # per event: no lookups
             try:
                 for kid in (list(raw) if kind_ids is None else kind_ids):
                     if kid in self._count_only:
@@ -344,12 +344,11 @@ class Trace(KindMethods):
                     queue = raw.pop(kid, None)
                     if not queue:
                         continue
-                    for rec in queue:
-                        for event in decode(rec):
-                            if event.supersedes is not None:  # a correction of an earlier event
-                                self._correct(event)
-                            else:
-                                keep(event)
+                    for event in decode_all(kid, queue):
+                        if event.supersedes is not None:  # a correction of an earlier event
+                            self._correct(event)
+                        else:
+                            keep(event)
             finally:
                 if paused:
                     gc.enable()

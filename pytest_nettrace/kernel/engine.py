@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 import time
-from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 from . import libbpf as lb
 from .capabilities import DEFAULT_BTF, KernelFeatures, features, object_path
@@ -450,6 +450,10 @@ class Engine:
     def decode(self, rec: bytes) -> List[Event]:
         """The events a raw record stands for (see RecordDecoder)."""
         return self.records.decode(rec)
+
+    def decode_all(self, kind_id: int, recs: Iterable[bytes]) -> List[Event]:
+        """The events of these raw records of one kind, in order (see RecordDecoder)."""
+        return self.records.decode_all(kind_id, recs)
 
     def count(self, rec: bytes) -> List[str]:
         """The kinds of the new events a raw record stands for, not made (see RecordDecoder)."""

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING, AbstractSet, Dict, Iterator, List, Set, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Dict, Iterable, Iterator, List, Set, Tuple
 
 from ..events import Event, Header
 from .ringbuf import Span
 from .wire import HEADER, NT_HDR
 
+from .probe import Decoder
+
 if TYPE_CHECKING:
-    from .probe import Decoder, Probe
+    from .probe import Probe
 
 log = logging.getLogger("pytest_nettrace")
 
@@ -76,6 +78,30 @@ class RecordDecoder:
             log.exception("cannot decode %s record", name)
             self._undecodable_record(hdr, None)  # ...nor let a negative assertion pass
             return []
+
+    def decode_all(self, kind_id: int, recs: Iterable[bytes]) -> List[Event]:
+        """decode() of each of these records of one kind, in order, with the
+        kind's decoder and layout looked up once: a flood's records of a
+        decoder with one layout skip the per-record checks but its length."""
+        found = self._decoders.get(kind_id)
+        if found is None:
+            return [event for rec in recs for event in self.decode(rec)]
+        name, decoder = found
+        if len(decoder.records) != 1 or type(decoder).layout is not Decoder.layout:
+            return [event for rec in recs for event in self.decode(rec)]
+        size, decode = decoder.records[0].size, decoder.decode
+        out: List[Event] = []
+        for rec in recs:
+            if len(rec) != size:
+                out.extend(self.decode(rec))   # says why it cannot be decoded
+                continue
+            hdr = Header(rec)
+            try:
+                out.extend(decode(rec, hdr))
+            except Exception:   # as decode()
+                log.exception("cannot decode %s record", name)
+                self._undecodable_record(hdr, None)
+        return out
 
     def count(self, rec: bytes) -> List[str]:
         """The kinds of the new events `rec` stands for, not made (see Decoder.count)."""

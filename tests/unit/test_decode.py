@@ -51,6 +51,9 @@ class Engine:
         probe = self.probes.get(hdr.kind)
         return probe.decoder.decode(rec, hdr) if probe and hdr.kind == NT_KIND_RST else []
 
+    def decode_all(self, kind_id: int, recs):
+        return [event for rec in recs for event in self.decode(rec)]
+
     def decode_needs_watch(self, kind_id: int) -> bool:
         probe = self.probes.get(kind_id)
         return probe is None or probe.decoder.needs_watch

@@ -6,6 +6,8 @@ import ipaddress
 import socket
 import struct
 
+import pytest
+
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
@@ -422,6 +424,26 @@ def test_a_decoder_bug_is_a_lost_record_not_a_crash(monkeypatch):
     monkeypatch.setattr(probe.decoder, "decode", lambda buf, hdr: 1 / 0)
     assert dec.decode(record(wire.RST_EVENT, wire.Kind.RST)) == []
     assert dec.lost(NETNS) == {wire.Kind.RST: 1}
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_a_kinds_records_decoded_together_are_what_each_alone_makes(monkeypatch, bug):
+    """decode_all (the trace's way, a kind's queue at a time) checks what
+    decode checks: lengths, a decoder's bug; the same events in order."""
+    good = [record(wire.RST_EVENT, wire.Kind.RST, family=4, sport=1000 + i) for i in range(3)]
+    recs = [good[0], good[1][:-8], good[1], good[2] + bytes(8), good[2]]
+    alone, together = RecordDecoder(), RecordDecoder()
+    for dec in (alone, together):
+        probe = RstProbe()
+        dec.add(probe)
+        if bug:
+            monkeypatch.setattr(probe.decoder, "decode", lambda buf, hdr: 1 / 0)
+    one_by_one = [event for rec in recs for event in alone.decode(rec)]
+    assert [repr(e) for e in together.decode_all(wire.Kind.RST, recs)] == [repr(e) for e in one_by_one]
+    assert [e.sport for e in one_by_one] == ([] if bug else [1000, 1001, 1002])
+    assert together.lost(NETNS) == alone.lost(NETNS) == {wire.Kind.RST: 5 if bug else 2}
+    assert together.decode_all(15, [record(wire.RST_EVENT, 15)]) == []   # no decoder: counted, as alone
+    assert together.lost(NETNS)[15] == 1
 
 
 def test_a_carrier_change_applied_by_a_reader_is_told_from_the_stack():
