@@ -11,10 +11,9 @@ import struct
 from typing import TYPE_CHECKING, AbstractSet, Dict, Iterable, Iterator, List, Set, Tuple
 
 from ..events import Event, Header
+from .probe import Decoder
 from .ringbuf import Span
 from .wire import HEADER, NT_HDR
-
-from .probe import Decoder
 
 if TYPE_CHECKING:
     from .probe import Probe
