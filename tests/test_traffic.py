@@ -264,12 +264,10 @@ def _row_totals(nettrace, ns, dev: str = "eth0") -> tuple:
     return tuple(sum(getattr(r, c) for r in rows) for c in DEVICE_COUNTERS)
 
 
-def test_device_totals_equal_the_devices_own_counters(make_netns, nettrace):
-    """The rows of a device add up to what the device counted, packets and
-    bytes both ways, over a TCP transfer large enough for GSO aggregates
-    (one packet each, as the device and tcpdump count them), fragmented
-    UDP datagrams answered with ICMP errors, and broadcasts and multicasts
-    (whose local copies the device never received)."""
+def _quiet_pair(make_netns) -> tuple:
+    """Two namespaces joined by a veth that send nothing of their own
+    between a test's readings: no IPv6 (neighbour discovery, MLD reports),
+    the neighbour already resolved."""
     a, b = make_netns(), make_netns()
     for ns in (a, b):   # no IPv6 neighbour discovery or MLD reports between the readings
         ns.run(script("""
@@ -278,6 +276,16 @@ def test_device_totals_equal_the_devices_own_counters(make_netns, nettrace):
         """), check=True)
     a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
     a.run(udp_poke("10.0.0.2"), check=True)   # ARP resolved before the readings
+    return a, b
+
+
+def test_device_totals_equal_the_devices_own_counters(make_netns, nettrace):
+    """The rows of a device add up to what the device counted, packets and
+    bytes both ways, over a TCP transfer large enough for GSO aggregates
+    (one packet each, as the device and tcpdump count them), fragmented
+    UDP datagrams answered with ICMP errors, and broadcasts and multicasts
+    (whose local copies the device never received)."""
+    a, b = _quiet_pair(make_netns)
     nbytes = 8 << 20
     ours0 = {ns: _row_totals(nettrace, ns) for ns in (a, b)}
     dev0 = {ns: _device_counters(ns) for ns in (a, b)}
@@ -332,14 +340,7 @@ def test_many_short_connections_are_all_counted(make_netns, nettrace):
     held when a sender's packets were keyed by their port too (~8k). Every
     packet is counted: the rows add up to the devices' own counters, an
     upper bound can be asserted, and the client owns its connects' SYNs."""
-    a, b = make_netns(), make_netns()
-    for ns in (a, b):   # no IPv6 neighbour discovery or MLD reports between the readings
-        ns.run(script("""
-            for conf in ("all", "default"):
-                open(f"/proc/sys/net/ipv6/conf/{conf}/disable_ipv6", "w").write("1")
-        """), check=True)
-    a.add_veth("eth0", b, "eth0", addresses=["10.0.0.1/24"], peer_addresses=["10.0.0.2/24"])
-    a.run(udp_poke("10.0.0.2"), check=True)   # ARP resolved before the readings
+    a, b = _quiet_pair(make_netns)
     n = 12000
     ours0 = {ns: _row_totals(nettrace, ns) for ns in (a, b)}
     dev0 = {ns: _device_counters(ns) for ns in (a, b)}
