@@ -726,20 +726,33 @@ class NetnsPurge:
         self._stale = Unwatched(linger)  # entries not deleted yet
         self._seen: Set[int] = set()     # every inode watched (nsfs reuses the lowest free: stays small)
         self._clean: Set[int] = set()    # deleted since their last unwatch, not watched since
+        self._watched: Set[int] = set()
+        # The drain thread's poll() and the test's watch() both delete: one
+        # at a time, and a poll never deletes a namespace watched since it
+        # went stale (its inode reused: the poll's scan would find the new
+        # namespace's rows under the old keys and delete live counts)
+        self._lock = threading.Lock()
 
     def watch(self, netns: int) -> None:
-        doomed = set(self._stale.take()) | ({netns} if netns in self._seen and netns not in self._clean else set())
-        self._seen.add(netns)
-        self._delete(doomed)
-        self._clean.discard(netns)
+        with self._lock:
+            doomed = set(self._stale.take())
+            if netns in self._seen and netns not in self._clean:
+                doomed.add(netns)
+            self._seen.add(netns)
+            self._delete(doomed)
+            self._clean.discard(netns)
+            self._watched.add(netns)
 
     def unwatch(self, netns: int) -> None:
-        self._stale.add(netns)
-        self._clean.discard(netns)
+        with self._lock:
+            self._watched.discard(netns)
+            self._stale.add(netns)
+            self._clean.discard(netns)
 
     def poll(self) -> None:
         if self._stale.due():
-            self._delete(set(self._stale.take()))
+            with self._lock:
+                self._delete(set(self._stale.take()) - self._watched)
 
     def _delete(self, doomed: Set[int]) -> None:
         if not doomed:
