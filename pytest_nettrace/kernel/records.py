@@ -83,11 +83,9 @@ class RecordDecoder:
         kind's decoder and layout looked up once: a flood's records of a
         decoder with one layout skip the per-record checks but its length."""
         found = self._decoders.get(kind_id)
-        if found is None:
-            return [event for rec in recs for event in self.decode(rec)]
+        if found is None or len(found[1].records) != 1 or type(found[1]).layout is not Decoder.layout:
+            return [event for rec in recs for event in self.decode(rec)]   # no decoder, or a layout per record
         name, decoder = found
-        if len(decoder.records) != 1 or type(decoder).layout is not Decoder.layout:
-            return [event for rec in recs for event in self.decode(rec)]
         size, decode = decoder.records[0].size, decoder.decode
         out: List[Event] = []
         for rec in recs:
