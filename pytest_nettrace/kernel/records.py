@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING, AbstractSet, Dict, Iterable, Iterator, List, Set, Tuple
+from typing import TYPE_CHECKING, AbstractSet, Callable, Dict, Iterable, Iterator, List, Set, Tuple, TypeVar
 
 from ..events import Event, Header
 from .probe import Decoder
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .probe import Probe
 
 log = logging.getLogger("pytest_nettrace")
+T = TypeVar("T")
 
 
 _u32 = struct.Struct("<I")
@@ -71,8 +72,12 @@ class RecordDecoder:
         if found is None:
             return []
         hdr, name, decoder = found
+        return self._guarded(name, decoder.decode, rec, hdr)
+
+    def _guarded(self, name: str, read: "Callable[[bytes, Header], List[T]]", rec: bytes, hdr: Header) -> List[T]:
+        """read(rec, hdr) — a decoder's decode or count — or, when it raises, nothing."""
         try:
-            return decoder.decode(rec, hdr)
+            return read(rec, hdr)
         except Exception:  # a decoder bug must not take the test down with it...
             log.exception("cannot decode %s record", name)
             self._undecodable_record(hdr, None)  # ...nor let a negative assertion pass
@@ -92,12 +97,7 @@ class RecordDecoder:
             if len(rec) != size:
                 out.extend(self.decode(rec))   # says why it cannot be decoded
                 continue
-            hdr = Header(rec)
-            try:
-                out.extend(decode(rec, hdr))
-            except Exception:   # as decode()
-                log.exception("cannot decode %s record", name)
-                self._undecodable_record(hdr, None)
+            out.extend(self._guarded(name, decode, rec, Header(rec)))
         return out
 
     def count(self, rec: bytes) -> List[str]:
@@ -106,12 +106,7 @@ class RecordDecoder:
         if found is None:
             return []
         hdr, name, decoder = found
-        try:
-            return decoder.count(rec, hdr)
-        except Exception:
-            log.exception("cannot decode %s record", name)
-            self._undecodable_record(hdr, None)
-            return []
+        return self._guarded(name, decoder.count, rec, hdr)
 
     def _checked(self, rec: bytes) -> "Tuple[Header, str, Decoder] | None":
         """(header, probe name, decoder) of a record its decoder can read;
