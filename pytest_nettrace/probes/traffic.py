@@ -294,8 +294,9 @@ class TrafficApi(KindApi):
                 problems.append(f"{value} {name} > max {hi}")
         table = render_table(self.traffic(), self.ctx.label)
         engine, kind = self.ctx.engine, wire.Kind.TRAFFIC
-        skipped = sum(engine.missed(ns).get(kind, 0) for ns in self.ctx.watched)
-        full = sum(engine.lost(ns).get(kind, 0) for ns in self.ctx.watched) - skipped
+        misses = engine.program_misses({kind})   # read once, for both counts and every namespace
+        skipped = sum(engine.missed(ns, misses).get(kind, 0) for ns in self.ctx.watched)
+        full = sum(engine.lost(ns, misses).get(kind, 0) for ns in self.ctx.watched) - skipped
         causes = [f"{full} packets were not counted (counter map full)"] if full else []
         if skipped:
             causes.append(f"{skipped} packets were not counted (the kernel skipped the counting program's call: "
