@@ -126,9 +126,13 @@ def test_a_passing_tests_unread_kinds_are_counted_as_decoding_them_would(pyteste
     pytester.makepyfile(test_counted=textwrap.dedent('''
         import pytest
 
+        # The carrier comes up in the kernel's link-watch work, later: the
+        # workload waits for it, or a loaded machine could end one test's
+        # trace before it and count a link event fewer than the other's.
         WORK = ["sh", "-ec", "sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1;"
                 "ip link add v0 type veth peer name v1; ip addr add 10.7.0.1/24 dev v0;"
                 "ip addr add 10.7.0.2/24 dev v0; ip link set v0 up; ip link set v1 up;"
+                "for d in v0 v1; do until ip -o link show $d | grep -q 'state UP'; do sleep 0.01; done; done;"
                 "ip route add 10.8.0.0/16 dev v0; ip addr del 10.7.0.1/24 dev v0"]
 
         @pytest.fixture
