@@ -328,6 +328,9 @@ class Engine:
         """Deliver events from namespace `netns` to `sink`; start counting its losses.
         `path` (e.g. /run/netns/NAME) lets probes open the namespace."""
         with self._lock:
+            if netns not in self._sinks:
+                for probe in self._attached_probes():
+                    probe.reset(netns)
             self._sinks[netns] = sink
             self._route()
             self._miss_base[netns] = self._recent_misses()   # before the scope: a miss from then on counts

@@ -115,6 +115,11 @@ class Probe:
     def attached(self, obj: "LoadedMaps") -> None:
         """Called once the object is loaded: look up the probe's own maps."""
 
+    def reset(self, netns: int) -> None:
+        """A namespace is about to be watched, before the kernel's programs
+        see it: forget what an earlier namespace with the same inode left
+        (deleted later, it could take the new namespace's first counts)."""
+
     def watch(self, netns: int, path: Optional[str]) -> None:
         """A namespace starts being watched; `path` opens it (may be None)."""
 

@@ -177,9 +177,10 @@ class DropProbe(Probe):
         self._scopes_fd = obj.map_fd("drop_scopes")
         self._purge = NetnsPurge(((self._counts_fd, _KEY.size),))   # netns is the key's first field
 
-    def watch(self, netns: int, path: Optional[str]) -> None:
-        # an inode can be reused by a later namespace: start from zero
+    def reset(self, netns: int) -> None:
         self._purge.watch(netns)
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
         map_update(self._scopes_fd, _u32.pack(netns), bytes(_SCOPE.size))
 
     def unwatch(self, netns: int) -> None:

@@ -138,9 +138,10 @@ class TrafficProbe(Probe):
         # netns is every key's first field
         self._purge = NetnsPurge(((self._counters_fd, _KEY.size), (self._owners_fd, _OWNER_KEY.size)))
 
-    def watch(self, netns: int, path: Optional[str]) -> None:
-        # an inode can be reused by a new namespace: start from zero
+    def reset(self, netns: int) -> None:
         self._purge.watch(netns)
+
+    def watch(self, netns: int, path: Optional[str]) -> None:
         if path is not None:
             self._paths[netns] = path
 
