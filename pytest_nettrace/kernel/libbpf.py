@@ -176,6 +176,7 @@ class LibBpf:
             "bpf_map_lookup_elem": (ci, [ci, vp, vp]),
             "bpf_map_delete_elem": (ci, [ci, vp]),
             "bpf_map_get_next_key": (ci, [ci, vp, vp]),
+            "bpf_map_lookup_batch": (ci, [ci, vp, vp, vp, vp, ctypes.POINTER(cu32), vp]),
             "btf__load_vmlinux_btf": (vp, []),
             "bpf_object__btf": (vp, [vp]),
             "btf__parse": (vp, [cp, vp]),
@@ -647,17 +648,55 @@ def map_delete(fd: int, key: bytes) -> None:
 
 
 def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
-    """Every key of the map (keys added or deleted meanwhile may be missed)."""
+    """Every key of the map once (keys added or deleted meanwhile may be
+    missed). Asked for the key after one deleted meanwhile, the kernel
+    answers from the first key again: those already seen are skipped."""
     lib = libbpf()
     cur: Optional[bytes] = None
     nxt = ctypes.create_string_buffer(key_size)
+    seen: Set[bytes] = set()
     while lib.bpf_map_get_next_key(fd, cur, nxt) == 0:
         cur = nxt.raw
-        yield cur
+        if cur not in seen:
+            seen.add(cur)
+            yield cur
+
+
+_BATCH_ROWS = 256
 
 
 def map_items(fd: int, key_size: int, value_size: int) -> List[Tuple[bytes, bytes]]:
-    """(key, value) of every entry; for the probes that aggregate in the kernel."""
+    """(key, value) of every entry, each once; for the probes that aggregate
+    in the kernel. Read a batch of the hash table's buckets a call (one
+    syscall for a table of a few hundred rows, not two a row): the kernel
+    walks buckets by number, so rows deleted meanwhile (the drain thread's
+    purge of other namespaces) cannot make it start over."""
+    lib = libbpf()
+    rows = _BATCH_ROWS
+    # the kernel's batch token is a u32 bucket number; libbpf wants key-sized room
+    tokens = (ctypes.create_string_buffer(max(key_size, 8)), ctypes.create_string_buffer(max(key_size, 8)))
+    token_in: Optional[ctypes.Array[ctypes.c_char]] = None
+    out: List[Tuple[bytes, bytes]] = []
+    while True:
+        keys = ctypes.create_string_buffer(key_size * rows)
+        values = ctypes.create_string_buffer(value_size * rows)
+        count = ctypes.c_uint32(rows)
+        token_out = tokens[1] if token_in is tokens[0] else tokens[0]
+        rc = lib.bpf_map_lookup_batch(fd, token_in, token_out, keys, values, ctypes.byref(count), None)
+        if rc < 0 and rc not in (-_errno.ENOENT, -_errno.ENOSPC):
+            return _map_items_by_key(fd, key_size, value_size)   # a map type without batch reads
+        k, v = keys.raw, values.raw
+        out += [(k[i * key_size:(i + 1) * key_size], v[i * value_size:(i + 1) * value_size])
+                for i in range(count.value)]
+        if rc == -_errno.ENOENT:   # past the last bucket
+            return out
+        if rc == -_errno.ENOSPC:   # one bucket holds more rows than asked for: ask for more
+            rows *= 2
+            continue
+        token_in = token_out
+
+
+def _map_items_by_key(fd: int, key_size: int, value_size: int) -> List[Tuple[bytes, bytes]]:
     out = []
     for key in list(map_keys(fd, key_size)):
         value = map_lookup(fd, key, value_size)
