@@ -149,8 +149,12 @@ static __always_inline __u8 flow_of(const unsigned char *l3, __u16 eth_proto, bo
  * system call: then that task is the sender. A datagram or raw socket sends
  * only from sendmsg; a stream socket also from softirq (ACKs, retransmits),
  * but only while no task holds it (lock_sock): held, it is its holder that
- * sends. The kernel's own sockets (TCP resets, ICMP errors) and request and
- * time-wait socks (no full struct sock) have no process. A qdisc that holds
+ * sends. A TCP listener is the exception: it answers stray segments with a
+ * RST from softirq without its lock (and 6.12+ makes it the RST's owner),
+ * while its process may hold it in accept() or setsockopt(): it is never
+ * the current task's (the port's owner is the listener's process). The
+ * kernel's own sockets (TCP resets, ICMP errors) and request and time-wait
+ * socks (no full struct sock) have no process. A qdisc that holds
  * packets back sends them later, in whatever context dequeues them: on such
  * a device (not veth, lo, bridge: noqueue) the owner is that context's. */
 static __always_inline bool sent_by_current(const struct sock *sk, struct task_struct *task)
@@ -159,6 +163,8 @@ static __always_inline bool sent_by_current(const struct sock *sk, struct task_s
 		return false;
 	int state = sk->__sk_common.skc_state;
 	if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV || BPF_CORE_READ_BITFIELD(sk, sk_kern_sock))
+		return false;
+	if (sk->sk_type == SOCK_STREAM && state == TCP_LISTEN)
 		return false;
 	if (sk->sk_type == SOCK_STREAM || sk->sk_type == SOCK_SEQPACKET)
 		return sk->sk_lock.owned;

@@ -388,6 +388,7 @@ def test_many_short_connections_are_all_counted(make_netns, nettrace):
         nettrace.assert_traffic(netns=a.inode, max_packets=dev1[a][0] + dev1[a][1])
     (mine,) = nettrace.traffic(pid=client.pid, netns=a.inode)
     assert mine.tx_packets >= n   # at least each connect()'s SYN
+    assert nettrace.traffic(pid=client.pid, netns=b.inode) == [], nettrace.traffic_table()   # never ran there
 
 
 # (device, what makes it in namespace b on b's eth0, its address, the address a sends to)
@@ -448,6 +449,55 @@ def test_a_process_that_only_connects_owns_its_syns_and_the_resets(pair, nettrac
     assert r.stdout.split() == ["refused"] * 3
     rows = nettrace.traffic(netns=a.inode, pid=r.pid)
     assert [(x.dev, x.tx_packets, x.rx_packets) for x in rows] == [("eth0", 3, 3)], nettrace.traffic_table()
+
+
+# argv: n bare ACKs to dst:port from a raw socket (a listener answers each with a RST)
+BARE_ACKS = """
+    import socket, struct, sys
+    src, dst, port, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    for i in range(n):
+        tcp = struct.pack("!HHIIBBHHH", 40000 + i % 20000, port, i, 1, 5 << 4, 0x10, 512, 0, 0)
+        data = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp)) + tcp
+        c = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+        c = (c >> 16) + (c & 0xFFFF)
+        c = ~(c + (c >> 16)) & 0xFFFF
+        raw.sendto(tcp[:16] + struct.pack("!H", c) + tcp[18:], (dst, 0))
+"""
+
+
+def test_a_listeners_resets_are_not_the_process_whose_softirq_sent_them(pair, nettrace):
+    """A listener answers a stray ACK with a RST from the softirq that
+    received it, which over a veth runs in the sending process's context,
+    on the listener socket (6.12+ makes it the reply's owner), while the
+    server's own thread may hold that socket (here: setsockopt on it, in a
+    loop). The RSTs are the listener's, never the process the softirq
+    interrupted (one packet per 12,000-connection test was the client's)."""
+    a, b = pair
+    n = 3000
+    server = b.popen(script("""
+        import socket, sys, threading
+        lst = socket.socket(); lst.bind(("10.0.0.2", 8000)); lst.listen()
+        busy = threading.Event()
+        def hold():   # lock_sock on the listener, again and again
+            while not busy.is_set():
+                lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        t = threading.Thread(target=hold); t.start()
+        print("ready", flush=True)
+        sys.stdin.read()
+        busy.set(); t.join()
+    """), stdin=-1, stdout=-1, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        sender = a.run(script(BARE_ACKS) + ["10.0.0.1", "10.0.0.2", "8000", str(n)], check=True)
+    finally:
+        server.stdin.close()
+        server.wait(10)
+    time.sleep(0.1)
+    rows = nettrace.traffic(netns=b.inode, dev="eth0")
+    assert not [r for r in rows if r.pid == sender.pid and r.tx_packets], nettrace.traffic_table()
+    (mine,) = [r for r in rows if r.pid == server.pid]
+    assert mine.tx_packets == n and mine.rx_packets == n, nettrace.traffic_table()
 
 
 def udp_from(host: str, count: int, size: int, sport: int = 0, port: int = 9) -> list:
