@@ -150,7 +150,7 @@ static __always_inline __u8 flow_of(const unsigned char *l3, __u16 eth_proto, bo
  * only from sendmsg; a stream socket also from softirq (ACKs, retransmits),
  * but only while no task holds it (lock_sock): held, it is its holder that
  * sends. A TCP listener is the exception: it answers stray segments with a
- * RST from softirq without its lock (and 6.12+ makes it the RST's owner),
+ * RST from softirq without its lock (and recent kernels make it the RST's owner),
  * while its process may hold it in accept() or setsockopt(): it is never
  * the current task's (the port's owner is the listener's process). The
  * kernel's own sockets (TCP resets, ICMP errors) and request and time-wait

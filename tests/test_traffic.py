@@ -469,7 +469,7 @@ BARE_ACKS = """
 def test_a_listeners_resets_are_not_the_process_whose_softirq_sent_them(pair, nettrace):
     """A listener answers a stray ACK with a RST from the softirq that
     received it, which over a veth runs in the sending process's context,
-    on the listener socket (6.12+ makes it the reply's owner), while the
+    on the listener socket (recent kernels make it the reply's owner), while the
     server's own thread may hold that socket (here: setsockopt on it, in a
     loop). The RSTs are the listener's, never the process the softirq
     interrupted (one packet per 12,000-connection test was the client's)."""
