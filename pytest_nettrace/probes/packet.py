@@ -55,6 +55,7 @@ RING_FRAMES = 2048               # 8 MiB per watched namespace
 SNAPLEN = FRAME_SIZE
 MAX_PACKETS = 10_000             # per namespace per test; beyond: left to the kernel, counted lost
 QUEUE_BATCH = 256                # frames the drain thread reads from the queue socket at a time
+RING_BATCH = 256                 # ring slots it looks at a time
 # Most tests send a handful of packets: the queue socket alone keeps them,
 # and the ring (8 MiB allocated and zeroed by the kernel, ~1.5 ms of CPU,
 # and two more sockets to close) is set up only once a capture has read
@@ -286,19 +287,27 @@ class _Capture:
         group = queue_sock.getsockopt(SOL_PACKET, PACKET_FANOUT) & 0xFFFF
         _setsockopt(sock.fileno(), socket.SOL_SOCKET, SO_ATTACH_FILTER, _DROP_ALL.fprog)
         _bind(sock.fileno(), ETH_P_ALL)
-        sock.setsockopt(SOL_PACKET, PACKET_FANOUT, group | PACKET_FANOUT_CBPF << 16)
+        _setsockopt(sock.fileno(), SOL_PACKET, PACKET_FANOUT, struct.pack("i", group | PACKET_FANOUT_CBPF << 16))
         _setsockopt(queue_sock.fileno(), SOL_PACKET, PACKET_FANOUT_DATA, _FIRST_MEMBER.fprog)
         _setsockopt(sock.fileno(), socket.SOL_SOCKET, SO_DETACH_FILTER, b"\0\0\0\0")
         self._switching.set()   # from here until the ring is ours, frames may be in it only
         _setsockopt(queue_sock.fileno(), SOL_PACKET, PACKET_FANOUT_DATA, _SECOND_MEMBER.fprog)
         with self._lock:
+            # what the queue holds is read first, by read() a batch at a
+            # time: read here, under the lock, a burst's thousands of frames
+            # kept the drain thread waiting (50-250 ms: its ring overflowed)
             self.ring = ring
-            self._read_queue()
-            self._stats_of(queue_sock)
-            self.kernel_drops += self._queued - self._from_queue   # past the cap: never read, lost
-            self.queue_sock, self._idle = None, queue_sock
-            # stamping every packet of the machine was only for the queue's frames
-            queue_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 0)
+
+    def _retire_queue(self) -> None:
+        """The queue socket is read to its end (or to the cap) after the
+        handover: the ring's frames are next. It stays in the group, idle."""
+        queue_sock = self.queue_sock
+        assert queue_sock is not None
+        self._stats_of(queue_sock)
+        self.kernel_drops += self._queued - self._from_queue   # past the cap: never read, lost
+        self.queue_sock, self._idle = None, queue_sock
+        # stamping every packet of the machine was only for the queue's frames
+        queue_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 0)
 
     def _read_queue(self, budget: int = MAX_PACKETS) -> bool:
         """Frames queued on the first socket, until the ring takes over; at
@@ -362,6 +371,8 @@ class _Capture:
             # frames (several microseconds each) read at once kept it from the
             # ring buffer, which overflowed meanwhile
             more = self._read_queue(MAX_PACKETS if complete else QUEUE_BATCH)
+            if self.ring is not None and self.queue_sock is not None and not more:
+                self._retire_queue()
             if self._ring_wanted():
                 self._start_ring()
             if (self.queue_sock is not None and self._at_cap() and self._ready.is_set() and not self.tap_stopped
@@ -372,8 +383,8 @@ class _Capture:
                 # of frames one by one here kept the drain thread from the
                 # ring buffer (whose records were lost meanwhile).
                 self._stop_tap()
-            if self.ring is not None:
-                self._read_ring(self.ring)
+            if self.ring is not None and self.queue_sock is None:
+                more = self._read_ring(self.ring, RING_FRAMES if complete else RING_BATCH) or more
                 if (not self.tap_stopped and self._at_cap()
                         and (self.kernel_drops or self.ring[self.head * FRAME_SIZE] & TP_STATUS_USER)):
                     self._stop_tap()
@@ -395,15 +406,23 @@ class _Capture:
         ring, socks = self.ring, [self.sock, self._idle, self.queue_sock]
         self.ring, self.sock, self._idle, self.queue_sock = None, None, None, None
         self.tap_stopped = True
-        self._close(ring, socks)
+        for sock in socks:
+            if sock is not None:
+                self._wakeups.stop_waking_on(sock.fileno())
+        # each socket's close waits for a grace period (up to ~250 ms under
+        # a connection storm): off the drain thread, whose ring buffer
+        # overflowed meanwhile
+        _closer.put(lambda: self._close(ring, socks))
 
-    def _read_ring(self, ring: mmap.mmap) -> None:
+    def _read_ring(self, ring: mmap.mmap, budget: int) -> bool:
         """Copy the filled frames out of the ring as they are (header,
         address, data: one slice each) and give the slots back; they become
         Frames when the test reads (`take`). Under bulk traffic this runs
         beside the workload, for thousands of frames a second: per frame,
         only the words that decide whether it is kept are looked at, and
-        the device's name is resolved while the socket is open."""
+        the device's name is resolved while the socket is open. Looks at
+        `budget` slots at most (the drain thread's batch); True: it left
+        filled ones."""
         names = self._names
         pending = self.pending
         room = MAX_PACKETS - self.taken - len(pending)
@@ -414,6 +433,10 @@ class _Capture:
                 w = off >> 2
                 if not words[w] & TP_STATUS_USER:
                     break
+                if budget == 0:
+                    self.head = head
+                    return True
+                budget -= 1
                 # (u16 halves read as the low/high half of a word: the arches built, x86 and arm64, are little-endian)
                 snaplen, mac = words[w + 2], words[w + 3] & 0xFFFF
                 ll = words[w + _SLL_WORD + 2]          # sll_hatype | sll_pkttype << 16
@@ -427,6 +450,7 @@ class _Capture:
                 words[w] = 0   # TP_STATUS_KERNEL: the slot is the kernel's again
                 head = (head + 1) % RING_FRAMES
         self.head = head
+        return False
 
     def _frame(self, raw: Union[Frame, bytes]) -> Frame:
         """The Frame of a ring slot copied by `_read_ring` (queue frames are already Frames)."""
