@@ -237,3 +237,41 @@ def test_a_quiet_namespace_gets_no_ring_a_busy_one_does(netns, nettrace):
         time.sleep(0.01)
     assert _packet_sockets(netns) == [(3, True), (3, True)]   # the ring's socket joined the group
     nettrace.assert_no_packet(proto="udp", dport=10)   # nothing was lost on the way
+
+
+def test_the_rings_handover_leaves_the_queue_to_batched_reads_and_keeps_the_order():
+    """A burst queued before the capture's ring exists: the handover to the
+    ring reads none of it under the capture's lock (read there at once,
+    thousands of frames kept the drain thread waiting while the event ring
+    overflowed); the drain's reads take it a batch at a time, and a test's
+    read gets the queued frames, then the ring's, in the order sent."""
+    from pytest_nettrace.probes.packet import QUEUE_BATCH, PacketProbe
+    burst, after = 3000, 100
+    sender = """
+        import socket, sys
+        first, n, port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(first, first + n):
+            s.sendto(b"%06d" % i, ("127.0.0.1", port))
+    """
+    probe = PacketProbe()
+    with NamespaceFactory() as f:
+        ns = f.create()
+        with ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+            sink.bind(("127.0.0.1", 0))
+            port = str(sink.getsockname()[1])
+            probe.watch(ns.inode, ns.path)
+            try:
+                ns.run(script(sender) + ["0", str(burst), port], check=True)
+                cap = probe._captures[ns.inode]
+                assert probe.poll() is True            # a batch read, more left; the ring is wanted
+                assert cap._ready.wait(10) and cap.ring is not None
+                assert len(cap.pending) <= QUEUE_BATCH    # the handover read nothing (lo: each frame twice, one kept)
+                ns.run(script(sender) + [str(burst), str(after), port], check=True)   # into the ring
+                while probe.poll():
+                    pass
+                frames = probe.take(ns.inode)
+            finally:
+                probe.close()
+    sent = [int(fr.ethernet[42:48]) for fr in frames if fr.ethernet[36:38] == int(port).to_bytes(2, "big")]
+    assert sent == list(range(burst + after))
