@@ -366,11 +366,20 @@ class _Capture:
             # mid-handover the newest frames are in a ring not read yet; at the
             # cap the handover counts what the queue holds past it as lost
             self._ready.wait(10.0)
+        # A batch at a time, the lock let go in between: a burst's thousands
+        # of frames (several microseconds each) read at once, by the drain
+        # thread or by a test's read that it then waited for, kept the drain
+        # from the ring buffer, which overflowed meanwhile
+        while True:
+            more = self._read_batch()
+            if not more or not complete:
+                return more
+
+    def _read_batch(self) -> bool:
+        """A batch of the queue's frames, or of the ring's once the queue is
+        read to its end; True: frames were left."""
         with self._lock:
-            # the drain thread reads a batch at a time: a burst's thousands of
-            # frames (several microseconds each) read at once kept it from the
-            # ring buffer, which overflowed meanwhile
-            more = self._read_queue(MAX_PACKETS if complete else QUEUE_BATCH)
+            more = self._read_queue(QUEUE_BATCH)
             if self.ring is not None and self.queue_sock is not None and not more:
                 self._retire_queue()
             if self._ring_wanted():
@@ -384,7 +393,7 @@ class _Capture:
                 # ring buffer (whose records were lost meanwhile).
                 self._stop_tap()
             if self.ring is not None and self.queue_sock is None:
-                more = self._read_ring(self.ring, RING_FRAMES if complete else RING_BATCH) or more
+                more = self._read_ring(self.ring, RING_BATCH) or more
                 if (not self.tap_stopped and self._at_cap()
                         and (self.kernel_drops or self.ring[self.head * FRAME_SIZE] & TP_STATUS_USER)):
                     self._stop_tap()
@@ -500,8 +509,9 @@ class _Capture:
 
     def take(self) -> List[Frame]:
         self.read()
-        raw, self.pending = self.pending, []
-        self.taken += len(raw)
+        with self._lock:
+            raw, self.pending = self.pending, []
+            self.taken += len(raw)
         return [self._frame(r) for r in raw]
 
     def close(self) -> None:
@@ -870,10 +880,11 @@ class PacketProbe(Probe):
             return any([cap.read(complete=False) for cap in self._captures.values()])
 
     def take(self, netns: int) -> List[Frame]:
-        """Frames captured in `netns` since the last take."""
+        """Frames captured in `netns` since the last take (read with the
+        probe's lock let go: the drain thread's poll() reads meanwhile)."""
         with self._lock:
             cap = self._captures.get(netns)
-            return cap.take() if cap is not None else []
+        return cap.take() if cap is not None else []
 
     def lost(self, netns: int) -> Dict[str, int]:
         with self._lock:
