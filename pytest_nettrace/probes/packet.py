@@ -309,7 +309,7 @@ class _Capture:
         # stamping every packet of the machine was only for the queue's frames
         queue_sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 0)
 
-    def _read_queue(self, budget: int = MAX_PACKETS) -> bool:
+    def _read_queue(self, budget: int) -> bool:
         """Frames queued on the first socket, until the ring takes over; at
         most `budget`. True: it stopped at the budget."""
         while self.queue_sock is not None and self.taken + len(self.pending) < MAX_PACKETS:
@@ -415,13 +415,11 @@ class _Capture:
         ring, socks = self.ring, [self.sock, self._idle, self.queue_sock]
         self.ring, self.sock, self._idle, self.queue_sock = None, None, None, None
         self.tap_stopped = True
-        for sock in socks:
-            if sock is not None:
-                self._wakeups.stop_waking_on(sock.fileno())
+        self._unhook(socks)
         # each socket's close waits for a grace period (up to ~250 ms under
         # a connection storm): off the drain thread, whose ring buffer
         # overflowed meanwhile
-        _closer.put(lambda: self._close(ring, socks))
+        _closer.put(lambda: self._release(ring, socks))
 
     def _read_ring(self, ring: mmap.mmap, budget: int) -> bool:
         """Copy the filled frames out of the ring as they are (header,
@@ -524,14 +522,21 @@ class _Capture:
         with self._lock:
             ring, socks = self.ring, [self.queue_sock, self._idle, self.sock]
             self.ring, self.queue_sock, self._idle, self.sock = None, None, None, None
-        self._close(ring, socks)
+        self._unhook(socks)
+        self._release(ring, socks)
 
-    def _close(self, ring: Optional[mmap.mmap], socks: List[Optional[socket.socket]]) -> None:
+    def _unhook(self, socks: List[Optional[socket.socket]]) -> None:
+        """No more wakeups of the drain from these sockets (before they close: the fd stays ours)."""
+        for sock in socks:
+            if sock is not None:
+                self._wakeups.stop_waking_on(sock.fileno())
+
+    @staticmethod
+    def _release(ring: Optional[mmap.mmap], socks: List[Optional[socket.socket]]) -> None:
         if ring is not None:
             ring.close()   # the ring's socket is released only once unmapped
         for sock in socks:
             if sock is not None:
-                self._wakeups.stop_waking_on(sock.fileno())
                 sock.close()
 
 
